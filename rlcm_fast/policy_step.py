@@ -1,0 +1,202 @@
+"""The policy step of multi-step consistency sampling: the math of one action, in one place.
+
+For a row b of a batch (one latent x_k at timestep t_k) and the model's output at that state:
+
+    pred_x0 = (x - sigma_t * eps) / alpha_t          (epsilon prediction)
+            =  alpha_t * x - sigma_t * v             (v prediction)
+            =  model_output                          (sample prediction)
+    D       = c_out * pred_x0 + c_skip * x           (the consistency function's output)
+    mean    = alpha_next * D,   std = sigma_next
+    x_next  = mean + std * z                         (sampling; in training x_next is given)
+    logp    = MEAN over the row's elements of [-(x_next - mean)^2 / (2 std^2)] - log std - log sqrt(2 pi)
+
+Every per-row constant travels in one float64 tensor of shape (B, 6), so a training minibatch can mix
+timesteps (see `ROW_SCALARS`). `policy_step_reference` is the plain-PyTorch definition that the C++
+(csrc/) and Triton (kernels/) implementations are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Column order of the (B, 6) float64 row-scalar table.
+ROW_SCALARS = ("alpha_t", "sigma_t", "c_skip", "c_out", "alpha_next", "sigma_next")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type {prediction_type!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}"
+        )
+
+
+def row_scalars_for_schedule(scheduler, timesteps: torch.Tensor, next_timesteps: torch.Tensor) -> torch.Tensor:
+    """The (len(timesteps), 6) float64 table for actions t -> t_next, from an `LCMScheduler`.
+
+    Uses the scheduler's own `alphas_cumprod` and boundary-condition scalings, so nothing is re-derived.
+    A negative next timestep means "past the end" and uses the scheduler's `final_alpha_cumprod`, as
+    `LCMScheduler.step` does.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+    t = timesteps.to(torch.long).cpu()
+    t_next = next_timesteps.to(torch.long).cpu()
+    a_t = alphas_cumprod[t]
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+    a_next = torch.where(t_next >= 0, alphas_cumprod[t_next.clamp(min=0)], final)
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float64))
+    return torch.stack(
+        [a_t.sqrt(), (1 - a_t).sqrt(), c_skip, c_out, a_next.sqrt(), (1 - a_next).sqrt()], dim=1
+    ).contiguous()
+
+
+def _split(scalars: torch.Tensor, ndim: int, dtype: torch.dtype):
+    """The six per-row columns, shaped to broadcast against a (B, ...) tensor of `ndim` dims."""
+    shape = (scalars.shape[0],) + (1,) * (ndim - 1)
+    return [scalars[:, i].to(dtype).reshape(shape) for i in range(6)]
+
+
+def predicted_original(model_output, x, alpha_t, sigma_t, prediction_type: str):
+    if prediction_type == "epsilon":
+        return (x - sigma_t * model_output) / alpha_t
+    if prediction_type == "v_prediction":
+        return alpha_t * x - sigma_t * model_output
+    if prediction_type == "sample":
+        return model_output
+    check_prediction_type(prediction_type)
+
+
+def policy_step_reference(
+    model_output: torch.Tensor,
+    x: torch.Tensor,
+    scalars: torch.Tensor,
+    prediction_type: str,
+    noise: torch.Tensor | None = None,
+    next_state: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Plain-PyTorch policy step. Give `noise` (sampling) or `next_state` (training), not both.
+
+    Returns (denoised D, next state, per-row mean log-prob). Math runs in `compute_dtype`; D and the next
+    state come back in x's dtype, the log-prob in float32 (float64 when computing in float64).
+    In sampling mode the log-prob is taken of the next state as stored (rounded to x's dtype), so
+    recomputing it in training gives exactly the same value.
+    """
+    if (noise is None) == (next_state is None):
+        raise ValueError("give exactly one of noise (sampling) or next_state (training)")
+    alpha_t, sigma_t, c_skip, c_out, alpha_next, sigma_next = _split(scalars, x.ndim, compute_dtype)
+    mo, xc = model_output.to(compute_dtype), x.to(compute_dtype)
+    denoised = c_out * predicted_original(mo, xc, alpha_t, sigma_t, prediction_type) + c_skip * xc
+    mean = alpha_next * denoised
+    if next_state is None:
+        next_state = (mean + sigma_next * noise.to(compute_dtype)).to(x.dtype)
+    diff = next_state.to(compute_dtype) - mean
+    sq = (diff * diff).flatten(1).mean(dim=1)
+    std = sigma_next.flatten()
+    logp = -sq / (2 * std * std) - torch.log(std) - LOG_SQRT_2PI
+    out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    return denoised.to(x.dtype), next_state, logp.to(out_dtype)
+
+
+def consistency_output(model_output, x, scalars, prediction_type: str):
+    """D_k alone: the last UNet call of a trajectory needs no action (its image is decoded from D)."""
+    alpha_t, sigma_t, c_skip, c_out, _, _ = _split(scalars, x.ndim, torch.float32)
+    pred_x0 = predicted_original(model_output.float(), x.float(), alpha_t, sigma_t, prediction_type)
+    return (c_out * pred_x0 + c_skip * x.float()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch: CUDA tensors -> the Triton kernel (kernels/), CPU tensors -> the C++ op (csrc/), otherwise
+# the reference above. All three agree with `policy_step_reference` (tests/).
+
+BACKENDS = ("auto", "triton", "native", "reference")
+
+
+class _NativePolicyStep(torch.autograd.Function):
+    """The C++ CPU op with its fused backward. Gradients flow to model_output through D and log-prob;
+    the next state is treated as data (it is sampled, or stored from sampling)."""
+
+    @staticmethod
+    def forward(ctx, model_output, x, scalars, prediction_type, noise, next_state):
+        from ._native import policy_step_forward_cpu
+
+        denoised, next_state, logp = policy_step_forward_cpu(
+            model_output.detach(), x.detach(), scalars, prediction_type, noise=noise, next_state=next_state
+        )
+        ctx.save_for_backward(model_output, x, next_state, scalars)
+        ctx.prediction_type = prediction_type
+        ctx.mark_non_differentiable(next_state)
+        return denoised, next_state, logp
+
+    @staticmethod
+    def backward(ctx, grad_denoised, _grad_next_state, grad_logp):
+        from ._native import policy_step_backward_cpu
+
+        model_output, x, next_state, scalars = ctx.saved_tensors
+        grad_model_output = policy_step_backward_cpu(
+            model_output.detach(), x.detach(), next_state, scalars, ctx.prediction_type,
+            grad_logp.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous(),
+            grad_denoised=None if grad_denoised is None else grad_denoised.contiguous(),
+        )
+        return grad_model_output, None, None, None, None, None
+
+
+def _triton_ready(tensor: torch.Tensor) -> bool:
+    if not tensor.is_cuda:
+        return False
+    try:
+        from rlcm_fast.kernels import triton_available
+    except ImportError:
+        return False
+    return triton_available()
+
+
+def select_backend(model_output: torch.Tensor) -> str:
+    if _triton_ready(model_output):
+        return "triton"
+    if model_output.device.type == "cpu" and model_output.dtype in (torch.float32, torch.float64):
+        from ._native import native_available
+
+        if native_available():
+            return "native"
+    return "reference"
+
+
+def policy_step(
+    model_output: torch.Tensor,
+    x: torch.Tensor,
+    scalars: torch.Tensor,
+    prediction_type: str,
+    noise: torch.Tensor | None = None,
+    next_state: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """One policy step on the fastest available backend: returns (D, next state, per-row mean log-prob).
+
+    Give `noise` to sample the next state, or the stored `next_state` to score it (training).
+    Differentiable with respect to `model_output` through D and the log-prob.
+    """
+    check_prediction_type(prediction_type)
+    if (noise is None) == (next_state is None):
+        raise ValueError("give exactly one of noise (sampling) or next_state (training)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = select_backend(model_output)
+    scalars = scalars.to(device=model_output.device, dtype=torch.float64).contiguous()
+    if backend == "triton":
+        from rlcm_fast.kernels.policy_step import fused_policy_step
+
+        return fused_policy_step(model_output, x, scalars, prediction_type, noise=noise, next_state=next_state)
+    if backend == "native":
+        return _NativePolicyStep.apply(
+            model_output.contiguous(), x.contiguous(), scalars, prediction_type,
+            None if noise is None else noise.contiguous(), None if next_state is None else next_state.contiguous(),
+        )
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return policy_step_reference(
+        model_output, x, scalars, prediction_type, noise=noise, next_state=next_state, compute_dtype=compute_dtype
+    )

@@ -1,0 +1,31 @@
+"""The prompt sets of the paper's tasks (DESIGN.md section 3.5), shipped as package data."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+PROMPT_SETS = ("imagenet_animals", "simple_animals", "alignment")
+
+
+def _read_lines(filename: str) -> tuple[str, ...]:
+    text = resources.files("rlcm_fast").joinpath("data", filename).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _with_article(noun: str) -> str:
+    return ("an " if noun[0].lower() in "aeiou" else "a ") + noun
+
+
+@lru_cache(maxsize=None)
+def load_prompt_set(name: str) -> tuple[str, ...]:
+    """All prompts of a named set, in file order.
+
+    `alignment` is every "{a|an} {animal} {activity}" over simple_animals x activities, as in RLCM.
+    """
+    if name in ("imagenet_animals", "simple_animals"):
+        return _read_lines(f"{name}.txt")
+    if name == "alignment":
+        animals, activities = _read_lines("simple_animals.txt"), _read_lines("activities.txt")
+        return tuple(f"{_with_article(a)} {act}" for a in animals for act in activities)
+    raise ValueError(f"prompt set {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}")
