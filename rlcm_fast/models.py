@@ -1,0 +1,388 @@
+"""Loading the LCM pipeline to fine-tune, and the LoRA policy adapter on its UNet.
+
+`load_pipeline` accepts a hub id or local diffusers folder (real use) and two presets with random
+weights that need no network (DESIGN.md section 4):
+
+- `tiny`: a ~1.5M-parameter LCM (32 px images, 16x16x4 latents) built deterministically in code and
+  cached in diffusers format, so it loads through the same `from_pretrained` path as a user's folder.
+  Its scheduler predicts the sample, not epsilon: a random epsilon-predictor's
+  pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a) explodes at t=999, a sample-predictor stays bounded.
+- `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
+  memory directly on the target device and dtype; the speed benchmarks use it.
+
+The LoRA helpers go through diffusers' adapter API on the UNet (peft underneath) and write files that
+a user's `pipe.load_lora_weights(directory)` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from rlcm_fast.tiny_tokenizer import CLIP_MAX_TOKENS, build_clip_tokenizer
+
+# The paper's LoRA targets: the attention projections.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The tiny model's calibration run moved the reward with the convolutions adapted too (DESIGN.md section 4).
+TINY_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("conv1", "conv2", "conv_out", "proj_in", "proj_out")
+# diffusers' default adapter name, spelled out so every helper here addresses the same adapter.
+POLICY_ADAPTER = "default"
+
+MODEL_CHOICES = "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"
+TINY_PRESET_VERSION = 1  # bump when the tiny weights change without a change to TINY's configs
+_INIT_SEED = 0
+
+
+class ModelLoadError(ValueError):
+    """A model or adapter argument that names nothing loadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArchitectureSpec:
+    """Constructor arguments of the pipeline's components; the text encoder's special-token ids come
+    from the tokenizer."""
+
+    unet: dict
+    vae: dict
+    text_encoder: dict
+    scheduler: dict
+
+
+# SimianLuo/LCM_Dreamshaper_v7's scheduler_config.json.
+LCM_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    original_inference_steps=50,
+    prediction_type="epsilon",
+    set_alpha_to_one=True,
+    steps_offset=1,
+    timestep_scaling=10.0,
+    clip_sample=False,
+    thresholding=False,
+)
+
+SD15_LCM = _ArchitectureSpec(
+    unet=dict(
+        sample_size=96,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        time_cond_proj_dim=256,
+    ),
+    vae=dict(
+        sample_size=768,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        scaling_factor=0.18215,
+    ),
+    text_encoder=dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        hidden_act="quick_gelu",
+    ),
+    scheduler=LCM_SCHEDULER_CONFIG,
+)
+
+TINY = _ArchitectureSpec(
+    unet=dict(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,  # diffusers reads this legacy name as the number of heads
+        norm_num_groups=8,  # divides every width the blocks see: 32, 64, 96, 128
+        time_cond_proj_dim=32,  # takes the guidance embedding, as the real LCM does
+    ),
+    vae=dict(
+        sample_size=32,
+        block_out_channels=(32, 64),  # two blocks: vae_scale_factor 2
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.18215,
+    ),
+    text_encoder=dict(
+        vocab_size=514,  # the tiny tokenizer's vocabulary
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        hidden_act="quick_gelu",
+    ),
+    scheduler={**LCM_SCHEDULER_CONFIG, "prediction_type": "sample"},
+)
+
+
+def load_pipeline(
+    model: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lcm_lora: str | None = None,
+) -> LatentConsistencyModelPipeline:
+    """The pipeline for `model` on `device`, base weights in `dtype`, frozen, in eval mode, with an
+    `LCMScheduler`.
+
+    `model` is "tiny", "sd15-lcm", a local diffusers pipeline folder or a hub id. `lcm_lora` names an
+    LCM-LoRA adapter (e.g. latent-consistency/lcm-lora-sdv1-5 on an SD1.5 model); it is fused into
+    the base weights and unloaded, so a fresh policy LoRA can go on top. Such a UNet has no guidance
+    embedding (`guidance_embedding` returns None); diffusers' own LatentConsistencyModelPipeline
+    __call__ cannot run it, the package's sampler can.
+    """
+    device = torch.device(device)
+    if model == "tiny":
+        pipe = _from_pretrained(model, _tiny_pipeline_folder(), dtype)
+    elif model == "sd15-lcm":
+        pipe = _build_random_pipeline(SD15_LCM, device, dtype)
+    else:
+        pipe = _from_pretrained(model, model, dtype)
+    if not isinstance(pipe.scheduler, LCMScheduler):
+        # e.g. a plain SD1.5 folder (PNDM), to be used with the LCM-LoRA adapter.
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    if lcm_lora is not None:
+        _fuse_lcm_lora(pipe, lcm_lora)
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        component.requires_grad_(False).eval()
+    return pipe
+
+
+def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
+    """The tiny preset in memory (float32, CPU), identical on every call; `load_pipeline("tiny")`
+    loads the cached copy of exactly these weights."""
+    return _build_random_pipeline(TINY, torch.device("cpu"), torch.float32)
+
+
+def _build_random_pipeline(
+    spec: _ArchitectureSpec, device: torch.device, dtype: torch.dtype
+) -> LatentConsistencyModelPipeline:
+    tokenizer = build_clip_tokenizer()
+    text_encoder_config = CLIPTextConfig(
+        **spec.text_encoder,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _deterministic_init(device, dtype):
+        unet = UNet2DConditionModel(**spec.unet)
+        vae = AutoencoderKL(**spec.vae)
+        text_encoder = CLIPTextModel(text_encoder_config)
+    # The scheduler is built outside that context: its tables must stay float32 on the CPU.
+    return LatentConsistencyModelPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=LCMScheduler(**spec.scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@contextlib.contextmanager
+def _deterministic_init(device: torch.device, dtype: torch.dtype):
+    """Modules created inside are allocated on `device` in `dtype` directly (no float32 copy to
+    cast) and initialised from a fixed seed; the caller's RNG states and default dtype are restored."""
+    on_accelerator = device.type not in ("cpu", "meta")
+    forked_devices = [device] if on_accelerator else []
+    with torch.random.fork_rng(devices=forked_devices, device_type=device.type if on_accelerator else None):
+        torch.random.default_generator.manual_seed(_INIT_SEED)
+        if on_accelerator:
+            device_module = torch.get_device_module(device.type)
+            with device_module.device(device):
+                device_module.manual_seed(_INIT_SEED)
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                yield
+        finally:
+            torch.set_default_dtype(previous_dtype)
+
+
+def _tiny_pipeline_folder() -> Path:
+    """The cached diffusers folder of the tiny preset, written once and atomically (concurrent
+    writers race on a rename; the loser uses the winner's folder)."""
+    spec = json.dumps([TINY_PRESET_VERSION, _INIT_SEED, dataclasses.asdict(TINY)], sort_keys=True)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    cache_root = Path(os.environ.get("RLCM_FAST_CACHE") or Path.home() / ".cache" / "rlcm_fast")
+    folder = cache_root / f"tiny-v{TINY_PRESET_VERSION}-{digest}"
+    if folder.is_dir():
+        return folder
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_root))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        build_tiny_pipeline().save_pretrained(staging)
+        os.rename(staging, folder)
+    except OSError:
+        if not folder.is_dir():  # a real failure, not a lost race
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype) -> LatentConsistencyModelPipeline:
+    location = str(location)
+    # Only a relative name like "org/model" can be a hub id; say so plainly for a missing path.
+    if (os.path.isabs(location) or location.startswith((".", "~"))) and not os.path.exists(location):
+        raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {MODEL_CHOICES}")
+    try:
+        return LatentConsistencyModelPipeline.from_pretrained(
+            location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"model {model!r} could not be loaded ({_one_line(error)}): {MODEL_CHOICES}") from error
+
+
+def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
+    try:
+        pipe.load_lora_weights(lcm_lora)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(
+            f"lcm_lora {lcm_lora!r} could not be loaded ({_one_line(error)}): "
+            "expected a local LoRA folder or file, or a reachable hub id"
+        ) from error
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+
+
+def _one_line(error: Exception, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+def latent_shape(pipe: LatentConsistencyModelPipeline, batch: int, resolution: int) -> tuple[int, int, int, int]:
+    """(B, C, h, w) of the latents for square `resolution` px images, as the pipeline prepares them."""
+    if resolution % pipe.vae_scale_factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
+    side = resolution // pipe.vae_scale_factor
+    return (batch, pipe.unet.config.in_channels, side, side)
+
+
+def guidance_embedding(
+    pipe: LatentConsistencyModelPipeline,
+    guidance_scale: float,
+    batch: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """The LCM's guidance input (`timestep_cond`), as the pipeline computes it: w = guidance_scale - 1.
+    None for a UNet without a guidance embedding (SD1.5 + LCM-LoRA)."""
+    embedding_dim = pipe.unet.config.time_cond_proj_dim
+    if embedding_dim is None:
+        return None
+    w = torch.full((batch,), guidance_scale - 1.0)
+    return pipe.get_guidance_scale_embedding(w, embedding_dim=embedding_dim).to(device=device, dtype=dtype)
+
+
+def add_policy_lora(
+    unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: Sequence[str]
+) -> list[torch.nn.Parameter]:
+    """Add the trainable LoRA adapter (gaussian init: it starts as the identity) and return its
+    parameters, in module order. Everything else in the UNet is frozen; the LoRA weights are float32
+    even on a bf16/fp16 base, so optimiser updates are not lost to rounding."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    module_names = [name for name, _ in unet.named_modules()]
+    # peft's rule for a list of targets: the module's name equals a target or ends with "." + target.
+    unmatched = [
+        target
+        for target in target_modules
+        if not any(name == target or name.endswith("." + target) for name in module_names)
+    ]
+    if unmatched:
+        raise ValueError(f"LoRA target modules {unmatched} match no module of the UNet")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    unet.add_adapter(config, adapter_name=POLICY_ADAPTER)
+    cast_training_params(unet, dtype=torch.float32)
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The policy adapter's weights, keyed as diffusers' LoRA loader reads them.
+
+    PEFT key format ("....lora_A.weight"), not `convert_state_dict_to_diffusers`'s: that one renames
+    only attention keys (to "lora.down"); diffusers 0.42's loader decides from the FIRST key whether to
+    convert, so with convolution targets (TINY_LORA_TARGETS) it skips the conversion and silently drops
+    the attention weights. PEFT keys load as they are for any targets."""
+    _policy_lora_config(unet)
+    return get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
+    """Write the policy adapter as `pytorch_lora_weights.safetensors` in `directory`, with its LoRA
+    config (alpha, rank) as metadata, so `pipe.load_lora_weights(directory)` reproduces the policy."""
+    LatentConsistencyModelPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=lora_state_dict(unet),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=_policy_lora_config(unet).to_dict(),
+    )
+
+
+def load_lora_into(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
+    """Load a `save_lora` file into the UNet's existing policy adapter, bitwise (to resume training)."""
+    path = Path(directory) / LORA_WEIGHT_NAME_SAFE
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights file at {path}")
+    unet_prefix = LatentConsistencyModelPipeline.unet_name + "."
+    saved = {key.removeprefix(unet_prefix): tensor for key, tensor in load_file(path).items()}
+    expected = lora_state_dict(unet)
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the UNet's LoRA adapter: {len(missing)} keys missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    for key, tensor in expected.items():
+        if saved[key].shape != tensor.shape:
+            raise ValueError(
+                f"{path} does not match the UNet's LoRA adapter: {key} has shape {tuple(saved[key].shape)} in the "
+                f"file, {tuple(tensor.shape)} in the adapter (a different LoRA rank?)"
+            )
+    set_peft_model_state_dict(unet, saved, adapter_name=POLICY_ADAPTER)
+
+
+def _policy_lora_config(unet: UNet2DConditionModel) -> LoraConfig:
+    configs = getattr(unet, "peft_config", None) or {}
+    if POLICY_ADAPTER not in configs:
+        raise ValueError("the UNet has no policy LoRA adapter; add one with add_policy_lora first")
+    return configs[POLICY_ADAPTER]

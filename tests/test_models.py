@@ -1,0 +1,343 @@
+"""Model loading, the tiny and sd15-lcm presets, the tokenizer, and the policy LoRA (CPU only)."""
+
+from __future__ import annotations
+
+import os
+import random
+import types
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from diffusers import LCMScheduler, PNDMScheduler
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import CLIPTokenizer
+
+from rlcm_fast import models
+from rlcm_fast.models import (
+    DEFAULT_LORA_TARGETS,
+    SD15_LCM,
+    TINY,
+    TINY_LORA_TARGETS,
+    ModelLoadError,
+    add_policy_lora,
+    build_tiny_pipeline,
+    guidance_embedding,
+    latent_shape,
+    load_lora_into,
+    load_pipeline,
+    lora_state_dict,
+    save_lora,
+)
+from rlcm_fast.tiny_tokenizer import build_clip_tokenizer
+
+PROMPT_FILE = Path(__file__).resolve().parents[1] / "rlcm_fast" / "data" / "imagenet_animals.txt"
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rlcm_fast_cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(cache_root, monkeypatch):
+    # One tiny cache for the whole module, never the user's ~/.cache.
+    monkeypatch.setenv("RLCM_FAST_CACHE", str(cache_root))
+
+
+def unet_inputs(unet) -> tuple[tuple, dict]:
+    generator = torch.Generator().manual_seed(0)
+    config = unet.config
+    side = config.sample_size
+    latents = torch.randn(2, config.in_channels, side, side, generator=generator).to(unet.dtype)
+    text = torch.randn(2, 77, config.cross_attention_dim, generator=generator).to(unet.dtype)
+    guidance = torch.randn(2, config.time_cond_proj_dim, generator=generator).to(unet.dtype)
+    return (latents, 999), dict(encoder_hidden_states=text, timestep_cond=guidance)
+
+
+def unet_output(unet) -> torch.Tensor:
+    args, kwargs = unet_inputs(unet)
+    with torch.no_grad():
+        return unet(*args, **kwargs).sample.float()
+
+
+def perturb_lora(parameters, seed: int) -> None:
+    # Gaussian init leaves lora_B at zero: give every LoRA weight a nonzero value so checks are not trivial.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_tiny_build_is_deterministic_and_leaves_caller_rng_alone():
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    first, second = build_tiny_pipeline(), build_tiny_pipeline()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.get_default_dtype() == torch.float32
+    for name in ("unet", "vae", "text_encoder"):
+        first_weights = getattr(first, name).state_dict()
+        second_weights = getattr(second, name).state_dict()
+        assert first_weights.keys() == second_weights.keys()
+        assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights), name
+
+
+def test_cached_tiny_loads_like_the_in_memory_build(cache_root):
+    pipe = load_pipeline("tiny")
+    (folder,) = [entry for entry in cache_root.iterdir()]  # no staging folders left behind
+    assert folder.name.startswith(f"tiny-v{models.TINY_PRESET_VERSION}-")
+    assert (folder / "model_index.json").is_file()
+    torch.testing.assert_close(unet_output(pipe.unet), unet_output(build_tiny_pipeline().unet), rtol=0, atol=0)
+
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.prediction_type == "sample"
+    assert pipe.vae_scale_factor == 2
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert not component.training
+        assert not any(parameter.requires_grad for parameter in component.parameters())
+    written = folder.stat().st_mtime_ns
+    load_pipeline("tiny")
+    assert folder.stat().st_mtime_ns == written  # loaded again from the same folder, not rewritten
+    assert len(list(cache_root.iterdir())) == 1
+
+
+def test_tiny_cache_writer_that_loses_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
+    real_rename = os.rename
+
+    def rename_after_another_process_won(source, destination):
+        # Another process finishes its folder first, so this writer's rename fails.
+        Path(destination).mkdir()
+        (Path(destination) / "written_by_the_winner").touch()
+        real_rename(source, destination)
+
+    monkeypatch.setattr(models.os, "rename", rename_after_another_process_won)
+    folder = models._tiny_pipeline_folder()
+    assert (folder / "written_by_the_winner").is_file()
+    assert [entry.name for entry in tmp_path.iterdir()] == [folder.name]
+
+
+def test_tokenizer_round_trips_and_pads_like_clip(tmp_path):
+    tokenizer = build_clip_tokenizer()
+    prompts = PROMPT_FILE.read_text().splitlines()[:20]
+    prompts += ["a monkey washing the dishes", "Café's \"odd\" chars: 3.5% ~!"]
+    encoded = tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
+
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids, encoded)
+    assert reloaded.model_max_length == 77
+    assert reloaded.pad_token == "<|endoftext|>"
+
+    assert encoded.shape == (len(prompts), 77)
+    assert len(tokenizer) == TINY.text_encoder["vocab_size"] <= SD15_LCM.text_encoder["vocab_size"]
+    assert int(encoded.max()) < TINY.text_encoder["vocab_size"]
+    assert (encoded[:, 0] == tokenizer.bos_token_id).all()
+    short = tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert short[-1] == tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert tokenizer.decode(short, skip_special_tokens=True) == "a cat"
+
+
+def test_tiny_pipeline_generates_images():
+    pipe = load_pipeline("tiny")
+    images = pipe(
+        prompt=["a cat"],
+        num_inference_steps=4,
+        guidance_scale=8.0,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (1, 3, 32, 32)
+    assert torch.isfinite(images).all()
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    assert float(images.std()) > 0.05
+
+
+def test_folder_with_another_scheduler_gets_an_lcm_scheduler_and_the_dtype(tmp_path):
+    pipe = build_tiny_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # like a plain SD1.5 folder
+    pipe.save_pretrained(tmp_path)
+    loaded = load_pipeline(str(tmp_path), dtype=torch.bfloat16)
+    assert isinstance(loaded.scheduler, LCMScheduler)
+    assert loaded.scheduler.config.prediction_type == "sample"
+    assert loaded.unet.dtype == loaded.vae.dtype == loaded.text_encoder.dtype == torch.bfloat16
+
+
+def make_bad_model(kind: str, root: Path) -> str:
+    if kind == "missing_absolute":
+        return str(root / "does-not-exist")
+    if kind == "missing_relative":
+        return "./does-not-exist"
+    if kind == "unreachable_hub_id":
+        return "no-such-org/no-such-lcm"
+    folder = root / kind
+    garbage = random.Random(0).randbytes(512)
+    if kind == "corrupt_weights":
+        build_tiny_pipeline().save_pretrained(folder)
+        (folder / "text_encoder" / "model.safetensors").write_bytes(garbage)
+    else:
+        folder.mkdir()
+        if kind == "garbage":
+            (folder / "model_index.json").write_bytes(garbage)
+            (folder / "notes.txt").write_text("not a pipeline")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing_absolute", "missing_relative", "unreachable_hub_id", "empty", "garbage", "corrupt_weights"]
+)
+def test_bad_model_values_raise_one_clear_line(kind, tmp_path, monkeypatch):
+    # Offline mode makes huggingface_hub refuse every request: no test touches the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = make_bad_model(kind, tmp_path)
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipeline(model)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert repr(model) in message
+    assert "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id" in message
+
+
+def test_sd15_lcm_has_the_dreamshaper_architecture_on_the_meta_device():
+    pipe = load_pipeline("sd15-lcm", device="meta", dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    counts = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")
+    }
+    # Measured; the real LCM_Dreamshaper_v7 = SD1.5 UNet (859,520,964) + the 256x320 guidance projection.
+    assert counts == {"unet": 859_602_884, "vae": 83_653_863, "text_encoder": 123_060_480}
+    for component in (unet, vae, text_encoder):
+        assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in component.parameters())
+        assert not any(p.requires_grad for p in component.parameters())
+
+    assert tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280)
+    assert unet.config.layers_per_block == 2
+    assert unet.config.cross_attention_dim == 768
+    assert unet.config.attention_head_dim == 8
+    assert tuple(unet.config.down_block_types) == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert tuple(unet.config.up_block_types) == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    assert unet.config.time_cond_proj_dim == 256
+    assert unet.config.sample_size == 96
+    assert tuple(vae.config.block_out_channels) == (128, 256, 512, 512)
+    assert vae.config.latent_channels == 4 and vae.config.sample_size == 768
+    assert vae.config.scaling_factor == 0.18215
+    assert pipe.vae_scale_factor == 8
+    text_config = text_encoder.config
+    assert (text_config.hidden_size, text_config.num_hidden_layers, text_config.num_attention_heads) == (768, 12, 12)
+    assert (text_config.intermediate_size, text_config.max_position_embeddings) == (3072, 77)
+    assert (text_config.vocab_size, text_config.hidden_act) == (49408, "quick_gelu")
+    scheduler = pipe.scheduler.config
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert (scheduler.beta_start, scheduler.beta_end, scheduler.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    assert (scheduler.num_train_timesteps, scheduler.original_inference_steps) == (1000, 50)
+    assert (scheduler.prediction_type, scheduler.set_alpha_to_one, scheduler.steps_offset) == ("epsilon", True, 1)
+    assert (scheduler.timestep_scaling, scheduler.clip_sample, scheduler.thresholding) == (10.0, False, False)
+    assert latent_shape(pipe, 4, 768) == (4, 4, 96, 96)
+
+
+def test_latent_shape_and_guidance_embedding():
+    pipe = load_pipeline("tiny")
+    assert latent_shape(pipe, 3, 32) == (3, 4, 16, 16)
+    with pytest.raises(ValueError, match="scale factor"):
+        latent_shape(pipe, 3, 33)
+
+    embedding = guidance_embedding(pipe, 8.0, 3, "cpu", torch.bfloat16)
+    expected = pipe.get_guidance_scale_embedding(torch.tensor(7.0).repeat(3), embedding_dim=32)  # the pipeline's call
+    assert embedding.dtype == torch.bfloat16
+    assert torch.equal(embedding, expected.to(torch.bfloat16))
+    unet_without_guidance_input = types.SimpleNamespace(config=types.SimpleNamespace(time_cond_proj_dim=None))
+    pipe_with_lcm_lora = types.SimpleNamespace(unet=unet_without_guidance_input)
+    assert guidance_embedding(pipe_with_lcm_lora, 8.0, 3, "cpu", torch.float32) is None
+
+
+def test_policy_lora_trains_only_float32_lora_weights_on_a_bf16_base():
+    unet = load_pipeline("tiny", dtype=torch.bfloat16).unet
+    parameters = add_policy_lora(unet, rank=4, alpha=8, target_modules=TINY_LORA_TARGETS)
+    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    assert [id(p) for p in parameters] == [id(p) for p in trainable.values()]
+    assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert all(p.dtype == torch.float32 for p in parameters)
+    assert all(p.dtype == torch.bfloat16 for name, p in unet.named_parameters() if name not in trainable)
+    adapted = [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+    assert len(parameters) == 2 * len(adapted)
+    assert all(any(name == target or name.endswith("." + target) for name in adapted) for target in TINY_LORA_TARGETS)
+
+    perturb_lora(parameters, seed=1)
+    args, kwargs = unet_inputs(unet)
+    unet(*args, **kwargs).sample.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in parameters)
+
+
+def test_policy_lora_rejects_bad_arguments():
+    unet = build_tiny_pipeline().unet
+    with pytest.raises(ValueError, match="rank"):
+        add_policy_lora(unet, rank=0, alpha=1, target_modules=DEFAULT_LORA_TARGETS)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        add_policy_lora(unet, rank=4, alpha=4, target_modules=("to_q", "no_such_layer"))
+    assert not getattr(unet, "peft_config", None)
+    with pytest.raises(ValueError, match="add_policy_lora"):
+        lora_state_dict(unet)
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline_and_resumes_bitwise(tmp_path):
+    trained = load_pipeline("tiny").unet
+    base_output = unet_output(trained)
+    parameters = add_policy_lora(trained, rank=4, alpha=8, target_modules=TINY_LORA_TARGETS)  # scale alpha/r = 2
+    perturb_lora(parameters, seed=2)
+    trained_output = unet_output(trained)
+    assert (trained_output - base_output).abs().max() > 1e-2
+    save_lora(trained, tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+    user_pipe = load_pipeline("tiny")
+    user_pipe.load_lora_weights(tmp_path)  # what a user of the trained policy does
+    torch.testing.assert_close(unet_output(user_pipe.unet), trained_output, rtol=1e-5, atol=1e-5)
+
+    resumed = load_pipeline("tiny").unet
+    resumed_parameters = add_policy_lora(resumed, rank=4, alpha=8, target_modules=TINY_LORA_TARGETS)
+    load_lora_into(resumed, tmp_path)
+    assert len(resumed_parameters) == len(parameters)
+    assert all(torch.equal(a, b) for a, b in zip(resumed_parameters, parameters))
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in resumed_parameters)
+
+
+def test_load_lora_into_rejects_a_mismatched_file(tmp_path):
+    source = load_pipeline("tiny").unet
+    add_policy_lora(source, rank=4, alpha=8, target_modules=TINY_LORA_TARGETS)
+    save_lora(source, tmp_path)
+
+    other_rank = load_pipeline("tiny").unet
+    add_policy_lora(other_rank, rank=2, alpha=8, target_modules=TINY_LORA_TARGETS)
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights\.safetensors.*rank"):
+        load_lora_into(other_rank, tmp_path)
+
+    other_targets = load_pipeline("tiny").unet
+    add_policy_lora(other_targets, rank=4, alpha=8, target_modules=DEFAULT_LORA_TARGETS)
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights\.safetensors.*unexpected"):
+        load_lora_into(other_targets, tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_lora_into(other_targets, tmp_path / "missing")
+
+
+def test_lcm_lora_is_fused_and_unloaded(tmp_path):
+    with_adapter = load_pipeline("tiny").unet
+    base_output = unet_output(with_adapter)
+    perturb_lora(add_policy_lora(with_adapter, rank=4, alpha=4, target_modules=DEFAULT_LORA_TARGETS), seed=3)
+    adapter_output = unet_output(with_adapter)
+    save_lora(with_adapter, tmp_path)
+
+    fused = load_pipeline("tiny", lcm_lora=str(tmp_path)).unet
+    fused_output = unet_output(fused)
+    assert (fused_output - base_output).abs().max() > 1e-2
+    torch.testing.assert_close(fused_output, adapter_output, rtol=1e-4, atol=1e-4)
+    assert not getattr(fused, "peft_config", None)
+    assert not any(isinstance(module, BaseTunerLayer) for module in fused.modules())
+    assert not any(p.requires_grad for p in fused.parameters())
+    assert add_policy_lora(fused, rank=4, alpha=4, target_modules=DEFAULT_LORA_TARGETS)  # a fresh policy on top
+
+    with pytest.raises(ModelLoadError, match="lcm_lora"):
+        load_pipeline("tiny", lcm_lora=str(tmp_path / "missing"))
