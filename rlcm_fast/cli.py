@@ -1,0 +1,153 @@
+"""`rlcm-fast`: train an LCM with RLCM, or sample from one (with a trained LoRA)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from .config import TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, parse_set_pairs, resolve_config, validate
+
+# Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them.
+FIXED_ON_RESUME = ("model", "lcm_lora", "lora_rank", "lora_targets", "horizon", "train_final_step",
+                   "original_inference_steps", "resolution")
+
+
+class UsageError(ValueError):
+    """Bad command-line input that is not a config value."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .checkpoint import CheckpointError
+    from .models import ModelLoadError
+    from .rewards import RewardError
+
+    return ConfigError, RewardError, ModelLoadError, CheckpointError, UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlcm-fast", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune an LCM's LoRA with RLCM on a reward")
+    train.add_argument("--task", default=None,
+                       help=f"the paper's task presets: {', '.join(TASK_PRESETS)} (default: compressibility)")
+    train.add_argument("--model", default=None,
+                       help="'tiny' (default, random, CPU-sized), 'sd15-lcm' (random weights, LCM_Dreamshaper_v7's "
+                            "architecture), a diffusers LCM folder or hub id")
+    train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
+    train.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key")
+    train.add_argument("--output-dir", help="run folder (default: runs/<task>-<time>)")
+    train.add_argument("--resume", metavar="PATH", help="a run folder (its newest checkpoint) or RUN/checkpoint-N")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="auto | cpu | cuda")
+
+    sample = commands.add_parser("sample", help="write images from an LCM, optionally with a trained LoRA")
+    sample.add_argument("--model", default=None, help="as for train (default: the LoRA's run model, else tiny)")
+    sample.add_argument("--lora", metavar="RUN/checkpoint-N", help="a checkpoint folder of `rlcm-fast train`")
+    sample.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    sample.add_argument("--horizon", type=int, help="sampling steps (default: the run's, else 4)")
+    sample.add_argument("--guidance-scale", type=float, default=None)
+    sample.add_argument("--resolution", type=int, help="image size in pixels (default: the run's)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--output-dir", default="samples")
+    return parser
+
+
+def _resumed_config(checkpoint: Path, overrides: dict) -> TrainConfig:
+    from .trainer import saved_config
+
+    values = saved_config(checkpoint)
+    before = dict(values)
+    apply_overrides(values, overrides, "--set")
+    for key in FIXED_ON_RESUME:
+        if values[key] != before[key]:
+            raise ConfigError(
+                f"{key}={values[key]!r} differs from the checkpoint's {before[key]!r}; a resumed run cannot change it"
+            )
+    return validate(TrainConfig(**values))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import list_checkpoints, resolve_checkpoint
+    from .trainer import Trainer, summarize
+
+    overrides = parse_set_pairs(args.set)
+    for key in ("seed", "device"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    resume_from = None
+    if args.resume:
+        resume_from = resolve_checkpoint(args.resume)
+        if args.task or args.model or args.config:
+            raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
+        cfg = _resumed_config(resume_from, overrides)
+        run_dir = Path(args.output_dir) if args.output_dir else resume_from.parent
+    else:
+        cfg = resolve_config(args.task, args.model, args.config, overrides)
+        run_dir = Path(args.output_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if list_checkpoints(run_dir):
+            raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
+    cfg.output_dir = str(run_dir)
+    trainer = Trainer(cfg, run_dir, resume_from)
+    print(f"rlcm-fast: training {cfg.model} on {cfg.reward} -> {run_dir}", file=sys.stderr)
+    records = trainer.train()
+    print(f"rlcm-fast: done, {summarize(records)}; checkpoints in {run_dir}", file=sys.stderr)
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import resolve_checkpoint
+    from .models import load_pipeline
+    from .trainer import saved_config
+
+    run = saved_config(resolve_checkpoint(args.lora)) if args.lora else {}
+    model = args.model or run.get("model", "tiny")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images {args.num_images} is invalid: it must be >= 1")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"))
+    if args.lora:
+        pipe.load_lora_weights(str(resolve_checkpoint(args.lora)))
+    horizon = args.horizon or run.get("horizon", 4)
+    resolution = args.resolution or run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    guidance = args.guidance_scale if args.guidance_scale is not None else run.get("guidance_scale", 8.0)
+    if horizon < 1 or resolution % 8:
+        raise UsageError(f"horizon={horizon} must be >= 1 and resolution={resolution} a multiple of 8")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for p, prompt in enumerate(args.prompt):
+        images = pipe(prompt=[prompt] * args.num_images, num_inference_steps=horizon, guidance_scale=guidance,
+                      height=resolution, width=resolution, generator=generator, output_type="pil").images
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+        for i, image in enumerate(images):
+            path = out / f"{p:02d}-{slug}-{i:02d}.png"
+            image.save(path)
+            print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_train(args) if args.command == "train" else run_sample(args)
+    except _user_errors() as exc:
+        print(f"rlcm-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlcm-fast: interrupted; resume from the last checkpoint with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Training configuration: one typed, validated dataclass, the paper's task presets, and overrides.
+
+Resolution order (later wins): field defaults -> the task's preset (DESIGN.md section 3.3, the paper's
+Table 1) -> the tiny-model preset when `model == "tiny"` -> a YAML file -> `--set key=value` pairs.
+Every value is checked when the config is built, so bad input fails before any run state is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .models import DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS
+from .prompts import PROMPT_SETS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the value and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what.
+    task: str = "compressibility"
+    model: str = "tiny"
+    lcm_lora: str | None = None  # an LCM-LoRA adapter fused into the base first (SD1.5 + LCM-LoRA)
+    reward: str = "jpeg_compressibility"
+    prompts: str = "imagenet_animals"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    output_dir: str = ""  # set by the CLI: --output-dir, or runs/<task>-<time>
+
+    # Sampling (DESIGN.md section 3.1).
+    resolution: int = 768
+    horizon: int = 8
+    guidance_scale: float = 8.0
+    original_inference_steps: int = 50
+    train_final_step: bool = False  # True: also train the reference's no-op action after the last call
+
+    # LoRA on the UNet.
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    # The RL loop (DESIGN.md section 3.2).
+    epochs: int = 100
+    batches_per_epoch: int = 10
+    num_sample_iters: int = 1
+    sample_batch_size: int = 4
+    train_batch_size: int = 2
+    gradient_accumulation_steps: int = 2
+    num_inner_epochs: int = 1
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    clip_range: float = 1e-4
+    adv_clip_max: float = 10.0
+    max_grad_norm: float = 5.0
+    stat_buffer_size: int = 16
+    stat_min_count: int = 16
+
+    # Rewards, logging, checkpoints.
+    jpeg_quality: int = 95
+    reward_threads: int = 0  # 0: one per CPU core
+    checkpoint_every: int = 5  # epochs between checkpoints (the last epoch always gets one)
+    grid_every: int = 1  # epochs between PNG sample grids (0: never)
+
+    @property
+    def trained_steps(self) -> int:
+        """Actions trained per trajectory: H-1 by default, H with `train_final_step`."""
+        return self.horizon if self.train_final_step else self.horizon - 1
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Trajectories one process samples per epoch."""
+        return self.batches_per_epoch * self.num_sample_iters * self.sample_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The paper's Table 1 (per GPU); keys not named keep the dataclass defaults above.
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    "compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals"),
+    "incompressibility": dict(reward="jpeg_incompressibility", prompts="imagenet_animals"),
+    "aesthetic": dict(
+        reward="aesthetic", prompts="simple_animals", gradient_accumulation_steps=4,
+        sample_batch_size=8, stat_buffer_size=32, lora_rank=8, lora_alpha=8.0,
+    ),
+    "alignment": dict(
+        reward="alignment", prompts="alignment", batches_per_epoch=6, gradient_accumulation_steps=20,
+        epochs=118, horizon=16, num_sample_iters=5, sample_batch_size=8, stat_buffer_size=32,
+    ),
+}
+
+# The tiny random model at CPU scale: calibrated so that `rlcm-fast train` visibly learns in minutes on
+# 2 cores (DESIGN.md section 4: sample prediction, wider LoRA targets, larger lr and clip range).
+TINY_MODEL_PRESET: dict[str, Any] = dict(
+    resolution=32, horizon=4, lora_rank=8, lora_alpha=8.0, lora_targets=list(TINY_LORA_TARGETS),
+    epochs=30, batches_per_epoch=2, sample_batch_size=16, train_batch_size=16,
+    gradient_accumulation_steps=1, learning_rate=3e-3, clip_range=1e-2, stat_buffer_size=32,
+    stat_min_count=8, prompts="simple_animals",
+)
+
+DEVICES = ("auto", "cpu", "cuda")  # several GPUs: one process each, through accelerate
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}={value} is invalid: it must be a positive integer")
+
+
+def _positive_float(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={value} is invalid: it must be a finite number > 0")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field; raise ConfigError naming the first bad value."""
+    from .rewards import RewardError, check_reward_name
+
+    if cfg.task not in TASK_PRESETS:
+        raise ConfigError(f"task {cfg.task!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
+    try:
+        check_reward_name(cfg.reward)
+    except RewardError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.prompts not in PROMPT_SETS:
+        raise ConfigError(f"prompts {cfg.prompts!r} is unknown; allowed: {', '.join(PROMPT_SETS)}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device {cfg.device!r} is invalid; allowed: {', '.join(DEVICES)}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision {cfg.mixed_precision!r} is invalid; allowed: {', '.join(MIXED_PRECISION)}")
+    if cfg.horizon < 2:
+        raise ConfigError(f"horizon={cfg.horizon} is invalid: multi-step sampling needs horizon >= 2")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise ConfigError(f"resolution={cfg.resolution} is invalid: it must be a multiple of 8, at least 8")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} is invalid: it must be >= 0")
+    for name in ("original_inference_steps", "lora_rank", "epochs", "batches_per_epoch", "num_sample_iters",
+                 "sample_batch_size", "train_batch_size", "gradient_accumulation_steps", "num_inner_epochs",
+                 "stat_buffer_size", "checkpoint_every"):
+        _positive_int(name, getattr(cfg, name))
+    for name in ("lora_alpha", "learning_rate", "clip_range", "adv_clip_max", "max_grad_norm", "adam_epsilon"):
+        _positive_float(name, getattr(cfg, name))
+    if cfg.horizon > cfg.original_inference_steps:
+        raise ConfigError(
+            f"horizon={cfg.horizon} is invalid: it must be <= original_inference_steps={cfg.original_inference_steps}"
+        )
+    if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 1.0):
+        raise ConfigError(f"guidance_scale={cfg.guidance_scale} is invalid: it must be >= 1 (w = guidance_scale - 1)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be in [0, 1)")
+    if cfg.adam_weight_decay < 0:
+        raise ConfigError(f"adam_weight_decay={cfg.adam_weight_decay} is invalid: it must be >= 0")
+    if cfg.stat_min_count < 0:
+        raise ConfigError(f"stat_min_count={cfg.stat_min_count} is invalid: it must be >= 0")
+    if not 1 <= cfg.jpeg_quality <= 100:
+        raise ConfigError(f"jpeg_quality={cfg.jpeg_quality} is invalid: it must be in 1..100")
+    if cfg.reward_threads < 0 or cfg.grid_every < 0:
+        raise ConfigError("reward_threads and grid_every must be >= 0")
+    if cfg.sample_batch_size % cfg.train_batch_size:
+        raise ConfigError(
+            f"sample_batch_size={cfg.sample_batch_size} is not divisible by train_batch_size={cfg.train_batch_size}"
+        )
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    if cfg.samples_per_epoch % per_step:
+        raise ConfigError(
+            f"samples per epoch ({cfg.samples_per_epoch} = batches_per_epoch x num_sample_iters x sample_batch_size)"
+            f" is not divisible by train_batch_size x gradient_accumulation_steps = {per_step}"
+        )
+    if not cfg.lora_targets or not all(isinstance(t, str) and t for t in cfg.lora_targets):
+        raise ConfigError(f"lora_targets={cfg.lora_targets!r} is invalid: it must be a non-empty list of module names")
+    return cfg
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _field_types(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Convert a YAML or --set value to the field's type, or fail naming the key and the value."""
+    kind = _field_types()[key]
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "list[str]":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return [str(v) for v in value]
+        if kind == "str | None":
+            return None if value is None else str(value)
+        if isinstance(value, (dict, list)):
+            raise TypeError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} in {source} is invalid: expected {kind}") from None
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
+    for key, value in overrides.items():
+        if key not in _field_types():
+            raise _unknown_key(key, source)
+        values[key] = _coerce(key, value, source)
+
+
+def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings from the command line; values are read as YAML scalars (1e-4, true, [a, b])."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is invalid: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+    return data
+
+
+def resolve_config(
+    task: str | None = None,
+    model: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Build the config from the task preset, the model preset, a YAML file and explicit overrides.
+
+    The task and the model pick the presets, so they are found first: argument > --set > file > default.
+    """
+    file_values = load_yaml(config_file) if config_file else {}
+    overrides = dict(overrides or {})
+    if task:
+        overrides["task"] = task
+    if model:
+        overrides["model"] = model
+    chosen = {key: overrides.get(key, file_values.get(key, getattr(TrainConfig, key))) for key in ("task", "model")}
+    if chosen["task"] not in TASK_PRESETS:
+        raise ConfigError(f"task {chosen['task']!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
+    values: dict[str, Any] = {}
+    apply_overrides(values, TASK_PRESETS[chosen["task"]], "the task preset")
+    if chosen["model"] == "tiny":
+        apply_overrides(values, TINY_MODEL_PRESET, "the tiny preset")
+    apply_overrides(values, file_values, f"config file {str(config_file)!r}")
+    apply_overrides(values, overrides, "--set")
+    return validate(TrainConfig(**values))

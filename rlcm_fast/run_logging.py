@@ -1,0 +1,96 @@
+"""What a run leaves for people to read: metrics (JSONL + TensorBoard), sample grids, a reward plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLogger:
+    """Main-process logging. Records are JSON lines with "kind": "step" (one per optimizer step) or
+    "epoch" (one per epoch); the same scalars go to TensorBoard under run_dir/tensorboard."""
+
+    def __init__(self, run_dir: Path, resume_epoch: int = 0, resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / METRICS_FILE
+        self._drop_records_after(resume_epoch)
+        # purge_step hides events a crashed run logged past the checkpoint we resume from.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step if resume_step else None)
+        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+
+    def _drop_records_after(self, epoch: int) -> None:
+        """On resume, forget what was logged after the checkpoint: those epochs run again."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
+
+    def log(self, kind: str, epoch: int, step: int, values: dict[str, float]) -> None:
+        record = {"kind": kind, "epoch": epoch, "step": step, **values}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        for name, value in values.items():
+            self.writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def epoch_records(self) -> list[dict]:
+        lines = self.metrics_path.read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.writer.close()
+
+
+def save_sample_grid(
+    path: Path, images: torch.Tensor, prompts: Sequence[str], rewards: Sequence[float], max_images: int = 16
+) -> None:
+    """A PNG grid of images, each captioned with its reward and the start of its prompt."""
+    count = min(len(images), max_images)
+    pixels = (images[:count].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    size = max(128, pixels.shape[1])  # small images are upscaled (nearest) so they can be seen
+    columns = min(count, 4)
+    rows = math.ceil(count / columns)
+    caption = 24
+    grid = Image.new("RGB", (columns * size, rows * (size + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(count):
+        tile = Image.fromarray(pixels[i]).resize((size, size), Image.NEAREST)
+        x, y = (i % columns) * size, (i // columns) * (size + caption)
+        grid.paste(tile, (x, y))
+        draw.text((x + 2, y + size + 1), f"{rewards[i]:.3f}", fill="black")
+        draw.text((x + 2, y + size + 12), prompts[i][: size // 6], fill="gray")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) -> None:
+    """Mean reward (with +- one std band) against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.array([r["epoch"] for r in epoch_records])
+    mean = np.array([r["reward_mean"] for r in epoch_records])
+    std = np.array([r["reward_std"] for r in epoch_records])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(epochs, mean, marker="o", markersize=3)
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{reward_name} (mean +- std)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""Multi-step consistency sampling as an MDP (DESIGN.md section 3.1), returning the whole trajectory.
+
+With the same weights, initial latents and per-step noises (or the same generator), the images equal
+diffusers' `LatentConsistencyModelPipeline` output: the generator is drawn in the pipeline's order
+(initial latents, then one noise per step but the last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers import LCMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from .models import guidance_embedding, latent_shape
+from .policy_step import consistency_output, policy_step, row_scalars_for_schedule
+
+
+@dataclass
+class Trajectory:
+    """B sampled trajectories. T = trained actions per trajectory (H-1, or H with train_final_step)."""
+
+    prompts: list[str]
+    states: torch.Tensor  # (B, T+1, C, h, w) float32: x_0 .. x_T; action k maps states[:, k] -> states[:, k+1]
+    log_probs: torch.Tensor  # (B, T) float32: log pi_old of each action at sampling time
+    denoised: torch.Tensor  # (B, C, h, w): D_{H-1}, the latent the image is decoded from
+    images: torch.Tensor | None = None  # (B, 3, H, W) float in [0, 1]
+
+
+class LCMSampler:
+    """Samples trajectories of a fixed horizon with a pipeline's UNet (or a LoRA-wrapped copy of it).
+
+    Holds the schedule's per-action scalars and a cache of prompt embeddings (prompt sets are small).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        horizon: int,
+        guidance_scale: float = 8.0,
+        original_inference_steps: int = 50,
+        train_final_step: bool = False,
+        resolution: int | None = None,
+    ):
+        scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
+        if scheduler.config.clip_sample or scheduler.config.thresholding:
+            raise ValueError("LCMScheduler with clip_sample or thresholding is not supported by the policy step")
+        scheduler.set_timesteps(horizon, original_inference_steps=original_inference_steps)
+        self.pipe = pipe
+        self.horizon = horizon
+        self.guidance_scale = guidance_scale
+        self.train_final_step = train_final_step
+        self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.prediction_type = scheduler.config.prediction_type
+        self.timesteps = scheduler.timesteps.cpu()
+        # The last action (trained only with train_final_step) re-noises at t_{H-1} itself, as
+        # LCMScheduler.step would: its "previous timestep" past the end is the current one.
+        next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
+        self.action_scalars = row_scalars_for_schedule(scheduler, self.timesteps, next_timesteps)  # (H, 6)
+        self._embedding_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def trained_steps(self) -> int:
+        return self.horizon if self.train_final_step else self.horizon - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @torch.no_grad()
+    def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, L, D) text embeddings; each distinct prompt goes through the text encoder once per run."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
+        if missing:
+            embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
+            self._embedding_cache.update(zip(missing, embeds))
+        return torch.stack([self._embedding_cache[p] for p in prompts])
+
+    def guidance(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return guidance_embedding(self.pipe, self.guidance_scale, batch, self.device, dtype)
+
+    def unet_output(self, unet, x, timesteps, embeds, w_embedding) -> torch.Tensor:
+        """The UNet's raw prediction at states x (B rows), timesteps per row or shared."""
+        dtype = embeds.dtype
+        return unet(
+            x.to(dtype), timesteps, encoder_hidden_states=embeds, timestep_cond=w_embedding, return_dict=False
+        )[0]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        unet,
+        prompts: Sequence[str],
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        noises: Sequence[torch.Tensor] | None = None,
+        decode: bool = True,
+    ) -> Trajectory:
+        """Run H UNet calls from x_0 and record every trained action with its log-prob.
+
+        `latents` (x_0) and `noises` (z_0 .. z_{T-1}) may be given; what is missing is drawn from
+        `generator` in the pipeline's order.
+        """
+        batch = len(prompts)
+        embeds = self.prompt_embeddings(prompts)
+        w_embedding = self.guidance(batch, embeds.dtype)
+        shape = latent_shape(self.pipe, batch, self.resolution)
+        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+        x = x.to(self.device, torch.float32)
+        states, log_probs = [x], []
+        for k in range(self.horizon):
+            scalars = self.action_scalars[k].expand(batch, 6)
+            model_output = self.unet_output(unet, x, self.timesteps[k].to(self.device), embeds, w_embedding)
+            if k == self.horizon - 1 and not self.train_final_step:
+                denoised = consistency_output(model_output.float(), x, scalars.to(self.device), self.prediction_type)
+                break
+            noise = noises[k] if noises is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+            denoised, x, logp = policy_step(
+                model_output.float(), x, scalars, self.prediction_type, noise=noise.to(self.device, torch.float32)
+            )
+            states.append(x)
+            log_probs.append(logp.float())
+        trajectory = Trajectory(
+            prompts=list(prompts),
+            states=torch.stack(states, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            denoised=denoised,
+        )
+        if decode:
+            trajectory.images = self.decode(denoised)
+        return trajectory
+
+    @torch.no_grad()
+    def decode(self, denoised: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], as the pipeline's VAE decode and post-processing do."""
+        vae = self.pipe.vae
+        images = vae.decode(denoised.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

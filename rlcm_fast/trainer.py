@@ -1,0 +1,277 @@
+"""RLCM training (DESIGN.md section 3.2), top to bottom: sample, score, normalise, clipped policy gradient.
+
+Runs unchanged on one CPU, one GPU, or several processes under `accelerate launch` / torchrun: each
+process samples and scores its own trajectories, rewards and prompts are gathered so that every process
+computes the same advantages, and DDP averages the LoRA gradients.
+
+Randomness is derived from (seed, epoch, process index) at the start of each epoch, so a run resumed
+from a checkpoint draws exactly the prompts, noises and shuffles an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, read_training_state, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .models import add_policy_lora, load_pipeline
+from .policy_step import policy_step
+from .prompts import load_prompt_set
+from .rewards import AsyncReward, make_reward
+from .run_logging import RunLogger, save_reward_plot, save_sample_grid
+from .sampler import LCMSampler, Trajectory
+from .stat_tracker import PerPromptStatTracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochSamples:
+    """One process's trajectories of an epoch, concatenated, with their rewards and advantages."""
+
+    prompts: list[str]
+    states: torch.Tensor  # (N, T+1, C, h, w)
+    log_probs: torch.Tensor  # (N, T)
+    rewards: np.ndarray  # (N,)
+    advantages: torch.Tensor  # (N,)
+    images: torch.Tensor  # (N, 3, H, W), kept for the sample grid
+
+
+def epoch_generator(seed: int, epoch: int, process: int, stream: int, device="cpu") -> torch.Generator:
+    """An independent, reproducible random stream for one purpose of one epoch on one process."""
+    generator = torch.Generator(device=device)
+    entropy = np.random.SeedSequence([seed, epoch, process, stream]).generate_state(1, np.uint64)[0]
+    generator.manual_seed(int(entropy) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def clipped_policy_loss(log_probs, old_log_probs, advantages, clip_range: float, adv_clip_max: float):
+    """PPO's clipped surrogate (paper Algorithm 1), plus the diagnostics logged per optimizer step."""
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_probs - old_log_probs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": 0.5 * ((log_probs - old_log_probs) ** 2).mean(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "ratio": ratio.mean(),
+        }
+    return loss, stats
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        precision = cfg.mixed_precision
+        if precision == "auto":
+            precision = "no" if use_cpu else "bf16"
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+        # Model: frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
+        self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora)
+        self.pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(cfg.seed)
+        try:
+            self.params = add_policy_lora(self.pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        except ValueError as exc:
+            raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
+        self.unet = self.pipe.unet
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the paper
+        self.train_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
+
+        self.sampler = LCMSampler(
+            self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
+            resolution=cfg.resolution,
+        )
+        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads))
+        self.prompt_set = load_prompt_set(cfg.prompts)
+        self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+
+        self.start_epoch, self.global_step = 0, 0
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
+            self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.logger = None
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.logger = RunLogger(run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
+
+    # -- sampling and rewards ---------------------------------------------------------------------------
+
+    def autocast(self):
+        return self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext()
+
+    def sample_epoch(self, epoch: int) -> EpochSamples:
+        cfg, process = self.cfg, self.accelerator.process_index
+        prompt_gen = epoch_generator(cfg.seed, epoch, process, stream=0)
+        noise_gen = epoch_generator(cfg.seed, epoch, process, stream=1, device=self.device)
+        rounds = cfg.batches_per_epoch * cfg.num_sample_iters
+        trajectories: list[Trajectory] = []
+        pending = []
+        self.unet.eval()
+        for _ in tqdm(range(rounds), desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False):
+            picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size,), generator=prompt_gen)
+            prompts = [self.prompt_set[i] for i in picks.tolist()]
+            with self.autocast():
+                trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
+            # Scored on a worker thread while the next round samples.
+            pending.append(self.reward.submit(trajectory.images.cpu(), prompts))
+            trajectories.append(trajectory)
+        rewards = np.concatenate([future.result() for future in pending])
+        prompts = [p for t in trajectories for p in t.prompts]
+        return EpochSamples(
+            prompts=prompts,
+            states=torch.cat([t.states for t in trajectories]),
+            log_probs=torch.cat([t.log_probs for t in trajectories]),
+            rewards=rewards,
+            advantages=torch.empty(0),
+            images=torch.cat([t.images.cpu() for t in trajectories]),
+        )
+
+    def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
+        """Gather every process's rewards and prompts, normalise per prompt, keep this process's slice."""
+        local = torch.as_tensor(samples.rewards, dtype=torch.float64, device=self.device)
+        all_rewards = self.accelerator.gather(local).cpu().numpy()
+        all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
+        advantages = self.stat_tracker.update(all_prompts, all_rewards)
+        n, process = len(samples.prompts), self.accelerator.process_index
+        samples.advantages = torch.as_tensor(advantages[process * n : (process + 1) * n], dtype=torch.float32)
+        return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                "samples": len(all_rewards)}
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, samples: EpochSamples) -> None:
+        """num_inner_epochs passes over the shuffled (sample, step) pairs, in minibatches of train_batch_size."""
+        cfg = self.cfg
+        n, steps = samples.log_probs.shape
+        micro_per_update = cfg.gradient_accumulation_steps * steps  # each update covers all steps of its samples
+        updates = n // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
+        embeds = self.sampler.prompt_embeddings(samples.prompts)
+        w_embedding = self.sampler.guidance(cfg.train_batch_size, embeds.dtype)
+        states = samples.states.to(self.device)
+        old_log_probs = samples.log_probs.to(self.device)
+        advantages = samples.advantages.to(self.device)
+        shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
+        self.unet.train()
+        bar = tqdm(total=cfg.num_inner_epochs * updates, desc=f"epoch {epoch + 1} training",
+                   disable=not self.is_main, leave=False)
+        for _ in range(cfg.num_inner_epochs):
+            order = torch.randperm(n * steps, generator=shuffle_gen).to(self.device)
+            for update in range(updates):
+                sums: dict[str, float] = {}
+                for micro in range(micro_per_update):
+                    start = (update * micro_per_update + micro) * cfg.train_batch_size
+                    pairs = order[start : start + cfg.train_batch_size]
+                    sample_idx, step_idx = pairs // steps, pairs % steps
+                    sync = micro == micro_per_update - 1
+                    context = nullcontext() if sync else self.accelerator.no_sync(self.train_unet)
+                    with context, self.autocast():
+                        log_probs = self.pair_log_probs(states, sample_idx, step_idx, embeds[sample_idx], w_embedding)
+                        loss, stats = clipped_policy_loss(
+                            log_probs, old_log_probs[sample_idx, step_idx], advantages[sample_idx],
+                            cfg.clip_range, cfg.adv_clip_max,
+                        )
+                        self.accelerator.backward(loss / micro_per_update)
+                    for name, value in {"loss": loss.detach(), **stats}.items():
+                        sums[name] = sums.get(name, 0.0) + float(value) / micro_per_update
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                bar.update()
+                self.log_step(epoch, sums, float(grad_norm))
+        bar.close()
+
+    def pair_log_probs(self, states, sample_idx, step_idx, embeds, w_embedding) -> torch.Tensor:
+        """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for pairs (i, k); any k mix."""
+        x = states[sample_idx, step_idx]
+        timesteps = self.sampler.timesteps.to(self.device)[step_idx]
+        model_output = self.sampler.unet_output(self.train_unet, x, timesteps, embeds, w_embedding)
+        _, _, log_probs = policy_step(
+            model_output.float(), x, self.sampler.action_scalars[step_idx.cpu()], self.sampler.prediction_type,
+            next_state=states[sample_idx, step_idx + 1],
+        )
+        return log_probs.float()
+
+    def log_step(self, epoch: int, sums: dict[str, float], grad_norm: float) -> None:
+        names = sorted(sums)
+        averaged = self.accelerator.reduce(torch.tensor([sums[k] for k in names], device=self.device), "mean")
+        values = dict(zip(names, averaged.tolist()))
+        values.update(grad_norm=grad_norm, learning_rate=self.lr_scheduler.get_last_lr()[0])
+        if self.logger:
+            self.logger.log("step", epoch + 1, self.global_step, values)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            samples = self.sample_epoch(epoch)
+            sampled = time.perf_counter()
+            epoch_stats = self.compute_advantages(samples)
+            self.train_epoch(epoch, samples)
+            trained = time.perf_counter()
+            epoch_stats.update(sample_seconds=sampled - started, train_seconds=trained - sampled)
+            self.end_epoch(epoch, samples, epoch_stats)
+        if self.logger:
+            self.logger.close()
+            return self.logger.epoch_records()
+        return []
+
+    def end_epoch(self, epoch: int, samples: EpochSamples, stats: dict[str, float]) -> None:
+        cfg, done = self.cfg, epoch + 1
+        if self.is_main:
+            self.logger.log("epoch", done, self.global_step, stats)
+            tqdm.write(
+                f"epoch {done}/{cfg.epochs}  reward {stats['reward_mean']:+.4f} +- {stats['reward_std']:.4f}  "
+                f"sample {stats['sample_seconds']:.1f}s  train {stats['train_seconds']:.1f}s"
+            )
+            if cfg.grid_every and done % cfg.grid_every == 0:
+                save_sample_grid(self.run_dir / "samples" / f"epoch-{done:04d}.png", samples.images,
+                                 samples.prompts, samples.rewards.tolist())
+            save_reward_plot(self.run_dir / "reward.png", self.logger.epoch_records(), cfg.reward)
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+                save_checkpoint(
+                    self.run_dir, done, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker,
+                    {"global_step": self.global_step, "config": cfg.to_dict()},
+                )
+        self.accelerator.wait_for_everyone()
+
+
+def saved_config(checkpoint: Path) -> dict:
+    """The resolved config a checkpoint was trained with."""
+    return read_training_state(checkpoint)["config"]
+
+
+def summarize(records: list[dict]) -> str:
+    if not records:
+        return "no epochs were run"
+    first, last = records[0]["reward_mean"], records[-1]["reward_mean"]
+    return f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"
+

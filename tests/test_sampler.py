@@ -1,0 +1,81 @@
+"""Sampler parity with diffusers' LatentConsistencyModelPipeline and its log-probs, on the tiny model."""
+
+import math
+
+import pytest
+import torch
+from diffusers import LCMScheduler
+
+from rlcm_fast.models import load_pipeline
+from rlcm_fast.sampler import LCMSampler
+
+PROMPTS = ["a cat", "great white shark, white shark, man-eater"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+def with_prediction_type(pipe, prediction_type):
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+@pytest.mark.parametrize("horizon", [2, 4])
+def test_images_equal_the_diffusers_pipeline(pipe, prediction_type, horizon):
+    original = pipe.scheduler
+    try:
+        with_prediction_type(pipe, prediction_type)
+        sampler = LCMSampler(pipe, horizon=horizon, guidance_scale=8.0, resolution=32)
+        ours = sampler.sample(pipe.unet, PROMPTS, generator=torch.Generator().manual_seed(0)).images
+        theirs = pipe(PROMPTS, num_inference_steps=horizon, guidance_scale=8.0, height=32, width=32,
+                      generator=torch.Generator().manual_seed(0), output_type="pt").images
+    finally:
+        pipe.scheduler = original
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_trajectory_shapes_and_final_step_flag(pipe):
+    default = LCMSampler(pipe, horizon=4, resolution=32).sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(1))
+    assert default.states.shape == (2, 4, 4, 16, 16) and default.log_probs.shape == (2, 3)
+    reference = LCMSampler(pipe, horizon=4, resolution=32, train_final_step=True)
+    full = reference.sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(1))
+    assert full.states.shape == (2, 5, 4, 16, 16) and full.log_probs.shape == (2, 4)
+    # The extra action is noise after the last call: the image is the same.
+    torch.testing.assert_close(full.images, default.images, atol=0, rtol=0)
+    torch.testing.assert_close(full.states[:, :4], default.states, atol=0, rtol=0)
+
+
+def test_log_probs_equal_an_independent_float64_computation(pipe):
+    sampler = LCMSampler(pipe, horizon=4, guidance_scale=8.0, resolution=32)
+    trajectory = sampler.sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(2))
+    alphas = pipe.scheduler.alphas_cumprod.double()
+    embeds = sampler.prompt_embeddings(PROMPTS)
+    w = sampler.guidance(2, embeds.dtype)
+    for k in range(3):
+        t, t_next = int(sampler.timesteps[k]), int(sampler.timesteps[k + 1])
+        x, x_next = trajectory.states[:, k].double(), trajectory.states[:, k + 1].double()
+        with torch.no_grad():
+            x0 = pipe.unet(x.float(), t, encoder_hidden_states=embeds, timestep_cond=w).sample.double()  # sample prediction
+        c_skip = 0.25 / ((10 * t) ** 2 + 0.25)
+        c_out = 10 * t / math.sqrt((10 * t) ** 2 + 0.25)
+        mean = alphas[t_next].sqrt() * (c_out * x0 + c_skip * x)
+        std = (1 - alphas[t_next]).sqrt()
+        expected = (-((x_next - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+        torch.testing.assert_close(trajectory.log_probs[:, k].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_prompt_embeddings_are_cached(pipe):
+    sampler = LCMSampler(pipe, horizon=2, resolution=32)
+    calls = []
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda prompts, *a, **k: calls.append(list(prompts)) or encode(prompts, *a, **k)
+    try:
+        sampler.prompt_embeddings(["a", "b", "a"])
+        sampler.prompt_embeddings(["b", "c"])
+    finally:
+        del pipe.encode_prompt
+    assert calls == [["a", "b"], ["c"]]
