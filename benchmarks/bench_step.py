@@ -1,0 +1,178 @@
+"""Benchmark of the policy step: eager reference, torch.compile of the reference, fused Triton kernel.
+
+For B in {2, 8, 16} latents of 4x96x96 (768 px), bf16 and fp32, epsilon prediction, times:
+  forward_sampling   D, x_next and logp from (model_output, x, noise)
+  forward_training   D and logp from (model_output, x, stored x_next)
+  forward_backward   forward_training plus the gradient of logp w.r.t. model_output (the PPO loss path)
+Each time is reported twice: `time_us` from triton.testing.do_bench (median, L2 flushed before every
+call, kernels launched from Python as in eager training) and `graph_time_us` from replays of a CUDA graph
+(no launch overhead, L2 warm: the regime of the captured sampling loop). Bandwidth counts the bytes the
+step must move (every input read once, every output written once), as a fraction of this device's
+measured device-to-device copy bandwidth. Writes benchmarks/results/bench_step-<device>.json.
+
+Usage: python benchmarks/bench_step.py   (needs CUDA; elsewhere it says so and exits 0)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZES = (2, 8, 16)
+LATENT_SHAPE = (4, 96, 96)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PASSES = ("forward_sampling", "forward_training", "forward_backward")
+PREDICTION_TYPE = "epsilon"
+
+
+def import_implementations():
+    try:
+        from rlcm_fast.kernels import fused_policy_step
+        from rlcm_fast.policy_step import policy_step_reference
+    except ImportError:  # a source checkout that is not installed
+        sys.path.insert(0, str(REPO_ROOT))
+        from kernels import fused_policy_step
+        from rlcm_fast.policy_step import policy_step_reference
+    return policy_step_reference, fused_policy_step
+
+
+def git_commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def copy_bandwidth_gbps(do_bench) -> float:
+    """Device-to-device copy of 1 GiB: read + write bytes over time, the practical bandwidth ceiling."""
+    source = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    target = torch.empty_like(source)
+    ms = do_bench(lambda: target.copy_(source), warmup=100, rep=500, return_mode="median")
+    return 2 * source.numel() * source.element_size() / (ms * 1e-3) / 1e9
+
+
+def bytes_moved(step_pass: str, batch: int, dtype: torch.dtype) -> int:
+    latent = batch * torch.Size(LATENT_SHAPE).numel() * dtype.itemsize
+    per_row = batch * (6 * 8 + 4)  # the float64 scalars read, the fp32 logp written
+    if step_pass == "forward_sampling":  # read model_output, x, noise; write D, x_next
+        return 5 * latent + per_row
+    if step_pass == "forward_training":  # read model_output, x, x_next; write D
+        return 4 * latent + per_row
+    # forward_training, then read model_output, x, x_next, the scalars and grad_logp; write grad_model_output
+    return 8 * latent + 2 * per_row
+
+
+def make_inputs(policy_step_reference, batch: int, dtype: torch.dtype):
+    generator = torch.Generator(device="cuda").manual_seed(batch)
+    shape = (batch, *LATENT_SHAPE)
+    model_output, x, noise = (torch.randn(shape, generator=generator, device="cuda").to(dtype) for _ in range(3))
+    # Valid per-row scalars (alpha^2 + sigma^2 = 1); their values do not affect the timing.
+    alpha_t, alpha_next, c_skip, c_out = torch.rand(4, batch, generator=generator, device="cuda", dtype=torch.float64)
+    alpha_t, alpha_next = 0.1 + 0.8 * alpha_t, 0.1 + 0.8 * alpha_next
+    sigma_t, sigma_next = (1 - alpha_t**2).sqrt(), (1 - alpha_next**2).sqrt()
+    scalars = torch.stack([alpha_t, sigma_t, c_skip, c_out, alpha_next, sigma_next], dim=1).contiguous()
+    next_state = policy_step_reference(model_output, x, scalars, PREDICTION_TYPE, noise=noise)[1]
+    grad_logp = torch.randn(batch, generator=generator, device="cuda")
+    return model_output, x, noise, next_state, scalars, grad_logp
+
+
+def step_call(step_fn, step_pass: str, inputs):
+    model_output, x, noise, next_state, scalars, grad_logp = inputs
+    if step_pass == "forward_sampling":
+        return lambda: step_fn(model_output, x, scalars, PREDICTION_TYPE, noise=noise)
+    if step_pass == "forward_training":
+        return lambda: step_fn(model_output, x, scalars, PREDICTION_TYPE, next_state=next_state)
+    leaf = model_output.detach().requires_grad_()
+
+    def forward_backward():
+        logp = step_fn(leaf, x, scalars, PREDICTION_TYPE, next_state=next_state)[2]
+        return torch.autograd.grad(logp, leaf, grad_logp)
+
+    return forward_backward
+
+
+def graph_time_us(fn, do_bench_cudagraph) -> float | str:
+    try:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    except Exception as error:  # a variant that cannot be captured is reported, not fatal
+        torch.cuda.synchronize()
+        return f"capture failed: {type(error).__name__}: {error}"[:200]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench_step: no CUDA device here; nothing measured, no results written.")
+        return 0
+    import triton
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    policy_step_reference, fused_policy_step = import_implementations()
+    torch._dynamo.config.recompile_limit = 64  # one specialisation per (batch, dtype, pass)
+    variants = {
+        "eager": policy_step_reference,
+        "compile": torch.compile(policy_step_reference, dynamic=False),
+        "triton": fused_policy_step,
+    }
+    device_name = torch.cuda.get_device_name()
+    copy_gbps = copy_bandwidth_gbps(do_bench)
+    print(f"{device_name}: device-to-device copy {copy_gbps:.0f} GB/s")
+    print(f"{'pass':<17} {'dtype':<5} {'B':>3} {'variant':<8} {'us':>8} {'GB/s':>7} {'copy%':>6} {'graph us':>9}")
+
+    results = []
+    for dtype_name, dtype in DTYPES.items():
+        for batch in BATCH_SIZES:
+            inputs = make_inputs(policy_step_reference, batch, dtype)
+            reference_logp = policy_step_reference(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
+            for step_pass in PASSES:
+                moved = bytes_moved(step_pass, batch, dtype)
+                for variant, step_fn in variants.items():
+                    fn = step_call(step_fn, step_pass, inputs)
+                    us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+                    graph_us = graph_time_us(fn, do_bench_cudagraph)
+                    gbps = moved / (us * 1e-6) / 1e9
+                    logp = step_fn(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
+                    results.append(
+                        dict(
+                            variant=variant, step_pass=step_pass, dtype=dtype_name, batch=batch,
+                            time_us=us, bytes=moved, gbps=gbps, fraction_of_copy_bandwidth=gbps / copy_gbps,
+                            graph_time_us=graph_us,
+                            graph_gbps=moved / (graph_us * 1e-6) / 1e9 if isinstance(graph_us, float) else None,
+                            max_abs_logp_diff_vs_eager=(logp.float() - reference_logp.float()).abs().max().item(),
+                        )
+                    )
+                    graph_text = f"{graph_us:9.1f}" if isinstance(graph_us, float) else "   failed"
+                    print(
+                        f"{step_pass:<17} {dtype_name:<5} {batch:>3} {variant:<8} {us:8.1f} {gbps:7.0f} "
+                        f"{100 * gbps / copy_gbps:5.1f}% {graph_text}"
+                    )
+
+    report = dict(
+        device=device_name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        git_commit=git_commit(),
+        latent_shape=list(LATENT_SHAPE),
+        prediction_type=PREDICTION_TYPE,
+        copy_bandwidth_gbps=copy_gbps,
+        timing="triton.testing.do_bench median (L2 flushed per call); graph: do_bench_cudagraph median",
+        results=results,
+    )
+    out_path = REPO_ROOT / "benchmarks" / "results" / f"bench_step-{re.sub(r'[^A-Za-z0-9._-]+', '-', device_name)}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
