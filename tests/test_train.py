@@ -142,7 +142,8 @@ def test_two_processes_with_gloo(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                "-m", "rlcm_fast", "train", "--device", "cpu", "--output-dir", str(run_dir), *FAST, "--set", "epochs=2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout, so `-m rlcm_fast` imports the installed package, not the source tree.
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     epochs = records(run_dir, "epoch")
     assert [r["samples"] for r in epochs] == [16, 16]  # 8 per process, gathered
