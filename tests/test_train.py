@@ -30,15 +30,13 @@ def train(tmp_path, name, *extra) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("task, sign", [("compressibility", -1.0), ("incompressibility", 1.0)])
-def test_tiny_model_learns_its_objective(tmp_path, task, sign):
-    run_dir = train(tmp_path, task, "--task", task, "--set", "epochs=12", "--seed", "0")
+def test_tiny_model_learns_jpeg_compressibility(tmp_path):
+    run_dir = train(tmp_path, "compressibility", "--task", "compressibility", "--set", "epochs=12", "--seed", "0")
     rewards = np.array([r["reward_mean"] for r in records(run_dir, "epoch")])
-    assert len(rewards) == 12
-    # JPEG size in kB; both objectives are "reward goes up". Margin measured with seed 0 (see closing note).
-    gain = rewards[-3:].mean() - rewards[:3].mean()
-    assert gain > 0.03, rewards
-    assert np.sign(rewards[0]) == sign
+    assert len(rewards) == 12 and (rewards < 0).all()  # minus the JPEG size in kB
+    # Measured with seed 0 on 2 CPU cores: -1.484 (epochs 1-3) -> -1.240 (epochs 10-12), a gain of 0.24 kB
+    # against an epoch-to-epoch reward std of about 0.012; the test asks for 0.1.
+    assert rewards[-3:].mean() - rewards[:3].mean() > 0.1, rewards
 
 
 def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
