@@ -69,6 +69,14 @@ def predicted_original(model_output, x, alpha_t, sigma_t, prediction_type: str):
     check_prediction_type(prediction_type)
 
 
+def _consistency_output(model_output, x, scalars, prediction_type: str, compute_dtype: torch.dtype):
+    """D = c_out * pred_x0 + c_skip * x, in compute_dtype."""
+    alpha_t, sigma_t, c_skip, c_out, _, _ = _split(scalars, x.ndim, compute_dtype)
+    xc = x.to(compute_dtype)
+    pred_x0 = predicted_original(model_output.to(compute_dtype), xc, alpha_t, sigma_t, prediction_type)
+    return c_out * pred_x0 + c_skip * xc
+
+
 def policy_step_reference(
     model_output: torch.Tensor,
     x: torch.Tensor,
@@ -87,9 +95,8 @@ def policy_step_reference(
     """
     if (noise is None) == (next_state is None):
         raise ValueError("give exactly one of noise (sampling) or next_state (training)")
-    alpha_t, sigma_t, c_skip, c_out, alpha_next, sigma_next = _split(scalars, x.ndim, compute_dtype)
-    mo, xc = model_output.to(compute_dtype), x.to(compute_dtype)
-    denoised = c_out * predicted_original(mo, xc, alpha_t, sigma_t, prediction_type) + c_skip * xc
+    _, _, _, _, alpha_next, sigma_next = _split(scalars, x.ndim, compute_dtype)
+    denoised = _consistency_output(model_output, x, scalars, prediction_type, compute_dtype)
     mean = alpha_next * denoised
     if next_state is None:
         next_state = (mean + sigma_next * noise.to(compute_dtype)).to(x.dtype)
@@ -103,9 +110,7 @@ def policy_step_reference(
 
 def consistency_output(model_output, x, scalars, prediction_type: str):
     """D_k alone: the last UNet call of a trajectory needs no action (its image is decoded from D)."""
-    alpha_t, sigma_t, c_skip, c_out, _, _ = _split(scalars, x.ndim, torch.float32)
-    pred_x0 = predicted_original(model_output.float(), x.float(), alpha_t, sigma_t, prediction_type)
-    return (c_out * pred_x0 + c_skip * x.float()).to(x.dtype)
+    return _consistency_output(model_output, x, scalars, prediction_type, torch.float32).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

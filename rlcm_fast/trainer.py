@@ -137,8 +137,9 @@ class Trainer:
             prompts = [self.prompt_set[i] for i in picks.tolist()]
             with self.autocast():
                 trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
+            trajectory.images = trajectory.images.cpu()  # the CPU JPEG reward and the sample grid read them there
             # Scored on a worker thread while the next round samples.
-            pending.append(self.reward.submit(trajectory.images.cpu(), prompts))
+            pending.append(self.reward.submit(trajectory.images, prompts))
             trajectories.append(trajectory)
         rewards = np.concatenate([future.result() for future in pending])
         prompts = [p for t in trajectories for p in t.prompts]
@@ -148,7 +149,7 @@ class Trainer:
             log_probs=torch.cat([t.log_probs for t in trajectories]),
             rewards=rewards,
             advantages=torch.empty(0),
-            images=torch.cat([t.images.cpu() for t in trajectories]),
+            images=torch.cat([t.images for t in trajectories]),
         )
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
