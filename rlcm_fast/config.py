@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS
 from .models import DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS
 from .prompts import PROMPT_SETS
 
@@ -67,6 +68,14 @@ class TrainConfig:
     max_grad_norm: float = 5.0
     stat_buffer_size: int = 16
     stat_min_count: int = 16
+
+    # Algorithm (PPO is the paper's; the rest are options beyond it, see rlcm_fast/algorithms.py).
+    algorithm: str = "ppo"  # ppo | rebel
+    rebel_eta: float = 1.0  # REBEL's eta (the reference code's default)
+    advantages: str = "per_prompt"  # per_prompt (DDPO's rolling stat tracker) | group (GRPO-style)
+    images_per_prompt: int = 1  # G: each sampled prompt appears G times in a row of its sampling round
+    kl_beta: float = 0.0  # weight of the KL to the base model (LoRA off); 0: no extra UNet forward
+    step_fraction: float = 1.0  # fraction of each trajectory's actions trained per epoch (at least one)
 
     # Rewards, logging, checkpoints.
     jpeg_quality: int = 95
@@ -170,6 +179,43 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"jpeg_quality={cfg.jpeg_quality} is invalid: it must be in 1..100")
     if cfg.reward_threads < 0 or cfg.grid_every < 0:
         raise ConfigError("reward_threads and grid_every must be >= 0")
+    _validate_algorithm(cfg)
+    if not cfg.lora_targets or not all(isinstance(t, str) and t for t in cfg.lora_targets):
+        raise ConfigError(f"lora_targets={cfg.lora_targets!r} is invalid: it must be a non-empty list of module names")
+    return cfg
+
+
+def _validate_algorithm(cfg: TrainConfig) -> None:
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm {cfg.algorithm!r} is unknown; allowed: {', '.join(ALGORITHMS)}")
+    if cfg.advantages not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(f"advantages {cfg.advantages!r} is unknown; allowed: {', '.join(ADVANTAGE_ESTIMATORS)}")
+    _positive_float("rebel_eta", cfg.rebel_eta)
+    _positive_int("images_per_prompt", cfg.images_per_prompt)
+    if not (math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0):
+        raise ConfigError(f"kl_beta={cfg.kl_beta} is invalid: it must be a finite number >= 0")
+    if not (math.isfinite(cfg.step_fraction) and 0 < cfg.step_fraction <= 1):
+        raise ConfigError(f"step_fraction={cfg.step_fraction} is invalid: it must be in (0, 1]")
+    if cfg.sample_batch_size % cfg.images_per_prompt:
+        raise ConfigError(
+            f"images_per_prompt={cfg.images_per_prompt} does not divide sample_batch_size={cfg.sample_batch_size}"
+        )
+    if cfg.advantages == "group" and cfg.images_per_prompt < 2:
+        raise ConfigError("advantages='group' needs images_per_prompt >= 2 (a group of one has no spread)")
+    if cfg.algorithm == "rebel":
+        if cfg.images_per_prompt % 2:
+            raise ConfigError(
+                f"algorithm='rebel' pairs two images of each prompt: images_per_prompt={cfg.images_per_prompt} "
+                "must be even (e.g. --set images_per_prompt=2)"
+            )
+        # REBEL's minibatch is train_batch_size PAIRS of whole trajectories (as the reference code).
+        pairs_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        if (cfg.samples_per_epoch // 2) % pairs_per_update:
+            raise ConfigError(
+                f"REBEL: pairs per epoch ({cfg.samples_per_epoch // 2} = samples per epoch / 2) is not divisible by "
+                f"train_batch_size x gradient_accumulation_steps = {pairs_per_update}"
+            )
+        return
     if cfg.sample_batch_size % cfg.train_batch_size:
         raise ConfigError(
             f"sample_batch_size={cfg.sample_batch_size} is not divisible by train_batch_size={cfg.train_batch_size}"
@@ -180,9 +226,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"samples per epoch ({cfg.samples_per_epoch} = batches_per_epoch x num_sample_iters x sample_batch_size)"
             f" is not divisible by train_batch_size x gradient_accumulation_steps = {per_step}"
         )
-    if not cfg.lora_targets or not all(isinstance(t, str) and t for t in cfg.lora_targets):
-        raise ConfigError(f"lora_targets={cfg.lora_targets!r} is invalid: it must be a non-empty list of module names")
-    return cfg
 
 
 def _field_types() -> dict[str, Any]:

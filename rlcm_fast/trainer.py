@@ -23,10 +23,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from .algorithms import (
+    choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
+)
 from .checkpoint import load_checkpoint, read_training_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .models import add_policy_lora, load_pipeline
-from .policy_step import policy_step
+from .policy_step import ROW_SCALARS, consistency_output, policy_step
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, make_reward
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
@@ -54,22 +57,6 @@ def epoch_generator(seed: int, epoch: int, process: int, stream: int, device="cp
     entropy = np.random.SeedSequence([seed, epoch, process, stream]).generate_state(1, np.uint64)[0]
     generator.manual_seed(int(entropy) & 0x7FFF_FFFF_FFFF_FFFF)
     return generator
-
-
-def clipped_policy_loss(log_probs, old_log_probs, advantages, clip_range: float, adv_clip_max: float):
-    """PPO's clipped surrogate (paper Algorithm 1), plus the diagnostics logged per optimizer step."""
-    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(log_probs - old_log_probs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {
-            "approx_kl": 0.5 * ((log_probs - old_log_probs) ** 2).mean(),
-            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
-            "ratio": ratio.mean(),
-        }
-    return loss, stats
 
 
 class Trainer:
@@ -133,8 +120,10 @@ class Trainer:
         pending = []
         self.unet.eval()
         for _ in tqdm(range(rounds), desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False):
-            picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size,), generator=prompt_gen)
-            prompts = [self.prompt_set[i] for i in picks.tolist()]
+            # G images of each prompt, side by side: [p0 x G, p1 x G, ...] (group advantages, REBEL pairs).
+            picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size // cfg.images_per_prompt,),
+                                  generator=prompt_gen)
+            prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
             with self.autocast():
                 trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
             trajectory.images = trajectory.images.cpu()  # the CPU JPEG reward and the sample grid read them there
@@ -153,11 +142,15 @@ class Trainer:
         )
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
-        """Gather every process's rewards and prompts, normalise per prompt, keep this process's slice."""
+        """Gather every process's rewards and prompts, normalise (per prompt, or per group of one prompt's
+        images in one round), keep this process's slice."""
         local = torch.as_tensor(samples.rewards, dtype=torch.float64, device=self.device)
         all_rewards = self.accelerator.gather(local).cpu().numpy()
-        all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
-        advantages = self.stat_tracker.update(all_prompts, all_rewards)
+        if self.cfg.advantages == "group":
+            advantages = group_advantages(all_rewards, self.cfg.images_per_prompt)
+        else:
+            all_prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
+            advantages = self.stat_tracker.update(all_prompts, all_rewards)
         n, process = len(samples.prompts), self.accelerator.process_index
         samples.advantages = torch.as_tensor(advantages[process * n : (process + 1) * n], dtype=torch.float32)
         return {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
@@ -166,39 +159,39 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int, samples: EpochSamples) -> None:
-        """num_inner_epochs passes over the shuffled (sample, step) pairs, in minibatches of train_batch_size."""
+        """num_inner_epochs passes over the epoch's trained (sample, step) pairs, one optimizer step per
+        `gradient_accumulation_steps` minibatches' worth of samples (each covering all their trained steps)."""
         cfg = self.cfg
-        n, steps = samples.log_probs.shape
-        micro_per_update = cfg.gradient_accumulation_steps * steps  # each update covers all steps of its samples
-        updates = n // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
+        n, total_steps = samples.log_probs.shape
         embeds = self.sampler.prompt_embeddings(samples.prompts)
-        w_embedding = self.sampler.guidance(cfg.train_batch_size, embeds.dtype)
         states = samples.states.to(self.device)
         old_log_probs = samples.log_probs.to(self.device)
         advantages = samples.advantages.to(self.device)
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
+        trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
-        bar = tqdm(total=cfg.num_inner_epochs * updates, desc=f"epoch {epoch + 1} training",
+        plans = [self.ppo_updates, self.rebel_updates][cfg.algorithm == "rebel"]
+        units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
+        updates_per_pass = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
+        bar = tqdm(total=cfg.num_inner_epochs * updates_per_pass, desc=f"epoch {epoch + 1} training",
                    disable=not self.is_main, leave=False)
         for _ in range(cfg.num_inner_epochs):
-            order = torch.randperm(n * steps, generator=shuffle_gen).to(self.device)
-            for update in range(updates):
+            for minibatches in plans(trained, shuffle_gen):
                 sums: dict[str, float] = {}
-                for micro in range(micro_per_update):
-                    start = (update * micro_per_update + micro) * cfg.train_batch_size
-                    pairs = order[start : start + cfg.train_batch_size]
-                    sample_idx, step_idx = pairs // steps, pairs % steps
-                    sync = micro == micro_per_update - 1
+                for micro, (sample_idx, step_idx) in enumerate(minibatches):
+                    sync = micro == len(minibatches) - 1
                     context = nullcontext() if sync else self.accelerator.no_sync(self.train_unet)
                     with context, self.autocast():
-                        log_probs = self.pair_log_probs(states, sample_idx, step_idx, embeds[sample_idx], w_embedding)
-                        loss, stats = clipped_policy_loss(
-                            log_probs, old_log_probs[sample_idx, step_idx], advantages[sample_idx],
-                            cfg.clip_range, cfg.adv_clip_max,
-                        )
-                        self.accelerator.backward(loss / micro_per_update)
+                        log_probs, kl = self.pair_log_probs(states, sample_idx.flatten(), step_idx.flatten(),
+                                                            embeds[sample_idx.flatten()])
+                        loss, stats = self.objective(log_probs.view(step_idx.shape),
+                                                     old_log_probs[sample_idx, step_idx], advantages[sample_idx])
+                        if kl is not None:
+                            stats["kl"] = kl.detach().mean()
+                            loss = loss + cfg.kl_beta * kl.mean()
+                        self.accelerator.backward(loss / len(minibatches))
                     for name, value in {"loss": loss.detach(), **stats}.items():
-                        sums[name] = sums.get(name, 0.0) + float(value) / micro_per_update
+                        sums[name] = sums.get(name, 0.0) + float(value) / len(minibatches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -208,16 +201,93 @@ class Trainer:
                 self.log_step(epoch, sums, float(grad_norm))
         bar.close()
 
-    def pair_log_probs(self, states, sample_idx, step_idx, embeds, w_embedding) -> torch.Tensor:
-        """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for pairs (i, k); any k mix."""
+    def ppo_updates(self, trained: torch.Tensor, generator: torch.Generator):
+        """PPO: the (sample, step) pairs shuffled together; each update is ga x K minibatches of
+        train_batch_size rows, so it covers the trained steps of ga x train_batch_size samples."""
+        cfg = self.cfg
+        n, count = trained.shape
+        order = torch.randperm(n * count, generator=generator).to(trained.device)
+        sample_idx, column = order // count, order % count
+        step_idx = trained[sample_idx, column]
+        micro_per_update = cfg.gradient_accumulation_steps * count
+        rows = cfg.train_batch_size
+        for update in range(n // (rows * cfg.gradient_accumulation_steps)):
+            first = update * micro_per_update
+            yield [
+                (sample_idx[m * rows : (m + 1) * rows, None], step_idx[m * rows : (m + 1) * rows, None])
+                for m in range(first, first + micro_per_update)
+            ]
+
+    def rebel_updates(self, trained: torch.Tensor, generator: torch.Generator):
+        """REBEL: minibatches of train_batch_size PAIRS of whole trajectories (both images of a pair share
+        a prompt: samples 2p and 2p+1 of a round), each trajectory with all its trained steps."""
+        cfg = self.cfg
+        pairs = trained.shape[0] // 2
+        order = torch.randperm(pairs, generator=generator).to(trained.device)
+        per_micro = cfg.train_batch_size
+        for update in range(pairs // (per_micro * cfg.gradient_accumulation_steps)):
+            minibatches = []
+            for m in range(cfg.gradient_accumulation_steps):
+                chosen = order[(update * cfg.gradient_accumulation_steps + m) * per_micro :][:per_micro]
+                sample_idx = torch.stack([2 * chosen, 2 * chosen + 1], dim=1).flatten()  # y, y' side by side
+                minibatches.append((sample_idx[:, None].expand(-1, trained.shape[1]), trained[sample_idx]))
+            yield minibatches
+
+    def objective(self, log_probs, old_log_probs, advantages):
+        """The configured loss on (B, K) log-probs of B trajectories' K steps (PPO: K = 1)."""
+        cfg = self.cfg
+        if cfg.algorithm == "rebel":
+            return rebel_loss(log_probs, old_log_probs, advantages[:, 0], cfg.rebel_eta, cfg.adv_clip_max)
+        return clipped_policy_loss(log_probs, old_log_probs, advantages, cfg.clip_range, cfg.adv_clip_max)
+
+    def pair_log_probs(self, states, sample_idx, step_idx, embeds):
+        """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for pairs (i, k); any k mix.
+        With kl_beta > 0 also the per-row KL to the base model (LoRA off) at the same states, else None."""
         x = states[sample_idx, step_idx]
         timesteps = self.sampler.timesteps.to(self.device)[step_idx]
+        scalars = self.sampler.action_scalars[step_idx.cpu()]
+        w_embedding = self.sampler.guidance(len(x), embeds.dtype)
+        kl_base = None
+        if self.cfg.kl_beta > 0:
+            kl_base = self.base_consistency_output(x, timesteps, scalars, embeds, w_embedding)
         model_output = self.sampler.unet_output(self.train_unet, x, timesteps, embeds, w_embedding)
-        _, _, log_probs = policy_step(
-            model_output.float(), x, self.sampler.action_scalars[step_idx.cpu()], self.sampler.prediction_type,
-            next_state=states[sample_idx, step_idx + 1],
+        denoised, _, log_probs = policy_step(
+            model_output.float(), x, scalars, self.sampler.prediction_type, next_state=states[sample_idx, step_idx + 1],
         )
-        return log_probs.float()
+        if kl_base is None:
+            return log_probs.float(), None
+        alpha_next, sigma_next = (scalars[:, ROW_SCALARS.index(c)].to(self.device) for c in ("alpha_next", "sigma_next"))
+        return log_probs.float(), gaussian_kl(denoised.float(), kl_base, alpha_next, sigma_next).float()
+
+    @torch.no_grad()
+    def base_consistency_output(self, x, timesteps, scalars, embeds, w_embedding) -> torch.Tensor:
+        """D_k of the base model (the policy LoRA switched off) at states x."""
+        self.unet.disable_adapters()
+        try:
+            model_output = self.sampler.unet_output(self.unet, x, timesteps, embeds, w_embedding)
+        finally:
+            self.unet.enable_adapters()
+        return consistency_output(model_output.float(), x, scalars.to(self.device), self.sampler.prediction_type)
+
+    def kl_to_base(self, samples: EpochSamples) -> float:
+        """Mean KL of the current policy to the base model over every trained action of `samples`."""
+        n, total_steps = samples.log_probs.shape
+        states = samples.states.to(self.device)
+        embeds = self.sampler.prompt_embeddings(samples.prompts)
+        sample_idx = torch.arange(n).repeat_interleave(total_steps).to(self.device)
+        step_idx = torch.arange(total_steps).repeat(n).to(self.device)
+        x = states[sample_idx, step_idx]
+        timesteps = self.sampler.timesteps.to(self.device)[step_idx]
+        scalars = self.sampler.action_scalars[step_idx.cpu()]
+        w_embedding = self.sampler.guidance(len(x), embeds.dtype)
+        with torch.no_grad(), self.autocast():
+            base = self.base_consistency_output(x, timesteps, scalars, embeds[sample_idx], w_embedding)
+            policy = consistency_output(
+                self.sampler.unet_output(self.unet, x, timesteps, embeds[sample_idx], w_embedding).float(),
+                x, scalars.to(self.device), self.sampler.prediction_type,
+            )
+        alpha_next, sigma_next = (scalars[:, ROW_SCALARS.index(c)].to(self.device) for c in ("alpha_next", "sigma_next"))
+        return float(gaussian_kl(policy.float(), base, alpha_next, sigma_next).mean())
 
     def log_step(self, epoch: int, sums: dict[str, float], grad_norm: float) -> None:
         names = sorted(sums)
