@@ -27,12 +27,12 @@ DEFAULT_SERVER = "http://127.0.0.1:8060"
 
 
 class AlignmentClient:
-    def __init__(self, url: str = DEFAULT_SERVER, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0,
-                 batch_size: int = 16, jpeg_quality: int = 95):
+    def __init__(self, url: str = DEFAULT_SERVER, timeout: float = 120.0, retries: int = 6, backoff: float = 1.0,
+                 max_backoff: float = 30.0, batch_size: int = 16, jpeg_quality: int = 95):
         if not url.startswith(("http://", "https://")):
             raise RewardError(f"reward_server {url!r} is invalid: expected http://host:port")
         self.url = url.rstrip("/")
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.batch_size, self.jpeg_quality = batch_size, jpeg_quality
 
     def _encode(self, pixels: np.ndarray) -> str:
@@ -44,7 +44,7 @@ class AlignmentClient:
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
             request = urllib.request.Request(f"{self.url}/score", data=payload, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:
