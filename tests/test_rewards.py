@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -204,3 +205,25 @@ def test_config_accepts_the_paper_rewards_and_checks_reward_options():
 def test_bad_reward_config_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(overrides=overrides)
+
+
+def test_training_runs_on_a_weighted_sum_with_a_user_reward(tmp_path, user_rewards):
+    from rlcm_fast.cli import main
+
+    run_dir = tmp_path / "run"
+    reward = f"jpeg_compressibility:1.0,{user_rewards}:brightness:0.5"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "epochs=1",
+                 "--set", "batches_per_epoch=1", "--set", "sample_batch_size=8", "--set", "train_batch_size=8",
+                 "--set", f"reward={reward}", "--set", "jpeg_backend=pillow"]) == 0
+    epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "epoch"]
+    assert len(epoch) == 1 and np.isfinite(epoch[0]["reward_mean"])
+    assert "jpeg_backend: pillow" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is None, reason="torchvision not installed")
+def test_torchvision_backend_sizes_track_pillow():
+    images = natural_looking_images(4, size=128, seed=6)
+    tv = make_reward("jpeg_incompressibility", jpeg_backend="torchvision")(images, [""] * 4)
+    pil = make_reward("jpeg_incompressibility", jpeg_backend="pillow")(images, [""] * 4)
+    assert (np.abs(tv - pil) / pil).max() < 0.03
