@@ -106,3 +106,22 @@ def test_nvjpeg_is_10x_pillow_single_thread_at_batch_32_768px():
             times.append(time.perf_counter() - start)
         return min(times)
     assert best_of(cpu) / best_of(gpu) > 10
+
+
+def test_libnvjpeg_is_found_in_the_wheel_layouts_or_the_override(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.delenv("RLCM_FAST_LIBNVJPEG", raising=False)
+    for layout in ("cu13/lib/libnvjpeg.so.13", "nvjpeg/lib/libnvjpeg.so.12"):
+        root = tmp_path / layout.split("/")[0]
+        library = tmp_path / layout
+        library.parent.mkdir(parents=True)
+        library.write_bytes(b"")
+        monkeypatch.setitem(__import__("sys").modules, "nvidia", types.SimpleNamespace(__path__=[str(tmp_path)]))
+        assert find_libnvjpeg() == str(library)
+        library.unlink()
+        library.parent.rmdir()
+        root.rmdir()
+    assert find_libnvjpeg() == "libnvjpeg.so"  # nothing in the wheel: the system loader's search
+    monkeypatch.setenv("RLCM_FAST_LIBNVJPEG", "/opt/nvjpeg/libnvjpeg.so.13")
+    assert find_libnvjpeg() == "/opt/nvjpeg/libnvjpeg.so.13"

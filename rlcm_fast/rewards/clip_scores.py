@@ -164,7 +164,15 @@ class AestheticReward(_OnDevice):
             # The projection width lives in the top-level config; the vision sub-config may not repeat it.
             config.vision_config.projection_dim = config.projection_dim
             config = config.vision_config
-        self.vision = _load(CLIPVisionModelWithProjection, model_id, "aesthetic_model", config=config)
+        from transformers.utils import logging as hf_logging
+
+        # A CLIPModel checkpoint's text tower is expected to go unused: keep its load report quiet.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.vision = _load(CLIPVisionModelWithProjection, model_id, "aesthetic_model", config=config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.vision.eval().requires_grad_(False)
         self.settings = ClipImageSettings.from_pretrained(model_id)
         self.head = load_aesthetic_head(head_path)
