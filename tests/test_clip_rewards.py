@@ -126,3 +126,15 @@ def test_clipscore_and_pickscore_equal_their_definitions(tiny_clip):
     torch.testing.assert_close(torch.as_tensor(clipscore).float(), CLIPSCORE_WEIGHT * cos.clamp(min=0), atol=2e-3, rtol=0)
     torch.testing.assert_close(torch.as_tensor(pickscore).float(), model.logit_scale.exp() * cos, atol=2e-2, rtol=0)
     assert (torch.as_tensor(clipscore) >= 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_towers_agree_with_the_cpu_fp32_scores(tiny_clip):
+    images = uint8_exact_images(4, 96, 128, seed=5)
+    prompts = ["a cat", "a dog", "an owl", "a fox"]
+    for name, options in [("aesthetic", {"aesthetic_model": str(tiny_clip)}),
+                          ("clipscore", {"clipscore_model": str(tiny_clip)})]:
+        reward = make_reward(name, **options)
+        cpu = torch.as_tensor(reward(images, prompts)).float()
+        gpu = torch.as_tensor(make_reward(name, **options)(images.cuda(), prompts)).float()
+        torch.testing.assert_close(gpu, cpu, atol=0.05 * cpu.abs().max().item() + 1e-3, rtol=0)

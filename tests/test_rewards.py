@@ -209,12 +209,14 @@ def test_bad_reward_config_values(overrides, message):
 
 def test_training_runs_on_a_weighted_sum_with_a_user_reward(tmp_path, user_rewards):
     from rlcm_fast.cli import main
+    from tiny_reward_models import save_tiny_clip
 
+    clip = save_tiny_clip(tmp_path / "clip")  # the config's model id reaches the aesthetic reward
     run_dir = tmp_path / "run"
-    reward = f"jpeg_compressibility:1.0,{user_rewards}:brightness:0.5"
+    reward = f"jpeg_compressibility:1.0,aesthetic:0.1,{user_rewards}:brightness:0.5"
     assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "epochs=1",
                  "--set", "batches_per_epoch=1", "--set", "sample_batch_size=8", "--set", "train_batch_size=8",
-                 "--set", f"reward={reward}", "--set", "jpeg_backend=pillow"]) == 0
+                 "--set", f"reward={reward}", "--set", "jpeg_backend=pillow", "--set", f"aesthetic_model={clip}"]) == 0
     epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "epoch"]
     assert len(epoch) == 1 and np.isfinite(epoch[0]["reward_mean"])
