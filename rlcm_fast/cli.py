@@ -55,7 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--output-dir", default="samples")
+
+    serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)")
+    serve.add_argument("--reward", default="alignment", choices=["alignment"],
+                       help="the reward to serve: alignment (a VLM's answer, BERTScore recall against the prompt)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8060, help="0: any free port (printed at start)")
+    serve.add_argument("--vlm", default=None, help="image-text-to-text model, hub id or folder "
+                                                   "(default: llava-hf/llava-1.5-7b-hf)")
+    serve.add_argument("--scorer", default=None, help="BERT-family model for BERTScore (default: roberta-large)")
+    serve.add_argument("--scorer-layer", type=int, default=None,
+                       help="hidden layer for BERTScore (default: bert_score's for known models, else the last)")
+    serve.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the VLM's answers")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     return parser
+
+
+def run_serve_reward(args: argparse.Namespace) -> int:
+    import torch
+
+    from .rewards import RewardError
+    from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, serve
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
+    if not 0 <= args.port <= 65535 or args.max_new_tokens < 1:
+        raise UsageError(f"--port {args.port} must be in 0..65535 and --max-new-tokens {args.max_new_tokens} >= 1")
+    try:
+        scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer, device,
+                                 args.max_new_tokens)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RewardError(f"the alignment models cannot be loaded: {first}") from None
+    try:
+        serve(scorer, args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
 
 
 def _resumed_config(checkpoint: Path, overrides: dict) -> TrainConfig:
@@ -140,7 +177,8 @@ def run_sample(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_train(args) if args.command == "train" else run_sample(args)
+        commands = {"train": run_train, "sample": run_sample, "serve-reward": run_serve_reward}
+        return commands[args.command](args)
     except _user_errors() as exc:
         print(f"rlcm-fast: error: {exc}", file=sys.stderr)
         return 2

@@ -77,9 +77,18 @@ class TrainConfig:
     kl_beta: float = 0.0  # weight of the KL to the base model (LoRA off); 0: no extra UNet forward
     step_fraction: float = 1.0  # fraction of each trajectory's actions trained per epoch (at least one)
 
-    # Rewards, logging, checkpoints.
+    # Rewards. Model ids are hub ids or local folders (README "Rewards"; rlcm_fast/rewards/).
     jpeg_quality: int = 95
     reward_threads: int = 0  # 0: one per CPU core
+    jpeg_backend: str = "auto"  # auto | nvjpeg | torchvision | pillow
+    aesthetic_model: str = "openai/clip-vit-large-patch14"
+    clipscore_model: str = "openai/clip-vit-base-patch32"
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    reward_server: str = "http://127.0.0.1:8060"  # the alignment reward's `rlcm-fast serve-reward`
+    reward_timeout: float = 120.0  # seconds per server request (retried with backoff)
+
+    # Logging, checkpoints.
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch always gets one)
     grid_every: int = 1  # epochs between PNG sample grids (0: never)
 
@@ -134,6 +143,19 @@ def _positive_float(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} is invalid: it must be a finite number > 0")
 
 
+def _validate_reward_options(cfg: TrainConfig) -> None:
+    from .rewards import JPEG_BACKENDS
+
+    if cfg.jpeg_backend not in JPEG_BACKENDS:
+        raise ConfigError(f"jpeg_backend {cfg.jpeg_backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
+    for name in ("aesthetic_model", "clipscore_model", "pickscore_model", "pickscore_processor"):
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is invalid: it must be a hub id or a local folder")
+    if not cfg.reward_server.startswith(("http://", "https://")):
+        raise ConfigError(f"reward_server {cfg.reward_server!r} is invalid: expected http://host:port")
+    _positive_float("reward_timeout", cfg.reward_timeout)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field; raise ConfigError naming the first bad value."""
     from .rewards import RewardError, check_reward_name
@@ -177,6 +199,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"stat_min_count={cfg.stat_min_count} is invalid: it must be >= 0")
     if not 1 <= cfg.jpeg_quality <= 100:
         raise ConfigError(f"jpeg_quality={cfg.jpeg_quality} is invalid: it must be in 1..100")
+    _validate_reward_options(cfg)
     if cfg.reward_threads < 0 or cfg.grid_every < 0:
         raise ConfigError("reward_threads and grid_every must be >= 0")
     _validate_algorithm(cfg)

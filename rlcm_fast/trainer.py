@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig
 from .models import add_policy_lora, load_pipeline
 from .policy_step import ROW_SCALARS, consistency_output, policy_step
 from .prompts import load_prompt_set
-from .rewards import AsyncReward, make_reward
+from .rewards import AsyncReward, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
 from .sampler import LCMSampler, Trajectory
 from .stat_tracker import PerPromptStatTracker
@@ -92,7 +92,8 @@ class Trainer:
             self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
             resolution=cfg.resolution,
         )
-        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads))
+        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
+                                                              **reward_options(cfg)))
         self.prompt_set = load_prompt_set(cfg.prompts)
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
@@ -126,9 +127,10 @@ class Trainer:
             prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
             with self.autocast():
                 trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
-            trajectory.images = trajectory.images.cpu()  # the CPU JPEG reward and the sample grid read them there
-            # Scored on a worker thread while the next round samples.
+            # Scored on a worker thread while the next round samples, on the training device (GPU rewards
+            # read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
             pending.append(self.reward.submit(trajectory.images, prompts))
+            trajectory.images = trajectory.images.cpu()
             trajectories.append(trajectory)
         rewards = np.concatenate([future.result() for future in pending])
         prompts = [p for t in trajectories for p in t.prompts]

@@ -1,11 +1,16 @@
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast.rewards import RewardError, checked_rewards, make_reward, to_uint8_images
+from rlcm_fast.config import ConfigError, resolve_config
+from rlcm_fast.rewards import (AsyncReward, RewardError, check_reward_name, checked_rewards, make_reward,
+                               parse_reward_spec, to_uint8_images)
+from rlcm_fast.rewards.base import RewardTerm
+from rlcm_fast.rewards.jpeg import JpegSizeReward, nvjpeg_unavailable_reason
 
 
 def natural_looking_images(n=3, size=48, seed=0):
@@ -45,8 +50,17 @@ def test_custom_reward_by_module_and_function():
 
 @pytest.mark.parametrize("name, message", [
     ("aesthetics", "reward 'aesthetics' is unknown; allowed: jpeg_compressibility"),
-    ("aesthetic", "not available in this version"),
+    ("aesthetic:", "reward 'aesthetic:' has weight ''; a weight must be a finite number"),
+    ("jpeg_compressibility:x", "reward 'jpeg_compressibility:x' has weight 'x'"),
+    ("jpeg_compressibility:inf", "reward 'jpeg_compressibility:inf' has weight 'inf'"),
+    ("pkg.mod:fn:nan", "reward 'pkg.mod:fn:nan' has weight 'nan'"),
+    ("beauty:2", "reward 'beauty:2' is unknown"),
+    ("jpeg_compressibility,", "reward '' is unknown"),
+    ("", "reward '' is empty"),
     ("no_such_module_xyz:fn", "cannot be imported"),
+    ("numpy:no_such_function_xyz", "cannot be imported"),
+    ("numpy:pi", "reward 'numpy:pi' is not callable"),
+    (":fn", "reward ':fn' is unknown"),
 ])
 def test_bad_reward_names(name, message):
     with pytest.raises(RewardError, match=message):
@@ -59,3 +73,159 @@ def test_checked_rewards_rejects_wrong_length_and_non_finite_values():
         checked_rewards("r", [1, 2, 3], 2)
     with pytest.raises(RewardError, match="non-finite values \\(nan at index 1\\)"):
         checked_rewards("r", torch.tensor([0.0, float("nan")]), 2)
+
+
+USER_REWARDS = """
+import numpy as np
+import torch
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+def prompt_length(images, prompts, scale=1.0):
+    return [scale * len(p) for p in prompts]
+
+def one_argument(images):
+    return [0.0] * len(images)
+
+def three_required(images, prompts, extra):
+    return [0.0] * len(images)
+
+def too_few(images, prompts):
+    return [0.0] * (len(prompts) - 1)
+
+def infinite(images, prompts):
+    return torch.full((len(prompts),), float("inf"))
+
+def strings(images, prompts):
+    return ["high"] * len(prompts)
+"""
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards_mod.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_rewards_mod"
+
+
+def test_reward_grammar_reads_weights_only_after_the_last_colon():
+    builtins = ("aesthetic", "jpeg_compressibility")
+    assert parse_reward_spec("aesthetic", builtins) == [RewardTerm("aesthetic", 1.0)]
+    assert parse_reward_spec("aesthetic:1.0, jpeg_compressibility:0.1", builtins) == [
+        RewardTerm("aesthetic", 1.0), RewardTerm("jpeg_compressibility", 0.1)]
+    assert parse_reward_spec("pkg.mod:fn", builtins) == [RewardTerm("pkg.mod:fn", 1.0)]
+    assert parse_reward_spec("pkg.mod:fn:-2e-1", builtins) == [RewardTerm("pkg.mod:fn", -0.2)]
+    assert parse_reward_spec("aesthetic : 2", builtins) == [RewardTerm("aesthetic", 2.0)]
+
+
+def test_weighted_sum_of_builtin_and_user_rewards(user_rewards):
+    images = natural_looking_images(3, seed=2)
+    prompts = ["a cat", "an owl", "a dog riding a bike"]
+    size = make_reward("jpeg_incompressibility", threads=1)(images, prompts)
+    bright = images.mean(dim=(1, 2, 3)).double().numpy()
+    total = make_reward(f"jpeg_incompressibility:0.5,{user_rewards}:brightness:-2,{user_rewards}:prompt_length",
+                        threads=1)(images, prompts)
+    np.testing.assert_allclose(total, 0.5 * size - 2 * bright + [5, 6, 19], rtol=1e-6)
+
+
+def test_user_reward_gets_images_and_prompts(user_rewards):
+    fn = make_reward(f"{user_rewards}:brightness")
+    images = natural_looking_images(2)
+    out = checked_rewards("b", fn(images, ["x", "y"]), 2)
+    np.testing.assert_allclose(out, images.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("function, message", [
+    ("one_argument", r"has signature \(images\); it must accept two arguments \(images, prompts\)"),
+    ("three_required", r"has signature \(images, prompts, extra\)"),
+])
+def test_wrong_arity_is_refused_before_any_call(user_rewards, function, message):
+    with pytest.raises(RewardError, match=f"reward '{user_rewards}:{function}' " + message):
+        make_reward(f"{user_rewards}:{function}")
+
+
+@pytest.mark.parametrize("function, message", [
+    ("too_few", r"returned shape \(2,\), expected \(3,\)"),
+    ("infinite", r"returned non-finite values \(inf at index 0\)"),
+    ("strings", "returned list, expected 3 floats"),
+])
+def test_bad_outputs_name_the_reward(user_rewards, function, message):
+    name = f"{user_rewards}:{function}"
+    future = AsyncReward(name, make_reward(name)).submit(natural_looking_images(3), ["a", "b", "c"])
+    with pytest.raises(RewardError, match=f"reward '{name}' " + message):
+        future.result()
+    # Inside a weighted sum the failing term is the one named.
+    total = f"jpeg_compressibility:0.1,{name}:2"
+    with pytest.raises(RewardError, match=f"reward '{name}' " + message):
+        make_reward(total)(natural_looking_images(3), ["a", "b", "c"])
+
+
+def test_jpeg_backends_share_one_interface():
+    images = natural_looking_images(2, seed=4)
+    pillow = JpegSizeReward(1.0, backend="pillow", threads=1)(images, ["", ""])
+    auto = JpegSizeReward(1.0, backend="auto", threads=2)(images, ["", ""])
+    np.testing.assert_array_equal(pillow, auto)  # CPU images: auto is Pillow
+    with pytest.raises(RewardError, match="jpeg_backend 'gpu' is invalid; allowed: auto, nvjpeg, torchvision, pillow"):
+        JpegSizeReward(1.0, backend="gpu")
+
+
+def test_torchvision_backend_without_torchvision_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)
+    with pytest.raises(RewardError, match="jpeg_backend 'torchvision' needs torchvision, which cannot be imported"):
+        make_reward("jpeg_compressibility", jpeg_backend="torchvision")
+
+
+@pytest.mark.skipif(nvjpeg_unavailable_reason() is None, reason="nvJPEG is available here")
+def test_nvjpeg_backend_where_it_cannot_run_is_a_clear_error():
+    with pytest.raises(RewardError, match="jpeg_backend 'nvjpeg' cannot run: "):
+        make_reward("jpeg_compressibility", jpeg_backend="nvjpeg")
+
+
+def test_unknown_reward_option_is_refused():
+    with pytest.raises(RewardError, match=r"unknown reward options \['aesthetic_modle'\]"):
+        make_reward("jpeg_compressibility", aesthetic_modle="x")
+
+
+def test_config_accepts_the_paper_rewards_and_checks_reward_options():
+    assert resolve_config("aesthetic").reward == "aesthetic"
+    assert resolve_config("alignment").reward == "alignment"
+    cfg = resolve_config(overrides={"reward": "aesthetic:1.0,jpeg_compressibility:0.1", "jpeg_backend": "pillow"})
+    assert cfg.jpeg_backend == "pillow"
+    check_reward_name("clipscore,pickscore:0.5")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"jpeg_backend": "turbo"}, "jpeg_backend 'turbo' is invalid; allowed: auto, nvjpeg, torchvision, pillow"),
+    ({"reward_server": "localhost:8060"}, "reward_server 'localhost:8060' is invalid: expected http://host:port"),
+    ({"reward_timeout": 0}, "reward_timeout=0.0 is invalid"),
+    ({"aesthetic_model": " "}, "aesthetic_model=' ' is invalid"),
+    ({"reward": "aesthetic:1,beauty:2"}, "reward 'beauty:2' is unknown"),
+])
+def test_bad_reward_config_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=overrides)
+
+
+def test_training_runs_on_a_weighted_sum_with_a_user_reward(tmp_path, user_rewards):
+    from rlcm_fast.cli import main
+    from tiny_reward_models import save_tiny_clip
+
+    clip = save_tiny_clip(tmp_path / "clip")  # the config's model id reaches the aesthetic reward
+    run_dir = tmp_path / "run"
+    reward = f"jpeg_compressibility:1.0,aesthetic:0.1,{user_rewards}:brightness:0.5"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "epochs=1",
+                 "--set", "batches_per_epoch=1", "--set", "sample_batch_size=8", "--set", "train_batch_size=8",
+                 "--set", f"reward={reward}", "--set", "jpeg_backend=pillow", "--set", f"aesthetic_model={clip}"]) == 0
+    epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "epoch"]
+    assert len(epoch) == 1 and np.isfinite(epoch[0]["reward_mean"])
+    assert "jpeg_backend: pillow" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is None, reason="torchvision not installed")
+def test_torchvision_backend_sizes_track_pillow():
+    images = natural_looking_images(4, size=128, seed=6)
+    tv = make_reward("jpeg_incompressibility", jpeg_backend="torchvision")(images, [""] * 4)
+    pil = make_reward("jpeg_incompressibility", jpeg_backend="pillow")(images, [""] * 4)
+    assert (np.abs(tv - pil) / pil).max() < 0.03

@@ -1,0 +1,214 @@
+"""Benchmark of the rewards: JPEG size through each backend, and the aesthetic scorer's throughput.
+
+JPEG rows: images of 512 and 768 px, batches of 8 and 32, natural-looking (smooth gradients, soft blobs,
+texture of increasing strength). Each row times one full reward call, from float images on the
+training device to one float per image: for CUDA images the Pillow rows include the rounding on the
+GPU and the device-to-host copy, the nvJPEG row copies nothing but byte counts. Backends: nvjpeg,
+torchvision (if importable), pillow with 1 thread and with one thread per core.
+
+Aesthetic rows: the aesthetic reward (preprocessing, CLIP ViT-L/14 image tower, LAION head) on 768 px
+images. Real weights cannot be downloaded on these machines, so the tower is ViT-L/14's exact
+architecture with random weights (same FLOPs; the score values are meaningless, the speed is not).
+
+Rows that cannot run here (no GPU, no torchvision) are listed under "skipped" with the reason.
+Writes benchmarks/results/bench_rewards-<device>.json. Usage: python benchmarks/bench_rewards.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # a source checkout works without installing
+
+from rlcm_fast.rewards import JpegSizeReward, RewardError  # noqa: E402
+from rlcm_fast.rewards.jpeg import nvjpeg_unavailable_reason  # noqa: E402
+
+SIZES = (512, 768)
+BATCHES = (8, 32)
+
+
+def git_commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                           capture_output=True, text=True)
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def natural_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = []
+    for i in range(n):
+        busy = i / max(n - 1, 1)
+        image = torch.stack([xs, ys, 1 - xs * ys]) * torch.rand(3, 1, 1, generator=g)
+        for _ in range(4):
+            cx, cy, r = torch.rand(3, generator=g)
+            image = image + torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (0.02 + 0.1 * r)) * (
+                torch.rand(3, 1, 1, generator=g) - 0.5)
+        coarse = torch.nn.functional.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g),
+                                                 size=(size, size), mode="bilinear", align_corners=False)[0]
+        image = image + 0.3 * busy * coarse + 0.06 * busy**2 * torch.rand(3, size, size, generator=g)
+        out.append(image.clamp(0, 1))
+    return torch.stack(out)
+
+
+def time_call(fn, device: torch.device, repeats: int) -> list[float]:
+    fn()  # warm-up: thread pools, encoder states, lazy model moves
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def jpeg_rows(device: torch.device, repeats: int, skipped: list) -> list[dict]:
+    threads_all = os.cpu_count() or 1
+    backends = [("pillow", 1), ("pillow", threads_all)]
+    try:
+        import torchvision.io  # noqa: F401
+
+        backends.append(("torchvision", 0))
+    except ImportError as exc:
+        skipped.append({"row": "jpeg torchvision", "reason": f"torchvision cannot be imported ({exc})"})
+    reason = nvjpeg_unavailable_reason()
+    if reason is None:
+        backends.append(("nvjpeg", 0))
+    else:
+        skipped.append({"row": "jpeg nvjpeg", "reason": reason})
+    rows = []
+    for size in SIZES:
+        for batch in BATCHES:
+            images = natural_images(batch, size).to(device)
+            for backend, threads in backends:
+                try:
+                    reward = JpegSizeReward(1.0, 95, threads, backend)
+                except RewardError as exc:
+                    skipped.append({"row": f"jpeg {backend}", "reason": str(exc)})
+                    continue
+                sizes = reward(images, [""] * batch)
+                times = time_call(lambda: reward(images, [""] * batch), device, repeats)
+                median = statistics.median(times)
+                rows.append({
+                    "backend": backend, "threads": threads or None, "resolution": size, "batch": batch,
+                    "images_on": str(device), "median_s": median, "min_s": min(times), "repeats": repeats,
+                    "images_per_s": batch / median, "mean_size_kb": float(sizes.mean()),
+                })
+                print(f"jpeg {backend:11s} threads={threads or '-':>2} {size}px batch {batch:2d}: "
+                      f"{median * 1e3:8.1f} ms  {batch / median:8.1f} img/s  mean {sizes.mean():.1f} kB", flush=True)
+    return rows
+
+
+def vit_l14_folder(folder: Path) -> Path:
+    """openai/clip-vit-large-patch14's image tower architecture with random weights, saved as a CLIPModel
+    would be (so the reward loads it through its normal path)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14),
+        projection_dim=768,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int) -> list[dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlcm_fast.rewards import AestheticReward
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reward = AestheticReward(str(vit_l14_folder(Path(tmp))))
+        with FlopCounterMode(display=False) as counter:
+            reward(natural_images(1, 224).to(device), [""])
+        flops_per_image = counter.get_total_flops()
+        for batch in batches:
+            images = natural_images(batch, 768).to(device)
+            times = time_call(lambda: reward(images, [""] * batch), device, repeats)
+            median = statistics.median(times)
+            rows.append({
+                "model": "CLIP ViT-L/14 image tower (random weights) + LAION head", "resolution": 768,
+                "batch": batch, "images_on": str(device), "tower_dtype": str(reward.tower_dtype).replace("torch.", ""),
+                "median_s": median, "min_s": min(times), "repeats": repeats, "images_per_s": batch / median,
+                "flops_per_image": flops_per_image, "achieved_tflops": flops_per_image * batch / median / 1e12,
+            })
+            print(f"aesthetic batch {batch:2d}: {median:8.3f} s  {batch / median:8.2f} img/s  "
+                  f"({flops_per_image / 1e9:.1f} GFLOP/image)", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    device_name = torch.cuda.get_device_name(0) if cuda else cpu_name()
+    repeats = 2 if args.quick else 5
+    skipped: list[dict] = []
+    if not cuda:
+        skipped.append({"row": "jpeg on CUDA images (nvjpeg, torchvision-cuda, pillow incl. device-to-host copy)",
+                        "reason": "CUDA is not available: every row runs on CPU images"})
+    result = {
+        "benchmark": "bench_rewards",
+        "device": device_name,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Other work on the machine skews CPU figures; the load average says how much there was.
+        "load_average_at_start": os.getloadavg(),
+        "jpeg_quality": 95,
+        "jpeg": jpeg_rows(device, repeats, skipped),
+    }
+    # On a CPU a ViT-L/14 forward takes seconds per image: batch 8 only, fewer repeats.
+    result["aesthetic"] = aesthetic_rows(device, BATCHES if cuda else (8,), repeats if cuda else 2)
+    if not cuda:
+        skipped.append({"row": "aesthetic batch 32", "reason": "CPU run: batch 8 only"})
+    result["load_average_at_end"] = os.getloadavg()
+    result["skipped"] = skipped
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    out = REPO_ROOT / "benchmarks" / "results" / f"bench_rewards-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+// rlcm_fast._nvjpeg: JPEG byte counts of uint8 RGB images that stay on the GPU (the jpeg rewards'
+// nvjpeg backend, DESIGN.md section 3.4). Raw device pointer, shape and CUDA stream in; one size per
+// image out; the compressed bytes never leave the device.
+//
+// libnvjpeg is dlopen-ed at run time from a path the Python side finds (the nvidia-nvjpeg wheel), so the
+// module does not link nvjpeg, and makes no CUDA runtime call: libnvjpeg carries its own runtime
+// statically, and the one driver call needed (stream synchronisation) comes from libcuda.so.1, which
+// every CUDA process has. So one build works with torch's CUDA 12 or 13 and the matching nvjpeg wheel.
+// nvjpeg.h and cuda_runtime_api.h are needed only for the types at build time.
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nvjpeg.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+
+namespace {
+
+// The nvJPEG entry points used here, resolved by name (signatures from nvjpeg.h, stable since CUDA 11).
+struct NvjpegApi {
+    decltype(&nvjpegCreateSimple) create_simple;
+    decltype(&nvjpegDestroy) destroy;
+    decltype(&nvjpegEncoderStateCreate) state_create;
+    decltype(&nvjpegEncoderStateDestroy) state_destroy;
+    decltype(&nvjpegEncoderParamsCreate) params_create;
+    decltype(&nvjpegEncoderParamsDestroy) params_destroy;
+    decltype(&nvjpegEncoderParamsSetQuality) set_quality;
+    decltype(&nvjpegEncoderParamsSetSamplingFactors) set_sampling;
+    decltype(&nvjpegEncoderParamsSetOptimizedHuffman) set_optimized_huffman;
+    decltype(&nvjpegEncodeImage) encode_image;
+    decltype(&nvjpegEncodeRetrieveBitstream) retrieve_bitstream;
+};
+
+using StreamSynchronize = int (*)(void*);  // the driver's cuStreamSynchronize(CUstream): CUresult
+
+template <typename F>
+void resolve(void* library, const char* name, F& slot) {
+    void* symbol = dlsym(library, name);
+    if (symbol == nullptr) {
+        throw std::runtime_error(std::string("libnvjpeg has no symbol ") + name);
+    }
+    slot = reinterpret_cast<F>(symbol);
+}
+
+void check(nvjpegStatus_t status, const char* what) {
+    if (status != NVJPEG_STATUS_SUCCESS) {
+        throw std::runtime_error(std::string(what) + " failed with nvjpegStatus " + std::to_string(status));
+    }
+}
+
+cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+class SizeEncoder {
+public:
+    // quality 1..100; 4:2:0 chroma subsampling and standard (not optimised) Huffman tables: Pillow's
+    // defaults, so sizes are comparable with the pillow backend. Create it with the target device current.
+    SizeEncoder(const std::string& library_path, int quality) {
+        if (quality < 1 || quality > 100) {
+            throw std::invalid_argument("quality must be in 1..100, got " + std::to_string(quality));
+        }
+        library_ = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (library_ == nullptr) {
+            throw std::runtime_error("cannot load " + library_path + ": " + dlerror());
+        }
+        driver_ = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (driver_ == nullptr) {
+            throw std::runtime_error(std::string("cannot load the CUDA driver libcuda.so.1: ") + dlerror());
+        }
+        void* sync = dlsym(driver_, "cuStreamSynchronize");
+        if (sync == nullptr) {
+            throw std::runtime_error("libcuda.so.1 has no symbol cuStreamSynchronize");
+        }
+        stream_synchronize_ = reinterpret_cast<StreamSynchronize>(sync);
+        resolve(library_, "nvjpegCreateSimple", api_.create_simple);
+        resolve(library_, "nvjpegDestroy", api_.destroy);
+        resolve(library_, "nvjpegEncoderStateCreate", api_.state_create);
+        resolve(library_, "nvjpegEncoderStateDestroy", api_.state_destroy);
+        resolve(library_, "nvjpegEncoderParamsCreate", api_.params_create);
+        resolve(library_, "nvjpegEncoderParamsDestroy", api_.params_destroy);
+        resolve(library_, "nvjpegEncoderParamsSetQuality", api_.set_quality);
+        resolve(library_, "nvjpegEncoderParamsSetSamplingFactors", api_.set_sampling);
+        resolve(library_, "nvjpegEncoderParamsSetOptimizedHuffman", api_.set_optimized_huffman);
+        resolve(library_, "nvjpegEncodeImage", api_.encode_image);
+        resolve(library_, "nvjpegEncodeRetrieveBitstream", api_.retrieve_bitstream);
+
+        check(api_.create_simple(&handle_), "nvjpegCreateSimple");
+        check(api_.params_create(handle_, &params_, nullptr), "nvjpegEncoderParamsCreate");
+        check(api_.set_quality(params_, quality, nullptr), "nvjpegEncoderParamsSetQuality");
+        check(api_.set_sampling(params_, NVJPEG_CSS_420, nullptr), "nvjpegEncoderParamsSetSamplingFactors");
+        check(api_.set_optimized_huffman(params_, 0, nullptr), "nvjpegEncoderParamsSetOptimizedHuffman");
+    }
+
+    ~SizeEncoder() {
+        for (nvjpegEncoderState_t state : states_) api_.state_destroy(state);
+        if (params_ != nullptr) api_.params_destroy(params_);
+        if (handle_ != nullptr) api_.destroy(handle_);
+        // The libraries stay loaded: nvJPEG may have registered process-lifetime state.
+    }
+
+    SizeEncoder(const SizeEncoder&) = delete;
+    SizeEncoder& operator=(const SizeEncoder&) = delete;
+
+    // `pixels`: device address of count x 3 x height x width uint8 (planar RGB, contiguous), read on
+    // `stream`. Returns the JPEG size in bytes of each image. Encodes every image first (one encoder
+    // state each, kept for the next call), then waits once and reads the lengths.
+    std::vector<std::size_t> encode_sizes(std::uintptr_t pixels, std::int64_t count, std::int64_t height,
+                                          std::int64_t width, std::uintptr_t stream_handle) {
+        if (count < 0 || height < 1 || width < 1 || (count > 0 && pixels == 0)) {
+            throw std::invalid_argument("encode_sizes: need pixels != 0, count >= 0, height >= 1, width >= 1");
+        }
+        std::lock_guard<std::mutex> guard(mutex_);
+        cudaStream_t stream = as_stream(stream_handle);
+        while (states_.size() < static_cast<std::size_t>(count)) {
+            nvjpegEncoderState_t state = nullptr;
+            check(api_.state_create(handle_, &state, stream), "nvjpegEncoderStateCreate");
+            states_.push_back(state);
+        }
+        const std::size_t plane = static_cast<std::size_t>(height) * static_cast<std::size_t>(width);
+        auto* base = reinterpret_cast<unsigned char*>(pixels);
+        for (std::int64_t i = 0; i < count; ++i) {
+            nvjpegImage_t image{};
+            for (int c = 0; c < 3; ++c) {
+                image.channel[c] = base + (static_cast<std::size_t>(i) * 3 + c) * plane;
+                image.pitch[c] = static_cast<std::size_t>(width);
+            }
+            check(api_.encode_image(handle_, states_[i], params_, &image, NVJPEG_INPUT_RGB, static_cast<int>(width),
+                                    static_cast<int>(height), stream),
+                  "nvjpegEncodeImage");
+        }
+        if (stream_synchronize_(stream) != 0) {
+            throw std::runtime_error("cuStreamSynchronize failed after nvjpegEncodeImage");
+        }
+        std::vector<std::size_t> sizes(static_cast<std::size_t>(count));
+        for (std::int64_t i = 0; i < count; ++i) {
+            check(api_.retrieve_bitstream(handle_, states_[i], nullptr, &sizes[i], stream),
+                  "nvjpegEncodeRetrieveBitstream");
+        }
+        return sizes;
+    }
+
+private:
+    void* library_ = nullptr;
+    void* driver_ = nullptr;
+    NvjpegApi api_{};
+    StreamSynchronize stream_synchronize_ = nullptr;
+    nvjpegHandle_t handle_ = nullptr;
+    nvjpegEncoderParams_t params_ = nullptr;
+    std::vector<nvjpegEncoderState_t> states_;
+    std::mutex mutex_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_nvjpeg, module) {
+    module.doc() = "JPEG sizes of GPU-resident images through nvJPEG (raw-pointer interface; use rlcm_fast.rewards)";
+    py::class_<SizeEncoder>(module, "SizeEncoder")
+        .def(py::init<const std::string&, int>(), py::arg("library_path"), py::arg("quality"))
+        .def("encode_sizes", &SizeEncoder::encode_sizes, py::arg("pixels"), py::arg("count"), py::arg("height"),
+             py::arg("width"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+             "JPEG byte count of each of `count` planar RGB uint8 images at device address `pixels`");
+}

@@ -1,0 +1,74 @@
+"""Rewards: a function of (images, prompts) -> one float per image (DESIGN.md section 3.4).
+
+Images arrive as a float tensor N x 3 x H x W in [0, 1] on the training device. Built-in rewards are
+named in `BUILTIN_REWARDS`; `module:function` names any importable callable with the same signature;
+`name:weight,name:weight` sums them (grammar in base.py). Models load lazily: importing this package
+imports neither transformers nor the native extension.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .alignment import DEFAULT_SERVER, AlignmentClient
+from .base import (AsyncReward, RewardError, RewardFn, WeightedSum, checked_rewards, import_user_reward,
+                   parse_reward_spec)
+from .clip_scores import (DEFAULT_AESTHETIC_MODEL, DEFAULT_CLIPSCORE_MODEL, DEFAULT_PICKSCORE_MODEL,
+                          DEFAULT_PICKSCORE_PROCESSOR, AestheticReward, clip_score, pick_score)
+from .jpeg import JPEG_BACKENDS, JpegSizeReward, jpeg_size_kb, to_uint8, to_uint8_images
+
+# The options built-in rewards read besides jpeg_quality and threads, with their defaults; the config
+# fields of the same names set them.
+DEFAULT_OPTIONS: dict[str, Any] = dict(
+    jpeg_backend="auto",
+    aesthetic_model=DEFAULT_AESTHETIC_MODEL,
+    clipscore_model=DEFAULT_CLIPSCORE_MODEL,
+    pickscore_model=DEFAULT_PICKSCORE_MODEL,
+    pickscore_processor=DEFAULT_PICKSCORE_PROCESSOR,
+    reward_server=DEFAULT_SERVER,
+    reward_timeout=120.0,
+)
+
+BUILTIN_REWARDS: dict[str, Callable[[dict], RewardFn]] = {
+    "jpeg_compressibility": lambda o: JpegSizeReward(-1.0, o["jpeg_quality"], o["reward_threads"], o["jpeg_backend"]),
+    "jpeg_incompressibility": lambda o: JpegSizeReward(+1.0, o["jpeg_quality"], o["reward_threads"], o["jpeg_backend"]),
+    "aesthetic": lambda o: AestheticReward(o["aesthetic_model"]),
+    "alignment": lambda o: AlignmentClient(o["reward_server"], o["reward_timeout"]),
+    "clipscore": lambda o: clip_score(o["clipscore_model"]),
+    "pickscore": lambda o: pick_score(o["pickscore_model"], o["pickscore_processor"]),
+}
+
+
+def check_reward_name(name: str) -> None:
+    """Fail early, before any run state exists, on a reward name outside the grammar (nothing is loaded)."""
+    parse_reward_spec(name, tuple(BUILTIN_REWARDS))
+
+
+def reward_options(cfg) -> dict[str, Any]:
+    """The reward options of a TrainConfig (or any object with those attributes)."""
+    return {key: getattr(cfg, key, default) for key, default in DEFAULT_OPTIONS.items()}
+
+
+def make_reward(name: str, jpeg_quality: int = 95, threads: int = 0, **options) -> RewardFn:
+    """Build the reward `name` (a builtin, module:function, or a weighted sum of them).
+
+    `options` are DEFAULT_OPTIONS keys (e.g. jpeg_backend="pillow", aesthetic_model="/models/clip").
+    """
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise RewardError(f"unknown reward options {sorted(unknown)}; allowed: {', '.join(DEFAULT_OPTIONS)}")
+    settings = {**DEFAULT_OPTIONS, **options, "jpeg_quality": jpeg_quality, "reward_threads": threads}
+    terms = parse_reward_spec(name, tuple(BUILTIN_REWARDS))
+    built = [(t, BUILTIN_REWARDS[t.name](settings) if t.name in BUILTIN_REWARDS else import_user_reward(t.name))
+             for t in terms]
+    if len(built) == 1 and built[0][0].weight == 1.0:
+        return built[0][1]
+    return WeightedSum(built)
+
+
+__all__ = [
+    "AestheticReward", "AlignmentClient", "AsyncReward", "BUILTIN_REWARDS", "DEFAULT_OPTIONS", "JPEG_BACKENDS",
+    "JpegSizeReward", "RewardError", "WeightedSum", "check_reward_name", "checked_rewards", "clip_score",
+    "jpeg_size_kb", "make_reward", "parse_reward_spec", "pick_score", "reward_options", "to_uint8",
+    "to_uint8_images",
+]

@@ -1,0 +1,139 @@
+"""What every reward shares: the error type, output checks, user rewards, the name grammar, the async runner.
+
+A reward is a callable (images, prompts) -> N floats, images a float tensor N x 3 x H x W in [0, 1] on
+the training device. Reward names (config key `reward`):
+
+    spec      := term ("," term)*
+    term      := reward [":" weight]
+    reward    := builtin name | module.path:function
+
+A term's weight is the text after its LAST colon, and only when that text parses as a float and the
+text before it is a builtin name or itself a `module:function`. So `aesthetic:1.0` is aesthetic
+weighted 1.0, `pkg.mod:fn` is a user reward (weight 1), `pkg.mod:fn:0.5` is that reward weighted 0.5.
+Several terms make a weighted sum.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+RewardFn = Callable[[torch.Tensor, Sequence[str]], object]
+
+
+class RewardError(ValueError):
+    """A reward that cannot be built or returned unusable values; one line naming it."""
+
+
+def checked_rewards(name: str, values, count: int) -> np.ndarray:
+    """The reward's output as float64, or a RewardError naming the reward and what is wrong."""
+    try:
+        array = np.asarray(values.detach().float().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected {count} floats") from None
+    if array.shape != (count,):
+        raise RewardError(f"reward {name!r} returned shape {array.shape}, expected ({count},)")
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        raise RewardError(f"reward {name!r} returned non-finite values ({array[bad[0]]} at index {bad[0]})")
+    return array
+
+
+def import_user_reward(spec: str) -> RewardFn:
+    """`module.path:function`, checked up front to be callable as fn(images, prompts)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward {spec!r} is invalid: expected module.path:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RewardError(f"reward {spec!r} cannot be imported: {exc}") from None
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r} is not callable")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no inspectable signature: checked at the first call
+        return fn
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise RewardError(
+            f"reward {spec!r} has signature {signature}; it must accept two arguments (images, prompts)"
+        ) from None
+    return fn
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    weight: float
+
+
+USER_REWARD = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module.path:function
+
+
+def _is_float(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def parse_reward_spec(spec: str, builtin_names: Sequence[str]) -> list[RewardTerm]:
+    """The terms of a reward name (grammar in the module docstring); RewardError on anything else."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardError(f"reward {spec!r} is empty; allowed: {', '.join(builtin_names)}, or module:function")
+    terms = []
+    for raw in spec.split(","):
+        term = raw.strip()
+        head, sep, tail = term.rpartition(":")
+        if sep and (head.strip() in builtin_names or ":" in head):
+            if not _is_float(tail):
+                raise RewardError(f"reward {term!r} has weight {tail!r}; a weight must be a finite number")
+            name, weight = head.strip(), float(tail)
+        else:
+            name, weight = term, 1.0
+        if name not in builtin_names and not USER_REWARD.fullmatch(name):
+            raise RewardError(
+                f"reward {name!r} is unknown; allowed: {', '.join(builtin_names)}, or module:function, "
+                "optionally weighted as name:weight and summed with commas"
+            )
+        terms.append(RewardTerm(name, weight))
+    return terms
+
+
+class WeightedSum:
+    """sum_i w_i r_i(images, prompts); each term is checked (and named) on its own."""
+
+    def __init__(self, parts: list[tuple[RewardTerm, RewardFn]]):
+        self.parts = parts
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
+        total = np.zeros(len(prompts))
+        for term, fn in self.parts:
+            total += term.weight * checked_rewards(term.name, fn(images, prompts), len(prompts))
+        return total
+
+    def close(self) -> None:
+        for _, fn in self.parts:
+            getattr(fn, "close", lambda: None)()
+
+
+class AsyncReward:
+    """Scores batches on a background thread so that rewards overlap with the next sampling round."""
+
+    def __init__(self, name: str, fn: RewardFn):
+        self.name = name
+        self.fn = fn
+        self.worker = ThreadPoolExecutor(max_workers=1)
+
+    def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> Future:
+        return self.worker.submit(lambda: checked_rewards(self.name, self.fn(images, list(prompts)), len(prompts)))

@@ -1,0 +1,190 @@
+"""JPEG file size as a reward (DESIGN.md section 3.4), through one of four backends.
+
+All backends take the same N x 3 x H x W float tensor in [0, 1], round it to uint8 as
+(x * 255).round().clamp(0, 255) on the tensor's own device, and return the size in kB (bytes / 1000)
+at quality `quality` with 4:2:0 chroma subsampling and standard Huffman tables (Pillow's defaults):
+
+- pillow: libjpeg-turbo on the CPU, one image per pool thread (Pillow releases the GIL while encoding).
+  CUDA images are rounded to uint8 on the GPU first, so only a quarter of the bytes cross to the host.
+- nvjpeg: the package's native extension rlcm_fast._nvjpeg (csrc/nvjpeg_size.cu), pixels stay on the
+  GPU and only byte counts come back. libnvjpeg is loaded at run time from the `nvidia-nvjpeg` wheel.
+- torchvision: torchvision.io.encode_jpeg (CPU, or nvJPEG inside torchvision for CUDA tensors).
+- auto: nvjpeg for CUDA images when it is available (else pillow), pillow for CPU images.
+
+Different encoders give slightly different byte counts for the same pixels; compare runs only within
+one backend.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import RewardError
+
+JPEG_BACKENDS = ("auto", "nvjpeg", "torchvision", "pillow")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W floats in [0, 1] -> uint8 of the same shape and device."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise RewardError(f"JPEG rewards take images of shape N x 3 x H x W, got {tuple(images.shape)}")
+    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """N x 3 x H x W floats in [0, 1] -> N x H x W x 3 uint8 on the host (rounded on the images' device)."""
+    return to_uint8(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def jpeg_size_kb(pixels: np.ndarray, quality: int) -> float:
+    """Size in kB (bytes / 1000) of one H x W x 3 uint8 image saved as JPEG by Pillow (libjpeg-turbo)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / 1000.0
+
+
+class PillowJpeg:
+    name = "pillow"
+
+    def __init__(self, quality: int, threads: int = 0):
+        self.quality = quality
+        self.pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1)
+
+    def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
+        pixels = to_uint8_images(images)
+        sizes = self.pool.map(lambda p: jpeg_size_kb(p, self.quality), pixels)
+        return np.fromiter(sizes, dtype=np.float64, count=len(pixels))
+
+
+class TorchvisionJpeg:
+    name = "torchvision"
+
+    def __init__(self, quality: int):
+        try:
+            from torchvision.io import encode_jpeg
+        except ImportError as exc:
+            raise RewardError(
+                f"jpeg_backend 'torchvision' needs torchvision, which cannot be imported ({exc}); "
+                "install it or use jpeg_backend auto, nvjpeg or pillow"
+            ) from None
+        self.encode_jpeg = encode_jpeg
+        self.quality = quality
+
+    def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
+        encoded = self.encode_jpeg(list(to_uint8(images)), quality=self.quality)
+        return np.array([data.numel() / 1000.0 for data in encoded], dtype=np.float64)
+
+
+def find_libnvjpeg() -> str:
+    """Path of libnvjpeg: $RLCM_FAST_LIBNVJPEG, else the nvidia-nvjpeg wheel (cu13 or cu12 layout), else the
+    bare soname for the system loader."""
+    override = os.environ.get("RLCM_FAST_LIBNVJPEG")
+    if override:
+        return override
+    try:
+        import nvidia  # the namespace package of NVIDIA's pip wheels
+    except ImportError:
+        return "libnvjpeg.so"
+    for root in getattr(nvidia, "__path__", []):
+        # nvidia-nvjpeg 13.x: nvidia/cu13/lib; nvidia-nvjpeg-cu12: nvidia/nvjpeg/lib
+        found = sorted(glob.glob(str(Path(root, "*", "lib", "libnvjpeg.so.*"))), reverse=True)
+        if found:
+            return found[0]
+    return "libnvjpeg.so"
+
+
+def nvjpeg_unavailable_reason() -> str | None:
+    """None when the nvjpeg backend can run here, else why not (one phrase)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        from .. import _nvjpeg  # noqa: F401
+    except ImportError:
+        return "the extension rlcm_fast._nvjpeg was not built (no CUDA compiler or nvjpeg.h at install time)"
+    return None
+
+
+class NvJpeg:
+    """Batched nvJPEG encoding on the images' GPU; one native encoder (handle, states) per device, reused."""
+
+    name = "nvjpeg"
+
+    def __init__(self, quality: int):
+        reason = nvjpeg_unavailable_reason()
+        if reason:
+            raise RewardError(f"jpeg_backend 'nvjpeg' cannot run: {reason}; use jpeg_backend auto, torchvision or pillow")
+        self.quality = quality
+        self.library = find_libnvjpeg()
+        self.encoders: dict[int, object] = {}
+        self.lock = threading.Lock()
+
+    def _encoder(self, device: torch.device):
+        from .. import _nvjpeg
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with self.lock:
+            if index not in self.encoders:
+                with torch.cuda.device(index):
+                    try:
+                        self.encoders[index] = _nvjpeg.SizeEncoder(self.library, self.quality)
+                    except RuntimeError as exc:
+                        raise RewardError(f"jpeg_backend 'nvjpeg' failed to start ({self.library}): {exc}") from None
+            return self.encoders[index]
+
+    def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
+        if images.device.type != "cuda":
+            raise RewardError(f"jpeg_backend 'nvjpeg' needs CUDA images, got images on {images.device}")
+        pixels = to_uint8(images).contiguous()  # planar RGB: nvJPEG reads each channel plane in place
+        encoder = self._encoder(images.device)
+        with torch.cuda.device(images.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            sizes = encoder.encode_sizes(pixels.data_ptr(), *pixels.shape[:1], *pixels.shape[2:], stream)
+        return np.asarray(sizes, dtype=np.float64) / 1000.0
+
+
+class JpegSizeReward:
+    """sign * JPEG size in kB: +1 incompressibility, -1 compressibility."""
+
+    def __init__(self, sign: float, quality: int = 95, threads: int = 0, backend: str = "auto"):
+        if backend not in JPEG_BACKENDS:
+            raise RewardError(f"jpeg_backend {backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
+        self.sign, self.quality, self.threads, self.backend = sign, quality, threads, backend
+        self._pillow = None
+        self._gpu = None
+        if backend == "nvjpeg":
+            self._gpu = NvJpeg(quality)
+        elif backend == "torchvision":
+            self._gpu = TorchvisionJpeg(quality)
+
+    def pillow(self) -> PillowJpeg:
+        if self._pillow is None:
+            self._pillow = PillowJpeg(self.quality, self.threads)
+        return self._pillow
+
+    def encoder_for(self, images: torch.Tensor):
+        if self.backend in ("nvjpeg", "torchvision"):
+            return self._gpu
+        if self.backend == "auto" and images.device.type == "cuda":
+            if self._gpu is None:
+                reason = nvjpeg_unavailable_reason()
+                if reason:
+                    warnings.warn(f"jpeg_backend auto: nvJPEG unavailable ({reason}); CUDA images go to Pillow")
+                    self._gpu = self.pillow()
+                else:
+                    self._gpu = NvJpeg(self.quality)
+            return self._gpu
+        return self.pillow()
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
+        return self.sign * self.encoder_for(images).sizes_kb(images)

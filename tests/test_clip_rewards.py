@@ -1,0 +1,140 @@
+"""Aesthetic, CLIPScore and PickScore on tiny random CLIPs saved to local folders, against references
+written the straightforward way (CLIPImageProcessor + CLIPModel + plain matmuls)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from rlcm_fast.rewards import RewardError, make_reward
+from rlcm_fast.rewards.clip_scores import (AESTHETIC_HEAD, CLIPSCORE_WEIGHT, ClipImageSettings, clip_preprocess,
+                                           load_aesthetic_head)
+from tiny_reward_models import clip_image_processor, save_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def uint8_exact_images(n=3, height=40, width=48, seed=0):
+    """Float images whose values are exact uint8 levels, so the processor (uint8 PIL) sees the same pixels."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    smooth = torch.stack([xs, ys, (xs * ys)]).expand(n, 3, height, width)
+    images = (0.7 * smooth + 0.3 * torch.rand(n, 3, height, width, generator=g)).clamp(0, 1)
+    return (images * 255).round() / 255
+
+
+def as_pil(images):
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def processor_pixels(images, size=32):
+    return torch.as_tensor(np.array(clip_image_processor(size)(images=as_pil(images), return_tensors="np")["pixel_values"]))
+
+
+@pytest.mark.parametrize("height, width", [(40, 48), (48, 40), (20, 24), (32, 32)])
+def test_tensor_preprocessing_matches_clip_image_processor(height, width):
+    images = uint8_exact_images(2, height, width)
+    ours = clip_preprocess(images, ClipImageSettings(shortest_edge=32, crop=(32, 32)))
+    reference = processor_pixels(images)
+    assert ours.shape == reference.shape == (2, 3, 32, 32)
+    # The processor rounds each resize pass to uint8: at most one level apart (1/255/min std = 0.0146).
+    assert (ours - reference).abs().max() < 1 / 255 / min(ClipImageSettings().std) + 1e-4
+    if (height, width) == (32, 32):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_default_settings_are_openai_clips():
+    settings = ClipImageSettings()
+    processor = clip_image_processor(224)
+    assert settings.mean == tuple(processor.image_mean) and settings.std == tuple(processor.image_std)
+    assert settings.shortest_edge == 224 and settings.crop == (224, 224)
+
+
+def test_shipped_aesthetic_head_matches_plain_matmuls():
+    from importlib import resources
+
+    state = load_file(str(resources.files("rlcm_fast") / "data" / AESTHETIC_HEAD))
+    embedding = F.normalize(torch.linspace(-1, 1, 768).sin().unsqueeze(0), dim=-1)
+    expected = embedding.double()
+    for i in (0, 2, 4, 6, 7):  # no activations between the layers
+        expected = expected @ state[f"layers.{i}.weight"].double().T + state[f"layers.{i}.bias"].double()
+    head = load_aesthetic_head()
+    assert [m.out_features for m in head] == [1024, 128, 64, 16, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(head(embedding).double(), expected, atol=1e-5, rtol=1e-5)
+    # A LAION score lives on a 1..10 scale; this fixed embedding lands inside it.
+    assert 0 < expected.item() < 10
+
+
+def test_aesthetic_reward_equals_processor_model_mlp_reference(tiny_clip):
+    from transformers import CLIPModel
+
+    images = uint8_exact_images(3)
+    scores = make_reward("aesthetic", aesthetic_model=str(tiny_clip))(images, ["a cat"] * 3)
+
+    model = CLIPModel.from_pretrained(tiny_clip, use_safetensors=True).eval()
+    state = load_file(str(__import__("importlib").resources.files("rlcm_fast") / "data" / AESTHETIC_HEAD))
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=processor_pixels(images))
+        features = getattr(features, "pooler_output", features)
+        x = features / features.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):
+            x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+    reference = x.squeeze(-1)
+    assert scores.shape == (3,)
+    torch.testing.assert_close(torch.as_tensor(scores).float(), reference, atol=2e-3, rtol=0)
+    assert len(set(np.round(np.asarray(scores), 6))) == 3  # different images, different scores
+
+
+def test_aesthetic_rejects_a_clip_of_the_wrong_width(tmp_path):
+    folder = save_tiny_clip(tmp_path / "narrow", projection_dim=16)
+    with pytest.raises(RewardError, match="gives 16-d embeddings; the LAION head takes 768"):
+        make_reward("aesthetic", aesthetic_model=str(folder))
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RewardError, match=f"aesthetic_model '{tmp_path}/nothing' cannot be loaded"):
+        make_reward("aesthetic", aesthetic_model=str(tmp_path / "nothing"))
+
+
+def reference_cosines(folder, images, prompts):
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval()
+    tokens = AutoTokenizer.from_pretrained(folder)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=processor_pixels(images))
+        text = model.get_text_features(**tokens)
+    image, text = getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
+    cos = (image / image.norm(dim=-1, keepdim=True) * (text / text.norm(dim=-1, keepdim=True))).sum(-1)
+    return model, cos
+
+
+def test_clipscore_and_pickscore_equal_their_definitions(tiny_clip):
+    images = uint8_exact_images(4, seed=3)
+    prompts = ["a cat riding a bike", "a dog", "an owl playing chess", "a cat"]
+    model, cos = reference_cosines(tiny_clip, images, prompts)
+    clipscore = make_reward("clipscore", clipscore_model=str(tiny_clip))(images, prompts)
+    pickscore = make_reward("pickscore", pickscore_model=str(tiny_clip), pickscore_processor=str(tiny_clip))(images, prompts)
+    torch.testing.assert_close(torch.as_tensor(clipscore).float(), CLIPSCORE_WEIGHT * cos.clamp(min=0), atol=2e-3, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(pickscore).float(), model.logit_scale.exp() * cos, atol=2e-2, rtol=0)
+    assert (torch.as_tensor(clipscore) >= 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_towers_agree_with_the_cpu_fp32_scores(tiny_clip):
+    images = uint8_exact_images(4, 96, 128, seed=5)
+    prompts = ["a cat", "a dog", "an owl", "a fox"]
+    for name, options in [("aesthetic", {"aesthetic_model": str(tiny_clip)}),
+                          ("clipscore", {"clipscore_model": str(tiny_clip)})]:
+        reward = make_reward(name, **options)
+        cpu = torch.as_tensor(reward(images, prompts)).float()
+        gpu = torch.as_tensor(make_reward(name, **options)(images.cuda(), prompts)).float()
+        torch.testing.assert_close(gpu, cpu, atol=0.05 * cpu.abs().max().item() + 1e-3, rtol=0)
