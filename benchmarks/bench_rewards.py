@@ -17,12 +17,8 @@ Writes benchmarks/results/bench_rewards-<device>.json. Usage: python benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,33 +26,14 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # a source checkout works without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
 
 from rlcm_fast.rewards import JpegSizeReward, RewardError  # noqa: E402
 from rlcm_fast.rewards.jpeg import nvjpeg_unavailable_reason  # noqa: E402
 
 SIZES = (512, 768)
 BATCHES = (8, 32)
-
-
-def git_commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                           capture_output=True, text=True)
-    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def natural_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -176,7 +153,6 @@ def main() -> int:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    device_name = torch.cuda.get_device_name(0) if cuda else cpu_name()
     repeats = 2 if args.quick else 5
     skipped: list[dict] = []
     if not cuda:
@@ -184,12 +160,8 @@ def main() -> int:
                         "reason": "CUDA is not available: every row runs on CPU images"})
     result = {
         "benchmark": "bench_rewards",
-        "device": device_name,
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        **environment(),
         "cuda": torch.version.cuda,
-        "git_commit": git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # Other work on the machine skews CPU figures; the load average says how much there was.
         "load_average_at_start": os.getloadavg(),
@@ -202,11 +174,7 @@ def main() -> int:
         skipped.append({"row": "aesthetic batch 32", "reason": "CPU run: batch 8 only"})
     result["load_average_at_end"] = os.getloadavg()
     result["skipped"] = skipped
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = REPO_ROOT / "benchmarks" / "results" / f"bench_rewards-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result('bench_rewards', result)}")
     return 0
 
 

@@ -1,0 +1,73 @@
+"""What every benchmark records beside its figures: the machine, the versions, the commit, and where
+the JSON goes (benchmarks/results/<name>-<device>.json)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # a source checkout works without installing
+
+
+def git_commit() -> str | None:
+    """HEAD's hash, with "-dirty" when tracked files differ from it (the figures are then not of HEAD)."""
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                           capture_output=True, text=True)
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
+
+
+def environment() -> dict:
+    """The fields every result file starts with."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(),
+        "cpu": cpu_name(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+    }
+
+
+def results_path(name: str, suffix: str = ".json") -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+    return RESULTS_DIR / f"{name}-{slug}{suffix}"
+
+
+def write_result(name: str, result: dict) -> Path:
+    path = results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
