@@ -75,15 +75,14 @@ def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
     return normalised.reshape(-1)
 
 
-def gaussian_kl(denoised, base_denoised, alpha_next, sigma_next) -> torch.Tensor:
-    """Per-row KL( N(alpha_next * D, s^2) || N(alpha_next * D_base, s^2) ), s = sigma_next, averaged over
-    the latent's elements like the log-prob: for equal variances it is (mean difference)^2 / (2 s^2).
+def gaussian_kl(mean, base_mean, std) -> torch.Tensor:
+    """Per-row KL( N(mean, std^2) || N(base_mean, std^2) ) of two Gaussian policies with the same std,
+    averaged over the elements like the log-prob: mean over elements of (mean - base_mean)^2 / (2 std^2).
 
-    alpha_next, sigma_next: (B,) per-row schedule scalars (the action's next-timestep columns)."""
-    shape = (-1,) + (1,) * (denoised.ndim - 1)
-    scale = (alpha_next / sigma_next).to(denoised.dtype).view(shape)
-    diff = scale * (denoised - base_denoised.to(denoised.dtype))
-    return 0.5 * (diff * diff).flatten(1).mean(dim=1)
+    mean, base_mean: (B, ...); std: (B,), one per row (the action's noise level)."""
+    shape = (-1,) + (1,) * (mean.ndim - 1)
+    z = (mean - base_mean.to(mean.dtype)) / std.to(mean.dtype).view(shape)
+    return 0.5 * (z * z).flatten(1).mean(dim=1)
 
 
 def trained_step_count(total_steps: int, fraction: float) -> int:

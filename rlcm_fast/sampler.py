@@ -15,7 +15,7 @@ from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .models import guidance_embedding, latent_shape
-from .policy_step import consistency_output, policy_step, row_scalars_for_schedule
+from .policy_step import ROW_SCALARS, consistency_output, policy_step, row_scalars_for_schedule
 
 
 @dataclass
@@ -87,6 +87,39 @@ class LCMSampler:
         return unet(
             x.to(dtype), timesteps, encoder_hidden_states=embeds, timestep_cond=w_embedding, return_dict=False
         )[0]
+
+    def action_log_probs(self, unet, states, sample_idx, step_idx, embeds, with_mean: bool = False):
+        """log pi of the stored actions states[i, k] -> states[i, k+1] for rows (i, k), any mix of k,
+        differentiable with respect to the UNet's (LoRA) weights. With `with_mean` also the policy's
+        Gaussian mean (B, C, h, w) and per-row std (B,) at those states (for a KL), else None, None."""
+        x = states[sample_idx, step_idx]
+        scalars = self.action_scalars[step_idx.cpu()]
+        model_output = self.unet_output(unet, x, self.timesteps.to(self.device)[step_idx], embeds,
+                                        self.guidance(len(x), embeds.dtype))
+        denoised, _, log_probs = policy_step(
+            model_output.float(), x, scalars, self.prediction_type, next_state=states[sample_idx, step_idx + 1]
+        )
+        if not with_mean:
+            return log_probs.float(), None, None
+        alpha_next, sigma_next = self._next_scalars(scalars, denoised.ndim)
+        return log_probs.float(), alpha_next * denoised.float(), sigma_next.flatten()
+
+    @torch.no_grad()
+    def action_means(self, unet, states, sample_idx, step_idx, embeds):
+        """The policy's Gaussian mean (B, C, h, w) and per-row std (B,) at states[i, k], no gradient."""
+        x = states[sample_idx, step_idx]
+        scalars = self.action_scalars[step_idx.cpu()]
+        model_output = self.unet_output(unet, x, self.timesteps.to(self.device)[step_idx], embeds,
+                                        self.guidance(len(x), embeds.dtype))
+        denoised = consistency_output(model_output.float(), x, scalars.to(self.device), self.prediction_type)
+        alpha_next, sigma_next = self._next_scalars(scalars, denoised.ndim)
+        return alpha_next * denoised.float(), sigma_next.flatten()
+
+    def _next_scalars(self, scalars, ndim: int):
+        """alpha_next and sigma_next of each row, shaped to broadcast over (B, C, h, w), float32."""
+        shape = (-1,) + (1,) * (ndim - 1)
+        columns = [scalars[:, ROW_SCALARS.index(name)] for name in ("alpha_next", "sigma_next")]
+        return [c.to(self.device, torch.float32).view(shape) for c in columns]
 
     @torch.no_grad()
     def sample(

@@ -29,7 +29,6 @@ from .algorithms import (
 from .checkpoint import load_checkpoint, read_training_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .models import add_policy_lora, load_pipeline
-from .policy_step import ROW_SCALARS, consistency_output, policy_step
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
@@ -243,53 +242,35 @@ class Trainer:
         return clipped_policy_loss(log_probs, old_log_probs, advantages, cfg.clip_range, cfg.adv_clip_max)
 
     def pair_log_probs(self, states, sample_idx, step_idx, embeds):
-        """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for pairs (i, k); any k mix.
+        """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for rows (i, k); any k mix.
         With kl_beta > 0 also the per-row KL to the base model (LoRA off) at the same states, else None."""
-        x = states[sample_idx, step_idx]
-        timesteps = self.sampler.timesteps.to(self.device)[step_idx]
-        scalars = self.sampler.action_scalars[step_idx.cpu()]
-        w_embedding = self.sampler.guidance(len(x), embeds.dtype)
-        kl_base = None
-        if self.cfg.kl_beta > 0:
-            kl_base = self.base_consistency_output(x, timesteps, scalars, embeds, w_embedding)
-        model_output = self.sampler.unet_output(self.train_unet, x, timesteps, embeds, w_embedding)
-        denoised, _, log_probs = policy_step(
-            model_output.float(), x, scalars, self.sampler.prediction_type, next_state=states[sample_idx, step_idx + 1],
+        if self.cfg.kl_beta == 0:
+            return self.sampler.action_log_probs(self.train_unet, states, sample_idx, step_idx, embeds)[0], None
+        base_mean = self.base_action_means(states, sample_idx, step_idx, embeds)
+        log_probs, mean, std = self.sampler.action_log_probs(
+            self.train_unet, states, sample_idx, step_idx, embeds, with_mean=True
         )
-        if kl_base is None:
-            return log_probs.float(), None
-        alpha_next, sigma_next = (scalars[:, ROW_SCALARS.index(c)].to(self.device) for c in ("alpha_next", "sigma_next"))
-        return log_probs.float(), gaussian_kl(denoised.float(), kl_base, alpha_next, sigma_next).float()
+        return log_probs, gaussian_kl(mean, base_mean, std)
 
-    @torch.no_grad()
-    def base_consistency_output(self, x, timesteps, scalars, embeds, w_embedding) -> torch.Tensor:
-        """D_k of the base model (the policy LoRA switched off) at states x."""
+    def base_action_means(self, states, sample_idx, step_idx, embeds) -> torch.Tensor:
+        """The base model's (policy LoRA switched off) Gaussian mean at states[i, k]."""
         self.unet.disable_adapters()
         try:
-            model_output = self.sampler.unet_output(self.unet, x, timesteps, embeds, w_embedding)
+            return self.sampler.action_means(self.unet, states, sample_idx, step_idx, embeds)[0]
         finally:
             self.unet.enable_adapters()
-        return consistency_output(model_output.float(), x, scalars.to(self.device), self.sampler.prediction_type)
 
     def kl_to_base(self, samples: EpochSamples) -> float:
         """Mean KL of the current policy to the base model over every trained action of `samples`."""
         n, total_steps = samples.log_probs.shape
         states = samples.states.to(self.device)
-        embeds = self.sampler.prompt_embeddings(samples.prompts)
         sample_idx = torch.arange(n).repeat_interleave(total_steps).to(self.device)
         step_idx = torch.arange(total_steps).repeat(n).to(self.device)
-        x = states[sample_idx, step_idx]
-        timesteps = self.sampler.timesteps.to(self.device)[step_idx]
-        scalars = self.sampler.action_scalars[step_idx.cpu()]
-        w_embedding = self.sampler.guidance(len(x), embeds.dtype)
+        embeds = self.sampler.prompt_embeddings(samples.prompts)[sample_idx]
         with torch.no_grad(), self.autocast():
-            base = self.base_consistency_output(x, timesteps, scalars, embeds[sample_idx], w_embedding)
-            policy = consistency_output(
-                self.sampler.unet_output(self.unet, x, timesteps, embeds[sample_idx], w_embedding).float(),
-                x, scalars.to(self.device), self.sampler.prediction_type,
-            )
-        alpha_next, sigma_next = (scalars[:, ROW_SCALARS.index(c)].to(self.device) for c in ("alpha_next", "sigma_next"))
-        return float(gaussian_kl(policy.float(), base, alpha_next, sigma_next).mean())
+            base_mean = self.base_action_means(states, sample_idx, step_idx, embeds)
+            mean, std = self.sampler.action_means(self.unet, states, sample_idx, step_idx, embeds)
+        return float(gaussian_kl(mean, base_mean, std).mean())
 
     def log_step(self, epoch: int, sums: dict[str, float], grad_norm: float) -> None:
         names = sorted(sums)

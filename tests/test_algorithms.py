@@ -95,8 +95,9 @@ def test_gaussian_kl_matches_torch_distributions():
     policy = torch.distributions.Normal(alpha_next.view(shape) * denoised, sigma_next.view(shape))
     reference = torch.distributions.Normal(alpha_next.view(shape) * base, sigma_next.view(shape))
     expected = torch.distributions.kl_divergence(policy, reference).flatten(1).mean(dim=1)
-    torch.testing.assert_close(gaussian_kl(denoised, base, alpha_next, sigma_next), expected)
-    assert gaussian_kl(denoised, denoised, alpha_next, sigma_next).abs().max().item() == 0.0
+    kl = gaussian_kl(alpha_next.view(shape) * denoised, alpha_next.view(shape) * base, sigma_next)
+    torch.testing.assert_close(kl, expected)
+    assert gaussian_kl(denoised, denoised, sigma_next).abs().max().item() == 0.0
 
 
 def test_choose_trained_steps():
