@@ -70,6 +70,9 @@ class FastLCMSampler:
         self.horizon = num_inference_steps
         self.shape = latent_shape(pipe, batch_size, height)
         device = pipe.unet.device
+        # On the device once: a host tensor inside the compiled loop would make CUDA-graph capture skip it.
+        self._scalars = self.sampler.action_scalars.to(device)
+        self._timesteps = self.sampler.timesteps.to(device)
         self.compiled = device.type == "cuda" if compile is None else compile
         self._rollout = self._rollout_eager
         self._decode = self.sampler.decode
@@ -88,8 +91,8 @@ class FastLCMSampler:
         # Inside torch.compile the plain-PyTorch step is what inductor fuses; eager uses the fused kernels.
         backend = "reference" if self.compiled else "auto"
         for k in range(self.horizon):
-            scalars = sampler.action_scalars[k].expand(x.shape[0], 6).to(x.device)
-            model_output = sampler.unet_output(self.pipe.unet, x, sampler.timesteps[k].to(x.device), embeds, w_embedding)
+            scalars = self._scalars[k].expand(x.shape[0], 6)
+            model_output = sampler.unet_output(self.pipe.unet, x, self._timesteps[k], embeds, w_embedding)
             if k == self.horizon - 1:
                 denoised = consistency_output(model_output.float(), x, scalars, sampler.prediction_type)
                 break
