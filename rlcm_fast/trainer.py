@@ -332,6 +332,7 @@ class Trainer:
             trained = time.perf_counter()
             self.train_epoch(epoch, samples, start_update)
             epoch_stats.update(train_seconds=time.perf_counter() - trained)
+            self.epoch_in_progress = None  # a stop from here on is at an epoch boundary; free the samples
         except torch.cuda.OutOfMemoryError:
             raise TrainingFault(out_of_memory_message(self.cfg, phase, self.accelerator.num_processes)) from None
         self.end_epoch(epoch, samples, epoch_stats)
