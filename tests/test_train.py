@@ -40,7 +40,8 @@ def test_tiny_model_learns_jpeg_compressibility(tmp_path):
 def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=2", "--set", "checkpoint_every=1")
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint-1", "checkpoint-2", "config.yaml", "metrics.jsonl", "reward.png", "samples", "tensorboard"]
+        "checkpoint-1", "checkpoint-2", "config.yaml", "latest", "metrics.jsonl", "reward.png", "samples",
+        "tensorboard"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
     assert any((run_dir / "tensorboard").iterdir())
     steps = records(run_dir, "step")
