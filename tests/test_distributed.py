@@ -73,6 +73,10 @@ def test_two_processes_gather_rewards_and_compute_the_one_process_advantages(two
     # The checkpoint's stat tracker is the 1-process one (process-count independent).
     saved = read_training_state(root / "run" / "checkpoint-2")["stat_tracker"]
     assert saved == json.loads(json.dumps(single.stat_tracker.state_dict()))
+    # Everything a checkpoint stores is the same on both processes, so the one the main process writes
+    # is every process's state: LoRA weights, AdamW moments, stat tracker.
+    hashes = [(root / "probe" / f"state-{p}.jsonl").read_text().splitlines() for p in (0, 1)]
+    assert len(hashes[0]) == 2 and hashes[0] == hashes[1]
 
 
 def test_a_two_process_checkpoint_resumes_with_one_process(two_process_run, tmp_path):
