@@ -359,3 +359,19 @@ def test_a_mid_epoch_checkpoint_refuses_a_different_batch_layout(reference, tmp_
     assert ("train_batch_size=2 differs from the checkpoint's 4; a checkpoint stopped mid-epoch cannot change it"
             in one_error_line(capsys))
     verify_checkpoint(run_dir / "checkpoint-0-1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "auto"], "--resume auto needs --output-dir: the run folder to continue (or start)"),
+    (["--num-processes", "0"], "--num-processes 0 is invalid: it must be >= 1"),
+    (["--set", "keep_checkpoints=-1"], "keep_checkpoints=-1 is invalid: it must be >= 0"),
+])
+def test_bad_fault_options_are_one_line_exit_2(tmp_path, capsys, args, message):
+    assert main(["train", "--device", "cpu", *args]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--resume", "auto", "--set", "epochs=1") == 0
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
