@@ -1,12 +1,18 @@
 """Checkpoints: LoRA weights (diffusers format), optimizer, LR schedule, stat tracker, RNG and epoch.
 
-A checkpoint is a folder `checkpoint-<epoch>` (epochs completed) holding only safetensors and JSON,
-so loading never unpickles anything. It is written under a temporary name and renamed into place, so
-a crash mid-write leaves either the previous state or a complete new one, never half a checkpoint.
+A checkpoint is a folder holding only safetensors and JSON, so loading never unpickles anything:
+`checkpoint-<E>` after E epochs, or `checkpoint-<E>-<U>` for a run stopped U optimizer updates into
+epoch E+1 (it then also holds that epoch's samples, so a resume continues at update U+1 exactly).
+
+Surviving a kill at any moment: files are written into a temporary folder with a manifest (size and
+sha256 of every file) written last, fsynced, and the folder renamed into place; then the `latest`
+pointer file is replaced atomically. Loading checks the manifest, so a damaged or truncated file is a
+clear CheckpointError, and `find_resumable` skips such a checkpoint for the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,15 +25,31 @@ from safetensors.torch import load_file, save_file
 
 from .models import load_lora_into, save_lora
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
 
 
 class CheckpointError(ValueError):
     """An unreadable or incompatible checkpoint; one line naming it."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the checkpoints written before are intact."""
+
+
+def checkpoint_name(epoch: int, update: int = 0) -> str:
+    return f"checkpoint-{epoch}-{update}" if update else f"checkpoint-{epoch}"
+
+
+def checkpoint_key(path: Path) -> tuple[int, int]:
+    """(epochs completed, updates into the next epoch): checkpoints of one history sort by it."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -56,10 +78,82 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    """Sizes and hashes of every file, written (and synced) after all of them."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        _fsync(path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = folder / MANIFEST_FILE
+    manifest.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    _fsync(manifest)
+    _fsync(folder)
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Every file the manifest lists is there with its size and sha256, or a CheckpointError naming it."""
+    where = f"checkpoint {str(checkpoint)!r}"
+    try:
+        files = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} is incomplete: it has no {MANIFEST_FILE}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where} is damaged: {MANIFEST_FILE} is unreadable ({exc})") from None
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{where} is damaged: {name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{where} is damaged: {name} has {size} bytes, the manifest says {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{where} is damaged: {name} does not match its sha256 in the manifest")
+
+
+def _write_latest(run_dir: Path, name: str) -> None:
+    tmp = run_dir / f".{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(name + "\n")
+    _fsync(tmp)
+    os.replace(tmp, run_dir / LATEST_FILE)
+    _fsync(run_dir)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder so that a kill midway leaves no half checkpoint under a checkpoint's name."""
+    trash = folder.parent / f".{folder.name}.trash-{os.getpid()}"
+    folder.rename(trash)
+    shutil.rmtree(trash)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, current: Path) -> None:
+    """Keep the `keep` newest checkpoints up to `current` (0: all), and drop leftovers of killed writers.
+
+    Checkpoints after `current` (from before a resume from an earlier one) are left alone.
+    """
+    for leftover in run_dir.glob(".checkpoint-*"):
+        if leftover.is_dir() and not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if keep <= 0:
+        return
+    older = [p for p in list_checkpoints(run_dir) if checkpoint_key(p) < checkpoint_key(current)]
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        _discard(path)
 
 
 def save_checkpoint(
@@ -70,54 +164,106 @@ def save_checkpoint(
     lr_scheduler,
     stat_tracker,
     training_state: dict,
+    update: int = 0,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    keep: int = 0,
 ) -> Path:
-    """Write `run_dir/checkpoint-<epoch>` atomically and return its path."""
-    final = run_dir / f"checkpoint-{epoch}"
-    tmp = run_dir / f".checkpoint-{epoch}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(unet, tmp)
-    optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
-    save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE))
-    save_file(_rng_tensors(), str(tmp / RNG_FILE))
-    state = dict(training_state)
-    state.update(
-        epoch=epoch,
-        optimizer=optimizer_meta,
-        lr_scheduler=lr_scheduler.state_dict(),
-        stat_tracker=stat_tracker.state_dict(),
-    )
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    _fsync_tree(tmp)
+    """Write `run_dir/checkpoint-<epoch>[-<update>]` atomically, point `latest` at it, prune; return its path.
+
+    `extra_tensors` maps file names to tensors to store alongside (a stopped epoch's samples).
+    """
+    name = checkpoint_name(epoch, update)
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_lora(unet, tmp)
+        optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
+        save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(_rng_tensors(), str(tmp / RNG_FILE))
+        for file_name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / file_name))
+        state = dict(training_state)
+        state.update(
+            epoch=epoch,
+            update=update,
+            optimizer=optimizer_meta,
+            lr_scheduler=lr_scheduler.state_dict(),
+            stat_tracker=stat_tracker.state_dict(),
+        )
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        _write_manifest(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = [p.name for p in list_checkpoints(run_dir)]
+        kept = f"; {intact[-1]} and earlier checkpoints are intact" if intact else ""
+        raise CheckpointWriteError(
+            f"could not write {name} in {str(run_dir)!r}: {exc.strerror or exc}{kept}"
+        ) from None
     if final.exists():  # re-running an epoch after a resume from an earlier checkpoint
-        stale = run_dir / f".checkpoint-{epoch}.stale-{os.getpid()}"
+        stale = run_dir / f".{name}.stale-{os.getpid()}"
         final.rename(stale)
         tmp.rename(final)
         shutil.rmtree(stale)
     else:
         tmp.rename(final)
+    _fsync(run_dir)
+    _write_latest(run_dir, name)
+    prune_checkpoints(run_dir, keep, final)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoint folders of a run (complete or not: see verify_checkpoint), oldest first."""
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in run_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
+    return sorted(found, key=checkpoint_key)
+
+
+def find_resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint `--resume auto` continues from: the one `latest` names if it is intact, else the
+    newest intact one; None if there is none. Also returns why each newer candidate was skipped."""
+    candidates = list(reversed(list_checkpoints(run_dir)))
+    try:
+        pointed = run_dir / (run_dir / LATEST_FILE).read_text().strip()
+        if pointed in candidates:
+            candidates.remove(pointed)
+            candidates.insert(0, pointed)
+    except OSError:
+        pass
+    skipped = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+            return candidate, skipped
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    return None, skipped
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder, or a run folder (the checkpoint `find_resumable` picks); checked intact."""
     path = Path(path)
     if path.is_dir() and CHECKPOINT_PATTERN.match(path.name):
+        verify_checkpoint(path)
         return path
-    checkpoints = list_checkpoints(path)
-    if not checkpoints:
+    if not list_checkpoints(path):
         raise CheckpointError(
             f"resume path {str(path)!r} is neither a checkpoint-N folder nor a run folder holding one"
         )
-    return checkpoints[-1]
+    found, skipped = find_resumable(path)
+    if found is None:
+        raise CheckpointError(f"run folder {str(path)!r} holds no intact checkpoint ({skipped[0]})")
+    return found
+
+
+def load_tensors(checkpoint: Path, file_name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(checkpoint / file_name))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is unreadable ({file_name}: {exc})") from None
 
 
 def read_training_state(checkpoint: Path) -> dict:
@@ -129,12 +275,10 @@ def read_training_state(checkpoint: Path) -> dict:
 
 def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracker) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the training state (epoch, global_step, ...)."""
+    verify_checkpoint(checkpoint)
     state = read_training_state(checkpoint)
-    try:
-        optimizer_tensors = load_file(str(checkpoint / OPTIMIZER_FILE))
-        rng = load_file(str(checkpoint / RNG_FILE))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is unreadable: {exc}") from None
+    optimizer_tensors = load_tensors(checkpoint, OPTIMIZER_FILE)
+    rng = load_tensors(checkpoint, RNG_FILE)
     try:
         load_lora_into(unet, checkpoint)
     except (OSError, ValueError, SafetensorError) as exc:

@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from .config import TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, parse_set_pairs, resolve_config, validate
+from .config import (
+    TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, config_from_saved, parse_set_pairs, resolve_config,
+    validate,
+)
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them.
 FIXED_ON_RESUME = ("model", "lcm_lora", "lora_rank", "lora_targets", "horizon", "train_final_step",
                    "original_inference_steps", "resolution")
+# ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates.
+FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batch_size", "train_batch_size",
+                   "gradient_accumulation_steps", "num_inner_epochs")
 
 
 class UsageError(ValueError):
     """Bad command-line input that is not a config value."""
+
+
+def _faults() -> tuple[type[Exception], ...]:
+    """Runs that stopped on a fault (exit 1): the checkpoints written before are intact."""
+    from .checkpoint import CheckpointWriteError
+    from .faults import TrainingFault
+
+    return TrainingFault, CheckpointWriteError
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -40,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
     train.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key")
     train.add_argument("--output-dir", help="run folder (default: runs/<task>-<time>)")
-    train.add_argument("--resume", metavar="PATH", help="a run folder (its newest checkpoint) or RUN/checkpoint-N")
+    train.add_argument("--resume", metavar="PATH",
+                       help="a run folder (its newest intact checkpoint), RUN/checkpoint-N, or 'auto': continue "
+                            "--output-dir's newest intact checkpoint, or start there if it has none")
+    train.add_argument("--num-processes", type=int, default=1, metavar="N",
+                       help="processes on this machine (one per GPU; gloo on CPUs); default 1")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto | cpu | cuda")
 
@@ -95,30 +118,81 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resumed_config(checkpoint: Path, overrides: dict) -> TrainConfig:
-    from .trainer import saved_config
+def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None = None) -> TrainConfig:
+    """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
+    command line, for `--resume auto`), refused where it changes what the checkpoint depends on."""
+    from .checkpoint import read_training_state
 
-    values = saved_config(checkpoint)
-    before = dict(values)
+    state = read_training_state(checkpoint)
+    before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
+    values = dict(before)
+    if fresh is not None:
+        values = fresh.to_dict()
     apply_overrides(values, overrides, "--set")
-    for key in FIXED_ON_RESUME:
-        if values[key] != before[key]:
+    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH if state.get("update") else ())
+    defaults = TrainConfig()
+    for key in fixed:
+        old = before.get(key, getattr(defaults, key))
+        if values.get(key, getattr(defaults, key)) != old:
+            where = "a checkpoint stopped mid-epoch" if key in FIXED_MID_EPOCH else "a resumed run"
             raise ConfigError(
-                f"{key}={values[key]!r} differs from the checkpoint's {before[key]!r}; a resumed run cannot change it"
+                f"{key}={values.get(key)!r} differs from the checkpoint's {old!r}; {where} cannot change it"
             )
     return validate(TrainConfig(**values))
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .checkpoint import list_checkpoints, resolve_checkpoint
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    return Path(f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check the config once here, then run this command in --num-processes processes on this machine."""
+    import torch
+
+    from .launch import launch_local, without_option
+
+    if args.num_processes < 1:
+        raise UsageError(f"--num-processes {args.num_processes} is invalid: it must be >= 1")
+    if os.environ.get("WORLD_SIZE"):
+        raise UsageError("--num-processes cannot be used inside a launcher (accelerate launch, torchrun)")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if cuda and args.num_processes > torch.cuda.device_count():
+        raise UsageError(f"--num-processes {args.num_processes} is invalid: this machine has "
+                         f"{torch.cuda.device_count()} GPU(s); one process per GPU")
+    child = without_option(argv, "--num-processes")
+    if not args.resume and not args.output_dir:  # every process must write the same run folder
+        overrides = parse_set_pairs(args.set)
+        cfg = resolve_config(args.task, args.model, args.config, overrides)
+        child += ["--output-dir", str(_default_run_dir(cfg))]
+    return launch_local(args.num_processes, child)
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from .checkpoint import find_resumable, list_checkpoints, resolve_checkpoint
     from .trainer import Trainer, summarize
 
+    if args.num_processes != 1:
+        return _launch(args, argv)
     overrides = parse_set_pairs(args.set)
     for key in ("seed", "device"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     resume_from = None
-    if args.resume:
+    if args.resume == "auto":
+        if not args.output_dir:
+            raise UsageError("--resume auto needs --output-dir: the run folder to continue (or start)")
+        run_dir = Path(args.output_dir)
+        resume_from, skipped = find_resumable(run_dir)
+        for reason in skipped if _is_main_process() else ():
+            print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
+        from_args = None
+        if args.task or args.model or args.config:
+            from_args = resolve_config(args.task, args.model, args.config, overrides)
+        if resume_from is not None:
+            cfg = _resumed_config(resume_from, {} if from_args else overrides, from_args)
+        else:
+            cfg = from_args or resolve_config(None, None, None, overrides)
+    elif args.resume:
         resume_from = resolve_checkpoint(args.resume)
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
@@ -126,14 +200,20 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.output_dir) if args.output_dir else resume_from.parent
     else:
         cfg = resolve_config(args.task, args.model, args.config, overrides)
-        run_dir = Path(args.output_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.output_dir) if args.output_dir else _default_run_dir(cfg)
         if list_checkpoints(run_dir):
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
     cfg.output_dir = str(run_dir)
     trainer = Trainer(cfg, run_dir, resume_from)
-    print(f"rlcm-fast: training {cfg.model} on {cfg.reward} -> {run_dir}", file=sys.stderr)
+    say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
+    start = f" from {resume_from.name}" if resume_from is not None else ""
+    say(f"training {cfg.model} on {cfg.reward}{start} -> {run_dir}")
     records = trainer.train()
-    print(f"rlcm-fast: done, {summarize(records)}; checkpoints in {run_dir}", file=sys.stderr)
+    if trainer.stopped_at is not None:
+        say(f"stopped by {trainer.stop.received} after step {trainer.global_step}; wrote {trainer.stopped_at}. "
+            f"Resume with: rlcm-fast train --resume {run_dir} (or --resume auto --output-dir {run_dir})")
+        return 0
+    say(f"done, {summarize(records)}; checkpoints in {run_dir}")
     return 0
 
 
@@ -174,14 +254,28 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(exc: Exception) -> None:
+    """One line on stderr, after clearing progress bars an exception left mid-line."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"rlcm-fast: error: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": run_train, "sample": run_sample, "serve-reward": run_serve_reward}
-        return commands[args.command](args)
+        if args.command == "train":
+            return run_train(args, argv)
+        return {"sample": run_sample, "serve-reward": run_serve_reward}[args.command](args)
     except _user_errors() as exc:
-        print(f"rlcm-fast: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
+    except _faults() as exc:
+        _error(exc)
+        return 1
     except KeyboardInterrupt:
         print("rlcm-fast: interrupted; resume from the last checkpoint with --resume RUN_DIR", file=sys.stderr)
         return 130

@@ -92,6 +92,11 @@ class TrainConfig:
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch always gets one)
     grid_every: int = 1  # epochs between PNG sample grids (0: never)
 
+    # Reliability.
+    keep_checkpoints: int = 3  # newest checkpoints kept in the run folder (0: keep all)
+    max_nonfinite_steps: int = 5  # optimizer steps skipped in a row for non-finite loss/gradients before the run stops
+    gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass: less memory, more compute
+
     @property
     def trained_steps(self) -> int:
         """Actions trained per trajectory: H-1 by default, H with `train_final_step`."""
@@ -156,10 +161,29 @@ def _validate_reward_options(cfg: TrainConfig) -> None:
     _positive_float("reward_timeout", cfg.reward_timeout)
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """Every field has its declared type, however the config was built (YAML, --set, a checkpoint, code)."""
+    checks = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "str | None": lambda v: v is None or isinstance(v, str),
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }
+    checks["int | None"] = lambda v: v is None or checks["int"](v)
+    checks["float | None"] = lambda v: v is None or checks["float"](v)
+    for name, kind in _field_types().items():
+        value = getattr(cfg, name)
+        if kind in checks and not checks[kind](value):  # a kind not listed is checked by its own rule below
+            raise ConfigError(f"{name}={value!r} is invalid: expected {kind}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field; raise ConfigError naming the first bad value."""
     from .rewards import RewardError, check_reward_name
 
+    _check_types(cfg)
     if cfg.task not in TASK_PRESETS:
         raise ConfigError(f"task {cfg.task!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
     try:
@@ -200,8 +224,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 1 <= cfg.jpeg_quality <= 100:
         raise ConfigError(f"jpeg_quality={cfg.jpeg_quality} is invalid: it must be in 1..100")
     _validate_reward_options(cfg)
-    if cfg.reward_threads < 0 or cfg.grid_every < 0:
-        raise ConfigError("reward_threads and grid_every must be >= 0")
+    for name in ("reward_threads", "grid_every", "keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be >= 0")
     _validate_algorithm(cfg)
     if not cfg.lora_targets or not all(isinstance(t, str) and t for t in cfg.lora_targets):
         raise ConfigError(f"lora_targets={cfg.lora_targets!r} is invalid: it must be a non-empty list of module names")
@@ -297,6 +322,15 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any], source: s
         if key not in _field_types():
             raise _unknown_key(key, source)
         values[key] = _coerce(key, value, source)
+
+
+def config_from_saved(saved: Any, source: str) -> dict[str, Any]:
+    """Typed values of a config stored with a run (a checkpoint's), checked like a YAML file's."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"the config in {source} is not a mapping of key: value")
+    values: dict[str, Any] = {}
+    apply_overrides(values, saved, source)
+    return values
 
 
 def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:

@@ -23,16 +23,25 @@ class RunLogger:
 
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
-        self._drop_records_after(resume_epoch)
+        self._drop_records_after(resume_epoch, resume_step)
         # purge_step hides events a crashed run logged past the checkpoint we resume from.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step if resume_step else None)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
 
-    def _drop_records_after(self, epoch: int) -> None:
-        """On resume, forget what was logged after the checkpoint: those epochs run again."""
+    def _drop_records_after(self, epoch: int, step: int) -> None:
+        """On resume, forget what was logged after the checkpoint (`epoch` epochs and `step` optimizer
+        steps done, possibly mid-epoch): those steps and epochs run again."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
+
+        def before_checkpoint(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the half-written last line of a killed run
+                return False
+            return record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
+
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line and before_checkpoint(line)]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.metrics_path)

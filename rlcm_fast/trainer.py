@@ -11,6 +11,8 @@ from a checkpoint draws exactly the prompts, noises and shuffles an uninterrupte
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,16 +28,23 @@ from tqdm.auto import tqdm
 from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
-from .checkpoint import load_checkpoint, read_training_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError, CheckpointWriteError, checkpoint_name, load_checkpoint, load_tensors, read_training_state,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
+from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
 from .models import add_policy_lora, load_pipeline
 from .prompts import load_prompt_set
-from .rewards import AsyncReward, make_reward, reward_options
+from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
 from .sampler import LCMSampler, Trajectory
 from .stat_tracker import PerPromptStatTracker
 
 logger = logging.getLogger(__name__)
+
+SAMPLES_FILE = "epoch_samples.safetensors"  # a stopped epoch's samples, in a checkpoint-E-U
+GRID_IMAGES = 16  # images of the main process kept for the epoch's sample grid (save_sample_grid's maximum)
 
 
 @dataclass
@@ -85,6 +94,8 @@ class Trainer:
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the paper
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.train_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
 
         self.sampler = LCMSampler(
@@ -97,9 +108,19 @@ class Trainer:
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
         self.start_epoch, self.global_step = 0, 0
+        self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
+        self.stop = StopSignals(announce=self.is_main)
+        self.stopped_at: Path | None = None  # the checkpoint written when a signal stopped the run
+        self.resumed_epoch: tuple[EpochSamples, dict, int] | None = None  # samples, stats, updates done
+        self.epoch_in_progress: tuple[EpochSamples, dict] | None = None
+        self.last_saved: tuple[int, int] | None = None  # (epoch, update) of the newest checkpoint of this state
         if resume_from is not None:
             state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
             self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+            self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+            self.last_saved = (state["epoch"], state.get("update", 0))
+            if state.get("update"):
+                self.resumed_epoch = self.restore_stopped_epoch(resume_from, state)
         self.logger = None
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +141,8 @@ class Trainer:
         pending = []
         self.unet.eval()
         for _ in tqdm(range(rounds), desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False):
+            if agree(self.accelerator, self.stop.received)[0]:
+                raise StopTraining(0)  # nothing of this epoch is kept: it is redrawn identically on resume
             # G images of each prompt, side by side: [p0 x G, p1 x G, ...] (group advantages, REBEL pairs).
             picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size // cfg.images_per_prompt,),
                                   generator=prompt_gen)
@@ -131,7 +154,7 @@ class Trainer:
             pending.append(self.reward.submit(trajectory.images, prompts))
             trajectory.images = trajectory.images.cpu()
             trajectories.append(trajectory)
-        rewards = np.concatenate([future.result() for future in pending])
+        rewards = self.collect_rewards(pending)
         prompts = [p for t in trajectories for p in t.prompts]
         return EpochSamples(
             prompts=prompts,
@@ -141,6 +164,21 @@ class Trainer:
             advantages=torch.empty(0),
             images=torch.cat([t.images for t in trajectories]),
         )
+
+    def collect_rewards(self, pending) -> np.ndarray:
+        """The scored rewards; a reward that raised or returned unusable values is a RewardError naming it,
+        raised on every process (agreed) so that all of them stop and checkpoint together."""
+        error = None
+        try:
+            rewards = np.concatenate([future.result() for future in pending])
+        except RewardError as exc:
+            error = exc
+        except Exception as exc:  # the user's reward code: any exception is its failure
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            error = RewardError(f"reward {self.cfg.reward!r} raised {type(exc).__name__}: {detail}")
+        if agree(self.accelerator, error is not None)[0]:
+            raise error or RewardError(f"reward {self.cfg.reward!r} failed on another process")
+        return rewards
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
         """Gather every process's rewards and prompts, normalise (per prompt, or per group of one prompt's
@@ -159,9 +197,13 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, samples: EpochSamples) -> None:
+    def train_epoch(self, epoch: int, samples: EpochSamples, start_update: int = 0) -> None:
         """num_inner_epochs passes over the epoch's trained (sample, step) pairs, one optimizer step per
-        `gradient_accumulation_steps` minibatches' worth of samples (each covering all their trained steps)."""
+        `gradient_accumulation_steps` minibatches' worth of samples (each covering all their trained steps).
+
+        `start_update` > 0 continues an epoch stopped after that many updates: every shuffle is redrawn
+        and the finished updates are skipped, so the random streams stay those of an uninterrupted run.
+        """
         cfg = self.cfg
         n, total_steps = samples.log_probs.shape
         embeds = self.sampler.prompt_embeddings(samples.prompts)
@@ -171,13 +213,16 @@ class Trainer:
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
-        plans = [self.ppo_updates, self.rebel_updates][cfg.algorithm == "rebel"]
+        plans = self.rebel_updates if cfg.algorithm == "rebel" else self.ppo_updates
         units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
-        updates_per_pass = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
-        bar = tqdm(total=cfg.num_inner_epochs * updates_per_pass, desc=f"epoch {epoch + 1} training",
+        updates = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
+        bar = tqdm(total=cfg.num_inner_epochs * updates, initial=start_update, desc=f"epoch {epoch + 1} training",
                    disable=not self.is_main, leave=False)
-        for _ in range(cfg.num_inner_epochs):
-            for minibatches in plans(trained, shuffle_gen):
+        for inner in range(cfg.num_inner_epochs):
+            for update, minibatches in enumerate(plans(trained, shuffle_gen)):
+                done = inner * updates + update  # updates of this epoch finished before this one
+                if done < start_update:
+                    continue
                 sums: dict[str, float] = {}
                 for micro, (sample_idx, step_idx) in enumerate(minibatches):
                     sync = micro == len(minibatches) - 1
@@ -194,12 +239,8 @@ class Trainer:
                     for name, value in {"loss": loss.detach(), **stats}.items():
                         sums[name] = sums.get(name, 0.0) + float(value) / len(minibatches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
                 bar.update()
-                self.log_step(epoch, sums, float(grad_norm))
+                self.finish_update(epoch, sums, float(grad_norm), done + 1, cfg.num_inner_epochs * updates)
         bar.close()
 
     def ppo_updates(self, trained: torch.Tensor, generator: torch.Generator):
@@ -241,6 +282,30 @@ class Trainer:
             return rebel_loss(log_probs, old_log_probs, advantages[:, 0], cfg.rebel_eta, cfg.adv_clip_max)
         return clipped_policy_loss(log_probs, old_log_probs, advantages, cfg.clip_range, cfg.adv_clip_max)
 
+    def finish_update(self, epoch: int, sums: dict[str, float], grad_norm: float, done: int, total: int) -> None:
+        """The optimizer step, unless the loss or gradients are non-finite (then the step is skipped and
+        counted); then the stop decisions, agreed across processes."""
+        finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
+        stop, skip = agree(self.accelerator, self.stop.received, not finite)
+        if skip:
+            if self.is_main:
+                tqdm.write(f"rlcm-fast: warning: non-finite loss or gradient at step {self.global_step + 1} "
+                           f"(loss {sums.get('loss')}, grad norm {grad_norm}); optimizer step skipped", file=sys.stderr)
+        else:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.record(not skip)
+        self.global_step += 1
+        self.log_step(epoch, {**sums, "skipped": float(skip)}, grad_norm)
+        if self.nonfinite.exceeded:
+            raise StopTraining(done, fault=(
+                f"{self.nonfinite.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower learning_rate or max_grad_norm, "
+                "or check the reward"))
+        if stop and done < total:  # a stop after the epoch's last update lets the epoch end first
+            raise StopTraining(done)
+
     def pair_log_probs(self, states, sample_idx, step_idx, embeds):
         """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for rows (i, k); any k mix.
         With kl_beta > 0 also the per-row KL to the base model (LoRA off) at the same states, else None."""
@@ -276,27 +341,55 @@ class Trainer:
         names = sorted(sums)
         averaged = self.accelerator.reduce(torch.tensor([sums[k] for k in names], device=self.device), "mean")
         values = dict(zip(names, averaged.tolist()))
-        values.update(grad_norm=grad_norm, learning_rate=self.lr_scheduler.get_last_lr()[0])
+        values.update(grad_norm=grad_norm, learning_rate=self.lr_scheduler.get_last_lr()[0],
+                      skipped_steps=self.nonfinite.total)
         if self.logger:
             self.logger.log("step", epoch + 1, self.global_step, values)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
-        cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.epochs):
-            started = time.perf_counter()
-            samples = self.sample_epoch(epoch)
-            sampled = time.perf_counter()
-            epoch_stats = self.compute_advantages(samples)
-            self.train_epoch(epoch, samples)
-            trained = time.perf_counter()
-            epoch_stats.update(sample_seconds=sampled - started, train_seconds=trained - sampled)
-            self.end_epoch(epoch, samples, epoch_stats)
+        with self.stop:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                try:
+                    self.run_epoch(epoch)
+                except StopTraining as stop:
+                    checkpoint = self.save_position(epoch, stop.updates_done)
+                    if stop.fault:
+                        raise TrainingFault(f"{stop.fault}; {checkpoint.name} holds the last good state") from None
+                    self.stopped_at = checkpoint
+                    break
+                except RewardError as exc:
+                    if epoch == 0:  # nothing to keep: the initial state is the config's
+                        raise
+                    checkpoint = self.save_position(epoch, 0)
+                    raise RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}") from None
         if self.logger:
             self.logger.close()
             return self.logger.epoch_records()
         return []
+
+    def run_epoch(self, epoch: int) -> None:
+        phase = "sampling"
+        try:
+            started = time.perf_counter()
+            start_update = 0
+            if self.resumed_epoch is not None:  # continue the epoch a stopped run checkpointed
+                samples, epoch_stats, start_update = self.resumed_epoch
+                self.resumed_epoch = None
+            else:
+                samples = self.sample_epoch(epoch)
+                epoch_stats = self.compute_advantages(samples)
+                epoch_stats.update(sample_seconds=time.perf_counter() - started)
+            self.epoch_in_progress = (samples, epoch_stats)
+            phase = "training"
+            trained = time.perf_counter()
+            self.train_epoch(epoch, samples, start_update)
+            epoch_stats.update(train_seconds=time.perf_counter() - trained)
+            self.epoch_in_progress = None  # a stop from here on is at an epoch boundary; free the samples
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingFault(out_of_memory_message(self.cfg, phase, self.accelerator.num_processes)) from None
+        self.end_epoch(epoch, samples, epoch_stats)
 
     def end_epoch(self, epoch: int, samples: EpochSamples, stats: dict[str, float]) -> None:
         cfg, done = self.cfg, epoch + 1
@@ -310,12 +403,65 @@ class Trainer:
                 save_sample_grid(self.run_dir / "samples" / f"epoch-{done:04d}.png", samples.images,
                                  samples.prompts, samples.rewards.tolist())
             save_reward_plot(self.run_dir / "reward.png", self.logger.epoch_records(), cfg.reward)
-            if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-                save_checkpoint(
-                    self.run_dir, done, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker,
-                    {"global_step": self.global_step, "config": cfg.to_dict()},
-                )
+        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+            self.save_checkpoint(done)
         self.accelerator.wait_for_everyone()
+
+    # -- checkpoints (every process calls these; the main process writes) -------------------------------
+
+    def save_checkpoint(self, epoch: int, update: int = 0, extra: dict | None = None, stopped: dict | None = None) -> Path:
+        state = {"global_step": self.global_step, "config": self.cfg.to_dict(), "nonfinite": self.nonfinite.state_dict()}
+        if stopped:
+            state["stopped_epoch"] = stopped
+        error, self.last_saved = None, (epoch, update)
+        if self.is_main:
+            try:
+                save_checkpoint(self.run_dir, epoch, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker,
+                                state, update=update, extra_tensors=extra, keep=self.cfg.keep_checkpoints)
+            except CheckpointWriteError as exc:
+                error = exc
+        if agree(self.accelerator, error is not None)[0]:  # also the barrier after the write
+            raise error or CheckpointWriteError("the main process could not write a checkpoint")
+        return self.run_dir / checkpoint_name(epoch, update)
+
+    def save_position(self, epoch: int, updates_done: int) -> Path:
+        """Checkpoint `epoch` epochs plus `updates_done` updates of the next; mid-epoch, with that epoch's
+        samples and advantages (all processes', gathered) so the resume continues at the next update."""
+        if self.last_saved == (epoch, updates_done):  # e.g. stopped right after a scheduled checkpoint
+            return self.run_dir / checkpoint_name(epoch, updates_done)
+        if not updates_done:
+            return self.save_checkpoint(epoch)
+        samples, stats = self.epoch_in_progress
+        gather = self.accelerator.gather
+        tensors = {
+            "states": gather(samples.states.to(self.device).contiguous()).cpu(),
+            "log_probs": gather(samples.log_probs.to(self.device).contiguous()).cpu(),
+            "advantages": gather(samples.advantages.to(self.device).contiguous()).cpu(),
+            "rewards": gather(torch.as_tensor(samples.rewards, device=self.device)).cpu(),
+            "grid_images": samples.images[:GRID_IMAGES].contiguous(),
+        }
+        prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
+        stopped = {"updates_done": updates_done, "processes": self.accelerator.num_processes,
+                   "prompts": prompts, "stats": stats}
+        return self.save_checkpoint(epoch, updates_done, {SAMPLES_FILE: tensors}, stopped)
+
+    def restore_stopped_epoch(self, checkpoint: Path, state: dict) -> tuple[EpochSamples, dict, int]:
+        """This process's share of the samples a mid-epoch checkpoint holds, with the epoch's stats."""
+        stopped, processes = state["stopped_epoch"], self.accelerator.num_processes
+        if stopped["processes"] != processes:
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} stopped mid-epoch with {stopped['processes']} process(es); resume it "
+                f"with --num-processes {stopped['processes']}, or resume an epoch checkpoint (checkpoint-N) with any"
+            )
+        tensors = load_tensors(checkpoint, SAMPLES_FILE)
+        n = len(stopped["prompts"]) // processes
+        mine = slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
+        samples = EpochSamples(
+            prompts=stopped["prompts"][mine], states=tensors["states"][mine], log_probs=tensors["log_probs"][mine],
+            rewards=tensors["rewards"][mine].numpy(), advantages=tensors["advantages"][mine],
+            images=tensors["grid_images"] if self.is_main else torch.empty(0),
+        )
+        return samples, dict(stopped["stats"]), stopped["updates_done"]
 
 
 def saved_config(checkpoint: Path) -> dict:

@@ -1,6 +1,6 @@
 import pytest
 
-from rlcm_fast.config import ConfigError, TrainConfig, parse_set_pairs, resolve_config
+from rlcm_fast.config import ConfigError, TrainConfig, config_from_saved, parse_set_pairs, resolve_config, validate
 
 
 def test_paper_presets_follow_table_1():
@@ -63,3 +63,36 @@ def test_unknown_task_and_bad_files(tmp_path):
 def test_defaults_round_trip_through_a_dict():
     cfg = resolve_config()
     assert TrainConfig(**cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"keep_checkpoints": -1}, "keep_checkpoints=-1 is invalid: it must be >= 0"),
+    ({"max_nonfinite_steps": -2}, "max_nonfinite_steps=-2 is invalid: it must be >= 0"),
+    ({"gradient_checkpointing": "on"}, "gradient_checkpointing='on' in --set is invalid: expected bool"),
+    ({"keep_checkpoints": 1.5}, "keep_checkpoints=1.5 in --set is invalid: expected int"),
+])
+def test_reliability_keys_are_typed_and_range_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", "3", "epochs='3' is invalid: expected int"),
+    ("train_final_step", 1, "train_final_step=1 is invalid: expected bool"),
+    ("lora_targets", "to_q", "lora_targets='to_q' is invalid: expected list[str]"),
+    ("learning_rate", None, "learning_rate=None is invalid: expected float"),
+])
+def test_validate_checks_types_of_a_config_built_in_code(field, value, message):
+    cfg = resolve_config()
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(cfg)
+
+
+def test_a_stored_config_is_read_with_types_and_unknown_keys_refused():
+    stored = {**resolve_config().to_dict(), "epochs": 4.0}
+    assert config_from_saved(stored, "checkpoint 'c'")["epochs"] == 4
+    with pytest.raises(ConfigError, match="unknown config key 'keep_checkpoint' in checkpoint 'c'; did you mean 'keep_checkpoints'"):
+        config_from_saved({**stored, "keep_checkpoint": 2}, "checkpoint 'c'")
+    with pytest.raises(ConfigError, match="is not a mapping"):
+        config_from_saved(["epochs"], "checkpoint 'c'")

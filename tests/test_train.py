@@ -1,8 +1,6 @@
 """The trainer end to end on the tiny model: learning, resume, bad input, checkpoints diffusers can load."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,7 +40,8 @@ def test_tiny_model_learns_jpeg_compressibility(tmp_path):
 def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=2", "--set", "checkpoint_every=1")
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint-1", "checkpoint-2", "config.yaml", "metrics.jsonl", "reward.png", "samples", "tensorboard"]
+        "checkpoint-1", "checkpoint-2", "config.yaml", "latest", "metrics.jsonl", "reward.png", "samples",
+        "tensorboard"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
     assert any((run_dir / "tensorboard").iterdir())
     steps = records(run_dir, "step")
@@ -132,17 +131,5 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     (run_dir / "checkpoint-1" / "optimizer.safetensors").write_bytes(b"not a safetensors file")
     assert main(["train", "--resume", str(run_dir / "checkpoint-1"), "--set", "epochs=2"]) == 2
     err = capsys.readouterr().err
-    assert "checkpoint" in err and "unreadable" in err and not (run_dir / "checkpoint-2").exists()
-
-
-def test_two_processes_with_gloo(tmp_path):
-    run_dir = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "rlcm_fast", "train", "--device", "cpu", "--output-dir", str(run_dir), *FAST, "--set", "epochs=2"]
-    # cwd outside the checkout, so `-m rlcm_fast` imports the installed package, not the source tree.
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    epochs = records(run_dir, "epoch")
-    assert [r["samples"] for r in epochs] == [16, 16]  # 8 per process, gathered
-    assert (run_dir / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+    assert "checkpoint" in err and "is damaged: optimizer.safetensors has 22 bytes" in err
+    assert not (run_dir / "checkpoint-2").exists()

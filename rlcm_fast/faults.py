@@ -1,0 +1,104 @@
+"""Faults a long run survives or reports cleanly: stop signals, non-finite steps, running out of memory.
+
+The trainer asks these helpers at each optimizer step; under several processes every decision that
+changes control flow (stop, skip a step) is agreed through one small all-reduce, so no process leaves
+a collective that the others still wait in.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import torch
+
+
+class TrainingFault(RuntimeError):
+    """The run stopped on a fault it cannot go past (one line; the CLI exits 1)."""
+
+
+class StopTraining(Exception):
+    """Unwinds the epoch loop so that the trainer checkpoints the position `updates_done` into the epoch.
+
+    `fault` is None for a requested stop (a signal), else the message of the fault that stopped the run.
+    """
+
+    def __init__(self, updates_done: int, fault: str | None = None):
+        super().__init__(fault or "stop requested")
+        self.updates_done = updates_done
+        self.fault = fault
+
+
+def agree(accelerator, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over all processes (a single all-reduce; free with one process)."""
+    if accelerator.num_processes == 1:
+        return [bool(f) for f in flags]
+    values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64, device=accelerator.device)
+    return [bool(v) for v in accelerator.reduce(values, reduction="sum").tolist()]
+
+
+class StopSignals:
+    """While installed, SIGTERM and SIGINT only ask the run to stop at its next safe point (after the
+    current optimizer step); a second SIGINT interrupts at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        if self.announce:
+            print(f"rlcm-fast: {self.received} received; stopping after the current optimizer step "
+                  "to write a checkpoint (SIGINT again stops at once)", file=sys.stderr, flush=True)
+
+
+class NonFiniteSteps:
+    """Counts optimizer steps skipped for a non-finite loss or gradient: in total and in a row."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.in_a_row = 0
+
+    def record(self, finite: bool) -> None:
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        self.total += 0 if finite else 1
+
+    @property
+    def exceeded(self) -> bool:
+        return self.in_a_row > self.limit
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.in_a_row = int(state.get("total", 0)), int(state.get("in_a_row", 0))
+
+
+def out_of_memory_message(cfg, phase: str, processes: int) -> str:
+    """One line: what was running, the sizes in use, and every setting that lowers memory."""
+    return (
+        f"out of GPU memory while {phase} (per process: sample_batch_size={cfg.sample_batch_size}, "
+        f"train_batch_size={cfg.train_batch_size}, resolution={cfg.resolution}, horizon={cfg.horizon}, "
+        f"gradient_checkpointing={str(cfg.gradient_checkpointing).lower()}; {processes} process(es)). "
+        "To use less memory: lower sample_batch_size (sampling), lower train_batch_size and raise "
+        "gradient_accumulation_steps to keep the samples per update (training), "
+        "--set gradient_checkpointing=true (training), or lower resolution; the last checkpoint is intact, "
+        "resume it with --resume RUN_DIR (batch-size changes need an epoch checkpoint, checkpoint-N)"
+    )

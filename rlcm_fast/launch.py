@@ -1,0 +1,85 @@
+"""`rlcm-fast train --num-processes N`: N processes on this machine, set up as torchrun would.
+
+Each child runs `python -m rlcm_fast ...` with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT,
+which accelerate (and torch.distributed) read: one GPU per process on CUDA, gloo on CPUs. The children
+get their own session, so a Ctrl-C reaches them once, through this parent: SIGINT and SIGTERM are
+forwarded, and each child then finishes its optimizer step and joins the checkpoint the run writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+# After one process fails, how long the others get to finish (they may be writing a checkpoint).
+FAILURE_GRACE_SECONDS = 60.0
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGKILL when this launcher dies, so a killed launcher leaves no orphans."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def launch_local(num_processes: int, argv: list[str]) -> int:
+    """Run `python -m rlcm_fast <argv>` in `num_processes` processes; the first non-zero exit code, else 0."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes), "GROUP_RANK": "0"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    children = [
+        subprocess.Popen([sys.executable, "-m", "rlcm_fast", *argv],
+                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                         start_new_session=True, preexec_fn=_die_with_parent)
+        for rank in range(num_processes)
+    ]
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = None
+        while any(child.poll() is None for child in children):
+            failed = any(child.returncode not in (None, 0) for child in children)
+            if failed and deadline is None:
+                deadline = time.monotonic() + FAILURE_GRACE_SECONDS
+            if deadline is not None and time.monotonic() > deadline:  # the rest wait on the failed one forever
+                for child in children:
+                    if child.poll() is None:
+                        child.kill()
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    codes = [child.returncode for child in children]
+    failed = next((code for code in codes if code != 0), 0)
+    return failed if failed >= 0 else 128 - failed  # killed by signal N: 128 + N, as a shell reports it

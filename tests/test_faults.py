@@ -1,0 +1,374 @@
+"""Faults a run survives (issue 6): stop signals, SIGKILL at random points, non-finite steps, failing
+rewards, damaged checkpoints, a full disk, out-of-memory, and invalid configs. Every case checks its
+one-line error and that no earlier checkpoint is lost."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlcm_fast import checkpoint as ckpt_module
+from rlcm_fast import trainer as trainer_module
+from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
+from rlcm_fast.cli import main
+from rlcm_fast.sampler import LCMSampler
+from rlcm_fast.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+# Two optimizer updates per epoch (4 samples, minibatches of 2), so a run can stop mid-epoch.
+ARGS = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4",
+        "--set", "train_batch_size=2", "--set", "epochs=2", "--set", "checkpoint_every=1"]
+TIMINGS = ("sample_seconds", "train_seconds")
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
+
+
+def train(run_dir: Path, *extra) -> int:
+    return main(["train", "--output-dir", str(run_dir), *ARGS, *extra])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("rlcm-fast: error")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run: 2 epochs x 2 updates, a checkpoint per epoch."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert train(run_dir) == 0
+    return run_dir
+
+
+def copy_at_checkpoint_1(reference: Path, run_dir: Path) -> Path:
+    """The reference run as a kill after epoch 1's checkpoint would leave it (epoch 2 logged, not saved)."""
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "checkpoint-2")
+    (run_dir / "latest").write_text("checkpoint-1\n")
+    return run_dir
+
+
+def test_reference_run_writes_checkpoints_with_manifests_and_a_latest_pointer(reference):
+    assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (reference / "latest").read_text().strip() == "checkpoint-2"
+    for checkpoint in reference.glob("checkpoint-*"):
+        verify_checkpoint(checkpoint)
+    steps = [r for r in records(reference) if r["kind"] == "step"]
+    assert len(steps) == 4 and all(r["skipped"] == 0 and r["skipped_steps"] == 0 for r in steps)
+    assert not list(reference.glob(".*checkpoint*"))  # no temporary folders left
+
+
+def test_keep_checkpoints_prunes_older_ones_and_leftovers_of_killed_writers(tmp_path):
+    for name in ("checkpoint-1", "checkpoint-2", "checkpoint-2-1", "checkpoint-3", "checkpoint-5",
+                 ".checkpoint-4.tmp-1", ".checkpoint-2.trash-1"):
+        (tmp_path / name).mkdir()
+    ckpt_module.prune_checkpoints(tmp_path, keep=2, current=tmp_path / "checkpoint-3")
+    # The 2 newest up to the one just written stay; checkpoint-5 (after it: an older history) is left alone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2-1", "checkpoint-3", "checkpoint-5"]
+    ckpt_module.prune_checkpoints(tmp_path, keep=0, current=tmp_path / "checkpoint-3")
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_matches(reference, tmp_path, monkeypatch, capsys):
+    original = Trainer.finish_update
+
+    def signal_during_step_3(self, *args):
+        if self.global_step == 2:  # the first update of epoch 2 has run its backward passes
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "finish_update", signal_during_step_3)
+    run_dir = copy_at_checkpoint_1(reference, tmp_path / "run")
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "SIGTERM received" in err and f"Resume with: rlcm-fast train --resume {run_dir}" in err
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-1-1"  # 1 epoch + 1 update
+    assert (run_dir / "checkpoint-1-1" / trainer_module.SAMPLES_FILE).exists()
+    monkeypatch.setattr(Trainer, "finish_update", original)
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 0
+    assert records(run_dir) == records(reference)
+
+
+def start_run(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the thread count of this process: bitwise-equal sums
+    return subprocess.Popen([sys.executable, "-m", "rlcm_fast", "train", "--output-dir", str(run_dir), *ARGS,
+                             "--resume", "auto"], env=env, cwd=run_dir.parent, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_lines(run_dir: Path, count: int, child: subprocess.Popen, timeout: float = 120) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        assert child.poll() is None, child.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run logged nothing in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_point_always_resumes_to_the_same_metrics(reference, tmp_path, seed):
+    """Killed after a random number of logged lines plus a random delay (during training, logging or
+    a checkpoint write), `--resume auto` finishes the run with exactly the uninterrupted run's metrics."""
+    rng = np.random.default_rng(seed)
+    total = len(records(reference))  # 6 lines: 2 epochs x (2 steps + 1 epoch)
+    run_dir = tmp_path / "run"
+    child = start_run(run_dir)
+    wait_for_lines(run_dir, int(rng.integers(1, total)), child)
+    time.sleep(float(rng.uniform(0, 1.0)))
+    child.kill()
+    child.communicate()
+    found, skipped = find_resumable(run_dir)
+    assert not skipped  # the kill left no damaged checkpoint under a checkpoint's name
+    assert train(run_dir, "--resume", "auto") == 0  # the same command again, as a restart script would
+    assert records(run_dir) == records(reference), f"killed with {found} as the newest checkpoint"
+
+
+def nan_loss_from(step: int, until: int = 10**9):
+    original = trainer_module.clipped_policy_loss
+
+    def patched(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        return loss * float("nan") if step <= patched.trainer.global_step + 1 <= until else loss, stats
+
+    return patched
+
+
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(tmp_path, monkeypatch, capsys):
+    patched = nan_loss_from(1, until=1)
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", patched)
+    original, snapshots = Trainer.finish_update, {}
+
+    def finish_update(self, *args):
+        patched.trainer = self
+        before = [p.detach().clone() for p in self.params]
+        original(self, *args)
+        snapshots[self.global_step] = all(torch.equal(a, p) for a, p in zip(before, self.params))
+
+    monkeypatch.setattr(Trainer, "finish_update", finish_update)
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        patched.trainer = self
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--set", "epochs=1") == 0
+    assert "non-finite loss or gradient at step 1" in capsys.readouterr().err
+    steps = [r for r in records(run_dir) if r["kind"] == "step"]
+    assert [r["skipped"] for r in steps] == [1, 0] and [r["skipped_steps"] for r in steps] == [1, 1]
+    assert snapshots == {1: True, 2: False}  # the skipped step left the weights as they were, the next one trained
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint_of_the_last_good_state(tmp_path, monkeypatch, capsys):
+    patched = nan_loss_from(3)
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", patched)
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        patched.trainer = self
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--set", "max_nonfinite_steps=1") == 1
+    line = one_error_line(capsys)
+    assert "2 optimizer steps in a row had a non-finite loss or gradient (max_nonfinite_steps=1)" in line
+    assert "checkpoint-1-2 holds the last good state" in line
+    verify_checkpoint(run_dir / "checkpoint-1")  # the earlier checkpoint is intact
+    state = json.loads((run_dir / "checkpoint-1-2" / "training_state.json").read_text())
+    assert state["nonfinite"] == {"total": 2, "in_a_row": 2} and state["global_step"] == 4
+    # The stop checkpoint is the state after the last good step: resuming it (the fault gone) finishes.
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", nan_loss_from(10**9))
+    assert main(["train", "--resume", str(run_dir / "checkpoint-1-2"), "--set", "max_nonfinite_steps=5"]) == 0
+    assert [r["epoch"] for r in records(run_dir) if r["kind"] == "epoch"] == [1, 2]
+
+
+REWARD_FAULTS = {
+    "raises": ("    raise ValueError('the scorer crashed')\n", "raised ValueError: the scorer crashed"),
+    "nan": ("    return np.full(len(prompts), np.nan)\n", "returned non-finite values (nan at index 0)"),
+    "short": ("    return np.zeros(len(prompts) - 1)\n", "returned shape (3,), expected (4,)"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(REWARD_FAULTS))
+def test_a_failing_reward_is_named_after_saving_the_state_before_the_epoch(reference, tmp_path, capsys, fault):
+    body, message = REWARD_FAULTS[fault]
+    module = f"faulty_reward_{fault}"
+    good_calls = 1 if fault == "raises" else 0
+    (tmp_path / f"{module}.py").write_text(
+        "import numpy as np\nCALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
+        f"    if len(CALLS) <= {good_calls}:\n        return -images.mean(dim=(1, 2, 3)).numpy()\n" + body)
+    sys.path.insert(0, str(tmp_path))
+    run_dir = tmp_path / "run"
+    if fault == "raises":  # a fresh run: epoch 1 is not due a checkpoint, so the failure path writes it
+        assert train(run_dir, "--set", f"reward={module}:reward", "--set", "checkpoint_every=5") == 2
+    else:  # resumed from checkpoint-1: nothing new to save, the checkpoint stays as it was
+        copy_at_checkpoint_1(reference, run_dir)
+        assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", f"reward={module}:reward"]) == 2
+    line = one_error_line(capsys)
+    assert f"reward '{module}:reward' {message}" in line and "checkpoint-1 holds the state before epoch 2" in line
+    verify_checkpoint(run_dir / "checkpoint-1")
+    assert json.loads((run_dir / "checkpoint-1" / "training_state.json").read_text())["global_step"] == 2
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "no manifest"])
+def test_a_damaged_checkpoint_is_refused_and_auto_resume_takes_the_previous_one(reference, tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    newest = run_dir / "checkpoint-2"
+    target = newest / ("manifest.json" if damage == "no manifest" else "optimizer.safetensors")
+    data = target.read_bytes()
+    if damage == "truncated":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped byte":
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        target.unlink()
+    assert main(["train", "--resume", str(newest), "--set", "epochs=3"]) == 2
+    expected = {"truncated": f"optimizer.safetensors has {len(data) // 2} bytes, the manifest says {len(data)}",
+                "flipped byte": "optimizer.safetensors does not match its sha256", "no manifest": "has no manifest.json"}
+    assert expected[damage] in one_error_line(capsys)
+    found, skipped = find_resumable(run_dir)
+    assert found.name == "checkpoint-1" and expected[damage] in skipped[0]
+    verify_checkpoint(run_dir / "checkpoint-1")
+    if damage == "truncated":  # auto skips it (with a warning) and redoes epoch 2: the same metrics as before
+        assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 0
+        assert "warning: skipping checkpoint" in capsys.readouterr().err
+        assert records(run_dir) == records(reference)
+        verify_checkpoint(run_dir / "checkpoint-2")
+
+
+@pytest.mark.parametrize("failing_file", [ckpt_module.OPTIMIZER_FILE, ckpt_module.RNG_FILE])
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch, capsys,
+                                                                      failing_file):
+    original = ckpt_module.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if ".checkpoint-2." in path and path.endswith(failing_file):
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 100)  # a partly written file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module, "save_file", save_file)
+    run_dir = copy_at_checkpoint_1(reference, tmp_path / "run")
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 1
+    line = one_error_line(capsys)
+    assert f"could not write checkpoint-2 in '{run_dir}': No space left on device; checkpoint-1" in line
+    verify_checkpoint(run_dir / "checkpoint-1")
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
+    assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    assert find_resumable(run_dir)[0].name == "checkpoint-1"  # what `--resume auto` continues from
+
+
+@pytest.mark.parametrize("phase", ["sampling", "training"])
+def test_out_of_memory_is_one_message_with_the_sizes_and_the_remedies(tmp_path, monkeypatch, capsys, phase):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(LCMSampler if phase == "sampling" else Trainer,
+                        "sample" if phase == "sampling" else "pair_log_probs", oom)
+    run_dir = tmp_path / "run"
+    assert train(run_dir) == 1
+    line = [one_error_line(capsys)]
+    for part in (f"out of GPU memory while {phase}", "sample_batch_size=4", "train_batch_size=2", "resolution=32",
+                 "gradient_checkpointing=true", "gradient_accumulation_steps"):
+        assert part in line[0]
+
+
+def test_gradient_checkpointing_trains_identically(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--set", "epochs=1", "--set", "gradient_checkpointing=true") == 0
+    got, want = records(run_dir), records(reference)[:3]
+    assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm", "reward_mean"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_rank": 4}, "lora_rank=4 differs from the checkpoint's 8; a resumed run cannot change it"),
+    ({"keep_checkpoints": -1}, "keep_checkpoints=-1 is invalid: it must be >= 0"),
+    ({"max_nonfinite_steps": "many"}, "max_nonfinite_steps='many' in --set is invalid: expected int"),
+])
+def test_a_resumed_run_with_invalid_or_incompatible_settings_refuses(reference, tmp_path, capsys, change, message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    sets = [x for key, value in change.items() for x in ("--set", f"{key}={value}")]
+    assert main(["train", "--resume", str(run_dir), *sets]) == 2
+    assert message in one_error_line(capsys)
+    assert records(run_dir) == records(reference) and find_resumable(run_dir)[0].name == "checkpoint-2"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(learnin_rate=1e-3), "unknown config key 'learnin_rate' in checkpoint"),
+    (lambda c: c.update(stat_buffer_size=-3), "stat_buffer_size=-3 is invalid: it must be a positive integer"),
+    (lambda c: c.update(horizon="four"), "horizon='four' in checkpoint"),
+])
+def test_a_checkpoint_config_is_validated_like_any_other(reference, tmp_path, capsys, edit, message):
+    """A checkpoint whose stored config was edited (manifest rewritten to match) is checked on resume."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    state_file = run_dir / "checkpoint-2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    edit(state["config"])
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads((run_dir / "checkpoint-2" / "manifest.json").read_text())
+    manifest["files"]["training_state.json"] = {"bytes": state_file.stat().st_size,
+                                                "sha256": ckpt_module._sha256(state_file)}
+    (run_dir / "checkpoint-2" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=3"]) == 2
+    line = one_error_line(capsys)
+    assert message in line
+    if "unknown" in message:
+        assert "did you mean 'learning_rate'" in line
+
+
+def test_a_mid_epoch_checkpoint_refuses_a_different_batch_layout(reference, tmp_path, monkeypatch, capsys):
+    original = Trainer.finish_update
+
+    def signal_during_step_1(self, *args):
+        if self.global_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "finish_update", signal_during_step_1)
+    run_dir = tmp_path / "run"
+    assert train(run_dir) == 0
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "train_batch_size=4"]) == 2
+    assert ("train_batch_size=4 differs from the checkpoint's 2; a checkpoint stopped mid-epoch cannot change it"
+            in one_error_line(capsys))
+    verify_checkpoint(run_dir / "checkpoint-0-1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "auto"], "--resume auto needs --output-dir: the run folder to continue (or start)"),
+    (["--num-processes", "0"], "--num-processes 0 is invalid: it must be >= 1"),
+    (["--set", "keep_checkpoints=-1"], "keep_checkpoints=-1 is invalid: it must be >= 0"),
+])
+def test_bad_fault_options_are_one_line_exit_2(tmp_path, capsys, args, message):
+    assert main(["train", "--device", "cpu", *args]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--resume", "auto", "--set", "epochs=1") == 0
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
