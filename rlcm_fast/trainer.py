@@ -182,8 +182,12 @@ class Trainer:
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
-        plans = {"rebel": self.rebel_updates, "per_timestep": self.per_timestep_updates}.get(
-            cfg.algorithm if cfg.algorithm == "rebel" else cfg.train_rows, self.ppo_updates)
+        if cfg.algorithm == "rebel":
+            plans = self.rebel_updates
+        elif cfg.train_rows == "per_timestep":  # the straightforward path's loop
+            plans = self.per_timestep_updates
+        else:
+            plans = self.ppo_updates
         units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
         updates_per_pass = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
         bar = tqdm(total=cfg.num_inner_epochs * updates_per_pass, desc=f"epoch {epoch + 1} training",
