@@ -7,8 +7,10 @@ GPU part (when CUDA is there): time only, on the random-weight LCM_Dreamshaper_v
 (`sd15-lcm`) at the paper's compression hyperparameters: seconds per epoch split into sampling and
 training for every variant (random weights: the rewards mean nothing, the times do).
 
-Writes benchmarks/results/ablation_algorithms-<device>.json and .png.
+Writes benchmarks/results/ablation_algorithms-<device>.json and .png (DIR/ablation_algorithms.json and .png
+with --out-dir DIR). --quick: PPO with and without KL only, 1 epoch of 8 samples, no GPU part (a smoke run).
 Usage: python benchmarks/ablation_algorithms.py [--epochs 15] [--seed 0] [--kl-beta 0.01] [--gpu-epochs 1]
+       [--quick] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -111,19 +113,26 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl-beta", type=float, default=0.01)
     parser.add_argument("--gpu-epochs", type=int, default=1, help="epochs per sd15-lcm timing run (GPU only)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs of 8 samples, no GPU part")
+    parser.add_argument("--out-dir", default=None, help="write into DIR instead of benchmarks/results/")
     args = parser.parse_args()
+    # Quick: one sampling batch of 8 per epoch (REBEL: 4 pairs in one minibatch; group PPO: 2 groups of 4).
+    quick = {"epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 8} if args.quick else {}
+    table = {"ppo": VARIANTS["ppo"]} if args.quick else VARIANTS
 
     result = {"benchmark": "ablation_algorithms", **environment(),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": []}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for name, overrides in variants(args.kl_beta, VARIANTS).items():
+        for name, overrides in variants(args.kl_beta, table).items():
             print(f"tiny: {name}", file=sys.stderr)
             runs[name] = run_variant({"device": "cpu", "model": "tiny", "epochs": args.epochs, "seed": args.seed,
-                                      **overrides}, Path(tmp) / f"tiny-{name}", measure_kl=True)
+                                      **quick, **overrides}, Path(tmp) / f"tiny-{name}", measure_kl=True)
         result["cpu_tiny"] = {"seed": args.seed, "kl_beta": args.kl_beta, "runs": runs}
+        if args.quick:
+            result["skipped"].append({"part": "rebel and group_ppo variants", "reason": "--quick (smoke run)"})
 
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not args.quick:
             timings = {}
             for name, overrides in variants(args.kl_beta, GPU_VARIANTS).items():
                 print(f"sd15-lcm: {name}", file=sys.stderr)
@@ -133,10 +142,11 @@ def main() -> int:
                 timings[name] = {"config": run["config"], "epochs": run["epochs"]}
             result["gpu_sd15_lcm"] = timings
         else:
-            result["skipped"].append({"part": "gpu_sd15_lcm timings", "reason": "CUDA is not available"})
+            reason = "--quick (smoke run)" if args.quick else "CUDA is not available"
+            result["skipped"].append({"part": "gpu_sd15_lcm timings", "reason": reason})
 
-    plot(result, results_path("ablation_algorithms", ".png"))
-    print(f"wrote {write_result('ablation_algorithms', result)}")
+    plot(result, results_path("ablation_algorithms", ".png", args.out_dir))
+    print(f"wrote {write_result('ablation_algorithms', result, args.out_dir)}")
     for name, run in result["cpu_tiny"]["runs"].items():
         first, last = run["epochs"][0]["reward_mean"], run["epochs"][-1]["reward_mean"]
         print(f"{name:14s} reward {first:+.3f} -> {last:+.3f}  KL to base {run['final_kl_to_base']:.4f}  "

@@ -11,7 +11,8 @@ images. Real weights cannot be downloaded on these machines, so the tower is ViT
 architecture with random weights (same FLOPs; the score values are meaningless, the speed is not).
 
 Rows that cannot run here (no GPU, no torchvision) are listed under "skipped" with the reason.
-Writes benchmarks/results/bench_rewards-<device>.json. Usage: python benchmarks/bench_rewards.py [--quick]
+Writes benchmarks/results/bench_rewards-<device>.json (or DIR/bench_rewards.json with --out-dir DIR).
+Usage: python benchmarks/bench_rewards.py [--quick] [--sizes 512,768] [--batches 8,32] [--no-aesthetic] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def time_call(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-def jpeg_rows(device: torch.device, repeats: int, skipped: list) -> list[dict]:
+def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, batches=BATCHES) -> list[dict]:
     threads_all = os.cpu_count() or 1
     backends = [("pillow", 1), ("pillow", threads_all)]
     try:
@@ -83,8 +84,8 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list) -> list[dict]:
     else:
         skipped.append({"row": "jpeg nvjpeg", "reason": reason})
     rows = []
-    for size in SIZES:
-        for batch in BATCHES:
+    for size in sizes:
+        for batch in batches:
             images = natural_images(batch, size).to(device)
             for backend, threads in backends:
                 try:
@@ -150,7 +151,13 @@ def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="JPEG image sizes, comma-separated")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="JPEG batch sizes, comma-separated")
+    parser.add_argument("--no-aesthetic", action="store_true", help="skip the aesthetic scorer's rows")
+    parser.add_argument("--out-dir", default=None, help="write DIR/bench_rewards.json instead of benchmarks/results/")
     args = parser.parse_args()
+    sizes = tuple(int(v) for v in args.sizes.split(","))
+    batches = tuple(int(v) for v in args.batches.split(","))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     repeats = 2 if args.quick else 5
@@ -166,15 +173,19 @@ def main() -> int:
         # Other work on the machine skews CPU figures; the load average says how much there was.
         "load_average_at_start": os.getloadavg(),
         "jpeg_quality": 95,
-        "jpeg": jpeg_rows(device, repeats, skipped),
+        "jpeg": jpeg_rows(device, repeats, skipped, sizes, batches),
     }
     # On a CPU a ViT-L/14 forward takes seconds per image: batch 8 only, fewer repeats.
-    result["aesthetic"] = aesthetic_rows(device, BATCHES if cuda else (8,), repeats if cuda else 2)
-    if not cuda:
-        skipped.append({"row": "aesthetic batch 32", "reason": "CPU run: batch 8 only"})
+    if args.no_aesthetic:
+        result["aesthetic"] = []
+        skipped.append({"row": "aesthetic", "reason": "--no-aesthetic"})
+    else:
+        result["aesthetic"] = aesthetic_rows(device, BATCHES if cuda else (8,), repeats if cuda else 2)
+        if not cuda:
+            skipped.append({"row": "aesthetic batch 32", "reason": "CPU run: batch 8 only"})
     result["load_average_at_end"] = os.getloadavg()
     result["skipped"] = skipped
-    print(f"wrote {write_result('bench_rewards', result)}")
+    print(f"wrote {write_result('bench_rewards', result, args.out_dir)}")
     return 0
 
 

@@ -11,7 +11,7 @@ CPU (`--device cpu`, or no CUDA): the same rows on the `tiny` model at 32 px wit
 variants (inductor compiles take minutes there); a smoke test of the script, not a speed claim.
 
 Writes benchmarks/results/bench_sampler-<device>.json.
-Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10]
+Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out-dir", default=None, help="write DIR/bench_sampler.json instead of benchmarks/results/")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -139,7 +140,7 @@ def main() -> int:
         base = next(r for r in result["rows"] if r["variant"] == "diffusers eager"
                     and (r["horizon"], r["batch"]) == (row["horizon"], row["batch"]))
         row["speedup_vs_diffusers_eager"] = base["seconds_per_call"] / row["seconds_per_call"]
-    print(f"wrote {write_result('bench_sampler', result)}")
+    print(f"wrote {write_result('bench_sampler', result, args.out_dir)}")
     return 0
 
 

@@ -10,11 +10,13 @@ call, kernels launched from Python as in eager training) and `graph_time_us` fro
 step must move (every input read once, every output written once), as a fraction of this device's
 measured device-to-device copy bandwidth. Writes benchmarks/results/bench_step-<device>.json.
 
-Usage: python benchmarks/bench_step.py   (needs CUDA; elsewhere it says so and exits 0)
+Usage: python benchmarks/bench_step.py [--out-dir DIR]   (needs CUDA; elsewhere it says so and exits 0)
+With --out-dir the JSON goes to DIR/bench_step.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -108,6 +110,9 @@ def graph_time_us(fn, do_bench_cudagraph) -> float | str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=None, help="write DIR/bench_step.json instead of benchmarks/results/")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_step: no CUDA device here; nothing measured, no results written.")
         return 0
@@ -168,6 +173,8 @@ def main() -> int:
         results=results,
     )
     out_path = REPO_ROOT / "benchmarks" / "results" / f"bench_step-{re.sub(r'[^A-Za-z0-9._-]+', '-', device_name)}.json"
+    if args.out_dir:
+        out_path = Path(args.out_dir) / "bench_step.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out_path}")

@@ -1,5 +1,6 @@
 """What every benchmark records beside its figures: the machine, the versions, the commit, and where
-the JSON goes (benchmarks/results/<name>-<device>.json)."""
+the JSON goes: benchmarks/results/<name>-<device>.json by default, or <out_dir>/<name>.json when a
+benchmark is given --out-dir (run_all.py uses benchmarks/results/<device>/)."""
 
 from __future__ import annotations
 
@@ -61,13 +62,18 @@ def environment() -> dict:
     }
 
 
-def results_path(name: str, suffix: str = ".json") -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
-    return RESULTS_DIR / f"{name}-{slug}{suffix}"
+def device_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
 
 
-def write_result(name: str, result: dict) -> Path:
-    path = results_path(name)
+def results_path(name: str, suffix: str = ".json", out_dir: str | Path | None = None) -> Path:
+    if out_dir is not None:
+        return Path(out_dir) / f"{name}{suffix}"
+    return RESULTS_DIR / f"{name}-{device_slug()}{suffix}"
+
+
+def write_result(name: str, result: dict, out_dir: str | Path | None = None) -> Path:
+    path = results_path(name, out_dir=out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

@@ -1,4 +1,4 @@
-"""`rlcm-fast`: train an LCM with RLCM, or sample from one (with a trained LoRA)."""
+"""`rlcm-fast`: train an LCM with RLCM (or Stable Diffusion with the DDPO baseline), or sample from one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .config import (
 )
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them.
-FIXED_ON_RESUME = ("model", "lcm_lora", "lora_rank", "lora_targets", "horizon", "train_final_step",
+FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_targets", "horizon", "train_final_step",
                    "original_inference_steps", "resolution")
 # ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates.
 FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batch_size", "train_batch_size",
@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the paper's task presets: {', '.join(TASK_PRESETS)} (default: compressibility)")
     train.add_argument("--model", default=None,
                        help="'tiny' (default, random, CPU-sized), 'sd15-lcm' (random weights, LCM_Dreamshaper_v7's "
-                            "architecture), a diffusers LCM folder or hub id")
+                            "architecture), a diffusers LCM folder or hub id; with --algo ddpo: 'tiny-sd' (default), "
+                            "'sd15' (random weights, SD1.5's architecture), a Stable Diffusion folder or hub id")
+    train.add_argument("--algo", default=None, metavar="rlcm|ddpo",
+                       help="rlcm (default): RL on an LCM; ddpo: the DDPO baseline (DDIM, CFG) on a Stable Diffusion "
+                            "model (config key `method`)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
     train.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key")
     train.add_argument("--output-dir", help="run folder (default: runs/<task>-<time>)")
@@ -177,6 +181,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     for key in ("seed", "device"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    if args.algo is not None:
+        overrides["method"] = args.algo
     resume_from = None
     if args.resume == "auto":
         if not args.output_dir:
@@ -225,14 +231,16 @@ def run_sample(args: argparse.Namespace) -> int:
     from .trainer import saved_config
 
     run = saved_config(resolve_checkpoint(args.lora)) if args.lora else {}
-    model = args.model or run.get("model", "tiny")
+    method = run.get("method", "rlcm")
+    model = args.model or run.get("model", "tiny" if method == "rlcm" else "tiny-sd")
     if args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images} is invalid: it must be >= 1")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"))
+    pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"), method=method)
+    extra = {"eta": run.get("eta", 1.0)} if method == "ddpo" else {}  # DDPO's policy samples DDIM with its eta
     if args.lora:
         pipe.load_lora_weights(str(resolve_checkpoint(args.lora)))
     horizon = args.horizon or run.get("horizon", 4)
@@ -245,7 +253,7 @@ def run_sample(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for p, prompt in enumerate(args.prompt):
         images = pipe(prompt=[prompt] * args.num_images, num_inference_steps=horizon, guidance_scale=guidance,
-                      height=resolution, width=resolution, generator=generator, output_type="pil").images
+                      height=resolution, width=resolution, generator=generator, output_type="pil", **extra).images
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
         for i, image in enumerate(images):
             path = out / f"{p:02d}-{slug}-{i:02d}.png"

@@ -1,7 +1,8 @@
 """Training configuration: one typed, validated dataclass, the paper's task presets, and overrides.
 
 Resolution order (later wins): field defaults -> the task's preset (DESIGN.md section 3.3, the paper's
-Table 1) -> the tiny-model preset when `model == "tiny"` -> a YAML file -> `--set key=value` pairs.
+Table 1) -> the DDPO preset when `method == "ddpo"` -> the tiny-model preset when `model` is "tiny" or
+"tiny-sd" -> a YAML file -> `--set key=value` pairs.
 Every value is checked when the config is built, so bad input fails before any run state is written.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from .algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS
-from .models import DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS
+from .models import DEFAULT_LORA_TARGETS, METHODS, TINY_LORA_TARGETS
 from .prompts import PROMPT_SETS
 
 
@@ -44,6 +45,18 @@ class TrainConfig:
     guidance_scale: float = 8.0
     original_inference_steps: int = 50
     train_final_step: bool = False  # True: also train the reference's no-op action after the last call
+
+    # Method (RLCM or the DDPO baseline). DDPO reuses horizon (its DDIM steps) and guidance_scale (its
+    # classifier-free guidance scale); see DDPO_METHOD_PRESET and rlcm_fast/ddpo.py.
+    method: str = "rlcm"  # rlcm (an LCM, consistency sampling) | ddpo (Stable Diffusion, DDIM); CLI --algo
+    eta: float = 1.0  # DDPO: DDIM eta, the action's std = eta * sigma_t (1.0: DDPO's)
+
+    # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
+    # torch.compile / CUDA-graph switches belong here once those paths exist (issue 3).
+    policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch
+    train_rows: str = "flattened"  # flattened: minibatches mix (sample, step) rows | per_timestep: one step at a time
+    reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
+    reward_overlap: bool = True  # score on a worker thread while the next batch samples | false: wait for it
 
     # LoRA on the UNet.
     lora_rank: int = 16
@@ -99,8 +112,8 @@ class TrainConfig:
 
     @property
     def trained_steps(self) -> int:
-        """Actions trained per trajectory: H-1 by default, H with `train_final_step`."""
-        return self.horizon if self.train_final_step else self.horizon - 1
+        """Actions trained per trajectory: H-1 by default, H with `train_final_step`; DDPO: all its steps."""
+        return self.horizon if self.train_final_step or self.method == "ddpo" else self.horizon - 1
 
     @property
     def samples_per_epoch(self) -> int:
@@ -133,6 +146,18 @@ TINY_MODEL_PRESET: dict[str, Any] = dict(
     gradient_accumulation_steps=1, learning_rate=3e-3, clip_range=1e-2, stat_buffer_size=32,
     stat_min_count=8, prompts="simple_animals",
 )
+
+# The DDPO baseline's defaults (DESIGN.md section 3.6; ddpo-pytorch's config/base.py: sample/train batch 1,
+# 2 sampling batches per epoch, LoRA rank 4 on the attention projections, 512 px, 50 DDIM steps, CFG 5).
+DDPO_METHOD_PRESET: dict[str, Any] = dict(
+    learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, guidance_scale=5.0, horizon=50,
+    eta=1.0, step_fraction=1.0, sample_batch_size=1, batches_per_epoch=2, train_batch_size=1,
+    gradient_accumulation_steps=1, lora_rank=4, lora_alpha=4.0, resolution=512,
+)
+
+# The tiny SD model at CPU scale, for DDPO: the tiny preset with 10 DDIM steps instead of 50 (so a CPU run
+# and a test take seconds per epoch); CFG stays 5.
+TINY_SD_MODEL_PRESET: dict[str, Any] = {**TINY_MODEL_PRESET, "horizon": 10, "guidance_scale": 5.0}
 
 DEVICES = ("auto", "cpu", "cuda")  # several GPUs: one process each, through accelerate
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -208,7 +233,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive_int(name, getattr(cfg, name))
     for name in ("lora_alpha", "learning_rate", "clip_range", "adv_clip_max", "max_grad_norm", "adam_epsilon"):
         _positive_float(name, getattr(cfg, name))
-    if cfg.horizon > cfg.original_inference_steps:
+    if cfg.method == "rlcm" and cfg.horizon > cfg.original_inference_steps:
         raise ConfigError(
             f"horizon={cfg.horizon} is invalid: it must be <= original_inference_steps={cfg.original_inference_steps}"
         )
@@ -228,9 +253,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be >= 0")
     _validate_algorithm(cfg)
+    _validate_method_and_switches(cfg)
     if not cfg.lora_targets or not all(isinstance(t, str) and t for t in cfg.lora_targets):
         raise ConfigError(f"lora_targets={cfg.lora_targets!r} is invalid: it must be a non-empty list of module names")
     return cfg
+
+
+SWITCHES = {"policy_step_backend": ("auto", "reference"), "train_rows": ("flattened", "per_timestep"),
+            "reward_device": ("auto", "cpu")}
+
+
+def _validate_method_and_switches(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method {cfg.method!r} is unknown; allowed: {', '.join(METHODS)}")
+    if cfg.method == "ddpo" and not (math.isfinite(cfg.eta) and 0 < cfg.eta <= 1):
+        raise ConfigError(f"eta={cfg.eta} is invalid: DDPO's DDIM eta must be in (0, 1] (0 has no log-density)")
+    for name, allowed in SWITCHES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
+    if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
+        raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
+                          "trajectory's steps together (use train_rows=flattened)")
 
 
 def _validate_algorithm(cfg: TrainConfig) -> None:
@@ -370,7 +413,8 @@ def resolve_config(
 ) -> TrainConfig:
     """Build the config from the task preset, the model preset, a YAML file and explicit overrides.
 
-    The task and the model pick the presets, so they are found first: argument > --set > file > default.
+    The task, the method and the model pick the presets, so they are found first: argument > --set > file >
+    default. With method ddpo and no model given, the model is "tiny-sd".
     """
     file_values = load_yaml(config_file) if config_file else {}
     overrides = dict(overrides or {})
@@ -378,13 +422,20 @@ def resolve_config(
         overrides["task"] = task
     if model:
         overrides["model"] = model
-    chosen = {key: overrides.get(key, file_values.get(key, getattr(TrainConfig, key))) for key in ("task", "model")}
+    chosen = {key: overrides.get(key, file_values.get(key, getattr(TrainConfig, key)))
+              for key in ("task", "model", "method")}
     if chosen["task"] not in TASK_PRESETS:
         raise ConfigError(f"task {chosen['task']!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
     values: dict[str, Any] = {}
     apply_overrides(values, TASK_PRESETS[chosen["task"]], "the task preset")
+    if chosen["method"] == "ddpo":
+        apply_overrides(values, DDPO_METHOD_PRESET, "the DDPO preset")
+        if "model" not in overrides and "model" not in file_values:
+            values["model"] = chosen["model"] = "tiny-sd"
     if chosen["model"] == "tiny":
         apply_overrides(values, TINY_MODEL_PRESET, "the tiny preset")
+    elif chosen["model"] == "tiny-sd":
+        apply_overrides(values, TINY_SD_MODEL_PRESET, "the tiny-sd preset")
     apply_overrides(values, file_values, f"config file {str(config_file)!r}")
     apply_overrides(values, overrides, "--set")
     return validate(TrainConfig(**values))

@@ -1,6 +1,7 @@
-"""Loading the LCM pipeline to fine-tune, and the LoRA policy adapter on its UNet.
+"""Loading the pipeline to fine-tune (an LCM for RLCM, Stable Diffusion for the DDPO baseline), and the
+LoRA policy adapter on its UNet.
 
-`load_pipeline` accepts a hub id or local diffusers folder (real use) and two presets with random
+`load_pipeline` accepts a hub id or local diffusers folder (real use) and presets with random
 weights that need no network (DESIGN.md section 4):
 
 - `tiny`: a ~1.5M-parameter LCM (32 px images, 16x16x4 latents) built deterministically in code and
@@ -9,6 +10,11 @@ weights that need no network (DESIGN.md section 4):
   pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a) explodes at t=999, a sample-predictor stays bounded.
 - `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
   memory directly on the target device and dtype; the speed benchmarks use it.
+- `tiny-sd`, `sd15`: the same two without the guidance embedding (`time_cond_proj_dim`), i.e. Stable
+  Diffusion pipelines with a DDIM scheduler, for the DDPO baseline (DESIGN.md section 3.6).
+
+An LCM is told from a Stable Diffusion UNet by that guidance embedding; `load_pipeline` refuses a
+pipeline of the wrong kind for the method with one line (SD1.5 + an LCM-LoRA adapter is an LCM).
 
 The LoRA helpers go through diffusers' adapter API on the UNet (peft underneath) and write files that
 a user's `pipe.load_lora_weights(directory)` reads.
@@ -27,7 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -46,6 +53,10 @@ TINY_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("conv1", "conv2", "conv_out", "proj_
 POLICY_ADAPTER = "default"
 
 MODEL_CHOICES = "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"
+SD_MODEL_CHOICES = "expected 'tiny-sd', 'sd15', a local Stable Diffusion pipeline folder, or a reachable hub id"
+LCM_PRESETS = ("tiny", "sd15-lcm")
+SD_PRESETS = ("tiny-sd", "sd15")
+METHODS = ("rlcm", "ddpo")
 TINY_PRESET_VERSION = 1  # bump when the tiny weights change without a change to TINY's configs
 _INIT_SEED = 0
 
@@ -146,38 +157,103 @@ TINY = _ArchitectureSpec(
     scheduler={**LCM_SCHEDULER_CONFIG, "prediction_type": "sample"},
 )
 
+# Stable Diffusion v1.5's scheduler_config.json, as read by DDIMScheduler (its PNDM-only keys dropped).
+SD_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+    thresholding=False,
+)
+
+
+def _without_guidance_embedding(spec: _ArchitectureSpec, scheduler: dict) -> _ArchitectureSpec:
+    unet = {key: value for key, value in spec.unet.items() if key != "time_cond_proj_dim"}
+    return dataclasses.replace(spec, unet=unet, scheduler=scheduler)
+
+
+# SD1.5's architecture: LCM_Dreamshaper_v7's without the guidance projection (the DDPO paper's model).
+SD15 = _without_guidance_embedding(SD15_LCM, SD_SCHEDULER_CONFIG)
+# The tiny LCM without its guidance input; sample prediction for the same reason as `tiny`.
+TINY_SD = _without_guidance_embedding(TINY, {**SD_SCHEDULER_CONFIG, "prediction_type": "sample"})
+
 
 def load_pipeline(
     model: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     lcm_lora: str | None = None,
-) -> LatentConsistencyModelPipeline:
-    """The pipeline for `model` on `device`, base weights in `dtype`, frozen, in eval mode, with an
-    `LCMScheduler`.
+    method: str = "rlcm",
+) -> LatentConsistencyModelPipeline | StableDiffusionPipeline:
+    """The pipeline for `model` on `device`, base weights in `dtype`, frozen, in eval mode.
 
-    `model` is "tiny", "sd15-lcm", a local diffusers pipeline folder or a hub id. `lcm_lora` names an
-    LCM-LoRA adapter (e.g. latent-consistency/lcm-lora-sdv1-5 on an SD1.5 model); it is fused into
-    the base weights and unloaded, so a fresh policy LoRA can go on top. Such a UNet has no guidance
-    embedding (`guidance_embedding` returns None); diffusers' own LatentConsistencyModelPipeline
-    __call__ cannot run it, the package's sampler can.
+    method "rlcm": an LCM with an `LCMScheduler`. `model` is "tiny", "sd15-lcm", a local diffusers
+    pipeline folder or a hub id. `lcm_lora` names an LCM-LoRA adapter (e.g.
+    latent-consistency/lcm-lora-sdv1-5 on an SD1.5 model); it is fused into the base weights and
+    unloaded, so a fresh policy LoRA can go on top. Such a UNet has no guidance embedding
+    (`guidance_embedding` returns None); diffusers' own LatentConsistencyModelPipeline __call__ cannot
+    run it, the package's sampler can.
+
+    method "ddpo": a Stable Diffusion pipeline with a `DDIMScheduler`: "tiny-sd", "sd15", a folder or
+    a hub id. A pipeline of the other kind raises ModelLoadError (one line).
     """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; allowed: {', '.join(METHODS)}")
     device = torch.device(device)
+    if method == "ddpo":
+        return _load_sd_pipeline(model, device, dtype, lcm_lora)
+    if model in SD_PRESETS:
+        raise ModelLoadError(f"model {model!r} is a Stable Diffusion preset (no LCM guidance embedding): "
+                             f"train it with --algo ddpo, or pick an LCM: {MODEL_CHOICES}")
     if model == "tiny":
-        pipe = _from_pretrained(model, _tiny_pipeline_folder(), dtype)
+        pipe = _from_pretrained(model, _preset_folder("tiny", TINY), dtype)
     elif model == "sd15-lcm":
         pipe = _build_random_pipeline(SD15_LCM, device, dtype)
     else:
         pipe = _from_pretrained(model, model, dtype)
+    if pipe.unet.config.time_cond_proj_dim is None and lcm_lora is None:
+        raise ModelLoadError(f"model {model!r} is a Stable Diffusion pipeline (no LCM guidance embedding): train it "
+                             "with --algo ddpo, or make it an LCM with --set lcm_lora=<LCM-LoRA adapter>")
     if not isinstance(pipe.scheduler, LCMScheduler):
         # e.g. a plain SD1.5 folder (PNDM), to be used with the LCM-LoRA adapter.
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     if lcm_lora is not None:
         _fuse_lcm_lora(pipe, lcm_lora)
+    _freeze(pipe)
+    return pipe
+
+
+def _load_sd_pipeline(model: str, device: torch.device, dtype: torch.dtype, lcm_lora: str | None):
+    if lcm_lora is not None:
+        raise ModelLoadError(f"lcm_lora {lcm_lora!r} makes an LCM; the DDPO baseline trains the Stable Diffusion model "
+                             "itself: drop lcm_lora or use --algo rlcm")
+    if model in LCM_PRESETS:
+        raise ModelLoadError(f"model {model!r} is an LCM preset; --algo ddpo needs a Stable Diffusion pipeline: "
+                             f"{SD_MODEL_CHOICES}")
+    if model == "tiny-sd":
+        pipe = _from_pretrained(model, _preset_folder("tiny-sd", TINY_SD), dtype, StableDiffusionPipeline)
+    elif model == "sd15":
+        pipe = _build_random_pipeline(SD15, device, dtype)
+    else:
+        pipe = _from_pretrained(model, model, dtype, StableDiffusionPipeline)
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise ModelLoadError(f"model {model!r} is an LCM (its UNet has a guidance embedding); --algo ddpo needs a "
+                             f"Stable Diffusion pipeline: {SD_MODEL_CHOICES}")
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # DDPO samples with DDIM
+    pipe.to(device)
+    _freeze(pipe)
+    return pipe
+
+
+def _freeze(pipe) -> None:
     for component in (pipe.unet, pipe.vae, pipe.text_encoder):
         component.requires_grad_(False).eval()
-    return pipe
 
 
 def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
@@ -186,9 +262,16 @@ def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
     return _build_random_pipeline(TINY, torch.device("cpu"), torch.float32)
 
 
+def build_tiny_sd_pipeline() -> StableDiffusionPipeline:
+    """The tiny-sd preset in memory: `tiny`'s UNet without the guidance embedding (same VAE, text
+    encoder, tokenizer), DDIM scheduler; `load_pipeline("tiny-sd", method="ddpo")` loads its cached copy."""
+    return _build_random_pipeline(TINY_SD, torch.device("cpu"), torch.float32)
+
+
 def _build_random_pipeline(
     spec: _ArchitectureSpec, device: torch.device, dtype: torch.dtype
-) -> LatentConsistencyModelPipeline:
+) -> LatentConsistencyModelPipeline | StableDiffusionPipeline:
+    """An LCM pipeline when the UNet spec has a guidance embedding, else Stable Diffusion with DDIM."""
     tokenizer = build_clip_tokenizer()
     text_encoder_config = CLIPTextConfig(
         **spec.text_encoder,
@@ -201,12 +284,14 @@ def _build_random_pipeline(
         vae = AutoencoderKL(**spec.vae)
         text_encoder = CLIPTextModel(text_encoder_config)
     # The scheduler is built outside that context: its tables must stay float32 on the CPU.
-    return LatentConsistencyModelPipeline(
+    is_lcm = spec.unet.get("time_cond_proj_dim") is not None
+    pipeline_class = LatentConsistencyModelPipeline if is_lcm else StableDiffusionPipeline
+    return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=LCMScheduler(**spec.scheduler),
+        scheduler=(LCMScheduler if is_lcm else DDIMScheduler)(**spec.scheduler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -235,19 +320,23 @@ def _deterministic_init(device: torch.device, dtype: torch.dtype):
 
 
 def _tiny_pipeline_folder() -> Path:
-    """The cached diffusers folder of the tiny preset, written once and atomically (concurrent
+    return _preset_folder("tiny", TINY)
+
+
+def _preset_folder(name: str, spec: _ArchitectureSpec) -> Path:
+    """The cached diffusers folder of a small preset, written once and atomically (concurrent
     writers race on a rename; the loser uses the winner's folder)."""
-    spec = json.dumps([TINY_PRESET_VERSION, _INIT_SEED, dataclasses.asdict(TINY)], sort_keys=True)
-    digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([TINY_PRESET_VERSION, _INIT_SEED, dataclasses.asdict(spec)],
+                                       sort_keys=True).encode()).hexdigest()[:12]
     cache_root = Path(os.environ.get("RLCM_FAST_CACHE") or Path.home() / ".cache" / "rlcm_fast")
-    folder = cache_root / f"tiny-v{TINY_PRESET_VERSION}-{digest}"
+    folder = cache_root / f"{name}-v{TINY_PRESET_VERSION}-{digest}"
     if folder.is_dir():
         return folder
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_root))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        build_tiny_pipeline().save_pretrained(staging)
+        _build_random_pipeline(spec, torch.device("cpu"), torch.float32).save_pretrained(staging)
         os.rename(staging, folder)
     except OSError:
         if not folder.is_dir():  # a real failure, not a lost race
@@ -257,17 +346,19 @@ def _tiny_pipeline_folder() -> Path:
     return folder
 
 
-def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype) -> LatentConsistencyModelPipeline:
+def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
+                     pipeline_class=LatentConsistencyModelPipeline):
     location = str(location)
+    choices = MODEL_CHOICES if pipeline_class is LatentConsistencyModelPipeline else SD_MODEL_CHOICES
     # Only a relative name like "org/model" can be a hub id; say so plainly for a missing path.
     if (os.path.isabs(location) or location.startswith((".", "~"))) and not os.path.exists(location):
-        raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {MODEL_CHOICES}")
+        raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {choices}")
     try:
-        return LatentConsistencyModelPipeline.from_pretrained(
+        return pipeline_class.from_pretrained(
             location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError, SafetensorError) as error:
-        raise ModelLoadError(f"model {model!r} could not be loaded ({_one_line(error)}): {MODEL_CHOICES}") from error
+        raise ModelLoadError(f"model {model!r} could not be loaded ({_one_line(error)}): {choices}") from error
 
 
 def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:

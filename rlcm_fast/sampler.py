@@ -43,6 +43,7 @@ class LCMSampler:
         original_inference_steps: int = 50,
         train_final_step: bool = False,
         resolution: int | None = None,
+        step_backend: str = "auto",
     ):
         scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
@@ -52,6 +53,7 @@ class LCMSampler:
         self.horizon = horizon
         self.guidance_scale = guidance_scale
         self.train_final_step = train_final_step
+        self.step_backend = step_backend  # policy_step's backend: "auto" (fused C++/Triton) or "reference"
         self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.prediction_type = scheduler.config.prediction_type
         self.timesteps = scheduler.timesteps.cpu()
@@ -97,7 +99,8 @@ class LCMSampler:
         model_output = self.unet_output(unet, x, self.timesteps.to(self.device)[step_idx], embeds,
                                         self.guidance(len(x), embeds.dtype))
         denoised, _, log_probs = policy_step(
-            model_output.float(), x, scalars, self.prediction_type, next_state=states[sample_idx, step_idx + 1]
+            model_output.float(), x, scalars, self.prediction_type, next_state=states[sample_idx, step_idx + 1],
+            backend=self.step_backend,
         )
         if not with_mean:
             return log_probs.float(), None, None
@@ -151,7 +154,8 @@ class LCMSampler:
                 break
             noise = noises[k] if noises is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
             denoised, x, logp = policy_step(
-                model_output.float(), x, scalars, self.prediction_type, noise=noise.to(self.device, torch.float32)
+                model_output.float(), x, scalars, self.prediction_type, noise=noise.to(self.device, torch.float32),
+                backend=self.step_backend,
             )
             states.append(x)
             log_probs.append(logp.float())

@@ -1,5 +1,8 @@
 """RLCM training (DESIGN.md section 3.2), top to bottom: sample, score, normalise, clipped policy gradient.
 
+The same loop trains the DDPO baseline (`method: ddpo`, DESIGN.md section 3.6): only the policy differs,
+and it is chosen in one place (Trainer.__init__): `LCMSampler` or `DDPOSampler`, same interface.
+
 Runs unchanged on one CPU, one GPU, or several processes under `accelerate launch` / torchrun: each
 process samples and scores its own trajectories, rewards and prompts are gathered so that every process
 computes the same advantages, and DDP averages the LoRA gradients.
@@ -14,6 +17,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
+from .ddpo import DDPOSampler
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
 from .models import add_policy_lora, load_pipeline
 from .prompts import load_prompt_set
@@ -81,7 +86,7 @@ class Trainer:
         base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
         # Model: frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
-        self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora)
+        self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora, method=cfg.method)
         self.pipe.set_progress_bar_config(disable=True)
         torch.manual_seed(cfg.seed)
         try:
@@ -98,10 +103,14 @@ class Trainer:
             self.unet.enable_gradient_checkpointing()
         self.train_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
 
-        self.sampler = LCMSampler(
-            self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
-            resolution=cfg.resolution,
-        )
+        # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
+        if cfg.method == "ddpo":
+            self.sampler = DDPOSampler(self.pipe, cfg.horizon, cfg.guidance_scale, cfg.eta, resolution=cfg.resolution)
+        else:
+            self.sampler = LCMSampler(
+                self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
+                resolution=cfg.resolution, step_backend=cfg.policy_step_backend,
+            )
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
                                                               **reward_options(cfg)))
         self.prompt_set = load_prompt_set(cfg.prompts)
@@ -151,7 +160,10 @@ class Trainer:
                 trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
             # Scored on a worker thread while the next round samples, on the training device (GPU rewards
             # read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
-            pending.append(self.reward.submit(trajectory.images, prompts))
+            images = trajectory.images if cfg.reward_device == "auto" else trajectory.images.cpu()
+            pending.append(self.reward.submit(images, prompts))
+            if not cfg.reward_overlap:
+                wait(pending[-1:])  # straightforward path: the score before the next round samples (errors later)
             trajectory.images = trajectory.images.cpu()
             trajectories.append(trajectory)
         rewards = self.collect_rewards(pending)
@@ -213,7 +225,12 @@ class Trainer:
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
-        plans = self.rebel_updates if cfg.algorithm == "rebel" else self.ppo_updates
+        if cfg.algorithm == "rebel":
+            plans = self.rebel_updates
+        elif cfg.train_rows == "per_timestep":  # the straightforward path's loop
+            plans = self.per_timestep_updates
+        else:
+            plans = self.ppo_updates
         units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
         updates = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
         bar = tqdm(total=cfg.num_inner_epochs * updates, initial=start_update, desc=f"epoch {epoch + 1} training",
@@ -259,6 +276,21 @@ class Trainer:
                 (sample_idx[m * rows : (m + 1) * rows, None], step_idx[m * rows : (m + 1) * rows, None])
                 for m in range(first, first + micro_per_update)
             ]
+
+    def per_timestep_updates(self, trained: torch.Tensor, generator: torch.Generator):
+        """The reference loop (`train_rows: per_timestep`, the straightforward path): each update takes
+        ga x train_batch_size shuffled samples, and each minibatch is train_batch_size of them at ONE of their
+        trained steps, step after step. Same rows and weights per update as `ppo_updates`, other batching."""
+        cfg = self.cfg
+        n, count = trained.shape
+        order = torch.randperm(n, generator=generator).to(trained.device)
+        rows = cfg.train_batch_size
+        for update in range(n // (rows * cfg.gradient_accumulation_steps)):
+            minibatches = []
+            for m in range(cfg.gradient_accumulation_steps):
+                chosen = order[(update * cfg.gradient_accumulation_steps + m) * rows:][:rows]
+                minibatches += [(chosen[:, None], trained[chosen, column][:, None]) for column in range(count)]
+            yield minibatches
 
     def rebel_updates(self, trained: torch.Tensor, generator: torch.Generator):
         """REBEL: minibatches of train_batch_size PAIRS of whole trajectories (both images of a pair share

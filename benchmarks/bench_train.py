@@ -1,0 +1,280 @@
+"""Whole RL training loop: seconds per epoch split into sampling, reward and training, images/s, peak GPU
+memory and MFU, for the fast path, each optimisation off on its own, the straightforward path, and DDPO.
+
+GPU mode (CUDA available): the compression task at the paper's hyperparameters (Table 1, per GPU: 10
+batches of 4 samples, train batch 2, gradient accumulation 2, H = 8, LoRA rank 16) on `sd15-lcm`
+(LCM_Dreamshaper_v7's architecture, random weights: the rewards mean nothing, the times do) at 768 px,
+bf16. DDPO runs on `sd15` (the same UNet without the guidance embedding) at its defaults (50 DDIM steps,
+CFG 5, all 50 actions trained, train batch 1) with the same number of reward queries per epoch (the
+same 10 batches of 4) and the same 768 px.
+CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
+preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
+
+Timing: an epoch is timed from the first sampling call to the end of its last optimizer step, with a
+device synchronisation at each boundary. `sampling_s` is sampling (and VAE decode) minus the time spent
+waiting for rewards; `reward_wait_s` is that wait (the reward time the loop could not hide);
+`reward_busy_s` is the time the reward function ran (on its worker thread, partly hidden behind
+sampling when `reward_overlap` is on); `training_s` is advantages plus all updates. The first epoch on a
+GPU is a warm-up and is not reported. MFU = UNet FLOPs of the epoch (counted with
+torch.utils.flop_counter on one trajectory's sampling and one trained row's forward+backward, times the
+epoch's counts; VAE, text encoder and reward excluded) / epoch seconds / the measured matmul rate of
+this device (bf16 on a GPU, fp32 on a CPU).
+
+--quick is a smoke run: 2 samples per epoch, no warm-up epoch, DDPO with 4 steps.
+
+Also (`curves`, always on the tiny presets): RLCM vs DDPO mean reward against wall-clock, the same
+reward queries per epoch, for run_all.py's plot.
+
+Usage: python benchmarks/bench_train.py [--quick] [--epochs N] [--curve-epochs N] [--out-dir DIR]
+Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.trainer import Trainer  # noqa: E402
+
+# Each optimisation, off on its own (the config switches of rlcm_fast/config.py). torch.compile and
+# CUDA graphs are not built yet (issue 3): their rows go here when they are.
+OPTIMISATIONS_OFF = {
+    "reference_step": {"policy_step_backend": "reference"},
+    "per_timestep_training": {"train_rows": "per_timestep"},
+    "reward_on_cpu": {"reward_device": "cpu"},
+    "no_reward_overlap": {"reward_overlap": False},
+}
+STRAIGHTFORWARD = {key: value for off in OPTIMISATIONS_OFF.values() for key, value in off.items()}
+
+COMMON = {"grid_every": 0, "checkpoint_every": 10_000, "seed": 0}
+GPU_RLCM = {"device": "cuda", "model": "sd15-lcm", "task": "compressibility", "resolution": 768}
+GPU_DDPO = {"device": "cuda", "model": "sd15", "task": "compressibility", "method": "ddpo", "resolution": 768}
+# CPU: tiny presets, 8 samples per epoch, one update per epoch (--quick: 2 samples, DDPO with 4 steps).
+CPU_RLCM = {"device": "cpu", "model": "tiny", "batches_per_epoch": 1}
+CPU_DDPO = {"device": "cpu", "model": "tiny-sd", "method": "ddpo", "batches_per_epoch": 1}
+
+
+def rows(gpu: bool, quick: bool) -> dict[str, dict]:
+    if gpu:
+        rlcm = dict(GPU_RLCM)
+        # DDPO's defaults (train batch 1), with RLCM's 10 sampling batches of 4: the same reward queries.
+        ddpo = {**GPU_DDPO, "sample_batch_size": 4, "batches_per_epoch": 10}
+    else:
+        batch = 2 if quick else 8
+        rlcm = {**CPU_RLCM, "sample_batch_size": batch, "train_batch_size": batch}
+        ddpo = {**CPU_DDPO, "sample_batch_size": batch, "train_batch_size": batch, **({"horizon": 4} if quick else {})}
+    table = {"fast": rlcm}
+    table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
+    table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
+    table["ddpo"] = ddpo
+    return table
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedReward:
+    """Wraps the trainer's AsyncReward: time the reward function runs, and time the loop waits for it."""
+
+    def __init__(self, reward):
+        self.reward, self.busy, self.wait = reward, 0.0, 0.0
+        inner = reward.fn
+
+        def timed(images, prompts):
+            started = time.perf_counter()
+            try:
+                return inner(images, prompts)
+            finally:
+                self.busy += time.perf_counter() - started
+
+        reward.fn = timed
+
+    def submit(self, images, prompts):
+        future, meter = self.reward.submit(images, prompts), self
+
+        class Waited:
+            def result(self):
+                started = time.perf_counter()
+                try:
+                    return future.result()
+                finally:
+                    meter.wait += time.perf_counter() - started
+
+        return Waited()
+
+
+def matmul_rate(device: torch.device) -> dict:
+    """Measured dense matmul FLOP/s: bf16 8192^3 on a GPU, fp32 1024^3 on a CPU (best of several)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(3):
+        a @ b
+    for _ in range(10 if device.type == "cuda" else 5):
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return {"flops_per_s": 2 * n**3 / best, "dtype": str(dtype).replace("torch.", ""), "size": n}
+
+
+def unet_flops(trainer: Trainer) -> dict:
+    """UNet FLOPs of sampling one trajectory and of one trained row's forward+backward (LoRA gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sampler, prompt = trainer.sampler, trainer.prompt_set[0]
+    sampler.prompt_embeddings([prompt, ""])  # text encoder outside the count
+    generator = torch.Generator(device=trainer.device).manual_seed(0)
+    with trainer.autocast():
+        with FlopCounterMode(display=False) as counter:
+            trajectory = sampler.sample(trainer.unet, [prompt], generator=generator, decode=False)
+        per_trajectory = counter.get_total_flops()
+        index = torch.zeros(1, dtype=torch.long, device=trainer.device)
+        embeds = sampler.prompt_embeddings([prompt])
+        states = trajectory.states.to(trainer.device)
+        with FlopCounterMode(display=False) as counter:
+            log_probs = sampler.action_log_probs(trainer.unet, states, index, index, embeds)[0]
+            log_probs.sum().backward()
+        per_row = counter.get_total_flops()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {"sampling_per_trajectory": per_trajectory, "training_per_row": per_row}
+
+
+def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path) -> dict:
+    cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
+    trainer = Trainer(cfg, run_dir)
+    device = trainer.device
+    timed_reward = TimedReward(trainer.reward)
+    trainer.reward = timed_reward
+    flops = unet_flops(trainer)
+    samples_per_epoch = cfg.samples_per_epoch
+    trained_rows = samples_per_epoch * trainer.sampler.trained_steps * cfg.num_inner_epochs
+    epoch_flops = samples_per_epoch * flops["sampling_per_trajectory"] + trained_rows * flops["training_per_row"]
+    measured, rewards = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for epoch in range(epochs + warmup):
+        if device.type == "cuda" and epoch == warmup:
+            torch.cuda.reset_peak_memory_stats(device)
+        timed_reward.busy = timed_reward.wait = 0.0
+        synchronize(device)
+        started = time.perf_counter()
+        samples = trainer.sample_epoch(epoch)
+        synchronize(device)
+        sampled = time.perf_counter()
+        stats = trainer.compute_advantages(samples)
+        trainer.train_epoch(epoch, samples)
+        synchronize(device)
+        finished = time.perf_counter()
+        rewards.append(stats["reward_mean"])
+        if epoch < warmup:
+            continue
+        epoch_s = finished - started
+        measured.append({
+            "epoch_s": epoch_s, "sampling_s": sampled - started - timed_reward.wait,
+            "reward_wait_s": timed_reward.wait, "reward_busy_s": timed_reward.busy, "training_s": finished - sampled,
+            "images_per_s": samples_per_epoch / epoch_s, "mfu": epoch_flops / epoch_s / rate,
+        })
+    mean = {key: sum(m[key] for m in measured) / len(measured) for key in measured[0]}
+    result = {
+        "variant": name,
+        "overrides": overrides,
+        "method": cfg.method, "model": cfg.model, "resolution": cfg.resolution, "steps": cfg.horizon,
+        "trained_steps": trainer.sampler.trained_steps, "samples_per_epoch": samples_per_epoch,
+        "sample_batch_size": cfg.sample_batch_size, "train_batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": cfg.mixed_precision,
+        "unet_flops": flops, "unet_flops_per_epoch": epoch_flops,
+        "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
+        "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,
+        "reward_mean_per_epoch": rewards,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    print(f"{name:24s} epoch {mean['epoch_s']:8.2f} s (sampling {mean['sampling_s']:.2f}, reward wait "
+          f"{mean['reward_wait_s']:.2f}, training {mean['training_s']:.2f})  {mean['images_per_s']:7.2f} img/s  "
+          f"MFU {100 * mean['mfu']:.2f}%", flush=True)
+    return result
+
+
+def reward_curves(epochs: int, quick: bool, run_root: Path) -> dict:
+    """RLCM (tiny) and DDPO (tiny-sd) from the same seed, the same reward queries per epoch."""
+    batch = 2 if quick else 16
+    shared = {**COMMON, "device": "cpu", "epochs": epochs, "batches_per_epoch": 1, "sample_batch_size": batch,
+              "train_batch_size": batch, **({"horizon": 4} if quick else {})}
+    curves = {}
+    for method, model in (("rlcm", "tiny"), ("ddpo", "tiny-sd")):
+        cfg = resolve_config(overrides={**shared, "method": method, "model": model,
+                                        **({"horizon": 4} if method == "ddpo" and quick else {})})
+        records = Trainer(cfg, run_root / f"curve-{method}").train()
+        elapsed, points = 0.0, []
+        for record in records:
+            elapsed += record["sample_seconds"] + record["train_seconds"]
+            points.append({"epoch": record["epoch"], "reward_mean": record["reward_mean"],
+                           "reward_std": record["reward_std"], "elapsed_s": elapsed,
+                           "reward_queries": record["epoch"] * cfg.samples_per_epoch})
+        curves[method] = {"model": model, "steps": cfg.horizon, "samples_per_epoch": cfg.samples_per_epoch,
+                          "epochs": points}
+        print(f"curve {method}: reward {points[0]['reward_mean']:+.3f} -> {points[-1]['reward_mean']:+.3f} "
+              f"in {elapsed:.1f} s", flush=True)
+    return curves
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewest epochs, smallest batches")
+    parser.add_argument("--epochs", type=int, default=None, help="measured epochs per row (GPU default 2, CPU 1)")
+    parser.add_argument("--curve-epochs", type=int, default=None, help="epochs of the tiny RLCM/DDPO curves "
+                                                                        "(default 12, --quick 2)")
+    parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
+    parser.add_argument("--out-dir", default=None, help="write DIR/bench_train.json instead of benchmarks/results/")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    epochs = args.epochs or (1 if args.quick or not gpu else 2)
+    warmup = 0 if args.quick else 1  # the first epoch of a fresh trainer pays one-time costs
+    curve_epochs = args.curve_epochs or (2 if args.quick else 12)
+    table = rows(gpu, args.quick)
+    if args.rows:
+        unknown = set(args.rows.split(",")) - set(table)
+        if unknown:
+            parser.error(f"--rows {sorted(unknown)} unknown; allowed: {', '.join(table)}")
+        table = {name: table[name] for name in args.rows.split(",")}
+    rate = matmul_rate(device)
+    result = {
+        "benchmark": "bench_train", **environment(), "cuda": torch.version.cuda,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "gpu-sd15" if gpu else "cpu-tiny", "quick": args.quick,
+        "load_average_at_start": os.getloadavg(), "matmul_rate": rate, "rows": [], "skipped": [],
+    }
+    if not gpu:
+        result["skipped"].append({"part": "sd15-lcm / sd15 rows at 768 px, peak GPU memory",
+                                  "reason": "CUDA is not available: the rows ran on the tiny presets (32 px)"})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in table.items():
+            result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name))
+        result["curves"] = reward_curves(curve_epochs, args.quick, Path(tmp))
+    fast = next((r for r in result["rows"] if r["variant"] == "fast"), None)
+    if fast:
+        for row in result["rows"]:
+            row["epoch_time_vs_fast"] = row["epoch_s"] / fast["epoch_s"]
+            row["per_sample_step_vs_fast"] = row["per_sample_rl_step_s"] / fast["per_sample_rl_step_s"]
+    result["load_average_at_end"] = os.getloadavg()
+    print(f"wrote {write_result('bench_train', result, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

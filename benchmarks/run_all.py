@@ -1,0 +1,232 @@
+"""Run every benchmark this machine supports, then render the results folder's README.md (tables) and plots.
+
+    python benchmarks/run_all.py [--quick] [--out-dir DIR]
+
+Writes DIR/*.json (default DIR: benchmarks/results/<device-slug>/), DIR/README.md, DIR/time_per_epoch.png
+(seconds per epoch by variant, split into sampling, reward wait and training) and
+DIR/reward_vs_wallclock.png (RLCM vs DDPO on the tiny presets). Each benchmark runs in its own process,
+so one that fails is reported and the others still run. What did not run (no CUDA, --quick) is listed
+in the README with the reason. `--quick` is a smoke run (tiny sizes, fewest epochs; seconds to a
+minute on a CPU): its figures show the pipeline works, not the machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, RESULTS_DIR, device_name, device_slug, environment  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dict]]:
+    """(benchmark, arguments) to run here, and what is skipped with why."""
+    runs, skipped = [], []
+    if cuda:
+        runs += [("bench_step", []), ("bench_sampler", ["--repeats", "3"] if quick else [])]
+    else:
+        skipped.append({"benchmark": "bench_step", "reason": "needs CUDA (Triton kernel timings); not available"})
+        skipped.append({"benchmark": "bench_sampler", "reason": "needs CUDA (its CPU mode is a smoke test "
+                        "of the script: python benchmarks/bench_sampler.py --device cpu)"})
+    if quick:
+        runs.append(("bench_rewards", ["--quick", "--sizes", "512", "--batches", "8", "--no-aesthetic"]))
+        skipped.append({"benchmark": "bench_rewards aesthetic rows, 768 px and batch 32",
+                        "reason": "--quick (smoke run)"})
+        runs.append(("bench_train", ["--quick"]))
+        runs.append(("ablation_algorithms", ["--quick"]))
+    else:
+        runs += [("bench_rewards", []), ("bench_train", []), ("ablation_algorithms", [])]
+    return runs, skipped
+
+
+def run_benchmark(name: str, args: list[str], out_dir: Path) -> dict:
+    command = [sys.executable, str(HERE / f"{name}.py"), *args, "--out-dir", str(out_dir)]
+    print(f"run_all: {' '.join(command[1:])}", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    (out_dir / f"{name}.log").write_text(result.stdout + result.stderr)
+    status = {"benchmark": name, "args": args, "returncode": result.returncode, "seconds": seconds}
+    if result.returncode != 0:
+        status["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        print(f"run_all: {name} FAILED ({status['error']})", file=sys.stderr, flush=True)
+    return status
+
+
+def load(out_dir: Path, name: str) -> dict | None:
+    path = out_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table(header: list[str], body: list[list]) -> list[str]:
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in body]
+
+
+def train_section(train: dict) -> list[str]:
+    lines = [f"## Whole RL loop (bench_train.py, mode `{train['mode']}`)", ""]
+    rate = train["matmul_rate"]
+    lines.append(f"Matmul rate measured here: {rate['flops_per_s'] / 1e12:.3g} TFLOP/s ({rate['dtype']}, "
+                 f"{rate['size']}^3); load average at start {train['load_average_at_start'][0]:.2f}.")
+    lines.append("")
+    header = ["variant", "method", "model", "px", "steps", "samples/epoch", "epoch s", "sampling s",
+              "reward wait s", "reward busy s", "training s", "images/s", "per-sample step vs fast",
+              "peak GiB", "MFU %"]
+    body = [[r["variant"], r["method"], r["model"], r["resolution"], r["steps"], r["samples_per_epoch"], r["epoch_s"],
+             r["sampling_s"], r["reward_wait_s"], r["reward_busy_s"], r["training_s"], r["images_per_s"],
+             r.get("per_sample_step_vs_fast"), r["peak_memory_gib"], 100 * r["mfu"]] for r in train["rows"]]
+    lines += table(header, body) + [""]
+    curves = train.get("curves") or {}
+    if curves:
+        lines += ["Reward against wall-clock on the tiny presets (same reward queries per epoch):", ""]
+        body = []
+        for method, curve in curves.items():
+            first, last = curve["epochs"][0], curve["epochs"][-1]
+            body.append([method, curve["model"], curve["steps"], len(curve["epochs"]), curve["samples_per_epoch"],
+                         first["reward_mean"], last["reward_mean"], last["elapsed_s"]])
+        lines += table(["method", "model", "steps", "epochs", "samples/epoch", "first reward", "last reward",
+                        "wall-clock s"], body) + [""]
+    return lines
+
+
+def rewards_section(rewards: dict) -> list[str]:
+    lines = ["## Rewards (bench_rewards.py)", ""]
+    body = [[r["backend"], r["threads"], r["resolution"], r["batch"], r["images_on"], r["median_s"] * 1e3,
+             r["images_per_s"]] for r in rewards.get("jpeg", [])]
+    lines += table(["JPEG backend", "threads", "px", "batch", "images on", "median ms", "images/s"], body) + [""]
+    body = [[r["batch"], r["images_on"], r["tower_dtype"], r["median_s"], r["images_per_s"]]
+            for r in rewards.get("aesthetic", [])]
+    if body:
+        lines += table(["aesthetic batch", "images on", "dtype", "median s", "images/s"], body) + [""]
+    return lines
+
+
+def step_section(step: dict) -> list[str]:
+    lines = ["## Policy step (bench_step.py)", ""]
+    body = [[r["step_pass"], r["dtype"], r["batch"], r["variant"], r["time_us"], r["gbps"],
+             100 * r["fraction_of_copy_bandwidth"]] for r in step["results"]]
+    return lines + table(["pass", "dtype", "B", "variant", "us", "GB/s", "% of copy bandwidth"], body) + [""]
+
+
+def sampler_section(sampler: dict) -> list[str]:
+    lines = [f"## Sampling (bench_sampler.py, {sampler['model']} at {sampler['resolution']} px, {sampler['dtype']})", ""]
+    body = [[r["variant"], r["horizon"], r["batch"], r["images_per_second"], r.get("speedup_vs_diffusers_eager"),
+             None if r.get("mfu") is None else 100 * r["mfu"], r["max_abs_pixel_diff_vs_diffusers_eager"]]
+            for r in sampler["rows"]]
+    return lines + table(["variant", "H", "B", "images/s", "x diffusers eager", "MFU %", "max pixel diff"], body) + [""]
+
+
+def ablation_section(ablation: dict) -> list[str]:
+    lines = ["## Algorithms (ablation_algorithms.py, tiny preset)", ""]
+    body = []
+    for name, run in ablation["cpu_tiny"]["runs"].items():
+        body.append([name, len(run["epochs"]), run["epochs"][0]["reward_mean"], run["epochs"][-1]["reward_mean"],
+                     run.get("final_kl_to_base"), run["wall_seconds"]])
+    return lines + table(["variant", "epochs", "first reward", "last reward", "KL to base", "wall s"], body) + [""]
+
+
+def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool) -> Path:
+    env = environment()
+    lines = [f"# Benchmark results: {device_name()}", "",
+             f"Written by `python benchmarks/run_all.py{' --quick' if quick else ''}` on "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit `{env['git_commit']}`, torch "
+             f"{env['torch']}, {env['cpu_count']} CPU cores ({env['cpu']}).", ""]
+    if quick:
+        lines += ["**Quick (smoke) run**: tiny sizes and the fewest epochs; the figures show that the "
+                  "benchmarks run, not this machine's speed.", ""]
+    lines += table(["benchmark", "exit code", "seconds", "error"],
+                   [[s["benchmark"], s["returncode"], s["seconds"], s.get("error")] for s in statuses]) + [""]
+    sections = {"bench_train": train_section, "bench_step": step_section, "bench_sampler": sampler_section,
+                "bench_rewards": rewards_section,
+                "ablation_algorithms": ablation_section}
+    for name, section in sections.items():
+        data = load(out_dir, name)
+        if data is not None:
+            lines += section(data)
+            skipped += [{"benchmark": name, **s} for s in data.get("skipped", [])]
+    lines += ["## Not run here", ""]
+    lines += [f"- {s['benchmark']}{': ' + s.get('part', s.get('row', '')) if s.get('part') or s.get('row') else ''}"
+              f" -- {s['reason']}" for s in skipped] or ["- nothing"]
+    lines += ["", "Plots: `time_per_epoch.png`, `reward_vs_wallclock.png`."]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(out_dir: Path) -> list[Path]:
+    train = load(out_dir, "bench_train")
+    if train is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = [r["variant"] for r in train["rows"]]
+    figure, axis = plt.subplots(figsize=(9, 4))
+    bottom = [0.0] * len(names)
+    for key, label in (("sampling_s", "sampling"), ("reward_wait_s", "reward wait"), ("training_s", "training")):
+        values = [r[key] for r in train["rows"]]
+        axis.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axis.set_ylabel("seconds per epoch")
+    axis.set_title(f"{train['device']} ({train['mode']})")
+    axis.legend()
+    plt.setp(axis.get_xticklabels(), rotation=20, ha="right")
+    figure.tight_layout()
+    figure.savefig(out_dir / "time_per_epoch.png", dpi=110)
+    written.append(out_dir / "time_per_epoch.png")
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for method, curve in (train.get("curves") or {}).items():
+        axis.plot([p["elapsed_s"] for p in curve["epochs"]], [p["reward_mean"] for p in curve["epochs"]], "o-",
+                  label=f"{method} ({curve['model']}, {curve['steps']} steps)")
+    axis.set_xlabel(f"wall-clock seconds ({train['device']})")
+    axis.set_ylabel("mean reward (-JPEG kB)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "reward_vs_wallclock.png", dpi=110)
+    written.append(out_dir / "reward_vs_wallclock.png")
+    plt.close(figure)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, fewest epochs")
+    parser.add_argument("--out-dir", default=None, help=f"default: {RESULTS_DIR}/<device-slug>/")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR / device_slug()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, skipped = plan(args.quick, torch.cuda.is_available())
+    statuses = [run_benchmark(name, bench_args, out_dir) for name, bench_args in runs]
+    (out_dir / "run_all.json").write_text(json.dumps(
+        {"benchmark": "run_all", **environment(), "quick": args.quick, "runs": statuses, "skipped": skipped},
+        indent=2) + "\n")
+    readme = render(out_dir, statuses, list(skipped), args.quick)
+    for path in plot(out_dir):
+        print(f"wrote {path}")
+    print(f"wrote {readme}")
+    return 0 if all(s["returncode"] == 0 for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""benchmarks/run_all.py --quick on the CPU: every benchmark it runs writes valid JSON, the README has the
+tables and names what was skipped, the plots exist. Also: pytest from the repo root does not collect the
+micro-benchmarks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_quick_writes_json_readme_and_plots(tmp_path):
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads((out / "run_all.json").read_text())
+    ran = {run["benchmark"] for run in summary["runs"]}
+    assert {"bench_rewards", "bench_train", "ablation_algorithms"} <= ran
+    for name in ran:
+        data = json.loads((out / f"{name}.json").read_text())
+        assert data["benchmark"] == name and data["git_commit"]
+    train = json.loads((out / "bench_train.json").read_text())
+    variants = [row["variant"] for row in train["rows"]]
+    assert variants == ["fast", "reference_step", "per_timestep_training", "reward_on_cpu", "no_reward_overlap",
+                        "straightforward", "ddpo"]
+    for row in train["rows"]:
+        assert row["epoch_s"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"] < 1
+        assert row["sampling_s"] > 0 and row["training_s"] > 0 and row["unet_flops_per_epoch"] > 0
+    ddpo = train["rows"][-1]
+    assert ddpo["method"] == "ddpo" and ddpo["samples_per_epoch"] == train["rows"][0]["samples_per_epoch"]
+    assert set(train["curves"]) == {"rlcm", "ddpo"}
+    readme = (out / "README.md").read_text()
+    assert "| variant | method |" in readme and "| straightforward |" in readme and "| ddpo |" in readme
+    assert "## Not run here" in readme and "Quick (smoke) run" in readme
+    if train["mode"] == "cpu-tiny":
+        assert "bench_step -- needs CUDA" in readme
+    for plot in ("time_per_epoch.png", "reward_vs_wallclock.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pytest_from_the_root_does_not_collect_the_micro_benchmarks():
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert "tests/" in result.stdout and "benchmarks/" not in result.stdout
