@@ -39,6 +39,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .ddpo import DDPOSampler
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
+from .minibatches import minibatch_plan
 from .models import add_policy_lora, load_pipeline
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
@@ -225,18 +226,15 @@ class Trainer:
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
-        if cfg.algorithm == "rebel":
-            plans = self.rebel_updates
-        elif cfg.train_rows == "per_timestep":  # the straightforward path's loop
-            plans = self.per_timestep_updates
-        else:
-            plans = self.ppo_updates
+        plan = minibatch_plan(cfg.algorithm, cfg.train_rows)
         units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
         updates = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
         bar = tqdm(total=cfg.num_inner_epochs * updates, initial=start_update, desc=f"epoch {epoch + 1} training",
                    disable=not self.is_main, leave=False)
         for inner in range(cfg.num_inner_epochs):
-            for update, minibatches in enumerate(plans(trained, shuffle_gen)):
+            for update, minibatches in enumerate(
+                plan(trained, shuffle_gen, cfg.train_batch_size, cfg.gradient_accumulation_steps)
+            ):
                 done = inner * updates + update  # updates of this epoch finished before this one
                 if done < start_update:
                     continue
@@ -259,53 +257,6 @@ class Trainer:
                 bar.update()
                 self.finish_update(epoch, sums, float(grad_norm), done + 1, cfg.num_inner_epochs * updates)
         bar.close()
-
-    def ppo_updates(self, trained: torch.Tensor, generator: torch.Generator):
-        """PPO: the (sample, step) pairs shuffled together; each update is ga x K minibatches of
-        train_batch_size rows, so it covers the trained steps of ga x train_batch_size samples."""
-        cfg = self.cfg
-        n, count = trained.shape
-        order = torch.randperm(n * count, generator=generator).to(trained.device)
-        sample_idx, column = order // count, order % count
-        step_idx = trained[sample_idx, column]
-        micro_per_update = cfg.gradient_accumulation_steps * count
-        rows = cfg.train_batch_size
-        for update in range(n // (rows * cfg.gradient_accumulation_steps)):
-            first = update * micro_per_update
-            yield [
-                (sample_idx[m * rows : (m + 1) * rows, None], step_idx[m * rows : (m + 1) * rows, None])
-                for m in range(first, first + micro_per_update)
-            ]
-
-    def per_timestep_updates(self, trained: torch.Tensor, generator: torch.Generator):
-        """The reference loop (`train_rows: per_timestep`, the straightforward path): each update takes
-        ga x train_batch_size shuffled samples, and each minibatch is train_batch_size of them at ONE of their
-        trained steps, step after step. Same rows and weights per update as `ppo_updates`, other batching."""
-        cfg = self.cfg
-        n, count = trained.shape
-        order = torch.randperm(n, generator=generator).to(trained.device)
-        rows = cfg.train_batch_size
-        for update in range(n // (rows * cfg.gradient_accumulation_steps)):
-            minibatches = []
-            for m in range(cfg.gradient_accumulation_steps):
-                chosen = order[(update * cfg.gradient_accumulation_steps + m) * rows:][:rows]
-                minibatches += [(chosen[:, None], trained[chosen, column][:, None]) for column in range(count)]
-            yield minibatches
-
-    def rebel_updates(self, trained: torch.Tensor, generator: torch.Generator):
-        """REBEL: minibatches of train_batch_size PAIRS of whole trajectories (both images of a pair share
-        a prompt: samples 2p and 2p+1 of a round), each trajectory with all its trained steps."""
-        cfg = self.cfg
-        pairs = trained.shape[0] // 2
-        order = torch.randperm(pairs, generator=generator).to(trained.device)
-        per_micro = cfg.train_batch_size
-        for update in range(pairs // (per_micro * cfg.gradient_accumulation_steps)):
-            minibatches = []
-            for m in range(cfg.gradient_accumulation_steps):
-                chosen = order[(update * cfg.gradient_accumulation_steps + m) * per_micro :][:per_micro]
-                sample_idx = torch.stack([2 * chosen, 2 * chosen + 1], dim=1).flatten()  # y, y' side by side
-                minibatches.append((sample_idx[:, None].expand(-1, trained.shape[1]), trained[sample_idx]))
-            yield minibatches
 
     def objective(self, log_probs, old_log_probs, advantages):
         """The configured loss on (B, K) log-probs of B trajectories' K steps (PPO: K = 1)."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rlcm_fast.config import resolve_config
+from rlcm_fast.minibatches import per_timestep_rows
 from rlcm_fast.trainer import Trainer
 
 # One update per epoch (4 samples = train_batch_size x gradient_accumulation_steps), so the flattened and
@@ -58,10 +59,9 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
         assert devices == ["cpu", "cpu"]
 
 
-def test_per_timestep_minibatches_hold_one_step_each(tmp_path):
-    trainer = Trainer(resolve_config(overrides={**ONE_UPDATE, "train_rows": "per_timestep"}), tmp_path / "run")
+def test_per_timestep_minibatches_hold_one_step_each():
     trained = torch.arange(3).expand(4, 3)
-    (update,) = list(trainer.per_timestep_updates(trained, torch.Generator().manual_seed(0)))
+    (update,) = list(per_timestep_rows(trained, torch.Generator().manual_seed(0), rows=2, accumulation=2))
     assert len(update) == 2 * 3  # ga x steps minibatches, as the flattened plan
     for micro, (sample_idx, step_idx) in enumerate(update):
         assert sample_idx.shape == step_idx.shape == (2, 1)

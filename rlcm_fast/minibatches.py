@@ -1,0 +1,64 @@
+"""How an epoch's trained (sample, step) rows are cut into optimizer updates and minibatches.
+
+Each plan is a generator over updates; an update is a list of minibatches (sample_idx, step_idx), both
+(rows, K) index tensors: K = 1 for PPO's mixed rows, K = trained steps for REBEL's whole trajectories.
+`trained` is the (samples, K) table of each sample's trained steps (`algorithms.choose_trained_steps`).
+A plan draws its one shuffle from `generator` when it starts, before yielding anything, so a resumed
+epoch that skips finished updates still consumes the same random numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def flattened_rows(trained: torch.Tensor, generator: torch.Generator, rows: int, accumulation: int):
+    """PPO (the fast path): every (sample, trained step) pair shuffled together; each update is
+    accumulation x K minibatches of `rows` pairs, so it covers the trained steps of accumulation x rows
+    samples, mixing timesteps within a minibatch."""
+    n, count = trained.shape
+    order = torch.randperm(n * count, generator=generator).to(trained.device)
+    sample_idx, column = order // count, order % count
+    step_idx = trained[sample_idx, column]
+    micro_per_update = accumulation * count
+    for update in range(n // (rows * accumulation)):
+        first = update * micro_per_update
+        yield [
+            (sample_idx[m * rows : (m + 1) * rows, None], step_idx[m * rows : (m + 1) * rows, None])
+            for m in range(first, first + micro_per_update)
+        ]
+
+
+def per_timestep_rows(trained: torch.Tensor, generator: torch.Generator, rows: int, accumulation: int):
+    """The reference loop (`train_rows: per_timestep`, the straightforward path): each update takes
+    accumulation x rows shuffled samples, and each minibatch is `rows` of them at ONE of their trained
+    steps, step after step. Same rows and weights per update as `flattened_rows`, other batching."""
+    n, count = trained.shape
+    order = torch.randperm(n, generator=generator).to(trained.device)
+    for update in range(n // (rows * accumulation)):
+        minibatches = []
+        for m in range(accumulation):
+            chosen = order[(update * accumulation + m) * rows :][:rows]
+            minibatches += [(chosen[:, None], trained[chosen, column][:, None]) for column in range(count)]
+        yield minibatches
+
+
+def trajectory_pairs(trained: torch.Tensor, generator: torch.Generator, rows: int, accumulation: int):
+    """REBEL: minibatches of `rows` PAIRS of whole trajectories (both images of a pair share a prompt:
+    samples 2p and 2p+1 of a round), each trajectory with all its trained steps."""
+    pairs = trained.shape[0] // 2
+    order = torch.randperm(pairs, generator=generator).to(trained.device)
+    for update in range(pairs // (rows * accumulation)):
+        minibatches = []
+        for m in range(accumulation):
+            chosen = order[(update * accumulation + m) * rows :][:rows]
+            sample_idx = torch.stack([2 * chosen, 2 * chosen + 1], dim=1).flatten()  # y, y' side by side
+            minibatches.append((sample_idx[:, None].expand(-1, trained.shape[1]), trained[sample_idx]))
+        yield minibatches
+
+
+def minibatch_plan(algorithm: str, train_rows: str):
+    """The plan for a config: REBEL needs whole trajectories; PPO takes flattened or per-timestep rows."""
+    if algorithm == "rebel":
+        return trajectory_pairs
+    return per_timestep_rows if train_rows == "per_timestep" else flattened_rows
