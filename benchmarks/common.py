@@ -15,8 +15,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # a source checkout works without installing
+try:  # the installed package, with its compiled rlcm_fast._C, when there is one
+    import rlcm_fast  # noqa: F401
+except ImportError:  # a source checkout works without installing (the C++ step only if built in place)
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 def git_commit() -> str | None:

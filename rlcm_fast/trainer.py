@@ -17,7 +17,6 @@ import logging
 import math
 import sys
 import time
-from concurrent.futures import wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +163,11 @@ class Trainer:
             images = trajectory.images if cfg.reward_device == "auto" else trajectory.images.cpu()
             pending.append(self.reward.submit(images, prompts))
             if not cfg.reward_overlap:
-                wait(pending[-1:])  # straightforward path: the score before the next round samples (errors later)
+                try:  # straightforward path: the score before the next round samples
+                    pending[-1].result()
+                except Exception:
+                    pass  # collect_rewards reports it, naming the reward
+
             trajectory.images = trajectory.images.cpu()
             trajectories.append(trajectory)
         rewards = self.collect_rewards(pending)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import rlcm_fast
 from rlcm_fast.checkpoint import read_training_state, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
@@ -21,6 +22,7 @@ from rlcm_fast.trainer import EpochSamples, Trainer
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+PACKAGE_ROOT = Path(rlcm_fast.__file__).resolve().parents[1]  # the rlcm_fast this process imported (installed in CI)
 # Per process: 8 samples, 4 updates of 2 samples each per epoch (so a stop can land mid-epoch).
 SETS = {"batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 2, "epochs": 2, "checkpoint_every": 1}
 ARGS = ["--device", "cpu", *[x for k, v in SETS.items() for x in ("--set", f"{k}={v}")]]
@@ -33,7 +35,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")

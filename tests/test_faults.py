@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import rlcm_fast
 from rlcm_fast import checkpoint as ckpt_module
 from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
@@ -24,6 +25,7 @@ from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(rlcm_fast.__file__).resolve().parents[1]  # the rlcm_fast this process imported (installed in CI)
 # Two optimizer updates per epoch (4 samples, minibatches of 2), so a run can stop mid-epoch.
 ARGS = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4",
         "--set", "train_batch_size=2", "--set", "epochs=2", "--set", "checkpoint_every=1"]
@@ -105,7 +107,7 @@ def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_matches(refe
 
 
 def start_run(run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the thread count of this process: bitwise-equal sums
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}  # the thread count of this process: bitwise-equal sums
     return subprocess.Popen([sys.executable, "-m", "rlcm_fast", "train", "--output-dir", str(run_dir), *ARGS,
                              "--resume", "auto"], env=env, cwd=run_dir.parent, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import rlcm_fast
+
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(rlcm_fast.__file__).resolve().parents[1]  # the rlcm_fast this process imported (installed in CI)
 
 
 def test_run_all_quick_writes_json_readme_and_plots(tmp_path):
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
