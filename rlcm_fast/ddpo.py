@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .models import latent_shape
 from .policy_step import LOG_SQRT_2PI, check_prediction_type
-from .sampler import Trajectory
+from .sampler import PromptEmbeddingCache, Trajectory
 
 # Column order of the (S, 5) float64 table of per-action constants.
 DDIM_SCALARS = ("alpha_t", "sigma_t", "alpha_prev", "direction", "std")
@@ -108,7 +108,7 @@ class DDPOSampler:
         if not (self.action_scalars[:, DDIM_SCALARS.index("std")] > 0).all():
             raise ValueError(f"eta={eta} with this scheduler gives an action of zero variance (eta must be > 0, and "
                              "set_alpha_to_one=True makes the last step deterministic): it has no log-density")
-        self._embedding_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache = PromptEmbeddingCache(pipe)
 
     @property
     def trained_steps(self) -> int:
@@ -118,14 +118,8 @@ class DDPOSampler:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    @torch.no_grad()
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, L, D) text embeddings; each distinct prompt goes through the text encoder once per run."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
-        if missing:
-            embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
-            self._embedding_cache.update(zip(missing, embeds))
-        return torch.stack([self._embedding_cache[p] for p in prompts])
+        return self._prompt_cache(prompts)
 
     def guided_output(self, unet, x, timesteps, embeds) -> torch.Tensor:
         """The UNet's prediction with classifier-free guidance: one doubled batch [uncond; cond], then

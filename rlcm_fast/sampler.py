@@ -29,6 +29,23 @@ class Trajectory:
     images: torch.Tensor | None = None  # (B, 3, H, W) float in [0, 1]
 
 
+class PromptEmbeddingCache:
+    """(B, L, D) text embeddings from a pipeline's text encoder; each distinct prompt is encoded once per
+    run (prompt sets are small). Shared by the LCM and DDPO samplers."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            embeds, _ = self.pipe.encode_prompt(missing, self.pipe.unet.device, 1, False)
+            self._cache.update(zip(missing, embeds))
+        return torch.stack([self._cache[p] for p in prompts])
+
+
 class LCMSampler:
     """Samples trajectories of a fixed horizon with a pipeline's UNet (or a LoRA-wrapped copy of it).
 
@@ -61,7 +78,7 @@ class LCMSampler:
         # LCMScheduler.step would: its "previous timestep" past the end is the current one.
         next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
         self.action_scalars = row_scalars_for_schedule(scheduler, self.timesteps, next_timesteps)  # (H, 6)
-        self._embedding_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache = PromptEmbeddingCache(pipe)
 
     @property
     def trained_steps(self) -> int:
@@ -71,14 +88,8 @@ class LCMSampler:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    @torch.no_grad()
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, L, D) text embeddings; each distinct prompt goes through the text encoder once per run."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
-        if missing:
-            embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
-            self._embedding_cache.update(zip(missing, embeds))
-        return torch.stack([self._embedding_cache[p] for p in prompts])
+        return self._prompt_cache(prompts)
 
     def guidance(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         return guidance_embedding(self.pipe, self.guidance_scale, batch, self.device, dtype)
