@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .models import latent_shape
 from .policy_step import LOG_SQRT_2PI, check_prediction_type
-from .sampler import PromptEmbeddingCache, Trajectory
+from .sampler import PromptEmbeddingCache, Trajectory, decode_latents
 
 # Column order of the (S, 5) float64 table of per-action constants.
 DDIM_SCALARS = ("alpha_t", "sigma_t", "alpha_prev", "direction", "std")
@@ -109,6 +109,8 @@ class DDPOSampler:
             raise ValueError(f"eta={eta} with this scheduler gives an action of zero variance (eta must be > 0, and "
                              "set_alpha_to_one=True makes the last step deterministic): it has no log-density")
         self._prompt_cache = PromptEmbeddingCache(pipe)
+        self._device_scalars = self.action_scalars.to(self.device)  # indexed per training minibatch
+        self._device_timesteps = self.timesteps.to(self.device)
 
     @property
     def trained_steps(self) -> int:
@@ -137,8 +139,8 @@ class DDPOSampler:
 
     def _rows(self, unet, states, sample_idx, step_idx, embeds):
         x = states[sample_idx, step_idx]
-        model_output = self.guided_output(unet, x, self.timesteps.to(self.device)[step_idx], embeds)
-        return x, model_output.float(), self.action_scalars[step_idx.cpu()]
+        model_output = self.guided_output(unet, x, self._device_timesteps[step_idx], embeds)
+        return x, model_output.float(), self._device_scalars[step_idx]
 
     def action_log_probs(self, unet, states, sample_idx, step_idx, embeds, with_mean: bool = False):
         """log pi of the stored actions states[i, k] -> states[i, k+1] for rows (i, k), any mix of k,
@@ -187,9 +189,5 @@ class DDPOSampler:
             trajectory.images = self.decode(x)
         return trajectory
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], as the pipeline's VAE decode and post-processing do."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.pipe, latents)

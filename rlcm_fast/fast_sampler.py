@@ -28,7 +28,6 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .models import latent_shape
-from .policy_step import consistency_output, policy_step
 from .sampler import LCMSampler, Trajectory
 
 
@@ -70,9 +69,6 @@ class FastLCMSampler:
         self.horizon = num_inference_steps
         self.shape = latent_shape(pipe, batch_size, height)
         device = pipe.unet.device
-        # On the device once: a host tensor inside the compiled loop would make CUDA-graph capture skip it.
-        self._scalars = self.sampler.action_scalars.to(device)
-        self._timesteps = self.sampler.timesteps.to(device)
         self.compiled = device.type == "cuda" if compile is None else compile
         self._rollout = self._rollout_eager
         self._decode = self.sampler.decode
@@ -85,23 +81,9 @@ class FastLCMSampler:
         return self.pipe.unet.device
 
     def _rollout_eager(self, latents, noises, embeds, w_embedding):
-        """The H UNet calls and H-1 policy steps: (states (B, H, ...), log_probs (B, H-1), D_{H-1})."""
-        sampler, x = self.sampler, latents.float()
-        states, log_probs = [x], []
         # Inside torch.compile the plain-PyTorch step is what inductor fuses; eager uses the fused kernels.
-        backend = "reference" if self.compiled else "auto"
-        for k in range(self.horizon):
-            scalars = self._scalars[k].expand(x.shape[0], 6)
-            model_output = sampler.unet_output(self.pipe.unet, x, self._timesteps[k], embeds, w_embedding)
-            if k == self.horizon - 1:
-                denoised = consistency_output(model_output.float(), x, scalars, sampler.prediction_type)
-                break
-            _, x, logp = policy_step(model_output.float(), x, scalars, sampler.prediction_type,
-                                     noise=noises[k].float(), backend=backend)
-            states.append(x)
-            log_probs.append(logp)
-        empty = x.new_zeros(x.shape[0], 0)
-        return torch.stack(states, 1), torch.stack(log_probs, 1) if log_probs else empty, denoised
+        return self.sampler.rollout(self.pipe.unet, latents, noises, embeds, w_embedding,
+                                    backend="reference" if self.compiled else "auto")
 
     @torch.no_grad()
     def __call__(

@@ -29,6 +29,14 @@ class Trajectory:
     images: torch.Tensor | None = None  # (B, 3, H, W) float in [0, 1]
 
 
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipelines' VAE decode and post-processing do."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
 class PromptEmbeddingCache:
     """(B, L, D) text embeddings from a pipeline's text encoder; each distinct prompt is encoded once per
     run (prompt sets are small). Shared by the LCM and DDPO samplers."""
@@ -79,6 +87,9 @@ class LCMSampler:
         next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
         self.action_scalars = row_scalars_for_schedule(scheduler, self.timesteps, next_timesteps)  # (H, 6)
         self._prompt_cache = PromptEmbeddingCache(pipe)
+        # On the device once: the loop reads them every step (and a host tensor would stop CUDA-graph capture).
+        self._device_scalars = self.action_scalars.to(self.device)
+        self._device_timesteps = self.timesteps.to(self.device)
 
     @property
     def trained_steps(self) -> int:
@@ -106,8 +117,8 @@ class LCMSampler:
         differentiable with respect to the UNet's (LoRA) weights. With `with_mean` also the policy's
         Gaussian mean (B, C, h, w) and per-row std (B,) at those states (for a KL), else None, None."""
         x = states[sample_idx, step_idx]
-        scalars = self.action_scalars[step_idx.cpu()]
-        model_output = self.unet_output(unet, x, self.timesteps.to(self.device)[step_idx], embeds,
+        scalars = self._device_scalars[step_idx]  # indexed on the device: no host sync per minibatch
+        model_output = self.unet_output(unet, x, self._device_timesteps[step_idx], embeds,
                                         self.guidance(len(x), embeds.dtype))
         denoised, _, log_probs = policy_step(
             model_output.float(), x, scalars, self.prediction_type, next_state=states[sample_idx, step_idx + 1],
@@ -122,8 +133,8 @@ class LCMSampler:
     def action_means(self, unet, states, sample_idx, step_idx, embeds):
         """The policy's Gaussian mean (B, C, h, w) and per-row std (B,) at states[i, k], no gradient."""
         x = states[sample_idx, step_idx]
-        scalars = self.action_scalars[step_idx.cpu()]
-        model_output = self.unet_output(unet, x, self.timesteps.to(self.device)[step_idx], embeds,
+        scalars = self._device_scalars[step_idx]  # indexed on the device: no host sync per minibatch
+        model_output = self.unet_output(unet, x, self._device_timesteps[step_idx], embeds,
                                         self.guidance(len(x), embeds.dtype))
         denoised = consistency_output(model_output.float(), x, scalars.to(self.device), self.prediction_type)
         alpha_next, sigma_next = self._next_scalars(scalars, denoised.ndim)
@@ -134,6 +145,25 @@ class LCMSampler:
         shape = (-1,) + (1,) * (ndim - 1)
         columns = [scalars[:, ROW_SCALARS.index(name)] for name in ("alpha_next", "sigma_next")]
         return [c.to(self.device, torch.float32).view(shape) for c in columns]
+
+    def rollout(self, unet, x, noises, embeds, w_embedding, backend: str | None = None):
+        """The H UNet calls from x_0 with the given noise of each action (T = trained_steps of them):
+        states (B, T+1, ...), log-probs (B, T) and D_{H-1}. No random draw and no host synchronisation
+        inside, so FastLCMSampler can compile and capture it whole."""
+        x = x.float()
+        states, log_probs = [x], []
+        for k in range(self.horizon):
+            scalars = self._device_scalars[k].expand(x.shape[0], 6)
+            model_output = self.unet_output(unet, x, self._device_timesteps[k], embeds, w_embedding).float()
+            if k == self.trained_steps:  # the last call is no action: its D is the latent the image decodes from
+                denoised = consistency_output(model_output, x, scalars, self.prediction_type)
+                break
+            denoised, x, logp = policy_step(model_output, x, scalars, self.prediction_type, noise=noises[k].float(),
+                                            backend=backend or self.step_backend)
+            states.append(x)
+            log_probs.append(logp.float())
+        log_probs = torch.stack(log_probs, dim=1) if log_probs else x.new_zeros(x.shape[0], 0)
+        return torch.stack(states, dim=1), log_probs, denoised
 
     @torch.no_grad()
     def sample(
@@ -154,35 +184,21 @@ class LCMSampler:
         embeds = self.prompt_embeddings(prompts)
         w_embedding = self.guidance(batch, embeds.dtype)
         shape = latent_shape(self.pipe, batch, self.resolution)
-        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
-        x = x.to(self.device, torch.float32)
-        states, log_probs = [x], []
-        for k in range(self.horizon):
-            scalars = self.action_scalars[k].expand(batch, 6)
-            model_output = self.unet_output(unet, x, self.timesteps[k].to(self.device), embeds, w_embedding)
-            if k == self.horizon - 1 and not self.train_final_step:
-                denoised = consistency_output(model_output.float(), x, scalars.to(self.device), self.prediction_type)
-                break
-            noise = noises[k] if noises is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
-            denoised, x, logp = policy_step(
-                model_output.float(), x, scalars, self.prediction_type, noise=noise.to(self.device, torch.float32),
-                backend=self.step_backend,
-            )
-            states.append(x)
-            log_probs.append(logp.float())
-        trajectory = Trajectory(
-            prompts=list(prompts),
-            states=torch.stack(states, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            denoised=denoised,
-        )
+
+        def draw():
+            return randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
+
+        # The pipeline's order: x_0, then one noise per action. Nothing else draws from the generator in
+        # between, so drawing them all before the loop gives the pipeline's values.
+        x = latents if latents is not None else draw()
+        if noises is None:
+            noises = [draw() for _ in range(self.trained_steps)]
+        states, log_probs, denoised = self.rollout(unet, x.to(self.device), [z.to(self.device) for z in noises],
+                                                   embeds, w_embedding)
+        trajectory = Trajectory(prompts=list(prompts), states=states, log_probs=log_probs, denoised=denoised)
         if decode:
             trajectory.images = self.decode(denoised)
         return trajectory
 
-    @torch.no_grad()
     def decode(self, denoised: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], as the pipeline's VAE decode and post-processing do."""
-        vae = self.pipe.vae
-        images = vae.decode(denoised.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.pipe, denoised)
