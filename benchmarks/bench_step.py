@@ -20,11 +20,13 @@ import argparse
 import json
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_commit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZES = (2, 8, 16)
@@ -43,14 +45,6 @@ def import_implementations():
         from kernels import fused_policy_step
         from rlcm_fast.policy_step import policy_step_reference
     return policy_step_reference, fused_policy_step
-
-
-def git_commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def copy_bandwidth_gbps(do_bench) -> float:

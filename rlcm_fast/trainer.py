@@ -160,15 +160,15 @@ class Trainer:
                 trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
             # Scored on a worker thread while the next round samples, on the training device (GPU rewards
             # read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
-            images = trajectory.images if cfg.reward_device == "auto" else trajectory.images.cpu()
-            pending.append(self.reward.submit(images, prompts))
+            if cfg.reward_device == "cpu":
+                trajectory.images = trajectory.images.cpu()
+            pending.append(self.reward.submit(trajectory.images, prompts))
             if not cfg.reward_overlap:
                 try:  # straightforward path: the score before the next round samples
                     pending[-1].result()
                 except Exception:
                     pass  # collect_rewards reports it, naming the reward
-
-            trajectory.images = trajectory.images.cpu()
+            trajectory.images = trajectory.images.cpu()  # no copy when already there
             trajectories.append(trajectory)
         rewards = self.collect_rewards(pending)
         prompts = [p for t in trajectories for p in t.prompts]
@@ -241,7 +241,7 @@ class Trainer:
                 done = inner * updates + update  # updates of this epoch finished before this one
                 if done < start_update:
                     continue
-                sums: dict[str, float] = {}
+                sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per update, not per minibatch
                 for micro, (sample_idx, step_idx) in enumerate(minibatches):
                     sync = micro == len(minibatches) - 1
                     context = nullcontext() if sync else self.accelerator.no_sync(self.train_unet)
@@ -255,10 +255,12 @@ class Trainer:
                             loss = loss + cfg.kl_beta * kl.mean()
                         self.accelerator.backward(loss / len(minibatches))
                     for name, value in {"loss": loss.detach(), **stats}.items():
-                        sums[name] = sums.get(name, 0.0) + float(value) / len(minibatches)
+                        sums[name] = sums.get(name, 0.0) + value.double() / len(minibatches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                names = sorted(sums)
+                *means, grad_norm = torch.stack([*(sums[k] for k in names), grad_norm.double()]).tolist()
                 bar.update()
-                self.finish_update(epoch, sums, float(grad_norm), done + 1, cfg.num_inner_epochs * updates)
+                self.finish_update(epoch, dict(zip(names, means)), grad_norm, done + 1, cfg.num_inner_epochs * updates)
         bar.close()
 
     def objective(self, log_probs, old_log_probs, advantages):
