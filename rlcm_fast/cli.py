@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--algo", default=None, metavar="rlcm|ddpo",
                        help="rlcm (default): RL on an LCM; ddpo: the DDPO baseline (DDIM, CFG) on a Stable Diffusion "
                             "model (config key `method`)")
+    train.add_argument("--reward", metavar="SPEC",
+                       help="the reward (overrides the task's): a built-in name, a user reward my_pkg.module:fn, or "
+                            "a weighted sum such as 'aesthetic:1.0,jpeg_compressibility:0.1' (config key `reward`)")
+    train.add_argument("--prompts", metavar="SET",
+                       help="the prompt set (overrides the task's): imagenet_animals, simple_animals, alignment, "
+                            "or a text file of one prompt per line (config key `prompts`)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
     train.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key")
     train.add_argument("--output-dir", help="run folder (default: runs/<task>-<time>)")
@@ -178,7 +184,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.num_processes != 1:
         return _launch(args, argv)
     overrides = parse_set_pairs(args.set)
-    for key in ("seed", "device"):
+    for key in ("seed", "device", "reward", "prompts"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.algo is not None:

@@ -19,7 +19,7 @@ import yaml
 
 from .algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS
 from .models import DEFAULT_LORA_TARGETS, METHODS, TINY_LORA_TARGETS
-from .prompts import PROMPT_SETS
+from .prompts import load_prompt_set
 
 
 class ConfigError(ValueError):
@@ -215,8 +215,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check_reward_name(cfg.reward)
     except RewardError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.prompts not in PROMPT_SETS:
-        raise ConfigError(f"prompts {cfg.prompts!r} is unknown; allowed: {', '.join(PROMPT_SETS)}")
+    try:
+        load_prompt_set(cfg.prompts)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.device not in DEVICES:
         raise ConfigError(f"device {cfg.device!r} is invalid; allowed: {', '.join(DEVICES)}")
     if cfg.mixed_precision not in MIXED_PRECISION:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 PROMPT_SETS = ("imagenet_animals", "simple_animals", "alignment")
 
@@ -22,10 +23,21 @@ def load_prompt_set(name: str) -> tuple[str, ...]:
     """All prompts of a named set, in file order.
 
     `alignment` is every "{a|an} {animal} {activity}" over simple_animals x activities, as in RLCM.
+    Any other name is read as a UTF-8 text file of one prompt per line (blank lines skipped).
     """
     if name in ("imagenet_animals", "simple_animals"):
         return _read_lines(f"{name}.txt")
     if name == "alignment":
         animals, activities = _read_lines("simple_animals.txt"), _read_lines("activities.txt")
         return tuple(f"{_with_article(a)} {act}" for a in animals for act in activities)
-    raise ValueError(f"prompt set {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}")
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"prompts {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}, or a text file of one "
+                         "prompt per line")
+    try:
+        prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"prompts file {name!r} is unreadable: {exc}") from None
+    if not prompts:
+        raise ValueError(f"prompts file {name!r} holds no prompt; it needs one prompt per line")
+    return prompts

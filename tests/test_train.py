@@ -101,6 +101,8 @@ def write_reward_module(tmp_path, body):
     (["--task", "compression"], "task 'compression' is unknown; allowed: compressibility"),
     (["--set", "reward=beauty"], "reward 'beauty' is unknown"),
     (["--set", "prompts=birds"], "prompts 'birds' is unknown"),
+    (["--prompts", "birds"], "or a text file of one prompt per line"),
+    (["--reward", "beauty"], "reward 'beauty' is unknown"),
     (["--model", "/no/such/folder"], "/no/such/folder"),
     (["--set", "sample_batch_size=6", "--set", "train_batch_size=4"], "sample_batch_size=6 is not divisible by train_batch_size=4"),
     (["--set", "horizon=1"], "horizon=1 is invalid"),
@@ -124,6 +126,34 @@ def test_non_finite_rewards_stop_the_run_before_anything_is_checkpointed(tmp_pat
                  "--set", "reward=my_rewards:nan_reward"]) == 2
     assert "reward 'my_rewards:nan_reward' returned non-finite values" in capsys.readouterr().err
     assert not list(run_dir.glob("checkpoint-*"))
+
+
+def test_reward_and_prompts_options_pick_a_user_reward_and_a_prompt_file(tmp_path):
+    seen = tmp_path / "seen_prompts.txt"
+    write_reward_module(tmp_path, "def remember_prompts(images, prompts):\n"
+                                  f"    open({str(seen)!r}, 'a').write(''.join(p + '\\n' for p in prompts))\n"
+                                  "    return images.mean(dim=(1, 2, 3))\n")
+    prompt_file = tmp_path / "my_prompts.txt"
+    prompt_file.write_text("a red fox\n\n  a snowy owl  \n")
+    run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=1", "--reward", "my_rewards:remember_prompts",
+                    "--prompts", str(prompt_file))
+    assert set(seen.read_text().splitlines()) == {"a red fox", "a snowy owl"}
+    config = (run_dir / "config.yaml").read_text()
+    assert "reward: my_rewards:remember_prompts" in config and f"prompts: {prompt_file}" in config
+
+
+@pytest.mark.parametrize("content, message", [
+    ("\n  \n", "holds no prompt"),
+    (b"\xff\xfe\xfa", "is unreadable"),
+])
+def test_bad_prompt_file_is_one_line_exit_2(tmp_path, capsys, content, message):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--prompts", str(prompt_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"prompts file {str(prompt_file)!r} {message}" in err[0]
+    assert not run_dir.exists()
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
