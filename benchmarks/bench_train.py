@@ -46,8 +46,7 @@ from common import environment, write_result  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
-# Each optimisation, off on its own (the config switches of rlcm_fast/config.py). torch.compile and
-# CUDA graphs are not built yet (issue 3): their rows go here when they are.
+# Each optimisation, off on its own (the config switches of rlcm_fast/config.py).
 OPTIMISATIONS_OFF = {
     "reference_step": {"policy_step_backend": "reference"},
     "per_timestep_training": {"train_rows": "per_timestep"},
@@ -75,6 +74,8 @@ def rows(gpu: bool, quick: bool) -> dict[str, dict]:
         ddpo = {**CPU_DDPO, "sample_batch_size": batch, "train_batch_size": batch, **({"horizon": 4} if quick else {})}
     table = {"fast": rlcm}
     table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
+    if gpu:  # the compiled UNet, off by default until its gradients are checked on a GPU (README, Status)
+        table["compiled_unet"] = {**rlcm, "compile_unet": True}
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
     table["ddpo"] = ddpo
     return table

@@ -52,7 +52,8 @@ class TrainConfig:
     eta: float = 1.0  # DDPO: DDIM eta, the action's std = eta * sigma_t (1.0: DDPO's)
 
     # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
-    # torch.compile / CUDA-graph switches belong here once those paths exist (issue 3).
+    compile_unet: bool = False  # torch.compile the UNet for sampling and training (see README, Status)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch
     train_rows: str = "flattened"  # flattened: minibatches mix (sample, step) rows | per_timestep: one step at a time
     reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
@@ -273,6 +274,11 @@ def _validate_method_and_switches(cfg: TrainConfig) -> None:
     for name, allowed in SWITCHES.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
+    import torch._dynamo
+
+    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):  # the debug backends too
+        raise ConfigError(f"compile_backend {cfg.compile_backend!r} is unknown; allowed: "
+                          f"{', '.join(torch._dynamo.list_backends())} (see torch._dynamo.list_backends)")
     if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
         raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
                           "trajectory's steps together (use train_rows=flattened)")

@@ -101,7 +101,19 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the paper
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.train_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
+        self.ddp_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
+        # The UNet as sampling and training call it, compiled with `compile_unet` (DESIGN.md section 5). The two
+        # wrappers share the weights; each keeps its own graphs (eval without grad, train with grad).
+        self.sample_unet, self.train_unet = self.unet, self.ddp_unet
+        if cfg.compile_unet:
+            if cfg.compile_backend == "inductor" and self.device.type == "cpu":
+                # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
+                # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
+                raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
+                                  "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
+                                  "or compile_unet=false")
+            self.sample_unet = torch.compile(self.unet, backend=cfg.compile_backend)
+            self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend)
 
         # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
         if cfg.method == "ddpo":
@@ -157,7 +169,7 @@ class Trainer:
                                   generator=prompt_gen)
             prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
             with self.autocast():
-                trajectory = self.sampler.sample(self.unet, prompts, generator=noise_gen)
+                trajectory = self.sampler.sample(self.sample_unet, prompts, generator=noise_gen)
             # Scored on a worker thread while the next round samples, on the training device (GPU rewards
             # read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
             if cfg.reward_device == "cpu":
@@ -244,7 +256,7 @@ class Trainer:
                 sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per update, not per minibatch
                 for micro, (sample_idx, step_idx) in enumerate(minibatches):
                     sync = micro == len(minibatches) - 1
-                    context = nullcontext() if sync else self.accelerator.no_sync(self.train_unet)
+                    context = nullcontext() if sync else self.accelerator.no_sync(self.ddp_unet)
                     with context, self.autocast():
                         log_probs, kl = self.pair_log_probs(states, sample_idx.flatten(), step_idx.flatten(),
                                                             embeds[sample_idx.flatten()])

@@ -76,6 +76,17 @@ def test_reliability_keys_are_typed_and_range_checked(overrides, message):
         resolve_config(overrides=overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"policy_step_backend": "triton"}, "policy_step_backend 'triton' is invalid; allowed: auto, reference"),
+    ({"train_rows": "rows"}, "train_rows 'rows' is invalid; allowed: flattened, per_timestep"),
+    ({"compile_unet": "yes"}, "compile_unet='yes' in --set is invalid: expected bool"),
+    ({"compile_backend": "nvfuser"}, "compile_backend 'nvfuser' is unknown; allowed: .*inductor"),
+])
+def test_bad_switch_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=overrides)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("epochs", "3", "epochs='3' is invalid: expected int"),
     ("train_final_step", 1, "train_final_step=1 is invalid: expected bool"),

@@ -4,7 +4,7 @@ gives the same rewards, loss and LoRA gradients as the default (fast) path, with
 import pytest
 import torch
 
-from rlcm_fast.config import resolve_config
+from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.minibatches import per_timestep_rows
 from rlcm_fast.trainer import Trainer
 
@@ -41,10 +41,16 @@ def default_path(tmp_path_factory):
     {"train_rows": "per_timestep"},
     {"reward_device": "cpu"},
     {"reward_overlap": False},
+    # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
+    # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused).
+    {"compile_unet": True, "compile_backend": "aot_eager"},
 ])
 def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     base_samples, base, _ = default_path
+    torch._dynamo.reset()
     samples, switched, devices = one_update(tmp_path, "switched", **switch)
+    if "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert samples.prompts == base_samples.prompts
     torch.testing.assert_close(samples.states, base_samples.states, atol=1e-5, rtol=0)
     torch.testing.assert_close(samples.log_probs, base_samples.log_probs, atol=1e-5, rtol=0)
@@ -57,6 +63,12 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
         torch.testing.assert_close(ours, theirs, atol=1e-5 * largest, rtol=1e-4)
     if "reward_device" in switch:
         assert devices == ["cpu", "cpu"]
+
+
+def test_inductor_on_the_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="compile_backend='inductor' on the CPU is refused: it gives wrong LoRA"):
+        Trainer(resolve_config(overrides={**ONE_UPDATE, "compile_unet": True}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_per_timestep_minibatches_hold_one_step_each():
