@@ -82,7 +82,7 @@ def main() -> None:
     for name in sorted(per_tensor, key=per_tensor.get)[-5:]:
         print(f"  {per_tensor[name]:.3g}  {name}")
     write_result("compiled_gradients", {
-        "environment": environment(),
+        "benchmark": "compiled_gradients", **environment(),
         "config": {"backend": args.backend, "model": cfg.model, "device": str(device), "rows": args.rows},
         "forward_max_abs_difference": forward_difference,
         "gradient_relative_error_median": errors[len(errors) // 2],

@@ -36,6 +36,14 @@ def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dic
         skipped.append({"benchmark": "bench_step", "reason": "needs CUDA (Triton kernel timings); not available"})
         skipped.append({"benchmark": "bench_sampler", "reason": "needs CUDA (its CPU mode is a smoke test "
                         "of the script: python benchmarks/bench_sampler.py --device cpu)"})
+    # Does the compiled UNet (the trainer's compile_unet) give eager's LoRA gradients? Inductor on the GPU's
+    # own model size there; on a CPU (full runs) the tiny model, where torch 2.13's inductor gets them wrong.
+    if cuda:
+        runs.append(("compiled_gradients", ["--device", "cuda", "--model", "sd15-lcm", "--rows", "2"]))
+    elif quick:
+        skipped.append({"benchmark": "compiled_gradients", "reason": "--quick (inductor compiles for minutes)"})
+    else:
+        runs.append(("compiled_gradients", []))
     if quick:
         runs.append(("bench_rewards", ["--quick", "--sizes", "512", "--batches", "8", "--no-aesthetic"]))
         skipped.append({"benchmark": "bench_rewards aesthetic rows, 768 px and batch 32",
@@ -140,6 +148,16 @@ def ablation_section(ablation: dict) -> list[str]:
     return lines + table(["variant", "epochs", "first reward", "last reward", "KL to base", "wall s"], body) + [""]
 
 
+def gradients_section(check: dict) -> list[str]:
+    config = check["config"]
+    lines = ["## Compiled UNet gradients (compiled_gradients.py)", ""]
+    body = [[config["backend"], config["model"], config["device"], check["forward_max_abs_difference"],
+             check["gradient_relative_error_median"], check["gradient_relative_error_max"],
+             f"{len(check['tensors_zeroed'])} of {check['tensors']}"]]
+    return lines + table(["backend", "model", "device", "forward max diff", "grad rel. error median",
+                          "grad rel. error max", "LoRA grads zeroed"], body) + [""]
+
+
 def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool) -> Path:
     env = environment()
     lines = [f"# Benchmark results: {device_name()}", "",
@@ -152,7 +170,7 @@ def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool
     lines += table(["benchmark", "exit code", "seconds", "error"],
                    [[s["benchmark"], s["returncode"], s["seconds"], s.get("error")] for s in statuses]) + [""]
     sections = {"bench_train": train_section, "bench_step": step_section, "bench_sampler": sampler_section,
-                "bench_rewards": rewards_section,
+                "bench_rewards": rewards_section, "compiled_gradients": gradients_section,
                 "ablation_algorithms": ablation_section}
     for name, section in sections.items():
         data = load(out_dir, name)
