@@ -19,7 +19,7 @@ import yaml
 
 from .algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS
 from .models import DEFAULT_LORA_TARGETS, METHODS, TINY_LORA_TARGETS
-from .prompts import load_prompt_set
+from .prompts import PROMPT_SETS, load_prompt_set
 
 
 class ConfigError(ValueError):
@@ -220,6 +220,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         load_prompt_set(cfg.prompts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.prompts not in PROMPT_SETS:  # a prompt file: absolute, so that --resume finds it from anywhere
+        cfg.prompts = str(Path(cfg.prompts).resolve())
     if cfg.device not in DEVICES:
         raise ConfigError(f"device {cfg.device!r} is invalid; allowed: {', '.join(DEVICES)}")
     if cfg.mixed_precision not in MIXED_PRECISION:

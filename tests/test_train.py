@@ -129,18 +129,20 @@ def test_non_finite_rewards_stop_the_run_before_anything_is_checkpointed(tmp_pat
     assert not list(run_dir.glob("checkpoint-*"))
 
 
-def test_reward_and_prompts_options_pick_a_user_reward_and_a_prompt_file(tmp_path):
+def test_reward_and_prompts_options_pick_a_user_reward_and_a_prompt_file(tmp_path, monkeypatch):
     seen = tmp_path / "seen_prompts.txt"
     write_reward_module(tmp_path, "def remember_prompts(images, prompts):\n"
                                   f"    open({str(seen)!r}, 'a').write(''.join(p + '\\n' for p in prompts))\n"
                                   "    return images.mean(dim=(1, 2, 3))\n")
     prompt_file = tmp_path / "my_prompts.txt"
     prompt_file.write_text("a red fox\n\n  a snowy owl  \n")
+    monkeypatch.chdir(tmp_path)
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=1", "--reward", "my_rewards:remember_prompts",
-                    "--prompts", str(prompt_file))
+                    "--prompts", "my_prompts.txt")
     assert set(seen.read_text().splitlines()) == {"a red fox", "a snowy owl"}
     config = (run_dir / "config.yaml").read_text()
-    assert "reward: my_rewards:remember_prompts" in config and f"prompts: {prompt_file}" in config
+    # The file is kept by its absolute path: a resumed run finds it from any folder.
+    assert "reward: my_rewards:remember_prompts" in config and f"prompts: {prompt_file.resolve()}" in config
 
 
 @pytest.mark.parametrize("content, message", [
