@@ -1,6 +1,20 @@
 """rlcm-fast: reinforcement learning for latent consistency models (RLCM), made fast."""
 
+import logging
+
 __version__ = "0.1.0"
+
+
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    """Drops one notice: transformers 5 warns at import time that `CLIPImageProcessor` falls back to its
+    PIL version when torchvision is missing. diffusers' pipelines import that class, so every run printed
+    it, yet nothing here uses it (the pipelines' feature_extractor is None; rewards preprocess as tensors)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
 
 
 def __getattr__(name: str):

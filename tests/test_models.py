@@ -341,3 +341,17 @@ def test_lcm_lora_is_fused_and_unloaded(tmp_path):
 
     with pytest.raises(ModelLoadError, match="lcm_lora"):
         load_pipeline("tiny", lcm_lora=str(tmp_path / "missing"))
+
+
+def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
+    import logging
+
+    import rlcm_fast  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+
+    def passes(message: str) -> bool:
+        return bool(logger.filter(logging.LogRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)))
+
+    assert not passes("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+    assert passes("`CLIPImageProcessor` could not be loaded")
