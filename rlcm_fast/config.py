@@ -276,14 +276,19 @@ def _validate_method_and_switches(cfg: TrainConfig) -> None:
     for name, allowed in SWITCHES.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
-    import torch._dynamo
-
-    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):  # the debug backends too
-        raise ConfigError(f"compile_backend {cfg.compile_backend!r} is unknown; allowed: "
-                          f"{', '.join(torch._dynamo.list_backends())} (see torch._dynamo.list_backends)")
+    if cfg.compile_unet:
+        _validate_compile_backend(cfg.compile_backend)
     if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
         raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
                           "trajectory's steps together (use train_rows=flattened)")
+
+
+def _validate_compile_backend(backend: str) -> None:
+    import torch._dynamo  # only when compiling: importing it costs every process about 2 s
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # the debug backends too
+        raise ConfigError(f"compile_backend {backend!r} is unknown; allowed: "
+                          f"{', '.join(torch._dynamo.list_backends())} (see torch._dynamo.list_backends)")
 
 
 def _validate_algorithm(cfg: TrainConfig) -> None:

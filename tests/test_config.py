@@ -80,7 +80,7 @@ def test_reliability_keys_are_typed_and_range_checked(overrides, message):
     ({"policy_step_backend": "triton"}, "policy_step_backend 'triton' is invalid; allowed: auto, reference"),
     ({"train_rows": "rows"}, "train_rows 'rows' is invalid; allowed: flattened, per_timestep"),
     ({"compile_unet": "yes"}, "compile_unet='yes' in --set is invalid: expected bool"),
-    ({"compile_backend": "nvfuser"}, "compile_backend 'nvfuser' is unknown; allowed: .*inductor"),
+    ({"compile_unet": True, "compile_backend": "nvfuser"}, "compile_backend 'nvfuser' is unknown; allowed: .*inductor"),
 ])
 def test_bad_switch_values(overrides, message):
     with pytest.raises(ConfigError, match=message):

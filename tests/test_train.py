@@ -96,6 +96,7 @@ def test_first_inner_epoch_recomputes_the_stored_log_probs(tmp_path):
 def write_reward_module(tmp_path, body):
     (tmp_path / "my_rewards.py").write_text(body)
     sys.path.insert(0, str(tmp_path))
+    sys.modules.pop("my_rewards", None)  # another test's my_rewards may be imported already
 
 
 @pytest.mark.parametrize("args, message", [
