@@ -29,10 +29,10 @@ def train(tmp_path, name, *extra) -> Path:
 
 
 def test_tiny_model_learns_jpeg_compressibility(tmp_path):
-    run_dir = train(tmp_path, "compressibility", "--task", "compressibility", "--set", "epochs=12", "--seed", "0")
+    run_dir = train(tmp_path, "compressibility", "--task", "compressibility", "--set", "epochs=10", "--seed", "0")
     rewards = np.array([r["reward_mean"] for r in records(run_dir, "epoch")])
-    assert len(rewards) == 12 and (rewards < 0).all()  # minus the JPEG size in kB
-    # Measured with seed 0 on 2 CPU cores: -1.484 (epochs 1-3) -> -1.240 (epochs 10-12), a gain of 0.24 kB
+    assert len(rewards) == 10 and (rewards < 0).all()  # minus the JPEG size in kB
+    # Measured with seed 0 on 2 CPU cores: -1.484 (epochs 1-3) -> -1.292 (epochs 8-10), a gain of 0.19 kB
     # against an epoch-to-epoch reward std of about 0.012; the test asks for 0.1. (What drives the rise on
     # this random model, and why incompressibility does not learn on it: README, Status.)
     assert rewards[-3:].mean() - rewards[:3].mean() > 0.1, rewards
