@@ -51,9 +51,11 @@ class TrainConfig:
     method: str = "rlcm"  # rlcm (an LCM, consistency sampling) | ddpo (Stable Diffusion, DDIM); CLI --algo
     eta: float = 1.0  # DDPO: DDIM eta, the action's std = eta * sigma_t (1.0: DDPO's)
 
-    # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
-    compile_unet: bool = False  # torch.compile the UNet for sampling and training (see README, Status)
+    # torch.compile of the trainer's UNet: opt-in until its gradients are checked on a GPU (README, Status).
+    compile_unet: bool = False  # sampling and the LoRA training forward/backward
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
+
+    # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch
     train_rows: str = "flattened"  # flattened: minibatches mix (sample, step) rows | per_timestep: one step at a time
     reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first

@@ -80,6 +80,12 @@ class Trainer:
         precision = cfg.mixed_precision
         if precision == "auto":
             precision = "no" if use_cpu else "bf16"
+        if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu:  # before any model is loaded
+            # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
+            # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
+            raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
+                              "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
+                              "or compile_unet=false")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -106,12 +112,6 @@ class Trainer:
         # wrappers share the weights; each keeps its own graphs (eval without grad, train with grad).
         self.sample_unet, self.train_unet = self.unet, self.ddp_unet
         if cfg.compile_unet:
-            if cfg.compile_backend == "inductor" and self.device.type == "cpu":
-                # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
-                # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
-                raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
-                                  "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
-                                  "or compile_unet=false")
             self.sample_unet = torch.compile(self.unet, backend=cfg.compile_backend)
             self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend)
 
