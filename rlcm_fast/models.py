@@ -57,8 +57,11 @@ SD_MODEL_CHOICES = "expected 'tiny-sd', 'sd15', a local Stable Diffusion pipelin
 LCM_PRESETS = ("tiny", "sd15-lcm")
 SD_PRESETS = ("tiny-sd", "sd15")
 METHODS = ("rlcm", "ddpo")
-TINY_PRESET_VERSION = 1  # bump when the tiny weights change without a change to TINY's configs
+TINY_PRESET_VERSION = 2  # bump when the tiny weights change without a change to TINY's configs
 _INIT_SEED = 0
+# The tiny preset's trained UNet (rlcm_fast/tiny_pretraining.py wrote it); the VAE and text encoder stay
+# random from _INIT_SEED.
+TINY_UNET_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_unet.safetensors"
 
 
 class ModelLoadError(ValueError):
@@ -210,7 +213,7 @@ def load_pipeline(
         raise ModelLoadError(f"model {model!r} is a Stable Diffusion preset (no LCM guidance embedding): "
                              f"train it with --algo ddpo, or pick an LCM: {MODEL_CHOICES}")
     if model == "tiny":
-        pipe = _from_pretrained(model, _preset_folder("tiny", TINY), dtype)
+        pipe = _from_pretrained(model, _tiny_pipeline_folder(), dtype)
     elif model == "sd15-lcm":
         pipe = _build_random_pipeline(SD15_LCM, device, dtype)
     else:
@@ -236,7 +239,7 @@ def _load_sd_pipeline(model: str, device: torch.device, dtype: torch.dtype, lcm_
         raise ModelLoadError(f"model {model!r} is an LCM preset; --algo ddpo needs a Stable Diffusion pipeline: "
                              f"{SD_MODEL_CHOICES}")
     if model == "tiny-sd":
-        pipe = _from_pretrained(model, _preset_folder("tiny-sd", TINY_SD), dtype, StableDiffusionPipeline)
+        pipe = _from_pretrained(model, _tiny_sd_pipeline_folder(), dtype, StableDiffusionPipeline)
     elif model == "sd15":
         pipe = _build_random_pipeline(SD15, device, dtype)
     else:
@@ -257,8 +260,17 @@ def _freeze(pipe) -> None:
 
 
 def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
-    """The tiny preset in memory (float32, CPU), identical on every call; `load_pipeline("tiny")`
-    loads the cached copy of exactly these weights."""
+    """The tiny preset in memory (float32, CPU), identical on every call: a random VAE and text encoder
+    and the shipped trained UNet (a denoiser of synthetic textures, see tiny_pretraining.py).
+    `load_pipeline("tiny")` loads the cached copy of exactly these weights."""
+    pipe = build_untrained_tiny_pipeline()
+    pipe.unet.load_state_dict({name: tensor.float() for name, tensor in load_file(TINY_UNET_WEIGHTS).items()})
+    return pipe
+
+
+def build_untrained_tiny_pipeline() -> LatentConsistencyModelPipeline:
+    """The tiny architecture with every component random from a fixed seed: the starting point of the
+    tiny UNet's pretraining."""
     return _build_random_pipeline(TINY, torch.device("cpu"), torch.float32)
 
 
@@ -320,14 +332,20 @@ def _deterministic_init(device: torch.device, dtype: torch.dtype):
 
 
 def _tiny_pipeline_folder() -> Path:
-    return _preset_folder("tiny", TINY)
+    # The weights file's digest is in the key: a changed file must not load a stale cache.
+    weights_digest = hashlib.sha256(TINY_UNET_WEIGHTS.read_bytes()).hexdigest()
+    return _preset_folder("tiny", [dataclasses.asdict(TINY), weights_digest], build_tiny_pipeline)
 
 
-def _preset_folder(name: str, spec: _ArchitectureSpec) -> Path:
-    """The cached diffusers folder of a small preset, written once and atomically (concurrent
-    writers race on a rename; the loser uses the winner's folder)."""
-    digest = hashlib.sha256(json.dumps([TINY_PRESET_VERSION, _INIT_SEED, dataclasses.asdict(spec)],
-                                       sort_keys=True).encode()).hexdigest()[:12]
+def _tiny_sd_pipeline_folder() -> Path:
+    return _preset_folder("tiny-sd", [dataclasses.asdict(TINY_SD)], build_tiny_sd_pipeline)
+
+
+def _preset_folder(name: str, key: list, build) -> Path:
+    """The cached diffusers folder of a small preset (`build()` makes it; `key` names its contents),
+    written once and atomically (concurrent writers race on a rename; the loser uses the winner's folder)."""
+    key = [TINY_PRESET_VERSION, _INIT_SEED, *key]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cache_root = Path(os.environ.get("RLCM_FAST_CACHE") or Path.home() / ".cache" / "rlcm_fast")
     folder = cache_root / f"{name}-v{TINY_PRESET_VERSION}-{digest}"
     if folder.is_dir():
@@ -336,7 +354,7 @@ def _preset_folder(name: str, spec: _ArchitectureSpec) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_root))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        _build_random_pipeline(spec, torch.device("cpu"), torch.float32).save_pretrained(staging)
+        build().save_pretrained(staging)
         os.rename(staging, folder)
     except OSError:
         if not folder.is_dir():  # a real failure, not a lost race

@@ -1,0 +1,117 @@
+"""The tiny preset's UNet, trained in code: a small sample-predicting denoiser of synthetic latent textures.
+
+Why train it at all: a randomly initialised UNet's samples barely differ from one another (their JPEG
+sizes spread by about 0.01 kB), and how LoRA changes its images is dominated by the last UNet call,
+which the image is decoded from and which no policy-gradient estimate sees (README, "Status"). RL on a
+real LCM relies on samples that differ in what the reward measures, with the difference decided along
+the trajectory. This denoiser gives the tiny model that property for the JPEG rewards.
+
+The data: two kinds of 4 x 16 x 16 latent, half each: a flat colour per channel ("flat"), or the same
+plus a checkerboard of strength TEXTURE_STRENGTH with alternating sign across channels ("checkered").
+The tiny VAE decodes a flat latent into a smooth image (a small JPEG) and a checkered one into a busy
+image (a large JPEG), so which kind a sample becomes, decided along the trajectory, is what the JPEG
+rewards see. (With a strength drawn uniformly instead, incompressibility learned about half as fast.)
+Training: the x0-prediction MSE at timesteps drawn uniformly from the schedule's 1000, with prompts from
+`simple_animals` and guidance scales drawn at random, so the model learns to ignore both and any prompt
+set or guidance scale works with it.
+
+The result ships as rlcm_fast/data/tiny_unet.safetensors (float16, with this recipe in its metadata);
+`python -m rlcm_fast.tiny_pretraining` rewrites it. Float results differ slightly between CPUs, so a
+rerun elsewhere gives a close but not bit-identical file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .models import TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline
+from .prompts import load_prompt_set
+
+TEXTURE_STRENGTH = 0.4  # the tiny VAE's JPEG size still rises with it here; it saturates beyond ~0.3-0.5
+COLOUR_STD = 0.7
+GUIDANCE_SCALE_RANGE = (1.0, 10.0)
+RECIPE = dict(steps=400, batch_size=32, learning_rate=2e-3, seed=0)
+
+
+def checkerboard(channels: int, side: int) -> torch.Tensor:
+    """(channels, side, side) of +-1, the sign flipping from pixel to pixel and from channel to channel."""
+    index = torch.arange(side)
+    board = ((index.view(-1, 1) + index) % 2 * 2 - 1).float()
+    signs = torch.tensor([1.0 if c % 2 == 0 else -1.0 for c in range(channels)])
+    return signs.view(-1, 1, 1) * board
+
+
+def texture_latents(batch: int, generator: torch.Generator, channels: int = 4, side: int = 16) -> torch.Tensor:
+    """(batch, channels, side, side): a flat colour per channel, plus, for about half the latents (drawn
+    at random), a checkerboard of strength TEXTURE_STRENGTH."""
+    colour = COLOUR_STD * torch.randn(batch, channels, 1, 1, generator=generator)
+    checkered = torch.rand(batch, 1, 1, 1, generator=generator) < 0.5
+    return colour + TEXTURE_STRENGTH * checkered * checkerboard(channels, side)
+
+
+def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, seed: int) -> list[float]:
+    """Train `pipe.unet` (sample prediction) in place to denoise `texture_latents`; returns the losses.
+    AdamW with a cosine decay of the learning rate to zero; everything random comes from `seed`."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    if scheduler.config.prediction_type != "sample":
+        raise ValueError(f"the texture denoiser predicts samples; the scheduler's prediction_type is "
+                         f"{scheduler.config.prediction_type!r}")
+    generator = torch.Generator().manual_seed(seed)
+    prompts = list(load_prompt_set("simple_animals"))
+    with torch.no_grad():
+        prompt_embeds, _ = pipe.encode_prompt(prompts, unet.device, 1, False)
+    alphas_cumprod = scheduler.alphas_cumprod
+    side = unet.config.sample_size
+    channels = unet.config.in_channels
+
+    unet.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    losses = []
+    for _ in range(steps):
+        clean = texture_latents(batch_size, generator, channels, side)
+        timesteps = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=generator)
+        alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * torch.randn(clean.shape, generator=generator)
+        low, high = GUIDANCE_SCALE_RANGE
+        guidance = low + (high - low) * torch.rand(batch_size, generator=generator)
+        w_embedding = pipe.get_guidance_scale_embedding(guidance - 1, embedding_dim=unet.config.time_cond_proj_dim)
+        embeds = prompt_embeds[torch.randint(0, len(prompts), (batch_size,), generator=generator)]
+        predicted = unet(noisy, timesteps, encoder_hidden_states=embeds, timestep_cond=w_embedding).sample
+        loss = F.mse_loss(predicted, clean)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    unet.requires_grad_(False).eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the tiny preset's UNet and write its safetensors file.")
+    parser.add_argument("--out", type=Path, default=TINY_UNET_WEIGHTS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(RECIPE["seed"])
+    pipe = build_untrained_tiny_pipeline()
+    started = time.perf_counter()
+    losses = pretrain_denoiser(pipe, **RECIPE)
+    seconds = time.perf_counter() - started
+    tail = sum(losses[-20:]) / 20
+    metadata = {**{key: str(value) for key, value in RECIPE.items()}, "final_loss": f"{tail:.4f}",
+                "torch": torch.__version__}
+    # float16 halves the shipped file; the preset casts back to float32 when it loads.
+    weights = {name: tensor.half().contiguous() for name, tensor in pipe.unet.state_dict().items()}
+    save_file(weights, args.out, metadata=metadata)
+    print(f"trained {RECIPE['steps']} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> {tail:.4f} "
+          f"(mean of the last 20); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
