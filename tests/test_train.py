@@ -28,14 +28,18 @@ def train(tmp_path, name, *extra) -> Path:
     return run_dir
 
 
-def test_tiny_model_learns_jpeg_compressibility(tmp_path):
-    run_dir = train(tmp_path, "compressibility", "--task", "compressibility", "--set", "epochs=10", "--seed", "0")
+@pytest.mark.parametrize("task, min_gain", [
+    # Measured with seed 0 on 2 CPU cores (mean of epochs 8-10 minus mean of epochs 1-3), against an
+    # epoch-to-epoch reward std of about 0.01-0.02 kB:
+    ("compressibility", 0.1),  # -1.313 -> -1.031 kB over the 10 epochs, a gain of 0.23
+    ("incompressibility", 0.03),  # +1.313 -> +1.408 kB, a gain of 0.064
+])
+def test_tiny_model_learns_each_jpeg_objective(tmp_path, task, min_gain):
+    run_dir = train(tmp_path, task, "--task", task, "--set", "epochs=10", "--set", "grid_every=0", "--seed", "0")
     rewards = np.array([r["reward_mean"] for r in records(run_dir, "epoch")])
-    assert len(rewards) == 10 and (rewards < 0).all()  # minus the JPEG size in kB
-    # Measured with seed 0 on 2 CPU cores: -1.484 (epochs 1-3) -> -1.292 (epochs 8-10), a gain of 0.19 kB
-    # against an epoch-to-epoch reward std of about 0.012; the test asks for 0.1. (What drives the rise on
-    # this random model, and why incompressibility does not learn on it: README, Status.)
-    assert rewards[-3:].mean() - rewards[:3].mean() > 0.1, rewards
+    assert len(rewards) == 10
+    assert (rewards < 0).all() if task == "compressibility" else (rewards > 0).all()  # -/+ the JPEG size in kB
+    assert rewards[-3:].mean() - rewards[:3].mean() > min_gain, rewards
 
 
 def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
