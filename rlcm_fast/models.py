@@ -1,13 +1,15 @@
 """Loading the pipeline to fine-tune (an LCM for RLCM, Stable Diffusion for the DDPO baseline), and the
 LoRA policy adapter on its UNet.
 
-`load_pipeline` accepts a hub id or local diffusers folder (real use) and presets with random
-weights that need no network (DESIGN.md section 4):
+`load_pipeline` accepts a hub id or local diffusers folder (real use) and presets that need no
+network (DESIGN.md section 4):
 
 - `tiny`: a ~1.5M-parameter LCM (32 px images, 16x16x4 latents) built deterministically in code and
   cached in diffusers format, so it loads through the same `from_pretrained` path as a user's folder.
-  Its scheduler predicts the sample, not epsilon: a random epsilon-predictor's
-  pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a) explodes at t=999, a sample-predictor stays bounded.
+  VAE and text encoder are random; the UNet is the shipped denoiser of synthetic textures that
+  tiny_pretraining.py trained, so that samples differ in what the JPEG rewards measure. Its scheduler
+  predicts the sample, not epsilon: a random epsilon-predictor's pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+  explodes at t=999, a sample-predictor stays bounded (and the pretraining started from one).
 - `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
   memory directly on the target device and dtype; the speed benchmarks use it.
 - `tiny-sd`, `sd15`: the same two without the guidance embedding (`time_cond_proj_dim`), i.e. Stable
