@@ -16,8 +16,8 @@ Training: the x0-prediction MSE at timesteps drawn uniformly from the schedule's
 set or guidance scale works with it.
 
 The result ships as rlcm_fast/data/tiny_unet.safetensors (float16, with this recipe in its metadata);
-`python -m rlcm_fast.tiny_pretraining` rewrites it. Float results differ slightly between CPUs, so a
-rerun elsewhere gives a close but not bit-identical file.
+`python -m rlcm_fast.tiny_pretraining` rewrites it; two runs on one machine gave the same weights,
+but float results may differ between CPUs, so a rerun elsewhere may not be bit-identical.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from .models import TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline
 from .prompts import load_prompt_set
 
-TEXTURE_STRENGTH = 0.4  # the tiny VAE's JPEG size still rises with it here; it saturates beyond ~0.3-0.5
+TEXTURE_STRENGTH = 0.4  # about where the tiny VAE's JPEG size stops rising with the strength (~0.3)
 COLOUR_STD = 0.7
 GUIDANCE_SCALE_RANGE = (1.0, 10.0)
 RECIPE = dict(steps=400, batch_size=32, learning_rate=2e-3, seed=0)
@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the tiny preset's UNet and write its safetensors file.")
     parser.add_argument("--out", type=Path, default=TINY_UNET_WEIGHTS)
     args = parser.parse_args(argv)
-    torch.manual_seed(RECIPE["seed"])
     pipe = build_untrained_tiny_pipeline()
     started = time.perf_counter()
     losses = pretrain_denoiser(pipe, **RECIPE)
