@@ -66,7 +66,6 @@ def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, s
     prompts = list(load_prompt_set("simple_animals"))
     with torch.no_grad():
         prompt_embeds, _ = pipe.encode_prompt(prompts, unet.device, 1, False)
-    alphas_cumprod = scheduler.alphas_cumprod
     side = unet.config.sample_size
     channels = unet.config.in_channels
 
@@ -76,9 +75,8 @@ def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, s
     losses = []
     for _ in range(steps):
         clean = texture_latents(batch_size, generator, channels, side)
-        timesteps = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=generator)
-        alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), timesteps)
         low, high = GUIDANCE_SCALE_RANGE
         guidance = low + (high - low) * torch.rand(batch_size, generator=generator)
         w_embedding = pipe.get_guidance_scale_embedding(guidance - 1, embedding_dim=unet.config.time_cond_proj_dim)

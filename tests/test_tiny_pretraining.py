@@ -30,8 +30,8 @@ def denoising_error(pipe, timestep: int, seed: int = 1) -> float:
     """MSE of the UNet's prediction of clean texture latents at one timestep of the schedule."""
     generator = torch.Generator().manual_seed(seed)
     clean = texture_latents(32, generator)
-    alpha = pipe.scheduler.alphas_cumprod[timestep]
-    noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * torch.randn(clean.shape, generator=generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    noisy = pipe.scheduler.add_noise(clean, noise, torch.full((32,), timestep))
     embeds, _ = pipe.encode_prompt(["a cat"] * 32, "cpu", 1, False)
     with torch.no_grad():
         predicted = pipe.unet(noisy, timestep, encoder_hidden_states=embeds,
