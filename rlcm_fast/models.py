@@ -61,9 +61,10 @@ SD_PRESETS = ("tiny-sd", "sd15")
 METHODS = ("rlcm", "ddpo")
 TINY_PRESET_VERSION = 2  # bump when the tiny weights change without a change to TINY's configs
 _INIT_SEED = 0
-# The tiny preset's trained UNet (rlcm_fast/tiny_pretraining.py wrote it); the VAE and text encoder stay
-# random from _INIT_SEED.
+# The tiny presets' trained UNets (rlcm_fast/tiny_pretraining.py wrote them); the VAE and text encoder
+# stay random from _INIT_SEED.
 TINY_UNET_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_unet.safetensors"
+TINY_SD_UNET_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_sd_unet.safetensors"
 
 
 class ModelLoadError(ValueError):
@@ -265,9 +266,7 @@ def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
     """The tiny preset in memory (float32, CPU), identical on every call: a random VAE and text encoder
     and the shipped trained UNet (a denoiser of synthetic textures, see tiny_pretraining.py).
     `load_pipeline("tiny")` loads the cached copy of exactly these weights."""
-    pipe = build_untrained_tiny_pipeline()
-    pipe.unet.load_state_dict({name: tensor.float() for name, tensor in load_file(TINY_UNET_WEIGHTS).items()})
-    return pipe
+    return _with_shipped_unet(build_untrained_tiny_pipeline(), TINY_UNET_WEIGHTS)
 
 
 def build_untrained_tiny_pipeline() -> LatentConsistencyModelPipeline:
@@ -277,9 +276,21 @@ def build_untrained_tiny_pipeline() -> LatentConsistencyModelPipeline:
 
 
 def build_tiny_sd_pipeline() -> StableDiffusionPipeline:
-    """The tiny-sd preset in memory: `tiny`'s UNet without the guidance embedding (same VAE, text
-    encoder, tokenizer), DDIM scheduler; `load_pipeline("tiny-sd", method="ddpo")` loads its cached copy."""
+    """The tiny-sd preset in memory: `tiny`'s architecture without the guidance embedding (same VAE,
+    text encoder, tokenizer), a DDIM scheduler, and its own shipped UNet trained by the same recipe.
+    `load_pipeline("tiny-sd", method="ddpo")` loads its cached copy."""
+    return _with_shipped_unet(build_untrained_tiny_sd_pipeline(), TINY_SD_UNET_WEIGHTS)
+
+
+def build_untrained_tiny_sd_pipeline() -> StableDiffusionPipeline:
+    """tiny-sd with every component random from a fixed seed: the starting point of its UNet's pretraining."""
     return _build_random_pipeline(TINY_SD, torch.device("cpu"), torch.float32)
+
+
+def _with_shipped_unet(pipe, weights: Path):
+    # Shipped in float16 to halve the file; the presets run in float32.
+    pipe.unet.load_state_dict({name: tensor.float() for name, tensor in load_file(weights).items()})
+    return pipe
 
 
 def _build_random_pipeline(
@@ -334,13 +345,17 @@ def _deterministic_init(device: torch.device, dtype: torch.dtype):
 
 
 def _tiny_pipeline_folder() -> Path:
-    # The weights file's digest is in the key: a changed file must not load a stale cache.
-    weights_digest = hashlib.sha256(TINY_UNET_WEIGHTS.read_bytes()).hexdigest()
-    return _preset_folder("tiny", [dataclasses.asdict(TINY), weights_digest], build_tiny_pipeline)
+    return _preset_folder("tiny", [dataclasses.asdict(TINY), _digest(TINY_UNET_WEIGHTS)], build_tiny_pipeline)
 
 
 def _tiny_sd_pipeline_folder() -> Path:
-    return _preset_folder("tiny-sd", [dataclasses.asdict(TINY_SD)], build_tiny_sd_pipeline)
+    return _preset_folder("tiny-sd", [dataclasses.asdict(TINY_SD), _digest(TINY_SD_UNET_WEIGHTS)],
+                          build_tiny_sd_pipeline)
+
+
+def _digest(weights: Path) -> str:
+    # In the cache key: a changed weights file must not load a stale cached folder.
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def _preset_folder(name: str, key: list, build) -> Path:

@@ -1,4 +1,4 @@
-"""The tiny preset's UNet, trained in code: a small sample-predicting denoiser of synthetic latent textures.
+"""The tiny presets' UNets, trained in code: small sample-predicting denoisers of synthetic latent textures.
 
 Why train it at all: a randomly initialised UNet's samples barely differ from one another (their JPEG
 sizes spread by about 0.01 kB), and how LoRA changes its images is dominated by the last UNet call,
@@ -15,9 +15,13 @@ Training: the x0-prediction MSE at timesteps drawn uniformly from the schedule's
 `simple_animals` and guidance scales drawn at random, so the model learns to ignore both and any prompt
 set or guidance scale works with it.
 
-The result ships as rlcm_fast/data/tiny_unet.safetensors (float16, with this recipe in its metadata);
-`python -m rlcm_fast.tiny_pretraining` rewrites it; two runs on one machine gave the same weights,
-but float results may differ between CPUs, so a rerun elsewhere may not be bit-identical.
+Both tiny presets get a UNet trained by this recipe: `tiny` (the LCM; its UNet also takes the guidance
+embedding) and `tiny-sd` (DDPO's Stable Diffusion; the same UNet without it, classifier-free guidance at
+sampling time), so that RLCM and DDPO are compared on equally able models. The results ship as
+rlcm_fast/data/tiny_unet.safetensors and tiny_sd_unet.safetensors (float16, with this recipe in their
+metadata); `python -m rlcm_fast.tiny_pretraining --preset tiny|tiny-sd` rewrites one. Two runs on one
+machine gave the same weights, but float results may differ between CPUs, so a rerun elsewhere may not
+be bit-identical.
 """
 
 from __future__ import annotations
@@ -30,13 +34,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .models import TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline
+from .models import (TINY_SD_UNET_WEIGHTS, TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline,
+                     build_untrained_tiny_sd_pipeline)
 from .prompts import load_prompt_set
 
 TEXTURE_STRENGTH = 0.4  # about where the tiny VAE's JPEG size stops rising with the strength (~0.3)
 COLOUR_STD = 0.7
 GUIDANCE_SCALE_RANGE = (1.0, 10.0)
 RECIPE = dict(steps=400, batch_size=32, learning_rate=2e-3, seed=0)
+# preset -> (its untrained pipeline, where its trained UNet ships). Both get the same recipe.
+PRESETS = {"tiny": (build_untrained_tiny_pipeline, TINY_UNET_WEIGHTS),
+           "tiny-sd": (build_untrained_tiny_sd_pipeline, TINY_SD_UNET_WEIGHTS)}
 
 
 def checkerboard(channels: int, side: int) -> torch.Tensor:
@@ -79,7 +87,11 @@ def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, s
         noisy = scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), timesteps)
         low, high = GUIDANCE_SCALE_RANGE
         guidance = low + (high - low) * torch.rand(batch_size, generator=generator)
-        w_embedding = pipe.get_guidance_scale_embedding(guidance - 1, embedding_dim=unet.config.time_cond_proj_dim)
+        # Only an LCM UNet takes the guidance scale as an input; tiny-sd gets classifier-free guidance at
+        # sampling time instead, so the guidance draw is kept for it too (same random stream for both).
+        w_embedding = None
+        if unet.config.time_cond_proj_dim is not None:
+            w_embedding = pipe.get_guidance_scale_embedding(guidance - 1, embedding_dim=unet.config.time_cond_proj_dim)
         embeds = prompt_embeds[torch.randint(0, len(prompts), (batch_size,), generator=generator)]
         predicted = unet(noisy, timesteps, encoder_hidden_states=embeds, timestep_cond=w_embedding).sample
         loss = F.mse_loss(predicted, clean)
@@ -93,10 +105,13 @@ def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the tiny preset's UNet and write its safetensors file.")
-    parser.add_argument("--out", type=Path, default=TINY_UNET_WEIGHTS)
+    parser = argparse.ArgumentParser(description="Train a tiny preset's UNet and write its safetensors file.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--out", type=Path, help="default: the file the preset ships")
     args = parser.parse_args(argv)
-    pipe = build_untrained_tiny_pipeline()
+    build_untrained, shipped_weights = PRESETS[args.preset]
+    out = args.out or shipped_weights
+    pipe = build_untrained()
     started = time.perf_counter()
     losses = pretrain_denoiser(pipe, **RECIPE)
     seconds = time.perf_counter() - started
@@ -105,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
                 "torch": torch.__version__}
     # float16 halves the shipped file; the preset casts back to float32 when it loads.
     weights = {name: tensor.half().contiguous() for name, tensor in pipe.unet.state_dict().items()}
-    save_file(weights, args.out, metadata=metadata)
-    print(f"trained {RECIPE['steps']} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> {tail:.4f} "
-          f"(mean of the last 20); wrote {args.out}")
+    save_file(weights, out, metadata=metadata)
+    print(f"trained {args.preset}'s UNet for {RECIPE['steps']} steps in {seconds:.0f} s, loss {losses[0]:.3f} "
+          f"-> {tail:.4f} (mean of the last 20); wrote {out}")
 
 
 if __name__ == "__main__":

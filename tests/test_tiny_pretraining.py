@@ -1,4 +1,5 @@
-"""The tiny preset's trained UNet: its data, its training code, and the shipped weights' behaviour."""
+"""The tiny presets' trained UNets (tiny's and tiny-sd's): their data, their training code, and the shipped
+weights' behaviour."""
 
 import numpy as np
 import pytest
@@ -6,10 +7,15 @@ import torch
 from diffusers import LCMScheduler
 from safetensors import safe_open
 
-from rlcm_fast.models import TINY_UNET_WEIGHTS, build_tiny_pipeline, build_untrained_tiny_pipeline, guidance_embedding
+from rlcm_fast.ddpo import DDPOSampler
+from rlcm_fast.models import (build_tiny_pipeline, build_tiny_sd_pipeline, build_untrained_tiny_pipeline,
+                              guidance_embedding)
 from rlcm_fast.rewards import make_reward
 from rlcm_fast.sampler import LCMSampler
-from rlcm_fast.tiny_pretraining import RECIPE, TEXTURE_STRENGTH, checkerboard, pretrain_denoiser, texture_latents
+from rlcm_fast.tiny_pretraining import (PRESETS, RECIPE, TEXTURE_STRENGTH, checkerboard, pretrain_denoiser,
+                                        texture_latents)
+
+TRAINED = {"tiny": build_tiny_pipeline, "tiny-sd": build_tiny_sd_pipeline}
 
 
 def test_texture_latents_are_a_flat_colour_with_or_without_a_checkerboard():
@@ -33,19 +39,20 @@ def denoising_error(pipe, timestep: int, seed: int = 1) -> float:
     noise = torch.randn(clean.shape, generator=generator)
     noisy = pipe.scheduler.add_noise(clean, noise, torch.full((32,), timestep))
     embeds, _ = pipe.encode_prompt(["a cat"] * 32, "cpu", 1, False)
-    with torch.no_grad():
+    with torch.no_grad():  # tiny-sd's UNet takes no guidance embedding: guidance_embedding gives None
         predicted = pipe.unet(noisy, timestep, encoder_hidden_states=embeds,
                               timestep_cond=guidance_embedding(pipe, 8.0, 32, "cpu", torch.float32)).sample
     return float((predicted - clean).square().mean())
 
 
-def test_a_few_pretraining_steps_lower_the_denoising_loss():
-    pipe = build_untrained_tiny_pipeline()
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_few_pretraining_steps_lower_the_denoising_loss(preset):
+    pipe = PRESETS[preset][0]()
     before = denoising_error(pipe, 259)
     losses = pretrain_denoiser(pipe, steps=40, batch_size=8, learning_rate=2e-3, seed=0)
     assert len(losses) == 40 and np.isfinite(losses).all()
     assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())
-    # Measured: the error at t=259 goes from 0.72 (the untrained UNet) to 0.29.
+    # Measured: the error at t=259 goes from 0.72 (the untrained UNet) to 0.29 (tiny), from 0.62 to 0.29 (tiny-sd).
     assert denoising_error(pipe, 259) < 0.5 * before
 
 
@@ -56,28 +63,37 @@ def test_pretraining_refuses_a_scheduler_that_does_not_predict_samples():
         pretrain_denoiser(pipe, steps=1, batch_size=2, learning_rate=1e-3, seed=0)
 
 
-def test_the_tiny_preset_carries_the_shipped_unet_trained_by_this_recipe():
-    with safe_open(TINY_UNET_WEIGHTS, "pt") as weights:
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_tiny_preset_carries_its_shipped_unet_trained_by_this_recipe(preset):
+    with safe_open(PRESETS[preset][1], "pt") as weights:
         metadata = weights.metadata()
         shipped = {name: weights.get_tensor(name) for name in weights.keys()}
     assert {key: metadata[key] for key in RECIPE} == {key: str(value) for key, value in RECIPE.items()}
-    state = build_tiny_pipeline().unet.state_dict()
+    state = TRAINED[preset]().unet.state_dict()
     assert shipped.keys() == state.keys()
     assert all(torch.equal(state[name], shipped[name].float()) for name in shipped)
 
 
-def test_the_shipped_unet_denoises_textures_far_better_than_the_untrained_one():
-    trained, untrained = denoising_error(build_tiny_pipeline(), 259), denoising_error(build_untrained_tiny_pipeline(), 259)
-    # Measured: trained 0.020, untrained 0.72.
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_shipped_unet_denoises_textures_far_better_than_the_untrained_one(preset):
+    trained, untrained = denoising_error(TRAINED[preset](), 259), denoising_error(PRESETS[preset][0](), 259)
+    # Measured: trained 0.020, untrained 0.72 (tiny); trained 0.013, untrained 0.62 (tiny-sd).
     assert trained < 0.1 < 0.4 < untrained
 
 
-def test_tiny_samples_differ_in_jpeg_size():
+def sample(pipe, preset: str):
+    if preset == "tiny":
+        sampler = LCMSampler(pipe, horizon=4, resolution=32)
+    else:  # DDPO's sampler: DDIM, eta 1, classifier-free guidance
+        sampler = DDPOSampler(pipe, num_steps=4, guidance_scale=5.0, eta=1.0, resolution=32)
+    return sampler.sample(pipe.unet, ["a cat", "a dog"] * 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_tiny_samples_differ_in_jpeg_size(preset):
     """What RL on the JPEG rewards needs: samples whose size differs, more than the untrained UNet's do."""
     sizes = {}
-    for name, pipe in (("trained", build_tiny_pipeline()), ("untrained", build_untrained_tiny_pipeline())):
-        trajectory = LCMSampler(pipe, horizon=4, resolution=32).sample(
-            pipe.unet, ["a cat", "a dog"] * 16, generator=torch.Generator().manual_seed(0))
-        sizes[name] = make_reward("jpeg_incompressibility", threads=1)(trajectory.images, [""] * 32)
-    # Measured: std 0.091 kB trained, 0.013 kB untrained.
+    for name, pipe in (("trained", TRAINED[preset]()), ("untrained", PRESETS[preset][0]())):
+        sizes[name] = make_reward("jpeg_incompressibility", threads=1)(sample(pipe, preset).images, [""] * 32)
+    # Measured: std 0.091 kB trained, 0.013 kB untrained (both presets, 4 steps).
     assert sizes["trained"].std() > 0.05 > 0.02 > sizes["untrained"].std(), sizes
