@@ -15,7 +15,10 @@ matters on a model:
    accounts for), only to the last call (`final`: what it leaves out).
 
 A first-order effect flips sign with s; an effect of the same sign for both s is curvature.
-Writes benchmarks/results/gradient_direction-<device>.json (DIR/gradient_direction.json with --out-dir).
+With `--set method=ddpo` (tiny-sd) only `all` is measured: every DDIM step is an action, the last one
+included, so the DDPO estimate leaves no UNet call out.
+Writes benchmarks/results/gradient_direction-<device>.json (DIR/gradient_direction.json with --out-dir);
+gradient_direction_ddpo for DDPO.
 Usage: python benchmarks/gradient_direction.py [--task incompressibility] [--samples 256] [--eps 0.001 0.003]
        [--set key=value ...] [--out-dir DIR]
 """
@@ -45,6 +48,9 @@ BATCH = 32  # trajectories per sampling round
 @contextmanager
 def base_weights_for(trainer: Trainer, scope: str):
     """Within: the UNet calls outside `scope` run with the LoRA switched off (the base weights)."""
+    if scope == "all":  # nothing to switch off (and DDPO's sampler has no per-call hook)
+        yield
+        return
     sampler, horizon = trainer.sampler, trainer.sampler.horizon
     unet_output, calls = sampler.unet_output, [0]
 
@@ -112,7 +118,7 @@ def main() -> None:
         base_mean, base_std = mean_reward(trainer, evaluation_epoch)
         print(f"{cfg.reward}: base reward {base_mean:.4f} +- {base_std:.4f} over {args.samples} samples", flush=True)
         effects = []
-        for scope in SCOPES:
+        for scope in SCOPES if cfg.method == "rlcm" else ("all",):
             for eps in args.eps:
                 row = {"scope": scope, "eps": eps}
                 for sign, name in ((1, "along"), (-1, "against")):
@@ -124,10 +130,11 @@ def main() -> None:
                 effects.append(row)
                 print(f"  {scope:8s} eps {eps:g}: along the estimate {row['along']:+.4f}, "
                       f"against it {row['against']:+.4f}", flush=True)
-    write_result("gradient_direction", {
+    name = "gradient_direction" if cfg.method == "rlcm" else f"gradient_direction_{cfg.method}"
+    write_result(name, {
         "benchmark": "gradient_direction", **environment(),
-        "config": {"task": args.task, "model": cfg.model, "reward": cfg.reward, "samples": args.samples,
-                   "horizon": cfg.horizon, "seed": cfg.seed, "overrides": parse_set_pairs(args.set)},
+        "config": {"task": args.task, "method": cfg.method, "model": cfg.model, "reward": cfg.reward,
+                   "samples": args.samples, "horizon": cfg.horizon, "seed": cfg.seed, "overrides": parse_set_pairs(args.set)},
         "base_reward_mean": base_mean,
         "base_reward_std": base_std,
         "reward_change": effects,

@@ -151,18 +151,18 @@ def test_bad_method_input_is_one_line_exit_2(tmp_path, capsys, args, message):
 
 def test_ddpo_learns_jpeg_compressibility_on_tiny_sd(tmp_path):
     run_dir = tmp_path / "ddpo"
-    # The tiny-sd preset with 4 DDIM steps, 8 samples per epoch and lr 1e-2, so the test takes ~30 s.
+    # The tiny-sd preset (its trained UNet, lr 3e-3, one update per epoch) with 4 DDIM steps and 16
+    # samples per epoch, so the test takes ~25 s.
     assert main(["train", "--algo", "ddpo", "--device", "cpu", "--output-dir", str(run_dir), "--seed", "0",
-                 "--set", "epochs=6", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=8",
-                 "--set", "train_batch_size=8", "--set", "horizon=4", "--set", "learning_rate=1e-2",
-                 "--set", "grid_every=0"]) == 0
+                 "--set", "epochs=6", "--set", "sample_batch_size=16", "--set", "train_batch_size=16",
+                 "--set", "horizon=4", "--set", "grid_every=0"]) == 0
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = np.array([r["reward_mean"] for r in lines if r["kind"] == "epoch"])
-    # Measured with seed 0 on 2 shared CPU cores: -1.517, -1.441, -1.428, -1.416, -1.437, -1.392 kB, a gain of
-    # 0.064 (epochs 1-2 -> 5-6) against an epoch-to-epoch noise of about 0.01-0.02; the test asks for 0.02.
-    # DDPO learns less steadily than RLCM here: the same run continued to epoch 10 fell back to -1.471.
+    # Measured with seed 0: -1.326, -1.243, -1.150, -1.102, -1.064, -1.054 kB, a gain of 0.226 (epochs 1-2 ->
+    # 5-6) against an epoch-to-epoch noise of about 0.02; the test asks for 0.1. (Incompressibility does not
+    # rise in this short setting: README, "The DDPO baseline".)
     assert len(rewards) == 6 and (rewards < 0).all()
-    assert rewards[-2:].mean() - rewards[:2].mean() > 0.02, rewards
+    assert rewards[-2:].mean() - rewards[:2].mean() > 0.1, rewards
 
 
 @pytest.mark.parametrize("overrides", [
