@@ -13,7 +13,8 @@ network (DESIGN.md section 4):
 - `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
   memory directly on the target device and dtype; the speed benchmarks use it.
 - `tiny-sd`, `sd15`: the same two without the guidance embedding (`time_cond_proj_dim`), i.e. Stable
-  Diffusion pipelines with a DDIM scheduler, for the DDPO baseline (DESIGN.md section 3.6).
+  Diffusion pipelines with a DDIM scheduler, for the DDPO baseline (DESIGN.md section 3.6). tiny-sd's
+  UNet is trained by the same recipe as tiny's and shipped beside it.
 
 An LCM is told from a Stable Diffusion UNet by that guidance embedding; `load_pipeline` refuses a
 pipeline of the wrong kind for the method with one line (SD1.5 + an LCM-LoRA adapter is an LCM).

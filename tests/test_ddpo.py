@@ -135,6 +135,8 @@ def test_ddpo_presets():
     assert paper.trained_steps == 50 and paper.algorithm == "ppo"
     tiny = resolve_config(overrides={"method": "ddpo"})
     assert (tiny.model, tiny.horizon, tiny.resolution, tiny.guidance_scale) == ("tiny-sd", 10, 32, 5.0)
+    # tiny's 32 samples per epoch, taken as one update instead of two (README, "The DDPO baseline")
+    assert tiny.samples_per_epoch == 32 and tiny.train_batch_size * tiny.gradient_accumulation_steps == 32
 
 
 @pytest.mark.parametrize("args, message", [
