@@ -216,7 +216,7 @@ def epoch_rewards(run_dir: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("name, extra", [
     # Measured with seed 0 on 2 CPU cores (mean of epochs 5-7 minus mean of epochs 1-3; the first 7 epochs of
-    # benchmarks/results/ablation_algorithms-amd-epyc.json's runs, which use the same settings):
+    # benchmarks/results/amd-epyc/ablation_algorithms.json's runs, which use the same settings):
     ("rebel", ["algorithm=rebel", "images_per_prompt=2", "train_batch_size=4"]),  # +0.184 kB
     ("group_ppo", ["advantages=group", "images_per_prompt=4"]),  # +0.243 kB
 ])
