@@ -13,8 +13,8 @@ faster than the pipeline:
   latents, then one noise per step but the last), so the images stay the pipeline's while the
   H-step loop itself has no Python-side randomness and no host synchronisation;
 - on CUDA (`compile=True`, the default there) the whole H-step loop (UNet calls and policy steps) and
-  the VAE decode run under `torch.compile(mode="reduce-overhead")`, which captures them as CUDA graphs
-  for the fixed shapes and replays them; a call with other shapes is refused, not silently recompiled.
+  the VAE decode run as one function under `torch.compile(mode="reduce-overhead")`, which captures it
+  as CUDA graphs for the fixed shapes and replays them; a call with other shapes is refused, not silently recompiled.
 
 It can also return the trajectory (states, per-action log-probs) that RL training needs.
 """
@@ -70,20 +70,22 @@ class FastLCMSampler:
         self.shape = latent_shape(pipe, batch_size, height)
         device = pipe.unet.device
         self.compiled = device.type == "cuda" if compile is None else compile
-        self._rollout = self._rollout_eager
-        self._decode = self.sampler.decode
+        self._sample = self._sample_eager
         if self.compiled:
-            self._rollout = torch.compile(self._rollout_eager, mode="reduce-overhead" if device.type == "cuda" else None)
-            self._decode = torch.compile(self.sampler.decode, mode="reduce-overhead" if device.type == "cuda" else None)
+            self._sample = torch.compile(self._sample_eager, mode="reduce-overhead" if device.type == "cuda" else None)
 
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    def _rollout_eager(self, latents, noises, embeds, w_embedding):
+    def _sample_eager(self, latents, noises, embeds, w_embedding):
+        """(states, log_probs, denoised, images): the H-step loop and the VAE decode, one compiled region.
+        Two reduce-overhead functions, the second fed the first's output, fail on CUDA: the second call
+        starts a new CUDA-graph generation, which frees the first's outputs (pytorch/pytorch#160281)."""
         # Inside torch.compile the plain-PyTorch step is what inductor fuses; eager uses the fused kernels.
-        return self.sampler.rollout(self.pipe.unet, latents, noises, embeds, w_embedding,
-                                    backend="reference" if self.compiled else "auto")
+        states, log_probs, denoised = self.sampler.rollout(self.pipe.unet, latents, noises, embeds, w_embedding,
+                                                           backend="reference" if self.compiled else "auto")
+        return states, log_probs, denoised, self.sampler.decode(denoised)
 
     @torch.no_grad()
     def __call__(
@@ -107,8 +109,7 @@ class FastLCMSampler:
         noises = [randn_tensor(self.shape, generator=generator, device=self.device, dtype=embeds.dtype)
                   for _ in range(self.horizon - 1)]
         noises = torch.stack(noises) if noises else latents.new_zeros((0, *self.shape))
-        states, log_probs, denoised = self._rollout(latents.to(self.device), noises, embeds, w_embedding)
-        images = self._decode(denoised)
+        states, log_probs, denoised, images = self._sample(latents.to(self.device), noises, embeds, w_embedding)
         if self.compiled and self.device.type == "cuda":
             images = images.clone()  # CUDA-graph outputs are overwritten by the next replay
         trajectory = None

@@ -58,6 +58,19 @@ def test_fast_sampler_compiled_on_cpu_equals_the_pipeline(pipe):
     assert (ours - theirs).abs().max().item() < 1e-4  # inductor reorders float32 arithmetic
 
 
+def test_fast_sampler_compiles_the_loop_and_the_decode_as_one_function(pipe, monkeypatch):
+    """One compiled region: on CUDA, two reduce-overhead functions chained (loop, then decode) free the
+    first one's outputs when the second runs (pytorch/pytorch#160281). torch.compile is recorded and
+    skipped here, so the test runs in seconds; the GPU test below runs the real thing."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2, compile=True)
+    assert len(compiled) == 1
+    ours = fast(PROMPTS, generator=torch.Generator().manual_seed(7), return_trajectory=True)
+    torch.testing.assert_close(ours.images, pipeline_images(pipe, PROMPTS, 2, seed=7), atol=1e-5, rtol=0)
+    assert ours.trajectory.states.shape[:2] == (2, 2)
+
+
 def test_fast_sampler_refuses_other_shapes(pipe):
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     with pytest.raises(ValueError, match="3 prompts given; this sampler was built for batch_size=2"):
