@@ -139,6 +139,8 @@ class Trainer:
             state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
             self.start_epoch, self.global_step = state["epoch"], state["global_step"]
             self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+            if self.accelerator.scaler is not None and "grad_scaler" in state:
+                self.accelerator.scaler.load_state_dict(state["grad_scaler"])
             self.last_saved = (state["epoch"], state.get("update", 0))
             if state.get("update"):
                 self.resumed_epoch = self.restore_stopped_epoch(resume_from, state)
@@ -268,6 +270,9 @@ class Trainer:
                         self.accelerator.backward(loss / len(minibatches))
                     for name, value in {"loss": loss.detach(), **stats}.items():
                         sums[name] = sums.get(name, 0.0) + value.double() / len(minibatches)
+                if self.accelerator.scaler is not None:
+                    # fp16 on a GPU: accelerate's backward scaled the loss; clip and log the true gradient.
+                    self.accelerator.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 names = sorted(sums)
                 *means, grad_norm = torch.stack([*(sums[k] for k in names), grad_norm.double()]).tolist()
@@ -291,9 +296,14 @@ class Trainer:
             if self.is_main:
                 tqdm.write(f"rlcm-fast: warning: non-finite loss or gradient at step {self.global_step + 1} "
                            f"(loss {sums.get('loss')}, grad norm {grad_norm}); optimizer step skipped", file=sys.stderr)
+        elif self.accelerator.scaler is not None:
+            self.accelerator.scaler.step(self.optimizer)  # the gradients are unscaled already (train_epoch)
+            self.lr_scheduler.step()
         else:
             self.optimizer.step()
             self.lr_scheduler.step()
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # a smaller loss scale after an overflow, a larger one after a run without
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite.record(not skip)
         self.global_step += 1
@@ -411,6 +421,8 @@ class Trainer:
 
     def save_checkpoint(self, epoch: int, update: int = 0, extra: dict | None = None, stopped: dict | None = None) -> Path:
         state = {"global_step": self.global_step, "config": self.cfg.to_dict(), "nonfinite": self.nonfinite.state_dict()}
+        if self.accelerator.scaler is not None:
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()  # numbers only: the loss scale and its counter
         if stopped:
             state["stopped_epoch"] = stopped
         error, self.last_saved = None, (epoch, update)

@@ -171,3 +171,25 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "checkpoint" in err and "is damaged: optimizer.safetensors has 22 bytes" in err
     assert not (run_dir / "checkpoint-2").exists()
+
+
+def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_norm(tmp_path):
+    """With fp16 on a GPU, accelerate scales the loss in backward; the trainer must unscale before it clips
+    and logs, step through the scaler, and checkpoint the loss scale. A CPU GradScaler stands in here
+    (accelerate creates one only on a GPU). Its scale is a power of two, so unscaling is exact."""
+    overrides = {"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8,
+                 "train_batch_size": 4, "grid_every": 0}
+    runs = {}
+    for name in ("plain", "scaled"):
+        trainer = Trainer(resolve_config(overrides=overrides), tmp_path / name)
+        if name == "scaled":
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        trainer.train()
+        runs[name] = ([s["grad_norm"] for s in records(tmp_path / name, "step")], trainer.params)
+    (plain_norms, plain_params), (scaled_norms, scaled_params) = runs["plain"], runs["scaled"]
+    assert len(plain_norms) == 2 and np.allclose(scaled_norms, plain_norms, rtol=1e-6, atol=0)
+    for a, b in zip(plain_params, scaled_params):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+    state = json.loads((tmp_path / "scaled" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 2.0 ** 12 and "grad_scaler" not in json.loads(
+        (tmp_path / "plain" / "checkpoint-1" / "training_state.json").read_text())
