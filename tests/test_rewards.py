@@ -229,3 +229,19 @@ def test_torchvision_backend_sizes_track_pillow():
     tv = make_reward("jpeg_incompressibility", jpeg_backend="torchvision")(images, [""] * 4)
     pil = make_reward("jpeg_incompressibility", jpeg_backend="pillow")(images, [""] * 4)
     assert (np.abs(tv - pil) / pil).max() < 0.03
+
+
+def test_auto_jpeg_backend_falls_back_to_pillow_when_nvjpeg_fails_to_start(monkeypatch):
+    """The extension may be built where libnvjpeg cannot load; `auto` must then warn and use Pillow for
+    CUDA images instead of failing the run. (No GPU needed: nvJPEG's start is made to fail.)"""
+    from rlcm_fast.rewards import jpeg
+
+    def failing_start(self, device):
+        raise RewardError("jpeg_backend 'nvjpeg' failed to start (libnvjpeg.so): cannot open shared object file")
+
+    monkeypatch.setattr(jpeg, "nvjpeg_unavailable_reason", lambda: None)
+    monkeypatch.setattr(jpeg.NvJpeg, "_encoder", failing_start)
+    reward = JpegSizeReward(1.0, backend="auto", threads=1)
+    with pytest.warns(UserWarning, match=r"nvJPEG unavailable \(jpeg_backend 'nvjpeg' failed to start"):
+        encoder = reward._auto_cuda_encoder(torch.device("cuda", 0))
+    assert encoder is reward.pillow()

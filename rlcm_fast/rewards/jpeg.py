@@ -177,13 +177,23 @@ class JpegSizeReward:
             return self._gpu
         if self.backend == "auto" and images.device.type == "cuda":
             if self._gpu is None:
-                reason = nvjpeg_unavailable_reason()
-                if reason:
-                    warnings.warn(f"jpeg_backend auto: nvJPEG unavailable ({reason}); CUDA images go to Pillow")
-                    self._gpu = self.pillow()
-                else:
-                    self._gpu = NvJpeg(self.quality)
+                self._gpu = self._auto_cuda_encoder(images.device)
             return self._gpu
+        return self.pillow()
+
+    def _auto_cuda_encoder(self, device: torch.device):
+        """nvJPEG if it starts on `device`, else Pillow with a warning. Starting it is the real test: the
+        extension can be built (the build always finds nvjpeg.h) where libnvjpeg is missing or too new
+        for the driver."""
+        reason = nvjpeg_unavailable_reason()
+        if reason is None:
+            encoder = NvJpeg(self.quality)
+            try:
+                encoder._encoder(device)
+                return encoder
+            except RewardError as exc:
+                reason = str(exc)
+        warnings.warn(f"jpeg_backend auto: nvJPEG unavailable ({reason}); CUDA images go to Pillow")
         return self.pillow()
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
