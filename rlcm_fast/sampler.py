@@ -90,6 +90,7 @@ class LCMSampler:
         # On the device once: the loop reads them every step (and a host tensor would stop CUDA-graph capture).
         self._device_scalars = self.action_scalars.to(self.device)
         self._device_timesteps = self.timesteps.to(self.device)
+        self._guidance_cache: dict[tuple[int, torch.dtype], torch.Tensor | None] = {}
 
     @property
     def trained_steps(self) -> int:
@@ -103,7 +104,12 @@ class LCMSampler:
         return self._prompt_cache(prompts)
 
     def guidance(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-        return guidance_embedding(self.pipe, self.guidance_scale, batch, self.device, dtype)
+        """The guidance embedding for `batch` rows, made once per (batch, dtype): it is built on the host,
+        and a host-to-GPU copy from pageable memory waits for the GPU, once per training minibatch otherwise."""
+        key = (batch, dtype)
+        if key not in self._guidance_cache:
+            self._guidance_cache[key] = guidance_embedding(self.pipe, self.guidance_scale, batch, self.device, dtype)
+        return self._guidance_cache[key]
 
     def unet_output(self, unet, x, timesteps, embeds, w_embedding) -> torch.Tensor:
         """The UNet's raw prediction at states x (B rows), timesteps per row or shared."""

@@ -79,3 +79,14 @@ def test_prompt_embeddings_are_cached(pipe):
     finally:
         del pipe.encode_prompt
     assert calls == [["a", "b"], ["c"]]
+
+
+def test_guidance_embedding_is_made_once_per_batch_size(pipe):
+    from rlcm_fast.models import guidance_embedding
+
+    sampler = LCMSampler(pipe, horizon=2, guidance_scale=6.0, resolution=32)
+    first = sampler.guidance(3, torch.float32)
+    assert first.shape == (3, pipe.unet.config.time_cond_proj_dim)
+    torch.testing.assert_close(first, guidance_embedding(pipe, 6.0, 3, "cpu", torch.float32), atol=0, rtol=0)
+    assert sampler.guidance(3, torch.float32) is first  # no new host-to-device copy per minibatch
+    assert sampler.guidance(5, torch.float32).shape[0] == 5
