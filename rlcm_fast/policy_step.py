@@ -159,8 +159,12 @@ def _triton_ready(tensor: torch.Tensor) -> bool:
     return triton_available()
 
 
+# The Triton kernels compute in float32: float64 inputs keep the reference's float64 arithmetic.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def select_backend(model_output: torch.Tensor) -> str:
-    if _triton_ready(model_output):
+    if model_output.dtype in TRITON_DTYPES and _triton_ready(model_output):
         return "triton"
     if model_output.device.type == "cpu" and model_output.dtype in (torch.float32, torch.float64):
         from ._native import native_available

@@ -33,6 +33,14 @@ def test_cpu_float_tensors_dispatch_to_the_native_op():
     assert select_backend(torch.zeros(2, 3, dtype=torch.bfloat16)) == "reference"
 
 
+def test_float64_accelerator_tensors_skip_the_float32_triton_kernel(monkeypatch):
+    from rlcm_fast import policy_step as module
+
+    monkeypatch.setattr(module, "_triton_ready", lambda tensor: True)  # as for CUDA tensors with Triton
+    assert select_backend(torch.zeros(2, 3, device="meta", dtype=torch.bfloat16)) == "triton"
+    assert select_backend(torch.zeros(2, 3, device="meta", dtype=torch.float64)) == "reference"
+
+
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_log_prob_equals_an_independent_float64_formula(prediction_type):
     g = torch.Generator().manual_seed(1)
