@@ -173,23 +173,34 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert not (run_dir / "checkpoint-2").exists()
 
 
-def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_norm(tmp_path):
+def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_norm(tmp_path, monkeypatch):
     """With fp16 on a GPU, accelerate scales the loss in backward; the trainer must unscale before it clips
     and logs, step through the scaler, and checkpoint the loss scale. A CPU GradScaler stands in here
-    (accelerate creates one only on a GPU). Its scale is a power of two, so unscaling is exact."""
-    overrides = {"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8,
-                 "train_batch_size": 4, "grid_every": 0}
-    runs = {}
-    for name in ("plain", "scaled"):
-        trainer = Trainer(resolve_config(overrides=overrides), tmp_path / name)
-        if name == "scaled":
-            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-        trainer.train()
-        runs[name] = ([s["grad_norm"] for s in records(tmp_path / name, "step")], trainer.params)
-    (plain_norms, plain_params), (scaled_norms, scaled_params) = runs["plain"], runs["scaled"]
+    (accelerate creates one only on a GPU). Its scales are powers of two, so unscaling is exact."""
+    from accelerate import Accelerator
+
+    from rlcm_fast import trainer as trainer_module
+
+    class LossScalingAccelerator(Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # growth_interval 1: the scale doubles after every finite step, so a resumed run can tell
+            # a restored scale (2^14 after two steps) from a fresh one (2^12).
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)
+
+    cfg = resolve_config(overrides={"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8,
+                                    "train_batch_size": 4, "grid_every": 0})
+    plain = Trainer(cfg, tmp_path / "plain")
+    plain.train()
+    monkeypatch.setattr(trainer_module, "Accelerator", LossScalingAccelerator)
+    scaled = Trainer(cfg, tmp_path / "scaled")
+    scaled.train()
+    plain_norms, scaled_norms = ([s["grad_norm"] for s in records(tmp_path / name, "step")] for name in ("plain", "scaled"))
     assert len(plain_norms) == 2 and np.allclose(scaled_norms, plain_norms, rtol=1e-6, atol=0)
-    for a, b in zip(plain_params, scaled_params):
+    for a, b in zip(plain.params, scaled.params):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
     state = json.loads((tmp_path / "scaled" / "checkpoint-1" / "training_state.json").read_text())
-    assert state["grad_scaler"]["scale"] == 2.0 ** 12 and "grad_scaler" not in json.loads(
-        (tmp_path / "plain" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 2.0 ** 14
+    assert "grad_scaler" not in json.loads((tmp_path / "plain" / "checkpoint-1" / "training_state.json").read_text())
+    resumed = Trainer(cfg, tmp_path / "scaled", resume_from=tmp_path / "scaled" / "checkpoint-1")
+    assert resumed.accelerator.scaler.get_scale() == 2.0 ** 14
