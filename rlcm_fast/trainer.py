@@ -296,10 +296,7 @@ class Trainer:
             if self.is_main:
                 tqdm.write(f"rlcm-fast: warning: non-finite loss or gradient at step {self.global_step + 1} "
                            f"(loss {sums.get('loss')}, grad norm {grad_norm}); optimizer step skipped", file=sys.stderr)
-        elif self.accelerator.scaler is not None:
-            self.accelerator.scaler.step(self.optimizer)  # the gradients are unscaled already (train_epoch)
-            self.lr_scheduler.step()
-        else:
+        else:  # with fp16 the gradients are unscaled already (train_epoch), and an overflow was skipped above
             self.optimizer.step()
             self.lr_scheduler.step()
         if self.accelerator.scaler is not None:
