@@ -69,16 +69,23 @@ class StopSignals:
 
 
 class NonFiniteSteps:
-    """Counts optimizer steps skipped for a non-finite loss or gradient: in total and in a row."""
+    """Counts optimizer steps skipped for a non-finite loss or gradient: in total and in a row.
+
+    A skip that `is_fault=False` marks (an fp16 loss-scale overflow, which the loss scaler answers by
+    halving its scale) is counted in the total but neither adds to nor resets the run of faults in a row.
+    """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.total = 0
         self.in_a_row = 0
 
-    def record(self, finite: bool) -> None:
-        self.in_a_row = 0 if finite else self.in_a_row + 1
-        self.total += 0 if finite else 1
+    def record(self, finite: bool, is_fault: bool = True) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1 if is_fault else 0
 
     @property
     def exceeded(self) -> bool:

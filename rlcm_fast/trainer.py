@@ -290,19 +290,29 @@ class Trainer:
     def finish_update(self, epoch: int, sums: dict[str, float], grad_norm: float, done: int, total: int) -> None:
         """The optimizer step, unless the loss or gradients are non-finite (then the step is skipped and
         counted); then the stop decisions, agreed across processes."""
-        finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
-        stop, skip = agree(self.accelerator, self.stop.received, not finite)
-        if skip:
+        loss_finite = all(math.isfinite(v) for v in sums.values())
+        stop, skip, loss_nonfinite = agree(self.accelerator, self.stop.received,
+                                           not (loss_finite and math.isfinite(grad_norm)), not loss_finite)
+        scaler = self.accelerator.scaler
+        # fp16: a finite loss whose scaled gradient overflowed is the loss scaler's routine probe, not a
+        # fault: it halves its scale and the next step goes on. Only at a scale of 1 or less is an
+        # overflowing gradient non-finite in its own right.
+        overflow = skip and not loss_nonfinite and scaler is not None and scaler.get_scale() > 1.0
+        if overflow:
+            if self.is_main:
+                tqdm.write(f"rlcm-fast: fp16 loss scale {scaler.get_scale():g} overflowed at step "
+                           f"{self.global_step + 1}; optimizer step skipped, the scale is halved", file=sys.stderr)
+        elif skip:
             if self.is_main:
                 tqdm.write(f"rlcm-fast: warning: non-finite loss or gradient at step {self.global_step + 1} "
                            f"(loss {sums.get('loss')}, grad norm {grad_norm}); optimizer step skipped", file=sys.stderr)
         else:  # with fp16 the gradients are unscaled already (train_epoch), and an overflow was skipped above
             self.optimizer.step()
             self.lr_scheduler.step()
-        if self.accelerator.scaler is not None:
-            self.accelerator.scaler.update()  # a smaller loss scale after an overflow, a larger one after a run without
+        if scaler is not None:
+            scaler.update()  # a smaller loss scale after an overflow, a larger one after a run without
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite.record(not skip)
+        self.nonfinite.record(not skip, is_fault=not overflow)
         self.global_step += 1
         self.log_step(epoch, {**sums, "skipped": float(skip)}, grad_norm)
         if self.nonfinite.exceeded:

@@ -173,21 +173,33 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert not (run_dir / "checkpoint-2").exists()
 
 
-def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_norm(tmp_path, monkeypatch):
-    """With fp16 on a GPU, accelerate scales the loss in backward; the trainer must unscale before it clips
-    and logs, step through the scaler, and checkpoint the loss scale. A CPU GradScaler stands in here
-    (accelerate creates one only on a GPU). Its scales are powers of two, so unscaling is exact."""
+def loss_scaling_accelerator(init_scale: float, overflow_above: float = float("inf")):
+    """An Accelerator class with a CPU GradScaler (growth_interval 1), standing in for accelerate's fp16 on a
+    GPU. While the scale is above `overflow_above`, backward makes the gradients non-finite, as an fp16
+    overflow would."""
     from accelerate import Accelerator
-
-    from rlcm_fast import trainer as trainer_module
 
     class LossScalingAccelerator(Accelerator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            # growth_interval 1: the scale doubles after every finite step, so a resumed run can tell
-            # a restored scale (2^14 after two steps) from a fresh one (2^12).
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1)
 
+        def backward(self, loss, **kwargs):
+            # The logged loss stays finite: the trainer logs the loss it computed, not this product.
+            super().backward(loss * float("inf") if self.scaler.get_scale() > overflow_above else loss, **kwargs)
+
+    return LossScalingAccelerator
+
+
+def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_norm(tmp_path, monkeypatch):
+    """With fp16 on a GPU, accelerate scales the loss in backward; the trainer must unscale before it clips
+    and logs, step through the scaler, and checkpoint the loss scale. A CPU GradScaler stands in here
+    (accelerate creates one only on a GPU). Its scales are powers of two, so unscaling is exact."""
+    from rlcm_fast import trainer as trainer_module
+
+    # growth_interval 1: the scale doubles after every finite step, so a resumed run can tell a restored
+    # scale (2^14 after two steps) from a fresh one (2^12).
+    LossScalingAccelerator = loss_scaling_accelerator(init_scale=2.0 ** 12)
     cfg = resolve_config(overrides={"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8,
                                     "train_batch_size": 4, "grid_every": 0})
     plain = Trainer(cfg, tmp_path / "plain")
@@ -204,3 +216,23 @@ def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_no
     assert "grad_scaler" not in json.loads((tmp_path / "plain" / "checkpoint-1" / "training_state.json").read_text())
     resumed = Trainer(cfg, tmp_path / "scaled", resume_from=tmp_path / "scaled" / "checkpoint-1")
     assert resumed.accelerator.scaler.get_scale() == 2.0 ** 14
+
+
+def test_fp16_loss_scale_overflows_skip_steps_without_stopping_the_run(tmp_path, monkeypatch, capsys):
+    """Overflows of a finite loss at a loss scale above 1 are the scaler's business: each skips its step and
+    halves the scale, however many come in a row; they do not count toward max_nonfinite_steps."""
+    from rlcm_fast import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "Accelerator", loss_scaling_accelerator(2.0 ** 15, overflow_above=2.0 ** 12))
+    cfg = resolve_config(overrides={"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8,
+                                    "train_batch_size": 2, "grid_every": 0, "max_nonfinite_steps": 1})
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    # Scales 2^15, 2^14, 2^13 overflow (three skips in a row, over the limit of 1); 2^12 steps.
+    assert [s["skipped"] for s in records(tmp_path / "run", "step")] == [1.0, 1.0, 1.0, 0.0]
+    assert "fp16 loss scale 32768 overflowed at step 1" in capsys.readouterr().err
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["nonfinite"] == {"total": 3, "in_a_row": 0}
+    assert state["grad_scaler"]["scale"] == 2.0 ** 13  # halved thrice, then doubled after the finite step
