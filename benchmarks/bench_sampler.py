@@ -2,7 +2,8 @@
 against rlcm-fast's FastLCMSampler, in images per second.
 
 GPU (the default when CUDA is there): the random-weight LCM_Dreamshaper_v7 architecture (`sd15-lcm`,
-same FLOPs as the real model), bf16, 768 px, H in {4, 8}, batch in {1, 8}. Each row also reports MFU:
+same FLOPs as the real model), bf16, 768 px, H in {4, 8}, batch in {1, 8}; rlcm-fast also without its
+CUDA graph (compiled UNet and decode only), to show what the graph buys. Each row also reports MFU:
 UNet FLOPs counted with torch.utils.flop_counter for one call at that batch, times H calls, over the
 time, against this device's measured bf16 matmul rate; and the largest pixel difference between the
 variant's images and diffusers' eager images for the same generator (bf16 tolerance).
@@ -121,6 +122,10 @@ def main() -> int:
             variants["rlcm-fast"] = lambda: fast([PROMPT] * batch, generator=torch.Generator(device).manual_seed(0)).images
             if gpu:
                 variants["diffusers + torch.compile"] = diffusers_call
+                # What the CUDA graph buys: the same compiled UNet and decode (dynamo's cache: no new compile).
+                ungraphed = FastLCMSampler(pipe, batch, horizon, GUIDANCE, compile=True, cuda_graph=False)
+                variants["rlcm-fast, no CUDA graph"] = (
+                    lambda: ungraphed([PROMPT] * batch, generator=torch.Generator(device).manual_seed(0)).images)
             for name, fn in variants.items():
                 pipe.unet = compiled_unet if name == "diffusers + torch.compile" else eager_unet
                 seconds = seconds_per_call(fn, device, warmup=3 if gpu else 1, repeats=args.repeats)
