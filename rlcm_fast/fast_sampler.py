@@ -103,17 +103,21 @@ class FastLCMSampler:
         buffers, which the next replay overwrites."""
         if self._graph is None:
             self._static_inputs = [None if t is None else t.clone() for t in inputs]
+            # Under a caller's autocast, its cache would hand the capture the warm-up's casts of the weights
+            # (stale after an update, freed when the region ends): capture with the cache off.
+            no_cast_cache = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                           enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
             # Compilation, Triton's JIT and cuDNN's algorithm search must not run under capture: warm up on
             # a side stream first, as torch.cuda.graphs' documentation asks.
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), no_cast_cache:
                 for _ in range(_WARMUP_CALLS):
                     self._sample_once(*self._static_inputs)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with no_cast_cache, torch.cuda.graph(graph):
                     self._static_outputs = self._sample_once(*self._static_inputs)
             except RuntimeError as error:
                 raise RuntimeError(f"CUDA-graph capture of the sampling loop failed ({_one_line(error)}); "

@@ -107,3 +107,26 @@ def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
     for kept, out in outputs:  # what a call returned is its own, not the graph's reused buffers
         assert torch.equal(kept, out.images)
     assert not torch.equal(outputs[0][1].trajectory.states, outputs[1][1].trajectory.states)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
+    """The graph reads the weights at replay; under autocast its captured casts must be of the current
+    weights, not of the warm-up's (autocast's cast cache is off during capture)."""
+    pipe = load_pipeline("tiny", "cuda", torch.float32)
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, compile=False)
+
+    def both(seed):
+        generator = torch.Generator("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours = fast(PROMPTS, generator=generator.manual_seed(seed)).images
+            theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=8.0, generator=generator.manual_seed(seed),
+                          output_type="pt").images
+        return ours.float(), theirs.float()
+
+    before, _ = both(0)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.add_(0.5)  # an in-place update, as an optimizer step makes
+    ours, theirs = both(0)
+    assert (ours - theirs).abs().max().item() < 2e-2
+    assert (ours - before).abs().max().item() > 0.05
