@@ -10,6 +10,9 @@ Aesthetic rows: the aesthetic reward (preprocessing, CLIP ViT-L/14 image tower, 
 images. Real weights cannot be downloaded on these machines, so the tower is ViT-L/14's exact
 architecture with random weights (same FLOPs; the score values are meaningless, the speed is not).
 
+With nvJPEG, `nvjpeg_vs_pillow` compares the two encoders' per-image sizes on the same images (largest
+relative difference, Spearman rank correlation).
+
 Rows that cannot run here (no GPU, no torchvision) are listed under "skipped" with the reason.
 Writes benchmarks/results/bench_rewards-<device>.json (or DIR/bench_rewards.json with --out-dir DIR).
 Usage: python benchmarks/bench_rewards.py [--quick] [--sizes 512,768] [--batches 8,32] [--no-aesthetic] [--out-dir DIR]
@@ -25,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,6 +110,27 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
     return rows
 
 
+def nvjpeg_agreement(device: torch.device, sizes, batches) -> list[dict]:
+    """Per-image JPEG sizes from nvJPEG against Pillow's on the same natural-looking images: the largest
+    relative difference and the rank correlation (Spearman, no ties expected) over each set."""
+    rows = []
+    nvjpeg, pillow = JpegSizeReward(1.0, 95, 0, "nvjpeg"), JpegSizeReward(1.0, 95, 0, "pillow")
+    for size in sizes:
+        batch = max(batches)
+        images = natural_images(batch, size, seed=1).to(device)
+        gpu, cpu = nvjpeg(images, [""] * batch), pillow(images, [""] * batch)  # kB per image (numpy)
+        ranks = [v.argsort().argsort() for v in (gpu, cpu)]
+        rows.append({
+            "resolution": size, "images": batch, "mean_size_kb_nvjpeg": float(gpu.mean()),
+            "mean_size_kb_pillow": float(cpu.mean()),
+            "max_relative_difference": float((abs(gpu - cpu) / cpu).max()),
+            "spearman": float(np.corrcoef(*ranks)[0, 1]),
+        })
+        print(f"nvjpeg vs pillow {size}px x{batch}: max relative difference "
+              f"{rows[-1]['max_relative_difference']:.2%}, Spearman {rows[-1]['spearman']:.4f}", flush=True)
+    return rows
+
+
 def vit_l14_folder(folder: Path) -> Path:
     """openai/clip-vit-large-patch14's image tower architecture with random weights, saved as a CLIPModel
     would be (so the reward loads it through its normal path)."""
@@ -175,6 +200,8 @@ def main() -> int:
         "jpeg_quality": 95,
         "jpeg": jpeg_rows(device, repeats, skipped, sizes, batches),
     }
+    if cuda and nvjpeg_unavailable_reason() is None:
+        result["nvjpeg_vs_pillow"] = nvjpeg_agreement(device, sizes, batches)
     # On a CPU a ViT-L/14 forward takes seconds per image: batch 8 only, fewer repeats.
     if args.no_aesthetic:
         result["aesthetic"] = []

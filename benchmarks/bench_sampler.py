@@ -12,7 +12,8 @@ CPU (`--device cpu`, or no CUDA): the same rows on the `tiny` model at 32 px wit
 variants (inductor compiles take minutes there); a smoke test of the script, not a speed claim.
 
 Writes benchmarks/results/bench_sampler-<device>.json.
-Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10] [--out-dir DIR]
+Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10] [--horizons 4,8] [--batches 1,8]
+       [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -83,12 +84,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--horizons", default=None, help="comma-separated H values (default: GPU 4,8; CPU 2,4)")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_sampler.json instead of benchmarks/results/")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     model, resolution = ("sd15-lcm", 768) if gpu else ("tiny", 32)
     horizons, batches = ((4, 8), (1, 8)) if gpu else ((2, 4), (1, 8))
+    if args.horizons:
+        horizons = tuple(int(v) for v in args.horizons.split(","))
+    if args.batches:
+        batches = tuple(int(v) for v in args.batches.split(","))
     dtype = torch.bfloat16 if gpu else torch.float32
     pipe = load_pipeline(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -25,7 +25,8 @@ this device (bf16 on a GPU, fp32 on a CPU).
 Also (`curves`, always on the tiny presets): RLCM vs DDPO mean reward against wall-clock, the same
 reward queries per epoch, for run_all.py's plot.
 
-Usage: python benchmarks/bench_train.py [--quick] [--epochs N] [--curve-epochs N] [--out-dir DIR]
+Usage: python benchmarks/bench_train.py [--quick] [--epochs N] [--curve-epochs N] [--rows A,B]
+       [--ddpo-batches N] [--no-curves] [--out-dir DIR]
 Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 """
 
@@ -63,11 +64,12 @@ CPU_RLCM = {"device": "cpu", "model": "tiny", "batches_per_epoch": 1}
 CPU_DDPO = {"device": "cpu", "model": "tiny-sd", "method": "ddpo", "batches_per_epoch": 1}
 
 
-def rows(gpu: bool, quick: bool) -> dict[str, dict]:
+def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
     if gpu:
         rlcm = dict(GPU_RLCM)
-        # DDPO's defaults (train batch 1), with RLCM's 10 sampling batches of 4: the same reward queries.
-        ddpo = {**GPU_DDPO, "sample_batch_size": 4, "batches_per_epoch": 10}
+        # DDPO's defaults (train batch 1), with RLCM's 10 sampling batches of 4: the same reward queries
+        # (fewer with --ddpo-batches: its per-sample step time is then from a shorter epoch).
+        ddpo = {**GPU_DDPO, "sample_batch_size": 4, "batches_per_epoch": ddpo_batches}
     else:
         batch = 2 if quick else 8
         rlcm = {**CPU_RLCM, "sample_batch_size": batch, "train_batch_size": batch}
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-epochs", type=int, default=None, help="epochs of the tiny RLCM/DDPO curves "
                                                                         "(default 12, --quick 2)")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
+    parser.add_argument("--ddpo-batches", type=int, default=10, help="GPU: DDPO's sampling batches of 4 per epoch "
+                        "(default 10, RLCM's reward queries; fewer for a shorter run)")
+    parser.add_argument("--no-curves", action="store_true", help="skip the tiny RLCM/DDPO reward curves")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_train.json instead of benchmarks/results/")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -247,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs or (1 if args.quick or not gpu else 2)
     warmup = 0 if args.quick else 1  # the first epoch of a fresh trainer pays one-time costs
     curve_epochs = args.curve_epochs or (2 if args.quick else 12)
-    table = rows(gpu, args.quick)
+    if args.ddpo_batches < 1:
+        parser.error(f"--ddpo-batches {args.ddpo_batches} is invalid: it must be >= 1")
+    table = rows(gpu, args.quick, args.ddpo_batches)
     if args.rows:
         unknown = set(args.rows.split(",")) - set(table)
         if unknown:
@@ -266,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in table.items():
             result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name))
-        result["curves"] = reward_curves(curve_epochs, args.quick, Path(tmp))
+        if args.no_curves:
+            result["skipped"].append({"part": "curves", "reason": "--no-curves"})
+        else:
+            result["curves"] = reward_curves(curve_epochs, args.quick, Path(tmp))
     fast = next((r for r in result["rows"] if r["variant"] == "fast"), None)
     if fast:
         for row in result["rows"]:

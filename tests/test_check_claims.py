@@ -1,0 +1,131 @@
+"""benchmarks/check_claims.py: claims judged from benchmark JSON in the benchmarks' own formats; without
+CUDA nothing runs and nothing is claimed; each stage's command line is valid (run here on the CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlcm_fast
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(rlcm_fast.__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import check_claims  # noqa: E402
+
+
+def step_row(variant, step_pass, dtype, batch, time_us, graph_us, graph_gbps):
+    return dict(variant=variant, step_pass=step_pass, dtype=dtype, batch=batch, time_us=time_us,
+                graph_time_us=graph_us, graph_gbps=graph_gbps)
+
+
+def write_gpu_results(out: Path) -> None:
+    """Results as the benchmarks write them on a GPU (only the fields the claims read, and made-up values)."""
+    step = {"copy_bandwidth_gbps": 4000.0, "results": [
+        step_row("eager", "forward_sampling", "bf16", 2, 40.0, 30.0, 100.0),
+        step_row("triton", "forward_sampling", "bf16", 2, 10.0, 5.0, 600.0),  # 4x
+        step_row("eager", "forward_backward", "fp32", 16, 90.0, 80.0, 500.0),
+        step_row("triton", "forward_backward", "fp32", 16, 36.0, 12.0, 3000.0),  # 2.5x; 75% of copy
+        step_row("triton", "forward_sampling", "bf16", 16, 20.0, "capture failed: X", None),
+    ]}
+    rewards = {"jpeg": [
+        {"backend": "nvjpeg", "threads": None, "resolution": 768, "batch": 32, "images_on": "cuda:0", "images_per_s": 900.0},
+        {"backend": "pillow", "threads": 1, "resolution": 768, "batch": 32, "images_on": "cuda:0", "images_per_s": 60.0},
+        {"backend": "pillow", "threads": 1, "resolution": 768, "batch": 32, "images_on": "cpu", "images_per_s": 1.0},
+    ], "nvjpeg_vs_pillow": [
+        {"resolution": 512, "images": 32, "max_relative_difference": 0.01, "spearman": 0.999},
+        {"resolution": 768, "images": 32, "max_relative_difference": 0.02, "spearman": 0.99},
+    ]}
+    sampler = {"model": "sd15-lcm", "rows": [
+        {"variant": "rlcm-fast", "horizon": h, "batch": b, "seconds_per_call": s, "speedup_vs_diffusers_eager": x,
+         "max_abs_pixel_diff_vs_diffusers_eager": d}
+        for h, b, s, x, d in [(4, 1, 0.1, 3.0, 0.01), (8, 1, 0.2, 2.6, 0.02), (4, 8, 0.5, 1.4, 0.01)]
+    ] + [{"variant": "diffusers + torch.compile", "horizon": 4, "batch": b, "seconds_per_call": s}
+         for b, s in [(1, 0.12), (8, 0.5)]]}
+    train = {"mode": "gpu-sd15", "rows": [
+        {"variant": "fast", "epoch_s": 10.0, "per_sample_rl_step_s": 0.25, "peak_memory_gib": 20.5,
+         "sample_batch_size": 4, "train_batch_size": 2, "resolution": 768},
+        {"variant": "straightforward", "epoch_s": 35.0, "per_sample_rl_step_s": 0.875},
+        {"variant": "ddpo", "epoch_s": 30.0, "per_sample_rl_step_s": 7.5},
+    ]}
+    for name, data in dict(bench_step=step, bench_rewards=rewards, bench_sampler=sampler, bench_train=train).items():
+        (out / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_claims_are_judged_from_gpu_results(tmp_path):
+    write_gpu_results(tmp_path)
+    assert check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)]) == 0
+    claims = {c["claim"]: c for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
+    expect = {  # claim: (status, measured)
+        "fused policy step at least 3x faster than eager PyTorch": ("fail", 2.5),  # the worst row decides
+        "fused policy step at least 70% of the measured copy bandwidth": ("pass", 0.75),  # a failed capture is no row
+        "rlcm-fast sampler at least 2.5x diffusers eager at batch 1": ("pass", 2.6),
+        "rlcm-fast sampler at least 1.5x diffusers eager at batch 8": ("fail", 1.4),
+        "rlcm-fast sampler faster than diffusers + torch.compile": ("fail", 1.0),  # equal is not faster
+        "rlcm-fast images equal diffusers' within bf16 tolerance": ("pass", 0.02),
+        "nvJPEG sizes within 3% of Pillow's": ("pass", 0.02),
+        "nvJPEG and Pillow sizes rank-correlated above 0.99": ("fail", 0.99),
+        "nvJPEG at least 10x Pillow's single-thread throughput": ("pass", 15.0),  # the CUDA-image Pillow row
+        "rlcm-fast epoch at least 3x faster than the straightforward path": ("pass", 3.5),
+        "DDPO's per-sample RL step at least 10x rlcm-fast's": ("pass", 30.0),
+        "fast path's peak GPU memory below 24 GiB at the paper's batch sizes": ("pass", 20.5),
+    }
+    assert set(claims) == set(expect)
+    for text, (status, measured) in expect.items():
+        assert claims[text]["status"] == status, claims[text]
+        assert claims[text]["measured"] == pytest.approx(measured), claims[text]
+    assert "| 3 | fused policy step at least 3x faster than eager PyTorch | >= 3 | 2.5 | fail |" in (
+        tmp_path / "claims.md").read_text()
+
+
+def test_cpu_results_claim_nothing(tmp_path):
+    """The committed CPU run (tiny presets, CPU images) has no row that a GPU claim may be judged on."""
+    for name in ("bench_rewards", "bench_train"):
+        source = REPO / "benchmarks" / "results" / "amd-epyc" / f"{name}.json"
+        (tmp_path / f"{name}.json").write_text(source.read_text())
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert {c["status"] for c in claims} == {"not measured"}
+    assert {c["detail"] for c in claims if c["source"] == "bench_train"} == {"no GPU rows in bench_train.json"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_without_cuda_no_stage_runs(tmp_path):
+    assert check_claims.main(["--out-dir", str(tmp_path), "--stages", "tests,train"]) == 0
+    report = json.loads((tmp_path / "claims.json").read_text())
+    assert report["stages"] == [{"stage": "tests", "ran": False, "reason": "CUDA is not available"},
+                                {"stage": "train", "ran": False, "reason": "CUDA is not available"}]
+    assert not (tmp_path / "check_claims.log").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stages", "step,warp"], "--stages warp unknown; allowed: tests, step, rewards, sampler, train"),
+    (["--budget-s", "0"], "--budget-s 0 is invalid: it must be > 0"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        check_claims.main([*argv, "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_each_benchmark_stage_command_runs(tmp_path):
+    """The GPU stages' exact command lines, made small enough for a CPU (their options must exist: a
+    lent GPU's minutes are too few to find a typo there)."""
+    commands = check_claims.stage_commands(tmp_path)
+    smaller = {"rewards": ["--quick", "--sizes", "64", "--batches", "2"],
+               "sampler": ["--device", "cpu", "--horizons", "2", "--batches", "1", "--repeats", "1"],
+               "train": ["--quick"]}
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
+    for stage, extra in smaller.items():
+        result = subprocess.run([*commands[stage], *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, (stage, (result.stdout + result.stderr)[-3000:])
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    assert [r["variant"] for r in train["rows"]] == ["fast", "straightforward", "ddpo"] and "curves" not in train
+    sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
+    assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}
+    assert json.loads((tmp_path / "bench_rewards.json").read_text())["jpeg"]
