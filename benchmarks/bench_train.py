@@ -76,8 +76,9 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
         ddpo = {**CPU_DDPO, "sample_batch_size": batch, "train_batch_size": batch, **({"horizon": 4} if quick else {})}
     table = {"fast": rlcm}
     table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
-    if gpu:  # the compiled UNet, off by default until its gradients are checked on a GPU (README, Status)
+    if gpu:  # opt-in until checked on a GPU (README, Status): the compiled UNet, the CUDA-graph sampling loop
         table["compiled_unet"] = {**rlcm, "compile_unet": True}
+        table["sample_cuda_graph"] = {**rlcm, "sample_cuda_graph": True}
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
     table["ddpo"] = ddpo
     return table

@@ -54,6 +54,9 @@ class TrainConfig:
     # torch.compile of the trainer's UNet: opt-in until its gradients are checked on a GPU (README, Status).
     compile_unet: bool = False  # sampling and the LoRA training forward/backward
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
+    # Sampling's H-step loop captured as one CUDA graph and replayed (CUDA only; ignored on a CPU). Opt-in
+    # until checked on a GPU; a loop that cannot be captured warns and samples without the graph.
+    sample_cuda_graph: bool = False
 
     # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch

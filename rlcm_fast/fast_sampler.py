@@ -31,10 +31,9 @@ from typing import Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models import _one_line, latent_shape
+from .cuda_graphs import CaptureError, CapturedCall
+from .models import latent_shape
 from .sampler import LCMSampler, Trajectory
-
-_WARMUP_CALLS = 2  # before capture: the first compiles and autotunes, the second runs as replays will
 
 
 @dataclass
@@ -86,48 +85,25 @@ class FastLCMSampler:
         # Launch overhead between the steps is the CUDA graph's job, not the compiler's.
         self._unet = torch.compile(pipe.unet, dynamic=False) if self.compiled else pipe.unet
         self._decode = torch.compile(self.sampler.decode, dynamic=False) if self.compiled else self.sampler.decode
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._replay = CapturedCall(self._sample_once, device) if self.cuda_graph else None
 
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
+
+    def _sample(self, *inputs):
+        if self._replay is None:
+            return self._sample_once(*inputs)
+        try:
+            return self._replay(*inputs)
+        except CaptureError as error:
+            raise CaptureError(f"{error}; FastLCMSampler(..., cuda_graph=False) samples without a graph") from error
 
     def _sample_once(self, latents, noises, embeds, w_embedding):
         """(states, log_probs, denoised, images): the H-step loop and the VAE decode, nothing else: no random
         draw and no host synchronisation, so that it can be captured as one CUDA graph."""
         states, log_probs, denoised = self.sampler.rollout(self._unet, latents, noises, embeds, w_embedding)
         return states, log_probs, denoised, self._decode(denoised)
-
-    def _sample_replayed(self, *inputs):
-        """`_sample_once` through its CUDA graph, captured at the first call. Returns the graph's own output
-        buffers, which the next replay overwrites."""
-        if self._graph is None:
-            self._static_inputs = [None if t is None else t.clone() for t in inputs]
-            # Under a caller's autocast, its cache would hand the capture the warm-up's casts of the weights
-            # (stale after an update, freed when the region ends): capture with the cache off.
-            no_cast_cache = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                           enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-            # Compilation, Triton's JIT and cuDNN's algorithm search must not run under capture: warm up on
-            # a side stream first, as torch.cuda.graphs' documentation asks.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), no_cast_cache:
-                for _ in range(_WARMUP_CALLS):
-                    self._sample_once(*self._static_inputs)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with no_cast_cache, torch.cuda.graph(graph):
-                    self._static_outputs = self._sample_once(*self._static_inputs)
-            except RuntimeError as error:
-                raise RuntimeError(f"CUDA-graph capture of the sampling loop failed ({_one_line(error)}); "
-                                   "FastLCMSampler(..., cuda_graph=False) samples without a graph") from error
-            self._graph = graph
-        for static, given in zip(self._static_inputs, inputs):
-            if static is not None:
-                static.copy_(given)
-        self._graph.replay()
-        return self._static_outputs
 
     @torch.no_grad()
     def __call__(
@@ -151,8 +127,7 @@ class FastLCMSampler:
         noises = [randn_tensor(self.shape, generator=generator, device=self.device, dtype=embeds.dtype)
                   for _ in range(self.horizon - 1)]
         noises = torch.stack(noises) if noises else latents.new_zeros((0, *self.shape))
-        sample = self._sample_replayed if self.cuda_graph else self._sample_once
-        states, log_probs, denoised, images = sample(latents.to(self.device), noises, embeds, w_embedding)
+        states, log_probs, denoised, images = self._sample(latents.to(self.device), noises, embeds, w_embedding)
         if self.cuda_graph:
             images = images.clone()  # the graph's output buffers are overwritten by the next replay
         trajectory = None

@@ -7,6 +7,7 @@ diffusers' `LatentConsistencyModelPipeline` output: the generator is drawn in th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,6 +15,7 @@ import torch
 from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from .cuda_graphs import CaptureError, CapturedCall
 from .models import guidance_embedding, latent_shape
 from .policy_step import ROW_SCALARS, consistency_output, policy_step, row_scalars_for_schedule
 
@@ -69,6 +71,7 @@ class LCMSampler:
         train_final_step: bool = False,
         resolution: int | None = None,
         step_backend: str = "auto",
+        cuda_graph: bool = False,
     ):
         scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
@@ -91,6 +94,9 @@ class LCMSampler:
         self._device_scalars = self.action_scalars.to(self.device)
         self._device_timesteps = self.timesteps.to(self.device)
         self._guidance_cache: dict[tuple[int, torch.dtype], torch.Tensor | None] = {}
+        # sample() replays the H-step loop as one CUDA graph per UNet (cuda_graphs.CapturedCall).
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._captured_rollouts: dict[int, CapturedCall] = {}
 
     @property
     def trained_steps(self) -> int:
@@ -199,12 +205,28 @@ class LCMSampler:
         x = latents if latents is not None else draw()
         if noises is None:
             noises = [draw() for _ in range(self.trained_steps)]
-        states, log_probs, denoised = self.rollout(unet, x.to(self.device), [z.to(self.device) for z in noises],
-                                                   embeds, w_embedding)
+        x, noises = x.to(self.device), [z.to(self.device) for z in noises]
+        states, log_probs, denoised = self._rollout_replayed(unet, x, noises, embeds, w_embedding) \
+            if self.cuda_graph else self.rollout(unet, x, noises, embeds, w_embedding)
         trajectory = Trajectory(prompts=list(prompts), states=states, log_probs=log_probs, denoised=denoised)
         if decode:
             trajectory.images = self.decode(denoised)
         return trajectory
+
+    def _rollout_replayed(self, unet, x, noises, embeds, w_embedding):
+        """`rollout` through its CUDA graph, with outputs of their own; without the graph (and a warning)
+        from here on if it cannot be captured."""
+        if id(unet) not in self._captured_rollouts:
+            self._captured_rollouts[id(unet)] = CapturedCall(
+                lambda *inputs: self.rollout(unet, *inputs), self.device)
+        stacked = torch.stack(noises) if noises else x.new_zeros((0, *x.shape))
+        try:
+            outputs = self._captured_rollouts[id(unet)](x, stacked, embeds, w_embedding)
+        except CaptureError as error:
+            warnings.warn(f"{error}; sampling goes on without CUDA graphs")
+            self.cuda_graph = False
+            return self.rollout(unet, x, noises, embeds, w_embedding)
+        return tuple(t.clone() for t in outputs)  # the next replay overwrites the graph's buffers
 
     def decode(self, denoised: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.pipe, denoised)

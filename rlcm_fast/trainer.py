@@ -121,7 +121,7 @@ class Trainer:
         else:
             self.sampler = LCMSampler(
                 self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
-                resolution=cfg.resolution, step_backend=cfg.policy_step_backend,
+                resolution=cfg.resolution, step_backend=cfg.policy_step_backend, cuda_graph=cfg.sample_cuda_graph,
             )
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
                                                               **reward_options(cfg)))

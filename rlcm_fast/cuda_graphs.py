@@ -1,0 +1,75 @@
+"""A function of tensors run as one CUDA graph: captured at its first call, replayed after that.
+
+Written by hand because torch.compile's own CUDA graphs ("reduce-overhead") capture what is compiled,
+and compiling a whole H-step sampling loop unrolls it (compile time grows with H; fast_sampler.py has
+the figures). Here the loop is plain Python around a compiled UNet call, and this captures all of it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+WARMUP_CALLS = 2  # before a capture: the first call compiles and autotunes, the second runs as replays will
+
+
+class CaptureError(RuntimeError):
+    """The function could not be captured (it synchronises with the host, draws random numbers on the
+    host, or calls something CUDA graphs do not allow)."""
+
+
+class CapturedCall:
+    """`fn(*inputs)` (tensors, or None) through a CUDA graph, one graph per input signature (shapes,
+    dtypes, which are None). At the first call of a signature, fn runs WARMUP_CALLS times on a side
+    stream and is then captured; each call copies its inputs into the captured ones and replays.
+
+    fn must not synchronise with the host or draw random numbers; it reads tensors that are not inputs
+    (weights) at replay, so in-place updates to them are seen, but replacing them is not. The outputs are
+    the graph's own buffers: the next call of the same signature overwrites them, so copy what you keep.
+    """
+
+    def __init__(self, fn: Callable, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.fn = fn
+        self.device = device
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, object]] = {}
+
+    @staticmethod
+    def signature(inputs: Sequence[torch.Tensor | None]) -> tuple:
+        return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+
+    def __call__(self, *inputs: torch.Tensor | None):
+        key = self.signature(inputs)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_outputs = self._graphs[key]
+        for static, given in zip(static_inputs, inputs):
+            if static is not None:
+                static.copy_(given)
+        graph.replay()
+        return static_outputs
+
+    def _capture(self, inputs):
+        static_inputs = [None if t is None else t.detach().clone() for t in inputs]
+        # Under a caller's autocast, its cast cache would hand the capture the warm-up's casts of the
+        # weights (stale after an update, freed when the region ends): warm up and capture without it.
+        no_cast_cache = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                       enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        # Compilation, Triton's JIT and cuDNN's algorithm search must not run under capture: warm up on a
+        # side stream first, as torch.cuda.graphs' documentation asks.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), no_cast_cache:
+            for _ in range(WARMUP_CALLS):
+                self.fn(*static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with no_cast_cache, torch.cuda.graph(graph):
+                static_outputs = self.fn(*static_inputs)
+        except RuntimeError as error:
+            text = " ".join(str(error).split())[:300]
+            raise CaptureError(f"CUDA-graph capture failed ({type(error).__name__}: {text})") from error
+        return graph, static_inputs, static_outputs
