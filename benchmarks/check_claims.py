@@ -12,7 +12,7 @@ pass, fail or not measured. A failed claim is a measured result, not an error: t
 unless the script itself could not run. Without CUDA every stage is skipped (the claims are about GPUs).
 
 Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16):
-  tests    the GPU tests: Triton kernels, the CUDA-graph fast sampler, nvJPEG, the CLIP rewards
+  tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), nvJPEG, CLIP rewards
   step     bench_step.py: fused step vs eager and torch.compile, fraction of copy bandwidth
   rewards  bench_rewards.py, JPEG rows only: nvJPEG vs Pillow speed, and their sizes' agreement
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, device_name, device_slug, git_commit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-GPU_TEST_FILES = ["tests/test_triton_step.py", "tests/test_fast_sampler.py", "tests/test_nvjpeg.py",
-                  "tests/test_clip_rewards.py"]
+GPU_TEST_FILES = ["tests/test_triton_step.py", "tests/test_fast_sampler.py", "tests/test_cuda_graphs.py",
+                  "tests/test_nvjpeg.py", "tests/test_clip_rewards.py"]
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 
 
