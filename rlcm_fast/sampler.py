@@ -96,7 +96,7 @@ class LCMSampler:
         self._guidance_cache: dict[tuple[int, torch.dtype], torch.Tensor | None] = {}
         # sample() replays the H-step loop as one CUDA graph per UNet (cuda_graphs.CapturedCall).
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
-        self._captured_rollouts: dict[int, CapturedCall] = {}
+        self._captured_rollouts: dict[torch.nn.Module, CapturedCall] = {}
 
     @property
     def trained_steps(self) -> int:
@@ -206,8 +206,10 @@ class LCMSampler:
         if noises is None:
             noises = [draw() for _ in range(self.trained_steps)]
         x, noises = x.to(self.device), [z.to(self.device) for z in noises]
-        states, log_probs, denoised = self._rollout_replayed(unet, x, noises, embeds, w_embedding) \
-            if self.cuda_graph else self.rollout(unet, x, noises, embeds, w_embedding)
+        if self.cuda_graph:
+            states, log_probs, denoised = self._rollout_replayed(unet, x, noises, embeds, w_embedding)
+        else:
+            states, log_probs, denoised = self.rollout(unet, x, noises, embeds, w_embedding)
         trajectory = Trajectory(prompts=list(prompts), states=states, log_probs=log_probs, denoised=denoised)
         if decode:
             trajectory.images = self.decode(denoised)
@@ -216,12 +218,11 @@ class LCMSampler:
     def _rollout_replayed(self, unet, x, noises, embeds, w_embedding):
         """`rollout` through its CUDA graph, with outputs of their own; without the graph (and a warning)
         from here on if it cannot be captured."""
-        if id(unet) not in self._captured_rollouts:
-            self._captured_rollouts[id(unet)] = CapturedCall(
-                lambda *inputs: self.rollout(unet, *inputs), self.device)
+        if unet not in self._captured_rollouts:
+            self._captured_rollouts[unet] = CapturedCall(lambda *inputs: self.rollout(unet, *inputs), self.device)
         stacked = torch.stack(noises) if noises else x.new_zeros((0, *x.shape))
         try:
-            outputs = self._captured_rollouts[id(unet)](x, stacked, embeds, w_embedding)
+            outputs = self._captured_rollouts[unet](x, stacked, embeds, w_embedding)
         except CaptureError as error:
             warnings.warn(f"{error}; sampling goes on without CUDA graphs")
             self.cuda_graph = False
