@@ -193,7 +193,7 @@ def loss_scaling_accelerator(init_scale: float, overflow_above: float = float("i
 
 def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_norm(tmp_path, monkeypatch):
     """With fp16 on a GPU, accelerate scales the loss in backward; the trainer must unscale before it clips
-    and logs, step through the scaler, and checkpoint the loss scale. A CPU GradScaler stands in here
+    and logs, update the scaler after each step, and checkpoint the loss scale. A CPU GradScaler stands in here
     (accelerate creates one only on a GPU). Its scales are powers of two, so unscaling is exact."""
     from rlcm_fast import trainer as trainer_module
 
