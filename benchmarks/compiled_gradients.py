@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
-from rlcm_fast.models import add_policy_lora, latent_shape, load_pipeline  # noqa: E402
+from rlcm_fast.lora import add_policy_lora  # noqa: E402
+from rlcm_fast.models import latent_shape, load_pipeline  # noqa: E402
 
 
 def forward_backward(unet, inputs: dict, target: torch.Tensor, params: list[torch.Tensor]):

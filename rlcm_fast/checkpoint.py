@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .models import load_lora_into, save_lora
+from .lora import load_lora_into, save_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
 STATE_FILE = "training_state.json"

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from .algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS
-from .models import DEFAULT_LORA_TARGETS, METHODS, TINY_LORA_TARGETS
+from .lora import DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS
+from .models import METHODS
 from .prompts import PROMPT_SETS, load_prompt_set
 
 

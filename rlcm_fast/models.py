@@ -1,5 +1,5 @@
 """Loading the pipeline to fine-tune (an LCM for RLCM, Stable Diffusion for the DDPO baseline), and the
-LoRA policy adapter on its UNet.
+model inputs the samplers derive from it. The LoRA policy on its UNet is in lora.py.
 
 `load_pipeline` accepts a hub id or local diffusers folder (real use) and presets that need no
 network (DESIGN.md section 4):
@@ -18,9 +18,6 @@ network (DESIGN.md section 4):
 
 An LCM is told from a Stable Diffusion UNet by that guidance embedding; `load_pipeline` refuses a
 pipeline of the wrong kind for the method with one line (SD1.5 + an LCM-LoRA adapter is an LCM).
-
-The LoRA helpers go through diffusers' adapter API on the UNet (peft underneath) and write files that
-a user's `pipe.load_lora_weights(directory)` reads.
 """
 
 from __future__ import annotations
@@ -32,28 +29,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler,
                        StableDiffusionPipeline, UNet2DConditionModel)
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from rlcm_fast.tiny_tokenizer import CLIP_MAX_TOKENS, build_clip_tokenizer
-
-# The paper's LoRA targets: the attention projections.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# The tiny model's calibration run moved the reward with the convolutions adapted too (DESIGN.md section 4).
-TINY_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("conv1", "conv2", "conv_out", "proj_in", "proj_out")
-# diffusers' default adapter name, spelled out so every helper here addresses the same adapter.
-POLICY_ADAPTER = "default"
 
 MODEL_CHOICES = "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"
 SD_MODEL_CHOICES = "expected 'tiny-sd', 'sd15', a local Stable Diffusion pipeline folder, or a reachable hub id"
@@ -436,80 +421,3 @@ def guidance_embedding(
         return None
     w = torch.full((batch,), guidance_scale - 1.0)
     return pipe.get_guidance_scale_embedding(w, embedding_dim=embedding_dim).to(device=device, dtype=dtype)
-
-
-def add_policy_lora(
-    unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: Sequence[str]
-) -> list[torch.nn.Parameter]:
-    """Add the trainable LoRA adapter (gaussian init: it starts as the identity) and return its
-    parameters, in module order. Everything else in the UNet is frozen; the LoRA weights are float32
-    even on a bf16/fp16 base, so optimiser updates are not lost to rounding."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    module_names = [name for name, _ in unet.named_modules()]
-    # peft's rule for a list of targets: the module's name equals a target or ends with "." + target.
-    unmatched = [
-        target
-        for target in target_modules
-        if not any(name == target or name.endswith("." + target) for name in module_names)
-    ]
-    if unmatched:
-        raise ValueError(f"LoRA target modules {unmatched} match no module of the UNet")
-    unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
-    unet.add_adapter(config, adapter_name=POLICY_ADAPTER)
-    cast_training_params(unet, dtype=torch.float32)
-    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
-
-
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The policy adapter's weights, keyed as diffusers' LoRA loader reads them.
-
-    PEFT key format ("....lora_A.weight"), not `convert_state_dict_to_diffusers`'s: that one renames
-    only attention keys (to "lora.down"); diffusers 0.42's loader decides from the FIRST key whether to
-    convert, so with convolution targets (TINY_LORA_TARGETS) it skips the conversion and silently drops
-    the attention weights. PEFT keys load as they are for any targets."""
-    _policy_lora_config(unet)
-    return get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
-
-
-def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
-    """Write the policy adapter as `pytorch_lora_weights.safetensors` in `directory`, with its LoRA
-    config (alpha, rank) as metadata, so `pipe.load_lora_weights(directory)` reproduces the policy."""
-    LatentConsistencyModelPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=lora_state_dict(unet),
-        safe_serialization=True,
-        unet_lora_adapter_metadata=_policy_lora_config(unet).to_dict(),
-    )
-
-
-def load_lora_into(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
-    """Load a `save_lora` file into the UNet's existing policy adapter, bitwise (to resume training)."""
-    path = Path(directory) / LORA_WEIGHT_NAME_SAFE
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA weights file at {path}")
-    unet_prefix = LatentConsistencyModelPipeline.unet_name + "."
-    saved = {key.removeprefix(unet_prefix): tensor for key, tensor in load_file(path).items()}
-    expected = lora_state_dict(unet)
-    missing = sorted(expected.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match the UNet's LoRA adapter: {len(missing)} keys missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
-    for key, tensor in expected.items():
-        if saved[key].shape != tensor.shape:
-            raise ValueError(
-                f"{path} does not match the UNet's LoRA adapter: {key} has shape {tuple(saved[key].shape)} in the "
-                f"file, {tuple(tensor.shape)} in the adapter (a different LoRA rank?)"
-            )
-    set_peft_model_state_dict(unet, saved, adapter_name=POLICY_ADAPTER)
-
-
-def _policy_lora_config(unet: UNet2DConditionModel) -> LoraConfig:
-    configs = getattr(unet, "peft_config", None) or {}
-    if POLICY_ADAPTER not in configs:
-        raise ValueError("the UNet has no policy LoRA adapter; add one with add_policy_lora first")
-    return configs[POLICY_ADAPTER]

@@ -38,8 +38,9 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .ddpo import DDPOSampler
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
+from .lora import add_policy_lora
 from .minibatches import minibatch_plan
-from .models import add_policy_lora, load_pipeline
+from .models import load_pipeline
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
