@@ -1,35 +1,38 @@
 """Benchmark of the policy step: eager reference, torch.compile of the reference, fused Triton kernel.
 
-For B in {2, 8, 16} latents of 4x96x96 (768 px), bf16 and fp32, epsilon prediction, times:
+For B latents of 4x96x96 (768 px), bf16 and fp32, epsilon prediction, times:
   forward_sampling   D, x_next and logp from (model_output, x, noise)
   forward_training   D and logp from (model_output, x, stored x_next)
   forward_backward   forward_training plus the gradient of logp w.r.t. model_output (the PPO loss path)
-Each time is reported twice: `time_us` from triton.testing.do_bench (median, L2 flushed before every
-call, kernels launched from Python as in eager training) and `graph_time_us` from replays of a CUDA graph
-(no launch overhead, L2 warm: the regime of the captured sampling loop). Bandwidth counts the bytes the
+B = 2, 8, 16 are the sizes the sampler and the trainer use; there the step is bound by launch latency,
+not memory. B = 512 (95-600 MB moved per call, well above an H100/H200's 50 MB L2) is where the
+fraction of copy bandwidth means something. Each time is reported twice: `time_us` from
+triton.testing.do_bench (median, L2 flushed before every call, kernels launched from Python as in eager
+training) and `graph_time_us` from replays of a CUDA graph (no launch overhead, but L2 warm: at B <= 16
+the operands stay in L2, so graph GB/s can exceed the HBM copy rate). Bandwidth counts the bytes the
 step must move (every input read once, every output written once), as a fraction of this device's
-measured device-to-device copy bandwidth. Writes benchmarks/results/bench_step-<device>.json.
+measured device-to-device copy bandwidth. The JSON is rewritten after every measured (dtype, B) group,
+so a run cut short keeps what it measured ("complete": false).
 
-Usage: python benchmarks/bench_step.py [--out-dir DIR]   (needs CUDA; elsewhere it says so and exits 0)
-With --out-dir the JSON goes to DIR/bench_step.json.
+Usage: python benchmarks/bench_step.py [--batches 512,16,8,2] [--out-dir DIR]
+(needs CUDA; elsewhere it says so and exits 0). Writes benchmarks/results/bench_step-<device>.json, or
+DIR/bench_step.json with --out-dir.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit  # noqa: E402
+from common import environment, write_result  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BATCH_SIZES = (2, 8, 16)
+# Measured in this order (bf16 first, then fp32), so a run cut short has the claim-relevant rows.
+BATCH_SIZES = (512, 16, 8, 2)
 LATENT_SHAPE = (4, 96, 96)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PASSES = ("forward_sampling", "forward_training", "forward_backward")
@@ -103,14 +106,25 @@ def graph_time_us(fn, do_bench_cudagraph) -> float | str:
         return f"capture failed: {type(error).__name__}: {error}"[:200]
 
 
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes >= 1")
+    return batches
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=parse_batches, default=BATCH_SIZES,
+                        help="comma-separated batch sizes, measured in this order (default 512,16,8,2)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_step.json instead of benchmarks/results/")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_step: no CUDA device here; nothing measured, no results written.")
         return 0
-    import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
     policy_step_reference, fused_policy_step = import_implementations()
@@ -120,14 +134,17 @@ def main() -> int:
         "compile": torch.compile(policy_step_reference, dynamic=False),
         "triton": fused_policy_step,
     }
-    device_name = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps(do_bench)
-    print(f"{device_name}: device-to-device copy {copy_gbps:.0f} GB/s")
+    report = dict(
+        benchmark="bench_step", **environment(), cuda=torch.version.cuda,
+        latent_shape=list(LATENT_SHAPE), prediction_type=PREDICTION_TYPE, copy_bandwidth_gbps=copy_gbps,
+        timing="triton.testing.do_bench median (L2 flushed per call); graph: do_bench_cudagraph median",
+        results=[],
+    )
+    print(f"{report['device']}: device-to-device copy {copy_gbps:.0f} GB/s")
     print(f"{'pass':<17} {'dtype':<5} {'B':>3} {'variant':<8} {'us':>8} {'GB/s':>7} {'copy%':>6} {'graph us':>9}")
-
-    results = []
     for dtype_name, dtype in DTYPES.items():
-        for batch in BATCH_SIZES:
+        for batch in args.batches:
             inputs = make_inputs(policy_step_reference, batch, dtype)
             reference_logp = policy_step_reference(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
             for step_pass in PASSES:
@@ -138,7 +155,7 @@ def main() -> int:
                     graph_us = graph_time_us(fn, do_bench_cudagraph)
                     gbps = moved / (us * 1e-6) / 1e9
                     logp = step_fn(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
-                    results.append(
+                    report["results"].append(
                         dict(
                             variant=variant, step_pass=step_pass, dtype=dtype_name, batch=batch,
                             time_us=us, bytes=moved, gbps=gbps, fraction_of_copy_bandwidth=gbps / copy_gbps,
@@ -150,28 +167,11 @@ def main() -> int:
                     graph_text = f"{graph_us:9.1f}" if isinstance(graph_us, float) else "   failed"
                     print(
                         f"{step_pass:<17} {dtype_name:<5} {batch:>3} {variant:<8} {us:8.1f} {gbps:7.0f} "
-                        f"{100 * gbps / copy_gbps:5.1f}% {graph_text}"
+                        f"{100 * gbps / copy_gbps:5.1f}% {graph_text}", flush=True
                     )
-
-    report = dict(
-        device=device_name,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        git_commit=git_commit(),
-        latent_shape=list(LATENT_SHAPE),
-        prediction_type=PREDICTION_TYPE,
-        copy_bandwidth_gbps=copy_gbps,
-        timing="triton.testing.do_bench median (L2 flushed per call); graph: do_bench_cudagraph median",
-        results=results,
-    )
-    out_path = REPO_ROOT / "benchmarks" / "results" / f"bench_step-{re.sub(r'[^A-Za-z0-9._-]+', '-', device_name)}.json"
-    if args.out_dir:
-        out_path = Path(args.out_dir) / "bench_step.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out_path}")
+            del inputs, reference_logp
+            write_result("bench_step", report, args.out_dir, complete=False)
+    print(f"wrote {write_result('bench_step', report, args.out_dir)}")
     return 0
 
 

@@ -13,11 +13,12 @@ preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "
 Timing: an epoch is timed from the first sampling call to the end of its last optimizer step, with a
 device synchronisation at each boundary. `sampling_s` is sampling (and VAE decode) minus the time spent
 waiting for rewards; `reward_wait_s` is that wait (the reward time the loop could not hide);
-`reward_busy_s` is the time the reward function ran (on its worker thread, partly hidden behind
-sampling when `reward_overlap` is on); `training_s` is advantages plus all updates. The first epoch on a
-GPU is a warm-up and is not reported. MFU = UNet FLOPs of the epoch (counted with
-torch.utils.flop_counter on one trajectory's sampling and one trained row's forward+backward, times the
-epoch's counts; VAE, text encoder and reward excluded) / epoch seconds / the measured matmul rate of
+`reward_busy_s` is the time the reward function ran (on its worker thread, partly hidden behind sampling
+when `reward_overlap` is on); `training_s` is advantages plus all updates. The first epoch on a GPU is a
+warm-up and is not reported. Peak GPU memory is recorded as allocated and as reserved by PyTorch's
+caching allocator (`peak_reserved_gib`, what the GPU must hold). MFU = UNet FLOPs of the epoch (counted
+with torch.utils.flop_counter on one trajectory's sampling and one trained row's forward+backward, times
+the epoch's counts; VAE, text encoder and reward excluded) / epoch seconds / the measured matmul rate of
 this device (bf16 on a GPU, fp32 on a CPU).
 
 --quick is a smoke run: 2 samples per epoch, no warm-up epoch, DDPO with 4 steps.
@@ -33,6 +34,7 @@ Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -205,7 +207,9 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,
         "reward_mean_per_epoch": rewards,
+        # Allocated: what the tensors needed; reserved: what PyTorch's caching allocator held from the GPU.
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
     }
     print(f"{name:24s} epoch {mean['epoch_s']:8.2f} s (sampling {mean['sampling_s']:.2f}, reward wait "
           f"{mean['reward_wait_s']:.2f}, training {mean['training_s']:.2f})  {mean['images_per_s']:7.2f} img/s  "
@@ -274,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in table.items():
             result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name))
+            write_result("bench_train", result, args.out_dir, complete=False)  # a run cut short keeps its rows
+            # Give the row's cached GPU memory back, so the next row's peak starts from its own allocations.
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
         if args.no_curves:
             result["skipped"].append({"part": "curves", "reason": "--no-curves"})
         else:

@@ -5,6 +5,7 @@ benchmark is given --out-dir (run_all.py uses benchmarks/results/<device>/)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -22,12 +23,20 @@ except ImportError:  # a source checkout works without installing (the C++ step 
 
 
 def git_commit() -> str | None:
-    """HEAD's hash, with "-dirty" when tracked files differ from it (the figures are then not of HEAD)."""
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
+    """HEAD's hash, with "-dirty" when tracked files differ from it (the figures are then not of HEAD).
+
+    $RLCM_FAST_COMMIT, when set, is taken as it is: a copy of the tree without .git (or a machine
+    without git) cannot tell its commit, so whoever copied it says which."""
+    if os.environ.get("RLCM_FAST_COMMIT"):
+        return os.environ["RLCM_FAST_COMMIT"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True)
+    except OSError:  # no git on this machine
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                           capture_output=True, text=True)
     return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -56,7 +65,7 @@ def environment() -> dict:
     return {
         "device": device_name(),
         "cpu": cpu_name(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
@@ -74,8 +83,13 @@ def results_path(name: str, suffix: str = ".json", out_dir: str | Path | None = 
     return RESULTS_DIR / f"{name}-{device_slug()}{suffix}"
 
 
-def write_result(name: str, result: dict, out_dir: str | Path | None = None) -> Path:
+def write_result(name: str, result: dict, out_dir: str | Path | None = None, complete: bool = True) -> Path:
+    """Write `result` with `"complete": complete`. Benchmarks write after every row with complete=False,
+    then once more at the end, so a run killed by a time limit keeps the rows it measured; the file is
+    replaced atomically, so it is never half-written."""
     path = results_path(name, out_dir=out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    staging = path.with_name(path.name + ".partial")
+    staging.write_text(json.dumps({**result, "complete": complete}, indent=2) + "\n")
+    os.replace(staging, path)
     return path
