@@ -7,6 +7,7 @@ the figures). Here the loop is plain Python around a compiled UNet call, and thi
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -17,6 +18,22 @@ WARMUP_CALLS = 2  # before a capture: the first call compiles and autotunes, the
 class CaptureError(RuntimeError):
     """The function could not be captured (it synchronises with the host, draws random numbers on the
     host, or calls something CUDA graphs do not allow)."""
+
+
+def without_cast_cache(device_type: str):
+    """A context that turns autocast's cast cache off where autocast is on (same dtype), else changes nothing.
+
+    Under a caller's autocast, its cast cache would hand the capture the warm-up's casts of the weights
+    (stale after an update, freed when the region ends), so warm-up and capture must run without it. Where
+    autocast is off, nothing may change: dynamo guards on the autocast state, cache flag included, and a
+    function compiled here would otherwise be compiled again when called outside a capture."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
 class CapturedCall:
@@ -53,23 +70,33 @@ class CapturedCall:
 
     def _capture(self, inputs):
         static_inputs = [None if t is None else t.detach().clone() for t in inputs]
-        # Under a caller's autocast, its cast cache would hand the capture the warm-up's casts of the
-        # weights (stale after an update, freed when the region ends): warm up and capture without it.
-        no_cast_cache = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                       enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        device_type = self.device.type
+        # The device's stream, then the current device's (a failed capture restores them in this order, as
+        # torch.cuda.stream does).
+        callers_streams = [torch.cuda.current_stream(self.device), torch.cuda.current_stream()]
         # Compilation, Triton's JIT and cuDNN's algorithm search must not run under capture: warm up on a
         # side stream first, as torch.cuda.graphs' documentation asks.
         side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), no_cast_cache:
+        side.wait_stream(callers_streams[0])
+        with torch.cuda.stream(side), without_cast_cache(device_type):
             for _ in range(WARMUP_CALLS):
                 self.fn(*static_inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        callers_streams[0].wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with no_cast_cache, torch.cuda.graph(graph):
+            # thread_local: a reward worker thread may call CUDA while this one captures ("global" fails both).
+            with without_cast_cache(device_type), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_outputs = self.fn(*static_inputs)
-        except RuntimeError as error:
-            text = " ".join(str(error).split())[:300]
-            raise CaptureError(f"CUDA-graph capture failed ({type(error).__name__}: {text})") from error
+        except BaseException as error:
+            # torch.cuda.graph ends the capture before it restores the stream: when ending it raises, this
+            # thread is left on the capture stream, unordered with the work of the caller's stream.
+            for stream in callers_streams:
+                torch.cuda.set_stream(stream)
+            if not isinstance(error, RuntimeError):
+                raise
+            # Ending a failed capture raises a generic error; what failed it is the exception it ended on.
+            cause = error.__context__
+            reasons = [_one_line(cause)] if isinstance(cause, Exception) else []
+            reasons.append(_one_line(error))
+            raise CaptureError(f"CUDA-graph capture failed ({'; then '.join(reasons)})") from error
         return graph, static_inputs, static_outputs

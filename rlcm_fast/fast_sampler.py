@@ -18,7 +18,9 @@ faster than the pipeline:
   steps) and the decode are captured as ONE CUDA graph at the first call and replayed after it, so a
   call is a copy of its inputs and one graph launch. Weights are read at replay: in-place updates (an
   optimizer step) are seen; loading or switching adapters, or changing a LoRA scale, needs a new sampler.
-  A call with other shapes is refused, not silently recaptured.
+  A call with other shapes, or with `latents` of another dtype than the pipeline's prompt embeddings, is
+  refused, not silently recaptured (outside autocast diffusers' pipeline fails on such latents too: its
+  guidance embedding takes their dtype).
 
 It can also return the trajectory (states, per-action log-probs) that RL training needs.
 """
@@ -124,10 +126,14 @@ class FastLCMSampler:
         # by the pipeline's output and is not drawn by LCMScheduler.step at the last index).
         if latents is None:
             latents = randn_tensor(self.shape, generator=generator, device=self.device, dtype=embeds.dtype)
+        elif latents.dtype != embeds.dtype:  # another dtype would be another graph (and the pipeline fails on it)
+            raise ValueError(f"latents of dtype {latents.dtype} given; this sampler samples {embeds.dtype}")
+        else:
+            latents = latents.to(self.device)  # as the pipeline does
         noises = [randn_tensor(self.shape, generator=generator, device=self.device, dtype=embeds.dtype)
                   for _ in range(self.horizon - 1)]
         noises = torch.stack(noises) if noises else latents.new_zeros((0, *self.shape))
-        states, log_probs, denoised, images = self._sample(latents.to(self.device), noises, embeds, w_embedding)
+        states, log_probs, denoised, images = self._sample(latents, noises, embeds, w_embedding)
         if self.cuda_graph:
             images = images.clone()  # the graph's output buffers are overwritten by the next replay
         trajectory = None

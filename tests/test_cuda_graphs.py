@@ -1,12 +1,23 @@
 """Sampling through CUDA graphs (rlcm_fast.cuda_graphs): on the CPU, how the sampler uses a captured
-call (its inputs, its outputs' ownership, the fallback when capture fails); on a GPU, the real graphs."""
+call (its inputs, its outputs' ownership, the fallback when capture fails), the capture's autocast state
+and what a failed capture leaves behind (with stand-ins for torch.cuda's streams); on a GPU, the real graphs."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
 
+import rlcm_fast
 from rlcm_fast import sampler as sampler_module
 from rlcm_fast.config import resolve_config
-from rlcm_fast.cuda_graphs import CaptureError, CapturedCall
+from rlcm_fast.cuda_graphs import CaptureError, CapturedCall, without_cast_cache
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
@@ -44,6 +55,100 @@ def test_captured_call_needs_cuda():
         CapturedCall(lambda x: x, torch.device("cpu"))
 
 
+def test_without_cast_cache_changes_nothing_outside_autocast():
+    """Dynamo guards on the autocast state, its cache flag included: a function compiled inside a capture
+    must not be compiled again when called outside one (a whole UNet compile, per batch size)."""
+    counter = CompileCounter()
+    double = torch.compile(lambda x: x * 2, backend=counter)
+    with without_cast_cache("cpu"):
+        assert torch.is_autocast_cache_enabled() and not torch.is_autocast_enabled("cpu")
+        double(torch.ones(3))
+    double(torch.ones(3))
+    assert counter.frame_count == 1
+
+
+def test_without_cast_cache_under_autocast_keeps_its_dtype_and_casts_the_current_weights():
+    def linear_before_and_after_an_update(context):
+        weight = torch.ones(2, 2, requires_grad=True)  # autocast caches only casts of fp32 leaves that need grad
+        with torch.autocast("cpu", dtype=torch.bfloat16), context():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            before = F.linear(torch.ones(1, 2), weight)
+            with torch.no_grad():
+                weight.add_(1)  # in place, as an optimizer step
+            return before, F.linear(torch.ones(1, 2), weight)
+
+    stale_before, stale_after = linear_before_and_after_an_update(contextlib.nullcontext)
+    assert torch.equal(stale_before, stale_after)  # the cache's premise: the cast of the old weight is reused
+    before, after = linear_before_and_after_an_update(lambda: without_cast_cache("cpu"))
+    assert after.float().sum().item() == 2 * before.float().sum().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with without_cast_cache("cpu"):
+            assert not torch.is_autocast_cache_enabled()
+        assert torch.is_autocast_cache_enabled()  # restored when the capture is over
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_stream(self, other):
+        pass
+
+
+class FakeCudaStreams:
+    """torch.cuda's current stream, and a torch.cuda.graph whose capture fails: as the real one, its exit
+    ends the capture first, raises the generic error, and never restores the stream."""
+
+    def __init__(self):
+        self.current, self.capture_modes = FakeStream("caller"), []
+
+    def current_stream(self, device=None):
+        return self.current
+
+    def set_stream(self, stream):
+        self.current = stream
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    @contextlib.contextmanager
+    def graph(self, cuda_graph, capture_error_mode="global"):
+        self.capture_modes.append(capture_error_mode)
+        previous, self.current = self.current, FakeStream("capture")
+        try:
+            yield
+        except Exception:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        self.current = previous
+
+
+def test_a_failed_capture_restores_the_callers_stream_and_names_its_cause(monkeypatch):
+    cuda = FakeCudaStreams()
+    for name in ("current_stream", "set_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+
+    def synchronising(x):
+        if cuda.current.name == "capture":
+            raise RuntimeError("CUDA error: operation not permitted when\n stream is capturing")
+        return x + 1
+
+    call = CapturedCall(synchronising, torch.device("cuda"))
+    with pytest.raises(CaptureError) as failure:
+        call(torch.zeros(2))
+    assert cuda.current.name == "caller"  # not left on the capture stream
+    assert cuda.capture_modes == ["thread_local"]
+    assert str(failure.value) == (
+        "CUDA-graph capture failed (RuntimeError: CUDA error: operation not permitted when stream is capturing; "
+        "then RuntimeError: operation failed due to a previous error during capture)")
+
+
 def test_sampler_through_a_replayed_call_equals_the_plain_loop_and_owns_its_outputs(pipe, monkeypatch):
     monkeypatch.setattr(sampler_module, "CapturedCall", ReusedBuffers)
     ReusedBuffers.calls = []
@@ -70,7 +175,8 @@ def test_sampler_falls_back_to_the_plain_loop_when_capture_fails(pipe, monkeypat
             pass
 
         def __call__(self, *inputs):
-            raise CaptureError("CUDA-graph capture failed (RuntimeError: operation not permitted when stream is capturing)")
+            raise CaptureError("CUDA-graph capture failed (RuntimeError: operation not permitted when stream is "
+                               "capturing)")
 
     monkeypatch.setattr(sampler_module, "CapturedCall", FailingCapture)
     sampler = LCMSampler(pipe, horizon=2, resolution=32)
@@ -108,3 +214,31 @@ def test_trainer_sampling_through_cuda_graphs_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(got.states, want.states, atol=1e-3, rtol=0)
         torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-3, rtol=0)
     assert not torch.equal(graphed_first.states[:4], graphed_first.states[4:])  # two rounds, two trajectories
+
+
+CAPTURE_FAILURE_SCRIPT = """
+import torch
+from rlcm_fast.cuda_graphs import CaptureError, CapturedCall
+
+caller = torch.cuda.current_stream()
+call = CapturedCall(lambda x: x + x.sum().item(), torch.device("cuda"))  # .item() synchronises: no capture
+try:
+    call(torch.ones(4, device="cuda"))
+except CaptureError as error:
+    print("message:", error)
+print("restored:", torch.cuda.current_stream() == caller)
+print("runs after:", torch.ones(4, device="cuda").sum().item() == 4.0)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_failed_capture_on_a_gpu_restores_the_stream():
+    """In a child process: a failed capture may leave CUDA unusable for what runs after it in the process."""
+    env = {**os.environ, "PYTHONPATH": str(Path(rlcm_fast.__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(CAPTURE_FAILURE_SCRIPT)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    message = next((line for line in lines if line.startswith("message:")), result.stdout)
+    assert message.startswith("message: CUDA-graph capture failed ("), message
+    assert "restored: True" in lines and "runs after: True" in lines, result.stdout

@@ -19,8 +19,8 @@ def pipe():
 
 
 def pipeline_images(pipe, prompts, steps, seed, guidance=8.0):
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
-                output_type="pt").images
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -90,6 +90,19 @@ def test_fast_sampler_refuses_other_shapes(pipe):
         FastLCMSampler(pipe, batch_size=2, num_inference_steps=2, height=32, width=64)
 
 
+def test_fast_sampler_takes_latents_of_the_pipelines_dtype_and_refuses_others(pipe):
+    """Latents of another dtype would be captured as a second graph; diffusers' pipeline fails on them (its
+    guidance embedding takes their dtype), so the sampler refuses them."""
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
+    latents = torch.randn(fast.shape, generator=torch.Generator().manual_seed(2))
+    ours = fast(PROMPTS, generator=torch.Generator().manual_seed(9), latents=latents).images
+    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=8.0, latents=latents, output_type="pt",
+                  generator=torch.Generator().manual_seed(9)).images
+    assert (ours - theirs).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="latents of dtype torch.float64 given; this sampler samples torch.float32"):
+        fast(PROMPTS, latents=latents.double())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [True, False])
 def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
@@ -113,7 +126,12 @@ def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
 def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
     """The graph reads the weights at replay; under autocast its captured casts must be of the current
     weights, not of the warm-up's (autocast's cast cache is off during capture)."""
-    pipe = load_pipeline("tiny", "cuda", torch.float32)
+    pipe = load_pipeline("tiny", "cuda", torch.float32)  # fp32 weights, cast to bf16 by autocast below
+    # Autocast caches only the casts of fp32 leaf tensors that require grad (a trained LoRA's weights), and
+    # load_pipeline freezes every weight: without this the cache would never be used, on or off.
+    bias = pipe.unet.conv_out.bias
+    bias.requires_grad_(True)
+    assert bias.dtype == torch.float32 and bias.is_leaf
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, compile=False)
 
     def both(seed):
@@ -126,7 +144,7 @@ def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
 
     before, _ = both(0)
     with torch.no_grad():
-        pipe.unet.conv_out.bias.add_(0.5)  # an in-place update, as an optimizer step makes
+        bias.add_(0.5)  # an in-place update, as an optimizer step makes
     ours, theirs = both(0)
     assert (ours - theirs).abs().max().item() < 2e-2
     assert (ours - before).abs().max().item() > 0.05
