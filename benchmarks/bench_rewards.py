@@ -10,11 +10,17 @@ Aesthetic rows: the aesthetic reward (preprocessing, CLIP ViT-L/14 image tower, 
 images. Real weights cannot be downloaded on these machines, so the tower is ViT-L/14's exact
 architecture with random weights (same FLOPs; the score values are meaningless, the speed is not).
 
+Each JPEG row records its chroma subsampling: 4:2:0 for pillow, nvjpeg and torchvision on CPU images,
+4:4:4 for torchvision on CUDA images (torchvision's nvJPEG encoder fixes it), whose sizes are therefore
+larger and not comparable with the others'.
+
 With nvJPEG, `nvjpeg_vs_pillow` compares the two encoders' per-image sizes on the same images (largest
 relative difference, Spearman rank correlation).
 
-Rows that cannot run here (no GPU, no torchvision) are listed under "skipped" with the reason.
-Writes benchmarks/results/bench_rewards-<device>.json (or DIR/bench_rewards.json with --out-dir DIR).
+Rows that cannot run here (no GPU, no torchvision) or that fail (a backend that cannot start or
+encode, the agreement check) are listed under "skipped" with a one-line reason; the others still run.
+Writes benchmarks/results/bench_rewards-<device>.json (or DIR/bench_rewards.json with --out-dir DIR),
+again after every row with "complete": false, so a run cut short keeps what it measured.
 Usage: python benchmarks/bench_rewards.py [--quick] [--sizes 512,768] [--batches 8,32] [--no-aesthetic] [--out-dir DIR]
 """
 
@@ -73,7 +79,21 @@ def time_call(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, batches=BATCHES) -> list[dict]:
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line, for the "skipped" list."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def chroma_subsampling(backend: str, device: torch.device) -> str:
+    return "4:4:4" if backend == "torchvision" and device.type == "cuda" else "4:2:0"
+
+
+def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, batches=BATCHES,
+              rows: list | None = None, on_row=lambda: None) -> list[dict]:
+    """Appends one row per (size, batch, backend) to `rows` and calls `on_row` after each; a backend that
+    fails (to start, to encode) is recorded in `skipped` and the other rows still run."""
+    rows = [] if rows is None else rows
     threads_all = os.cpu_count() or 1
     backends = [("pillow", 1), ("pillow", threads_all)]
     try:
@@ -87,47 +107,66 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
         backends.append(("nvjpeg", 0))
     else:
         skipped.append({"row": "jpeg nvjpeg", "reason": reason})
-    rows = []
+    # One reward per backend for all rows: the encoders (nvJPEG states, thread pools) are meant to be reused.
+    rewards = {}
+    for backend, threads in backends:
+        try:
+            rewards[backend, threads] = JpegSizeReward(1.0, 95, threads, backend)
+        except RewardError as exc:
+            skipped.append({"row": f"jpeg {backend}", "reason": one_line(exc)})
     for size in sizes:
         for batch in batches:
             images = natural_images(batch, size).to(device)
-            for backend, threads in backends:
+            for (backend, threads), reward in rewards.items():
+                chroma = chroma_subsampling(backend, device)
+                label = f"jpeg {backend:11s} threads={threads or '-':>2} {size}px batch {batch:2d}"
                 try:
-                    reward = JpegSizeReward(1.0, 95, threads, backend)
-                except RewardError as exc:
-                    skipped.append({"row": f"jpeg {backend}", "reason": str(exc)})
+                    kb = reward(images, [""] * batch)
+                    times = time_call(lambda: reward(images, [""] * batch), device, repeats)
+                except Exception as exc:  # one backend's failure must not cost the other rows
+                    skipped.append({"row": f"jpeg {backend} threads={threads or '-'} {size}px batch {batch}",
+                                    "reason": one_line(exc)})
+                    print(f"{label}: failed ({one_line(exc)})", flush=True)
                     continue
-                sizes = reward(images, [""] * batch)
-                times = time_call(lambda: reward(images, [""] * batch), device, repeats)
                 median = statistics.median(times)
                 rows.append({
                     "backend": backend, "threads": threads or None, "resolution": size, "batch": batch,
-                    "images_on": str(device), "median_s": median, "min_s": min(times), "repeats": repeats,
-                    "images_per_s": batch / median, "mean_size_kb": float(sizes.mean()),
+                    "images_on": str(device), "chroma_subsampling": chroma, "median_s": median,
+                    "min_s": min(times), "repeats": repeats, "images_per_s": batch / median,
+                    "mean_size_kb": float(kb.mean()),
                 })
-                print(f"jpeg {backend:11s} threads={threads or '-':>2} {size}px batch {batch:2d}: "
-                      f"{median * 1e3:8.1f} ms  {batch / median:8.1f} img/s  mean {sizes.mean():.1f} kB", flush=True)
+                note = "  (4:4:4: sizes not comparable with pillow/nvjpeg)" if chroma == "4:4:4" else ""
+                print(f"{label}: {median * 1e3:8.1f} ms  {batch / median:8.1f} img/s  mean {kb.mean():.1f} kB{note}",
+                      flush=True)
+                on_row()
     return rows
 
 
-def nvjpeg_agreement(device: torch.device, sizes, batches) -> list[dict]:
+def nvjpeg_agreement(device: torch.device, sizes, batches, skipped: list, rows: list | None = None,
+                     on_row=lambda: None) -> list[dict]:
     """Per-image JPEG sizes from nvJPEG against Pillow's on the same natural-looking images: the largest
-    relative difference and the rank correlation (Spearman, no ties expected) over each set."""
-    rows = []
-    nvjpeg, pillow = JpegSizeReward(1.0, 95, 0, "nvjpeg"), JpegSizeReward(1.0, 95, 0, "pillow")
-    for size in sizes:
-        batch = max(batches)
-        images = natural_images(batch, size, seed=1).to(device)
-        gpu, cpu = nvjpeg(images, [""] * batch), pillow(images, [""] * batch)  # kB per image (numpy)
-        ranks = [v.argsort().argsort() for v in (gpu, cpu)]
-        rows.append({
-            "resolution": size, "images": batch, "mean_size_kb_nvjpeg": float(gpu.mean()),
-            "mean_size_kb_pillow": float(cpu.mean()),
-            "max_relative_difference": float((abs(gpu - cpu) / cpu).max()),
-            "spearman": float(np.corrcoef(*ranks)[0, 1]),
-        })
-        print(f"nvjpeg vs pillow {size}px x{batch}: max relative difference "
-              f"{rows[-1]['max_relative_difference']:.2%}, Spearman {rows[-1]['spearman']:.4f}", flush=True)
+    relative difference and the rank correlation (Spearman, no ties expected) over each set. A failure is
+    recorded in `skipped`."""
+    rows = [] if rows is None else rows
+    batch = max(batches)
+    try:
+        nvjpeg, pillow = JpegSizeReward(1.0, 95, 0, "nvjpeg"), JpegSizeReward(1.0, 95, 0, "pillow")
+        for size in sizes:
+            images = natural_images(batch, size, seed=1).to(device)
+            gpu, cpu = nvjpeg(images, [""] * batch), pillow(images, [""] * batch)  # kB per image (numpy)
+            ranks = [v.argsort().argsort() for v in (gpu, cpu)]
+            rows.append({
+                "resolution": size, "images": batch, "mean_size_kb_nvjpeg": float(gpu.mean()),
+                "mean_size_kb_pillow": float(cpu.mean()),
+                "max_relative_difference": float((abs(gpu - cpu) / cpu).max()),
+                "spearman": float(np.corrcoef(*ranks)[0, 1]),
+            })
+            print(f"nvjpeg vs pillow {size}px x{batch}: max relative difference "
+                  f"{rows[-1]['max_relative_difference']:.2%}, Spearman {rows[-1]['spearman']:.4f}", flush=True)
+            on_row()
+    except Exception as exc:  # the speed rows already measured stay valid
+        skipped.append({"row": "nvjpeg_vs_pillow", "reason": one_line(exc)})
+        print(f"nvjpeg vs pillow: failed ({one_line(exc)})", flush=True)
     return rows
 
 
@@ -147,12 +186,13 @@ def vit_l14_folder(folder: Path) -> Path:
     return folder
 
 
-def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int) -> list[dict]:
+def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int, rows: list | None = None,
+                   on_row=lambda: None) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from rlcm_fast.rewards import AestheticReward
 
-    rows = []
+    rows = [] if rows is None else rows
     with tempfile.TemporaryDirectory() as tmp:
         reward = AestheticReward(str(vit_l14_folder(Path(tmp))))
         with FlopCounterMode(display=False) as counter:
@@ -170,6 +210,7 @@ def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int)
             })
             print(f"aesthetic batch {batch:2d}: {median:8.3f} s  {batch / median:8.2f} img/s  "
                   f"({flops_per_image / 1e9:.1f} GFLOP/image)", flush=True)
+            on_row()
     return rows
 
 
@@ -198,21 +239,28 @@ def main() -> int:
         # Other work on the machine skews CPU figures; the load average says how much there was.
         "load_average_at_start": os.getloadavg(),
         "jpeg_quality": 95,
-        "jpeg": jpeg_rows(device, repeats, skipped, sizes, batches),
+        "jpeg": [],
+        "skipped": skipped,
     }
+
+    def save_partial():  # after every row: a run killed by a time limit keeps what it measured
+        write_result("bench_rewards", result, args.out_dir, complete=False)
+
+    jpeg_rows(device, repeats, skipped, sizes, batches, rows=result["jpeg"], on_row=save_partial)
     if cuda and nvjpeg_unavailable_reason() is None:
-        result["nvjpeg_vs_pillow"] = nvjpeg_agreement(device, sizes, batches)
+        result["nvjpeg_vs_pillow"] = []
+        nvjpeg_agreement(device, sizes, batches, skipped, rows=result["nvjpeg_vs_pillow"], on_row=save_partial)
     # On a CPU a ViT-L/14 forward takes seconds per image: batch 8 only, fewer repeats.
+    result["aesthetic"] = []
     if args.no_aesthetic:
-        result["aesthetic"] = []
         skipped.append({"row": "aesthetic", "reason": "--no-aesthetic"})
     else:
-        result["aesthetic"] = aesthetic_rows(device, BATCHES if cuda else (8,), repeats if cuda else 2)
         if not cuda:
             skipped.append({"row": "aesthetic batch 32", "reason": "CPU run: batch 8 only"})
+        aesthetic_rows(device, BATCHES if cuda else (8,), repeats if cuda else 2, rows=result["aesthetic"],
+                       on_row=save_partial)
     result["load_average_at_end"] = os.getloadavg()
-    result["skipped"] = skipped
-    print(f"wrote {write_result('bench_rewards', result, args.out_dir)}")
+    print(f"wrote {write_result('bench_rewards', result, args.out_dir, complete=True)}")
     return 0
 
 

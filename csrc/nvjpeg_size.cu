@@ -65,44 +65,16 @@ public:
         if (quality < 1 || quality > 100) {
             throw std::invalid_argument("quality must be in 1..100, got " + std::to_string(quality));
         }
-        library_ = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-        if (library_ == nullptr) {
-            throw std::runtime_error("cannot load " + library_path + ": " + dlerror());
+        // A constructor that throws gets no destructor call: release what was created so far by hand.
+        try {
+            open(library_path, quality);
+        } catch (...) {
+            release();
+            throw;
         }
-        driver_ = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-        if (driver_ == nullptr) {
-            throw std::runtime_error(std::string("cannot load the CUDA driver libcuda.so.1: ") + dlerror());
-        }
-        void* sync = dlsym(driver_, "cuStreamSynchronize");
-        if (sync == nullptr) {
-            throw std::runtime_error("libcuda.so.1 has no symbol cuStreamSynchronize");
-        }
-        stream_synchronize_ = reinterpret_cast<StreamSynchronize>(sync);
-        resolve(library_, "nvjpegCreateSimple", api_.create_simple);
-        resolve(library_, "nvjpegDestroy", api_.destroy);
-        resolve(library_, "nvjpegEncoderStateCreate", api_.state_create);
-        resolve(library_, "nvjpegEncoderStateDestroy", api_.state_destroy);
-        resolve(library_, "nvjpegEncoderParamsCreate", api_.params_create);
-        resolve(library_, "nvjpegEncoderParamsDestroy", api_.params_destroy);
-        resolve(library_, "nvjpegEncoderParamsSetQuality", api_.set_quality);
-        resolve(library_, "nvjpegEncoderParamsSetSamplingFactors", api_.set_sampling);
-        resolve(library_, "nvjpegEncoderParamsSetOptimizedHuffman", api_.set_optimized_huffman);
-        resolve(library_, "nvjpegEncodeImage", api_.encode_image);
-        resolve(library_, "nvjpegEncodeRetrieveBitstream", api_.retrieve_bitstream);
-
-        check(api_.create_simple(&handle_), "nvjpegCreateSimple");
-        check(api_.params_create(handle_, &params_, nullptr), "nvjpegEncoderParamsCreate");
-        check(api_.set_quality(params_, quality, nullptr), "nvjpegEncoderParamsSetQuality");
-        check(api_.set_sampling(params_, NVJPEG_CSS_420, nullptr), "nvjpegEncoderParamsSetSamplingFactors");
-        check(api_.set_optimized_huffman(params_, 0, nullptr), "nvjpegEncoderParamsSetOptimizedHuffman");
     }
 
-    ~SizeEncoder() {
-        for (nvjpegEncoderState_t state : states_) api_.state_destroy(state);
-        if (params_ != nullptr) api_.params_destroy(params_);
-        if (handle_ != nullptr) api_.destroy(handle_);
-        // The libraries stay loaded: nvJPEG may have registered process-lifetime state.
-    }
+    ~SizeEncoder() { release(); }
 
     SizeEncoder(const SizeEncoder&) = delete;
     SizeEncoder& operator=(const SizeEncoder&) = delete;
@@ -146,6 +118,50 @@ public:
     }
 
 private:
+    void open(const std::string& library_path, int quality) {
+        library_ = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (library_ == nullptr) {
+            throw std::runtime_error("cannot load " + library_path + ": " + dlerror());
+        }
+        driver_ = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (driver_ == nullptr) {
+            throw std::runtime_error(std::string("cannot load the CUDA driver libcuda.so.1: ") + dlerror());
+        }
+        void* sync = dlsym(driver_, "cuStreamSynchronize");
+        if (sync == nullptr) {
+            throw std::runtime_error("libcuda.so.1 has no symbol cuStreamSynchronize");
+        }
+        stream_synchronize_ = reinterpret_cast<StreamSynchronize>(sync);
+        resolve(library_, "nvjpegCreateSimple", api_.create_simple);
+        resolve(library_, "nvjpegDestroy", api_.destroy);
+        resolve(library_, "nvjpegEncoderStateCreate", api_.state_create);
+        resolve(library_, "nvjpegEncoderStateDestroy", api_.state_destroy);
+        resolve(library_, "nvjpegEncoderParamsCreate", api_.params_create);
+        resolve(library_, "nvjpegEncoderParamsDestroy", api_.params_destroy);
+        resolve(library_, "nvjpegEncoderParamsSetQuality", api_.set_quality);
+        resolve(library_, "nvjpegEncoderParamsSetSamplingFactors", api_.set_sampling);
+        resolve(library_, "nvjpegEncoderParamsSetOptimizedHuffman", api_.set_optimized_huffman);
+        resolve(library_, "nvjpegEncodeImage", api_.encode_image);
+        resolve(library_, "nvjpegEncodeRetrieveBitstream", api_.retrieve_bitstream);
+
+        check(api_.create_simple(&handle_), "nvjpegCreateSimple");
+        check(api_.params_create(handle_, &params_, nullptr), "nvjpegEncoderParamsCreate");
+        check(api_.set_quality(params_, quality, nullptr), "nvjpegEncoderParamsSetQuality");
+        check(api_.set_sampling(params_, NVJPEG_CSS_420, nullptr), "nvjpegEncoderParamsSetSamplingFactors");
+        check(api_.set_optimized_huffman(params_, 0, nullptr), "nvjpegEncoderParamsSetOptimizedHuffman");
+    }
+
+    // Destroys the nvJPEG objects created so far (any of them may be null). The libraries stay loaded:
+    // nvJPEG may have registered process-lifetime state.
+    void release() {
+        for (nvjpegEncoderState_t state : states_) api_.state_destroy(state);
+        states_.clear();
+        if (params_ != nullptr) api_.params_destroy(params_);
+        params_ = nullptr;
+        if (handle_ != nullptr) api_.destroy(handle_);
+        handle_ = nullptr;
+    }
+
     void* library_ = nullptr;
     void* driver_ = nullptr;
     NvjpegApi api_{};

@@ -112,16 +112,30 @@ def test_libnvjpeg_is_found_in_the_wheel_layouts_or_the_override(tmp_path, monke
     import types
 
     monkeypatch.delenv("RLCM_FAST_LIBNVJPEG", raising=False)
-    for layout in ("cu13/lib/libnvjpeg.so.13", "nvjpeg/lib/libnvjpeg.so.12"):
+    monkeypatch.setitem(__import__("sys").modules, "nvidia", types.SimpleNamespace(__path__=[str(tmp_path)]))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    layouts = ("cu13/lib/libnvjpeg.so.13", "nvjpeg/lib/libnvjpeg.so.12")  # nvidia-nvjpeg 13.x, nvidia-nvjpeg-cu12
+    for layout in layouts:
         root = tmp_path / layout.split("/")[0]
         library = tmp_path / layout
         library.parent.mkdir(parents=True)
         library.write_bytes(b"")
-        monkeypatch.setitem(__import__("sys").modules, "nvidia", types.SimpleNamespace(__path__=[str(tmp_path)]))
         assert find_libnvjpeg() == str(library)
         library.unlink()
         library.parent.rmdir()
         root.rmdir()
     assert find_libnvjpeg() == "libnvjpeg.so"  # nothing in the wheel: the system loader's search
+
+    # Both wheels installed: the library of torch's CUDA major wins, whichever sorts first.
+    for layout in layouts:
+        (tmp_path / layout).parent.mkdir(parents=True)
+        (tmp_path / layout).write_bytes(b"")
+    assert find_libnvjpeg() == str(tmp_path / "cu13/lib/libnvjpeg.so.13")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert find_libnvjpeg() == str(tmp_path / "nvjpeg/lib/libnvjpeg.so.12")
+    for no_match in (None, "11.8"):  # a CPU torch, or no library of torch's major: the first one found
+        monkeypatch.setattr(torch.version, "cuda", no_match)
+        assert find_libnvjpeg() == str(tmp_path / "nvjpeg/lib/libnvjpeg.so.12")
+
     monkeypatch.setenv("RLCM_FAST_LIBNVJPEG", "/opt/nvjpeg/libnvjpeg.so.13")
     assert find_libnvjpeg() == "/opt/nvjpeg/libnvjpeg.so.13"

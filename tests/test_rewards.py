@@ -231,6 +231,25 @@ def test_torchvision_backend_sizes_track_pillow():
     assert (np.abs(tv - pil) / pil).max() < 0.03
 
 
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is None or not torch.cuda.is_available(),
+                    reason="needs torchvision and a CUDA GPU")
+def test_torchvision_backend_on_cuda_reads_finished_pixels_and_encodes_4_4_4():
+    """torchvision's CUDA encoder runs on a stream of its own that does not wait for the caller's; the
+    backend must still read the rounded pixels only once they are written. Its 4:4:4 chroma makes its
+    sizes larger than Pillow's 4:2:0 ones."""
+    images = natural_looking_images(8, size=256, seed=7).cuda()
+    reward = make_reward("jpeg_incompressibility", jpeg_backend="torchvision")
+    settled = reward(images, [""] * 8)
+    # The caching allocator hands the freed uint8 block back: fill it with zeros, then keep the current
+    # stream busy, so an encoder that does not wait would see zeros instead of the rounded images.
+    torch.zeros((8, 3, 256, 256), dtype=torch.uint8, device="cuda")
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy / 64
+    np.testing.assert_array_equal(reward(images, [""] * 8), settled)
+    assert (settled > make_reward("jpeg_incompressibility", jpeg_backend="pillow")(images, [""] * 8)).all()
+
 def test_auto_jpeg_backend_falls_back_to_pillow_when_nvjpeg_fails_to_start(monkeypatch):
     """The extension may be built where libnvjpeg cannot load; `auto` must then warn and use Pillow for
     CUDA images instead of failing the run. (No GPU needed: nvJPEG's start is made to fail.)"""

@@ -2,17 +2,22 @@
 
 All backends take the same N x 3 x H x W float tensor in [0, 1], round it to uint8 as
 (x * 255).round().clamp(0, 255) on the tensor's own device, and return the size in kB (bytes / 1000)
-at quality `quality` with 4:2:0 chroma subsampling and standard Huffman tables (Pillow's defaults):
+at quality `quality`:
 
 - pillow: libjpeg-turbo on the CPU, one image per pool thread (Pillow releases the GIL while encoding).
   CUDA images are rounded to uint8 on the GPU first, so only a quarter of the bytes cross to the host.
+  4:2:0 chroma subsampling and standard Huffman tables (Pillow's defaults).
 - nvjpeg: the package's native extension rlcm_fast._nvjpeg (csrc/nvjpeg_size.cu), pixels stay on the
   GPU and only byte counts come back. libnvjpeg is loaded at run time from the `nvidia-nvjpeg` wheel.
-- torchvision: torchvision.io.encode_jpeg (CPU, or nvJPEG inside torchvision for CUDA tensors).
+  Set to Pillow's settings (4:2:0, standard Huffman tables), so its sizes track the pillow backend's.
+- torchvision: torchvision.io.encode_jpeg. CPU images: libjpeg with its defaults (jpeg_set_defaults,
+  which is 4:2:0 for RGB input), like Pillow. CUDA images: torchvision's own nvJPEG encoder, which always
+  encodes 4:4:4 (full-resolution chroma), so its sizes are larger than, and not comparable with, the
+  pillow and nvjpeg backends' on the same images.
 - auto: nvjpeg for CUDA images when it is available (else pillow), pillow for CPU images.
 
 Different encoders give slightly different byte counts for the same pixels; compare runs only within
-one backend.
+one backend (and, for torchvision, one device type).
 """
 
 from __future__ import annotations
@@ -82,13 +87,29 @@ class TorchvisionJpeg:
         self.quality = quality
 
     def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
-        encoded = self.encode_jpeg(list(to_uint8(images)), quality=self.quality)
+        pixels = to_uint8(images)
+        if pixels.is_cuda:
+            # torchvision encodes CUDA tensors on a stream of its own that does not wait for ours: without
+            # this, it could read `pixels` before the rounding kernel queued on our stream has written them.
+            torch.cuda.current_stream(pixels.device).synchronize()
+        encoded = self.encode_jpeg(list(pixels), quality=self.quality)
         return np.array([data.numel() / 1000.0 for data in encoded], dtype=np.float64)
+
+
+def libnvjpeg_major(path: str) -> int | None:
+    """The major version in a libnvjpeg file name ("libnvjpeg.so.13" -> 13), None when there is none."""
+    suffix = Path(path).name.partition(".so.")[2]
+    major = suffix.split(".")[0]
+    return int(major) if major.isdigit() else None
 
 
 def find_libnvjpeg() -> str:
     """Path of libnvjpeg: $RLCM_FAST_LIBNVJPEG, else the nvidia-nvjpeg wheel (cu13 or cu12 layout), else the
-    bare soname for the system loader."""
+    bare soname for the system loader.
+
+    With several wheels installed (say nvidia-nvjpeg-cu12 beside nvidia-nvjpeg 13.x), the library of
+    torch's CUDA major version wins: the driver is known to serve that major, while another major's
+    library may need a newer driver."""
     override = os.environ.get("RLCM_FAST_LIBNVJPEG")
     if override:
         return override
@@ -96,9 +117,15 @@ def find_libnvjpeg() -> str:
         import nvidia  # the namespace package of NVIDIA's pip wheels
     except ImportError:
         return "libnvjpeg.so"
-    for root in getattr(nvidia, "__path__", []):
-        # nvidia-nvjpeg 13.x: nvidia/cu13/lib; nvidia-nvjpeg-cu12: nvidia/nvjpeg/lib
-        found = sorted(glob.glob(str(Path(root, "*", "lib", "libnvjpeg.so.*"))), reverse=True)
+    # nvidia-nvjpeg 13.x: nvidia/cu13/lib; nvidia-nvjpeg-cu12: nvidia/nvjpeg/lib
+    found_per_root = [sorted(glob.glob(str(Path(root, "*", "lib", "libnvjpeg.so.*"))), reverse=True)
+                      for root in getattr(nvidia, "__path__", [])]
+    torch_cuda_major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+    for found in found_per_root:
+        for path in found:
+            if libnvjpeg_major(path) == torch_cuda_major:
+                return path
+    for found in found_per_root:  # no library of torch's major (or a CPU torch): the first one found
         if found:
             return found[0]
     return "libnvjpeg.so"
@@ -123,7 +150,8 @@ class NvJpeg:
     def __init__(self, quality: int):
         reason = nvjpeg_unavailable_reason()
         if reason:
-            raise RewardError(f"jpeg_backend 'nvjpeg' cannot run: {reason}; use jpeg_backend auto, torchvision or pillow")
+            raise RewardError(f"jpeg_backend 'nvjpeg' cannot run: {reason}; "
+                              "use jpeg_backend auto, torchvision or pillow")
         self.quality = quality
         self.library = find_libnvjpeg()
         self.encoders: dict[int, object] = {}
