@@ -132,8 +132,10 @@ def test_clipscore_and_pickscore_equal_their_definitions(tiny_clip):
 def test_cuda_bf16_towers_agree_with_the_cpu_fp32_scores(tiny_clip):
     images = uint8_exact_images(4, 96, 128, seed=5)
     prompts = ["a cat", "a dog", "an owl", "a fox"]
+    # pickscore too: clipscore clamps negative cosines to 0, and the random tiny CLIP gives mostly negative ones.
     for name, options in [("aesthetic", {"aesthetic_model": str(tiny_clip)}),
-                          ("clipscore", {"clipscore_model": str(tiny_clip)})]:
+                          ("clipscore", {"clipscore_model": str(tiny_clip)}),
+                          ("pickscore", {"pickscore_model": str(tiny_clip), "pickscore_processor": str(tiny_clip)})]:
         reward = make_reward(name, **options)
         cpu = torch.as_tensor(reward(images, prompts)).float()
         gpu = torch.as_tensor(make_reward(name, **options)(images.cuda(), prompts)).float()

@@ -212,6 +212,9 @@ class ClipSimilarityReward(_OnDevice):
         self.settings = ClipImageSettings.from_pretrained(source)
         self.mode = mode
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        # Read now, in the checkpoint's float32: on CUDA the towers (logit_scale with them) become bf16,
+        # whose 8-bit mantissa would move PickScore's scale exp(4.6052) = 100 to exp(4.5938) = 98.9.
+        self.logit_scale = float(self.model.logit_scale.float().exp())
 
     @torch.no_grad()
     def similarities(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -233,7 +236,7 @@ class ClipSimilarityReward(_OnDevice):
                          for i in range(0, len(prompts), self.batch_size)])
         if self.mode == "clipscore":
             return (CLIPSCORE_WEIGHT * cos.clamp(min=0)).cpu()
-        return (self.model.logit_scale.float().exp() * cos).cpu()
+        return (self.logit_scale * cos).cpu()
 
 
 def clip_score(model_id: str = DEFAULT_CLIPSCORE_MODEL) -> ClipSimilarityReward:
