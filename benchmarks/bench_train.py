@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.policy_step import select_backend  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 # Each optimisation, off on its own (the config switches of rlcm_fast/config.py).
@@ -160,6 +161,16 @@ def unet_flops(trainer: Trainer) -> dict:
     return {"sampling_per_trajectory": per_trajectory, "training_per_row": per_row}
 
 
+def policy_step_backend(cfg, device: torch.device) -> str | None:
+    """The LCM step's backend in this row: what "auto" resolves to here (on CUDA, "reference" would mean
+    that Triton or rlcm_fast.kernels did not import). None for DDPO, whose DDIM step is plain PyTorch."""
+    if cfg.method == "ddpo":
+        return None
+    if cfg.policy_step_backend != "auto":
+        return cfg.policy_step_backend
+    return select_backend(torch.zeros(1, device=device))
+
+
 def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path) -> dict:
     cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
     trainer = Trainer(cfg, run_dir)
@@ -203,6 +214,7 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "trained_steps": trainer.sampler.trained_steps, "samples_per_epoch": samples_per_epoch,
         "sample_batch_size": cfg.sample_batch_size, "train_batch_size": cfg.train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": cfg.mixed_precision,
+        "policy_step_backend": policy_step_backend(cfg, device),
         "unet_flops": flops, "unet_flops_per_epoch": epoch_flops,
         "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,

@@ -19,6 +19,24 @@ import time
 FAILURE_GRACE_SECONDS = 60.0
 
 
+def forget_other_accelerator_state(cpu: bool, mixed_precision: str) -> None:
+    """Let one process build Trainers of different devices or precisions in turn (benchmarks, tests).
+
+    accelerate keeps one device and mixed precision per process (AcceleratorState is shared by every
+    Accelerator): after a CPU run, a CUDA bf16 Accelerator raises, and a CUDA one of the same precision
+    silently stays on the CPU. When the earlier state differs, forget it (through accelerate's private
+    reset, the one its own tests use). Only in a single process: under several, the state belongs to
+    the process group, and every Trainer there is built the same way."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not AcceleratorState._shared_state or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    earlier = AcceleratorState()
+    if (earlier.device.type == "cpu") != cpu or earlier.mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def without_option(argv: list[str], option: str) -> list[str]:
     """argv without `option VALUE` / `option=VALUE`."""
     out, skip = [], False

@@ -38,6 +38,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .ddpo import DDPOSampler
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
+from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora
 from .minibatches import minibatch_plan
 from .models import load_pipeline
@@ -87,6 +88,7 @@ class Trainer:
             raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
                               "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
                               "or compile_unet=false")
+        forget_other_accelerator_state(use_cpu, precision)
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process

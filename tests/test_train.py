@@ -236,3 +236,26 @@ def test_fp16_loss_scale_overflows_skip_steps_without_stopping_the_run(tmp_path,
     state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
     assert state["nonfinite"] == {"total": 3, "in_a_row": 0}
     assert state["grad_scaler"]["scale"] == 2.0 ** 13  # halved thrice, then doubled after the finite step
+
+
+def test_one_process_builds_trainers_of_other_precisions_in_turn(tmp_path, monkeypatch):
+    """accelerate keeps one device and precision per process; a benchmark or test that builds a CPU fp32
+    Trainer and then a bf16 one (or a CUDA one) must get the second's, not an error or the first's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from rlcm_fast.launch import forget_other_accelerator_state
+
+    overrides = {"device": "cpu", "epochs": 1, "grid_every": 0}
+    assert Trainer(resolve_config(overrides=overrides), tmp_path / "fp32").accelerator.mixed_precision == "no"
+    bf16 = Trainer(resolve_config(overrides={**overrides, "mixed_precision": "bf16"}), tmp_path / "bf16")
+    assert bf16.accelerator.mixed_precision == "bf16" and bf16.device.type == "cpu"
+    # Under several processes the state is the process group's, never forgotten.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    forget_other_accelerator_state(cpu=True, mixed_precision="no")
+    try:
+        with pytest.raises(ValueError, match="already been initialized"):
+            Accelerator(cpu=True, mixed_precision="no")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
