@@ -81,16 +81,19 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
                [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
-def test_first_inner_epoch_recomputes_the_stored_log_probs(tmp_path):
+# bf16: the GPU's default precision, here through the same accelerate autocast wrapper on the CPU's bf16.
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_first_inner_epoch_recomputes_the_stored_log_probs(tmp_path, precision):
     cfg = resolve_config(overrides={"device": "cpu", "batches_per_epoch": 1, "sample_batch_size": 8,
-                                    "train_batch_size": 8})
+                                    "train_batch_size": 8, "mixed_precision": precision})
     trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.pipe.unet.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     samples = trainer.sample_epoch(0)
     n, steps = samples.log_probs.shape
     pairs = torch.randperm(n * steps, generator=torch.Generator().manual_seed(0))
     sample_idx, step_idx = pairs // steps, pairs % steps
     embeds = trainer.sampler.prompt_embeddings(samples.prompts)[sample_idx]
-    with torch.no_grad():
+    with torch.no_grad(), trainer.autocast():
         log_probs, kl = trainer.pair_log_probs(samples.states, sample_idx, step_idx, embeds)
     assert kl is None  # kl_beta = 0: no base-model forward
     ratio = torch.exp(log_probs - samples.log_probs[sample_idx, step_idx])
