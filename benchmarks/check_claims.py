@@ -50,7 +50,7 @@ GPU_TEST_FILES = ["test_triton_step.py", "test_fast_sampler.py", "test_cuda_grap
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # The longest any one stage may run, so that one slow stage cannot take the others' time. Guesses for
 # an H100/H200 (no stage has been timed on one yet); the sampler compiles the 860M-parameter UNet.
-STAGE_CAP_S = {"step": 120, "rewards": 60, "train": 180, "sampler": 300, "tests": 300}
+STAGE_CAP_S = {"step": 120, "rewards": 90, "train": 180, "sampler": 300, "tests": 300}
 DEFAULT_STAGES = "step,rewards,train,sampler,tests"
 DEFAULT_TRAIN_ROWS = "fast,straightforward,ddpo"
 # bench_train rows that are the fast path: the defaults, and the opt-in compiled UNet / graphed sampling.
@@ -61,7 +61,9 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
     py, out = sys.executable, ["--out-dir", str(out_dir)]
     return {
         "step": [py, str(HERE / "bench_step.py"), *out],
-        "rewards": [py, str(HERE / "bench_rewards.py"), "--no-aesthetic", *out],
+        # The claims' rows (768 px, batch 32) first, in case the stage is cut short.
+        "rewards": [py, str(HERE / "bench_rewards.py"), "--no-aesthetic", "--sizes", "768,512", "--batches", "32,8",
+                    *out],
         "train": [py, str(HERE / "bench_train.py"), "--rows", train_rows, "--epochs", "1", "--ddpo-batches", "1",
                   "--no-curves", *out],
         "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
