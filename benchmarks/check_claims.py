@@ -323,7 +323,8 @@ def markdown(report: dict) -> str:
                          + (f" ({stage['summary']})" if stage.get("summary") else ""))
         else:
             lines.append(f"- stage {stage['stage']}: not run ({stage['reason']})")
-    lines += ["", "| issue | claim | threshold | measured | status | how |", "|---|---|---|---|---|---|"]
+    lines += ([""] if report["stages"] else []) + ["| issue | claim | threshold | measured | status | how |",
+                                                   "|---|---|---|---|---|---|"]
     for c in report["claims"]:
         value = "-" if c["measured"] is None else f"{c['measured']:.4g}"
         lines.append(f"| {c['issue']} | {c['claim']} | {c['threshold']} | {value} | {c['status']} | {c['detail']} |")
