@@ -11,8 +11,9 @@ triton.testing.do_bench (median, L2 flushed before every call, kernels launched 
 training) and `graph_time_us` from replays of a CUDA graph (no launch overhead, but L2 warm: at B <= 16
 the operands stay in L2, so graph GB/s can exceed the HBM copy rate). Bandwidth counts the bytes the
 step must move (every input read once, every output written once), as a fraction of this device's
-measured device-to-device copy bandwidth. The JSON is rewritten after every measured (dtype, B) group,
-so a run cut short keeps what it measured ("complete": false).
+measured device-to-device copy bandwidth. Eager and Triton are measured at every size first, then
+torch.compile (one compile per size, dtype and pass; no claim reads it). The JSON is rewritten after
+every measured (dtype, B) group, so a run cut short keeps what it measured ("complete": false).
 
 Usage: python benchmarks/bench_step.py [--batches 512,16,8,2] [--out-dir DIR]
 (needs CUDA; elsewhere it says so and exits 0). Writes benchmarks/results/bench_step-<device>.json, or
@@ -143,34 +144,38 @@ def main() -> int:
     )
     print(f"{report['device']}: device-to-device copy {copy_gbps:.0f} GB/s")
     print(f"{'pass':<17} {'dtype':<5} {'B':>3} {'variant':<8} {'us':>8} {'GB/s':>7} {'copy%':>6} {'graph us':>9}")
-    for dtype_name, dtype in DTYPES.items():
-        for batch in args.batches:
-            inputs = make_inputs(policy_step_reference, batch, dtype)
-            reference_logp = policy_step_reference(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
-            for step_pass in PASSES:
-                moved = bytes_moved(step_pass, batch, dtype)
-                for variant, step_fn in variants.items():
-                    fn = step_call(step_fn, step_pass, inputs)
-                    us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
-                    graph_us = graph_time_us(fn, do_bench_cudagraph)
-                    gbps = moved / (us * 1e-6) / 1e9
-                    logp = step_fn(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
-                    report["results"].append(
-                        dict(
-                            variant=variant, step_pass=step_pass, dtype=dtype_name, batch=batch,
-                            time_us=us, bytes=moved, gbps=gbps, fraction_of_copy_bandwidth=gbps / copy_gbps,
-                            graph_time_us=graph_us,
-                            graph_gbps=moved / (graph_us * 1e-6) / 1e9 if isinstance(graph_us, float) else None,
-                            max_abs_logp_diff_vs_eager=(logp.float() - reference_logp.float()).abs().max().item(),
+    # torch.compile's variant last: it compiles once per (dtype, batch, pass), and no claim reads it.
+    for variant_names in (("eager", "triton"), ("compile",)):
+        for dtype_name, dtype in DTYPES.items():
+            for batch in args.batches:
+                inputs = make_inputs(policy_step_reference, batch, dtype)
+                reference_logp = policy_step_reference(*inputs[:2], inputs[4], PREDICTION_TYPE,
+                                                       next_state=inputs[3])[2]
+                for step_pass in PASSES:
+                    moved = bytes_moved(step_pass, batch, dtype)
+                    for variant in variant_names:
+                        step_fn = variants[variant]
+                        fn = step_call(step_fn, step_pass, inputs)
+                        us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+                        graph_us = graph_time_us(fn, do_bench_cudagraph)
+                        gbps = moved / (us * 1e-6) / 1e9
+                        logp = step_fn(*inputs[:2], inputs[4], PREDICTION_TYPE, next_state=inputs[3])[2]
+                        report["results"].append(
+                            dict(
+                                variant=variant, step_pass=step_pass, dtype=dtype_name, batch=batch,
+                                time_us=us, bytes=moved, gbps=gbps, fraction_of_copy_bandwidth=gbps / copy_gbps,
+                                graph_time_us=graph_us,
+                                graph_gbps=moved / (graph_us * 1e-6) / 1e9 if isinstance(graph_us, float) else None,
+                                max_abs_logp_diff_vs_eager=(logp.float() - reference_logp.float()).abs().max().item(),
+                            )
                         )
-                    )
-                    graph_text = f"{graph_us:9.1f}" if isinstance(graph_us, float) else "   failed"
-                    print(
-                        f"{step_pass:<17} {dtype_name:<5} {batch:>3} {variant:<8} {us:8.1f} {gbps:7.0f} "
-                        f"{100 * gbps / copy_gbps:5.1f}% {graph_text}", flush=True
-                    )
-            del inputs, reference_logp
-            write_result("bench_step", report, args.out_dir, complete=False)
+                        graph_text = f"{graph_us:9.1f}" if isinstance(graph_us, float) else "   failed"
+                        print(
+                            f"{step_pass:<17} {dtype_name:<5} {batch:>3} {variant:<8} {us:8.1f} {gbps:7.0f} "
+                            f"{100 * gbps / copy_gbps:5.1f}% {graph_text}", flush=True
+                        )
+                del inputs, reference_logp
+                write_result("bench_step", report, args.out_dir, complete=False)
     print(f"wrote {write_result('bench_step', report, args.out_dir)}")
     return 0
 

@@ -1,7 +1,7 @@
 """Check the package's GPU claims on this machine, within a time budget: run the benchmarks that measure
 them and the GPU tests, then judge each claim against its threshold.
 
-    python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,train,sampler,tests]
+    python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,sampler,train,tests]
                                       [--train-rows fast,straightforward,ddpo] [--out-dir DIR]
     python benchmarks/check_claims.py --evaluate-only --out-dir DIR     (judge the JSON already in DIR)
 
@@ -21,9 +21,9 @@ with its compiled rlcm_fast._C and rlcm_fast._nvjpeg; claims.json records which 
 Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16):
   step     bench_step.py: fused step vs eager and torch.compile, fraction of copy bandwidth
   rewards  bench_rewards.py, JPEG rows only: nvJPEG vs Pillow speed, and their sizes' agreement
+  sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
            epoch (its per-sample step time, not the paper's epoch)
-  sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), nvJPEG, CLIP rewards
 """
 
@@ -50,8 +50,8 @@ GPU_TEST_FILES = ["test_triton_step.py", "test_fast_sampler.py", "test_cuda_grap
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # The longest any one stage may run, so that one slow stage cannot take the others' time. Guesses for
 # an H100/H200 (no stage has been timed on one yet); the sampler compiles the 860M-parameter UNet.
-STAGE_CAP_S = {"step": 120, "rewards": 90, "train": 180, "sampler": 300, "tests": 300}
-DEFAULT_STAGES = "step,rewards,train,sampler,tests"
+STAGE_CAP_S = {"step": 90, "rewards": 90, "sampler": 240, "train": 180, "tests": 300}
+DEFAULT_STAGES = "step,rewards,sampler,train,tests"
 DEFAULT_TRAIN_ROWS = "fast,straightforward,ddpo"
 # bench_train rows that are the fast path: the defaults, and the opt-in compiled UNet / graphed sampling.
 FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph")
@@ -64,9 +64,9 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
         # The claims' rows (768 px, batch 32) first, in case the stage is cut short.
         "rewards": [py, str(HERE / "bench_rewards.py"), "--no-aesthetic", "--sizes", "768,512", "--batches", "32,8",
                     *out],
+        "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
         "train": [py, str(HERE / "bench_train.py"), "--rows", train_rows, "--epochs", "1", "--ddpo-batches", "1",
                   "--no-curves", *out],
-        "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
         # Run from tests/: `python -m pytest` puts its working directory first on sys.path, and from the
         # repository root that would be the source tree's rlcm_fast, without the compiled extensions.
         "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES],

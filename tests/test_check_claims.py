@@ -139,7 +139,7 @@ def test_without_cuda_no_stage_runs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, train, sampler, tests"),
+    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, sampler, train, tests"),
     (["--train-rows", "fast,turbo"], "--train-rows turbo unknown; allowed: fast, reference_step,"),
     (["--budget-s", "0"], "--budget-s 0 is invalid: it must be > 0"),
 ])
