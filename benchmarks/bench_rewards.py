@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
+from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.rewards import JpegSizeReward, RewardError  # noqa: E402
 from rlcm_fast.rewards.jpeg import nvjpeg_unavailable_reason  # noqa: E402
 
@@ -79,12 +80,6 @@ def time_call(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line, for the "skipped" list."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def chroma_subsampling(backend: str, device: torch.device) -> str:
     return "4:4:4" if backend == "torchvision" and device.type == "cuda" else "4:2:0"
 
@@ -113,7 +108,7 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
         try:
             rewards[backend, threads] = JpegSizeReward(1.0, 95, threads, backend)
         except RewardError as exc:
-            skipped.append({"row": f"jpeg {backend}", "reason": one_line(exc)})
+            skipped.append({"row": f"jpeg {backend}", "reason": one_line(exc, limit=300)})
     for size in sizes:
         for batch in batches:
             images = natural_images(batch, size).to(device)
@@ -125,8 +120,8 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
                     times = time_call(lambda: reward(images, [""] * batch), device, repeats)
                 except Exception as exc:  # one backend's failure must not cost the other rows
                     skipped.append({"row": f"jpeg {backend} threads={threads or '-'} {size}px batch {batch}",
-                                    "reason": one_line(exc)})
-                    print(f"{label}: failed ({one_line(exc)})", flush=True)
+                                    "reason": one_line(exc, limit=300)})
+                    print(f"{label}: failed ({one_line(exc, limit=300)})", flush=True)
                     continue
                 median = statistics.median(times)
                 rows.append({
@@ -165,8 +160,8 @@ def nvjpeg_agreement(device: torch.device, sizes, batches, skipped: list, rows: 
                   f"{rows[-1]['max_relative_difference']:.2%}, Spearman {rows[-1]['spearman']:.4f}", flush=True)
             on_row()
     except Exception as exc:  # the speed rows already measured stay valid
-        skipped.append({"row": "nvjpeg_vs_pillow", "reason": one_line(exc)})
-        print(f"nvjpeg vs pillow: failed ({one_line(exc)})", flush=True)
+        skipped.append({"row": "nvjpeg_vs_pillow", "reason": one_line(exc, limit=300)})
+        print(f"nvjpeg vs pillow: failed ({one_line(exc, limit=300)})", flush=True)
     return rows
 
 

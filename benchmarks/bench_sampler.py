@@ -25,7 +25,6 @@ Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10] [--
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import environment, release_memory, write_result  # noqa: E402
 
 from rlcm_fast import FastLCMSampler  # noqa: E402
 from rlcm_fast.models import load_pipeline  # noqa: E402
@@ -126,14 +125,6 @@ def time_variant(name: str, pipe, unet, horizon: int, batch: int, resolution: in
         return seconds, fn().float()
     finally:
         pipe.unet = eager_unet
-
-
-def release_memory(device: torch.device) -> None:
-    """A FastLCMSampler and its CapturedCall form a reference cycle, which holds the graph's memory until
-    the cyclic collector runs: collect it before the next (H, batch) captures its own."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main() -> int:

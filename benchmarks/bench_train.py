@@ -34,7 +34,6 @@ Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import environment, release_memory, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
@@ -291,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in table.items():
             result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name))
             write_result("bench_train", result, args.out_dir, complete=False)  # a run cut short keeps its rows
-            # Give the row's cached GPU memory back, so the next row's peak starts from its own allocations.
-            gc.collect()
-            if gpu:
-                torch.cuda.empty_cache()
+            release_memory(device)
         if args.no_curves:
             result["skipped"].append({"part": "curves", "reason": "--no-curves"})
         else:

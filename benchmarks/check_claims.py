@@ -231,19 +231,23 @@ def sampler_pixel_difference(sampler: dict):
     return max(r["max_abs_pixel_diff_vs_diffusers_eager"] for r in rows), "largest over (H, batch), images in [0, 1]"
 
 
-def train_rows(train: dict) -> dict[str, dict]:
+def gpu_train_rows(train: dict) -> dict[str, dict]:
     return {r["variant"]: r for r in train.get("rows", [])} if train.get("mode") == "gpu-sd15" else {}
+
+
+def fast_path_rows(train: dict) -> list[dict]:
+    return [row for name, row in gpu_train_rows(train).items() if name in FAST_PATH_ROWS]
 
 
 def fastest_fast_path(train: dict) -> dict | None:
     """The quickest measured fast-path row: the defaults, or an opt-in switch of the fast path."""
-    rows = [row for name, row in train_rows(train).items() if name in FAST_PATH_ROWS]
+    rows = fast_path_rows(train)
     return min(rows, key=lambda r: r["epoch_s"]) if rows else None
 
 
 def train_ratio(slow: str, field: str, what: str):
     def measure(train: dict):
-        fast, other = fastest_fast_path(train), train_rows(train).get(slow)
+        fast, other = fastest_fast_path(train), gpu_train_rows(train).get(slow)
         if not (fast and other):
             return None
         return other[field] / fast[field], f"{what}; fast path: row {fast['variant']}"
@@ -253,7 +257,7 @@ def train_ratio(slow: str, field: str, what: str):
 def fast_path_peak_memory(train: dict):
     """The largest peak over the measured fast-path rows: memory reserved by PyTorch's allocator (what the
     GPU must hold; allocated memory is less), or allocated where an older run did not record it."""
-    rows = [row for name, row in train_rows(train).items() if name in FAST_PATH_ROWS]
+    rows = fast_path_rows(train)
     if not rows or any(r.get("peak_memory_gib") is None for r in rows):
         return None
     field = "peak_reserved_gib" if all(r.get("peak_reserved_gib") is not None for r in rows) else "peak_memory_gib"

@@ -4,6 +4,7 @@ benchmark is given --out-dir (run_all.py uses benchmarks/results/<device>/)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -81,6 +82,15 @@ def results_path(name: str, suffix: str = ".json", out_dir: str | Path | None = 
     if out_dir is not None:
         return Path(out_dir) / f"{name}{suffix}"
     return RESULTS_DIR / f"{name}-{device_slug()}{suffix}"
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last measured row left: collect reference cycles (a FastLCMSampler and its captured
+    graph form one), then give PyTorch's cached GPU memory back, so the next row's captures and peak
+    memory start from its own allocations."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def write_result(name: str, result: dict, out_dir: str | Path | None = None, complete: bool = True) -> Path:

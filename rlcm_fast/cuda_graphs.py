@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .faults import one_line
+
 WARMUP_CALLS = 2  # before a capture: the first call compiles and autotunes, the second runs as replays will
 
 
@@ -30,10 +32,6 @@ def without_cast_cache(device_type: str):
     if not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
 class CapturedCall:
@@ -96,7 +94,7 @@ class CapturedCall:
                 raise
             # Ending a failed capture raises a generic error; what failed it is the exception it ended on.
             cause = error.__context__
-            reasons = [_one_line(cause)] if isinstance(cause, Exception) else []
-            reasons.append(_one_line(error))
+            reasons = [one_line(cause, limit=300)] if isinstance(cause, Exception) else []
+            reasons.append(one_line(error, limit=300))
             raise CaptureError(f"CUDA-graph capture failed ({'; then '.join(reasons)})") from error
         return graph, static_inputs, static_outputs

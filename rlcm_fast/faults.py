@@ -14,6 +14,12 @@ import threading
 import torch
 
 
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception as one line for a message: its type, then its text with whitespace collapsed and cut
+    at `limit` characters (library errors often span many lines)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
 class TrainingFault(RuntimeError):
     """The run stopped on a fault it cannot go past (one line; the CLI exits 1)."""
 

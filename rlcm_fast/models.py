@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from rlcm_fast.faults import one_line
 from rlcm_fast.tiny_tokenizer import CLIP_MAX_TOKENS, build_clip_tokenizer
 
 MODEL_CHOICES = "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"
@@ -379,7 +380,7 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
             location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError, SafetensorError) as error:
-        raise ModelLoadError(f"model {model!r} could not be loaded ({_one_line(error)}): {choices}") from error
+        raise ModelLoadError(f"model {model!r} could not be loaded ({one_line(error)}): {choices}") from error
 
 
 def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
@@ -387,16 +388,11 @@ def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
         pipe.load_lora_weights(lcm_lora)
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
-            f"lcm_lora {lcm_lora!r} could not be loaded ({_one_line(error)}): "
+            f"lcm_lora {lcm_lora!r} could not be loaded ({one_line(error)}): "
             "expected a local LoRA folder or file, or a reachable hub id"
         ) from error
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
-
-
-def _one_line(error: Exception, limit: int = 400) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:limit]}"
 
 
 def latent_shape(pipe: LatentConsistencyModelPipeline, batch: int, resolution: int) -> tuple[int, int, int, int]:

@@ -118,17 +118,12 @@ def find_libnvjpeg() -> str:
     except ImportError:
         return "libnvjpeg.so"
     # nvidia-nvjpeg 13.x: nvidia/cu13/lib; nvidia-nvjpeg-cu12: nvidia/nvjpeg/lib
-    found_per_root = [sorted(glob.glob(str(Path(root, "*", "lib", "libnvjpeg.so.*"))), reverse=True)
-                      for root in getattr(nvidia, "__path__", [])]
+    found = [path for root in getattr(nvidia, "__path__", [])
+             for path in sorted(glob.glob(str(Path(root, "*", "lib", "libnvjpeg.so.*"))), reverse=True)]
     torch_cuda_major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
-    for found in found_per_root:
-        for path in found:
-            if libnvjpeg_major(path) == torch_cuda_major:
-                return path
-    for found in found_per_root:  # no library of torch's major (or a CPU torch): the first one found
-        if found:
-            return found[0]
-    return "libnvjpeg.so"
+    # No library of torch's major (or a CPU torch): the first one found.
+    return next((path for path in found if libnvjpeg_major(path) == torch_cuda_major),
+                found[0] if found else "libnvjpeg.so")
 
 
 def nvjpeg_unavailable_reason() -> str | None:
