@@ -316,7 +316,7 @@ def _deterministic_init(device: torch.device, dtype: torch.dtype):
     cast) and initialised from a fixed seed; the caller's RNG states and default dtype are restored."""
     on_accelerator = device.type not in ("cpu", "meta")
     forked_devices = [device] if on_accelerator else []
-    with torch.random.fork_rng(devices=forked_devices, device_type=device.type if on_accelerator else None):
+    with torch.random.fork_rng(devices=forked_devices, device_type=device.type if on_accelerator else "cpu"):
         torch.random.default_generator.manual_seed(_INIT_SEED)
         if on_accelerator:
             device_module = torch.get_device_module(device.type)

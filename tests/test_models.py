@@ -49,6 +49,25 @@ def test_tiny_build_is_deterministic_and_leaves_caller_rng_alone():
         assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights), name
 
 
+def test_deterministic_init_names_a_device_type_for_fork_rng(monkeypatch):
+    """torch 2.11's fork_rng calls torch.device(device_type) even with no devices to fork, so None raises
+    there (seen on an H200 image); 2.13 accepts it. The CPU build must pass a real device type."""
+    real_fork_rng = torch.random.fork_rng
+
+    def strict_fork_rng(devices=None, enabled=True, device_type="cuda", **kwargs):
+        torch.device(device_type)  # raises TypeError for None, as torch 2.11 does
+        return real_fork_rng(devices=devices, enabled=enabled, device_type=device_type, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", strict_fork_rng)
+    torch.manual_seed(7)
+    rng_before = torch.get_rng_state()
+    with models._deterministic_init(torch.device("cpu"), torch.float32):
+        drawn = torch.randn(3)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    with models._deterministic_init(torch.device("cpu"), torch.float32):
+        assert torch.equal(torch.randn(3), drawn)  # the fixed init seed, whatever the caller's
+
+
 def test_cached_tiny_loads_like_the_in_memory_build(cache_root):
     pipe = load_pipeline("tiny")
     (folder,) = [entry for entry in cache_root.iterdir()]  # no staging folders left behind
