@@ -19,7 +19,9 @@ warm-up and is not reported. Peak GPU memory is recorded as allocated and as res
 caching allocator (`peak_reserved_gib`, what the GPU must hold). MFU = UNet FLOPs of the epoch (counted
 with torch.utils.flop_counter on one trajectory's sampling and one trained row's forward+backward, times
 the epoch's counts; VAE, text encoder and reward excluded) / epoch seconds / the measured matmul rate of
-this device (bf16 on a GPU, fp32 on a CPU).
+this device (bf16 on a GPU, fp32 on a CPU). `unet_aten_ops` counts the ATen ops (views excluded) of the
+same two units, and `training_us_per_unet_aten_op` divides the training time by the ops its UNet
+forward+backward calls ran: a few microseconds per op says the host's launches set the pace.
 
 --quick is a smoke run: 2 samples per epoch, no warm-up epoch, DDPO with 4 steps.
 
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, release_memory, write_result  # noqa: E402
@@ -138,26 +141,44 @@ def matmul_rate(device: torch.device) -> dict:
     return {"flops_per_s": 2 * n**3 / best, "dtype": str(dtype).replace("torch.", ""), "size": n}
 
 
-def unet_flops(trainer: Trainer) -> dict:
-    """UNet FLOPs of sampling one trajectory and of one trained row's forward+backward (LoRA gradients)."""
+class AtenOpCounter(TorchDispatchMode):
+    """Counts the ATen ops that run, views excluded (they launch nothing). In eager PyTorch each of the
+    others is about one kernel launch from the host, so ops per UNet call times the host's cost per op
+    bounds how fast the GPU can be fed: the eager loop is host-bound when that beats the GPU time."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False):
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def unet_work(trainer: Trainer) -> tuple[dict, dict]:
+    """UNet FLOPs, and ATen ops, of sampling one trajectory and of one trained row's forward+backward (LoRA
+    gradients). Ops do not grow with the batch: a training minibatch's forward+backward runs as many as
+    one row's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sampler, prompt = trainer.sampler, trainer.prompt_set[0]
     sampler.prompt_embeddings([prompt, ""])  # text encoder outside the count
     generator = torch.Generator(device=trainer.device).manual_seed(0)
     with trainer.autocast():
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, AtenOpCounter() as sampling_ops:
             trajectory = sampler.sample(trainer.unet, [prompt], generator=generator, decode=False)
         per_trajectory = counter.get_total_flops()
         index = torch.zeros(1, dtype=torch.long, device=trainer.device)
         embeds = sampler.prompt_embeddings([prompt])
         states = trajectory.states.to(trainer.device)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, AtenOpCounter() as training_ops:
             log_probs = sampler.action_log_probs(trainer.unet, states, index, index, embeds)[0]
             log_probs.sum().backward()
         per_row = counter.get_total_flops()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return {"sampling_per_trajectory": per_trajectory, "training_per_row": per_row}
+    return ({"sampling_per_trajectory": per_trajectory, "training_per_row": per_row},
+            {"sampling_per_trajectory": sampling_ops.ops, "training_per_row": training_ops.ops})
 
 
 def policy_step_backend(cfg, device: torch.device) -> str | None:
@@ -176,7 +197,7 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
     device = trainer.device
     timed_reward = TimedReward(trainer.reward)
     trainer.reward = timed_reward
-    flops = unet_flops(trainer)
+    flops, aten_ops = unet_work(trainer)
     samples_per_epoch = cfg.samples_per_epoch
     trained_rows = samples_per_epoch * trainer.sampler.trained_steps * cfg.num_inner_epochs
     epoch_flops = samples_per_epoch * flops["sampling_per_trajectory"] + trained_rows * flops["training_per_row"]
@@ -214,7 +235,11 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "sample_batch_size": cfg.sample_batch_size, "train_batch_size": cfg.train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": cfg.mixed_precision,
         "policy_step_backend": policy_step_backend(cfg, device),
-        "unet_flops": flops, "unet_flops_per_epoch": epoch_flops,
+        "unet_flops": flops, "unet_flops_per_epoch": epoch_flops, "unet_aten_ops": aten_ops,
+        # Training time per ATen op the UNet's forward+backward runs, one run per minibatch (the optimizer
+        # and loss excluded from the count): some microseconds means the host, not the GPU, sets the pace.
+        "training_us_per_unet_aten_op": 1e6 * mean["training_s"] / (
+            trained_rows / cfg.train_batch_size * aten_ops["training_per_row"]),
         "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,
         "reward_mean_per_epoch": rewards,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import rlcm_fast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +35,10 @@ def test_run_all_quick_writes_json_readme_and_plots(tmp_path):
     for row in train["rows"]:
         assert row["epoch_s"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"] < 1
         assert row["sampling_s"] > 0 and row["training_s"] > 0 and row["unet_flops_per_epoch"] > 0
+        ops = row["unet_aten_ops"]  # a forward+backward runs more ops than one forward, fewer than H + 2 of them
+        assert 0 < ops["sampling_per_trajectory"] / row["steps"] < ops["training_per_row"]
+        assert ops["training_per_row"] < (row["steps"] + 2) * ops["sampling_per_trajectory"] / row["steps"]
+        assert row["training_us_per_unet_aten_op"] > 0
     ddpo = train["rows"][-1]
     assert ddpo["method"] == "ddpo" and ddpo["samples_per_epoch"] == train["rows"][0]["samples_per_epoch"]
     assert set(train["curves"]) == {"rlcm", "ddpo"}
@@ -49,3 +55,15 @@ def test_pytest_from_the_root_does_not_collect_the_micro_benchmarks():
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert "tests/" in result.stdout and "benchmarks/" not in result.stdout
+
+
+def test_aten_op_counter_counts_what_runs_and_not_views():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import AtenOpCounter
+
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)
+    with AtenOpCounter() as forward:
+        total = (a * b).view(-1).sum()  # mul, sum: 2 ops; the view launches nothing
+    with AtenOpCounter() as backward:
+        total.backward()
+    assert forward.ops == 2 and backward.ops >= 2 and torch.equal(a.grad, b)
