@@ -10,11 +10,11 @@ fraction of copy bandwidth means something. Each time is reported twice: `time_u
 triton.testing.do_bench (median, L2 flushed before every call, kernels launched from Python as in eager
 training) and `graph_time_us` from replays of a CUDA graph (no launch overhead, but L2 warm: at B <= 16
 the operands stay in L2, so graph GB/s can exceed the HBM copy rate). check_claims judges the step on
-GPU time (graph replays; at B = 512 no replay finds its operands in L2): on an H200 the Python side of one
-fused call (two Triton launches, autograd) took 46-430 us against 3-150 us of GPU work, and in the
-sampler the step runs inside a CUDA graph. Bandwidth counts the bytes the
-step must move (every input read once, every output written once), as a fraction of this device's
-measured device-to-device copy bandwidth. Eager and Triton are measured at every size first, then
+GPU time (graph replays; at B = 512 no replay finds its operands in L2): on an H200 the Python side of
+one fused call (two Triton launches, autograd) took 46-430 us against 3-150 us of GPU work, and in the
+sampler the step runs inside a CUDA graph. Bandwidth counts the bytes the step must move (every input
+read once, every output written once), as a fraction of this device's measured device-to-device copy
+bandwidth. Eager and Triton are measured at every size first, then
 torch.compile (one compile per size, dtype and pass; no claim reads it). The JSON is rewritten after
 every measured (dtype, B) group, so a run cut short keeps what it measured ("complete": false).
 
