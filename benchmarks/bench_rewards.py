@@ -15,7 +15,8 @@ Each JPEG row records its chroma subsampling: 4:2:0 for pillow, nvjpeg and torch
 larger and not comparable with the others'.
 
 With nvJPEG, `nvjpeg_vs_pillow` compares the two encoders' per-image sizes on the same images (largest
-relative difference, Spearman rank correlation).
+relative difference, Spearman rank correlation), and says why they differ: whether nvJPEG's files carry
+Pillow's quantization tables and chroma sampling, and each file's PSNR against the original pixels.
 
 Rows that cannot run here (no GPU, no torchvision) or that fail (a backend that cannot start or
 encode, the agreement check) are listed under "skipped" with a one-line reason; the others still run.
@@ -27,6 +28,7 @@ Usage: python benchmarks/bench_rewards.py [--quick] [--sizes 512,768] [--batches
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -36,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, JpegImagePlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
 from rlcm_fast.faults import one_line  # noqa: E402
-from rlcm_fast.rewards import JpegSizeReward, RewardError  # noqa: E402
+from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
 from rlcm_fast.rewards.jpeg import nvjpeg_unavailable_reason  # noqa: E402
 
 SIZES = (512, 768)
@@ -137,6 +140,33 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
     return rows
 
 
+def jpeg_file_facts(file: bytes, original: np.ndarray) -> dict:
+    """What a JPEG file's encoder chose (quantization tables, chroma sampling) and its fidelity: PSNR of
+    the decoded pixels against the original uint8 pixels."""
+    decoded = Image.open(io.BytesIO(file))
+    error = np.asarray(decoded.convert("RGB"), dtype=np.float64) - original
+    return {"tables": {k: list(v) for k, v in decoded.quantization.items()},
+            "sampling": JpegImagePlugin.get_sampling(decoded),
+            "psnr_db": float(10 * np.log10(255.0**2 / max((error**2).mean(), 1e-12)))}
+
+
+def encoder_comparison(nvjpeg, images: torch.Tensor) -> dict:
+    """Why sizes differ: nvJPEG's and Pillow's files of the same images compared for their quantization
+    tables, chroma sampling and PSNR (a smaller file at a lower PSNR quantised harder)."""
+    same_tables, same_sampling, psnr = True, True, {"nvjpeg": [], "pillow": []}
+    for image, pixels in zip(images, to_uint8_images(images.cpu())):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        theirs, ours = (jpeg_file_facts(f, pixels.astype(np.float64))
+                        for f in (buffer.getvalue(), nvjpeg.encode_file(image)))
+        same_tables &= theirs["tables"] == ours["tables"]
+        same_sampling &= theirs["sampling"] == ours["sampling"]
+        psnr["pillow"].append(theirs["psnr_db"])
+        psnr["nvjpeg"].append(ours["psnr_db"])
+    return {"same_quantization_tables": same_tables, "same_chroma_sampling": same_sampling,
+            "psnr_db_nvjpeg": psnr["nvjpeg"], "psnr_db_pillow": psnr["pillow"]}
+
+
 def nvjpeg_agreement(device: torch.device, sizes, batches, skipped: list, rows: list | None = None,
                      on_row=lambda: None) -> list[dict]:
     """Per-image JPEG sizes from nvJPEG against Pillow's on the same natural-looking images: the largest
@@ -155,6 +185,8 @@ def nvjpeg_agreement(device: torch.device, sizes, batches, skipped: list, rows: 
                 "mean_size_kb_pillow": float(cpu.mean()),
                 "max_relative_difference": float((abs(gpu - cpu) / cpu).max()),
                 "spearman": float(np.corrcoef(*ranks)[0, 1]),
+                "relative_difference": ((gpu - cpu) / cpu).tolist(),  # per image, smoothest first
+                **encoder_comparison(nvjpeg.encoder_for(images), images),
             })
             print(f"nvjpeg vs pillow {size}px x{batch}: max relative difference "
                   f"{rows[-1]['max_relative_difference']:.2%}, Spearman {rows[-1]['spearman']:.4f}", flush=True)

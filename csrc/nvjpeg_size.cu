@@ -84,11 +84,41 @@ public:
     // state each, kept for the next call), then waits once and reads the lengths.
     std::vector<std::size_t> encode_sizes(std::uintptr_t pixels, std::int64_t count, std::int64_t height,
                                           std::int64_t width, std::uintptr_t stream_handle) {
-        if (count < 0 || height < 1 || width < 1 || (count > 0 && pixels == 0)) {
-            throw std::invalid_argument("encode_sizes: need pixels != 0, count >= 0, height >= 1, width >= 1");
-        }
         std::lock_guard<std::mutex> guard(mutex_);
         cudaStream_t stream = as_stream(stream_handle);
+        encode(pixels, count, height, width, stream);
+        std::vector<std::size_t> sizes(static_cast<std::size_t>(count));
+        for (std::int64_t i = 0; i < count; ++i) {
+            check(api_.retrieve_bitstream(handle_, states_[i], nullptr, &sizes[i], stream),
+                  "nvjpegEncodeRetrieveBitstream");
+        }
+        return sizes;
+    }
+
+    // The whole JPEG file of one image (3 x height x width, as above): for checking the encoder against
+    // Pillow's (its tables, its decoded pixels), not for the reward, whose bytes never leave the device.
+    std::string encode_file(std::uintptr_t pixels, std::int64_t height, std::int64_t width,
+                            std::uintptr_t stream_handle) {
+        std::lock_guard<std::mutex> guard(mutex_);
+        cudaStream_t stream = as_stream(stream_handle);
+        encode(pixels, 1, height, width, stream);
+        std::size_t length = 0;
+        check(api_.retrieve_bitstream(handle_, states_[0], nullptr, &length, stream), "nvjpegEncodeRetrieveBitstream");
+        std::string file(length, '\0');
+        check(api_.retrieve_bitstream(handle_, states_[0], reinterpret_cast<unsigned char*>(&file[0]), &length,
+                                      stream),
+              "nvjpegEncodeRetrieveBitstream");
+        file.resize(length);
+        return file;
+    }
+
+private:
+    // Encodes `count` images into states_[0 .. count) and waits for the stream. Caller holds mutex_.
+    void encode(std::uintptr_t pixels, std::int64_t count, std::int64_t height, std::int64_t width,
+                cudaStream_t stream) {
+        if (count < 0 || height < 1 || width < 1 || (count > 0 && pixels == 0)) {
+            throw std::invalid_argument("encode: need pixels != 0, count >= 0, height >= 1, width >= 1");
+        }
         while (states_.size() < static_cast<std::size_t>(count)) {
             nvjpegEncoderState_t state = nullptr;
             check(api_.state_create(handle_, &state, stream), "nvjpegEncoderStateCreate");
@@ -109,15 +139,8 @@ public:
         if (stream_synchronize_(stream) != 0) {
             throw std::runtime_error("cuStreamSynchronize failed after nvjpegEncodeImage");
         }
-        std::vector<std::size_t> sizes(static_cast<std::size_t>(count));
-        for (std::int64_t i = 0; i < count; ++i) {
-            check(api_.retrieve_bitstream(handle_, states_[i], nullptr, &sizes[i], stream),
-                  "nvjpegEncodeRetrieveBitstream");
-        }
-        return sizes;
     }
 
-private:
     void open(const std::string& library_path, int quality) {
         library_ = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
         if (library_ == nullptr) {
@@ -180,5 +203,17 @@ PYBIND11_MODULE(_nvjpeg, module) {
         .def(py::init<const std::string&, int>(), py::arg("library_path"), py::arg("quality"))
         .def("encode_sizes", &SizeEncoder::encode_sizes, py::arg("pixels"), py::arg("count"), py::arg("height"),
              py::arg("width"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-             "JPEG byte count of each of `count` planar RGB uint8 images at device address `pixels`");
+             "JPEG byte count of each of `count` planar RGB uint8 images at device address `pixels`")
+        .def(
+            "encode_file",
+            [](SizeEncoder& self, std::uintptr_t pixels, std::int64_t height, std::int64_t width, std::uintptr_t stream) {
+                std::string file;
+                {
+                    py::gil_scoped_release release;
+                    file = self.encode_file(pixels, height, width, stream);
+                }
+                return py::bytes(file);
+            },
+            py::arg("pixels"), py::arg("height"), py::arg("width"), py::arg("stream"),
+            "the JPEG file (bytes) of one planar RGB uint8 image at device address `pixels`");
 }

@@ -72,6 +72,21 @@ def test_nvjpeg_sizes_track_pillow_within_3_percent_and_in_rank():
 
 
 @needs_gpu
+def test_nvjpeg_file_is_a_4_2_0_jpeg_of_the_image_and_as_long_as_its_size():
+    from PIL import JpegImagePlugin
+
+    images = varied_images(2, 256, seed=5, device="cuda")
+    backend = NvJpeg(95)
+    file = backend.encode_file(images[1])
+    assert len(file) == round(backend.sizes_kb(images[1:])[0] * 1000)
+    decoded = Image.open(io.BytesIO(file))
+    assert decoded.format == "JPEG" and decoded.size == (256, 256)
+    assert JpegImagePlugin.get_sampling(decoded) == 2  # 4:2:0, Pillow's default
+    original = to_uint8_images(images[1:].cpu())[0].astype(np.float64)
+    assert np.abs(np.asarray(decoded.convert("RGB"), dtype=np.float64) - original).mean() < 2.0  # quality 95
+
+
+@needs_gpu
 def test_nvjpeg_encoder_is_reused_across_batch_sizes_and_resolutions():
     backend = NvJpeg(95)
     first = backend.sizes_kb(varied_images(8, 256, seed=1, device="cuda"))

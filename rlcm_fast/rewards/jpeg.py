@@ -175,6 +175,16 @@ class NvJpeg:
             sizes = encoder.encode_sizes(pixels.data_ptr(), *pixels.shape[:1], *pixels.shape[2:], stream)
         return np.asarray(sizes, dtype=np.float64) / 1000.0
 
+    def encode_file(self, image: torch.Tensor) -> bytes:
+        """The JPEG file nvJPEG makes of one CUDA image (3, H, W) in [0, 1]: to compare its tables and
+        decoded pixels with Pillow's (the reward itself only ever reads sizes)."""
+        if image.device.type != "cuda" or image.ndim != 3:
+            raise RewardError(f"encode_file needs one CUDA image (3, H, W), got {tuple(image.shape)} on {image.device}")
+        pixels = to_uint8(image[None]).contiguous()
+        encoder = self._encoder(image.device)
+        with torch.cuda.device(image.device):
+            return encoder.encode_file(pixels.data_ptr(), *pixels.shape[2:], torch.cuda.current_stream().cuda_stream)
+
 
 class JpegSizeReward:
     """sign * JPEG size in kB: +1 incompressibility, -1 compressibility."""
