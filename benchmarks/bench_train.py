@@ -59,6 +59,12 @@ OPTIMISATIONS_OFF = {
     "reward_on_cpu": {"reward_device": "cpu"},
     "no_reward_overlap": {"reward_overlap": False},
 }
+# The fast path's GPU-only switches (inductor is refused on a CPU; CUDA graphs need CUDA), alone and together.
+GPU_ONLY_ROWS = {
+    "compiled_unet": {"compile_unet": True},
+    "sample_cuda_graph": {"sample_cuda_graph": True},
+    "compiled_and_graphed": {"compile_unet": True, "sample_cuda_graph": True},
+}
 STRAIGHTFORWARD = {key: value for off in OPTIMISATIONS_OFF.values() for key, value in off.items()}
 
 COMMON = {"grid_every": 0, "checkpoint_every": 10_000, "seed": 0}
@@ -82,8 +88,7 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
     table = {"fast": rlcm}
     table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
     if gpu:  # opt-in until checked on a GPU (README, Status): the compiled UNet, the CUDA-graph sampling loop
-        table["compiled_unet"] = {**rlcm, "compile_unet": True}
-        table["sample_cuda_graph"] = {**rlcm, "sample_cuda_graph": True}
+        table.update({name: {**rlcm, **switches} for name, switches in GPU_ONLY_ROWS.items()})
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
     table["ddpo"] = ddpo
     return table
@@ -165,6 +170,8 @@ def unet_work(trainer: Trainer) -> tuple[dict, dict]:
     sampler, prompt = trainer.sampler, trainer.prompt_set[0]
     sampler.prompt_embeddings([prompt, ""])  # text encoder outside the count
     generator = torch.Generator(device=trainer.device).manual_seed(0)
+    # The plain loop: a CUDA-graph capture would run (and count) the loop WARMUP_CALLS + 1 times.
+    graphed, sampler.cuda_graph = getattr(sampler, "cuda_graph", False), False
     with trainer.autocast():
         with FlopCounterMode(display=False) as counter, AtenOpCounter() as sampling_ops:
             trajectory = sampler.sample(trainer.unet, [prompt], generator=generator, decode=False)
@@ -177,6 +184,7 @@ def unet_work(trainer: Trainer) -> tuple[dict, dict]:
             log_probs.sum().backward()
         per_row = counter.get_total_flops()
     trainer.optimizer.zero_grad(set_to_none=True)
+    sampler.cuda_graph = graphed
     return ({"sampling_per_trajectory": per_trajectory, "training_per_row": per_row},
             {"sampling_per_trajectory": sampling_ops.ops, "training_per_row": training_ops.ops})
 
@@ -296,17 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddpo_batches < 1:
         parser.error(f"--ddpo-batches {args.ddpo_batches} is invalid: it must be >= 1")
     table = rows(gpu, args.quick, args.ddpo_batches)
+    skipped = []
     if args.rows:
-        unknown = set(args.rows.split(",")) - set(table)
+        wanted = args.rows.split(",")
+        unknown = set(wanted) - set(table) - set(GPU_ONLY_ROWS)
         if unknown:
-            parser.error(f"--rows {sorted(unknown)} unknown; allowed: {', '.join(table)}")
-        table = {name: table[name] for name in args.rows.split(",")}
+            parser.error(f"--rows {sorted(unknown)} unknown; allowed: {', '.join(dict.fromkeys([*table, *GPU_ONLY_ROWS]))}")
+        skipped = [{"row": name, "reason": "CUDA is not available: the row's switches run only on a GPU"}
+                   for name in wanted if name not in table]
+        table = {name: table[name] for name in wanted if name in table}
     rate = matmul_rate(device)
     result = {
         "benchmark": "bench_train", **environment(), "cuda": torch.version.cuda,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "mode": "gpu-sd15" if gpu else "cpu-tiny", "quick": args.quick,
-        "load_average_at_start": os.getloadavg(), "matmul_rate": rate, "rows": [], "skipped": [],
+        "load_average_at_start": os.getloadavg(), "matmul_rate": rate, "rows": [], "skipped": skipped,
     }
     if not gpu:
         result["skipped"].append({"part": "sd15-lcm / sd15 rows at 768 px, peak GPU memory",

@@ -2,7 +2,7 @@
 them and the GPU tests, then judge each claim against its threshold.
 
     python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,sampler,train,tests]
-                                      [--train-rows fast,straightforward,ddpo] [--out-dir DIR]
+                                      [--train-rows compiled_and_graphed,straightforward,ddpo] [--out-dir DIR]
     python benchmarks/check_claims.py --evaluate-only --out-dir DIR     (judge the JSON already in DIR)
 
 The stages run in the order given (default: the most claims per second first), each in a process of
@@ -45,8 +45,8 @@ from common import REPO_ROOT, RESULTS_DIR, device_name, device_slug, git_commit 
 
 HERE = Path(__file__).resolve().parent
 TESTS = REPO_ROOT / "tests"
-GPU_TEST_FILES = ["test_triton_step.py", "test_fast_sampler.py", "test_cuda_graphs.py", "test_nvjpeg.py",
-                  "test_clip_rewards.py"]
+GPU_TEST_FILES = ["test_triton_step.py", "test_fast_sampler.py", "test_cuda_graphs.py", "test_compiled_training.py",
+                  "test_nvjpeg.py", "test_clip_rewards.py", "test_rewards.py"]
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # The longest any one stage may run, so that one slow stage cannot take the others' time. From the first
 # H200 run (commit 6675037): step took 81 s, rewards 14 s, the GPU tests 24 s (the fast sampler's and
@@ -55,9 +55,9 @@ BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound ove
 # (fast and straightforward take about 60 s each, model set-up and warm-up epoch included).
 STAGE_CAP_S = {"step": 120, "rewards": 60, "sampler": 300, "train": 300, "tests": 120}
 DEFAULT_STAGES = "step,rewards,sampler,train,tests"
-DEFAULT_TRAIN_ROWS = "fast,straightforward,ddpo"
+DEFAULT_TRAIN_ROWS = "compiled_and_graphed,straightforward,ddpo"
 # bench_train rows that are the fast path: the defaults, and the opt-in compiled UNet / graphed sampling.
-FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph")
+FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed")
 
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:

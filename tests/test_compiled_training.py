@@ -1,0 +1,39 @@
+"""The compiled UNet (inductor) and the CUDA-graph sampling loop on a GPU change no result: one seeded update
+on the tiny model gives the eager path's trajectories, loss and LoRA gradients, in float32 without TF32.
+(On the CPU inductor is refused, test_switches.py; these are the checks that decide whether the two may
+be the GPU's defaults.)"""
+
+import pytest
+import torch
+
+from test_switches import one_update
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code and CUDA graphs need a GPU")
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        patch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        return one_update(tmp_path_factory.mktemp("eager"), "eager", device="cuda", mixed_precision="no")
+
+
+@pytest.mark.parametrize("switches", [{"compile_unet": True}, {"compile_unet": True, "sample_cuda_graph": True}],
+                         ids=["compiled", "compiled_and_graphed"])
+def test_compiled_training_on_a_gpu_equals_eager(tmp_path, monkeypatch, eager, switches):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch._dynamo.reset()
+    samples, logged, _ = one_update(tmp_path, "switched", device="cuda", mixed_precision="no", **switches)
+    base_samples, base, _ = eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # sampling and training were compiled
+    torch.testing.assert_close(samples.states, base_samples.states, atol=1e-4, rtol=0)
+    torch.testing.assert_close(samples.log_probs, base_samples.log_probs, atol=1e-4, rtol=0)
+    assert logged["loss"] == pytest.approx(base["loss"], abs=1e-5)
+    largest = max(g.abs().max().item() for g in base["grads"])
+    assert largest > 0
+    nonzero = [bool(g.abs().max() > 0) for g in base["grads"]]
+    assert [bool(g.abs().max() > 0) for g in logged["grads"]] == nonzero  # CPU inductor zeroed some (torch 2.13)
+    for ours, theirs in zip(logged["grads"], base["grads"]):
+        torch.testing.assert_close(ours, theirs, atol=1e-4 * largest, rtol=1e-3)
