@@ -2,7 +2,7 @@
 them and the GPU tests, then judge each claim against its threshold.
 
     python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,sampler,train,tests]
-                                      [--train-rows compiled_and_graphed,straightforward,ddpo] [--out-dir DIR]
+                                      [--train-rows fast,straightforward,ddpo] [--out-dir DIR]
     python benchmarks/check_claims.py --evaluate-only --out-dir DIR     (judge the JSON already in DIR)
 
 The stages run in the order given (default: the most claims per second first), each in a process of
@@ -55,7 +55,9 @@ BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound ove
 # (fast and straightforward take about 60 s each, model set-up and warm-up epoch included).
 STAGE_CAP_S = {"step": 120, "rewards": 60, "sampler": 300, "train": 300, "tests": 120}
 DEFAULT_STAGES = "step,rewards,sampler,train,tests"
-DEFAULT_TRAIN_ROWS = "compiled_and_graphed,straightforward,ddpo"
+# compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished
+# after 386 s; with the sampling graphs in inductor's cache, the first training minibatch still took 199 s.
+DEFAULT_TRAIN_ROWS = "fast,straightforward,ddpo"
 # bench_train rows that are the fast path: the defaults, and the opt-in compiled UNet / graphed sampling.
 FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed")
 

@@ -167,8 +167,7 @@ def test_each_benchmark_stage_command_runs(tmp_path):
                                 timeout=600)
         assert result.returncode == 0, (stage, (result.stdout + result.stderr)[-3000:])
     train = json.loads((tmp_path / "bench_train.json").read_text())
-    assert [r["variant"] for r in train["rows"]] == ["straightforward", "ddpo"] and "curves" not in train
-    assert train["skipped"][0]["row"] == "compiled_and_graphed"  # GPU-only switches: skipped on a CPU
+    assert [r["variant"] for r in train["rows"]] == ["fast", "straightforward", "ddpo"] and "curves" not in train
     sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}
     assert json.loads((tmp_path / "bench_rewards.json").read_text())["jpeg"]

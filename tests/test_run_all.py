@@ -67,3 +67,18 @@ def test_aten_op_counter_counts_what_runs_and_not_views():
     with AtenOpCounter() as backward:
         total.backward()
     assert forward.ops == 2 and backward.ops >= 2 and torch.equal(a.grad, b)
+
+
+def test_bench_train_on_a_cpu_skips_gpu_only_rows_and_refuses_unknown_ones(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "benchmarks" / "bench_train.py")
+    run = lambda *rows: subprocess.run([sys.executable, script, "--rows", ",".join(rows), "--no-curves", "--out-dir",
+                                        str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run("compiled_and_graphed", "sample_cuda_graph")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    skipped_rows = [s["row"] for s in train["skipped"] if "row" in s]
+    assert train["rows"] == [] and skipped_rows == ["compiled_and_graphed", "sample_cuda_graph"]
+    refused = run("fast", "turbo")
+    assert refused.returncode == 2 and "--rows ['turbo'] unknown; allowed: fast," in refused.stderr
+    assert "compiled_and_graphed" in refused.stderr.splitlines()[-1]
