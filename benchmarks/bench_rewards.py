@@ -17,6 +17,8 @@ larger and not comparable with the others'.
 With nvJPEG, `nvjpeg_vs_pillow` compares the two encoders' per-image sizes on the same images (largest
 relative difference, Spearman rank correlation), and says why they differ: whether nvJPEG's files carry
 Pillow's quantization tables and chroma sampling, and each file's PSNR against the original pixels.
+Both `nvjpeg_colour` settings are compared: nvJPEG converting the RGB itself, and nvJPEG given planes
+made as libjpeg makes them.
 
 Rows that cannot run here (no GPU, no torchvision) or that fail (a backend that cannot start or
 encode, the agreement check) are listed under "skipped" with a one-line reason; the others still run.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -45,7 +48,7 @@ from common import environment, write_result  # noqa: E402
 
 from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
-from rlcm_fast.rewards.jpeg import nvjpeg_unavailable_reason  # noqa: E402
+from rlcm_fast.rewards.jpeg import NVJPEG_COLOURS, nvjpeg_unavailable_reason  # noqa: E402
 
 SIZES = (512, 768)
 BATCHES = (8, 32)
@@ -175,20 +178,23 @@ def nvjpeg_agreement(device: torch.device, sizes, batches, skipped: list, rows: 
     rows = [] if rows is None else rows
     batch = max(batches)
     try:
-        nvjpeg, pillow = JpegSizeReward(1.0, 95, 0, "nvjpeg"), JpegSizeReward(1.0, 95, 0, "pillow")
-        for size in sizes:
+        pillow = JpegSizeReward(1.0, 95, 0, "pillow")
+        for colour, size in itertools.product(NVJPEG_COLOURS, sizes):
+            nvjpeg = JpegSizeReward(1.0, 95, 0, "nvjpeg", nvjpeg_colour=colour)
             images = natural_images(batch, size, seed=1).to(device)
             gpu, cpu = nvjpeg(images, [""] * batch), pillow(images, [""] * batch)  # kB per image (numpy)
             ranks = [v.argsort().argsort() for v in (gpu, cpu)]
             rows.append({
+                "nvjpeg_colour": colour,
                 "resolution": size, "images": batch, "mean_size_kb_nvjpeg": float(gpu.mean()),
                 "mean_size_kb_pillow": float(cpu.mean()),
                 "max_relative_difference": float((abs(gpu - cpu) / cpu).max()),
                 "spearman": float(np.corrcoef(*ranks)[0, 1]),
                 "relative_difference": ((gpu - cpu) / cpu).tolist(),  # per image, smoothest first
-                **encoder_comparison(nvjpeg.encoder_for(images), images),
+                # encode_file is RGB in (nvJPEG's colour conversion) only
+                **(encoder_comparison(nvjpeg.encoder_for(images), images) if colour == "nvjpeg" else {}),
             })
-            print(f"nvjpeg vs pillow {size}px x{batch}: max relative difference "
+            print(f"nvjpeg ({colour} colour) vs pillow {size}px x{batch}: max relative difference "
                   f"{rows[-1]['max_relative_difference']:.2%}, Spearman {rows[-1]['spearman']:.4f}", flush=True)
             on_row()
     except Exception as exc:  # the speed rows already measured stay valid

@@ -35,6 +35,7 @@ struct NvjpegApi {
     decltype(&nvjpegEncoderParamsSetSamplingFactors) set_sampling;
     decltype(&nvjpegEncoderParamsSetOptimizedHuffman) set_optimized_huffman;
     decltype(&nvjpegEncodeImage) encode_image;
+    decltype(&nvjpegEncodeYUV) encode_yuv;
     decltype(&nvjpegEncodeRetrieveBitstream) retrieve_bitstream;
 };
 
@@ -86,13 +87,23 @@ public:
                                           std::int64_t width, std::uintptr_t stream_handle) {
         std::lock_guard<std::mutex> guard(mutex_);
         cudaStream_t stream = as_stream(stream_handle);
-        encode(pixels, count, height, width, stream);
-        std::vector<std::size_t> sizes(static_cast<std::size_t>(count));
-        for (std::int64_t i = 0; i < count; ++i) {
-            check(api_.retrieve_bitstream(handle_, states_[i], nullptr, &sizes[i], stream),
-                  "nvjpegEncodeRetrieveBitstream");
+        encode(Planes::rgb(pixels, height, width), count, height, width, stream);
+        return sizes(count, stream);
+    }
+
+    // The same from ready YCbCr 4:2:0 planes (contiguous uint8): luma `y` count x height x width, chroma
+    // `cb` and `cr` count x ceil(height / 2) x ceil(width / 2). nvJPEG then converts nothing and only
+    // codes them (rlcm_fast/rewards/jpeg_colour.py computes them as libjpeg does).
+    std::vector<std::size_t> encode_sizes_ycbcr420(std::uintptr_t y, std::uintptr_t cb, std::uintptr_t cr,
+                                                   std::int64_t count, std::int64_t height, std::int64_t width,
+                                                   std::uintptr_t stream_handle) {
+        if (count > 0 && (cb == 0 || cr == 0)) {
+            throw std::invalid_argument("encode_sizes_ycbcr420: need cb != 0 and cr != 0");
         }
-        return sizes;
+        std::lock_guard<std::mutex> guard(mutex_);
+        cudaStream_t stream = as_stream(stream_handle);
+        encode(Planes::ycbcr420(y, cb, cr, height, width), count, height, width, stream);
+        return sizes(count, stream);
     }
 
     // The whole JPEG file of one image (3 x height x width, as above): for checking the encoder against
@@ -101,7 +112,7 @@ public:
                             std::uintptr_t stream_handle) {
         std::lock_guard<std::mutex> guard(mutex_);
         cudaStream_t stream = as_stream(stream_handle);
-        encode(pixels, 1, height, width, stream);
+        encode(Planes::rgb(pixels, height, width), 1, height, width, stream);
         std::size_t length = 0;
         check(api_.retrieve_bitstream(handle_, states_[0], nullptr, &length, stream), "nvjpegEncodeRetrieveBitstream");
         std::string file(length, '\0');
@@ -113,10 +124,39 @@ public:
     }
 
 private:
+    // Where image i's planes are, and whether nvJPEG gets RGB to convert or ready YCbCr 4:2:0.
+    struct Planes {
+        unsigned char* base[3];
+        std::size_t plane_bytes[3];  // one image's plane, per channel
+        std::size_t pitch[3];
+        bool ready_ycbcr420;
+
+        static Planes rgb(std::uintptr_t pixels, std::int64_t height, std::int64_t width) {
+            const std::size_t plane = static_cast<std::size_t>(height) * static_cast<std::size_t>(width);
+            auto* first = reinterpret_cast<unsigned char*>(pixels);
+            // Image i's channel c is plane 3 i + c: per channel, base c and a stride of three planes.
+            return {{first, first + plane, first + 2 * plane}, {3 * plane, 3 * plane, 3 * plane},
+                    {static_cast<std::size_t>(width), static_cast<std::size_t>(width), static_cast<std::size_t>(width)},
+                    false};
+        }
+
+        static Planes ycbcr420(std::uintptr_t y, std::uintptr_t cb, std::uintptr_t cr, std::int64_t height,
+                               std::int64_t width) {
+            const std::size_t chroma_width = static_cast<std::size_t>((width + 1) / 2);
+            const std::size_t luma = static_cast<std::size_t>(height) * static_cast<std::size_t>(width);
+            const std::size_t chroma = static_cast<std::size_t>((height + 1) / 2) * chroma_width;
+            return {{reinterpret_cast<unsigned char*>(y), reinterpret_cast<unsigned char*>(cb),
+                     reinterpret_cast<unsigned char*>(cr)},
+                    {luma, chroma, chroma},
+                    {static_cast<std::size_t>(width), chroma_width, chroma_width},
+                    true};
+        }
+    };
+
     // Encodes `count` images into states_[0 .. count) and waits for the stream. Caller holds mutex_.
-    void encode(std::uintptr_t pixels, std::int64_t count, std::int64_t height, std::int64_t width,
+    void encode(const Planes& planes, std::int64_t count, std::int64_t height, std::int64_t width,
                 cudaStream_t stream) {
-        if (count < 0 || height < 1 || width < 1 || (count > 0 && pixels == 0)) {
+        if (count < 0 || height < 1 || width < 1 || (count > 0 && planes.base[0] == nullptr)) {
             throw std::invalid_argument("encode: need pixels != 0, count >= 0, height >= 1, width >= 1");
         }
         while (states_.size() < static_cast<std::size_t>(count)) {
@@ -124,21 +164,35 @@ private:
             check(api_.state_create(handle_, &state, stream), "nvjpegEncoderStateCreate");
             states_.push_back(state);
         }
-        const std::size_t plane = static_cast<std::size_t>(height) * static_cast<std::size_t>(width);
-        auto* base = reinterpret_cast<unsigned char*>(pixels);
         for (std::int64_t i = 0; i < count; ++i) {
             nvjpegImage_t image{};
             for (int c = 0; c < 3; ++c) {
-                image.channel[c] = base + (static_cast<std::size_t>(i) * 3 + c) * plane;
-                image.pitch[c] = static_cast<std::size_t>(width);
+                image.channel[c] = planes.base[c] + static_cast<std::size_t>(i) * planes.plane_bytes[c];
+                image.pitch[c] = planes.pitch[c];
             }
-            check(api_.encode_image(handle_, states_[i], params_, &image, NVJPEG_INPUT_RGB, static_cast<int>(width),
-                                    static_cast<int>(height), stream),
-                  "nvjpegEncodeImage");
+            if (planes.ready_ycbcr420) {
+                check(api_.encode_yuv(handle_, states_[i], params_, &image, NVJPEG_CSS_420, static_cast<int>(width),
+                                      static_cast<int>(height), stream),
+                      "nvjpegEncodeYUV");
+            } else {
+                check(api_.encode_image(handle_, states_[i], params_, &image, NVJPEG_INPUT_RGB,
+                                        static_cast<int>(width), static_cast<int>(height), stream),
+                      "nvjpegEncodeImage");
+            }
         }
         if (stream_synchronize_(stream) != 0) {
             throw std::runtime_error("cuStreamSynchronize failed after nvjpegEncodeImage");
         }
+    }
+
+    // The byte counts of the first `count` states' bitstreams (after encode).
+    std::vector<std::size_t> sizes(std::int64_t count, cudaStream_t stream) {
+        std::vector<std::size_t> result(static_cast<std::size_t>(count));
+        for (std::int64_t i = 0; i < count; ++i) {
+            check(api_.retrieve_bitstream(handle_, states_[i], nullptr, &result[i], stream),
+                  "nvjpegEncodeRetrieveBitstream");
+        }
+        return result;
     }
 
     void open(const std::string& library_path, int quality) {
@@ -165,6 +219,7 @@ private:
         resolve(library_, "nvjpegEncoderParamsSetSamplingFactors", api_.set_sampling);
         resolve(library_, "nvjpegEncoderParamsSetOptimizedHuffman", api_.set_optimized_huffman);
         resolve(library_, "nvjpegEncodeImage", api_.encode_image);
+        resolve(library_, "nvjpegEncodeYUV", api_.encode_yuv);
         resolve(library_, "nvjpegEncodeRetrieveBitstream", api_.retrieve_bitstream);
 
         check(api_.create_simple(&handle_), "nvjpegCreateSimple");
@@ -204,6 +259,10 @@ PYBIND11_MODULE(_nvjpeg, module) {
         .def("encode_sizes", &SizeEncoder::encode_sizes, py::arg("pixels"), py::arg("count"), py::arg("height"),
              py::arg("width"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
              "JPEG byte count of each of `count` planar RGB uint8 images at device address `pixels`")
+        .def("encode_sizes_ycbcr420", &SizeEncoder::encode_sizes_ycbcr420, py::arg("y"), py::arg("cb"), py::arg("cr"),
+             py::arg("count"), py::arg("height"), py::arg("width"), py::arg("stream"),
+             py::call_guard<py::gil_scoped_release>(),
+             "JPEG byte count of each of `count` images given as YCbCr 4:2:0 planes (uint8) at device addresses")
         .def(
             "encode_file",
             [](SizeEncoder& self, std::uintptr_t pixels, std::int64_t height, std::int64_t width, std::uintptr_t stream) {

@@ -101,6 +101,9 @@ class TrainConfig:
     jpeg_quality: int = 95
     reward_threads: int = 0  # 0: one per CPU core
     jpeg_backend: str = "auto"  # auto | nvjpeg | torchvision | pillow
+    # nvjpeg: nvJPEG converts the RGB | libjpeg: YCbCr 4:2:0 planes made on the GPU as libjpeg makes them
+    # (meant to bring nvJPEG's sizes to Pillow's; not yet run on a GPU)
+    nvjpeg_colour: str = "nvjpeg"
     aesthetic_model: str = "openai/clip-vit-large-patch14"
     clipscore_model: str = "openai/clip-vit-base-patch32"
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
@@ -184,10 +187,12 @@ def _positive_float(name: str, value: float) -> None:
 
 
 def _validate_reward_options(cfg: TrainConfig) -> None:
-    from .rewards import JPEG_BACKENDS
+    from .rewards import JPEG_BACKENDS, NVJPEG_COLOURS
 
     if cfg.jpeg_backend not in JPEG_BACKENDS:
         raise ConfigError(f"jpeg_backend {cfg.jpeg_backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
+    if cfg.nvjpeg_colour not in NVJPEG_COLOURS:
+        raise ConfigError(f"nvjpeg_colour {cfg.nvjpeg_colour!r} is invalid; allowed: {', '.join(NVJPEG_COLOURS)}")
     for name in ("aesthetic_model", "clipscore_model", "pickscore_model", "pickscore_processor"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is invalid: it must be a hub id or a local folder")

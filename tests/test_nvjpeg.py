@@ -72,6 +72,20 @@ def test_nvjpeg_sizes_track_pillow_within_3_percent_and_in_rank():
 
 
 @needs_gpu
+def test_nvjpeg_given_libjpegs_colour_planes_tracks_pillow_within_3_percent():
+    """nvjpeg_colour="libjpeg": the planes are libjpeg's exactly (test_jpeg_colour.py), so what is left
+    between the sizes is nvJPEG's DCT, quantisation and coding."""
+    images = varied_images(24, 512, device="cuda")
+    libjpeg = make_reward("jpeg_incompressibility", jpeg_backend="nvjpeg", nvjpeg_colour="libjpeg")
+    gpu = libjpeg(images, [""] * 24) * 1000
+    relative = np.abs(gpu - pillow_sizes(images.cpu())) / pillow_sizes(images.cpu())
+    assert relative.max() < 0.03, relative
+    odd = varied_images(2, 255, seed=6, device="cuda")[..., :253]  # odd height and width: chroma planes padded
+    own = make_reward("jpeg_incompressibility", jpeg_backend="nvjpeg")(odd, ["", ""])
+    np.testing.assert_allclose(libjpeg(odd, ["", ""]), own, rtol=0.1)
+
+
+@needs_gpu
 def test_nvjpeg_file_is_a_4_2_0_jpeg_of_the_image_and_as_long_as_its_size():
     from PIL import JpegImagePlugin
 

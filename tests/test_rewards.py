@@ -168,6 +168,8 @@ def test_jpeg_backends_share_one_interface():
     np.testing.assert_array_equal(pillow, auto)  # CPU images: auto is Pillow
     with pytest.raises(RewardError, match="jpeg_backend 'gpu' is invalid; allowed: auto, nvjpeg, torchvision, pillow"):
         JpegSizeReward(1.0, backend="gpu")
+    with pytest.raises(RewardError, match="nvjpeg_colour 'rgb' is invalid; allowed: nvjpeg, libjpeg"):
+        JpegSizeReward(1.0, backend="auto", nvjpeg_colour="rgb")
 
 
 def test_torchvision_backend_without_torchvision_is_a_clear_error(monkeypatch):
@@ -197,6 +199,7 @@ def test_config_accepts_the_paper_rewards_and_checks_reward_options():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"jpeg_backend": "turbo"}, "jpeg_backend 'turbo' is invalid; allowed: auto, nvjpeg, torchvision, pillow"),
+    ({"nvjpeg_colour": "rgb"}, "nvjpeg_colour 'rgb' is invalid; allowed: nvjpeg, libjpeg"),
     ({"reward_server": "localhost:8060"}, "reward_server 'localhost:8060' is invalid: expected http://host:port"),
     ({"reward_timeout": 0}, "reward_timeout=0.0 is invalid"),
     ({"aesthetic_model": " "}, "aesthetic_model=' ' is invalid"),

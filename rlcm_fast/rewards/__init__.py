@@ -15,12 +15,13 @@ from .base import (AsyncReward, RewardError, RewardFn, WeightedSum, checked_rewa
                    parse_reward_spec)
 from .clip_scores import (DEFAULT_AESTHETIC_MODEL, DEFAULT_CLIPSCORE_MODEL, DEFAULT_PICKSCORE_MODEL,
                           DEFAULT_PICKSCORE_PROCESSOR, AestheticReward, clip_score, pick_score)
-from .jpeg import JPEG_BACKENDS, JpegSizeReward, jpeg_size_kb, to_uint8, to_uint8_images
+from .jpeg import JPEG_BACKENDS, NVJPEG_COLOURS, JpegSizeReward, jpeg_size_kb, to_uint8, to_uint8_images
 
 # The options built-in rewards read besides jpeg_quality and threads, with their defaults; the config
 # fields of the same names set them.
 DEFAULT_OPTIONS: dict[str, Any] = dict(
     jpeg_backend="auto",
+    nvjpeg_colour="nvjpeg",
     aesthetic_model=DEFAULT_AESTHETIC_MODEL,
     clipscore_model=DEFAULT_CLIPSCORE_MODEL,
     pickscore_model=DEFAULT_PICKSCORE_MODEL,
@@ -30,8 +31,10 @@ DEFAULT_OPTIONS: dict[str, Any] = dict(
 )
 
 BUILTIN_REWARDS: dict[str, Callable[[dict], RewardFn]] = {
-    "jpeg_compressibility": lambda o: JpegSizeReward(-1.0, o["jpeg_quality"], o["reward_threads"], o["jpeg_backend"]),
-    "jpeg_incompressibility": lambda o: JpegSizeReward(+1.0, o["jpeg_quality"], o["reward_threads"], o["jpeg_backend"]),
+    "jpeg_compressibility": lambda o: JpegSizeReward(-1.0, o["jpeg_quality"], o["reward_threads"], o["jpeg_backend"],
+                                                     o["nvjpeg_colour"]),
+    "jpeg_incompressibility": lambda o: JpegSizeReward(+1.0, o["jpeg_quality"], o["reward_threads"], o["jpeg_backend"],
+                                                       o["nvjpeg_colour"]),
     "aesthetic": lambda o: AestheticReward(o["aesthetic_model"]),
     "alignment": lambda o: AlignmentClient(o["reward_server"], o["reward_timeout"]),
     "clipscore": lambda o: clip_score(o["clipscore_model"]),
@@ -68,6 +71,7 @@ def make_reward(name: str, jpeg_quality: int = 95, threads: int = 0, **options) 
 
 __all__ = [
     "AestheticReward", "AlignmentClient", "AsyncReward", "BUILTIN_REWARDS", "DEFAULT_OPTIONS", "JPEG_BACKENDS",
+    "NVJPEG_COLOURS",
     "JpegSizeReward", "RewardError", "WeightedSum", "check_reward_name", "checked_rewards", "clip_score",
     "jpeg_size_kb", "make_reward", "parse_reward_spec", "pick_score", "reward_options", "to_uint8",
     "to_uint8_images",
