@@ -36,6 +36,7 @@ Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -89,6 +90,9 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
     table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
     if gpu:  # opt-in until checked on a GPU (README, Status): the compiled UNet, the CUDA-graph sampling loop
         table.update({name: {**rlcm, **switches} for name, switches in GPU_ONLY_ROWS.items()})
+    # The UNet's training batch widened (the same gradients): on a GPU an update's 28 rows (2 samples x 2
+    # accumulation x 7 steps) in 2 UNet calls instead of 14.
+    table["training_calls_of_14"] = {**rlcm, "train_rows_per_call": 14}
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
     table["ddpo"] = ddpo
     return table
@@ -189,6 +193,15 @@ def unet_work(trainer: Trainer) -> tuple[dict, dict]:
             {"sampling_per_trajectory": sampling_ops.ops, "training_per_row": training_ops.ops})
 
 
+def training_calls(cfg, trained_rows: int) -> int:
+    """UNet forward+backward calls that train an epoch's rows: minibatches of train_batch_size rows, or
+    each update's rows in calls of train_rows_per_call."""
+    if not cfg.train_rows_per_call:
+        return trained_rows // cfg.train_batch_size
+    updates = cfg.samples_per_epoch // (cfg.train_batch_size * cfg.gradient_accumulation_steps) * cfg.num_inner_epochs
+    return updates * math.ceil(trained_rows // updates / cfg.train_rows_per_call) if updates else 0
+
+
 def policy_step_backend(cfg, device: torch.device) -> str | None:
     """The LCM step's backend in this row: what "auto" resolves to here (on CUDA, "reference" would mean
     that Triton or rlcm_fast.kernels did not import). None for DDPO, whose DDIM step is plain PyTorch."""
@@ -246,8 +259,8 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "unet_flops": flops, "unet_flops_per_epoch": epoch_flops, "unet_aten_ops": aten_ops,
         # Training time per ATen op the UNet's forward+backward runs, one run per minibatch (the optimizer
         # and loss excluded from the count): some microseconds means the host, not the GPU, sets the pace.
-        "training_us_per_unet_aten_op": 1e6 * mean["training_s"] / (
-            trained_rows / cfg.train_batch_size * aten_ops["training_per_row"]),
+        "training_us_per_unet_aten_op": 1e6 * mean["training_s"] / (calls * aten_ops["training_per_row"])
+        if (calls := training_calls(cfg, trained_rows)) else None,
         "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,
         "reward_mean_per_epoch": rewards,

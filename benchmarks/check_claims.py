@@ -2,7 +2,7 @@
 them and the GPU tests, then judge each claim against its threshold.
 
     python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,sampler,train,tests]
-                                      [--train-rows fast,straightforward,ddpo] [--out-dir DIR]
+                                      [--train-rows fast,training_calls_of_14,straightforward,ddpo] [--out-dir DIR]
     python benchmarks/check_claims.py --evaluate-only --out-dir DIR     (judge the JSON already in DIR)
 
 The stages run in the order given (default: the most claims per second first), each in a process of
@@ -61,9 +61,10 @@ STAGE_CAP_S = {"step": 120, "rewards": 60, "sampler": 300, "train": 300, "tests"
 DEFAULT_STAGES = "step,rewards,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished
 # after 386 s; with the sampling graphs in inductor's cache, the first training minibatch still took 199 s.
-DEFAULT_TRAIN_ROWS = "fast,straightforward,ddpo"
-# bench_train rows that are the fast path: the defaults, and the opt-in compiled UNet / graphed sampling.
-FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed")
+DEFAULT_TRAIN_ROWS = "fast,training_calls_of_14,straightforward,ddpo"
+# bench_train rows that are the fast path: the defaults, and its opt-in switches (compiled UNet, graphed
+# sampling, wider training calls).
+FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed", "training_calls_of_14")
 
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:
@@ -286,16 +287,22 @@ def train_ratio(slow: str, field: str, what: str):
 
 
 def fast_path_peak_memory(train: dict):
-    """The largest peak over the measured fast-path rows: memory reserved by PyTorch's allocator (what the
-    GPU must hold; allocated memory is less), or allocated where an older run did not record it."""
-    rows = fast_path_rows(train)
-    if not rows or any(r.get("peak_memory_gib") is None for r in rows):
+    """The peak of the fastest fast-path row (the one the epoch claim is judged on: speed and memory of
+    one configuration): memory reserved by PyTorch's allocator (what the GPU must hold; allocated memory
+    is less), or allocated where an older run did not record it. The other fast-path rows' largest peak
+    is reported beside it."""
+    fast = fastest_fast_path(train)
+    if not fast or fast.get("peak_memory_gib") is None:
         return None
-    field = "peak_reserved_gib" if all(r.get("peak_reserved_gib") is not None for r in rows) else "peak_memory_gib"
-    worst = max(rows, key=lambda r: r[field])
-    return worst[field], (f"GiB {'reserved' if field == 'peak_reserved_gib' else 'allocated'}, row "
-                          f"{worst['variant']}, sample batch {worst['sample_batch_size']}, train batch "
-                          f"{worst['train_batch_size']}, {worst['resolution']} px")
+    field = "peak_reserved_gib" if fast.get("peak_reserved_gib") is not None else "peak_memory_gib"
+    how = (f"GiB {'reserved' if field == 'peak_reserved_gib' else 'allocated'}, row {fast['variant']} (the "
+           f"fastest), sample batch {fast['sample_batch_size']}, train batch {fast['train_batch_size']}, "
+           f"{fast['resolution']} px")
+    others = [r for r in fast_path_rows(train) if r is not fast and r.get(field) is not None]
+    if others:
+        worst = max(others, key=lambda r: r[field])
+        how += f"; largest of the other fast-path rows: {worst[field]:.3g} (row {worst['variant']})"
+    return fast[field], how
 
 
 CLAIMS = [

@@ -62,6 +62,10 @@ class TrainConfig:
     # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch
     train_rows: str = "flattened"  # flattened: minibatches mix (sample, step) rows | per_timestep: one step at a time
+    # Flattened PPO: the UNet's batch in training. An update's rows are cut into calls of this many rows,
+    # whatever train_batch_size: the same gradient (each call's loss weighted by its rows), fewer and
+    # larger UNet calls, more activation memory. 0: train_batch_size rows per call.
+    train_rows_per_call: int = 0
     reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
     reward_overlap: bool = True  # score on a worker thread while the next batch samples | false: wait for it
 
@@ -292,6 +296,13 @@ def _validate_method_and_switches(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
     if cfg.compile_unet:
         _validate_compile_backend(cfg.compile_backend)
+    if not isinstance(cfg.train_rows_per_call, int) or cfg.train_rows_per_call < 0:
+        raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call!r} is invalid: it must be an integer >= 0 "
+                          "(0: train_batch_size)")
+    if cfg.train_rows_per_call and (cfg.train_rows != "flattened" or cfg.algorithm == "rebel"):
+        raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call} applies to train_rows=flattened with "
+                          f"algorithm ppo (here train_rows={cfg.train_rows}, algorithm={cfg.algorithm}); "
+                          "set it to 0")
     if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
         raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
                           "trajectory's steps together (use train_rows=flattened)")

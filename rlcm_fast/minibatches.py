@@ -57,8 +57,24 @@ def trajectory_pairs(trained: torch.Tensor, generator: torch.Generator, rows: in
         yield minibatches
 
 
-def minibatch_plan(algorithm: str, train_rows: str):
-    """The plan for a config: REBEL needs whole trajectories; PPO takes flattened or per-timestep rows."""
+def regrouped(plan, rows_per_call: int):
+    """`plan` with each update's minibatches (K = 1 rows) joined and cut again into minibatches of
+    `rows_per_call` rows (the last one may be shorter): the same rows in the same order, other UNet
+    batches. The trainer weights each minibatch's mean loss by its share of the update's rows, so the
+    update's gradient is unchanged."""
+    def plan_in_calls(trained, generator, rows, accumulation):
+        for minibatches in plan(trained, generator, rows, accumulation):
+            sample_idx = torch.cat([s for s, _ in minibatches])
+            step_idx = torch.cat([k for _, k in minibatches])
+            yield list(zip(sample_idx.split(rows_per_call), step_idx.split(rows_per_call)))
+    return plan_in_calls
+
+
+def minibatch_plan(algorithm: str, train_rows: str, rows_per_call: int = 0):
+    """The plan for a config: REBEL needs whole trajectories; PPO takes flattened or per-timestep rows,
+    flattened ones in UNet calls of `rows_per_call` rows when it is set."""
     if algorithm == "rebel":
         return trajectory_pairs
-    return per_timestep_rows if train_rows == "per_timestep" else flattened_rows
+    if train_rows == "per_timestep":
+        return per_timestep_rows
+    return regrouped(flattened_rows, rows_per_call) if rows_per_call else flattened_rows

@@ -246,7 +246,7 @@ class Trainer:
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
-        plan = minibatch_plan(cfg.algorithm, cfg.train_rows)
+        plan = minibatch_plan(cfg.algorithm, cfg.train_rows, cfg.train_rows_per_call)
         units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
         updates = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
         bar = tqdm(total=cfg.num_inner_epochs * updates, initial=start_update, desc=f"epoch {epoch + 1} training",
@@ -259,7 +259,11 @@ class Trainer:
                 if done < start_update:
                     continue
                 sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per update, not per minibatch
+                rows = sum(len(sample_idx) for sample_idx, _ in minibatches)
                 for micro, (sample_idx, step_idx) in enumerate(minibatches):
+                    # Each minibatch's mean weighted by its share of the update's rows (exactly
+                    # 1 / len(minibatches) when they are equal, as without train_rows_per_call).
+                    parts = rows / len(sample_idx)
                     sync = micro == len(minibatches) - 1
                     context = nullcontext() if sync else self.accelerator.no_sync(self.ddp_unet)
                     with context, self.autocast():
@@ -270,9 +274,9 @@ class Trainer:
                         if kl is not None:
                             stats["kl"] = kl.detach().mean()
                             loss = loss + cfg.kl_beta * kl.mean()
-                        self.accelerator.backward(loss / len(minibatches))
+                        self.accelerator.backward(loss / parts)
                     for name, value in {"loss": loss.detach(), **stats}.items():
-                        sums[name] = sums.get(name, 0.0) + value.double() / len(minibatches)
+                        sums[name] = sums.get(name, 0.0) + value.double() / parts
                 if self.accelerator.scaler is not None:
                     # fp16 on a GPU: accelerate's backward scaled the loss; clip and log the true gradient.
                     self.accelerator.scaler.unscale_(self.optimizer)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlcm_fast.config import ConfigError, resolve_config
-from rlcm_fast.minibatches import per_timestep_rows
+from rlcm_fast.minibatches import flattened_rows, minibatch_plan, per_timestep_rows
 from rlcm_fast.trainer import Trainer
 
 # One update per epoch (4 samples = train_batch_size x gradient_accumulation_steps), so the flattened and
@@ -41,6 +41,9 @@ def default_path(tmp_path_factory):
     {"train_rows": "per_timestep"},
     {"reward_device": "cpu"},
     {"reward_overlap": False},
+    # The update's 12 rows in UNet calls of 4 (3 calls), and of 5 (5, 5, 2: unequal weights).
+    {"train_rows_per_call": 4},
+    {"train_rows_per_call": 5},
     # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
     # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused).
     {"compile_unet": True, "compile_backend": "aot_eager"},
@@ -80,3 +83,36 @@ def test_per_timestep_minibatches_hold_one_step_each():
         assert step_idx.unique().tolist() == [micro % 3]
     covered = sorted((int(i), int(k)) for s, t in update for i, k in zip(s.flatten(), t.flatten()))
     assert covered == [(i, k) for i in range(4) for k in range(3)]
+
+
+def test_rows_per_call_cut_the_same_rows_into_fewer_calls():
+    trained = torch.arange(3).expand(8, 3)
+    plain = list(flattened_rows(trained, torch.Generator().manual_seed(1), rows=2, accumulation=2))
+    called = list(minibatch_plan("ppo", "flattened", 5)(trained, torch.Generator().manual_seed(1), 2, 2))
+    assert len(plain) == len(called) == 2
+    for minibatches, calls in zip(plain, called):
+        assert [len(s) for s, _ in calls] == [5, 5, 2]  # 2 samples x 2 accumulation x 3 steps = 12 rows
+        for column in (0, 1):
+            assert torch.equal(torch.cat([m[column] for m in minibatches]), torch.cat([c[column] for c in calls]))
+
+
+def test_trainer_calls_the_unet_with_rows_per_call(tmp_path):
+    trainer = Trainer(resolve_config(overrides={**ONE_UPDATE, "train_rows_per_call": 5}), tmp_path / "run")
+    batches = []
+    log_probs = trainer.sampler.action_log_probs
+    trainer.sampler.action_log_probs = lambda unet, states, i, *rest, **kw: (batches.append(len(i)),
+                                                                                 log_probs(unet, states, i, *rest, **kw))[1]
+    samples = trainer.sample_epoch(0)
+    trainer.compute_advantages(samples)
+    trainer.train_epoch(0, samples)
+    assert batches == [5, 5, 2]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train_rows_per_call": -1}, "train_rows_per_call=-1 is invalid: it must be an integer >= 0"),
+    ({"train_rows_per_call": 4, "train_rows": "per_timestep"}, "train_rows_per_call=4 applies to train_rows=flattened"),
+    ({"train_rows_per_call": 4, "algorithm": "rebel", "images_per_prompt": 2}, "algorithm=rebel"),
+])
+def test_rows_per_call_outside_flattened_ppo_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=overrides)
