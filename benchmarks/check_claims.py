@@ -20,11 +20,13 @@ with its compiled rlcm_fast._C and rlcm_fast._nvjpeg; claims.json records which 
 
 Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16):
   step     bench_step.py: fused step vs eager and torch.compile, fraction of copy bandwidth
-  rewards  bench_rewards.py, JPEG rows only: nvJPEG vs Pillow speed, and their sizes' agreement
+  rewards  bench_rewards.py, JPEG rows only: nvJPEG vs Pillow speed, and their sizes' agreement (with
+           each nvjpeg_colour; the claim is judged on the default)
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
            epoch (its per-sample step time, not the paper's epoch)
-  tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), nvJPEG, CLIP rewards
+  tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), compiled training,
+           nvJPEG, the JPEG and CLIP rewards
 """
 
 from __future__ import annotations
