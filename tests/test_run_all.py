@@ -31,7 +31,7 @@ def test_run_all_quick_writes_json_readme_and_plots(tmp_path):
     train = json.loads((out / "bench_train.json").read_text())
     variants = [row["variant"] for row in train["rows"]]
     assert variants == ["fast", "reference_step", "per_timestep_training", "reward_on_cpu", "no_reward_overlap",
-                        "training_calls_of_14", "straightforward", "ddpo"]
+                        "training_calls_of_7", "straightforward", "ddpo"]
     for row in train["rows"]:
         assert row["epoch_s"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"] < 1
         assert row["sampling_s"] > 0 and row["training_s"] > 0 and row["unet_flops_per_epoch"] > 0
