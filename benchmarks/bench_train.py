@@ -7,6 +7,9 @@ batches of 4 samples, train batch 2, gradient accumulation 2, H = 8, LoRA rank 1
 bf16. DDPO runs on `sd15` (the same UNet without the guidance embedding) at its defaults (50 DDIM steps,
 CFG 5, all 50 actions trained, train batch 1) with the same number of reward queries per epoch (the
 same 10 batches of 4) and the same 768 px.
+Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7`
+(train_rows_per_call 7), and on a GPU only `compiled_unet`, `sample_cuda_graph` and both together,
+`compiled_and_graphed` (asked for on a CPU, these three are listed under "skipped").
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 
