@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, release_memory, write_result  # noqa: E402
+from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 
 from rlcm_fast import FastLCMSampler  # noqa: E402
 from rlcm_fast.models import load_pipeline  # noqa: E402
@@ -60,16 +60,6 @@ def seconds_per_call(fn, device, warmup: int, repeats: int) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def bf16_matmul_tflops() -> float:
-    """Measured dense bf16 matmul rate (8192^3), the MFU denominator."""
-    from triton.testing import do_bench
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
 def unet_call_flops(pipe, batch: int, resolution: int) -> int:
@@ -152,7 +142,8 @@ def main() -> int:
               "dtype": str(dtype).removeprefix("torch."), "prompt": PROMPT, "guidance_scale": GUIDANCE,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": [], "skipped": []}
     if gpu:
-        result["bf16_matmul_tflops"] = peak = bf16_matmul_tflops()
+        result["matmul_rate"] = matmul_rate(device)
+        peak = result["matmul_rate"]["flops_per_s"] / 1e12
     else:
         peak = None
         result["skipped"].append({"rows": "diffusers+compile, rlcm-fast compiled",

@@ -50,7 +50,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, release_memory, write_result  # noqa: E402
+from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
@@ -137,23 +137,6 @@ class TimedReward:
                     meter.wait += time.perf_counter() - started
 
         return Waited()
-
-
-def matmul_rate(device: torch.device) -> dict:
-    """Measured dense matmul FLOP/s: bf16 8192^3 on a GPU, fp32 1024^3 on a CPU (best of several)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(3):
-        a @ b
-    for _ in range(10 if device.type == "cuda" else 5):
-        synchronize(device)
-        started = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return {"flops_per_s": 2 * n**3 / best, "dtype": str(dtype).replace("torch.", ""), "size": n}
 
 
 class AtenOpCounter(TorchDispatchMode):

@@ -9,8 +9,10 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -103,3 +105,24 @@ def write_result(name: str, result: dict, out_dir: str | Path | None = None, com
     staging.write_text(json.dumps({**result, "complete": complete}, indent=2) + "\n")
     os.replace(staging, path)
     return path
+
+
+def matmul_rate(device: torch.device) -> dict:
+    """The device's measured dense matmul rate, every benchmark's MFU denominator: bf16 8192^3 products on a
+    GPU, the median over 300 ms of back-to-back calls (the clocks the benchmarks themselves run at, not a
+    single boosted call), fp32 1024^3 on a CPU, the median of 5 calls."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        seconds = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median") * 1e-3
+    else:
+        a @ b
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+        seconds = statistics.median(times)
+    return {"flops_per_s": 2 * n**3 / seconds, "dtype": str(dtype).removeprefix("torch."), "size": n}
