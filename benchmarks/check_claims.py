@@ -217,9 +217,8 @@ def nvjpeg_size_difference(rewards: dict):
     if not rows:
         return None
     how = f"largest over {sum(r['images'] for r in rows)} images, nvjpeg_colour {DEFAULT_NVJPEG_COLOUR} (default)"
-    for colour in NVJPEG_COLOURS:
-        other = nvjpeg_agreement_rows(rewards, colour) if colour != DEFAULT_NVJPEG_COLOUR else []
-        if other:
+    for colour in (c for c in NVJPEG_COLOURS if c != DEFAULT_NVJPEG_COLOUR):
+        if other := nvjpeg_agreement_rows(rewards, colour):
             how += f"; with nvjpeg_colour {colour}: {max(r['max_relative_difference'] for r in other):.4g}"
     return max(r["max_relative_difference"] for r in rows), how
 

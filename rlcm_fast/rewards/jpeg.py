@@ -45,6 +45,11 @@ JPEG_BACKENDS = ("auto", "nvjpeg", "torchvision", "pillow")
 NVJPEG_COLOURS = ("nvjpeg", "libjpeg")
 
 
+def check_nvjpeg_colour(colour: str) -> None:
+    if colour not in NVJPEG_COLOURS:
+        raise RewardError(f"nvjpeg_colour {colour!r} is invalid; allowed: {', '.join(NVJPEG_COLOURS)}")
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """N x 3 x H x W floats in [0, 1] -> uint8 of the same shape and device."""
     if images.dim() != 4 or images.shape[1] != 3:
@@ -148,8 +153,7 @@ class NvJpeg:
     name = "nvjpeg"
 
     def __init__(self, quality: int, colour: str = "nvjpeg"):
-        if colour not in NVJPEG_COLOURS:
-            raise RewardError(f"nvjpeg_colour {colour!r} is invalid; allowed: {', '.join(NVJPEG_COLOURS)}")
+        check_nvjpeg_colour(colour)
         reason = nvjpeg_unavailable_reason()
         if reason:
             raise RewardError(f"jpeg_backend 'nvjpeg' cannot run: {reason}; "
@@ -207,8 +211,7 @@ class JpegSizeReward:
                  nvjpeg_colour: str = "nvjpeg"):
         if backend not in JPEG_BACKENDS:
             raise RewardError(f"jpeg_backend {backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
-        if nvjpeg_colour not in NVJPEG_COLOURS:
-            raise RewardError(f"nvjpeg_colour {nvjpeg_colour!r} is invalid; allowed: {', '.join(NVJPEG_COLOURS)}")
+        check_nvjpeg_colour(nvjpeg_colour)
         self.sign, self.quality, self.threads, self.backend = sign, quality, threads, backend
         self.nvjpeg_colour = nvjpeg_colour
         self._pillow = None
