@@ -39,7 +39,7 @@ from .config import ConfigError, TrainConfig
 from .ddpo import DDPOSampler
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
 from .launch import forget_other_accelerator_state
-from .lora import add_policy_lora
+from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
 from .models import load_pipeline
 from .prompts import load_prompt_set
@@ -103,6 +103,8 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
         self.unet = self.pipe.unet
+        if precision != "no":  # every UNet call below runs under self.autocast()
+            leave_lora_input_casts_to_autocast(self.unet)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.utils._python_dispatch import TorchDispatchMode
 from unet_probes import perturb_lora, unet_inputs, unet_output
 
-from rlcm_fast.lora import (DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS, add_policy_lora, load_lora_into, lora_state_dict,
-                            save_lora)
+from rlcm_fast.lora import (DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS, add_policy_lora,
+                            leave_lora_input_casts_to_autocast, load_lora_into, lora_state_dict, save_lora)
 from rlcm_fast.models import build_tiny_pipeline, load_pipeline
 
 
@@ -26,6 +27,44 @@ def test_policy_lora_trains_only_float32_lora_weights_on_a_bf16_base():
     args, kwargs = unet_inputs(unet)
     unet(*args, **kwargs).sample.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in parameters)
+
+
+class CastCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func.overloadpacket is torch.ops.aten._to_copy
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_input_casts_left_to_autocast_change_no_bit_and_save_casts(dtype):
+    """Under autocast, peft's float32 cast of a LoRA layer's input is undone before the matmul: without it
+    the output and the LoRA gradients are bitwise the same, with fewer casts (attention and conv targets)."""
+    unet = load_pipeline("tiny", dtype=dtype).unet
+    parameters = add_policy_lora(unet, rank=4, alpha=8, target_modules=TINY_LORA_TARGETS)
+    perturb_lora(parameters, seed=2)
+    args, kwargs = unet_inputs(unet)
+
+    def forward_backward():
+        for p in parameters:
+            p.grad = None
+        with torch.autocast("cpu", dtype=dtype), CastCounter() as counter:
+            output = unet(*args, **kwargs).sample
+            output.float().square().mean().backward()
+        return output.detach(), [p.grad.clone() for p in parameters], counter.casts
+
+    output, grads, casts = forward_backward()
+    layers = leave_lora_input_casts_to_autocast(unet)
+    assert layers == len(parameters) // 2
+    left_output, left_grads, left_casts = forward_backward()
+    assert output.dtype == dtype and torch.equal(left_output, output)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(left_grads, grads))
+    assert any(g.abs().max() > 0 for g in grads)
+    # At least the input's cast to float32 and its backward, per layer.
+    assert left_casts <= casts - 2 * layers
 
 
 def test_policy_lora_rejects_bad_arguments():

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
@@ -250,9 +251,14 @@ def test_one_process_builds_trainers_of_other_precisions_in_turn(tmp_path, monke
     from rlcm_fast.launch import forget_other_accelerator_state
 
     overrides = {"device": "cpu", "epochs": 1, "grid_every": 0}
-    assert Trainer(resolve_config(overrides=overrides), tmp_path / "fp32").accelerator.mixed_precision == "no"
+    fp32 = Trainer(resolve_config(overrides=overrides), tmp_path / "fp32")
+    assert fp32.accelerator.mixed_precision == "no"
     bf16 = Trainer(resolve_config(overrides={**overrides, "mixed_precision": "bf16"}), tmp_path / "bf16")
     assert bf16.accelerator.mixed_precision == "bf16" and bf16.device.type == "cpu"
+    # Under autocast (bf16) peft's LoRA input casts are left to autocast; without it they are needed.
+    casting = [[layer.cast_input_dtype_enabled for layer in t.unet.modules() if isinstance(layer, BaseTunerLayer)]
+               for t in (fp32, bf16)]
+    assert casting[0] and all(casting[0]) and casting[1] and not any(casting[1])
     # Under several processes the state is the process group's, never forgotten.
     monkeypatch.setenv("WORLD_SIZE", "2")
     forget_other_accelerator_state(cpu=True, mixed_precision="no")
