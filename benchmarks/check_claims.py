@@ -51,8 +51,11 @@ from rlcm_fast.rewards import NVJPEG_COLOURS  # noqa: E402
 DEFAULT_NVJPEG_COLOUR = TrainConfig.nvjpeg_colour
 HERE = Path(__file__).resolve().parent
 TESTS = REPO_ROOT / "tests"
-GPU_TEST_FILES = ["test_triton_step.py", "test_fast_sampler.py", "test_cuda_graphs.py", "test_compiled_training.py",
-                  "test_nvjpeg.py", "test_clip_rewards.py", "test_rewards.py"]
+# The files with tests that have not passed on a GPU yet first (the nvJPEG file and libjpeg-colour tests, the
+# float32 trainer-graph test, the CUDA torchvision reward), so that a stage cut short has run them; then
+# those that passed on the H200 (6675037, 714cdca).
+GPU_TEST_FILES = ["test_nvjpeg.py", "test_cuda_graphs.py", "test_clip_rewards.py", "test_rewards.py",
+                  "test_fast_sampler.py", "test_triton_step.py", "test_compiled_training.py"]
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # The longest any one stage may run, so that one slow stage cannot take the others' time. From the first
 # H200 run (commit 6675037): step took 81 s, rewards 14 s, the GPU tests 24 s (the fast sampler's and
