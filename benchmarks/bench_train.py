@@ -99,10 +99,9 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
     if gpu:  # opt-in until checked on a GPU (README, Status): the compiled UNet, the CUDA-graph sampling loop
         table.update({name: {**rlcm, **switches} for name, switches in GPU_ONLY_ROWS.items()})
     # The UNet's training batch widened (the same gradients): on a GPU an update's 28 rows (2 samples x 2
-    # accumulation x 7 steps) in 4 UNet calls instead of 14. Not 2 calls of 14: counting the tensors saved
-    # for backward on the CPU (sd15-lcm with LoRA, bf16; 0.13 GiB per row at 256 px, 0.39 at 384 px,
-    # weights excluded), 768 px needs about 1.6 GiB per row if that grows with the area from 384 px, 2.6 if
-    # it grows as it did from 256 to 384 px: 14 rows, 22-36 GiB, would not fit in 24 GiB; 7 rows may.
+    # accumulation x 7 steps) in 4 UNet calls instead of 14. Not 2 calls of 14: training_memory.py traces
+    # sd15-lcm's training call at 768 px (bf16, LoRA) keeping 1.68 GiB per row for the backward, besides
+    # 1.99 GiB of frozen weights: 14 rows keep 23.5 GiB and cannot fit in 24 GiB; 7 rows keep 11.8.
     table["training_calls_of_7"] = {**rlcm, "train_rows_per_call": 7}
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
     table["ddpo"] = ddpo

@@ -1,0 +1,110 @@
+"""How much memory one training call keeps for its backward pass, per row, at any resolution, without a GPU.
+
+The trainer's UNet forward for N (sample, step) rows (the policy LoRA, bf16 autocast, the trainer's own
+`action_log_probs`) is traced with fake tensors: shapes and dtypes flow, nothing is computed, so sd15-lcm
+at 768 px takes seconds on a CPU. Every tensor autograd saves for the backward pass is counted once per
+storage; the frozen weights (and views of them, such as a linear layer's transposed weight) are not
+counted there but under `weights_gib`. The kernels' choices of what to save are the CPU's (flash
+attention saves its output and log-sum-exp, as CUDA's does); the backward's own transient buffers and the
+caching allocator's slack are not included, so this is a lower bound on a training call's peak, for
+choosing `train_rows_per_call` before a GPU run.
+
+Usage: python benchmarks/training_memory.py [--model sd15-lcm] [--resolution 768] [--rows 1,7,14]
+       [--out-dir DIR]
+Writes benchmarks/results/training_memory-<device>.json (or DIR/training_memory.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
+from rlcm_fast.models import latent_shape  # noqa: E402
+from rlcm_fast.trainer import Trainer  # noqa: E402
+
+GIB = 2**30
+
+
+def saved_for_backward_bytes(trainer: Trainer, rows: int) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward of `rows` rows (fake tensors)."""
+    sampler = trainer.sampler
+    embeds = sampler.prompt_embeddings([trainer.prompt_set[0]])  # real: the text encoder runs once, outside
+    saved: dict[int, int] = {}
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if not (base.is_leaf and base.requires_grad) and not isinstance(base, torch.nn.Parameter):
+            saved[StorageWeakRef(tensor.untyped_storage()).cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    states_shape = (rows, sampler.trained_steps + 1, *latent_shape(trainer.pipe, 1, sampler.resolution)[1:])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        states = torch.randn(states_shape, device=trainer.device)
+        sample_idx = torch.arange(rows, device=trainer.device)
+        step_idx = torch.zeros(rows, dtype=torch.long, device=trainer.device)
+        with trainer.autocast(), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            sampler.action_log_probs(trainer.train_unet, states, sample_idx, step_idx,
+                                     embeds.expand(rows, -1, -1))
+    return sum(saved.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15-lcm", help="an RLCM model preset or folder (default sd15-lcm)")
+    parser.add_argument("--resolution", type=int, default=768)
+    parser.add_argument("--rows", default="1,7,14", help="comma-separated rows per training call (default 1,7,14)")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+        if not rows or min(rows) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--rows {args.rows!r} is not a comma-separated list of integers >= 1")
+    try:
+        # The fused C++ step reads raw pointers, which fake tensors do not have: the plain-PyTorch step.
+        cfg = resolve_config(overrides={
+            "device": "cpu", "model": args.model, "resolution": args.resolution, "mixed_precision": "bf16",
+            "policy_step_backend": "reference", "grid_every": 0, "sample_batch_size": 1, "train_batch_size": 1,
+            "gradient_accumulation_steps": 1, "batches_per_epoch": 1})
+    except ConfigError as error:
+        parser.error(str(error))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))
+        pipe = trainer.pipe
+        weights = sum(t.numel() * t.element_size() for module in (pipe.unet, pipe.vae, pipe.text_encoder)
+                      for t in [*module.parameters(), *module.buffers()] if not t.requires_grad)
+        # The LoRA weights in float32, their gradients, and AdamW's two moments.
+        lora = sum(p.numel() for p in trainer.params) * 4 * 4
+        measured = [{"rows": n, "saved_for_backward_gib": saved_for_backward_bytes(trainer, n) / GIB} for n in rows]
+    for row in measured:
+        print(f"{cfg.model} {cfg.resolution} px, {row['rows']:3d} rows per call: "
+              f"{row['saved_for_backward_gib']:.4g} GiB saved for backward", flush=True)
+    result = {
+        "benchmark": "training_memory", **environment(), "model": cfg.model, "resolution": cfg.resolution,
+        "precision": "bf16 autocast, bf16 weights, float32 LoRA", "lora_rank": cfg.lora_rank,
+        "lora_targets": list(cfg.lora_targets), "weights_gib": weights / GIB, "lora_and_adam_gib": lora / GIB,
+        "rows": measured,
+    }
+    if len(measured) > 1:
+        first, last = measured[0], measured[-1]
+        result["saved_gib_per_row"] = ((last["saved_for_backward_gib"] - first["saved_for_backward_gib"])
+                                       / (last["rows"] - first["rows"]))
+        print(f"{result['saved_gib_per_row']:.4g} GiB per row; frozen weights {result['weights_gib']:.4g} GiB, "
+              f"LoRA with AdamW {result['lora_and_adam_gib']:.4g} GiB", flush=True)
+    print(f"wrote {write_result('training_memory', result, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

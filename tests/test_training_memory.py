@@ -1,0 +1,33 @@
+"""benchmarks/training_memory.py: the memory a training call keeps for its backward, traced without computing."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import training_memory  # noqa: E402
+
+
+def test_saved_memory_grows_with_the_rows_and_excludes_the_frozen_weights(tmp_path):
+    assert training_memory.main(["--model", "tiny", "--resolution", "32", "--rows", "1,2,4",
+                                 "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "training_memory.json").read_text())
+    saved = [row["saved_for_backward_gib"] for row in result["rows"]]
+    assert [row["rows"] for row in result["rows"]] == [1, 2, 4]
+    assert 0 < saved[0] < saved[1] < saved[2]
+    # Activations grow with the rows; a frozen weight (or a view of one) counted as saved would add a
+    # constant that does not, and the tiny UNet's weights are larger than one row's activations.
+    assert saved[2] - saved[0] == pytest.approx(3 * (saved[1] - saved[0]), rel=0.05)
+    assert saved[0] == pytest.approx(result["saved_gib_per_row"], rel=0.25)
+    assert result["weights_gib"] > saved[0] and result["lora_and_adam_gib"] > 0
+    assert result["model"] == "tiny" and result["resolution"] == 32 and result["git_commit"]
+
+
+def test_bad_rows_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training_memory.main(["--rows", "7,0"])
+    assert exit_info.value.code == 2
+    assert "--rows '7,0' is not a comma-separated list of integers >= 1" in capsys.readouterr().err
