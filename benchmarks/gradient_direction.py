@@ -89,8 +89,9 @@ def policy_gradient_estimate(trainer: Trainer, samples) -> list[torch.Tensor]:
         p.grad = None
     for rows in torch.arange(n).split(BATCH):
         sample_idx, step_idx = rows.repeat_interleave(steps), torch.arange(steps).repeat(len(rows))
-        log_probs = trainer.sampler.action_log_probs(trainer.unet, samples.states, sample_idx, step_idx,
-                                                     embeds[sample_idx])[0]
+        with trainer.autocast():  # as the trainer's own updates (a no-op in float32, the default on a CPU)
+            log_probs = trainer.sampler.action_log_probs(trainer.unet, samples.states, sample_idx, step_idx,
+                                                         embeds[sample_idx])[0]
         ((advantages[sample_idx] * log_probs).sum() / (n * steps)).backward()
     return [p.grad.detach().clone() for p in trainer.params]
 

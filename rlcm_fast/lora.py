@@ -57,9 +57,10 @@ def leave_lora_input_casts_to_autocast(unet: UNet2DConditionModel) -> int:
 
     Only for a UNet that always runs under autocast (the trainer's, with mixed precision): there autocast
     casts that float32 input straight back to bf16/fp16 for the LoRA matmul, a round trip that changes no
-    bit and costs two casts per layer in the forward and two in the backward. On sd15-lcm, with the paper's
-    attention targets, that is 442 of the 3648 ATen ops of a training forward+backward (counted on the CPU),
-    and eager training at 768 px is bound by the host's cost per op. peft keeps the switch for this case
+    bit and costs two casts per layer in the forward, and two more in the backward where the input needs a
+    gradient. On sd15-lcm, with the paper's attention targets, that is 442 of the 3648 ATen ops of a
+    training forward+backward (counted on the CPU), and eager training at 768 px looked bound by the
+    host's cost per op on an H200. peft keeps the switch for this case
     (`cast_input_dtype_enabled`, which `peft.helpers.disable_input_dtype_casting` sets for a block)."""
     layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
     for layer in layers:
