@@ -55,6 +55,9 @@ class TrainConfig:
     # torch.compile of the trainer's UNet: opt-in until its gradients are checked on a GPU (README, Status).
     compile_unet: bool = False  # sampling and the LoRA training forward/backward
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
+    # Attention kernels: sdpa (PyTorch's scaled_dot_product_attention, diffusers' default) | xformers (its
+    # memory-efficient attention, in the UNet and the VAE; CUDA only, and only where xformers is installed).
+    attention_backend: str = "sdpa"
     # Sampling's H-step loop captured as one CUDA graph and replayed (CUDA only; ignored on a CPU). Opt-in
     # until checked on a GPU; a loop that cannot be captured warns and samples without the graph.
     sample_cuda_graph: bool = False
@@ -178,6 +181,7 @@ TINY_SD_MODEL_PRESET: dict[str, Any] = {**TINY_MODEL_PRESET, "horizon": 10, "gui
 
 DEVICES = ("auto", "cpu", "cuda")  # several GPUs: one process each, through accelerate
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -296,6 +300,9 @@ def _validate_method_and_switches(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
     if cfg.compile_unet:
         _validate_compile_backend(cfg.compile_backend)
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend {cfg.attention_backend!r} is invalid; allowed: "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
     if not isinstance(cfg.train_rows_per_call, int) or cfg.train_rows_per_call < 0:
         raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call!r} is invalid: it must be an integer >= 0 "
                           "(0: train_batch_size)")

@@ -41,7 +41,7 @@ from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, ag
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import load_pipeline
+from .models import check_attention_backend, load_pipeline, set_attention_backend
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
@@ -88,6 +88,10 @@ class Trainer:
             raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
                               "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
                               "or compile_unet=false")
+        try:
+            check_attention_backend(cfg.attention_backend, torch.device("cpu" if use_cpu else "cuda"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         forget_other_accelerator_state(use_cpu, precision)
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
         self.device = self.accelerator.device
@@ -97,6 +101,7 @@ class Trainer:
         # Model: frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
         self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora, method=cfg.method)
         self.pipe.set_progress_bar_config(disable=True)
+        set_attention_backend(self.pipe, cfg.attention_backend)
         torch.manual_seed(cfg.seed)
         try:
             self.params = add_policy_lora(self.pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)

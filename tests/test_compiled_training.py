@@ -1,7 +1,7 @@
 """The compiled UNet (inductor) and the CUDA-graph sampling loop on a GPU change no result: one seeded update
 on the tiny model gives the eager path's trajectories, loss and LoRA gradients, in float32 without TF32.
 (On the CPU inductor is refused, test_switches.py; these are the checks that decide whether the two may
-be the GPU's defaults.)"""
+be the GPU's defaults.) Also xformers' attention (attention_backend=xformers), where it is installed."""
 
 import pytest
 import torch
@@ -35,5 +35,19 @@ def test_compiled_training_on_a_gpu_equals_eager(tmp_path, monkeypatch, eager, s
     assert largest > 0
     nonzero = [bool(g.abs().max() > 0) for g in base["grads"]]
     assert [bool(g.abs().max() > 0) for g in logged["grads"]] == nonzero  # CPU inductor zeroed some (torch 2.13)
+    for ours, theirs in zip(logged["grads"], base["grads"]):
+        torch.testing.assert_close(ours, theirs, atol=1e-4 * largest, rtol=1e-3)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("xformers") is None, reason="xformers is not installed")
+def test_xformers_attention_on_a_gpu_gives_sdpas_update(tmp_path, monkeypatch, eager):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    samples, logged, _ = one_update(tmp_path, "xformers", device="cuda", mixed_precision="no",
+                                    attention_backend="xformers")
+    base_samples, base, _ = eager
+    torch.testing.assert_close(samples.states, base_samples.states, atol=1e-4, rtol=0)
+    assert logged["loss"] == pytest.approx(base["loss"], abs=1e-5)
+    largest = max(g.abs().max().item() for g in base["grads"])
     for ours, theirs in zip(logged["grads"], base["grads"]):
         torch.testing.assert_close(ours, theirs, atol=1e-4 * largest, rtol=1e-3)

@@ -74,6 +74,32 @@ def test_inductor_on_the_cpu_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_sdpa_attention_is_diffusers_default_processor(tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    trainer = Trainer(resolve_config(overrides={**ONE_UPDATE, "attention_backend": "sdpa"}), tmp_path / "run")
+    processors = {type(p) for p in (*trainer.unet.attn_processors.values(), *trainer.pipe.vae.attn_processors.values())}
+    assert processors == {AttnProcessor2_0}  # torch.nn.functional.scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("installed, message", [
+    (False, "attention_backend=xformers needs the xformers package, which is not installed"),
+    (True, "attention_backend=xformers needs a CUDA device, not cpu; use attention_backend=sdpa"),
+])
+def test_xformers_attention_is_refused_where_it_cannot_run(tmp_path, monkeypatch, installed, message):
+    import importlib.machinery
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        (importlib.machinery.ModuleSpec(name, None) if installed else None) if name == "xformers"
+        else find_spec(name, *args)))
+    with pytest.raises(ConfigError, match=message) as info:
+        Trainer(resolve_config(overrides={**ONE_UPDATE, "attention_backend": "xformers"}), tmp_path / "run")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_per_timestep_minibatches_hold_one_step_each():
     trained = torch.arange(3).expand(4, 3)
     (update,) = list(per_timestep_rows(trained, torch.Generator().manual_seed(0), rows=2, accumulation=2))
