@@ -40,7 +40,6 @@ Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -54,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.minibatches import minibatch_plan  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
@@ -186,13 +186,13 @@ def unet_work(trainer: Trainer) -> tuple[dict, dict]:
             {"sampling_per_trajectory": sampling_ops.ops, "training_per_row": training_ops.ops})
 
 
-def training_calls(cfg, trained_rows: int) -> int:
-    """UNet forward+backward calls that train an epoch's rows: minibatches of train_batch_size rows, or
-    each update's rows in calls of train_rows_per_call."""
-    if not cfg.train_rows_per_call:
-        return trained_rows // cfg.train_batch_size
-    updates = cfg.samples_per_epoch // (cfg.train_batch_size * cfg.gradient_accumulation_steps) * cfg.num_inner_epochs
-    return updates * math.ceil(trained_rows // updates / cfg.train_rows_per_call) if updates else 0
+def training_calls(cfg, trained_steps: int) -> int:
+    """UNet forward+backward calls that train an epoch: the minibatches of the trainer's own plan
+    (rlcm_fast.minibatches), counted on a placeholder table of trained steps."""
+    trained = torch.zeros(cfg.samples_per_epoch, trained_steps, dtype=torch.long)
+    plan = minibatch_plan(cfg.algorithm, cfg.train_rows, cfg.train_rows_per_call)
+    updates = plan(trained, torch.Generator().manual_seed(0), cfg.train_batch_size, cfg.gradient_accumulation_steps)
+    return cfg.num_inner_epochs * sum(len(minibatches) for minibatches in updates)
 
 
 def policy_step_backend(cfg, device: torch.device) -> str | None:
@@ -253,7 +253,7 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         # Training time per ATen op the UNet's forward+backward runs, one run per minibatch (the optimizer
         # and loss excluded from the count): some microseconds means the host, not the GPU, sets the pace.
         "training_us_per_unet_aten_op": 1e6 * mean["training_s"] / (calls * aten_ops["training_per_row"])
-        if (calls := training_calls(cfg, trained_rows)) else None,
+        if (calls := training_calls(cfg, trainer.sampler.trained_steps)) else None,
         "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,
         "reward_mean_per_epoch": rewards,

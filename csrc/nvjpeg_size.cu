@@ -181,7 +181,7 @@ private:
             }
         }
         if (stream_synchronize_(stream) != 0) {
-            throw std::runtime_error("cuStreamSynchronize failed after nvjpegEncodeImage");
+            throw std::runtime_error("cuStreamSynchronize failed after encoding");
         }
     }
 
