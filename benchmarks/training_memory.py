@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
 from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
-from rlcm_fast.models import latent_shape  # noqa: E402
+from rlcm_fast.models import ModelLoadError, latent_shape  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 GIB = 2**30
@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+        try:
+            trainer = Trainer(cfg, Path(run_dir))
+        except (ConfigError, ModelLoadError) as error:
+            parser.error(str(error))
         pipe = trainer.pipe
         weights = sum(t.numel() * t.element_size() for module in (pipe.unet, pipe.vae, pipe.text_encoder)
                       for t in [*module.parameters(), *module.buffers()] if not t.requires_grad)

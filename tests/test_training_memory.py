@@ -26,8 +26,14 @@ def test_saved_memory_grows_with_the_rows_and_excludes_the_frozen_weights(tmp_pa
     assert result["model"] == "tiny" and result["resolution"] == 32 and result["git_commit"]
 
 
-def test_bad_rows_are_refused_in_one_line(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "7,0"], "--rows '7,0' is not a comma-separated list of integers >= 1"),
+    (["--model", "sd15", "--resolution", "64"], "model 'sd15' is a Stable Diffusion preset"),
+    (["--model", "/no/such/folder", "--resolution", "64"], "could not be loaded (no such folder)"),
+])
+def test_bad_input_is_refused_in_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        training_memory.main(["--rows", "7,0"])
+        training_memory.main(argv)
     assert exit_info.value.code == 2
-    assert "--rows '7,0' is not a comma-separated list of integers >= 1" in capsys.readouterr().err
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error
