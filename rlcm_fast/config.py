@@ -55,8 +55,9 @@ class TrainConfig:
     # torch.compile of the trainer's UNet: opt-in until its gradients are checked on a GPU (README, Status).
     compile_unet: bool = False  # sampling and the LoRA training forward/backward
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
-    # Attention kernels: sdpa (PyTorch's scaled_dot_product_attention, diffusers' default) | xformers (its
-    # memory-efficient attention, in the UNet and the VAE; CUDA only, and only where xformers is installed).
+    # Attention kernels of the UNet and the VAE: sdpa (PyTorch's scaled_dot_product_attention, diffusers'
+    # default) | cudnn (the same, cuDNN's fused attention first; CUDA only) | xformers (its memory-efficient
+    # attention; CUDA only, and only where xformers is installed). See rlcm_fast/attention.py.
     attention_backend: str = "sdpa"
     # Sampling's H-step loop captured as one CUDA graph and replayed (CUDA only; ignored on a CPU). Opt-in
     # until checked on a GPU; a loop that cannot be captured warns and samples without the graph.
@@ -181,7 +182,7 @@ TINY_SD_MODEL_PRESET: dict[str, Any] = {**TINY_MODEL_PRESET, "horizon": 10, "gui
 
 DEVICES = ("auto", "cpu", "cuda")  # several GPUs: one process each, through accelerate
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-ATTENTION_BACKENDS = ("sdpa", "xformers")
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "xformers")  # rlcm_fast/attention.py
 
 
 def _positive_int(name: str, value: int) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -174,25 +173,6 @@ def _without_guidance_embedding(spec: _ArchitectureSpec, scheduler: dict) -> _Ar
 SD15 = _without_guidance_embedding(SD15_LCM, SD_SCHEDULER_CONFIG)
 # The tiny LCM without its guidance input; sample prediction for the same reason as `tiny`.
 TINY_SD = _without_guidance_embedding(TINY, {**SD_SCHEDULER_CONFIG, "prediction_type": "sample"})
-
-
-def check_attention_backend(backend: str, device: torch.device) -> None:
-    """Refuse, in one line and before any model is loaded, an attention backend this machine cannot run."""
-    if backend != "xformers":
-        return
-    if importlib.util.find_spec("xformers") is None:
-        raise ValueError("attention_backend=xformers needs the xformers package, which is not installed "
-                         "(pip install xformers, or use attention_backend=sdpa)")
-    if device.type != "cuda":
-        raise ValueError(f"attention_backend=xformers needs a CUDA device, not {device.type}; "
-                         "use attention_backend=sdpa")
-
-
-def set_attention_backend(pipe, backend: str) -> None:
-    """sdpa: diffusers' default attention processors, on PyTorch's scaled_dot_product_attention;
-    xformers: xformers' memory-efficient attention in every attention layer (UNet and VAE)."""
-    if backend == "xformers":
-        pipe.enable_xformers_memory_efficient_attention()
 
 
 def load_pipeline(

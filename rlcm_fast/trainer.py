@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
+from .attention import check_attention_backend, set_attention_backend
 from .checkpoint import (
     CheckpointError, CheckpointWriteError, checkpoint_name, load_checkpoint, load_tensors, read_training_state,
     save_checkpoint,
@@ -41,7 +42,7 @@ from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, ag
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import check_attention_backend, load_pipeline, set_attention_backend
+from .models import load_pipeline
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid

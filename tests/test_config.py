@@ -40,7 +40,7 @@ def test_set_values_are_typed():
     ({"learning_rat": 1e-3}, "unknown config key 'learning_rat' in --set; did you mean 'learning_rate'"),
     ({"horizon": 60}, "horizon=60 is invalid: it must be <= original_inference_steps=50"),
     ({"train_final_step": "yes"}, "train_final_step='yes' in --set is invalid: expected bool"),
-    ({"attention_backend": "flash"}, "attention_backend 'flash' is invalid; allowed: sdpa, xformers"),
+    ({"attention_backend": "flash"}, "attention_backend 'flash' is invalid; allowed: sdpa, cudnn, xformers"),
 ])
 def test_bad_values_give_one_clear_line(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:

@@ -100,6 +100,13 @@ def test_xformers_attention_is_refused_where_it_cannot_run(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
+def test_cudnn_attention_on_the_cpu_is_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="attention_backend=cudnn needs a CUDA device, not cpu; use "
+                                          "attention_backend=sdpa"):
+        Trainer(resolve_config(overrides={**ONE_UPDATE, "attention_backend": "cudnn"}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_per_timestep_minibatches_hold_one_step_each():
     trained = torch.arange(3).expand(4, 3)
     (update,) = list(per_timestep_rows(trained, torch.Generator().manual_seed(0), rows=2, accumulation=2))
