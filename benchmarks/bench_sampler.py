@@ -17,9 +17,12 @@ torch.compile for each (H, batch); then the rows without the CUDA graph, which n
 is rewritten after every row ("complete": false until the last), so a run stopped early keeps what it
 measured.
 
+`--fast-attention cudnn` runs rlcm-fast's rows (only those) with `set_attention_backend(pipe, "cudnn")`
+(rlcm_fast/attention.py); the diffusers rows keep the pipeline's default attention. The JSON records it.
+
 Writes benchmarks/results/bench_sampler-<device>.json.
 Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10] [--horizons 4,8] [--batches 1,8]
-       [--out-dir DIR]
+       [--fast-attention sdpa|cudnn] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 
 from rlcm_fast import FastLCMSampler  # noqa: E402
+from rlcm_fast.attention import check_attention_backend, set_attention_backend  # noqa: E402
 from rlcm_fast.models import load_pipeline  # noqa: E402
 
 PROMPT = "a photograph of a red fox in the snow"
@@ -105,9 +109,15 @@ def variant_call(name: str, pipe, horizon: int, batch: int, resolution: int, dev
 
 
 def time_variant(name: str, pipe, unet, horizon: int, batch: int, resolution: int, device: torch.device,
-                 repeats: int) -> tuple[float, torch.Tensor]:
-    """(median seconds per call, images) of variant `name` with `unet` in the pipeline. Its call (and a
-    sampler's graph) is made here, so that nothing holds it once this returns."""
+                 repeats: int, fast_attention: str = "sdpa") -> tuple[float, torch.Tensor]:
+    """(median seconds per call, images) of variant `name` with `unet` in the pipeline, rlcm-fast's with
+    `fast_attention`. Its call (and a sampler's graph) is made here, so that nothing holds it once this returns."""
+    attention = fast_attention if name in (FAST, FAST_WITHOUT_GRAPH) else "sdpa"
+    # Switched before the call is built (it is compiled and captured with it), and the pipeline's own
+    # processor objects put back after: new ones would make dynamo recompile the diffusers + compile UNet.
+    originals = {model: model.attn_processors for model in (pipe.unet, pipe.vae)} if attention != "sdpa" else {}
+    if originals:
+        set_attention_backend(pipe, attention)
     fn = variant_call(name, pipe, horizon, batch, resolution, device)  # built around the pipeline's eager UNet
     eager_unet, pipe.unet = pipe.unet, unet
     try:
@@ -115,6 +125,8 @@ def time_variant(name: str, pipe, unet, horizon: int, batch: int, resolution: in
         return seconds, fn().float()
     finally:
         pipe.unet = eager_unet
+        for model, processors in originals.items():
+            model.set_attn_processor(processors)
 
 
 def main() -> int:
@@ -123,9 +135,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--horizons", default=None, help="comma-separated H values (default: GPU 4,8; CPU 2,4)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--fast-attention", choices=("sdpa", "cudnn"), default="sdpa",
+                        help="attention_backend of rlcm-fast's rows (default sdpa, the pipeline's)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_sampler.json instead of benchmarks/results/")
     args = parser.parse_args()
     device = torch.device(args.device)
+    try:
+        check_attention_backend(args.fast_attention, device)
+    except ValueError as error:
+        parser.error(str(error))
     gpu = device.type == "cuda"
     model, resolution = ("sd15-lcm", 768) if gpu else ("tiny", 32)
     horizons, batches = ((4, 8), (1, 8)) if gpu else ((2, 4), (1, 8))
@@ -140,6 +158,7 @@ def main() -> int:
 
     result = {"benchmark": "bench_sampler", **environment(), "model": model, "resolution": resolution,
               "dtype": str(dtype).removeprefix("torch."), "prompt": PROMPT, "guidance_scale": GUIDANCE,
+              "fast_attention_backend": args.fast_attention,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": [], "skipped": []}
     if gpu:
         result["matmul_rate"] = matmul_rate(device)
@@ -166,7 +185,8 @@ def main() -> int:
                 flops = flops_per_h_steps[group]
                 for name in variants:
                     unet = compiled_unet if name == COMPILED_DIFFUSERS else eager_unet
-                    seconds, images = time_variant(name, pipe, unet, horizon, batch, resolution, device, args.repeats)
+                    seconds, images = time_variant(name, pipe, unet, horizon, batch, resolution, device, args.repeats,
+                                                   args.fast_attention)
                     if name == EAGER:
                         eager_seconds[group] = seconds  # measured before the group's other variants
                     row = {

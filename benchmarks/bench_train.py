@@ -9,8 +9,9 @@ CFG 5, all 50 actions trained, train batch 1) with the same number of reward que
 same 10 batches of 4) and the same 768 px.
 Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7`
 (train_rows_per_call 7), and on a GPU only `compiled_unet`, `sample_cuda_graph`, both together
-(`compiled_and_graphed`), and `graphed_calls_of_7` (the graphed sampling loop with training calls of 7
-rows); asked for on a CPU, these four are listed under "skipped".
+(`compiled_and_graphed`), `graphed_calls_of_7` (the graphed sampling loop with training calls of 7
+rows) and `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn); asked for on a CPU, these
+five are listed under "skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 
@@ -73,6 +74,8 @@ GPU_ONLY_ROWS = {
     # On the H200 the eager loop looked host-bound (README, Speed: about 34 us per ATen op in training, 41 in
     # sampling), which a graph removes from sampling and wider calls divide in training.
     "graphed_calls_of_7": {"sample_cuda_graph": True, "train_rows_per_call": 7},
+    # The same with cuDNN's fused attention first (rlcm_fast/attention.py; bench_attention.py times it alone).
+    "graphed_calls_of_7_cudnn": {"sample_cuda_graph": True, "train_rows_per_call": 7, "attention_backend": "cudnn"},
 }
 STRAIGHTFORWARD = {key: value for off in OPTIMISATIONS_OFF.values() for key, value in off.items()}
 

@@ -1,7 +1,7 @@
 """Check the package's GPU claims on this machine, within a time budget: run the benchmarks that measure
 them and the GPU tests, then judge each claim against its threshold.
 
-    python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,sampler,train,tests]
+    python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,attention,sampler,train,tests]
                                       [--train-rows ROW,ROW,...] [--out-dir DIR]
     python benchmarks/check_claims.py --evaluate-only --out-dir DIR     (judge the JSON already in DIR)
 
@@ -22,6 +22,8 @@ Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16)
   step     bench_step.py: fused step vs eager and torch.compile, fraction of copy bandwidth
   rewards  bench_rewards.py, JPEG rows only: nvJPEG vs Pillow speed, and their sizes' agreement (with
            each nvjpeg_colour; the claim is judged on the default)
+  attention  bench_attention.py: SDPA's backends at the UNet's and VAE's attention shapes (no claim: it
+           says whether attention_backend=cudnn could help; claims.md sums it up per model call)
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
            epoch (its per-sample step time, not the paper's epoch)
@@ -51,28 +53,28 @@ from rlcm_fast.rewards import NVJPEG_COLOURS  # noqa: E402
 DEFAULT_NVJPEG_COLOUR = TrainConfig.nvjpeg_colour
 HERE = Path(__file__).resolve().parent
 TESTS = REPO_ROOT / "tests"
-# The files with tests that have not passed on a GPU yet first (the nvJPEG file and libjpeg-colour tests, the
-# float32 trainer-graph test, the CUDA torchvision reward), so that a stage cut short has run them; then
-# those that passed on the H200 (6675037, 714cdca).
-GPU_TEST_FILES = ["test_nvjpeg.py", "test_cuda_graphs.py", "test_clip_rewards.py", "test_rewards.py",
-                  "test_fast_sampler.py", "test_triton_step.py", "test_compiled_training.py"]
+# The files with tests that have not passed on a GPU yet first (the nvJPEG file and libjpeg-colour tests,
+# cuDNN attention, the float32 trainer-graph test, the CUDA torchvision reward), so that a stage cut short
+# has run them; then those that passed on the H200 (6675037, 714cdca).
+GPU_TEST_FILES = ["test_nvjpeg.py", "test_attention.py", "test_cuda_graphs.py", "test_clip_rewards.py",
+                  "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py", "test_compiled_training.py"]
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # The longest any one stage may run, so that one slow stage cannot take the others' time. From the first
 # H200 run (commit 6675037): step took 81 s, rewards 14 s, the GPU tests 24 s (the fast sampler's and
 # CUDA-graph tests 48 s alone); sampler (240 s) and train (180 s) were stopped at their caps, the sampler
 # after 9 of its 16 rows (it compiles the 860M-parameter UNet) and train inside DDPO's warm-up epoch
 # (fast and straightforward take about 60 s each, model set-up and warm-up epoch included).
-STAGE_CAP_S = {"step": 120, "rewards": 60, "sampler": 300, "train": 360, "tests": 120}
-DEFAULT_STAGES = "step,rewards,sampler,train,tests"
+STAGE_CAP_S = {"step": 120, "rewards": 60, "attention": 90, "sampler": 300, "train": 360, "tests": 120}
+DEFAULT_STAGES = "step,rewards,attention,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished
 # after 386 s; with the sampling graphs in inductor's cache, the first training minibatch still took 199 s.
 # The baseline of the 3x claim first, then the likeliest fastest fast-path row, so that a stage cut short
 # still has a ratio; the defaults ("fast") last: they ran on the H200 already (6675037).
-DEFAULT_TRAIN_ROWS = "straightforward,graphed_calls_of_7,ddpo,training_calls_of_7,fast"
+DEFAULT_TRAIN_ROWS = "straightforward,graphed_calls_of_7,ddpo,graphed_calls_of_7_cudnn,training_calls_of_7,fast"
 # bench_train rows that are the fast path: the defaults, and its opt-in switches (compiled UNet, graphed
 # sampling, wider training calls).
 FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed", "training_calls_of_7",
-                  "graphed_calls_of_7")
+                  "graphed_calls_of_7", "graphed_calls_of_7_cudnn")
 
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:
@@ -82,6 +84,7 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
         # The claims' rows (768 px, batch 32) first, in case the stage is cut short.
         "rewards": [py, str(HERE / "bench_rewards.py"), "--no-aesthetic", "--sizes", "768,512", "--batches", "32,8",
                     *out],
+        "attention": [py, str(HERE / "bench_attention.py"), *out],
         "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
         "train": [py, str(HERE / "bench_train.py"), "--rows", train_rows, "--epochs", "1", "--ddpo-batches", "1",
                   "--no-curves", *out],
@@ -346,6 +349,8 @@ def judge(claim: Claim, results: dict[str, dict]) -> dict:
     value, detail = measured
     if data.get("complete") is False:
         detail += f"; partial: {claim.source} stopped before its last row"
+    if data.get("fast_attention_backend", "sdpa") != "sdpa":  # bench_sampler --fast-attention: not the default
+        detail += f"; rlcm-fast with attention_backend={data['fast_attention_backend']}"
     status = "pass" if HOLDS[claim.op](value, claim.threshold) else "fail"
     return {**entry, "status": status, "measured": value, "detail": detail}
 
@@ -357,6 +362,23 @@ def evaluate(out_dir: Path) -> list[dict]:
         if path.is_file():
             results[name] = json.loads(path.read_text())
     return [judge(claim, results) for claim in CLAIMS]
+
+
+def attention_summary(out_dir: Path) -> list[str]:
+    """claims.md's lines on bench_attention.json: ms of attention per model call, by SDPA's default choice
+    and with cuDNN first (attention_backend=cudnn), and the fastest backend per shape."""
+    path = out_dir / "bench_attention.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    lines = [f"Attention per model call, ms (bench_attention.json, {data['model']} at {data['resolution']} px, "
+             f"{data['dtype']}{'' if data.get('complete') else '; partial'}):", ""]
+    for group in data["groups"]:
+        totals = group["ms_per_call"]
+        said = ", ".join(f"{name.replace('_', ' ')} {totals[name]:.3g}" if totals.get(name) is not None
+                         else f"{name.replace('_', ' ')} -" for name in ("default", "cudnn_first", "fastest"))
+        lines.append(f"- {group['model_part']} batch {group['batch']} {group['pass'].replace('_', ' + ')}: {said}")
+    return lines + [""]
 
 
 def earlier_run_record(out_dir: Path) -> dict:
@@ -398,7 +420,9 @@ def markdown(report: dict) -> str:
     for c in report["claims"]:
         value = "-" if c["measured"] is None else f"{c['measured']:.4g}"
         lines.append(f"| {c['issue']} | {c['claim']} | {c['threshold']} | {value} | {c['status']} | {c['detail']} |")
-    return "\n".join(lines) + "\n"
+    if report.get("attention"):
+        lines += [""] + report["attention"]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"device": device_name(), "torch": torch.__version__, "git_commit": git_commit(), "time_utc": now,
                   "package": installed_package(), "stages": statuses}
     report["claims"] = evaluate(out_dir)
+    report["attention"] = attention_summary(out_dir)
     (out_dir / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "claims.md").write_text(markdown(report))
     print(markdown(report))

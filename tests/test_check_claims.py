@@ -110,6 +110,16 @@ def test_claims_on_a_benchmark_cut_short_say_partial(tmp_path):
     assert partial == {c["claim"] for c in claims if c["source"] == "bench_step"} and len(partial) == 2
 
 
+def test_sampler_claims_name_a_non_default_attention_backend(tmp_path):
+    write_gpu_results(tmp_path)
+    sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
+    (tmp_path / "bench_sampler.json").write_text(json.dumps({**sampler, "fast_attention_backend": "cudnn"}))
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    named = {c["claim"] for c in claims if c["detail"].endswith("; rlcm-fast with attention_backend=cudnn")}
+    assert named == {c["claim"] for c in claims if c["source"] == "bench_sampler"} and len(named) == 4
+
+
 def test_a_stage_streams_its_output_runs_where_it_should_and_is_stopped_at_its_timeout(tmp_path):
     log = tmp_path / "check_claims.log"
     where = check_claims.run_stage("tests", [sys.executable, "-c", "import os; print(os.getcwd())"], 60, log)
@@ -150,7 +160,7 @@ def test_without_cuda_no_stage_runs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, sampler, train, tests"),
+    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, attention, sampler, train, tests"),
     (["--train-rows", "fast,turbo"], "--train-rows turbo unknown; allowed: fast, reference_step,"),
     (["--budget-s", "0"], "--budget-s 0 is invalid: it must be > 0"),
 ])
@@ -166,20 +176,28 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     commands = check_claims.stage_commands(tmp_path)
     smaller = {"rewards": ["--quick", "--sizes", "64", "--batches", "2"],
                "sampler": ["--device", "cpu", "--horizons", "2", "--batches", "1", "--repeats", "1"],
-               "train": ["--quick"]}
+               "train": ["--quick"], "attention": ["--device", "cpu", "--batches", "1", "--train-rows", "1"]}
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
     for stage, extra in smaller.items():
         result = subprocess.run([*commands[stage], *extra], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, (stage, (result.stdout + result.stderr)[-3000:])
     train = json.loads((tmp_path / "bench_train.json").read_text())
-    # graphed_calls_of_7 needs CUDA: skipped on the CPU, and said so.
+    # The graphed_calls_of_7 rows need CUDA: skipped on the CPU, and said so.
     assert [r["variant"] for r in train["rows"]] == ["straightforward", "ddpo", "training_calls_of_7", "fast"]
-    assert [s.get("row") for s in train["skipped"] if "row" in s] == ["graphed_calls_of_7"]
+    assert [s.get("row") for s in train["skipped"] if "row" in s] == ["graphed_calls_of_7", "graphed_calls_of_7_cudnn"]
     assert "curves" not in train
     sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}
     assert json.loads((tmp_path / "bench_rewards.json").read_text())["jpeg"]
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    summary = (tmp_path / "claims.md").read_text().split("Attention per model call, ms (bench_attention.json, ")[1]
+    assert summary.startswith("tiny at 32 px, float32):")
+    attention = json.loads((tmp_path / "bench_attention.json").read_text())
+    lines = [line for line in summary.splitlines() if line.startswith("- ")]
+    assert len(lines) == len(attention["groups"]) == 3
+    default = attention["groups"][0]["ms_per_call"]["default"]
+    assert lines[0].startswith(f"- unet batch 1 forward + backward: default {default:.3g}, cudnn first ")
 
 
 def test_bench_step_refuses_bad_batch_sizes_in_one_line():
