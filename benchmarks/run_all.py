@@ -31,11 +31,12 @@ def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dic
     """(benchmark, arguments) to run here, and what is skipped with why."""
     runs, skipped = [], []
     if cuda:
-        runs += [("bench_step", []), ("bench_sampler", ["--repeats", "3"] if quick else [])]
+        runs += [("bench_step", []), ("bench_sampler", ["--repeats", "3"] if quick else []), ("bench_attention", [])]
     else:
         skipped.append({"benchmark": "bench_step", "reason": "needs CUDA (Triton kernel timings); not available"})
-        skipped.append({"benchmark": "bench_sampler", "reason": "needs CUDA (its CPU mode is a smoke test "
-                        "of the script: python benchmarks/bench_sampler.py --device cpu)"})
+        for name in ("bench_sampler", "bench_attention"):
+            skipped.append({"benchmark": name, "reason": "needs CUDA (its CPU mode is a smoke test of the script: "
+                            f"python benchmarks/{name}.py --device cpu)"})
     # Does the compiled UNet (the trainer's compile_unet) give eager's LoRA gradients? Inductor on the GPU's
     # own model size there; on a CPU (full runs) the tiny model, where torch 2.13's inductor gets them wrong.
     if cuda:
@@ -139,6 +140,16 @@ def sampler_section(sampler: dict) -> list[str]:
     return lines + table(["variant", "H", "B", "images/s", "x diffusers eager", "MFU %", "max pixel diff"], body) + [""]
 
 
+def attention_section(attention: dict) -> list[str]:
+    lines = [f"## Attention kernels (bench_attention.py, {attention['model']} at {attention['resolution']} px, "
+             f"{attention['dtype']}): ms per model call", ""]
+    backends = attention["backends"]
+    body = [[g["model_part"], g["batch"], g["pass"], g["ms_per_call"]["default"], g["ms_per_call"]["cudnn_first"],
+             g["ms_per_call"]["fastest"], *(g["ms_per_call"].get(b) for b in backends)] for g in attention["groups"]]
+    return lines + table(["model part", "B", "pass", "default", "cuDNN first", "fastest per shape", *backends],
+                         body) + [""]
+
+
 def ablation_section(ablation: dict) -> list[str]:
     lines = ["## Algorithms (ablation_algorithms.py, tiny preset)", ""]
     body = []
@@ -170,7 +181,7 @@ def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool
     lines += table(["benchmark", "exit code", "seconds", "error"],
                    [[s["benchmark"], s["returncode"], s["seconds"], s.get("error")] for s in statuses]) + [""]
     sections = {"bench_train": train_section, "bench_step": step_section, "bench_sampler": sampler_section,
-                "bench_rewards": rewards_section, "compiled_gradients": gradients_section,
+                "bench_attention": attention_section, "bench_rewards": rewards_section, "compiled_gradients": gradients_section,
                 "ablation_algorithms": ablation_section}
     for name, section in sections.items():
         data = load(out_dir, name)

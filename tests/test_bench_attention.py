@@ -32,6 +32,7 @@ def test_cpu_run_writes_per_shape_times_and_their_per_call_sums(tmp_path):
     assert [(g["model_part"], g["batch"], g["pass"]) for g in result["groups"]] == [
         ("unet", 1, "forward_backward"), ("unet", 2, "forward"), ("vae_decode", 2, "forward")]
     unet_layers = {tuple(layer["shape"]): layer["count"] for layer in result["layers_per_call"]["unet"]}
+    totals_first = result["groups"][0]["ms_per_call"]["default"]
     for group in result["groups"]:
         rows = group["rows"]
         assert [r["batch"] for r in rows] == [group["batch"]] * len(rows)
@@ -49,6 +50,10 @@ def test_cpu_run_writes_per_shape_times_and_their_per_call_sums(tmp_path):
         assert totals["cudnn"] is None and totals["efficient"] is None  # no kernel for some shape
     assert [layer["count"] for layer in result["layers_per_call"]["unet"]] == result["groups"][0]["layer_counts"]
     assert sum(unet_layers.values()) == 8  # the tiny UNet: 4 transformer blocks, self + cross each
+    import run_all  # its README table: one line per group, the per-call sums in it
+
+    table = [line for line in run_all.attention_section(result) if line.startswith("| unet") or line.startswith("| vae")]
+    assert len(table) == 3 and table[0].startswith(f"| unet | 1 | forward_backward | {totals_first:.3g} |")
 
 
 def test_bad_sizes_are_refused_in_one_line(capsys):

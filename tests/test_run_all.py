@@ -46,7 +46,7 @@ def test_run_all_quick_writes_json_readme_and_plots(tmp_path):
     assert "| variant | method |" in readme and "| straightforward |" in readme and "| ddpo |" in readme
     assert "## Not run here" in readme and "Quick (smoke) run" in readme
     if train["mode"] == "cpu-tiny":
-        assert "bench_step -- needs CUDA" in readme
+        assert "bench_step -- needs CUDA" in readme and "bench_attention -- needs CUDA" in readme
     for plot in ("time_per_epoch.png", "reward_vs_wallclock.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
