@@ -273,6 +273,11 @@ def read_training_state(checkpoint: Path) -> dict:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is unreadable ({STATE_FILE}: {exc})") from None
 
 
+def saved_config(checkpoint: Path) -> dict:
+    """The resolved config a checkpoint was trained with."""
+    return read_training_state(checkpoint)["config"]
+
+
 def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracker) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the training state (epoch, global_step, ...)."""
     verify_checkpoint(checkpoint)

@@ -179,7 +179,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .checkpoint import find_resumable, list_checkpoints, resolve_checkpoint
-    from .trainer import Trainer, summarize
+    from .run_logging import summarize
+    from .trainer import Trainer
 
     if args.num_processes != 1:
         return _launch(args, argv)
@@ -234,7 +235,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from .checkpoint import resolve_checkpoint
     from .models import load_pipeline
-    from .trainer import saved_config
+    from .checkpoint import saved_config
 
     run = saved_config(resolve_checkpoint(args.lora)) if args.lora else {}
     method = run.get("method", "rlcm")

@@ -103,3 +103,11 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) ->
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def summarize(records: list[dict]) -> str:
+    """One line on a finished run: its first and last epochs' mean reward."""
+    if not records:
+        return "no epochs were run"
+    first, last = records[0]["reward_mean"], records[-1]["reward_mean"]
+    return f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"

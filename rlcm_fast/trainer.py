@@ -33,8 +33,7 @@ from .algorithms import (
 )
 from .attention import check_attention_backend, set_attention_backend
 from .checkpoint import (
-    CheckpointError, CheckpointWriteError, checkpoint_name, load_checkpoint, load_tensors, read_training_state,
-    save_checkpoint,
+    CheckpointError, CheckpointWriteError, checkpoint_name, load_checkpoint, load_tensors, save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
 from .ddpo import DDPOSampler
@@ -496,16 +495,3 @@ class Trainer:
             images=tensors["grid_images"] if self.is_main else torch.empty(0),
         )
         return samples, dict(stopped["stats"]), stopped["updates_done"]
-
-
-def saved_config(checkpoint: Path) -> dict:
-    """The resolved config a checkpoint was trained with."""
-    return read_training_state(checkpoint)["config"]
-
-
-def summarize(records: list[dict]) -> str:
-    if not records:
-        return "no epochs were run"
-    first, last = records[0]["reward_mean"], records[-1]["reward_mean"]
-    return f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"
-
