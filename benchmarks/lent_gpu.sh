@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool of a development session): install rlcm-fast and what
+# the machine's image lacks, run check_claims.py within a budget, leave everything under $OUT.
+#
+#   bash benchmarks/lent_gpu.sh BUDGET_S STAGES COMMIT
+#   e.g. bash benchmarks/lent_gpu.sh 520 rewards,attention,train,tests 1a2b3c4
+#
+# BUDGET_S is check_claims' --budget-s (the install's ~20 s and the transfers come on top), STAGES its
+# --stages, COMMIT the commit the figures are of (the copy of the tree on that machine cannot tell it).
+# Wheels: the image has torch, triton, transformers, peft, pybind11 and scikit-build-core, but neither
+# diffusers nor the nvJPEG wheel, and no package index. Fetch them here, into the git-ignored .whl/:
+#   pip download --no-deps -d .whl diffusers==0.42.1 nvidia-nvjpeg==13.0.4.44
+# (the nvJPEG that ran on the H200, driver 580 = CUDA 13.0; a newer 13.x may want a newer driver), and
+# pass carry [".whl"] to the device call. Writes $OUT/console.log (this script's output: versions,
+# install, stage progress) and $OUT/results/ (the benchmarks' JSON, check_claims.log, claims.md/json).
+set -uo pipefail
+if [ $# -ne 3 ]; then
+    echo "usage: bash benchmarks/lent_gpu.sh BUDGET_S STAGES COMMIT" >&2
+    exit 2
+fi
+budget_s=$1 stages=$2 commit=$3
+out=${OUT:?OUT must name the folder whose files come back}
+wheels=${WHEELS:-.whl}
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+exec > >(tee "$out/console.log") 2>&1
+
+date
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.is_available())"
+if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
+    echo "no wheels in $wheels/: diffusers must already be installed (see the header of this script)"
+else
+    python3 -m pip install --quiet --no-deps --no-index "$wheels"/*.whl
+fi
+# --no-build-isolation: the build needs nothing the image lacks, and the machine has no package index.
+python3 -m pip install --no-deps --no-build-isolation . 2>&1 | grep -E "nvjpeg|rlcm_fast._C|Successfully|ERROR|error:"
+echo "install rc=${PIPESTATUS[0]} after $(( $(date +%s) - started )) s"
+
+mkdir -p "$out/results"
+# As a script, check_claims.py has benchmarks/ (not the tree's root) on sys.path: its stages import the
+# installed rlcm_fast, with its compiled extensions.
+RLCM_FAST_COMMIT=$commit python3 benchmarks/check_claims.py --budget-s "$budget_s" --stages "$stages" \
+    --out-dir "$out/results"
+echo "lent_gpu.sh done after $(( $(date +%s) - started )) s"
