@@ -233,9 +233,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint, saved_config
     from .models import load_pipeline
-    from .checkpoint import saved_config
 
     run = saved_config(resolve_checkpoint(args.lora)) if args.lora else {}
     method = run.get("method", "rlcm")

@@ -99,14 +99,31 @@ def test_cudnn_attention_on_a_gpu_runs_cudnn_and_agrees_with_the_default(tokens,
 
 
 @gpu
-def test_fast_sampler_with_cudnn_attention_on_a_gpu_gives_the_defaults_images():
-    """Compiled and captured as a CUDA graph (FastLCMSampler's defaults on CUDA), bf16."""
+def test_compiled_unet_on_a_gpu_calls_cudnn_attention():
+    """The priority is set inside the processor, so torch.compile must have traced it: the compiled code
+    (no CUDA graph, so that the profiler sees its ops) calls cuDNN's attention, and the default's does not."""
     pipe = load_pipeline("tiny", "cuda", torch.bfloat16)
-    prompts = ["a cat", "a dog"]
-    default = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4)(
-        prompts, generator=torch.Generator("cuda").manual_seed(0)).images
-    set_attention_backend(pipe, "cudnn")
-    torch._dynamo.reset()
-    cudnn = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4)(
-        prompts, generator=torch.Generator("cuda").manual_seed(0)).images
-    assert (cudnn.float() - default.float()).abs().max().item() < 0.05  # BF16_PIXEL_TOLERANCE of check_claims.py
+    ops = {}
+    for backend in ("sdpa", "cudnn"):
+        set_attention_backend(pipe, backend)
+        torch._dynamo.reset()
+        fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2, compile=True, cuda_graph=False)
+        fast(["a cat", "a dog"])  # compile
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            fast(["a cat", "a dog"])
+        ops[backend] = {event.name for event in profile.events()}
+    assert "aten::_scaled_dot_product_cudnn_attention" in ops["cudnn"]
+    assert "aten::_scaled_dot_product_cudnn_attention" not in ops["sdpa"]
+
+
+@gpu
+def test_fast_sampler_with_cudnn_attention_on_a_gpu_gives_the_defaults_images():
+    """Eager UNet calls captured as one CUDA graph (the trainer's sample_cuda_graph, the graphed_calls_of_7
+    rows' sampling), bf16: cuDNN's attention must be capturable. (Compiled: the test above.)"""
+    pipe = load_pipeline("tiny", "cuda", torch.bfloat16)
+    prompts, images = ["a cat", "a dog"], {}
+    for backend in ("sdpa", "cudnn"):
+        set_attention_backend(pipe, backend)
+        fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, compile=False, cuda_graph=True)
+        images[backend] = fast(prompts, generator=torch.Generator("cuda").manual_seed(0)).images.float()
+    assert (images["cudnn"] - images["sdpa"]).abs().max().item() < 0.05  # check_claims' BF16_PIXEL_TOLERANCE
