@@ -10,8 +10,9 @@ same 10 batches of 4) and the same 768 px.
 Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7`
 (train_rows_per_call 7), and on a GPU only `compiled_unet`, `sample_cuda_graph`, both together
 (`compiled_and_graphed`), `graphed_calls_of_7` (the graphed sampling loop with training calls of 7
-rows) and `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn); asked for on a CPU, these
-five are listed under "skipped".
+rows), `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn), and `all_graphed` /
+`all_graphed_calls_of_7` (the training calls replayed from CUDA graphs too, train_cuda_graph); asked for
+on a CPU, these seven are listed under "skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 
@@ -76,6 +77,10 @@ GPU_ONLY_ROWS = {
     "graphed_calls_of_7": {"sample_cuda_graph": True, "train_rows_per_call": 7},
     # The same with cuDNN's fused attention first (rlcm_fast/attention.py; bench_attention.py times it alone).
     "graphed_calls_of_7_cudnn": {"sample_cuda_graph": True, "train_rows_per_call": 7, "attention_backend": "cudnn"},
+    # The training calls' UNet forward and backward replayed from CUDA graphs too: the host launches two
+    # graphs per call instead of some 3200 ATen ops; at the paper's 2 rows per call, and at 7.
+    "all_graphed": {"sample_cuda_graph": True, "train_cuda_graph": True},
+    "all_graphed_calls_of_7": {"sample_cuda_graph": True, "train_cuda_graph": True, "train_rows_per_call": 7},
 }
 STRAIGHTFORWARD = {key: value for off in OPTIMISATIONS_OFF.values() for key, value in off.items()}
 

@@ -54,10 +54,11 @@ DEFAULT_NVJPEG_COLOUR = TrainConfig.nvjpeg_colour
 HERE = Path(__file__).resolve().parent
 TESTS = REPO_ROOT / "tests"
 # The files with tests that have not passed on a GPU yet first (the nvJPEG file and libjpeg-colour tests,
-# cuDNN attention, the float32 trainer-graph test, the CUDA torchvision reward), so that a stage cut short
-# has run them; then those that passed on the H200 (6675037, 714cdca).
-GPU_TEST_FILES = ["test_nvjpeg.py", "test_attention.py", "test_cuda_graphs.py", "test_clip_rewards.py",
-                  "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py", "test_compiled_training.py"]
+# the training graphs, cuDNN attention, the float32 trainer-graph test, the CUDA torchvision reward), so
+# that a stage cut short has run them; then those that passed on the H200 (6675037, 714cdca).
+GPU_TEST_FILES = ["test_nvjpeg.py", "test_training_graphs.py", "test_attention.py", "test_cuda_graphs.py",
+                  "test_clip_rewards.py", "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py",
+                  "test_compiled_training.py"]
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # The longest any one stage may run, so that one slow stage cannot take the others' time. From the first
 # H200 run (commit 6675037): step took 81 s, rewards 14 s, the GPU tests 24 s (the fast sampler's and
@@ -68,13 +69,15 @@ STAGE_CAP_S = {"step": 120, "rewards": 60, "attention": 90, "sampler": 300, "tra
 DEFAULT_STAGES = "step,rewards,attention,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished
 # after 386 s; with the sampling graphs in inductor's cache, the first training minibatch still took 199 s.
-# The baseline of the 3x claim first, then the likeliest fastest fast-path row, so that a stage cut short
-# still has a ratio; the defaults ("fast") last: they ran on the H200 already (6675037).
-DEFAULT_TRAIN_ROWS = "straightforward,graphed_calls_of_7,ddpo,graphed_calls_of_7_cudnn,training_calls_of_7,fast"
+# The baseline of the 3x claim first, then the likeliest fastest fast-path row (every call a CUDA graph),
+# then DDPO (its per-sample claim), so that a stage cut short still has ratios; the defaults ("fast")
+# last: they ran on the H200 already (6675037).
+DEFAULT_TRAIN_ROWS = ("straightforward,all_graphed,ddpo,graphed_calls_of_7,all_graphed_calls_of_7,"
+                      "graphed_calls_of_7_cudnn,training_calls_of_7,fast")
 # bench_train rows that are the fast path: the defaults, and its opt-in switches (compiled UNet, graphed
 # sampling, wider training calls).
 FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed", "training_calls_of_7",
-                  "graphed_calls_of_7", "graphed_calls_of_7_cudnn")
+                  "graphed_calls_of_7", "graphed_calls_of_7_cudnn", "all_graphed", "all_graphed_calls_of_7")
 
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:

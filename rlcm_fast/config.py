@@ -62,6 +62,10 @@ class TrainConfig:
     # Sampling's H-step loop captured as one CUDA graph and replayed (CUDA only; ignored on a CPU). Opt-in
     # until checked on a GPU; a loop that cannot be captured warns and samples without the graph.
     sample_cuda_graph: bool = False
+    # Each training call's UNet forward and backward replayed from CUDA graphs (cuda_graphs.GraphedTrainingUNet;
+    # CUDA only, ignored on a CPU; one process; not with compile_unet or gradient_checkpointing). Opt-in until
+    # checked on a GPU.
+    train_cuda_graph: bool = False
 
     # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch
@@ -304,6 +308,10 @@ def _validate_method_and_switches(cfg: TrainConfig) -> None:
     if cfg.attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend {cfg.attention_backend!r} is invalid; allowed: "
                           f"{', '.join(ATTENTION_BACKENDS)}")
+    if cfg.train_cuda_graph and (cfg.compile_unet or cfg.gradient_checkpointing):
+        other = "compile_unet" if cfg.compile_unet else "gradient_checkpointing"
+        raise ConfigError(f"train_cuda_graph=true with {other}=true is refused (the two were never tested "
+                          f"together); set one of them to false")
     if not isinstance(cfg.train_rows_per_call, int) or cfg.train_rows_per_call < 0:
         raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call!r} is invalid: it must be an integer >= 0 "
                           "(0: train_batch_size)")

@@ -1,13 +1,16 @@
-"""A function of tensors run as one CUDA graph: captured at its first call, replayed after that.
+"""CUDA graphs: a function of tensors run as one graph, captured at its first call and replayed after that
+(`CapturedCall`, the sampling loop), and the training UNet's forward and backward (`GraphedTrainingUNet`).
 
-Written by hand because torch.compile's own CUDA graphs ("reduce-overhead") capture what is compiled,
-and compiling a whole H-step sampling loop unrolls it (compile time grows with H; fast_sampler.py has
-the figures). Here the loop is plain Python around a compiled UNet call, and this captures all of it.
+CapturedCall is written by hand because torch.compile's own CUDA graphs ("reduce-overhead") capture what
+is compiled, and compiling a whole H-step sampling loop unrolls it (compile time grows with H;
+fast_sampler.py has the figures). Here the loop is plain Python around a compiled UNet call, and this
+captures all of it. The training graphs are torch.cuda.make_graphed_callables', around the UNet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -98,3 +101,63 @@ class CapturedCall:
             reasons.append(one_line(error, limit=300))
             raise CaptureError(f"CUDA-graph capture failed ({'; then '.join(reasons)})") from error
         return graph, static_inputs, static_outputs
+
+
+class _UNetPrediction(torch.nn.Module):
+    """The UNet's prediction as tensors in, one tensor out: what torch.cuda.make_graphed_callables takes. Its
+    parameters are the UNet's, so the captured backward gives the LoRA weights their gradients."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *timestep_cond):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         timestep_cond=timestep_cond[0] if timestep_cond else None, return_dict=False)[0]
+
+
+class GraphedTrainingUNet:
+    """The UNet as the trainer's training calls use it (`unet(x, t, encoder_hidden_states=..., timestep_cond=...,
+    return_dict=False)`), its forward and its backward each replayed from a CUDA graph: one pair per input
+    signature (the rows of a call), captured by torch.cuda.make_graphed_callables at its first call.
+
+    The host then launches two graphs per call instead of a few thousand kernels (the eager training call
+    looked host-bound on the H200: README, Speed). Only what autograd differentiates is captured: the policy
+    step's log-prob, the loss and the optimizer stay outside.
+
+    The gradients must already be allocated (zeros) when the first backward runs, and zeroed in place, not
+    set to None, between updates (`keeps_gradients_allocated`): the captured backward hands autograd its own
+    static buffers, and a parameter whose .grad is None takes such a buffer as its .grad, so the next
+    backward of the update would overwrite what it holds (tests/test_cuda_graphs.py shows the wrong sum).
+    Calls without grad, and signatures that cannot be captured (a warning says why), run the UNet as it is.
+    """
+
+    keeps_gradients_allocated = True
+
+    def __init__(self, unet: torch.nn.Module, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.unet, self.device = unet, device
+        self._graphed: dict[tuple, Callable | None] = {}
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, return_dict=False):
+        if return_dict or not torch.is_grad_enabled():
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             timestep_cond=timestep_cond, return_dict=return_dict)
+        inputs = (sample, timestep, encoder_hidden_states) + (() if timestep_cond is None else (timestep_cond,))
+        key = CapturedCall.signature(inputs)
+        if key not in self._graphed:
+            self._graphed[key] = self._capture(inputs)
+        graphed = self._graphed[key] or _UNetPrediction(self.unet)
+        return (graphed(*inputs),)
+
+    def _capture(self, inputs) -> Callable | None:
+        # make_graphed_callables refuses autocast's cast cache (stale casts of the weights would be captured).
+        with without_cast_cache(self.device.type):
+            try:
+                return torch.cuda.make_graphed_callables(
+                    _UNetPrediction(self.unet), tuple(t.detach().clone() for t in inputs), num_warmup_iters=WARMUP_CALLS)
+            except RuntimeError as error:
+                warnings.warn(f"training calls of {tuple(inputs[0].shape)} could not be captured as CUDA graphs "
+                              f"({one_line(error, limit=300)}); they run without them")
+                return None

@@ -18,7 +18,6 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,12 @@ from .algorithms import (
 )
 from .attention import check_attention_backend, set_attention_backend
 from .checkpoint import (
-    CheckpointError, CheckpointWriteError, checkpoint_name, load_checkpoint, load_tensors, save_checkpoint,
+    CheckpointWriteError, checkpoint_name, load_checkpoint, save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
+from .cuda_graphs import GraphedTrainingUNet
 from .ddpo import DDPOSampler
+from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
@@ -49,29 +50,6 @@ from .sampler import LCMSampler, Trajectory
 from .stat_tracker import PerPromptStatTracker
 
 logger = logging.getLogger(__name__)
-
-SAMPLES_FILE = "epoch_samples.safetensors"  # a stopped epoch's samples, in a checkpoint-E-U
-GRID_IMAGES = 16  # images of the main process kept for the epoch's sample grid (save_sample_grid's maximum)
-
-
-@dataclass
-class EpochSamples:
-    """One process's trajectories of an epoch, concatenated, with their rewards and advantages."""
-
-    prompts: list[str]
-    states: torch.Tensor  # (N, T+1, C, h, w)
-    log_probs: torch.Tensor  # (N, T)
-    rewards: np.ndarray  # (N,)
-    advantages: torch.Tensor  # (N,)
-    images: torch.Tensor  # (N, 3, H, W), kept for the sample grid
-
-
-def epoch_generator(seed: int, epoch: int, process: int, stream: int, device="cpu") -> torch.Generator:
-    """An independent, reproducible random stream for one purpose of one epoch on one process."""
-    generator = torch.Generator(device=device)
-    entropy = np.random.SeedSequence([seed, epoch, process, stream]).generate_state(1, np.uint64)[0]
-    generator.manual_seed(int(entropy) & 0x7FFF_FFFF_FFFF_FFFF)
-    return generator
 
 
 class Trainer:
@@ -94,6 +72,9 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         forget_other_accelerator_state(use_cpu, precision)
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+        if cfg.train_cuda_graph and not use_cpu and self.accelerator.num_processes > 1:
+            raise ConfigError(f"train_cuda_graph=true runs in one process, not {self.accelerator.num_processes}: "
+                              "DDP's gradient hooks are not captured; set it to false")
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -124,6 +105,12 @@ class Trainer:
         if cfg.compile_unet:
             self.sample_unet = torch.compile(self.unet, backend=cfg.compile_backend)
             self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend)
+        if cfg.train_cuda_graph and self.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
+            self.train_unet = GraphedTrainingUNet(self.unet, self.device)
+        # The graphed backward needs the gradients allocated before it runs and zeroed in place between updates.
+        self.grads_stay_allocated = getattr(self.train_unet, "keeps_gradients_allocated", False)
+        for param in self.params if self.grads_stay_allocated else ():
+            param.grad = torch.zeros_like(param)
 
         # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
         if cfg.method == "ddpo":
@@ -153,7 +140,7 @@ class Trainer:
                 self.accelerator.scaler.load_state_dict(state["grad_scaler"])
             self.last_saved = (state["epoch"], state.get("update", 0))
             if state.get("update"):
-                self.resumed_epoch = self.restore_stopped_epoch(resume_from, state)
+                self.resumed_epoch = restore_stopped_epoch(resume_from, state, self.accelerator)
         self.logger = None
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +312,7 @@ class Trainer:
             self.lr_scheduler.step()
         if scaler is not None:
             scaler.update()  # a smaller loss scale after an overflow, a larger one after a run without
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.grads_stay_allocated)
         self.nonfinite.record(not skip, is_fault=not overflow)
         self.global_step += 1
         self.log_step(epoch, {**sums, "skipped": float(skip)}, grad_norm)
@@ -464,34 +451,5 @@ class Trainer:
             return self.run_dir / checkpoint_name(epoch, updates_done)
         if not updates_done:
             return self.save_checkpoint(epoch)
-        samples, stats = self.epoch_in_progress
-        gather = self.accelerator.gather
-        tensors = {
-            "states": gather(samples.states.to(self.device).contiguous()).cpu(),
-            "log_probs": gather(samples.log_probs.to(self.device).contiguous()).cpu(),
-            "advantages": gather(samples.advantages.to(self.device).contiguous()).cpu(),
-            "rewards": gather(torch.as_tensor(samples.rewards, device=self.device)).cpu(),
-            "grid_images": samples.images[:GRID_IMAGES].contiguous(),
-        }
-        prompts = gather_object(samples.prompts) if self.accelerator.num_processes > 1 else samples.prompts
-        stopped = {"updates_done": updates_done, "processes": self.accelerator.num_processes,
-                   "prompts": prompts, "stats": stats}
-        return self.save_checkpoint(epoch, updates_done, {SAMPLES_FILE: tensors}, stopped)
-
-    def restore_stopped_epoch(self, checkpoint: Path, state: dict) -> tuple[EpochSamples, dict, int]:
-        """This process's share of the samples a mid-epoch checkpoint holds, with the epoch's stats."""
-        stopped, processes = state["stopped_epoch"], self.accelerator.num_processes
-        if stopped["processes"] != processes:
-            raise CheckpointError(
-                f"checkpoint {str(checkpoint)!r} stopped mid-epoch with {stopped['processes']} process(es); resume it "
-                f"with --num-processes {stopped['processes']}, or resume an epoch checkpoint (checkpoint-N) with any"
-            )
-        tensors = load_tensors(checkpoint, SAMPLES_FILE)
-        n = len(stopped["prompts"]) // processes
-        mine = slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
-        samples = EpochSamples(
-            prompts=stopped["prompts"][mine], states=tensors["states"][mine], log_probs=tensors["log_probs"][mine],
-            rewards=tensors["rewards"][mine].numpy(), advantages=tensors["advantages"][mine],
-            images=tensors["grid_images"] if self.is_main else torch.empty(0),
-        )
-        return samples, dict(stopped["stats"]), stopped["updates_done"]
+        extra, stopped = stopped_epoch_record(*self.epoch_in_progress, updates_done, self.accelerator)
+        return self.save_checkpoint(epoch, updates_done, extra, stopped)

@@ -18,7 +18,8 @@ import rlcm_fast
 from rlcm_fast.checkpoint import read_training_state, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
-from rlcm_fast.trainer import EpochSamples, Trainer
+from rlcm_fast.epoch_samples import EpochSamples
+from rlcm_fast.trainer import Trainer
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
