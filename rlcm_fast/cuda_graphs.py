@@ -128,8 +128,9 @@ class GraphedTrainingUNet:
     The gradients must already be allocated (zeros) when the first backward runs, and zeroed in place, not
     set to None, between updates (`keeps_gradients_allocated`): the captured backward hands autograd its own
     static buffers, and a parameter whose .grad is None takes such a buffer as its .grad, so the next
-    backward of the update would overwrite what it holds (tests/test_cuda_graphs.py shows the wrong sum).
-    Calls without grad, and signatures that cannot be captured (a warning says why), run the UNet as it is.
+    backward of the update would overwrite what it holds (tests/test_training_graphs.py shows the wrong sum).
+    Calls without grad or with a non-tensor input, and signatures that cannot be captured (a warning says
+    why), run the UNet as it is.
     """
 
     keeps_gradients_allocated = True
@@ -141,10 +142,10 @@ class GraphedTrainingUNet:
         self._graphed: dict[tuple, Callable | None] = {}
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, return_dict=False):
-        if return_dict or not torch.is_grad_enabled():
+        inputs = (sample, timestep, encoder_hidden_states) + (() if timestep_cond is None else (timestep_cond,))
+        if return_dict or not torch.is_grad_enabled() or not all(isinstance(t, torch.Tensor) for t in inputs):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              timestep_cond=timestep_cond, return_dict=return_dict)
-        inputs = (sample, timestep, encoder_hidden_states) + (() if timestep_cond is None else (timestep_cond,))
         key = CapturedCall.signature(inputs)
         if key not in self._graphed:
             self._graphed[key] = self._capture(inputs)
@@ -152,12 +153,15 @@ class GraphedTrainingUNet:
         return (graphed(*inputs),)
 
     def _capture(self, inputs) -> Callable | None:
+        callers_streams = [torch.cuda.current_stream(self.device), torch.cuda.current_stream()]
         # make_graphed_callables refuses autocast's cast cache (stale casts of the weights would be captured).
         with without_cast_cache(self.device.type):
             try:
                 return torch.cuda.make_graphed_callables(
                     _UNetPrediction(self.unet), tuple(t.detach().clone() for t in inputs), num_warmup_iters=WARMUP_CALLS)
-            except RuntimeError as error:
+            except (RuntimeError, AssertionError) as error:  # what make_graphed_callables raises on what it refuses
+                for stream in callers_streams:  # a failed capture can leave this thread on its stream (CapturedCall)
+                    torch.cuda.set_stream(stream)
                 warnings.warn(f"training calls of {tuple(inputs[0].shape)} could not be captured as CUDA graphs "
                               f"({one_line(error, limit=300)}); they run without them")
                 return None

@@ -45,6 +45,7 @@ def graphed_update(tmp_path, monkeypatch, keep_gradients_allocated: bool):
     """One seeded update of test_switches' set-up with the stand-in graphs: (logged sums, LoRA gradients,
     how many signatures were captured)."""
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", static_buffer_graphs)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)  # no streams on the CPU
     trainer = Trainer(resolve_config(overrides=ONE_UPDATE), tmp_path / "graphed")
     # What Trainer.__init__ does on CUDA; "cuda" only names the autocast device here (autocast is off).
     trainer.train_unet = GraphedTrainingUNet(trainer.unet, torch.device("cuda"))
@@ -95,6 +96,29 @@ def test_graphed_training_unet_runs_the_unet_itself_without_grad(monkeypatch):
     with torch.no_grad():
         graphed(torch.zeros(1), torch.zeros(1), encoder_hidden_states=torch.zeros(1), timestep_cond=None)
     assert len(calls) == 1 and calls[0]["timestep_cond"] is None and calls[0]["return_dict"] is False
+
+
+def test_a_call_that_cannot_be_captured_warns_and_runs_eagerly(monkeypatch):
+    """Also after make_graphed_callables failed: the caller's streams are put back (a failed capture can
+    leave the thread on its capture stream), and the signature is not tried again."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    streams_set = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams_set.append)
+    unet = torch.nn.Linear(3, 3)
+    graphed = GraphedTrainingUNet(lambda x, t, **kwargs: (unet(x),), torch.device("cuda"))
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match=r"training calls of \(2, 3\) could not be captured as CUDA graphs "
+                                         r"\(RuntimeError: operation not permitted when stream is capturing"):
+        (out,) = graphed(x, torch.zeros(2), encoder_hidden_states=torch.zeros(2, 1))
+    assert streams_set == ["stream of cuda", "stream of None"]
+    torch.testing.assert_close(out, unet(x))
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda *a, **k: pytest.fail("tried again"))
+    (again,) = graphed(x, torch.zeros(2), encoder_hidden_states=torch.zeros(2, 1))
+    torch.testing.assert_close(again, unet(x))
 
 
 def test_graphed_training_unet_needs_cuda():
