@@ -14,10 +14,13 @@ ONE_UPDATE = {"device": "cpu", "batches_per_epoch": 2, "sample_batch_size": 2, "
               "gradient_accumulation_steps": 2, "grid_every": 0, "seed": 3}
 
 
-def one_update(tmp_path, name: str, **overrides):
+def one_update(tmp_path, name: str, prepare=None, **overrides):
     """Sample one epoch, train its single update; return the trajectory, rewards, logged loss and the LoRA
-    gradients just before the optimizer step, and what the reward function was handed."""
+    gradients just before the optimizer step, and what the reward function was handed. `prepare(trainer)`,
+    if given, runs first."""
     trainer = Trainer(resolve_config(overrides={**ONE_UPDATE, **overrides}), tmp_path / name)
+    if prepare is not None:
+        prepare(trainer)
     seen_devices = []
     reward_fn = trainer.reward.fn
     trainer.reward.fn = lambda images, prompts: seen_devices.append(images.device.type) or reward_fn(images, prompts)

@@ -42,24 +42,21 @@ def static_buffer_graphs(module, sample_args, num_warmup_iters):
 
 
 def graphed_update(tmp_path, monkeypatch, keep_gradients_allocated: bool):
-    """One seeded update of test_switches' set-up with the stand-in graphs: (logged sums, LoRA gradients,
-    how many signatures were captured)."""
+    """One seeded update of test_switches' set-up with the stand-in graphs: (logged sums and LoRA gradients,
+    the trainer)."""
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", static_buffer_graphs)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)  # no streams on the CPU
-    trainer = Trainer(resolve_config(overrides=ONE_UPDATE), tmp_path / "graphed")
-    # What Trainer.__init__ does on CUDA; "cuda" only names the autocast device here (autocast is off).
-    trainer.train_unet = GraphedTrainingUNet(trainer.unet, torch.device("cuda"))
-    trainer.grads_stay_allocated = keep_gradients_allocated
-    for param in trainer.params if keep_gradients_allocated else ():
-        param.grad = torch.zeros_like(param)
-    captured = {}
-    trainer.optimizer.register_step_pre_hook(
-        lambda *_: captured.update(grads=[p.grad.detach().clone() for p in trainer.params]))
-    trainer.log_step = lambda epoch, sums, grad_norm: captured.update(sums)
-    samples = trainer.sample_epoch(0)
-    trainer.compute_advantages(samples)
-    trainer.train_epoch(0, samples)
-    return captured, trainer
+    trainers = []
+
+    def use_graphs(trainer):  # what Trainer.__init__ does on CUDA ("cuda" here only names autocast's device)
+        trainers.append(trainer)
+        trainer.train_unet = GraphedTrainingUNet(trainer.unet, torch.device("cuda"))
+        trainer.grads_stay_allocated = keep_gradients_allocated
+        for param in trainer.params if keep_gradients_allocated else ():
+            param.grad = torch.zeros_like(param)
+
+    _, captured, _ = one_update(tmp_path, "graphed", prepare=use_graphs)
+    return captured, trainers[0]
 
 
 @pytest.fixture(scope="module")
