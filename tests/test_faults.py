@@ -21,6 +21,7 @@ from rlcm_fast import checkpoint as ckpt_module
 from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
 from rlcm_fast.cli import main
+from rlcm_fast.epoch_samples import SAMPLES_FILE
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
 
@@ -100,7 +101,7 @@ def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_matches(refe
     err = capsys.readouterr().err
     assert "SIGTERM received" in err and f"Resume with: rlcm-fast train --resume {run_dir}" in err
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1-1"  # 1 epoch + 1 update
-    assert (run_dir / "checkpoint-1-1" / trainer_module.SAMPLES_FILE).exists()
+    assert (run_dir / "checkpoint-1-1" / SAMPLES_FILE).exists()
     monkeypatch.setattr(Trainer, "finish_update", original)
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 0
     assert records(run_dir) == records(reference)

@@ -4,7 +4,6 @@ gives back exactly), writes the very bytes it writes from the RGB image."""
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
