@@ -107,10 +107,8 @@ class Trainer:
             self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend)
         if cfg.train_cuda_graph and self.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
             self.train_unet = GraphedTrainingUNet(self.unet, self.device)
-        # The graphed backward needs the gradients allocated before it runs and zeroed in place between updates.
+        # The graphed backward needs the gradients allocated before it runs (train_epoch) and zeroed in place.
         self.grads_stay_allocated = getattr(self.train_unet, "keeps_gradients_allocated", False)
-        for param in self.params if self.grads_stay_allocated else ():
-            param.grad = torch.zeros_like(param)
 
         # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
         if cfg.method == "ddpo":
@@ -253,6 +251,9 @@ class Trainer:
                 if done < start_update:
                     continue
                 sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per update, not per minibatch
+                for param in self.params if self.grads_stay_allocated else ():  # also after anyone's set_to_none
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
                 rows = sum(len(sample_idx) for sample_idx, _ in minibatches)
                 for micro, (sample_idx, step_idx) in enumerate(minibatches):
                     # Each minibatch's mean weighted by its share of the update's rows (exactly

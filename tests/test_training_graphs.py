@@ -52,8 +52,6 @@ def graphed_update(tmp_path, monkeypatch, keep_gradients_allocated: bool):
         trainers.append(trainer)
         trainer.train_unet = GraphedTrainingUNet(trainer.unet, torch.device("cuda"))
         trainer.grads_stay_allocated = keep_gradients_allocated
-        for param in trainer.params if keep_gradients_allocated else ():
-            param.grad = torch.zeros_like(param)
 
     _, captured, _ = one_update(tmp_path, "graphed", prepare=use_graphs)
     return captured, trainers[0]
