@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = attention_shapes(spec, resolution)
     result = {"benchmark": "bench_attention", **environment(), "model": model, "resolution": resolution,
               "dtype": str(dtype).removeprefix("torch."), "backends": backends,
+              "cudnn_version": torch.backends.cudnn.version(),  # None without cuDNN; its attention kernels vary by it
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "layers_per_call": {part: [{"shape": list(s), "count": n} for s, n in c.items()] for part, c in shapes.items()},
               "groups": []}

@@ -28,7 +28,7 @@ def test_cpu_run_writes_per_shape_times_and_their_per_call_sums(tmp_path):
     assert bench_attention.main(["--device", "cpu", "--batches", "2", "--train-rows", "1",
                                  "--out-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_attention.json").read_text())
-    assert result["complete"] and result["model"] == "tiny" and result["git_commit"]
+    assert result["complete"] and result["model"] == "tiny" and result["git_commit"] and "cudnn_version" in result
     assert [(g["model_part"], g["batch"], g["pass"]) for g in result["groups"]] == [
         ("unet", 1, "forward_backward"), ("unet", 2, "forward"), ("vae_decode", 2, "forward")]
     unet_layers = {tuple(layer["shape"]): layer["count"] for layer in result["layers_per_call"]["unet"]}
