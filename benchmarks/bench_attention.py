@@ -41,6 +41,7 @@ from rlcm_fast.models import SD15_LCM, TINY  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+BACKEND_NAMES = {backend.name: name for name, backend in BACKENDS.items()}  # SDPBackend's name -> ours
 
 
 def attention_shapes(spec, resolution: int) -> dict[str, Counter]:
@@ -130,8 +131,6 @@ def time_shape(batch: int, shape: tuple, backward: bool, device: torch.device, d
         row["ms"][name], row["tflops"][name] = ms, flops / (ms * 1e-3) / 1e12
     return row
 
-
-BACKEND_NAMES = {backend.name: name for name, backend in BACKENDS.items()}
 
 
 def call_totals(rows: list[dict], counts: list[int]) -> dict:

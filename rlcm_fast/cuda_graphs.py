@@ -139,7 +139,7 @@ class GraphedTrainingUNet:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.unet, self.device = unet, device
-        self._graphed: dict[tuple, Callable | None] = {}
+        self._graphed: dict[tuple, Callable] = {}
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, return_dict=False):
         inputs = (sample, timestep, encoder_hidden_states) + (() if timestep_cond is None else (timestep_cond,))
@@ -147,10 +147,9 @@ class GraphedTrainingUNet:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              timestep_cond=timestep_cond, return_dict=return_dict)
         key = CapturedCall.signature(inputs)
-        if key not in self._graphed:
-            self._graphed[key] = self._capture(inputs)
-        graphed = self._graphed[key] or _UNetPrediction(self.unet)
-        return (graphed(*inputs),)
+        if key not in self._graphed:  # a signature that cannot be captured runs the UNet itself from then on
+            self._graphed[key] = self._capture(inputs) or _UNetPrediction(self.unet)
+        return (self._graphed[key](*inputs),)
 
     def _capture(self, inputs) -> Callable | None:
         callers_streams = [torch.cuda.current_stream(self.device), torch.cuda.current_stream()]
