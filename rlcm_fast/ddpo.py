@@ -24,11 +24,9 @@ from typing import Sequence
 
 import torch
 from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
-from .models import latent_shape
 from .policy_step import LOG_SQRT_2PI, check_prediction_type
-from .sampler import PromptEmbeddingCache, Trajectory, decode_latents
+from .sampler import PromptEmbeddingCache, Trajectory, decode_latents, standard_normal
 
 # Column order of the (S, 5) float64 table of per-action constants.
 DDIM_SCALARS = ("alpha_t", "sigma_t", "alpha_prev", "direction", "std")
@@ -169,18 +167,18 @@ class DDPOSampler:
         pipeline's order."""
         batch = len(prompts)
         embeds = self.prompt_embeddings(prompts)
-        shape = latent_shape(self.pipe, batch, self.resolution)
+        # The pipeline's order: x_0, then one noise per step. Nothing else draws from the generator in between,
+        # so drawing them all before the loop gives the pipeline's values.
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
-            latents = latents * self.init_noise_sigma
+            latents = self.draw_latents(batch, generator, embeds.dtype)
+        if noises is None:
+            noises = self.draw_noises(batch, generator, embeds.dtype)
         x = latents.to(self.device, torch.float32)
         states, log_probs = [x], []
         for k in range(self.horizon):
             model_output = self.guided_output(unet, x, self.timesteps[k].to(self.device), embeds).float()
-            noise = noises[k] if noises is not None else randn_tensor(
-                shape, generator=generator, device=self.device, dtype=embeds.dtype)
             _, x, logp = ddim_step(model_output, x, self.action_scalars[k].expand(batch, -1), self.prediction_type,
-                                   noise=noise.to(self.device, torch.float32))
+                                   noise=noises[k].to(self.device, torch.float32))
             states.append(x)
             log_probs.append(logp.float())
         trajectory = Trajectory(prompts=list(prompts), states=torch.stack(states, dim=1),
@@ -188,6 +186,14 @@ class DDPOSampler:
         if decode:
             trajectory.images = self.decode(x)
         return trajectory
+
+    def draw_latents(self, batch: int, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+        """x_0 for `batch` trajectories, as `sample` draws it (see LCMSampler.draw_latents)."""
+        return standard_normal(self, batch, generator, dtype) * self.init_noise_sigma
+
+    def draw_noises(self, batch: int, generator: torch.Generator | None, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The noise of each DDIM step for `batch` trajectories, as `sample` draws them after x_0."""
+        return [standard_normal(self, batch, generator, dtype) for _ in range(self.horizon)]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.pipe, latents)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from .cuda_graphs import CaptureError, CapturedCall
 from .models import latent_shape
@@ -125,13 +124,12 @@ class FastLCMSampler:
         # The pipeline's draws, in its order: x_0, then z_0 .. z_{H-2} (the last step's noise is unused
         # by the pipeline's output and is not drawn by LCMScheduler.step at the last index).
         if latents is None:
-            latents = randn_tensor(self.shape, generator=generator, device=self.device, dtype=embeds.dtype)
+            latents = self.sampler.draw_latents(self.batch_size, generator, embeds.dtype)
         elif latents.dtype != embeds.dtype:  # another dtype would be another graph (and the pipeline fails on it)
             raise ValueError(f"latents of dtype {latents.dtype} given; this sampler samples {embeds.dtype}")
         else:
             latents = latents.to(self.device)  # as the pipeline does
-        noises = [randn_tensor(self.shape, generator=generator, device=self.device, dtype=embeds.dtype)
-                  for _ in range(self.horizon - 1)]
+        noises = self.sampler.draw_noises(self.batch_size, generator, embeds.dtype)  # H-1: no train_final_step
         noises = torch.stack(noises) if noises else latents.new_zeros((0, *self.shape))
         states, log_probs, denoised, images = self._sample(latents, noises, embeds, w_embedding)
         if self.cuda_graph:

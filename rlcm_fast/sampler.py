@@ -39,6 +39,13 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def standard_normal(sampler, batch: int, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """One draw of `batch` latents' worth of N(0, I) at the sampler's resolution, on its device, as the
+    pipelines draw it (diffusers' randn_tensor). Shared by the LCM and DDPO samplers."""
+    shape = latent_shape(sampler.pipe, batch, sampler.resolution)
+    return randn_tensor(shape, generator=generator, device=sampler.device, dtype=dtype)
+
+
 class PromptEmbeddingCache:
     """(B, L, D) text embeddings from a pipeline's text encoder; each distinct prompt is encoded once per
     run (prompt sets are small). Shared by the LCM and DDPO samplers."""
@@ -195,17 +202,13 @@ class LCMSampler:
         batch = len(prompts)
         embeds = self.prompt_embeddings(prompts)
         w_embedding = self.guidance(batch, embeds.dtype)
-        shape = latent_shape(self.pipe, batch, self.resolution)
-
-        def draw():
-            return randn_tensor(shape, generator=generator, device=self.device, dtype=embeds.dtype)
-
-        # The pipeline's order: x_0, then one noise per action. Nothing else draws from the generator in
-        # between, so drawing them all before the loop gives the pipeline's values.
-        x = latents if latents is not None else draw()
+        # The pipeline's order: x_0, then one noise per action. Nothing else draws from the generator in between,
+        # so drawing them all before the loop gives the pipeline's values.
+        if latents is None:
+            latents = self.draw_latents(batch, generator, embeds.dtype)
         if noises is None:
-            noises = [draw() for _ in range(self.trained_steps)]
-        x, noises = x.to(self.device), [z.to(self.device) for z in noises]
+            noises = self.draw_noises(batch, generator, embeds.dtype)
+        x, noises = latents.to(self.device), [z.to(self.device) for z in noises]
         if self.cuda_graph:
             states, log_probs, denoised = self._rollout_replayed(unet, x, noises, embeds, w_embedding)
         else:
@@ -214,6 +217,15 @@ class LCMSampler:
         if decode:
             trajectory.images = self.decode(denoised)
         return trajectory
+
+    def draw_latents(self, batch: int, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+        """x_0 for `batch` trajectories, as `sample` draws it (the trainer draws several sampling batches'
+        x_0 and noises this way, batch after batch, and samples them in one call)."""
+        return standard_normal(self, batch, generator, dtype)
+
+    def draw_noises(self, batch: int, generator: torch.Generator | None, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The noise of each action for `batch` trajectories, as `sample` draws them after x_0."""
+        return [standard_normal(self, batch, generator, dtype) for _ in range(self.trained_steps)]
 
     def _rollout_replayed(self, unet, x, noises, embeds, w_embedding):
         """`rollout` through its CUDA graph, with outputs of their own; without the graph (and a warning)
