@@ -74,6 +74,11 @@ class TrainConfig:
     # whatever train_batch_size: the same gradient (each call's loss weighted by its rows), fewer and
     # larger UNet calls, more activation memory. 0: train_batch_size rows per call.
     train_rows_per_call: int = 0
+    # Sampling: this many sampling batches (sample_batch_size prompts each) joined into one UNet batch: the
+    # same prompts, noise and trajectories as batch by batch (each batch's draws in the same order), fewer and
+    # larger UNet calls; the VAE decodes and the rewards still go batch by batch. Must divide
+    # batches_per_epoch x num_sample_iters. 1: batch by batch, as the paper's loop.
+    sample_batches_per_call: int = 1
     reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
     reward_overlap: bool = True  # score on a worker thread while the next batch samples | false: wait for it
 
@@ -319,6 +324,11 @@ def _validate_method_and_switches(cfg: TrainConfig) -> None:
         raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call} applies to train_rows=flattened with "
                           f"algorithm ppo (here train_rows={cfg.train_rows}, algorithm={cfg.algorithm}); "
                           "set it to 0")
+    rounds = cfg.batches_per_epoch * cfg.num_sample_iters
+    joined = cfg.sample_batches_per_call
+    if not isinstance(joined, int) or isinstance(joined, bool) or joined < 1 or rounds % joined:
+        raise ConfigError(f"sample_batches_per_call={joined!r} is invalid: it must be a positive integer dividing "
+                          f"batches_per_epoch x num_sample_iters = {rounds} (e.g. 1 or {rounds})")
     if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
         raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
                           "trajectory's steps together (use train_rows=flattened)")

@@ -155,29 +155,46 @@ class Trainer:
         prompt_gen = epoch_generator(cfg.seed, epoch, process, stream=0)
         noise_gen = epoch_generator(cfg.seed, epoch, process, stream=1, device=self.device)
         rounds = cfg.batches_per_epoch * cfg.num_sample_iters
+        joined = cfg.sample_batches_per_call  # sampling batches per UNet batch (same trajectories, wider calls)
+        # The dtype sample() draws noise in: its prompt embeddings' (encode_prompt casts them to the text encoder's).
+        noise_dtype = self.pipe.text_encoder.dtype
         trajectories: list[Trajectory] = []
         pending = []
         self.unet.eval()
-        for _ in tqdm(range(rounds), desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False):
+        for _ in tqdm(range(rounds // joined), desc=f"epoch {epoch + 1} sampling", disable=not self.is_main,
+                      leave=False):
             if agree(self.accelerator, self.stop.received)[0]:
                 raise StopTraining(0)  # nothing of this epoch is kept: it is redrawn identically on resume
-            # G images of each prompt, side by side: [p0 x G, p1 x G, ...] (group advantages, REBEL pairs).
-            picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size // cfg.images_per_prompt,),
-                                  generator=prompt_gen)
-            prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
+            batches = []  # each sampling batch's prompts and noise, drawn as batch-by-batch sampling draws them
+            for _ in range(joined):
+                # G images of each prompt, side by side: [p0 x G, p1 x G, ...] (group advantages, REBEL pairs).
+                picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size // cfg.images_per_prompt,),
+                                      generator=prompt_gen)
+                prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
+                latents = self.sampler.draw_latents(len(prompts), noise_gen, noise_dtype)
+                batches.append((prompts, latents, self.sampler.draw_noises(len(prompts), noise_gen, noise_dtype)))
+            prompts = [p for batch_prompts, _, _ in batches for p in batch_prompts]
             with self.autocast():
-                trajectory = self.sampler.sample(self.sample_unet, prompts, generator=noise_gen)
-            # Scored on a worker thread while the next round samples, on the training device (GPU rewards
-            # read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
-            if cfg.reward_device == "cpu":
-                trajectory.images = trajectory.images.cpu()
-            pending.append(self.reward.submit(trajectory.images, prompts))
-            if not cfg.reward_overlap:
-                try:  # straightforward path: the score before the next round samples
-                    pending[-1].result()
-                except Exception:
-                    pass  # collect_rewards reports it, naming the reward
-            trajectory.images = trajectory.images.cpu()  # no copy when already there
+                trajectory = self.sampler.sample(
+                    self.sample_unet, prompts, latents=torch.cat([latents for _, latents, _ in batches]),
+                    noises=[torch.cat(step) for step in zip(*(noises for _, _, noises in batches))], decode=False)
+            images = []
+            for start in range(0, len(prompts), cfg.sample_batch_size):  # decoded and scored batch by batch
+                batch = slice(start, start + cfg.sample_batch_size)
+                with self.autocast():
+                    batch_images = self.sampler.decode(trajectory.denoised[batch])
+                # Scored on a worker thread while the next batch decodes or samples, on the training device (GPU
+                # rewards read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
+                if cfg.reward_device == "cpu":
+                    batch_images = batch_images.cpu()
+                pending.append(self.reward.submit(batch_images, prompts[batch]))
+                if not cfg.reward_overlap:
+                    try:  # straightforward path: the score before the next batch samples
+                        pending[-1].result()
+                    except Exception:
+                        pass  # collect_rewards reports it, naming the reward
+                images.append(batch_images.cpu())  # no copy when already there
+            trajectory.images = torch.cat(images)
             trajectories.append(trajectory)
         rewards = self.collect_rewards(pending)
         prompts = [p for t in trajectories for p in t.prompts]

@@ -199,11 +199,12 @@ def test_trainer_sampling_through_cuda_graphs_equals_the_plain_loop(tmp_path, mo
     """Two sampling rounds (the second replays the graph) and one update; then sampling again must follow
     the updated LoRA weights. In float32 without TF32: under bf16 (first H200 run) the two differed by up to
     0.55 in the states, which bf16 rounding of eps, multiplied by sigma/alpha ~ 14 at the first step, may
-    explain or may hide a bug; float32 tells them apart."""
-    def run(name, graph):
+    explain or may hide a bug; float32 tells them apart. Also with the two rounds joined into one graphed
+    UNet batch of 8 (sample_batches_per_call)."""
+    def run(name, graph, joined=1):
         cfg = resolve_config(overrides={"device": "cuda", "sample_cuda_graph": graph, "grid_every": 0, "seed": 5,
                                         "batches_per_epoch": 2, "sample_batch_size": 4, "train_batch_size": 4,
-                                        "mixed_precision": "no"})
+                                        "mixed_precision": "no", "sample_batches_per_call": joined})
         trainer = Trainer(cfg, tmp_path / name)
         first = trainer.sample_epoch(0)
         trainer.compute_advantages(first)
@@ -214,8 +215,11 @@ def test_trainer_sampling_through_cuda_graphs_equals_the_plain_loop(tmp_path, mo
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     plain, plain_first, plain_second = run("plain", False)
     graphed, graphed_first, graphed_second = run("graphed", True)
-    assert graphed.sampler.cuda_graph and len(graphed.sampler._captured_rollouts) == 1
-    for got, want in ((graphed_first, plain_first), (graphed_second, plain_second)):
+    joined, joined_first, joined_second = run("graphed_joined", True, joined=2)
+    for trainer in (graphed, joined):
+        assert trainer.sampler.cuda_graph and len(trainer.sampler._captured_rollouts) == 1
+    for got, want in ((graphed_first, plain_first), (graphed_second, plain_second),
+                      (joined_first, plain_first), (joined_second, plain_second)):
         torch.testing.assert_close(got.states, want.states, atol=1e-3, rtol=0)
         torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-3, rtol=0)
     assert not torch.equal(graphed_first.states[:4], graphed_first.states[4:])  # two rounds, two trajectories

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rlcm_fast.config import ConfigError, resolve_config
+from rlcm_fast.epoch_samples import epoch_generator
 from rlcm_fast.minibatches import flattened_rows, minibatch_plan, per_timestep_rows
 from rlcm_fast.trainer import Trainer
 
@@ -47,6 +48,8 @@ def default_path(tmp_path_factory):
     # The update's 12 rows in UNet calls of 4 (3 calls), and of 5 (5, 5, 2: unequal weights).
     {"train_rows_per_call": 4},
     {"train_rows_per_call": 5},
+    # The epoch's two sampling batches in one UNet batch of 4: the same draws, decoded and scored batch by batch.
+    {"sample_batches_per_call": 2},
     # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
     # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused).
     {"compile_unet": True, "compile_backend": "aot_eager"},
@@ -69,6 +72,7 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
         torch.testing.assert_close(ours, theirs, atol=1e-5 * largest, rtol=1e-4)
     if "reward_device" in switch:
         assert devices == ["cpu", "cpu"]
+    assert len(devices) == 2  # the reward was called once per sampling batch, whatever the UNet's batch
 
 
 def test_inductor_on_the_cpu_is_refused(tmp_path):
@@ -152,3 +156,40 @@ def test_trainer_calls_the_unet_with_rows_per_call(tmp_path):
 def test_rows_per_call_outside_flattened_ppo_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("method, model", [("rlcm", "tiny"), ("ddpo", "tiny-sd")])
+def test_joined_sampling_batches_give_the_same_epoch_in_fewer_unet_batches(tmp_path, method, model):
+    """Three sampling batches of 2 in one UNet batch of 6: the same prompts, trajectories and rewards as
+    batch by batch (each batch's noise drawn in the same order), the rewards still called per batch."""
+    overrides = {**ONE_UPDATE, "method": method, "model": model, "batches_per_epoch": 3, "horizon": 3,
+                 "gradient_accumulation_steps": 1}
+    epochs, sizes = [], {}
+    for joined in (1, 3):
+        trainer = Trainer(resolve_config(overrides={**overrides, "sample_batches_per_call": joined}),
+                          tmp_path / f"joined{joined}")
+        sample, scored = trainer.sampler.sample, []
+        trainer.sampler.sample = lambda unet, prompts, **kw: (sizes.setdefault(joined, []).append(len(prompts)),
+                                                              sample(unet, prompts, **kw))[1]
+        reward_fn = trainer.reward.fn
+        trainer.reward.fn = lambda images, prompts: scored.append(len(images)) or reward_fn(images, prompts)
+        epochs.append(trainer.sample_epoch(0))
+        assert scored == [2, 2, 2]
+    assert sizes == {1: [2, 2, 2], 3: [6]}
+    batch_by_batch, joined = epochs
+    # Batch by batch is the sampler's own draw order: each batch from the epoch's noise stream in turn.
+    generator = epoch_generator(ONE_UPDATE["seed"], 0, 0, stream=1, device=trainer.device)
+    drawn = [sample(trainer.unet, batch_by_batch.prompts[b : b + 2], generator=generator) for b in (0, 2, 4)]
+    torch.testing.assert_close(torch.cat([t.states for t in drawn]), batch_by_batch.states, atol=0, rtol=0)
+    assert joined.prompts == batch_by_batch.prompts
+    for name in ("states", "log_probs", "images"):
+        torch.testing.assert_close(getattr(joined, name), getattr(batch_by_batch, name), atol=1e-5, rtol=0)
+    assert abs(joined.rewards - batch_by_batch.rewards).max() < 1e-9
+
+
+@pytest.mark.parametrize("joined", [0, 4, -1])
+def test_sampling_batches_per_call_must_divide_the_epoch(joined):
+    with pytest.raises(ConfigError, match=f"sample_batches_per_call={joined} is invalid: it must be a positive "
+                                          "integer dividing batches_per_epoch x num_sample_iters = 6 "):
+        resolve_config(overrides={"device": "cpu", "batches_per_epoch": 3, "num_sample_iters": 2,
+                                  "sample_batches_per_call": joined})
