@@ -42,6 +42,7 @@ Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -81,6 +82,13 @@ GPU_ONLY_ROWS = {
     # graphs per call instead of some 3200 ATen ops; at the paper's 2 rows per call, and at 7.
     "all_graphed": {"sample_cuda_graph": True, "train_cuda_graph": True},
     "all_graphed_calls_of_7": {"sample_cuda_graph": True, "train_cuda_graph": True, "train_rows_per_call": 7},
+    # The epoch's 10 sampling batches of 4 in one UNet batch of 40 (the same trajectories; decoded and scored
+    # batch by batch), training in calls of 7 rows: eager, and with every call a CUDA graph. On the H200
+    # (6675037, row fast) a sampling batch of 4 took 0.68 s for 69 TFLOP of UNet work: 101 TFLOP/s, 13% of
+    # the measured bf16 matmul rate; a wider batch gives each kernel launch more work.
+    "calls_of_40_and_7": {"sample_batches_per_call": 10, "train_rows_per_call": 7},
+    "all_graphed_calls_of_40_and_7": {"sample_batches_per_call": 10, "sample_cuda_graph": True,
+                                      "train_cuda_graph": True, "train_rows_per_call": 7},
 }
 STRAIGHTFORWARD = {key: value for off in OPTIMISATIONS_OFF.values() for key, value in off.items()}
 
@@ -213,7 +221,32 @@ def policy_step_backend(cfg, device: torch.device) -> str | None:
     return select_backend(torch.zeros(1, device=device))
 
 
-def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path) -> dict:
+def warm_up(trainer: Trainer, epoch: int) -> None:
+    """One sampling call and one optimizer update, with every shape the row's epochs use: what a fresh
+    trainer pays once (cuDNN and allocator warm-up, CUDA-graph captures, compilation) is paid here.
+    A whole warm-up epoch costs as much as a measured one; on the H200 (6675037, tqdm's bars in
+    check_claims.log) the fast row's took 27 s against 24 s for the next, and the extra 3 s were in its
+    first sampling batch (1.8 s against 0.7) and first update (3.4 s against 1.7)."""
+    cfg = trainer.cfg
+    units_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    samples_per_update = units_per_update * (2 if cfg.algorithm == "rebel" else 1)
+    call = cfg.sample_batches_per_call * cfg.sample_batch_size  # samples per sampling call
+    calls = -(-samples_per_update // call)  # enough calls for one update
+    trainer.cfg = dataclasses.replace(cfg, batches_per_epoch=calls * cfg.sample_batches_per_call, num_sample_iters=1)
+    try:
+        samples = trainer.sample_epoch(epoch)
+        trainer.compute_advantages(samples)
+        first = slice(0, samples_per_update)
+        trainer.train_epoch(epoch, dataclasses.replace(
+            samples, prompts=samples.prompts[first], states=samples.states[first],
+            log_probs=samples.log_probs[first], rewards=samples.rewards[first],
+            advantages=samples.advantages[first], images=samples.images[first]))
+    finally:
+        trainer.cfg = cfg
+
+
+def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path,
+             warmup_epochs: bool = False) -> dict:
     cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
     trainer = Trainer(cfg, run_dir)
     device = trainer.device
@@ -227,6 +260,9 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(epochs + warmup):
+        if epoch < warmup and not warmup_epochs:
+            warm_up(trainer, epoch)
+            continue
         if device.type == "cuda" and epoch == warmup:
             torch.cuda.reset_peak_memory_stats(device)
         timed_reward.busy = timed_reward.wait = 0.0
@@ -262,7 +298,9 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         # and loss excluded from the count): some microseconds means the host, not the GPU, sets the pace.
         "training_us_per_unet_aten_op": 1e6 * mean["training_s"] / (calls * aten_ops["training_per_row"])
         if (calls := training_calls(cfg, trainer.sampler.trained_steps)) else None,
-        "epochs_measured": len(measured), "warmup_epochs": warmup, **mean,
+        "epochs_measured": len(measured),
+        # Before the measured epochs: whole epochs, or (the default) one sampling call and one update each.
+        "warmup": {"count": warmup, "kind": "epoch" if warmup_epochs else "sampling call and update"}, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,
         "reward_mean_per_epoch": rewards,
         # Allocated: what the tensors needed; reserved: what PyTorch's caching allocator held from the GPU.
@@ -307,13 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
     parser.add_argument("--ddpo-batches", type=int, default=10, help="GPU: DDPO's sampling batches of 4 per epoch "
                         "(default 10, RLCM's reward queries; fewer for a shorter run)")
+    parser.add_argument("--warmup-epochs", action="store_true",
+                        help="warm each row up with a whole epoch (default: one sampling call and one update)")
     parser.add_argument("--no-curves", action="store_true", help="skip the tiny RLCM/DDPO reward curves")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_train.json instead of benchmarks/results/")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     epochs = args.epochs or (1 if args.quick or not gpu else 2)
-    warmup = 0 if args.quick else 1  # the first epoch of a fresh trainer pays one-time costs
+    warmup = 0 if args.quick else 1  # a fresh trainer's first sampling call and update pay one-time costs
     curve_epochs = args.curve_epochs or (2 if args.quick else 12)
     if args.ddpo_batches < 1:
         parser.error(f"--ddpo-batches {args.ddpo_batches} is invalid: it must be >= 1")
@@ -339,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "reason": "CUDA is not available: the rows ran on the tiny presets (32 px)"})
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in table.items():
-            result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name))
+            result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name,
+                                          args.warmup_epochs))
             write_result("bench_train", result, args.out_dir, complete=False)  # a run cut short keeps its rows
             release_memory(device)
         if args.no_curves:

@@ -183,10 +183,12 @@ def test_each_benchmark_stage_command_runs(tmp_path):
                                 timeout=600)
         assert result.returncode == 0, (stage, (result.stdout + result.stderr)[-3000:])
     train = json.loads((tmp_path / "bench_train.json").read_text())
-    # The graphed_calls_of_7 rows need CUDA: skipped on the CPU, and said so.
+    # The graphed rows and the joined-sampling rows (the CPU rows sample one batch per epoch) are GPU-only:
+    # skipped on the CPU, and said so.
     assert [r["variant"] for r in train["rows"]] == ["straightforward", "ddpo", "training_calls_of_7", "fast"]
     assert [s.get("row") for s in train["skipped"] if "row" in s] == [
-        "all_graphed", "graphed_calls_of_7", "all_graphed_calls_of_7", "graphed_calls_of_7_cudnn"]
+        "calls_of_40_and_7", "all_graphed_calls_of_40_and_7", "all_graphed", "graphed_calls_of_7",
+        "all_graphed_calls_of_7", "graphed_calls_of_7_cudnn"]
     assert "curves" not in train
     sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}

@@ -82,3 +82,24 @@ def test_bench_train_on_a_cpu_skips_gpu_only_rows_and_refuses_unknown_ones(tmp_p
     refused = run("fast", "turbo")
     assert refused.returncode == 2 and "--rows ['turbo'] unknown; allowed: fast," in refused.stderr
     assert "compiled_and_graphed" in refused.stderr.splitlines()[-1]
+
+
+def test_bench_train_warms_up_with_one_sampling_call_and_one_update(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import warm_up
+
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.trainer import Trainer
+
+    # Six sampling batches of 2, joined two by two; an update takes 2 x 3 = 6 samples: two calls of 4.
+    cfg = resolve_config(overrides={"device": "cpu", "batches_per_epoch": 6, "sample_batch_size": 2,
+                                    "sample_batches_per_call": 2, "train_batch_size": 2,
+                                    "gradient_accumulation_steps": 3, "horizon": 3, "grid_every": 0})
+    trainer = Trainer(cfg, tmp_path / "run")
+    calls, updates = [], []
+    sample = trainer.sampler.sample
+    trainer.sampler.sample = lambda unet, prompts, **kw: (calls.append(len(prompts)), sample(unet, prompts, **kw))[1]
+    trainer.optimizer.register_step_post_hook(lambda *_: updates.append(1))
+    warm_up(trainer, 0)
+    assert calls == [4, 4] and len(updates) == 1
+    assert trainer.cfg is cfg  # the row's own config again for the measured epochs
