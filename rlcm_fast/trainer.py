@@ -165,14 +165,7 @@ class Trainer:
                       leave=False):
             if agree(self.accelerator, self.stop.received)[0]:
                 raise StopTraining(0)  # nothing of this epoch is kept: it is redrawn identically on resume
-            batches = []  # each sampling batch's prompts and noise, drawn as batch-by-batch sampling draws them
-            for _ in range(joined):
-                # G images of each prompt, side by side: [p0 x G, p1 x G, ...] (group advantages, REBEL pairs).
-                picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size // cfg.images_per_prompt,),
-                                      generator=prompt_gen)
-                prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
-                latents = self.sampler.draw_latents(len(prompts), noise_gen, noise_dtype)
-                batches.append((prompts, latents, self.sampler.draw_noises(len(prompts), noise_gen, noise_dtype)))
+            batches = [self.draw_sampling_batch(prompt_gen, noise_gen, noise_dtype) for _ in range(joined)]
             prompts = [p for batch_prompts, _, _ in batches for p in batch_prompts]
             with self.autocast():
                 trajectory = self.sampler.sample(
@@ -206,6 +199,16 @@ class Trainer:
             advantages=torch.empty(0),
             images=torch.cat([t.images for t in trajectories]),
         )
+
+    def draw_sampling_batch(self, prompt_gen, noise_gen, noise_dtype) -> tuple[list[str], torch.Tensor, list]:
+        """One sampling batch's prompts, x_0 and step noises, drawn as sampling it alone would draw them."""
+        cfg = self.cfg
+        # G images of each prompt, side by side: [p0 x G, p1 x G, ...] (group advantages, REBEL pairs).
+        picks = torch.randint(len(self.prompt_set), (cfg.sample_batch_size // cfg.images_per_prompt,),
+                              generator=prompt_gen)
+        prompts = [self.prompt_set[i] for i in picks.tolist() for _ in range(cfg.images_per_prompt)]
+        latents = self.sampler.draw_latents(len(prompts), noise_gen, noise_dtype)
+        return prompts, latents, self.sampler.draw_noises(len(prompts), noise_gen, noise_dtype)
 
     def collect_rewards(self, pending) -> np.ndarray:
         """The scored rewards; a reward that raised or returned unusable values is a RewardError naming it,
