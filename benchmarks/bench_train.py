@@ -292,6 +292,8 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "trained_steps": trainer.sampler.trained_steps, "samples_per_epoch": samples_per_epoch,
         "sample_batch_size": cfg.sample_batch_size, "train_batch_size": cfg.train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "mixed_precision": cfg.mixed_precision,
+        # The UNet's batches: sampling batches joined per call, training rows per call (0: train_batch_size).
+        "sample_batches_per_call": cfg.sample_batches_per_call, "train_rows_per_call": cfg.train_rows_per_call,
         "policy_step_backend": policy_step_backend(cfg, device),
         "unet_flops": flops, "unet_flops_per_epoch": epoch_flops, "unet_aten_ops": aten_ops,
         # Training time per ATen op the UNet's forward+backward runs, one run per minibatch (the optimizer

@@ -313,6 +313,10 @@ def fast_path_peak_memory(train: dict):
     how = (f"GiB {'reserved' if field == 'peak_reserved_gib' else 'allocated'}, row {fast['variant']} (the "
            f"fastest), sample batch {fast['sample_batch_size']}, train batch {fast['train_batch_size']}, "
            f"{fast['resolution']} px")
+    joined, rows_per_call = fast.get("sample_batches_per_call", 1), fast.get("train_rows_per_call", 0)
+    if joined > 1 or rows_per_call:
+        how += (f" (UNet batches: sampling {joined * fast['sample_batch_size']}, "
+                f"training {rows_per_call or fast['train_batch_size']} rows)")
     others = [r for r in fast_path_rows(train) if r is not fast and r.get(field) is not None]
     if others:
         worst = max(others, key=lambda r: r[field])
