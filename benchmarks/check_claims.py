@@ -73,13 +73,13 @@ DEFAULT_STAGES = "step,rewards,attention,sampler,train,tests"
 # and with every call a CUDA graph), then DDPO (its per-sample claim), so that a stage cut short still has
 # ratios; the defaults ("fast") last: they ran on the H200 already (6675037). bench_train warms each row up
 # with one sampling call and one update, not a whole epoch, so that ten rows fit in the stage's cap.
-DEFAULT_TRAIN_ROWS = ("straightforward,calls_of_40_and_7,all_graphed_calls_of_40_and_7,ddpo,all_graphed,"
+DEFAULT_TRAIN_ROWS = ("straightforward,calls_of_20_and_7,all_graphed_calls_of_20_and_7,ddpo,all_graphed,"
                       "graphed_calls_of_7,all_graphed_calls_of_7,graphed_calls_of_7_cudnn,training_calls_of_7,fast")
 # bench_train rows that are the fast path: the defaults, and its opt-in switches (compiled UNet, graphed
 # sampling, wider training calls).
 FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed", "training_calls_of_7",
                   "graphed_calls_of_7", "graphed_calls_of_7_cudnn", "all_graphed", "all_graphed_calls_of_7",
-                  "calls_of_40_and_7", "all_graphed_calls_of_40_and_7")
+                  "calls_of_20_and_7", "all_graphed_calls_of_20_and_7")
 
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:

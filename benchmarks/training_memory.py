@@ -1,4 +1,5 @@
-"""How much memory one training call keeps for its backward pass, per row, at any resolution, without a GPU.
+"""How much memory one training call keeps for its backward pass, per row, and how much a sampling call
+holds at its peak, at any resolution, without a GPU.
 
 The trainer's UNet forward for N (sample, step) rows (the policy LoRA, bf16 autocast, the trainer's own
 `action_log_probs`) is traced with fake tensors: shapes and dtypes flow, nothing is computed, so sd15-lcm
@@ -9,8 +10,13 @@ attention saves its output and log-sum-exp, as CUDA's does); the backward's own 
 caching allocator's slack are not included, so this is a lower bound on a training call's peak, for
 choosing `train_rows_per_call` before a GPU run.
 
+Sampling (`--sampling-batches`, for `sample_batches_per_call`): the H-step loop for B trajectories without
+gradient (bf16 autocast, the plain-PyTorch step) and the VAE decode of one sampling batch, traced the same
+way; the largest sum of the storages alive at once, activations only (the frozen weights are apart). Kernels'
+workspaces, the allocator's slack and a CUDA graph's pool layout are not included: a lower bound again.
+
 Usage: python benchmarks/training_memory.py [--model sd15-lcm] [--resolution 768] [--rows 1,7,14]
-       [--out-dir DIR]
+       [--sampling-batches 4,20,40] [--out-dir DIR]
 Writes benchmarks/results/training_memory-<device>.json (or DIR/training_memory.json).
 """
 
@@ -24,6 +30,8 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
@@ -58,19 +66,54 @@ def saved_for_backward_bytes(trainer: Trainer, rows: int) -> int:
     return sum(saved.values())
 
 
+class PeakLiveStorage(TorchDispatchMode):
+    """Under a FakeTensorMode: the largest total of the distinct storages alive at once, counted after each
+    op while its inputs are still held (tensors made before the mode was entered are not counted). Fake
+    tensors live and die as real ones would in eager PyTorch, so this is eager execution's peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                ref = StorageWeakRef(tensor.untyped_storage())
+                self.live.setdefault(ref.cdata, (ref, tensor.untyped_storage().nbytes()))
+        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+def sampling_peak_bytes(trainer: Trainer, batch: int, decode_batch: int) -> tuple[int, int]:
+    """Peak live bytes of the H-step sampling loop for `batch` trajectories, and of decoding `decode_batch`
+    of them (fake tensors; the trainer samples without gradient under autocast)."""
+    sampler = trainer.sampler
+    prompts = [trainer.prompt_set[0]] * batch
+    sampler.prompt_embeddings(prompts)  # real: the text encoder runs once, outside
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), trainer.autocast():
+        with PeakLiveStorage() as loop:
+            trajectory = sampler.sample(trainer.unet, prompts, decode=False)
+        denoised = trajectory.denoised[:decode_batch].clone()
+        del trajectory
+        with PeakLiveStorage() as decode:
+            sampler.decode(denoised)
+    return loop.peak, decode.peak
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15-lcm", help="an RLCM model preset or folder (default sd15-lcm)")
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--rows", default="1,7,14", help="comma-separated rows per training call (default 1,7,14)")
+    parser.add_argument("--sampling-batches", default="4,20,40",
+                        help="comma-separated trajectories per sampling call (default 4,20,40; the decode: the smallest)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
-    try:
-        rows = [int(r) for r in args.rows.split(",")]
-        if not rows or min(rows) < 1:
-            raise ValueError
-    except ValueError:
-        parser.error(f"--rows {args.rows!r} is not a comma-separated list of integers >= 1")
+    rows, sampling_batches = (positive_ints(parser, flag, value) for flag, value in
+                              (("--rows", args.rows), ("--sampling-batches", args.sampling_batches)))
     try:
         # The fused C++ step reads raw pointers, which fake tensors do not have: the plain-PyTorch step.
         cfg = resolve_config(overrides={
@@ -90,14 +133,24 @@ def main(argv: list[str] | None = None) -> int:
         # The LoRA weights in float32, their gradients, and AdamW's two moments.
         lora = sum(p.numel() for p in trainer.params) * 4 * 4
         measured = [{"rows": n, "saved_for_backward_gib": saved_for_backward_bytes(trainer, n) / GIB} for n in rows]
+        decode_batch = min(sampling_batches)
+        sampling = []
+        for batch in sampling_batches:
+            loop, decode = sampling_peak_bytes(trainer, batch, decode_batch)
+            sampling.append({"trajectories": batch, "loop_peak_gib": loop / GIB, "decode_batch": decode_batch,
+                             "decode_peak_gib": decode / GIB})
     for row in measured:
         print(f"{cfg.model} {cfg.resolution} px, {row['rows']:3d} rows per call: "
               f"{row['saved_for_backward_gib']:.4g} GiB saved for backward", flush=True)
+    for row in sampling:
+        print(f"{cfg.model} {cfg.resolution} px, sampling {row['trajectories']:3d} trajectories: loop peak "
+              f"{row['loop_peak_gib']:.4g} GiB, decode of {row['decode_batch']} {row['decode_peak_gib']:.4g} GiB",
+              flush=True)
     result = {
         "benchmark": "training_memory", **environment(), "model": cfg.model, "resolution": cfg.resolution,
         "precision": "bf16 autocast, bf16 weights, float32 LoRA", "lora_rank": cfg.lora_rank,
         "lora_targets": list(cfg.lora_targets), "weights_gib": weights / GIB, "lora_and_adam_gib": lora / GIB,
-        "rows": measured,
+        "rows": measured, "sampling": sampling,
     }
     if len(measured) > 1:
         first, last = measured[0], measured[-1]
@@ -107,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
               f"LoRA with AdamW {result['lora_and_adam_gib']:.4g} GiB", flush=True)
     print(f"wrote {write_result('training_memory', result, args.out_dir)}")
     return 0
+
+
+def positive_ints(parser: argparse.ArgumentParser, flag: str, value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",")]
+        if numbers and min(numbers) >= 1:
+            return numbers
+    except ValueError:
+        pass
+    parser.error(f"{flag} {value!r} is not a comma-separated list of integers >= 1")
 
 
 if __name__ == "__main__":

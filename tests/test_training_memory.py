@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -24,6 +25,29 @@ def test_saved_memory_grows_with_the_rows_and_excludes_the_frozen_weights(tmp_pa
     assert saved[0] == pytest.approx(result["saved_gib_per_row"], rel=0.25)
     assert result["weights_gib"] > saved[0] and result["lora_and_adam_gib"] > 0
     assert result["model"] == "tiny" and result["resolution"] == 32 and result["git_commit"]
+    # Sampling without gradient: the loop's peak grows with the trajectories; one decode of the smallest batch.
+    sampling = result["sampling"]
+    assert [row["trajectories"] for row in sampling] == [4, 20, 40]
+    loop = [row["loop_peak_gib"] for row in sampling]
+    assert 0 < loop[0] < loop[1] < loop[2] < saved[0] * 40  # no autograd state kept
+    assert loop[2] == pytest.approx(2 * loop[1], rel=0.1)
+    assert {row["decode_batch"] for row in sampling} == {4} and len({row["decode_peak_gib"] for row in sampling}) == 1
+
+
+def test_peak_live_storage_counts_what_is_alive_at_once_and_a_view_once():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mib = 2**20
+    with FakeTensorMode(), training_memory.PeakLiveStorage() as peak:
+        x = torch.empty(mib // 4)  # 1 MiB of float32
+        y = x * 2  # 2 MiB alive
+        flat = y.view(-1)  # a view: no new storage
+        del x
+        z = flat + 1  # 2 MiB alive: y (through the view) and z
+        del y, flat, z
+        w = torch.empty(3 * mib // 4)  # 3 MiB alone: the peak
+        w.view(-1)
+    assert peak.peak == 3 * mib
 
 
 @pytest.mark.parametrize("argv, message", [
