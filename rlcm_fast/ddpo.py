@@ -132,7 +132,7 @@ class DDPOSampler:
             timesteps = torch.cat([timesteps, timesteps])
         both = unet(torch.cat([x, x]).to(dtype), timesteps, encoder_hidden_states=torch.cat([uncond, embeds]),
                     return_dict=False)[0]
-        output_uncond, output_cond = both.chunk(2)
+        output_uncond, output_cond = both.float().chunk(2)  # the guidance arithmetic in float32
         return output_uncond + self.guidance_scale * (output_cond - output_uncond)
 
     def _rows(self, unet, states, sample_idx, step_idx, embeds):
