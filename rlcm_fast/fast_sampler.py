@@ -67,6 +67,10 @@ class FastLCMSampler:
         if height != width:
             raise ValueError(f"height={height} and width={width}: only square images are supported")
         device = pipe.unet.device
+        if cuda_graph and "_original_forward" in vars(pipe.unet):  # the mark accelerate's prepare() leaves
+            raise ValueError("cuda_graph=True with a UNet prepared by accelerate for mixed precision: its forward "
+                             "runs an autocast with the cast cache on, which would freeze the weights' casts in "
+                             "the graph; pass accelerator.unwrap_model(unet, keep_fp32_wrapper=False) first")
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; its UNet is on {device}")
         original = original_inference_steps or pipe.scheduler.config.original_inference_steps

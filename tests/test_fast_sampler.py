@@ -79,6 +79,24 @@ def test_fast_sampler_cuda_graph_needs_a_cuda_pipeline(pipe):
         FastLCMSampler(pipe, batch_size=2, num_inference_steps=2, cuda_graph=True)
 
 
+def test_fast_sampler_cuda_graph_refuses_accelerates_autocast_wrapper():
+    """accelerate's prepare() with mixed precision wraps the forward in an autocast made with the cast cache on:
+    inside a capture it would cache the weights' casts (test_cuda_graphs.py shows the stale casts)."""
+    from accelerate import Accelerator
+
+    from rlcm_fast.launch import forget_other_accelerator_state
+
+    pipe = load_pipeline("tiny")
+    forget_other_accelerator_state(True, "bf16")
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    accelerator.prepare(pipe.unet)
+    with pytest.raises(ValueError, match="pass accelerator.unwrap_model\\(unet, keep_fp32_wrapper=False\\) first"):
+        FastLCMSampler(pipe, batch_size=2, num_inference_steps=2, cuda_graph=True)
+    accelerator.unwrap_model(pipe.unet, keep_fp32_wrapper=False)
+    with pytest.raises(ValueError, match="needs the pipeline on a CUDA device"):  # the wrapper is gone
+        FastLCMSampler(pipe, batch_size=2, num_inference_steps=2, cuda_graph=True)
+
+
 def test_fast_sampler_refuses_other_shapes(pipe):
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     with pytest.raises(ValueError, match="3 prompts given; this sampler was built for batch_size=2"):
