@@ -99,8 +99,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ddp_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
-        # With mixed precision, prepare() also wraps the UNet's forward in an autocast it made once, with the
-        # cast cache on whatever the caller's autocast says. Every UNet call here runs under self.autocast()
+        # With mixed precision, prepare() also wraps the UNet's forward in an autocast it made once, whose cast
+        # cache is on whatever the caller's autocast says. Every UNet call here runs under self.autocast()
         # already, and inside a CUDA-graph capture (warmed up and captured with the cache off) that wrapper
         # would cache the LoRA weights' casts: the graph would keep reading the warm-up's copies, stale after
         # an update and freed when the caller's autocast ends. So the wrapper comes off (accelerate's own
