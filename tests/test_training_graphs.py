@@ -136,15 +136,32 @@ def test_train_cuda_graph_with_compile_or_checkpointing_is_refused_in_one_line(o
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("precision, tolerance", [("no", 1e-4), ("bf16", 2e-2)])
 def test_graphed_training_on_a_gpu_gives_eager_results(tmp_path, monkeypatch, precision, tolerance):
-    """One seeded update on the tiny model, the real graphs against eager (float32 without TF32, and bf16)."""
+    """Two seeded updates on the tiny model, the real graphs against eager (float32 without TF32, and bf16),
+    compared at the second: its graphed forward must read the LoRA weights the first update changed (with
+    accelerate's autocast wrapper on the forward, the graph would have kept the warm-up's casts of them)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    _, base, _ = one_update(tmp_path, "eager", device="cuda", mixed_precision=precision)
+
+    def two_updates(name, **overrides):
+        trainers = []
+        _, captured, _ = one_update(tmp_path, name, prepare=trainers.append, device="cuda",
+                                    mixed_precision=precision, **overrides)
+        trainer = trainers[0]
+        samples = trainer.sample_epoch(1)
+        trainer.compute_advantages(samples)
+        trainer.train_epoch(1, samples)  # its loss and gradients replace the first update's in `captured`
+        assert trainer.global_step == 2
+        return captured
+
+    base = two_updates("eager")
     captures = []
     make_graphed = torch.cuda.make_graphed_callables
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda *a, **k: captures.append(1) or make_graphed(*a, **k))
-    _, graphed, _ = one_update(tmp_path, "graphed", device="cuda", mixed_precision=precision, train_cuda_graph=True)
+    graphed = two_updates("graphed", train_cuda_graph=True)
     assert captures == [1]  # one signature, captured (a failed capture warns and runs eagerly)
+    # The second update's mean ratio is 1 when its forward reads the weights that sampled (on-policy). With
+    # the weights from before the first update put back for it (what stale casts give), 0.9993 on the CPU (bf16).
+    assert graphed["ratio"] == pytest.approx(base["ratio"], abs=tolerance * 0.01)
     assert graphed["loss"] == pytest.approx(base["loss"], abs=tolerance * 0.1)
     largest = max(g.abs().max().item() for g in base["grads"])
     assert largest > 0
