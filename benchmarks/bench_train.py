@@ -238,11 +238,8 @@ def warm_up(trainer: Trainer, epoch: int) -> None:
     try:
         samples = trainer.sample_epoch(epoch)
         trainer.compute_advantages(samples)
-        first = slice(0, samples_per_update)
-        trainer.train_epoch(epoch, dataclasses.replace(
-            samples, prompts=samples.prompts[first], states=samples.states[first],
-            log_probs=samples.log_probs[first], rewards=samples.rewards[first],
-            advantages=samples.advantages[first], images=samples.images[first]))
+        first = {field.name: getattr(samples, field.name)[:samples_per_update] for field in dataclasses.fields(samples)}
+        trainer.train_epoch(epoch, dataclasses.replace(samples, **first))
     finally:
         trainer.cfg = cfg
 

@@ -87,20 +87,24 @@ class PeakLiveStorage(TorchDispatchMode):
         return out
 
 
-def sampling_peak_bytes(trainer: Trainer, batch: int, decode_batch: int) -> tuple[int, int]:
-    """Peak live bytes of the H-step sampling loop for `batch` trajectories, and of decoding `decode_batch`
-    of them (fake tensors; the trainer samples without gradient under autocast)."""
-    sampler = trainer.sampler
+def sampling_peak_bytes(trainer: Trainer, batch: int) -> int:
+    """Peak live bytes of the H-step sampling loop for `batch` trajectories (fake tensors; the trainer samples
+    without gradient under autocast)."""
     prompts = [trainer.prompt_set[0]] * batch
-    sampler.prompt_embeddings(prompts)  # real: the text encoder runs once, outside
+    trainer.sampler.prompt_embeddings(prompts)  # real: the text encoder runs once, outside
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), trainer.autocast():
         with PeakLiveStorage() as loop:
-            trajectory = sampler.sample(trainer.unet, prompts, decode=False)
-        denoised = trajectory.denoised[:decode_batch].clone()
-        del trajectory
+            trainer.sampler.sample(trainer.unet, prompts, decode=False)
+    return loop.peak
+
+
+def decode_peak_bytes(trainer: Trainer, batch: int) -> int:
+    """Peak live bytes of the VAE decode of `batch` latents (fake tensors, under the trainer's autocast)."""
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), trainer.autocast():
+        latents = torch.randn(latent_shape(trainer.pipe, batch, trainer.sampler.resolution), device=trainer.device)
         with PeakLiveStorage() as decode:
-            sampler.decode(denoised)
-    return loop.peak, decode.peak
+            trainer.sampler.decode(latents)
+    return decode.peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         # The LoRA weights in float32, their gradients, and AdamW's two moments.
         lora = sum(p.numel() for p in trainer.params) * 4 * 4
         measured = [{"rows": n, "saved_for_backward_gib": saved_for_backward_bytes(trainer, n) / GIB} for n in rows]
-        decode_batch = min(sampling_batches)
-        sampling = []
-        for batch in sampling_batches:
-            loop, decode = sampling_peak_bytes(trainer, batch, decode_batch)
-            sampling.append({"trajectories": batch, "loop_peak_gib": loop / GIB, "decode_batch": decode_batch,
-                             "decode_peak_gib": decode / GIB})
+        decode_batch = min(sampling_batches)  # the decode goes one sampling batch at a time, whatever the call
+        decode_gib = decode_peak_bytes(trainer, decode_batch) / GIB
+        sampling = [{"trajectories": batch, "loop_peak_gib": sampling_peak_bytes(trainer, batch) / GIB,
+                     "decode_batch": decode_batch, "decode_peak_gib": decode_gib} for batch in sampling_batches]
     for row in measured:
         print(f"{cfg.model} {cfg.resolution} px, {row['rows']:3d} rows per call: "
               f"{row['saved_for_backward_gib']:.4g} GiB saved for backward", flush=True)
