@@ -103,3 +103,20 @@ def test_bench_train_warms_up_with_one_sampling_call_and_one_update(tmp_path):
     warm_up(trainer, 0)
     assert calls == [4, 4] and len(updates) == 1
     assert trainer.cfg is cfg  # the row's own config again for the measured epochs
+
+
+def test_every_gpu_row_of_bench_train_is_a_valid_config():
+    """The GPU rows run only on a lent GPU, with minutes to spare: a switch misspelt or a join that does not
+    divide the epoch must fail here, not there."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import COMMON, GPU_ONLY_ROWS, rows
+
+    from rlcm_fast.config import resolve_config
+
+    table = rows(gpu=True, quick=False, ddpo_batches=1)
+    assert set(GPU_ONLY_ROWS) <= set(table)
+    for name, overrides in table.items():
+        cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": 2})
+        for key, value in overrides.items():
+            assert getattr(cfg, key) == value, (name, key)
+    assert table["ddpo"]["batches_per_epoch"] == 1 and table["calls_of_20_and_7"]["sample_batches_per_call"] == 5
