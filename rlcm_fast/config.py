@@ -67,6 +67,14 @@ class TrainConfig:
     # CUDA only, ignored on a CPU; one process; not with compile_unet or gradient_checkpointing). Opt-in until
     # checked on a GPU.
     train_cuda_graph: bool = False
+    # Convolution switches that change no result beyond floating-point order; opt-in until timed on a GPU
+    # (benchmarks/bench_unet.py). channels_last: the UNet's and the VAE's weights, and so their activations,
+    # in channels-last (NHWC) memory format, the layout cuDNN's tensor-core convolutions compute in (NCHW
+    # tensors are transposed to it and back around each convolution).
+    channels_last: bool = False
+    # cuDNN times its convolution algorithms at each new shape and keeps the fastest (torch.backends.cudnn.
+    # benchmark, process-wide; CUDA only, ignored on a CPU). A run's shapes are fixed: one search per shape.
+    cudnn_benchmark: bool = False
 
     # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch

@@ -84,7 +84,8 @@ def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
     config (alpha, rank) as metadata, so `pipe.load_lora_weights(directory)` reproduces the policy."""
     LatentConsistencyModelPipeline.save_lora_weights(
         directory,
-        unet_lora_layers=lora_state_dict(unet),
+        # safetensors stores contiguous tensors only; channels-last convolution weights are not (channels_last).
+        unet_lora_layers={key: tensor.contiguous() for key, tensor in lora_state_dict(unet).items()},
         safe_serialization=True,
         unet_lora_adapter_metadata=_policy_lora_config(unet).to_dict(),
     )

@@ -249,6 +249,14 @@ def _freeze(pipe) -> None:
         component.requires_grad_(False).eval()
 
 
+def use_channels_last(pipe) -> None:
+    """The UNet's and the VAE's 4-D weights (LoRA's convolutions too) in channels-last memory format, in
+    place: a convolution with channels-last weights gives channels-last activations, so the whole model
+    runs in NHWC. The Parameters stay the same objects (an optimizer built on them still holds them)."""
+    for model in (pipe.unet, pipe.vae):
+        model.to(memory_format=torch.channels_last)
+
+
 def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
     """The tiny preset in memory (float32, CPU), identical on every call: a random VAE and text encoder
     and the shipped trained UNet (a denoiser of synthetic textures, see tiny_pretraining.py).

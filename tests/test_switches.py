@@ -53,6 +53,10 @@ def default_path(tmp_path_factory):
     # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
     # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused).
     {"compile_unet": True, "compile_backend": "aot_eager"},
+    # The UNet and the VAE in channels-last memory format (the LoRA's convolutions too: tiny puts LoRA on them).
+    {"channels_last": True},
+    # Ignored on a CPU (cuDNN is CUDA's).
+    {"cudnn_benchmark": True},
 ])
 def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     base_samples, base, _ = default_path
@@ -73,6 +77,29 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     if "reward_device" in switch:
         assert devices == ["cpu", "cpu"]
     assert len(devices) == 2  # the reward was called once per sampling batch, whatever the UNet's batch
+
+
+def test_channels_last_converts_every_convolution_and_survives_a_checkpoint(tmp_path):
+    overrides = {**ONE_UPDATE, "channels_last": True}
+    trainer = Trainer(resolve_config(overrides=overrides), tmp_path / "run")
+    assert torch.backends.cudnn.benchmark is False  # cudnn_benchmark is off by default
+    convolutions = {name: p for model in (trainer.unet, trainer.pipe.vae) for name, p in model.named_parameters()
+                    if p.ndim == 4}
+    assert any("lora" in name for name in convolutions)  # the tiny preset's LoRA on convolutions
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in convolutions.values() if p.shape[1] > 1 and p.shape[2:] != (1, 1))
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for name, p in trainer.unet.named_parameters() if p.requires_grad} == held
+    samples = trainer.sample_epoch(0)
+    trainer.compute_advantages(samples)
+    trainer.train_epoch(0, samples)
+    checkpoint = trainer.save_checkpoint(1)  # safetensors wants contiguous tensors: NHWC ones are not
+    resumed = Trainer(resolve_config(overrides=overrides), tmp_path / "resumed", resume_from=checkpoint)
+    for (name, ours), (_, theirs) in zip(resumed.unet.named_parameters(), trainer.unet.named_parameters()):
+        assert torch.equal(ours, theirs), name
+        assert ours.is_contiguous(memory_format=torch.channels_last) or ours.ndim != 4, name
+    for ours, theirs in zip(resumed.params, trainer.params):
+        assert torch.equal(resumed.optimizer.state[ours]["exp_avg"], trainer.optimizer.state[theirs]["exp_avg"])
 
 
 def test_inductor_on_the_cpu_is_refused(tmp_path):
