@@ -1,7 +1,7 @@
 """Check the package's GPU claims on this machine, within a time budget: run the benchmarks that measure
 them and the GPU tests, then judge each claim against its threshold.
 
-    python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,attention,sampler,train,tests]
+    python benchmarks/check_claims.py [--budget-s 540] [--stages step,rewards,attention,unet,sampler,train,tests]
                                       [--train-rows ROW,ROW,...] [--out-dir DIR]
     python benchmarks/check_claims.py --evaluate-only --out-dir DIR     (judge the JSON already in DIR)
 
@@ -24,6 +24,9 @@ Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16)
            each nvjpeg_colour; the claim is judged on the default)
   attention  bench_attention.py: SDPA's backends at the UNet's and VAE's attention shapes (no claim: it
            says whether attention_backend=cudnn could help; claims.md sums it up per model call)
+  unet     bench_unet.py: the trainer's UNet and decode calls under channels_last, cudnn_benchmark and
+           cuDNN attention, eager and graphed (no claim: it says which switches to turn on; claims.md
+           names the fastest variant per call)
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
            epoch (its per-sample step time, not the paper's epoch)
@@ -65,8 +68,8 @@ BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound ove
 # CUDA-graph tests 48 s alone); sampler (240 s) and train (180 s) were stopped at their caps, the sampler
 # after 9 of its 16 rows (it compiles the 860M-parameter UNet) and train inside DDPO's warm-up epoch
 # (fast and straightforward take about 60 s each, model set-up and warm-up epoch included).
-STAGE_CAP_S = {"step": 120, "rewards": 60, "attention": 90, "sampler": 300, "train": 360, "tests": 120}
-DEFAULT_STAGES = "step,rewards,attention,sampler,train,tests"
+STAGE_CAP_S = {"step": 120, "rewards": 60, "attention": 90, "unet": 150, "sampler": 300, "train": 360, "tests": 120}
+DEFAULT_STAGES = "step,rewards,attention,unet,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished
 # after 386 s; with the sampling graphs in inductor's cache, the first training minibatch still took 199 s.
 # The baseline of the 3x claim first, then the likeliest fastest fast-path rows (wide UNet batches, eager
@@ -90,6 +93,7 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
         "rewards": [py, str(HERE / "bench_rewards.py"), "--no-aesthetic", "--sizes", "768,512", "--batches", "32,8",
                     *out],
         "attention": [py, str(HERE / "bench_attention.py"), *out],
+        "unet": [py, str(HERE / "bench_unet.py"), *out],
         "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
         "train": [py, str(HERE / "bench_train.py"), "--rows", train_rows, "--epochs", "1", "--ddpo-batches", "1",
                   "--no-curves", *out],
@@ -390,6 +394,28 @@ def attention_summary(out_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def unet_summary(out_dir: Path) -> list[str]:
+    """claims.md's lines on bench_unet.json: per call and mode, the default variant's ms and the fastest
+    variant with its speedup over it."""
+    path = out_dir / "bench_unet.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    lines = [f"UNet and decode calls, ms (bench_unet.json, {data['model']} at {data['resolution']} px, "
+             f"{data['precision']}{'' if data.get('complete') else '; partial'}):", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for row in data["rows"]:
+        if "ms" in row:
+            groups.setdefault((row["call"], row["batch"], row["mode"]), []).append(row)
+    for (call, batch, mode), rows in groups.items():
+        default = next((r["ms"] for r in rows if r["variant"] == "default"), None)
+        best = min(rows, key=lambda r: r["ms"])
+        versus = f" ({default / best['ms']:.3f}x the default)" if default else ""
+        lines.append(f"- {call} {batch} {mode}: default {default if default is None else f'{default:.4g}'}, "
+                     f"fastest {best['variant']} {best['ms']:.4g}{versus}")
+    return lines + [""]
+
+
 def earlier_run_record(out_dir: Path) -> dict:
     """What the run that wrote DIR's JSON recorded about itself: its claims.json without the claims, or,
     without one, the device and commit named in a benchmark's JSON. Never this machine's: the JSON was
@@ -429,8 +455,9 @@ def markdown(report: dict) -> str:
     for c in report["claims"]:
         value = "-" if c["measured"] is None else f"{c['measured']:.4g}"
         lines.append(f"| {c['issue']} | {c['claim']} | {c['threshold']} | {value} | {c['status']} | {c['detail']} |")
-    if report.get("attention"):
-        lines += [""] + report["attention"]
+    for summary in ("attention", "unet"):  # each ends with a blank line
+        if report.get(summary):
+            lines += ([] if lines[-1] == "" else [""]) + report[summary]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -468,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                   "package": installed_package(), "stages": statuses}
     report["claims"] = evaluate(out_dir)
     report["attention"] = attention_summary(out_dir)
+    report["unet"] = unet_summary(out_dir)
     (out_dir / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "claims.md").write_text(markdown(report))
     print(markdown(report))

@@ -162,7 +162,7 @@ def test_without_cuda_no_stage_runs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, attention, sampler, train, tests"),
+    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, attention, unet, sampler, train, tests"),
     (["--train-rows", "fast,turbo"], "--train-rows turbo unknown; allowed: fast, reference_step,"),
     (["--budget-s", "0"], "--budget-s 0 is invalid: it must be > 0"),
 ])
@@ -178,7 +178,8 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     commands = check_claims.stage_commands(tmp_path)
     smaller = {"rewards": ["--quick", "--sizes", "64", "--batches", "2"],
                "sampler": ["--device", "cpu", "--horizons", "2", "--batches", "1", "--repeats", "1"],
-               "train": ["--quick"], "attention": ["--device", "cpu", "--batches", "1", "--train-rows", "1"]}
+               "train": ["--quick"], "attention": ["--device", "cpu", "--batches", "1", "--train-rows", "1"],
+               "unet": ["--device", "cpu", "--repeats", "1", "--calls", "training:1,decode:1"]}
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
     for stage, extra in smaller.items():
         result = subprocess.run([*commands[stage], *extra], cwd=REPO, env=env, capture_output=True, text=True,
@@ -197,12 +198,20 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     assert json.loads((tmp_path / "bench_rewards.json").read_text())["jpeg"]
     check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
     summary = (tmp_path / "claims.md").read_text().split("Attention per model call, ms (bench_attention.json, ")[1]
+    summary = summary.split("UNet and decode calls")[0]
     assert summary.startswith("tiny at 32 px, float32):")
     attention = json.loads((tmp_path / "bench_attention.json").read_text())
     lines = [line for line in summary.splitlines() if line.startswith("- ")]
     assert len(lines) == len(attention["groups"]) == 3
     default = attention["groups"][0]["ms_per_call"]["default"]
     assert lines[0].startswith(f"- unet batch 1 forward + backward: default {default:.3g}, cudnn first ")
+    unet = json.loads((tmp_path / "bench_unet.json").read_text())["rows"]
+    summary = (tmp_path / "claims.md").read_text().split("UNet and decode calls, ms (bench_unet.json, ")[1]
+    lines = [line for line in summary.splitlines() if line.startswith("- ")]
+    assert summary.startswith("tiny at 32 px, float32):") and len(lines) == 2
+    fastest = min(unet[:2], key=lambda r: r["ms"])
+    assert lines[0] == (f"- training 1 eager: default {unet[0]['ms']:.4g}, fastest {fastest['variant']} "
+                        f"{fastest['ms']:.4g} ({unet[0]['ms'] / fastest['ms']:.3f}x the default)")
 
 
 def test_bench_step_refuses_bad_batch_sizes_in_one_line():

@@ -1,0 +1,225 @@
+"""Benchmark of the trainer's UNet and VAE calls under the switches that change which kernels run but no
+result: which is fastest at the shapes an epoch runs, eager and replayed from CUDA graphs. One short run
+decides `channels_last`, `cudnn_benchmark` and `attention_backend` (rlcm_fast/config.py) without sampling
+or training whole epochs (bench_train.py does that, one row per combination).
+
+Variants: config switches, applied in place to one Trainer's models (the values a user would `--set`):
+    default          NCHW tensors, cuDNN's heuristic algorithm choice, SDPA's default attention kernels
+    channels_last    the UNet and the VAE in channels-last (NHWC) memory format
+    cudnn_benchmark  cuDNN times its convolution algorithms once per shape and keeps the fastest
+    cudnn_attention  attention_backend: cudnn (SDPA tries cuDNN's fused attention first)
+    all              the three together
+Calls, each timed eager and (on a GPU) replayed from CUDA graphs, as the trainer's switches capture them:
+    training R   one training call: the UNet forward of R (sample, step) rows, the policy step's log-prob and
+                 the backward to the LoRA weights (graph: GraphedTrainingUNet); R = 2, the paper's train
+                 batch, and 7 (train_rows_per_call 7)
+    sampling B   the sampling loop (UNet calls and policy steps, no decode) of B trajectories at horizon 2,
+                 reported per UNet call (graph: the sampler's captured loop); B = 20 (sample_batches_per_call
+                 5) and 4, a sampling batch
+    decode B     one VAE decode of B latents (graph: CapturedCall); B = 4
+GPU (the default when CUDA is there): sd15-lcm at 768 px, bf16 autocast, the compressibility task's LoRA.
+CPU (`--device cpu`, or no CUDA): tiny at 32 px, float32, the default and channels_last variants, eager
+only; a smoke test of the script, not a speed claim.
+
+Per (call, variant, mode): the median of --repeats calls after two warm-up calls (the first searches
+cuDNN's algorithms or captures the graph), in ms; TFLOP/s from the call's counted FLOPs; the speedup over
+the default variant's eager time. Calls run outer, variants inner, so that a run cut short has every
+variant of the calls it reached. Writes bench_unet.json (under --out-dir, else
+benchmarks/results/bench_unet-<device>.json).
+Usage: python benchmarks/bench_unet.py [--device cuda|cpu] [--variants a,b] [--calls ...] [--repeats 5] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, release_memory, write_result  # noqa: E402
+
+from rlcm_fast.attention import set_attention_backend  # noqa: E402
+from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.cuda_graphs import CapturedCall, GraphedTrainingUNet  # noqa: E402
+from rlcm_fast.faults import one_line  # noqa: E402
+from rlcm_fast.sampler import LCMSampler  # noqa: E402
+from rlcm_fast.trainer import Trainer  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "channels_last": {"channels_last": True},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
+    "cudnn_attention": {"attention_backend": "cudnn"},
+    "all": {"channels_last": True, "cudnn_benchmark": True, "attention_backend": "cudnn"},
+}
+CPU_VARIANTS = ("default", "channels_last")  # cuDNN is CUDA's
+CALLS = ("training:2", "training:7", "sampling:20", "sampling:4", "decode:4")
+SAMPLING_HORIZON = 2  # per UNet call, the loop's cost does not depend on H; 2 keeps each timed call short
+GPU_CONFIG = {"device": "cuda", "model": "sd15-lcm", "task": "compressibility", "resolution": 768}
+CPU_CONFIG = {"device": "cpu", "model": "tiny"}
+
+
+def apply_variant(trainer: Trainer, switches: dict) -> None:
+    """Set the variant's switches on the trainer's models in place, every one of them (back to its default
+    where the variant does not name it)."""
+    memory_format = torch.channels_last if switches.get("channels_last") else torch.contiguous_format
+    for model in (trainer.unet, trainer.pipe.vae):
+        model.to(memory_format=memory_format)
+    torch.backends.cudnn.benchmark = bool(switches.get("cudnn_benchmark"))
+    set_attention_backend(trainer.pipe, switches.get("attention_backend", "sdpa"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(call, repeats: int, device: torch.device) -> float:
+    """The median wall time of `call()` over `repeats` calls after two warm-up calls, in ms."""
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+class Calls:
+    """The three kinds of call at one batch size, built on the trainer's own models and sampler settings."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.cfg, self.device = trainer, trainer.cfg, trainer.device
+        self.prompt = trainer.prompt_set[0]
+
+    def sampler(self, graphed: bool) -> LCMSampler:
+        cfg = self.cfg
+        return LCMSampler(self.trainer.pipe, SAMPLING_HORIZON, cfg.guidance_scale, cfg.original_inference_steps,
+                          train_final_step=False, resolution=cfg.resolution, step_backend=cfg.policy_step_backend,
+                          cuda_graph=graphed)
+
+    def make(self, kind: str, batch: int, graphed: bool):
+        """A function of no arguments that runs one call, with its inputs made once here."""
+        trainer, sampler = self.trainer, self.sampler(graphed)
+        generator = torch.Generator(self.device).manual_seed(0)
+        dtype = trainer.pipe.text_encoder.dtype
+        latents = sampler.draw_latents(batch, generator, dtype)
+        if kind == "sampling":
+            noises = sampler.draw_noises(batch, generator, dtype)
+            prompts = [self.prompt] * batch
+
+            def sampling():
+                with trainer.autocast():
+                    sampler.sample(trainer.unet, prompts, latents=latents, noises=noises, decode=False)
+            return sampling
+        if kind == "decode":
+            decode = CapturedCall(sampler.decode, self.device) if graphed else sampler.decode
+
+            def decoding():
+                with trainer.autocast(), torch.no_grad():
+                    decode(latents.float())
+            return decoding
+        # Training: rows of step 0 -> 1 (what a row costs does not depend on its step or values).
+        states = torch.stack([latents.float(), torch.randn_like(latents, dtype=torch.float32)], dim=1)
+        rows, steps = torch.arange(batch, device=self.device), torch.zeros(batch, dtype=torch.long, device=self.device)
+        embeds = sampler.prompt_embeddings([self.prompt] * batch)
+        unet = GraphedTrainingUNet(trainer.unet, self.device) if graphed else trainer.unet
+        for p in trainer.params:  # allocated before the first backward and zeroed in place, as the trainer does
+            p.grad = torch.zeros_like(p)
+
+        def training():
+            with trainer.autocast():
+                log_probs = sampler.action_log_probs(unet, states, rows, steps, embeds)[0]
+            log_probs.mean().backward()
+            trainer.optimizer.zero_grad(set_to_none=False)
+        return training
+
+
+def counted_tflop(call) -> float:
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops() / 1e12
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} "
+                        f"(default: all on a GPU, {', '.join(CPU_VARIANTS)} on a CPU)")
+    parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated kind:batch (default {','.join(CALLS)})")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row, after two warm-up calls")
+    parser.add_argument("--out-dir", default=None, help="write DIR/bench_unet.json instead of benchmarks/results/")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    variants = args.variants.split(",") if args.variants else list(VARIANTS if gpu else CPU_VARIANTS)
+    allowed = list(VARIANTS if gpu else CPU_VARIANTS)
+    if unknown := [v for v in variants if v not in allowed]:
+        parser.error(f"--variants {unknown} unknown{'' if gpu else ' on a CPU'}; allowed: {', '.join(allowed)}")
+    try:
+        calls = [(kind, int(batch)) for kind, batch in (c.split(":") for c in args.calls.split(","))]
+        if any(kind not in ("training", "sampling", "decode") or batch < 1 for kind, batch in calls):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--calls {args.calls!r} is invalid: expected kind:batch pairs, comma-separated, kind one of "
+                     "training, sampling, decode, batch a positive integer")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} is invalid: it must be >= 1")
+    modes = ("eager", "graph") if gpu else ("eager",)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_unet-"))
+    trainer = Trainer(resolve_config(overrides={**(GPU_CONFIG if gpu else CPU_CONFIG), "grid_every": 0}), run_dir)
+    device, builder = trainer.device, Calls(trainer)
+    result = {"benchmark": "bench_unet", **environment(), "model": trainer.cfg.model,
+              "resolution": trainer.cfg.resolution, "precision": {"no": "float32"}.get(precision := trainer.accelerator.mixed_precision, f"{precision} autocast"),
+              "sampling_horizon": SAMPLING_HORIZON, "repeats": args.repeats,
+              "variants": {name: VARIANTS[name] for name in variants},
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
+    for kind, batch in calls:
+        apply_variant(trainer, {})
+        tflop = counted_tflop(builder.make(kind, batch, graphed=False))
+        per_unet_call = SAMPLING_HORIZON if kind == "sampling" else 1
+        baseline = None
+        for variant in variants:
+            apply_variant(trainer, VARIANTS[variant])
+            for mode in modes:
+                row = {"call": kind, "batch": batch, "variant": variant, "mode": mode, "tflop": tflop}
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        ms = timed_ms(builder.make(kind, batch, graphed=mode == "graph"), args.repeats, device)
+                    # A capture that fails warns and runs the call without the graph: not a graph's time.
+                    if fallbacks := [str(w.message) for w in caught if "could not be captured" in str(w.message)
+                                     or "without CUDA graphs" in str(w.message)]:
+                        raise RuntimeError(fallbacks[0])
+                except RuntimeError as error:  # one row's failure (a capture, memory) is its result
+                    row["error"] = one_line(error, limit=300)
+                    print(f"{kind} {batch} {variant} {mode}: {row['error']}", flush=True)
+                else:
+                    baseline = baseline or (ms if variant == "default" and mode == "eager" else None)
+                    row.update(ms=ms, tflops_per_s=tflop / (ms * 1e-3),
+                               speedup_vs_default_eager=baseline / ms if baseline else None)
+                    if per_unet_call > 1:
+                        row["ms_per_unet_call"] = ms / per_unet_call
+                    print(f"{kind:8s} {batch:3d} {variant:16s} {mode:5s} {ms:9.2f} ms  "
+                          f"{row['tflops_per_s']:8.2f} TFLOP/s  x{row['speedup_vs_default_eager'] or float('nan'):.3f}",
+                          flush=True)
+                result["rows"].append(row)
+                write_result("bench_unet", result, args.out_dir, complete=False)
+                release_memory(device)
+    apply_variant(trainer, {})
+    print(f"wrote {write_result('bench_unet', result, args.out_dir, complete=True)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
