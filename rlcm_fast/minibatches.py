@@ -13,26 +13,28 @@ import torch
 
 
 def flattened_rows(trained: torch.Tensor, generator: torch.Generator, rows: int, accumulation: int):
-    """PPO (the fast path): every (sample, trained step) pair shuffled together; each update is
-    accumulation x K minibatches of `rows` pairs, so it covers the trained steps of accumulation x rows
-    samples, mixing timesteps within a minibatch."""
+    """PPO (the fast path): each update takes accumulation x rows shuffled samples, as the reference loop
+    does (`per_timestep_rows`, the same samples for the same generator), and shuffles all their (sample,
+    trained step) pairs together into accumulation x K minibatches of `rows` pairs. So an update covers
+    every trained step of its samples (DESIGN.md section 3.2), with timesteps mixed within a minibatch."""
     n, count = trained.shape
-    order = torch.randperm(n * count, generator=generator).to(trained.device)
-    sample_idx, column = order // count, order % count
-    step_idx = trained[sample_idx, column]
-    micro_per_update = accumulation * count
-    for update in range(n // (rows * accumulation)):
-        first = update * micro_per_update
+    per_update = rows * accumulation
+    order = torch.randperm(n, generator=generator).to(trained.device)
+    mixes = [torch.randperm(per_update * count, generator=generator).to(trained.device)  # every draw up front
+             for _ in range(n // per_update)]
+    for update, mix in enumerate(mixes):
+        sample_idx = order[update * per_update : (update + 1) * per_update][mix // count]
+        step_idx = trained[sample_idx, mix % count]
         yield [
             (sample_idx[m * rows : (m + 1) * rows, None], step_idx[m * rows : (m + 1) * rows, None])
-            for m in range(first, first + micro_per_update)
+            for m in range(accumulation * count)
         ]
 
 
 def per_timestep_rows(trained: torch.Tensor, generator: torch.Generator, rows: int, accumulation: int):
     """The reference loop (`train_rows: per_timestep`, the straightforward path): each update takes
     accumulation x rows shuffled samples, and each minibatch is `rows` of them at ONE of their trained
-    steps, step after step. Same rows and weights per update as `flattened_rows`, other batching."""
+    steps, step after step. Same pairs and weights per update as `flattened_rows`, other batching."""
     n, count = trained.shape
     order = torch.randperm(n, generator=generator).to(trained.device)
     for update in range(n // (rows * accumulation)):

@@ -152,6 +152,26 @@ def test_per_timestep_minibatches_hold_one_step_each():
     assert covered == [(i, k) for i in range(4) for k in range(3)]
 
 
+@pytest.mark.parametrize("step_fraction", [1.0, 0.5])
+def test_each_flattened_update_covers_every_trained_step_of_the_same_samples_as_per_timestep(step_fraction):
+    """DESIGN.md section 3.2: an update's minibatches cover all trained steps of its samples. Flattened and
+    per-timestep plans differ only in how they batch those pairs (the ablation compares like with like)."""
+    from rlcm_fast.algorithms import choose_trained_steps
+
+    trained = choose_trained_steps(12, 5, step_fraction, torch.Generator().manual_seed(2))  # (12, K) steps
+    pairs = lambda update: sorted((int(i), int(k)) for s, t in update for i, k in zip(s.flatten(), t.flatten()))
+    flat = list(flattened_rows(trained, torch.Generator().manual_seed(0), rows=2, accumulation=3))
+    reference = list(per_timestep_rows(trained, torch.Generator().manual_seed(0), rows=2, accumulation=3))
+    assert len(flat) == len(reference) == 2
+    for ours, theirs in zip(flat, reference):
+        assert len(ours) == len(theirs) == 3 * trained.shape[1] and all(len(s) == 2 for s, _ in ours)
+        samples = sorted({i for i, _ in pairs(ours)})
+        assert len(samples) == 6 and pairs(ours) == pairs(theirs)
+        assert pairs(ours) == sorted((i, int(k)) for i in samples for k in trained[i])
+    assert len({k for s, t in flat[0] for k in t.flatten().tolist()}) > 1  # timesteps are mixed ...
+    assert any(len(set(t.flatten().tolist())) > 1 for _, t in flat[0])  # ... within a minibatch
+
+
 def test_rows_per_call_cut_the_same_rows_into_fewer_calls():
     trained = torch.arange(3).expand(8, 3)
     plain = list(flattened_rows(trained, torch.Generator().manual_seed(1), rows=2, accumulation=2))
