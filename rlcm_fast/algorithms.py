@@ -86,8 +86,9 @@ def gaussian_kl(mean, base_mean, std) -> torch.Tensor:
 
 
 def trained_step_count(total_steps: int, fraction: float) -> int:
-    """How many of a trajectory's `total_steps` trained actions a `fraction` keeps: at least one."""
-    return max(1, min(total_steps, round(fraction * total_steps)))
+    """How many of a trajectory's `total_steps` trained actions a `fraction` keeps: int(fraction x steps), as
+    ddpo-pytorch's timestep_fraction counts them, and at least one."""
+    return max(1, min(total_steps, int(fraction * total_steps)))
 
 
 def choose_trained_steps(samples: int, total_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:

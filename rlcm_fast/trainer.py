@@ -266,6 +266,7 @@ class Trainer:
         states = samples.states.to(self.device)
         old_log_probs = samples.log_probs.to(self.device)
         advantages = samples.advantages.to(self.device)
+        rewards = torch.as_tensor(samples.rewards, dtype=torch.float64, device=self.device)
         shuffle_gen = epoch_generator(cfg.seed, epoch, self.accelerator.process_index, stream=2)
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
@@ -303,6 +304,9 @@ class Trainer:
                         self.accelerator.backward(loss / parts)
                     for name, value in {"loss": loss.detach(), **stats}.items():
                         sums[name] = sums.get(name, 0.0) + value.double() / parts
+                # The rewards of the update's samples (each appears once per trained step: the same mean and std).
+                update_rewards = torch.cat([rewards[sample_idx.flatten()] for sample_idx, _ in minibatches])
+                sums.update(reward_mean=update_rewards.mean(), reward_std=update_rewards.std(correction=0))
                 if self.accelerator.scaler is not None:
                     # fp16 on a GPU: accelerate's backward scaled the loss; clip and log the true gradient.
                     self.accelerator.scaler.unscale_(self.optimizer)

@@ -102,9 +102,10 @@ def test_gaussian_kl_matches_torch_distributions():
 
 def test_choose_trained_steps():
     gen = torch.Generator().manual_seed(0)
-    assert [trained_step_count(7, f) for f in (1.0, 0.5, 0.01, 0.3)] == [7, 4, 1, 2]
+    assert [trained_step_count(7, f) for f in (1.0, 0.5, 0.01, 0.3)] == [7, 3, 1, 2]
+    assert trained_step_count(50, 0.27) == 13  # ddpo-pytorch's int(num_steps * timestep_fraction), not 14
     chosen = choose_trained_steps(50, 7, 0.5, gen)
-    assert chosen.shape == (50, 4)
+    assert chosen.shape == (50, 3)
     for row in chosen.tolist():
         assert row == sorted(set(row)) and all(0 <= k < 7 for k in row)
     assert len({tuple(r) for r in chosen.tolist()}) > 10  # each trajectory gets its own subset

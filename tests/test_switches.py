@@ -172,6 +172,25 @@ def test_each_flattened_update_covers_every_trained_step_of_the_same_samples_as_
     assert any(len(set(t.flatten().tolist())) > 1 for _, t in flat[0])  # ... within a minibatch
 
 
+def test_each_step_logs_the_rewards_of_the_samples_it_trained_on(tmp_path):
+    overrides = {**ONE_UPDATE, "batches_per_epoch": 4}  # 8 samples: two updates of 4 samples each
+    trainer = Trainer(resolve_config(overrides=overrides), tmp_path / "run")
+    logged = []
+    trainer.log_step = lambda epoch, sums, grad_norm: logged.append(sums)
+    samples = trainer.sample_epoch(0)
+    trainer.compute_advantages(samples)
+    trainer.train_epoch(0, samples)
+    shuffle = epoch_generator(overrides["seed"], 0, 0, stream=2)  # the trainer's: the same samples per update
+    plan = per_timestep_rows(torch.arange(3).expand(8, 3), shuffle, rows=2, accumulation=2)
+    assert len(logged) == 2
+    for sums, update in zip(logged, plan):
+        rewards = torch.as_tensor(samples.rewards)[torch.cat([s.flatten() for s, _ in update]).unique()]
+        assert len(rewards) == 4
+        assert sums["reward_mean"] == pytest.approx(float(rewards.mean()), abs=1e-12)
+        assert sums["reward_std"] == pytest.approx(float(rewards.std(correction=0)), abs=1e-12)
+    assert logged[0]["reward_mean"] != logged[1]["reward_mean"]
+
+
 def test_rows_per_call_cut_the_same_rows_into_fewer_calls():
     trained = torch.arange(3).expand(8, 3)
     plain = list(flattened_rows(trained, torch.Generator().manual_seed(1), rows=2, accumulation=2))
