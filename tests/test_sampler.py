@@ -78,7 +78,18 @@ def test_prompt_embeddings_are_cached(pipe):
         sampler.prompt_embeddings(["b", "c"])
     finally:
         del pipe.encode_prompt
-    assert calls == [["a", "b"], ["c"]]
+    assert calls == [["a"], ["b"], ["c"]]  # each distinct prompt once, on its own
+
+
+def test_a_prompts_embedding_does_not_depend_on_the_batch_it_was_first_seen_in(pipe):
+    """A resumed run meets its prompts in other batches than the uninterrupted run did; their embeddings
+    must be the same to the bit, or the two runs drift apart."""
+    from rlcm_fast.prompts import load_prompt_set
+
+    animals = load_prompt_set("simple_animals")  # 45 prompts: batched, some embeddings differed by ~5e-7
+    together = LCMSampler(pipe, horizon=2, resolution=32).prompt_embeddings(animals)
+    one_by_one = LCMSampler(pipe, horizon=2, resolution=32)
+    assert all(torch.equal(one_by_one.prompt_embeddings([p])[0], together[i]) for i, p in enumerate(animals))
 
 
 def test_guidance_embedding_is_made_once_per_batch_size(pipe):
