@@ -233,8 +233,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"horizon={cfg.horizon} is invalid: multi-step sampling needs horizon >= 2")
     if cfg.resolution < 8 or cfg.resolution % 8:
         raise ConfigError(f"resolution={cfg.resolution} is invalid: it must be a multiple of 8, at least 8")
-    if cfg.seed < 0:
-        raise ConfigError(f"seed={cfg.seed} is invalid: it must be >= 0")
+    if not 0 <= cfg.seed < 2**63:  # torch.manual_seed's range
+        raise ConfigError(f"seed={cfg.seed} is invalid: it must be in 0..2**63-1")
     for name in ("original_inference_steps", "lora_rank", "epochs", "batches_per_epoch", "num_sample_iters",
                  "sample_batch_size", "train_batch_size", "gradient_accumulation_steps", "num_inner_epochs",
                  "stat_buffer_size", "checkpoint_every"):
@@ -250,8 +250,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be in [0, 1)")
-    if cfg.adam_weight_decay < 0:
-        raise ConfigError(f"adam_weight_decay={cfg.adam_weight_decay} is invalid: it must be >= 0")
+    if not (math.isfinite(cfg.adam_weight_decay) and cfg.adam_weight_decay >= 0):
+        raise ConfigError(f"adam_weight_decay={cfg.adam_weight_decay} is invalid: it must be a finite number >= 0")
     if cfg.stat_min_count < 0:
         raise ConfigError(f"stat_min_count={cfg.stat_min_count} is invalid: it must be >= 0")
     if not 1 <= cfg.jpeg_quality <= 100:
@@ -360,7 +360,16 @@ def _field_types() -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
+# ddpo-pytorch's names for keys that are named otherwise here (users bring its configs); difflib alone
+# would answer num_epochs with num_inner_epochs.
+DDPO_PYTORCH_NAMES = {"num_epochs": "epochs", "num_steps": "horizon", "timestep_fraction": "step_fraction",
+                      "num_batches_per_epoch": "batches_per_epoch"}
+
+
 def _unknown_key(key: str, source: str) -> ConfigError:
+    if key in DDPO_PYTORCH_NAMES:
+        return ConfigError(f"unknown config key {key!r} in {source}; ddpo-pytorch's {key} is {DDPO_PYTORCH_NAMES[key]!r} "
+                           "here")
     close = difflib.get_close_matches(key, _field_types(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
@@ -469,10 +478,11 @@ def resolve_config(
         apply_overrides(values, DDPO_METHOD_PRESET, "the DDPO preset")
         if "model" not in overrides and "model" not in file_values:
             values["model"] = chosen["model"] = "tiny-sd"
-    if chosen["model"] == "tiny":
-        apply_overrides(values, TINY_MODEL_PRESET, "the tiny preset")
-    elif chosen["model"] == "tiny-sd":
-        apply_overrides(values, TINY_SD_MODEL_PRESET, "the tiny-sd preset")
+    tiny_preset = {"tiny": TINY_MODEL_PRESET, "tiny-sd": TINY_SD_MODEL_PRESET}.get(chosen["model"])
+    if tiny_preset is not None:
+        if values.get("prompts") == "alignment":  # the alignment task's prompts are what its reward judges
+            tiny_preset = {k: v for k, v in tiny_preset.items() if k != "prompts"}
+        apply_overrides(values, tiny_preset, f"the {chosen['model']} preset")
     apply_overrides(values, file_values, f"config file {str(config_file)!r}")
     apply_overrides(values, overrides, "--set")
     return validate(TrainConfig(**values))

@@ -56,10 +56,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
+        if cfg.device == "cuda" and not torch.cuda.is_available():  # accelerate would quietly run on the CPU
+            raise ConfigError(f"device=cuda, but this machine has no usable CUDA device (torch {torch.__version__}); "
+                              "use device=cpu or auto")
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         precision = cfg.mixed_precision
         if precision == "auto":
             precision = "no" if use_cpu else "bf16"
+        if precision == "fp16" and use_cpu:  # the CPU's autocast fails in the UNet with fp16
+            raise ConfigError("mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
         if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu:  # before any model is loaded
             # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
             # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
@@ -79,6 +84,9 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
+        # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
+        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
+                                                              **reward_options(cfg)))
         # Model: frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
         self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora, method=cfg.method)
         self.pipe.set_progress_bar_config(disable=True)
@@ -122,15 +130,17 @@ class Trainer:
         self.grads_stay_allocated = getattr(self.train_unet, "keeps_gradients_allocated", False)
 
         # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
-        if cfg.method == "ddpo":
-            self.sampler = DDPOSampler(self.pipe, cfg.horizon, cfg.guidance_scale, cfg.eta, resolution=cfg.resolution)
-        else:
-            self.sampler = LCMSampler(
-                self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
-                resolution=cfg.resolution, step_backend=cfg.policy_step_backend, cuda_graph=cfg.sample_cuda_graph,
-            )
-        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
-                                                              **reward_options(cfg)))
+        try:  # the scheduler refuses step counts beyond the model's training timesteps
+            if cfg.method == "ddpo":
+                self.sampler = DDPOSampler(self.pipe, cfg.horizon, cfg.guidance_scale, cfg.eta,
+                                           resolution=cfg.resolution)
+            else:
+                self.sampler = LCMSampler(
+                    self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
+                    resolution=cfg.resolution, step_backend=cfg.policy_step_backend, cuda_graph=cfg.sample_cuda_graph,
+                )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.prompt_set = load_prompt_set(cfg.prompts)
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 

@@ -22,6 +22,15 @@ def test_tiny_model_gets_the_cpu_scale_preset_and_overrides_win(tmp_path):
     assert cfg.epochs == 2 and cfg.clip_range == 0.05 and cfg.lora_targets == ["to_q", "to_v"]
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd"])
+def test_tiny_presets_keep_the_alignment_tasks_prompts(model):
+    method = "ddpo" if model == "tiny-sd" else "rlcm"
+    for task, prompts in (("compressibility", "simple_animals"), ("aesthetic", "simple_animals"),
+                          ("alignment", "alignment")):
+        cfg = resolve_config(task, model, None, {"method": method})
+        assert cfg.prompts == prompts and cfg.resolution == 32, (task, model)
+
+
 def test_set_values_are_typed():
     pairs = parse_set_pairs(["learning_rate=3e-4", "train_final_step=true", "seed=7"])
     cfg = resolve_config(overrides=pairs)
