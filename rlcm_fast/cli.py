@@ -207,6 +207,9 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             cfg = from_args or resolve_config(None, None, None, overrides)
     elif args.resume:
         resume_from = resolve_checkpoint(args.resume)
+        if resume_from.parent == Path(args.resume):  # a run folder: say which newer checkpoints were passed over
+            for reason in find_resumable(Path(args.resume))[1] if _is_main_process() else ():
+                print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
         cfg = _resumed_config(resume_from, overrides)
@@ -217,14 +220,17 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         if list_checkpoints(run_dir):
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
     cfg.output_dir = str(run_dir)
+    args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
     trainer = Trainer(cfg, run_dir, resume_from)
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""
     say(f"training {cfg.model} on {cfg.reward}{start} -> {run_dir}")
     records = trainer.train()
     if trainer.stopped_at is not None:
+        processes = trainer.accelerator.num_processes
+        launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
         say(f"stopped by {trainer.stop.received} after step {trainer.global_step}; wrote {trainer.stopped_at}. "
-            f"Resume with: rlcm-fast train --resume {run_dir} (or --resume auto --output-dir {run_dir})")
+            f"Resume with: rlcm-fast train --resume {run_dir}{launch} (or --resume auto --output-dir {run_dir})")
         return 0
     say(f"done, {summarize(records)}; checkpoints in {run_dir}")
     return 0
@@ -290,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     except _faults() as exc:
         _error(exc)
         return 1
-    except KeyboardInterrupt:
-        print("rlcm-fast: interrupted; resume from the last checkpoint with --resume RUN_DIR", file=sys.stderr)
+    except KeyboardInterrupt:  # a second interrupt: the first one's checkpoint was not waited for
+        run_dir = getattr(args, "run_dir", None)
+        where = f"rlcm-fast train --resume auto --output-dir {run_dir}" if run_dir else "the same command"
+        print(f"rlcm-fast: interrupted; continue from the last checkpoint, if any, with: {where}", file=sys.stderr)
         return 130
 
 

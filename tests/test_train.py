@@ -122,6 +122,10 @@ def write_reward_module(tmp_path, body):
     (["--set", "learning_rate=0"], "learning_rate=0.0 is invalid"),
     (["--set", "learning_rate=-1"], "learning_rate=-1.0 is invalid"),
     (["--resume", "/no/such/run"], "resume path '/no/such/run' is neither"),
+    (["--set", "mixed_precision=fp16"], "mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no"),
+    (["--set", "adam_weight_decay=.nan"], "adam_weight_decay=nan is invalid: it must be a finite number >= 0"),
+    (["--seed", str(2**64)], f"seed={2**64} is invalid: it must be in 0..2**63-1"),
+    (["--set", "num_epochs=2"], "unknown config key 'num_epochs' in --set; ddpo-pytorch's num_epochs is 'epochs' here"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_state(tmp_path, capsys, args, message):
     run_dir = tmp_path / "run"
@@ -129,6 +133,31 @@ def test_bad_input_is_one_line_exit_2_and_no_run_state(tmp_path, capsys, args, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rlcm-fast: error: ") and message in err[0]
     assert not run_dir.exists()
+
+
+def test_a_step_count_the_models_scheduler_refuses_is_one_line_after_loading(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "original_inference_steps=5000"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("rlcm-fast: error: original_inference_steps=5000 is invalid: it must be in "
+                                            "horizon..num_train_timesteps = 4..1000")
+    assert "Traceback" not in err and not run_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_not_run_on_the_cpu(tmp_path, capsys):
+    assert main(["train", "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device=cuda, but this machine has no usable CUDA device" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, capsys):
+    write_reward_module(tmp_path, "def broken(images, prompts)\n    return 0\n")  # no colon: a SyntaxError
+    assert main(["train", "--device", "cpu", "--reward", "my_rewards:broken", "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rlcm-fast: error: reward 'my_rewards:broken' cannot be imported: its module raised SyntaxError: "
+                   "expected ':' (my_rewards.py, line 1)"]
 
 
 def test_non_finite_rewards_stop_the_run_before_anything_is_checkpointed(tmp_path, capsys):
@@ -271,3 +300,17 @@ def test_one_process_builds_trainers_of_other_precisions_in_turn(tmp_path, monke
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_an_interrupt_that_ends_the_run_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C does not wait for the checkpoint the first one asked for: the message names the
+    command that continues from whatever checkpoint exists (or starts again), not a placeholder."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rlcm-fast: interrupted; continue from the last checkpoint, if any, with: rlcm-fast train --resume auto "
+        f"--output-dir {run_dir}")
