@@ -31,10 +31,11 @@ def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dic
     """(benchmark, arguments) to run here, and what is skipped with why."""
     runs, skipped = [], []
     if cuda:
-        runs += [("bench_step", []), ("bench_sampler", ["--repeats", "3"] if quick else []), ("bench_attention", [])]
+        runs += [("bench_step", []), ("bench_sampler", ["--repeats", "3"] if quick else []), ("bench_attention", []),
+                 ("bench_unet", ["--repeats", "2"] if quick else [])]
     else:
         skipped.append({"benchmark": "bench_step", "reason": "needs CUDA (Triton kernel timings); not available"})
-        for name in ("bench_sampler", "bench_attention"):
+        for name in ("bench_sampler", "bench_attention", "bench_unet"):
             skipped.append({"benchmark": name, "reason": "needs CUDA (its CPU mode is a smoke test of the script: "
                             f"python benchmarks/{name}.py --device cpu)"})
     # Does the compiled UNet (the trainer's compile_unet) give eager's LoRA gradients? Inductor on the GPU's
@@ -51,8 +52,12 @@ def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dic
                         "reason": "--quick (smoke run)"})
         runs.append(("bench_train", ["--quick"]))
         runs.append(("ablation_algorithms", ["--quick"]))
+        skipped.append({"benchmark": "training_memory", "reason": "--quick (it traces sd15-lcm at 768 px: minutes)"})
     else:
-        runs += [("bench_rewards", []), ("bench_train", []), ("ablation_algorithms", [])]
+        runs += [("bench_rewards", []), ("bench_train", []), ("ablation_algorithms", []), ("training_memory", [])]
+    # An experiment about the method, not a measurement of this machine: run on its own when wanted.
+    skipped.append({"benchmark": "gradient_direction", "reason": "an experiment on the method, not a benchmark "
+                    "(README, Status): python benchmarks/gradient_direction.py"})
     return runs, skipped
 
 
@@ -150,6 +155,25 @@ def attention_section(attention: dict) -> list[str]:
                          body) + [""]
 
 
+def unet_section(unet: dict) -> list[str]:
+    lines = [f"## UNet and decode calls by switch (bench_unet.py, {unet['model']} at {unet['resolution']} px, "
+             f"{unet['precision']}): ms per call", ""]
+    body = [[r["call"], r["batch"], r["variant"], r["mode"], r.get("ms"), r.get("tflops_per_s"),
+             r.get("speedup_vs_default_eager"), r.get("error")] for r in unet["rows"]]
+    return lines + table(["call", "B", "variant", "mode", "ms", "TFLOP/s", "vs default eager", "error"], body) + [""]
+
+
+def memory_section(memory: dict) -> list[str]:
+    lines = [f"## Training memory, traced (training_memory.py, {memory['model']} at {memory['resolution']} px, "
+             f"{memory['precision']}): GiB", "",
+             f"Weights {memory['weights_gib']:.2f}, LoRA + Adam {memory['lora_and_adam_gib']:.3f}; saved for the "
+             f"backward per training row {memory['saved_gib_per_row']:.2f}.", ""]
+    body = [[r["rows"], r["saved_for_backward_gib"]] for r in memory["rows"]]
+    lines += table(["rows per training call", "saved for backward"], body) + [""]
+    body = [[r["trajectories"], r["loop_peak_gib"], r["decode_batch"], r["decode_peak_gib"]] for r in memory["sampling"]]
+    return lines + table(["trajectories per sampling call", "loop peak", "decode batch", "decode peak"], body) + [""]
+
+
 def ablation_section(ablation: dict) -> list[str]:
     lines = ["## Algorithms (ablation_algorithms.py, tiny preset)", ""]
     body = []
@@ -182,7 +206,7 @@ def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool
                    [[s["benchmark"], s["returncode"], s["seconds"], s.get("error")] for s in statuses]) + [""]
     sections = {"bench_train": train_section, "bench_step": step_section, "bench_sampler": sampler_section,
                 "bench_attention": attention_section, "bench_rewards": rewards_section, "compiled_gradients": gradients_section,
-                "ablation_algorithms": ablation_section}
+                "ablation_algorithms": ablation_section, "bench_unet": unet_section, "training_memory": memory_section}
     for name, section in sections.items():
         data = load(out_dir, name)
         if data is not None:

@@ -45,10 +45,27 @@ def test_run_all_quick_writes_json_readme_and_plots(tmp_path):
     readme = (out / "README.md").read_text()
     assert "| variant | method |" in readme and "| straightforward |" in readme and "| ddpo |" in readme
     assert "## Not run here" in readme and "Quick (smoke) run" in readme
+    assert "- training_memory -- --quick" in readme and "- gradient_direction -- an experiment" in readme
     if train["mode"] == "cpu-tiny":
         assert "bench_step -- needs CUDA" in readme and "bench_attention -- needs CUDA" in readme
     for plot in ("time_per_epoch.png", "reward_vs_wallclock.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_readme_tables_for_training_memory_and_bench_unet(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_unet
+    from run_all import memory_section, unet_section
+
+    memory = json.loads((REPO / "benchmarks" / "results" / "amd-epyc" / "training_memory.json").read_text())
+    lines = memory_section(memory)
+    assert lines[0].startswith("## Training memory, traced (training_memory.py, sd15-lcm at 768 px")
+    assert f"| 7 | {memory['rows'][1]['saved_for_backward_gib']:.3g} |" in lines
+    assert bench_unet.main(["--device", "cpu", "--repeats", "1", "--calls", "decode:1", "--out-dir", str(tmp_path)]) == 0
+    unet = json.loads((tmp_path / "bench_unet.json").read_text())
+    lines = unet_section(unet)
+    assert lines[0] == "## UNet and decode calls by switch (bench_unet.py, tiny at 32 px, float32): ms per call"
+    assert [line.split(" | ")[2] for line in lines[4:-1]] == ["default", "channels_last"]
 
 
 def test_pytest_from_the_root_does_not_collect_the_micro_benchmarks():
