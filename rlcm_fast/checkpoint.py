@@ -243,15 +243,16 @@ def find_resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (the checkpoint `find_resumable` picks); checked intact."""
+def resolve_checkpoint(path: str | Path, what: str = "resume path") -> Path:
+    """A checkpoint folder, or a run folder (the checkpoint `find_resumable` picks); checked intact. `what`
+    names the path in the error (e.g. "--lora")."""
     path = Path(path)
     if path.is_dir() and CHECKPOINT_PATTERN.match(path.name):
         verify_checkpoint(path)
         return path
     if not list_checkpoints(path):
         raise CheckpointError(
-            f"resume path {str(path)!r} is neither a checkpoint-N folder nor a run folder holding one"
+            f"{what} {str(path)!r} is neither a checkpoint-N folder nor a run folder holding one"
         )
     found, skipped = find_resumable(path)
     if found is None:

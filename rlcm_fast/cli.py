@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", default=None,
                        help=f"the paper's task presets: {', '.join(TASK_PRESETS)} (default: compressibility)")
     train.add_argument("--model", default=None,
-                       help="'tiny' (default, random, CPU-sized), 'sd15-lcm' (random weights, LCM_Dreamshaper_v7's "
+                       help="'tiny' (default, CPU-sized: a small UNet trained in code, random VAE and text encoder), "
+                            "'sd15-lcm' (random weights, LCM_Dreamshaper_v7's "
                             "architecture), a diffusers LCM folder or hub id; with --algo ddpo: 'tiny-sd' (default), "
                             "'sd15' (random weights, SD1.5's architecture), a Stable Diffusion folder or hub id")
     train.add_argument("--algo", default=None, metavar="rlcm|ddpo",
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--output-dir's newest intact checkpoint, or start there if it has none")
     train.add_argument("--num-processes", type=int, default=1, metavar="N",
                        help="processes on this machine (one per GPU; gloo on CPUs); default 1")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=int, help="random seed, 0..2**63-1 (config key `seed`; default 0)")
     train.add_argument("--device", help="auto | cpu | cuda")
 
     sample = commands.add_parser("sample", help="write images from an LCM, optionally with a trained LoRA")
@@ -83,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--horizon", type=int, help="sampling steps (default: the run's, else 4)")
-    sample.add_argument("--guidance-scale", type=float, default=None)
+    sample.add_argument("--guidance-scale", type=float, default=None,
+                        help="guidance scale, >= 1 (default: the run's, else 8.0)")
     sample.add_argument("--resolution", type=int, help="image size in pixels (default: the run's)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--seed", type=int, default=0, help="random seed, 0..2**63-1 (default: 0)")
+    sample.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, CUDA when available)")
     sample.add_argument("--output-dir", default="samples")
 
     serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)")
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _looks_like_path(value: str) -> bool:
+    """A local path, not a hub id: a hub id (owner/name) has at most one '/' and starts with neither '.' nor '/'."""
+    return value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+
+
 def run_serve_reward(args: argparse.Namespace) -> int:
     import torch
 
@@ -113,8 +121,17 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
-    if not 0 <= args.port <= 65535 or args.max_new_tokens < 1:
-        raise UsageError(f"--port {args.port} must be in 0..65535 and --max-new-tokens {args.max_new_tokens} >= 1")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu or auto")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is invalid: it must be in 0..65535")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} is invalid: it must be >= 1")
+    for option, value in (("--vlm", args.vlm), ("--scorer", args.scorer)):
+        # A missing local path would get the hub's repo-id rules as its error.
+        if value and _looks_like_path(value) and not Path(value).is_dir():
+            problem = "not a folder" if Path(value).exists() else "no such folder"
+            raise UsageError(f"{option} {value!r} is invalid: {problem} (a hub id or a local model folder)")
     try:
         scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer, device,
                                  args.max_new_tokens)
@@ -236,32 +253,67 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """`sample`'s own options, checked before anything is loaded; the model's limits are checked after."""
+    import torch
+
+    if args.num_images < 1:
+        raise UsageError(f"--num-images {args.num_images} is invalid: it must be >= 1")
+    if args.horizon is not None and args.horizon < 1:
+        raise UsageError(f"--horizon {args.horizon} is invalid: it must be >= 1")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UsageError(f"--resolution {args.resolution} is invalid: it must be a multiple of 8, at least 8")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 1.0):
+        raise UsageError(f"--guidance-scale {args.guidance_scale} is invalid: it must be a finite number >= 1 "
+                         "(w = guidance_scale - 1)")
+    if not 0 <= args.seed < 2**63:  # torch's seed range, as train's
+        raise UsageError(f"--seed {args.seed} is invalid: it must be in 0..2**63-1")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir!r} is invalid: it is an existing file, not a folder")
+
+
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import resolve_checkpoint, saved_config
     from .models import load_pipeline
 
-    run = saved_config(resolve_checkpoint(args.lora)) if args.lora else {}
+    _check_sample_args(args)  # before any model is loaded
+    checkpoint = resolve_checkpoint(args.lora, what="--lora") if args.lora else None
+    run = saved_config(checkpoint) if checkpoint else {}
     method = run.get("method", "rlcm")
     model = args.model or run.get("model", "tiny" if method == "rlcm" else "tiny-sd")
-    if args.num_images < 1:
-        raise UsageError(f"--num-images {args.num_images} is invalid: it must be >= 1")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"), method=method)
     extra = {"eta": run.get("eta", 1.0)} if method == "ddpo" else {}  # DDPO's policy samples DDIM with its eta
-    if args.lora:
-        pipe.load_lora_weights(str(resolve_checkpoint(args.lora)))
-    horizon = args.horizon or run.get("horizon", 4)
-    resolution = args.resolution or run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    horizon = args.horizon if args.horizon is not None else run.get("horizon", 4)
+    # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
+    # pipeline passes strength 1), DDIM's from num_train_timesteps.
+    limit, why = pipe.scheduler.config.num_train_timesteps, "the scheduler's num_train_timesteps"
+    if method == "rlcm":  # the timesteps the run trained on: its original_inference_steps, not the scheduler's
+        extra["original_inference_steps"] = run.get("original_inference_steps",
+                                                    pipe.scheduler.config.original_inference_steps)
+        limit, why = min(limit, extra["original_inference_steps"]), "original_inference_steps"
+    if horizon > limit:
+        source = "the run's" if "horizon" in run else "the default"
+        name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
+        raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
+    if checkpoint:
+        pipe.load_lora_weights(str(checkpoint))
+    resolution = args.resolution if args.resolution is not None else (
+        run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     guidance = args.guidance_scale if args.guidance_scale is not None else run.get("guidance_scale", 8.0)
-    if horizon < 1 or resolution % 8:
-        raise UsageError(f"horizon={horizon} must be >= 1 and resolution={resolution} a multiple of 8")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {args.output_dir!r} cannot be created: {exc.strerror or exc}") from None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for p, prompt in enumerate(args.prompt):
         images = pipe(prompt=[prompt] * args.num_images, num_inference_steps=horizon, guidance_scale=guidance,

@@ -27,6 +27,7 @@ It can also return the trajectory (states, per-action log-probs) that RL trainin
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -63,7 +64,14 @@ class FastLCMSampler:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} is invalid: it must be >= 1")
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        height, width = height or native, width or native
+        multiple = max(8, pipe.vae_scale_factor)  # diffusers' pipeline refuses sizes not divisible by 8
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (value < multiple or value % multiple):
+                raise ValueError(f"{name}={value} is invalid: it must be a multiple of {multiple}, at least {multiple}")
+        if height is None:  # one side given: a square of that side; none: the pipeline's native size
+            height = native if width is None else width
+        if width is None:
+            width = height
         if height != width:
             raise ValueError(f"height={height} and width={width}: only square images are supported")
         device = pipe.unet.device
@@ -118,7 +126,12 @@ class FastLCMSampler:
         latents: torch.Tensor | None = None,
         return_trajectory: bool = False,
     ) -> FastSamplerOutput:
-        prompts = [prompt] * self.batch_size if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            prompts = [prompt] * self.batch_size
+        elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"prompt={reprlib.repr(prompt)} is invalid: it must be a str or a sequence of str")
         if len(prompts) != self.batch_size:
             raise ValueError(f"{len(prompts)} prompts given; this sampler was built for batch_size={self.batch_size}")
         if latents is not None and tuple(latents.shape) != self.shape:

@@ -204,9 +204,9 @@ def test_killed_server_restarted_on_the_same_port_is_retried_until_it_answers(se
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--vlm", "/no/such/vlm"], "the alignment models cannot be loaded"),
+    (["--vlm", "/no/such/vlm"], "--vlm '/no/such/vlm' is invalid: no such folder"),
     (["--device", "tpu"], "--device 'tpu' is invalid; allowed: auto, cpu, cuda, cuda:N"),
-    (["--port", "70000"], "--port 70000 must be in 0..65535"),
+    (["--port", "70000"], "--port 70000 is invalid: it must be in 0..65535"),
 ])
 def test_serve_reward_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, message):
     from rlcm_fast.cli import main

@@ -170,3 +170,30 @@ def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
     ours, theirs = both(0)
     assert (ours - theirs).abs().max().item() < 2e-2
     assert (ours - before).abs().max().item() > 0.05
+
+
+def test_fast_sampler_one_given_side_makes_a_square_of_it(pipe):
+    for size in ({"height": 64}, {"width": 64}):
+        fast = FastLCMSampler(pipe, batch_size=1, num_inference_steps=1, **size)
+        assert fast.shape == (1, 4, 32, 32)  # 64 px over the tiny VAE's scale factor 2
+        assert fast("a cat", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("size, message", [
+    ({"height": 30}, "height=30 is invalid: it must be a multiple of 8, at least 8"),
+    ({"width": 36}, "width=36 is invalid: it must be a multiple of 8, at least 8"),
+    ({"height": 0}, "height=0 is invalid: it must be a multiple of 8, at least 8"),
+    ({"height": -8, "width": -8}, "height=-8 is invalid: it must be a multiple of 8, at least 8"),
+])
+def test_fast_sampler_refuses_sizes_the_pipeline_refuses(pipe, size, message):
+    with pytest.raises(ValueError) as caught:
+        FastLCMSampler(pipe, batch_size=1, num_inference_steps=1, **size)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("prompt, shown", [(None, "None"), (3, "3"), (["a cat", None], "['a cat', None]")])
+def test_fast_sampler_refuses_a_prompt_that_is_not_text(pipe, prompt, shown):
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1)
+    with pytest.raises(ValueError) as caught:
+        fast(prompt)
+    assert str(caught.value) == f"prompt={shown} is invalid: it must be a str or a sequence of str"

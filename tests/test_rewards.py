@@ -55,7 +55,7 @@ def test_custom_reward_by_module_and_function():
     ("jpeg_compressibility:inf", "reward 'jpeg_compressibility:inf' has weight 'inf'"),
     ("pkg.mod:fn:nan", "reward 'pkg.mod:fn:nan' has weight 'nan'"),
     ("beauty:2", "reward 'beauty:2' is unknown"),
-    ("jpeg_compressibility,", "reward '' is unknown"),
+    ("jpeg_compressibility,", "reward 'jpeg_compressibility,' has an empty entry"),
     ("", "reward '' is empty"),
     ("no_such_module_xyz:fn", "cannot be imported"),
     ("numpy:no_such_function_xyz", "cannot be imported"),

@@ -37,6 +37,8 @@ class RewardError(ValueError):
 
 def checked_rewards(name: str, values, count: int) -> np.ndarray:
     """The reward's output as float64, or a RewardError naming the reward and what is wrong."""
+    if values is None:  # np.asarray(None, float) is a shape-() nan, which would be reported as a shape
+        raise RewardError(f"reward {name!r} returned None, expected {count} floats")
     try:
         array = np.asarray(values.detach().float().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
     except (TypeError, ValueError):
@@ -98,6 +100,9 @@ def parse_reward_spec(spec: str, builtin_names: Sequence[str]) -> list[RewardTer
     terms = []
     for raw in spec.split(","):
         term = raw.strip()
+        if not term:
+            raise RewardError(f"reward {spec!r} has an empty entry; terms are separated by single commas, with "
+                              "none at either end")
         head, sep, tail = term.rpartition(":")
         if sep and (head.strip() in builtin_names or ":" in head):
             if not _is_float(tail):

@@ -1,0 +1,185 @@
+"""Bad command-line input to `sample`, `serve-reward` and `--reward` is one line on stderr and exit 2, refused
+before any model is loaded where it can be (tiny model, CPU, a second or two each)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlcm_fast.cli import _looks_like_path, main
+from rlcm_fast.rewards import RewardError, checked_rewards
+
+SAMPLE = ["sample", "--prompt", "cat", "--device", "cpu"]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("rlcm-fast: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0].removeprefix("rlcm-fast: error: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--horizon", "0"], "--horizon 0 is invalid: it must be >= 1"),
+    (["--horizon", "-3"], "--horizon -3 is invalid: it must be >= 1"),
+    (["--resolution", "0"], "--resolution 0 is invalid: it must be a multiple of 8, at least 8"),
+    (["--resolution", "-8"], "--resolution -8 is invalid: it must be a multiple of 8, at least 8"),
+    (["--resolution", "30"], "--resolution 30 is invalid: it must be a multiple of 8, at least 8"),
+    (["--guidance-scale", "0"], "--guidance-scale 0.0 is invalid: it must be a finite number >= 1 "
+                                "(w = guidance_scale - 1)"),
+    (["--guidance-scale", "nan"], "--guidance-scale nan is invalid: it must be a finite number >= 1 "
+                                  "(w = guidance_scale - 1)"),
+    (["--guidance-scale", "inf"], "--guidance-scale inf is invalid: it must be a finite number >= 1 "
+                                  "(w = guidance_scale - 1)"),
+    (["--seed", "-1"], "--seed -1 is invalid: it must be in 0..2**63-1"),
+    (["--seed", str(2**64)], f"--seed {2**64} is invalid: it must be in 0..2**63-1"),
+])
+def test_sample_refuses_bad_values_before_loading_a_model(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    assert main([*SAMPLE, "--output-dir", str(out), *args]) == 2
+    assert one_line_error(capsys) == message
+    assert not out.exists()
+
+
+def test_sample_horizon_above_the_models_original_steps_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*SAMPLE, "--output-dir", str(out), "--horizon", "100"]) == 2
+    assert one_line_error(capsys) == "--horizon 100 is invalid: it must be in 1..50 (original_inference_steps)"
+    assert not out.exists()
+
+
+def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_path, capsys, monkeypatch):
+    """A run trained with original_inference_steps=20 samples from 20, not the scheduler's 50."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what: tmp_path / "checkpoint-1")
+    monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"original_inference_steps": 20})
+    monkeypatch.setattr(LatentConsistencyModelPipeline, "load_lora_weights", lambda self, path: None)
+    assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--horizon", "21"]) == 2
+    assert one_line_error(capsys) == "--horizon 21 is invalid: it must be in 1..20 (original_inference_steps)"
+    seen = []
+    call = LatentConsistencyModelPipeline.__call__
+    monkeypatch.setattr(LatentConsistencyModelPipeline, "__call__",
+                        lambda self, **kw: seen.append(kw["original_inference_steps"]) or call(self, **kw))
+    assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--horizon", "2",
+                 "--resolution", "16"]) == 0
+    assert seen == [20]
+
+
+def test_sample_horizon_above_ddims_train_timesteps_is_one_line(tmp_path, capsys, monkeypatch):
+    """A DDPO run's LoRA samples with DDIM: its limit is num_train_timesteps (checked before the LoRA loads)."""
+    monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what: tmp_path / "checkpoint-1")
+    monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"method": "ddpo", "model": "tiny-sd"})
+    out = tmp_path / "out"
+    assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(out), "--horizon", "1001"]) == 2
+    assert one_line_error(capsys) == ("--horizon 1001 is invalid: it must be in 1..1000 (the scheduler's "
+                                      "num_train_timesteps)")
+    assert not out.exists()
+
+
+def test_sample_given_horizon_and_resolution_are_used(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*SAMPLE, "--output-dir", str(out), "--horizon", "1", "--resolution", "16"]) == 0
+    images = sorted(out.iterdir())
+    assert [p.name for p in images] == ["00-cat-00.png"]
+    assert Image.open(images[0]).size == (16, 16)
+
+
+def test_sample_output_dir_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([*SAMPLE, "--output-dir", str(afile)]) == 2
+    assert one_line_error(capsys) == f"--output-dir {str(afile)!r} is invalid: it is an existing file, not a folder"
+    assert afile.read_text() == "x"
+
+
+def test_sample_output_dir_under_a_file_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([*SAMPLE, "--output-dir", str(afile / "sub")]) == 2
+    assert one_line_error(capsys) == f"--output-dir {str(afile / 'sub')!r} cannot be created: Not a directory"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_sample_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sample", "--prompt", "cat", "--device", "cuda", "--output-dir", str(out)]) == 2
+    assert one_line_error(capsys) == "--device cuda: CUDA is not available on this machine; use --device cpu or auto"
+    assert not out.exists()
+
+
+def test_sample_unknown_device_is_one_line(tmp_path, capsys):
+    assert main(["sample", "--prompt", "cat", "--device", "tpu", "--output-dir", str(tmp_path / "out")]) == 2
+    assert one_line_error(capsys) == "--device 'tpu' is invalid; allowed: auto, cpu, cuda"
+
+
+def test_sample_missing_lora_names_the_lora_option(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert main([*SAMPLE, "--lora", str(missing), "--output-dir", str(tmp_path / "out")]) == 2
+    assert one_line_error(capsys) == (f"--lora {str(missing)!r} is neither a checkpoint-N folder nor a run folder "
+                                      "holding one")
+
+
+def test_train_missing_resume_path_keeps_its_wording(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert main(["train", "--device", "cpu", "--resume", str(missing)]) == 2
+    assert one_line_error(capsys) == (f"resume path {str(missing)!r} is neither a checkpoint-N folder nor a run "
+                                      "folder holding one")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "--port 99999 is invalid: it must be in 0..65535"),
+    (["--port", "-1"], "--port -1 is invalid: it must be in 0..65535"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 is invalid: it must be >= 1"),
+    (["--vlm", "/nonexistent"], "--vlm '/nonexistent' is invalid: no such folder (a hub id or a local model folder)"),
+    (["--vlm", "./no/such/model"],
+     "--vlm './no/such/model' is invalid: no such folder (a hub id or a local model folder)"),
+    (["--scorer", "/nonexistent"],
+     "--scorer '/nonexistent' is invalid: no such folder (a hub id or a local model folder)"),
+])
+def test_serve_reward_bad_values_name_only_the_bad_option(capsys, monkeypatch, args, message):
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer",
+                        lambda *a, **k: pytest.fail("the models were loaded"))
+    assert main(["serve-reward", "--device", "cpu", *args]) == 2
+    assert one_line_error(capsys) == message
+
+
+def test_serve_reward_vlm_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer",
+                        lambda *a, **k: pytest.fail("the models were loaded"))
+    afile = tmp_path / "model.bin"
+    afile.write_text("x")
+    assert main(["serve-reward", "--device", "cpu", "--vlm", str(afile)]) == 2
+    assert one_line_error(capsys) == f"--vlm {str(afile)!r} is invalid: not a folder (a hub id or a local model folder)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_reward_device_cuda_without_cuda_is_one_line(capsys):
+    assert main(["serve-reward", "--device", "cuda:0"]) == 2
+    assert one_line_error(capsys) == "--device cuda:0: CUDA is not available on this machine; use --device cpu or auto"
+
+
+@pytest.mark.parametrize("value, is_path", [
+    ("llava-hf/llava-1.5-7b-hf", False), ("roberta-large", False), ("/models/llava", True), ("./llava", True),
+    ("../models/llava", True), ("models/llava/v1", True),
+])
+def test_only_path_like_model_values_are_checked_as_folders(value, is_path):
+    assert _looks_like_path(value) == is_path
+
+
+def test_reward_spec_with_an_empty_entry_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--reward", "jpeg_compressibility,"]) == 2
+    assert one_line_error(capsys) == ("reward 'jpeg_compressibility,' has an empty entry; terms are separated by "
+                                      "single commas, with none at either end")
+    assert not run_dir.exists()
+
+
+def test_a_reward_returning_none_says_so():
+    with pytest.raises(RewardError) as caught:
+        checked_rewards("my_rewards:nothing", None, 16)
+    assert str(caught.value) == "reward 'my_rewards:nothing' returned None, expected 16 floats"
+    assert checked_rewards("ok", np.zeros(2), 2).shape == (2,)
+
