@@ -378,15 +378,22 @@ def evaluate(out_dir: Path) -> list[dict]:
     return [judge(claim, results) for claim in CLAIMS]
 
 
+def summary_source(out_dir: Path, name: str, title: str, precision_key: str) -> tuple[dict | None, list[str]]:
+    """A benchmark's JSON in DIR (None if absent) and the heading of its claims.md summary."""
+    path = out_dir / f"{name}.json"
+    if not path.is_file():
+        return None, []
+    data = json.loads(path.read_text())
+    return data, [f"{title} ({name}.json, {data['model']} at {data['resolution']} px, "
+                  f"{data[precision_key]}{'' if data.get('complete') else '; partial'}):", ""]
+
+
 def attention_summary(out_dir: Path) -> list[str]:
     """claims.md's lines on bench_attention.json: ms of attention per model call, by SDPA's default choice
     and with cuDNN first (attention_backend=cudnn), and the fastest backend per shape."""
-    path = out_dir / "bench_attention.json"
-    if not path.is_file():
+    data, lines = summary_source(out_dir, "bench_attention", "Attention per model call, ms", "dtype")
+    if data is None:
         return []
-    data = json.loads(path.read_text())
-    lines = [f"Attention per model call, ms (bench_attention.json, {data['model']} at {data['resolution']} px, "
-             f"{data['dtype']}{'' if data.get('complete') else '; partial'}):", ""]
     for group in data["groups"]:
         totals = group["ms_per_call"]
         said = ", ".join(f"{name.replace('_', ' ')} {totals[name]:.3g}" if totals.get(name) is not None
@@ -398,12 +405,9 @@ def attention_summary(out_dir: Path) -> list[str]:
 def unet_summary(out_dir: Path) -> list[str]:
     """claims.md's lines on bench_unet.json: per call and mode, the default variant's ms and the fastest
     variant with its speedup over it."""
-    path = out_dir / "bench_unet.json"
-    if not path.is_file():
+    data, lines = summary_source(out_dir, "bench_unet", "UNet and decode calls, ms", "precision")
+    if data is None:
         return []
-    data = json.loads(path.read_text())
-    lines = [f"UNet and decode calls, ms (bench_unet.json, {data['model']} at {data['resolution']} px, "
-             f"{data['precision']}{'' if data.get('complete') else '; partial'}):", ""]
     groups: dict[tuple, list[dict]] = {}
     for row in data["rows"]:
         if "ms" in row:
