@@ -46,6 +46,17 @@ def standard_normal(sampler, batch: int, generator: torch.Generator | None, dtyp
     return randn_tensor(shape, generator=generator, device=sampler.device, dtype=dtype)
 
 
+def policy_sampler(pipe, cfg):
+    """The sampler of a TrainConfig's method: DDPO's DDIM policy or the LCM's (ValueError on step counts
+    the model's scheduler refuses)."""
+    if cfg.method == "ddpo":
+        from .ddpo import DDPOSampler  # ddpo.py builds on this module
+
+        return DDPOSampler(pipe, cfg.horizon, cfg.guidance_scale, cfg.eta, resolution=cfg.resolution)
+    return LCMSampler(pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
+                      resolution=cfg.resolution, step_backend=cfg.policy_step_backend, cuda_graph=cfg.sample_cuda_graph)
+
+
 class PromptEmbeddingCache:
     """(B, L, D) text embeddings from a pipeline's text encoder; each distinct prompt is encoded once per
     run (prompt sets are small). Shared by the LCM and DDPO samplers.

@@ -1,7 +1,7 @@
 """RLCM training (DESIGN.md section 3.2), top to bottom: sample, score, normalise, clipped policy gradient.
 
 The same loop trains the DDPO baseline (`method: ddpo`, DESIGN.md section 3.6): only the policy differs,
-and it is chosen in one place (Trainer.__init__): `LCMSampler` or `DDPOSampler`, same interface.
+and it is chosen in one place (sampler.policy_sampler): `LCMSampler` or `DDPOSampler`, same interface.
 
 Runs unchanged on one CPU, one GPU, or several processes under `accelerate launch` / torchrun: each
 process samples and scores its own trajectories, rewards and prompts are gathered so that every process
@@ -36,7 +36,6 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
-from .ddpo import DDPOSampler
 from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
 from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
 from .launch import forget_other_accelerator_state
@@ -46,7 +45,7 @@ from .models import load_pipeline, use_channels_last
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
-from .sampler import LCMSampler, Trajectory
+from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
 
 logger = logging.getLogger(__name__)
@@ -131,14 +130,7 @@ class Trainer:
 
         # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
         try:  # the scheduler refuses step counts beyond the model's training timesteps
-            if cfg.method == "ddpo":
-                self.sampler = DDPOSampler(self.pipe, cfg.horizon, cfg.guidance_scale, cfg.eta,
-                                           resolution=cfg.resolution)
-            else:
-                self.sampler = LCMSampler(
-                    self.pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
-                    resolution=cfg.resolution, step_backend=cfg.policy_step_backend, cuda_graph=cfg.sample_cuda_graph,
-                )
+            self.sampler = policy_sampler(self.pipe, cfg)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.prompt_set = load_prompt_set(cfg.prompts)
