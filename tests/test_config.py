@@ -66,6 +66,11 @@ def test_unknown_task_and_bad_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         resolve_config(config_file=bad)
+    bad.write_text("epochs: 3\nlora_targets: [to_q, to_v\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(config_file=bad)
+    assert str(info.value) == (f"config file {str(bad)!r} is not valid YAML at line 3, column 1: expected ',' or "
+                               "']', but got '<stream end>'")
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_set_pairs(["epochs"])
 
