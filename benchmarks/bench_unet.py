@@ -49,6 +49,7 @@ from rlcm_fast.attention import set_attention_backend  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.cuda_graphs import CapturedCall, GraphedTrainingUNet  # noqa: E402
 from rlcm_fast.faults import one_line  # noqa: E402
+from rlcm_fast.models import set_channels_last  # noqa: E402
 from rlcm_fast.sampler import LCMSampler  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
@@ -69,9 +70,7 @@ CPU_CONFIG = {"device": "cpu", "model": "tiny"}
 def apply_variant(trainer: Trainer, switches: dict) -> None:
     """Set the variant's switches on the trainer's models in place, every one of them (back to its default
     where the variant does not name it)."""
-    memory_format = torch.channels_last if switches.get("channels_last") else torch.contiguous_format
-    for model in (trainer.unet, trainer.pipe.vae):
-        model.to(memory_format=memory_format)
+    set_channels_last(trainer.pipe, bool(switches.get("channels_last")))
     torch.backends.cudnn.benchmark = bool(switches.get("cudnn_benchmark"))
     set_attention_backend(trainer.pipe, switches.get("attention_backend", "sdpa"))
 

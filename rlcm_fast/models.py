@@ -249,12 +249,14 @@ def _freeze(pipe) -> None:
         component.requires_grad_(False).eval()
 
 
-def use_channels_last(pipe) -> None:
+def set_channels_last(pipe, enabled: bool = True) -> None:
     """The UNet's and the VAE's 4-D weights (LoRA's convolutions too) in channels-last memory format, in
-    place: a convolution with channels-last weights gives channels-last activations, so the whole model
-    runs in NHWC. The Parameters stay the same objects (an optimizer built on them still holds them)."""
+    place (back to NCHW with enabled=False): a convolution with channels-last weights gives channels-last
+    activations, so the whole model runs in NHWC. The Parameters stay the same objects (an optimizer built
+    on them still holds them)."""
+    memory_format = torch.channels_last if enabled else torch.contiguous_format
     for model in (pipe.unet, pipe.vae):
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=memory_format)
 
 
 def build_tiny_pipeline() -> LatentConsistencyModelPipeline:

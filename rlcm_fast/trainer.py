@@ -41,7 +41,7 @@ from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, ag
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import load_pipeline, use_channels_last
+from .models import load_pipeline, set_channels_last
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
@@ -97,7 +97,7 @@ class Trainer:
             raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
         self.unet = self.pipe.unet
         if cfg.channels_last:  # after the LoRA layers exist, so that theirs are converted too
-            use_channels_last(self.pipe)
+            set_channels_last(self.pipe)
         if cfg.cudnn_benchmark and self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if precision != "no":  # every UNet call below runs under self.autocast()
