@@ -15,9 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ALGORITHMS = ("ppo", "rebel")
-ADVANTAGE_ESTIMATORS = ("per_prompt", "group")
-
 
 def clipped_policy_loss(log_probs, old_log_probs, advantages, clip_range: float, adv_clip_max: float):
     """PPO's clipped surrogate over (sample, step) rows, plus the diagnostics logged per optimizer step."""

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from .algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS
-from .lora import DEFAULT_LORA_TARGETS
-from .models import METHODS
-from .presets import DDPO_METHOD_PRESET, TASK_PRESETS, TINY_MODEL_PRESET, TINY_SD_MODEL_PRESET
+from .presets import (
+    ADVANTAGE_ESTIMATORS, ALGORITHMS, DDPO_METHOD_PRESET, DEFAULT_LORA_TARGETS, METHODS, TASK_PRESETS,
+    TINY_MODEL_PRESET, TINY_SD_MODEL_PRESET,
+)
 from .prompts import PROMPT_SETS, load_prompt_set
 
 

@@ -20,10 +20,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-# The paper's LoRA targets: the attention projections.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# The tiny model's calibration run moved the reward with the convolutions adapted too (DESIGN.md section 4).
-TINY_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("conv1", "conv2", "conv_out", "proj_in", "proj_out")
 # diffusers' default adapter name, spelled out so every helper here addresses the same adapter.
 POLICY_ADAPTER = "default"
 
@@ -73,7 +69,7 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
     PEFT key format ("....lora_A.weight"), not `convert_state_dict_to_diffusers`'s: that one renames
     only attention keys (to "lora.down"); diffusers 0.42's loader decides from the FIRST key whether to
-    convert, so with convolution targets (TINY_LORA_TARGETS) it skips the conversion and silently drops
+    convert, so with convolution targets (presets.TINY_LORA_TARGETS) it skips the conversion and silently drops
     the attention weights. PEFT keys load as they are for any targets."""
     _policy_lora_config(unet)
     return get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)

@@ -39,13 +39,13 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from rlcm_fast.faults import one_line
+from rlcm_fast.presets import METHODS
 from rlcm_fast.tiny_tokenizer import CLIP_MAX_TOKENS, build_clip_tokenizer
 
 MODEL_CHOICES = "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"
 SD_MODEL_CHOICES = "expected 'tiny-sd', 'sd15', a local Stable Diffusion pipeline folder, or a reachable hub id"
 LCM_PRESETS = ("tiny", "sd15-lcm")
 SD_PRESETS = ("tiny-sd", "sd15")
-METHODS = ("rlcm", "ddpo")
 TINY_PRESET_VERSION = 2  # bump when the tiny weights change without a change to TINY's configs
 _INIT_SEED = 0
 # The tiny presets' trained UNets (rlcm_fast/tiny_pretraining.py wrote them); the VAE and text encoder

@@ -1,11 +1,21 @@
 """The presets a config is built from (config.py, in order): the paper's task presets, the DDPO
-baseline's defaults, and the tiny models' CPU-scale settings. Data only; config.py checks every value."""
+baseline's defaults, and the tiny models' CPU-scale settings, with the names of the options a config may
+choose. Data only, importing nothing heavy, so that `rlcm-fast --help` and config checks start in well
+under a second; config.py checks every value."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .lora import TINY_LORA_TARGETS
+# Names a config may choose; the modules that implement them import these tuples from here.
+METHODS = ("rlcm", "ddpo")  # models.py: an LCM with consistency sampling | Stable Diffusion with DDIM
+ALGORITHMS = ("ppo", "rebel")  # algorithms.py
+ADVANTAGE_ESTIMATORS = ("per_prompt", "group")  # algorithms.py
+
+# The paper's LoRA targets: the attention projections.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The tiny model's calibration run moved the reward with the convolutions adapted too (DESIGN.md section 4).
+TINY_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("conv1", "conv2", "conv_out", "proj_in", "proj_out")
 
 # The paper's Table 1 (per GPU); keys not named keep TrainConfig's defaults.
 TASK_PRESETS: dict[str, dict[str, Any]] = {

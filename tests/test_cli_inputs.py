@@ -1,6 +1,9 @@
 """Bad command-line input to `sample`, `serve-reward` and `--reward` is one line on stderr and exit 2, refused
 before any model is loaded where it can be (tiny model, CPU, a second or two each)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +186,14 @@ def test_a_reward_returning_none_says_so():
     assert str(caught.value) == "reward 'my_rewards:nothing' returned None, expected 16 floats"
     assert checked_rewards("ok", np.zeros(2), 2).shape == (2,)
 
+
+
+def test_help_imports_no_heavy_library():
+    # `rlcm-fast --help` took 7 s when the config imported torch, diffusers and peft for a few names.
+    probe = ("import sys\nfrom rlcm_fast.cli import main\n"
+             "for args in (['--help'], ['train', '--help'], ['sample', '--help']):\n"
+             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -6,9 +6,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils._python_dispatch import TorchDispatchMode
 from unet_probes import perturb_lora, unet_inputs, unet_output
 
-from rlcm_fast.lora import (DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS, add_policy_lora,
+from rlcm_fast.lora import (add_policy_lora,
                             leave_lora_input_casts_to_autocast, load_lora_into, lora_state_dict, save_lora)
 from rlcm_fast.models import build_tiny_pipeline, load_pipeline
+from rlcm_fast.presets import DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS
 
 
 def test_policy_lora_trains_only_float32_lora_weights_on_a_bf16_base():

@@ -17,7 +17,8 @@ from transformers import CLIPTokenizer
 from unet_probes import perturb_lora, unet_output
 
 from rlcm_fast import models
-from rlcm_fast.lora import DEFAULT_LORA_TARGETS, add_policy_lora, save_lora
+from rlcm_fast.lora import add_policy_lora, save_lora
+from rlcm_fast.presets import DEFAULT_LORA_TARGETS
 from rlcm_fast.models import (SD15_LCM, TINY, ModelLoadError, build_tiny_pipeline, guidance_embedding, latent_shape,
                               load_pipeline)
 from rlcm_fast.tiny_tokenizer import build_clip_tokenizer
