@@ -281,6 +281,7 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import resolve_checkpoint, saved_config
+    from .lora import load_policy_lora
     from .models import load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
@@ -305,7 +306,7 @@ def run_sample(args: argparse.Namespace) -> int:
         name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
         raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
     if checkpoint:
-        pipe.load_lora_weights(str(checkpoint))
+        load_policy_lora(pipe, checkpoint)
     resolution = args.resolution if args.resolution is not None else (
         run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     guidance = args.guidance_scale if args.guidance_scale is not None else run.get("guidance_scale", 8.0)

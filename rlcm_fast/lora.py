@@ -7,6 +7,7 @@ diffusers LoRA.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,23 @@ def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
         safe_serialization=True,
         unet_lora_adapter_metadata=_policy_lora_config(unet).to_dict(),
     )
+
+
+class _NoTextEncoderLoraNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("No LoRA keys associated to" in record.getMessage() and "text_encoder" in record.getMessage())
+
+
+def load_policy_lora(pipe: LatentConsistencyModelPipeline, directory: str | os.PathLike) -> None:
+    """`pipe.load_lora_weights(directory)` for a `save_lora` folder, as a user would load it, without
+    diffusers' notice that the file has no text-encoder weights: a policy adapts only the UNet."""
+    notices = logging.getLogger("diffusers.loaders.lora_base")
+    quiet = _NoTextEncoderLoraNotice()
+    notices.addFilter(quiet)
+    try:
+        pipe.load_lora_weights(str(directory))
+    finally:
+        notices.removeFilter(quiet)
 
 
 def load_lora_into(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
