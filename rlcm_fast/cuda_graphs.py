@@ -122,7 +122,7 @@ class GraphedTrainingUNet:
     signature (the rows of a call), captured by torch.cuda.make_graphed_callables at its first call.
 
     The host then launches two graphs per call instead of a few thousand kernels (the eager training call
-    looked host-bound on the H200: README, Speed). Only what autograd differentiates is captured: the policy
+    looked host-bound on the H200: benchmarks/README.md). Only what autograd differentiates is captured: the policy
     step's log-prob, the loss and the optimizer stay outside.
 
     The gradients must already be allocated (zeros) when the first backward runs, and zeroed in place, not

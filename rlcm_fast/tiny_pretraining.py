@@ -2,7 +2,7 @@
 
 Why train it at all: a randomly initialised UNet's samples barely differ from one another (their JPEG
 sizes spread by about 0.01 kB), and how LoRA changes its images is dominated by the last UNet call,
-which the image is decoded from and which no policy-gradient estimate sees (README, "Status"). RL on a
+which the image is decoded from and which no policy-gradient estimate sees (README, "The tiny model"). RL on a
 real LCM relies on samples that differ in what the reward measures, with the difference decided along
 the trajectory. This denoiser gives the tiny model that property for the JPEG rewards.
 
