@@ -26,7 +26,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .policy_step import LOG_SQRT_2PI, check_prediction_type
-from .sampler import PromptEmbeddingCache, Trajectory, decode_latents, standard_normal
+from .sampler import PromptEmbeddingCache, Trajectory, decode_latents, standard_normal, weights_device
 
 # Column order of the (S, 5) float64 table of per-action constants.
 DDIM_SCALARS = ("alpha_t", "sigma_t", "alpha_prev", "direction", "std")
@@ -116,7 +116,7 @@ class DDPOSampler:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return weights_device(self.pipe.unet)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         return self._prompt_cache(prompts)

@@ -5,10 +5,12 @@
     images = fast(["a cat"] * 4, generator=torch.Generator("cuda").manual_seed(0)).images   # (4, 3, H, W) in [0, 1]
 
 gives the images of `pipe(prompt, num_inference_steps=4, guidance_scale=8.0, generator=...,
-output_type="pt")` (no safety checker), for one fixed batch size, resolution and horizon. What makes it
-faster than the pipeline:
+output_type="pt")` (no safety checker), for one fixed batch size, resolution and horizon; `generator` may
+be one or a list of batch_size, as there. pipe.scheduler must be an LCMScheduler, read when the sampler is
+built. What makes it faster than the pipeline:
 
-- prompt embeddings are cached per prompt (the text encoder runs once per distinct prompt);
+- prompt embeddings are cached per prompt, the PROMPT_CACHE_SIZE most recently used (the text encoder runs
+  once per distinct prompt while it is kept);
 - every random draw is made up front from the caller's generator, in the pipeline's order (initial
   latents, then one noise per step but the last), so the images stay the pipeline's while the
   H-step loop itself has no Python-side randomness and no host synchronisation;
@@ -20,18 +22,25 @@ faster than the pipeline:
   optimizer step) are seen; loading or switching adapters, or changing a LoRA scale, needs a new sampler.
   A call with other shapes, or with `latents` of another dtype than the pipeline's prompt embeddings, is
   refused, not silently recaptured (outside autocast diffusers' pipeline fails on such latents too: its
-  guidance embedding takes their dtype).
+  guidance embedding takes their dtype). So is a call after the pipeline was moved or cast: build a new
+  sampler then.
+
+`prompt_embeds` may replace the prompts, as in the pipeline (e.g. weighted prompts); the trajectory's
+`prompts` is None then.
 
 It can also return the trajectory (states, per-action log-probs) that RL training needs.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import reprlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from diffusers import LCMScheduler
 
 from .cuda_graphs import CaptureError, CapturedCall
 from .models import latent_shape
@@ -47,6 +56,10 @@ class FastSamplerOutput:
 class FastLCMSampler:
     """The pipeline's sampling for a fixed (batch size, resolution, horizon), faster; see module doc."""
 
+    # A user's prompts need not be a small set (100k distinct prompts would hold 12 GB of sd15's bf16
+    # embeddings): the most recently used are kept. 1024 of them are 121 MB.
+    PROMPT_CACHE_SIZE = 1024
+
     def __init__(
         self,
         pipe,
@@ -59,13 +72,42 @@ class FastLCMSampler:
         compile: bool | None = None,
         cuda_graph: bool | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps} is invalid: it must be >= 1")
+        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: it must be an int >= 1")
+        # The sampler steps as LCMScheduler does, whatever pipe.scheduler is: another one would give other images.
+        if not isinstance(pipe.scheduler, LCMScheduler):
+            raise ValueError(f"pipe.scheduler is {type(pipe.scheduler).__name__}; FastLCMSampler samples as "
+                             "LCMScheduler does: set pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)")
+        scheduler_config = pipe.scheduler.config
+        if original_inference_steps is None:
+            original_inference_steps = scheduler_config.original_inference_steps
+            if num_inference_steps > original_inference_steps:  # the user never named original_inference_steps
+                raise ValueError(f"num_inference_steps={num_inference_steps} is invalid: it must be at most the "
+                                 f"scheduler's original_inference_steps={original_inference_steps} (or pass a larger "
+                                 "original_inference_steps)")
+        elif (not _is_int(original_inference_steps)
+              or not num_inference_steps <= original_inference_steps <= scheduler_config.num_train_timesteps):
+            raise ValueError(f"original_inference_steps={original_inference_steps!r} is invalid: it must be an int in "
+                             f"num_inference_steps..num_train_timesteps = {num_inference_steps}.."
+                             f"{scheduler_config.num_train_timesteps}")
+        try:
+            finite = not isinstance(guidance_scale, (str, bytes, bool)) and math.isfinite(float(guidance_scale))
+        except (TypeError, ValueError, RuntimeError):
+            finite = False
+        if not finite:
+            raise ValueError(f"guidance_scale={guidance_scale!r} is invalid: it must be a finite number")
+        # Without a guidance embedding (SD1.5 + LCM-LoRA) the sampler does no guidance at all, while diffusers'
+        # Stable Diffusion pipeline does classifier-free guidance above 1: refused rather than ignored.
+        if pipe.unet.config.time_cond_proj_dim is None and float(guidance_scale) > 1:
+            raise ValueError(f"guidance_scale={guidance_scale!r} is invalid for this UNet: it has no guidance "
+                             "embedding (time_cond_proj_dim is None, e.g. SD1.5 + LCM-LoRA) and this sampler does no "
+                             "classifier-free guidance; pass guidance_scale=1.0")
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         multiple = max(8, pipe.vae_scale_factor)  # diffusers' pipeline refuses sizes not divisible by 8
         for name, value in (("height", height), ("width", width)):
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name}={value!r} is invalid: it must be an int")
             if value is not None and (value < multiple or value % multiple):
                 raise ValueError(f"{name}={value} is invalid: it must be a multiple of {multiple}, at least {multiple}")
         if height is None:  # one side given: a square of that side; none: the pipeline's native size
@@ -81,12 +123,15 @@ class FastLCMSampler:
                              "the graph; pass accelerator.unwrap_model(unet, keep_fp32_wrapper=False) first")
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; its UNet is on {device}")
-        original = original_inference_steps or pipe.scheduler.config.original_inference_steps
         # With train_final_step the sampler records an action for every UNet call; the last one's noise
         # never reaches the image (as in the pipeline, which also draws it).
-        self.sampler = LCMSampler(pipe, num_inference_steps, guidance_scale, original, train_final_step=False,
-                                  resolution=height)
+        self.sampler = LCMSampler(pipe, num_inference_steps, guidance_scale, original_inference_steps,
+                                  train_final_step=False, resolution=height, max_cached_prompts=self.PROMPT_CACHE_SIZE)
         self.pipe = pipe
+        # The cached prompt and guidance embeddings (and a captured graph) are of this device and dtype; a call
+        # checks them on one weight, which pipe.to() converts in place.
+        self._probe = next(pipe.unet.parameters())
+        self._built_for = (self._probe.device, self._probe.dtype)
         self.batch_size = batch_size
         self.horizon = num_inference_steps
         self.shape = latent_shape(pipe, batch_size, height)
@@ -102,7 +147,7 @@ class FastLCMSampler:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.sampler.device
 
     def _sample(self, *inputs):
         if self._replay is None:
@@ -121,22 +166,47 @@ class FastLCMSampler:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
-        generator: torch.Generator | None = None,
+        prompt: str | Sequence[str] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         return_trajectory: bool = False,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> FastSamplerOutput:
-        if isinstance(prompt, str):
+        if (self._probe.device, self._probe.dtype) != self._built_for:
+            raise RuntimeError(f"the pipeline's UNet is now {self._probe.dtype} on {self._probe.device}; this sampler "
+                               f"was built for {self._built_for[1]} on {self._built_for[0]}: build a new "
+                               "FastLCMSampler after moving or casting the pipeline")
+        prompts = None
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("give prompt or prompt_embeds, not both")
+        elif isinstance(prompt, str):
             prompts = [prompt] * self.batch_size
         elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
             prompts = list(prompt)
         else:
             raise ValueError(f"prompt={reprlib.repr(prompt)} is invalid: it must be a str or a sequence of str")
-        if len(prompts) != self.batch_size:
+        if prompts is not None and len(prompts) != self.batch_size:
             raise ValueError(f"{len(prompts)} prompts given; this sampler was built for batch_size={self.batch_size}")
+        # diffusers' pipeline refuses a list of another length; randn_tensor alone would take a list of 1 for
+        # the whole batch and ignore generators past the batch.
+        if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+            if len(generator) != self.batch_size:
+                raise ValueError(f"generator is a list of {len(generator)}; this sampler was built for batch_size="
+                                 f"{self.batch_size}: give one torch.Generator or a list of {self.batch_size}")
+            generator = list(generator)
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={reprlib.repr(generator)} is invalid: it must be a torch.Generator, a list "
+                             f"of {self.batch_size} of them, or None")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents of type {type(latents).__name__} given; it must be a torch.Tensor of shape "
+                             f"{self.shape}")
         if latents is not None and tuple(latents.shape) != self.shape:
             raise ValueError(f"latents of shape {tuple(latents.shape)} given; this sampler samples {self.shape}")
-        embeds = self.sampler.prompt_embeddings(prompts)
+        if prompt_embeds is not None:
+            embeds = self._given_embeddings(prompt_embeds)
+        else:
+            embeds = self.sampler.prompt_embeddings(prompts)
         w_embedding = self.sampler.guidance(self.batch_size, embeds.dtype)
         # The pipeline's draws, in its order: x_0, then z_0 .. z_{H-2} (the last step's noise is unused
         # by the pipeline's output and is not drawn by LCMScheduler.step at the last index).
@@ -156,3 +226,19 @@ class FastLCMSampler:
             trajectory = Trajectory(prompts=prompts, states=states.clone(), log_probs=log_probs.clone(),
                                     denoised=denoised.clone(), images=images)
         return FastSamplerOutput(images=images, trajectory=trajectory)
+
+    def _given_embeddings(self, prompt_embeds) -> torch.Tensor:
+        """prompt_embeds on the device and in the dtype the pipeline gives them (its encode_prompt does it), of
+        the prompts' shape: another shape would be another graph."""
+        tokens = getattr(self.pipe.tokenizer, "model_max_length", None)  # any length without a tokenizer
+        expected = (self.batch_size, tokens or "tokens", self.pipe.unet.config.cross_attention_dim)
+        shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else None
+        if shape is None or len(shape) != 3 or any(e != s for e, s in zip(expected, shape) if isinstance(e, int)):
+            given = f"of shape {shape}" if shape is not None else f"of type {type(prompt_embeds).__name__}"
+            raise ValueError(f"prompt_embeds {given} given; this sampler takes (batch_size, tokens, "
+                             f"cross_attention_dim) = ({', '.join(map(str, expected))})")
+        return self.pipe.encode_prompt(None, self.device, 1, False, prompt_embeds=prompt_embeds)[0]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -8,6 +8,7 @@ diffusers' `LatentConsistencyModelPipeline` output: the generator is drawn in th
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +25,7 @@ from .policy_step import ROW_SCALARS, consistency_output, policy_step, row_scala
 class Trajectory:
     """B sampled trajectories. T = trained actions per trajectory (H-1, or H with train_final_step)."""
 
-    prompts: list[str]
+    prompts: list[str] | None  # None: sampled from given prompt embeddings (FastLCMSampler)
     states: torch.Tensor  # (B, T+1, C, h, w) float32: x_0 .. x_T; action k maps states[:, k] -> states[:, k+1]
     log_probs: torch.Tensor  # (B, T) float32: log pi_old of each action at sampling time
     denoised: torch.Tensor  # (B, C, h, w): D_{H-1}, the latent the image is decoded from
@@ -37,6 +38,12 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def weights_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first weight. diffusers' `unet.device` first looks for group-offloading hooks
+    in every submodule (about 3 ms on sd15's UNet on a 2-core CPU), and the samplers ask at every step."""
+    return next(module.parameters()).device
 
 
 def standard_normal(sampler, batch: int, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
@@ -58,23 +65,35 @@ def policy_sampler(pipe, cfg):
 
 
 class PromptEmbeddingCache:
-    """(B, L, D) text embeddings from a pipeline's text encoder; each distinct prompt is encoded once per
-    run (prompt sets are small). Shared by the LCM and DDPO samplers.
+    """(B, L, D) text embeddings from a pipeline's text encoder; each distinct prompt is encoded once while
+    it is cached. Shared by the LCM and DDPO samplers and by FastLCMSampler.
 
     Each prompt is encoded on its own: encoded in a batch, its embedding would depend in the last bits on
     the batch it was first seen in (matmul blocking), so a resumed run, which meets its prompts in other
-    batches than the uninterrupted run did, would drift from it (by 1e-3 in loss within two epochs)."""
+    batches than the uninterrupted run did, would drift from it (by 1e-3 in loss within two epochs).
+    Training keeps every prompt (prompt sets are small); `max_prompts` keeps only the most recently used,
+    for callers whose prompts are not a small set."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, max_prompts: int | None = None):
         self.pipe = pipe
-        self._cache: dict[str, torch.Tensor] = {}
+        self.max_prompts = max_prompts
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         for prompt in dict.fromkeys(prompts):
-            if prompt not in self._cache:
-                self._cache[prompt] = self.pipe.encode_prompt([prompt], self.pipe.unet.device, 1, False)[0][0]
-        return torch.stack([self._cache[p] for p in prompts])
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+            else:
+                device = weights_device(self.pipe.unet)
+                self._cache[prompt] = self.pipe.encode_prompt([prompt], device, 1, False)[0][0]
+        embeds = torch.stack([self._cache[p] for p in prompts])
+        while self.max_prompts is not None and len(self._cache) > self.max_prompts:  # after the stack: a batch
+            self._cache.popitem(last=False)  # may hold more distinct prompts than that
+        return embeds
 
 
 class LCMSampler:
@@ -93,6 +112,7 @@ class LCMSampler:
         resolution: int | None = None,
         step_backend: str = "auto",
         cuda_graph: bool = False,
+        max_cached_prompts: int | None = None,
     ):
         scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
@@ -113,7 +133,7 @@ class LCMSampler:
         # LCMScheduler.step would: its "previous timestep" past the end is the current one.
         next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
         self.action_scalars = row_scalars_for_schedule(scheduler, self.timesteps, next_timesteps)  # (H, 6)
-        self._prompt_cache = PromptEmbeddingCache(pipe)
+        self._prompt_cache = PromptEmbeddingCache(pipe, max_cached_prompts)
         # On the device once: the loop reads them every step (and a host tensor would stop CUDA-graph capture).
         self._device_scalars = self.action_scalars.to(self.device)
         self._device_timesteps = self.timesteps.to(self.device)
@@ -128,7 +148,7 @@ class LCMSampler:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return weights_device(self.pipe.unet)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         return self._prompt_cache(prompts)
