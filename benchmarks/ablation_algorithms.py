@@ -8,7 +8,8 @@ GPU part (when CUDA is there): time only, on the random-weight LCM_Dreamshaper_v
 training for every variant (random weights: the rewards mean nothing, the times do).
 
 Writes benchmarks/results/ablation_algorithms-<device>.json and .png (DIR/ablation_algorithms.json and .png
-with --out-dir DIR). --quick: PPO with and without KL only, 1 epoch of 8 samples, no GPU part (a smoke run).
+with --out-dir DIR). --quick: PPO with and without KL only, 1 epoch (or --epochs) of 8 samples, no GPU part
+(a smoke run).
 Usage: python benchmarks/ablation_algorithms.py [--epochs 15] [--seed 0] [--kl-beta 0.01] [--gpu-epochs 1]
        [--quick] [--out-dir DIR]
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, results_path, write_result  # noqa: E402
+from common import description, environment, positive_int, results_path, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
@@ -107,17 +108,19 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per tiny run")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per tiny run (default 15, --quick 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl-beta", type=float, default=0.01)
-    parser.add_argument("--gpu-epochs", type=int, default=1, help="epochs per sd15-lcm timing run (GPU only)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs of 8 samples, no GPU part")
+    parser.add_argument("--gpu-epochs", type=positive_int, default=1, help="epochs per sd15-lcm timing run (GPU only)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: PPO with and without KL, 1 epoch of 8 samples, no GPU part")
     parser.add_argument("--out-dir", default=None, help="write into DIR instead of benchmarks/results/")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    epochs = args.epochs or (1 if args.quick else 15)  # --epochs, when given, also holds with --quick
     # Quick: one sampling batch of 8 per epoch (REBEL: 4 pairs in one minibatch; group PPO: 2 groups of 4).
-    quick = {"epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 8} if args.quick else {}
+    quick = {"batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 8} if args.quick else {}
     table = {"ppo": VARIANTS["ppo"]} if args.quick else VARIANTS
 
     result = {"benchmark": "ablation_algorithms", **environment(),
@@ -126,7 +129,7 @@ def main() -> int:
         runs = {}
         for name, overrides in variants(args.kl_beta, table).items():
             print(f"tiny: {name}", file=sys.stderr)
-            runs[name] = run_variant({"device": "cpu", "model": "tiny", "epochs": args.epochs, "seed": args.seed,
+            runs[name] = run_variant({"device": "cpu", "model": "tiny", "epochs": epochs, "seed": args.seed,
                                       **quick, **overrides}, Path(tmp) / f"tiny-{name}", measure_kl=True)
         result["cpu_tiny"] = {"seed": args.seed, "kl_beta": args.kl_beta, "runs": runs}
         if args.quick:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, release_memory, write_result  # noqa: E402
+from common import description, environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
 
 from rlcm_fast.attention import CUDNN_FIRST  # noqa: E402
 from rlcm_fast.models import SD15_LCM, TINY  # noqa: E402
@@ -148,12 +148,13 @@ def call_totals(rows: list[dict], counts: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", default="8", help="sampling batch sizes, comma-separated (default 8)")
     parser.add_argument("--train-rows", default="2,7", help="training rows per UNet call (default 2,7)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_attention.json instead of benchmarks/results/")
     args = parser.parse_args(argv)
+    refuse_missing_cuda(parser, args.device)
     try:
         batches = [int(v) for v in args.batches.split(",")]
         train_rows = [int(v) for v in args.train_rows.split(",")] if args.train_rows else []

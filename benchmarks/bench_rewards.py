@@ -44,7 +44,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import description, environment, int_list, write_result  # noqa: E402
 
 from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
@@ -247,16 +247,18 @@ def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int,
     return rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="JPEG image sizes, comma-separated")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="JPEG batch sizes, comma-separated")
+    # At least 8 px: the test images' coarse texture is drawn at an eighth of their size.
+    parser.add_argument("--sizes", type=int_list(8), default=SIZES,
+                        help="JPEG image sizes, comma-separated (default 512,768)")
+    parser.add_argument("--batches", type=int_list(), default=BATCHES,
+                        help="JPEG batch sizes, comma-separated (default 8,32)")
     parser.add_argument("--no-aesthetic", action="store_true", help="skip the aesthetic scorer's rows")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_rewards.json instead of benchmarks/results/")
-    args = parser.parse_args()
-    sizes = tuple(int(v) for v in args.sizes.split(","))
-    batches = tuple(int(v) for v in args.batches.split(","))
+    args = parser.parse_args(argv)
+    sizes, batches = args.sizes, args.batches
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     repeats = 2 if args.quick else 5

@@ -8,8 +8,9 @@ FLOPs counted with torch.utils.flop_counter (one UNet call at that batch times H
 over the time, against this device's measured bf16 matmul rate; and the largest pixel difference between
 the variant's images and diffusers' eager images for the same generator (bf16 tolerance).
 
-CPU (`--device cpu`, or no CUDA): the same rows on the `tiny` model at 32 px without the compiled
-variants (inductor compiles take minutes there); a smoke test of the script, not a speed claim.
+CPU (`--device cpu`, or no CUDA): the same rows on the `tiny` model at 32 px, H in {2, 4}, without the
+compiled variants (inductor compiles take minutes there) and without MFU; a smoke test of the script, not
+a speed claim.
 
 Rows come in the order check_claims needs them (it runs this under a time limit): first, H-major, each
 (H, batch)'s diffusers eager row (what the speedups divide by) and rlcm-fast; then diffusers +
@@ -20,7 +21,7 @@ measured.
 `--fast-attention cudnn` runs rlcm-fast's rows (only those) with `set_attention_backend(pipe, "cudnn")`
 (rlcm_fast/attention.py); the diffusers rows keep the pipeline's default attention. The JSON records it.
 
-Writes benchmarks/results/bench_sampler-<device>.json.
+Writes benchmarks/results/bench_sampler-<device>.json (DIR/bench_sampler.json with --out-dir DIR).
 Usage: python benchmarks/bench_sampler.py [--device cuda|cpu] [--repeats 10] [--horizons 4,8] [--batches 1,8]
        [--fast-attention sdpa|cudnn] [--out-dir DIR]
 """
@@ -36,7 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
+from common import (description, environment, int_list, matmul_rate, positive_int, refuse_missing_cuda,  # noqa: E402
+                    release_memory, write_result)
 
 from rlcm_fast import FastLCMSampler  # noqa: E402
 from rlcm_fast.attention import check_attention_backend, set_attention_backend  # noqa: E402
@@ -129,16 +131,18 @@ def time_variant(name: str, pipe, unet, horizon: int, batch: int, resolution: in
             model.set_attn_processor(processors)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--horizons", default=None, help="comma-separated H values (default: GPU 4,8; CPU 2,4)")
-    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--horizons", type=int_list(), default=None,
+                        help="comma-separated H values (default: GPU 4,8; CPU 2,4)")
+    parser.add_argument("--batches", type=int_list(), default=None, help="comma-separated batch sizes (default: 1,8)")
     parser.add_argument("--fast-attention", choices=("sdpa", "cudnn"), default="sdpa",
                         help="attention_backend of rlcm-fast's rows (default sdpa, the pipeline's)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_sampler.json instead of benchmarks/results/")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    refuse_missing_cuda(parser, args.device)
     device = torch.device(args.device)
     try:
         check_attention_backend(args.fast_attention, device)
@@ -147,10 +151,7 @@ def main() -> int:
     gpu = device.type == "cuda"
     model, resolution = ("sd15-lcm", 768) if gpu else ("tiny", 32)
     horizons, batches = ((4, 8), (1, 8)) if gpu else ((2, 4), (1, 8))
-    if args.horizons:
-        horizons = tuple(int(v) for v in args.horizons.split(","))
-    if args.batches:
-        batches = tuple(int(v) for v in args.batches.split(","))
+    horizons, batches = args.horizons or horizons, args.batches or batches
     dtype = torch.bfloat16 if gpu else torch.float32
     pipe = load_pipeline(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -19,8 +19,8 @@ torch.compile (one compile per size, dtype and pass; no claim reads it). The JSO
 every measured (dtype, B) group, so a run cut short keeps what it measured ("complete": false).
 
 Usage: python benchmarks/bench_step.py [--batches 512,16,8,2] [--out-dir DIR]
-(needs CUDA; elsewhere it says so and exits 0). Writes benchmarks/results/bench_step-<device>.json, or
-DIR/bench_step.json with --out-dir.
+(needs CUDA; elsewhere it says so in one line and exits 1). Writes
+benchmarks/results/bench_step-<device>.json, or DIR/bench_step.json with --out-dir.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import description, environment, write_result  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Measured in this order (bf16 first, then fp32), so a run cut short has the claim-relevant rows.
@@ -120,15 +120,16 @@ def parse_batches(text: str) -> tuple[int, ...]:
     return batches
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--batches", type=parse_batches, default=BATCH_SIZES,
                         help="comma-separated batch sizes, measured in this order (default 512,16,8,2)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_step.json instead of benchmarks/results/")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_step: no CUDA device here; nothing measured, no results written.")
-        return 0
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():  # not a success: a caller checking the exit code must not read "measured"
+        print("bench_step: no CUDA device here; it times the CUDA kernels only: nothing measured, no results written",
+              file=sys.stderr)
+        return 1
     from triton.testing import do_bench, do_bench_cudagraph
 
     policy_step_reference, fused_policy_step = import_implementations()

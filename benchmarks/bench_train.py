@@ -10,9 +10,10 @@ same 10 batches of 4) and the same 768 px.
 Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7`
 (train_rows_per_call 7), and on a GPU only `compiled_unet`, `sample_cuda_graph`, both together
 (`compiled_and_graphed`), `graphed_calls_of_7` (the graphed sampling loop with training calls of 7
-rows), `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn), and `all_graphed` /
-`all_graphed_calls_of_7` (the training calls replayed from CUDA graphs too, train_cuda_graph); asked for
-on a CPU, these seven are listed under "skipped".
+rows), `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn), `all_graphed` /
+`all_graphed_calls_of_7` (the training calls replayed from CUDA graphs too, train_cuda_graph), and
+`calls_of_20_and_7` / `all_graphed_calls_of_20_and_7` (sampling in UNet batches of 20, eager and
+graphed); asked for on a CPU, these nine are listed under "skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 
@@ -20,22 +21,23 @@ Timing: an epoch is timed from the first sampling call to the end of its last op
 device synchronisation at each boundary. `sampling_s` is sampling (and VAE decode) minus the time spent
 waiting for rewards; `reward_wait_s` is that wait (the reward time the loop could not hide);
 `reward_busy_s` is the time the reward function ran (on its worker thread, partly hidden behind sampling
-when `reward_overlap` is on); `training_s` is advantages plus all updates. The first epoch on a GPU is a
-warm-up and is not reported. Peak GPU memory is recorded as allocated and as reserved by PyTorch's
-caching allocator (`peak_reserved_gib`, what the GPU must hold). MFU = UNet FLOPs of the epoch (counted
+when `reward_overlap` is on); `training_s` is advantages plus all updates. Before its measured epochs
+each row is warmed up, not timed: one sampling call and one optimizer update with every shape its epochs
+use (`--warmup-epochs`: one whole epoch). Peak GPU memory is recorded as allocated and as reserved by
+PyTorch's caching allocator (`peak_reserved_gib`, what the GPU must hold). MFU = UNet FLOPs of the epoch (counted
 with torch.utils.flop_counter on one trajectory's sampling and one trained row's forward+backward, times
 the epoch's counts; VAE, text encoder and reward excluded) / epoch seconds / the measured matmul rate of
 this device (bf16 on a GPU, fp32 on a CPU). `unet_aten_ops` counts the ATen ops (views excluded) of the
 same two units, and `training_us_per_unet_aten_op` divides the training time by the ops its UNet
 forward+backward calls ran: a few microseconds per op says the host's launches set the pace.
 
---quick is a smoke run: 2 samples per epoch, no warm-up epoch, DDPO with 4 steps.
+--quick is a smoke run: 2 samples per epoch, one measured epoch, DDPO with 4 steps, curves of 2 epochs.
 
 Also (`curves`, always on the tiny presets): RLCM vs DDPO mean reward against wall-clock, the same
 reward queries per epoch, for run_all.py's plot.
 
 Usage: python benchmarks/bench_train.py [--quick] [--epochs N] [--curve-epochs N] [--rows A,B]
-       [--ddpo-batches N] [--no-curves] [--out-dir DIR]
+       [--ddpo-batches N] [--warmup-epochs] [--no-curves] [--out-dir DIR]
 Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 """
 
@@ -53,7 +55,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
+from common import description, environment, matmul_rate, positive_int, release_memory, write_result  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.minibatches import minibatch_plan  # noqa: E402
@@ -73,7 +75,7 @@ GPU_ONLY_ROWS = {
     "sample_cuda_graph": {"sample_cuda_graph": True},
     "compiled_and_graphed": {"compile_unet": True, "sample_cuda_graph": True},
     # No compile warm-up: the eager sampling loop replayed as a graph, and training in calls of 7 rows (below).
-    # On the H200 the eager loop looked host-bound (README, Speed: about 34 us per ATen op in training, 41 in
+    # On the H200 the eager loop looked host-bound (benchmarks/README.md: about 34 us per ATen op in training, 41 in
     # sampling), which a graph removes from sampling and wider calls divide in training.
     "graphed_calls_of_7": {"sample_cuda_graph": True, "train_rows_per_call": 7},
     # The same with cuDNN's fused attention first (rlcm_fast/attention.py; bench_attention.py times it alone).
@@ -338,11 +340,12 @@ def reward_curves(epochs: int, quick: bool, run_root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewest epochs, smallest batches")
-    parser.add_argument("--epochs", type=int, default=None, help="measured epochs per row (GPU default 2, CPU 1)")
-    parser.add_argument("--curve-epochs", type=int, default=None, help="epochs of the tiny RLCM/DDPO curves "
-                                                                        "(default 12, --quick 2)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="measured epochs per row (GPU default 2, CPU 1)")
+    parser.add_argument("--curve-epochs", type=positive_int, default=None,
+                        help="epochs of the tiny RLCM/DDPO curves (default 12, --quick 2)")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
     parser.add_argument("--ddpo-batches", type=int, default=10, help="GPU: DDPO's sampling batches of 4 per epoch "
                         "(default 10, RLCM's reward queries; fewer for a shorter run)")
@@ -354,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     epochs = args.epochs or (1 if args.quick or not gpu else 2)
-    warmup = 0 if args.quick else 1  # a fresh trainer's first sampling call and update pay one-time costs
+    # A fresh trainer's first sampling call and update pay one-time costs; --quick too, or its first row
+    # (`fast`, every other row's yardstick) would carry them. One call and one update: under a second on `tiny`.
+    warmup = 1
     curve_epochs = args.curve_epochs or (2 if args.quick else 12)
     if args.ddpo_batches < 1:
         parser.error(f"--ddpo-batches {args.ddpo_batches} is invalid: it must be >= 1")

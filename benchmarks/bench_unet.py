@@ -43,7 +43,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, release_memory, write_result  # noqa: E402
+from common import description, environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
 
 from rlcm_fast.attention import set_attention_backend  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
@@ -151,7 +151,7 @@ def counted_tflop(call) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} "
                         f"(default: all on a GPU, {', '.join(CPU_VARIANTS)} on a CPU)")
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row, after two warm-up calls")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_unet.json instead of benchmarks/results/")
     args = parser.parse_args(argv)
+    refuse_missing_cuda(parser, args.device)
     gpu = args.device == "cuda"
     variants = args.variants.split(",") if args.variants else list(VARIANTS if gpu else CPU_VARIANTS)
     allowed = list(VARIANTS if gpu else CPU_VARIANTS)
@@ -173,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                      "training, sampling, decode, batch a positive integer")
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats} is invalid: it must be >= 1")
-    modes = ("eager", "graph") if gpu else ("eager",)
+    # The trainer's run directory holds nothing this benchmark reports: gone when it ends.
+    with tempfile.TemporaryDirectory(prefix="bench_unet-") as run_dir:
+        return measure(args, variants, calls, gpu, Path(run_dir))
 
-    run_dir = Path(tempfile.mkdtemp(prefix="bench_unet-"))
+
+def measure(args: argparse.Namespace, variants: list[str], calls: list[tuple[str, int]], gpu: bool,
+            run_dir: Path) -> int:
+    modes = ("eager", "graph") if gpu else ("eager",)
     trainer = Trainer(resolve_config(overrides={**(GPU_CONFIG if gpu else CPU_CONFIG), "grid_every": 0}), run_dir)
     device, builder = trainer.device, Calls(trainer)
     result = {"benchmark": "bench_unet", **environment(), "model": trainer.cfg.model,

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, device_name, device_slug, git_commit  # noqa: E402
+from common import REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, git_commit  # noqa: E402
 
 from rlcm_fast.config import TrainConfig  # noqa: E402
 from rlcm_fast.rewards import NVJPEG_COLOURS  # noqa: E402
@@ -467,7 +467,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for all stages together")
     parser.add_argument("--stages", default=DEFAULT_STAGES,
                         help=f"comma-separated, run in order (default {DEFAULT_STAGES})")
@@ -490,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s <= 0:
         parser.error(f"--budget-s {args.budget_s:g} is invalid: it must be > 0")
     out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR / device_slug()
+    if args.evaluate_only and not out_dir.is_dir():  # else a mistyped folder is judged: all "not measured"
+        parser.error(f"--out-dir {out_dir} is not a folder: --evaluate-only judges the JSON already in one")
     out_dir.mkdir(parents=True, exist_ok=True)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.evaluate_only:  # judge another run's JSON (copied from a GPU machine, say): keep its run record

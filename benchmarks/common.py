@@ -4,6 +4,7 @@ benchmark is given --out-dir (run_all.py uses benchmarks/results/<device>/)."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -23,6 +24,42 @@ try:  # the installed package, with its compiled rlcm_fast._C, when there is one
     import rlcm_fast  # noqa: F401
 except ImportError:  # a source checkout works without installing (the C++ step only if built in place)
     sys.path.insert(0, str(REPO_ROOT))
+
+
+def description(doc: str) -> str:
+    """A script's --help description: its docstring's first paragraph as one line (its first line alone
+    stops mid-sentence where the paragraph wraps)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def int_list(minimum: int = 1):
+    """An argparse type: comma-separated integers, each >= `minimum`; anything else is refused in one line."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers >= {minimum}")
+        return values
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: one integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def refuse_missing_cuda(parser: argparse.ArgumentParser, device: str) -> None:
+    """--device cuda on a machine without CUDA: one line, not torch's traceback from deep inside the run."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device here (torch {torch.__version__}); use --device cpu")
 
 
 def git_commit() -> str | None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import description, environment, positive_int, refuse_missing_cuda, write_result  # noqa: E402
 
-from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
 from rlcm_fast.lora import add_policy_lora  # noqa: E402
 from rlcm_fast.models import latent_shape, load_pipeline  # noqa: E402
 
@@ -35,17 +35,25 @@ def forward_backward(unet, inputs: dict, target: torch.Tensor, params: list[torc
     return out.detach().float(), [p.grad.detach().clone() for p in params]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="inductor")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--backend", default="inductor", help="a torch.compile backend (default inductor)")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rows", type=int, default=12, help="UNet batch")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rows", type=positive_int, default=12, help="UNet batch")
     parser.add_argument("--out-dir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    refuse_missing_cuda(parser, args.device)
+    # Checked before the model loads: dynamo would only say so at the first compiled call.
+    if args.backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f"--backend {args.backend} unknown; allowed: {', '.join(torch._dynamo.list_backends())} "
+                     "or a debug backend (eager, aot_eager)")
 
     device = torch.device(args.device)
-    cfg = resolve_config(model=args.model)  # the model preset's LoRA rank and targets
+    try:
+        cfg = resolve_config(model=args.model)  # the model preset's LoRA rank and targets
+    except ConfigError as error:
+        parser.error(str(error))
     pipe = load_pipeline(cfg.model, device, torch.float32)
     torch.manual_seed(0)
     params = add_policy_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -82,7 +90,7 @@ def main() -> None:
           f"{len(zeroed)} of {len(names)} tensors all zero where eager's are not")
     for name in sorted(per_tensor, key=per_tensor.get)[-5:]:
         print(f"  {per_tensor[name]:.3g}  {name}")
-    write_result("compiled_gradients", {
+    path = write_result("compiled_gradients", {
         "benchmark": "compiled_gradients", **environment(),
         "config": {"backend": args.backend, "model": cfg.model, "device": str(device), "rows": args.rows},
         "forward_max_abs_difference": forward_difference,
@@ -92,7 +100,9 @@ def main() -> None:
         "tensors_zeroed": zeroed,
         "first_call_seconds": compile_seconds,
     }, args.out_dir)
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

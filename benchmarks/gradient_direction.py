@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import description, environment, positive_int, write_result  # noqa: E402
 
-from rlcm_fast.config import parse_set_pairs, resolve_config  # noqa: E402
+from rlcm_fast.config import ConfigError, parse_set_pairs, resolve_config  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 SCOPES = ("all", "actions", "final")
@@ -96,20 +96,24 @@ def policy_gradient_estimate(trainer: Trainer, samples) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in trainer.params]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--task", default="incompressibility")
-    parser.add_argument("--samples", type=int, default=256, help="trajectories per estimate and per evaluation")
+    parser.add_argument("--samples", type=positive_int, default=256,
+                        help="trajectories per estimate and per evaluation")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.001, 0.003], help="sign-step sizes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out-dir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.samples % BATCH:
         parser.error(f"--samples {args.samples} must be a multiple of {BATCH}")
 
-    overrides = {"device": "cpu", "sample_batch_size": BATCH, "batches_per_epoch": args.samples // BATCH,
-                 "reward_overlap": False, "grid_every": 0, **parse_set_pairs(args.set)}
-    cfg = resolve_config(task=args.task, overrides=overrides)
+    try:  # an unknown task or a bad --set: one line before any model loads
+        overrides = {"device": "cpu", "sample_batch_size": BATCH, "batches_per_epoch": args.samples // BATCH,
+                     "reward_overlap": False, "grid_every": 0, **parse_set_pairs(args.set)}
+        cfg = resolve_config(task=args.task, overrides=overrides)
+    except ConfigError as error:
+        parser.error(str(error))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
@@ -132,7 +136,7 @@ def main() -> None:
                 print(f"  {scope:8s} eps {eps:g}: along the estimate {row['along']:+.4f}, "
                       f"against it {row['against']:+.4f}", flush=True)
     name = "gradient_direction" if cfg.method == "rlcm" else f"gradient_direction_{cfg.method}"
-    write_result(name, {
+    path = write_result(name, {
         "benchmark": "gradient_direction", **environment(),
         "config": {"task": args.task, "method": cfg.method, "model": cfg.model, "reward": cfg.reward,
                    "samples": args.samples, "horizon": cfg.horizon, "seed": cfg.seed, "overrides": parse_set_pairs(args.set)},
@@ -141,7 +145,9 @@ def main() -> None:
         "reward_change": effects,
         "seconds": time.perf_counter() - started,
     }, args.out_dir)
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

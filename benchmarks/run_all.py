@@ -2,12 +2,16 @@
 
     python benchmarks/run_all.py [--quick] [--out-dir DIR]
 
-Writes DIR/*.json (default DIR: benchmarks/results/<device-slug>/), DIR/README.md, DIR/time_per_epoch.png
-(seconds per epoch by variant, split into sampling, reward wait and training) and
-DIR/reward_vs_wallclock.png (RLCM vs DDPO on the tiny presets). Each benchmark runs in its own process,
-so one that fails is reported and the others still run. What did not run (no CUDA, --quick) is listed
-in the README with the reason. `--quick` is a smoke run (tiny sizes, fewest epochs; seconds to a
-minute on a CPU): its figures show the pipeline works, not the machine's speed.
+Writes DIR/*.json (default DIR: benchmarks/results/<device-slug>/, with --quick
+benchmarks/results/<device-slug>-quick/), DIR/README.md, DIR/time_per_epoch.png (seconds per epoch by
+variant, split into sampling, reward wait and training) and DIR/reward_vs_wallclock.png (RLCM vs DDPO on
+the tiny presets). Each benchmark runs in its own process, so one that fails is reported and the others
+still run. The README and plots show only the JSON this run wrote, not what an earlier run left in DIR.
+What did not run (no CUDA, --quick) is listed in the README with the reason. `--quick` is a smoke run
+(tiny sizes, fewest epochs; about 1-3 minutes on 2 CPU cores): its figures show the pipeline works, not
+the machine's speed, so it does not write over a full run's folder (on an H200: the committed
+nvidia-h200/). A full run took about 15 minutes on 2 CPU cores (amd-epyc/run_all.json, and 2 minutes of
+training_memory.py).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, device_name, device_slug, environment  # noqa: E402
+from common import REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, environment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,7 +61,7 @@ def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dic
         runs += [("bench_rewards", []), ("bench_train", []), ("ablation_algorithms", []), ("training_memory", [])]
     # An experiment about the method, not a measurement of this machine: run on its own when wanted.
     skipped.append({"benchmark": "gradient_direction", "reason": "an experiment on the method, not a benchmark "
-                    "(README, Status): python benchmarks/gradient_direction.py"})
+                    "(README, 'The tiny model'): python benchmarks/gradient_direction.py"})
     return runs, skipped
 
 
@@ -73,11 +77,6 @@ def run_benchmark(name: str, args: list[str], out_dir: Path) -> dict:
         status["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
         print(f"run_all: {name} FAILED ({status['error']})", file=sys.stderr, flush=True)
     return status
-
-
-def load(out_dir: Path, name: str) -> dict | None:
-    path = out_dir / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def table(header: list[str], body: list[list]) -> list[str]:
@@ -193,7 +192,19 @@ def gradients_section(check: dict) -> list[str]:
                           "grad rel. error max", "LoRA grads zeroed"], body) + [""]
 
 
-def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool) -> Path:
+def fresh_results(out_dir: Path, statuses: list[dict], since: float) -> dict[str, dict]:
+    """The JSON this run's benchmarks wrote. Not an earlier run's left in DIR: of a benchmark not run now
+    (--quick after a full run), or of one that failed before writing its own."""
+    results = {}
+    for status in statuses:
+        path = out_dir / f"{status['benchmark']}.json"
+        if path.is_file() and path.stat().st_mtime >= since:
+            results[status["benchmark"]] = json.loads(path.read_text())
+    return results
+
+
+def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool, results: dict[str, dict],
+           plots: list[Path]) -> Path:
     env = environment()
     lines = [f"# Benchmark results: {device_name()}", "",
              f"Written by `python benchmarks/run_all.py{' --quick' if quick else ''}` on "
@@ -208,21 +219,21 @@ def render(out_dir: Path, statuses: list[dict], skipped: list[dict], quick: bool
                 "bench_attention": attention_section, "bench_rewards": rewards_section, "compiled_gradients": gradients_section,
                 "ablation_algorithms": ablation_section, "bench_unet": unet_section, "training_memory": memory_section}
     for name, section in sections.items():
-        data = load(out_dir, name)
+        data = results.get(name)
         if data is not None:
             lines += section(data)
             skipped += [{"benchmark": name, **s} for s in data.get("skipped", [])]
     lines += ["## Not run here", ""]
     lines += [f"- {s['benchmark']}{': ' + s.get('part', s.get('row', '')) if s.get('part') or s.get('row') else ''}"
               f" -- {s['reason']}" for s in skipped] or ["- nothing"]
-    lines += ["", "Plots: `time_per_epoch.png`, `reward_vs_wallclock.png`."]
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"`{path.name}`" for path in plots) + "."]
     path = out_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def plot(out_dir: Path) -> list[Path]:
-    train = load(out_dir, "bench_train")
+def plot(out_dir: Path, train: dict | None) -> list[Path]:
     if train is None:
         return []
     import matplotlib
@@ -263,19 +274,25 @@ def plot(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, fewest epochs")
-    parser.add_argument("--out-dir", default=None, help=f"default: {RESULTS_DIR}/<device-slug>/")
+    parser.add_argument("--out-dir", default=None,
+                        help=f"default: {RESULTS_DIR}/<device-slug>/ (with --quick: <device-slug>-quick/)")
     args = parser.parse_args(argv)
-    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR / device_slug()
+    # A smoke run's figures must not replace a full run's (on an H200 the default folder is the committed
+    # nvidia-h200/).
+    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR / (device_slug() + ("-quick" if args.quick else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, skipped = plan(args.quick, torch.cuda.is_available())
+    started = time.time() - 1  # file times are coarser than time.time()
     statuses = [run_benchmark(name, bench_args, out_dir) for name, bench_args in runs]
+    results = fresh_results(out_dir, statuses, started)
     (out_dir / "run_all.json").write_text(json.dumps(
         {"benchmark": "run_all", **environment(), "quick": args.quick, "runs": statuses, "skipped": skipped},
         indent=2) + "\n")
-    readme = render(out_dir, statuses, list(skipped), args.quick)
-    for path in plot(out_dir):
+    plots = plot(out_dir, results.get("bench_train"))
+    readme = render(out_dir, statuses, list(skipped), args.quick, results, plots)
+    for path in plots:
         print(f"wrote {path}")
     print(f"wrote {readme}")
     return 0 if all(s["returncode"] == 0 for s in statuses) else 1

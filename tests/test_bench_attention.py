@@ -87,3 +87,31 @@ def test_bench_sampler_runs_only_rlcm_fasts_rows_on_the_chosen_attention(monkeyp
         assert [dict(model.attn_processors) for model in (pipe.unet, pipe.vae)] == originals
     assert seen[bench_sampler.FAST] == {CudnnFirstAttnProcessor}
     assert CudnnFirstAttnProcessor not in seen[bench_sampler.EAGER]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.parametrize("module_name", ["bench_attention", "bench_sampler"])
+def test_cuda_asked_for_without_cuda_is_refused_in_one_line(module_name, tmp_path, capsys):
+    """It was torch's traceback ("Torch not compiled with CUDA enabled") once the run had started."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module_name).main(["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--horizons", "0"], "argument --horizons: '0' is not a comma-separated list of integers >= 1"),
+    (["--batches", "1,x"], "argument --batches: '1,x' is not a comma-separated list of integers >= 1"),
+    (["--repeats", "0"], "argument --repeats: '0' is not an integer >= 1"),
+])
+def test_bench_sampler_refuses_bad_sizes_in_one_line(argv, message, tmp_path, capsys):
+    """They were a ZeroDivisionError, a ValueError and a StatisticsError after the pipeline had loaded."""
+    import bench_sampler
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_sampler.main(["--device", "cpu", *argv, "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

@@ -3,6 +3,7 @@ and a run writes one timed row per (call, variant) with its FLOPs and speedup.""
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,21 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path, capsys, args, message):
         bench_unet.main(["--device", "cpu", "--out-dir", str(tmp_path), *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "bench_unet.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cuda_asked_for_without_cuda_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_unet.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_run_leaves_no_run_directory_behind(tmp_path, monkeypatch):
+    """Each run left a bench_unet-* folder (the trainer's run directory) in the system's temp folder."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert bench_unet.main(["--device", "cpu", "--repeats", "1", "--calls", "decode:1", "--variants", "default",
+                            "--out-dir", str(tmp_path / "out")]) == 0
+    assert list(temp.glob("bench_unet-*")) == []

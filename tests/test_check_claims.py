@@ -242,3 +242,25 @@ def test_judging_again_keeps_the_measuring_runs_record_not_this_machines(tmp_pat
     assert text.startswith("# Claims checked on NVIDIA H200") and "Commit def, T0" in text
     assert "Judged again from that run's JSON" in text and "_nvjpeg MISSING" in text
     assert "- stage step: exit 0, 81 s" in text
+
+
+def test_judging_a_folder_that_does_not_exist_is_refused_in_one_line(tmp_path, capsys):
+    """It made the folder and wrote a claims.md of twelve "not measured": a mistyped --out-dir looked judged."""
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(SystemExit) as exit_info:
+        check_claims.main(["--evaluate-only", "--out-dir", str(missing)])
+    assert exit_info.value.code == 2
+    assert f"--out-dir {missing} is not a folder" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not missing.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_bench_step_without_cuda_says_so_in_one_line_and_fails(tmp_path, capsys):
+    """It measures only the CUDA kernels: on a CPU it exited 0, as if it had measured something."""
+    import bench_step
+
+    assert bench_step.main(["--out-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        "bench_step: no CUDA device here; it times the CUDA kernels only: nothing measured, no results written")
+    assert not list(tmp_path.iterdir())

@@ -1,13 +1,16 @@
 """benchmarks/run_all.py --quick on the CPU: every benchmark it runs writes valid JSON, the README has the
-tables and names what was skipped, the plots exist. Also: pytest from the repo root does not collect the
-micro-benchmarks."""
+tables and names what was skipped, the plots exist, and a quick run or an earlier run's files do not pass
+for a full run's figures. Also: pytest from the repo root does not collect the micro-benchmarks, and each
+script's command line (--help, bad arguments refused in one line)."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import rlcm_fast
@@ -137,3 +140,122 @@ def test_every_gpu_row_of_bench_train_is_a_valid_config():
         for key, value in overrides.items():
             assert getattr(cfg, key) == value, (name, key)
     assert table["ddpo"]["batches_per_epoch"] == 1 and table["calls_of_20_and_7"]["sample_batches_per_call"] == 5
+
+
+SCRIPTS = ("ablation_algorithms", "bench_attention", "bench_rewards", "bench_sampler", "bench_step", "bench_train",
+           "bench_unet", "check_claims", "compiled_gradients", "gradient_direction", "run_all", "training_memory")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_describes_the_script_with_its_docstrings_whole_first_paragraph(script, monkeypatch, capsys):
+    """--help took the docstring's first line, which stops mid-sentence where the paragraph wraps."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 0
+    first_paragraph = module.__doc__.strip().split("\n\n")[0]
+    # Compared without whitespace: argparse rewraps it, also at hyphens ("group-relative").
+    assert "".join(first_paragraph.split()) in "".join(capsys.readouterr().out.split())
+
+
+def test_a_quick_run_does_not_write_over_the_full_runs_results(tmp_path, monkeypatch):
+    """By default a full run writes benchmarks/results/<device>/, where the committed results of that device
+    live (nvidia-h200/ on an H200): a smoke run goes beside them, to <device>-quick/."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_all
+
+    monkeypatch.setattr(run_all, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(run_all, "plan", lambda quick, cuda: ([], []))
+    assert run_all.main(["--quick"]) == 0
+    slug = run_all.device_slug()
+    assert "Quick (smoke) run" in (tmp_path / f"{slug}-quick" / "README.md").read_text()
+    assert not (tmp_path / slug).exists()
+
+
+def test_the_results_readme_shows_only_what_this_run_wrote(tmp_path, monkeypatch):
+    """JSON an earlier run left in DIR (of a benchmark not run now, or of one that failed before writing)
+    is not rendered as this run's figures, nor plotted."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_all
+
+    committed = REPO / "benchmarks" / "results" / "amd-epyc"
+    for name in ("bench_train", "training_memory"):
+        (tmp_path / f"{name}.json").write_text((committed / f"{name}.json").read_text())
+        os.utime(tmp_path / f"{name}.json", (1e9, 1e9))  # written long before this run
+    monkeypatch.setattr(run_all, "plan", lambda quick, cuda: ([("bench_train", [])], []))
+    monkeypatch.setattr(run_all, "run_benchmark", lambda name, args, out_dir: {
+        "benchmark": name, "args": args, "returncode": 1, "seconds": 1.0, "error": "Killed"})
+    assert run_all.main(["--out-dir", str(tmp_path)]) == 1
+    readme = (tmp_path / "README.md").read_text()
+    assert "| bench_train | 1 | 1 | Killed |" in readme
+    assert "## Whole RL loop" not in readme and "## Training memory" not in readme
+    assert not (tmp_path / "time_per_epoch.png").exists()
+
+
+def test_bench_train_quick_warms_each_row_up_before_timing_it(tmp_path):
+    """Without a warm-up the first row, `fast` (every other row's yardstick), paid the process's one-time
+    costs in its timed epoch."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+
+    assert bench_train.main(["--quick", "--rows", "fast", "--no-curves", "--out-dir", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "bench_train.json").read_text())["rows"][0]
+    assert row["warmup"] == {"count": 1, "kind": "sampling call and update"} and row["epochs_measured"] == 1
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_train", ["--epochs", "0"], "argument --epochs: '0' is not an integer >= 1"),
+    ("bench_train", ["--epochs", "-1"], "argument --epochs: '-1' is not an integer >= 1"),
+    ("bench_train", ["--curve-epochs", "0"], "argument --curve-epochs: '0' is not an integer >= 1"),
+    ("bench_rewards", ["--sizes", "7"], "argument --sizes: '7' is not a comma-separated list of integers >= 8"),
+    ("bench_rewards", ["--sizes", "abc"], "argument --sizes: 'abc' is not a comma-separated list of integers >= 8"),
+    ("bench_rewards", ["--batches", "8,0"], "argument --batches: '8,0' is not a comma-separated list of integers >= 1"),
+    ("ablation_algorithms", ["--epochs", "0"], "argument --epochs: '0' is not an integer >= 1"),
+    ("gradient_direction", ["--task", "nope"], "task 'nope' is unknown; allowed: compressibility,"),
+    ("gradient_direction", ["--samples", "0"], "argument --samples: '0' is not an integer >= 1"),
+    ("compiled_gradients", ["--rows", "0"], "argument --rows: '0' is not an integer >= 1"),
+    ("compiled_gradients", ["--backend", "nope"], "--backend nope unknown; allowed: "),
+    ("compiled_gradients", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_bad_arguments_are_refused_in_one_line(script, argv, message, tmp_path, capsys):
+    """Each was a traceback (or silently the default) after loading models, not argparse's one line."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([*argv, "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_compiled_gradients_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compiled_gradients
+
+    with pytest.raises(SystemExit) as exit_info:
+        compiled_gradients.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ablation_quick_keeps_the_epochs_asked_for(tmp_path, monkeypatch):
+    """--quick set 1 epoch over an explicit --epochs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ablation_algorithms
+
+    asked = []
+
+    def run_variant(overrides, run_dir, measure_kl):
+        asked.append(overrides["epochs"])
+        epoch = {"reward_mean": -1.0, "reward_queries": 8, "elapsed_seconds": 1.0}
+        return {"config": {}, "wall_seconds": 1.0, "epochs": [epoch], "final_kl_to_base": 0.0}
+
+    monkeypatch.setattr(ablation_algorithms, "run_variant", run_variant)
+    assert ablation_algorithms.main(["--quick", "--epochs", "2", "--out-dir", str(tmp_path)]) == 0
+    assert asked == [2, 2]
+    asked.clear()
+    assert ablation_algorithms.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert asked == [1, 1]
