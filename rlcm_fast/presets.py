@@ -1,13 +1,13 @@
 """The presets a config is built from (config.py, in order): the paper's task presets, the DDPO
 baseline's defaults, and the tiny models' CPU-scale settings, with the names of the options a config may
-choose. Data only, importing nothing heavy, so that `rlcm-fast --help` and config checks start in well
-under a second; config.py checks every value."""
+choose. Data only, importing nothing heavy, so that `rlcm-fast --help` starts in well under a second;
+config.py checks every value."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# Names a config may choose; the modules that implement them import these tuples from here.
+# Names a config may choose, implemented where each comment says.
 METHODS = ("rlcm", "ddpo")  # models.py: an LCM with consistency sampling | Stable Diffusion with DDIM
 ALGORITHMS = ("ppo", "rebel")  # algorithms.py
 ADVANTAGE_ESTIMATORS = ("per_prompt", "group")  # algorithms.py
