@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, write_result  # noqa: E402
+from common import description, environment, int_list, write_result  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Measured in this order (bf16 first, then fp32), so a run cut short has the claim-relevant rows.
@@ -110,19 +110,9 @@ def graph_time_us(fn, do_bench_cudagraph) -> float | str:
         return f"capture failed: {type(error).__name__}: {error}"[:200]
 
 
-def parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        batches = ()
-    if not batches or min(batches) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes >= 1")
-    return batches
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--batches", type=parse_batches, default=BATCH_SIZES,
+    parser.add_argument("--batches", type=int_list(1, "batch sizes"), default=BATCH_SIZES,
                         help="comma-separated batch sizes, measured in this order (default 512,16,8,2)")
     parser.add_argument("--out-dir", default=None, help="write DIR/bench_step.json instead of benchmarks/results/")
     args = parser.parse_args(argv)

@@ -32,15 +32,16 @@ def description(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-def int_list(minimum: int = 1):
-    """An argparse type: comma-separated integers, each >= `minimum`; anything else is refused in one line."""
+def int_list(minimum: int = 1, what: str = "integers"):
+    """An argparse type: comma-separated integers, each >= `minimum`; anything else is refused in one line
+    that calls them `what`."""
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(part) for part in text.split(","))
         except ValueError:
             values = ()
         if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what} >= {minimum}")
         return values
     return parse
 

@@ -79,9 +79,6 @@ class PromptEmbeddingCache:
         self.max_prompts = max_prompts
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._cache)
-
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         for prompt in dict.fromkeys(prompts):
