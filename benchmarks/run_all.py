@@ -10,8 +10,8 @@ still run. The README and plots show only the JSON this run wrote, not what an e
 What did not run (no CUDA, --quick) is listed in the README with the reason. `--quick` is a smoke run
 (tiny sizes, fewest epochs; about 1-3 minutes on 2 CPU cores): its figures show the pipeline works, not
 the machine's speed, so it does not write over a full run's folder (on an H200: the committed
-nvidia-h200/). A full run took about 15 minutes on 2 CPU cores (amd-epyc/run_all.json, and 2 minutes of
-training_memory.py).
+nvidia-h200/). A full CPU run took 14 minutes on 2 AMD EPYC cores (amd-epyc/run_all.json), before
+training_memory.py (1 min 43 s on an Intel Xeon) joined it.
 """
 
 from __future__ import annotations
