@@ -12,7 +12,7 @@
 #   pip download --no-deps -d .whl diffusers==0.42.1 nvidia-nvjpeg==13.0.4.44
 # (the nvJPEG that ran on the H200, driver 580 = CUDA 13.0; a newer 13.x may want a newer driver), and
 # pass carry [".whl"] to the device call. Writes $OUT/console.log (this script's output: versions,
-# install, stage progress) and $OUT/results/ (the benchmarks' JSON, check_claims.log, claims.md/json).
+# install, stage progress), $OUT/install.log (pip's; a failed install stops the script) and $OUT/results/ (the benchmarks' JSON, check_claims.log, claims.md/json).
 set -uo pipefail
 if [ $# -ne 3 ]; then
     echo "usage: bash benchmarks/lent_gpu.sh BUDGET_S STAGES COMMIT" >&2
@@ -34,8 +34,14 @@ else
     python3 -m pip install --quiet --no-deps --no-index "$wheels"/*.whl
 fi
 # --no-build-isolation: the build needs nothing the image lacks, and the machine has no package index.
-python3 -m pip install --no-deps --no-build-isolation . 2>&1 | grep -E "nvjpeg|rlcm_fast._C|Successfully|ERROR|error:"
-echo "install rc=${PIPESTATUS[0]} after $(( $(date +%s) - started )) s"
+python3 -m pip install --no-deps --no-build-isolation . > "$out/install.log" 2>&1
+install_rc=$?
+grep "Successfully installed" "$out/install.log"  # which extensions were built: check_claims says
+echo "install rc=$install_rc after $(( $(date +%s) - started )) s"
+if [ "$install_rc" -ne 0 ]; then  # nothing below can measure rlcm-fast: stop before spending the budget
+    tail -n 15 "$out/install.log"
+    exit 1
+fi
 
 mkdir -p "$out/results"
 # As a script, check_claims.py has benchmarks/ (not the tree's root) on sys.path: its stages import the
