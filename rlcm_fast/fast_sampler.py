@@ -49,7 +49,7 @@ from .sampler import LCMSampler, Trajectory
 
 @dataclass
 class FastSamplerOutput:
-    images: torch.Tensor  # (B, 3, H, W) float in [0, 1], as the pipeline's output_type="pt"
+    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1]: the pipeline's output_type="pt" (in its VAE's dtype)
     trajectory: Trajectory | None = None
 
 

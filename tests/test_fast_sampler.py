@@ -123,6 +123,17 @@ def test_fast_sampler_takes_latents_of_the_pipelines_dtype_and_refuses_others(pi
         fast(PROMPTS, latents=latents.double())
 
 
+def test_a_bf16_pipelines_images_come_as_float32_close_to_the_pipelines():
+    """README's promise: float32 images whatever the pipeline's dtype (the pipeline's own are bf16 here)."""
+    pipe = load_pipeline("tiny", "cpu", torch.bfloat16)
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, compile=False, cuda_graph=False)
+    ours = fast(PROMPTS, generator=torch.Generator().manual_seed(0)).images
+    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=8.0, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
+    assert (ours - theirs.float()).abs().max().item() < BF16_PIXEL_TOLERANCE
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [True, False])
 def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
