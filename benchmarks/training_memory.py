@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, write_result  # noqa: E402
+from common import description, environment, int_list, write_result  # noqa: E402
 
 from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
 from rlcm_fast.models import ModelLoadError, latent_shape  # noqa: E402
@@ -111,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--model", default="sd15-lcm", help="an RLCM model preset or folder (default sd15-lcm)")
     parser.add_argument("--resolution", type=int, default=768)
-    parser.add_argument("--rows", default="1,7,14", help="comma-separated rows per training call (default 1,7,14)")
-    parser.add_argument("--sampling-batches", default="4,20,40",
+    parser.add_argument("--rows", type=int_list(1, "rows per call"), default=(1, 7, 14),
+                        help="comma-separated rows per training call (default 1,7,14)")
+    parser.add_argument("--sampling-batches", type=int_list(1, "trajectories per call"), default=(4, 20, 40),
                         help="comma-separated trajectories per sampling call (default 4,20,40; the decode: the smallest)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
-    rows, sampling_batches = (positive_ints(parser, flag, value) for flag, value in
-                              (("--rows", args.rows), ("--sampling-batches", args.sampling_batches)))
+    rows, sampling_batches = args.rows, args.sampling_batches
     try:
         # The fused C++ step reads raw pointers, which fake tensors do not have: the plain-PyTorch step.
         cfg = resolve_config(overrides={
@@ -162,16 +162,6 @@ def main(argv: list[str] | None = None) -> int:
               f"LoRA with AdamW {result['lora_and_adam_gib']:.4g} GiB", flush=True)
     print(f"wrote {write_result('training_memory', result, args.out_dir)}")
     return 0
-
-
-def positive_ints(parser: argparse.ArgumentParser, flag: str, value: str) -> list[int]:
-    try:
-        numbers = [int(part) for part in value.split(",")]
-        if numbers and min(numbers) >= 1:
-            return numbers
-    except ValueError:
-        pass
-    parser.error(f"{flag} {value!r} is not a comma-separated list of integers >= 1")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def test_peak_live_storage_counts_what_is_alive_at_once_and_a_view_once():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--rows", "7,0"], "--rows '7,0' is not a comma-separated list of integers >= 1"),
+    (["--rows", "7,0"], "argument --rows: '7,0' is not a comma-separated list of rows per call >= 1"),
+    (["--sampling-batches", "4,x"], "argument --sampling-batches: '4,x' is not a comma-separated list of trajectories "
+                                    "per call >= 1"),
     (["--model", "sd15", "--resolution", "64"], "model 'sd15' is a Stable Diffusion preset"),
     (["--model", "/no/such/folder", "--resolution", "64"], "could not be loaded (no such folder)"),
 ])
