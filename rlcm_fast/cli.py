@@ -116,7 +116,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     import torch
 
     from .rewards import RewardError
-    from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, serve
+    from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -133,15 +133,24 @@ def run_serve_reward(args: argparse.Namespace) -> int:
             problem = "not a folder" if Path(value).exists() else "no such folder"
             raise UsageError(f"{option} {value!r} is invalid: {problem} (a hub id or a local model folder)")
     try:
-        scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer, device,
-                                 args.max_new_tokens)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RewardError(f"the alignment models cannot be loaded: {first}") from None
-    try:
-        serve(scorer, args.host, args.port)
+        server = bind(args.host, args.port)  # a port in use is found before the models load, not after
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    try:
+        try:
+            scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer,
+                                     device, args.max_new_tokens)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RewardError(f"the alignment models cannot be loaded: {first}") from None
+        serve(scorer, server=server)
+    except OSError as exc:
+        raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:  # main's message for an interrupt is about training checkpoints
+        print("rlcm-fast: serve-reward stopped (interrupted)", file=sys.stderr)
+        return 130
+    finally:
+        server.server_close()
     return 0
 
 

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rlcm_fast.rewards import AlignmentClient, RewardError, make_reward
-from rlcm_fast.rewards.alignment_server import REFERENCE, AlignmentScorer, BertScoreRecall
+from rlcm_fast.rewards.alignment_server import REFERENCE, AlignmentScorer, BertScoreRecall, make_handler
 from tiny_reward_models import save_tiny_bert, save_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +67,24 @@ def server(models):
     state["process"].wait()
 
 
+@pytest.fixture(scope="module")
+def in_process(models):
+    """The server's handler on a thread of this process, where a test can hold the models' lock, count their
+    calls and read the log (capsys)."""
+    scorer = AlignmentScorer(str(models[0]), str(models[1]), device="cpu", max_new_tokens=6)
+    with ThreadingHTTPServer(("127.0.0.1", 0), make_handler(scorer)) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        yield scorer, f"http://127.0.0.1:{httpd.server_port}"
+        httpd.shutdown()
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
 def images(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 40, 40, generator=g)
@@ -97,6 +117,19 @@ def test_bertscore_recall_is_greedy_max_cosine_over_reference_tokens(models):
     assert got[2] == pytest.approx(1.0, abs=1e-5)  # a text recalls itself fully
 
 
+def test_a_reference_longer_than_the_scorer_takes_is_truncated(models):
+    # The tiny BERT's tokenizer was saved without model_max_length, as local folders may be: a long prompt
+    # used to run past the 128 position embeddings and fail every request holding it with a 500.
+    scorer = BertScoreRecall(str(models[1]), layer=2)
+    long = "the image contains " + "a cat riding a bike " * 60
+    got = scorer.recall(["a cat on a bike", "a cat"], [long, "a cat"])
+    # 126 tokens, [CLS] and [SEP] included: 2 positions short of the table, which RoBERTa's layout needs
+    truncated = scorer.tokenizer.decode(scorer.tokenizer(long, truncation=True, max_length=126)["input_ids"][1:-1])
+    assert len(scorer.tokenizer(truncated)["input_ids"]) == 126
+    assert got == pytest.approx(scorer.recall(["a cat on a bike", "a cat"], [truncated, "a cat"]), abs=1e-6)
+    assert got[1] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_bertscore_layer_defaults_and_checks(models):
     assert BertScoreRecall(str(models[1])).layer == 3  # unknown model: the last layer
     with pytest.raises(ValueError, match="scorer layer 7 is invalid"):
@@ -127,16 +160,140 @@ def test_client_batches_requests(server):
     assert rewards.shape == (5,) and np.isfinite(rewards).all()
 
 
+def encoded(fmt="JPEG", size=(40, 40), claimed=None):
+    """A base64 image; `claimed` rewrites the JPEG's frame header to say another width x height."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buffer, fmt)
+    data = buffer.getvalue()
+    if claimed:
+        at = data.index(b"\xff\xc0") + 5  # SOF0: marker, length, precision, then height and width
+        data = data[:at] + claimed[1].to_bytes(2, "big") + claimed[0].to_bytes(2, "big") + data[at + 4:]
+    return base64.b64encode(data).decode()
+
+
 @pytest.mark.parametrize("body, message", [
     (b"not json", "body is not JSON"),
     (json.dumps({"images": []}).encode(), "expected a JSON object"),
     (json.dumps({"images": ["aGk="], "prompts": ["a", "b"]}).encode(), "got 1 images and 2 prompts"),
-    (json.dumps({"images": ["!!!"], "prompts": ["a"]}).encode(), r"images\[0\] is not a base64-encoded image"),
+    (json.dumps({"images": ["!!!"], "prompts": ["a"]}).encode(), r"images\[0\] is not a base64-encoded JPEG"),
     (json.dumps({"images": ["aGk="], "prompts": [3]}).encode(), "every prompt must be a string"),
+    # These used to drop the connection with a traceback in the log (deep nesting, a decompression bomb;
+    # the client retried them for a minute), get a 500 that the client retried too (a lone surrogate), or be
+    # decoded whatever their size (a 5000x4000 JPEG) or format (by whichever Pillow plugin claimed the bytes).
+    (b"[" * 100_000 + b"]" * 100_000, "body is not JSON this server reads: nested too deeply"),
+    (json.dumps({"images": [encoded(claimed=(20000, 20000))], "prompts": ["a"]}).encode(),
+     r"images\[0\] has over 178956970 pixels; allowed at most 16777216"),
+    (json.dumps({"images": [encoded(claimed=(5000, 4000))], "prompts": ["a"]}).encode(),
+     r"images\[0\] is 5000x4000; allowed at most 16777216 pixels"),
+    (json.dumps({"images": [encoded(), encoded()], "prompts": ["a", "\ud800"]}).encode(),
+     r"prompts\[1\] is not valid Unicode text \(a lone surrogate\)"),
+    (json.dumps({"images": [encoded(), encoded("PNG")], "prompts": ["a", "b"]}).encode(),
+     r"images\[1\] is not a base64-encoded JPEG"),
 ])
 def test_bad_requests_get_400_with_a_message(server, body, message):
     status, reply = http(f"{server['url']}/score", body)
     assert status == 400 and re.search(message, reply["error"])
+    assert http(f"{server['url']}/health")[0] == 200
+
+
+def raw_exchange(url, request, linger=5.0):
+    """Everything the server sends back on one connection for `request` (bytes), until it closes the
+    connection; None in place of the data if it keeps the connection open for `linger` seconds."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=linger) as connection:
+        connection.sendall(request)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except TimeoutError:
+            return None
+    return received
+
+
+@pytest.mark.parametrize("headers, body, status, message", [
+    ("Content-Length: 300000000", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 413,
+     "body of 300000000 bytes; allowed 1..268435456"),
+    ("Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n", 411, "a Content-Length header is required"),
+    ("Content-Length: -5", b"", 400, "Content-Length '-5' is invalid: expected a number of bytes"),
+    ("Content-Length: 0", b"", 400, "body of 0 bytes; allowed 1..268435456"),
+])
+def test_a_refused_body_is_not_read_as_the_next_request(server, headers, body, status, message):
+    # On a kept-alive connection the unread body used to be parsed as a request of its own (answered: a
+    # /health reply, or an HTML error page, after the JSON one); now the server answers once and closes.
+    request = f"POST /score HTTP/1.1\r\nHost: x\r\n{headers}\r\n\r\n".encode() + body
+    received = raw_exchange(server["url"], request)
+    assert received is not None, "the server kept the connection open"
+    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(f"HTTP/1.1 {status} ".encode())
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1]) == {"error": message}
+
+
+def test_each_request_is_one_log_line_with_its_error_or_timing(in_process, capsys, monkeypatch):
+    scorer, url = in_process
+    ok = json.dumps({"images": [encoded()], "prompts": ["a cat"]}).encode()
+    capsys.readouterr()
+    assert http(f"{url}/score", ok)[0] == 200
+    assert http(f"{url}/score", json.dumps({"images": [encoded()], "prompts": ["a", "b"]}).encode())[0] == 400
+
+    def out_of_memory(images):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(scorer.vlm, "answers", out_of_memory)
+    assert http(f"{url}/score", ok) == (500, {"error": "RuntimeError: CUDA out of memory"})
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("serve-reward: ")]
+    assert len(lines) == 3
+    assert re.fullmatch(r'serve-reward: 127\.0\.0\.1 "POST /score HTTP/1\.1" 200 1 images in \d+\.\d\d s', lines[0])
+    assert lines[1] == ('serve-reward: 127.0.0.1 "POST /score HTTP/1.1" 400 got 1 images and 2 prompts; expected '
+                        'the same number, at least 1')
+    assert lines[2] == 'serve-reward: 127.0.0.1 "POST /score HTTP/1.1" 500 RuntimeError: CUDA out of memory'
+    assert "Traceback" in err and "in out_of_memory" in err  # the server's own failure: where, for the operator
+
+
+def test_a_request_given_up_while_queued_is_not_scored(in_process, capsys, monkeypatch):
+    # Several trainers share the models; a trainer whose request waited past its timeout resends it, and
+    # scoring the abandoned copy too would only lengthen the queue.
+    scorer, url = in_process
+    calls, finished = [], []
+    answers, score = scorer.vlm.answers, scorer.score
+    monkeypatch.setattr(scorer.vlm, "answers", lambda batch: calls.append(len(batch)) or answers(batch))
+
+    def recorded(*args, **kwargs):
+        try:
+            return score(*args, **kwargs)
+        finally:
+            finished.append(1)
+
+    monkeypatch.setattr(scorer, "score", recorded)
+    with scorer.lock:  # another trainer's batch, still being scored
+        with pytest.raises(RewardError, match="unreachable after 1 attempts .*timed out"):
+            AlignmentClient(url, timeout=0.5, retries=0)(images(1), ["a cat"])
+    assert wait_for(lambda: finished)
+    assert calls == []
+    assert "client hung up while waiting; not scored" in capsys.readouterr().err
+    assert AlignmentClient(url)(images(2), ["a cat", "an owl"]).shape == (2,) and calls == [2]
+
+
+def test_a_client_that_resets_mid_body_is_one_log_line(in_process, capsys):
+    url = in_process[1]
+    capsys.readouterr()
+    host, port = url.rsplit("/", 1)[1].split(":")
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"images\"")
+    time.sleep(1.0)  # the server has read the headers and waits for the rest of the body
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()  # with linger 0: a reset, as from a killed trainer's machine
+    err = ""
+
+    def logged():
+        nonlocal err
+        err += capsys.readouterr().err
+        return "hung up" in err or "Traceback" in err
+
+    assert wait_for(logged, 5)
+    assert "Traceback" not in err
+    assert 'serve-reward: 127.0.0.1 "POST /score HTTP/1.1": client hung up while sending its body' in err
+    assert http(f"{url}/health")[0] == 200
 
 
 def test_unknown_paths_get_404(server):
@@ -188,6 +345,56 @@ def test_client_retries_5xx_then_succeeds():
         stub.shutdown()
 
 
+def stub_server(replies):
+    """A server on a thread answering each POST with the next of `replies`: (status, body bytes, Content-Length
+    it claims); the body is cut short, and the connection closed, when the claim is longer."""
+    calls = []
+
+    class Stub(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, data, claimed = replies[min(len(calls), len(replies) - 1)]
+            calls.append(1)
+            self.send_response(status)
+            self.send_header("Content-Length", str(claimed))
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    return stub, f"http://127.0.0.1:{stub.server_port}", calls
+
+
+def test_client_retries_a_reply_cut_short():
+    # A server killed (OOM) or restarted halfway through its reply used to end the run with http.client's
+    # IncompleteRead instead of being retried like any other dropped connection.
+    stub, url, calls = stub_server([(200, b'{"rewards": [', 100), (200, b'{"rewards": [0.5]}', 18)])
+    with stub:
+        assert AlignmentClient(url, retries=2, backoff=0.01)(images(1), ["a"]).tolist() == [0.5]
+        assert len(calls) == 2
+        stub.shutdown()
+    stub, url, calls = stub_server([(200, b'{"rewards": [', 100)])
+    with stub:
+        with pytest.raises(RewardError, match=rf"{url} is unreachable after 2 attempts \(IncompleteRead\(13 bytes"):
+            AlignmentClient(url, retries=1, backoff=0.01)(images(1), ["a"])
+        stub.shutdown()
+
+
+def test_client_refuses_rewards_that_are_not_numbers():
+    stub, url, calls = stub_server([(200, b'{"rewards": ["x", null]}', 24)])
+    with stub:
+        with pytest.raises(RewardError, match=rf"server {url} sent .*'x', None.*, expected 2 numbers as rewards"):
+            AlignmentClient(url, retries=3, backoff=0.01)(images(2), ["a", "b"])
+        assert len(calls) == 1
+        stub.shutdown()
+
+
 def test_killed_server_restarted_on_the_same_port_is_retried_until_it_answers(server, models):
     # Runs after the tests above (file order): it replaces the module's server by a restarted one.
     url = server["url"]
@@ -215,3 +422,38 @@ def test_serve_reward_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, me
     assert main(["serve-reward", "--reward", "alignment", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("rlcm-fast: error: ") and message in err[-1]
+
+
+def test_serve_reward_port_in_use_fails_before_the_models_load(monkeypatch, capsys):
+    from rlcm_fast.cli import main
+
+    # Loading a 7B VLM takes minutes (and a GPU's memory); a port in use used to be found only after it.
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer",
+                        lambda *a, **k: pytest.fail("the models were loaded"))
+    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as taken:
+        port = taken.server_port
+        assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", str(port),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"rlcm-fast: error: cannot serve on 127.0.0.1:{port}: Address already in use"
+
+
+def test_serve_reward_interrupted_says_it_stopped_and_frees_the_port(monkeypatch, capsys):
+    from rlcm_fast.cli import main
+
+    ports = []
+
+    def interrupted(scorer, *args, server=None, **kwargs):  # Ctrl-C while serving
+        ports.append(server.server_port if server else args[1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer", lambda *a, **k: object())
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.serve", interrupted)
+    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as probe:
+        port = probe.server_port  # free a moment ago
+    assert main(["serve-reward", "--port", str(port), "--device", "cpu"]) == 130
+    # main's own message for an interrupt is about resuming training from a checkpoint
+    assert capsys.readouterr().err.strip().splitlines() == ["rlcm-fast: serve-reward stopped (interrupted)"]
+    assert ports == [port]
+    with ThreadingHTTPServer(("127.0.0.1", port), BaseHTTPRequestHandler):
+        pass

@@ -1,14 +1,15 @@
 """The trainer's side of the prompt-image alignment reward: a client of `rlcm-fast serve-reward`.
 
 Images go as base64 JPEG (quality 95, Pillow) in JSON batches to POST {url}/score (protocol in
-alignment_server.py). Connection errors, timeouts and 5xx replies are retried with exponential
-backoff; a 4xx reply is a bug in the request and fails at once; when the server stays down the
+alignment_server.py). Connection errors, timeouts, replies cut short and 5xx replies are retried with
+exponential backoff; a 4xx reply is a bug in the request and fails at once; when the server stays down the
 RewardError names the URL.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import time
@@ -56,14 +57,16 @@ class AlignmentClient:
                     raise RewardError(f"reward server {self.url} refused the request ({exc.code}): {message}") from None
                 last = f"HTTP {exc.code}: {message}"
                 continue
-            except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out
-                last = str(getattr(exc, "reason", exc))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                # refused, reset, timed out, or the server died halfway through its reply (IncompleteRead)
+                last = str(getattr(exc, "reason", exc)) or type(exc).__name__
                 continue
             except json.JSONDecodeError:
                 raise RewardError(f"reward server {self.url} sent a reply that is not JSON") from None
             rewards = body.get("rewards") if isinstance(body, dict) else None
-            if not isinstance(rewards, list) or len(rewards) != count:
-                raise RewardError(f"reward server {self.url} sent {body!r:.200}, expected {count} rewards")
+            if not isinstance(rewards, list) or len(rewards) != count \
+                    or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+                raise RewardError(f"reward server {self.url} sent {body!r:.200}, expected {count} numbers as rewards")
             return rewards
         raise RewardError(
             f"reward server {self.url} is unreachable after {self.retries + 1} attempts ({last}); "
@@ -84,5 +87,5 @@ class AlignmentClient:
 def _error_message(error: urllib.error.HTTPError) -> str:
     try:
         return str(json.loads(error.read()).get("error", ""))[:300]
-    except (ValueError, AttributeError, OSError):
+    except (ValueError, AttributeError, OSError, http.client.HTTPException):
         return error.reason or ""

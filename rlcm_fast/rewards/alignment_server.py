@@ -8,7 +8,10 @@ Protocol (JSON over HTTP; nothing is ever unpickled):
     POST /score   {"images": [base64 JPEG, ...], "prompts": [str, ...]}
                -> 200 {"rewards": [float, ...], "answers": [str, ...]}
     GET  /health  -> 200 {"status": "ok", "vlm": ..., "scorer": ..., "layer": ...}
-A malformed request gets 400 {"error": "..."}; a failure while scoring gets 500 {"error": "..."}.
+A malformed request gets 4xx {"error": "..."} (411/413 for a missing or too large Content-Length, 400 for the
+rest); a failure while scoring gets 500 {"error": "..."}. Each request is one line on stderr, with the
+error of a 4xx/5xx (and the traceback of a 500). A request whose client hung up while it waited for the
+models (a trainer that timed out, and will retry) is dropped unscored.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import base64
 import binascii
 import io
 import json
+import select
+import socket
 import sys
 import threading
+import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +43,17 @@ BERTSCORE_LAYERS = {"roberta-large": 17, "bert-base-uncased": 9}
 # LLaVA-1.5's conversation format, for processors that ship no chat template.
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 MAX_REQUEST_BYTES = 256 * 2**20
+# Far above any trainer's images (the VLM resizes to a few hundred pixels), far below what a few concurrent
+# requests can decode without exhausting memory; Pillow's own bomb check stops only at 179M pixels.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class BadRequest(ValueError):
     """A request the server refuses with 400 and this message."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was scored."""
 
 
 class BertScoreRecall:
@@ -57,11 +71,17 @@ class BertScoreRecall:
         if not 0 <= self.layer <= layers:
             raise ValueError(f"scorer layer {self.layer} is invalid for {model_id!r}: allowed 0..{layers}")
         self.device = device
+        # A tokenizer saved without model_max_length would not truncate a long prompt, and the model would fail
+        # on positions past its table; RoBERTa's table starts 2 positions in, hence the margin.
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = self.tokenizer.model_max_length
+        if positions and self.max_length > positions:
+            self.max_length = positions - 2
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
-                               return_special_tokens_mask=True).to(self.device)
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt", return_special_tokens_mask=True).to(self.device)
         special = batch.pop("special_tokens_mask").bool()
         hidden = self.model(**batch, output_hidden_states=True).hidden_states[self.layer]  # [0] = embeddings
         return F.normalize(hidden.float(), dim=-1), batch["attention_mask"].bool() & ~special
@@ -115,8 +135,13 @@ class AlignmentScorer:
         self.bertscore = BertScoreRecall(scorer, layer, device)
         self.lock = threading.Lock()  # one GPU, one batch at a time; requests from several trainers queue here
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> tuple[list[float], list[str]]:
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str],
+              client_gone: Callable[[], bool] | None = None) -> tuple[list[float], list[str]]:
         with self.lock:
+            # Checked once the lock is ours: a request that waited behind other trainers' may have been given
+            # up (and resent); scoring it anyway would only lengthen the queue.
+            if client_gone is not None and client_gone():
+                raise ClientGone
             answers = self.vlm.answers(images)
             rewards = self.bertscore.recall(answers, [REFERENCE.format(prompt=p) for p in prompts])
         return rewards, answers
@@ -128,6 +153,8 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is not JSON this server reads: nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("images"), list) \
             or not isinstance(request.get("prompts"), list):
         raise BadRequest('expected a JSON object {"images": [base64 JPEG, ...], "prompts": [str, ...]}')
@@ -136,13 +163,29 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
         raise BadRequest(f"got {len(images)} images and {len(prompts)} prompts; expected the same number, at least 1")
     if not all(isinstance(p, str) for p in prompts):
         raise BadRequest("every prompt must be a string")
+    for index, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape (\ud800): valid JSON, but no tokenizer takes it
+            raise BadRequest(f"prompts[{index}] is not valid Unicode text (a lone surrogate)") from None
     decoded = []
     for index, item in enumerate(images):
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
-            image.load()
+            # JPEG only, as the protocol says: none of Pillow's other decoders (some of which hand the bytes to
+            # external programs) sees what a client sends.
+            image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)), formats=["JPEG"])
+        except Image.DecompressionBombError:  # Pillow refuses twice its MAX_IMAGE_PIXELS as it reads the header
+            raise BadRequest(f"images[{index}] has over {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+                             f"allowed at most {MAX_IMAGE_PIXELS}") from None
         except (TypeError, ValueError, binascii.Error, OSError):
-            raise BadRequest(f"images[{index}] is not a base64-encoded image") from None
+            raise BadRequest(f"images[{index}] is not a base64-encoded JPEG") from None
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:  # before decoding it
+            raise BadRequest(f"images[{index}] is {width}x{height}; allowed at most {MAX_IMAGE_PIXELS} pixels")
+        try:
+            image.load()
+        except (ValueError, OSError):
+            raise BadRequest(f"images[{index}] is not a base64-encoded JPEG") from None
         decoded.append(image.convert("RGB"))
     return decoded, prompts
 
@@ -150,14 +193,25 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
 def make_handler(scorer: AlignmentScorer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        note = ""  # what the request's log line adds after its status
 
-        def reply(self, status: int, payload: dict) -> None:
+        def reply(self, status: int, payload: dict, body_unread: bool = False) -> None:
+            if "error" in payload:
+                self.note = payload["error"]
+            if body_unread:  # on a kept-alive connection its bytes would be read as the next request
+                self.close_connection = True
             body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up; nothing to tell it
+                self.close_connection = True
+                self.log_message('"%s": client hung up before the %d reply', self.requestline, status)
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             if self.path != "/health":
@@ -167,35 +221,87 @@ def make_handler(scorer: AlignmentScorer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self):  # noqa: N802
             if self.path != "/score":
-                return self.reply(404, {"error": f"no such path {self.path!r}; use POST /score"})
+                return self.reply(404, {"error": f"no such path {self.path!r}; use POST /score"}, body_unread=True)
+            header = self.headers.get("Content-Length")
+            if header is None:
+                return self.reply(411, {"error": "a Content-Length header is required"}, body_unread=True)
             try:
-                length = int(self.headers.get("Content-Length", ""))
+                length = int(header)
             except ValueError:
-                return self.reply(411, {"error": "a Content-Length header is required"})
+                length = -1
+            if length < 0:
+                return self.reply(400, {"error": f"Content-Length {header!r} is invalid: expected a number of bytes"},
+                                  body_unread=True)
             if not 0 < length <= MAX_REQUEST_BYTES:
-                return self.reply(413, {"error": f"body of {length} bytes; allowed 1..{MAX_REQUEST_BYTES}"})
-            body = self.rfile.read(length)
+                return self.reply(413 if length else 400,
+                                  {"error": f"body of {length} bytes; allowed 1..{MAX_REQUEST_BYTES}"},
+                                  body_unread=True)
+            try:
+                body = self.rfile.read(length)
+            except OSError:  # reset: a trainer killed, or its machine gone
+                self.close_connection = True
+                return self.log_message('"%s": client hung up while sending its body', self.requestline)
+            if len(body) < length:
+                return self.reply(400, {"error": f"body ended after {len(body)} of {length} bytes"},
+                                  body_unread=True)
+            start = time.monotonic()
             try:
                 images, prompts = decode_request(body)
+                rewards, answers = scorer.score(images, prompts, self.client_gone)
             except BadRequest as exc:
                 return self.reply(400, {"error": str(exc)})
-            try:
-                rewards, answers = scorer.score(images, prompts)
-            except Exception as exc:  # a scoring failure is the server's fault: 500, and the server stays up
+            except ClientGone:
+                self.close_connection = True
+                return self.log_message('"%s": client hung up while waiting; not scored', self.requestline)
+            except Exception as exc:  # the server's fault: 500, the traceback in its log, and it stays up
+                traceback.print_exc(file=sys.stderr)
                 return self.reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+            self.note = f"{len(images)} images in {time.monotonic() - start:.2f} s"
             self.reply(200, {"rewards": rewards, "answers": answers})
 
-        def log_message(self, format, *args):  # one line per request on stderr, without reverse DNS
+        def client_gone(self) -> bool:
+            """Whether the client closed its end: its socket reads as EOF (or fails) without blocking."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+            except ValueError:  # a descriptor past select's FD_SETSIZE: cannot tell, so score it
+                return False
+            except OSError:
+                return True
+
+        def log_request(self, code="-", size="-"):  # one line per request, with what went wrong or how long it took
+            code = getattr(code, "value", code)
+            self.log_message('"%s" %s%s', self.requestline, code, f" {self.note}" if self.note else "")
+            self.note = ""  # the next request on a kept-alive connection has its own
+
+        def log_message(self, format, *args):  # on stderr, without reverse DNS
             sys.stderr.write(f"serve-reward: {self.address_string()} {format % args}\n")
 
     return Handler
 
 
-def serve(scorer: AlignmentScorer, host: str, port: int) -> None:
-    server = ThreadingHTTPServer((host, port), make_handler(scorer))
-    print(f"serve-reward: alignment ({scorer.vlm_id} + BERTScore {scorer.scorer_id} layer "
-          f"{scorer.bertscore.layer}) on http://{host}:{server.server_port}", file=sys.stderr, flush=True)
+def bind(host: str, port: int) -> ThreadingHTTPServer:
+    """A server bound to host:port that does not listen yet: a port in use fails here, before minutes of
+    model loading, and until `serve` listens a client's connection is refused (and retried), not left hanging."""
+    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler, bind_and_activate=False)
     try:
+        server.server_bind()
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+def serve(scorer: AlignmentScorer, host: str = "127.0.0.1", port: int = 0,
+          server: ThreadingHTTPServer | None = None) -> None:
+    """Serve `scorer` on `server` (from `bind`), else on host:port, until interrupted."""
+    server = server or bind(host, port)
+    try:
+        server.RequestHandlerClass = make_handler(scorer)
+        server.server_activate()
+        host, port = server.server_address[:2]
+        print(f"serve-reward: alignment ({scorer.vlm_id} + BERTScore {scorer.scorer_id} layer "
+              f"{scorer.bertscore.layer}) on http://{host}:{port}", file=sys.stderr, flush=True)
         server.serve_forever()
     finally:
         server.server_close()
