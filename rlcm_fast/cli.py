@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="write images from an LCM, optionally with a trained LoRA")
     sample.add_argument("--model", default=None, help="as for train (default: the LoRA's run model, else tiny)")
-    sample.add_argument("--lora", metavar="RUN/checkpoint-N", help="a checkpoint folder of `rlcm-fast train`")
+    sample.add_argument("--lora", metavar="RUN/checkpoint-N",
+                        help="a checkpoint folder of `rlcm-fast train`, or its run folder (the newest intact one)")
     sample.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--horizon", type=int, help="sampling steps (default: the run's, else 4)")
@@ -284,23 +285,51 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {args.output_dir!r} is invalid: it is an existing file, not a folder")
+    # The names are fixed by prompt and index, so an earlier call's images would be replaced without a word.
+    taken = [path for path in _sample_paths(out, args.prompt, args.num_images) if path.exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise UsageError(f"--output-dir {args.output_dir!r} already holds {taken[0].name}{more}, which this call "
+                         "would overwrite; pick another --output-dir or remove them")
+
+
+def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
+    """Where `sample` writes its images: PP-<prompt slug>-II.png, prompt by prompt."""
+    paths = []
+    for p, prompt in enumerate(prompts):
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+        paths += [out / f"{p:02d}-{slug}-{i:02d}.png" for i in range(num_images)]
+    return paths
 
 
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import resolve_checkpoint, saved_config
+    from .checkpoint import CheckpointError, find_resumable, resolve_checkpoint, saved_config
     from .lora import load_policy_lora
-    from .models import load_pipeline
+    from .models import ModelLoadError, load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
     checkpoint = resolve_checkpoint(args.lora, what="--lora") if args.lora else None
+    # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
+    # than sample an older policy without a word.
+    if checkpoint is not None and checkpoint.parent == Path(args.lora):
+        for reason in find_resumable(Path(args.lora))[1]:
+            print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
     run = saved_config(checkpoint) if checkpoint else {}
     method = run.get("method", "rlcm")
-    model = args.model or run.get("model", "tiny" if method == "rlcm" else "tiny-sd")
+    run_model = run.get("model", "tiny" if method == "rlcm" else "tiny-sd")
+    model = args.model or run_model
+    # Named in errors where another --model than the run's cannot take the LoRA.
+    other_model = f" (its {method} run trained model {run_model!r})" if checkpoint and model != run_model else ""
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"), method=method)
+    try:
+        pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"), method=method)
+    except ModelLoadError as exc:
+        if not other_model:
+            raise
+        raise ModelLoadError(f"--model {model!r} cannot take --lora {str(checkpoint)!r}{other_model}: {exc}") from None
     extra = {"eta": run.get("eta", 1.0)} if method == "ddpo" else {}  # DDPO's policy samples DDIM with its eta
     horizon = args.horizon if args.horizon is not None else run.get("horizon", 4)
     # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
@@ -315,7 +344,14 @@ def run_sample(args: argparse.Namespace) -> int:
         name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
         raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
     if checkpoint:
-        load_policy_lora(pipe, checkpoint)
+        try:
+            load_policy_lora(pipe, checkpoint)
+        except ValueError as exc:
+            raise CheckpointError(f"--lora {str(checkpoint)!r} cannot be loaded into model {model!r}{other_model}: "
+                                  f"{exc}") from None
+        if other_model:
+            print(f"rlcm-fast: warning: sampling the LoRA on --model {model!r}, not its run's {run_model!r}",
+                  file=sys.stderr)
     resolution = args.resolution if args.resolution is not None else (
         run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     guidance = args.guidance_scale if args.guidance_scale is not None else run.get("guidance_scale", 8.0)
@@ -325,15 +361,30 @@ def run_sample(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"--output-dir {args.output_dir!r} cannot be created: {exc.strerror or exc}") from None
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    for p, prompt in enumerate(args.prompt):
-        images = pipe(prompt=[prompt] * args.num_images, num_inference_steps=horizon, guidance_scale=guidance,
-                      height=resolution, width=resolution, generator=generator, output_type="pil", **extra).images
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-        for i, image in enumerate(images):
-            path = out / f"{p:02d}-{slug}-{i:02d}.png"
+    paths = iter(_sample_paths(out, args.prompt, args.num_images))
+    for prompt in args.prompt:
+        images = _sample_images(pipe, method, [prompt] * args.num_images, horizon, guidance, resolution, generator,
+                                extra)
+        for image in images:
+            path = next(paths)
             image.save(path)
             print(path)
     return 0
+
+
+def _sample_images(pipe, method: str, prompts: list[str], horizon: int, guidance: float, resolution: int, generator,
+                   extra: dict) -> list:
+    """PIL images from the pipeline's own __call__, or, for an LCM without a guidance embedding (Stable Diffusion
+    with a fused LCM-LoRA, which diffusers' LCM pipeline cannot run), from the sampler its run trained with;
+    both draw the generator in the pipeline's order."""
+    if method == "rlcm" and pipe.unet.config.time_cond_proj_dim is None:
+        from .sampler import LCMSampler
+
+        sampler = LCMSampler(pipe, horizon, guidance, extra["original_inference_steps"], resolution=resolution)
+        images = sampler.sample(pipe.unet, prompts, generator=generator).images
+        return pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))
+    return pipe(prompt=prompts, num_inference_steps=horizon, guidance_scale=guidance, height=resolution,
+                width=resolution, generator=generator, output_type="pil", **extra).images
 
 
 def _error(exc: Exception) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 # diffusers' default adapter name, spelled out so every helper here addresses the same adapter.
@@ -93,16 +95,58 @@ class _NoTextEncoderLoraNotice(logging.Filter):
         return not ("No LoRA keys associated to" in record.getMessage() and "text_encoder" in record.getMessage())
 
 
+class _NoFailedLoadReport(logging.Filter):
+    """diffusers logs a failed adapter load's whole error (a line per tensor) before raising it; load_policy_lora
+    raises it again as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+
+# torch's load_state_dict line for one tensor, e.g. "size mismatch for a.lora_A.default_0.weight: copying a param
+# with shape torch.Size([8, 32]) from checkpoint, the shape in current model is torch.Size([8, 16])."
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?)(?:\.[^.\s]+)?\.weight: copying a param with shape "
+                            r"torch\.Size\((\[.*?\])\) from checkpoint, the shape in current model is "
+                            r"torch\.Size\((\[.*?\])\)")
+
+
 def load_policy_lora(pipe: LatentConsistencyModelPipeline, directory: str | os.PathLike) -> None:
     """`pipe.load_lora_weights(directory)` for a `save_lora` folder, as a user would load it, without
-    diffusers' notice that the file has no text-encoder weights: a policy adapts only the UNet."""
-    notices = logging.getLogger("diffusers.loaders.lora_base")
-    quiet = _NoTextEncoderLoraNotice()
-    notices.addFilter(quiet)
+    diffusers' notice that the file has no text-encoder weights: a policy adapts only the UNet.
+
+    ValueError (one line) where the file does not fit the UNet: a tensor of another shape, or one whose
+    module the UNet lacks (diffusers drops those without a word, leaving part of the policy unapplied)."""
+    path = Path(directory) / LORA_WEIGHT_NAME_SAFE
+    unet_prefix = LatentConsistencyModelPipeline.unet_name + "."
+    saved = None  # the file's UNet keys; unchecked where diffusers finds a file of another name in the folder
+    if path.is_file():
+        with safe_open(path, framework="pt") as handle:
+            saved = {key.removeprefix(unet_prefix) for key in handle.keys() if key.startswith(unet_prefix)}
+    before = set(getattr(pipe.unet, "peft_config", None) or {})
+    filters = ((logging.getLogger("diffusers.loaders.lora_base"), _NoTextEncoderLoraNotice()),
+               (logging.getLogger("diffusers.loaders.peft"), _NoFailedLoadReport()))
+    for logger, quiet in filters:
+        logger.addFilter(quiet)
     try:
         pipe.load_lora_weights(str(directory))
+    except RuntimeError as exc:  # torch's load_state_dict: a line per tensor of another shape
+        mismatches = _SIZE_MISMATCH.findall(str(exc))
+        if not mismatches:
+            raise ValueError(f"{path} does not fit this UNet: {(str(exc).strip().splitlines() or [''])[0]}") from None
+        name, in_file, in_unet = mismatches[0]
+        raise ValueError(f"{path} does not fit this UNet: {len(mismatches)} LoRA tensors have other shapes (e.g. "
+                         f"{name} is {in_file} in the file, {in_unet} in the UNet)") from None
     finally:
-        notices.removeFilter(quiet)
+        for logger, quiet in filters:
+            logger.removeFilter(quiet)
+    if saved is None:
+        return
+    added = sorted(set(getattr(pipe.unet, "peft_config", None) or {}) - before)
+    loaded = set(get_peft_model_state_dict(pipe.unet, adapter_name=added[0])) if added else set()
+    dropped = sorted(saved - loaded)
+    if dropped:
+        raise ValueError(f"{path} does not fit this UNet: {len(dropped)} of its {len(saved)} LoRA tensors have no "
+                         f"module in it (e.g. {dropped[0]})")
 
 
 def load_lora_into(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:

@@ -1,0 +1,210 @@
+"""`rlcm-fast sample` as a user runs it after `rlcm-fast train`: the run's own policy and sampling settings, seeded
+images that no later call overwrites, and a LoRA that does not fit the model refused with one line (tiny models,
+CPU; each trained run is made once per module)."""
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlcm_fast import models
+from rlcm_fast.checkpoint import saved_config
+from rlcm_fast.cli import main
+from rlcm_fast.config import TrainConfig, config_from_saved
+from rlcm_fast.lora import add_policy_lora, load_lora_into, save_lora
+from rlcm_fast.sampler import policy_sampler
+
+# One sampling batch, one update: a run in a few seconds.
+SMALL = ["--device", "cpu", "--set", "epochs=1", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4",
+         "--set", "train_batch_size=4", "--set", "grid_every=0"]
+
+
+def train(run_dir: Path, *extra) -> Path:
+    assert main(["train", "--output-dir", str(run_dir), *SMALL, *extra]) == 0
+    return run_dir / "checkpoint-1"
+
+
+def sample(out: Path, *args) -> int:
+    return main(["sample", "--device", "cpu", "--output-dir", str(out), *args])
+
+
+def pixels(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted(out.glob("*.png"))}
+
+
+def one_line_error(capsys) -> str:
+    """The error line: the only line on stderr but progress bars (splitlines splits them at their carriage returns)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not re.search(r"it/s\]|s/it\]", line)]
+    assert len(lines) == 1 and lines[0].startswith("rlcm-fast: error: "), err
+    return lines[0].removeprefix("rlcm-fast: error: ")
+
+
+def policy_images(checkpoint: Path, prompts: list[str], seed: int, lora: bool = True) -> np.ndarray:
+    """The run's images as its trainer samples them: its sampler and settings, the LoRA loaded the resume's way."""
+    cfg = TrainConfig(**config_from_saved(saved_config(checkpoint), "checkpoint"))
+    pipe = models.load_pipeline(cfg.model, "cpu", torch.float32, lcm_lora=cfg.lcm_lora, method=cfg.method)
+    if lora:
+        add_policy_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        load_lora_into(pipe.unet, checkpoint)
+    images = policy_sampler(pipe, cfg).sample(pipe.unet, prompts, generator=torch.Generator().manual_seed(seed)).images
+    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(int)  # as diffusers writes a PIL image
+
+
+@pytest.fixture(scope="module")
+def lcm_run(tmp_path_factory) -> Path:
+    """An RLCM run on `tiny` with sampling settings that are none of sample's defaults."""
+    return train(tmp_path_factory.mktemp("lcm") / "run", "--seed", "0", "--set", "horizon=3",
+                 "--set", "guidance_scale=4.0", "--set", "resolution=16", "--set", "original_inference_steps=20")
+
+
+@pytest.fixture(scope="module")
+def lcm_lora_run(tmp_path_factory) -> Path:
+    """An RLCM run on a Stable Diffusion folder (tiny-sd's) made an LCM by an LCM-LoRA adapter (`lcm_lora`), as the
+    README's `--model runwayml/stable-diffusion-v1-5 --set lcm_lora=...` example: its UNet has no guidance
+    embedding."""
+    root = tmp_path_factory.mktemp("lcm_lora")
+    pipe = models.load_pipeline("tiny-sd", method="ddpo")
+    torch.manual_seed(0)
+    add_policy_lora(pipe.unet, 4, 4.0, ["to_q", "to_v"])
+    with torch.no_grad():  # a non-zero adapter (a fresh one is the identity)
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    save_lora(pipe.unet, root / "lcm_lora")
+    sd_folder = models._tiny_sd_pipeline_folder()
+    return train(root / "run", "--model", str(sd_folder), "--set", f"lcm_lora={root / 'lcm_lora'}",
+                 "--set", "resolution=32", "--set", "horizon=4", "--set", "gradient_accumulation_steps=1",
+                 "--set", "learning_rate=3e-3")
+
+
+def test_sample_reproduces_the_runs_policy_and_settings(lcm_run, tmp_path):
+    """Horizon, guidance, resolution and original_inference_steps are the run's; the LoRA is applied: the images
+    are the trainer's sampler's with the trained LoRA for the same seed, not the base model's."""
+    assert sample(tmp_path / "a", "--lora", str(lcm_run), "--prompt", "a cat", "--num-images", "2",
+                  "--seed", "3") == 0
+    images = pixels(tmp_path / "a")
+    assert list(images) == ["00-a-cat-00.png", "00-a-cat-01.png"]
+    got = np.stack(list(images.values()))
+    assert got.shape == (2, 16, 16, 3)
+    # diffusers' pipeline and the trainer's sampler compute in another order: a pixel may round the other way.
+    assert np.abs(got - policy_images(lcm_run, ["a cat"] * 2, seed=3)).max() <= 1
+    assert np.abs(got - policy_images(lcm_run, ["a cat"] * 2, seed=3, lora=False)).max() > 10
+    # The same seed again (another folder): the same pixels.
+    assert sample(tmp_path / "b", "--lora", str(lcm_run), "--prompt", "a cat", "--num-images", "2",
+                  "--seed", "3") == 0
+    assert all(np.array_equal(images[name], again) for name, again in pixels(tmp_path / "b").items())
+
+
+def test_sample_refuses_to_overwrite_an_earlier_calls_images(lcm_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sample(out, "--lora", str(lcm_run), "--prompt", "a cat", "--prompt", "a dog", "--num-images", "2") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["00-a-cat-00.png", "00-a-cat-01.png", "01-a-dog-00.png", "01-a-dog-01.png"]
+    capsys.readouterr()
+    # Another seed with the same names: refused before anything is loaded or written.
+    assert sample(out, "--lora", str(lcm_run), "--prompt", "a cat", "--num-images", "3", "--seed", "1") == 2
+    assert one_line_error(capsys) == (f"--output-dir {str(out)!r} already holds 00-a-cat-00.png and 1 more, which "
+                                      "this call would overwrite; pick another --output-dir or remove them")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Names not taken yet are written beside the earlier ones.
+    assert sample(out, "--lora", str(lcm_run), "--prompt", "a bird", "--seed", "1") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "00-a-bird-00.png"])
+
+
+def test_sample_of_an_lcm_lora_run_uses_its_sampler(lcm_lora_run, tmp_path, capsys):
+    """diffusers' LCM pipeline cannot run a UNet without a guidance embedding (a TypeError from inside it); the
+    run's own sampler can, and gives the trainer's images."""
+    out = tmp_path / "out"
+    assert sample(out, "--lora", str(lcm_lora_run), "--prompt", "a cat", "--num-images", "2", "--seed", "5") == 0
+    got = np.stack(list(pixels(out).values()))
+    assert got.shape == (2, 32, 32, 3)
+    assert np.array_equal(got, policy_images(lcm_lora_run, ["a cat"] * 2, seed=5))  # the same sampler: exactly
+    assert np.abs(got - policy_images(lcm_lora_run, ["a cat"] * 2, seed=5, lora=False)).max() > 10
+
+
+def _lcm_folder(path: Path, **unet) -> Path:
+    """A tiny LCM of another architecture, saved as a diffusers folder for --model."""
+    spec = dataclasses.replace(models.TINY, unet={**models.TINY.unet, **unet})
+    models._build_random_pipeline(spec, torch.device("cpu"), torch.float32).save_pretrained(path)
+    return path
+
+
+def test_sample_lora_with_modules_the_model_lacks_is_one_line(lcm_run, tmp_path, capsys):
+    """diffusers drops the LoRA tensors of modules the UNet lacks without a word: part of the policy would be
+    missing from the images."""
+    model = _lcm_folder(tmp_path / "no_attention", down_block_types=("DownBlock2D",) * 2,
+                        up_block_types=("UpBlock2D",) * 2)
+    out = tmp_path / "out"
+    assert sample(out, "--lora", str(lcm_run), "--model", str(model), "--prompt", "cat") == 2
+    assert one_line_error(capsys) == (
+        f"--lora {str(lcm_run)!r} cannot be loaded into model {str(model)!r} (its rlcm run trained model 'tiny'): "
+        f"{lcm_run / 'pytorch_lora_weights.safetensors'} does not fit this UNet: 60 of its 114 LoRA tensors have "
+        "no module in it (e.g. down_blocks.0.attentions.0.proj_in.lora_A.weight)")
+    assert not list(out.glob("*.png"))
+
+
+def test_sample_lora_of_other_shapes_is_one_line(lcm_run, tmp_path, capsys):
+    model = _lcm_folder(tmp_path / "narrower", block_out_channels=(16, 32))
+    out = tmp_path / "out"
+    assert sample(out, "--lora", str(lcm_run), "--model", str(model), "--prompt", "cat") == 2
+    assert one_line_error(capsys) == (
+        f"--lora {str(lcm_run)!r} cannot be loaded into model {str(model)!r} (its rlcm run trained model 'tiny'): "
+        f"{lcm_run / 'pytorch_lora_weights.safetensors'} does not fit this UNet: 105 LoRA tensors have other shapes "
+        "(e.g. down_blocks.0.attentions.0.proj_in.lora_A is [8, 32, 1, 1] in the file, [8, 16, 1, 1] in the UNet)")
+    assert not list(out.glob("*.png"))
+
+
+def test_sample_lora_on_another_copy_of_its_model_warns_and_samples(lcm_run, tmp_path, capsys):
+    """--model may name the run's model another way (a local copy of a hub model): it samples the same images, and
+    says that the model is not the run's."""
+    copy = models._tiny_pipeline_folder()
+    assert sample(tmp_path / "copy", "--lora", str(lcm_run), "--model", str(copy), "--prompt", "cat") == 0
+    assert capsys.readouterr().err.count(f"rlcm-fast: warning: sampling the LoRA on --model {str(copy)!r}, not its "
+                                         "run's 'tiny'") == 1
+    assert sample(tmp_path / "run", "--lora", str(lcm_run), "--prompt", "cat") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert pixels(tmp_path / "copy")["00-cat-00.png"].tolist() == pixels(tmp_path / "run")["00-cat-00.png"].tolist()
+
+
+def test_sample_model_of_the_other_kind_names_the_loras_run(lcm_run, tmp_path, capsys):
+    assert sample(tmp_path / "out", "--lora", str(lcm_run), "--model", "tiny-sd", "--prompt", "cat") == 2
+    assert one_line_error(capsys).startswith(
+        f"--model 'tiny-sd' cannot take --lora {str(lcm_run)!r} (its rlcm run trained model 'tiny'): model 'tiny-sd' "
+        "is a Stable Diffusion preset")
+
+
+def test_sample_of_a_ddpo_run_is_its_ddim_policy(tmp_path_factory, tmp_path):
+    """A DDPO run's LoRA samples with its DDIM schedule, eta and classifier-free guidance: the trainer's images."""
+    checkpoint = train(tmp_path_factory.mktemp("ddpo") / "run", "--algo", "ddpo", "--set", "horizon=4")
+    out = tmp_path / "out"
+    assert sample(out, "--lora", str(checkpoint), "--prompt", "a cat", "--num-images", "2", "--seed", "7") == 0
+    got = np.stack(list(pixels(out).values()))
+    assert got.shape == (2, 32, 32, 3)
+    assert np.abs(got - policy_images(checkpoint, ["a cat"] * 2, seed=7)).max() <= 1  # a pixel may round otherwise
+    assert np.abs(got - policy_images(checkpoint, ["a cat"] * 2, seed=7, lora=False)).max() > 10
+
+
+def test_sample_run_folder_says_which_damaged_checkpoints_it_passed_over(lcm_run, tmp_path, capsys):
+    """--lora RUN takes the newest intact checkpoint; an older policy than the one `latest` names is not taken
+    without a word."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(lcm_run, run / "checkpoint-1")
+    shutil.copytree(lcm_run, run / "checkpoint-2")
+    with open(run / "checkpoint-2" / "pytorch_lora_weights.safetensors", "ab") as handle:
+        handle.write(b"xx")  # a write cut short by a kill, or a damaged disk
+    (run / "latest").write_text("checkpoint-2\n")
+    assert sample(tmp_path / "out", "--lora", str(run), "--prompt", "cat") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlcm-fast: warning: ")]
+    size = (lcm_run / "pytorch_lora_weights.safetensors").stat().st_size
+    assert warnings == [f"rlcm-fast: warning: skipping checkpoint {str(run / 'checkpoint-2')!r} is damaged: "
+                        f"pytorch_lora_weights.safetensors has {size + 2} bytes, the manifest says {size}"]
+    assert sample(tmp_path / "first", "--lora", str(run / "checkpoint-1"), "--prompt", "cat") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert pixels(tmp_path / "out")["00-cat-00.png"].tolist() == pixels(tmp_path / "first")["00-cat-00.png"].tolist()
