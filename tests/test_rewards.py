@@ -45,7 +45,7 @@ def test_uint8_conversion_rounds_and_clamps():
 
 def test_custom_reward_by_module_and_function():
     fn = make_reward("numpy:ones_like")
-    assert fn is np.ones_like
+    assert fn.fn is np.ones_like  # called on a copy of the images (test_a_user_reward_that_edits_...)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -99,6 +99,11 @@ def infinite(images, prompts):
 
 def strings(images, prompts):
     return ["high"] * len(prompts)
+
+def scaled_in_place(images, prompts):
+    images *= 255  # a user's conversion to pixel values, on the tensor it was handed
+    prompts.clear()
+    return images.mean(dim=(1, 2, 3))
 """
 
 
@@ -134,6 +139,15 @@ def test_user_reward_gets_images_and_prompts(user_rewards):
     images = natural_looking_images(2)
     out = checked_rewards("b", fn(images, ["x", "y"]), 2)
     np.testing.assert_allclose(out, images.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+
+
+def test_a_user_reward_that_edits_its_images_in_place_changes_nothing_else(user_rewards):
+    images = natural_looking_images(2)
+    kept, prompts = images.clone(), ["a cat", "an owl"]
+    alone = make_reward(f"{user_rewards}:brightness")(images, prompts)
+    total = make_reward(f"{user_rewards}:scaled_in_place,{user_rewards}:brightness")(images, prompts)
+    np.testing.assert_allclose(total, 255 * alone + alone, rtol=1e-5)  # the second term saw the images unchanged
+    assert torch.equal(images, kept) and prompts == ["a cat", "an owl"]  # the caller's (the sample grid's) too
 
 
 @pytest.mark.parametrize("function, message", [

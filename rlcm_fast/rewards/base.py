@@ -67,14 +67,29 @@ def import_user_reward(spec: str) -> RewardFn:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no inspectable signature: checked at the first call
-        return fn
+        return UserReward(fn)
     try:
         signature.bind(None, None)
     except TypeError:
         raise RewardError(
             f"reward {spec!r} has signature {signature}; it must accept two arguments (images, prompts)"
         ) from None
-    return fn
+    return UserReward(fn)
+
+
+class UserReward:
+    """A user's reward function, handed its own copy of the images and prompts: the trainer keeps the same
+    tensor for the sample grid and a weighted sum hands it to every term, so an in-place edit (`images *= 255`)
+    would otherwise change what they see. The copy is one batch of pixels (28 MB at 4 x 768 px)."""
+
+    def __init__(self, fn: RewardFn):
+        self.fn = fn
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]):
+        return self.fn(images.clone(), list(prompts))
+
+    def close(self) -> None:
+        getattr(self.fn, "close", lambda: None)()
 
 
 @dataclass(frozen=True)
