@@ -307,7 +307,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from .checkpoint import CheckpointError, find_resumable, resolve_checkpoint, saved_config
     from .lora import load_policy_lora
-    from .models import ModelLoadError, load_pipeline
+    from .models import ModelLoadError, ignored_guidance, load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
     checkpoint = resolve_checkpoint(args.lora, what="--lora") if args.lora else None
@@ -355,6 +355,8 @@ def run_sample(args: argparse.Namespace) -> int:
     resolution = args.resolution if args.resolution is not None else (
         run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     guidance = args.guidance_scale if args.guidance_scale is not None else run.get("guidance_scale", 8.0)
+    if unused := ignored_guidance(pipe, method, guidance):
+        print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -413,6 +413,15 @@ def latent_shape(pipe: LatentConsistencyModelPipeline, batch: int, resolution: i
     return (batch, pipe.unet.config.in_channels, side, side)
 
 
+def ignored_guidance(pipe, method: str, guidance_scale: float) -> str | None:
+    """Why `guidance_scale` changes nothing for this pipeline, or None. An LCM UNet without a guidance embedding
+    (SD1.5 + LCM-LoRA) gets no guidance input, and the LCM samplers do no classifier-free guidance."""
+    if method == "rlcm" and pipe.unet.config.time_cond_proj_dim is None and guidance_scale != 1.0:
+        return (f"guidance_scale={guidance_scale:g} has no effect: this UNet has no guidance embedding (an "
+                "LCM-LoRA model), so it samples unguided, as at guidance_scale=1")
+    return None
+
+
 def guidance_embedding(
     pipe: LatentConsistencyModelPipeline,
     guidance_scale: float,

@@ -41,7 +41,7 @@ from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, ag
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import load_pipeline, set_channels_last
+from .models import ignored_guidance, load_pipeline, set_channels_last
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid
@@ -133,6 +133,8 @@ class Trainer:
             self.sampler = policy_sampler(self.pipe, cfg)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if (unused := ignored_guidance(self.pipe, cfg.method, cfg.guidance_scale)) and self.is_main:
+            print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
         self.prompt_set = load_prompt_set(cfg.prompts)
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 

@@ -2,7 +2,9 @@
 images that no later call overwrites, and a LoRA that does not fit the model refused with one line (tiny models,
 CPU; each trained run is made once per module)."""
 
+import contextlib
 import dataclasses
+import io
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +24,10 @@ from rlcm_fast.sampler import policy_sampler
 # One sampling batch, one update: a run in a few seconds.
 SMALL = ["--device", "cpu", "--set", "epochs=1", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4",
          "--set", "train_batch_size=4", "--set", "grid_every=0"]
+
+
+UNGUIDED = ("guidance_scale=8 has no effect: this UNet has no guidance embedding (an LCM-LoRA model), so it "
+            "samples unguided, as at guidance_scale=1")
 
 
 def train(run_dir: Path, *extra) -> Path:
@@ -78,9 +84,13 @@ def lcm_lora_run(tmp_path_factory) -> Path:
                 parameter.normal_(0, 0.05)
     save_lora(pipe.unet, root / "lcm_lora")
     sd_folder = models._tiny_sd_pipeline_folder()
-    return train(root / "run", "--model", str(sd_folder), "--set", f"lcm_lora={root / 'lcm_lora'}",
-                 "--set", "resolution=32", "--set", "horizon=4", "--set", "gradient_accumulation_steps=1",
-                 "--set", "learning_rate=3e-3")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        checkpoint = train(root / "run", "--model", str(sd_folder), "--set", f"lcm_lora={root / 'lcm_lora'}",
+                           "--set", "resolution=32", "--set", "horizon=4", "--set", "gradient_accumulation_steps=1",
+                           "--set", "learning_rate=3e-3")
+    # The default guidance_scale 8 is said to do nothing: the UNet has no guidance embedding.
+    assert err.getvalue().count(f"rlcm-fast: warning: {UNGUIDED}") == 1
+    return checkpoint
 
 
 def test_sample_reproduces_the_runs_policy_and_settings(lcm_run, tmp_path):
@@ -122,6 +132,7 @@ def test_sample_of_an_lcm_lora_run_uses_its_sampler(lcm_lora_run, tmp_path, caps
     run's own sampler can, and gives the trainer's images."""
     out = tmp_path / "out"
     assert sample(out, "--lora", str(lcm_lora_run), "--prompt", "a cat", "--num-images", "2", "--seed", "5") == 0
+    assert capsys.readouterr().err.count(f"rlcm-fast: warning: {UNGUIDED}") == 1
     got = np.stack(list(pixels(out).values()))
     assert got.shape == (2, 32, 32, 3)
     assert np.array_equal(got, policy_images(lcm_lora_run, ["a cat"] * 2, seed=5))  # the same sampler: exactly
