@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rlcm_fast.rewards import AlignmentClient, RewardError, make_reward
+from rlcm_fast.rewards import alignment_server
 from rlcm_fast.rewards.alignment_server import REFERENCE, AlignmentScorer, BertScoreRecall, make_handler
 from tiny_reward_models import save_tiny_bert, save_tiny_llava
 
@@ -294,6 +295,22 @@ def test_a_client_that_resets_mid_body_is_one_log_line(in_process, capsys):
     assert "Traceback" not in err
     assert 'serve-reward: 127.0.0.1 "POST /score HTTP/1.1": client hung up while sending its body' in err
     assert http(f"{url}/health")[0] == 200
+
+
+def test_a_client_that_stalls_is_disconnected_after_the_idle_timeout(in_process, monkeypatch):
+    """A trainer whose machine vanished mid-request would otherwise hold one of the server's threads for good."""
+    monkeypatch.setattr(alignment_server, "IDLE_TIMEOUT_S", 0.5)
+    with ThreadingHTTPServer(("127.0.0.1", 0), make_handler(in_process[0])) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        for partial in (b"POST /score HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+                        b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"):  # body never finished
+            with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=10) as connection:
+                connection.sendall(partial)
+                started = time.monotonic()
+                while connection.recv(4096):  # whatever the server says, until it closes the connection
+                    pass
+                assert time.monotonic() - started < 5
+        httpd.shutdown()
 
 
 def test_unknown_paths_get_404(server):

@@ -46,6 +46,9 @@ MAX_REQUEST_BYTES = 256 * 2**20
 # Far above any trainer's images (the VLM resizes to a few hundred pixels), far below what a few concurrent
 # requests can decode without exhausting memory; Pillow's own bomb check stops only at 179M pixels.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# A connection that sends nothing for this long is closed: a stalled client (or one that opened a connection
+# and vanished) would otherwise hold a server thread for good. Scoring time does not count: no socket waits then.
+IDLE_TIMEOUT_S = 120.0
 
 
 class BadRequest(ValueError):
@@ -193,6 +196,7 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
 def make_handler(scorer: AlignmentScorer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = IDLE_TIMEOUT_S  # socketserver sets it on each connection
         note = ""  # what the request's log line adds after its status
 
         def reply(self, status: int, payload: dict, body_unread: bool = False) -> None:
