@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -243,9 +244,10 @@ def find_resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def resolve_checkpoint(path: str | Path, what: str = "resume path") -> Path:
+def resolve_checkpoint(path: str | Path, what: str = "resume path", warn: Callable[[str], None] | None = None) -> Path:
     """A checkpoint folder, or a run folder (the checkpoint `find_resumable` picks); checked intact. `what`
-    names the path in the error (e.g. "--lora")."""
+    names the path in the error (e.g. "--lora"); `warn`, if given, is told why each newer checkpoint of a
+    run folder was passed over."""
     path = Path(path)
     if path.is_dir() and CHECKPOINT_PATTERN.match(path.name):
         verify_checkpoint(path)
@@ -257,6 +259,8 @@ def resolve_checkpoint(path: str | Path, what: str = "resume path") -> Path:
     found, skipped = find_resumable(path)
     if found is None:
         raise CheckpointError(f"run folder {str(path)!r} holds no intact checkpoint ({skipped[0]})")
+    for reason in skipped if warn is not None else ():
+        warn(reason)
     return found
 
 

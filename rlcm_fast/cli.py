@@ -39,6 +39,11 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _warn_skipped(reason: str) -> None:
+    """Why a checkpoint newer than the one taken was passed over."""
+    print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .models import ModelLoadError
@@ -224,7 +229,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         run_dir = Path(args.output_dir)
         resume_from, skipped = find_resumable(run_dir)
         for reason in skipped if _is_main_process() else ():
-            print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
+            _warn_skipped(reason)
         from_args = None
         if args.task or args.model or args.config:
             from_args = resolve_config(args.task, args.model, args.config, overrides)
@@ -233,10 +238,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         else:
             cfg = from_args or resolve_config(None, None, None, overrides)
     elif args.resume:
-        resume_from = resolve_checkpoint(args.resume)
-        if resume_from.parent == Path(args.resume):  # a run folder: say which newer checkpoints were passed over
-            for reason in find_resumable(Path(args.resume))[1] if _is_main_process() else ():
-                print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
+        # A run folder: say which newer checkpoints were passed over.
+        resume_from = resolve_checkpoint(args.resume, warn=_warn_skipped if _is_main_process() else None)
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
         cfg = _resumed_config(resume_from, overrides)
@@ -305,17 +308,14 @@ def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import CheckpointError, find_resumable, resolve_checkpoint, saved_config
+    from .checkpoint import CheckpointError, resolve_checkpoint, saved_config
     from .lora import load_policy_lora
     from .models import ModelLoadError, ignored_guidance, load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
-    checkpoint = resolve_checkpoint(args.lora, what="--lora") if args.lora else None
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
     # than sample an older policy without a word.
-    if checkpoint is not None and checkpoint.parent == Path(args.lora):
-        for reason in find_resumable(Path(args.lora))[1]:
-            print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
+    checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=_warn_skipped) if args.lora else None
     run = saved_config(checkpoint) if checkpoint else {}
     method = run.get("method", "rlcm")
     run_model = run.get("model", "tiny" if method == "rlcm" else "tiny-sd")

@@ -56,7 +56,7 @@ def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_pat
     """A run trained with original_inference_steps=20 samples from 20, not the scheduler's 50."""
     from diffusers import LatentConsistencyModelPipeline
 
-    monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what: tmp_path / "checkpoint-1")
+    monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what, warn: tmp_path / "checkpoint-1")
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"original_inference_steps": 20})
     monkeypatch.setattr(LatentConsistencyModelPipeline, "load_lora_weights", lambda self, path: None)
     assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--horizon", "21"]) == 2
@@ -72,7 +72,7 @@ def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_pat
 
 def test_sample_horizon_above_ddims_train_timesteps_is_one_line(tmp_path, capsys, monkeypatch):
     """A DDPO run's LoRA samples with DDIM: its limit is num_train_timesteps (checked before the LoRA loads)."""
-    monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what: tmp_path / "checkpoint-1")
+    monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what, warn: tmp_path / "checkpoint-1")
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"method": "ddpo", "model": "tiny-sd"})
     out = tmp_path / "out"
     assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(out), "--horizon", "1001"]) == 2
