@@ -14,6 +14,7 @@ from .config import (
     TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, config_from_saved, parse_set_pairs, resolve_config,
     validate,
 )
+from .presets import METHODS
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them.
 FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_targets", "horizon", "train_final_step",
@@ -84,16 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed, 0..2**63-1 (config key `seed`; default 0)")
     train.add_argument("--device", help="auto | cpu | cuda")
 
-    sample = commands.add_parser("sample", help="write images from an LCM, optionally with a trained LoRA")
-    sample.add_argument("--model", default=None, help="as for train (default: the LoRA's run model, else tiny)")
+    sample = commands.add_parser("sample", help="write images from an LCM (with --algo ddpo: a Stable Diffusion "
+                                                "model), optionally with a trained LoRA")
+    sample.add_argument("--model", default=None,
+                        help="as for train (default: the LoRA's run model, else tiny, or tiny-sd with --algo ddpo)")
     sample.add_argument("--lora", metavar="RUN/checkpoint-N",
                         help="a checkpoint folder of `rlcm-fast train`, or its run folder (the newest intact one)")
+    sample.add_argument("--algo", default=None, metavar="rlcm|ddpo",
+                        help="the policy to sample without --lora: rlcm (default; an LCM) or ddpo (a Stable "
+                             "Diffusion model with DDIM, as DDPO samples it); with --lora: the run's")
     sample.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    sample.add_argument("--horizon", type=int, help="sampling steps (default: the run's, else 4)")
+    sample.add_argument("--horizon", type=int,
+                        help="sampling steps (default: the run's, else train's for the model and --algo)")
     sample.add_argument("--guidance-scale", type=float, default=None,
-                        help="guidance scale, >= 1 (default: the run's, else 8.0)")
-    sample.add_argument("--resolution", type=int, help="image size in pixels (default: the run's)")
+                        help="guidance scale, >= 1 (default: the run's, else train's for the model and --algo)")
+    sample.add_argument("--resolution", type=int,
+                        help="image size in pixels (default: the run's, else the model's own)")
     sample.add_argument("--seed", type=int, default=0, help="random seed, 0..2**63-1 (default: 0)")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, CUDA when available)")
     sample.add_argument("--output-dir", default="samples")
@@ -270,6 +278,8 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     """`sample`'s own options, checked before anything is loaded; the model's limits are checked after."""
     import torch
 
+    if args.algo is not None and args.algo not in METHODS:
+        raise UsageError(f"--algo {args.algo!r} is invalid; allowed: {', '.join(METHODS)}")
     if args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images} is invalid: it must be >= 1")
     if args.horizon is not None and args.horizon < 1:
@@ -316,9 +326,16 @@ def run_sample(args: argparse.Namespace) -> int:
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
     # than sample an older policy without a word.
     checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=_warn_skipped) if args.lora else None
-    run = saved_config(checkpoint) if checkpoint else {}
-    method = run.get("method", "rlcm")
-    run_model = run.get("model", "tiny" if method == "rlcm" else "tiny-sd")
+    saved = saved_config(checkpoint) if checkpoint else {}
+    method = saved.get("method", "rlcm") if checkpoint else (args.algo or "rlcm")
+    if checkpoint and args.algo is not None and args.algo != method:
+        raise UsageError(f"--algo {args.algo} does not fit --lora {str(checkpoint)!r}: its run trained with "
+                         f"--algo {method}; leave --algo out to sample as the run did")
+    # The steps and guidance `train` starts from for this model and method (the tiny presets', DDPO's 50 DDIM
+    # steps at CFG 5, ...), which a run's own replace.
+    untrained = resolve_config(model=saved.get("model", args.model), overrides={"method": method})
+    run = {"horizon": untrained.horizon, "guidance_scale": untrained.guidance_scale, **saved}
+    run_model = saved.get("model", untrained.model)
     model = args.model or run_model
     # Named in errors where another --model than the run's cannot take the LoRA.
     other_model = f" (its {method} run trained model {run_model!r})" if checkpoint and model != run_model else ""
@@ -331,7 +348,7 @@ def run_sample(args: argparse.Namespace) -> int:
             raise
         raise ModelLoadError(f"--model {model!r} cannot take --lora {str(checkpoint)!r}{other_model}: {exc}") from None
     extra = {"eta": run.get("eta", 1.0)} if method == "ddpo" else {}  # DDPO's policy samples DDIM with its eta
-    horizon = args.horizon if args.horizon is not None else run.get("horizon", 4)
+    horizon = args.horizon if args.horizon is not None else run["horizon"]
     # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
     # pipeline passes strength 1), DDIM's from num_train_timesteps.
     limit, why = pipe.scheduler.config.num_train_timesteps, "the scheduler's num_train_timesteps"
@@ -340,7 +357,7 @@ def run_sample(args: argparse.Namespace) -> int:
                                                     pipe.scheduler.config.original_inference_steps)
         limit, why = min(limit, extra["original_inference_steps"]), "original_inference_steps"
     if horizon > limit:
-        source = "the run's" if "horizon" in run else "the default"
+        source = "the run's" if checkpoint else "the default"
         name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
         raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
     if checkpoint:
@@ -354,7 +371,7 @@ def run_sample(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     resolution = args.resolution if args.resolution is not None else (
         run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    guidance = args.guidance_scale if args.guidance_scale is not None else run.get("guidance_scale", 8.0)
+    guidance = args.guidance_scale if args.guidance_scale is not None else run["guidance_scale"]
     if unused := ignored_guidance(pipe, method, guidance):
         print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
     out = Path(args.output_dir)

@@ -201,7 +201,7 @@ def load_pipeline(
         return _load_sd_pipeline(model, device, dtype, lcm_lora)
     if model in SD_PRESETS:
         raise ModelLoadError(f"model {model!r} is a Stable Diffusion preset (no LCM guidance embedding): "
-                             f"train it with --algo ddpo, or pick an LCM: {MODEL_CHOICES}")
+                             f"use it with --algo ddpo, or pick an LCM: {MODEL_CHOICES}")
     if model == "tiny":
         pipe = _from_pretrained(model, _tiny_pipeline_folder(), dtype)
     elif model == "sd15-lcm":
@@ -209,7 +209,7 @@ def load_pipeline(
     else:
         pipe = _from_pretrained(model, model, dtype)
     if pipe.unet.config.time_cond_proj_dim is None and lcm_lora is None:
-        raise ModelLoadError(f"model {model!r} is a Stable Diffusion pipeline (no LCM guidance embedding): train it "
+        raise ModelLoadError(f"model {model!r} is a Stable Diffusion pipeline (no LCM guidance embedding): use it "
                              "with --algo ddpo, or make it an LCM with --set lcm_lora=<LCM-LoRA adapter>")
     if not isinstance(pipe.scheduler, LCMScheduler):
         # e.g. a plain SD1.5 folder (PNDM), to be used with the LCM-LoRA adapter.

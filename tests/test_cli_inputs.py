@@ -34,6 +34,7 @@ def one_line_error(capsys) -> str:
                                   "(w = guidance_scale - 1)"),
     (["--guidance-scale", "inf"], "--guidance-scale inf is invalid: it must be a finite number >= 1 "
                                   "(w = guidance_scale - 1)"),
+    (["--algo", "dpo"], "--algo 'dpo' is invalid; allowed: rlcm, ddpo"),
     (["--seed", "-1"], "--seed -1 is invalid: it must be in 0..2**63-1"),
     (["--seed", str(2**64)], f"--seed {2**64} is invalid: it must be in 0..2**63-1"),
 ])

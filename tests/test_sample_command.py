@@ -17,7 +17,7 @@ from PIL import Image
 from rlcm_fast import models
 from rlcm_fast.checkpoint import saved_config
 from rlcm_fast.cli import main
-from rlcm_fast.config import TrainConfig, config_from_saved
+from rlcm_fast.config import TrainConfig, config_from_saved, resolve_config
 from rlcm_fast.lora import add_policy_lora, load_lora_into, save_lora
 from rlcm_fast.sampler import policy_sampler
 
@@ -54,10 +54,15 @@ def one_line_error(capsys) -> str:
 def policy_images(checkpoint: Path, prompts: list[str], seed: int, lora: bool = True) -> np.ndarray:
     """The run's images as its trainer samples them: its sampler and settings, the LoRA loaded the resume's way."""
     cfg = TrainConfig(**config_from_saved(saved_config(checkpoint), "checkpoint"))
+    return trainer_images(cfg, prompts, seed, checkpoint if lora else None)
+
+
+def trainer_images(cfg: TrainConfig, prompts: list[str], seed: int, lora: Path | None = None) -> np.ndarray:
+    """The images the trainer's sampler draws for `cfg`, with the LoRA of checkpoint `lora` if given."""
     pipe = models.load_pipeline(cfg.model, "cpu", torch.float32, lcm_lora=cfg.lcm_lora, method=cfg.method)
     if lora:
         add_policy_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        load_lora_into(pipe.unet, checkpoint)
+        load_lora_into(pipe.unet, lora)
     images = policy_sampler(pipe, cfg).sample(pipe.unet, prompts, generator=torch.Generator().manual_seed(seed)).images
     return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(int)  # as diffusers writes a PIL image
 
@@ -194,6 +199,30 @@ def test_sample_of_a_ddpo_run_is_its_ddim_policy(tmp_path_factory, tmp_path):
     assert got.shape == (2, 32, 32, 3)
     assert np.abs(got - policy_images(checkpoint, ["a cat"] * 2, seed=7)).max() <= 1  # a pixel may round otherwise
     assert np.abs(got - policy_images(checkpoint, ["a cat"] * 2, seed=7, lora=False)).max() > 10
+
+
+@pytest.mark.parametrize("algo, model, horizon, guidance", [(None, "tiny", 4, 8.0), ("ddpo", "tiny-sd", 10, 5.0)])
+def test_sample_without_a_lora_is_an_untrained_runs_policy(tmp_path, algo, model, horizon, guidance):
+    """Without --lora, `sample` draws what `train --algo` would draw first: its default model with train's steps and
+    guidance (DDPO: DDIM with eta 1 and classifier-free guidance), so base-model images are one command away."""
+    cfg = resolve_config(overrides={"method": algo} if algo else {})
+    assert (cfg.model, cfg.horizon, cfg.guidance_scale) == (model, horizon, guidance)  # the presets' values
+    out = tmp_path / "out"
+    assert sample(out, *(["--algo", algo] if algo else []), "--prompt", "a cat", "--num-images", "2", "--seed",
+                  "4") == 0
+    got = np.stack(list(pixels(out).values()))
+    assert got.shape == (2, 32, 32, 3)
+    assert np.abs(got - trainer_images(cfg, ["a cat"] * 2, seed=4)).max() <= 1
+    # Another step count would draw other images: the horizon above is what made these.
+    other = dataclasses.replace(cfg, horizon=horizon // 2)
+    assert np.abs(got - trainer_images(other, ["a cat"] * 2, seed=4)).max() > 10
+
+
+def test_sample_algo_other_than_the_loras_run_is_one_line(lcm_run, tmp_path, capsys):
+    assert sample(tmp_path / "out", "--lora", str(lcm_run), "--algo", "ddpo", "--prompt", "cat") == 2
+    assert one_line_error(capsys) == (f"--algo ddpo does not fit --lora {str(lcm_run)!r}: its run trained with --algo "
+                                      "rlcm; leave --algo out to sample as the run did")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sample_run_folder_says_which_damaged_checkpoints_it_passed_over(lcm_run, tmp_path, capsys):
