@@ -186,6 +186,11 @@ def encoded(fmt="JPEG", size=(40, 40), claimed=None):
      r"images\[0\] has over 178956970 pixels; allowed at most 16777216"),
     (json.dumps({"images": [encoded(claimed=(5000, 4000))], "prompts": ["a"]}).encode(),
      r"images\[0\] is 5000x4000; allowed at most 16777216 pixels"),
+    # Many images that are each allowed: decoded together they would have exhausted memory.
+    (json.dumps({"images": [encoded(size=(8, 8))] * 65, "prompts": ["a"] * 65}).encode(),
+     "got 65 images; allowed at most 64 per request"),
+    (json.dumps({"images": [encoded(claimed=(4096, 4096))] * 5, "prompts": ["a"] * 5}).encode(),
+     "the images have 83886080 pixels in all; allowed at most 67108864 per request"),
     (json.dumps({"images": [encoded(), encoded()], "prompts": ["a", "\ud800"]}).encode(),
      r"prompts\[1\] is not valid Unicode text \(a lone surrogate\)"),
     (json.dumps({"images": [encoded(), encoded("PNG")], "prompts": ["a", "b"]}).encode(),

@@ -46,6 +46,10 @@ MAX_REQUEST_BYTES = 256 * 2**20
 # Far above any trainer's images (the VLM resizes to a few hundred pixels), far below what a few concurrent
 # requests can decode without exhausting memory; Pillow's own bomb check stops only at 179M pixels.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Per request, for the same reason: a 256 MiB body holds thousands of small or flat JPEGs, which would be decoded
+# (tens of GB) and handed to the VLM as one batch. The trainer's client sends 16 images of at most 1024x1024.
+MAX_IMAGES_PER_REQUEST = 64
+MAX_REQUEST_PIXELS = 64 * 2**20  # RGB: 192 MiB decoded; four images of the largest size
 # A connection that sends nothing for this long is closed: a stalled client (or one that opened a connection
 # and vanished) would otherwise hold a server thread for good. Scoring time does not count: no socket waits then.
 IDLE_TIMEOUT_S = 120.0
@@ -164,6 +168,8 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
     images, prompts = request["images"], request["prompts"]
     if len(images) != len(prompts) or not images:
         raise BadRequest(f"got {len(images)} images and {len(prompts)} prompts; expected the same number, at least 1")
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise BadRequest(f"got {len(images)} images; allowed at most {MAX_IMAGES_PER_REQUEST} per request")
     if not all(isinstance(p, str) for p in prompts):
         raise BadRequest("every prompt must be a string")
     for index, prompt in enumerate(prompts):
@@ -171,7 +177,7 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate escape (\ud800): valid JSON, but no tokenizer takes it
             raise BadRequest(f"prompts[{index}] is not valid Unicode text (a lone surrogate)") from None
-    decoded = []
+    opened = []  # headers only: every size is checked before any image is decoded
     for index, item in enumerate(images):
         try:
             # JPEG only, as the protocol says: none of Pillow's other decoders (some of which hand the bytes to
@@ -183,8 +189,14 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
         except (TypeError, ValueError, binascii.Error, OSError):
             raise BadRequest(f"images[{index}] is not a base64-encoded JPEG") from None
         width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:  # before decoding it
+        if width * height > MAX_IMAGE_PIXELS:
             raise BadRequest(f"images[{index}] is {width}x{height}; allowed at most {MAX_IMAGE_PIXELS} pixels")
+        opened.append(image)
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > MAX_REQUEST_PIXELS:
+        raise BadRequest(f"the images have {pixels} pixels in all; allowed at most {MAX_REQUEST_PIXELS} per request")
+    decoded = []
+    for index, image in enumerate(opened):
         try:
             image.load()
         except (ValueError, OSError):
