@@ -121,8 +121,12 @@ class Trainer:
         # wrappers share the weights; each keeps its own graphs (eval without grad, train with grad).
         self.sample_unet, self.train_unet = self.unet, self.ddp_unet
         if cfg.compile_unet:
-            self.sample_unet = torch.compile(self.unet, backend=cfg.compile_backend)
-            self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend)
+            # dynamic=False: sampling calls the UNet with sample_batch_size rows, training with train_batch_size,
+            # and at a second batch size dynamo's default compiles a graph with a symbolic batch dimension.
+            # Static shapes are what inductor specializes its kernels to and CUDA graphs need; a run has a few
+            # batch sizes, each compiled once (tests/test_switches.py).
+            self.sample_unet = torch.compile(self.unet, backend=cfg.compile_backend, dynamic=False)
+            self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend, dynamic=False)
         if cfg.train_cuda_graph and self.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
             self.train_unet = GraphedTrainingUNet(self.unet, self.device)
         # The graphed backward needs the gradients allocated before it runs (train_epoch) and zeroed in place.

@@ -9,6 +9,18 @@ from rlcm_fast.epoch_samples import epoch_generator
 from rlcm_fast.minibatches import flattened_rows, minibatch_plan, per_timestep_rows
 from rlcm_fast.trainer import Trainer
 
+SYMBOLIC_GRAPHS = []  # for each graph compiled by the backend below: its inputs of symbolic size or value
+
+
+@torch._dynamo.register_backend(name="rlcm_test_aot_eager")
+def aot_eager_noting_symbolic_inputs(graph, example_inputs):
+    """aot_eager, noting which of the graph's inputs dynamo made symbolic (a dynamic batch size, say)."""
+    values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
+    SYMBOLIC_GRAPHS.append([v for v in values if isinstance(v, torch.SymInt) or (
+        isinstance(v, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in v.shape))])
+    return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+
 # One update per epoch (4 samples = train_batch_size x gradient_accumulation_steps), so the flattened and
 # the per-timestep plans cover the same (sample, step) rows with the same weights.
 ONE_UPDATE = {"device": "cpu", "batches_per_epoch": 2, "sample_batch_size": 2, "train_batch_size": 2,
@@ -51,8 +63,9 @@ def default_path(tmp_path_factory):
     # The epoch's two sampling batches in one UNet batch of 4: the same draws, decoded and scored batch by batch.
     {"sample_batches_per_call": 2},
     # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
-    # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused).
-    {"compile_unet": True, "compile_backend": "aot_eager"},
+    # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused). With
+    # the sampling batches joined, sampling (4 rows) and training (2) compile the UNet at two batch sizes.
+    {"compile_unet": True, "compile_backend": "rlcm_test_aot_eager", "sample_batches_per_call": 2},
     # The UNet and the VAE in channels-last memory format (the LoRA's convolutions too: tiny puts LoRA on them).
     {"channels_last": True},
     # Ignored on a CPU (cuDNN is CUDA's).
@@ -61,9 +74,12 @@ def default_path(tmp_path_factory):
 def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     base_samples, base, _ = default_path
     torch._dynamo.reset()
+    SYMBOLIC_GRAPHS.clear()
     samples, switched, devices = one_update(tmp_path, "switched", **switch)
     if "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+        # ... each for its own batch size: dynamo's default made the second one's batch dimension symbolic.
+        assert len(SYMBOLIC_GRAPHS) >= 2 and SYMBOLIC_GRAPHS == [[]] * len(SYMBOLIC_GRAPHS)
     assert samples.prompts == base_samples.prompts
     torch.testing.assert_close(samples.states, base_samples.states, atol=1e-5, rtol=0)
     torch.testing.assert_close(samples.log_probs, base_samples.log_probs, atol=1e-5, rtol=0)
