@@ -8,8 +8,8 @@ Protocol (JSON over HTTP; nothing is ever unpickled):
     POST /score   {"images": [base64 JPEG, ...], "prompts": [str, ...]}
                -> 200 {"rewards": [float, ...], "answers": [str, ...]}
     GET  /health  -> 200 {"status": "ok", "vlm": ..., "scorer": ..., "layer": ...}
-A malformed request gets 4xx {"error": "..."} (411/413 for a missing or too large Content-Length, 400 for the
-rest); a failure while scoring gets 500 {"error": "..."}. Each request is one line on stderr, with the
+A malformed request gets 4xx {"error": "..."} (411/413 for a missing or too large Content-Length, 404 for
+another path, 400 for the rest); a failure while scoring gets 500 {"error": "..."}. Each request is one line on stderr, with the
 error of a 4xx/5xx (and the traceback of a 500). A request whose client hung up while it waited for the
 models (a trainer that timed out, and will retry) is dropped unscored.
 """
