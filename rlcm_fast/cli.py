@@ -41,8 +41,8 @@ def _is_main_process() -> bool:
 
 
 def _warn_skipped(reason: str) -> None:
-    """Why a checkpoint newer than the one taken was passed over."""
-    print(f"rlcm-fast: warning: skipping {reason}", file=sys.stderr)
+    """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ...")."""
+    print(f"rlcm-fast: warning: {reason}; taking an older checkpoint", file=sys.stderr)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -238,8 +238,9 @@ def test_sample_run_folder_says_which_damaged_checkpoints_it_passed_over(lcm_run
     assert sample(tmp_path / "out", "--lora", str(run), "--prompt", "cat") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlcm-fast: warning: ")]
     size = (lcm_run / "pytorch_lora_weights.safetensors").stat().st_size
-    assert warnings == [f"rlcm-fast: warning: skipping checkpoint {str(run / 'checkpoint-2')!r} is damaged: "
-                        f"pytorch_lora_weights.safetensors has {size + 2} bytes, the manifest says {size}"]
+    assert warnings == [f"rlcm-fast: warning: checkpoint {str(run / 'checkpoint-2')!r} is damaged: "
+                        f"pytorch_lora_weights.safetensors has {size + 2} bytes, the manifest says {size}; taking "
+                        "an older checkpoint"]
     assert sample(tmp_path / "first", "--lora", str(run / "checkpoint-1"), "--prompt", "cat") == 0
     assert "warning" not in capsys.readouterr().err
     assert pixels(tmp_path / "out")["00-cat-00.png"].tolist() == pixels(tmp_path / "first")["00-cat-00.png"].tolist()
