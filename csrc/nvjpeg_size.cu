@@ -1,5 +1,5 @@
 // rlcm_fast._nvjpeg: JPEG byte counts of uint8 RGB images that stay on the GPU (the jpeg rewards'
-// nvjpeg backend, DESIGN.md section 3.4). Raw device pointer, shape and CUDA stream in; one size per
+// nvjpeg backend, README, "Rewards"). Raw device pointer, shape and CUDA stream in; one size per
 // image out; the compressed bytes never leave the device.
 //
 // libnvjpeg is dlopen-ed at run time from a path the Python side finds (the nvidia-nvjpeg wheel), so the

@@ -1,7 +1,7 @@
 """Training configuration: one typed, validated dataclass, built from the presets (presets.py) and overrides.
 
-Resolution order (later wins): field defaults -> the task's preset (DESIGN.md section 3.3, the paper's
-Table 1) -> the DDPO preset when `method == "ddpo"` -> the tiny-model preset when `model` is "tiny" or
+Resolution order (later wins): field defaults -> the task's preset (the paper's Table 1; README, "Training a
+real model") -> the DDPO preset when `method == "ddpo"` -> the tiny-model preset when `model` is "tiny" or
 "tiny-sd" -> a YAML file -> `--set key=value` pairs.
 Every value is checked when the config is built, so bad input fails before any run state is written.
 """
@@ -41,7 +41,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
     output_dir: str = ""  # set by the CLI: --output-dir, or runs/<task>-<time>
 
-    # Sampling (DESIGN.md section 3.1).
+    # Sampling (README, "The algorithm").
     resolution: int = 768
     horizon: int = 8
     guidance_scale: float = 8.0
@@ -96,7 +96,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
-    # The RL loop (DESIGN.md section 3.2).
+    # The RL loop (README, "The algorithm").
     epochs: int = 100
     batches_per_epoch: int = 10
     num_sample_iters: int = 1

@@ -1,4 +1,4 @@
-"""The DDPO baseline's policy (DESIGN.md section 3.6): DDIM sampling of a Stable Diffusion model as an MDP.
+"""The DDPO baseline's policy: DDIM sampling of a Stable Diffusion model as an MDP (README, "The DDPO baseline").
 
 DDPO (Black et al., 2024) shares everything with RLCM in this package (trainer, clipped loss, stat
 tracker, rewards) except the policy, which lives here behind the same interface as `LCMSampler`:

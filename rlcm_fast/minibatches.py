@@ -16,7 +16,7 @@ def flattened_rows(trained: torch.Tensor, generator: torch.Generator, rows: int,
     """PPO (the fast path): each update takes accumulation x rows shuffled samples, as the reference loop
     does (`per_timestep_rows`, the same samples for the same generator), and shuffles all their (sample,
     trained step) pairs together into accumulation x K minibatches of `rows` pairs. So an update covers
-    every trained step of its samples (DESIGN.md section 3.2), with timesteps mixed within a minibatch."""
+    every trained step of its samples (README, "The algorithm"), with timesteps mixed within a minibatch."""
     n, count = trained.shape
     per_update = rows * accumulation
     order = torch.randperm(n, generator=generator).to(trained.device)

@@ -2,7 +2,7 @@
 model inputs the samplers derive from it. The LoRA policy on its UNet is in lora.py.
 
 `load_pipeline` accepts a hub id or local diffusers folder (real use) and presets that need no
-network (DESIGN.md section 4):
+network (README, "The tiny model"):
 
 - `tiny`: a ~1.5M-parameter LCM (32 px images, 16x16x4 latents) built deterministically in code and
   cached in diffusers format, so it loads through the same `from_pretrained` path as a user's folder.
@@ -13,7 +13,7 @@ network (DESIGN.md section 4):
 - `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
   memory directly on the target device and dtype; the speed benchmarks use it.
 - `tiny-sd`, `sd15`: the same two without the guidance embedding (`time_cond_proj_dim`), i.e. Stable
-  Diffusion pipelines with a DDIM scheduler, for the DDPO baseline (DESIGN.md section 3.6). tiny-sd's
+  Diffusion pipelines with a DDIM scheduler, for the DDPO baseline (README, "The DDPO baseline"). tiny-sd's
   UNet is trained by the same recipe as tiny's and shipped beside it.
 
 An LCM is told from a Stable Diffusion UNet by that guidance embedding; `load_pipeline` refuses a

@@ -14,7 +14,7 @@ ADVANTAGE_ESTIMATORS = ("per_prompt", "group")  # algorithms.py
 
 # The paper's LoRA targets: the attention projections.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# The tiny model's calibration run moved the reward with the convolutions adapted too (DESIGN.md section 4).
+# The tiny model's calibration run moved the reward with the convolutions adapted too (README, "The tiny model").
 TINY_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("conv1", "conv2", "conv_out", "proj_in", "proj_out")
 
 # The paper's Table 1 (per GPU); keys not named keep TrainConfig's defaults.
@@ -32,7 +32,7 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # The tiny random model at CPU scale: calibrated so that `rlcm-fast train` visibly learns in minutes on
-# 2 cores (DESIGN.md section 4: sample prediction, wider LoRA targets, larger lr and clip range).
+# 2 cores (README, "The tiny model": sample prediction, wider LoRA targets, larger lr and clip range).
 TINY_MODEL_PRESET: dict[str, Any] = dict(
     resolution=32, horizon=4, lora_rank=8, lora_alpha=8.0, lora_targets=list(TINY_LORA_TARGETS),
     epochs=30, batches_per_epoch=2, sample_batch_size=16, train_batch_size=16,
@@ -40,7 +40,7 @@ TINY_MODEL_PRESET: dict[str, Any] = dict(
     stat_min_count=8, prompts="simple_animals",
 )
 
-# The DDPO baseline's defaults (DESIGN.md section 3.6; ddpo-pytorch's config/base.py: sample/train batch 1,
+# The DDPO baseline's defaults (README, "The DDPO baseline"; ddpo-pytorch's config/base.py: sample/train batch 1,
 # 2 sampling batches per epoch, LoRA rank 4 on the attention projections, 512 px, 50 DDIM steps, CFG 5).
 DDPO_METHOD_PRESET: dict[str, Any] = dict(
     learning_rate=3e-4, clip_range=1e-4, adv_clip_max=5.0, max_grad_norm=1.0, guidance_scale=5.0, horizon=50,

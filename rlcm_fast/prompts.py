@@ -1,4 +1,4 @@
-"""The prompt sets of the paper's tasks (DESIGN.md section 3.5), shipped as package data."""
+"""The prompt sets of the paper's tasks (README, "Data"), shipped as package data."""
 
 from __future__ import annotations
 

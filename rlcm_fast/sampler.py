@@ -1,4 +1,4 @@
-"""Multi-step consistency sampling as an MDP (DESIGN.md section 3.1), returning the whole trajectory.
+"""Multi-step consistency sampling as an MDP (README, "The algorithm"), returning the whole trajectory.
 
 With the same weights, initial latents and per-step noises (or the same generator), the images equal
 diffusers' `LatentConsistencyModelPipeline` output: the generator is drawn in the pipeline's order

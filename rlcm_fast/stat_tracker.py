@@ -1,4 +1,4 @@
-"""Per-prompt reward normalisation (DDPO's stat tracker, DESIGN.md section 3.2)."""
+"""Per-prompt reward normalisation (DDPO's stat tracker, README, "The algorithm")."""
 
 from __future__ import annotations
 

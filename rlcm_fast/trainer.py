@@ -1,6 +1,6 @@
-"""RLCM training (DESIGN.md section 3.2), top to bottom: sample, score, normalise, clipped policy gradient.
+"""RLCM training (README, "The algorithm"), top to bottom: sample, score, normalise, clipped policy gradient.
 
-The same loop trains the DDPO baseline (`method: ddpo`, DESIGN.md section 3.6): only the policy differs,
+The same loop trains the DDPO baseline (`method: ddpo`, README, "The DDPO baseline"): only the policy differs,
 and it is chosen in one place (sampler.policy_sampler): `LCMSampler` or `DDPOSampler`, same interface.
 
 Runs unchanged on one CPU, one GPU, or several processes under `accelerate launch` / torchrun: each
@@ -117,7 +117,7 @@ class Trainer:
         # an update and freed when the caller's autocast ends. So the wrapper comes off (accelerate's own
         # unwrap; DDP stays): tests/test_cuda_graphs.py shows the stale casts with it.
         self.accelerator.unwrap_model(self.ddp_unet, keep_fp32_wrapper=False)
-        # The UNet as sampling and training call it, compiled with `compile_unet` (DESIGN.md section 5). The two
+        # The UNet as sampling and training call it, compiled with `compile_unet` (README, "Speed"). The two
         # wrappers share the weights; each keeps its own graphs (eval without grad, train with grad).
         self.sample_unet, self.train_unet = self.unet, self.ddp_unet
         if cfg.compile_unet:

@@ -45,7 +45,7 @@ def random_tensors(shape, dtype, count: int, seed: int):
 
 
 def float64_policy_step(model_output, x, scalars, prediction_type, next_state):
-    """DESIGN.md 3.1, row by row in float64 from the raw inputs: (denoised, per-row mean log-prob)."""
+    """One LCM step (README, "The algorithm"), row by row in float64 from the raw inputs: (denoised, per-row mean log-prob)."""
     denoised_rows, logp_rows = [], []
     for row in range(x.shape[0]):
         alpha_t, sigma_t, c_skip, c_out, alpha_next, sigma_next = scalars[row].tolist()

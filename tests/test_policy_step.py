@@ -18,7 +18,7 @@ def mixed_rows(batch, seed=0):
 
 
 def independent_logp(x_next, mean, std):
-    """DESIGN.md 3.1 written out per element in float64, without the package's code."""
+    """The action's log-density (README, "The algorithm"), per element in float64, without the package's code."""
     n = mean[0].numel()
     out = []
     for b in range(mean.shape[0]):

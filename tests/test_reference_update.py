@@ -1,12 +1,13 @@
-"""The trainer's RLCM and DDPO epochs against DESIGN.md section 3, written again here from the text alone.
+"""The trainer's RLCM and DDPO epochs against the algorithm (README, "The algorithm" and "The DDPO baseline"),
+written again here from its statement alone.
 
 The trainer samples an epoch on the tiny model (tiny-sd for DDPO) and trains it for two inner epochs of
 one update each. The reference below then recomputes from the same stored trajectories, with nothing of
 the package but the model it loaded: each action's log-prob in float64 (RLCM: LCMScheduler's schedule, the
-LCM boundary conditions and guidance embedding, section 3.1's Gaussian; DDPO: DDIMScheduler's schedule,
-classifier-free guidance, DDIM's mean and eta-scaled std, section 3.6), the per-prompt advantages (the stat tracker's rule), the clipped loss over
-every (sample, step) pair, the clipped gradient norm and AdamW. Each update's gradient, its logged loss,
-approx_kl and clipfrac, and the final LoRA weights must agree. The sizes make each rule matter: two
+LCM boundary conditions and guidance embedding, the action's Gaussian; DDPO: DDIMScheduler's schedule,
+classifier-free guidance, DDIM's mean and eta-scaled std), the per-prompt advantages (the stat tracker's
+rule), the clipped loss over every (sample, step) pair, the clipped gradient norm and AdamW. Each update's
+gradient, its logged loss, approx_kl and clipfrac, and the final LoRA weights must agree. The sizes make each rule matter: two
 prompts over four samples put one prompt on its own statistics (exactly stat_min_count rewards) and one on
 the batch's, the advantage clip and the ratio clip both cut some rows and not others, and the gradient
 norm is clipped.
@@ -61,7 +62,7 @@ def gaussian_log_prob(next_state, mean, std):
 
 
 def lcm_log_prob(pipe, cfg, unet, prompt, state, next_state, k):
-    """log pi(x_{k+1} | x_k) of section 3.1: LCMScheduler's schedule, the LCM boundary conditions, the
+    """RLCM's log pi(x_{k+1} | x_k): LCMScheduler's schedule, the LCM boundary conditions, the
     guidance embedding w = guidance_scale - 1."""
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(cfg.horizon, original_inference_steps=cfg.original_inference_steps)
@@ -81,7 +82,7 @@ def lcm_log_prob(pipe, cfg, unet, prompt, state, next_state, k):
 
 
 def ddim_log_prob(pipe, cfg, unet, prompt, state, next_state, k):
-    """log pi(x_{k+1} | x_k) of section 3.6: DDIMScheduler's schedule, classifier-free guidance with the empty
+    """DDPO's log pi(x_{k+1} | x_k): DDIMScheduler's schedule, classifier-free guidance with the empty
     prompt, DDIM's mean and std = eta sigma_t (Song et al.'s variance)."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(cfg.horizon)

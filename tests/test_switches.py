@@ -170,7 +170,7 @@ def test_per_timestep_minibatches_hold_one_step_each():
 
 @pytest.mark.parametrize("step_fraction", [1.0, 0.5])
 def test_each_flattened_update_covers_every_trained_step_of_the_same_samples_as_per_timestep(step_fraction):
-    """DESIGN.md section 3.2: an update's minibatches cover all trained steps of its samples. Flattened and
+    """An update's minibatches (README, "The algorithm") cover all trained steps of its samples. Flattened and
     per-timestep plans differ only in how they batch those pairs (the ablation compares like with like)."""
     from rlcm_fast.algorithms import choose_trained_steps
 

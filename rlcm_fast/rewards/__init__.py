@@ -1,4 +1,4 @@
-"""Rewards: a function of (images, prompts) -> one float per image (DESIGN.md section 3.4).
+"""Rewards: a function of (images, prompts) -> one float per image (README, "Rewards").
 
 Images arrive as a float tensor N x 3 x H x W in [0, 1] on the training device. Built-in rewards are
 named in `BUILTIN_REWARDS`; `module:function` names any importable callable with the same signature;

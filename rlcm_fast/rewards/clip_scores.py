@@ -1,4 +1,4 @@
-"""CLIP-based rewards: the LAION aesthetic score, CLIPScore and PickScore (DESIGN.md section 3.4).
+"""CLIP-based rewards: the LAION aesthetic score, CLIPScore and PickScore (README, "Rewards").
 
 Images are preprocessed as tensors on their own device, the way CLIPImageProcessor does it (bicubic
 resize of the shortest side, center crop, mean/std normalisation; compared in tests), so they never

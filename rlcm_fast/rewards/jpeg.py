@@ -1,4 +1,4 @@
-"""JPEG file size as a reward (DESIGN.md section 3.4), through one of four backends.
+"""JPEG file size as a reward (README, "Rewards"), through one of four backends.
 
 All backends take the same N x 3 x H x W float tensor in [0, 1], round it to uint8 as
 (x * 255).round().clamp(0, 255) on the tensor's own device, and return the size in kB (bytes / 1000)
