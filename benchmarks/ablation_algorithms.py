@@ -22,12 +22,30 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, positive_int, results_path, write_result  # noqa: E402
+from common import description, output_folder, positive_int  # noqa: E402
 
-from rlcm_fast.config import resolve_config  # noqa: E402
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per tiny run (default 15, --quick 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kl-beta", type=float, default=0.01)
+    parser.add_argument("--gpu-epochs", type=positive_int, default=1, help="epochs per sd15-lcm timing run (GPU only)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: PPO with and without KL, 1 epoch of 8 samples, no GPU part")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write into DIR instead of benchmarks/results/")
+    return parser, parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+
+from common import environment, results_path, write_result  # noqa: E402
+from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 # Overrides per variant on top of the preset. REBEL trains pairs: 2 images per prompt, and its
@@ -109,28 +127,26 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per tiny run (default 15, --quick 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kl-beta", type=float, default=0.01)
-    parser.add_argument("--gpu-epochs", type=positive_int, default=1, help="epochs per sd15-lcm timing run (GPU only)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: PPO with and without KL, 1 epoch of 8 samples, no GPU part")
-    parser.add_argument("--out-dir", default=None, help="write into DIR instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 15)  # --epochs, when given, also holds with --quick
     # Quick: one sampling batch of 8 per epoch (REBEL: 4 pairs in one minibatch; group PPO: 2 groups of 4).
     quick = {"batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 8} if args.quick else {}
     table = {"ppo": VARIANTS["ppo"]} if args.quick else VARIANTS
+    tiny = {name: {"device": "cpu", "model": "tiny", "epochs": epochs, "seed": args.seed, **quick, **overrides}
+            for name, overrides in variants(args.kl_beta, table).items()}
+    try:  # a bad --kl-beta (say): one line now, not a traceback after the first variant's training
+        for overrides in tiny.values():
+            resolve_config(overrides=overrides)
+    except ConfigError as error:
+        parser.error(str(error))
 
     result = {"benchmark": "ablation_algorithms", **environment(),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": []}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for name, overrides in variants(args.kl_beta, table).items():
+        for name, overrides in tiny.items():
             print(f"tiny: {name}", file=sys.stderr)
-            runs[name] = run_variant({"device": "cpu", "model": "tiny", "epochs": epochs, "seed": args.seed,
-                                      **quick, **overrides}, Path(tmp) / f"tiny-{name}", measure_kl=True)
+            runs[name] = run_variant(overrides, Path(tmp) / f"tiny-{name}", measure_kl=True)
         result["cpu_tiny"] = {"seed": args.seed, "kl_beta": args.kl_beta, "runs": runs}
         if args.quick:
             result["skipped"].append({"part": "rebel and group_ppo variants", "reason": "--quick (smoke run)"})

@@ -29,13 +29,30 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
+from common import description, int_list, output_folder  # noqa: E402
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where available")
+    parser.add_argument("--batches", type=int_list(), default=(8,),
+                        help="sampling batch sizes, comma-separated (default 8)")
+    parser.add_argument("--train-rows", type=int_list(empty=True), default=(2, 7),
+                        help="training rows per UNet call, comma-separated (default 2,7; '' for none)")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/bench_attention.json instead of benchmarks/results/")
+    return parser, parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from common import environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
 from rlcm_fast.attention import CUDNN_FIRST  # noqa: E402
 from rlcm_fast.models import SD15_LCM, TINY  # noqa: E402
 
@@ -148,21 +165,10 @@ def call_totals(rows: list[dict], counts: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", default="8", help="sampling batch sizes, comma-separated (default 8)")
-    parser.add_argument("--train-rows", default="2,7", help="training rows per UNet call (default 2,7)")
-    parser.add_argument("--out-dir", default=None, help="write DIR/bench_attention.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     refuse_missing_cuda(parser, args.device)
-    try:
-        batches = [int(v) for v in args.batches.split(",")]
-        train_rows = [int(v) for v in args.train_rows.split(",")] if args.train_rows else []
-        if min(batches + train_rows) < 1:
-            raise ValueError
-    except ValueError:
-        parser.error(f"--batches {args.batches!r} / --train-rows {args.train_rows!r}: expected positive integers, "
-                     "comma-separated")
+    batches, train_rows = args.batches, args.train_rows
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     model, spec, resolution, dtype = ("sd15-lcm", SD15_LCM, 768, torch.bfloat16) if gpu else ("tiny", TINY, 32,

@@ -39,19 +39,38 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, JpegImagePlugin
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, int_list, write_result  # noqa: E402
-
-from rlcm_fast.faults import one_line  # noqa: E402
-from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
-from rlcm_fast.rewards.jpeg import NVJPEG_COLOURS, nvjpeg_unavailable_reason  # noqa: E402
+from common import description, int_list, output_folder  # noqa: E402
 
 SIZES = (512, 768)
 BATCHES = (8, 32)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    # At least 8 px: the test images' coarse texture is drawn at an eighth of their size.
+    parser.add_argument("--sizes", type=int_list(8), default=SIZES,
+                        help="JPEG image sizes, comma-separated (default 512,768)")
+    parser.add_argument("--batches", type=int_list(), default=BATCHES,
+                        help="JPEG batch sizes, comma-separated (default 8,32)")
+    parser.add_argument("--no-aesthetic", action="store_true", help="skip the aesthetic scorer's rows")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/bench_rewards.json instead of benchmarks/results/")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, JpegImagePlugin  # noqa: E402
+
+from common import environment, write_result  # noqa: E402
+from rlcm_fast.faults import one_line  # noqa: E402
+from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
+from rlcm_fast.rewards.jpeg import NVJPEG_COLOURS, nvjpeg_unavailable_reason  # noqa: E402
 
 
 def natural_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -248,16 +267,7 @@ def aesthetic_rows(device: torch.device, batches: tuple[int, ...], repeats: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    # At least 8 px: the test images' coarse texture is drawn at an eighth of their size.
-    parser.add_argument("--sizes", type=int_list(8), default=SIZES,
-                        help="JPEG image sizes, comma-separated (default 512,768)")
-    parser.add_argument("--batches", type=int_list(), default=BATCHES,
-                        help="JPEG batch sizes, comma-separated (default 8,32)")
-    parser.add_argument("--no-aesthetic", action="store_true", help="skip the aesthetic scorer's rows")
-    parser.add_argument("--out-dir", default=None, help="write DIR/bench_rewards.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     sizes, batches = args.sizes, args.batches
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -34,12 +34,34 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (description, environment, int_list, matmul_rate, positive_int, refuse_missing_cuda,  # noqa: E402
-                    release_memory, write_result)
+from common import description, int_list, output_folder, positive_int  # noqa: E402
 
+# diffusers' LCM pipeline takes H <= its scheduler's original_inference_steps, 50 in both presets
+# (rlcm_fast/models.py); a larger H was diffusers' ValueError after the pipeline had loaded.
+MAX_HORIZON = 50
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where available")
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--horizons", type=int_list(1, "integers", MAX_HORIZON), default=None,
+                        help="comma-separated H values (default: GPU 4,8; CPU 2,4)")
+    parser.add_argument("--batches", type=int_list(), default=None, help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--fast-attention", choices=("sdpa", "cudnn"), default="sdpa",
+                        help="attention_backend of rlcm-fast's rows (default sdpa, the pipeline's)")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/bench_sampler.json instead of benchmarks/results/")
+    return parser, parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+
+from common import environment, matmul_rate, refuse_missing_cuda, release_memory, write_result  # noqa: E402
 from rlcm_fast import FastLCMSampler  # noqa: E402
 from rlcm_fast.attention import check_attention_backend, set_attention_backend  # noqa: E402
 from rlcm_fast.models import load_pipeline  # noqa: E402
@@ -132,16 +154,8 @@ def time_variant(name: str, pipe, unet, horizon: int, batch: int, resolution: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=positive_int, default=10)
-    parser.add_argument("--horizons", type=int_list(), default=None,
-                        help="comma-separated H values (default: GPU 4,8; CPU 2,4)")
-    parser.add_argument("--batches", type=int_list(), default=None, help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--fast-attention", choices=("sdpa", "cudnn"), default="sdpa",
-                        help="attention_backend of rlcm-fast's rows (default sdpa, the pipeline's)")
-    parser.add_argument("--out-dir", default=None, help="write DIR/bench_sampler.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     refuse_missing_cuda(parser, args.device)
     device = torch.device(args.device)
     try:

@@ -29,14 +29,30 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, int_list, write_result  # noqa: E402
+from common import description, int_list, output_folder  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Measured in this order (bf16 first, then fp32), so a run cut short has the claim-relevant rows.
 BATCH_SIZES = (512, 16, 8, 2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--batches", type=int_list(1, "batch sizes"), default=BATCH_SIZES,
+                        help="comma-separated batch sizes, measured in this order (default 512,16,8,2)")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/bench_step.json instead of benchmarks/results/")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+
+from common import environment, write_result  # noqa: E402
+
 LATENT_SHAPE = (4, 96, 96)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PASSES = ("forward_sampling", "forward_training", "forward_backward")
@@ -111,11 +127,7 @@ def graph_time_us(fn, do_bench_cudagraph) -> float | str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--batches", type=int_list(1, "batch sizes"), default=BATCH_SIZES,
-                        help="comma-separated batch sizes, measured in this order (default 512,16,8,2)")
-    parser.add_argument("--out-dir", default=None, help="write DIR/bench_step.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if not torch.cuda.is_available():  # not a success: a caller checking the exit code must not read "measured"
         print("bench_step: no CUDA device here; it times the CUDA kernels only: nothing measured, no results written",
               file=sys.stderr)

@@ -51,81 +51,45 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, matmul_rate, positive_int, release_memory, write_result  # noqa: E402
+from common import description, output_folder, positive_int  # noqa: E402
+from train_rows import COMMON, GPU_ONLY_ROWS, rows  # noqa: E402,F401  (GPU_ONLY_ROWS: bench_train's, for its users)
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewest epochs, smallest batches")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="measured epochs per row (GPU default 2, CPU 1)")
+    parser.add_argument("--curve-epochs", type=positive_int, default=None,
+                        help="epochs of the tiny RLCM/DDPO curves (default 12, --quick 2)")
+    parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
+    parser.add_argument("--ddpo-batches", type=positive_int, default=10, help="GPU: DDPO's sampling batches of 4 "
+                        "per epoch (default 10, RLCM's reward queries; fewer for a shorter run)")
+    parser.add_argument("--warmup-epochs", action="store_true",
+                        help="warm each row up with a whole epoch (default: one sampling call and one update)")
+    parser.add_argument("--no-curves", action="store_true", help="skip the tiny RLCM/DDPO reward curves")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/bench_train.json instead of benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.rows is not None:
+        allowed = list(rows(gpu=True, quick=False))  # every row; those a CPU cannot run are listed as skipped
+        if unknown := sorted(set(args.rows.split(",")) - set(allowed)):
+            parser.error(f"--rows {unknown} unknown; allowed: {', '.join(allowed)}")
+    return args
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.minibatches import minibatch_plan  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
-
-# Each optimisation, off on its own (the config switches of rlcm_fast/config.py).
-OPTIMISATIONS_OFF = {
-    "reference_step": {"policy_step_backend": "reference"},
-    "per_timestep_training": {"train_rows": "per_timestep"},
-    "reward_on_cpu": {"reward_device": "cpu"},
-    "no_reward_overlap": {"reward_overlap": False},
-}
-# The fast path's GPU-only switches (inductor is refused on a CPU; CUDA graphs need CUDA), alone and together.
-GPU_ONLY_ROWS = {
-    "compiled_unet": {"compile_unet": True},
-    "sample_cuda_graph": {"sample_cuda_graph": True},
-    "compiled_and_graphed": {"compile_unet": True, "sample_cuda_graph": True},
-    # No compile warm-up: the eager sampling loop replayed as a graph, and training in calls of 7 rows (below).
-    # On the H200 the eager loop looked host-bound (benchmarks/README.md: about 34 us per ATen op in training, 41 in
-    # sampling), which a graph removes from sampling and wider calls divide in training.
-    "graphed_calls_of_7": {"sample_cuda_graph": True, "train_rows_per_call": 7},
-    # The same with cuDNN's fused attention first (rlcm_fast/attention.py; bench_attention.py times it alone).
-    "graphed_calls_of_7_cudnn": {"sample_cuda_graph": True, "train_rows_per_call": 7, "attention_backend": "cudnn"},
-    # The training calls' UNet forward and backward replayed from CUDA graphs too: the host launches two
-    # graphs per call instead of some 3200 ATen ops; at the paper's 2 rows per call, and at 7.
-    "all_graphed": {"sample_cuda_graph": True, "train_cuda_graph": True},
-    "all_graphed_calls_of_7": {"sample_cuda_graph": True, "train_cuda_graph": True, "train_rows_per_call": 7},
-    # The epoch's 10 sampling batches of 4 in 2 UNet batches of 20 (the same trajectories; decoded and scored
-    # batch by batch), training in calls of 7 rows: eager, and with every call a CUDA graph. On the H200
-    # (6675037, row fast) a sampling batch of 4 took 0.68 s for 69 TFLOP of UNet work: 101 TFLOP/s, 13% of
-    # the measured bf16 matmul rate; a wider batch gives each kernel launch more work. 20, not 40: at 20 a
-    # UNet step is some 43 TFLOP, well above the host's launch time, and training_memory.py traces the loop's
-    # peak at 768 px at 5.8 GiB for 40 trajectories (2.9 at 20), which a CUDA graph's pool keeps for the run.
-    "calls_of_20_and_7": {"sample_batches_per_call": 5, "train_rows_per_call": 7},
-    "all_graphed_calls_of_20_and_7": {"sample_batches_per_call": 5, "sample_cuda_graph": True,
-                                      "train_cuda_graph": True, "train_rows_per_call": 7},
-}
-STRAIGHTFORWARD = {key: value for off in OPTIMISATIONS_OFF.values() for key, value in off.items()}
-
-COMMON = {"grid_every": 0, "checkpoint_every": 10_000, "seed": 0}
-GPU_RLCM = {"device": "cuda", "model": "sd15-lcm", "task": "compressibility", "resolution": 768}
-GPU_DDPO = {"device": "cuda", "model": "sd15", "task": "compressibility", "method": "ddpo", "resolution": 768}
-# CPU: tiny presets, 8 samples per epoch, one update per epoch (--quick: 2 samples, DDPO with 4 steps).
-CPU_RLCM = {"device": "cpu", "model": "tiny", "batches_per_epoch": 1}
-CPU_DDPO = {"device": "cpu", "model": "tiny-sd", "method": "ddpo", "batches_per_epoch": 1}
-
-
-def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
-    if gpu:
-        rlcm = dict(GPU_RLCM)
-        # DDPO's defaults (train batch 1), with RLCM's 10 sampling batches of 4: the same reward queries
-        # (fewer with --ddpo-batches: its per-sample step time is then from a shorter epoch).
-        ddpo = {**GPU_DDPO, "sample_batch_size": 4, "batches_per_epoch": ddpo_batches}
-    else:
-        batch = 2 if quick else 8
-        rlcm = {**CPU_RLCM, "sample_batch_size": batch, "train_batch_size": batch}
-        ddpo = {**CPU_DDPO, "sample_batch_size": batch, "train_batch_size": batch, **({"horizon": 4} if quick else {})}
-    table = {"fast": rlcm}
-    table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
-    if gpu:  # opt-in until checked on a GPU (README, Status): the compiled UNet, the CUDA-graph sampling loop
-        table.update({name: {**rlcm, **switches} for name, switches in GPU_ONLY_ROWS.items()})
-    # The UNet's training batch widened (the same gradients): on a GPU an update's 28 rows (2 samples x 2
-    # accumulation x 7 steps) in 4 UNet calls instead of 14. Not 2 calls of 14: training_memory.py traces
-    # sd15-lcm's training call at 768 px (bf16, LoRA) keeping 1.68 GiB per row for the backward, besides
-    # 1.99 GiB of frozen weights: 14 rows keep 23.5 GiB and cannot fit in 24 GiB; 7 rows keep 11.8.
-    table["training_calls_of_7"] = {**rlcm, "train_rows_per_call": 7}
-    table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
-    table["ddpo"] = ddpo
-    return table
 
 
 def synchronize(device: torch.device) -> None:
@@ -340,20 +304,7 @@ def reward_curves(epochs: int, quick: bool, run_root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fewest epochs, smallest batches")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="measured epochs per row (GPU default 2, CPU 1)")
-    parser.add_argument("--curve-epochs", type=positive_int, default=None,
-                        help="epochs of the tiny RLCM/DDPO curves (default 12, --quick 2)")
-    parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
-    parser.add_argument("--ddpo-batches", type=int, default=10, help="GPU: DDPO's sampling batches of 4 per epoch "
-                        "(default 10, RLCM's reward queries; fewer for a shorter run)")
-    parser.add_argument("--warmup-epochs", action="store_true",
-                        help="warm each row up with a whole epoch (default: one sampling call and one update)")
-    parser.add_argument("--no-curves", action="store_true", help="skip the tiny RLCM/DDPO reward curves")
-    parser.add_argument("--out-dir", default=None, help="write DIR/bench_train.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     epochs = args.epochs or (1 if args.quick or not gpu else 2)
@@ -361,18 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     # (`fast`, every other row's yardstick) would carry them. One call and one update: under a second on `tiny`.
     warmup = 1
     curve_epochs = args.curve_epochs or (2 if args.quick else 12)
-    if args.ddpo_batches < 1:
-        parser.error(f"--ddpo-batches {args.ddpo_batches} is invalid: it must be >= 1")
     table = rows(gpu, args.quick, args.ddpo_batches)
     skipped = []
-    if args.rows:
+    if args.rows is not None:
         wanted = args.rows.split(",")
-        unknown = set(wanted) - set(table) - set(GPU_ONLY_ROWS)
-        if unknown:
-            parser.error(f"--rows {sorted(unknown)} unknown; allowed: {', '.join(dict.fromkeys([*table, *GPU_ONLY_ROWS]))}")
         skipped = [{"row": name, "reason": "CUDA is not available: the row's switches run only on a GPU"}
                    for name in wanted if name not in table]
         table = {name: table[name] for name in wanted if name in table}
+        for row in skipped:  # in the JSON too; said here, or a run of GPU rows on a CPU looks like it measured
+            print(f"bench_train: row {row['row']} skipped: {row['reason']}", file=sys.stderr, flush=True)
     rate = matmul_rate(device)
     result = {
         "benchmark": "bench_train", **environment(), "cuda": torch.version.cuda,

@@ -39,19 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
-
-from rlcm_fast.attention import set_attention_backend  # noqa: E402
-from rlcm_fast.config import resolve_config  # noqa: E402
-from rlcm_fast.cuda_graphs import CapturedCall, GraphedTrainingUNet  # noqa: E402
-from rlcm_fast.faults import one_line  # noqa: E402
-from rlcm_fast.models import set_channels_last  # noqa: E402
-from rlcm_fast.sampler import LCMSampler  # noqa: E402
-from rlcm_fast.trainer import Trainer  # noqa: E402
+from common import description, output_folder, positive_int  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -65,6 +54,48 @@ CALLS = ("training:2", "training:7", "sampling:20", "sampling:4", "decode:4")
 SAMPLING_HORIZON = 2  # per UNet call, the loop's cost does not depend on H; 2 keeps each timed call short
 GPU_CONFIG = {"device": "cuda", "model": "sd15-lcm", "task": "compressibility", "resolution": 768}
 CPU_CONFIG = {"device": "cpu", "model": "tiny"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line with its checks that need no torch; `args.calls` becomes [(kind, batch), ...]."""
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where available")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} "
+                        f"(default: all on a GPU, {', '.join(CPU_VARIANTS)} on a CPU)")
+    parser.add_argument("--calls", default=",".join(CALLS),
+                        help=f"comma-separated kind:batch (default {','.join(CALLS)})")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed calls per row, after two warm-up calls")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/bench_unet.json instead of benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.variants is not None and (unknown := [v for v in args.variants.split(",") if v not in VARIANTS]):
+        parser.error(f"--variants {unknown} unknown; allowed: {', '.join(VARIANTS)}")
+    try:
+        calls = [(kind, int(batch)) for kind, batch in (c.split(":") for c in args.calls.split(","))]
+        if any(kind not in ("training", "sampling", "decode") or batch < 1 for kind, batch in calls):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--calls {args.calls!r} is invalid: expected kind:batch pairs, comma-separated, kind one of "
+                     "training, sampling, decode, batch a positive integer")
+    args.calls = calls
+    return parser, args
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from common import environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
+from rlcm_fast.attention import set_attention_backend  # noqa: E402
+from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.cuda_graphs import CapturedCall, GraphedTrainingUNet  # noqa: E402
+from rlcm_fast.faults import one_line  # noqa: E402
+from rlcm_fast.models import set_channels_last  # noqa: E402
+from rlcm_fast.sampler import LCMSampler  # noqa: E402
+from rlcm_fast.trainer import Trainer  # noqa: E402
 
 
 def apply_variant(trainer: Trainer, switches: dict) -> None:
@@ -151,29 +182,15 @@ def counted_tflop(call) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} "
-                        f"(default: all on a GPU, {', '.join(CPU_VARIANTS)} on a CPU)")
-    parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated kind:batch (default {','.join(CALLS)})")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row, after two warm-up calls")
-    parser.add_argument("--out-dir", default=None, help="write DIR/bench_unet.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     refuse_missing_cuda(parser, args.device)
     gpu = args.device == "cuda"
     variants = args.variants.split(",") if args.variants else list(VARIANTS if gpu else CPU_VARIANTS)
     allowed = list(VARIANTS if gpu else CPU_VARIANTS)
     if unknown := [v for v in variants if v not in allowed]:
         parser.error(f"--variants {unknown} unknown{'' if gpu else ' on a CPU'}; allowed: {', '.join(allowed)}")
-    try:
-        calls = [(kind, int(batch)) for kind, batch in (c.split(":") for c in args.calls.split(","))]
-        if any(kind not in ("training", "sampling", "decode") or batch < 1 for kind, batch in calls):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--calls {args.calls!r} is invalid: expected kind:batch pairs, comma-separated, kind one of "
-                     "training, sampling, decode, batch a positive integer")
-    if args.repeats < 1:
-        parser.error(f"--repeats {args.repeats} is invalid: it must be >= 1")
+    calls = args.calls
     # The trainer's run directory holds nothing this benchmark reports: gone when it ends.
     with tempfile.TemporaryDirectory(prefix="bench_unet-") as run_dir:
         return measure(args, variants, calls, gpu, Path(run_dir))

@@ -13,7 +13,9 @@ after each measured group, so a stage cut short keeps its rows and its claims ar
 check_claims.log (every stage's output, written as it runs), claims.json and claims.md: per claim the
 threshold, the measured value, and pass, fail or not measured. A failed claim is a measured result,
 not an error: the exit code is 0 unless the script itself could not run. Without CUDA every stage is
-skipped (the claims are about GPUs).
+skipped (the claims are about GPUs): claims.md then says at its top that no GPU was there, and the run
+refuses a DIR that holds results recorded on another machine (the committed nvidia-h200/, say), whose
+claims.md and claims.json it would replace with "not measured".
 
 Run it against the installed package (`pip install .`): the stages import rlcm_fast from site-packages,
 with its compiled rlcm_fast._C and rlcm_fast._nvjpeg; claims.json records which were found.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -45,13 +48,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, git_commit  # noqa: E402
+from common import (REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, git_commit,  # noqa: E402
+                    output_folder)
+from train_rows import rows as bench_train_rows  # noqa: E402
 
+# Light imports only: --help, a bad flag and --evaluate-only need no torch (main imports it to run stages).
 from rlcm_fast.config import TrainConfig  # noqa: E402
-from rlcm_fast.rewards import NVJPEG_COLOURS  # noqa: E402
 
 DEFAULT_NVJPEG_COLOUR = TrainConfig.nvjpeg_colour
 HERE = Path(__file__).resolve().parent
@@ -138,13 +141,14 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_stages(names: list[str], budget_s: float, out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> list[dict]:
+def run_stages(names: list[str], budget_s: float, out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS,
+               cuda: bool = True) -> list[dict]:
     commands, log = stage_commands(out_dir, train_rows), out_dir / "check_claims.log"
     deadline = time.monotonic() + budget_s
     statuses = []
     for name in names:
         left = deadline - time.monotonic()
-        if not torch.cuda.is_available():
+        if not cuda:
             statuses.append({"stage": name, "ran": False, "reason": "CUDA is not available"})
             continue
         if left < 30:
@@ -236,7 +240,8 @@ def nvjpeg_size_difference(rewards: dict):
     if not rows:
         return None
     how = f"largest over {sum(r['images'] for r in rows)} images, nvjpeg_colour {DEFAULT_NVJPEG_COLOUR} (default)"
-    for colour in (c for c in NVJPEG_COLOURS if c != DEFAULT_NVJPEG_COLOUR):
+    measured = dict.fromkeys(r.get("nvjpeg_colour", "nvjpeg") for r in rewards.get("nvjpeg_vs_pillow") or [])
+    for colour in (c for c in measured if c != DEFAULT_NVJPEG_COLOUR):  # the other settings the run compared
         if other := nvjpeg_agreement_rows(rewards, colour):
             how += f"; with nvjpeg_colour {colour}: {max(r['max_relative_difference'] for r in other):.4g}"
     return max(r["max_relative_difference"] for r in rows), how
@@ -448,6 +453,10 @@ def markdown(report: dict) -> str:
         again = report["judged_again"]
         lines[4:4] = [f"Judged again from that run's JSON by commit {again['git_commit']}, {again['time_utc']} "
                       "(`check_claims.py --evaluate-only`).", ""]
+    if report.get("cuda_available") is False:  # first, under the title: the rest reads as if it had measured
+        lines[2:2] = ["**No GPU: CUDA was not available on this machine, so no stage ran and every claim below "
+                      "reads \"not measured\".** The claims are about GPUs: run this on one, or judge a GPU run's "
+                      "JSON with `python benchmarks/check_claims.py --evaluate-only --out-dir DIR`.", ""]
     for stage in report["stages"]:
         if stage["ran"]:
             how = "timed out" if stage["timed_out"] else f"exit {stage['returncode']}"
@@ -466,6 +475,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def recorded_elsewhere(out_dir: Path, here: str) -> str | None:
+    """The first result in DIR (claims.json, a benchmark's JSON) not recorded on device `here`, and where it
+    was: "FILE (DEVICE)"; None when every one was measured here."""
+    for path in sorted(out_dir.glob("*.json")):
+        try:
+            device = json.loads(path.read_text()).get("device")
+        except (OSError, ValueError, AttributeError):  # unreadable, or not an object: not known to be ours
+            device = None
+        if device != here:
+            return f"{path.name} ({device or 'no device recorded'})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for all stages together")
@@ -474,38 +496,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rows", default=DEFAULT_TRAIN_ROWS,
                         help=f"bench_train rows of the train stage (default {DEFAULT_TRAIN_ROWS})")
     parser.add_argument("--evaluate-only", action="store_true", help="run nothing; judge the JSON in --out-dir")
-    parser.add_argument("--out-dir", default=None, help=f"default: {RESULTS_DIR}/<device-slug>/")
+    parser.add_argument("--out-dir", type=output_folder, default=None, help=f"default: {RESULTS_DIR}/<device-slug>/")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
-    allowed = list(stage_commands(Path(".")))
-    unknown = [s for s in stages if s not in allowed]
-    if unknown:
+    allowed = list(STAGE_CAP_S)
+    if unknown := [s for s in stages if s not in allowed]:
         parser.error(f"--stages {','.join(unknown)} unknown; allowed: {', '.join(allowed)}")
-    from bench_train import rows as bench_train_rows
-
+    if not stages:  # it ran nothing and wrote a claims.md of "not measured"
+        parser.error(f"--stages {args.stages!r} names no stage; allowed: {', '.join(allowed)}")
     allowed_rows = list(bench_train_rows(gpu=True, quick=False))
-    unknown = [r for r in args.train_rows.split(",") if r not in allowed_rows]
-    if unknown:
-        parser.error(f"--train-rows {','.join(unknown)} unknown; allowed: {', '.join(allowed_rows)}")
-    if args.budget_s <= 0:
+    if unknown := [r for r in args.train_rows.split(",") if r not in allowed_rows]:
+        shown = ",".join(unknown) if all(unknown) else f"{args.train_rows!r} (an empty name)"
+        parser.error(f"--train-rows {shown} unknown; allowed: {', '.join(allowed_rows)}")
+    if not (args.budget_s > 0 and not math.isnan(args.budget_s)):
         parser.error(f"--budget-s {args.budget_s:g} is invalid: it must be > 0")
-    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR / device_slug()
-    if args.evaluate_only and not out_dir.is_dir():  # else a mistyped folder is judged: all "not measured"
-        parser.error(f"--out-dir {out_dir} is not a folder: --evaluate-only judges the JSON already in one")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir or RESULTS_DIR / device_slug()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.evaluate_only:  # judge another run's JSON (copied from a GPU machine, say): keep its run record
+        if not out_dir.is_dir():  # else a mistyped folder is judged: all "not measured"
+            parser.error(f"--out-dir {out_dir} is not a folder: --evaluate-only judges the JSON already in one")
+        for path in sorted(out_dir.glob("*.json")):
+            try:
+                json.loads(path.read_text())
+            except ValueError as error:
+                parser.error(f"{path} is not valid JSON ({error}): --evaluate-only judges benchmarks' JSON")
         report = {**earlier_run_record(out_dir), "judged_again": {"git_commit": git_commit(), "time_utc": now}}
     else:
-        statuses = run_stages(stages, args.budget_s, out_dir, args.train_rows)
+        import torch  # here, not at the top: --help, a bad flag and --evaluate-only need no torch (seconds)
+
+        cuda = torch.cuda.is_available()
+        if not cuda and out_dir.is_dir() and (elsewhere := recorded_elsewhere(out_dir, device_name())):
+            parser.error(f"--out-dir {out_dir} holds results measured on another machine ({elsewhere}); without "
+                         "CUDA no stage runs here, and its claims.md would read \"not measured\": give another "
+                         "--out-dir, or judge those results with --evaluate-only")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        statuses = run_stages(stages, args.budget_s, out_dir, args.train_rows, cuda)
         report = {"device": device_name(), "torch": torch.__version__, "git_commit": git_commit(), "time_utc": now,
-                  "package": installed_package(), "stages": statuses}
+                  "cuda_available": cuda, "package": installed_package(), "stages": statuses}
     report["claims"] = evaluate(out_dir)
     report["attention"] = attention_summary(out_dir)
     report["unet"] = unet_summary(out_dir)
     (out_dir / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "claims.md").write_text(markdown(report))
     print(markdown(report))
+    if report.get("cuda_available") is False and not args.evaluate_only:
+        print("check_claims: no CUDA device here: no stage ran, nothing was measured", file=sys.stderr)
+    print(f"wrote {out_dir / 'claims.md'} and claims.json", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,9 @@
 """What every benchmark records beside its figures: the machine, the versions, the commit, and where
 the JSON goes: benchmarks/results/<name>-<device>.json by default, or <out_dir>/<name>.json when a
-benchmark is given --out-dir (run_all.py uses benchmarks/results/<device>/)."""
+benchmark is given --out-dir (run_all.py uses benchmarks/results/<device>/); and the argparse types every
+script checks its command line with. Light to import: the scripts parse their arguments before torch loads
+(seconds), so that --help and a bad flag answer at once; the functions here that need torch import it.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -32,16 +37,19 @@ def description(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-def int_list(minimum: int = 1, what: str = "integers"):
-    """An argparse type: comma-separated integers, each >= `minimum`; anything else is refused in one line
-    that calls them `what`."""
+def int_list(minimum: int = 1, what: str = "integers", maximum: int | None = None, empty: bool = False):
+    """An argparse type: comma-separated integers, each >= `minimum` (and <= `maximum` when given), or with
+    `empty` an empty string for none; anything else is refused in one line that calls them `what`."""
     def parse(text: str) -> tuple[int, ...]:
+        if empty and not text:
+            return ()
         try:
             values = tuple(int(part) for part in text.split(","))
         except ValueError:
             values = ()
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what} >= {minimum}")
+        if not values or min(values) < minimum or (maximum is not None and max(values) > maximum):
+            allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what} {allowed}")
         return values
     return parse
 
@@ -57,8 +65,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def output_folder(text: str) -> Path:
+    """An argparse type for --out-dir: a folder, or a new one in a folder that exists, where this process may
+    write. Checked before the run: a benchmark writes its JSON after its first measured row, minutes in, and
+    a path that names a file, or a mistyped parent (made silently before), cost the run or hid its results."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    parent = path if path.is_dir() else path.absolute().parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: its parent folder {str(parent)!r} does not exist "
+                                         "(make it first, or give a folder that exists)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: folder {str(parent)!r} is not writable here")
+    return path
+
+
 def refuse_missing_cuda(parser: argparse.ArgumentParser, device: str) -> None:
     """--device cuda on a machine without CUDA: one line, not torch's traceback from deep inside the run."""
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: no CUDA device here (torch {torch.__version__}); use --device cpu")
 
@@ -92,11 +120,16 @@ def cpu_name() -> str:
 
 
 def device_name() -> str:
+    import torch
+
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
 
 
 def environment() -> dict:
-    """The fields every result file starts with."""
+    """The fields every result file starts with (a benchmark that records its own start time replaces
+    `time_utc`, the time these were read)."""
+    import torch
+
     try:
         import triton
 
@@ -111,6 +144,7 @@ def environment() -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "git_commit": git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -128,6 +162,8 @@ def release_memory(device: torch.device) -> None:
     """Free what the last measured row left: collect reference cycles (a FastLCMSampler and its captured
     graph form one), then give PyTorch's cached GPU memory back, so the next row's captures and peak
     memory start from its own allocations."""
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -149,6 +185,8 @@ def matmul_rate(device: torch.device) -> dict:
     """The device's measured dense matmul rate, every benchmark's MFU denominator: bf16 8192^3 products on a
     GPU, the median over 300 ms of back-to-back calls (the clocks the benchmarks themselves run at, not a
     single boosted call), fp32 1024^3 on a CPU, the median of 5 calls."""
+    import torch
+
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     if device.type == "cuda":

@@ -17,14 +17,30 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, positive_int, refuse_missing_cuda, write_result  # noqa: E402
+from common import description, output_folder, positive_int  # noqa: E402
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--backend", default="inductor", help="a torch.compile backend (default inductor)")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rows", type=positive_int, default=12, help="UNet batch")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/compiled_gradients.json instead of benchmarks/results/")
+    return parser, parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+
+from common import environment, refuse_missing_cuda, write_result  # noqa: E402
 from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
 from rlcm_fast.lora import add_policy_lora  # noqa: E402
-from rlcm_fast.models import latent_shape, load_pipeline  # noqa: E402
+from rlcm_fast.models import ModelLoadError, latent_shape, load_pipeline  # noqa: E402
 
 
 def forward_backward(unet, inputs: dict, target: torch.Tensor, params: list[torch.Tensor]):
@@ -36,13 +52,7 @@ def forward_backward(unet, inputs: dict, target: torch.Tensor, params: list[torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--backend", default="inductor", help="a torch.compile backend (default inductor)")
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--rows", type=positive_int, default=12, help="UNet batch")
-    parser.add_argument("--out-dir")
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
     refuse_missing_cuda(parser, args.device)
     # Checked before the model loads: dynamo would only say so at the first compiled call.
     if args.backend not in torch._dynamo.list_backends(exclude_tags=()):
@@ -54,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(model=args.model)  # the model preset's LoRA rank and targets
     except ConfigError as error:
         parser.error(str(error))
-    pipe = load_pipeline(cfg.model, device, torch.float32)
+    try:
+        pipe = load_pipeline(cfg.model, device, torch.float32)
+    except ModelLoadError as error:  # a preset name mistyped, or a folder that holds no model
+        parser.error(str(error))
     torch.manual_seed(0)
     params = add_policy_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     with torch.no_grad():  # LoRA B starts at zero, which would leave every A without a gradient

@@ -32,17 +32,42 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, positive_int, write_result  # noqa: E402
+from common import description, output_folder, positive_int  # noqa: E402
 
+BATCH = 32  # trajectories per sampling round
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--task", default="incompressibility")
+    parser.add_argument("--samples", type=positive_int, default=256,
+                        help=f"trajectories per estimate and per evaluation, a multiple of {BATCH}")
+    parser.add_argument("--eps", type=float, nargs="+", default=[0.001, 0.003], help="sign-step sizes, > 0")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/gradient_direction.json instead of benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.samples % BATCH:
+        parser.error(f"--samples {args.samples} must be a multiple of {BATCH}")
+    # Each size steps both ways (along and against the estimate): a negative one swaps the two, 0 moves nothing.
+    if bad := [eps for eps in args.eps if not eps > 0]:
+        parser.error(f"--eps {' '.join(f'{eps:g}' for eps in bad)} invalid: each sign-step size must be > 0")
+    return parser, args
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import environment, write_result  # noqa: E402
 from rlcm_fast.config import ConfigError, parse_set_pairs, resolve_config  # noqa: E402
+from rlcm_fast.models import ModelLoadError  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 SCOPES = ("all", "actions", "final")
-BATCH = 32  # trajectories per sampling round
 
 
 @contextmanager
@@ -97,17 +122,7 @@ def policy_gradient_estimate(trainer: Trainer, samples) -> list[torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--task", default="incompressibility")
-    parser.add_argument("--samples", type=positive_int, default=256,
-                        help="trajectories per estimate and per evaluation")
-    parser.add_argument("--eps", type=float, nargs="+", default=[0.001, 0.003], help="sign-step sizes")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--out-dir")
-    args = parser.parse_args(argv)
-    if args.samples % BATCH:
-        parser.error(f"--samples {args.samples} must be a multiple of {BATCH}")
-
+    parser, args = parse_args(argv)
     try:  # an unknown task or a bad --set: one line before any model loads
         overrides = {"device": "cpu", "sample_batch_size": BATCH, "batches_per_epoch": args.samples // BATCH,
                      "reward_overlap": False, "grid_every": 0, **parse_set_pairs(args.set)}
@@ -116,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+        try:  # what only the trainer checks (--set device=cuda without CUDA, a model that does not load)
+            trainer = Trainer(cfg, Path(run_dir))
+        except (ConfigError, ModelLoadError) as error:
+            parser.error(str(error))
         estimate = policy_gradient_estimate(trainer, trainer.sample_epoch(0))
         base = [p.detach().clone() for p in trainer.params]
         evaluation_epoch = 1  # other trajectories than the estimate's, the same ones for every evaluation

@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, environment  # noqa: E402
+from common import (REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, environment,  # noqa: E402
+                    output_folder)
 
 HERE = Path(__file__).resolve().parent
 
@@ -276,22 +275,24 @@ def plot(out_dir: Path, train: dict | None) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, fewest epochs")
-    parser.add_argument("--out-dir", default=None,
+    parser.add_argument("--out-dir", type=output_folder, default=None,
                         help=f"default: {RESULTS_DIR}/<device-slug>/ (with --quick: <device-slug>-quick/)")
     args = parser.parse_args(argv)
+    import torch  # after the command line: --help and a bad flag need no torch (seconds to import)
+
     # A smoke run's figures must not replace a full run's (on an H200 the default folder is the committed
     # nvidia-h200/).
-    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR / (device_slug() + ("-quick" if args.quick else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = args.out_dir or RESULTS_DIR / (device_slug() + ("-quick" if args.quick else ""))
+    folder.mkdir(parents=True, exist_ok=True)
     runs, skipped = plan(args.quick, torch.cuda.is_available())
     started = time.time() - 1  # file times are coarser than time.time()
-    statuses = [run_benchmark(name, bench_args, out_dir) for name, bench_args in runs]
-    results = fresh_results(out_dir, statuses, started)
-    (out_dir / "run_all.json").write_text(json.dumps(
+    statuses = [run_benchmark(name, bench_args, folder) for name, bench_args in runs]
+    results = fresh_results(folder, statuses, started)
+    (folder / "run_all.json").write_text(json.dumps(
         {"benchmark": "run_all", **environment(), "quick": args.quick, "runs": statuses, "skipped": skipped},
         indent=2) + "\n")
-    plots = plot(out_dir, results.get("bench_train"))
-    readme = render(out_dir, statuses, list(skipped), args.quick, results, plots)
+    plots = plot(folder, results.get("bench_train"))
+    readme = render(folder, statuses, list(skipped), args.quick, results, plots)
     for path in plots:
         print(f"wrote {path}")
     print(f"wrote {readme}")

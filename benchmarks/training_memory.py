@@ -27,15 +27,33 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, environment, int_list, write_result  # noqa: E402
+from common import description, int_list, output_folder, positive_int  # noqa: E402
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--model", default="sd15-lcm", help="an RLCM model preset or folder (default sd15-lcm)")
+    parser.add_argument("--resolution", type=positive_int, default=768, help="pixels (default 768)")
+    parser.add_argument("--rows", type=int_list(1, "rows per call"), default=(1, 7, 14),
+                        help="comma-separated rows per training call (default 1,7,14)")
+    parser.add_argument("--sampling-batches", type=int_list(1, "trajectories per call"), default=(4, 20, 40),
+                        help="comma-separated trajectories per sampling call (default 4,20,40; the decode: the smallest)")
+    parser.add_argument("--out-dir", type=output_folder, default=None,
+                        help="write DIR/training_memory.json instead of benchmarks/results/")
+    return parser, parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
+    parse_args()
+
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from common import environment, write_result  # noqa: E402
 from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
 from rlcm_fast.models import ModelLoadError, latent_shape  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
@@ -108,15 +126,7 @@ def decode_peak_bytes(trainer: Trainer, batch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
-    parser.add_argument("--model", default="sd15-lcm", help="an RLCM model preset or folder (default sd15-lcm)")
-    parser.add_argument("--resolution", type=int, default=768)
-    parser.add_argument("--rows", type=int_list(1, "rows per call"), default=(1, 7, 14),
-                        help="comma-separated rows per training call (default 1,7,14)")
-    parser.add_argument("--sampling-batches", type=int_list(1, "trajectories per call"), default=(4, 20, 40),
-                        help="comma-separated trajectories per sampling call (default 4,20,40; the decode: the smallest)")
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
     rows, sampling_batches = args.rows, args.sampling_batches
     try:
         # The fused C++ step reads raw pointers, which fake tensors do not have: the plain-PyTorch step.

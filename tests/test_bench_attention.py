@@ -60,7 +60,8 @@ def test_bad_sizes_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_attention.main(["--batches", "8,x"])
     assert exit_info.value.code == 2
-    assert "expected positive integers, comma-separated" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --batches: '8,x' is not a comma-separated list of integers >= 1" in (
+        capsys.readouterr().err.strip().splitlines()[-1])
 
 
 def test_bench_sampler_runs_only_rlcm_fasts_rows_on_the_chosen_attention(monkeypatch):
@@ -103,7 +104,8 @@ def test_cuda_asked_for_without_cuda_is_refused_in_one_line(module_name, tmp_pat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--horizons", "0"], "argument --horizons: '0' is not a comma-separated list of integers >= 1"),
+    (["--horizons", "0"], "argument --horizons: '0' is not a comma-separated list of integers from 1 to 50"),
+    (["--horizons", "4,60"], "argument --horizons: '4,60' is not a comma-separated list of integers from 1 to 50"),
     (["--batches", "1,x"], "argument --batches: '1,x' is not a comma-separated list of integers >= 1"),
     (["--repeats", "0"], "argument --repeats: '0' is not an integer >= 1"),
 ])

@@ -56,7 +56,7 @@ def test_cpu_run_writes_a_row_per_call_and_variant(tmp_path):
     (["--variants", "cudnn_attention"], "--variants ['cudnn_attention'] unknown on a CPU; allowed: default, channels_last"),
     (["--calls", "training:0"], "--calls 'training:0' is invalid"),
     (["--calls", "inference:2"], "--calls 'inference:2' is invalid"),
-    (["--repeats", "0"], "--repeats 0 is invalid: it must be >= 1"),
+    (["--repeats", "0"], "argument --repeats: '0' is not an integer >= 1"),
 ])
 def test_bad_arguments_are_refused_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
