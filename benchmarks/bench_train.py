@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import description, output_folder, positive_int  # noqa: E402
-from train_rows import COMMON, GPU_ONLY_ROWS, rows  # noqa: E402,F401  (GPU_ONLY_ROWS: bench_train's, for its users)
+from train_rows import COMMON, rows  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

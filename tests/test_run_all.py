@@ -129,7 +129,7 @@ def test_every_gpu_row_of_bench_train_is_a_valid_config():
     """The GPU rows run only on a lent GPU, with minutes to spare: a switch misspelt or a join that does not
     divide the epoch must fail here, not there."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_train import COMMON, GPU_ONLY_ROWS, rows
+    from train_rows import COMMON, GPU_ONLY_ROWS, rows
 
     from rlcm_fast.config import resolve_config
 
