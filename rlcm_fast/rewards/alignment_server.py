@@ -9,9 +9,9 @@ Protocol (JSON over HTTP; nothing is ever unpickled):
                -> 200 {"rewards": [float, ...], "answers": [str, ...]}
     GET  /health  -> 200 {"status": "ok", "vlm": ..., "scorer": ..., "layer": ...}
 A malformed request gets 4xx {"error": "..."} (411/413 for a missing or too large Content-Length, 404 for
-another path, 400 for the rest); a failure while scoring gets 500 {"error": "..."}. Each request is one line on stderr, with the
-error of a 4xx/5xx (and the traceback of a 500). A request whose client hung up while it waited for the
-models (a trainer that timed out, and will retry) is dropped unscored.
+another path, 400 for the rest); a failure while scoring gets 500 {"error": "..."}. Each request is one
+line on stderr, with the error of a 4xx/5xx (and the traceback of a 500). A request whose client hung up
+while it waited for the models (a trainer that timed out, and will retry) is dropped unscored.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ MAX_REQUEST_BYTES = 256 * 2**20
 # requests can decode without exhausting memory; Pillow's own bomb check stops only at 179M pixels.
 MAX_IMAGE_PIXELS = 4096 * 4096
 # Per request, for the same reason: a 256 MiB body holds thousands of small or flat JPEGs, which would be decoded
-# (tens of GB) and handed to the VLM as one batch. The trainer's client sends 16 images of at most 1024x1024.
+# (766 flat 4096x4096 ones: 38.6 GB) and handed to the VLM as one batch. The trainer's client sends 16 images
+# per request: at 768 px, 9 Mi pixels; at 2048 px, the limit.
 MAX_IMAGES_PER_REQUEST = 64
 MAX_REQUEST_PIXELS = 64 * 2**20  # RGB: 192 MiB decoded; four images of the largest size
 # A connection that sends nothing for this long is closed: a stalled client (or one that opened a connection
