@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, output_folder, positive_int  # noqa: E402
+from common import description, name_list, output_folder, positive_int  # noqa: E402
 from train_rows import COMMON, rows  # noqa: E402
 
 
@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measured epochs per row (GPU default 2, CPU 1)")
     parser.add_argument("--curve-epochs", type=positive_int, default=None,
                         help="epochs of the tiny RLCM/DDPO curves (default 12, --quick 2)")
-    parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
+    # Every row; those a CPU cannot run are listed as skipped.
+    parser.add_argument("--rows", type=name_list(rows(gpu=True, quick=False), "rows"), default=None,
+                        help="comma-separated subset of the rows (default: all)")
     parser.add_argument("--ddpo-batches", type=positive_int, default=10, help="GPU: DDPO's sampling batches of 4 "
                         "per epoch (default 10, RLCM's reward queries; fewer for a shorter run)")
     parser.add_argument("--warmup-epochs", action="store_true",
@@ -71,12 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-curves", action="store_true", help="skip the tiny RLCM/DDPO reward curves")
     parser.add_argument("--out-dir", type=output_folder, default=None,
                         help="write DIR/bench_train.json instead of benchmarks/results/")
-    args = parser.parse_args(argv)
-    if args.rows is not None:
-        allowed = list(rows(gpu=True, quick=False))  # every row; those a CPU cannot run are listed as skipped
-        if unknown := sorted(set(args.rows.split(",")) - set(allowed)):
-            parser.error(f"--rows {unknown} unknown; allowed: {', '.join(allowed)}")
-    return args
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
@@ -315,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     table = rows(gpu, args.quick, args.ddpo_batches)
     skipped = []
     if args.rows is not None:
-        wanted = args.rows.split(",")
+        wanted = args.rows
         skipped = [{"row": name, "reason": "CUDA is not available: the row's switches run only on a GPU"}
                    for name in wanted if name not in table]
         table = {name: table[name] for name in wanted if name in table}

@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, output_folder, positive_int  # noqa: E402
+from common import description, name_list, output_folder, positive_int  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     """The command line with its checks that need no torch; `args.calls` becomes [(kind, batch), ...]."""
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where available")
-    parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} "
+    parser.add_argument("--variants", type=name_list(VARIANTS, "variants"), default=None, help=f"comma-separated, of {', '.join(VARIANTS)} "
                         f"(default: all on a GPU, {', '.join(CPU_VARIANTS)} on a CPU)")
     parser.add_argument("--calls", default=",".join(CALLS),
                         help=f"comma-separated kind:batch (default {','.join(CALLS)})")
@@ -69,8 +69,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--out-dir", type=output_folder, default=None,
                         help="write DIR/bench_unet.json instead of benchmarks/results/")
     args = parser.parse_args(argv)
-    if args.variants is not None and (unknown := [v for v in args.variants.split(",") if v not in VARIANTS]):
-        parser.error(f"--variants {unknown} unknown; allowed: {', '.join(VARIANTS)}")
     try:
         calls = [(kind, int(batch)) for kind, batch in (c.split(":") for c in args.calls.split(","))]
         if any(kind not in ("training", "sampling", "decode") or batch < 1 for kind, batch in calls):
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     refuse_missing_cuda(parser, args.device)
     gpu = args.device == "cuda"
-    variants = args.variants.split(",") if args.variants else list(VARIANTS if gpu else CPU_VARIANTS)
+    variants = args.variants or list(VARIANTS if gpu else CPU_VARIANTS)
     allowed = list(VARIANTS if gpu else CPU_VARIANTS)
     if unknown := [v for v in variants if v not in allowed]:
         parser.error(f"--variants {unknown} unknown{'' if gpu else ' on a CPU'}; allowed: {', '.join(allowed)}")

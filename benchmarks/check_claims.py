@@ -50,7 +50,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO_ROOT, RESULTS_DIR, description, device_name, device_slug, git_commit,  # noqa: E402
-                    output_folder)
+                    name_list, output_folder)
 from train_rows import rows as bench_train_rows  # noqa: E402
 
 # Light imports only: --help, a bad flag and --evaluate-only need no torch (main imports it to run stages).
@@ -491,23 +491,14 @@ def recorded_elsewhere(out_dir: Path, here: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for all stages together")
-    parser.add_argument("--stages", default=DEFAULT_STAGES,
+    parser.add_argument("--stages", type=name_list(STAGE_CAP_S, "stages"), default=DEFAULT_STAGES,
                         help=f"comma-separated, run in order (default {DEFAULT_STAGES})")
-    parser.add_argument("--train-rows", default=DEFAULT_TRAIN_ROWS,
+    parser.add_argument("--train-rows", type=name_list(bench_train_rows(gpu=True, quick=False), "bench_train rows"),
+                        default=DEFAULT_TRAIN_ROWS,
                         help=f"bench_train rows of the train stage (default {DEFAULT_TRAIN_ROWS})")
     parser.add_argument("--evaluate-only", action="store_true", help="run nothing; judge the JSON in --out-dir")
     parser.add_argument("--out-dir", type=output_folder, default=None, help=f"default: {RESULTS_DIR}/<device-slug>/")
     args = parser.parse_args(argv)
-    stages = [s for s in args.stages.split(",") if s]
-    allowed = list(STAGE_CAP_S)
-    if unknown := [s for s in stages if s not in allowed]:
-        parser.error(f"--stages {','.join(unknown)} unknown; allowed: {', '.join(allowed)}")
-    if not stages:  # it ran nothing and wrote a claims.md of "not measured"
-        parser.error(f"--stages {args.stages!r} names no stage; allowed: {', '.join(allowed)}")
-    allowed_rows = list(bench_train_rows(gpu=True, quick=False))
-    if unknown := [r for r in args.train_rows.split(",") if r not in allowed_rows]:
-        shown = ",".join(unknown) if all(unknown) else f"{args.train_rows!r} (an empty name)"
-        parser.error(f"--train-rows {shown} unknown; allowed: {', '.join(allowed_rows)}")
     if not (args.budget_s > 0 and not math.isnan(args.budget_s)):
         parser.error(f"--budget-s {args.budget_s:g} is invalid: it must be > 0")
     out_dir = args.out_dir or RESULTS_DIR / device_slug()
@@ -530,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                          "CUDA no stage runs here, and its claims.md would read \"not measured\": give another "
                          "--out-dir, or judge those results with --evaluate-only")
         out_dir.mkdir(parents=True, exist_ok=True)
-        statuses = run_stages(stages, args.budget_s, out_dir, args.train_rows, cuda)
+        statuses = run_stages(args.stages, args.budget_s, out_dir, ",".join(args.train_rows), cuda)
         report = {"device": device_name(), "torch": torch.__version__, "git_commit": git_commit(), "time_utc": now,
                   "cuda_available": cuda, "package": installed_package(), "stages": statuses}
     report["claims"] = evaluate(out_dir)

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,8 +51,30 @@ def int_list(minimum: int = 1, what: str = "integers", maximum: int | None = Non
         if not values or min(values) < minimum or (maximum is not None and max(values) > maximum):
             allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what} {allowed}")
+        refuse_repeats(text, values)
         return values
     return parse
+
+
+def name_list(allowed, what: str):
+    """An argparse type: comma-separated names, each one of `allowed` (called `what` in the error), at least one,
+    none repeated; anything else is refused in one line that lists the allowed names."""
+    allowed = list(allowed)
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        if unknown := [name for name in names if name not in allowed]:
+            shown = ", ".join(name or "'' (an empty name)" for name in dict.fromkeys(unknown))
+            raise argparse.ArgumentTypeError(f"{text!r}: unknown {what}: {shown}; allowed: {', '.join(allowed)}")
+        refuse_repeats(text, names)
+        return names
+    return parse
+
+
+def refuse_repeats(text: str, values) -> None:
+    """A value given twice would be measured twice, its rows or stage run again: refused."""
+    if repeated := [str(value) for value, count in Counter(values).items() if count > 1]:
+        raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}: name each once")
 
 
 def positive_int(text: str) -> int:

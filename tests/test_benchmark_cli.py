@@ -53,15 +53,19 @@ def test_help_answers_without_importing_torch(script):
 
 # A bad flag that needs no torch to be found bad is refused before torch loads.
 @pytest.mark.parametrize("script, argv, message", [
-    ("bench_train", ["--rows", ""], "--rows [''] unknown; allowed: fast, "),  # was: every row, an hour on a GPU
-    ("bench_train", ["--rows", "fast,turbo"], "--rows ['turbo'] unknown; allowed: fast, "),
+    # was: every row, an hour on a GPU
+    ("bench_train", ["--rows", ""], "argument --rows: '': unknown rows: '' (an empty name); allowed: fast, "),
+    ("bench_train", ["--rows", "fast,turbo"], "argument --rows: 'fast,turbo': unknown rows: turbo; allowed: fast, "),
+    ("bench_train", ["--rows", "fast,ddpo,fast"], "argument --rows: 'fast,ddpo,fast' repeats fast: name each once"),
     ("bench_train", ["--ddpo-batches", "0"], "argument --ddpo-batches: '0' is not an integer >= 1"),
     ("bench_step", ["--batches", "1,x"], "argument --batches: '1,x' is not a comma-separated list of batch sizes >= 1"),
     # was diffusers' ValueError once the pipeline had loaded
     ("bench_sampler", ["--horizons", "4,60"], "argument --horizons: '4,60' is not a comma-separated list of "
                                               "integers from 1 to 50"),
+    ("bench_sampler", ["--batches", "8,1,8"], "argument --batches: '8,1,8' repeats 8: name each once"),
     ("bench_attention", ["--train-rows", "2,-7"], "argument --train-rows: '2,-7' is not a comma-separated list"),
-    ("bench_unet", ["--variants", "turbo"], "--variants ['turbo'] unknown; allowed: default, channels_last,"),
+    ("bench_unet", ["--variants", "turbo"], "argument --variants: 'turbo': unknown variants: turbo; allowed: default, "
+                                            "channels_last,"),
     ("bench_unet", ["--calls", "sampling:x"], "--calls 'sampling:x' is invalid"),
     ("bench_rewards", ["--batches", "1,x"], "argument --batches: '1,x' is not a comma-separated list of integers >= 1"),
     ("training_memory", ["--resolution", "-8"], "argument --resolution: '-8' is not an integer >= 1"),
@@ -69,9 +73,12 @@ def test_help_answers_without_importing_torch(script):
     ("gradient_direction", ["--samples", "33"], "--samples 33 must be a multiple of 32"),
     ("ablation_algorithms", ["--gpu-epochs", "0"], "argument --gpu-epochs: '0' is not an integer >= 1"),
     ("compiled_gradients", ["--rows", "x"], "argument --rows: 'x' is not an integer >= 1"),
-    ("check_claims", ["--stages", ","], "--stages ',' names no stage; allowed: step, rewards,"),  # ran nothing
-    ("check_claims", ["--train-rows", "fast,,ddpo"], "--train-rows 'fast,,ddpo' (an empty name) unknown; allowed: "),
-    ("check_claims", ["--train-rows", "fast,turbo"], "--train-rows turbo unknown; allowed: fast, "),
+    # ran nothing
+    ("check_claims", ["--stages", ","], "argument --stages: ',': unknown stages: '' (an empty name); allowed: step, "),
+    ("check_claims", ["--stages", "step,step"], "argument --stages: 'step,step' repeats step: name each once"),  # ran twice
+    ("check_claims", ["--train-rows", "fast,,ddpo"], "argument --train-rows: 'fast,,ddpo': unknown bench_train rows: '' "
+                                                     "(an empty name); allowed: fast, "),
+    ("check_claims", ["--train-rows", "fast,turbo"], "unknown bench_train rows: turbo; allowed: fast, "),
     ("check_claims", ["--budget-s", "nan"], "--budget-s nan is invalid: it must be > 0"),  # was: run, no budget
     ("run_all", ["--out-dir", ""], "argument --out-dir: an empty path"),
 ])

@@ -162,8 +162,8 @@ def test_without_cuda_no_stage_runs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stages", "step,warp"], "--stages warp unknown; allowed: step, rewards, attention, unet, sampler, train, tests"),
-    (["--train-rows", "fast,turbo"], "--train-rows turbo unknown; allowed: fast, reference_step,"),
+    (["--stages", "step,warp"], "unknown stages: warp; allowed: step, rewards, attention, unet, sampler, train, tests"),
+    (["--train-rows", "fast,turbo"], "unknown bench_train rows: turbo; allowed: fast, reference_step,"),
     (["--budget-s", "0"], "--budget-s 0 is invalid: it must be > 0"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):

@@ -100,7 +100,7 @@ def test_bench_train_on_a_cpu_skips_gpu_only_rows_and_refuses_unknown_ones(tmp_p
     skipped_rows = [s["row"] for s in train["skipped"] if "row" in s]
     assert train["rows"] == [] and skipped_rows == ["compiled_and_graphed", "sample_cuda_graph"]
     refused = run("fast", "turbo")
-    assert refused.returncode == 2 and "--rows ['turbo'] unknown; allowed: fast," in refused.stderr
+    assert refused.returncode == 2 and "'fast,turbo': unknown rows: turbo; allowed: fast," in refused.stderr
     assert "compiled_and_graphed" in refused.stderr.splitlines()[-1]
 
 
