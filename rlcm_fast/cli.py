@@ -16,12 +16,16 @@ from .config import (
 )
 from .presets import METHODS
 
-# Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them.
-FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_targets", "horizon", "train_final_step",
-                   "original_inference_steps", "resolution")
-# ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates.
+# Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
+# scales the saved LoRA's A and B: another value would resume another policy).
+FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lora_targets", "horizon",
+                   "train_final_step", "original_inference_steps", "resolution")
+# ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates
+# (algorithm: REBEL trains pairs; step_fraction: which steps), or that the policy whose log-probs the
+# checkpoint stores sampled with (guidance_scale, DDPO's eta).
 FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batch_size", "train_batch_size",
-                   "gradient_accumulation_steps", "num_inner_epochs")
+                   "gradient_accumulation_steps", "num_inner_epochs", "algorithm", "step_fraction", "guidance_scale",
+                   "eta")
 
 
 class UsageError(ValueError):

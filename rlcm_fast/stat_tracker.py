@@ -46,5 +46,6 @@ class PerPromptStatTracker:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        """The saved histories, under this tracker's buffer_size and min_count: a run resumed with other
+        stat settings uses them (a smaller buffer keeps each prompt's latest rewards), as its config says."""
         self.history = {p: deque(v, maxlen=self.buffer_size) for p, v in state["history"].items()}

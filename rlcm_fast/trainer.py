@@ -313,8 +313,10 @@ class Trainer:
                     for name, value in {"loss": loss.detach(), **stats}.items():
                         sums[name] = sums.get(name, 0.0) + value.double() / parts
                 # The rewards of the update's samples (each appears once per trained step: the same mean and std).
+                # Their mean square, not their std: averaged over the processes (each trains as many samples),
+                # it gives the std of all the update's samples (log_step).
                 update_rewards = torch.cat([rewards[sample_idx.flatten()] for sample_idx, _ in minibatches])
-                sums.update(reward_mean=update_rewards.mean(), reward_std=update_rewards.std(correction=0))
+                sums.update(reward_mean=update_rewards.mean(), reward_mean_square=update_rewards.square().mean())
                 if self.accelerator.scaler is not None:
                     # fp16 on a GPU: accelerate's backward scaled the loss; clip and log the true gradient.
                     self.accelerator.scaler.unscale_(self.optimizer)
@@ -401,8 +403,12 @@ class Trainer:
 
     def log_step(self, epoch: int, sums: dict[str, float], grad_norm: float) -> None:
         names = sorted(sums)
-        averaged = self.accelerator.reduce(torch.tensor([sums[k] for k in names], device=self.device), "mean")
+        # float64: float32 would round the mean square (1.6e5 for rewards near -400 kB) by more than the variance.
+        averaged = self.accelerator.reduce(torch.tensor([sums[k] for k in names], dtype=torch.float64,
+                                                        device=self.device), "mean")
         values = dict(zip(names, averaged.tolist()))
+        variance = values.pop("reward_mean_square") - values["reward_mean"] ** 2
+        values["reward_std"] = math.sqrt(max(variance, 0.0))  # rounding can leave a tiny negative
         values.update(grad_norm=grad_norm, learning_rate=self.lr_scheduler.get_last_lr()[0],
                       skipped_steps=self.nonfinite.total)
         if self.logger:

@@ -18,7 +18,7 @@ import rlcm_fast
 from rlcm_fast.checkpoint import read_training_state, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
-from rlcm_fast.epoch_samples import EpochSamples
+from rlcm_fast.epoch_samples import EpochSamples, epoch_generator
 from rlcm_fast.trainer import Trainer
 
 TESTS = Path(__file__).resolve().parent
@@ -85,6 +85,25 @@ def test_two_processes_gather_rewards_and_compute_the_one_process_advantages(two
     # is every process's state: LoRA weights, AdamW moments, stat tracker.
     hashes = [(root / "probe" / f"state-{p}.jsonl").read_text().splitlines() for p in (0, 1)]
     assert len(hashes[0]) == 2 and hashes[0] == hashes[1]
+
+
+def test_each_step_logs_the_reward_std_of_both_processes_samples(two_process_run):
+    """An update trains on 2 samples of each process; its logged reward_std is the std of those 4 rewards. It
+    was the mean of each process's own std (0.057 for a true 0.100 in one measured update)."""
+    root = two_process_run
+    steps = [r for r in records(root / "run") if r["kind"] == "step"]
+    assert len(steps) == 2 * 4  # 2 epochs of 4 updates
+    seed = resolve_config(overrides={"device": "cpu", **SETS}).seed
+    for epoch, per_process in enumerate(zip(probe(root, 0), probe(root, 1))):
+        # The trainer's shuffle of each process (flattened rows, step_fraction 1): update u trains order[2u:2u+2].
+        orders = [torch.randperm(8, generator=epoch_generator(seed, epoch, process, stream=2))
+                  for process in (0, 1)]
+        for update in range(4):
+            rewards = np.concatenate([np.asarray(record["rewards"])[order[2 * update:2 * update + 2].numpy()]
+                                      for record, order in zip(per_process, orders)])
+            logged = steps[epoch * 4 + update]
+            assert logged["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-9)
+            assert logged["reward_std"] == pytest.approx(rewards.std(), abs=1e-6)
 
 
 def test_a_two_process_checkpoint_resumes_with_one_process(two_process_run, tmp_path):

@@ -311,6 +311,8 @@ def test_gradient_checkpointing_trains_identically(reference, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"lora_rank": 4}, "lora_rank=4 differs from the checkpoint's 8; a resumed run cannot change it"),
+    # It scales the saved A and B: 32 resumed a LoRA whose effect on the UNet's output was 4.1x the checkpoint's.
+    ({"lora_alpha": 32}, "lora_alpha=32.0 differs from the checkpoint's 8.0; a resumed run cannot change it"),
     ({"keep_checkpoints": -1}, "keep_checkpoints=-1 is invalid: it must be >= 0"),
     ({"max_nonfinite_steps": "many"}, "max_nonfinite_steps='many' in --set is invalid: expected int"),
 ])
@@ -360,6 +362,10 @@ def test_a_mid_epoch_checkpoint_refuses_a_different_batch_layout(reference, tmp_
     assert train(run_dir) == 0
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "train_batch_size=4"]) == 2
     assert ("train_batch_size=4 differs from the checkpoint's 2; a checkpoint stopped mid-epoch cannot change it"
+            in one_error_line(capsys))
+    # The stored log-probs are the policy's at guidance 8: at another, the epoch's ratios would start off 1.
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "guidance_scale=4"]) == 2
+    assert ("guidance_scale=4.0 differs from the checkpoint's 8.0; a checkpoint stopped mid-epoch cannot change it"
             in one_error_line(capsys))
     verify_checkpoint(run_dir / "checkpoint-0-1")
 

@@ -33,9 +33,21 @@ def test_history_keeps_only_the_last_buffer_size_rewards():
 def test_state_dict_round_trip_gives_the_same_future():
     a = PerPromptStatTracker(buffer_size=3, min_count=2)
     a.update(["x", "y", "x"], [1.0, 2.0, 4.0])
-    b = PerPromptStatTracker(buffer_size=1, min_count=1)
+    b = PerPromptStatTracker(buffer_size=3, min_count=2)
     b.load_state_dict(a.state_dict())
     np.testing.assert_array_equal(a.update(["x", "y"], [5.0, 7.0]), b.update(["x", "y"], [5.0, 7.0]))
+
+
+def test_a_loaded_history_is_kept_under_the_new_settings():
+    """A run resumed with other stat settings uses them (they were accepted and written to its config.yaml,
+    but the checkpoint's 3 / 2 were used)."""
+    a = PerPromptStatTracker(buffer_size=3, min_count=2)
+    a.update(["x", "x", "x"], [1.0, 2.0, 4.0])
+    b = PerPromptStatTracker(buffer_size=2, min_count=3)
+    b.load_state_dict(a.state_dict())
+    assert (b.buffer_size, b.min_count) == (2, 3) and list(b.history["x"]) == [2.0, 4.0]  # the latest two
+    # x holds 2 < min_count 3 rewards after this batch: the batch's own mean and std, not x's history.
+    np.testing.assert_allclose(b.update(["x", "y"], [6.0, 8.0]), [-1.0, 1.0], atol=1e-5)
 
 
 def test_length_mismatch_is_an_error():

@@ -192,7 +192,7 @@ def test_each_step_logs_the_rewards_of_the_samples_it_trained_on(tmp_path):
     overrides = {**ONE_UPDATE, "batches_per_epoch": 4}  # 8 samples: two updates of 4 samples each
     trainer = Trainer(resolve_config(overrides=overrides), tmp_path / "run")
     logged = []
-    trainer.log_step = lambda epoch, sums, grad_norm: logged.append(sums)
+    trainer.logger = type("Logger", (), {"log": lambda self, kind, epoch, step, values: logged.append(values)})()
     samples = trainer.sample_epoch(0)
     trainer.compute_advantages(samples)
     trainer.train_epoch(0, samples)
