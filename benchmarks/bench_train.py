@@ -125,8 +125,9 @@ class TimedReward:
 
 
 class AtenOpCounter(TorchDispatchMode):
-    """Counts the ATen ops that run, views excluded (they launch nothing). In eager PyTorch each of the
-    others is about one kernel launch from the host, so ops per UNet call times the host's cost per op
+    """Counts the ATen ops that run, views excluded (they launch nothing; nor does _unsafe_view, the
+    reshape of every Linear's 3-D input and output, which is not marked a view). In eager PyTorch each of
+    the others is about one kernel launch from the host, so ops per UNet call times the host's cost per op
     bounds how fast the GPU can be fed: the eager loop is host-bound when that beats the GPU time."""
 
     def __init__(self):
@@ -134,7 +135,7 @@ class AtenOpCounter(TorchDispatchMode):
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(func, "is_view", False):
+        if not getattr(func, "is_view", False) and func.overloadpacket is not torch.ops.aten._unsafe_view:
             self.ops += 1
         return func(*args, **(kwargs or {}))
 
@@ -150,13 +151,16 @@ def unet_work(trainer: Trainer) -> tuple[dict, dict]:
     generator = torch.Generator(device=trainer.device).manual_seed(0)
     # The plain loop: a CUDA-graph capture would run (and count) the loop WARMUP_CALLS + 1 times.
     graphed, sampler.cuda_graph = getattr(sampler, "cuda_graph", False), False
+    # Each unit in an autocast of its own, as the trainer runs every call: in one shared autocast, its cache
+    # would hand the training row the sampling's casts of the float32 LoRA weights (256 casts on sd15-lcm).
     with trainer.autocast():
         with FlopCounterMode(display=False) as counter, AtenOpCounter() as sampling_ops:
             trajectory = sampler.sample(trainer.unet, [prompt], generator=generator, decode=False)
         per_trajectory = counter.get_total_flops()
-        index = torch.zeros(1, dtype=torch.long, device=trainer.device)
-        embeds = sampler.prompt_embeddings([prompt])
-        states = trajectory.states.to(trainer.device)
+    index = torch.zeros(1, dtype=torch.long, device=trainer.device)
+    embeds = sampler.prompt_embeddings([prompt])
+    states = trajectory.states.to(trainer.device)
+    with trainer.autocast():
         with FlopCounterMode(display=False) as counter, AtenOpCounter() as training_ops:
             log_probs = sampler.action_log_probs(trainer.unet, states, index, index, embeds)[0]
             log_probs.sum().backward()

@@ -17,13 +17,13 @@ GPU_ONLY_ROWS = {
     "sample_cuda_graph": {"sample_cuda_graph": True},
     "compiled_and_graphed": {"compile_unet": True, "sample_cuda_graph": True},
     # No compile warm-up: the eager sampling loop replayed as a graph, and training in calls of 7 rows (below).
-    # On the H200 the eager loop looked host-bound (benchmarks/README.md: about 34 us per ATen op in training, 41 in
+    # On the H200 the eager loop looked host-bound (benchmarks/README.md: about 40 us per ATen op in training, 61 in
     # sampling), which a graph removes from sampling and wider calls divide in training.
     "graphed_calls_of_7": {"sample_cuda_graph": True, "train_rows_per_call": 7},
     # The same with cuDNN's fused attention first (rlcm_fast/attention.py; bench_attention.py times it alone).
     "graphed_calls_of_7_cudnn": {"sample_cuda_graph": True, "train_rows_per_call": 7, "attention_backend": "cudnn"},
     # The training calls' UNet forward and backward replayed from CUDA graphs too: the host launches two
-    # graphs per call instead of some 3200 ATen ops; at the paper's 2 rows per call, and at 7.
+    # graphs per call instead of some 3100 ATen ops; at the paper's 2 rows per call, and at 7.
     "all_graphed": {"sample_cuda_graph": True, "train_cuda_graph": True},
     "all_graphed_calls_of_7": {"sample_cuda_graph": True, "train_cuda_graph": True, "train_rows_per_call": 7},
     # The epoch's 10 sampling batches of 4 in 2 UNet batches of 20 (the same trajectories; decoded and scored

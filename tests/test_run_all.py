@@ -87,6 +87,10 @@ def test_aten_op_counter_counts_what_runs_and_not_views():
     with AtenOpCounter() as backward:
         total.backward()
     assert forward.ops == 2 and backward.ops >= 2 and torch.equal(a.grad, b)
+    x, weight = torch.randn(2, 5, 4), torch.randn(6, 4)
+    with AtenOpCounter() as linear:  # a Linear on a 3-D input: one mm between reshapes (aten._unsafe_view)
+        torch.nn.functional.linear(x, weight)
+    assert linear.ops == 1
 
 
 def test_bench_train_on_a_cpu_skips_gpu_only_rows_and_refuses_unknown_ones(tmp_path):
