@@ -6,33 +6,38 @@
 
 gives the images of `pipe(prompt, num_inference_steps=4, guidance_scale=8.0, generator=...,
 output_type="pt")` (no safety checker), for one fixed batch size, resolution and horizon; `generator` may
-be one or a list of batch_size, as there. pipe.scheduler must be an LCMScheduler, read when the sampler is
-built. What makes it faster than the pipeline:
+be one or a list of batch_size, as there; `guidance_scale` defaults to the pipeline's default (8.5 in
+diffusers 0.42; RLCM's trainer samples at the paper's 8.0). pipe.scheduler must be an LCMScheduler (not a subclass, which may
+step otherwise), read when the sampler is built. What makes it faster than the pipeline:
 
 - prompt embeddings are cached per prompt, the PROMPT_CACHE_SIZE most recently used (the text encoder runs
-  once per distinct prompt while it is kept);
+  once per distinct prompt while it is kept; after changing the text encoder, build a new sampler);
 - every random draw is made up front from the caller's generator, in the pipeline's order (initial
   latents, then one noise per step but the last), so the images stay the pipeline's while the
-  H-step loop itself has no Python-side randomness and no host synchronisation;
+  H-step loop itself has no Python-side randomness and no host synchronisation. (With generator=None
+  they come from the global generator, before the loop: a UNet that draws random numbers itself, such
+  as LoRA dropout in train mode, then sees other ones than in the pipeline.)
 - the UNet and the VAE decode are compiled (`compile=True`, the default on CUDA): once per sampler, one
   UNet call and not the unrolled H-step loop, so compile time does not grow with H;
 - on CUDA (`cuda_graph=True`, the default there) the whole H-step loop (UNet calls and fused policy
   steps) and the decode are captured as ONE CUDA graph at the first call and replayed after it, so a
   call is a copy of its inputs and one graph launch. Weights are read at replay: in-place updates (an
   optimizer step) are seen; loading or switching adapters, or changing a LoRA scale, needs a new sampler.
-  A call with other shapes, or with `latents` of another dtype than the pipeline's prompt embeddings, is
+  A call with `latents` of another shape or of another dtype than the pipeline's prompt embeddings, is
   refused, not silently recaptured (outside autocast diffusers' pipeline fails on such latents too: its
-  guidance embedding takes their dtype). So is a call after the pipeline was moved or cast: build a new
-  sampler then.
+  guidance embedding takes their dtype). So is a call after the pipeline was moved or cast, or after
+  `pipe.unet` was replaced: build a new sampler then.
 
-`prompt_embeds` may replace the prompts, as in the pipeline (e.g. weighted prompts); the trajectory's
-`prompts` is None then.
+`prompt_embeds` may replace the prompts, as in the pipeline (e.g. weighted prompts, of any token length:
+each new length is compiled and captured once more); the trajectory's `prompts` is None then. The image
+is square: `height` and `width` default, as in the pipeline, to the UNet's native size.
 
 It can also return the trajectory (states, per-action log-probs) that RL training needs.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import reprlib
@@ -40,7 +45,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import LCMScheduler
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from .cuda_graphs import CaptureError, CapturedCall
 from .models import latent_shape
@@ -65,18 +70,25 @@ class FastLCMSampler:
         pipe,
         batch_size: int,
         num_inference_steps: int,
-        guidance_scale: float = 8.0,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         original_inference_steps: int | None = None,
         compile: bool | None = None,
         cuda_graph: bool | None = None,
     ):
+        if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
+            raise ValueError(f"pipe is a {type(pipe).__name__}; FastLCMSampler takes a diffusers "
+                             "LatentConsistencyModelPipeline (its unet, vae and scheduler)")
         for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an int >= 1")
-        # The sampler steps as LCMScheduler does, whatever pipe.scheduler is: another one would give other images.
-        if not isinstance(pipe.scheduler, LCMScheduler):
+        for name, value in (("compile", compile), ("cuda_graph", cuda_graph)):  # "false" would be true
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: it must be True, False or None (the device's default)")
+        # The sampler steps as LCMScheduler does, whatever pipe.scheduler is: another one (a subclass too)
+        # would give other images.
+        if type(pipe.scheduler) is not LCMScheduler:
             raise ValueError(f"pipe.scheduler is {type(pipe.scheduler).__name__}; FastLCMSampler samples as "
                              "LCMScheduler does: set pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)")
         scheduler_config = pipe.scheduler.config
@@ -86,17 +98,24 @@ class FastLCMSampler:
                 raise ValueError(f"num_inference_steps={num_inference_steps} is invalid: it must be at most the "
                                  f"scheduler's original_inference_steps={original_inference_steps} (or pass a larger "
                                  "original_inference_steps)")
+            if original_inference_steps > scheduler_config.num_train_timesteps:
+                raise ValueError(f"the scheduler's config has original_inference_steps={original_inference_steps}, "
+                                 f"more than its num_train_timesteps={scheduler_config.num_train_timesteps} (diffusers' "
+                                 "pipeline refuses it too); pass original_inference_steps")
         elif (not _is_int(original_inference_steps)
               or not num_inference_steps <= original_inference_steps <= scheduler_config.num_train_timesteps):
             raise ValueError(f"original_inference_steps={original_inference_steps!r} is invalid: it must be an int in "
                              f"num_inference_steps..num_train_timesteps = {num_inference_steps}.."
                              f"{scheduler_config.num_train_timesteps}")
+        if guidance_scale is None:
+            guidance_scale = _default_guidance_scale(pipe)
         try:
             finite = not isinstance(guidance_scale, (str, bytes, bool)) and math.isfinite(float(guidance_scale))
         except (TypeError, ValueError, RuntimeError):
             finite = False
-        if not finite:
+        if not finite or (isinstance(guidance_scale, torch.Tensor) and guidance_scale.ndim):
             raise ValueError(f"guidance_scale={guidance_scale!r} is invalid: it must be a finite number")
+        guidance_scale = float(guidance_scale)  # a 0-d tensor or NumPy scalar, as a number
         # Without a guidance embedding (SD1.5 + LCM-LoRA) the sampler does no guidance at all, while diffusers'
         # Stable Diffusion pipeline does classifier-free guidance above 1: refused rather than ignored.
         if pipe.unet.config.time_cond_proj_dim is None and float(guidance_scale) > 1:
@@ -110,12 +129,15 @@ class FastLCMSampler:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an int")
             if value is not None and (value < multiple or value % multiple):
                 raise ValueError(f"{name}={value} is invalid: it must be a multiple of {multiple}, at least {multiple}")
-        if height is None:  # one side given: a square of that side; none: the pipeline's native size
-            height = native if width is None else width
-        if width is None:
-            width = height
-        if height != width:
+        if height != width and None not in (height, width):
             raise ValueError(f"height={height} and width={width}: only square images are supported")
+        if height != width:  # one side given: the other is the native size, as in the pipeline
+            given, side = ("height", height) if width is None else ("width", width)
+            if side != native:
+                raise ValueError(f"{given}={side} alone would make a {native}-by-{side} image (the other side is "
+                                 f"the UNet's native {native} px, as in the pipeline); only square images are "
+                                 f"supported: give height={side} and width={side}")
+        height = width = native if height is None and width is None else (height or width)
         device = pipe.unet.device
         if cuda_graph and "_original_forward" in vars(pipe.unet):  # the mark accelerate's prepare() leaves
             raise ValueError("cuda_graph=True with a UNet prepared by accelerate for mixed precision: its forward "
@@ -128,6 +150,7 @@ class FastLCMSampler:
         self.sampler = LCMSampler(pipe, num_inference_steps, guidance_scale, original_inference_steps,
                                   train_final_step=False, resolution=height, max_cached_prompts=self.PROMPT_CACHE_SIZE)
         self.pipe = pipe
+        self._built_unet = pipe.unet  # the UNet it compiles and captures: a call refuses a replaced one
         # The cached prompt and guidance embeddings (and a captured graph) are of this device and dtype; a call
         # checks them on one weight, which pipe.to() converts in place.
         self._probe = next(pipe.unet.parameters())
@@ -176,6 +199,11 @@ class FastLCMSampler:
             raise RuntimeError(f"the pipeline's UNet is now {self._probe.dtype} on {self._probe.device}; this sampler "
                                f"was built for {self._built_for[1]} on {self._built_for[0]}: build a new "
                                "FastLCMSampler after moving or casting the pipeline")
+        if self.pipe.unet is not self._built_unet:
+            raise RuntimeError("pipe.unet was replaced after this sampler was built, which samples the UNet it was "
+                               "built with: build a new FastLCMSampler")
+        if not isinstance(return_trajectory, bool):
+            raise ValueError(f"return_trajectory={return_trajectory!r} is invalid: it must be True or False")
         prompts = None
         if prompt_embeds is not None:
             if prompt is not None:
@@ -185,7 +213,8 @@ class FastLCMSampler:
         elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
             prompts = list(prompt)
         else:
-            raise ValueError(f"prompt={reprlib.repr(prompt)} is invalid: it must be a str or a sequence of str")
+            raise ValueError(f"prompt={reprlib.repr(prompt)} is invalid: it must be a str or a sequence of str (or "
+                             "give prompt_embeds)")
         if prompts is not None and len(prompts) != self.batch_size:
             raise ValueError(f"{len(prompts)} prompts given; this sampler was built for batch_size={self.batch_size}")
         # diffusers' pipeline refuses a list of another length; randn_tensor alone would take a list of 1 for
@@ -230,14 +259,26 @@ class FastLCMSampler:
     def _given_embeddings(self, prompt_embeds) -> torch.Tensor:
         """prompt_embeds on the device and in the dtype the pipeline gives them (its encode_prompt does it), of
         the prompts' shape: another shape would be another graph."""
-        tokens = getattr(self.pipe.tokenizer, "model_max_length", None)  # any length without a tokenizer
-        expected = (self.batch_size, tokens or "tokens", self.pipe.unet.config.cross_attention_dim)
+        # Any token length, as in the pipeline (long-prompt weighting makes 154 and more).
+        expected = (self.batch_size, "tokens", self.pipe.unet.config.cross_attention_dim)
         shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else None
-        if shape is None or len(shape) != 3 or any(e != s for e, s in zip(expected, shape) if isinstance(e, int)):
+        if (shape is None or len(shape) != 3 or shape[1] < 1
+                or any(e != s for e, s in zip(expected, shape) if isinstance(e, int))):
             given = f"of shape {shape}" if shape is not None else f"of type {type(prompt_embeds).__name__}"
             raise ValueError(f"prompt_embeds {given} given; this sampler takes (batch_size, tokens, "
                              f"cross_attention_dim) = ({', '.join(map(str, expected))})")
         return self.pipe.encode_prompt(None, self.device, 1, False, prompt_embeds=prompt_embeds)[0]
+
+
+def _default_guidance_scale(pipe) -> float:
+    """What `pipe(prompt)` guides with when not told: its own default (8.5 in diffusers 0.42; RLCM trains at the
+    paper's 8.0), or 1 (no guidance) for a UNet without a guidance embedding, which the pipeline does not guide."""
+    if pipe.unet.config.time_cond_proj_dim is None:
+        return 1.0
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    if parameter is None or not isinstance(parameter.default, numbers.Real):  # another kind of pipeline object
+        parameter = inspect.signature(LatentConsistencyModelPipeline.__call__).parameters["guidance_scale"]
+    return float(parameter.default)
 
 
 def _is_int(value) -> bool:

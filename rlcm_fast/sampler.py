@@ -113,7 +113,9 @@ class LCMSampler:
     ):
         scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
-            raise ValueError("LCMScheduler with clip_sample or thresholding is not supported by the policy step")
+            raise ValueError("LCMScheduler with clip_sample or thresholding is not supported by the policy step (its "
+                             "Gaussian policy has no clipped mean): set clip_sample=False and thresholding=False in the "
+                             "scheduler's config")
         if not horizon <= original_inference_steps <= scheduler.config.num_train_timesteps:
             raise ValueError(f"original_inference_steps={original_inference_steps} is invalid: it must be in "
                              f"horizon..num_train_timesteps = {horizon}..{scheduler.config.num_train_timesteps}")

@@ -20,9 +20,11 @@ def pipe():
     return load_pipeline("tiny")
 
 
-def pipeline_images(pipe, prompts, steps, seed, guidance=8.0):
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+def pipeline_images(pipe, prompts, steps, seed, guidance=None):
+    """The pipeline's images; with its own default guidance scale unless `guidance` is given."""
+    guided = {} if guidance is None else {"guidance_scale": guidance}
+    return pipe(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                **guided).images
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -41,7 +43,7 @@ def test_fast_sampler_equals_the_pipeline(pipe, steps, prediction_type):
 
 
 def test_fast_sampler_trajectory_matches_the_training_sampler(pipe):
-    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4)
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, guidance_scale=8.0)  # the trainer's
     out = fast(PROMPTS, generator=torch.Generator().manual_seed(5), return_trajectory=True)
     reference = LCMSampler(pipe, horizon=4, resolution=32).sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(5))
     torch.testing.assert_close(out.trajectory.states, reference.states, atol=1e-6, rtol=0)
@@ -116,7 +118,7 @@ def test_fast_sampler_takes_latents_of_the_pipelines_dtype_and_refuses_others(pi
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     latents = torch.randn(fast.shape, generator=torch.Generator().manual_seed(2))
     ours = fast(PROMPTS, generator=torch.Generator().manual_seed(9), latents=latents).images
-    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=8.0, latents=latents, output_type="pt",
+    theirs = pipe(PROMPTS, num_inference_steps=2, latents=latents, output_type="pt",
                   generator=torch.Generator().manual_seed(9)).images
     assert (ours - theirs).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="latents of dtype torch.float64 given; this sampler samples torch.float32"):
@@ -128,7 +130,7 @@ def test_a_bf16_pipelines_images_come_as_float32_close_to_the_pipelines():
     pipe = load_pipeline("tiny", "cpu", torch.bfloat16)
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, compile=False, cuda_graph=False)
     ours = fast(PROMPTS, generator=torch.Generator().manual_seed(0)).images
-    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=8.0, generator=torch.Generator().manual_seed(0),
+    theirs = pipe(PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
     assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
     assert (ours - theirs.float()).abs().max().item() < BF16_PIXEL_TOLERANCE
@@ -144,7 +146,7 @@ def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
     for seed in (0, 1):  # the first call captures the graph, the second replays it with new inputs
         out = fast(PROMPTS[::-1] if seed else PROMPTS, generator=torch.Generator("cuda").manual_seed(seed),
                    return_trajectory=True)
-        theirs = pipe(PROMPTS[::-1] if seed else PROMPTS, num_inference_steps=4, guidance_scale=8.0,
+        theirs = pipe(PROMPTS[::-1] if seed else PROMPTS, num_inference_steps=4,
                       generator=torch.Generator("cuda").manual_seed(seed), output_type="pt").images
         difference = (out.images.float() - theirs.float()).abs()
         # bf16: every UNet call rounds, and the first step's D = (x - sigma eps) / alpha multiplies that
@@ -172,7 +174,7 @@ def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
         generator = torch.Generator("cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ours = fast(PROMPTS, generator=generator.manual_seed(seed)).images
-            theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=8.0, generator=generator.manual_seed(seed),
+            theirs = pipe(PROMPTS, num_inference_steps=4, generator=generator.manual_seed(seed),
                           output_type="pt").images
         return ours.float(), theirs.float()
 
@@ -184,11 +186,22 @@ def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
     assert (ours - before).abs().max().item() > 0.05
 
 
-def test_fast_sampler_one_given_side_makes_a_square_of_it(pipe):
-    for size in ({"height": 64}, {"width": 64}):
+def test_fast_sampler_sizes_are_the_pipelines(pipe):
+    """One side given: the other is the native size, as in the pipeline. The sampler made a square of the given
+    side (64 x 64 where pipe(width=64) gives 32 x 64); now that is refused, and the native side is taken."""
+    for size in ({"height": 64, "width": 64}, {"height": 32}, {"width": 32}, {}):
         fast = FastLCMSampler(pipe, batch_size=1, num_inference_steps=1, **size)
-        assert fast.shape == (1, 4, 32, 32)  # 64 px over the tiny VAE's scale factor 2
-        assert fast("a cat", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 64, 64)
+        side = size.get("height", size.get("width", 32))  # 32: the tiny UNet's 16 latents times its VAE's 2
+        assert fast.shape == (1, 4, side // 2, side // 2)
+        ours = fast("a cat", generator=torch.Generator().manual_seed(0)).images
+        theirs = pipe("a cat", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt",
+                      **size).images
+        assert ours.shape == theirs.shape == (1, 3, side, side) and (ours - theirs).abs().max().item() < 1e-5
+    with pytest.raises(ValueError) as caught:
+        FastLCMSampler(pipe, batch_size=1, num_inference_steps=1, width=64)
+    assert str(caught.value) == ("width=64 alone would make a 32-by-64 image (the other side is the UNet's native "
+                                 "32 px, as in the pipeline); only square images are supported: give height=64 and "
+                                 "width=64")
 
 
 @pytest.mark.parametrize("size, message", [
@@ -208,13 +221,22 @@ def test_fast_sampler_refuses_a_prompt_that_is_not_text(pipe, prompt, shown):
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1)
     with pytest.raises(ValueError) as caught:
         fast(prompt)
-    assert str(caught.value) == f"prompt={shown} is invalid: it must be a str or a sequence of str"
+    assert str(caught.value) == f"prompt={shown} is invalid: it must be a str or a sequence of str (or give prompt_embeds)"
 
 
-@pytest.mark.parametrize("scheduler_class", [TCDScheduler, EulerDiscreteScheduler])
+class ClampingLCMScheduler(LCMScheduler):
+    """A subclass that steps otherwise: it was accepted, and the sampler stepped as LCMScheduler does."""
+
+    def step(self, *args, **kwargs):
+        output = super().step(*args, **kwargs)
+        output.denoised.clamp_(-0.1, 0.1)
+        return output
+
+
+@pytest.mark.parametrize("scheduler_class", [TCDScheduler, EulerDiscreteScheduler, ClampingLCMScheduler])
 def test_fast_sampler_refuses_a_scheduler_that_is_not_an_lcm_scheduler(pipe, scheduler_class):
-    """The sampler steps as LCMScheduler does: with another scheduler it drew other images (TCD) or failed
-    deep inside (Euler has no original_inference_steps)."""
+    """The sampler steps as LCMScheduler does: with another scheduler it drew other images (TCD, a subclass of
+    LCMScheduler: 0.43 apart) or failed deep inside (Euler has no original_inference_steps)."""
     original = pipe.scheduler
     try:
         pipe.scheduler = scheduler_class.from_config(original.config)
@@ -243,6 +265,11 @@ def test_fast_sampler_refuses_a_scheduler_that_is_not_an_lcm_scheduler(pipe, sch
     ({"height": 64.0}, "height=64.0 is invalid: it must be an int"),
     ({"guidance_scale": "8"}, "guidance_scale='8' is invalid: it must be a finite number"),
     ({"guidance_scale": float("nan")}, "guidance_scale=nan is invalid: it must be a finite number"),
+    # a TypeError deep in torch at the first call
+    ({"guidance_scale": torch.tensor([5.0])}, "guidance_scale=tensor([5.]) is invalid: it must be a finite number"),
+    # a string from a config file was true: a minutes-long CPU compile
+    ({"compile": "false"}, "compile='false' is invalid: it must be True, False or None (the device's default)"),
+    ({"cuda_graph": 0}, "cuda_graph=0 is invalid: it must be True, False or None (the device's default)"),
 ])
 def test_fast_sampler_names_the_bad_argument_in_one_line(pipe, kwargs, message):
     """Each of these failed deep inside torch or Python with a message naming no argument, or was accepted."""
@@ -255,7 +282,7 @@ def test_fast_sampler_names_the_bad_argument_in_one_line(pipe, kwargs, message):
 def test_fast_sampler_takes_the_pipelines_generators_and_refuses_what_the_pipeline_refuses(pipe):
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     ours = fast(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (4, 5)]).images
-    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=8.0, output_type="pt",
+    theirs = pipe(PROMPTS, num_inference_steps=2, output_type="pt",
                   generator=[torch.Generator().manual_seed(s) for s in (4, 5)]).images
     assert (ours - theirs).abs().max().item() < 1e-5
     # The pipeline refuses a list of another length; the sampler silently used a list of 1 for the whole batch.
@@ -307,7 +334,7 @@ def test_fast_sampler_takes_prompt_embeds_as_the_pipeline_does(pipe):
     fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     embeds = pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0] * 1.5  # e.g. weighted prompts
     out = fast(prompt_embeds=embeds, generator=torch.Generator().manual_seed(6), return_trajectory=True)
-    theirs = pipe(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=8.0, output_type="pt",
+    theirs = pipe(prompt_embeds=embeds, num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(6)).images
     assert (out.images - theirs).abs().max().item() < 1e-5
     assert out.trajectory.prompts is None and out.trajectory.log_probs.shape == (2, 1)
@@ -317,7 +344,36 @@ def test_fast_sampler_takes_prompt_embeds_as_the_pipeline_does(pipe):
     with pytest.raises(ValueError) as caught:
         fast(prompt_embeds=embeds[:1])
     assert str(caught.value) == ("prompt_embeds of shape (1, 77, 32) given; this sampler takes (batch_size, tokens, "
-                                 "cross_attention_dim) = (2, 77, 32)")
+                                 "cross_attention_dim) = (2, tokens, 32)")
+    # Long-prompt weighting gives more than the tokenizer's 77 tokens: the pipeline takes them (they were refused).
+    long = torch.cat([embeds, torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))], dim=1)
+    ours = fast(prompt_embeds=long, generator=torch.Generator().manual_seed(6)).images
+    theirs = pipe(prompt_embeds=long, num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(6)).images
+    assert (ours - theirs).abs().max().item() < 1e-5 and (ours - out.images).abs().max().item() > 1e-3
+
+
+def test_fast_sampler_refuses_a_call_after_the_unet_was_replaced(pipe):
+    """It kept sampling the old UNet (0.64 from the pipeline's images, without a word)."""
+    import copy
+
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1)
+    original = pipe.unet
+    try:
+        pipe.unet = copy.deepcopy(original)
+        with pytest.raises(RuntimeError) as caught:
+            fast(PROMPTS)
+    finally:
+        pipe.unet = original
+    assert str(caught.value) == ("pipe.unet was replaced after this sampler was built, which samples the UNet it was "
+                                 "built with: build a new FastLCMSampler")
+    with pytest.raises(ValueError) as caught:
+        fast(PROMPTS, return_trajectory="no")
+    assert str(caught.value) == "return_trajectory='no' is invalid: it must be True or False"
+    with pytest.raises(ValueError) as caught:
+        FastLCMSampler(pipe.unet, batch_size=2, num_inference_steps=1)
+    assert str(caught.value) == ("pipe is a UNet2DConditionModel; FastLCMSampler takes a diffusers "
+                                 "LatentConsistencyModelPipeline (its unet, vae and scheduler)")
 
 
 def test_fast_sampler_calls_do_not_walk_the_unets_modules(pipe, monkeypatch):
@@ -347,6 +403,6 @@ def test_fast_sampler_keeps_a_bounded_number_of_prompt_embeddings(pipe, monkeypa
     for prompts in (["a", "b"], ["c", "d"], ["a", "b"], ["a", "b"], ["b", "e"]):
         ours = fast(prompts, generator=torch.Generator().manual_seed(1)).images
     assert encoded == [["a"], ["b"], ["c"], ["d"], ["a"], ["b"], ["e"]]  # a and b again after c and d
-    theirs = pipe(["b", "e"], num_inference_steps=1, guidance_scale=8.0, generator=torch.Generator().manual_seed(1),
+    theirs = pipe(["b", "e"], num_inference_steps=1, generator=torch.Generator().manual_seed(1),
                   output_type="pt").images
     assert (ours - theirs).abs().max().item() < 1e-5
