@@ -406,3 +406,17 @@ def test_fast_sampler_keeps_a_bounded_number_of_prompt_embeddings(pipe, monkeypa
     theirs = pipe(["b", "e"], num_inference_steps=1, generator=torch.Generator().manual_seed(1),
                   output_type="pt").images
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_fast_sampler_names_the_scheduler_config_when_its_original_inference_steps_is_bad(pipe):
+    """The message named an argument the user never passed (original_inference_steps=2000)."""
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = LCMScheduler.from_config(original.config, original_inference_steps=2000)
+        with pytest.raises(ValueError) as caught:
+            FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
+    finally:
+        pipe.scheduler = original
+    assert str(caught.value) == ("the scheduler's config has original_inference_steps=2000, more than its "
+                                 "num_train_timesteps=1000 (diffusers' pipeline refuses it too); pass "
+                                 "original_inference_steps")
