@@ -28,6 +28,10 @@ FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batc
                    "eta")
 
 
+# `sample` writes a PNG per image: 1e8 images per prompt ran out of memory listing their paths.
+MAX_IMAGES_PER_PROMPT = 10_000
+
+
 class UsageError(ValueError):
     """Bad command-line input that is not a config value."""
 
@@ -195,6 +199,23 @@ def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None
     return validate(TrainConfig(**values))
 
 
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """`train`'s config keys from --set and from its own options."""
+    overrides = parse_set_pairs(args.set)
+    for key in ("seed", "device", "reward", "prompts"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.algo is not None:
+        overrides["method"] = args.algo
+    return overrides
+
+
+def _holds_checkpoints(run_dir: Path) -> bool:
+    from .checkpoint import list_checkpoints
+
+    return run_dir.is_dir() and bool(list_checkpoints(run_dir))
+
+
 def _default_run_dir(cfg: TrainConfig) -> Path:
     return Path(f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -214,31 +235,31 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--num-processes {args.num_processes} is invalid: this machine has "
                          f"{torch.cuda.device_count()} GPU(s); one process per GPU")
     child = without_option(argv, "--num-processes")
-    if not args.resume and not args.output_dir:  # every process must write the same run folder
-        overrides = parse_set_pairs(args.set)
-        cfg = resolve_config(args.task, args.model, args.config, overrides)
-        child += ["--output-dir", str(_default_run_dir(cfg))]
+    if not args.resume:  # the config is checked here once, not once per process
+        cfg = resolve_config(args.task, args.model, args.config, _train_overrides(args))
+        if not args.output_dir and not cfg.output_dir:  # every process must write the same run folder
+            child += ["--output-dir", str(_default_run_dir(cfg))]
     return launch_local(args.num_processes, child)
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from .checkpoint import find_resumable, list_checkpoints, resolve_checkpoint
+    from .checkpoint import find_resumable, resolve_checkpoint
     from .run_logging import summarize
     from .trainer import Trainer
 
     if args.num_processes != 1:
         return _launch(args, argv)
-    overrides = parse_set_pairs(args.set)
-    for key in ("seed", "device", "reward", "prompts"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    if args.algo is not None:
-        overrides["method"] = args.algo
+    overrides = _train_overrides(args)
+    # --set output_dir=DIR is --output-dir DIR (it was ignored: the run went to runs/<task>-<time>).
+    set_dir = overrides.get("output_dir")
+    if args.output_dir and set_dir and Path(str(set_dir)) != Path(args.output_dir):
+        raise UsageError(f"--output-dir {args.output_dir!r} and --set output_dir={set_dir!r} differ: give one of them")
+    output_dir = args.output_dir or (str(set_dir) if set_dir else None)
     resume_from = None
     if args.resume == "auto":
-        if not args.output_dir:
+        if not output_dir:
             raise UsageError("--resume auto needs --output-dir: the run folder to continue (or start)")
-        run_dir = Path(args.output_dir)
+        run_dir = Path(output_dir)
         resume_from, skipped = find_resumable(run_dir)
         for reason in skipped if _is_main_process() else ():
             _warn_skipped(reason)
@@ -255,12 +276,21 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
         cfg = _resumed_config(resume_from, overrides)
-        run_dir = Path(args.output_dir) if args.output_dir else resume_from.parent
+        run_dir = Path(output_dir) if output_dir else resume_from.parent
+        # Into another run's folder, its checkpoints, latest pointer and metrics would be overwritten.
+        if run_dir.resolve() != resume_from.parent.resolve() and _holds_checkpoints(run_dir):
+            raise UsageError(f"--output-dir {str(run_dir)!r} already holds another run; resume {str(resume_from)!r} "
+                             f"into an empty folder, or into its own ({str(resume_from.parent)!r})")
     else:
         cfg = resolve_config(args.task, args.model, args.config, overrides)
-        run_dir = Path(args.output_dir) if args.output_dir else _default_run_dir(cfg)
-        if list_checkpoints(run_dir):
+        # A config file's output_dir counts too (a run's config.yaml names its own folder: refused below).
+        run_dir = Path(output_dir or cfg.output_dir or _default_run_dir(cfg))
+        if _holds_checkpoints(run_dir):
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
+    try:  # before any model loads: a file in the way, or a folder that cannot be made, is one line
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {exc.strerror or exc}") from None
     cfg.output_dir = str(run_dir)
     args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
     trainer = Trainer(cfg, run_dir, resume_from)
@@ -284,8 +314,9 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
     if args.algo is not None and args.algo not in METHODS:
         raise UsageError(f"--algo {args.algo!r} is invalid; allowed: {', '.join(METHODS)}")
-    if args.num_images < 1:
-        raise UsageError(f"--num-images {args.num_images} is invalid: it must be >= 1")
+    if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
+        raise UsageError(f"--num-images {args.num_images} is invalid: it must be in 1..{MAX_IMAGES_PER_PROMPT} "
+                         "(images per prompt)")
     if args.horizon is not None and args.horizon < 1:
         raise UsageError(f"--horizon {args.horizon} is invalid: it must be >= 1")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -431,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _faults() as exc:
         _error(exc)
+        return 1
+    except (RuntimeError, MemoryError) as exc:  # out of memory outside an epoch (the trainer names its sizes)
+        from .faults import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _error(f"out of memory ({first[:200]}): lower resolution, the batch sizes, lora_rank or --num-images")
         return 1
     except KeyboardInterrupt:  # a second interrupt: the first one's checkpoint was not waited for
         run_dir = getattr(args, "run_dir", None)

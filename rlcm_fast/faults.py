@@ -104,10 +104,17 @@ class NonFiniteSteps:
         self.total, self.in_a_row = int(state.get("total", 0)), int(state.get("in_a_row", 0))
 
 
-def out_of_memory_message(cfg, phase: str, processes: int) -> str:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a RuntimeError naming DefaultCPUAllocator) or
+    Python's MemoryError."""
+    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+            or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)))
+
+
+def out_of_memory_message(cfg, phase: str, processes: int, memory: str = "GPU") -> str:
     """One line: what was running, the sizes in use, and every setting that lowers memory."""
     return (
-        f"out of GPU memory while {phase} (per process: sample_batch_size={cfg.sample_batch_size}, "
+        f"out of {memory} memory while {phase} (per process: sample_batch_size={cfg.sample_batch_size}, "
         f"train_batch_size={cfg.train_batch_size}, resolution={cfg.resolution}, horizon={cfg.horizon}, "
         f"gradient_checkpointing={str(cfg.gradient_checkpointing).lower()}; {processes} process(es)). "
         "To use less memory: lower sample_batch_size (sampling), lower train_batch_size and raise "

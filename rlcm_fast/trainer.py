@@ -37,7 +37,8 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
 from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
-from .faults import NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, out_of_memory_message
+from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, is_out_of_memory,
+                     out_of_memory_message)
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
@@ -203,8 +204,8 @@ class Trainer:
                 if not cfg.reward_overlap:
                     try:  # straightforward path: the score before the next batch samples
                         pending[-1].result()
-                    except Exception:
-                        pass  # collect_rewards reports it, naming the reward
+                    except BaseException:  # what the reward raised: collect_rewards reports it, naming the reward
+                        pass
                 images.append(batch_images.cpu())  # no copy when already there
             trajectory.images = torch.cat(images)
             trajectories.append(trajectory)
@@ -237,7 +238,9 @@ class Trainer:
             rewards = np.concatenate([future.result() for future in pending])
         except RewardError as exc:
             error = exc
-        except Exception as exc:  # the user's reward code: any exception is its failure
+        # The user's reward code: anything it raised is its failure, sys.exit() too (a future re-raises what the
+        # worker's call raised; a Ctrl-C reaches the main thread's stop handler, never a future).
+        except BaseException as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
             error = RewardError(f"reward {self.cfg.reward!r} raised {type(exc).__name__}: {detail}")
         if agree(self.accelerator, error is not None)[0]:
@@ -455,8 +458,11 @@ class Trainer:
             self.train_epoch(epoch, samples, start_update)
             epoch_stats.update(train_seconds=time.perf_counter() - trained)
             self.epoch_in_progress = None  # a stop from here on is at an epoch boundary; free the samples
-        except torch.cuda.OutOfMemoryError:
-            raise TrainingFault(out_of_memory_message(self.cfg, phase, self.accelerator.num_processes)) from None
+        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
+            raise TrainingFault(out_of_memory_message(self.cfg, phase, self.accelerator.num_processes, memory)) from None
         self.end_epoch(epoch, samples, epoch_stats)
 
     def end_epoch(self, epoch: int, samples: EpochSamples, stats: dict[str, float]) -> None:

@@ -37,6 +37,9 @@ def one_line_error(capsys) -> str:
     (["--algo", "dpo"], "--algo 'dpo' is invalid; allowed: rlcm, ddpo"),
     (["--seed", "-1"], "--seed -1 is invalid: it must be in 0..2**63-1"),
     (["--seed", str(2**64)], f"--seed {2**64} is invalid: it must be in 0..2**63-1"),
+    (["--num-images", "0"], "--num-images 0 is invalid: it must be in 1..10000 (images per prompt)"),
+    # listed 1e8 paths for minutes, then a MemoryError traceback
+    (["--num-images", "100000000"], "--num-images 100000000 is invalid: it must be in 1..10000 (images per prompt)"),
 ])
 def test_sample_refuses_bad_values_before_loading_a_model(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))

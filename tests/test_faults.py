@@ -205,6 +205,8 @@ REWARD_FAULTS = {
     "raises": ("    raise ValueError('the scorer crashed')\n", "raised ValueError: the scorer crashed"),
     "nan": ("    return np.full(len(prompts), np.nan)\n", "returned non-finite values (nan at index 0)"),
     "short": ("    return np.zeros(len(prompts) - 1)\n", "returned shape (3,), expected (4,)"),
+    # sys.exit() in the reward ended the run with its exit code, no message and no checkpoint
+    "exits": ("    import sys; sys.exit(5)\n", "raised SystemExit: 5"),
 }
 
 
@@ -212,13 +214,13 @@ REWARD_FAULTS = {
 def test_a_failing_reward_is_named_after_saving_the_state_before_the_epoch(reference, tmp_path, capsys, fault):
     body, message = REWARD_FAULTS[fault]
     module = f"faulty_reward_{fault}"
-    good_calls = 1 if fault == "raises" else 0
+    good_calls = 1 if fault in ("raises", "exits") else 0
     (tmp_path / f"{module}.py").write_text(
         "import numpy as np\nCALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
         f"    if len(CALLS) <= {good_calls}:\n        return -images.mean(dim=(1, 2, 3)).numpy()\n" + body)
     sys.path.insert(0, str(tmp_path))
     run_dir = tmp_path / "run"
-    if fault == "raises":  # a fresh run: epoch 1 is not due a checkpoint, so the failure path writes it
+    if good_calls:  # a fresh run: epoch 1 is not due a checkpoint, so the failure path writes it
         assert train(run_dir, "--set", f"reward={module}:reward", "--set", "checkpoint_every=5") == 2
     else:  # resumed from checkpoint-1: nothing new to save, the checkpoint stays as it was
         copy_at_checkpoint_1(reference, run_dir)
@@ -283,9 +285,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(reference
     assert find_resumable(run_dir)[0].name == "checkpoint-1"  # what `--resume auto` continues from
 
 
-@pytest.mark.parametrize("phase", ["sampling", "training"])
-def test_out_of_memory_is_one_message_with_the_sizes_and_the_remedies(tmp_path, monkeypatch, capsys, phase):
+@pytest.mark.parametrize("phase, memory", [("sampling", "GPU"), ("training", "GPU"), ("sampling", "CPU")])
+def test_out_of_memory_is_one_message_with_the_sizes_and_the_remedies(tmp_path, monkeypatch, capsys, phase, memory):
     def oom(*args, **kwargs):
+        if memory == "CPU":  # what --set resolution=800000 raised on the CPU, a traceback
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 5120000000000 bytes. Error code 12")
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(LCMSampler if phase == "sampling" else Trainer,
@@ -293,7 +298,7 @@ def test_out_of_memory_is_one_message_with_the_sizes_and_the_remedies(tmp_path, 
     run_dir = tmp_path / "run"
     assert train(run_dir) == 1
     line = [one_error_line(capsys)]
-    for part in (f"out of GPU memory while {phase}", "sample_batch_size=4", "train_batch_size=2", "resolution=32",
+    for part in (f"out of {memory} memory while {phase}", "sample_batch_size=4", "train_batch_size=2", "resolution=32",
                  "gradient_checkpointing=true", "gradient_accumulation_steps"):
         assert part in line[0]
 
@@ -378,6 +383,32 @@ def test_a_mid_epoch_checkpoint_refuses_a_different_batch_layout(reference, tmp_
 def test_bad_fault_options_are_one_line_exit_2(tmp_path, capsys, args, message):
     assert main(["train", "--device", "cpu", *args]) == 2
     assert message in one_error_line(capsys)
+
+
+def test_resuming_into_another_runs_folder_is_refused(reference, tmp_path, capsys):
+    """It overwrote that run's checkpoint-2, latest pointer, config.yaml and metrics (6 lines cut to 4)."""
+    other = tmp_path / "other"
+    shutil.copytree(reference, other)
+    before = records(other)
+    assert main(["train", "--resume", str(reference / "checkpoint-1"), "--output-dir", str(other)]) == 2
+    assert (f"--output-dir '{other}' already holds another run; resume '{reference / 'checkpoint-1'}' into an empty "
+            f"folder, or into its own ('{reference}')") in one_error_line(capsys)
+    assert records(other) == before and (other / "latest").read_text().strip() == "checkpoint-2"
+
+
+def test_output_dir_from_set_is_the_run_folder_and_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """--set output_dir=DIR was ignored (the run went to runs/<task>-<time>); a file as --output-dir was a
+    FileExistsError traceback once the model had loaded."""
+    run_dir = tmp_path / "from-set"
+    assert main(["train", *ARGS, "--set", "epochs=1", "--set", f"output_dir={run_dir}"]) == 0
+    assert (run_dir / "checkpoint-1").is_dir()
+    assert main(["train", *ARGS, "--output-dir", str(tmp_path / "a"), "--set", f"output_dir={tmp_path / 'b'}"]) == 2
+    assert (f"--output-dir '{tmp_path / 'a'}' and --set output_dir='{tmp_path / 'b'}' differ: give one of them"
+            in one_error_line(capsys))
+    monkeypatch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
+    (tmp_path / "afile").write_text("hi")
+    assert main(["train", *ARGS, "--output-dir", str(tmp_path / "afile")]) == 2
+    assert f"output dir '{tmp_path / 'afile'}' cannot be created: File exists" in one_error_line(capsys)
 
 
 def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):

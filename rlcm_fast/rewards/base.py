@@ -60,7 +60,7 @@ def import_user_reward(spec: str) -> RewardFn:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RewardError(f"reward {spec!r} cannot be imported: {exc}") from None
-    except Exception as exc:  # the user's module failed while it ran (a SyntaxError, an error at import)
+    except (Exception, SystemExit) as exc:  # the user's module failed while it ran (a SyntaxError, sys.exit())
         raise RewardError(f"reward {spec!r} cannot be imported: its module raised {one_line(exc, limit=300)}") from None
     if not callable(fn):
         raise RewardError(f"reward {spec!r} is not callable")
