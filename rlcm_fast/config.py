@@ -165,6 +165,19 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "xformers")  # rlcm_fast/attention.py
 
 
+# The largest value of an int key (seed and jpeg_quality have their own ranges): far above any real run's counts
+# and sizes, and small enough for every C/CUDA integer it becomes (deque maxlen, torch sizes, thread counts).
+MAX_INT = 2**31 - 1
+OWN_INT_RANGES = ("seed", "jpeg_quality")
+
+
+def _bounded_ints(cfg: TrainConfig) -> None:
+    for name, kind in _field_types().items():
+        value = getattr(cfg, name)
+        if kind == "int" and name not in OWN_INT_RANGES and value > MAX_INT:
+            raise ConfigError(f"{name}={value} is invalid: it must be <= 2**31-1 ({MAX_INT})")
+
+
 def _positive_int(name: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{name}={value} is invalid: it must be a positive integer")
@@ -213,6 +226,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .rewards import RewardError, check_reward_name
 
     _check_types(cfg)
+    _bounded_ints(cfg)
     if cfg.task not in TASK_PRESETS:
         raise ConfigError(f"task {cfg.task!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
     try:
@@ -375,6 +389,11 @@ def _unknown_key(key: str, source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
+def _is_scalar(value: Any) -> bool:
+    """A YAML value that reads as a name: a string or a number (a list, a mapping, null or a bool does not)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Convert a YAML or --set value to the field's type, or fail naming the key and the value."""
     kind = _field_types()[key]
@@ -394,10 +413,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if kind == "list[str]":
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
+            if not isinstance(value, list) or not all(_is_scalar(v) for v in value):  # not [[a]], [{a: 1}], [~]
                 raise TypeError
             return [str(v) for v in value]
         if kind == "str | None":
+            if isinstance(value, (dict, list)):
+                raise TypeError
             return None if value is None else str(value)
         if isinstance(value, (dict, list)):
             raise TypeError
@@ -408,6 +429,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
     for key, value in overrides.items():
+        if not isinstance(key, str):  # a YAML key such as 1, true, null or 2024-01-01
+            raise ConfigError(f"config key {key!r} in {source} is invalid: expected a key name (a string), "
+                              "e.g. epochs")
         if key not in _field_types():
             raise _unknown_key(key, source)
         values[key] = _coerce(key, value, source)
@@ -433,6 +457,8 @@ def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = raw
+        except RecursionError:
+            raise ConfigError(f"--set {key.strip()}=... is invalid: its value is nested too deeply") from None
     return out
 
 
@@ -447,6 +473,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at "
+                          f"position {exc.start} cannot be decoded (a config file must be UTF-8 YAML)") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: it is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -471,7 +502,11 @@ def resolve_config(
         overrides["task"] = task
     if model:
         overrides["model"] = model
-    chosen = {key: overrides.get(key, file_values.get(key, getattr(TrainConfig, key)))
+    file_source = f"config file {str(config_file)!r}"
+    # Typed before they pick presets (a list or a mapping is no preset's name): --set > file > default.
+    chosen = {key: _coerce(key, overrides[key], "--set") if key in overrides
+              else _coerce(key, file_values[key], file_source) if key in file_values
+              else getattr(TrainConfig, key)
               for key in ("task", "model", "method")}
     if chosen["task"] not in TASK_PRESETS:
         raise ConfigError(f"task {chosen['task']!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
@@ -486,6 +521,6 @@ def resolve_config(
         if values.get("prompts") == "alignment":  # the alignment task's prompts are what its reward judges
             tiny_preset = {k: v for k, v in tiny_preset.items() if k != "prompts"}
         apply_overrides(values, tiny_preset, f"the {chosen['model']} preset")
-    apply_overrides(values, file_values, f"config file {str(config_file)!r}")
+    apply_overrides(values, file_values, file_source)
     apply_overrides(values, overrides, "--set")
     return validate(TrainConfig(**values))

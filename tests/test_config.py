@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from rlcm_fast.config import ConfigError, TrainConfig, config_from_saved, parse_set_pairs, resolve_config, validate
@@ -122,3 +124,105 @@ def test_a_stored_config_is_read_with_types_and_unknown_keys_refused():
         config_from_saved({**stored, "keep_checkpoint": 2}, "checkpoint 'c'")
     with pytest.raises(ConfigError, match="is not a mapping"):
         config_from_saved(["epochs"], "checkpoint 'c'")
+
+
+# Bad input found by an audit that ended in Python tracebacks: each is one line now.
+
+def _message(**kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        resolve_config(**kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("model=[a]", "model=['a'] in --set is invalid: expected str"),
+    ("model={a: 1}", "model={'a': 1} in --set is invalid: expected str"),
+    ("task=[x]", "task=['x'] in --set is invalid: expected str"),
+])
+def test_task_model_and_method_must_be_strings_before_they_pick_presets(pair, message):
+    assert _message(overrides=parse_set_pairs([pair])) == message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [a]\n", "model=['a'] in {source} is invalid: expected str"),
+    ("task: {a: 1}\n", "task={'a': 1} in {source} is invalid: expected str"),
+    ("1: 2\n", "config key 1 in {source} is invalid: expected a key name (a string), e.g. epochs"),
+    ("epochs: 2\ntrue: 1\n", "config key True in {source} is invalid: expected a key name (a string), e.g. epochs"),
+    ("null: 1\n", "config key None in {source} is invalid: expected a key name (a string), e.g. epochs"),
+])
+def test_config_file_keys_and_preset_names_are_checked(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert _message(config_file=path) == message.replace("{source}", f"config file {str(path)!r}")
+
+
+def test_a_stored_config_with_a_key_that_is_not_a_string_is_one_line():
+    with pytest.raises(ConfigError) as info:
+        config_from_saved({1: 2}, "checkpoint 'c'")
+    assert str(info.value) == "config key 1 in checkpoint 'c' is invalid: expected a key name (a string), e.g. epochs"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xfe: 1\n", "byte 0xff at position 0 cannot be decoded"),
+    (b"epochs: 3\nmodel: \xe9t\xe9\n", "byte 0xe9 at position 17 cannot be decoded"),
+])
+def test_config_file_that_is_not_utf8_is_one_line(tmp_path, data, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data)
+    assert _message(config_file=path) == (f"config file {str(path)!r} is not UTF-8 text: {message} "
+                                          "(a config file must be UTF-8 YAML)")
+
+
+def test_config_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: " + "[" * 10000 + "\n")
+    assert _message(config_file=path) == f"config file {str(path)!r} is not valid YAML: it is nested too deeply"
+    with pytest.raises(ConfigError) as info:
+        parse_set_pairs(["epochs=" + "[" * 10000])
+    assert str(info.value) == "--set epochs=... is invalid: its value is nested too deeply"
+
+
+INT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "int" and f.name not in ("seed", "jpeg_quality")]
+
+
+@pytest.mark.parametrize("name", INT_KEYS)
+def test_every_int_key_has_an_upper_bound(name):
+    assert _message(overrides={name: 2**31}) == f"{name}={2**31} is invalid: it must be <= 2**31-1 (2147483647)"
+
+
+def test_huge_counts_from_the_command_line_are_refused_and_the_bound_is_allowed():
+    assert len(INT_KEYS) > 20 and "stat_buffer_size" in INT_KEYS and "train_rows_per_call" in INT_KEYS
+    for name in ("stat_buffer_size", "train_rows_per_call"):  # OverflowError in deque / torch.split before
+        assert _message(overrides=parse_set_pairs([f"{name}=10000000000000000000"])) == (
+            f"{name}=10000000000000000000 is invalid: it must be <= 2**31-1 (2147483647)")
+    assert resolve_config(overrides={"stat_buffer_size": 2**31 - 1}).stat_buffer_size == 2**31 - 1
+    assert resolve_config(overrides={"train_rows_per_call": 2**31 - 1}).train_rows_per_call == 2**31 - 1
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("lcm_lora=[x]", "lcm_lora=['x'] in --set is invalid: expected str | None"),
+    ("lcm_lora={a: 1}", "lcm_lora={'a': 1} in --set is invalid: expected str | None"),
+    ("lora_targets=[[a]]", "lora_targets=[['a']] in --set is invalid: expected list[str]"),
+    ("lora_targets=[to_q, {a: 1}]", "lora_targets=['to_q', {'a': 1}] in --set is invalid: expected list[str]"),
+    ("lora_targets=[to_q, ~]", "lora_targets=['to_q', None] in --set is invalid: expected list[str]"),
+])
+def test_lists_are_refused_where_a_string_is_expected(pair, message):
+    assert _message(overrides=parse_set_pairs([pair])) == message
+    assert resolve_config(overrides=parse_set_pairs(["lora_targets=[to_q, to_v]"])).lora_targets == ["to_q", "to_v"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model=[a]"], "model=['a'] in --set is invalid: expected str"),
+    (["--set", "stat_buffer_size=10000000000000000000"],
+     "stat_buffer_size=10000000000000000000 is invalid: it must be <= 2**31-1 (2147483647)"),
+])
+def test_train_refuses_them_in_one_line_before_loading_a_model(tmp_path, capsys, monkeypatch, args, message):
+    from rlcm_fast.cli import main
+
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [f"rlcm-fast: error: {message}"], err
+    assert not run_dir.exists()
