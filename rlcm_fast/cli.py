@@ -210,6 +210,36 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def _newer_intact_checkpoint(checkpoint: Path) -> Path | None:
+    """The newest intact checkpoint of `checkpoint`'s run that is newer than it, if any (damaged ones are
+    passed over, as --resume passes over them)."""
+    from .checkpoint import CheckpointError, checkpoint_key, list_checkpoints, verify_checkpoint
+
+    for candidate in reversed(list_checkpoints(checkpoint.parent)):
+        if checkpoint_key(candidate) <= checkpoint_key(checkpoint):
+            return None
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        return candidate
+    return None
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Before any model loads, a run folder that cannot be made is one line (it was an OSError traceback after
+    loading). Nothing is created here: a run refused later leaves no folder behind."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: it is a file")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if existing != run_dir and not existing.is_dir():
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: {str(existing)!r} is not writable")
+
+
 def _holds_checkpoints(run_dir: Path) -> bool:
     from .checkpoint import list_checkpoints
 
@@ -281,16 +311,19 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         if run_dir.resolve() != resume_from.parent.resolve() and _holds_checkpoints(run_dir):
             raise UsageError(f"--output-dir {str(run_dir)!r} already holds another run; resume {str(resume_from)!r} "
                              f"into an empty folder, or into its own ({str(resume_from.parent)!r})")
+        # An older checkpoint in its own folder: the later epochs' metrics were dropped at once, while their
+        # checkpoints and `latest` stayed, so a stop before the next checkpoint resumed the other branch.
+        if run_dir.resolve() == resume_from.parent.resolve() and (newer := _newer_intact_checkpoint(resume_from)):
+            raise UsageError(f"{resume_from.name} is older than this run's intact {newer.name}: resuming it here would "
+                             "overwrite the later checkpoints and metrics; resume it into a new --output-dir (a branch "
+                             "of the run), or remove the newer checkpoints first")
     else:
         cfg = resolve_config(args.task, args.model, args.config, overrides)
         # A config file's output_dir counts too (a run's config.yaml names its own folder: refused below).
         run_dir = Path(output_dir or cfg.output_dir or _default_run_dir(cfg))
         if _holds_checkpoints(run_dir):
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
-    try:  # before any model loads: a file in the way, or a folder that cannot be made, is one line
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {exc.strerror or exc}") from None
+    _check_run_dir(run_dir)
     cfg.output_dir = str(run_dir)
     args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
     trainer = Trainer(cfg, run_dir, resume_from)

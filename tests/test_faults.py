@@ -396,6 +396,25 @@ def test_resuming_into_another_runs_folder_is_refused(reference, tmp_path, capsy
     assert records(other) == before and (other / "latest").read_text().strip() == "checkpoint-2"
 
 
+def test_resuming_an_older_checkpoint_over_newer_intact_ones_is_refused(reference, tmp_path, capsys):
+    """It dropped the later epochs' metrics at once while their checkpoints and `latest` stayed: a stop before
+    the next checkpoint then said "Resume with: --resume RUN", which continued the other branch."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = records(run_dir)
+    assert main(["train", "--resume", str(run_dir / "checkpoint-1"), "--set", "epochs=3"]) == 2
+    assert ("checkpoint-1 is older than this run's intact checkpoint-2: resuming it here would overwrite the later "
+            "checkpoints and metrics; resume it into a new --output-dir (a branch of the run), or remove the newer "
+            "checkpoints first") in one_error_line(capsys)
+    assert records(run_dir) == before
+    branch = tmp_path / "branch"  # the way it says: the branch's epoch 2 is the reference's
+    assert main(["train", "--resume", str(run_dir / "checkpoint-1"), "--output-dir", str(branch)]) == 0
+    assert [r for r in records(branch) if r["kind"] == "epoch"] == [r for r in before if r["kind"] == "epoch"][1:]
+    (run_dir / "checkpoint-2" / ckpt_module.OPTIMIZER_FILE).write_bytes(b"damaged")  # passed over, as --resume does
+    assert main(["train", "--resume", str(run_dir / "checkpoint-1")]) == 0
+    assert records(run_dir) == before
+
+
 def test_output_dir_from_set_is_the_run_folder_and_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     """--set output_dir=DIR was ignored (the run went to runs/<task>-<time>); a file as --output-dir was a
     FileExistsError traceback once the model had loaded."""
@@ -408,7 +427,10 @@ def test_output_dir_from_set_is_the_run_folder_and_a_file_is_refused_before_load
     monkeypatch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
     (tmp_path / "afile").write_text("hi")
     assert main(["train", *ARGS, "--output-dir", str(tmp_path / "afile")]) == 2
-    assert f"output dir '{tmp_path / 'afile'}' cannot be created: File exists" in one_error_line(capsys)
+    assert f"output dir '{tmp_path / 'afile'}' cannot be created: it is a file" in one_error_line(capsys)
+    assert main(["train", *ARGS, "--output-dir", str(tmp_path / "afile" / "run")]) == 2
+    assert (f"output dir '{tmp_path / 'afile' / 'run'}' cannot be created: '{tmp_path / 'afile'}' is a file"
+            in one_error_line(capsys))
 
 
 def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):
