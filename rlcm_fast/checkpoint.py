@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .lora import load_lora_into, save_lora
+from .stat_tracker import PerPromptStatTracker
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
 STATE_FILE = "training_state.json"
@@ -33,6 +35,7 @@ RNG_FILE = "rng_state.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+REQUIRED_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE, LORA_FILE)  # in every checkpoint's manifest
 
 
 class CheckpointError(ValueError):
@@ -111,12 +114,15 @@ def verify_checkpoint(checkpoint: Path) -> None:
     """Every file the manifest lists is there with its size and sha256, or a CheckpointError naming it."""
     where = f"checkpoint {str(checkpoint)!r}"
     try:
-        files = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{where} is incomplete: it has no {MANIFEST_FILE}") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
         raise CheckpointError(f"{where} is damaged: {MANIFEST_FILE} is unreadable ({exc})") from None
-    for name, expected in files.items():
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{where} is damaged: {MANIFEST_FILE} is malformed ({problem})")
+    for name, expected in manifest["files"].items():
         path = checkpoint / name
         if not path.is_file():
             raise CheckpointError(f"{where} is damaged: {name} is missing")
@@ -125,6 +131,44 @@ def verify_checkpoint(checkpoint: Path) -> None:
             raise CheckpointError(f"{where} is damaged: {name} has {size} bytes, the manifest says {expected['bytes']}")
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{where} is damaged: {name} does not match its sha256 in the manifest")
+    read_training_state(checkpoint)  # its shape: a state the trainer cannot use is damage too
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest (`_write_manifest`'s shape: format 1, files: name -> {bytes,
+    sha256}, naming at least every file a checkpoint has), or None."""
+    if not isinstance(manifest, dict):
+        return f"it holds {_shown(manifest)}, not an object"
+    if manifest.get("format") != 1:
+        return f"format is {_shown(manifest.get('format'))}, expected 1"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"files is {_shown(files)}, expected an object of file name: {{bytes, sha256}}"
+    for name, entry in files.items():
+        if name in ("", ".", "..", MANIFEST_FILE) or any(c in name for c in "/\\\0"):
+            return f"it lists {name!r}, not a file of the checkpoint"
+        if not (isinstance(entry, dict) and _is_count(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            return f"the entry of {name} is {_shown(entry)}, expected {{bytes: a size, sha256: 64 hex digits}}"
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        return f"it does not list {', '.join(missing)}"
+    return None
+
+
+def _is_count(value) -> bool:
+    """An integer >= 0 (JSON's true and false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value for a message, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_latest(run_dir: Path, name: str) -> None:
@@ -195,13 +239,9 @@ def save_checkpoint(
         )
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         _write_manifest(tmp)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        intact = [p.name for p in list_checkpoints(run_dir)]
-        kept = f"; {intact[-1]} and earlier checkpoints are intact" if intact else ""
-        raise CheckpointWriteError(
-            f"could not write {name} in {str(run_dir)!r}: {exc.strerror or exc}{kept}"
-        ) from None
+        raise _write_error(run_dir, name, exc) from None
     if final.exists():  # re-running an epoch after a resume from an earlier checkpoint
         stale = run_dir / f".{name}.stale-{os.getpid()}"
         final.rename(stale)
@@ -209,10 +249,30 @@ def save_checkpoint(
         shutil.rmtree(stale)
     else:
         tmp.rename(final)
-    _fsync(run_dir)
-    _write_latest(run_dir, name)
+    try:
+        _fsync(run_dir)
+        _write_latest(run_dir, name)
+    except OSError as exc:  # `latest` still names the previous checkpoint: drop this one, as if never written
+        try:
+            (run_dir / f".{LATEST_FILE}.tmp-{os.getpid()}").unlink(missing_ok=True)
+            _discard(final)
+        except OSError:
+            pass
+        raise _write_error(run_dir, name, exc) from None
     prune_checkpoints(run_dir, keep, final)
     return final
+
+
+def _write_error(run_dir: Path, name: str, exc: Exception) -> CheckpointWriteError:
+    """One line: which checkpoint could not be written, why (a full disk: "No space left on device", from an
+    OSError or from safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"),
+    and the newest checkpoint still there."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    match = re.search(r"I/O error: (.*?) \(os error \d+\)", reason)
+    reason = match.group(1) if match else reason
+    intact = [p.name for p in list_checkpoints(run_dir)]
+    kept = f"; {intact[-1]} and earlier checkpoints are intact" if intact else ""
+    return CheckpointWriteError(f"could not write {name} in {str(run_dir)!r}: {reason}{kept}")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -225,23 +285,50 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def find_resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
     """The checkpoint `--resume auto` continues from: the one `latest` names if it is intact, else the
-    newest intact one; None if there is none. Also returns why each newer candidate was skipped."""
-    candidates = list(reversed(list_checkpoints(run_dir)))
+    newest intact one; None if there is none. Also returns why each newer candidate was skipped, after
+    why the `latest` pointer was ignored if it is damaged (not a checkpoint's name)."""
+    found, pointer_problem, skipped = _scan(run_dir)
+    return found, ([pointer_problem] if pointer_problem else []) + skipped
+
+
+def _latest_problem(run_dir: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint folder `latest` names, None) or (None, why the pointer is damaged). A missing pointer,
+    or one naming a checkpoint that is not there (deleted by hand), is no damage: (None, None)."""
+    pointer = run_dir / LATEST_FILE
     try:
-        pointed = run_dir / (run_dir / LATEST_FILE).read_text().strip()
-        if pointed in candidates:
-            candidates.remove(pointed)
-            candidates.insert(0, pointed)
-    except OSError:
-        pass
+        text = pointer.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        why = f"it is unreadable ({exc.strerror or exc})"
+    else:
+        try:
+            name = text.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            why = "it is not text"
+        else:
+            if CHECKPOINT_PATTERN.match(name):
+                return run_dir / name, None
+            why = f"it holds {_shown(name)}, not a checkpoint's name"
+    return None, f"the latest pointer {str(pointer)!r} is damaged: {why}; ignoring it"
+
+
+def _scan(run_dir: Path) -> tuple[Path | None, str | None, list[str]]:
+    """find_resumable's checkpoint, why the pointer was ignored (or None), and why each newer checkpoint was
+    skipped."""
+    candidates = list(reversed(list_checkpoints(run_dir)))
+    pointed, pointer_problem = _latest_problem(run_dir)
+    if pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
     skipped = []
     for candidate in candidates:
         try:
             verify_checkpoint(candidate)
-            return candidate, skipped
+            return candidate, pointer_problem, skipped
         except CheckpointError as exc:
             skipped.append(str(exc))
-    return None, skipped
+    return None, pointer_problem, skipped
 
 
 def resolve_checkpoint(path: str | Path, what: str = "resume path", warn: Callable[[str], None] | None = None) -> Path:
@@ -256,10 +343,10 @@ def resolve_checkpoint(path: str | Path, what: str = "resume path", warn: Callab
         raise CheckpointError(
             f"{what} {str(path)!r} is neither a checkpoint-N folder nor a run folder holding one"
         )
-    found, skipped = find_resumable(path)
+    found, pointer_problem, skipped = _scan(path)
     if found is None:
         raise CheckpointError(f"run folder {str(path)!r} holds no intact checkpoint ({skipped[0]})")
-    for reason in skipped if warn is not None else ():
+    for reason in ([pointer_problem] if pointer_problem else []) + skipped if warn is not None else ():
         warn(reason)
     return found
 
@@ -272,10 +359,93 @@ def load_tensors(checkpoint: Path, file_name: str) -> dict[str, torch.Tensor]:
 
 
 def read_training_state(checkpoint: Path) -> dict:
+    """The checkpoint's training state, checked to have the shape `save_checkpoint` writes (else the
+    checkpoint is damaged: a CheckpointError "checkpoint '...' is damaged: training_state.json ...")."""
     try:
-        return json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is unreadable ({STATE_FILE}: {exc})") from None
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {STATE_FILE} {problem}")
+    return state
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with a training state's shape (what the trainer, the CLI and the run's logging read from
+    it), or None. The config's values are checked where it is read (config_from_saved)."""
+    if not isinstance(state, dict):
+        return f"holds {_shown(state)}, not an object"
+    required = ("epoch", "global_step", "config", "optimizer", "lr_scheduler", "stat_tracker")
+    missing = [key for key in required if key not in state]
+    if missing:
+        return f"has no {', '.join(repr(key) for key in missing)}"
+
+    def bad(key: str, value, expected: str) -> str:
+        return f"has {key}={_shown(value)}, expected {expected}"
+
+    for key in ("epoch", "global_step", "update"):
+        if key in state and not _is_count(state[key]):
+            return bad(key, state[key], "an integer >= 0")
+    if not isinstance(state["config"], dict):
+        return bad("config", state["config"], "an object")
+    nonfinite = state.get("nonfinite", {})
+    if not isinstance(nonfinite, dict) or not all(_is_count(nonfinite.get(k, 0)) for k in ("total", "in_a_row")):
+        return bad("nonfinite", nonfinite, "{total, in_a_row: integers >= 0}")
+    scaler = state.get("grad_scaler")
+    if scaler not in (None, {}) and not (  # {}: a disabled loss scaler's
+            isinstance(scaler, dict) and all(_is_number(scaler.get(k)) for k in ("scale", "growth_factor", "backoff_factor"))
+            and all(_is_count(scaler.get(k)) for k in ("growth_interval", "_growth_tracker"))):
+        return bad("grad_scaler", scaler, "a loss scaler's state")
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not (isinstance(groups, list) and groups and all(_is_param_group(g) for g in groups)):
+        return bad("optimizer", optimizer, "{param_groups: [{params, lr, betas, eps, weight_decay}, ...]}")
+    scheduler = state["lr_scheduler"]
+    if not (isinstance(scheduler, dict) and _is_count(scheduler.get("last_epoch"))
+            and all(_is_list(scheduler.get(k), len(groups), _is_number) for k in ("base_lrs", "_last_lr"))
+            and _is_list(scheduler.get("lr_lambdas"), len(groups), lambda f: f is None or isinstance(f, dict))):
+        return bad("lr_scheduler", scheduler, f"an LR schedule's state for {len(groups)} parameter group(s)")
+    try:
+        PerPromptStatTracker.check_state(state["stat_tracker"])
+    except ValueError as exc:
+        return f"has a stat_tracker that {exc}"
+    update = state.get("update", 0)
+    if update:  # stopped mid-epoch: that epoch's samples (epoch_samples.stopped_epoch_record)
+        if "stopped_epoch" not in state:
+            return f"has update={update} but no 'stopped_epoch' (the samples of the epoch it stopped in)"
+        return _stopped_epoch_problem(state["stopped_epoch"], update)
+    return None
+
+
+def _is_list(value, length: int, item_ok: Callable[[object], bool]) -> bool:
+    return isinstance(value, list) and len(value) == length and all(item_ok(v) for v in value)
+
+
+def _is_param_group(group) -> bool:
+    return (isinstance(group, dict) and isinstance(group.get("params"), list) and all(map(_is_count, group["params"]))
+            and all(_is_number(group.get(k)) for k in ("lr", "eps", "weight_decay"))
+            and _is_list(group.get("betas"), 2, _is_number))
+
+
+def _stopped_epoch_problem(stopped, update: int) -> str | None:
+    expected = "{updates_done, processes, prompts, stats}"
+    if not isinstance(stopped, dict):
+        return f"has stopped_epoch={_shown(stopped)}, expected {expected}"
+    processes, prompts, stats = stopped.get("processes"), stopped.get("prompts"), stopped.get("stats")
+    if stopped.get("updates_done") != update or isinstance(stopped.get("updates_done"), bool):
+        return f"has stopped_epoch.updates_done={_shown(stopped.get('updates_done'))}, expected {update} (its update)"
+    if not (_is_count(processes) and processes >= 1):
+        return f"has stopped_epoch.processes={_shown(processes)}, expected an integer >= 1"
+    if not (isinstance(prompts, list) and prompts and len(prompts) % processes == 0
+            and all(isinstance(p, str) for p in prompts)):
+        return (f"has stopped_epoch.prompts={_shown(prompts)}, expected a list of prompts, as many for each of "
+                f"its {processes} process(es)")
+    needed = ("reward_mean", "reward_std", "sample_seconds")
+    if not (isinstance(stats, dict) and all(k in stats for k in needed)
+            and all(isinstance(k, str) and _is_number(v) for k, v in stats.items())):
+        return f"has stopped_epoch.stats={_shown(stats)}, expected numbers including {', '.join(needed)}"
+    return None
 
 
 def saved_config(checkpoint: Path) -> dict:
@@ -299,9 +469,13 @@ def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracke
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match this optimizer: {exc}") from None
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     stat_tracker.load_state_dict(state["stat_tracker"])
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    try:
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {RNG_FILE} holds no usable RNG state "
+                              f"({type(exc).__name__}: {exc})") from None
     return state

@@ -49,8 +49,10 @@ def _is_main_process() -> bool:
 
 
 def _warn_skipped(reason: str) -> None:
-    """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ...")."""
-    print(f"rlcm-fast: warning: {reason}; taking an older checkpoint", file=sys.stderr)
+    """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ..."),
+    or why the run's `latest` pointer was ignored (it says so itself)."""
+    taking = "; taking an older checkpoint" if reason.startswith("checkpoint ") else ""
+    print(f"rlcm-fast: warning: {reason}{taking}", file=sys.stderr)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

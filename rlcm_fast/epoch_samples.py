@@ -63,7 +63,15 @@ def restore_stopped_epoch(checkpoint: Path, state: dict, accelerator) -> tuple[E
             f"with --num-processes {stopped['processes']}, or resume an epoch checkpoint (checkpoint-N) with any"
         )
     tensors = load_tensors(checkpoint, SAMPLES_FILE)
-    n = len(stopped["prompts"]) // processes
+    rows = len(stopped["prompts"])  # the state's shape is checked (checkpoint.read_training_state)
+    dims = {"states": 5, "log_probs": 2, "advantages": 1, "rewards": 1, "grid_images": 4}  # (rows, ...)
+    for name, dim in dims.items():
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {SAMPLES_FILE} has no {name!r}")
+        if tensors[name].dim() != dim or (name != "grid_images" and tensors[name].shape[0] != rows):
+            raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {SAMPLES_FILE} holds "
+                                  f"{name} of shape {tuple(tensors[name].shape)} for {rows} prompts")
+    n = rows // processes
     mine = slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
     samples = EpochSamples(
         prompts=stopped["prompts"][mine], states=tensors["states"][mine], log_probs=tensors["log_probs"][mine],

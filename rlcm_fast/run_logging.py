@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .faults import TrainingFault
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -26,7 +30,18 @@ class RunLogger:
         self._drop_records_after(resume_epoch, resume_step)
         # purge_step hides events a crashed run logged past the checkpoint we resume from.
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        with self._writing():
+            self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+
+    @contextmanager
+    def _writing(self):
+        """An OSError writing the metrics (a full disk) stops the run with one line (exit 1): the metrics are the
+        run's record, unlike the pictures. The checkpoints written before are intact."""
+        try:
+            yield
+        except OSError as exc:
+            raise TrainingFault(f"could not write {METRICS_FILE} in {str(self.run_dir)!r}: {exc.strerror or exc}; "
+                                "the checkpoints written before are intact") from None
 
     def _drop_records_after(self, epoch: int, step: int) -> None:
         """On resume, forget what was logged after the checkpoint (`epoch` epochs and `step` optimizer
@@ -43,13 +58,18 @@ class RunLogger:
 
         kept = [line for line in self.metrics_path.read_text().splitlines() if line and before_checkpoint(line)]
         tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.metrics_path)
+        try:
+            with self._writing():
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(self.metrics_path)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone after the replace; a partial one is removed
 
     def log(self, kind: str, epoch: int, step: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "epoch": epoch, "step": step, **values}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        with self._writing():
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
         for name, value in values.items():
             self.writer.add_scalar(f"{kind}/{name}", value, step)
 
@@ -80,8 +100,22 @@ def save_sample_grid(
         grid.paste(tile, (x, y))
         draw.text((x + 2, y + size + 1), f"{rewards[i]:.3f}", fill="black")
         draw.text((x + 2, y + size + 12), prompts[i][: size // 6], fill="gray")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    _write_or_warn(path, "sample grid", lambda: grid.save(path))
+
+
+def _write_or_warn(path: Path, what: str, write) -> None:
+    """Write a picture for people to look at; an OSError (a full disk) is a one-line warning and the run goes
+    on: a checkpoint written next reports a full disk itself. A partly written file is removed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write()
+    except OSError as exc:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(f"rlcm-fast: warning: could not write the {what} {str(path)!r}: {exc.strerror or exc}; "
+              "training goes on", file=sys.stderr, flush=True)
 
 
 def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) -> None:
@@ -101,8 +135,10 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) ->
     ax.set_ylabel(f"{reward_name} (mean +- std)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        _write_or_warn(path, "reward plot", lambda: fig.savefig(path))
+    finally:
+        plt.close(fig)
 
 
 def summarize(records: list[dict]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -161,8 +162,16 @@ class Trainer:
                 self.resumed_epoch = restore_stopped_epoch(resume_from, state, self.accelerator)
         self.logger = None
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            config_file = run_dir / "config.yaml"
+            partial = config_file.with_name(f".config.yaml.tmp-{os.getpid()}")
+            try:  # written whole or not at all: a full disk left a truncated config.yaml and a traceback
+                run_dir.mkdir(parents=True, exist_ok=True)
+                partial.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                partial.replace(config_file)
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise TrainingFault(f"could not write {str(config_file)!r}: {exc.strerror or exc}; the checkpoints "
+                                    "written before are intact") from None
             self.logger = RunLogger(run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
 
     # -- sampling and rewards ---------------------------------------------------------------------------
