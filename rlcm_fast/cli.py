@@ -131,16 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _looks_like_path(value: str) -> bool:
-    """A local path, not a hub id: a hub id (owner/name) has at most one '/' and starts with neither '.' nor '/'."""
-    return value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
-
-
 def run_serve_reward(args: argparse.Namespace) -> int:
     import torch
 
     from .rewards import RewardError
     from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve
+    from .rewards.base import looks_like_path
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -153,7 +149,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} is invalid: it must be >= 1")
     for option, value in (("--vlm", args.vlm), ("--scorer", args.scorer)):
         # A missing local path would get the hub's repo-id rules as its error.
-        if value and _looks_like_path(value) and not Path(value).is_dir():
+        if value and looks_like_path(value) and not Path(value).is_dir():
             problem = "not a folder" if Path(value).exists() else "no such folder"
             raise UsageError(f"{option} {value!r} is invalid: {problem} (a hub id or a local model folder)")
     try:

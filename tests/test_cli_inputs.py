@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast.cli import _looks_like_path, main
+from rlcm_fast.cli import main
+from rlcm_fast.rewards.base import looks_like_path
 from rlcm_fast.rewards import RewardError, checked_rewards
 
 SAMPLE = ["sample", "--prompt", "cat", "--device", "cpu"]
@@ -173,7 +174,7 @@ def test_serve_reward_device_cuda_without_cuda_is_one_line(capsys):
     ("../models/llava", True), ("models/llava/v1", True),
 ])
 def test_only_path_like_model_values_are_checked_as_folders(value, is_path):
-    assert _looks_like_path(value) == is_path
+    assert looks_like_path(value) == is_path
 
 
 def test_reward_spec_with_an_empty_entry_is_one_line(tmp_path, capsys):

@@ -100,8 +100,11 @@ def test_aesthetic_rejects_a_clip_of_the_wrong_width(tmp_path):
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RewardError, match=f"aesthetic_model '{tmp_path}/nothing' cannot be loaded"):
+    with pytest.raises(RewardError) as caught:
         make_reward("aesthetic", aesthetic_model=str(tmp_path / "nothing"))
+    # It was the hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which never said why.
+    assert str(caught.value) == (f"aesthetic_model '{tmp_path}/nothing' cannot be loaded: no such folder (a hub id "
+                                 "or a local folder with safetensors)")
 
 
 def reference_cosines(folder, images, prompts):

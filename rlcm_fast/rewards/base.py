@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ import torch
 from ..faults import one_line
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], object]
+
+
+def looks_like_path(value: str) -> bool:
+    """A local path, not a hub id: a hub id (owner/name) has at most one '/' and starts with neither '.' nor '/'."""
+    return value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
 
 
 class RewardError(ValueError):

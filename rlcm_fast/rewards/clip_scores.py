@@ -12,12 +12,13 @@ import functools
 import threading
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .base import RewardError
+from .base import RewardError, looks_like_path
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
 DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"  # Hessel et al.'s CLIPScore uses ViT-B/32
@@ -116,6 +117,10 @@ def load_aesthetic_head(path=None) -> torch.nn.Sequential:
 
 
 def _load(kind, model_id: str, what: str, **kwargs):
+    if looks_like_path(model_id) and not Path(model_id).is_dir():  # else the hub's repo-id rules were its error
+        problem = "not a folder" if Path(model_id).exists() else "no such folder"
+        raise RewardError(f"{what} {model_id!r} cannot be loaded: {problem} (a hub id or a local folder with "
+                          "safetensors)")
     try:
         return kind.from_pretrained(model_id, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
