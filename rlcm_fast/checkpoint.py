@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .faults import shown
 from .lora import load_lora_into, save_lora
 from .stat_tracker import PerPromptStatTracker
 
@@ -138,18 +139,18 @@ def _manifest_problem(manifest) -> str | None:
     """What is wrong with a parsed manifest (`_write_manifest`'s shape: format 1, files: name -> {bytes,
     sha256}, naming at least every file a checkpoint has), or None."""
     if not isinstance(manifest, dict):
-        return f"it holds {_shown(manifest)}, not an object"
+        return f"it holds {shown(manifest)}, not an object"
     if manifest.get("format") != 1:
-        return f"format is {_shown(manifest.get('format'))}, expected 1"
+        return f"format is {shown(manifest.get('format'))}, expected 1"
     files = manifest.get("files")
     if not isinstance(files, dict):
-        return f"files is {_shown(files)}, expected an object of file name: {{bytes, sha256}}"
+        return f"files is {shown(files)}, expected an object of file name: {{bytes, sha256}}"
     for name, entry in files.items():
         if name in ("", ".", "..", MANIFEST_FILE) or any(c in name for c in "/\\\0"):
             return f"it lists {name!r}, not a file of the checkpoint"
         if not (isinstance(entry, dict) and _is_count(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
                 and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
-            return f"the entry of {name} is {_shown(entry)}, expected {{bytes: a size, sha256: 64 hex digits}}"
+            return f"the entry of {name} is {shown(entry)}, expected {{bytes: a size, sha256: 64 hex digits}}"
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         return f"it does not list {', '.join(missing)}"
@@ -163,12 +164,6 @@ def _is_count(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _shown(value, limit: int = 60) -> str:
-    """A value for a message, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_latest(run_dir: Path, name: str) -> None:
@@ -309,7 +304,7 @@ def _latest_problem(run_dir: Path) -> tuple[Path | None, str | None]:
         else:
             if CHECKPOINT_PATTERN.match(name):
                 return run_dir / name, None
-            why = f"it holds {_shown(name)}, not a checkpoint's name"
+            why = f"it holds {shown(name)}, not a checkpoint's name"
     return None, f"the latest pointer {str(pointer)!r} is damaged: {why}; ignoring it"
 
 
@@ -375,14 +370,14 @@ def _state_problem(state) -> str | None:
     """What is wrong with a training state's shape (what the trainer, the CLI and the run's logging read from
     it), or None. The config's values are checked where it is read (config_from_saved)."""
     if not isinstance(state, dict):
-        return f"holds {_shown(state)}, not an object"
+        return f"holds {shown(state)}, not an object"
     required = ("epoch", "global_step", "config", "optimizer", "lr_scheduler", "stat_tracker")
     missing = [key for key in required if key not in state]
     if missing:
         return f"has no {', '.join(repr(key) for key in missing)}"
 
     def bad(key: str, value, expected: str) -> str:
-        return f"has {key}={_shown(value)}, expected {expected}"
+        return f"has {key}={shown(value)}, expected {expected}"
 
     for key in ("epoch", "global_step", "update"):
         if key in state and not _is_count(state[key]):
@@ -431,20 +426,20 @@ def _is_param_group(group) -> bool:
 def _stopped_epoch_problem(stopped, update: int) -> str | None:
     expected = "{updates_done, processes, prompts, stats}"
     if not isinstance(stopped, dict):
-        return f"has stopped_epoch={_shown(stopped)}, expected {expected}"
+        return f"has stopped_epoch={shown(stopped)}, expected {expected}"
     processes, prompts, stats = stopped.get("processes"), stopped.get("prompts"), stopped.get("stats")
     if stopped.get("updates_done") != update or isinstance(stopped.get("updates_done"), bool):
-        return f"has stopped_epoch.updates_done={_shown(stopped.get('updates_done'))}, expected {update} (its update)"
+        return f"has stopped_epoch.updates_done={shown(stopped.get('updates_done'))}, expected {update} (its update)"
     if not (_is_count(processes) and processes >= 1):
-        return f"has stopped_epoch.processes={_shown(processes)}, expected an integer >= 1"
+        return f"has stopped_epoch.processes={shown(processes)}, expected an integer >= 1"
     if not (isinstance(prompts, list) and prompts and len(prompts) % processes == 0
             and all(isinstance(p, str) for p in prompts)):
-        return (f"has stopped_epoch.prompts={_shown(prompts)}, expected a list of prompts, as many for each of "
+        return (f"has stopped_epoch.prompts={shown(prompts)}, expected a list of prompts, as many for each of "
                 f"its {processes} process(es)")
     needed = ("reward_mean", "reward_std", "sample_seconds")
     if not (isinstance(stats, dict) and all(k in stats for k in needed)
             and all(isinstance(k, str) and _is_number(v) for k, v in stats.items())):
-        return f"has stopped_epoch.stats={_shown(stats)}, expected numbers including {', '.join(needed)}"
+        return f"has stopped_epoch.stats={shown(stats)}, expected numbers including {', '.join(needed)}"
     return None
 
 

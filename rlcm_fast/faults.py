@@ -20,6 +20,12 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
+def shown(value, limit: int = 60) -> str:
+    """A value for a message: its repr, cut short at `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class TrainingFault(RuntimeError):
     """The run stopped on a fault it cannot go past (one line; the CLI exits 1)."""
 

@@ -7,6 +7,8 @@ from collections import deque
 
 import numpy as np
 
+from .faults import shown
+
 
 class PerPromptStatTracker:
     """Keeps each prompt's last `buffer_size` rewards and turns rewards into advantages.
@@ -51,27 +53,18 @@ class PerPromptStatTracker:
         """A ValueError saying what is wrong if `state` is not what `state_dict` writes (as JSON): a mapping
         whose "history" maps each prompt to a list of finite rewards. Checked before load_state_dict is called."""
         if not isinstance(state, dict):
-            raise ValueError(f"is {_shown(state)}, expected an object")
-        history = state.get("history", _MISSING)
-        if history is _MISSING:
+            raise ValueError(f"is {shown(state)}, expected an object")
+        if "history" not in state:
             raise ValueError("has no 'history'")
+        history = state["history"]
         if not isinstance(history, dict):
-            raise ValueError(f"history is {_shown(history)}, expected an object of prompt: rewards")
+            raise ValueError(f"history is {shown(history)}, expected an object of prompt: rewards")
         for prompt, values in history.items():
             if not (isinstance(values, list) and all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-                raise ValueError(f"history[{prompt!r}] is {_shown(values)}, expected a list of finite numbers")
+                raise ValueError(f"history[{prompt!r}] is {shown(values)}, expected a list of finite numbers")
 
     def load_state_dict(self, state: dict) -> None:
         """The saved histories, under this tracker's buffer_size and min_count: a run resumed with other
         stat settings uses them (a smaller buffer keeps each prompt's latest rewards), as its config says."""
         self.history = {p: deque(v, maxlen=self.buffer_size) for p, v in state["history"].items()}
-
-
-_MISSING = object()
-
-
-def _shown(value, limit: int = 60) -> str:
-    """A value for a message, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
