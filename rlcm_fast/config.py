@@ -420,7 +420,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise TypeError
             return None if value is None else str(value)
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (bool, dict, list)):  # `model=null` is no model named "None"
             raise TypeError
         return str(value)
     except (TypeError, ValueError):

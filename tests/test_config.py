@@ -139,6 +139,8 @@ def _message(**kwargs) -> str:
     ("model=[a]", "model=['a'] in --set is invalid: expected str"),
     ("model={a: 1}", "model={'a': 1} in --set is invalid: expected str"),
     ("task=[x]", "task=['x'] in --set is invalid: expected str"),
+    ("model=null", "model=None in --set is invalid: expected str"),  # was the model named "None"
+    ("method=true", "method=True in --set is invalid: expected str"),
 ])
 def test_task_model_and_method_must_be_strings_before_they_pick_presets(pair, message):
     assert _message(overrides=parse_set_pairs([pair])) == message
@@ -147,6 +149,8 @@ def test_task_model_and_method_must_be_strings_before_they_pick_presets(pair, me
 @pytest.mark.parametrize("text, message", [
     ("model: [a]\n", "model=['a'] in {source} is invalid: expected str"),
     ("task: {a: 1}\n", "task={'a': 1} in {source} is invalid: expected str"),
+    ("model:\n", "model=None in {source} is invalid: expected str"),
+    ("epochs: 2\nreward: ~\n", "reward=None in {source} is invalid: expected str"),
     ("1: 2\n", "config key 1 in {source} is invalid: expected a key name (a string), e.g. epochs"),
     ("epochs: 2\ntrue: 1\n", "config key True in {source} is invalid: expected a key name (a string), e.g. epochs"),
     ("null: 1\n", "config key None in {source} is invalid: expected a key name (a string), e.g. epochs"),
