@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -14,7 +13,6 @@ from .config import (
     TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, config_from_saved, parse_set_pairs, resolve_config,
     validate,
 )
-from .presets import METHODS
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
 # scales the saved LoRA's A and B: another value would resume another policy).
@@ -26,10 +24,6 @@ FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lo
 FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batch_size", "train_batch_size",
                    "gradient_accumulation_steps", "num_inner_epochs", "algorithm", "step_fraction", "guidance_scale",
                    "eta")
-
-
-# `sample` writes a PNG per image: 1e8 images per prompt ran out of memory listing their paths.
-MAX_IMAGES_PER_PROMPT = 10_000
 
 
 class UsageError(ValueError):
@@ -48,7 +42,7 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _warn_skipped(reason: str) -> None:
+def warn_skipped(reason: str) -> None:
     """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ..."),
     or why the run's `latest` pointer was ignored (it says so itself)."""
     taking = "; taking an older checkpoint" if reason.startswith("checkpoint ") else ""
@@ -290,7 +284,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         run_dir = Path(output_dir)
         resume_from, skipped = find_resumable(run_dir)
         for reason in skipped if _is_main_process() else ():
-            _warn_skipped(reason)
+            warn_skipped(reason)
         from_args = None
         if args.task or args.model or args.config:
             from_args = resolve_config(args.task, args.model, args.config, overrides)
@@ -300,7 +294,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             cfg = from_args or resolve_config(None, None, None, overrides)
     elif args.resume:
         # A run folder: say which newer checkpoints were passed over.
-        resume_from = resolve_checkpoint(args.resume, warn=_warn_skipped if _is_main_process() else None)
+        resume_from = resolve_checkpoint(args.resume, warn=warn_skipped if _is_main_process() else None)
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
         cfg = _resumed_config(resume_from, overrides)
@@ -339,139 +333,6 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _check_sample_args(args: argparse.Namespace) -> None:
-    """`sample`'s own options, checked before anything is loaded; the model's limits are checked after."""
-    import torch
-
-    if args.algo is not None and args.algo not in METHODS:
-        raise UsageError(f"--algo {args.algo!r} is invalid; allowed: {', '.join(METHODS)}")
-    if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
-        raise UsageError(f"--num-images {args.num_images} is invalid: it must be in 1..{MAX_IMAGES_PER_PROMPT} "
-                         "(images per prompt)")
-    if args.horizon is not None and args.horizon < 1:
-        raise UsageError(f"--horizon {args.horizon} is invalid: it must be >= 1")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise UsageError(f"--resolution {args.resolution} is invalid: it must be a multiple of 8, at least 8")
-    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 1.0):
-        raise UsageError(f"--guidance-scale {args.guidance_scale} is invalid: it must be a finite number >= 1 "
-                         "(w = guidance_scale - 1)")
-    if not 0 <= args.seed < 2**63:  # torch's seed range, as train's
-        raise UsageError(f"--seed {args.seed} is invalid: it must be in 0..2**63-1")
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {args.output_dir!r} is invalid: it is an existing file, not a folder")
-    # The names are fixed by prompt and index, so an earlier call's images would be replaced without a word.
-    taken = [path for path in _sample_paths(out, args.prompt, args.num_images) if path.exists()]
-    if taken:
-        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
-        raise UsageError(f"--output-dir {args.output_dir!r} already holds {taken[0].name}{more}, which this call "
-                         "would overwrite; pick another --output-dir or remove them")
-
-
-def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
-    """Where `sample` writes its images: PP-<prompt slug>-II.png, prompt by prompt."""
-    paths = []
-    for p, prompt in enumerate(prompts):
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-        paths += [out / f"{p:02d}-{slug}-{i:02d}.png" for i in range(num_images)]
-    return paths
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint import CheckpointError, resolve_checkpoint, saved_config
-    from .lora import load_policy_lora
-    from .models import ModelLoadError, ignored_guidance, load_pipeline
-
-    _check_sample_args(args)  # before any model is loaded
-    # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
-    # than sample an older policy without a word.
-    checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=_warn_skipped) if args.lora else None
-    saved = saved_config(checkpoint) if checkpoint else {}
-    method = saved.get("method", "rlcm") if checkpoint else (args.algo or "rlcm")
-    if checkpoint and args.algo is not None and args.algo != method:
-        raise UsageError(f"--algo {args.algo} does not fit --lora {str(checkpoint)!r}: its run trained with "
-                         f"--algo {method}; leave --algo out to sample as the run did")
-    # The steps and guidance `train` starts from for this model and method (the tiny presets', DDPO's 50 DDIM
-    # steps at CFG 5, ...), which a run's own replace.
-    untrained = resolve_config(model=saved.get("model", args.model), overrides={"method": method})
-    run = {"horizon": untrained.horizon, "guidance_scale": untrained.guidance_scale, **saved}
-    run_model = saved.get("model", untrained.model)
-    model = args.model or run_model
-    # Named in errors where another --model than the run's cannot take the LoRA.
-    other_model = f" (its {method} run trained model {run_model!r})" if checkpoint and model != run_model else ""
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        pipe = load_pipeline(model, device, dtype, lcm_lora=run.get("lcm_lora"), method=method)
-    except ModelLoadError as exc:
-        if not other_model:
-            raise
-        raise ModelLoadError(f"--model {model!r} cannot take --lora {str(checkpoint)!r}{other_model}: {exc}") from None
-    extra = {"eta": run.get("eta", 1.0)} if method == "ddpo" else {}  # DDPO's policy samples DDIM with its eta
-    horizon = args.horizon if args.horizon is not None else run["horizon"]
-    # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
-    # pipeline passes strength 1), DDIM's from num_train_timesteps.
-    limit, why = pipe.scheduler.config.num_train_timesteps, "the scheduler's num_train_timesteps"
-    if method == "rlcm":  # the timesteps the run trained on: its original_inference_steps, not the scheduler's
-        extra["original_inference_steps"] = run.get("original_inference_steps",
-                                                    pipe.scheduler.config.original_inference_steps)
-        limit, why = min(limit, extra["original_inference_steps"]), "original_inference_steps"
-    if horizon > limit:
-        source = "the run's" if checkpoint else "the default"
-        name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
-        raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
-    if checkpoint:
-        try:
-            load_policy_lora(pipe, checkpoint)
-        except ValueError as exc:
-            raise CheckpointError(f"--lora {str(checkpoint)!r} cannot be loaded into model {model!r}{other_model}: "
-                                  f"{exc}") from None
-        if other_model:
-            print(f"rlcm-fast: warning: sampling the LoRA on --model {model!r}, not its run's {run_model!r}",
-                  file=sys.stderr)
-    resolution = args.resolution if args.resolution is not None else (
-        run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    guidance = args.guidance_scale if args.guidance_scale is not None else run["guidance_scale"]
-    if unused := ignored_guidance(pipe, method, guidance):
-        print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
-    out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--output-dir {args.output_dir!r} cannot be created: {exc.strerror or exc}") from None
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    paths = iter(_sample_paths(out, args.prompt, args.num_images))
-    for prompt in args.prompt:
-        images = _sample_images(pipe, method, [prompt] * args.num_images, horizon, guidance, resolution, generator,
-                                extra)
-        for image in images:
-            path = next(paths)
-            image.save(path)
-            print(path)
-    return 0
-
-
-def _sample_images(pipe, method: str, prompts: list[str], horizon: int, guidance: float, resolution: int, generator,
-                   extra: dict) -> list:
-    """PIL images from the pipeline's own __call__, or, for an LCM without a guidance embedding (Stable Diffusion
-    with a fused LCM-LoRA, which diffusers' LCM pipeline cannot run), from the sampler its run trained with;
-    both draw the generator in the pipeline's order."""
-    if method == "rlcm" and pipe.unet.config.time_cond_proj_dim is None:
-        from .sampler import LCMSampler
-
-        sampler = LCMSampler(pipe, horizon, guidance, extra["original_inference_steps"], resolution=resolution)
-        images = sampler.sample(pipe.unet, prompts, generator=generator).images
-        return pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))
-    return pipe(prompt=prompts, num_inference_steps=horizon, guidance_scale=guidance, height=resolution,
-                width=resolution, generator=generator, output_type="pil", **extra).images
-
-
 def _error(exc: Exception) -> None:
     """One line on stderr, after clearing progress bars an exception left mid-line."""
     from tqdm.auto import tqdm
@@ -487,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args, argv)
-        return {"sample": run_sample, "serve-reward": run_serve_reward}[args.command](args)
+        if args.command == "sample":
+            from .sample_command import run_sample
+
+            return run_sample(args)
+        return run_serve_reward(args)
     except _user_errors() as exc:
         _error(exc)
         return 2
