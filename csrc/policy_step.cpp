@@ -1,5 +1,5 @@
 // CPU policy step: forward (denoised output, next state, per-row mean Gaussian log-prob) and backward
-// (gradient of the log-prob and of the denoised output with respect to the model output).
+// (the gradients of those outputs with respect to the model output and the state x).
 //
 // Numerics follow policy_step_reference with compute_dtype equal to the element type T: every
 // element's math runs in T in the reference's operation order (the build disables FMA contraction, so
@@ -245,57 +245,85 @@ void policy_step_forward(std::uintptr_t model_output, std::uintptr_t x, std::uin
 
 template <typename T>
 struct BackwardBuffers {
-    const T* model_output;
-    const T* x;
-    const T* next_state;
+    const T* model_output;  // read only with the log-prob term
+    const T* x;             // read only with the log-prob term
+    const T* next_state;    // read only with the log-prob term
     const double* scalars;
-    const double* grad_logp;
-    const T* grad_denoised;  // null when absent
-    T* grad_model_output;
+    const double* grad_logp;  // null: no log-prob term (sampling mode, where logp does not depend on the inputs)
+    const T* grad_denoised;   // null when absent
+    const T* grad_next;       // sampling mode's next-state gradient; null when absent
+    T* grad_model_output;     // null when not wanted
+    T* grad_x;                // null when not wanted
 };
 
-// grad_model_output = denoised_gain * (alpha_next * grad_logp * (next_state - mean) / (std^2 n) + grad_denoised),
-// with the per-row factors formed in double and rounded once to T; the residual is recomputed in T
-// exactly as in the forward pass.
-template <typename T, Prediction P, bool kHasGradDenoised>
+// d(denoised)/d(x) for one row, in double.
+inline double state_gain(const double* row, Prediction prediction) {
+    const double alpha_t = row[0], c_skip = row[2], c_out = row[3];
+    switch (prediction) {
+        case Prediction::epsilon: return c_out / alpha_t + c_skip;
+        case Prediction::v_prediction: return c_out * alpha_t + c_skip;
+        case Prediction::sample: return c_skip;
+    }
+    return 0.0;  // unreachable: prediction is validated before dispatch
+}
+
+// Every gradient reaches the inputs through the denoised output D (mean = alpha_next D, and in sampling mode
+// next_state = mean + sigma_next z), so per element:
+//   grad_D = alpha_next * grad_logp * (next_state - mean) / (std^2 n)   (training: the stored action's score)
+//          + grad_denoised + alpha_next * grad_next                   (sampling: the pathwise gradient)
+//   grad_model_output = dD/dmodel_output * grad_D,   grad_x = dD/dx * grad_D
+// with the per-row factors formed in double and rounded once to T, and the residual recomputed in T exactly
+// as in the forward pass. The branches test per-call pointers, so the compiler hoists them out of the loop.
+template <typename T, Prediction P>
 void backward_chunk(const BackwardBuffers<T>& buffers, int64_t row, int64_t row_size, int64_t begin, int64_t end) {
     const double* row_scalars = buffers.scalars + row * kRowScalarCount;
     const RowScalars<T> s(row_scalars);
-    const double gain = denoised_gain(row_scalars, P);
     const double std_dev = policy_std<T>(row_scalars);
-    const T residual_factor = static_cast<T>(gain * row_scalars[4] * buffers.grad_logp[row] /
-                                             (std_dev * std_dev * static_cast<double>(row_size)));
-    const T denoised_factor = static_cast<T>(gain);
+    const bool logp_term = buffers.grad_logp != nullptr;
+    const T residual_factor = logp_term ? static_cast<T>(row_scalars[4] * buffers.grad_logp[row] /
+                                                         (std_dev * std_dev * static_cast<double>(row_size)))
+                                        : T(0);
+    const T model_output_gain = static_cast<T>(denoised_gain(row_scalars, P));
+    const T x_gain = static_cast<T>(state_gain(row_scalars, P));
     for (int64_t i = begin; i < end; ++i) {
-        const T mean = s.alpha_next * denoised_value<T, P>(buffers.model_output[i], buffers.x[i], s);
-        T grad = residual_factor * (buffers.next_state[i] - mean);
-        if constexpr (kHasGradDenoised) grad += denoised_factor * buffers.grad_denoised[i];
-        buffers.grad_model_output[i] = grad;
+        T grad = T(0);
+        if (logp_term) {
+            const T mean = s.alpha_next * denoised_value<T, P>(buffers.model_output[i], buffers.x[i], s);
+            grad += residual_factor * (buffers.next_state[i] - mean);
+        }
+        if (buffers.grad_denoised != nullptr) grad += buffers.grad_denoised[i];
+        if (buffers.grad_next != nullptr) grad += s.alpha_next * buffers.grad_next[i];
+        if (buffers.grad_model_output != nullptr) buffers.grad_model_output[i] = model_output_gain * grad;
+        if (buffers.grad_x != nullptr) buffers.grad_x[i] = x_gain * grad;
     }
 }
 
-template <typename T, Prediction P, bool kHasGradDenoised>
+template <typename T, Prediction P>
 void backward_rows(const BackwardBuffers<T>& buffers, const Layout& layout) {
     parallel_for(layout.rows * layout.chunks_per_row, layout.num_threads, [&](int64_t item) {
         const int64_t row = item / layout.chunks_per_row;
         const int64_t begin = row * layout.row_size + (item % layout.chunks_per_row) * kChunkElements;
         const int64_t end = std::min(begin + kChunkElements, (row + 1) * layout.row_size);
-        backward_chunk<T, P, kHasGradDenoised>(buffers, row, layout.row_size, begin, end);
+        backward_chunk<T, P>(buffers, row, layout.row_size, begin, end);
     });
 }
 
 template <typename T>
 void policy_step_backward(std::uintptr_t model_output, std::uintptr_t x, std::uintptr_t next_state,
                           std::uintptr_t scalars, std::uintptr_t grad_logp, std::uintptr_t grad_denoised,
-                          std::uintptr_t grad_model_output, int64_t rows, int64_t row_size, int prediction_type,
-                          int num_threads) {
+                          std::uintptr_t grad_next, std::uintptr_t grad_model_output, std::uintptr_t grad_x,
+                          int64_t rows, int64_t row_size, int prediction_type, int num_threads) {
     const Layout layout = make_layout(rows, row_size, num_threads);
     const Prediction prediction = to_prediction(prediction_type);
     if (rows == 0) return;
-    for (auto [address, name] : {std::pair{model_output, "model_output"}, {x, "x"}, {next_state, "next_state"},
-                                 {scalars, "scalars"}, {grad_logp, "grad_logp"},
-                                 {grad_model_output, "grad_model_output"}}) {
-        require_pointer(address, name);
+    require_pointer(scalars, "scalars");
+    if (grad_logp != 0) {  // the log-prob term recomputes the residual from the inputs
+        for (auto [address, name] : {std::pair{model_output, "model_output"}, {x, "x"}, {next_state, "next_state"}}) {
+            require_pointer(address, name);
+        }
+    }
+    if (grad_model_output == 0 && grad_x == 0) {
+        throw std::invalid_argument("grad_model_output and grad_x must not both be null pointers");
     }
     const BackwardBuffers<T> buffers{reinterpret_cast<const T*>(model_output),
                                      reinterpret_cast<const T*>(x),
@@ -303,18 +331,13 @@ void policy_step_backward(std::uintptr_t model_output, std::uintptr_t x, std::ui
                                      reinterpret_cast<const double*>(scalars),
                                      reinterpret_cast<const double*>(grad_logp),
                                      reinterpret_cast<const T*>(grad_denoised),
-                                     reinterpret_cast<T*>(grad_model_output)};
-    const bool has_grad_denoised = grad_denoised != 0;
+                                     reinterpret_cast<const T*>(grad_next),
+                                     reinterpret_cast<T*>(grad_model_output),
+                                     reinterpret_cast<T*>(grad_x)};
     switch (prediction) {
-        case Prediction::epsilon:
-            return has_grad_denoised ? backward_rows<T, Prediction::epsilon, true>(buffers, layout)
-                                     : backward_rows<T, Prediction::epsilon, false>(buffers, layout);
-        case Prediction::v_prediction:
-            return has_grad_denoised ? backward_rows<T, Prediction::v_prediction, true>(buffers, layout)
-                                     : backward_rows<T, Prediction::v_prediction, false>(buffers, layout);
-        case Prediction::sample:
-            return has_grad_denoised ? backward_rows<T, Prediction::sample, true>(buffers, layout)
-                                     : backward_rows<T, Prediction::sample, false>(buffers, layout);
+        case Prediction::epsilon: return backward_rows<T, Prediction::epsilon>(buffers, layout);
+        case Prediction::v_prediction: return backward_rows<T, Prediction::v_prediction>(buffers, layout);
+        case Prediction::sample: return backward_rows<T, Prediction::sample>(buffers, layout);
     }
 }
 
@@ -332,12 +355,13 @@ void bind_for_element_type(pybind11::module_& module, const std::string& suffix)
                    .c_str());
     module.def(("policy_step_backward_" + suffix).c_str(), &policy_step_backward<T>,
                py::arg("model_output"), py::arg("x"), py::arg("next_state"), py::arg("scalars"),
-               py::arg("grad_logp"), py::arg("grad_denoised"), py::arg("grad_model_output"), py::arg("rows"),
-               py::arg("row_size"), py::arg("prediction_type"), py::arg("num_threads"),
-               py::call_guard<py::gil_scoped_release>(),
+               py::arg("grad_logp"), py::arg("grad_denoised"), py::arg("grad_next"), py::arg("grad_model_output"),
+               py::arg("grad_x"), py::arg("rows"), py::arg("row_size"), py::arg("prediction_type"),
+               py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
                ("Policy step backward on contiguous " + suffix +
-                " buffers given as addresses: writes grad_model_output. grad_logp: rows float64 values; "
-                "grad_denoised may be 0 (absent).")
+                " buffers given as addresses: writes grad_model_output and/or grad_x (0: not wanted). "
+                "grad_logp: rows float64 values, or 0 for no log-prob term (then model_output, x and "
+                "next_state are not read); grad_denoised and grad_next may be 0 (absent).")
                    .c_str());
 }
 

@@ -22,13 +22,15 @@ an error of up to 2^-9 |D| into it). The recompute reads inputs that are kept al
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from rlcm_fast.policy_step import LOG_SQRT_2PI, check_prediction_type
+from rlcm_fast.policy_step import (
+    LOG_SQRT_2PI, check_prediction_type, policy_step_reference, refuse_second_derivative,
+)
 
 # Chunk sizes: powers of two (tl.arange needs them). A chunk of 512+ elements gives each thread at
 # least one 16-byte vector per operand at the warp counts below; 4096 bounds registers per program.
@@ -325,14 +327,24 @@ class FusedPolicyStep(torch.autograd.Function):
         return denoised, logp
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_outputs):
+        # Not @once_differentiable: it runs this under no_grad, and its double-backward error never fires when
+        # the incoming gradients are constants, so a second derivative came out as silent zeros.
+        refuse_second_derivative()
         if ctx.sampling:
             grad_denoised, grad_next, grad_logp = grad_outputs
         else:
             (grad_denoised, grad_logp), grad_next = grad_outputs, None
         grad_model_output, grad_x = _backward(ctx, grad_denoised, grad_next, grad_logp)
         return grad_model_output, grad_x, None, None, None, None
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs  # Triton >= 3.4 reads TRITON_INTERPRET here
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def fused_policy_step(
@@ -364,6 +376,11 @@ def fused_policy_step(
         raise ValueError(f"scalars must have shape ({x.shape[0]}, 6), got {tuple(scalars.shape)}")
     if torch.is_grad_enabled() and (given.requires_grad or scalars.requires_grad):
         raise NotImplementedError("gradients w.r.t. the noise, next_state or scalars are not implemented")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton policy step runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), "
+                         f"got device {x.device}")
+    if x.shape[0] == 0:  # no rows, no launch (the grid would be empty and the row views undefined)
+        return policy_step_reference(model_output, x, scalars, prediction_type, noise=noise, next_state=next_state)
     scalars = scalars.to(device=x.device, dtype=torch.float64).contiguous()
     outputs = FusedPolicyStep.apply(model_output, x, scalars, noise, next_state, prediction_type)
     if noise is not None:

@@ -93,9 +93,10 @@ def _prediction_code(prediction_type: str) -> int:
 
 
 def _thread_count(num_threads) -> int:
+    """0: torch's own thread count (torch.set_num_threads; it follows the machine's CPU limits)."""
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
-        raise ValueError(f"num_threads must be an int >= 0 (0 = all cores), got {num_threads!r}")
-    return num_threads
+        raise ValueError(f"num_threads must be an int >= 0 (0 = torch.get_num_threads()), got {num_threads!r}")
+    return num_threads or torch.get_num_threads()
 
 
 def policy_step_forward_cpu(
@@ -112,7 +113,7 @@ def policy_step_forward_cpu(
     Give `noise` (sampling: the next state is computed and returned) or `next_state` (training: it is
     read and returned as given), not both. All state tensors share x's shape (B, ...) and dtype
     (float32 or float64); `scalars` is the (B, 6) float64 ROW_SCALARS table; logp has shape (B,) and
-    x's dtype. `num_threads` 0 uses all cores (small inputs run on the calling thread anyway).
+    x's dtype. `num_threads` 0 uses torch.get_num_threads() (small inputs run on the calling thread anyway).
     """
     native = _native_module()
     if (noise is None) == (next_state is None):
@@ -155,43 +156,61 @@ def policy_step_forward_cpu(
 def policy_step_backward_cpu(
     model_output: torch.Tensor,
     x: torch.Tensor,
-    next_state: torch.Tensor,
+    next_state: torch.Tensor | None,
     scalars: torch.Tensor,
     prediction_type: str,
-    grad_logp: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     grad_denoised: torch.Tensor | None = None,
+    grad_next: torch.Tensor | None = None,
+    need_model_output: bool = True,
+    need_x: bool = False,
     num_threads: int = 0,
-) -> torch.Tensor:
-    """Gradient of the policy step with respect to model_output (training mode).
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the policy step with respect to model_output and x: (grad_model_output, grad_x), each
+    None when not asked for (`need_model_output`, `need_x`), in x's shape and dtype.
 
-    Returns dlogp/dmodel_output * grad_logp[b] (+ grad_denoised * ddenoised/dmodel_output) in x's shape
-    and dtype. `grad_logp` is a (B,) floating tensor (used in float64); `grad_denoised`, when given,
-    matches x. Intermediates are recomputed from the inputs.
+    Training mode: `grad_logp` is a (B,) floating tensor (used in float64), the stored `next_state` is
+    the action it scores, and `grad_denoised` (matching x) may be given. Sampling mode: `grad_logp` is
+    None, since the log-prob of next_state = mean + std * z does not depend on the inputs, and
+    `grad_next`, the gradient of the sampled next state, may be given with `grad_denoised`.
+    Intermediates are recomputed from the inputs.
     """
     native = _native_module()
     _check_state(x)
-    x_in = x.detach().contiguous()
-    model_output_in = _like_state("model_output", model_output, x)
-    next_state_in = _like_state("next_state", next_state, x)
+    if not (need_model_output or need_x):
+        raise ValueError("ask for at least one gradient (need_model_output or need_x)")
     scalars_in = _row_scalars(scalars, x.shape[0])
     code = _prediction_code(prediction_type)
     threads = _thread_count(num_threads)
-    grad_logp_in = _row_gradient(grad_logp, x.shape[0])
-    grad_denoised_in = None if grad_denoised is None else _like_state("grad_denoised", grad_denoised, x)
+    kept = []  # the contiguous inputs, alive until the kernel has run
 
-    grad_model_output = torch.empty_like(x_in)
+    def address(name: str, tensor: torch.Tensor | None) -> int:
+        if tensor is None:
+            return 0
+        kept.append(_like_state(name, tensor, x))
+        return kept[-1].data_ptr()
+
+    if grad_logp is not None:
+        if next_state is None:
+            raise ValueError("next_state is needed with grad_logp (training mode)")
+        grad_logp_in = _row_gradient(grad_logp, x.shape[0])
+        kept.append(grad_logp_in)
+        inputs = (address("model_output", model_output), address("x", x), address("next_state", next_state),
+                  grad_logp_in.data_ptr())
+    else:
+        inputs = (0, 0, 0, 0)
+    grad_model_output = torch.empty_like(x, memory_format=torch.contiguous_format) if need_model_output else None
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     backward = getattr(native, f"policy_step_backward_{_ELEMENT_TYPES[x.dtype]}")
     backward(
-        model_output_in.data_ptr(),
-        x_in.data_ptr(),
-        next_state_in.data_ptr(),
-        scalars_in.data_ptr(),
-        grad_logp_in.data_ptr(),
-        0 if grad_denoised_in is None else grad_denoised_in.data_ptr(),
-        grad_model_output.data_ptr(),
+        inputs[0], inputs[1], inputs[2], scalars_in.data_ptr(), inputs[3],
+        address("grad_denoised", grad_denoised),
+        address("grad_next", grad_next),
+        0 if grad_model_output is None else grad_model_output.data_ptr(),
+        0 if grad_x is None else grad_x.data_ptr(),
         x.shape[0],
         math.prod(x.shape[1:]),
         code,
         threads,
     )
-    return grad_model_output
+    return grad_model_output, grad_x

@@ -120,33 +120,57 @@ def consistency_output(model_output, x, scalars, prediction_type: str):
 BACKENDS = ("auto", "triton", "native", "reference")
 
 
+def refuse_second_derivative() -> None:
+    """Called first in the fused steps' backward: autograd runs a backward with grad mode on only when asked
+    for a graph of the gradient (create_graph=True), and their hand-written backward builds none, so a
+    second derivative would come out as silent zeros."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused policy step has no second derivative (create_graph=True); use "
+                           "policy_step(..., backend='reference') for higher-order gradients")
+
+
 class _NativePolicyStep(torch.autograd.Function):
-    """The C++ CPU op with its fused backward. Gradients flow to model_output through D and log-prob;
-    the next state is treated as data (it is sampled, or stored from sampling)."""
+    """The C++ CPU op with its fused backward, with the gradients of autograd through the reference: to
+    model_output and x through D and the log-prob. In training mode the log-prob's gradient is the score of
+    the stored action; in sampling mode x_next = alpha_next * D + sigma_next * z carries D's gradient and the
+    log-prob's is zero (x_next - mean = sigma_next * z does not depend on the inputs)."""
 
     @staticmethod
     def forward(ctx, model_output, x, scalars, prediction_type, noise, next_state):
         from ._native import policy_step_forward_cpu
 
-        denoised, next_state, logp = policy_step_forward_cpu(
+        denoised, next_state_out, logp = policy_step_forward_cpu(
             model_output.detach(), x.detach(), scalars, prediction_type, noise=noise, next_state=next_state
         )
-        ctx.save_for_backward(model_output, x, next_state, scalars)
+        ctx.set_materialize_grads(False)
+        ctx.sampling = noise is not None
         ctx.prediction_type = prediction_type
-        ctx.mark_non_differentiable(next_state)
-        return denoised, next_state, logp
+        if ctx.sampling:  # the gradient is linear in the incoming ones: only the scalars are needed
+            ctx.save_for_backward(x.detach(), scalars)
+        else:
+            ctx.save_for_backward(x.detach(), scalars, model_output.detach(), next_state_out)
+            ctx.mark_non_differentiable(next_state_out)  # the stored action: data, as in the reference
+        return denoised, next_state_out, logp
 
     @staticmethod
-    def backward(ctx, grad_denoised, _grad_next_state, grad_logp):
+    def backward(ctx, grad_denoised, grad_next, grad_logp):
         from ._native import policy_step_backward_cpu
 
-        model_output, x, next_state, scalars = ctx.saved_tensors
-        grad_model_output = policy_step_backward_cpu(
-            model_output.detach(), x.detach(), next_state, scalars, ctx.prediction_type,
-            grad_logp.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous(),
-            grad_denoised=None if grad_denoised is None else grad_denoised.contiguous(),
+        refuse_second_derivative()
+        need_model_output, need_x = ctx.needs_input_grad[:2]
+        if ctx.sampling:
+            (x, scalars), model_output, next_state, grad_logp = ctx.saved_tensors, None, None, None
+        else:
+            (x, scalars, model_output, next_state), grad_next = ctx.saved_tensors, None
+        if grad_denoised is None and grad_next is None and grad_logp is None:
+            return None, None, None, None, None, None
+        if grad_logp is not None:
+            grad_logp = grad_logp.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        grad_model_output, grad_x = policy_step_backward_cpu(
+            model_output, x, next_state, scalars, ctx.prediction_type, grad_logp,
+            grad_denoised=grad_denoised, grad_next=grad_next, need_model_output=need_model_output, need_x=need_x,
         )
-        return grad_model_output, None, None, None, None, None
+        return grad_model_output, grad_x, None, None, None, None
 
 
 def _triton_ready(tensor: torch.Tensor) -> bool:
@@ -163,15 +187,41 @@ def _triton_ready(tensor: torch.Tensor) -> bool:
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def select_backend(model_output: torch.Tensor) -> str:
-    if model_output.dtype in TRITON_DTYPES and _triton_ready(model_output):
+def select_backend(model_output: torch.Tensor, x: torch.Tensor | None = None,
+                   given: torch.Tensor | None = None) -> str:
+    """The fastest backend that computes what the reference would for these inputs: Triton takes CUDA
+    float32/bf16/fp16 (it computes in float32, so float64 stays with the reference's float64 arithmetic);
+    the C++ op takes CPU float32/float64 with one dtype for all tensors (the reference promotes mixed ones)."""
+    x = model_output if x is None else x
+    tensors = [t for t in (model_output, x, given) if t is not None]
+    if all(t.dtype in TRITON_DTYPES for t in tensors) and _triton_ready(model_output):
         return "triton"
-    if model_output.device.type == "cpu" and model_output.dtype in (torch.float32, torch.float64):
+    if model_output.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and all(
+            t.dtype == x.dtype for t in tensors):
         from ._native import native_available
 
         if native_available():
             return "native"
     return "reference"
+
+
+def _check_inputs(model_output, x, scalars, given, backend: str) -> None:
+    """One-line errors for inputs the backends would fail on deep inside (or, the reference, broadcast)."""
+    for name, tensor in (("model_output", model_output), ("x", x), ("scalars", scalars), ("noise/next_state", given)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor of shape (B, ...), got {x.dtype} of shape {tuple(x.shape)}")
+    for name, tensor in (("model_output", model_output), ("noise/next_state", given)):
+        if tensor.shape != x.shape or not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor of x's shape {tuple(x.shape)}, got {tensor.dtype} "
+                             f"of shape {tuple(tensor.shape)}")
+    if tuple(scalars.shape) != (x.shape[0], 6):
+        raise ValueError(f"scalars must have shape ({x.shape[0]}, 6) (the ROW_SCALARS table of x's rows), got "
+                         f"{tuple(scalars.shape)}")
+    if backend != "reference" and torch.is_grad_enabled() and (given.requires_grad or scalars.requires_grad):
+        raise NotImplementedError(f"the {backend} policy step has no gradient with respect to the noise, "
+                                  "next_state or scalars; use backend='reference'")
 
 
 def policy_step(
@@ -186,25 +236,30 @@ def policy_step(
     """One policy step on the fastest available backend: returns (D, next state, per-row mean log-prob).
 
     Give `noise` to sample the next state, or the stored `next_state` to score it (training).
-    Differentiable with respect to `model_output` through D and the log-prob.
+    Differentiable with respect to `model_output` and `x`, on every backend as autograd through the
+    reference (the fused backends have no second derivative, and no gradient for noise, next_state or
+    scalars: they raise).
     """
     check_prediction_type(prediction_type)
     if (noise is None) == (next_state is None):
         raise ValueError("give exactly one of noise (sampling) or next_state (training)")
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    given = noise if noise is not None else next_state
     if backend == "auto":
-        backend = select_backend(model_output)
+        backend = select_backend(model_output, x, given)
+    _check_inputs(model_output, x, scalars, given, backend)
     scalars = scalars.to(device=model_output.device, dtype=torch.float64).contiguous()
     if backend == "triton":
         from rlcm_fast.kernels.policy_step import fused_policy_step
 
         return fused_policy_step(model_output, x, scalars, prediction_type, noise=noise, next_state=next_state)
     if backend == "native":
-        return _NativePolicyStep.apply(
+        denoised, sampled, logp = _NativePolicyStep.apply(
             model_output.contiguous(), x.contiguous(), scalars, prediction_type,
             None if noise is None else noise.contiguous(), None if next_state is None else next_state.contiguous(),
         )
+        return denoised, sampled if noise is not None else next_state, logp
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return policy_step_reference(
         model_output, x, scalars, prediction_type, noise=noise, next_state=next_state, compute_dtype=compute_dtype

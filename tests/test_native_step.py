@@ -136,29 +136,44 @@ def test_backward_matches_autograd_on_the_float64_reference(scheduler, dtype, pr
     )
     grad_logp = torch.randn(shape[0], generator=torch.Generator().manual_seed(42), dtype=torch.float64)
 
-    grad = policy_step_backward_cpu(
-        model_output,
-        x,
-        next_state,
-        scalars,
-        prediction_type,
-        grad_logp.to(dtype),
-        grad_denoised=grad_denoised if with_grad_denoised else None,
+    grads = policy_step_backward_cpu(
+        model_output, x, next_state, scalars, prediction_type, grad_logp.to(dtype),
+        grad_denoised=grad_denoised if with_grad_denoised else None, need_x=True,
     )
 
-    leaf = model_output.double().requires_grad_(True)
+    leaves = [model_output.double().requires_grad_(True), x.double().requires_grad_(True)]
     denoised, _, logp = policy_step_reference(
-        leaf, x.double(), scalars, prediction_type, next_state=next_state.double(), compute_dtype=torch.float64
+        *leaves, scalars, prediction_type, next_state=next_state.double(), compute_dtype=torch.float64
     )
     objective = (logp * grad_logp.to(dtype).double()).sum()
     if with_grad_denoised:
         objective = objective + (denoised * grad_denoised.double()).sum()
-    (expected,) = torch.autograd.grad(objective, leaf)
+    for grad, expected in zip(grads, torch.autograd.grad(objective, leaves)):
+        assert grad.dtype == dtype and grad.shape == x.shape
+        scale = expected.abs().max().item()
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(grad.double(), expected, rtol=tolerance, atol=tolerance * scale)
 
-    assert grad.dtype == dtype and grad.shape == x.shape
-    scale = expected.abs().max().item()
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(grad.double(), expected, rtol=tolerance, atol=tolerance * scale)
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampling_backward_is_the_pathwise_gradient(scheduler, dtype, prediction_type):
+    """Sampling mode: x_next = alpha_next D + sigma_next z carries D's gradient; logp's is zero."""
+    shape = (3, 4, 6, 5)
+    model_output, x, noise, grad_denoised, grad_next = random_tensors(shape, dtype, 5, seed=43)
+    scalars = mixed_row_scalars(scheduler, shape[0], seed=44)
+    grads = policy_step_backward_cpu(model_output, x, None, scalars, prediction_type, None,
+                                     grad_denoised=grad_denoised, grad_next=grad_next, need_x=True)
+    leaves = [model_output.double().requires_grad_(True), x.double().requires_grad_(True)]
+    denoised, sampled, logp = policy_step_reference(*leaves, scalars, prediction_type, noise=noise.double(),
+                                                    compute_dtype=torch.float64)
+    objective = (denoised * grad_denoised.double()).sum() + (sampled * grad_next.double()).sum() + 7.0 * logp.sum()
+    for grad, expected in zip(grads, torch.autograd.grad(objective, leaves)):
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(grad.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    only_x = policy_step_backward_cpu(model_output, x, None, scalars, prediction_type, None, grad_next=grad_next,
+                                      need_model_output=False, need_x=True)
+    assert only_x[0] is None and only_x[1].shape == x.shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -171,9 +186,9 @@ def test_results_do_not_depend_on_the_thread_count(scheduler, dtype):
     for threads in (1, 2, 0):
         forward = policy_step_forward_cpu(model_output, x, scalars, "epsilon", noise=noise, num_threads=threads)
         backward = policy_step_backward_cpu(
-            model_output, x, forward[1], scalars, "epsilon", grad_logp, grad_denoised, num_threads=threads
+            model_output, x, forward[1], scalars, "epsilon", grad_logp, grad_denoised, need_x=True, num_threads=threads
         )
-        results[threads] = (*forward, backward)
+        results[threads] = (*forward, *backward)
     for threads in (2, 0):
         for single, multi in zip(results[1], results[threads]):
             assert_bitwise_equal(multi, single)
@@ -243,6 +258,11 @@ def test_backward_rejects_bad_input_with_a_clear_message():
         )
     with pytest.raises(ValueError, match="next_state has shape"):
         policy_step_backward_cpu(model_output, x, next_state[:1], scalars, "epsilon", torch.ones(2))
+    with pytest.raises(ValueError, match=r"next_state is needed with grad_logp \(training mode\)"):
+        policy_step_backward_cpu(model_output, x, None, scalars, "epsilon", torch.ones(2))
+    with pytest.raises(ValueError, match="ask for at least one gradient"):
+        policy_step_backward_cpu(model_output, x, next_state, scalars, "epsilon", torch.ones(2),
+                                 need_model_output=False)
 
 
 def test_missing_extension_raises_a_clear_runtime_error(monkeypatch):

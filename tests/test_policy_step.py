@@ -85,3 +85,107 @@ def test_bad_arguments_are_clear_errors():
         policy_step(x, x, mixed_rows(1), "epsilon")
     with pytest.raises(ValueError, match="prediction_type 'eps' is not supported; allowed: epsilon"):
         policy_step(x, x, mixed_rows(1), "eps", noise=x)
+
+
+def test_mixed_dtypes_go_to_the_reference_not_a_backend_that_refuses_or_rounds_them(monkeypatch):
+    from rlcm_fast import policy_step as module
+
+    f32, f64 = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)
+    assert select_backend(f32, f64) == "reference" and select_backend(f64, f64, f32) == "reference"
+    assert select_backend(f64, f64, f64) == "native"
+    g = torch.Generator().manual_seed(6)
+    mo, x, z = (torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    _, _, logp = policy_step(mo.float(), x, mixed_rows(2), "epsilon", noise=z.float())  # the C++ op refused this
+    assert logp.dtype == torch.float64
+    monkeypatch.setattr(module, "_triton_ready", lambda tensor: True)  # as for CUDA tensors with Triton
+    meta = torch.zeros(2, 3, device="meta")
+    assert select_backend(meta, meta.double()) == "reference"  # float64 x keeps float64 arithmetic
+    assert select_backend(meta.bfloat16(), meta, meta) == "triton"
+
+
+def _backends():
+    try:
+        import triton  # noqa: F401  (under TRITON_INTERPRET=1 on a CPU: tests/conftest.py)
+    except ImportError:
+        return ("native", "reference")
+    return ("native", "triton", "reference")
+
+
+@pytest.mark.parametrize("mode", ("sampling", "training"))
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("backend", _backends())
+def test_every_backend_gives_autograd_s_gradients_for_model_output_and_x(backend, prediction_type, mode):
+    """Training: the stored action's score; sampling: the pathwise gradient through x_next (logp's is zero).
+    The C++ op used to give x no gradient, and in sampling mode the score instead of the pathwise one."""
+    g = torch.Generator().manual_seed(7)
+    mo, x, given, w_denoised, w_next = (torch.randn(3, 4, 5, 6, generator=g) for _ in range(5))
+    w_logp = torch.randn(3, generator=g)
+    scalars = mixed_rows(3, seed=8)
+    grads = {}
+    for name, dtype in ((backend, torch.float32), ("exact", torch.float64)):
+        leaves = [mo.to(dtype).requires_grad_(True), x.to(dtype).requires_grad_(True)]
+        step = {"noise" if mode == "sampling" else "next_state": given.to(dtype)}
+        denoised, sampled, logp = policy_step(*leaves, scalars, prediction_type, **step,
+                                              backend=backend if name != "exact" else "reference")
+        objective = (denoised * w_denoised.to(dtype)).sum() + (logp * w_logp.to(dtype)).sum()
+        if mode == "sampling":
+            objective = objective + (sampled * w_next.to(dtype)).sum()
+        grads[name] = torch.autograd.grad(objective, leaves)
+    for ours, exact in zip(grads[backend], grads["exact"]):
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "reference"])
+def test_fused_backends_refuse_a_second_derivative_instead_of_giving_zeros(backend):
+    g = torch.Generator().manual_seed(9)
+    mo, x, x_next = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    leaf = mo.clone().requires_grad_(True)
+    _, _, logp = policy_step(leaf, x, mixed_rows(2), "epsilon", next_state=x_next, backend=backend)
+    with pytest.raises(RuntimeError, match=r"no second derivative \(create_graph=True\); use .*backend='reference'"):
+        torch.autograd.grad(logp.sum(), leaf, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_inputs_every_backend_would_fail_on_or_broadcast_are_one_line_errors(backend):
+    x = torch.zeros(3, 4, 5, 5)
+    rows = mixed_rows(3)
+    cases = [
+        ((x, x, rows[:1]), {"noise": x}, r"scalars must have shape \(3, 6\) \(the ROW_SCALARS table of x's rows\), got \(1, 6\)"),
+        ((x, x, rows), {"noise": x[0]}, r"noise/next_state must be a floating tensor of x's shape \(3, 4, 5, 5\)"),
+        ((x[..., :4], x, rows), {"next_state": x}, r"model_output must be a floating tensor of x's shape"),
+        ((x.long(), x.long(), rows), {"noise": x}, r"x must be a floating tensor of shape \(B, \.\.\.\), got torch.int64"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            policy_step(*args, "epsilon", **kwargs, backend=backend)
+    if backend != "reference":
+        with pytest.raises(NotImplementedError, match=f"the {backend} policy step has no gradient with respect to"):
+            policy_step(x, x, rows, "epsilon", noise=x.clone().requires_grad_(True), backend=backend)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_an_empty_batch_gives_empty_results(backend):
+    empty = torch.zeros(0, 4, 3, 3)
+    for step in ({"noise": empty}, {"next_state": empty}):
+        denoised, _, logp = policy_step(empty, empty, torch.zeros(0, 6, dtype=torch.float64), "sample", **step,
+                                        backend=backend)
+        assert denoised.shape == (0, 4, 3, 3) and logp.shape == (0,)
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypatch):
+    kernels = pytest.importorskip("rlcm_fast.kernels.policy_step")
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=r"runs on CUDA tensors \(or on the CPU under TRITON_INTERPRET=1\), got device cpu"):
+        policy_step(x, x, mixed_rows(1), "epsilon", noise=x, backend="triton")
+
+
+def test_the_cpp_op_uses_torch_s_thread_count():
+    from rlcm_fast._native import _thread_count
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _thread_count(0) == 1 and _thread_count(3) == 3
+    finally:
+        torch.set_num_threads(before)
