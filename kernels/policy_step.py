@@ -339,6 +339,11 @@ class FusedPolicyStep(torch.autograd.Function):
         return grad_model_output, grad_x, None, None, None, None
 
 
+# The launch grids put the batch in their second dimension, at most 65535 on CUDA: a larger batch runs in
+# slices of rows.
+_MAX_GRID_ROWS = 65535
+
+
 def _interpreting() -> bool:
     try:
         from triton import knobs  # Triton >= 3.4 reads TRITON_INTERPRET here
@@ -381,6 +386,16 @@ def fused_policy_step(
                          f"got device {x.device}")
     if x.shape[0] == 0:  # no rows, no launch (the grid would be empty and the row views undefined)
         return policy_step_reference(model_output, x, scalars, prediction_type, noise=noise, next_state=next_state)
+    per_launch = _MAX_GRID_ROWS
+    if x.shape[0] > per_launch:
+        parts = [
+            fused_policy_step(model_output[rows], x[rows], scalars[rows], prediction_type,
+                              noise=None if noise is None else noise[rows],
+                              next_state=None if next_state is None else next_state[rows])
+            for rows in (slice(start, start + per_launch) for start in range(0, x.shape[0], per_launch))
+        ]
+        denoised, sampled, logp = (torch.cat(outputs) for outputs in zip(*parts))
+        return denoised, sampled if noise is not None else next_state, logp
     scalars = scalars.to(device=x.device, dtype=torch.float64).contiguous()
     outputs = FusedPolicyStep.apply(model_output, x, scalars, noise, next_state, prediction_type)
     if noise is not None:

@@ -189,3 +189,22 @@ def test_the_cpp_op_uses_torch_s_thread_count():
         assert _thread_count(0) == 1 and _thread_count(3) == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode", ("sampling", "training"))
+def test_triton_runs_a_batch_beyond_the_grid_limit_in_slices(monkeypatch, mode):
+    kernels = pytest.importorskip("rlcm_fast.kernels.policy_step")
+    g = torch.Generator().manual_seed(10)
+    mo, x, given, w = (torch.randn(5, 4, 3, 3, generator=g) for _ in range(4))
+    scalars, step = mixed_rows(5, seed=11), {"noise" if mode == "sampling" else "next_state": given}
+    results = []
+    for limit in (65535, 2):  # CUDA's 65535 grid rows, and a stand-in small enough to slice 5 rows
+        monkeypatch.setattr(kernels, "_MAX_GRID_ROWS", limit)
+        leaf = mo.clone().requires_grad_(True)
+        denoised, sampled, logp = policy_step(leaf, x, scalars, "epsilon", **step, backend="triton")
+        ((denoised * w).sum() + logp.sum()).backward()
+        results.append((denoised.detach(), sampled.detach(), logp.detach(), leaf.grad))
+    for whole, sliced in zip(*results):
+        assert torch.equal(whole, sliced)
+    if mode == "training":
+        assert sampled is given
