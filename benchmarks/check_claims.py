@@ -65,8 +65,9 @@ GPU_TEST_FILES = ["test_nvjpeg.py", "test_training_graphs.py", "test_attention.p
 # The longest any one stage may run, so that one slow stage cannot take the others' time. From the first
 # H200 run (commit 6675037): step took 81 s, rewards 14 s, the GPU tests 24 s (the fast sampler's and
 # CUDA-graph tests 48 s alone); sampler (240 s) and train (180 s) were stopped at their caps, the sampler
-# after 9 of its 16 rows (it compiles the 860M-parameter UNet) and train inside DDPO's warm-up epoch
-# (fast and straightforward take about 60 s each, model set-up and warm-up epoch included).
+# after 9 of its 16 rows (it compiles the 860M-parameter UNet) and train halfway through DDPO's measured
+# epoch, after its warm-up one (fast and straightforward take about 60 s each, model set-up and warm-up
+# epoch included).
 STAGE_CAP_S = {"step": 120, "rewards": 60, "attention": 90, "unet": 180, "sampler": 300, "train": 360, "tests": 120}
 DEFAULT_STAGES = "step,rewards,attention,unet,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished

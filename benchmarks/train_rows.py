@@ -28,8 +28,8 @@ GPU_ONLY_ROWS = {
     "all_graphed_calls_of_7": {"sample_cuda_graph": True, "train_cuda_graph": True, "train_rows_per_call": 7},
     # The epoch's 10 sampling batches of 4 in 2 UNet batches of 20 (the same trajectories; decoded and scored
     # batch by batch), training in calls of 7 rows: eager, and with every call a CUDA graph. On the H200
-    # (6675037, row fast) a sampling batch of 4 took 0.68 s for 69 TFLOP of UNet work: 101 TFLOP/s, 13% of
-    # the measured bf16 matmul rate; a wider batch gives each kernel launch more work. 20, not 40: at 20 a
+    # (6675037, row fast) a sampling batch of 4 took 0.68 s, its decode included, for 69 TFLOP of UNet work:
+    # 101 TFLOP/s, 15% of the measured 691 TFLOP/s bf16 matmul rate; a wider batch gives each launch more work. 20, not 40: at 20 a
     # UNet step is some 43 TFLOP, well above the host's launch time, and training_memory.py traces the loop's
     # peak at 768 px at 5.8 GiB for 40 trajectories (2.9 at 20), which a CUDA graph's pool keeps for the run.
     "calls_of_20_and_7": {"sample_batches_per_call": 5, "train_rows_per_call": 7},
