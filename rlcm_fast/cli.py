@@ -42,6 +42,14 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _warns() -> bool:
+    """Whether this process prints the command's warnings: the main one, unless `--num-processes`'s launcher
+    (which checked the command line first) has printed them already."""
+    from .launch import LAUNCHED_HERE
+
+    return _is_main_process() and not os.environ.get(LAUNCHED_HERE)
+
+
 def warn_skipped(reason: str) -> None:
     """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ..."),
     or why the run's `latest` pointer was ignored (it says so itself)."""
@@ -242,8 +250,13 @@ def _default_run_dir(cfg: TrainConfig) -> Path:
     return Path(f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _usable_cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Check the config once here, then run this command in --num-processes processes on this machine."""
+    """Check the command line once here (the config, the run folder, the checkpoint to resume), then run this
+    command in --num-processes processes on this machine."""
     import torch
 
     from .launch import launch_local, without_option
@@ -256,21 +269,21 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     if cuda and args.num_processes > torch.cuda.device_count():
         raise UsageError(f"--num-processes {args.num_processes} is invalid: this machine has "
                          f"{torch.cuda.device_count()} GPU(s); one process per GPU")
+    if not cuda and args.num_processes > (cores := _usable_cpu_cores()):
+        raise UsageError(f"--num-processes {args.num_processes} is invalid: this run may use {cores} CPU core(s); "
+                         "at most one process per core on the CPU")
     child = without_option(argv, "--num-processes")
-    if not args.resume:  # the config is checked here once, not once per process
-        cfg = resolve_config(args.task, args.model, args.config, _train_overrides(args))
-        if not args.output_dir and not cfg.output_dir:  # every process must write the same run folder
-            child += ["--output-dir", str(_default_run_dir(cfg))]
+    _, run_dir, _ = _plan_run(args)
+    if not args.output_dir:  # every process must write the same run folder (a default one is named by the time)
+        child += ["--output-dir", str(run_dir)]
     return launch_local(args.num_processes, child)
 
 
-def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]:
+    """`train`'s config, run folder and checkpoint to resume (or None), every check that needs no model done;
+    nothing is created."""
     from .checkpoint import find_resumable, resolve_checkpoint
-    from .run_logging import summarize
-    from .trainer import Trainer
 
-    if args.num_processes != 1:
-        return _launch(args, argv)
     overrides = _train_overrides(args)
     # --set output_dir=DIR is --output-dir DIR (it was ignored: the run went to runs/<task>-<time>).
     set_dir = overrides.get("output_dir")
@@ -283,7 +296,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             raise UsageError("--resume auto needs --output-dir: the run folder to continue (or start)")
         run_dir = Path(output_dir)
         resume_from, skipped = find_resumable(run_dir)
-        for reason in skipped if _is_main_process() else ():
+        for reason in skipped if _warns() else ():
             warn_skipped(reason)
         from_args = None
         if args.task or args.model or args.config:
@@ -294,7 +307,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             cfg = from_args or resolve_config(None, None, None, overrides)
     elif args.resume:
         # A run folder: say which newer checkpoints were passed over.
-        resume_from = resolve_checkpoint(args.resume, warn=warn_skipped if _is_main_process() else None)
+        resume_from = resolve_checkpoint(args.resume, warn=warn_skipped if _warns() else None)
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
         cfg = _resumed_config(resume_from, overrides)
@@ -317,6 +330,16 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
     _check_run_dir(run_dir)
     cfg.output_dir = str(run_dir)
+    return cfg, run_dir, resume_from
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from .run_logging import summarize
+    from .trainer import Trainer
+
+    if args.num_processes != 1:
+        return _launch(args, argv)
+    cfg, run_dir, resume_from = _plan_run(args)
     args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
     trainer = Trainer(cfg, run_dir, resume_from)
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
@@ -360,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         _error(exc)
         return 1
     except (RuntimeError, MemoryError) as exc:  # out of memory outside an epoch (the trainer names its sizes)
-        from .faults import is_out_of_memory
+        from .faults import is_lost_peer, is_out_of_memory
 
+        if is_lost_peer(exc):  # the process that ended first said why (or its launcher did): not a traceback here
+            _error(f"process {os.environ.get('RANK', '?')} stopped: another process of the run ended first (its "
+                   "message, or the launcher's, says why); the checkpoints written before are intact")
+            return 1
         if not is_out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -369,8 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # a second interrupt: the first one's checkpoint was not waited for
         run_dir = getattr(args, "run_dir", None)
-        where = f"rlcm-fast train --resume auto --output-dir {run_dir}" if run_dir else "the same command"
-        print(f"rlcm-fast: interrupted; continue from the last checkpoint, if any, with: {where}", file=sys.stderr)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
+        where = f"rlcm-fast train --resume auto --output-dir {run_dir}{launch}" if run_dir else "the same command"
+        if _is_main_process():
+            print(f"rlcm-fast: interrupted; continue from the last checkpoint, if any, with: {where}", file=sys.stderr)
         return 130
 
 

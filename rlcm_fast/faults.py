@@ -7,6 +7,7 @@ a collective that the others still wait in.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -115,6 +116,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     Python's MemoryError."""
     return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
             or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)))
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """Under several processes: a collective failed because another process of the run ended (it failed
+    and said why itself, or was killed) or stopped answering."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(exc, RuntimeError):
+        return False
+    dist_error = getattr(torch.distributed, "DistError", None)  # torch >= 2.1: timeouts, lost connections
+    return (dist_error is not None and isinstance(exc, dist_error)) or any(text in str(exc) for text in PEER_GONE)
 
 
 def out_of_memory_message(cfg, phase: str, processes: int, memory: str = "GPU") -> str:

@@ -17,6 +17,8 @@ import time
 
 # After one process fails, how long the others get to finish (they may be writing a checkpoint).
 FAILURE_GRACE_SECONDS = 60.0
+# Set in the processes launch_local starts: the launcher has checked the command line and said what it warns.
+LAUNCHED_HERE = "RLCM_FAST_LAUNCHED"
 
 
 def forget_other_accelerator_state(cpu: bool, mixed_precision: str) -> None:
@@ -66,30 +68,39 @@ def _die_with_parent() -> None:
         pass
 
 
-def launch_local(num_processes: int, argv: list[str]) -> int:
-    """Run `python -m rlcm_fast <argv>` in `num_processes` processes; the first non-zero exit code, else 0."""
+def launch_local(num_processes: int, argv: list[str], command: list[str] | None = None) -> int:
+    """Run `python -m rlcm_fast <argv>` (or `command`) in `num_processes` processes. Returns 0, or the exit
+    code of the process that failed first; the others get FAILURE_GRACE_SECONDS to finish, then are killed."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes), "GROUP_RANK": "0"}
+           "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes), "GROUP_RANK": "0",
+           LAUNCHED_HERE: "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    command = command or [sys.executable, "-m", "rlcm_fast"]
     children = [
-        subprocess.Popen([sys.executable, "-m", "rlcm_fast", *argv],
-                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        subprocess.Popen([*command, *argv], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                          start_new_session=True, preexec_fn=_die_with_parent)
         for rank in range(num_processes)
     ]
+    forwarded = []
 
     def forward(signum, frame):
+        forwarded.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    first_failure = None  # (rank, exit code) of the first process seen to fail
     try:
         deadline = None
-        while any(child.poll() is None for child in children):
-            failed = any(child.returncode not in (None, 0) for child in children)
-            if failed and deadline is None:
-                deadline = time.monotonic() + FAILURE_GRACE_SECONDS
+        while True:
+            codes = [child.poll() for child in children]  # every child each time: any() would stop at a live one
+            if first_failure is None:
+                first_failure = next(((rank, code) for rank, code in enumerate(codes) if code not in (None, 0)), None)
+                if first_failure is not None:
+                    deadline = time.monotonic() + FAILURE_GRACE_SECONDS
+            if all(code is not None for code in codes):
+                break
             if deadline is not None and time.monotonic() > deadline:  # the rest wait on the failed one forever
                 for child in children:
                     if child.poll() is None:
@@ -98,6 +109,17 @@ def launch_local(num_processes: int, argv: list[str]) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    codes = [child.returncode for child in children]
-    failed = next((code for code in codes if code != 0), 0)
-    return failed if failed >= 0 else 128 - failed  # killed by signal N: 128 + N, as a shell reports it
+    if first_failure is None:
+        return 0
+    rank, code = first_failure
+    if code > 0:  # the process said why itself
+        return code
+    if not forwarded:  # killed from outside (a signal of ours is the user's, forwarded): nothing else says so
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = " (the kernel's out-of-memory killer, or kill -9)" if code == -signal.SIGKILL else ""
+        print(f"rlcm-fast: error: process {rank} of {num_processes} was killed by {name}{why}; the others were "
+              "stopped, and the checkpoints written before are intact", file=sys.stderr)
+    return 128 - code  # killed by signal N: 128 + N, as a shell reports it

@@ -1,0 +1,98 @@
+"""`--num-processes`'s launcher: a process that fails or is killed first sets the exit code and stops the
+others after the grace period (it used to wait on rank 0 forever when rank 1 died first), and what every
+process would refuse is refused once, before any starts."""
+
+import signal
+import sys
+import time
+
+import pytest
+
+from rlcm_fast import launch
+from rlcm_fast.cli import main
+
+# A stand-in for `python -m rlcm_fast`: each process does what its rank's line says.
+STUB = """
+import os, signal, sys, time
+action = sys.argv[1:][int(os.environ["RANK"])]
+if action == "wait":
+    time.sleep(60)
+elif action == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(int(action))
+"""
+
+
+def run_stub(monkeypatch, *actions: str) -> tuple[int, float]:
+    monkeypatch.setattr(launch, "FAILURE_GRACE_SECONDS", 1.0)
+    started = time.monotonic()
+    code = launch.launch_local(len(actions), list(actions), command=[sys.executable, "-c", STUB])
+    return code, time.monotonic() - started
+
+
+def test_a_later_rank_failing_first_stops_the_others_after_the_grace(monkeypatch):
+    code, seconds = run_stub(monkeypatch, "wait", "3")
+    assert code == 3 and seconds < 20  # rank 0 would have waited 60 s
+
+
+def test_the_first_failure_sets_the_exit_code_not_the_lowest_rank(monkeypatch):
+    code, _ = run_stub(monkeypatch, "wait", "2", "wait")
+    assert code == 2
+
+
+def test_a_process_killed_from_outside_is_named_in_one_line(monkeypatch, capsys):
+    code, seconds = run_stub(monkeypatch, "wait", "kill")
+    assert code == 128 + signal.SIGKILL and seconds < 20
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rlcm-fast: error: process 1 of 2 was killed by SIGKILL (the kernel's out-of-memory killer, or kill -9); the "
+        "others were stopped, and the checkpoints written before are intact"]
+
+
+def test_all_succeeding_is_zero(monkeypatch):
+    assert run_stub(monkeypatch, "0", "0") == (0, pytest.approx(0, abs=20))
+
+
+def test_a_broken_collective_on_a_surviving_process_is_one_line(monkeypatch, capsys):
+    """Seen on the process left when another was killed: gloo's multi-line 'Connection closed by peer'."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+
+    def broken(args, argv):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:2753. This is "
+                           "typically caused by a remote worker crashing.\nGLHF!")
+
+    monkeypatch.setattr("rlcm_fast.cli.run_train", broken)
+    assert main(["train"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rlcm-fast: error: process 1 stopped: another process of the run ended first (its message, or the "
+        "launcher's, says why); the checkpoints written before are intact"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-processes", "100000"], "--num-processes 100000 is invalid: this run may use {cores} CPU core(s); at "
+                                    "most one process per core on the CPU"),
+    (["--num-processes", "2", "--resume", "/nonexistent/run"],
+     "resume path '/nonexistent/run' is neither a checkpoint-N folder nor a run folder holding one"),
+    (["--num-processes", "2", "--set", "horizon=1"], "horizon=1 is invalid: multi-step sampling needs horizon >= 2"),
+])
+def test_what_every_process_would_refuse_is_refused_once_before_any_starts(monkeypatch, capsys, args, message):
+    from rlcm_fast.cli import _usable_cpu_cores
+
+    monkeypatch.setattr(launch, "launch_local", lambda *a, **k: pytest.fail("processes were started"))
+    monkeypatch.setattr("rlcm_fast.cli._usable_cpu_cores", lambda: 2)
+    assert main(["train", "--device", "cpu", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rlcm-fast: error: " + message.format(cores=2)]
+    assert _usable_cpu_cores() >= 1
+
+
+def test_the_launched_processes_get_the_checked_run_folder(monkeypatch, tmp_path):
+    started = {}
+    monkeypatch.setattr(launch, "launch_local", lambda n, argv: started.update(n=n, argv=argv) or 0)
+    monkeypatch.setattr("rlcm_fast.cli._usable_cpu_cores", lambda: 2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--device", "cpu", "--num-processes", "2", "--set", "epochs=1"]) == 0
+    argv = started["argv"]
+    assert started["n"] == 2 and "--num-processes" not in argv
+    run_dir = argv[argv.index("--output-dir") + 1]  # the default folder is named by the time: chosen once, here
+    assert run_dir.startswith("runs/compressibility-") and not (tmp_path / run_dir).exists()
