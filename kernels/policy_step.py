@@ -17,6 +17,10 @@ one more launch of B programs, negligible inside the sampler's CUDA graph.
 The backward recomputes D from (model_output, x) rather than saving it: the saved D is rounded to x's
 dtype, and x_next - alpha_next * D, only sigma_next * z in size, needs the fp32 mean (a bf16 D would put
 an error of up to 2^-9 |D| into it). The recompute reads inputs that are kept alive anyway.
+
+The kernels are compiled without FMA contraction (`_LAUNCH_OPTIONS`): a sampling pass and a training-mode
+recompute then round `mean` identically on every backend, so logp is reproduced bit for bit; the op is
+memory-bound, so FMAs would buy no time.
 """
 
 from __future__ import annotations

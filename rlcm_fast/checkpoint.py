@@ -465,12 +465,18 @@ def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracke
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     stat_tracker.load_state_dict(state["stat_tracker"])
     try:
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-            if len(cuda_states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda_states)
-    except (KeyError, RuntimeError, TypeError) as exc:
+        restore_rng_states(rng)
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {RNG_FILE} holds no usable RNG state "
                               f"({type(exc).__name__}: {exc})") from None
     return state
+
+
+def restore_rng_states(rng: dict[str, torch.Tensor]) -> None:
+    """torch's CPU generator state, and each CUDA device's when the checkpoint holds one per visible device."""
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        # By device index: sorted as strings, torch_cuda_10 came before torch_cuda_2.
+        cuda_keys = sorted((k for k in rng if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+        if len(cuda_keys) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([rng[k] for k in cuda_keys])

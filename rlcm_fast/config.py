@@ -76,9 +76,13 @@ class TrainConfig:
     # benchmark, process-wide; CUDA only, ignored on a CPU). A run's shapes are fixed: one search per shape.
     cudnn_benchmark: bool = False
 
-    # Straightforward-path switches: each turns one optimisation off, for ablations (benchmarks/bench_train.py).
+    # Ablation switches: the fast path by default; each turns one optimisation off (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch
     train_rows: str = "flattened"  # flattened: minibatches mix (sample, step) rows | per_timestep: one step at a time
+    reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
+    reward_overlap: bool = True  # score on a worker thread while the next batch samples | false: wait for it
+
+    # Opt-in batching: off by default (the paper's loop), each turns an optimisation on.
     # Flattened PPO: the UNet's batch in training. An update's rows are cut into calls of this many rows,
     # whatever train_batch_size: the same gradient (each call's loss weighted by its rows), fewer and
     # larger UNet calls, more activation memory. 0: train_batch_size rows per call.
@@ -88,8 +92,6 @@ class TrainConfig:
     # larger UNet calls; the VAE decodes and the rewards still go batch by batch. Must divide
     # batches_per_epoch x num_sample_iters. 1: batch by batch, as the paper's loop.
     sample_batches_per_call: int = 1
-    reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
-    reward_overlap: bool = True  # score on a worker thread while the next batch samples | false: wait for it
 
     # LoRA on the UNet.
     lora_rank: int = 16

@@ -54,7 +54,8 @@ from .sampler import LCMSampler, Trajectory
 
 @dataclass
 class FastSamplerOutput:
-    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1]: the pipeline's output_type="pt" (in its VAE's dtype)
+    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1], whatever the VAE's dtype (the pipeline's output_type="pt"
+    #                       comes in the VAE's dtype)
     trajectory: Trajectory | None = None
 
 
@@ -145,8 +146,8 @@ class FastLCMSampler:
                              "the graph; pass accelerator.unwrap_model(unet, keep_fp32_wrapper=False) first")
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; its UNet is on {device}")
-        # With train_final_step the sampler records an action for every UNet call; the last one's noise
-        # never reaches the image (as in the pipeline, which also draws it).
+        # train_final_step=False: H-1 actions and H-1 noises, exactly the pipeline's draws (LCMScheduler.step
+        # draws none at the last step).
         self.sampler = LCMSampler(pipe, num_inference_steps, guidance_scale, original_inference_steps,
                                   train_final_step=False, resolution=height, max_cached_prompts=self.PROMPT_CACHE_SIZE)
         self.pipe = pipe

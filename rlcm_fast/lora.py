@@ -30,7 +30,7 @@ POLICY_ADAPTER = "default"
 def add_policy_lora(
     unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: Sequence[str]
 ) -> list[torch.nn.Parameter]:
-    """Add the trainable LoRA adapter (gaussian init: it starts as the identity) and return its
+    """Add the trainable LoRA adapter (gaussian init, B = 0: the adapted UNet starts equal to the base) and return its
     parameters, in module order. Everything else in the UNet is frozen; the LoRA weights are float32
     even on a bf16/fp16 base, so optimiser updates are not lost to rounding."""
     if rank < 1:

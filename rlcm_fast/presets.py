@@ -1,6 +1,6 @@
 """The presets a config is built from (config.py, in order): the paper's task presets, the DDPO
-baseline's defaults, and the tiny models' CPU-scale settings, with the names of the options a config may
-choose. Data only, importing nothing heavy, so that `rlcm-fast --help` starts in well under a second;
+baseline's defaults, and the tiny models' CPU-scale settings, with the names of the methods, algorithms and
+advantage estimators a config may choose (config.py and rewards/jpeg.py name the other options' values). Data only, importing nothing heavy, so that `rlcm-fast --help` starts in well under a second;
 config.py checks every value."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 # Names a config may choose, implemented where each comment says.
-METHODS = ("rlcm", "ddpo")  # models.py: an LCM with consistency sampling | Stable Diffusion with DDIM
+METHODS = ("rlcm", "ddpo")  # sampler.py: an LCM with consistency sampling | ddpo.py: Stable Diffusion with DDIM
 ALGORITHMS = ("ppo", "rebel")  # algorithms.py
-ADVANTAGE_ESTIMATORS = ("per_prompt", "group")  # algorithms.py
+ADVANTAGE_ESTIMATORS = ("per_prompt", "group")  # stat_tracker.py | algorithms.py
 
 # The paper's LoRA targets: the attention projections.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -23,12 +23,13 @@ from .policy_step import ROW_SCALARS, consistency_output, policy_step, row_scala
 
 @dataclass
 class Trajectory:
-    """B sampled trajectories. T = trained actions per trajectory (H-1, or H with train_final_step)."""
+    """B sampled trajectories. T = trained actions per trajectory (H-1, or H with train_final_step; DDPO: all
+    its S steps)."""
 
     prompts: list[str] | None  # None: sampled from given prompt embeddings (FastLCMSampler)
     states: torch.Tensor  # (B, T+1, C, h, w) float32: x_0 .. x_T; action k maps states[:, k] -> states[:, k+1]
     log_probs: torch.Tensor  # (B, T) float32: log pi_old of each action at sampling time
-    denoised: torch.Tensor  # (B, C, h, w): D_{H-1}, the latent the image is decoded from
+    denoised: torch.Tensor  # (B, C, h, w): the latent the image is decoded from (LCM: D_{H-1}; DDPO: x_S)
     images: torch.Tensor | None = None  # (B, 3, H, W) float in [0, 1]
 
 
@@ -128,8 +129,8 @@ class LCMSampler:
         self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.prediction_type = scheduler.config.prediction_type
         self.timesteps = scheduler.timesteps.cpu()
-        # The last action (trained only with train_final_step) re-noises at t_{H-1} itself, as
-        # LCMScheduler.step would: its "previous timestep" past the end is the current one.
+        # The last action (trained only with train_final_step, as the reference RLCM code does) takes t_{H-1}
+        # as its next timestep: LCMScheduler.step's rule past the end (step itself adds no noise there).
         next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
         self.action_scalars = row_scalars_for_schedule(scheduler, self.timesteps, next_timesteps)  # (H, 6)
         self._prompt_cache = PromptEmbeddingCache(pipe, max_cached_prompts)

@@ -2,7 +2,8 @@
 
 Its vocabulary is the 256 byte-level symbols, each alone and with CLIP's end-of-word suffix, plus
 CLIP's two special tokens; it has no merges, so every character of a prompt is one token (77 tokens
-hold ~75 characters). Ids stay below 514, which fits both presets' text encoders.
+hold ~75 characters). Ids stay below 514, which fits every built-in preset's text encoder (vocabularies
+of 514 or 49408).
 """
 
 from __future__ import annotations

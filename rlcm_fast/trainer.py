@@ -340,7 +340,8 @@ class Trainer:
         bar.close()
 
     def objective(self, log_probs, old_log_probs, advantages):
-        """The configured loss on (B, K) log-probs of B trajectories' K steps (PPO: K = 1)."""
+        """The configured loss on (B, K) log-probs: PPO, B (sample, step) rows and K = 1; REBEL, B trajectories
+        and their K trained steps."""
         cfg = self.cfg
         if cfg.algorithm == "rebel":
             return rebel_loss(log_probs, old_log_probs, advantages[:, 0], cfg.rebel_eta, cfg.adv_clip_max)

@@ -326,3 +326,15 @@ def test_a_full_disk_while_writing_config_yaml_is_one_line_and_leaves_it_whole(r
         f"rlcm-fast: error: could not write {str(run / 'config.yaml')!r}: {DISK_FULL}; the checkpoints written "
         "before are intact"]
     assert (run / "config.yaml").read_text() == before and not list(run.glob(".config.yaml.tmp-*"))
+
+
+def test_cuda_generator_states_are_restored_by_device_index(monkeypatch):
+    """Sorted as strings, torch_cuda_10 came before torch_cuda_2: with 11 or more GPUs each device would have
+    resumed another's random stream."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    rng = {"torch_cpu": torch.get_rng_state(), **{f"torch_cuda_{i}": torch.tensor([i]) for i in range(12)}}
+    ckpt_module.restore_rng_states(rng)
+    assert [int(state) for state in restored] == list(range(12))

@@ -7,8 +7,8 @@ the training device. Reward names (config key `reward`):
     term      := reward [":" weight]
     reward    := builtin name | module.path:function
 
-A term's weight is the text after its LAST colon, and only when that text parses as a float and the
-text before it is a builtin name or itself a `module:function`. So `aesthetic:1.0` is aesthetic
+A term's weight is the text after its LAST colon when the text before it is a builtin name or itself a
+`module:function`; that text must then be a finite float. So `aesthetic:1.0` is aesthetic
 weighted 1.0, `pkg.mod:fn` is a user reward (weight 1), `pkg.mod:fn:0.5` is that reward weighted 0.5.
 Several terms make a weighted sum.
 """
