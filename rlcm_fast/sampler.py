@@ -202,7 +202,7 @@ class LCMSampler:
         columns = [scalars[:, ROW_SCALARS.index(name)] for name in ("alpha_next", "sigma_next")]
         return [c.to(self.device, torch.float32).view(shape) for c in columns]
 
-    def rollout(self, unet, x, noises, embeds, w_embedding, backend: str | None = None):
+    def rollout(self, unet, x, noises, embeds, w_embedding):
         """The H UNet calls from x_0 with the given noise of each action (T = trained_steps of them):
         states (B, T+1, ...), log-probs (B, T) and D_{H-1}. No random draw and no host synchronisation
         inside, so FastLCMSampler can compile and capture it whole."""
@@ -215,7 +215,7 @@ class LCMSampler:
                 denoised = consistency_output(model_output, x, scalars, self.prediction_type)
                 break
             denoised, x, logp = policy_step(model_output, x, scalars, self.prediction_type, noise=noises[k].float(),
-                                            backend=backend or self.step_backend)
+                                            backend=self.step_backend)
             states.append(x)
             log_probs.append(logp.float())
         log_probs = torch.stack(log_probs, dim=1) if log_probs else x.new_zeros(x.shape[0], 0)

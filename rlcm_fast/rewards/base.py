@@ -94,9 +94,6 @@ class UserReward:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]):
         return self.fn(images.clone(), list(prompts))
 
-    def close(self) -> None:
-        getattr(self.fn, "close", lambda: None)()
-
 
 @dataclass(frozen=True)
 class RewardTerm:
@@ -151,10 +148,6 @@ class WeightedSum:
         for term, fn in self.parts:
             total += term.weight * checked_rewards(term.name, fn(images, prompts), len(prompts))
         return total
-
-    def close(self) -> None:
-        for _, fn in self.parts:
-            getattr(fn, "close", lambda: None)()
 
 
 class AsyncReward:
