@@ -1,6 +1,8 @@
 """Aesthetic, CLIPScore and PickScore on tiny random CLIPs saved to local folders, against references
 written the straightforward way (CLIPImageProcessor + CLIPModel + plain matmuls)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -124,9 +126,11 @@ def test_clipscore_and_pickscore_equal_their_definitions(tiny_clip):
     images = uint8_exact_images(4, seed=3)
     prompts = ["a cat riding a bike", "a dog", "an owl playing chess", "a cat"]
     model, cos = reference_cosines(tiny_clip, images, prompts)
+    _, captioned = reference_cosines(tiny_clip, images, ["A photo depicts " + p for p in prompts])  # Hessel et al.'s code
     clipscore = make_reward("clipscore", clipscore_model=str(tiny_clip))(images, prompts)
     pickscore = make_reward("pickscore", pickscore_model=str(tiny_clip), pickscore_processor=str(tiny_clip))(images, prompts)
-    torch.testing.assert_close(torch.as_tensor(clipscore).float(), CLIPSCORE_WEIGHT * cos.clamp(min=0), atol=2e-3, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(clipscore).float(), CLIPSCORE_WEIGHT * captioned.clamp(min=0), atol=2e-3,
+                               rtol=0)
     torch.testing.assert_close(torch.as_tensor(pickscore).float(), model.logit_scale.exp() * cos, atol=2e-2, rtol=0)
     assert (torch.as_tensor(clipscore) >= 0).all()
 
@@ -143,3 +147,43 @@ def test_cuda_bf16_towers_agree_with_the_cpu_fp32_scores(tiny_clip):
         cpu = torch.as_tensor(reward(images, prompts)).float()
         gpu = torch.as_tensor(make_reward(name, **options)(images.cuda(), prompts)).float()
         torch.testing.assert_close(gpu, cpu, atol=0.05 * cpu.abs().max().item() + 1e-3, rtol=0)
+
+
+def test_a_vision_only_checkpoint_is_refused_not_given_a_random_projection(tmp_path):
+    """Saved as CLIPVisionModel, it has no visual_projection: transformers made a random one, and the scores
+    changed from one load to the next."""
+    from transformers import CLIPModel, CLIPVisionModel
+
+    full = save_tiny_clip(tmp_path / "full")
+    vision_only = tmp_path / "vision"
+    CLIPVisionModel.from_pretrained(full, use_safetensors=True).save_pretrained(vision_only)
+    CLIPModel.config_class.from_pretrained(full).save_pretrained(vision_only)  # the projection width is known
+    clip_image_processor().save_pretrained(vision_only)
+    with pytest.raises(RewardError, match=r"aesthetic_model '.*vision' lacks 1 weight\(s\) the reward needs \(e.g. "
+                                          r"visual_projection.weight\); it needs a CLIP checkpoint"):
+        make_reward("aesthetic", aesthetic_model=str(vision_only))
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"do_center_crop": False}, "do_center_crop=false"),
+    ({"size": {"height": 32, "width": 32}}, "size without shortest_edge"),
+    ({"resample": 2}, "resample=2 (only 3, bicubic)"),
+])
+def test_image_processor_settings_it_cannot_follow_are_refused(tmp_path, settings, problem):
+    """They were ignored: a squashing resize, bilinear, or no crop gave other pixels than the processor's."""
+    import transformers
+
+    folder = save_tiny_clip(tmp_path / "clip")
+    cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    base = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    cls(**{**base, **settings}).save_pretrained(folder)
+    with pytest.raises(RewardError, match=f"its image processor asks for {re.escape(problem)}"):
+        make_reward("clipscore", clipscore_model=str(folder))
+
+
+def test_a_missing_preprocessor_config_warns_and_a_crop_that_does_not_fit_is_one_line(tmp_path):
+    folder = save_tiny_clip(tmp_path / "clip")
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.warns(UserWarning, match="has no preprocessor_config.json"):
+        with pytest.raises(RewardError, match=r"takes 32 px images, but its preprocessing crops to 224x224"):
+            make_reward("aesthetic", aesthetic_model=str(folder))

@@ -281,3 +281,32 @@ def test_auto_jpeg_backend_falls_back_to_pillow_when_nvjpeg_fails_to_start(monke
     with pytest.warns(UserWarning, match=r"nvJPEG unavailable \(jpeg_backend 'nvjpeg' failed to start"):
         encoder = reward._auto_cuda_encoder(torch.device("cuda", 0))
     assert encoder is reward.pillow()
+
+
+def test_a_nan_pixel_makes_the_jpeg_reward_nan_not_a_black_image_s_size():
+    """NaN became 0 in uint8: an all-NaN decode scored as a black image, a very compressible one."""
+    from rlcm_fast.rewards import JpegSizeReward, checked_rewards
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 3, 4] = float("nan")
+    rewards = JpegSizeReward(-1.0, backend="pillow")(images, ["a", "b", "c"])
+    assert np.isnan(rewards[1]) and np.isfinite(rewards[[0, 2]]).all()
+    with pytest.raises(RewardError, match=r"reward 'jpeg_compressibility' returned non-finite values \(nan at index 1\)"):
+        checked_rewards("jpeg_compressibility", rewards, 3)
+
+
+def failing_term(images, prompts):
+    raise KeyError("boom")
+
+
+def test_a_weighted_sum_names_the_term_that_raised():
+    reward = make_reward(f"jpeg_compressibility:0.5,{__name__}:failing_term:2")
+    with pytest.raises(RewardError, match=rf"reward term '{__name__}:failing_term' raised KeyError: 'boom'"):
+        reward(torch.rand(2, 3, 8, 8), ["a", "b"])
+
+
+def test_a_list_of_tensors_that_require_grad_is_read_as_rewards():
+    from rlcm_fast.rewards import checked_rewards
+
+    values = [torch.tensor(1.5, requires_grad=True), torch.tensor(-2.0, requires_grad=True)]
+    assert checked_rewards("mine", values, 2).tolist() == [1.5, -2.0]  # was a RuntimeError from numpy()

@@ -46,8 +46,10 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
     if values is None:  # np.asarray(None, float) is a shape-() nan, which would be reported as a shape
         raise RewardError(f"reward {name!r} returned None, expected {count} floats")
     try:
+        if isinstance(values, (list, tuple)):  # e.g. a list of 0-d tensors, some requiring grad
+            values = [v.detach().float().cpu() if torch.is_tensor(v) else v for v in values]
         array = np.asarray(values.detach().float().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected {count} floats") from None
     if array.shape != (count,):
         raise RewardError(f"reward {name!r} returned shape {array.shape}, expected ({count},)")
@@ -146,7 +148,13 @@ class WeightedSum:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
         total = np.zeros(len(prompts))
         for term, fn in self.parts:
-            total += term.weight * checked_rewards(term.name, fn(images, prompts), len(prompts))
+            try:
+                values = fn(images, prompts)
+            except RewardError:
+                raise
+            except Exception as exc:  # named by its term, not by the whole sum
+                raise RewardError(f"reward term {term.name!r} raised {one_line(exc, 200)}") from None
+            total += term.weight * checked_rewards(term.name, values, len(prompts))
         return total
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..faults import one_line
 from .base import RewardError, looks_like_path
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
@@ -25,6 +27,7 @@ DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"  # Hessel et al.'s CLIP
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's tokenizer and image settings
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIP-S = 2.5 * max(cos, 0) (torchmetrics scales by 100 instead)
+CLIPSCORE_PREFIX = "A photo depicts "  # what Hessel et al.'s own code puts before each caption
 AESTHETIC_HEAD = "laion_aesthetic_mlp_vitl14.safetensors"
 AESTHETIC_LAYERS = (0, 2, 4, 6, 7)  # Linear layers of the original nn.Sequential; 1, 3, 5 are Dropout
 
@@ -39,18 +42,41 @@ class ClipImageSettings:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     @classmethod
-    def from_pretrained(cls, model_id: str) -> "ClipImageSettings":
-        """Read a model's preprocessor_config.json; CLIP's defaults when it has none."""
+    def from_pretrained(cls, model_id: str, what: str) -> "ClipImageSettings":
+        """Read a model's preprocessor_config.json (OpenAI CLIP's settings, with a warning, when it has none);
+        a RewardError for settings that clip_preprocess does not implement, which it would otherwise ignore."""
         import transformers
 
         processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
         try:
             processor = processor_class.from_pretrained(model_id)
-        except (OSError, ValueError):
+        except OSError:
+            warnings.warn(f"{what} {model_id!r} has no preprocessor_config.json: its images are preprocessed as "
+                          "OpenAI CLIP's (224 px, OpenAI's mean and std)")
             return cls()
-        size = processor.size.get("shortest_edge") or min(processor.size.get("height", 224), processor.size.get("width", 224))
+        except ValueError as exc:
+            raise RewardError(f"{what} {model_id!r} has an unreadable preprocessor_config.json: "
+                              f"{one_line(exc, 200)}") from None
+        unsupported = {
+            "size without shortest_edge (a resize to a fixed height and width)": not processor.size.get("shortest_edge"),
+            f"resample={processor.resample} (only 3, bicubic)": int(processor.resample) != 3,
+            "do_resize=false": not processor.do_resize,
+            "do_center_crop=false": not processor.do_center_crop,
+            "do_normalize=false": not processor.do_normalize,
+        }
+        for setting, present in unsupported.items():
+            if present:
+                raise RewardError(f"{what} {model_id!r}: its image processor asks for {setting}, which this reward's "
+                                  "preprocessing does not do (CLIP's: bicubic resize of the shortest edge, center "
+                                  "crop, normalise)")
         crop = processor.crop_size
-        return cls(int(size), (int(crop["height"]), int(crop["width"])), tuple(processor.image_mean), tuple(processor.image_std))
+        return cls(int(processor.size["shortest_edge"]), (int(crop["height"]), int(crop["width"])),
+                   tuple(processor.image_mean), tuple(processor.image_std))
+
+    def check_fits(self, image_size: int, model_id: str, what: str) -> None:
+        if self.crop != (image_size, image_size):
+            raise RewardError(f"{what} {model_id!r} takes {image_size} px images, but its preprocessing crops to "
+                              f"{self.crop[0]}x{self.crop[1]}")
 
 
 def _pil_cubic(x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +112,10 @@ def clip_preprocess(images: torch.Tensor, settings: ClipImageSettings = ClipImag
     size = (new_short, new_long) if height <= width else (new_long, new_short)
     if size != (height, width):
         # As matrices rather than F.interpolate: CLIP's processor resizes with PIL, and PyTorch's bicubic
-        # differs from PIL's when upscaling. PIL resizes horizontally, then vertically, clipping to the
-        # pixel range after each pass (overshoot is clipped before the second pass sees it).
+        # differs from PIL's when upscaling. Here horizontally, then vertically, clipping to the pixel range
+        # after each pass (overshoot is clipped before the second pass sees it), as PIL does for square and
+        # wide images; Pillow 13 resizes images about 2.2 times taller than wide vertically first, and those
+        # then differ from its result by a few uint8 levels.
         rows, columns = _resize_matrix(height, size[0], images.device), _resize_matrix(width, size[1], images.device)
         images = (rows @ (images @ columns.T).clamp(0, 1)).clamp(0, 1)
     crop_h, crop_w = settings.crop
@@ -116,16 +144,38 @@ def load_aesthetic_head(path=None) -> torch.nn.Sequential:
     return head.eval().requires_grad_(False)
 
 
-def _load(kind, model_id: str, what: str, **kwargs):
+def _check_local_folder(model_id: str, what: str) -> None:
     if looks_like_path(model_id) and not Path(model_id).is_dir():  # else the hub's repo-id rules were its error
         problem = "not a folder" if Path(model_id).exists() else "no such folder"
         raise RewardError(f"{what} {model_id!r} cannot be loaded: {problem} (a hub id or a local folder with "
                           "safetensors)")
+
+
+def _load_config(kind, model_id: str, what: str):
+    """A config (no weights) from a hub id or a local folder, or a RewardError naming the option."""
+    _check_local_folder(model_id, what)
     try:
-        return kind.from_pretrained(model_id, use_safetensors=True, **kwargs)
+        return kind.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
+                          f"{one_line(exc, 200)}") from None
+
+
+def _load(kind, model_id: str, what: str, **kwargs):
+    """A model from a hub id or a local folder, every weight from its safetensors, or a RewardError."""
+    _check_local_folder(model_id, what)
+    try:
+        loaded = kind.from_pretrained(model_id, use_safetensors=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): {first}") from None
+    model, info = loaded
+    # transformers fills weights the checkpoint lacks (a vision-only one's projection) with random values.
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise RewardError(f"{what} {model_id!r} lacks {len(missing)} weight(s) the reward needs (e.g. {missing[0]}); "
+                          "it needs a CLIP checkpoint with its projection layers")
+    return model
 
 
 class _OnDevice:
@@ -164,7 +214,7 @@ class AestheticReward(_OnDevice):
         super().__init__()
         from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-        config = _load(AutoConfig, model_id, "aesthetic_model")
+        config = _load_config(AutoConfig, model_id, "aesthetic_model")
         if hasattr(config, "vision_config"):  # a full CLIPModel checkpoint: load only its image tower
             # The projection width lives in the top-level config; the vision sub-config may not repeat it.
             config.vision_config.projection_dim = config.projection_dim
@@ -179,7 +229,8 @@ class AestheticReward(_OnDevice):
         finally:
             hf_logging.set_verbosity(verbosity)
         self.vision.eval().requires_grad_(False)
-        self.settings = ClipImageSettings.from_pretrained(model_id)
+        self.settings = ClipImageSettings.from_pretrained(model_id, "aesthetic_model")
+        self.settings.check_fits(self.vision.config.image_size, model_id, "aesthetic_model")
         self.head = load_aesthetic_head(head_path)
         width = self.head[0].in_features
         if self.vision.config.projection_dim != width:
@@ -213,8 +264,9 @@ class ClipSimilarityReward(_OnDevice):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
-            raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {exc}") from None
-        self.settings = ClipImageSettings.from_pretrained(source)
+            raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {one_line(exc, 200)}") from None
+        self.settings = ClipImageSettings.from_pretrained(source, what if processor_id is None else f"{what}'s processor")
+        self.settings.check_fits(self.model.config.vision_config.image_size, model_id, what)
         self.mode = mode
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         # Read now, in the checkpoint's float32: on CUDA the towers (logit_scale with them) become bf16,
@@ -236,7 +288,7 @@ class ClipSimilarityReward(_OnDevice):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        prompts = list(prompts)
+        prompts = [CLIPSCORE_PREFIX + p for p in prompts] if self.mode == "clipscore" else list(prompts)
         cos = torch.cat([self.similarities(images[i : i + self.batch_size], prompts[i : i + self.batch_size])
                          for i in range(0, len(prompts), self.batch_size)])
         if self.mode == "clipscore":

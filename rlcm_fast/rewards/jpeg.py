@@ -251,4 +251,9 @@ class JpegSizeReward:
         return self.pillow()
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
-        return self.sign * self.encoder_for(images).sizes_kb(images)
+        rewards = self.sign * self.encoder_for(images).sizes_kb(images)
+        # A NaN pixel would become 0 in uint8 and score as black: the image's reward is NaN instead, which the
+        # trainer reports as the reward's non-finite value (as the CLIP rewards' NaN is).
+        broken = (~torch.isfinite(images.detach())).flatten(1).any(1).cpu().numpy()
+        rewards[broken] = np.nan
+        return rewards
