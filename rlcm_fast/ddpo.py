@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from diffusers import DDIMScheduler
 
-from .policy_step import LOG_SQRT_2PI, check_prediction_type
+from .policy_step import check_prediction_type, mean_gaussian_log_prob, row_columns
 from .sampler import PromptEmbeddingCache, Trajectory, decode_latents, standard_normal, weights_device
 
 # Column order of the (S, 5) float64 table of per-action constants.
@@ -47,15 +47,10 @@ def ddim_row_scalars(scheduler: DDIMScheduler, eta: float) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def _columns(scalars: torch.Tensor, ndim: int, dtype: torch.dtype):
-    shape = (scalars.shape[0],) + (1,) * (ndim - 1)
-    return [scalars[:, i].to(dtype).reshape(shape) for i in range(scalars.shape[1])]
-
-
 def ddim_mean(model_output, x, scalars, prediction_type: str):
     """The DDIM action's Gaussian mean (B, ...) and std (B,), in float32 (float64 for float64 x)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    alpha_t, sigma_t, alpha_prev, direction, std = _columns(scalars.to(x.device), x.ndim, dtype)
+    alpha_t, sigma_t, alpha_prev, direction, std = row_columns(scalars.to(x.device), x.ndim, dtype)
     out, xc = model_output.to(dtype), x.to(dtype)
     if prediction_type == "epsilon":
         eps, pred_x0 = out, (xc - sigma_t * out) / alpha_t
@@ -77,9 +72,7 @@ def ddim_step(model_output, x, scalars, prediction_type: str, noise=None, next_s
     shape = (-1,) + (1,) * (x.ndim - 1)
     if next_state is None:
         next_state = (mean + std.view(shape) * noise.to(mean.dtype)).to(x.dtype)
-    diff = next_state.to(mean.dtype) - mean
-    logp = -(diff * diff).flatten(1).mean(dim=1) / (2 * std * std) - torch.log(std) - LOG_SQRT_2PI
-    return mean, next_state, logp
+    return mean, next_state, mean_gaussian_log_prob(next_state, mean, std)
 
 
 class DDPOSampler:

@@ -53,10 +53,24 @@ def row_scalars_for_schedule(scheduler, timesteps: torch.Tensor, next_timesteps:
     ).contiguous()
 
 
-def _split(scalars: torch.Tensor, ndim: int, dtype: torch.dtype):
-    """The six per-row columns, shaped to broadcast against a (B, ...) tensor of `ndim` dims."""
+def row_columns(scalars: torch.Tensor, ndim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The columns of a (B, C) per-row table, each shaped to broadcast against a (B, ...) tensor of `ndim`
+    dims (also DDPO's DDIM table)."""
     shape = (scalars.shape[0],) + (1,) * (ndim - 1)
-    return [scalars[:, i].to(dtype).reshape(shape) for i in range(6)]
+    return [scalars[:, i].to(dtype).reshape(shape) for i in range(scalars.shape[1])]
+
+
+def mean_gaussian_log_prob(next_state: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per row, the MEAN over its elements of log N(next_state; mean, std^2), with one std per row (B,),
+    computed in mean's dtype (also DDPO's DDIM action)."""
+    diff = next_state.to(mean.dtype) - mean
+    return -(diff * diff).flatten(1).mean(dim=1) / (2 * std * std) - torch.log(std) - LOG_SQRT_2PI
+
+
+def policy_mean_std(denoised: torch.Tensor, scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The action's Gaussian: mean alpha_next * D (B, ...) and std sigma_next (B,), in float32."""
+    alpha_next, sigma_next = row_columns(scalars[:, 4:], denoised.ndim, torch.float32)
+    return alpha_next * denoised.float(), sigma_next.flatten()
 
 
 def predicted_original(model_output, x, alpha_t, sigma_t, prediction_type: str):
@@ -71,7 +85,7 @@ def predicted_original(model_output, x, alpha_t, sigma_t, prediction_type: str):
 
 def _consistency_output(model_output, x, scalars, prediction_type: str, compute_dtype: torch.dtype):
     """D = c_out * pred_x0 + c_skip * x, in compute_dtype."""
-    alpha_t, sigma_t, c_skip, c_out, _, _ = _split(scalars, x.ndim, compute_dtype)
+    alpha_t, sigma_t, c_skip, c_out, _, _ = row_columns(scalars, x.ndim, compute_dtype)
     xc = x.to(compute_dtype)
     pred_x0 = predicted_original(model_output.to(compute_dtype), xc, alpha_t, sigma_t, prediction_type)
     return c_out * pred_x0 + c_skip * xc
@@ -95,15 +109,12 @@ def policy_step_reference(
     """
     if (noise is None) == (next_state is None):
         raise ValueError("give exactly one of noise (sampling) or next_state (training)")
-    _, _, _, _, alpha_next, sigma_next = _split(scalars, x.ndim, compute_dtype)
+    _, _, _, _, alpha_next, sigma_next = row_columns(scalars, x.ndim, compute_dtype)
     denoised = _consistency_output(model_output, x, scalars, prediction_type, compute_dtype)
     mean = alpha_next * denoised
     if next_state is None:
         next_state = (mean + sigma_next * noise.to(compute_dtype)).to(x.dtype)
-    diff = next_state.to(compute_dtype) - mean
-    sq = (diff * diff).flatten(1).mean(dim=1)
-    std = sigma_next.flatten()
-    logp = -sq / (2 * std * std) - torch.log(std) - LOG_SQRT_2PI
+    logp = mean_gaussian_log_prob(next_state, mean, sigma_next.flatten())
     out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     return denoised.to(x.dtype), next_state, logp.to(out_dtype)
 

@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .cuda_graphs import CaptureError, CapturedCall
 from .models import guidance_embedding, latent_shape
-from .policy_step import ROW_SCALARS, consistency_output, policy_step, row_scalars_for_schedule
+from .policy_step import consistency_output, policy_mean_std, policy_step, row_scalars_for_schedule
 
 
 @dataclass
@@ -168,39 +168,32 @@ class LCMSampler:
             x.to(dtype), timesteps, encoder_hidden_states=embeds, timestep_cond=w_embedding, return_dict=False
         )[0]
 
+    def _stored_rows(self, unet, states, sample_idx, step_idx, embeds):
+        """The UNet's output at the stored states[i, k] of rows (i, k), with those states and their scalars."""
+        x = states[sample_idx, step_idx]
+        scalars = self._device_scalars[step_idx]  # indexed on the device: no host sync per minibatch
+        model_output = self.unet_output(unet, x, self._device_timesteps[step_idx], embeds,
+                                        self.guidance(len(x), embeds.dtype))
+        return model_output.float(), x, scalars
+
     def action_log_probs(self, unet, states, sample_idx, step_idx, embeds, with_mean: bool = False):
         """log pi of the stored actions states[i, k] -> states[i, k+1] for rows (i, k), any mix of k,
         differentiable with respect to the UNet's (LoRA) weights. With `with_mean` also the policy's
         Gaussian mean (B, C, h, w) and per-row std (B,) at those states (for a KL), else None, None."""
-        x = states[sample_idx, step_idx]
-        scalars = self._device_scalars[step_idx]  # indexed on the device: no host sync per minibatch
-        model_output = self.unet_output(unet, x, self._device_timesteps[step_idx], embeds,
-                                        self.guidance(len(x), embeds.dtype))
+        model_output, x, scalars = self._stored_rows(unet, states, sample_idx, step_idx, embeds)
         denoised, _, log_probs = policy_step(
-            model_output.float(), x, scalars, self.prediction_type, next_state=states[sample_idx, step_idx + 1],
+            model_output, x, scalars, self.prediction_type, next_state=states[sample_idx, step_idx + 1],
             backend=self.step_backend,
         )
         if not with_mean:
             return log_probs.float(), None, None
-        alpha_next, sigma_next = self._next_scalars(scalars, denoised.ndim)
-        return log_probs.float(), alpha_next * denoised.float(), sigma_next.flatten()
+        return (log_probs.float(), *policy_mean_std(denoised, scalars))
 
     @torch.no_grad()
     def action_means(self, unet, states, sample_idx, step_idx, embeds):
         """The policy's Gaussian mean (B, C, h, w) and per-row std (B,) at states[i, k], no gradient."""
-        x = states[sample_idx, step_idx]
-        scalars = self._device_scalars[step_idx]  # indexed on the device: no host sync per minibatch
-        model_output = self.unet_output(unet, x, self._device_timesteps[step_idx], embeds,
-                                        self.guidance(len(x), embeds.dtype))
-        denoised = consistency_output(model_output.float(), x, scalars.to(self.device), self.prediction_type)
-        alpha_next, sigma_next = self._next_scalars(scalars, denoised.ndim)
-        return alpha_next * denoised.float(), sigma_next.flatten()
-
-    def _next_scalars(self, scalars, ndim: int):
-        """alpha_next and sigma_next of each row, shaped to broadcast over (B, C, h, w), float32."""
-        shape = (-1,) + (1,) * (ndim - 1)
-        columns = [scalars[:, ROW_SCALARS.index(name)] for name in ("alpha_next", "sigma_next")]
-        return [c.to(self.device, torch.float32).view(shape) for c in columns]
+        model_output, x, scalars = self._stored_rows(unet, states, sample_idx, step_idx, embeds)
+        return policy_mean_std(consistency_output(model_output, x, scalars, self.prediction_type), scalars)
 
     def rollout(self, unet, x, noises, embeds, w_embedding):
         """The H UNet calls from x_0 with the given noise of each action (T = trained_steps of them):
