@@ -314,8 +314,8 @@ class Trainer:
                     sync = micro == len(minibatches) - 1
                     context = nullcontext() if sync else self.accelerator.no_sync(self.ddp_unet)
                     with context, self.autocast():
-                        log_probs, kl = self.pair_log_probs(states, sample_idx.flatten(), step_idx.flatten(),
-                                                            embeds[sample_idx.flatten()])
+                        log_probs, kl = self.policy_log_probs(states, sample_idx.flatten(), step_idx.flatten(),
+                                                              embeds[sample_idx.flatten()])
                         loss, stats = self.objective(log_probs.view(step_idx.shape),
                                                      old_log_probs[sample_idx, step_idx], advantages[sample_idx])
                         if kl is not None:
@@ -383,7 +383,7 @@ class Trainer:
         if stop and done < total:  # a stop after the epoch's last update lets the epoch end first
             raise StopTraining(done)
 
-    def pair_log_probs(self, states, sample_idx, step_idx, embeds):
+    def policy_log_probs(self, states, sample_idx, step_idx, embeds):
         """log pi_theta of the stored actions states[i, k] -> states[i, k+1] for rows (i, k); any k mix.
         With kl_beta > 0 also the per-row KL to the base model (LoRA off) at the same states, else None."""
         if self.cfg.kl_beta == 0:

@@ -127,20 +127,20 @@ def test_kl_to_the_base_model_is_zero_with_a_zero_lora_and_positive_otherwise(tm
     idx = torch.arange(len(samples.prompts))
     steps = torch.zeros_like(idx)
     trainer.cfg.kl_beta = 1.0
-    _, kl = trainer.pair_log_probs(samples.states, idx, steps, trainer.sampler.prompt_embeddings(samples.prompts))
+    _, kl = trainer.policy_log_probs(samples.states, idx, steps, trainer.sampler.prompt_embeddings(samples.prompts))
     assert kl.shape == (len(idx),) and kl.requires_grad and (kl > 0).all()
 
 
 def recorded_training_rows(monkeypatch, trainer, samples):
     """Run one train_epoch and record every (sample, step) row the UNet was trained on."""
     rows = []
-    original = trainer.pair_log_probs
+    original = trainer.policy_log_probs
 
     def recording(states, sample_idx, step_idx, embeds):
         rows.extend(zip(sample_idx.tolist(), step_idx.tolist()))
         return original(states, sample_idx, step_idx, embeds)
 
-    monkeypatch.setattr(trainer, "pair_log_probs", recording)
+    monkeypatch.setattr(trainer, "policy_log_probs", recording)
     trainer.train_epoch(0, samples)
     return rows
 

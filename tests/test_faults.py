@@ -294,7 +294,7 @@ def test_out_of_memory_is_one_message_with_the_sizes_and_the_remedies(tmp_path, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(LCMSampler if phase == "sampling" else Trainer,
-                        "sample" if phase == "sampling" else "pair_log_probs", oom)
+                        "sample" if phase == "sampling" else "policy_log_probs", oom)
     run_dir = tmp_path / "run"
     assert train(run_dir) == 1
     line = [one_error_line(capsys)]

@@ -108,7 +108,7 @@ def test_first_inner_epoch_recomputes_the_stored_log_probs(tmp_path, precision):
     sample_idx, step_idx = pairs // steps, pairs % steps
     embeds = trainer.sampler.prompt_embeddings(samples.prompts)[sample_idx]
     with torch.no_grad(), trainer.autocast():
-        log_probs, kl = trainer.pair_log_probs(samples.states, sample_idx, step_idx, embeds)
+        log_probs, kl = trainer.policy_log_probs(samples.states, sample_idx, step_idx, embeds)
     assert kl is None  # kl_beta = 0: no base-model forward
     ratio = torch.exp(log_probs - samples.log_probs[sample_idx, step_idx])
     assert (ratio - 1).abs().max().item() < 1e-5
