@@ -310,3 +310,12 @@ def test_a_list_of_tensors_that_require_grad_is_read_as_rewards():
 
     values = [torch.tensor(1.5, requires_grad=True), torch.tensor(-2.0, requires_grad=True)]
     assert checked_rewards("mine", values, 2).tolist() == [1.5, -2.0]  # was a RuntimeError from numpy()
+
+
+def test_the_reward_options_defaults_are_the_config_s():
+    """make_reward's defaults (for callers without a config) and TrainConfig's are written in two places, since
+    the config must import no torch; they must not drift apart."""
+    from rlcm_fast.config import TrainConfig
+    from rlcm_fast.rewards import DEFAULT_OPTIONS
+
+    assert {key: getattr(TrainConfig(), key) for key in DEFAULT_OPTIONS} == DEFAULT_OPTIONS

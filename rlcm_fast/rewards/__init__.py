@@ -18,7 +18,8 @@ from .clip_scores import (DEFAULT_AESTHETIC_MODEL, DEFAULT_CLIPSCORE_MODEL, DEFA
 from .jpeg import JPEG_BACKENDS, NVJPEG_COLOURS, JpegSizeReward, jpeg_size_kb, to_uint8, to_uint8_images
 
 # The options built-in rewards read besides jpeg_quality and threads, with their defaults; the config
-# fields of the same names set them.
+# fields of the same names set them (and repeat these defaults: config.py imports no torch; a test keeps
+# the two equal).
 DEFAULT_OPTIONS: dict[str, Any] = dict(
     jpeg_backend="auto",
     nvjpeg_colour="nvjpeg",
