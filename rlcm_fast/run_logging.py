@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,11 +12,26 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
 from .faults import TrainingFault
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def write_run_config(run_dir: Path, config: dict) -> None:
+    """RUN/config.yaml, written whole or not at all (a full disk left a truncated one and a traceback)."""
+    config_file = run_dir / "config.yaml"
+    partial = config_file.with_name(f".config.yaml.tmp-{os.getpid()}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        partial.write_text(yaml.safe_dump(config, sort_keys=False))
+        partial.replace(config_file)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise TrainingFault(f"could not write {str(config_file)!r}: {exc.strerror or exc}; the checkpoints "
+                            "written before are intact") from None
 
 
 class RunLogger:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -46,7 +44,7 @@ from .minibatches import minibatch_plan
 from .models import ignored_guidance, load_pipeline, set_channels_last
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
-from .run_logging import RunLogger, save_reward_plot, save_sample_grid
+from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
 
@@ -57,6 +55,38 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
+        precision = self._start_accelerator()  # checks the device settings first, before any model loads
+
+        # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
+        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
+                                                              **reward_options(cfg)))
+        self._build_policy_model(precision)
+
+        # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
+        try:  # the scheduler refuses step counts beyond the model's training timesteps
+            self.sampler = policy_sampler(self.pipe, cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if (unused := ignored_guidance(self.pipe, cfg.method, cfg.guidance_scale)) and self.is_main:
+            print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
+        self.prompt_set = load_prompt_set(cfg.prompts)
+        self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+
+        self.start_epoch, self.global_step = 0, 0
+        self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
+        self.stop = StopSignals(announce=self.is_main)
+        self.stopped_at: Path | None = None  # the checkpoint written when a signal stopped the run
+        self.resumed_epoch: tuple[EpochSamples, dict, int] | None = None  # samples, stats, updates done
+        self.epoch_in_progress: tuple[EpochSamples, dict] | None = None
+        self.last_saved: tuple[int, int] | None = None  # (epoch, update) of the newest checkpoint of this state
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.logger = self._start_run_folder() if self.is_main else None
+
+    def _start_accelerator(self) -> str:
+        """The Accelerator for the config's device and mixed precision (returned: "no", "bf16" or "fp16"),
+        after refusing the settings this machine cannot run."""
+        cfg = self.cfg
         if cfg.device == "cuda" and not torch.cuda.is_available():  # accelerate would quietly run on the CPU
             raise ConfigError(f"device=cuda, but this machine has no usable CUDA device (torch {torch.__version__}); "
                               "use device=cpu or auto")
@@ -83,11 +113,12 @@ class Trainer:
                               "DDP's gradient hooks are not captured; set it to false")
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return precision
 
-        # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
-        self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
-                                                              **reward_options(cfg)))
+    def _build_policy_model(self, precision: str) -> None:
+        """The pipeline, the policy's LoRA with its optimizer, and the UNet as sampling and training call it."""
+        cfg = self.cfg
+        base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # Model: frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
         self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora, method=cfg.method)
         self.pipe.set_progress_bar_config(disable=True)
@@ -134,45 +165,21 @@ class Trainer:
         # The graphed backward needs the gradients allocated before it runs (train_epoch) and zeroed in place.
         self.grads_stay_allocated = getattr(self.train_unet, "keeps_gradients_allocated", False)
 
-        # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
-        try:  # the scheduler refuses step counts beyond the model's training timesteps
-            self.sampler = policy_sampler(self.pipe, cfg)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if (unused := ignored_guidance(self.pipe, cfg.method, cfg.guidance_scale)) and self.is_main:
-            print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
-        self.prompt_set = load_prompt_set(cfg.prompts)
-        self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+    def _resume(self, resume_from: Path) -> None:
+        """The checkpoint's weights, optimizer, schedule, stat tracker and counters; a mid-epoch one's samples."""
+        state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
+        self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        if self.accelerator.scaler is not None and "grad_scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        self.last_saved = (state["epoch"], state.get("update", 0))
+        if state.get("update"):
+            self.resumed_epoch = restore_stopped_epoch(resume_from, state, self.accelerator)
 
-        self.start_epoch, self.global_step = 0, 0
-        self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
-        self.stop = StopSignals(announce=self.is_main)
-        self.stopped_at: Path | None = None  # the checkpoint written when a signal stopped the run
-        self.resumed_epoch: tuple[EpochSamples, dict, int] | None = None  # samples, stats, updates done
-        self.epoch_in_progress: tuple[EpochSamples, dict] | None = None
-        self.last_saved: tuple[int, int] | None = None  # (epoch, update) of the newest checkpoint of this state
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
-            self.start_epoch, self.global_step = state["epoch"], state["global_step"]
-            self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-            if self.accelerator.scaler is not None and "grad_scaler" in state:
-                self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-            self.last_saved = (state["epoch"], state.get("update", 0))
-            if state.get("update"):
-                self.resumed_epoch = restore_stopped_epoch(resume_from, state, self.accelerator)
-        self.logger = None
-        if self.is_main:
-            config_file = run_dir / "config.yaml"
-            partial = config_file.with_name(f".config.yaml.tmp-{os.getpid()}")
-            try:  # written whole or not at all: a full disk left a truncated config.yaml and a traceback
-                run_dir.mkdir(parents=True, exist_ok=True)
-                partial.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-                partial.replace(config_file)
-            except OSError as exc:
-                partial.unlink(missing_ok=True)
-                raise TrainingFault(f"could not write {str(config_file)!r}: {exc.strerror or exc}; the checkpoints "
-                                    "written before are intact") from None
-            self.logger = RunLogger(run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
+    def _start_run_folder(self) -> RunLogger:
+        """config.yaml and the run's logger (main process only)."""
+        write_run_config(self.run_dir, self.cfg.to_dict())
+        return RunLogger(self.run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
 
     # -- sampling and rewards ---------------------------------------------------------------------------
 
