@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve_reward(args: argparse.Namespace) -> int:
     import torch
 
+    from .faults import first_line
     from .rewards import RewardError
     from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve
     from .rewards.base import looks_like_path
@@ -163,8 +164,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
             scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer,
                                      device, args.max_new_tokens)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RewardError(f"the alignment models cannot be loaded: {first}") from None
+            raise RewardError(f"the alignment models cannot be loaded: {first_line(exc)}") from None
         serve(scorer, server=server)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(exc)
         return 1
     except (RuntimeError, MemoryError) as exc:  # out of memory outside an epoch (the trainer names its sizes)
-        from .faults import is_lost_peer, is_out_of_memory
+        from .faults import first_line, is_lost_peer, is_out_of_memory
 
         if is_lost_peer(exc):  # the process that ended first said why (or its launcher did): not a traceback here
             _error(f"process {os.environ.get('RANK', '?')} stopped: another process of the run ended first (its "
@@ -391,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if not is_out_of_memory(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _error(f"out of memory ({first[:200]}): lower resolution, the batch sizes, lora_rank or --num-images")
+        _error(f"out of memory ({first_line(exc)[:200]}): lower resolution, the batch sizes, lora_rank or --num-images")
         return 1
     except KeyboardInterrupt:  # a second interrupt: the first one's checkpoint was not waited for
         run_dir = getattr(args, "run_dir", None)

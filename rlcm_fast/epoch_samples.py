@@ -12,9 +12,9 @@ import torch
 from accelerate.utils import gather_object
 
 from .checkpoint import CheckpointError, load_tensors
+from .run_logging import GRID_IMAGES  # the main process's images a stopped epoch keeps for its sample grid
 
 SAMPLES_FILE = "epoch_samples.safetensors"  # a stopped epoch's samples, in a checkpoint-E-U
-GRID_IMAGES = 16  # images of the main process kept for the epoch's sample grid (save_sample_grid's maximum)
 
 
 @dataclass

@@ -21,6 +21,13 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
+def first_line(error: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message (library errors often span many lines); `empty` (default: the
+    exception's type name) when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else (empty or type(error).__name__)
+
+
 def shown(value, limit: int = 60) -> str:
     """A value for a message: its repr, cut short at `limit` characters."""
     text = repr(value)

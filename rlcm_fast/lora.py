@@ -23,6 +23,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .faults import first_line
+
 # diffusers' default adapter name, spelled out so every helper here addresses the same adapter.
 POLICY_ADAPTER = "default"
 
@@ -132,7 +134,7 @@ def load_policy_lora(pipe: LatentConsistencyModelPipeline, directory: str | os.P
     except RuntimeError as exc:  # torch's load_state_dict: a line per tensor of another shape
         mismatches = _SIZE_MISMATCH.findall(str(exc))
         if not mismatches:
-            raise ValueError(f"{path} does not fit this UNet: {(str(exc).strip().splitlines() or [''])[0]}") from None
+            raise ValueError(f"{path} does not fit this UNet: {first_line(exc)}") from None
         name, in_file, in_unet = mismatches[0]
         raise ValueError(f"{path} does not fit this UNet: {len(mismatches)} LoRA tensors have other shapes (e.g. "
                          f"{name} is {in_file} in the file, {in_unet} in the UNet)") from None

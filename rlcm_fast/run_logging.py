@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw
 
 from .faults import TrainingFault
 
+GRID_IMAGES = 16  # the most images an epoch's sample grid shows
+
 METRICS_FILE = "metrics.jsonl"
 
 

@@ -42,6 +42,7 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict:
+        # buffer_size and min_count are for a reader of training_state.json: a resumed run takes its config's.
         return {
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,

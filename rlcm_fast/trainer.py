@@ -36,7 +36,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
 from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
-from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, is_out_of_memory,
+from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
                      out_of_memory_message)
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
@@ -257,8 +257,8 @@ class Trainer:
         # The user's reward code: anything it raised is its failure, sys.exit() too (a future re-raises what the
         # worker's call raised; a Ctrl-C reaches the main thread's stop handler, never a future).
         except BaseException as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
-            error = RewardError(f"reward {self.cfg.reward!r} raised {type(exc).__name__}: {detail}")
+            error = RewardError(f"reward {self.cfg.reward!r} raised {type(exc).__name__}: "
+                                f"{first_line(exc, empty='no message')}")
         if agree(self.accelerator, error is not None)[0]:
             raise error or RewardError(f"reward {self.cfg.reward!r} failed on another process")
         return rewards

@@ -319,3 +319,15 @@ def test_the_reward_options_defaults_are_the_config_s():
     from rlcm_fast.rewards import DEFAULT_OPTIONS
 
     assert {key: getattr(TrainConfig(), key) for key in DEFAULT_OPTIONS} == DEFAULT_OPTIONS
+
+
+def test_a_name_repeated_in_a_sum_is_built_once(monkeypatch):
+    from rlcm_fast import rewards
+
+    builds = []
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "jpeg_compressibility",
+                        lambda options: builds.append(1) or JpegSizeReward(-1.0, backend="pillow"))
+    reward = make_reward("jpeg_compressibility:0.5,jpeg_compressibility:0.5")
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert len(builds) == 1
+    np.testing.assert_allclose(reward(images, ["a", "b"]), JpegSizeReward(-1.0, backend="pillow")(images, ["a", "b"]))

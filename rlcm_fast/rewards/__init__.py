@@ -63,8 +63,12 @@ def make_reward(name: str, jpeg_quality: int = 95, threads: int = 0, **options) 
         raise RewardError(f"unknown reward options {sorted(unknown)}; allowed: {', '.join(DEFAULT_OPTIONS)}")
     settings = {**DEFAULT_OPTIONS, **options, "jpeg_quality": jpeg_quality, "reward_threads": threads}
     terms = parse_reward_spec(name, tuple(BUILTIN_REWARDS))
-    built = [(t, BUILTIN_REWARDS[t.name](settings) if t.name in BUILTIN_REWARDS else import_user_reward(t.name))
-             for t in terms]
+    made: dict[str, RewardFn] = {}  # a name repeated in a sum is built once (not a second CLIP in memory)
+    for term in terms:
+        if term.name not in made:
+            made[term.name] = (BUILTIN_REWARDS[term.name](settings) if term.name in BUILTIN_REWARDS
+                               else import_user_reward(term.name))
+    built = [(term, made[term.name]) for term in terms]
     if len(built) == 1 and built[0][0].weight == 1.0:
         return built[0][1]
     return WeightedSum(built)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..faults import one_line
+from ..faults import first_line, one_line
 from .base import RewardError, looks_like_path
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
@@ -167,8 +167,8 @@ def _load(kind, model_id: str, what: str, **kwargs):
     try:
         loaded = kind.from_pretrained(model_id, use_safetensors=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): {first}") from None
+        raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
+                          f"{first_line(exc)}") from None
     model, info = loaded
     # transformers fills weights the checkpoint lacks (a vision-only one's projection) with random values.
     if info.get("missing_keys"):
