@@ -216,7 +216,7 @@ def select_backend(model_output: torch.Tensor, x: torch.Tensor | None = None,
     return "reference"
 
 
-def _check_inputs(model_output, x, scalars, given, backend: str) -> None:
+def _check_inputs(model_output, x, scalars, given) -> None:
     """One-line errors for inputs the backends would fail on deep inside (or, the reference, broadcast)."""
     for name, tensor in (("model_output", model_output), ("x", x), ("scalars", scalars), ("noise/next_state", given)):
         if not isinstance(tensor, torch.Tensor):
@@ -230,9 +230,6 @@ def _check_inputs(model_output, x, scalars, given, backend: str) -> None:
     if tuple(scalars.shape) != (x.shape[0], 6):
         raise ValueError(f"scalars must have shape ({x.shape[0]}, 6) (the ROW_SCALARS table of x's rows), got "
                          f"{tuple(scalars.shape)}")
-    if backend != "reference" and torch.is_grad_enabled() and (given.requires_grad or scalars.requires_grad):
-        raise NotImplementedError(f"the {backend} policy step has no gradient with respect to the noise, "
-                                  "next_state or scalars; use backend='reference'")
 
 
 def policy_step(
@@ -257,9 +254,12 @@ def policy_step(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
     given = noise if noise is not None else next_state
+    _check_inputs(model_output, x, scalars, given)
     if backend == "auto":
         backend = select_backend(model_output, x, given)
-    _check_inputs(model_output, x, scalars, given, backend)
+    if backend != "reference" and torch.is_grad_enabled() and (given.requires_grad or scalars.requires_grad):
+        raise NotImplementedError(f"the {backend} policy step has no gradient with respect to the noise, "
+                                  "next_state or scalars; use backend='reference'")
     scalars = scalars.to(device=model_output.device, dtype=torch.float64).contiguous()
     if backend == "triton":
         from rlcm_fast.kernels.policy_step import fused_policy_step

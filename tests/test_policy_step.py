@@ -158,6 +158,8 @@ def test_inputs_every_backend_would_fail_on_or_broadcast_are_one_line_errors(bac
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             policy_step(*args, "epsilon", **kwargs, backend=backend)
+    with pytest.raises(TypeError, match="noise/next_state must be a torch.Tensor, got list"):
+        policy_step(x, x, rows, "epsilon", noise=[0.0], backend="auto")  # checked before the backend is chosen
     if backend != "reference":
         with pytest.raises(NotImplementedError, match=f"the {backend} policy step has no gradient with respect to"):
             policy_step(x, x, rows, "epsilon", noise=x.clone().requires_grad_(True), backend=backend)
