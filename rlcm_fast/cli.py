@@ -250,16 +250,12 @@ def _default_run_dir(cfg: TrainConfig) -> Path:
     return Path(f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _usable_cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Check the command line once here (the config, the run folder, the checkpoint to resume), then run this
     command in --num-processes processes on this machine."""
     import torch
 
-    from .launch import launch_local, without_option
+    from .launch import launch_local, usable_cpu_cores, without_option
 
     if args.num_processes < 1:
         raise UsageError(f"--num-processes {args.num_processes} is invalid: it must be >= 1")
@@ -269,7 +265,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     if cuda and args.num_processes > torch.cuda.device_count():
         raise UsageError(f"--num-processes {args.num_processes} is invalid: this machine has "
                          f"{torch.cuda.device_count()} GPU(s); one process per GPU")
-    if not cuda and args.num_processes > (cores := _usable_cpu_cores()):
+    if not cuda and args.num_processes > (cores := usable_cpu_cores()):
         raise UsageError(f"--num-processes {args.num_processes} is invalid: this run may use {cores} CPU core(s); "
                          "at most one process per core on the CPU")
     child = without_option(argv, "--num-processes")

@@ -68,13 +68,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def usable_cpu_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's limit), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def launch_local(num_processes: int, argv: list[str], command: list[str] | None = None) -> int:
     """Run `python -m rlcm_fast <argv>` (or `command`) in `num_processes` processes. Returns 0, or the exit
     code of the process that failed first; the others get FAILURE_GRACE_SECONDS to finish, then are killed."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes), "GROUP_RANK": "0",
            LAUNCHED_HERE: "1"}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpu_cores() // num_processes)))
     command = command or [sys.executable, "-m", "rlcm_fast"]
     children = [
         subprocess.Popen([*command, *argv], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},

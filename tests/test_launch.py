@@ -76,20 +76,19 @@ def test_a_broken_collective_on_a_surviving_process_is_one_line(monkeypatch, cap
     (["--num-processes", "2", "--set", "horizon=1"], "horizon=1 is invalid: multi-step sampling needs horizon >= 2"),
 ])
 def test_what_every_process_would_refuse_is_refused_once_before_any_starts(monkeypatch, capsys, args, message):
-    from rlcm_fast.cli import _usable_cpu_cores
-
     monkeypatch.setattr(launch, "launch_local", lambda *a, **k: pytest.fail("processes were started"))
-    monkeypatch.setattr("rlcm_fast.cli._usable_cpu_cores", lambda: 2)
+    monkeypatch.setattr(launch, "usable_cpu_cores", lambda: 2)
     assert main(["train", "--device", "cpu", *args]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "rlcm-fast: error: " + message.format(cores=2)]
-    assert _usable_cpu_cores() >= 1
+    monkeypatch.undo()
+    assert launch.usable_cpu_cores() >= 1
 
 
 def test_the_launched_processes_get_the_checked_run_folder(monkeypatch, tmp_path):
     started = {}
     monkeypatch.setattr(launch, "launch_local", lambda n, argv: started.update(n=n, argv=argv) or 0)
-    monkeypatch.setattr("rlcm_fast.cli._usable_cpu_cores", lambda: 2)
+    monkeypatch.setattr(launch, "usable_cpu_cores", lambda: 2)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--device", "cpu", "--num-processes", "2", "--set", "epochs=1"]) == 0
     argv = started["argv"]
