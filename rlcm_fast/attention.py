@@ -20,7 +20,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import ATTENTION_BACKENDS
+from .config_checks import ATTENTION_BACKENDS
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]

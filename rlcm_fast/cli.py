@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .config import (
     TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, config_from_saved, parse_set_pairs, resolve_config,
-    validate,
 )
+from .config_checks import validate
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
 # scales the saved LoRA's A and B: another value would resume another policy).

@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from rlcm_fast.config import ConfigError, TrainConfig, config_from_saved, parse_set_pairs, resolve_config, validate
+from rlcm_fast.config import ConfigError, TrainConfig, config_from_saved, parse_set_pairs, resolve_config
+from rlcm_fast.config_checks import validate
 
 
 def test_paper_presets_follow_table_1():

@@ -1,0 +1,219 @@
+"""The checks of a TrainConfig's values: `validate` raises a ConfigError naming the first bad value and what is
+allowed. Every config passes here however it was built (presets, a YAML file, --set, a checkpoint, code)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, field_types
+from .presets import ADVANTAGE_ESTIMATORS, ALGORITHMS, METHODS, TASK_PRESETS
+from .prompts import PROMPT_SETS, load_prompt_set
+
+
+DEVICES = ("auto", "cpu", "cuda")  # several GPUs: one process each, through accelerate
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "xformers")  # rlcm_fast/attention.py
+
+
+# The largest value of an int key (seed and jpeg_quality have their own ranges): far above any real run's counts
+# and sizes, and small enough for every C/CUDA integer it becomes (deque maxlen, torch sizes, thread counts).
+MAX_INT = 2**31 - 1
+OWN_INT_RANGES = ("seed", "jpeg_quality")
+
+
+def _bounded_ints(cfg: TrainConfig) -> None:
+    for name, kind in field_types().items():
+        value = getattr(cfg, name)
+        if kind == "int" and name not in OWN_INT_RANGES and value > MAX_INT:
+            raise ConfigError(f"{name}={value} is invalid: it must be <= 2**31-1 ({MAX_INT})")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}={value} is invalid: it must be a positive integer")
+
+
+def _positive_float(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={value} is invalid: it must be a finite number > 0")
+
+
+def _check_reward_options(cfg: TrainConfig) -> None:
+    from .rewards import JPEG_BACKENDS, NVJPEG_COLOURS
+
+    if cfg.jpeg_backend not in JPEG_BACKENDS:
+        raise ConfigError(f"jpeg_backend {cfg.jpeg_backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
+    if cfg.nvjpeg_colour not in NVJPEG_COLOURS:
+        raise ConfigError(f"nvjpeg_colour {cfg.nvjpeg_colour!r} is invalid; allowed: {', '.join(NVJPEG_COLOURS)}")
+    for name in ("aesthetic_model", "clipscore_model", "pickscore_model", "pickscore_processor"):
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is invalid: it must be a hub id or a local folder")
+    if not cfg.reward_server.startswith(("http://", "https://")):
+        raise ConfigError(f"reward_server {cfg.reward_server!r} is invalid: expected http://host:port")
+    _positive_float("reward_timeout", cfg.reward_timeout)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Every field has its declared type, however the config was built (YAML, --set, a checkpoint, code)."""
+    checks = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "str | None": lambda v: v is None or isinstance(v, str),
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }
+    for name, kind in field_types().items():
+        value = getattr(cfg, name)
+        if not checks[kind](value):  # a field of a new kind needs its check here (KeyError in every test)
+            raise ConfigError(f"{name}={value!r} is invalid: expected {kind}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field; raise ConfigError naming the first bad value."""
+    from .rewards import RewardError, check_reward_name
+
+    _check_types(cfg)
+    _bounded_ints(cfg)
+    if cfg.task not in TASK_PRESETS:
+        raise ConfigError(f"task {cfg.task!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
+    try:
+        check_reward_name(cfg.reward)
+    except RewardError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        load_prompt_set(cfg.prompts)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.prompts not in PROMPT_SETS:  # a prompt file: absolute, so that --resume finds it from anywhere
+        cfg.prompts = str(Path(cfg.prompts).resolve())
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device {cfg.device!r} is invalid; allowed: {', '.join(DEVICES)}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision {cfg.mixed_precision!r} is invalid; allowed: {', '.join(MIXED_PRECISION)}")
+    if cfg.horizon < 2:
+        raise ConfigError(f"horizon={cfg.horizon} is invalid: multi-step sampling needs horizon >= 2")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise ConfigError(f"resolution={cfg.resolution} is invalid: it must be a multiple of 8, at least 8")
+    if not 0 <= cfg.seed < 2**63:  # torch.manual_seed's range
+        raise ConfigError(f"seed={cfg.seed} is invalid: it must be in 0..2**63-1")
+    for name in ("original_inference_steps", "lora_rank", "epochs", "batches_per_epoch", "num_sample_iters",
+                 "sample_batch_size", "train_batch_size", "gradient_accumulation_steps", "num_inner_epochs",
+                 "stat_buffer_size", "checkpoint_every"):
+        _positive_int(name, getattr(cfg, name))
+    for name in ("lora_alpha", "learning_rate", "clip_range", "adv_clip_max", "max_grad_norm", "adam_epsilon"):
+        _positive_float(name, getattr(cfg, name))
+    if cfg.method == "rlcm" and cfg.horizon > cfg.original_inference_steps:
+        raise ConfigError(
+            f"horizon={cfg.horizon} is invalid: it must be <= original_inference_steps={cfg.original_inference_steps}"
+        )
+    if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 1.0):
+        raise ConfigError(f"guidance_scale={cfg.guidance_scale} is invalid: it must be >= 1 (w = guidance_scale - 1)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be in [0, 1)")
+    if not (math.isfinite(cfg.adam_weight_decay) and cfg.adam_weight_decay >= 0):
+        raise ConfigError(f"adam_weight_decay={cfg.adam_weight_decay} is invalid: it must be a finite number >= 0")
+    if cfg.stat_min_count < 0:
+        raise ConfigError(f"stat_min_count={cfg.stat_min_count} is invalid: it must be >= 0")
+    if not 1 <= cfg.jpeg_quality <= 100:
+        raise ConfigError(f"jpeg_quality={cfg.jpeg_quality} is invalid: it must be in 1..100")
+    _check_reward_options(cfg)
+    for name in ("reward_threads", "grid_every", "keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be >= 0")
+    _check_algorithm(cfg)
+    _check_method_and_switches(cfg)
+    if not cfg.lora_targets or not all(isinstance(t, str) and t for t in cfg.lora_targets):
+        raise ConfigError(f"lora_targets={cfg.lora_targets!r} is invalid: it must be a non-empty list of module names")
+    return cfg
+
+
+SWITCHES = {"policy_step_backend": ("auto", "reference"), "train_rows": ("flattened", "per_timestep"),
+            "reward_device": ("auto", "cpu")}
+
+
+def _check_method_and_switches(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method {cfg.method!r} is unknown; allowed: {', '.join(METHODS)}")
+    if cfg.method == "ddpo" and not (math.isfinite(cfg.eta) and 0 < cfg.eta <= 1):
+        raise ConfigError(f"eta={cfg.eta} is invalid: DDPO's DDIM eta must be in (0, 1] (0 has no log-density)")
+    for name, allowed in SWITCHES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
+    if cfg.compile_unet:
+        _check_compile_backend(cfg.compile_backend)
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend {cfg.attention_backend!r} is invalid; allowed: "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
+    if cfg.train_cuda_graph and (cfg.compile_unet or cfg.gradient_checkpointing):
+        other = "compile_unet" if cfg.compile_unet else "gradient_checkpointing"
+        raise ConfigError(f"train_cuda_graph=true with {other}=true is refused (the two were never tested "
+                          f"together); set one of them to false")
+    if not isinstance(cfg.train_rows_per_call, int) or cfg.train_rows_per_call < 0:
+        raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call!r} is invalid: it must be an integer >= 0 "
+                          "(0: train_batch_size)")
+    if cfg.train_rows_per_call and (cfg.train_rows != "flattened" or cfg.algorithm == "rebel"):
+        raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call} applies to train_rows=flattened with "
+                          f"algorithm ppo (here train_rows={cfg.train_rows}, algorithm={cfg.algorithm}); "
+                          "set it to 0")
+    rounds = cfg.batches_per_epoch * cfg.num_sample_iters
+    joined = cfg.sample_batches_per_call
+    if not isinstance(joined, int) or isinstance(joined, bool) or joined < 1 or rounds % joined:
+        raise ConfigError(f"sample_batches_per_call={joined!r} is invalid: it must be a positive integer dividing "
+                          f"batches_per_epoch x num_sample_iters = {rounds} (e.g. 1 or {rounds})")
+    if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
+        raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
+                          "trajectory's steps together (use train_rows=flattened)")
+
+
+def _check_compile_backend(backend: str) -> None:
+    import torch._dynamo  # only when compiling: importing it costs every process about 2 s
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # the debug backends too
+        raise ConfigError(f"compile_backend {backend!r} is unknown; allowed: "
+                          f"{', '.join(torch._dynamo.list_backends())} (see torch._dynamo.list_backends)")
+
+
+def _check_algorithm(cfg: TrainConfig) -> None:
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm {cfg.algorithm!r} is unknown; allowed: {', '.join(ALGORITHMS)}")
+    if cfg.advantages not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(f"advantages {cfg.advantages!r} is unknown; allowed: {', '.join(ADVANTAGE_ESTIMATORS)}")
+    _positive_float("rebel_eta", cfg.rebel_eta)
+    _positive_int("images_per_prompt", cfg.images_per_prompt)
+    if not (math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0):
+        raise ConfigError(f"kl_beta={cfg.kl_beta} is invalid: it must be a finite number >= 0")
+    if not (math.isfinite(cfg.step_fraction) and 0 < cfg.step_fraction <= 1):
+        raise ConfigError(f"step_fraction={cfg.step_fraction} is invalid: it must be in (0, 1]")
+    if cfg.sample_batch_size % cfg.images_per_prompt:
+        raise ConfigError(
+            f"images_per_prompt={cfg.images_per_prompt} does not divide sample_batch_size={cfg.sample_batch_size}"
+        )
+    if cfg.advantages == "group" and cfg.images_per_prompt < 2:
+        raise ConfigError("advantages='group' needs images_per_prompt >= 2 (a group of one has no spread)")
+    if cfg.algorithm == "rebel":
+        if cfg.images_per_prompt % 2:
+            raise ConfigError(
+                f"algorithm='rebel' pairs two images of each prompt: images_per_prompt={cfg.images_per_prompt} "
+                "must be even (e.g. --set images_per_prompt=2)"
+            )
+        # REBEL's minibatch is train_batch_size PAIRS of whole trajectories (as the reference code).
+        pairs_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        if (cfg.samples_per_epoch // 2) % pairs_per_update:
+            raise ConfigError(
+                f"REBEL: pairs per epoch ({cfg.samples_per_epoch // 2} = samples per epoch / 2) is not divisible by "
+                f"train_batch_size x gradient_accumulation_steps = {pairs_per_update}"
+            )
+        return
+    if cfg.sample_batch_size % cfg.train_batch_size:
+        raise ConfigError(
+            f"sample_batch_size={cfg.sample_batch_size} is not divisible by train_batch_size={cfg.train_batch_size}"
+        )
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    if cfg.samples_per_epoch % per_step:
+        raise ConfigError(
+            f"samples per epoch ({cfg.samples_per_epoch} = batches_per_epoch x num_sample_iters x sample_batch_size)"
+            f" is not divisible by train_batch_size x gradient_accumulation_steps = {per_step}"
+        )
