@@ -355,6 +355,22 @@ def _digest(weights: Path) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
+def prepare_preset_cache(model: str, method: str) -> None:
+    """Write the cached folder of a built-in preset that loads from one ("tiny", "tiny-sd"), if missing.
+    Call it before torch.distributed starts: in a process group transformers writes weights on rank 0 only."""
+    folders = {"rlcm": {"tiny": _tiny_pipeline_folder}, "ddpo": {"tiny-sd": _tiny_sd_pipeline_folder}}
+    if model in folders.get(method, {}):
+        folders[method][model]()
+
+
+# The components of a preset folder that hold weights: a folder without them cannot be loaded.
+_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _components_without_weights(folder: Path) -> list[str]:
+    return [name for name in _WEIGHTED_COMPONENTS if not any((folder / name).glob("*.safetensors"))]
+
+
 def _preset_folder(name: str, key: list, build) -> Path:
     """The cached diffusers folder of a small preset (`build()` makes it; `key` names its contents),
     written once and atomically (concurrent writers race on a rename; the loser uses the winner's folder)."""
@@ -363,12 +379,20 @@ def _preset_folder(name: str, key: list, build) -> Path:
     cache_root = Path(os.environ.get("RLCM_FAST_CACHE") or Path.home() / ".cache" / "rlcm_fast")
     folder = cache_root / f"{name}-v{TINY_PRESET_VERSION}-{digest}"
     if folder.is_dir():
+        if missing := _components_without_weights(folder):
+            raise ModelLoadError(f"model {name!r} could not be loaded: its cached folder {str(folder)!r} has no "
+                                 f"weights in {', '.join(missing)}; delete that folder and it is built again")
         return folder
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_root))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         build().save_pretrained(staging)
+        if missing := _components_without_weights(staging):  # never publish a folder that cannot load
+            raise ModelLoadError(
+                f"model {name!r} could not be built: no weights were written for {', '.join(missing)} (in a "
+                "torch.distributed process group transformers saves on rank 0 only; build the preset before the "
+                "group starts, e.g. with rlcm_fast.models.prepare_preset_cache)")
         os.rename(staging, folder)
     except OSError:
         if not folder.is_dir():  # a real failure, not a lost race

@@ -41,7 +41,7 @@ from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, a
 from .launch import forget_other_accelerator_state
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import ignored_guidance, load_pipeline, set_channels_last
+from .models import ignored_guidance, load_pipeline, prepare_preset_cache, set_channels_last
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
@@ -107,6 +107,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         forget_other_accelerator_state(use_cpu, precision)
+        prepare_preset_cache(cfg.model, cfg.method)  # before the process group: only rank 0 could write it after
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
         if cfg.train_cuda_graph and not use_cpu and self.accelerator.num_processes > 1:
             raise ConfigError(f"train_cuda_graph=true runs in one process, not {self.accelerator.num_processes}: "

@@ -43,7 +43,8 @@ def env() -> dict:
 def two_process_run(tmp_path_factory) -> Path:
     """A 2-process run under torchrun (as `torchrun -m rlcm_fast train` / accelerate launch would start it)."""
     root = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    # --standalone: a free port (a fixed one is taken when another pytest-xdist worker runs this fixture too).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(TESTS / "ddp_probe.py"), str(root / "probe"), "train", "--output-dir", str(root / "run"), *ARGS]
     result = subprocess.run(command, env=env(), cwd=root, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -104,6 +104,57 @@ def test_tiny_cache_writer_that_loses_the_race_uses_the_winners_folder(tmp_path,
     assert [entry.name for entry in tmp_path.iterdir()] == [folder.name]
 
 
+def as_rank_1_of_a_process_group(monkeypatch):
+    """transformers' save_pretrained as it behaves in rank 1 of torch.distributed: it writes no weights."""
+    from transformers.distributed import mixin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+
+
+def test_a_preset_built_where_transformers_writes_no_weights_is_refused_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
+    with monkeypatch.context() as patch:
+        as_rank_1_of_a_process_group(patch)
+        with pytest.raises(ModelLoadError, match=r"^model 'tiny' could not be built: no weights were written for "
+                                                 r"text_encoder \(in a torch.distributed process group"):
+            models._tiny_pipeline_folder()
+    assert list(tmp_path.iterdir()) == []  # nothing published, no staging folder left
+    folder = models._tiny_pipeline_folder()  # outside the group it builds
+    assert models._components_without_weights(folder) == []
+
+
+def test_a_cached_preset_folder_without_weights_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
+    folder = models._tiny_pipeline_folder()
+    for weights in (folder / "text_encoder").glob("*.safetensors"):  # as an earlier version's rank 1 left it
+        weights.unlink()
+    with pytest.raises(ModelLoadError) as error:
+        load_pipeline("tiny")
+    assert str(error.value) == (f"model 'tiny' could not be loaded: its cached folder {str(folder)!r} has no weights "
+                                "in text_encoder; delete that folder and it is built again")
+
+
+def test_the_trainer_writes_the_preset_cache_before_its_process_group_starts(tmp_path, monkeypatch):
+    from rlcm_fast import trainer as trainer_module
+    from rlcm_fast.config import resolve_config
+
+    monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path / "cache"))
+    real_accelerator = trainer_module.Accelerator
+
+    def accelerator_then_rank_1(*args, **kwargs):  # from here on, transformers saves as rank 1 would
+        accelerator = real_accelerator(*args, **kwargs)
+        as_rank_1_of_a_process_group(monkeypatch)
+        return accelerator
+
+    monkeypatch.setattr(trainer_module, "Accelerator", accelerator_then_rank_1)
+    config = resolve_config(overrides={"device": "cpu", "grid_every": 0})
+    trainer = trainer_module.Trainer(config, tmp_path / "run")
+    assert trainer.pipe.text_encoder is not None
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert models._components_without_weights(folder) == []
+
+
 def test_tokenizer_round_trips_and_pads_like_clip(tmp_path):
     tokenizer = build_clip_tokenizer()
     prompts = PROMPT_FILE.read_text().splitlines()[:20]
