@@ -183,13 +183,13 @@ def test_results_do_not_depend_on_the_thread_count(scheduler, dtype):
     scalars = mixed_row_scalars(scheduler, shape[0], seed=51)
     grad_logp = torch.randn(shape[0], generator=torch.Generator().manual_seed(52), dtype=torch.float64)
     results = {}
-    for threads in (1, 2, 0):
+    for threads in (1, 2, 3, 0):  # 0: torch's thread count (1 under pytest-xdist, so 2 and 3 are explicit)
         forward = policy_step_forward_cpu(model_output, x, scalars, "epsilon", noise=noise, num_threads=threads)
         backward = policy_step_backward_cpu(
             model_output, x, forward[1], scalars, "epsilon", grad_logp, grad_denoised, need_x=True, num_threads=threads
         )
         results[threads] = (*forward, *backward)
-    for threads in (2, 0):
+    for threads in (2, 3, 0):
         for single, multi in zip(results[1], results[threads]):
             assert_bitwise_equal(multi, single)
 

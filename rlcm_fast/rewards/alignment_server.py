@@ -212,6 +212,12 @@ def make_handler(scorer: AlignmentScorer) -> type[BaseHTTPRequestHandler]:
         timeout = IDLE_TIMEOUT_S  # socketserver sets it on each connection
         note = ""  # what the request's log line adds after its status
 
+        def handle(self):
+            try:
+                super().handle()
+            except ConnectionResetError:  # mid request line or headers (http.server lets it reach a traceback)
+                self.log_message("client hung up while sending its request")
+
         def reply(self, status: int, payload: dict, body_unread: bool = False) -> None:
             if "error" in payload:
                 self.note = payload["error"]
