@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from .config import (
     TASK_PRESETS, ConfigError, TrainConfig, apply_overrides, config_from_saved, parse_set_pairs, resolve_config,
 )
@@ -67,6 +68,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlcm-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rlcm-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune an LCM's LoRA with RLCM on a reward")

@@ -202,3 +202,15 @@ def test_help_imports_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_is_the_installed_distributions(capsys):
+    import importlib.metadata
+
+    import rlcm_fast
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"rlcm-fast {importlib.metadata.version('rlcm-fast')}\n"
+    assert rlcm_fast.__version__ == importlib.metadata.version("rlcm-fast")  # pyproject.toml's, written twice
