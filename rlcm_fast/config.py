@@ -115,7 +115,7 @@ class TrainConfig:
 
     # Algorithm (PPO is the paper's; the rest are options beyond it, see rlcm_fast/algorithms.py).
     algorithm: str = "ppo"  # ppo | rebel
-    rebel_eta: float = 1.0  # REBEL's eta (the reference code's default)
+    rebel_eta: float = 1.0  # multiplies the log-ratio gap: Gao et al.'s 1/eta, as the reference code (its default)
     advantages: str = "per_prompt"  # per_prompt (DDPO's rolling stat tracker) | group (GRPO-style)
     images_per_prompt: int = 1  # G: each sampled prompt appears G times in a row of its sampling round
     kl_beta: float = 0.0  # weight of the KL to the base model (LoRA off); 0: no extra UNet forward

@@ -199,6 +199,12 @@ def _check_algorithm(cfg: TrainConfig) -> None:
                 f"algorithm='rebel' pairs two images of each prompt: images_per_prompt={cfg.images_per_prompt} "
                 "must be even (e.g. --set images_per_prompt=2)"
             )
+        if cfg.step_fraction < 1:  # a subset's log-ratio sum regressed onto the whole reward gap scales eta by H'/K
+            raise ConfigError(f"algorithm='rebel' with step_fraction={cfg.step_fraction} is refused: REBEL regresses "
+                              "each trajectory's whole log-ratio on its reward gap; use step_fraction=1")
+        if cfg.advantages == "group" and cfg.images_per_prompt == 2:
+            raise ConfigError("algorithm='rebel' with advantages='group' needs images_per_prompt >= 4: a group of 2 "
+                              "normalises to -1 and +1, so REBEL would regress on which image won, not by how much")
         # REBEL's minibatch is train_batch_size PAIRS of whole trajectories (as the reference code).
         pairs_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps
         if (cfg.samples_per_epoch // 2) % pairs_per_update:

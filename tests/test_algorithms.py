@@ -195,6 +195,10 @@ def test_group_advantages_inside_the_trainer(tmp_path):
     ({"step_fraction": 0}, "step_fraction=0.0 is invalid: it must be in (0, 1]"),
     ({"step_fraction": 1.5}, "step_fraction=1.5 is invalid"),
     ({"rebel_eta": 0}, "rebel_eta=0.0 is invalid"),
+    ({"algorithm": "rebel", "images_per_prompt": 2, "step_fraction": 0.5},
+     "algorithm='rebel' with step_fraction=0.5 is refused: REBEL regresses each trajectory's whole log-ratio"),
+    ({"algorithm": "rebel", "images_per_prompt": 2, "advantages": "group"},
+     "algorithm='rebel' with advantages='group' needs images_per_prompt >= 4: a group of 2 normalises to -1 and +1"),
 ])
 def test_bad_algorithm_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -245,7 +249,7 @@ def test_kl_regularisation_keeps_the_policy_closer_to_the_base_model(tmp_path):
 
 @pytest.mark.parametrize("options", [
     ["advantages=group", "images_per_prompt=2", "step_fraction=0.67", "kl_beta=0.1"],
-    ["algorithm=rebel", "images_per_prompt=2", "train_batch_size=1", "step_fraction=0.34"],
+    ["algorithm=rebel", "images_per_prompt=2", "train_batch_size=1", "kl_beta=0.1"],
 ])
 def test_a_run_stopped_mid_epoch_resumes_exactly_with_each_option(tmp_path, monkeypatch, options):
     """SIGTERM after the first of an epoch's two updates, then --resume: the metrics equal an uninterrupted
