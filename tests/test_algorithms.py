@@ -281,3 +281,27 @@ def test_a_run_stopped_mid_epoch_resumes_exactly_with_each_option(tmp_path, monk
     whole = metrics(tmp_path / "whole")
     assert len([r for r in whole if r["kind"] == "step"]) == 2
     assert metrics(tmp_path / "stopped") == whole
+
+
+def test_the_kl_term_enters_the_gradient_scaled_by_kl_beta(tmp_path):
+    """g(beta) = g_ppo + beta g_kl, so g(0.2) - g(0) = 2 (g(0.1) - g(0)). Taken at the epoch's second update:
+    the first starts at the base model, where the KL and its gradient are 0, so both see the same weights."""
+    grads = {}
+    for beta in (0.0, 0.1, 0.2):
+        cfg = resolve_config(overrides={"device": "cpu", "batches_per_epoch": 1, "sample_batch_size": 4,
+                                        "train_batch_size": 2, "gradient_accumulation_steps": 1, "grid_every": 0,
+                                        "seed": 3, "kl_beta": beta, "max_grad_norm": 1e9})  # no clipping
+        trainer = Trainer(cfg, tmp_path / f"beta-{beta}")
+        captured = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda *_: captured.append([p.grad.detach().clone() for p in trainer.params]))
+        samples = trainer.sample_epoch(0)
+        trainer.compute_advantages(samples)
+        trainer.train_epoch(0, samples)
+        assert len(captured) == 2
+        grads[beta] = captured[1]
+    kl_part = [g1 - g0 for g0, g1 in zip(grads[0.0], grads[0.1])]
+    largest = max(d.abs().max().item() for d in kl_part)
+    assert largest > 0
+    for g0, g2, d in zip(grads[0.0], grads[0.2], kl_part):
+        torch.testing.assert_close(g2 - g0, 2 * d, atol=1e-3 * largest, rtol=0)

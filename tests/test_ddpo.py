@@ -44,8 +44,9 @@ def test_images_equal_the_stable_diffusion_pipeline_with_ddim_eta_1_and_cfg(pipe
     assert torch.equal(sampler.timesteps, their_timesteps)
 
 
-def test_ddim_log_probs_equal_an_independent_float64_formula(pipe):
-    steps, guidance, eta = 4, 5.0, 1.0
+@pytest.mark.parametrize("eta", [1.0, 0.5])  # at 1, eta * sqrt(var) and sqrt(eta * var) agree
+def test_ddim_log_probs_equal_an_independent_float64_formula(pipe, eta):
+    steps, guidance = 4, 5.0
     sampler = DDPOSampler(pipe, num_steps=steps, guidance_scale=guidance, eta=eta, resolution=32)
     trajectory = sampler.sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(2))
     alphas = pipe.scheduler.alphas_cumprod.double()  # SD's set_alpha_to_one=False: past the end is alphas[0]

@@ -83,8 +83,13 @@ def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
 
 # FAST: one update per epoch; the tiny preset's own sizes: two updates of 16 samples, prompts met in other
 # batches after the resume than before (their embeddings must not depend on the batch: test_sampler.py).
+# one_update also uses 2 prompts and stat_min_count 2, so that after the resume the advantages come from the
+# per-prompt histories the checkpoint restored.
 @pytest.mark.parametrize("sizes", [FAST, []], ids=["one_update", "tiny_preset"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, sizes):
+    if sizes:
+        (tmp_path / "two_prompts.txt").write_text("a cat\na dog\n")
+        sizes = [*sizes, "--prompts", str(tmp_path / "two_prompts.txt"), "--set", "stat_min_count=2"]
     straight = train(tmp_path, "straight", *sizes, "--set", "epochs=3")
     interrupted = train(tmp_path, "interrupted", *sizes, "--set", "epochs=1")
     assert main(["train", "--resume", str(interrupted), "--set", "epochs=3"]) == 0
