@@ -49,14 +49,18 @@ def test_trajectory_shapes_and_final_step_flag(pipe):
     torch.testing.assert_close(full.states[:, :4], default.states, atol=0, rtol=0)
 
 
-def test_log_probs_equal_an_independent_float64_computation(pipe):
-    sampler = LCMSampler(pipe, horizon=4, guidance_scale=8.0, resolution=32)
+@pytest.mark.parametrize("train_final_step", [False, True])
+def test_log_probs_equal_an_independent_float64_computation(pipe, train_final_step):
+    sampler = LCMSampler(pipe, horizon=4, guidance_scale=8.0, resolution=32, train_final_step=train_final_step)
     trajectory = sampler.sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(2))
     alphas = pipe.scheduler.alphas_cumprod.double()
     embeds = sampler.prompt_embeddings(PROMPTS)
     w = sampler.guidance(2, embeds.dtype)
-    for k in range(3):
-        t, t_next = int(sampler.timesteps[k]), int(sampler.timesteps[k + 1])
+    actions = 4 if train_final_step else 3
+    assert trajectory.log_probs.shape == (2, actions)
+    for k in range(actions):
+        # The extra final action's next timestep is t_{H-1}, LCMScheduler.step's rule past the end.
+        t, t_next = int(sampler.timesteps[k]), int(sampler.timesteps[min(k + 1, 3)])
         x, x_next = trajectory.states[:, k].double(), trajectory.states[:, k + 1].double()
         with torch.no_grad():
             x0 = pipe.unet(x.float(), t, encoder_hidden_states=embeds, timestep_cond=w).sample.double()  # sample prediction
