@@ -1,6 +1,7 @@
 """Algorithms beyond PPO: REBEL, group-relative advantages, KL to the base model, step subsampling."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,30 @@ def test_choose_trained_steps():
 
 # -- inside the trainer ------------------------------------------------------------------------------------
 
+def independent_kl_to_base(trainer, samples) -> float:
+    """The mean KL over every action, in float64 from the LCM step's formula (the tiny UNet predicts the sample):
+    both policies are N(sqrt(a_next) D, 1 - a_next), D = c_out x0 + c_skip x."""
+    sampler, unet = trainer.sampler, trainer.unet
+    alphas = trainer.pipe.scheduler.alphas_cumprod.double()
+    embeds = sampler.prompt_embeddings(samples.prompts)
+    w = sampler.guidance(len(samples.prompts), embeds.dtype)
+    kls = []
+    for k in range(samples.log_probs.shape[1]):
+        t, t_next = int(sampler.timesteps[k]), int(sampler.timesteps[k + 1])
+        x = samples.states[:, k]
+        with torch.no_grad():
+            x0 = unet(x, t, encoder_hidden_states=embeds, timestep_cond=w).sample.double()
+            unet.disable_adapters()
+            try:
+                x0_base = unet(x, t, encoder_hidden_states=embeds, timestep_cond=w).sample.double()
+            finally:
+                unet.enable_adapters()
+        c_out = 10 * t / math.sqrt((10 * t) ** 2 + 0.25)  # c_skip x is the same in both means
+        mean_gap = alphas[t_next].sqrt() * c_out * (x0 - x0_base)
+        kls.append(0.5 * (mean_gap**2).flatten(1).mean(1) / (1 - alphas[t_next]))
+    return torch.stack(kls).mean().item()
+
+
 def test_kl_to_the_base_model_is_zero_with_a_zero_lora_and_positive_otherwise(tmp_path):
     trainer = Trainer(resolve_config(overrides=SMALL), tmp_path / "run")
     samples = trainer.sample_epoch(0)
@@ -122,7 +147,9 @@ def test_kl_to_the_base_model_is_zero_with_a_zero_lora_and_positive_otherwise(tm
         for name, parameter in trainer.unet.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
-    assert trainer.kl_to_base(samples) > 1e-6
+    kl = trainer.kl_to_base(samples)
+    assert kl > 1e-6
+    assert kl == pytest.approx(independent_kl_to_base(trainer, samples), rel=1e-4)
     # The training path computes the same KL (and gradients flow through it).
     idx = torch.arange(len(samples.prompts))
     steps = torch.zeros_like(idx)
