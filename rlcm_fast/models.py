@@ -358,9 +358,10 @@ def _digest(weights: Path) -> str:
 def prepare_preset_cache(model: str, method: str) -> None:
     """Write the cached folder of a built-in preset that loads from one ("tiny", "tiny-sd"), if missing.
     Call it before torch.distributed starts: in a process group transformers writes weights on rank 0 only."""
-    folders = {"rlcm": {"tiny": _tiny_pipeline_folder}, "ddpo": {"tiny-sd": _tiny_sd_pipeline_folder}}
-    if model in folders.get(method, {}):
-        folders[method][model]()
+    if method == "rlcm" and model == "tiny":
+        _tiny_pipeline_folder()
+    elif method == "ddpo" and model == "tiny-sd":
+        _tiny_sd_pipeline_folder()
 
 
 # The components of a preset folder that hold weights: a folder without them cannot be loaded.
