@@ -33,6 +33,10 @@ def native_available() -> bool:
     return _C is not None
 
 
+def native_import_error() -> ImportError | None:
+    return _IMPORT_ERROR
+
+
 def _native_module():
     if _C is None:
         raise RuntimeError(

@@ -354,13 +354,21 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _error(exc: Exception) -> None:
-    """One line on stderr, after clearing progress bars an exception left mid-line."""
+def _error(exc: Exception | str) -> None:
+    """One line on stderr, after clearing progress bars an exception left mid-line; nothing for an error that
+    the main process of a run of several reports for all of them."""
     from tqdm.auto import tqdm
+
+    from .faults import reported_by_main_process
+
+    if isinstance(exc, BaseException) and reported_by_main_process(exc):
+        return
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-    print(f"rlcm-fast: error: {exc}", file=sys.stderr)
+    # One write: print() writes the newline separately, and several processes share the stream.
+    sys.stderr.write(f"rlcm-fast: error: {exc}\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,26 @@ def agree(accelerator, *flags: bool) -> list[bool]:
     return [bool(v) for v in accelerator.reduce(values, reduction="sum").tolist()]
 
 
+def processes_where(accelerator, flag: bool) -> list[int]:
+    """The indices of the processes whose `flag` is true (a single all-gather; free with one process)."""
+    if accelerator.num_processes == 1:
+        return [0] if flag else []
+    flags = accelerator.gather(torch.tensor([int(bool(flag))], dtype=torch.int64, device=accelerator.device))
+    return [process for process, value in enumerate(flags.tolist()) if value]
+
+
+def left_to_the_main_process(error: BaseException, quiet: bool = True) -> BaseException:
+    """Marks (when `quiet`) an error that the main process reports for the whole run: a process other than
+    the main one exits with it without printing a copy of the same line (cli reads the mark)."""
+    if quiet:
+        error.reported_by_main_process = True
+    return error
+
+
+def reported_by_main_process(error: BaseException) -> bool:
+    return getattr(error, "reported_by_main_process", False)
+
+
 class StopSignals:
     """While installed, SIGTERM and SIGINT only ask the run to stop at its next safe point (after the
     current optimizer step); a second SIGINT interrupts at once (KeyboardInterrupt)."""

@@ -4,6 +4,9 @@ Each child runs `python -m rlcm_fast ...` with RANK, LOCAL_RANK, WORLD_SIZE, MAS
 which accelerate (and torch.distributed) read: one GPU per process on CUDA, gloo on CPUs. The children
 get their own session, so a Ctrl-C reaches them once, through this parent: SIGINT and SIGTERM are
 forwarded, and each child then finishes its optimizer step and joins the checkpoint the run writes.
+
+Also each training process's own start: `start_accelerator`. Imports no torch at module level (tests'
+conftest reads the core count from here before torch starts).
 """
 
 from __future__ import annotations
@@ -37,6 +40,44 @@ def forget_other_accelerator_state(cpu: bool, mixed_precision: str) -> None:
     if (earlier.device.type == "cpu") != cpu or earlier.mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def start_accelerator(cfg):
+    """The Accelerator a training process runs with, for the config's device and mixed precision, and that
+    precision ("no", "bf16" or "fp16"), after refusing (ConfigError) the settings this machine cannot run."""
+    import torch
+    from accelerate import Accelerator
+
+    from .attention import check_attention_backend
+    from .config import ConfigError
+    from .models import prepare_preset_cache
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # accelerate would quietly run on the CPU
+        raise ConfigError(f"device=cuda, but this machine has no usable CUDA device (torch {torch.__version__}); "
+                          "use device=cpu or auto")
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "no" if use_cpu else "bf16"
+    if precision == "fp16" and use_cpu:  # the CPU's autocast fails in the UNet with fp16
+        raise ConfigError("mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
+    if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu:  # before any model is loaded
+        # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
+        # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
+        raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
+                          "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
+                          "or compile_unet=false")
+    try:
+        check_attention_backend(cfg.attention_backend, torch.device("cpu" if use_cpu else "cuda"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    forget_other_accelerator_state(use_cpu, precision)
+    prepare_preset_cache(cfg.model, cfg.method)  # before the process group: only rank 0 could write it after
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    if cfg.train_cuda_graph and not use_cpu and accelerator.num_processes > 1:
+        raise ConfigError(f"train_cuda_graph=true runs in one process, not {accelerator.num_processes}: "
+                          "DDP's gradient hooks are not captured; set it to false")
+    return accelerator, precision
 
 
 def without_option(argv: list[str], option: str) -> list[str]:

@@ -194,6 +194,22 @@ def _triton_ready(tensor: torch.Tensor) -> bool:
     return triton_available()
 
 
+def fused_step_missing(device: torch.device) -> str | None:
+    """Why backend="auto" would run the plain-PyTorch reference for float32 tensors on `device`, or None when it
+    runs a fused step there (the trainer warns: the reference is correct, only slower)."""
+    if device.type == "cuda":
+        try:
+            from rlcm_fast.kernels import triton_available
+        except ImportError as exc:
+            return f"rlcm_fast.kernels did not import ({exc})"
+        return None if triton_available() else "triton is not installed"
+    if device.type == "cpu":
+        from ._native import native_available, native_import_error
+
+        return None if native_available() else f"the C++ module rlcm_fast._C did not import ({native_import_error()})"
+    return f"no fused step runs on {device.type} tensors"
+
+
 # The Triton kernels compute in float32: float64 inputs keep the reference's float64 arithmetic.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

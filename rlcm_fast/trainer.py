@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
-from .attention import check_attention_backend, set_attention_backend
+from .attention import set_attention_backend
 from .checkpoint import (
     CheckpointWriteError, checkpoint_name, load_checkpoint, save_checkpoint,
 )
@@ -37,11 +36,12 @@ from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
 from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
-                     out_of_memory_message)
-from .launch import forget_other_accelerator_state
+                     left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
+from .launch import start_accelerator
 from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import ignored_guidance, load_pipeline, prepare_preset_cache, set_channels_last
+from .models import ignored_guidance, load_pipeline, set_channels_last
+from .policy_step import fused_step_missing
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
@@ -55,7 +55,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        precision = self._start_accelerator()  # checks the device settings first, before any model loads
+        # The device settings are checked first, before any model loads.
+        self.accelerator, precision = start_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
 
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
@@ -69,6 +72,10 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         if (unused := ignored_guidance(self.pipe, cfg.method, cfg.guidance_scale)) and self.is_main:
             print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
+        if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and self.is_main and (
+                missing := fused_step_missing(self.device)):
+            print(f"rlcm-fast: warning: the policy step runs in plain PyTorch (slower, same results): {missing}",
+                  file=sys.stderr)
         self.prompt_set = load_prompt_set(cfg.prompts)
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
@@ -82,39 +89,6 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._start_run_folder() if self.is_main else None
-
-    def _start_accelerator(self) -> str:
-        """The Accelerator for the config's device and mixed precision (returned: "no", "bf16" or "fp16"),
-        after refusing the settings this machine cannot run."""
-        cfg = self.cfg
-        if cfg.device == "cuda" and not torch.cuda.is_available():  # accelerate would quietly run on the CPU
-            raise ConfigError(f"device=cuda, but this machine has no usable CUDA device (torch {torch.__version__}); "
-                              "use device=cpu or auto")
-        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        precision = cfg.mixed_precision
-        if precision == "auto":
-            precision = "no" if use_cpu else "bf16"
-        if precision == "fp16" and use_cpu:  # the CPU's autocast fails in the UNet with fp16
-            raise ConfigError("mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
-        if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu:  # before any model is loaded
-            # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
-            # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
-            raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
-                              "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
-                              "or compile_unet=false")
-        try:
-            check_attention_backend(cfg.attention_backend, torch.device("cpu" if use_cpu else "cuda"))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        forget_other_accelerator_state(use_cpu, precision)
-        prepare_preset_cache(cfg.model, cfg.method)  # before the process group: only rank 0 could write it after
-        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
-        if cfg.train_cuda_graph and not use_cpu and self.accelerator.num_processes > 1:
-            raise ConfigError(f"train_cuda_graph=true runs in one process, not {self.accelerator.num_processes}: "
-                              "DDP's gradient hooks are not captured; set it to false")
-        self.device = self.accelerator.device
-        self.is_main = self.accelerator.is_main_process
-        return precision
 
     def _build_policy_model(self, precision: str) -> None:
         """The pipeline, the policy's LoRA with its optimizer, and the UNet as sampling and training call it."""
@@ -249,7 +223,9 @@ class Trainer:
 
     def collect_rewards(self, pending) -> np.ndarray:
         """The scored rewards; a reward that raised or returned unusable values is a RewardError naming it,
-        raised on every process (agreed) so that all of them stop and checkpoint together."""
+        raised on every process (agreed) so that all of them stop and checkpoint together. One process prints
+        the reward's own error: the main one, or the first that failed when the main one did not (the main
+        one then names it)."""
         error = None
         try:
             rewards = np.concatenate([future.result() for future in pending])
@@ -260,8 +236,11 @@ class Trainer:
         except BaseException as exc:
             error = RewardError(f"reward {self.cfg.reward!r} raised {type(exc).__name__}: "
                                 f"{first_line(exc, empty='no message')}")
-        if agree(self.accelerator, error is not None)[0]:
-            raise error or RewardError(f"reward {self.cfg.reward!r} failed on another process")
+        if failed := processes_where(self.accelerator, error is not None):
+            if error is None:
+                error = RewardError(f"reward {self.cfg.reward!r} failed on process {', '.join(map(str, failed))}")
+            speaks = self.is_main or (0 not in failed and self.accelerator.process_index == failed[0])
+            raise left_to_the_main_process(error, quiet=not speaks)
         return rewards
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
@@ -444,15 +423,18 @@ class Trainer:
                     self.run_epoch(epoch)
                 except StopTraining as stop:
                     checkpoint = self.save_position(epoch, stop.updates_done)
-                    if stop.fault:
-                        raise TrainingFault(f"{stop.fault}; {checkpoint.name} holds the last good state") from None
+                    if stop.fault:  # agreed: every process stops with it
+                        raise left_to_the_main_process(TrainingFault(
+                            f"{stop.fault}; {checkpoint.name} holds the last good state"), quiet=not self.is_main) from None
                     self.stopped_at = checkpoint
                     break
                 except RewardError as exc:
                     if epoch == 0:  # nothing to keep: the initial state is the config's
                         raise
                     checkpoint = self.save_position(epoch, 0)
-                    raise RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}") from None
+                    raise left_to_the_main_process(
+                        RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}"),
+                        quiet=reported_by_main_process(exc)) from None
         if self.logger:
             self.logger.close()
             return self.logger.epoch_records()
@@ -515,7 +497,7 @@ class Trainer:
             except CheckpointWriteError as exc:
                 error = exc
         if agree(self.accelerator, error is not None)[0]:  # also the barrier after the write
-            raise error or CheckpointWriteError("the main process could not write a checkpoint")
+            raise error or left_to_the_main_process(CheckpointWriteError("the main process could not write a checkpoint"))
         return self.run_dir / checkpoint_name(epoch, update)
 
     def save_position(self, epoch: int, updates_done: int) -> Path:

@@ -138,3 +138,32 @@ def test_sigterm_to_num_processes_2_checkpoints_mid_epoch_and_resumes_exactly(tw
     result = subprocess.run(command, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert records(run_dir) == records(two_process_run / "run")
+
+
+FAILING_REWARD = """
+import os
+
+def score(images, prompts):
+    if os.environ["RANK"] in FAILING:
+        raise ValueError(f"no score on process {os.environ['RANK']}")
+    return [0.0] * len(images)
+"""
+
+
+@pytest.mark.parametrize("failing, expected", [
+    ("01", ["reward 'failing_reward:score' raised ValueError: no score on process 0"]),
+    ("1", ["reward 'failing_reward:score' failed on process 1",
+           "reward 'failing_reward:score' raised ValueError: no score on process 1"]),
+])
+def test_a_reward_error_of_a_two_process_run_is_printed_once(tmp_path, failing, expected):
+    """Every process stops on a reward error (agreed); the main process prints it, and the failed process prints
+    its own when the main one did not fail. Each process printed its own copy before."""
+    (tmp_path / "failing_reward.py").write_text(f"FAILING = {failing!r}\n" + FAILING_REWARD)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rlcm_fast", "train", "--output-dir", str(tmp_path / "run"), "--reward", "failing_reward:score",
+               *ARGS]
+    environment = {**env(), "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), str(tmp_path)])}
+    result = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    errors = [line.removeprefix("rlcm-fast: error: ") for line in result.stderr.splitlines()
+              if line.startswith("rlcm-fast: error: ")]
+    assert sorted(errors) == sorted(expected), result.stderr[-3000:]

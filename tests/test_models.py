@@ -136,20 +136,22 @@ def test_a_cached_preset_folder_without_weights_is_a_one_line_error_naming_it(tm
 
 
 def test_the_trainer_writes_the_preset_cache_before_its_process_group_starts(tmp_path, monkeypatch):
-    from rlcm_fast import trainer as trainer_module
+    import accelerate
+
     from rlcm_fast.config import resolve_config
+    from rlcm_fast.trainer import Trainer
 
     monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path / "cache"))
-    real_accelerator = trainer_module.Accelerator
+    real_accelerator = accelerate.Accelerator
 
     def accelerator_then_rank_1(*args, **kwargs):  # from here on, transformers saves as rank 1 would
         accelerator = real_accelerator(*args, **kwargs)
         as_rank_1_of_a_process_group(monkeypatch)
         return accelerator
 
-    monkeypatch.setattr(trainer_module, "Accelerator", accelerator_then_rank_1)
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator_then_rank_1)  # launch.start_accelerator's
     config = resolve_config(overrides={"device": "cpu", "grid_every": 0})
-    trainer = trainer_module.Trainer(config, tmp_path / "run")
+    trainer = Trainer(config, tmp_path / "run")
     assert trainer.pipe.text_encoder is not None
     (folder,) = (tmp_path / "cache").iterdir()
     assert models._components_without_weights(folder) == []

@@ -210,3 +210,20 @@ def test_triton_runs_a_batch_beyond_the_grid_limit_in_slices(monkeypatch, mode):
         assert torch.equal(whole, sliced)
     if mode == "training":
         assert sampled is given
+
+
+def test_a_training_run_without_a_fused_step_says_so_once(monkeypatch, tmp_path, capsys):
+    from rlcm_fast import _native, kernels
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.policy_step import fused_step_missing
+    from rlcm_fast.trainer import Trainer
+
+    assert (fused_step_missing(torch.device("cpu")) is None) == _native.native_available()
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert fused_step_missing(torch.device("cuda")) == "triton is not installed"
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("no _C here"))
+    Trainer(resolve_config(overrides={"device": "cpu", "grid_every": 0}), tmp_path / "run")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "plain PyTorch" in line]
+    assert warnings == ["rlcm-fast: warning: the policy step runs in plain PyTorch (slower, same results): the C++ "
+                        "module rlcm_fast._C did not import (no _C here)"]

@@ -246,7 +246,7 @@ def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_no
     """With fp16 on a GPU, accelerate scales the loss in backward; the trainer must unscale before it clips
     and logs, update the scaler after each step, and checkpoint the loss scale. A CPU GradScaler stands in here
     (accelerate creates one only on a GPU). Its scales are powers of two, so unscaling is exact."""
-    from rlcm_fast import trainer as trainer_module
+    import accelerate  # launch.start_accelerator builds the Accelerator
 
     # growth_interval 1: the scale doubles after every finite step, so a resumed run can tell a restored
     # scale (2^14 after two steps) from a fresh one (2^12).
@@ -255,7 +255,7 @@ def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_no
                                     "train_batch_size": 4, "grid_every": 0})
     plain = Trainer(cfg, tmp_path / "plain")
     plain.train()
-    monkeypatch.setattr(trainer_module, "Accelerator", LossScalingAccelerator)
+    monkeypatch.setattr(accelerate, "Accelerator", LossScalingAccelerator)
     scaled = Trainer(cfg, tmp_path / "scaled")
     scaled.train()
     plain_norms, scaled_norms = ([s["grad_norm"] for s in records(tmp_path / name, "step")] for name in ("plain", "scaled"))
@@ -272,9 +272,9 @@ def test_fp16_loss_scaling_changes_neither_the_update_nor_the_logged_gradient_no
 def test_fp16_loss_scale_overflows_skip_steps_without_stopping_the_run(tmp_path, monkeypatch, capsys):
     """Overflows of a finite loss at a loss scale above 1 are the scaler's business: each skips its step and
     halves the scale, however many come in a row; they do not count toward max_nonfinite_steps."""
-    from rlcm_fast import trainer as trainer_module
+    import accelerate  # launch.start_accelerator builds the Accelerator
 
-    monkeypatch.setattr(trainer_module, "Accelerator", loss_scaling_accelerator(2.0 ** 15, overflow_above=2.0 ** 12))
+    monkeypatch.setattr(accelerate, "Accelerator", loss_scaling_accelerator(2.0 ** 15, overflow_above=2.0 ** 12))
     cfg = resolve_config(overrides={"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8,
                                     "train_batch_size": 2, "grid_every": 0, "max_nonfinite_steps": 1})
     trainer = Trainer(cfg, tmp_path / "run")
