@@ -187,3 +187,19 @@ def test_a_missing_preprocessor_config_warns_and_a_crop_that_does_not_fit_is_one
     with pytest.warns(UserWarning, match="has no preprocessor_config.json"):
         with pytest.raises(RewardError, match=r"takes 32 px images, but its preprocessing crops to 224x224"):
             make_reward("aesthetic", aesthetic_model=str(folder))
+
+
+def test_towers_rounded_to_bf16_are_not_moved_back_to_a_float32_device(tiny_clip, monkeypatch):
+    """The meta device stands in for CUDA (bf16 towers) here; CPU images then need the float32 weights, which
+    the rounded towers no longer hold."""
+    from rlcm_fast.rewards import clip_scores
+
+    monkeypatch.setattr(clip_scores, "_tower_dtype_on",
+                        lambda device: torch.bfloat16 if device.type == "meta" else torch.float32)
+    reward = make_reward("aesthetic", aesthetic_model=str(tiny_clip))
+    reward(uint8_exact_images(2), ["", ""])  # float32 on the CPU, then bf16 on the stand-in
+    reward.to_device(torch.device("meta"))
+    assert reward.vision.dtype == torch.bfloat16
+    with pytest.raises(RewardError, match=re.escape("this AestheticReward holds its CLIP weights rounded to bfloat16 "
+                                                    "on meta; cpu images are scored with float32 ones: make another")):
+        reward(uint8_exact_images(2), ["", ""])

@@ -178,8 +178,14 @@ def _load(kind, model_id: str, what: str, **kwargs):
     return model
 
 
+def _tower_dtype_on(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class _OnDevice:
-    """Moves the reward's modules to the images' device on first use: bf16 towers on CUDA, fp32 heads."""
+    """Moves the reward's modules to the images' device on first use: bf16 towers on CUDA, fp32 heads.
+
+    Not back: towers rounded to bf16 would score float32 devices' images with rounded weights."""
 
     towers: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
@@ -193,7 +199,11 @@ class _OnDevice:
         with self.lock:
             if self.device == device:
                 return
-            tower_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            tower_dtype = _tower_dtype_on(device)
+            if self.device is not None and self.tower_dtype != torch.float32 and tower_dtype == torch.float32:
+                raise RewardError(f"this {type(self).__name__} holds its CLIP weights rounded to bfloat16 on "
+                                  f"{self.device}; {device} images are scored with float32 ones: make another "
+                                  "reward for those")
             for name in self.towers:
                 getattr(self, name).to(device=device, dtype=tower_dtype)
             for name in self.heads:
@@ -202,7 +212,7 @@ class _OnDevice:
 
     @property
     def tower_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.device is not None and self.device.type == "cuda" else torch.float32
+        return torch.float32 if self.device is None else _tower_dtype_on(self.device)
 
 
 class AestheticReward(_OnDevice):
