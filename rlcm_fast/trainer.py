@@ -50,6 +50,10 @@ from .stat_tracker import PerPromptStatTracker
 
 logger = logging.getLogger(__name__)
 
+# reward.png is redrawn after an epoch at most this often, and at the run's end: matplotlib takes 0.13-0.27 s
+# a plot, 4% of the default 30-epoch CPU run when drawn every epoch (measured on an Intel Xeon, 2 cores).
+REWARD_PLOT_SECONDS = 30.0
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None):
@@ -86,6 +90,7 @@ class Trainer:
         self.resumed_epoch: tuple[EpochSamples, dict, int] | None = None  # samples, stats, updates done
         self.epoch_in_progress: tuple[EpochSamples, dict] | None = None
         self.last_saved: tuple[int, int] | None = None  # (epoch, update) of the newest checkpoint of this state
+        self.plotted: tuple[int, float] = (-1, -math.inf)  # (epochs done, time.monotonic()) of the last reward.png
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._start_run_folder() if self.is_main else None
@@ -436,9 +441,17 @@ class Trainer:
                         RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}"),
                         quiet=reported_by_main_process(exc)) from None
         if self.logger:
+            self.plot_rewards()
             self.logger.close()
             return self.logger.epoch_records()
         return []
+
+    def plot_rewards(self) -> None:
+        """reward.png, unless it already shows every epoch logged (main process)."""
+        records = self.logger.epoch_records()
+        if records and self.plotted[0] != records[-1]["epoch"]:
+            save_reward_plot(self.run_dir / "reward.png", records, self.cfg.reward)
+            self.plotted = (records[-1]["epoch"], time.monotonic())
 
     def run_epoch(self, epoch: int) -> None:
         phase = "sampling"
@@ -476,7 +489,8 @@ class Trainer:
             if cfg.grid_every and done % cfg.grid_every == 0:
                 save_sample_grid(self.run_dir / "samples" / f"epoch-{done:04d}.png", samples.images,
                                  samples.prompts, samples.rewards.tolist())
-            save_reward_plot(self.run_dir / "reward.png", self.logger.epoch_records(), cfg.reward)
+            if time.monotonic() - self.plotted[1] >= REWARD_PLOT_SECONDS:
+                self.plot_rewards()
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
             self.save_checkpoint(done)
         self.accelerator.wait_for_everyone()

@@ -45,6 +45,18 @@ def test_tiny_model_learns_each_jpeg_objective(tmp_path, task, min_gain):
     assert rewards[-3:].mean() - rewards[:3].mean() > min_gain, rewards
 
 
+def test_the_reward_plot_is_redrawn_at_most_every_reward_plot_seconds_and_at_the_end(tmp_path, monkeypatch):
+    from rlcm_fast import trainer as trainer_module
+
+    plotted = []  # the epochs each drawn plot shows
+    real = trainer_module.save_reward_plot
+    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, epoch_records, reward: (
+        plotted.append([r["epoch"] for r in epoch_records]), real(path, epoch_records, reward)))
+    monkeypatch.setattr(trainer_module, "REWARD_PLOT_SECONDS", 3600.0)
+    run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=3", "--set", "grid_every=0")
+    assert plotted == [[1], [1, 2, 3]] and (run_dir / "reward.png").exists()
+
+
 def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=2", "--set", "checkpoint_every=1")
     assert sorted(p.name for p in run_dir.iterdir()) == [
