@@ -161,7 +161,7 @@ def test_a_reward_error_of_a_two_process_run_is_printed_once(tmp_path, failing, 
     (tmp_path / "failing_reward.py").write_text(f"FAILING = {failing!r}\n" + FAILING_REWARD)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rlcm_fast", "train", "--output-dir", str(tmp_path / "run"), "--reward", "failing_reward:score",
-               *ARGS]
+               *ARGS, "--set", "sample_batch_size=2"]  # it stops at the first batch's reward
     environment = {**env(), "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), str(tmp_path)])}
     result = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     errors = [line.removeprefix("rlcm-fast: error: ") for line in result.stderr.splitlines()
