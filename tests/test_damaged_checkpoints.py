@@ -338,3 +338,9 @@ def test_cuda_generator_states_are_restored_by_device_index(monkeypatch):
     rng = {"torch_cpu": torch.get_rng_state(), **{f"torch_cuda_{i}": torch.tensor([i]) for i in range(12)}}
     ckpt_module.restore_rng_states(rng)
     assert [int(state) for state in restored] == list(range(12))
+
+
+def test_resume_auto_takes_the_checkpoint_latest_names_over_a_newer_intact_one(run):
+    """`latest` names the history the run continues; a newer intact folder (say, of an abandoned branch) is not."""
+    (run / "latest").write_text("checkpoint-2\n")
+    assert find_resumable(run) == (run / "checkpoint-2", [])

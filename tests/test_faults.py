@@ -437,3 +437,28 @@ def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):
     run_dir = tmp_path / "run"
     assert train(run_dir, "--resume", "auto", "--set", "epochs=1") == 0
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
+
+
+def test_a_finite_step_ends_a_run_of_faults_and_the_counts_survive_a_checkpoint():
+    from rlcm_fast.faults import NonFiniteSteps
+
+    steps = NonFiniteSteps(limit=2)
+    for finite in (False, False, True, False):
+        steps.record(finite)
+    assert (steps.total, steps.in_a_row, steps.exceeded) == (3, 1, False)
+    restored = NonFiniteSteps(limit=2)
+    restored.load_state_dict(json.loads(json.dumps(steps.state_dict())))
+    assert (restored.total, restored.in_a_row) == (3, 1)
+    restored.record(False)
+    restored.record(False)
+    assert restored.exceeded  # 3 in a row, counting the one before the checkpoint
+
+
+def test_a_broken_pipe_is_a_lost_peer_only_under_several_processes(monkeypatch):
+    from rlcm_fast.faults import is_lost_peer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not is_lost_peer(RuntimeError("Broken pipe"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert is_lost_peer(RuntimeError("Broken pipe"))
+

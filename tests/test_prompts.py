@@ -21,3 +21,22 @@ def test_unknown_prompt_set_names_the_allowed_ones():
 
     with pytest.raises(ValueError, match="'birds' is unknown; allowed: imagenet_animals"):
         load_prompt_set("birds")
+
+
+def test_the_alignment_set_is_animal_major_with_each_animal_s_activities():
+    prompts = load_prompt_set("alignment")
+    assert len(prompts) == 45 * 3
+    animal = load_prompt_set("simple_animals")[0]
+    assert all(p.startswith((f"a {animal} ", f"an {animal} ")) for p in prompts[:3]) and len(set(prompts[:3])) == 3
+
+
+def test_a_prompt_file_is_stripped_of_blank_lines_and_spaces_and_an_empty_one_is_refused(tmp_path):
+    import pytest
+
+    path = tmp_path / "mine.txt"
+    path.write_text(" a red fox \n\n   \nan owl\r\n", encoding="utf-8")
+    assert load_prompt_set(str(path)) == ("a red fox", "an owl")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        load_prompt_set(str(empty))

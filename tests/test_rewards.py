@@ -331,3 +331,29 @@ def test_a_name_repeated_in_a_sum_is_built_once(monkeypatch):
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     assert len(builds) == 1
     np.testing.assert_allclose(reward(images, ["a", "b"]), JpegSizeReward(-1.0, backend="pillow")(images, ["a", "b"]))
+
+
+def test_rewards_of_the_wrong_shape_are_refused_and_bf16_tensors_accepted():
+    with pytest.raises(RewardError, match=r"returned shape \(2, 1\), expected \(2,\)"):
+        checked_rewards("mine", np.ones((2, 1)), 2)
+    assert checked_rewards("mine", torch.tensor([1.0, 2.5], dtype=torch.bfloat16), 2).tolist() == [1.0, 2.5]
+
+
+def test_jpeg_quality_is_the_quality_pillow_encodes_at():
+    images = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for quality in (50, 95):
+        expected = []
+        for image in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+            expected.append(len(buffer.getvalue()) / 1000)
+        reward = make_reward("jpeg_incompressibility", jpeg_quality=quality, jpeg_backend="pillow")
+        assert np.asarray(reward(images, ["", ""])).tolist() == pytest.approx(expected, abs=0)
+
+
+def test_half_precision_images_round_to_the_uint8_levels_of_their_float32_values():
+    from rlcm_fast.rewards.jpeg import to_uint8
+
+    images = torch.linspace(0, 1, 3 * 20001).reshape(1, 3, 1, 20001).half()
+    assert torch.equal(to_uint8(images), to_uint8(images.float()))

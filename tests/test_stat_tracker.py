@@ -53,3 +53,11 @@ def test_a_loaded_history_is_kept_under_the_new_settings():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 prompts but 1 rewards"):
         PerPromptStatTracker(4, 2).update(["a", "b"], [1.0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True])
+def test_a_saved_history_with_a_non_finite_or_boolean_reward_is_refused(bad):
+    """A damaged training_state.json must not load: a NaN would reach every later advantage of its prompt."""
+    PerPromptStatTracker.check_state({"history": {"a cat": [1.0, 2]}})
+    with pytest.raises(ValueError, match="a cat"):
+        PerPromptStatTracker.check_state({"history": {"a cat": [1.0, bad]}})

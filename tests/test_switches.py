@@ -275,3 +275,35 @@ def test_sampling_batches_per_call_must_divide_the_epoch(joined):
                                           "integer dividing batches_per_epoch x num_sample_iters = 6 "):
         resolve_config(overrides={"device": "cpu", "batches_per_epoch": 3, "num_sample_iters": 2,
                                   "sample_batches_per_call": joined})
+
+
+def test_each_seed_epoch_process_and_stream_draws_its_own_numbers():
+    keys = [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 0, 2), (0, 0, 1, 1)]
+    draws = {tuple(torch.rand(4, generator=epoch_generator(*key)).tolist()) for key in keys}
+    assert len(draws) == len(keys)
+    assert torch.equal(torch.rand(4, generator=epoch_generator(3, 2, 1, 0)),
+                       torch.rand(4, generator=epoch_generator(3, 2, 1, 0)))  # and reproducible
+
+
+def test_rebel_minibatches_pair_the_two_images_of_one_prompt():
+    """Samples 2p and 2p+1 are one prompt's two images (REBEL's y and y'), side by side in every minibatch."""
+    trained = torch.arange(3).repeat(12, 1)  # 12 trajectories, their 3 trained steps
+    plan = minibatch_plan("rebel", "flattened")
+    updates = list(plan(trained, torch.Generator().manual_seed(0), 2, 1))
+    assert len(updates) == 3
+    seen = []
+    for (sample_idx, step_idx), in updates:
+        first = sample_idx[:, 0]
+        assert (first[0::2] % 2 == 0).all() and torch.equal(first[1::2], first[0::2] + 1)
+        assert torch.equal(step_idx, trained[first])
+        seen += first.tolist()
+    assert sorted(seen) == list(range(12))
+
+
+def test_the_per_timestep_plan_trains_one_timestep_per_minibatch():
+    trained = torch.arange(3).repeat(8, 1)
+    for plan_name, one_step in (("per_timestep", True), ("flattened", False)):
+        steps_per_minibatch = [len(step_idx.unique()) for minibatches in
+                               minibatch_plan("ppo", plan_name)(trained, torch.Generator().manual_seed(0), 4, 2)
+                               for _, step_idx in minibatches]
+        assert all(n == 1 for n in steps_per_minibatch) == one_step, (plan_name, steps_per_minibatch)
