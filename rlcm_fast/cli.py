@@ -361,7 +361,7 @@ def _error(exc: Exception | str) -> None:
 
     from .faults import reported_by_main_process
 
-    if isinstance(exc, BaseException) and reported_by_main_process(exc):
+    if reported_by_main_process(exc):
         return
 
     for bar in list(getattr(tqdm, "_instances", ())):

@@ -74,7 +74,7 @@ def left_to_the_main_process(error: BaseException, quiet: bool = True) -> BaseEx
     return error
 
 
-def reported_by_main_process(error: BaseException) -> bool:
+def reported_by_main_process(error: BaseException | str) -> bool:
     return getattr(error, "reported_by_main_process", False)
 
 

@@ -184,25 +184,24 @@ class _NativePolicyStep(torch.autograd.Function):
         return grad_model_output, grad_x, None, None, None, None
 
 
-def _triton_ready(tensor: torch.Tensor) -> bool:
-    if not tensor.is_cuda:
-        return False
+def _triton_missing() -> str | None:
+    """Why the Triton kernels cannot run, or None when they can."""
     try:
         from rlcm_fast.kernels import triton_available
-    except ImportError:
-        return False
-    return triton_available()
+    except ImportError as exc:
+        return f"rlcm_fast.kernels did not import ({exc})"
+    return None if triton_available() else "triton is not installed"
+
+
+def _triton_ready(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and _triton_missing() is None
 
 
 def fused_step_missing(device: torch.device) -> str | None:
     """Why backend="auto" would run the plain-PyTorch reference for float32 tensors on `device`, or None when it
     runs a fused step there (the trainer warns: the reference is correct, only slower)."""
     if device.type == "cuda":
-        try:
-            from rlcm_fast.kernels import triton_available
-        except ImportError as exc:
-            return f"rlcm_fast.kernels did not import ({exc})"
-        return None if triton_available() else "triton is not installed"
+        return _triton_missing()
     if device.type == "cpu":
         from ._native import native_available, native_import_error
 
