@@ -192,19 +192,26 @@ def test_resume_of_the_run_folder_skips_a_malformed_training_state(run, capsys, 
         "taking an older checkpoint"]
 
 
-def test_a_mid_epoch_checkpoint_whose_samples_do_not_fit_its_state_is_one_line(run, capsys):
+@pytest.mark.parametrize("rows, problem", [
+    (2, "has no 'rewards'"),
+    (3, "holds states of shape (3, 5, 4, 4, 4) for 2 prompts"),
+], ids=["a tensor missing", "a row too many"])
+def test_a_mid_epoch_checkpoint_whose_samples_do_not_fit_its_state_is_one_line(run, capsys, rows, problem):
     checkpoint = run / "checkpoint-3"
     prompts = ["cat", "dog"]
-    save_file({"states": torch.zeros(2, 5, 4, 4, 4), "log_probs": torch.zeros(2, 4), "advantages": torch.zeros(2),
-               "grid_images": torch.zeros(2, 3, 32, 32)}, str(checkpoint / "epoch_samples.safetensors"))
+    tensors = {"states": torch.zeros(rows, 5, 4, 4, 4), "log_probs": torch.zeros(2, 4), "advantages": torch.zeros(2),
+               "grid_images": torch.zeros(2, 3, 32, 32)}
+    if rows == 3:
+        tensors["rewards"] = torch.zeros(2)
+    save_file(tensors, str(checkpoint / "epoch_samples.safetensors"))
     rewrite(checkpoint, "epoch_samples.safetensors", (checkpoint / "epoch_samples.safetensors").read_bytes())
     stats = {"reward_mean": 0.0, "reward_std": 1.0, "samples": 2, "sample_seconds": 1.0}
     edit_state(checkpoint, lambda state: state.update(
         update=1, stopped_epoch={"updates_done": 1, "processes": 1, "prompts": prompts, "stats": stats}))
-    verify_checkpoint(checkpoint)  # the state's shape is right: only its samples file lacks the rewards
+    verify_checkpoint(checkpoint)  # the state's shape is right: only its samples file does not fit it
     assert main(["train", "--resume", str(checkpoint), "--set", "epochs=4"]) == 2
     assert stderr_lines(capsys, "rlcm-fast: error") == [
-        f"rlcm-fast: error: checkpoint {str(checkpoint)!r} is damaged: epoch_samples.safetensors has no 'rewards'"]
+        f"rlcm-fast: error: checkpoint {str(checkpoint)!r} is damaged: epoch_samples.safetensors {problem}"]
 
 
 # -- A1: a full disk --------------------------------------------------------------------------------------------

@@ -112,6 +112,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, sizes):
                [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
+
+def test_resume_restores_the_global_random_stream_a_user_reward_draws_from(tmp_path):
+    """The trainer draws from its own generators only; a user's reward (or a LoRA dropout) may draw from torch's
+    global one, which the checkpoint saves and the resume restores. reward_overlap=false: one thread draws."""
+    write_reward_module(tmp_path, "import torch\ndef noisy(images, prompts):\n"
+                                  "    return images.mean(dim=(1, 2, 3)) + torch.rand(len(prompts))\n")
+    noisy = [*FAST, "--reward", "my_rewards:noisy", "--set", "reward_overlap=false"]
+    straight = train(tmp_path, "straight", *noisy, "--set", "epochs=2")
+    interrupted = train(tmp_path, "interrupted", *noisy, "--set", "epochs=1")
+    torch.rand(1000)  # the resumed process's global stream is elsewhere
+    assert main(["train", "--resume", str(interrupted), "--set", "epochs=2"]) == 0
+    means = [[r["reward_mean"] for r in records(run, "epoch")] for run in (straight, interrupted)]
+    assert means[0] == means[1] and len(means[0]) == 2
+
 # bf16: the GPU's default precision, here through the same accelerate autocast wrapper on the CPU's bf16.
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_first_inner_epoch_recomputes_the_stored_log_probs(tmp_path, precision):
