@@ -28,19 +28,17 @@ from tqdm.auto import tqdm
 from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
-from .attention import set_attention_backend
 from .checkpoint import (
     CheckpointWriteError, checkpoint_name, load_checkpoint, save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
-from .cuda_graphs import GraphedTrainingUNet
 from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
                      left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
 from .launch import start_accelerator
-from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
 from .minibatches import minibatch_plan
-from .models import ignored_guidance, load_pipeline, set_channels_last
+from .models import ignored_guidance
+from .policy_model import build_policy_model
 from .policy_step import fused_step_missing
 from .prompts import load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
@@ -67,7 +65,11 @@ class Trainer:
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
                                                               **reward_options(cfg)))
-        self._build_policy_model(precision)
+        policy = build_policy_model(cfg, self.accelerator, precision)
+        self.pipe, self.unet, self.params = policy.pipe, policy.pipe.unet, policy.params
+        self.optimizer, self.lr_scheduler = policy.optimizer, policy.lr_scheduler
+        self.ddp_unet, self.sample_unet, self.train_unet = policy.ddp_unet, policy.sample_unet, policy.train_unet
+        self.grads_stay_allocated = policy.grads_stay_allocated
 
         # The policy, the only part RLCM and DDPO do not share (timesteps, per-action scalars, guidance).
         try:  # the scheduler refuses step counts beyond the model's training timesteps
@@ -94,56 +96,6 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._start_run_folder() if self.is_main else None
-
-    def _build_policy_model(self, precision: str) -> None:
-        """The pipeline, the policy's LoRA with its optimizer, and the UNet as sampling and training call it."""
-        cfg = self.cfg
-        base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        # Model: frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
-        self.pipe = load_pipeline(cfg.model, self.device, base_dtype, lcm_lora=cfg.lcm_lora, method=cfg.method)
-        self.pipe.set_progress_bar_config(disable=True)
-        set_attention_backend(self.pipe, cfg.attention_backend)
-        torch.manual_seed(cfg.seed)
-        try:
-            self.params = add_policy_lora(self.pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        except ValueError as exc:
-            raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
-        self.unet = self.pipe.unet
-        if cfg.channels_last:  # after the LoRA layers exist, so that theirs are converted too
-            set_channels_last(self.pipe)
-        if cfg.cudnn_benchmark and self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        if precision != "no":  # every UNet call below runs under self.autocast()
-            leave_lora_input_casts_to_autocast(self.unet)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-        )
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the paper
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.ddp_unet = self.accelerator.prepare(self.unet)  # DDP-wrapped when there are several processes
-        # With mixed precision, prepare() also wraps the UNet's forward in an autocast it made once, whose cast
-        # cache is on whatever the caller's autocast says. Every UNet call here runs under self.autocast()
-        # already, and inside a CUDA-graph capture (warmed up and captured with the cache off) that wrapper
-        # would cache the LoRA weights' casts: the graph would keep reading the warm-up's copies, stale after
-        # an update and freed when the caller's autocast ends. So the wrapper comes off (accelerate's own
-        # unwrap; DDP stays): tests/test_cuda_graphs.py shows the stale casts with it.
-        self.accelerator.unwrap_model(self.ddp_unet, keep_fp32_wrapper=False)
-        # The UNet as sampling and training call it, compiled with `compile_unet` (README, "Speed"). The two
-        # wrappers share the weights; each keeps its own graphs (eval without grad, train with grad).
-        self.sample_unet, self.train_unet = self.unet, self.ddp_unet
-        if cfg.compile_unet:
-            # dynamic=False: sampling calls the UNet with sample_batch_size rows, training with train_batch_size,
-            # and at a second batch size dynamo's default compiles a graph with a symbolic batch dimension.
-            # Static shapes are what inductor specializes its kernels to and CUDA graphs need; a run has a few
-            # batch sizes, each compiled once (tests/test_switches.py).
-            self.sample_unet = torch.compile(self.unet, backend=cfg.compile_backend, dynamic=False)
-            self.train_unet = torch.compile(self.ddp_unet, backend=cfg.compile_backend, dynamic=False)
-        if cfg.train_cuda_graph and self.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
-            self.train_unet = GraphedTrainingUNet(self.unet, self.device)
-        # The graphed backward needs the gradients allocated before it runs (train_epoch) and zeroed in place.
-        self.grads_stay_allocated = getattr(self.train_unet, "keeps_gradients_allocated", False)
 
     def _resume(self, resume_from: Path) -> None:
         """The checkpoint's weights, optimizer, schedule, stat tracker and counters; a mid-epoch one's samples."""

@@ -225,9 +225,9 @@ def test_lists_are_refused_where_a_string_is_expected(pair, message):
 def test_train_refuses_them_in_one_line_before_loading_a_model(tmp_path, capsys, monkeypatch, args, message):
     from rlcm_fast.cli import main
 
-    # The trainer's own name for it (patching rlcm_fast.models would miss it, and, were the trainer first
-    # imported under the patch, keep the stand-in for every later test).
-    monkeypatch.setattr("rlcm_fast.trainer.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    # The name policy_model loads through (patching rlcm_fast.models would miss it, and, were policy_model
+    # first imported under the patch, keep the stand-in for every later test).
+    monkeypatch.setattr("rlcm_fast.policy_model.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     run_dir = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), *args]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""The policy the trainer optimises: the pipeline with its LoRA and optimizer, and the UNet as sampling and
+training call it (DDP-wrapped, compiled or replayed from CUDA graphs, as the config says)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import set_attention_backend
+from .config import ConfigError, TrainConfig
+from .cuda_graphs import GraphedTrainingUNet
+from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
+from .models import load_pipeline, set_channels_last
+
+
+@dataclass
+class PolicyModel:
+    pipe: object  # the diffusers pipeline; pipe.unet carries the LoRA
+    params: list[torch.nn.Parameter]  # the LoRA's, the only trained ones
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ddp_unet: torch.nn.Module  # pipe.unet, DDP-wrapped when there are several processes
+    sample_unet: torch.nn.Module  # what sampling calls
+    train_unet: torch.nn.Module  # what training's forward and backward call
+    # The graphed backward needs the gradients allocated before it runs and zeroed in place, never set to None.
+    grads_stay_allocated: bool
+
+
+def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyModel:
+    base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # Frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
+    pipe = load_pipeline(cfg.model, accelerator.device, base_dtype, lcm_lora=cfg.lcm_lora, method=cfg.method)
+    pipe.set_progress_bar_config(disable=True)
+    set_attention_backend(pipe, cfg.attention_backend)
+    torch.manual_seed(cfg.seed)
+    unet = pipe.unet
+    try:
+        params = add_policy_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    except ValueError as exc:
+        raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
+    if cfg.channels_last:  # after the LoRA layers exist, so that theirs are converted too
+        set_channels_last(pipe)
+    if cfg.cudnn_benchmark and accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if precision != "no":  # every UNet call of the trainer runs under its autocast()
+        leave_lora_input_casts_to_autocast(unet)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+    )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the paper
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ddp_unet = accelerator.prepare(unet)
+    # With mixed precision, prepare() also wraps the UNet's forward in an autocast it made once, whose cast
+    # cache is on whatever the caller's autocast says. Every UNet call runs under the trainer's autocast()
+    # already, and inside a CUDA-graph capture (warmed up and captured with the cache off) that wrapper
+    # would cache the LoRA weights' casts: the graph would keep reading the warm-up's copies, stale after
+    # an update and freed when the caller's autocast ends. So the wrapper comes off (accelerate's own
+    # unwrap; DDP stays): tests/test_cuda_graphs.py shows the stale casts with it.
+    accelerator.unwrap_model(ddp_unet, keep_fp32_wrapper=False)
+    # Compiled with `compile_unet` (README, "Speed"). The two wrappers share the weights; each keeps its own
+    # graphs (eval without grad, train with grad).
+    sample_unet, train_unet = unet, ddp_unet
+    if cfg.compile_unet:
+        # dynamic=False: sampling calls the UNet with sample_batch_size rows, training with train_batch_size,
+        # and at a second batch size dynamo's default compiles a graph with a symbolic batch dimension.
+        # Static shapes are what inductor specializes its kernels to and CUDA graphs need; a run has a few
+        # batch sizes, each compiled once (tests/test_switches.py).
+        sample_unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False)
+        train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
+    if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
+        train_unet = GraphedTrainingUNet(unet, accelerator.device)
+    return PolicyModel(pipe, params, optimizer, lr_scheduler, ddp_unet, sample_unet, train_unet,
+                       grads_stay_allocated=getattr(train_unet, "keeps_gradients_allocated", False))
