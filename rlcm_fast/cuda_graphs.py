@@ -39,8 +39,9 @@ def without_cast_cache(device_type: str):
 
 class CapturedCall:
     """`fn(*inputs)` (tensors, or None) through a CUDA graph, one graph per input signature (shapes,
-    dtypes, which are None). At the first call of a signature, fn runs WARMUP_CALLS times on a side
-    stream and is then captured; each call copies its inputs into the captured ones and replays.
+    dtypes, which are None, and the caller's autocast state, which a replay cannot change). At the first
+    call of a signature, fn runs WARMUP_CALLS times on a side stream and is then captured; each call
+    copies its inputs into the captured ones and replays.
 
     fn must not synchronise with the host or draw random numbers; it reads tensors that are not inputs
     (weights) at replay, so in-place updates to them are seen, but replacing them is not. The outputs are
@@ -55,11 +56,14 @@ class CapturedCall:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, object]] = {}
 
     @staticmethod
-    def signature(inputs: Sequence[torch.Tensor | None]) -> tuple:
-        return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+    def signature(inputs: Sequence[torch.Tensor | None], device_type: str) -> tuple:
+        """What a captured graph is valid for: its inputs' shapes and dtypes, and whether and to what dtype
+        autocast cast inside it (a graph replays the precision it was captured in)."""
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        return (autocast, *(None if t is None else (tuple(t.shape), t.dtype) for t in inputs))
 
     def __call__(self, *inputs: torch.Tensor | None):
-        key = self.signature(inputs)
+        key = self.signature(inputs, self.device.type)
         if key not in self._graphs:
             self._graphs[key] = self._capture(inputs)
         graph, static_inputs, static_outputs = self._graphs[key]
@@ -146,7 +150,7 @@ class GraphedTrainingUNet:
         if return_dict or not torch.is_grad_enabled() or not all(isinstance(t, torch.Tensor) for t in inputs):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              timestep_cond=timestep_cond, return_dict=return_dict)
-        key = CapturedCall.signature(inputs)
+        key = CapturedCall.signature(inputs, self.device.type)
         if key not in self._graphed:  # a signature that cannot be captured runs the UNet itself from then on
             self._graphed[key] = self._capture(inputs) or _UNetPrediction(self.unet)
         return (self._graphed[key](*inputs),)

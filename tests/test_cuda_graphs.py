@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounter
 import rlcm_fast
 from rlcm_fast import sampler as sampler_module
 from rlcm_fast.config import resolve_config
-from rlcm_fast.cuda_graphs import CaptureError, CapturedCall, without_cast_cache
+from rlcm_fast.cuda_graphs import WARMUP_CALLS, CaptureError, CapturedCall, without_cast_cache
 from rlcm_fast.models import latent_shape, load_pipeline
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
@@ -149,6 +149,28 @@ def test_a_failed_capture_restores_the_callers_stream_and_names_its_cause(monkey
         "then RuntimeError: operation failed due to a previous error during capture)")
 
 
+def test_a_call_under_another_autocast_state_is_captured_again(monkeypatch):
+    """A graph replays the precision it was captured in: a sampler first called outside autocast and then
+    inside it (or with another dtype) must not get the first call's graph. The stand-in streams and a graph
+    that replays nothing; the CPU's autocast stands in for CUDA's (a CPU-only torch ignores CUDA's)."""
+    cuda = FakeCudaStreams()
+    for name in ("current_stream", "set_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Graph", (), {"replay": lambda self: None})())
+    seen = []
+    call = CapturedCall(lambda x: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                              else None) or x + 1, torch.device("cuda"))
+    call.device = torch.device("cpu")
+    call(torch.zeros(2))
+    call(torch.zeros(2))  # replayed
+    for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            call(torch.zeros(2))
+    per_capture = WARMUP_CALLS + 1  # the warm-up calls and the captured one; a replay calls nothing
+    assert seen == [None] * per_capture + [torch.bfloat16] * per_capture + [torch.float16] * per_capture
+    assert len(call._graphs) == 3
+
 def test_sampler_through_a_replayed_call_equals_the_plain_loop_and_owns_its_outputs(pipe, monkeypatch):
     monkeypatch.setattr(sampler_module, "CapturedCall", ReusedBuffers)
     ReusedBuffers.calls = []
@@ -194,6 +216,7 @@ def test_sample_cuda_graph_is_ignored_on_a_cpu(tmp_path):
     assert not Trainer(cfg, tmp_path / "run").sampler.cuda_graph
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("precision, tolerance", [("no", 1e-3), ("bf16", 0.05)])
 def test_trainer_sampling_through_cuda_graphs_equals_the_plain_loop(tmp_path, monkeypatch, precision, tolerance):
@@ -240,6 +263,7 @@ print("runs after:", torch.ones(4, device="cuda").sum().item() == 4.0)
 """
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_failed_capture_on_a_gpu_restores_the_stream():
     """In a child process: a failed capture may leave CUDA unusable for what runs after it in the process."""
