@@ -19,8 +19,10 @@ dtype, and x_next - alpha_next * D, only sigma_next * z in size, needs the fp32 
 an error of up to 2^-9 |D| into it). The recompute reads inputs that are kept alive anyway.
 
 The kernels are compiled without FMA contraction (`_LAUNCH_OPTIONS`): a sampling pass and a training-mode
-recompute then round `mean` identically on every backend, so logp is reproduced bit for bit; the op is
-memory-bound, so FMAs would buy no time.
+recompute then round `mean` identically on every backend, so logp is reproduced bit for bit for the same
+rows per call; the op is memory-bound, so FMAs would buy no time. BLOCK follows the rows (`_launch_config`
+fills the GPU), and with it the order of the row's sum: on a GPU a call of other rows (training's 2 against
+sampling's 4) may differ in logp's last bits, as the UNet's own kernels may between batch sizes.
 """
 
 from __future__ import annotations
@@ -216,8 +218,8 @@ def _rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 # enable_fp_fusion=False: no FMA contraction, so a sampling pass and a training-mode recompute round
-# `mean` identically on every backend and logp is reproduced bit for bit. The op is memory-bound: FMAs
-# would buy no time.
+# `mean` identically on every backend (logp bit for bit at the same BLOCK: module docstring). The op is
+# memory-bound: FMAs would buy no time.
 _LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
