@@ -56,9 +56,10 @@ from claims import evaluate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TESTS = REPO_ROOT / "tests"
-# The files with tests that have not passed on a GPU yet first (the nvJPEG file and libjpeg-colour tests,
-# the training graphs, cuDNN attention, the float32 trainer-graph test, the CUDA torchvision reward), so
-# that a stage cut short has run them; then those that passed on the H200 (6675037, 714cdca).
+# The files with GPU tests (marked `gpu`: the stage runs only those, not the files' CPU tests), those that
+# have not passed on a GPU yet first (the nvJPEG file and libjpeg-colour tests, the training graphs, cuDNN
+# attention, the float32 trainer-graph test, the CUDA torchvision reward), so that a stage cut short has run
+# them; then those that passed on the H200 (6675037, 714cdca).
 GPU_TEST_FILES = ["test_nvjpeg.py", "test_training_graphs.py", "test_attention.py", "test_cuda_graphs.py",
                   "test_clip_rewards.py", "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py",
                   "test_compiled_training.py"]
@@ -95,7 +96,7 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
                   "--no-curves", *out],
         # Run from tests/: `python -m pytest` puts its working directory first on sys.path, and from the
         # repository root that would be the source tree's rlcm_fast, without the compiled extensions.
-        "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES],
+        "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *GPU_TEST_FILES],
     }
 
 

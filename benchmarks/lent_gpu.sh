@@ -24,6 +24,10 @@ wheels=${WHEELS:-.whl}
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 exec > >(tee "$out/console.log") 2>&1
+tee_pid=$!
+# On exit, close tee's input and wait for it: bash does not wait for a process substitution, and the
+# machine may take $OUT back before tee has written the last lines.
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT
 
 date
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"

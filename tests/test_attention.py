@@ -11,7 +11,7 @@ from rlcm_fast import FastLCMSampler
 from rlcm_fast.attention import CudnnFirstAttnProcessor, check_attention_backend, set_attention_backend
 from rlcm_fast.models import load_pipeline
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs a GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs a GPU")
 
 
 def attention_layer(dim: int, heads: int, processor, device="cpu", dtype=torch.float32, cross_dim=None):
@@ -76,7 +76,8 @@ def test_cudnn_attention_is_refused_without_cudnn(monkeypatch):
         check_attention_backend("cudnn", torch.device("cuda"))
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("tokens, dim, cross_dim", [(1024, 320, None), (1024, 320, 768), (256, 640, None)])
 def test_cudnn_attention_on_a_gpu_runs_cudnn_and_agrees_with_the_default(tokens, dim, cross_dim):
     """The sd15 UNet's head widths (40 and 80: 8 heads), self- and cross-attention, forward and backward."""
@@ -98,7 +99,8 @@ def test_cudnn_attention_on_a_gpu_runs_cudnn_and_agrees_with_the_default(tokens,
         assert (ours - theirs).abs().max().item() < 0.02 * scale  # bf16: 8 bits of mantissa, differently summed
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 def test_compiled_unet_on_a_gpu_calls_cudnn_attention():
     """The priority is set inside the processor, so torch.compile must have traced it: the compiled code
     (no CUDA graph, so that the profiler sees its ops) calls cuDNN's attention, and the default's does not."""
@@ -116,7 +118,8 @@ def test_compiled_unet_on_a_gpu_calls_cudnn_attention():
     assert "aten::_scaled_dot_product_cudnn_attention" not in ops["sdpa"]
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 def test_fast_sampler_with_cudnn_attention_on_a_gpu_gives_the_defaults_images():
     """Eager UNet calls captured as one CUDA graph (the trainer's sample_cuda_graph, the graphed_calls_of_7
     rows' sampling), bf16: cuDNN's attention must be capturable. (Compiled: the test above.)"""

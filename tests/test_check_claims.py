@@ -136,9 +136,18 @@ def test_a_stage_streams_its_output_runs_where_it_should_and_is_stopped_at_its_t
 def test_the_tests_stage_collects_the_installed_package_from_its_working_directory():
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
     command = [*check_claims.stage_commands(Path("unused"))["tests"], "--collect-only", "-q"]
-    result = subprocess.run(command, cwd=check_claims.TESTS, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert all(name in result.stdout for name in check_claims.GPU_TEST_FILES)
+
+    def tests_per_file(command) -> dict[str, int]:
+        result = subprocess.run(command, cwd=check_claims.TESTS, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        counts = (line.rpartition(": ") for line in result.stdout.splitlines() if line.startswith("tests/"))
+        return {path.removeprefix("tests/"): int(count) for path, _, count in counts}
+
+    gpu = tests_per_file(command)
+    at = command.index("gpu")  # the stage's "-m gpu", without which every test of the files is collected
+    everything = tests_per_file(command[:at - 1] + command[at + 1:])
+    assert sorted(gpu) == sorted(everything) == sorted(check_claims.GPU_TEST_FILES)  # each file has GPU tests
+    assert gpu["test_nvjpeg.py"] < everything["test_nvjpeg.py"]  # and the stage leaves out its CPU tests
 
 
 def test_cpu_results_claim_nothing(tmp_path):

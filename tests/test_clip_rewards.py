@@ -135,6 +135,7 @@ def test_clipscore_and_pickscore_equal_their_definitions(tiny_clip):
     assert (torch.as_tensor(clipscore) >= 0).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_towers_agree_with_the_cpu_fp32_scores(tiny_clip):
     images = uint8_exact_images(4, 96, 128, seed=5)

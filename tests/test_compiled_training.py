@@ -8,7 +8,8 @@ import torch
 
 from test_switches import one_update
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code and CUDA graphs need a GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code and CUDA graphs need a GPU")]
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,7 @@ def test_a_bf16_pipelines_images_come_as_float32_close_to_the_pipelines():
     assert (ours - theirs.float()).abs().max().item() < BF16_PIXEL_TOLERANCE
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [True, False])
 def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
@@ -158,6 +159,7 @@ def test_fast_sampler_cuda_graph_equals_the_pipeline_in_bf16(compile):
     assert not torch.equal(outputs[0][1].trajectory.states, outputs[1][1].trajectory.states)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_fast_sampler_cuda_graph_sees_in_place_weight_updates_under_autocast():
     """The graph reads the weights at replay; under autocast its captured casts must be of the current

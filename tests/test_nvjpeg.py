@@ -58,6 +58,7 @@ def test_binding_rejects_bad_arguments_before_touching_a_gpu():
         _nvjpeg.SizeEncoder("/no/such/libnvjpeg.so", 95)
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_nvjpeg_sizes_track_pillow_within_3_percent_and_in_rank():
     images = varied_images(24, 512, device="cuda")
@@ -71,6 +72,7 @@ def test_nvjpeg_sizes_track_pillow_within_3_percent_and_in_rank():
     assert cpu.max() / cpu.min() > 3  # the set really is varied
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_nvjpeg_given_libjpegs_colour_planes_tracks_pillow_within_3_percent():
     """nvjpeg_colour="libjpeg": the planes are libjpeg's exactly (test_jpeg_colour.py), so what is left
@@ -85,6 +87,7 @@ def test_nvjpeg_given_libjpegs_colour_planes_tracks_pillow_within_3_percent():
     np.testing.assert_allclose(libjpeg(odd, ["", ""]), own, rtol=0.1)
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_nvjpeg_file_is_a_4_2_0_jpeg_of_the_image_and_as_long_as_its_size():
     from PIL import JpegImagePlugin
@@ -100,6 +103,7 @@ def test_nvjpeg_file_is_a_4_2_0_jpeg_of_the_image_and_as_long_as_its_size():
     assert np.abs(np.asarray(decoded.convert("RGB"), dtype=np.float64) - original).mean() < 2.0  # quality 95
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_nvjpeg_encoder_is_reused_across_batch_sizes_and_resolutions():
     backend = NvJpeg(95)
@@ -110,6 +114,7 @@ def test_nvjpeg_encoder_is_reused_across_batch_sizes_and_resolutions():
     assert len(backend.encoders) == 1
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_auto_backend_uses_nvjpeg_for_cuda_images_and_pillow_for_cpu_images():
     reward = JpegSizeReward(-1.0, backend="auto")
@@ -119,6 +124,7 @@ def test_auto_backend_uses_nvjpeg_for_cuda_images_and_pillow_for_cpu_images():
     assert reward.encoder_for(images.cuda()).name == "nvjpeg"
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_nvjpeg_is_10x_pillow_single_thread_at_batch_32_768px():
     images = varied_images(32, 768, seed=4, device="cuda")

@@ -249,6 +249,7 @@ def test_torchvision_backend_sizes_track_pillow():
 
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is None or not torch.cuda.is_available(),
                     reason="needs torchvision and a CUDA GPU")
 def test_torchvision_backend_on_cuda_reads_finished_pixels_and_encodes_4_4_4():

@@ -133,6 +133,7 @@ def test_train_cuda_graph_with_compile_or_checkpointing_is_refused_in_one_line(o
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("precision, tolerance", [("no", 1e-4), ("bf16", 2e-2)])
 def test_graphed_training_on_a_gpu_gives_eager_results(tmp_path, monkeypatch, precision, tolerance):

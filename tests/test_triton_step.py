@@ -16,6 +16,7 @@ from rlcm_fast.kernels import policy_step as triton_step
 from rlcm_fast.policy_step import PREDICTION_TYPES, policy_step_reference, row_scalars_for_schedule
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+pytestmark = pytest.mark.gpu  # on a GPU where there is one
 
 # Shapes with odd sizes: 140 elements (one partial chunk) and 4620 (two chunks of 4096 in the
 # interpreter, more on a GPU), B = 1 and B = 3.
