@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rlcm_fast.rewards import RewardError, make_reward
 from rlcm_fast.rewards.clip_scores import (AESTHETIC_HEAD, CLIPSCORE_WEIGHT, ClipImageSettings, clip_preprocess,
-                                           load_aesthetic_head)
+                                           load_aesthetic_head, pick_score)
 from tiny_reward_models import clip_image_processor, save_tiny_clip
 
 
@@ -133,6 +133,18 @@ def test_clipscore_and_pickscore_equal_their_definitions(tiny_clip):
                                rtol=0)
     torch.testing.assert_close(torch.as_tensor(pickscore).float(), model.logit_scale.exp() * cos, atol=2e-2, rtol=0)
     assert (torch.as_tensor(clipscore) >= 0).all()
+
+
+
+def test_images_past_the_first_batch_are_scored_against_their_own_prompts(tiny_clip):
+    """Images go through the towers batch_size at a time (32): the second batch's prompts must be its own.
+    PickScore: the tiny CLIP's few tokens would make CLIPScore's "A photo depicts ..." prompts all alike."""
+    reward = pick_score(str(tiny_clip), str(tiny_clip))
+    reward.batch_size = 2
+    images = uint8_exact_images(4, seed=3)
+    prompts = ["a cat riding a bike", "a dog", "an owl playing chess", "a red boat"]
+    alone = torch.cat([torch.as_tensor(reward(images[i : i + 1], prompts[i : i + 1])) for i in range(4)])
+    torch.testing.assert_close(torch.as_tensor(reward(images, prompts)), alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -53,11 +54,38 @@ def test_set_values_are_typed():
     ({"horizon": 60}, "horizon=60 is invalid: it must be <= original_inference_steps=50"),
     ({"train_final_step": "yes"}, "train_final_step='yes' in --set is invalid: expected bool"),
     ({"attention_backend": "flash"}, "attention_backend 'flash' is invalid; allowed: sdpa, cudnn, xformers"),
+    ({"epochs": 0}, "epochs=0 is invalid: it must be a positive integer"),
+    ({"checkpoint_every": 0}, "checkpoint_every=0 is invalid: it must be a positive integer"),
+    ({"learning_rate": float("inf")}, "learning_rate=inf is invalid: it must be a finite number > 0"),
+    ({"adam_epsilon": 0}, "adam_epsilon=0.0 is invalid: it must be a finite number > 0"),
+    ({"adam_beta2": 1.0}, "adam_beta2=1.0 is invalid: it must be in [0, 1)"),
+    ({"resolution": 36}, "resolution=36 is invalid: it must be a multiple of 8, at least 8"),
+    ({"seed": 2**63}, f"seed={2**63} is invalid: it must be in 0..2**63-1"),
+    ({"jpeg_quality": 101}, "jpeg_quality=101 is invalid: it must be in 1..100"),
+    ({"lora_targets": ["to_q", ""]}, "lora_targets=['to_q', ''] is invalid"),
+    ({"algorithm": "rebel", "images_per_prompt": 2, "train_rows": "per_timestep"},
+     "train_rows='per_timestep' applies to"),
+    # tiny: 2 batches of 16 = 16 pairs; a train batch of 32 divides the samples, not the pairs
+    ({"algorithm": "rebel", "images_per_prompt": 2, "train_batch_size": 32}, "REBEL: pairs per epoch (16"),
 ])
 def test_bad_values_give_one_clear_line(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
         resolve_config(overrides=overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"seed": 2**63 - 1},
+    {"guidance_scale": 1.0},  # no guidance
+    {"stat_min_count": 0},  # batch statistics never (per-prompt ones from the first reward)
+    {"jpeg_quality": 100},
+    {"original_inference_steps": 4},  # tiny's horizon: every step of the schedule
+    {"adam_beta1": 0.0},
+    {"reward_server": "https://example.org:8060"},
+], ids=lambda overrides: next(iter(overrides)))
+def test_values_at_the_edges_of_their_ranges_are_accepted(overrides):
+    cfg = resolve_config(overrides=overrides)
+    assert {key: getattr(cfg, key) for key in overrides} == overrides
 
 
 def test_unknown_task_and_bad_files(tmp_path):
@@ -110,6 +138,7 @@ def test_bad_switch_values(overrides, message):
     ("train_final_step", 1, "train_final_step=1 is invalid: expected bool"),
     ("lora_targets", "to_q", "lora_targets='to_q' is invalid: expected list[str]"),
     ("learning_rate", None, "learning_rate=None is invalid: expected float"),
+    ("learning_rate", True, "learning_rate=True is invalid: expected float"),  # a bool is an int, not a number here
 ])
 def test_validate_checks_types_of_a_config_built_in_code(field, value, message):
     cfg = resolve_config()
@@ -233,3 +262,26 @@ def test_train_refuses_them_in_one_line_before_loading_a_model(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines() == [f"rlcm-fast: error: {message}"], err
     assert not run_dir.exists()
+
+
+def test_set_lists_drop_empty_entries_and_an_empty_value_is_an_empty_string():
+    assert resolve_config(overrides=parse_set_pairs(["lora_targets=to_q,,to_v,"])).lora_targets == ["to_q", "to_v"]
+    assert parse_set_pairs(["output_dir="]) == {"output_dir": ""}
+
+
+def test_a_model_given_with_ddpo_gets_its_own_preset_not_tiny_sds():
+    cfg = resolve_config(model="sd15", overrides={"method": "ddpo"})
+    assert (cfg.model, cfg.resolution, cfg.horizon, cfg.sample_batch_size) == ("sd15", 512, 50, 1)
+
+
+def test_set_task_picks_the_preset_over_the_config_files_task(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("task: aesthetic\n")
+    cfg = resolve_config(model="sd15-lcm", config_file=config_file, overrides={"task": "compressibility"})
+    assert cfg.task == "compressibility"
+    assert (cfg.sample_batch_size, cfg.gradient_accumulation_steps, cfg.prompts) == (4, 2, "imagenet_animals")
+
+
+def test_a_ddpo_pytorch_key_names_ours():
+    with pytest.raises(ConfigError, match="ddpo-pytorch's num_steps is 'horizon' here"):
+        resolve_config(overrides={"num_steps": 8})

@@ -422,3 +422,22 @@ def test_fast_sampler_names_the_scheduler_config_when_its_original_inference_ste
     assert str(caught.value) == ("the scheduler's config has original_inference_steps=2000, more than its "
                                  "num_train_timesteps=1000 (diffusers' pipeline refuses it too); pass "
                                  "original_inference_steps")
+
+
+def test_a_horizon_of_all_the_schedulers_original_steps_is_allowed(pipe):
+    """As in the pipeline: H may equal the scheduler's original_inference_steps (every step of its schedule)."""
+    original = pipe.scheduler.config.original_inference_steps
+    pipe.scheduler.register_to_config(original_inference_steps=4)
+    try:
+        assert FastLCMSampler(pipe, batch_size=1, num_inference_steps=4, compile=False, cuda_graph=False).horizon == 4
+    finally:
+        pipe.scheduler.register_to_config(original_inference_steps=original)
+
+
+def test_a_unet_without_a_guidance_embedding_samples_without_guidance_by_default():
+    """Stable Diffusion with an LCM scheduler (an LCM-LoRA's set-up): the pipeline's default 8.5 would be refused
+    (it has no embedding to take it); no guidance_scale means none."""
+    sd = load_pipeline("tiny-sd", method="ddpo")
+    sd.scheduler = LCMScheduler.from_config(sd.scheduler.config)
+    fast = FastLCMSampler(sd, batch_size=1, num_inference_steps=2, compile=False, cuda_graph=False)
+    assert fast.sampler.guidance_scale == 1.0

@@ -431,12 +431,38 @@ def test_output_dir_from_set_is_the_run_folder_and_a_file_is_refused_before_load
     assert main(["train", *ARGS, "--output-dir", str(tmp_path / "afile" / "run")]) == 2
     assert (f"output dir '{tmp_path / 'afile' / 'run'}' cannot be created: '{tmp_path / 'afile'}' is a file"
             in one_error_line(capsys))
+    # A folder this user may not write into (as root every folder is writable, so os.access stands in).
+    monkeypatch.setattr("rlcm_fast.cli.os.access", lambda path, mode: Path(path) != tmp_path)
+    assert main(["train", *ARGS, "--output-dir", str(tmp_path / "run")]) == 2
+    assert (f"output dir '{tmp_path / 'run'}' cannot be created or written: '{tmp_path}' is not writable"
+            in one_error_line(capsys))
 
 
 def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):
     run_dir = tmp_path / "run"
     assert train(run_dir, "--resume", "auto", "--set", "epochs=1") == 0
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
+
+
+def test_resume_auto_in_an_empty_folder_reads_the_config_file(tmp_path):
+    from rlcm_fast.cli import _plan_run, build_parser
+
+    (tmp_path / "c.yaml").write_text("epochs: 7\n")
+    args = build_parser().parse_args(["train", "--resume", "auto", "--output-dir", str(tmp_path / "run"),
+                                      "--config", str(tmp_path / "c.yaml")])
+    cfg, run_dir, resume_from = _plan_run(args)
+    assert (cfg.epochs, run_dir, resume_from) == (7, tmp_path / "run", None)
+
+
+def test_an_end_of_epoch_checkpoint_resumes_with_other_sampling_settings(monkeypatch, tmp_path):
+    """Only a checkpoint stopped mid-epoch holds samples drawn with the old seed and guidance."""
+    from rlcm_fast.cli import _resumed_config
+    from rlcm_fast.config import resolve_config
+
+    saved = resolve_config().to_dict()
+    monkeypatch.setattr(ckpt_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 0})
+    cfg = _resumed_config(tmp_path / "checkpoint-1", {"seed": 5, "guidance_scale": 4.0})
+    assert (cfg.seed, cfg.guidance_scale) == (5, 4.0)
 
 
 def test_a_finite_step_ends_a_run_of_faults_and_the_counts_survive_a_checkpoint():

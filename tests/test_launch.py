@@ -71,6 +71,8 @@ def test_a_broken_collective_on_a_surviving_process_is_one_line(monkeypatch, cap
 @pytest.mark.parametrize("args, message", [
     (["--num-processes", "100000"], "--num-processes 100000 is invalid: this run may use {cores} CPU core(s); at "
                                     "most one process per core on the CPU"),
+    (["--num-processes", "3"], "--num-processes 3 is invalid: this run may use {cores} CPU core(s); at "
+                               "most one process per core on the CPU"),
     (["--num-processes", "2", "--resume", "/nonexistent/run"],
      "resume path '/nonexistent/run' is neither a checkpoint-N folder nor a run folder holding one"),
     (["--num-processes", "2", "--set", "horizon=1"], "horizon=1 is invalid: multi-step sampling needs horizon >= 2"),

@@ -192,7 +192,9 @@ def test_sample_model_of_the_other_kind_names_the_loras_run(lcm_run, tmp_path, c
 
 def test_sample_of_a_ddpo_run_is_its_ddim_policy(tmp_path_factory, tmp_path):
     """A DDPO run's LoRA samples with its DDIM schedule, eta and classifier-free guidance: the trainer's images."""
-    checkpoint = train(tmp_path_factory.mktemp("ddpo") / "run", "--algo", "ddpo", "--set", "horizon=4")
+    # eta 0.5, not sample's default 1.0: the images must be the run's policy's.
+    checkpoint = train(tmp_path_factory.mktemp("ddpo") / "run", "--algo", "ddpo", "--set", "horizon=4",
+                       "--set", "eta=0.5")
     out = tmp_path / "out"
     assert sample(out, "--lora", str(checkpoint), "--prompt", "a cat", "--num-images", "2", "--seed", "7") == 0
     got = np.stack(list(pixels(out).values()))
