@@ -181,14 +181,25 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash)
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what a writer killed midway left in the run folder: a checkpoint being written, replaced or
+    deleted (.checkpoint-*), and `latest` or config.yaml being replaced. Whatever the PID in their names: a
+    container's restarted process often has the PID of the one that was killed. Only the main process
+    writes, and never while this runs."""
+    for leftover in run_dir.glob(".checkpoint-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    # `latest`'s (_write_latest) and config.yaml's (run_logging.write_run_config) replacements
+    for leftover in (*run_dir.glob(f".{LATEST_FILE}.tmp-*"), *run_dir.glob(".config.yaml.tmp-*")):
+        leftover.unlink(missing_ok=True)
+
+
 def prune_checkpoints(run_dir: Path, keep: int, current: Path) -> None:
     """Keep the `keep` newest checkpoints up to `current` (0: all), and drop leftovers of killed writers.
 
     Checkpoints after `current` (from before a resume from an earlier one) are left alone.
     """
-    for leftover in run_dir.glob(".checkpoint-*"):
-        if leftover.is_dir() and not leftover.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(run_dir)
     if keep <= 0:
         return
     older = [p for p in list_checkpoints(run_dir) if checkpoint_key(p) < checkpoint_key(current)]

@@ -29,7 +29,7 @@ from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
 from .checkpoint import (
-    CheckpointWriteError, checkpoint_name, load_checkpoint, save_checkpoint,
+    CheckpointWriteError, checkpoint_name, load_checkpoint, remove_leftovers, save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
 from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
@@ -110,6 +110,8 @@ class Trainer:
 
     def _start_run_folder(self) -> RunLogger:
         """config.yaml and the run's logger (main process only)."""
+        if self.run_dir.is_dir():
+            remove_leftovers(self.run_dir)
         write_run_config(self.run_dir, self.cfg.to_dict())
         return RunLogger(self.run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
 

@@ -77,14 +77,29 @@ def test_reference_run_writes_checkpoints_with_manifests_and_a_latest_pointer(re
 
 
 def test_keep_checkpoints_prunes_older_ones_and_leftovers_of_killed_writers(tmp_path):
+    # Leftovers named with this process's PID too: a restarted container's process often has the killed one's.
     for name in ("checkpoint-1", "checkpoint-2", "checkpoint-2-1", "checkpoint-3", "checkpoint-5",
-                 ".checkpoint-4.tmp-1", ".checkpoint-2.trash-1"):
+                 ".checkpoint-4.tmp-1", ".checkpoint-2.trash-1", f".checkpoint-6.tmp-{os.getpid()}"):
         (tmp_path / name).mkdir()
+    for name in (f".latest.tmp-{os.getpid()}", ".config.yaml.tmp-7"):
+        (tmp_path / name).write_text("half")
     ckpt_module.prune_checkpoints(tmp_path, keep=2, current=tmp_path / "checkpoint-3")
     # The 2 newest up to the one just written stay; checkpoint-5 (after it: an older history) is left alone.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2-1", "checkpoint-3", "checkpoint-5"]
     ckpt_module.prune_checkpoints(tmp_path, keep=0, current=tmp_path / "checkpoint-3")
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_run_started_again_removes_the_leftovers_of_the_killed_one(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    leftovers = [run_dir / f".checkpoint-3.tmp-{os.getpid()}", run_dir / f".latest.tmp-{os.getpid()}",
+                 run_dir / ".config.yaml.tmp-1"]
+    leftovers[0].mkdir()
+    for path in leftovers[1:]:
+        path.write_text("half")
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2"]) == 0  # nothing left to train
+    assert not any(path.exists() for path in leftovers)
 
 
 def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_matches(reference, tmp_path, monkeypatch, capsys):
