@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from .faults import TrainingFault
 
 GRID_IMAGES = 16  # the most images an epoch's sample grid shows
+GRID_TILE_PIXELS = 256  # the largest side of an image in the grid
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,9 +46,11 @@ class RunLogger:
 
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
+        self._epochs: list[dict] = []  # the epoch records, kept here: the file grows by a step record per update
         self._drop_records_after(resume_epoch, resume_step)
-        # purge_step hides events a crashed run logged past the checkpoint we resume from.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        # purge_step hides events a killed run logged past the checkpoint this run starts from (also none: a
+        # run killed before its first checkpoint and started again would show its first steps twice).
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
         with self._writing():
             self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
 
@@ -75,6 +78,7 @@ class RunLogger:
             return record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
 
         kept = [line for line in self.metrics_path.read_text().splitlines() if line and before_checkpoint(line)]
+        self._epochs = [r for r in map(json.loads, kept) if r["kind"] == "epoch"]
         tmp = self.metrics_path.with_suffix(".tmp")
         try:
             with self._writing():
@@ -88,12 +92,14 @@ class RunLogger:
         with self._writing():
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+        if kind == "epoch":
+            self._epochs.append(record)
         for name, value in values.items():
             self.writer.add_scalar(f"{kind}/{name}", value, step)
 
     def epoch_records(self) -> list[dict]:
-        lines = self.metrics_path.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+        """Every epoch record of the run, resumed ones included, as metrics.jsonl holds them."""
+        return list(self._epochs)
 
     def close(self) -> None:
         self.metrics_file.close()
@@ -101,19 +107,21 @@ class RunLogger:
 
 
 def save_sample_grid(
-    path: Path, images: torch.Tensor, prompts: Sequence[str], rewards: Sequence[float], max_images: int = 16
+    path: Path, images: torch.Tensor, prompts: Sequence[str], rewards: Sequence[float], max_images: int = GRID_IMAGES
 ) -> None:
     """A PNG grid of images, each captioned with its reward and the start of its prompt."""
     count = min(len(images), max_images)
     pixels = (images[:count].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    size = max(128, pixels.shape[1])  # small images are upscaled (nearest) so they can be seen
+    # Small images are upscaled (nearest) so they can be seen; large ones shrunk, since a grid is written every
+    # epoch and kept: 16 full 768 px images made a 20 MB PNG (`rlcm-fast sample` draws full-size ones).
+    size = min(max(128, pixels.shape[1]), GRID_TILE_PIXELS)
     columns = min(count, 4)
     rows = math.ceil(count / columns)
     caption = 24
     grid = Image.new("RGB", (columns * size, rows * (size + caption)), "white")
     draw = ImageDraw.Draw(grid)
     for i in range(count):
-        tile = Image.fromarray(pixels[i]).resize((size, size), Image.NEAREST)
+        tile = Image.fromarray(pixels[i]).resize((size, size), Image.NEAREST if size >= pixels.shape[1] else Image.BOX)
         x, y = (i % columns) * size, (i // columns) * (size + caption)
         grid.paste(tile, (x, y))
         draw.text((x + 2, y + size + 1), f"{rewards[i]:.3f}", fill="black")

@@ -1,0 +1,53 @@
+"""What a run leaves to read (rlcm_fast/run_logging.py): metrics after a resume, TensorBoard after a restart,
+the sample grid's size."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from rlcm_fast.run_logging import GRID_TILE_PIXELS, RunLogger, save_sample_grid
+
+
+def log_epochs(logger: RunLogger, epochs: range, steps_per_epoch: int = 2) -> None:
+    for epoch in epochs:
+        for step in range((epoch - 1) * steps_per_epoch + 1, epoch * steps_per_epoch + 1):
+            logger.log("step", epoch, step, {"loss": float(step)})
+        logger.log("epoch", epoch, epoch * steps_per_epoch, {"reward_mean": float(epoch)})
+
+
+def test_a_resumed_logger_keeps_the_epochs_before_its_checkpoint_and_adds_its_own(tmp_path):
+    logger = RunLogger(tmp_path)
+    log_epochs(logger, range(1, 4))
+    logger.close()  # killed after epoch 3, resumed from epoch 2's checkpoint (4 steps)
+    logger = RunLogger(tmp_path, resume_epoch=2, resume_step=4)
+    assert [r["epoch"] for r in logger.epoch_records()] == [1, 2]
+    log_epochs(logger, range(3, 5))
+    in_file = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "epoch"]
+    assert logger.epoch_records() == in_file and [r["epoch"] for r in in_file] == [1, 2, 3, 4]
+    logger.close()
+
+
+def test_a_run_started_again_before_its_first_checkpoint_shows_each_step_once_in_tensorboard(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    logger = RunLogger(tmp_path)
+    log_epochs(logger, range(1, 2))
+    logger.writer.flush()  # killed: no checkpoint, so the next start is a fresh one in the same folder
+    again = RunLogger(tmp_path)
+    log_epochs(again, range(1, 2))
+    again.close()
+    logger.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("step/loss")] == [1, 2]
+
+
+@pytest.mark.parametrize("pixels, tile", [(16, 128), (200, 200), (768, GRID_TILE_PIXELS)])
+def test_grid_tiles_are_shown_at_128_to_256_pixels(tmp_path, pixels, tile):
+    """Small images are enlarged to be seen; large ones shrunk, as a grid is written every epoch and kept."""
+    images = torch.rand(5, 3, pixels, pixels, generator=torch.Generator().manual_seed(0))
+    save_sample_grid(tmp_path / "grid.png", images, ["a cat"] * 5, [0.5] * 5)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (4 * tile, 2 * (tile + 24))  # 4 columns; a 24-pixel caption under each row
