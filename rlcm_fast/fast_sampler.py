@@ -49,7 +49,7 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from .cuda_graphs import CaptureError, CapturedCall
 from .models import latent_shape
-from .sampler import LCMSampler, Trajectory
+from .sampler import MAX_CACHED_PROMPTS, LCMSampler, Trajectory
 
 
 @dataclass
@@ -62,9 +62,7 @@ class FastSamplerOutput:
 class FastLCMSampler:
     """The pipeline's sampling for a fixed (batch size, resolution, horizon), faster; see module doc."""
 
-    # A user's prompts need not be a small set (100k distinct prompts would hold 12 GB of sd15's bf16
-    # embeddings): the most recently used are kept. 1024 of them are 121 MB.
-    PROMPT_CACHE_SIZE = 1024
+    PROMPT_CACHE_SIZE = MAX_CACHED_PROMPTS  # the most recently used prompts' embeddings are kept
 
     def __init__(
         self,

@@ -85,6 +85,18 @@ def test_prompt_embeddings_are_cached(pipe):
     assert calls == [["a"], ["b"], ["c"]]  # each distinct prompt once, on its own
 
 
+def test_the_trainers_samplers_keep_a_bounded_number_of_prompt_embeddings():
+    """A user's prompt file of 50k lines would have kept 6 GB of SD1.5's embeddings on the device (the bound's
+    eviction itself: tests/test_fast_sampler.py)."""
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.sampler import MAX_CACHED_PROMPTS, policy_sampler
+
+    for model, method in (("tiny", "rlcm"), ("tiny-sd", "ddpo")):
+        cfg = resolve_config(model=model, overrides={"method": method})
+        sampler = policy_sampler(load_pipeline(model, method=method), cfg)
+        assert sampler._prompt_cache.max_prompts == MAX_CACHED_PROMPTS == 1024
+
+
 def test_a_prompts_embedding_does_not_depend_on_the_batch_it_was_first_seen_in(pipe):
     """A resumed run meets its prompts in other batches than the uninterrupted run did; their embeddings
     must be the same to the bit, or the two runs drift apart."""
