@@ -216,3 +216,27 @@ def test_towers_rounded_to_bf16_are_not_moved_back_to_a_float32_device(tiny_clip
     with pytest.raises(RewardError, match=re.escape("this AestheticReward holds its CLIP weights rounded to bfloat16 "
                                                     "on meta; cpu images are scored with float32 ones: make another")):
         reward(uint8_exact_images(2), ["", ""])
+
+
+def test_a_prompt_longer_than_the_text_towers_positions_is_truncated_to_them(tmp_path):
+    """A checkpoint whose tokenizer allows more tokens (77) than its text tower has positions (16): a long prompt
+    must be scored, not stop the run in the position embedding."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from rlcm_fast.tiny_tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    clip_image_processor().save_pretrained(tmp_path)
+    assert tokenizer.model_max_length > 16
+    reward = make_reward("clipscore", clipscore_model=str(tmp_path))
+    scores = torch.as_tensor(reward(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                    ["a cat " * 30, "a dog"])).float()
+    assert scores.shape == (2,) and torch.isfinite(scores).all()

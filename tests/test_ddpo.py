@@ -182,3 +182,13 @@ def test_kl_and_rebel_run_with_ddpo(tmp_path, overrides):
     if "kl_beta" in overrides:
         assert all(s["kl"] >= 0 for s in steps)
         assert trainer.kl_to_base(trainer.sample_epoch(1)) > 0  # one update moved the policy off the base
+
+
+def test_an_sd_folder_with_another_scheduler_gets_ddim_for_ddpo(tmp_path):
+    """A plain SD1.5 download has PNDM; DDPO's step and log-prob are DDIM's."""
+    from diffusers import PNDMScheduler
+
+    pipe = build_tiny_sd_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "sd")
+    assert isinstance(load_pipeline(str(tmp_path / "sd"), method="ddpo").scheduler, DDIMScheduler)

@@ -441,3 +441,27 @@ def test_a_unet_without_a_guidance_embedding_samples_without_guidance_by_default
     sd.scheduler = LCMScheduler.from_config(sd.scheduler.config)
     fast = FastLCMSampler(sd, batch_size=1, num_inference_steps=2, compile=False, cuda_graph=False)
     assert fast.sampler.guidance_scale == 1.0
+
+
+def test_any_guidance_above_1_is_refused_without_a_guidance_embedding():
+    """1.2 would be ignored as 8.0 would (diffusers' SD pipeline would do classifier-free guidance at 1.2)."""
+    sd = load_pipeline("tiny-sd", method="ddpo")
+    sd.scheduler = LCMScheduler.from_config(sd.scheduler.config)
+    with pytest.raises(ValueError, match=r"guidance_scale=1\.2 is invalid for this UNet"):
+        FastLCMSampler(sd, batch_size=2, num_inference_steps=2, guidance_scale=1.2)
+    FastLCMSampler(sd, batch_size=2, num_inference_steps=2, guidance_scale=1.0)
+
+
+def test_prompt_embeds_without_tokens_are_refused(pipe):
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1, compile=False, cuda_graph=False)
+    with pytest.raises(ValueError) as caught:
+        fast(prompt_embeds=torch.zeros(2, 0, pipe.unet.config.cross_attention_dim))
+    assert str(caught.value).startswith("prompt_embeds of shape (2, 0, 32) given")
+
+
+def test_the_trajectory_says_each_rows_prompt(pipe):
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1, compile=False, cuda_graph=False)
+    out = fast(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    assert out.trajectory.prompts == ["a cat", "a dog"]
+    one = fast("a bird", generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    assert one.trajectory.prompts == ["a bird", "a bird"]

@@ -503,3 +503,30 @@ def test_a_broken_pipe_is_a_lost_peer_only_under_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert is_lost_peer(RuntimeError("Broken pipe"))
 
+
+def test_a_stopped_epochs_record_holds_the_epoch_as_it_was_and_passes_the_checkpoints_checks():
+    """A wrong count or stats would fail the checkpoint's own checks, and `--resume auto` would quietly fall
+    back to the epoch's start (the same metrics in the end: the SIGTERM tests cannot see it); the grid keeps
+    the 16 images the epoch's grid shows."""
+    from types import SimpleNamespace
+
+    from rlcm_fast.checkpoint import _stopped_epoch_problem
+    from rlcm_fast.epoch_samples import EpochSamples, stopped_epoch_record
+    from rlcm_fast.run_logging import GRID_IMAGES
+
+    generator = torch.Generator().manual_seed(0)
+    samples = EpochSamples(prompts=[f"p{i}" for i in range(20)], states=torch.randn(20, 3, 4, 2, 2, generator=generator),
+                           log_probs=torch.randn(20, 2, generator=generator),
+                           rewards=np.random.default_rng(0).normal(size=20),  # float64, as the rewards are
+                           advantages=torch.randn(20, generator=generator), images=torch.rand(20, 3, 8, 8, generator=generator))
+    one_process = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, num_processes=1, process_index=0,
+                                  is_main_process=True)
+    stats = {"reward_mean": 0.5, "reward_std": 0.25, "samples": 20, "sample_seconds": 1.0}
+    files, stopped = stopped_epoch_record(samples, stats, 3, one_process)
+    assert stopped == {"updates_done": 3, "processes": 1, "prompts": samples.prompts, "stats": stats}
+    assert _stopped_epoch_problem(stopped, 3) is None
+    tensors = files[SAMPLES_FILE]
+    assert torch.equal(tensors["states"], samples.states) and torch.equal(tensors["log_probs"], samples.log_probs)
+    assert torch.equal(tensors["advantages"], samples.advantages)
+    assert tensors["rewards"].dtype == torch.float64 and np.array_equal(tensors["rewards"].numpy(), samples.rewards)
+    assert torch.equal(tensors["grid_images"], samples.images[:GRID_IMAGES])

@@ -2,8 +2,10 @@
 others after the grace period (it used to wait on rank 0 forever when rank 1 died first), and what every
 process would refuse is refused once, before any starts."""
 
+import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -97,3 +99,36 @@ def test_the_launched_processes_get_the_checked_run_folder(monkeypatch, tmp_path
     assert started["n"] == 2 and "--num-processes" not in argv
     run_dir = argv[argv.index("--output-dir") + 1]  # the default folder is named by the time: chosen once, here
     assert run_dir.startswith("runs/compressibility-") and not (tmp_path / run_dir).exists()
+
+
+def test_the_launched_processes_do_not_get_num_processes_in_either_form():
+    assert launch.without_option(["train", "--num-processes", "2", "--seed", "3"], "--num-processes") == [
+        "train", "--seed", "3"]
+    assert launch.without_option(["train", "--num-processes=2", "--seed", "3"], "--num-processes") == [
+        "train", "--seed", "3"]
+    assert launch.without_option(["train", "--num-processes-x=1"], "--num-processes") == ["train", "--num-processes-x=1"]
+
+
+THREADS = "import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == sys.argv[1] else 3)"
+
+
+def test_launched_processes_share_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    """Two processes on 4 cores: 2 threads each (4 each would oversubscribe); a user's OMP_NUM_THREADS is kept."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launch, "usable_cpu_cores", lambda: 4)
+    assert launch.launch_local(2, ["2"], command=[sys.executable, "-c", THREADS]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launch.launch_local(2, ["3"], command=[sys.executable, "-c", THREADS]) == 0
+
+
+def test_a_users_signal_forwarded_to_the_processes_is_not_reported_as_a_kill(capsys):
+    """SIGTERM (or Ctrl-C) to the launcher is passed on; the processes ending of it are the user's doing: no
+    "killed from outside" line, and the exit code of the signal."""
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = launch.launch_local(1, [], command=[sys.executable, "-c", "import time; time.sleep(30)"])
+    finally:
+        timer.cancel()
+    assert code == 128 + signal.SIGTERM
+    assert "was killed by" not in capsys.readouterr().err

@@ -325,3 +325,31 @@ def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
 
     assert not passes("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
     assert passes("`CLIPImageProcessor` could not be loaded")
+
+
+class FakePresetPipeline:
+    """What _preset_folder asks of a built pipeline: save_pretrained writing a weights file per model."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def save_pretrained(self, folder):
+        for name in ("unet", "vae", "text_encoder"):
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+            Path(folder, name, "model.safetensors").write_text(self.tag)
+
+
+def test_the_preset_cache_folder_is_named_by_the_presets_contents_and_readable_by_all(tmp_path, monkeypatch):
+    """A changed preset config or weights file must not load a stale folder; a cache shared by several users
+    must be readable by them."""
+    monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
+    old_umask = os.umask(0o022)
+    try:
+        a = models._preset_folder("tiny", [{"width": 8}, "digest-a"], lambda: FakePresetPipeline("a"))
+        b = models._preset_folder("tiny", [{"width": 8}, "digest-b"], lambda: FakePresetPipeline("b"))
+        again = models._preset_folder("tiny", [{"width": 8}, "digest-a"], lambda: FakePresetPipeline("c"))
+    finally:
+        os.umask(old_umask)
+    assert a != b and again == a and (a / "unet" / "model.safetensors").read_text() == "a"
+    assert (b / "unet" / "model.safetensors").read_text() == "b"
+    assert a.stat().st_mode & 0o777 == 0o755

@@ -1,13 +1,14 @@
 """What a run leaves to read (rlcm_fast/run_logging.py): metrics after a resume, TensorBoard after a restart,
-the sample grid's size."""
+the sample grid, the closing summary."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast.run_logging import GRID_TILE_PIXELS, RunLogger, save_sample_grid
+from rlcm_fast.run_logging import GRID_TILE_PIXELS, RunLogger, save_sample_grid, summarize
 
 
 def log_epochs(logger: RunLogger, epochs: range, steps_per_epoch: int = 2) -> None:
@@ -51,3 +52,20 @@ def test_grid_tiles_are_shown_at_128_to_256_pixels(tmp_path, pixels, tile):
     save_sample_grid(tmp_path / "grid.png", images, ["a cat"] * 5, [0.5] * 5)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (4 * tile, 2 * (tile + 24))  # 4 columns; a 24-pixel caption under each row
+
+
+def test_the_grid_shows_at_most_16_images_four_to_a_row_each_captioned_with_its_reward(tmp_path):
+    images = torch.full((20, 3, 16, 16), 0.5)  # alike: only the captions may differ
+    save_sample_grid(tmp_path / "grid.png", images, ["a cat"] * 20, [i / 8 for i in range(20)])
+    with Image.open(tmp_path / "grid.png") as grid:
+        pixels = np.asarray(grid.convert("RGB"))
+    assert pixels.shape == (4 * (128 + 24), 4 * 128, 3)  # 16 of the 20, in 4 rows
+    reward_captions = [pixels[128:140, column * 128:(column + 1) * 128] for column in range(2)]
+    assert np.array_equal(pixels[:128, :128], pixels[:128, 128:256])
+    assert not np.array_equal(*reward_captions)
+
+
+def test_the_summary_names_the_first_and_last_epochs_as_logged():
+    records = [{"epoch": 1, "reward_mean": 0.25}, {"epoch": 2, "reward_mean": 0.5}, {"epoch": 3, "reward_mean": 1.0}]
+    assert summarize(records) == "reward mean +0.2500 (epoch 1) -> +1.0000 (epoch 3)"
+    assert summarize([]) == "no epochs were run"

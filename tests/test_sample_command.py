@@ -246,3 +246,50 @@ def test_sample_run_folder_says_which_damaged_checkpoints_it_passed_over(lcm_run
     assert sample(tmp_path / "first", "--lora", str(run / "checkpoint-1"), "--prompt", "cat") == 0
     assert "warning" not in capsys.readouterr().err
     assert pixels(tmp_path / "out")["00-cat-00.png"].tolist() == pixels(tmp_path / "first")["00-cat-00.png"].tolist()
+
+
+def stub_pipeline_call(monkeypatch, draw: list | None = None) -> list[dict]:
+    """The LCM pipeline's __call__ replaced: the arguments it was given are recorded (and, with `draw`, four
+    numbers it drew from the generator); blank images come back."""
+    from types import SimpleNamespace
+
+    from diffusers import LatentConsistencyModelPipeline
+
+    seen = []
+
+    def call(self, **kwargs):
+        seen.append(kwargs)
+        if draw is not None:
+            draw.append(torch.randn(4, generator=kwargs["generator"]))
+        return SimpleNamespace(images=[Image.new("RGB", (16, 16)) for _ in kwargs["prompt"]])
+
+    monkeypatch.setattr(LatentConsistencyModelPipeline, "__call__", call)
+    return seen
+
+
+STUBBED = ["sample", "--device", "cpu", "--resolution", "16"]
+
+
+def test_a_horizon_of_every_original_inference_step_is_allowed(tmp_path, monkeypatch):
+    seen = stub_pipeline_call(monkeypatch)
+    # The tiny LCM's scheduler has original_inference_steps=50: 1..50 is allowed, 51 is not.
+    assert main([*STUBBED, "--prompt", "cat", "--output-dir", str(tmp_path / "a"), "--horizon", "50"]) == 0
+    assert [kwargs["num_inference_steps"] for kwargs in seen] == [50]
+    assert main([*STUBBED, "--prompt", "cat", "--output-dir", str(tmp_path / "b"), "--horizon", "51"]) == 2
+
+
+def test_a_prompt_without_letters_or_digits_is_named_prompt_in_its_files(tmp_path, monkeypatch):
+    stub_pipeline_call(monkeypatch)
+    out = tmp_path / "out"
+    assert main([*STUBBED, "--prompt", "!!!", "--prompt", "a cat", "--output-dir", str(out), "--horizon", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00-prompt-00.png", "01-a-cat-00.png"]
+
+
+def test_each_prompt_draws_on_from_the_one_seeded_stream(tmp_path, monkeypatch):
+    """Seeded again per prompt, every prompt of a call would start from the same noise."""
+    drawn = []
+    stub_pipeline_call(monkeypatch, drawn)
+    assert main([*STUBBED, "--prompt", "a cat", "--prompt", "a dog", "--output-dir", str(tmp_path / "o"),
+                 "--horizon", "1", "--seed", "5"]) == 0
+    stream = torch.randn(8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn[0], stream[:4]) and torch.equal(drawn[1], stream[4:])

@@ -355,3 +355,26 @@ def test_an_interrupt_that_ends_the_run_says_how_to_continue_it(tmp_path, monkey
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "rlcm-fast: interrupted; continue from the last checkpoint, if any, with: rlcm-fast train --resume auto "
         f"--output-dir {run_dir}")
+
+
+def test_lora_targets_matching_no_module_are_one_line_exit_2(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "lora_targets=no_such_layer"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "rlcm-fast: error: lora_targets=['no_such_layer']: LoRA target modules ['no_such_layer'] match no module "
+        "of the UNet")
+
+
+def test_the_optimizer_and_the_unet_get_the_configs_settings(tmp_path):
+    """A decay of 1e-4 and gradient checkpointing change a short CPU run's numbers too little for the end-to-end
+    comparisons to see them dropped: the settings must reach the optimizer and the UNet."""
+    overrides = {"device": "cpu", "batches_per_epoch": 1, "sample_batch_size": 2, "train_batch_size": 2,
+                 "adam_weight_decay": 0.05, "adam_beta1": 0.8, "adam_beta2": 0.99, "adam_epsilon": 1e-6,
+                 "learning_rate": 2e-3, "gradient_checkpointing": True}
+    trainer = Trainer(resolve_config(overrides=overrides), tmp_path / "run")
+    (group,) = trainer.optimizer.param_groups
+    assert (group["weight_decay"], group["betas"], group["eps"], group["lr"]) == (0.05, (0.8, 0.99), 1e-6, 2e-3)
+    assert trainer.unet.is_gradient_checkpointing
+    plain = Trainer(resolve_config(overrides={**overrides, "gradient_checkpointing": False}), tmp_path / "plain")
+    assert not plain.unet.is_gradient_checkpointing
