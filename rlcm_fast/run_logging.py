@@ -70,19 +70,21 @@ class RunLogger:
         if not self.metrics_path.exists():
             return
 
-        def before_checkpoint(line: str) -> bool:
+        def record_before_checkpoint(line: str) -> dict | None:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # the half-written last line of a killed run
-                return False
-            return record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
+                return None
+            before = record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
+            return record if before else None
 
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line and before_checkpoint(line)]
-        self._epochs = [r for r in map(json.loads, kept) if r["kind"] == "epoch"]
+        kept = [(line, record) for line in self.metrics_path.read_text().splitlines()
+                if line and (record := record_before_checkpoint(line)) is not None]
+        self._epochs = [record for _, record in kept if record["kind"] == "epoch"]
         tmp = self.metrics_path.with_suffix(".tmp")
         try:
             with self._writing():
-                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.write_text("".join(line + "\n" for line, _ in kept))
                 tmp.replace(self.metrics_path)
         finally:
             tmp.unlink(missing_ok=True)  # gone after the replace; a partial one is removed

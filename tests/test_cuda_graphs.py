@@ -127,12 +127,18 @@ class FakeCudaStreams:
         self.current = previous
 
 
-def test_a_failed_capture_restores_the_callers_stream_and_names_its_cause(monkeypatch):
+def fake_cuda_streams(monkeypatch, graph_class) -> FakeCudaStreams:
+    """torch.cuda's streams and graph capture replaced by the stand-ins; `graph_class` stands for CUDAGraph."""
     cuda = FakeCudaStreams()
     for name in ("current_stream", "set_stream", "stream", "graph"):
         monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", graph_class)
+    return cuda
+
+
+def test_a_failed_capture_restores_the_callers_stream_and_names_its_cause(monkeypatch):
+    cuda = fake_cuda_streams(monkeypatch, object)
 
     def synchronising(x):
         if cuda.current.name == "capture":
@@ -153,11 +159,7 @@ def test_a_call_under_another_autocast_state_is_captured_again(monkeypatch):
     """A graph replays the precision it was captured in: a sampler first called outside autocast and then
     inside it (or with another dtype) must not get the first call's graph. The stand-in streams and a graph
     that replays nothing; the CPU's autocast stands in for CUDA's (a CPU-only torch ignores CUDA's)."""
-    cuda = FakeCudaStreams()
-    for name in ("current_stream", "set_stream", "stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Graph", (), {"replay": lambda self: None})())
+    fake_cuda_streams(monkeypatch, lambda: type("Graph", (), {"replay": lambda self: None})())
     seen = []
     call = CapturedCall(lambda x: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
                                               else None) or x + 1, torch.device("cuda"))
@@ -170,6 +172,7 @@ def test_a_call_under_another_autocast_state_is_captured_again(monkeypatch):
     per_capture = WARMUP_CALLS + 1  # the warm-up calls and the captured one; a replay calls nothing
     assert seen == [None] * per_capture + [torch.bfloat16] * per_capture + [torch.float16] * per_capture
     assert len(call._graphs) == 3
+
 
 def test_sampler_through_a_replayed_call_equals_the_plain_loop_and_owns_its_outputs(pipe, monkeypatch):
     monkeypatch.setattr(sampler_module, "CapturedCall", ReusedBuffers)
