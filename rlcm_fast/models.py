@@ -6,8 +6,8 @@ network (README, "The tiny model"):
 
 - `tiny`: a ~1.5M-parameter LCM (32 px images, 16x16x4 latents) built deterministically in code and
   cached in diffusers format, so it loads through the same `from_pretrained` path as a user's folder.
-  VAE and text encoder are random; the UNet is the shipped denoiser of synthetic textures that
-  tiny_pretraining.py trained, so that samples differ in what the JPEG rewards measure. Its scheduler
+  VAE and text encoder are random, shipped as one seed initialised them; the UNet is the shipped denoiser
+  of synthetic textures that tiny_pretraining.py trained, so that samples differ in what the JPEG rewards measure. Its scheduler
   predicts the sample, not epsilon: a random epsilon-predictor's pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a)
   explodes at t=999, a sample-predictor stays bounded (and the pretraining started from one).
 - `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
@@ -48,10 +48,18 @@ LCM_PRESETS = ("tiny", "sd15-lcm")
 SD_PRESETS = ("tiny-sd", "sd15")
 TINY_PRESET_VERSION = 2  # bump when the tiny weights change without a change to TINY's configs
 _INIT_SEED = 0
-# The tiny presets' trained UNets (rlcm_fast/tiny_pretraining.py wrote them); the VAE and text encoder
-# stay random from _INIT_SEED.
-TINY_UNET_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_unet.safetensors"
-TINY_SD_UNET_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_sd_unet.safetensors"
+_DATA = Path(__file__).resolve().parent / "data"
+# The tiny presets' trained UNets (rlcm_fast/tiny_pretraining.py wrote them).
+TINY_UNET_WEIGHTS = _DATA / "tiny_unet.safetensors"
+TINY_SD_UNET_WEIGHTS = _DATA / "tiny_sd_unet.safetensors"
+# Their random VAEs and text encoders, as _INIT_SEED initialised them (keys "vae.*", "text_encoder.*";
+# tiny_pretraining.py --write-random-components wrote them). Shipped, not rebuilt from the seed: the same
+# seed and config give other weights under other library releases (transformers' CLIP text encoder
+# changed between 5.12 and 5.13), and the trained UNets, the README's figures and the tests were made
+# with these.
+TINY_RANDOM_COMPONENTS = _DATA / "tiny_vae_text_encoder.safetensors"
+TINY_SD_RANDOM_COMPONENTS = _DATA / "tiny_sd_vae_text_encoder.safetensors"
+RANDOM_COMPONENTS = ("vae", "text_encoder")
 
 
 class ModelLoadError(ValueError):
@@ -260,33 +268,45 @@ def set_channels_last(pipe, enabled: bool = True) -> None:
 
 
 def build_tiny_pipeline() -> LatentConsistencyModelPipeline:
-    """The tiny preset in memory (float32, CPU), identical on every call: a random VAE and text encoder
-    and the shipped trained UNet (a denoiser of synthetic textures, see tiny_pretraining.py).
+    """The tiny preset in memory (float32, CPU), identical on every call: the shipped random VAE and text
+    encoder and the shipped trained UNet (a denoiser of synthetic textures, see tiny_pretraining.py).
     `load_pipeline("tiny")` loads the cached copy of exactly these weights."""
     return _with_shipped_unet(build_untrained_tiny_pipeline(), TINY_UNET_WEIGHTS)
 
 
 def build_untrained_tiny_pipeline() -> LatentConsistencyModelPipeline:
-    """The tiny architecture with every component random from a fixed seed: the starting point of the
-    tiny UNet's pretraining."""
-    return _build_random_pipeline(TINY, torch.device("cpu"), torch.float32)
+    """The tiny architecture with the shipped random VAE and text encoder and a UNet random from a fixed
+    seed: the starting point of the tiny UNet's pretraining."""
+    return _with_shipped_random_components(_build_random_pipeline(TINY, torch.device("cpu"), torch.float32),
+                                           TINY_RANDOM_COMPONENTS)
 
 
 def build_tiny_sd_pipeline() -> StableDiffusionPipeline:
-    """The tiny-sd preset in memory: `tiny`'s architecture without the guidance embedding (same VAE,
-    text encoder, tokenizer), a DDIM scheduler, and its own shipped UNet trained by the same recipe.
+    """The tiny-sd preset in memory: `tiny`'s architecture without the guidance embedding (the VAE's, text
+    encoder's and tokenizer's architectures are tiny's, the random weights its own), a DDIM scheduler, and its own shipped UNet trained by the same recipe.
     `load_pipeline("tiny-sd", method="ddpo")` loads its cached copy."""
     return _with_shipped_unet(build_untrained_tiny_sd_pipeline(), TINY_SD_UNET_WEIGHTS)
 
 
 def build_untrained_tiny_sd_pipeline() -> StableDiffusionPipeline:
-    """tiny-sd with every component random from a fixed seed: the starting point of its UNet's pretraining."""
-    return _build_random_pipeline(TINY_SD, torch.device("cpu"), torch.float32)
+    """tiny-sd with its shipped random VAE and text encoder and a UNet random from a fixed seed: the
+    starting point of its UNet's pretraining."""
+    return _with_shipped_random_components(_build_random_pipeline(TINY_SD, torch.device("cpu"), torch.float32),
+                                           TINY_SD_RANDOM_COMPONENTS)
 
 
 def _with_shipped_unet(pipe, weights: Path):
     # Shipped in float16 to halve the file; the presets run in float32.
     pipe.unet.load_state_dict({name: tensor.float() for name, tensor in load_file(weights).items()})
+    return pipe
+
+
+def _with_shipped_random_components(pipe, weights: Path):
+    shipped = load_file(weights)
+    for name in RANDOM_COMPONENTS:
+        prefix = f"{name}."
+        getattr(pipe, name).load_state_dict({key[len(prefix):]: tensor for key, tensor in shipped.items()
+                                             if key.startswith(prefix)})
     return pipe
 
 
@@ -342,12 +362,13 @@ def _deterministic_init(device: torch.device, dtype: torch.dtype):
 
 
 def _tiny_pipeline_folder() -> Path:
-    return _preset_folder("tiny", [dataclasses.asdict(TINY), _digest(TINY_UNET_WEIGHTS)], build_tiny_pipeline)
+    return _preset_folder("tiny", [dataclasses.asdict(TINY), _digest(TINY_UNET_WEIGHTS),
+                                   _digest(TINY_RANDOM_COMPONENTS)], build_tiny_pipeline)
 
 
 def _tiny_sd_pipeline_folder() -> Path:
-    return _preset_folder("tiny-sd", [dataclasses.asdict(TINY_SD), _digest(TINY_SD_UNET_WEIGHTS)],
-                          build_tiny_sd_pipeline)
+    return _preset_folder("tiny-sd", [dataclasses.asdict(TINY_SD), _digest(TINY_SD_UNET_WEIGHTS),
+                                      _digest(TINY_SD_RANDOM_COMPONENTS)], build_tiny_sd_pipeline)
 
 
 def _digest(weights: Path) -> str:

@@ -21,12 +21,15 @@ sampling time), so that RLCM and DDPO are compared on equally able models. The r
 rlcm_fast/data/tiny_unet.safetensors and tiny_sd_unet.safetensors (float16, with this recipe in their
 metadata); `python -m rlcm_fast.tiny_pretraining --preset tiny|tiny-sd` rewrites one. Two runs on one
 machine gave the same weights, but float results may differ between CPUs, so a rerun elsewhere may not
-be bit-identical.
+be bit-identical. Each UNet is trained against its preset's random VAE and text encoder, which ship too
+(models.TINY_RANDOM_COMPONENTS); after a change to the tiny architecture, `--write-random-components`
+writes new ones as the installed libraries initialise them, and the UNet is then trained again.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import time
 from pathlib import Path
 
@@ -34,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .models import (TINY_SD_UNET_WEIGHTS, TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline,
+from .models import (_INIT_SEED, RANDOM_COMPONENTS, TINY, TINY_RANDOM_COMPONENTS, TINY_SD, TINY_SD_RANDOM_COMPONENTS,
+                     TINY_SD_UNET_WEIGHTS, TINY_UNET_WEIGHTS, _build_random_pipeline, build_untrained_tiny_pipeline,
                      build_untrained_tiny_sd_pipeline)
 from .prompts import load_prompt_set
 
@@ -45,6 +49,8 @@ RECIPE = dict(steps=400, batch_size=32, learning_rate=2e-3, seed=0)
 # preset -> (its untrained pipeline, where its trained UNet ships). Both get the same recipe.
 PRESETS = {"tiny": (build_untrained_tiny_pipeline, TINY_UNET_WEIGHTS),
            "tiny-sd": (build_untrained_tiny_sd_pipeline, TINY_SD_UNET_WEIGHTS)}
+# preset -> (its architecture, where its random VAE and text encoder ship).
+RANDOM_COMPONENT_FILES = {"tiny": (TINY, TINY_RANDOM_COMPONENTS), "tiny-sd": (TINY_SD, TINY_SD_RANDOM_COMPONENTS)}
 
 
 def checkerboard(channels: int, side: int) -> torch.Tensor:
@@ -104,11 +110,30 @@ def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, s
     return losses
 
 
+def write_random_components(preset: str, out: Path) -> None:
+    """The preset's VAE and text encoder as the installed torch, diffusers and transformers initialise them
+    from models._INIT_SEED, in one float32 file (keys "vae.*", "text_encoder.*"), the versions in its metadata."""
+    spec, _ = RANDOM_COMPONENT_FILES[preset]
+    pipe = _build_random_pipeline(spec, torch.device("cpu"), torch.float32)
+    weights = {f"{name}.{key}": tensor.contiguous() for name in RANDOM_COMPONENTS
+               for key, tensor in getattr(pipe, name).state_dict().items()}
+    versions = {package: importlib.metadata.version(package) for package in ("torch", "diffusers", "transformers")}
+    save_file(weights, out, metadata={"seed": str(_INIT_SEED), **versions})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a tiny preset's UNet and write its safetensors file.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", type=Path, help="default: the file the preset ships")
+    parser.add_argument("--write-random-components", action="store_true",
+                        help="write the preset's random VAE and text encoder instead (only after a change to the "
+                             "tiny architecture: the shipped UNet was trained against the shipped ones)")
     args = parser.parse_args(argv)
+    if args.write_random_components:
+        out = args.out or RANDOM_COMPONENT_FILES[args.preset][1]
+        write_random_components(args.preset, out)
+        print(f"wrote {args.preset}'s random VAE and text encoder to {out}")
+        return
     build_untrained, shipped_weights = PRESETS[args.preset]
     out = args.out or shipped_weights
     pipe = build_untrained()

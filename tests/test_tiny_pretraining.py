@@ -7,13 +7,14 @@ import torch
 from diffusers import LCMScheduler
 from safetensors import safe_open
 
+from rlcm_fast import models
 from rlcm_fast.ddpo import DDPOSampler
-from rlcm_fast.models import (build_tiny_pipeline, build_tiny_sd_pipeline, build_untrained_tiny_pipeline,
-                              guidance_embedding)
+from rlcm_fast.models import (RANDOM_COMPONENTS, build_tiny_pipeline, build_tiny_sd_pipeline,
+                              build_untrained_tiny_pipeline, guidance_embedding)
 from rlcm_fast.rewards import make_reward
 from rlcm_fast.sampler import LCMSampler
-from rlcm_fast.tiny_pretraining import (PRESETS, RECIPE, TEXTURE_STRENGTH, checkerboard, pretrain_denoiser,
-                                        texture_latents)
+from rlcm_fast.tiny_pretraining import (PRESETS, RANDOM_COMPONENT_FILES, RECIPE, TEXTURE_STRENGTH, checkerboard,
+                                        main, pretrain_denoiser, texture_latents)
 
 TRAINED = {"tiny": build_tiny_pipeline, "tiny-sd": build_tiny_sd_pipeline}
 
@@ -72,6 +73,61 @@ def test_each_tiny_preset_carries_its_shipped_unet_trained_by_this_recipe(preset
     state = TRAINED[preset]().unet.state_dict()
     assert shipped.keys() == state.keys()
     assert all(torch.equal(state[name], shipped[name].float()) for name in shipped)
+
+
+def shipped_random_components(preset: str) -> tuple[dict, dict]:
+    with safe_open(RANDOM_COMPONENT_FILES[preset][1], "pt") as weights:
+        return weights.metadata(), {name: weights.get_tensor(name) for name in weights.keys()}
+
+
+def component_weights(pipe) -> dict:
+    return {f"{name}.{key}": tensor for name in RANDOM_COMPONENTS for key, tensor in getattr(pipe, name).state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_tiny_preset_carries_its_shipped_random_vae_and_text_encoder(preset):
+    metadata, shipped = shipped_random_components(preset)
+    assert metadata["seed"] == str(models._INIT_SEED) and {"torch", "diffusers", "transformers"} <= metadata.keys()
+    for pipe in (TRAINED[preset](), PRESETS[preset][0]()):  # the pretraining starts from them too
+        state = component_weights(pipe)
+        assert state.keys() == shipped.keys()
+        assert all(state[name].dtype == torch.float32 and torch.equal(state[name], shipped[name]) for name in shipped)
+
+
+def test_the_tiny_presets_weights_do_not_follow_the_libraries_initialisation(monkeypatch):
+    """Another initialisation (here another seed; in life another transformers or diffusers release) changes
+    the untrained UNet, and nothing of the presets."""
+    expected = {preset: {**component_weights(TRAINED[preset]()), **TRAINED[preset]().unet.state_dict()}
+                for preset in TRAINED}
+    untrained_unet = build_untrained_tiny_pipeline().unet.state_dict()
+    monkeypatch.setattr(models, "_INIT_SEED", 1)
+    assert not torch.equal(build_untrained_tiny_pipeline().unet.state_dict()["conv_in.weight"],
+                           untrained_unet["conv_in.weight"])
+    for preset, build in TRAINED.items():
+        pipe = build()
+        got = {**component_weights(pipe), **pipe.unet.state_dict()}
+        assert all(torch.equal(got[name], expected[preset][name]) for name in expected[preset]), preset
+
+
+def test_the_preset_cache_key_names_the_shipped_random_components(monkeypatch):
+    keys = {}
+    monkeypatch.setattr(models, "_preset_folder", lambda name, key, build: keys.setdefault(name, key))
+    models._tiny_pipeline_folder(), models._tiny_sd_pipeline_folder()
+    assert models._digest(models.TINY_RANDOM_COMPONENTS) in keys["tiny"]
+    assert models._digest(models.TINY_SD_RANDOM_COMPONENTS) in keys["tiny-sd"]
+    assert models._digest(models.TINY_RANDOM_COMPONENTS) != models._digest(models.TINY_SD_RANDOM_COMPONENTS)
+
+
+def test_write_random_components_writes_what_the_seed_initialises(tmp_path, capsys):
+    out = tmp_path / "components.safetensors"
+    main(["--preset", "tiny-sd", "--write-random-components", "--out", str(out)])
+    assert "wrote tiny-sd's random VAE and text encoder" in capsys.readouterr().out
+    with safe_open(out, "pt") as weights:
+        metadata, written = weights.metadata(), {name: weights.get_tensor(name) for name in weights.keys()}
+    fresh = component_weights(models._build_random_pipeline(models.TINY_SD, torch.device("cpu"), torch.float32))
+    assert written.keys() == fresh.keys() == shipped_random_components("tiny-sd")[1].keys()
+    assert all(torch.equal(written[name], fresh[name]) for name in fresh)
+    assert metadata["seed"] == "0" and metadata["transformers"] == __import__("transformers").__version__
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
