@@ -266,7 +266,10 @@ def test_joined_sampling_batches_give_the_same_epoch_in_fewer_unet_batches(tmp_p
     assert joined.prompts == batch_by_batch.prompts
     for name in ("states", "log_probs", "images"):
         torch.testing.assert_close(getattr(joined, name), getattr(batch_by_batch, name), atol=1e-5, rtol=0)
-    assert abs(joined.rewards - batch_by_batch.rewards).max() < 1e-9
+    # Each reward is its own image's. Against batch by batch, images 1e-5 apart can still round a pixel to
+    # another uint8 level, which moves that JPEG by a few bytes (0.002 kB under CPU torch 2.8; equal under 2.13).
+    assert list(joined.rewards) == list(reward_fn(joined.images, joined.prompts))
+    assert abs(joined.rewards - batch_by_batch.rewards).max() < 0.01
 
 
 @pytest.mark.parametrize("joined", [0, 4, -1])
