@@ -6,10 +6,11 @@ network (README, "The tiny model"):
 
 - `tiny`: a ~1.5M-parameter LCM (32 px images, 16x16x4 latents) built deterministically in code and
   cached in diffusers format, so it loads through the same `from_pretrained` path as a user's folder.
-  VAE and text encoder are random, shipped as one seed initialised them; the UNet is the shipped denoiser
-  of synthetic textures that tiny_pretraining.py trained, so that samples differ in what the JPEG rewards measure. Its scheduler
-  predicts the sample, not epsilon: a random epsilon-predictor's pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a)
-  explodes at t=999, a sample-predictor stays bounded (and the pretraining started from one).
+  VAE and text encoder are random, shipped as one seed initialised them; the UNet is the shipped
+  denoiser of synthetic textures that tiny_pretraining.py trained, so that samples differ in what the JPEG
+  rewards measure. Its scheduler predicts the sample, not epsilon: a random epsilon-predictor's
+  pred_x0 = (x - sqrt(1 - a) eps) / sqrt(a) explodes at t=999, a sample-predictor stays bounded (and the
+  pretraining started from one).
 - `sd15-lcm`: the exact architecture of SimianLuo/LCM_Dreamshaper_v7 (~1.07B parameters), built in
   memory directly on the target device and dtype; the speed benchmarks use it.
 - `tiny-sd`, `sd15`: the same two without the guidance embedding (`time_cond_proj_dim`), i.e. Stable
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -53,10 +55,10 @@ _DATA = Path(__file__).resolve().parent / "data"
 TINY_UNET_WEIGHTS = _DATA / "tiny_unet.safetensors"
 TINY_SD_UNET_WEIGHTS = _DATA / "tiny_sd_unet.safetensors"
 # Their random VAEs and text encoders, as _INIT_SEED initialised them (keys "vae.*", "text_encoder.*";
-# tiny_pretraining.py --write-random-components wrote them). Shipped, not rebuilt from the seed: the same
-# seed and config give other weights under other library releases (transformers' CLIP text encoder
-# changed between 5.12 and 5.13), and the trained UNets, the README's figures and the tests were made
-# with these.
+# `python -m rlcm_fast.tiny_pretraining --write-random-components` wrote them). Shipped, not rebuilt from
+# the seed: the same seed and config give other weights under other library releases (transformers' CLIP
+# text encoder changed between 5.12 and 5.13), and the trained UNets, the README's figures and the tests
+# were made with these.
 TINY_RANDOM_COMPONENTS = _DATA / "tiny_vae_text_encoder.safetensors"
 TINY_SD_RANDOM_COMPONENTS = _DATA / "tiny_sd_vae_text_encoder.safetensors"
 RANDOM_COMPONENTS = ("vae", "text_encoder")
@@ -282,8 +284,9 @@ def build_untrained_tiny_pipeline() -> LatentConsistencyModelPipeline:
 
 
 def build_tiny_sd_pipeline() -> StableDiffusionPipeline:
-    """The tiny-sd preset in memory: `tiny`'s architecture without the guidance embedding (the VAE's, text
-    encoder's and tokenizer's architectures are tiny's, the random weights its own), a DDIM scheduler, and its own shipped UNet trained by the same recipe.
+    """The tiny-sd preset in memory: `tiny`'s architecture without the guidance embedding (tiny's VAE,
+    text encoder and tokenizer architectures, with random weights of its own), a DDIM scheduler, and its own
+    shipped UNet trained by the same recipe.
     `load_pipeline("tiny-sd", method="ddpo")` loads its cached copy."""
     return _with_shipped_unet(build_untrained_tiny_sd_pipeline(), TINY_SD_UNET_WEIGHTS)
 
@@ -308,6 +311,18 @@ def _with_shipped_random_components(pipe, weights: Path):
         getattr(pipe, name).load_state_dict({key[len(prefix):]: tensor for key, tensor in shipped.items()
                                              if key.startswith(prefix)})
     return pipe
+
+
+def initialised_random_components(spec: _ArchitectureSpec) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The VAE and text encoder of `spec` as the installed torch, diffusers and transformers initialise
+    them from _INIT_SEED (float32, keys "vae.*" and "text_encoder.*"), and their provenance: the seed and
+    those libraries' versions."""
+    pipe = _build_random_pipeline(spec, torch.device("cpu"), torch.float32)
+    weights = {f"{name}.{key}": tensor.contiguous() for name in RANDOM_COMPONENTS
+               for key, tensor in getattr(pipe, name).state_dict().items()}
+    versions = {package: importlib.metadata.version(package) for package in ("torch", "diffusers", "transformers")}
+    provenance = {"seed": str(_INIT_SEED), **versions}
+    return weights, provenance
 
 
 def _build_random_pipeline(

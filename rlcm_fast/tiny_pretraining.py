@@ -29,7 +29,6 @@ writes new ones as the installed libraries initialise them, and the UNet is then
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import time
 from pathlib import Path
 
@@ -37,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .models import (_INIT_SEED, RANDOM_COMPONENTS, TINY, TINY_RANDOM_COMPONENTS, TINY_SD, TINY_SD_RANDOM_COMPONENTS,
-                     TINY_SD_UNET_WEIGHTS, TINY_UNET_WEIGHTS, _build_random_pipeline, build_untrained_tiny_pipeline,
-                     build_untrained_tiny_sd_pipeline)
+from .models import (TINY, TINY_RANDOM_COMPONENTS, TINY_SD, TINY_SD_RANDOM_COMPONENTS, TINY_SD_UNET_WEIGHTS,
+                     TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline, build_untrained_tiny_sd_pipeline,
+                     initialised_random_components)
 from .prompts import load_prompt_set
 
 TEXTURE_STRENGTH = 0.4  # about where the tiny VAE's JPEG size stops rising with the strength (~0.3)
@@ -111,14 +110,10 @@ def pretrain_denoiser(pipe, steps: int, batch_size: int, learning_rate: float, s
 
 
 def write_random_components(preset: str, out: Path) -> None:
-    """The preset's VAE and text encoder as the installed torch, diffusers and transformers initialise them
-    from models._INIT_SEED, in one float32 file (keys "vae.*", "text_encoder.*"), the versions in its metadata."""
-    spec, _ = RANDOM_COMPONENT_FILES[preset]
-    pipe = _build_random_pipeline(spec, torch.device("cpu"), torch.float32)
-    weights = {f"{name}.{key}": tensor.contiguous() for name in RANDOM_COMPONENTS
-               for key, tensor in getattr(pipe, name).state_dict().items()}
-    versions = {package: importlib.metadata.version(package) for package in ("torch", "diffusers", "transformers")}
-    save_file(weights, out, metadata={"seed": str(_INIT_SEED), **versions})
+    """The preset's VAE and text encoder as the installed libraries initialise them, in one float32 file
+    whose metadata names the seed and the libraries' versions."""
+    weights, provenance = initialised_random_components(RANDOM_COMPONENT_FILES[preset][0])
+    save_file(weights, out, metadata=provenance)
 
 
 def main(argv: list[str] | None = None) -> None:

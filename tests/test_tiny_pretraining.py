@@ -81,7 +81,8 @@ def shipped_random_components(preset: str) -> tuple[dict, dict]:
 
 
 def component_weights(pipe) -> dict:
-    return {f"{name}.{key}": tensor for name in RANDOM_COMPONENTS for key, tensor in getattr(pipe, name).state_dict().items()}
+    return {f"{name}.{key}": tensor for name in RANDOM_COMPONENTS
+            for key, tensor in getattr(pipe, name).state_dict().items()}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
