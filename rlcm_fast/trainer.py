@@ -110,8 +110,7 @@ class Trainer:
 
     def _start_run_folder(self) -> RunLogger:
         """config.yaml and the run's logger (main process only)."""
-        if self.run_dir.is_dir():
-            remove_leftovers(self.run_dir)
+        remove_leftovers(self.run_dir)  # a new run's folder may not exist yet: then there is nothing to find
         write_run_config(self.run_dir, self.cfg.to_dict())
         return RunLogger(self.run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
 
