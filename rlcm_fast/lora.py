@@ -130,7 +130,7 @@ def load_policy_lora(pipe: LatentConsistencyModelPipeline, directory: str | os.P
     for logger, quiet in filters:
         logger.addFilter(quiet)
     try:
-        pipe.load_lora_weights(str(directory))
+        pipe.load_lora_weights(str(directory), use_safetensors=True)  # never a pickled .bin in the folder
     except RuntimeError as exc:  # torch's load_state_dict: a line per tensor of another shape
         mismatches = _SIZE_MISMATCH.findall(str(exc))
         if not mismatches:

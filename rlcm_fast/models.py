@@ -439,6 +439,18 @@ def _preset_folder(name: str, key: list, build) -> Path:
     return folder
 
 
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _pickle_hint(location: str) -> str:
+    """Why a local folder or file of pickled weights was refused, or "" (a hub id cannot be looked into)."""
+    path = Path(location).expanduser()
+    found = [path] if path.is_file() else list(path.rglob("*")) if path.is_dir() else []
+    if any(f.suffix in _PICKLE_SUFFIXES for f in found):
+        return "; it holds pickled weights, which are never loaded: convert them to safetensors"
+    return ""
+
+
 def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
                      pipeline_class=LatentConsistencyModelPipeline):
     location = str(location)
@@ -447,20 +459,24 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
     if (os.path.isabs(location) or location.startswith((".", "~"))) and not os.path.exists(location):
         raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {choices}")
     try:
+        # use_safetensors=True: diffusers would otherwise fall back to unpickling .bin weights.
         return pipeline_class.from_pretrained(
-            location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            location, dtype=dtype, use_safetensors=True,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     except (OSError, ValueError, SafetensorError) as error:
-        raise ModelLoadError(f"model {model!r} could not be loaded ({one_line(error)}): {choices}") from error
+        raise ModelLoadError(
+            f"model {model!r} could not be loaded ({one_line(error)}){_pickle_hint(location)}: {choices}"
+        ) from error
 
 
 def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
     try:
-        pipe.load_lora_weights(lcm_lora)
+        pipe.load_lora_weights(lcm_lora, use_safetensors=True)  # never the pickled .bin fallback
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
-            f"lcm_lora {lcm_lora!r} could not be loaded ({one_line(error)}): "
-            "expected a local LoRA folder or file, or a reachable hub id"
+            f"lcm_lora {lcm_lora!r} could not be loaded ({one_line(error)}){_pickle_hint(lcm_lora)}: "
+            "expected a local LoRA folder or safetensors file, or a reachable hub id"
         ) from error
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers

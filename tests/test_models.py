@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 from unet_probes import perturb_lora, unet_output
 
 from rlcm_fast import models
-from rlcm_fast.lora import add_policy_lora, save_lora
+from rlcm_fast.lora import add_policy_lora, lora_state_dict, save_lora
 from rlcm_fast.presets import DEFAULT_LORA_TARGETS
 from rlcm_fast.models import (SD15_LCM, TINY, ModelLoadError, build_tiny_pipeline, guidance_embedding, latent_shape,
                               load_pipeline)
@@ -311,6 +311,27 @@ def test_lcm_lora_is_fused_and_unloaded(tmp_path):
 
     with pytest.raises(ModelLoadError, match="lcm_lora"):
         load_pipeline("tiny", lcm_lora=str(tmp_path / "missing"))
+
+
+def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypatch):
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError(f"torch.load({args[0]!r}) was called")
+
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=False)  # the UNet and VAE as .bin
+    assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.bin").exists()
+    perturb_lora(add_policy_lora(pipe.unet, rank=4, alpha=4, target_modules=DEFAULT_LORA_TARGETS), seed=3)
+    type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=lora_state_dict(pipe.unet), safe_serialization=False)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.bin").exists()
+    monkeypatch.setattr(torch, "load", no_unpickling)
+
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(str(tmp_path / "pipeline"))
+    message = str(refused.value)
+    assert "\n" not in message and "it holds pickled weights, which are never loaded" in message
+    for lcm_lora in (tmp_path / "lora", tmp_path / "lora" / "pytorch_lora_weights.bin"):
+        with pytest.raises(ModelLoadError, match="lcm_lora .* it holds pickled weights, which are never loaded"):
+            load_pipeline("tiny", lcm_lora=str(lcm_lora))
 
 
 def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
