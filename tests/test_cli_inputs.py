@@ -63,7 +63,7 @@ def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_pat
 
     monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what, warn: tmp_path / "checkpoint-1")
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"original_inference_steps": 20})
-    monkeypatch.setattr(LatentConsistencyModelPipeline, "load_lora_weights", lambda self, path: None)
+    monkeypatch.setattr(LatentConsistencyModelPipeline, "load_lora_weights", lambda self, path, **kwargs: None)
     assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--horizon", "21"]) == 2
     assert one_line_error(capsys) == "--horizon 21 is invalid: it must be in 1..20 (original_inference_steps)"
     seen = []
