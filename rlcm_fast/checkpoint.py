@@ -25,8 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .faults import shown
 from .lora import load_lora_into, save_lora
+from .models import preset_weights_id
 from .stat_tracker import PerPromptStatTracker
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
@@ -39,8 +41,19 @@ LATEST_FILE = "latest"
 REQUIRED_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE, LORA_FILE)  # in every checkpoint's manifest
 
 
+# What a checkpoint's state means beyond its files' shapes. Bump it with any change that would make this
+# version continue an older checkpoint otherwise than the version that wrote it (e.g. another minibatch plan
+# for a stopped epoch's remaining updates): a checkpoint of another format is refused, never reinterpreted.
+# 1: the first recorded (2026-12-02); the checkpoints written before have none.
+STATE_FORMAT = 1
+
+
 class CheckpointError(ValueError):
     """An unreadable or incompatible checkpoint; one line naming it."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """An intact checkpoint that this rlcm-fast would read otherwise than the one that wrote it did."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -117,6 +130,12 @@ def verify_checkpoint(checkpoint: Path) -> None:
     try:
         manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     except FileNotFoundError:
+        try:  # a checkpoint from before manifests were written is named as an earlier version's, not as damaged
+            read_training_state(checkpoint)
+        except IncompatibleCheckpointError:
+            raise
+        except CheckpointError:
+            pass
         raise CheckpointError(f"{where} is incomplete: it has no {MANIFEST_FILE}") from None
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
         raise CheckpointError(f"{where} is damaged: {MANIFEST_FILE} is unreadable ({exc})") from None
@@ -236,7 +255,11 @@ def save_checkpoint(
         for file_name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / file_name))
         state = dict(training_state)
+        config = state.get("config") or {}
         state.update(
+            state_format=STATE_FORMAT,
+            rlcm_fast_version=__version__,  # for the reader; STATE_FORMAT is what is checked
+            base_weights=preset_weights_id(config.get("model"), config.get("method", "rlcm")),
             epoch=epoch,
             update=update,
             optimizer=optimizer_meta,
@@ -332,6 +355,8 @@ def _scan(run_dir: Path) -> tuple[Path | None, str | None, list[str]]:
         try:
             verify_checkpoint(candidate)
             return candidate, pointer_problem, skipped
+        except IncompatibleCheckpointError:
+            raise  # not damage: an older checkpoint of the run would be of the same other version
         except CheckpointError as exc:
             skipped.append(str(exc))
     return None, pointer_problem, skipped
@@ -371,10 +396,37 @@ def read_training_state(checkpoint: Path) -> dict:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is unreadable ({STATE_FILE}: {exc})") from None
+    if problem := _compatibility_problem(state):
+        raise IncompatibleCheckpointError(f"checkpoint {str(checkpoint)!r} {problem}")
     problem = _state_problem(state)
     if problem:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {STATE_FILE} {problem}")
     return state
+
+
+def _compatibility_problem(state) -> str | None:
+    """Why this rlcm-fast must not read a training state written by another (another STATE_FORMAT, or a tiny
+    preset's LoRA trained on other weights of that preset), or None."""
+    if not isinstance(state, dict):
+        return None  # damage, for _state_problem to name
+    remedy = "resume or sample it with the rlcm-fast that wrote it, or start a new run"
+    written = state.get("state_format")
+    if written is None:
+        return (f"was written by an earlier rlcm-fast, which recorded no state_format, and this one might continue "
+                f"it otherwise (another tiny preset, another minibatch plan): {remedy}")
+    if not _is_count(written) or written < STATE_FORMAT:
+        return f"has state_format {shown(written)}; this rlcm-fast reads {STATE_FORMAT} only: {remedy}"
+    if written > STATE_FORMAT:
+        return (f"was written by a newer rlcm-fast (state_format {written}, version "
+                f"{shown(state.get('rlcm_fast_version'))}; this one reads {STATE_FORMAT}): upgrade rlcm-fast")
+    config = state.get("config")
+    if isinstance(config, dict):
+        model = config.get("model")
+        expected = preset_weights_id(model, config.get("method", "rlcm"))
+        if state.get("base_weights") != expected:
+            return (f"was trained on {shown(state.get('base_weights'))}, and this rlcm-fast's {shown(model)} is "
+                    f"{shown(expected)}: its LoRA and samples belong to other base weights; {remedy}")
+    return None
 
 
 def _state_problem(state) -> str | None:

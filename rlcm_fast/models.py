@@ -377,13 +377,38 @@ def _deterministic_init(device: torch.device, dtype: torch.dtype):
 
 
 def _tiny_pipeline_folder() -> Path:
-    return _preset_folder("tiny", [dataclasses.asdict(TINY), _digest(TINY_UNET_WEIGHTS),
-                                   _digest(TINY_RANDOM_COMPONENTS)], build_tiny_pipeline)
+    return _preset_folder("tiny", _tiny_id(), build_tiny_pipeline)
 
 
 def _tiny_sd_pipeline_folder() -> Path:
-    return _preset_folder("tiny-sd", [dataclasses.asdict(TINY_SD), _digest(TINY_SD_UNET_WEIGHTS),
-                                      _digest(TINY_SD_RANDOM_COMPONENTS)], build_tiny_sd_pipeline)
+    return _preset_folder("tiny-sd", _tiny_sd_id(), build_tiny_sd_pipeline)
+
+
+def _tiny_id() -> str:
+    return _preset_id("tiny", [dataclasses.asdict(TINY), _digest(TINY_UNET_WEIGHTS), _digest(TINY_RANDOM_COMPONENTS)])
+
+
+def _tiny_sd_id() -> str:
+    return _preset_id("tiny-sd", [dataclasses.asdict(TINY_SD), _digest(TINY_SD_UNET_WEIGHTS),
+                                  _digest(TINY_SD_RANDOM_COMPONENTS)])
+
+
+def _preset_id(name: str, key: list) -> str:
+    """"<name>-v<version>-<12 hex digits>": what a small preset's weights are (`key` names its contents)."""
+    key = [TINY_PRESET_VERSION, _INIT_SEED, *key]
+    return f"{name}-v{TINY_PRESET_VERSION}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def preset_weights_id(model: str, method: str = "rlcm") -> str | None:
+    """Which weights a tiny preset has in this rlcm-fast (`_preset_id`; also its cache folder's name), or None
+    for any other model. A checkpoint records it, so that a LoRA trained on the preset's earlier weights is
+    refused instead of resumed or sampled on other ones. None for a user's model (the user's to keep) and for
+    sd15-lcm and sd15 (random weights, for timing only)."""
+    if method == "rlcm" and model == "tiny":
+        return _tiny_id()
+    if method == "ddpo" and model == "tiny-sd":
+        return _tiny_sd_id()
+    return None
 
 
 def _digest(weights: Path) -> str:
@@ -408,13 +433,11 @@ def _components_without_weights(folder: Path) -> list[str]:
     return [name for name in _WEIGHTED_COMPONENTS if not any((folder / name).glob("*.safetensors"))]
 
 
-def _preset_folder(name: str, key: list, build) -> Path:
-    """The cached diffusers folder of a small preset (`build()` makes it; `key` names its contents),
+def _preset_folder(name: str, preset_id: str, build) -> Path:
+    """The cached diffusers folder of a small preset (`build()` makes it; `preset_id` names its contents),
     written once and atomically (concurrent writers race on a rename; the loser uses the winner's folder)."""
-    key = [TINY_PRESET_VERSION, _INIT_SEED, *key]
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cache_root = Path(os.environ.get("RLCM_FAST_CACHE") or Path.home() / ".cache" / "rlcm_fast")
-    folder = cache_root / f"{name}-v{TINY_PRESET_VERSION}-{digest}"
+    folder = cache_root / preset_id
     if folder.is_dir():
         if missing := _components_without_weights(folder):
             raise ModelLoadError(f"model {name!r} could not be loaded: its cached folder {str(folder)!r} has no "

@@ -16,9 +16,12 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+import rlcm_fast
 from rlcm_fast import checkpoint as ckpt_module
-from rlcm_fast.checkpoint import CheckpointError, find_resumable, resolve_checkpoint, verify_checkpoint
+from rlcm_fast.checkpoint import (STATE_FORMAT, CheckpointError, IncompatibleCheckpointError, find_resumable,
+                                  resolve_checkpoint, verify_checkpoint)
 from rlcm_fast.cli import main
+from rlcm_fast.models import preset_weights_id
 
 # 3 epochs of one update each (2 samples), a checkpoint after each, all kept.
 ARGS = ["--device", "cpu", "--set", "epochs=3", "--set", "checkpoint_every=1", "--set", "keep_checkpoints=0",
@@ -212,6 +215,55 @@ def test_a_mid_epoch_checkpoint_whose_samples_do_not_fit_its_state_is_one_line(r
     assert main(["train", "--resume", str(checkpoint), "--set", "epochs=4"]) == 2
     assert stderr_lines(capsys, "rlcm-fast: error") == [
         f"rlcm-fast: error: checkpoint {str(checkpoint)!r} is damaged: epoch_samples.safetensors {problem}"]
+
+
+# -- checkpoints another rlcm-fast wrote ------------------------------------------------------------------------
+
+def test_a_checkpoint_records_its_state_format_and_its_presets_weights(finished):
+    state = json.loads((finished / "checkpoint-3" / "training_state.json").read_text())
+    assert state["state_format"] == STATE_FORMAT and state["rlcm_fast_version"] == rlcm_fast.__version__
+    assert state["base_weights"] == preset_weights_id("tiny") and state["base_weights"].startswith("tiny-v2-")
+
+
+REMEDY = "resume or sample it with the rlcm-fast that wrote it, or start a new run"
+VERSION_EDITS = {
+    "earlier": (drop("state_format"), "was written by an earlier rlcm-fast, which recorded no state_format, and "
+                "this one might continue it otherwise (another tiny preset, another minibatch plan): " + REMEDY),
+    "newer": (lambda state: state.update(state_format=STATE_FORMAT + 1, rlcm_fast_version="9.0"),
+              f"was written by a newer rlcm-fast (state_format {STATE_FORMAT + 1}, version '9.0'; this one reads "
+              f"{STATE_FORMAT}): upgrade rlcm-fast"),
+    "other preset weights": (put("base_weights", "tiny-v1-0123456789ab"),
+                             f"was trained on 'tiny-v1-0123456789ab', and this rlcm-fast's 'tiny' is "
+                             f"{preset_weights_id('tiny')!r}: its LoRA and samples belong to other base weights; "
+                             + REMEDY),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERSION_EDITS))
+def test_a_checkpoint_of_another_rlcm_fast_is_refused_not_reinterpreted(run, tmp_path, capsys, case):
+    """Resumed or sampled, the older one's LoRA went onto other base weights, or its stopped epoch went on
+    under another minibatch plan, without a word. Not skipped as damage either: the run's older checkpoints
+    come from the same rlcm-fast."""
+    edit, problem = VERSION_EDITS[case]
+    edit_state(run / "checkpoint-3", edit)
+    reason = f"checkpoint {str(run / 'checkpoint-3')!r} {problem}"
+    for argv in (["train", "--resume", str(run), "--set", "epochs=4"],
+                 ["train", "--resume", "auto", "--output-dir", str(run), "--set", "epochs=4"],
+                 ["sample", "--device", "cpu", "--lora", str(run), "--prompt", "cat", "--output-dir", str(tmp_path)]):
+        assert main(argv) == 2
+        assert stderr_lines(capsys, "rlcm-fast: error") == [f"rlcm-fast: error: {reason}"], argv
+    with pytest.raises(IncompatibleCheckpointError, match="rlcm-fast"):
+        find_resumable(run)
+
+
+def test_a_checkpoint_from_before_manifests_is_named_as_an_earlier_versions(run):
+    edit_state(run / "checkpoint-3", drop("state_format"))
+    (run / "checkpoint-3" / "manifest.json").unlink()
+    with pytest.raises(IncompatibleCheckpointError, match="was written by an earlier rlcm-fast"):
+        verify_checkpoint(run / "checkpoint-3")
+    (run / "checkpoint-2" / "manifest.json").unlink()  # a checkpoint of this version without one is incomplete
+    with pytest.raises(CheckpointError, match="is incomplete: it has no manifest.json"):
+        verify_checkpoint(run / "checkpoint-2")
 
 
 # -- A1: a full disk --------------------------------------------------------------------------------------------

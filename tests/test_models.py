@@ -348,6 +348,14 @@ def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
     assert passes("`CLIPImageProcessor` could not be loaded")
 
 
+def test_preset_weights_id_names_the_tiny_presets_cached_weights_only():
+    assert models.preset_weights_id("tiny") == models._tiny_pipeline_folder().name
+    assert models.preset_weights_id("tiny-sd", "ddpo") == models._tiny_sd_pipeline_folder().name
+    assert models.preset_weights_id("tiny") != models.preset_weights_id("tiny-sd", "ddpo")
+    for model, method in (("sd15-lcm", "rlcm"), ("sd15", "ddpo"), ("tiny", "ddpo"), ("/data/my-lcm", "rlcm")):
+        assert models.preset_weights_id(model, method) is None
+
+
 class FakePresetPipeline:
     """What _preset_folder asks of a built pipeline: save_pretrained writing a weights file per model."""
 
@@ -366,9 +374,11 @@ def test_the_preset_cache_folder_is_named_by_the_presets_contents_and_readable_b
     monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
     old_umask = os.umask(0o022)
     try:
-        a = models._preset_folder("tiny", [{"width": 8}, "digest-a"], lambda: FakePresetPipeline("a"))
-        b = models._preset_folder("tiny", [{"width": 8}, "digest-b"], lambda: FakePresetPipeline("b"))
-        again = models._preset_folder("tiny", [{"width": 8}, "digest-a"], lambda: FakePresetPipeline("c"))
+        id_a, id_b = (models._preset_id("tiny", [{"width": 8}, digest]) for digest in ("digest-a", "digest-b"))
+        a = models._preset_folder("tiny", id_a, lambda: FakePresetPipeline("a"))
+        b = models._preset_folder("tiny", id_b, lambda: FakePresetPipeline("b"))
+        again = models._preset_folder("tiny", models._preset_id("tiny", [{"width": 8}, "digest-a"]),
+                                      lambda: FakePresetPipeline("c"))
     finally:
         os.umask(old_umask)
     assert a != b and again == a and (a / "unet" / "model.safetensors").read_text() == "a"

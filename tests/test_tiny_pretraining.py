@@ -112,8 +112,8 @@ def test_the_tiny_presets_weights_do_not_follow_the_libraries_initialisation(mon
 
 def test_the_preset_cache_key_names_the_shipped_random_components(monkeypatch):
     keys = {}
-    monkeypatch.setattr(models, "_preset_folder", lambda name, key, build: keys.setdefault(name, key))
-    models._tiny_pipeline_folder(), models._tiny_sd_pipeline_folder()
+    monkeypatch.setattr(models, "_preset_id", lambda name, key: keys.setdefault(name, key))
+    models.preset_weights_id("tiny"), models.preset_weights_id("tiny-sd", "ddpo")
     assert models._digest(models.TINY_RANDOM_COMPONENTS) in keys["tiny"]
     assert models._digest(models.TINY_SD_RANDOM_COMPONENTS) in keys["tiny-sd"]
     assert models._digest(models.TINY_RANDOM_COMPONENTS) != models._digest(models.TINY_SD_RANDOM_COMPONENTS)
