@@ -172,7 +172,9 @@ def test_the_trainers_epoch_equals_the_written_algorithm(trained):
         norm = torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)
         assert norm > cfg.max_grad_norm  # the norm clip acts
         assert update["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-8)
-        assert update["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+        # rel 1e-3, as the gradients below: float32 sums in another order (batched rows here, one row at a time
+        # in the reference) put DDPO's norm 1.02e-4 apart with one thread on an AMD EPYC.
+        assert update["grad_norm"] == pytest.approx(norm.item(), rel=1e-3)
         log_ratio = (log_probs - old_log_probs).detach()
         assert update["approx_kl"] == pytest.approx(0.5 * (log_ratio**2).mean().item(), rel=1e-3, abs=1e-12)
         clipfrac = ((ratio.detach() - 1).abs() > cfg.clip_range).double().mean().item()
