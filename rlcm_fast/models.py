@@ -221,6 +221,9 @@ def load_pipeline(
     if pipe.unet.config.time_cond_proj_dim is None and lcm_lora is None:
         raise ModelLoadError(f"model {model!r} is a Stable Diffusion pipeline (no LCM guidance embedding): use it "
                              "with --algo ddpo, or make it an LCM with --set lcm_lora=<LCM-LoRA adapter>")
+    if pipe.unet.config.time_cond_proj_dim is not None and lcm_lora is not None:
+        raise ModelLoadError(f"model {model!r} is an LCM already (its UNet has a guidance embedding); lcm_lora "
+                             f"{lcm_lora!r} makes a Stable Diffusion model one: drop lcm_lora")
     if not isinstance(pipe.scheduler, LCMScheduler):
         # e.g. a plain SD1.5 folder (PNDM), to be used with the LCM-LoRA adapter.
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -494,9 +497,14 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
 
 
 def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
+    if (os.path.isabs(lcm_lora) or lcm_lora.startswith((".", "~"))) and not os.path.exists(lcm_lora):
+        raise ModelLoadError(f"lcm_lora {lcm_lora!r} could not be loaded (no such file or folder): "
+                             "expected a local LoRA folder or safetensors file, or a reachable hub id")
     try:
         pipe.load_lora_weights(lcm_lora, use_safetensors=True)  # never the pickled .bin fallback
-    except (OSError, ValueError, SafetensorError) as error:
+    # Exception: for a hub id diffusers lets the hub client's own errors through (httpx's, whose module
+    # differs between huggingface_hub releases), and a LoRA of other shapes is a RuntimeError.
+    except Exception as error:
         raise ModelLoadError(
             f"lcm_lora {lcm_lora!r} could not be loaded ({one_line(error)}){_pickle_hint(lcm_lora)}: "
             "expected a local LoRA folder or safetensors file, or a reachable hub id"

@@ -294,13 +294,15 @@ def test_latent_shape_and_guidance_embedding():
 
 
 def test_lcm_lora_is_fused_and_unloaded(tmp_path):
-    with_adapter = load_pipeline("tiny").unet
+    """A Stable Diffusion folder (tiny-sd's) made an LCM by an adapter, as SD1.5 + LCM-LoRA."""
+    with_adapter = load_pipeline("tiny-sd", method="ddpo").unet
     base_output = unet_output(with_adapter)
     perturb_lora(add_policy_lora(with_adapter, rank=4, alpha=4, target_modules=DEFAULT_LORA_TARGETS), seed=3)
     adapter_output = unet_output(with_adapter)
     save_lora(with_adapter, tmp_path)
 
-    fused = load_pipeline("tiny", lcm_lora=str(tmp_path)).unet
+    sd_folder = str(models._tiny_sd_pipeline_folder())
+    fused = load_pipeline(sd_folder, lcm_lora=str(tmp_path)).unet
     fused_output = unet_output(fused)
     assert (fused_output - base_output).abs().max() > 1e-2
     torch.testing.assert_close(fused_output, adapter_output, rtol=1e-4, atol=1e-4)
@@ -309,8 +311,14 @@ def test_lcm_lora_is_fused_and_unloaded(tmp_path):
     assert not any(p.requires_grad for p in fused.parameters())
     assert add_policy_lora(fused, rank=4, alpha=4, target_modules=DEFAULT_LORA_TARGETS)  # a fresh policy on top
 
-    with pytest.raises(ModelLoadError, match="lcm_lora"):
-        load_pipeline("tiny", lcm_lora=str(tmp_path / "missing"))
+    missing = tmp_path / "missing"
+    with pytest.raises(ModelLoadError, match=f"lcm_lora {str(missing)!r} could not be loaded \\(no such file or folder\\)"):
+        load_pipeline(sd_folder, lcm_lora=str(missing))
+    with pytest.raises(ModelLoadError, match="lcm_lora 'org/unreachable' could not be loaded \\(.*Error"):
+        load_pipeline(sd_folder, lcm_lora="org/unreachable")  # no hub here: the hub client's own error, one line
+    # An LCM has its guidance embedding already: an LCM-LoRA on it would distil it twice.
+    with pytest.raises(ModelLoadError, match="model 'tiny' is an LCM already .*: drop lcm_lora"):
+        load_pipeline("tiny", lcm_lora=str(tmp_path))
 
 
 def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypatch):
@@ -329,9 +337,10 @@ def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypat
         load_pipeline(str(tmp_path / "pipeline"))
     message = str(refused.value)
     assert "\n" not in message and "it holds pickled weights, which are never loaded" in message
+    sd_folder = str(models._tiny_sd_pipeline_folder())
     for lcm_lora in (tmp_path / "lora", tmp_path / "lora" / "pytorch_lora_weights.bin"):
         with pytest.raises(ModelLoadError, match="lcm_lora .* it holds pickled weights, which are never loaded"):
-            load_pipeline("tiny", lcm_lora=str(lcm_lora))
+            load_pipeline(sd_folder, lcm_lora=str(lcm_lora))
 
 
 def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():

@@ -9,7 +9,9 @@ def unet_inputs(unet) -> tuple[tuple, dict]:
     side = config.sample_size
     latents = torch.randn(2, config.in_channels, side, side, generator=generator).to(unet.dtype)
     text = torch.randn(2, 77, config.cross_attention_dim, generator=generator).to(unet.dtype)
-    guidance = torch.randn(2, config.time_cond_proj_dim, generator=generator).to(unet.dtype)
+    # An LCM's guidance embedding; a Stable Diffusion UNet has none.
+    guidance = (torch.randn(2, config.time_cond_proj_dim, generator=generator).to(unet.dtype)
+                if config.time_cond_proj_dim else None)
     return (latents, 999), dict(encoder_hidden_states=text, timestep_cond=guidance)
 
 
