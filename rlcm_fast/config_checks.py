@@ -20,13 +20,21 @@ ATTENTION_BACKENDS = ("sdpa", "cudnn", "xformers")  # rlcm_fast/attention.py
 # and sizes, and small enough for every C/CUDA integer it becomes (deque maxlen, torch sizes, thread counts).
 MAX_INT = 2**31 - 1
 OWN_INT_RANGES = ("seed", "jpeg_quality")
+# The largest float key: float32's largest, as the float keys become float32 tensors (clip ranges, KL weight);
+# beyond it a run failed with torch's overflow traceback or trained on NaN.
+MAX_FLOAT = 3.4028234663852886e38
+# Guidance: far above any scale in use (the paper's 8, DDPO's 5); at 1e36 the LCM's guidance embedding overflowed
+# into NaN images, which the reward then reported as its own non-finite values.
+MAX_GUIDANCE_SCALE = 1000.0
 
 
-def _bounded_ints(cfg: TrainConfig) -> None:
+def _bounded_numbers(cfg: TrainConfig) -> None:
     for name, kind in field_types().items():
         value = getattr(cfg, name)
         if kind == "int" and name not in OWN_INT_RANGES and value > MAX_INT:
             raise ConfigError(f"{name}={value} is invalid: it must be <= 2**31-1 ({MAX_INT})")
+        if kind == "float" and math.isfinite(value) and abs(value) > MAX_FLOAT:
+            raise ConfigError(f"{name}={value} is invalid: it must be within float32's range (|x| <= {MAX_FLOAT:.4g})")
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -75,7 +83,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .rewards import RewardError, check_reward_name
 
     _check_types(cfg)
-    _bounded_ints(cfg)
+    _bounded_numbers(cfg)
     if cfg.task not in TASK_PRESETS:
         raise ConfigError(f"task {cfg.task!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")
     try:
@@ -108,8 +116,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"horizon={cfg.horizon} is invalid: it must be <= original_inference_steps={cfg.original_inference_steps}"
         )
-    if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 1.0):
-        raise ConfigError(f"guidance_scale={cfg.guidance_scale} is invalid: it must be >= 1 (w = guidance_scale - 1)")
+    if not (math.isfinite(cfg.guidance_scale) and 1.0 <= cfg.guidance_scale <= MAX_GUIDANCE_SCALE):
+        raise ConfigError(f"guidance_scale={cfg.guidance_scale} is invalid: it must be in [1, {MAX_GUIDANCE_SCALE:g}] "
+                          "(w = guidance_scale - 1)")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be in [0, 1)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .cli import UsageError, warn_skipped  # cli.main dispatches here; the shared error type and warning
 from .config import resolve_config
+from .config_checks import MAX_GUIDANCE_SCALE
 from .presets import METHODS
 
 # `sample` writes a PNG per image: 1e8 images per prompt ran out of memory listing their paths.
@@ -30,8 +31,9 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--horizon {args.horizon} is invalid: it must be >= 1")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution {args.resolution} is invalid: it must be a multiple of 8, at least 8")
-    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 1.0):
-        raise UsageError(f"--guidance-scale {args.guidance_scale} is invalid: it must be a finite number >= 1 "
+    if args.guidance_scale is not None and not (
+            math.isfinite(args.guidance_scale) and 1.0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE):
+        raise UsageError(f"--guidance-scale {args.guidance_scale} is invalid: it must be in [1, {MAX_GUIDANCE_SCALE:g}] "
                          "(w = guidance_scale - 1)")
     if not 0 <= args.seed < 2**63:  # torch's seed range, as train's
         raise UsageError(f"--seed {args.seed} is invalid: it must be in 0..2**63-1")

@@ -225,6 +225,24 @@ def test_every_int_key_has_an_upper_bound(name):
     assert _message(overrides={name: 2**31}) == f"{name}={2**31} is invalid: it must be <= 2**31-1 (2147483647)"
 
 
+FLOAT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"]
+
+
+@pytest.mark.parametrize("name", FLOAT_KEYS)
+def test_every_float_key_stays_within_float32(name):
+    """1e39: clip_range and adv_clip_max were torch's overflow traceback, kl_beta a NaN loss at every step."""
+    for value in (1e39, -1e300):
+        assert _message(overrides={name: value}) == (
+            f"{name}={value} is invalid: it must be within float32's range (|x| <= 3.403e+38)")
+
+
+def test_guidance_scale_is_at_most_1000():
+    """At 1e36 the LCM's guidance embedding overflowed into NaN images, reported as the reward's fault."""
+    assert _message(overrides={"guidance_scale": 1e36}) == (
+        "guidance_scale=1e+36 is invalid: it must be in [1, 1000] (w = guidance_scale - 1)")
+    assert resolve_config(overrides={"guidance_scale": 1000.0}).guidance_scale == 1000.0
+
+
 def test_huge_counts_from_the_command_line_are_refused_and_the_bound_is_allowed():
     assert len(INT_KEYS) > 20 and "stat_buffer_size" in INT_KEYS and "train_rows_per_call" in INT_KEYS
     for name in ("stat_buffer_size", "train_rows_per_call"):  # OverflowError in deque / torch.split before

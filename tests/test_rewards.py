@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +54,9 @@ def test_custom_reward_by_module_and_function():
     ("aesthetic:", "reward 'aesthetic:' has weight ''; a weight must be a finite number"),
     ("jpeg_compressibility:x", "reward 'jpeg_compressibility:x' has weight 'x'"),
     ("jpeg_compressibility:inf", "reward 'jpeg_compressibility:inf' has weight 'inf'"),
+    # A traceback from the logged reward statistics (OverflowError), at the first update.
+    ("jpeg_compressibility:1e300", "reward 'jpeg_compressibility:1e300' has weight '1e300'; a weight must be a "
+                                   "finite number within float32's range (|x| <= 3.403e+38)"),
     ("pkg.mod:fn:nan", "reward 'pkg.mod:fn:nan' has weight 'nan'"),
     ("beauty:2", "reward 'beauty:2' is unknown"),
     ("jpeg_compressibility,", "reward 'jpeg_compressibility,' has an empty entry"),
@@ -63,7 +67,7 @@ def test_custom_reward_by_module_and_function():
     (":fn", "reward ':fn' is unknown"),
 ])
 def test_bad_reward_names(name, message):
-    with pytest.raises(RewardError, match=message):
+    with pytest.raises(RewardError, match=re.escape(message)):
         make_reward(name)
 
 
@@ -96,6 +100,9 @@ def too_few(images, prompts):
 
 def infinite(images, prompts):
     return torch.full((len(prompts),), float("inf"))
+
+def huge(images, prompts):
+    return [1e200] * len(prompts)
 
 def strings(images, prompts):
     return ["high"] * len(prompts)
@@ -162,6 +169,7 @@ def test_wrong_arity_is_refused_before_any_call(user_rewards, function, message)
 @pytest.mark.parametrize("function, message", [
     ("too_few", r"returned shape \(2,\), expected \(3,\)"),
     ("infinite", r"returned non-finite values \(inf at index 0\)"),
+    ("huge", r"returned values beyond float32's range \(1e\+200 at index 0; \|x\| <= 3.403e\+38\)"),
     ("strings", "returned list, expected 3 floats"),
 ])
 def test_bad_outputs_name_the_reward(user_rewards, function, message):

@@ -37,6 +37,11 @@ def looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
 
 
+# The largest reward value and weight: advantages are float32, and a larger weighted reward overflowed the
+# logged reward statistics (a traceback at weight 1e300).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class RewardError(ValueError):
     """A reward that cannot be built or returned unusable values; one line naming it."""
 
@@ -56,6 +61,10 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(array))
     if bad.size:
         raise RewardError(f"reward {name!r} returned non-finite values ({array[bad[0]]} at index {bad[0]})")
+    bad = np.flatnonzero(np.abs(array) > FLOAT32_MAX)
+    if bad.size:
+        raise RewardError(f"reward {name!r} returned values beyond float32's range ({array[bad[0]]} at index "
+                          f"{bad[0]}; |x| <= {FLOAT32_MAX:.4g})")
     return array
 
 
@@ -106,9 +115,9 @@ class RewardTerm:
 USER_REWARD = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module.path:function
 
 
-def _is_float(text: str) -> bool:
+def _is_weight(text: str) -> bool:
     try:
-        return math.isfinite(float(text))
+        return math.isfinite(float(text)) and abs(float(text)) <= FLOAT32_MAX
     except ValueError:
         return False
 
@@ -125,8 +134,9 @@ def parse_reward_spec(spec: str, builtin_names: Sequence[str]) -> list[RewardTer
                               "none at either end")
         head, sep, tail = term.rpartition(":")
         if sep and (head.strip() in builtin_names or ":" in head):
-            if not _is_float(tail):
-                raise RewardError(f"reward {term!r} has weight {tail!r}; a weight must be a finite number")
+            if not _is_weight(tail):
+                raise RewardError(f"reward {term!r} has weight {tail!r}; a weight must be a finite number within "
+                                  f"float32's range (|x| <= {FLOAT32_MAX:.4g})")
             name, weight = head.strip(), float(tail)
         else:
             name, weight = term, 1.0
