@@ -16,9 +16,10 @@ from .config import (
 from .config_checks import validate
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
-# scales the saved LoRA's A and B: another value would resume another policy).
+# scales the saved LoRA's A and B: another value would resume another policy), or its stat tracker's per-prompt
+# reward histories do (reward, jpeg_quality: the new reward's advantages were normalised by the old one's values).
 FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lora_targets", "horizon",
-                   "train_final_step", "original_inference_steps", "resolution")
+                   "train_final_step", "original_inference_steps", "resolution", "reward", "jpeg_quality")
 # ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates
 # (algorithm: REBEL trains pairs; step_fraction: which steps), or that the policy whose log-probs the
 # checkpoint stores sampled with (guidance_scale, DDPO's eta).

@@ -333,6 +333,10 @@ def test_gradient_checkpointing_trains_identically(reference, tmp_path):
     ({"lora_rank": 4}, "lora_rank=4 differs from the checkpoint's 8; a resumed run cannot change it"),
     # It scales the saved A and B: 32 resumed a LoRA whose effect on the UNet's output was 4.1x the checkpoint's.
     ({"lora_alpha": 32}, "lora_alpha=32.0 differs from the checkpoint's 8.0; a resumed run cannot change it"),
+    # The stat tracker's reward histories are the old reward's: the new one's advantages mixed both.
+    ({"reward": "jpeg_incompressibility"}, "reward='jpeg_incompressibility' differs from the checkpoint's "
+                                           "'jpeg_compressibility'; a resumed run cannot change it"),
+    ({"jpeg_quality": 50}, "jpeg_quality=50 differs from the checkpoint's 95; a resumed run cannot change it"),
     ({"keep_checkpoints": -1}, "keep_checkpoints=-1 is invalid: it must be >= 0"),
     ({"max_nonfinite_steps": "many"}, "max_nonfinite_steps='many' in --set is invalid: expected int"),
 ])
