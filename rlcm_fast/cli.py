@@ -272,7 +272,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--num-processes {args.num_processes} is invalid: this run may use {cores} CPU core(s); "
                          "at most one process per core on the CPU")
     child = without_option(argv, "--num-processes")
-    _, run_dir, _ = _plan_run(args)
+    cfg, run_dir, resume_from = _plan_run(args)
+    if _nothing_to_train(cfg, resume_from):
+        return 0
     if not args.output_dir:  # every process must write the same run folder (a default one is named by the time)
         child += ["--output-dir", str(run_dir)]
     return launch_local(args.num_processes, child)
@@ -332,6 +334,19 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
     return cfg, run_dir, resume_from
 
 
+def _nothing_to_train(cfg: TrainConfig, resume_from: Path | None) -> bool:
+    """Whether the checkpoint to resume has `epochs` epochs already; says so once (it was a silent no-op that
+    ended with "done")."""
+    from .checkpoint import read_training_state
+
+    if resume_from is None or (done := read_training_state(resume_from)["epoch"]) < cfg.epochs:
+        return False
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, one process speaks
+        print(f"rlcm-fast: {resume_from.name} has trained {done} epoch(s), and epochs={cfg.epochs}: nothing to "
+              f"train; --set epochs=N with N > {done} trains on", file=sys.stderr)
+    return True
+
+
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .run_logging import summarize
     from .trainer import Trainer
@@ -339,6 +354,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.num_processes != 1:
         return _launch(args, argv)
     cfg, run_dir, resume_from = _plan_run(args)
+    if _nothing_to_train(cfg, resume_from):
+        return 0
     args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
     trainer = Trainer(cfg, run_dir, resume_from)
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)

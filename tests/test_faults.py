@@ -98,8 +98,19 @@ def test_a_run_started_again_removes_the_leftovers_of_the_killed_one(reference, 
     leftovers[0].mkdir()
     for path in leftovers[1:]:
         path.write_text("half")
-    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2"]) == 0  # nothing left to train
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=3"]) == 0
     assert not any(path.exists() for path in leftovers)
+
+
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_resuming_a_run_that_has_its_epochs_says_there_is_nothing_to_train(reference, tmp_path, capsys, epochs):
+    """It was a silent no-op that ended with "done", leaving a user who forgot --set epochs to wonder."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    assert main(["train", "--resume", str(run_dir), "--set", f"epochs={epochs}"]) == 0
+    assert capsys.readouterr().err == (f"rlcm-fast: checkpoint-2 has trained 2 epoch(s), and epochs={epochs}: nothing "
+                                       "to train; --set epochs=N with N > 2 trains on\n")
+    assert records(run_dir) == records(reference)
 
 
 def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_matches(reference, tmp_path, monkeypatch, capsys):
@@ -229,17 +240,17 @@ REWARD_FAULTS = {
 def test_a_failing_reward_is_named_after_saving_the_state_before_the_epoch(reference, tmp_path, capsys, fault):
     body, message = REWARD_FAULTS[fault]
     module = f"faulty_reward_{fault}"
-    good_calls = 1 if fault in ("raises", "exits") else 0
-    (tmp_path / f"{module}.py").write_text(
+    (tmp_path / f"{module}.py").write_text(  # epoch 1's one reward call is good, epoch 2's fails
         "import numpy as np\nCALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
-        f"    if len(CALLS) <= {good_calls}:\n        return -images.mean(dim=(1, 2, 3)).numpy()\n" + body)
+        "    if len(CALLS) <= 1:\n        return -images.mean(dim=(1, 2, 3)).numpy()\n" + body)
     sys.path.insert(0, str(tmp_path))
     run_dir = tmp_path / "run"
-    if good_calls:  # a fresh run: epoch 1 is not due a checkpoint, so the failure path writes it
+    if fault in ("raises", "exits"):  # a fresh run: epoch 1 is not due a checkpoint, so the failure path writes it
         assert train(run_dir, "--set", f"reward={module}:reward", "--set", "checkpoint_every=5") == 2
-    else:  # resumed from checkpoint-1: nothing new to save, the checkpoint stays as it was
-        copy_at_checkpoint_1(reference, run_dir)
-        assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", f"reward={module}:reward"]) == 2
+    else:  # resumed from checkpoint-1 (the module stays imported): nothing new to save, it stays as it was
+        assert train(run_dir, "--set", f"reward={module}:reward", "--set", "epochs=1") == 0
+        capsys.readouterr()
+        assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "epochs=2"]) == 2
     line = one_error_line(capsys)
     assert f"reward '{module}:reward' {message}" in line and "checkpoint-1 holds the state before epoch 2" in line
     verify_checkpoint(run_dir / "checkpoint-1")
