@@ -4,6 +4,7 @@ allowed. Every config passes here however it was built (presets, a YAML file, --
 from __future__ import annotations
 
 import math
+import urllib.parse
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, field_types
@@ -26,6 +27,7 @@ MAX_FLOAT = 3.4028234663852886e38
 # Guidance: far above any scale in use (the paper's 8, DDPO's 5); at 1e36 the LCM's guidance embedding overflowed
 # into NaN images, which the reward then reported as its own non-finite values.
 MAX_GUIDANCE_SCALE = 1000.0
+MAX_REWARD_TIMEOUT = 86400.0
 
 
 def _bounded_numbers(cfg: TrainConfig) -> None:
@@ -57,9 +59,27 @@ def _check_reward_options(cfg: TrainConfig) -> None:
     for name in ("aesthetic_model", "clipscore_model", "pickscore_model", "pickscore_processor"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is invalid: it must be a hub id or a local folder")
-    if not cfg.reward_server.startswith(("http://", "https://")):
-        raise ConfigError(f"reward_server {cfg.reward_server!r} is invalid: expected http://host:port")
+    if problem := _url_problem(cfg.reward_server):
+        raise ConfigError(f"reward_server {cfg.reward_server!r} is invalid ({problem}): expected http://host:port")
     _positive_float("reward_timeout", cfg.reward_timeout)
+    if cfg.reward_timeout > MAX_REWARD_TIMEOUT:  # 1e300 was an OverflowError from the socket, after sampling
+        raise ConfigError(f"reward_timeout={cfg.reward_timeout} is invalid: it must be at most "
+                          f"{MAX_REWARD_TIMEOUT:g} seconds (a day)")
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes `url` unusable as the reward server's address, or None. Checked here: "http://" retried for a
+    minute before failing, and "http://[::1" failed as the reward's own ValueError, both after sampling."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not parts.hostname:
+        return "no host"
+    return None
 
 
 def _check_types(cfg: TrainConfig) -> None:

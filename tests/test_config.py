@@ -243,6 +243,23 @@ def test_guidance_scale_is_at_most_1000():
     assert resolve_config(overrides={"guidance_scale": 1000.0}).guidance_scale == 1000.0
 
 
+@pytest.mark.parametrize("url, problem", [
+    ("http://", "no host"),  # retried for a minute, after sampling
+    ("http://[::1", "Invalid IPv6 URL"),  # the reward's own ValueError, after sampling
+    ("ftp://host:8060", "the scheme must be http or https"),
+    ("http://host:99999", "Port out of range 0-65535"),
+    ("localhost:8060", "the scheme must be http or https"),
+])
+def test_a_reward_server_url_is_checked_before_anything_runs(url, problem):
+    assert _message(overrides={"reward_server": url}) == (
+        f"reward_server {url!r} is invalid ({problem}): expected http://host:port")
+
+
+def test_reward_timeout_is_at_most_a_day():
+    assert _message(overrides={"reward_timeout": 1e30}) == (  # 1e300: an OverflowError from the socket, after sampling
+        "reward_timeout=1e+30 is invalid: it must be at most 86400 seconds (a day)")
+
+
 def test_huge_counts_from_the_command_line_are_refused_and_the_bound_is_allowed():
     assert len(INT_KEYS) > 20 and "stat_buffer_size" in INT_KEYS and "train_rows_per_call" in INT_KEYS
     for name in ("stat_buffer_size", "train_rows_per_call"):  # OverflowError in deque / torch.split before
