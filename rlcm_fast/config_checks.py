@@ -159,6 +159,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# Keys that only one method's policy reads (sampler.policy_sampler); under the other one a run ignored them.
+METHOD_ONLY_KEYS = {"rlcm": ("train_final_step", "original_inference_steps", "policy_step_backend", "sample_cuda_graph"),
+                    "ddpo": ("eta",)}
 SWITCHES = {"policy_step_backend": ("auto", "reference"), "train_rows": ("flattened", "per_timestep"),
             "reward_device": ("auto", "cpu")}
 
@@ -168,6 +171,12 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
         raise ConfigError(f"method {cfg.method!r} is unknown; allowed: {', '.join(METHODS)}")
     if cfg.method == "ddpo" and not (math.isfinite(cfg.eta) and 0 < cfg.eta <= 1):
         raise ConfigError(f"eta={cfg.eta} is invalid: DDPO's DDIM eta must be in (0, 1] (0 has no log-density)")
+    defaults = TrainConfig()
+    for method, keys in METHOD_ONLY_KEYS.items():
+        for name in keys if cfg.method != method else ():
+            if getattr(cfg, name) != getattr(defaults, name):
+                raise ConfigError(f"{name}={getattr(cfg, name)!r} applies to --algo {method} only, and --algo "
+                                  f"{cfg.method} ignores it: leave it at {getattr(defaults, name)!r}")
     for name, allowed in SWITCHES.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")

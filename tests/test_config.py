@@ -65,6 +65,13 @@ def test_set_values_are_typed():
     ({"lora_targets": ["to_q", ""]}, "lora_targets=['to_q', ''] is invalid"),
     ({"algorithm": "rebel", "images_per_prompt": 2, "train_rows": "per_timestep"},
      "train_rows='per_timestep' applies to"),
+    # Each policy's own keys: the other method's run ignored them without a word.
+    ({"method": "ddpo", "train_final_step": True},
+     "train_final_step=True applies to --algo rlcm only, and --algo ddpo ignores it: leave it at False"),
+    ({"method": "ddpo", "sample_cuda_graph": True}, "sample_cuda_graph=True applies to --algo rlcm only"),
+    ({"method": "ddpo", "policy_step_backend": "reference"}, "policy_step_backend='reference' applies to --algo rlcm"),
+    ({"method": "ddpo", "original_inference_steps": 20}, "original_inference_steps=20 applies to --algo rlcm only"),
+    ({"eta": 0.5}, "eta=0.5 applies to --algo ddpo only, and --algo rlcm ignores it: leave it at 1.0"),
     # tiny: 2 batches of 16 = 16 pairs; a train batch of 32 divides the samples, not the pairs
     ({"algorithm": "rebel", "images_per_prompt": 2, "train_batch_size": 32}, "REBEL: pairs per epoch (16"),
 ])
