@@ -85,6 +85,9 @@ class DDPOSampler:
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
             raise ValueError("DDIMScheduler with clip_sample or thresholding is not supported by the DDPO policy")
+        if not 1 <= num_steps <= scheduler.config.num_train_timesteps:  # diffusers' own message named no key
+            raise ValueError(f"horizon={num_steps} is invalid: it must be in 1..{scheduler.config.num_train_timesteps} "
+                             "(the scheduler's num_train_timesteps)")
         scheduler.set_timesteps(num_steps)
         self.pipe = pipe
         self.horizon = num_steps

@@ -144,6 +144,8 @@ def test_ddpo_presets():
     (["--algo", "ddpm"], "method 'ddpm' is unknown; allowed: rlcm, ddpo"),
     (["--algo", "ddpo", "--model", "tiny"], "model 'tiny' is an LCM preset"),
     (["--algo", "ddpo", "--set", "eta=0"], "eta=0.0 is invalid"),
+    (["--algo", "ddpo", "--set", "horizon=1001"],  # was diffusers' message, which named no key
+     "horizon=1001 is invalid: it must be in 1..1000 (the scheduler's num_train_timesteps)"),
     (["--set", "train_rows=sideways"], "train_rows 'sideways' is invalid; allowed: flattened, per_timestep"),
 ])
 def test_bad_method_input_is_one_line_exit_2(tmp_path, capsys, args, message):
