@@ -144,14 +144,21 @@ def test_ddpo_presets():
     (["--algo", "ddpm"], "method 'ddpm' is unknown; allowed: rlcm, ddpo"),
     (["--algo", "ddpo", "--model", "tiny"], "model 'tiny' is an LCM preset"),
     (["--algo", "ddpo", "--set", "eta=0"], "eta=0.0 is invalid"),
-    (["--algo", "ddpo", "--set", "horizon=1001"],  # was diffusers' message, which named no key
-     "horizon=1001 is invalid: it must be in 1..1000 (the scheduler's num_train_timesteps)"),
     (["--set", "train_rows=sideways"], "train_rows 'sideways' is invalid; allowed: flattened, per_timestep"),
 ])
 def test_bad_method_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_horizon_beyond_the_ddim_schedulers_timesteps_names_the_key(tmp_path, capsys):
+    """Known once the model's scheduler is loaded; it was diffusers' message, which named no key."""
+    assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--algo", "ddpo",
+                 "--set", "horizon=1001"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("rlcm-fast")] == [
+        "rlcm-fast: error: horizon=1001 is invalid: it must be in 1..1000 (the scheduler's num_train_timesteps)"]
 
 
 def test_ddpo_learns_jpeg_compressibility_on_tiny_sd(tmp_path):
