@@ -21,9 +21,10 @@ ATTENTION_BACKENDS = ("sdpa", "cudnn", "xformers")  # rlcm_fast/attention.py
 # and sizes, and small enough for every C/CUDA integer it becomes (deque maxlen, torch sizes, thread counts).
 MAX_INT = 2**31 - 1
 OWN_INT_RANGES = ("seed", "jpeg_quality")
-# The largest float key: float32's largest, as the float keys become float32 tensors (clip ranges, KL weight);
-# beyond it a run failed with torch's overflow traceback or trained on NaN.
-MAX_FLOAT = 3.4028234663852886e38
+# The largest float key (and reward weight and value, rewards/base.py): float32's largest, as they become float32
+# tensors (clip ranges, KL weight, advantages); beyond it a run failed with torch's overflow traceback or trained
+# on NaN.
+FLOAT32_MAX = 3.4028234663852886e38
 # Guidance: far above any scale in use (the paper's 8, DDPO's 5); at 1e36 the LCM's guidance embedding overflowed
 # into NaN images, which the reward then reported as its own non-finite values.
 MAX_GUIDANCE_SCALE = 1000.0
@@ -35,8 +36,8 @@ def _bounded_numbers(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if kind == "int" and name not in OWN_INT_RANGES and value > MAX_INT:
             raise ConfigError(f"{name}={value} is invalid: it must be <= 2**31-1 ({MAX_INT})")
-        if kind == "float" and math.isfinite(value) and abs(value) > MAX_FLOAT:
-            raise ConfigError(f"{name}={value} is invalid: it must be within float32's range (|x| <= {MAX_FLOAT:.4g})")
+        if kind == "float" and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{name}={value} is invalid: it must be within float32's range (|x| <= {FLOAT32_MAX:.4g})")
 
 
 def _positive_int(name: str, value: int) -> None:

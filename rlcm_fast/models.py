@@ -465,6 +465,11 @@ def _preset_folder(name: str, preset_id: str, build) -> Path:
     return folder
 
 
+def _missing_local_path(location: str) -> bool:
+    # Only a relative name like "org/model" can be a hub id; say so plainly for a missing path.
+    return (os.path.isabs(location) or location.startswith((".", "~"))) and not os.path.exists(location)
+
+
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -481,8 +486,7 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
                      pipeline_class=LatentConsistencyModelPipeline):
     location = str(location)
     choices = MODEL_CHOICES if pipeline_class is LatentConsistencyModelPipeline else SD_MODEL_CHOICES
-    # Only a relative name like "org/model" can be a hub id; say so plainly for a missing path.
-    if (os.path.isabs(location) or location.startswith((".", "~"))) and not os.path.exists(location):
+    if _missing_local_path(location):
         raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {choices}")
     try:
         # use_safetensors=True: diffusers would otherwise fall back to unpickling .bin weights.
@@ -497,7 +501,7 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
 
 
 def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
-    if (os.path.isabs(lcm_lora) or lcm_lora.startswith((".", "~"))) and not os.path.exists(lcm_lora):
+    if _missing_local_path(lcm_lora):
         raise ModelLoadError(f"lcm_lora {lcm_lora!r} could not be loaded (no such file or folder): "
                              "expected a local LoRA folder or safetensors file, or a reachable hub id")
     try:

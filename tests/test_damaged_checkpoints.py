@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 import rlcm_fast
 from rlcm_fast import checkpoint as ckpt_module
-from rlcm_fast.checkpoint import (STATE_FORMAT, CheckpointError, IncompatibleCheckpointError, find_resumable,
-                                  resolve_checkpoint, verify_checkpoint)
+from rlcm_fast.checkpoint import (CheckpointError, IncompatibleCheckpointError, find_resumable, resolve_checkpoint,
+                                  verify_checkpoint)
+from rlcm_fast.checkpoint_checks import STATE_FORMAT
 from rlcm_fast.cli import main
 from rlcm_fast.models import preset_weights_id
 

@@ -525,7 +525,7 @@ def test_a_stopped_epochs_record_holds_the_epoch_as_it_was_and_passes_the_checkp
     the 16 images the epoch's grid shows."""
     from types import SimpleNamespace
 
-    from rlcm_fast.checkpoint import _stopped_epoch_problem
+    from rlcm_fast.checkpoint_checks import stopped_epoch_problem
     from rlcm_fast.epoch_samples import EpochSamples, stopped_epoch_record
     from rlcm_fast.run_logging import GRID_IMAGES
 
@@ -539,7 +539,7 @@ def test_a_stopped_epochs_record_holds_the_epoch_as_it_was_and_passes_the_checkp
     stats = {"reward_mean": 0.5, "reward_std": 0.25, "samples": 20, "sample_seconds": 1.0}
     files, stopped = stopped_epoch_record(samples, stats, 3, one_process)
     assert stopped == {"updates_done": 3, "processes": 1, "prompts": samples.prompts, "stats": stats}
-    assert _stopped_epoch_problem(stopped, 3) is None
+    assert stopped_epoch_problem(stopped, 3) is None
     tensors = files[SAMPLES_FILE]
     assert torch.equal(tensors["states"], samples.states) and torch.equal(tensors["log_probs"], samples.log_probs)
     assert torch.equal(tensors["advantages"], samples.advantages)

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..config_checks import FLOAT32_MAX  # weights and values: a weight of 1e300 overflowed the logged statistics
 from ..faults import one_line
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], object]
@@ -35,11 +36,6 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], object]
 def looks_like_path(value: str) -> bool:
     """A local path, not a hub id: a hub id (owner/name) has at most one '/' and starts with neither '.' nor '/'."""
     return value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
-
-
-# The largest reward value and weight: advantages are float32, and a larger weighted reward overflowed the
-# logged reward statistics (a traceback at weight 1e300).
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RewardError(ValueError):
