@@ -29,23 +29,34 @@ from .faults import first_line
 POLICY_ADAPTER = "default"
 
 
+class LoraRankError(ValueError):
+    """A LoRA rank that cannot or need not be: below 1, or above every targeted layer's rank."""
+
+
 def add_policy_lora(
     unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: Sequence[str]
 ) -> list[torch.nn.Parameter]:
     """Add the trainable LoRA adapter (gaussian init, B = 0: the adapted UNet starts equal to the base) and return its
     parameters, in module order. Everything else in the UNet is frozen; the LoRA weights are float32
-    even on a bf16/fp16 base, so optimiser updates are not lost to rounding."""
+    even on a bf16/fp16 base, so optimiser updates are not lost to rounding. LoraRankError for a rank below 1
+    or above every targeted layer's; ValueError for a target that matches no module."""
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    module_names = [name for name, _ in unet.named_modules()]
+        raise LoraRankError(f"LoRA rank must be >= 1, got {rank}")
+    modules = dict(unet.named_modules())
     # peft's rule for a list of targets: the module's name equals a target or ends with "." + target.
-    unmatched = [
-        target
-        for target in target_modules
-        if not any(name == target or name.endswith("." + target) for name in module_names)
-    ]
+    targeted = {target: [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+                for target in target_modules}
+    unmatched = [target for target, found in targeted.items() if not found]
     if unmatched:
         raise ValueError(f"LoRA target modules {unmatched} match no module of the UNet")
+    # A LoRA update of a layer has at most the rank of its weight, min(fan-out, fan-in); at rank 100000 on the
+    # tiny UNet's 32-64 channel layers a run wrote a 15 GB checkpoint for nothing.
+    ranks = [min(m.weight.shape[0], m.weight[0].numel()) for found in targeted.values() for m in found
+             if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    useful = max(ranks, default=rank)  # no weights: peft says what it cannot adapt
+    if rank > useful:
+        raise LoraRankError(f"LoRA rank {rank} is above the rank of every targeted layer's weight (at most {useful}): "
+                            "a larger rank adds parameters, not capacity")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
     unet.add_adapter(config, adapter_name=POLICY_ADAPTER)

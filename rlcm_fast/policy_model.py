@@ -10,7 +10,7 @@ import torch
 from .attention import set_attention_backend
 from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
-from .lora import add_policy_lora, leave_lora_input_casts_to_autocast
+from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
 from .models import load_pipeline, set_channels_last
 
 
@@ -37,6 +37,8 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
     unet = pipe.unet
     try:
         params = add_policy_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    except LoraRankError as exc:
+        raise ConfigError(f"lora_rank={cfg.lora_rank} is invalid for model {cfg.model!r}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
     if cfg.channels_last:  # after the LoRA layers exist, so that theirs are converted too

@@ -366,6 +366,19 @@ def test_lora_targets_matching_no_module_are_one_line_exit_2(tmp_path, capsys):
         "of the UNet")
 
 
+def test_a_lora_rank_above_every_targeted_layers_rank_is_one_line_exit_2(tmp_path, capsys):
+    """Rank 100000 on the tiny UNet wrote a 15 GB checkpoint; its widest targeted weight has rank 64."""
+    run_dir = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "lora_rank=65"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "rlcm-fast: error: lora_rank=65 is invalid for model 'tiny': LoRA rank 65 is above the rank of every "
+        "targeted layer's weight (at most 64): a larger rank adds parameters, not capacity")
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "lora_rank=64",
+                 "--set", "epochs=1", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=2",
+                 "--set", "train_batch_size=2"]) == 0
+
+
 def test_the_optimizer_and_the_unet_get_the_configs_settings(tmp_path):
     """A decay of 1e-4 and gradient checkpointing change a short CPU run's numbers too little for the end-to-end
     comparisons to see them dropped: the settings must reach the optimizer and the UNet."""
