@@ -90,9 +90,12 @@ class RunLogger:
             tmp.unlink(missing_ok=True)  # gone after the replace; a partial one is removed
 
     def log(self, kind: str, epoch: int, step: int, values: dict[str, float]) -> None:
-        record = {"kind": kind, "epoch": epoch, "step": step, **values}
+        # Strict JSON: a skipped step's non-finite loss or gradient norm is null (its "skipped" says why), not a
+        # bare NaN that jq and JavaScript refuse; TensorBoard below gets the value itself.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+        record = {"kind": kind, "epoch": epoch, "step": step, **finite}
         with self._writing():
-            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
             self.metrics_file.flush()
         if kind == "epoch":
             self._epochs.append(record)

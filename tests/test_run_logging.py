@@ -31,6 +31,18 @@ def test_a_resumed_logger_keeps_the_epochs_before_its_checkpoint_and_adds_its_ow
     logger.close()
 
 
+def test_non_finite_values_are_written_as_null_in_strict_json(tmp_path):
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    logger = RunLogger(tmp_path)
+    logger.log("step", 1, 1, {"loss": float("nan"), "grad_norm": float("inf"), "skipped": 1.0, "skipped_steps": 1})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=strict) == {"kind": "step", "epoch": 1, "step": 1, "loss": None,
+                                                        "grad_norm": None, "skipped": 1.0, "skipped_steps": 1}
+
+
 def test_a_run_started_again_before_its_first_checkpoint_shows_each_step_once_in_tensorboard(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     logger = RunLogger(tmp_path)
