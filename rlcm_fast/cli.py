@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,6 +242,11 @@ def _check_run_dir(run_dir: Path) -> None:
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {str(existing)!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: {str(existing)!r} is not writable")
+    try:  # os.access says yes to root on a read-only file system or in /proc: make and remove a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".rlcm-fast-probe-", dir=existing))
+    except OSError as exc:
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: making a folder in "
+                         f"{str(existing)!r} failed: {exc.strerror or exc}") from None
 
 
 def _holds_checkpoints(run_dir: Path) -> bool:
