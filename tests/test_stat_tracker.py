@@ -22,6 +22,15 @@ def test_per_prompt_statistics_once_history_is_long_enough():
     np.testing.assert_allclose(advantages[1], (10.0 - batch.mean()) / (batch.std() + 1e-6))
 
 
+@pytest.mark.parametrize("min_count", [0, 1])
+def test_a_lone_reward_under_min_count_0_or_1_has_advantage_0(min_count):
+    """As README says, and as DDPO's tracker: a history of one reward is its own mean."""
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=min_count)
+    advantages = tracker.update(["cat", "dog", "dog"], [5.0, 1.0, 3.0])
+    assert advantages[0] == 0.0
+    np.testing.assert_allclose(advantages[1:], [-1.0, 1.0], rtol=1e-5)
+
+
 def test_history_keeps_only_the_last_buffer_size_rewards():
     tracker = PerPromptStatTracker(buffer_size=2, min_count=1)
     tracker.update(["a"] * 3, [100.0, 1.0, 2.0])
