@@ -54,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from common import environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
 from rlcm_fast.attention import CUDNN_FIRST  # noqa: E402
-from rlcm_fast.models import SD15_LCM, TINY  # noqa: E402
+from rlcm_fast.architectures import SD15_LCM, TINY  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import description, int_list, output_folder, positive_int  # noqa: E402
 
 # diffusers' LCM pipeline takes H <= its scheduler's original_inference_steps, 50 in both presets
-# (rlcm_fast/models.py); a larger H was diffusers' ValueError after the pipeline had loaded.
+# (rlcm_fast/architectures.py); a larger H was diffusers' ValueError after the pipeline had loaded.
 MAX_HORIZON = 50
 
 

@@ -28,7 +28,7 @@ from . import __version__
 from .checkpoint_checks import STATE_FORMAT, compatibility_problem, is_count, state_problem
 from .faults import shown
 from .lora import load_lora_into, save_lora
-from .models import preset_weights_id
+from .tiny_presets import preset_weights_id
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
 STATE_FILE = "training_state.json"

@@ -8,7 +8,7 @@ import math
 from typing import Callable
 
 from .faults import shown
-from .models import preset_weights_id
+from .tiny_presets import preset_weights_id
 from .stat_tracker import PerPromptStatTracker
 
 # What a checkpoint's state means beyond its files' shapes. Bump it with any change that would make this

@@ -62,7 +62,7 @@ def warn_skipped(reason: str) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
-    from .models import ModelLoadError
+    from .faults import ModelLoadError
     from .rewards import RewardError
 
     return ConfigError, RewardError, ModelLoadError, CheckpointError, UsageError

@@ -34,6 +34,10 @@ def shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class ModelLoadError(ValueError):
+    """A model or adapter argument that names nothing loadable."""
+
+
 class TrainingFault(RuntimeError):
     """The run stopped on a fault it cannot go past (one line; the CLI exits 1)."""
 

@@ -50,7 +50,7 @@ def start_accelerator(cfg):
 
     from .attention import check_attention_backend
     from .config import ConfigError
-    from .models import prepare_preset_cache
+    from .tiny_presets import prepare_preset_cache
 
     if cfg.device == "cuda" and not torch.cuda.is_available():  # accelerate would quietly run on the CPU
         raise ConfigError(f"device=cuda, but this machine has no usable CUDA device (torch {torch.__version__}); "

@@ -66,7 +66,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from .checkpoint import CheckpointError, resolve_checkpoint, saved_config
     from .lora import load_policy_lora
-    from .models import ModelLoadError, ignored_guidance, load_pipeline
+    from .faults import ModelLoadError
+    from .models import ignored_guidance, load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather

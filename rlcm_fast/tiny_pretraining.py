@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .models import (TINY, TINY_RANDOM_COMPONENTS, TINY_SD, TINY_SD_RANDOM_COMPONENTS, TINY_SD_UNET_WEIGHTS,
-                     TINY_UNET_WEIGHTS, build_untrained_tiny_pipeline, build_untrained_tiny_sd_pipeline,
-                     initialised_random_components)
+from .architectures import TINY, TINY_SD, initialised_random_components
+from .tiny_presets import (TINY_RANDOM_COMPONENTS, TINY_SD_RANDOM_COMPONENTS, TINY_SD_UNET_WEIGHTS, TINY_UNET_WEIGHTS,
+                           build_untrained_tiny_pipeline, build_untrained_tiny_sd_pipeline)
 from .prompts import load_prompt_set
 
 TEXTURE_STRENGTH = 0.4  # about where the tiny VAE's JPEG size stops rising with the strength (~0.3)

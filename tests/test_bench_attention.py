@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_attention  # noqa: E402
 
-from rlcm_fast.models import SD15_LCM  # noqa: E402
+from rlcm_fast.architectures import SD15_LCM  # noqa: E402
 
 
 def test_sd15_lcm_attention_shapes_at_768_px():

@@ -22,7 +22,7 @@ from rlcm_fast.checkpoint import (CheckpointError, IncompatibleCheckpointError, 
                                   verify_checkpoint)
 from rlcm_fast.checkpoint_checks import STATE_FORMAT
 from rlcm_fast.cli import main
-from rlcm_fast.models import preset_weights_id
+from rlcm_fast.tiny_presets import preset_weights_id
 
 # 3 epochs of one update each (2 samples), a checkpoint after each, all kept.
 ARGS = ["--device", "cpu", "--set", "epochs=3", "--set", "checkpoint_every=1", "--set", "keep_checkpoints=0",

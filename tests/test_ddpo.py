@@ -12,7 +12,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
 from rlcm_fast.ddpo import DDPOSampler
-from rlcm_fast.models import ModelLoadError, build_tiny_sd_pipeline, load_pipeline
+from rlcm_fast.faults import ModelLoadError
+from rlcm_fast.models import load_pipeline
+from rlcm_fast.tiny_presets import build_tiny_sd_pipeline
 from rlcm_fast.trainer import Trainer
 
 PROMPTS = ["a cat", "great white shark, white shark, man-eater"]

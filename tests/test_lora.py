@@ -8,7 +8,8 @@ from unet_probes import perturb_lora, unet_inputs, unet_output
 
 from rlcm_fast.lora import (add_policy_lora,
                             leave_lora_input_casts_to_autocast, load_lora_into, lora_state_dict, save_lora)
-from rlcm_fast.models import build_tiny_pipeline, load_pipeline
+from rlcm_fast.models import load_pipeline
+from rlcm_fast.tiny_presets import build_tiny_pipeline
 from rlcm_fast.presets import DEFAULT_LORA_TARGETS, TINY_LORA_TARGETS
 
 

@@ -16,11 +16,13 @@ from transformers import CLIPTokenizer
 
 from unet_probes import perturb_lora, unet_output
 
-from rlcm_fast import models
+from rlcm_fast import architectures, tiny_presets
+from rlcm_fast.architectures import SD15_LCM, TINY
+from rlcm_fast.faults import ModelLoadError
 from rlcm_fast.lora import add_policy_lora, lora_state_dict, save_lora
+from rlcm_fast.models import guidance_embedding, latent_shape, load_pipeline
 from rlcm_fast.presets import DEFAULT_LORA_TARGETS
-from rlcm_fast.models import (SD15_LCM, TINY, ModelLoadError, build_tiny_pipeline, guidance_embedding, latent_shape,
-                              load_pipeline)
+from rlcm_fast.tiny_presets import build_tiny_pipeline
 from rlcm_fast.tiny_tokenizer import build_clip_tokenizer
 
 PROMPT_FILE = Path(__file__).resolve().parents[1] / "rlcm_fast" / "data" / "imagenet_animals.txt"
@@ -62,17 +64,17 @@ def test_deterministic_init_names_a_device_type_for_fork_rng(monkeypatch):
     monkeypatch.setattr(torch.random, "fork_rng", strict_fork_rng)
     torch.manual_seed(7)
     rng_before = torch.get_rng_state()
-    with models._deterministic_init(torch.device("cpu"), torch.float32):
+    with architectures._deterministic_init(torch.device("cpu"), torch.float32):
         drawn = torch.randn(3)
     assert torch.equal(torch.get_rng_state(), rng_before)
-    with models._deterministic_init(torch.device("cpu"), torch.float32):
+    with architectures._deterministic_init(torch.device("cpu"), torch.float32):
         assert torch.equal(torch.randn(3), drawn)  # the fixed init seed, whatever the caller's
 
 
 def test_cached_tiny_loads_like_the_in_memory_build(cache_root):
     pipe = load_pipeline("tiny")
     (folder,) = [entry for entry in cache_root.iterdir()]  # no staging folders left behind
-    assert folder.name.startswith(f"tiny-v{models.TINY_PRESET_VERSION}-")
+    assert folder.name.startswith(f"tiny-v{tiny_presets.TINY_PRESET_VERSION}-")
     assert (folder / "model_index.json").is_file()
     torch.testing.assert_close(unet_output(pipe.unet), unet_output(build_tiny_pipeline().unet), rtol=0, atol=0)
 
@@ -98,8 +100,8 @@ def test_tiny_cache_writer_that_loses_the_race_uses_the_winners_folder(tmp_path,
         (Path(destination) / "written_by_the_winner").touch()
         real_rename(source, destination)
 
-    monkeypatch.setattr(models.os, "rename", rename_after_another_process_won)
-    folder = models._tiny_pipeline_folder()
+    monkeypatch.setattr(tiny_presets.os, "rename", rename_after_another_process_won)
+    folder = tiny_presets.tiny_pipeline_folder()
     assert (folder / "written_by_the_winner").is_file()
     assert [entry.name for entry in tmp_path.iterdir()] == [folder.name]
 
@@ -118,15 +120,15 @@ def test_a_preset_built_where_transformers_writes_no_weights_is_refused_not_cach
         as_rank_1_of_a_process_group(patch)
         with pytest.raises(ModelLoadError, match=r"^model 'tiny' could not be built: no weights were written for "
                                                  r"text_encoder \(in a torch.distributed process group"):
-            models._tiny_pipeline_folder()
+            tiny_presets.tiny_pipeline_folder()
     assert list(tmp_path.iterdir()) == []  # nothing published, no staging folder left
-    folder = models._tiny_pipeline_folder()  # outside the group it builds
-    assert models._components_without_weights(folder) == []
+    folder = tiny_presets.tiny_pipeline_folder()  # outside the group it builds
+    assert tiny_presets._components_without_weights(folder) == []
 
 
 def test_a_cached_preset_folder_without_weights_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
-    folder = models._tiny_pipeline_folder()
+    folder = tiny_presets.tiny_pipeline_folder()
     for weights in (folder / "text_encoder").glob("*.safetensors"):  # as an earlier version's rank 1 left it
         weights.unlink()
     with pytest.raises(ModelLoadError) as error:
@@ -154,7 +156,7 @@ def test_the_trainer_writes_the_preset_cache_before_its_process_group_starts(tmp
     trainer = Trainer(config, tmp_path / "run")
     assert trainer.pipe.text_encoder is not None
     (folder,) = (tmp_path / "cache").iterdir()
-    assert models._components_without_weights(folder) == []
+    assert tiny_presets._components_without_weights(folder) == []
 
 
 def test_tokenizer_round_trips_and_pads_like_clip(tmp_path):
@@ -301,7 +303,7 @@ def test_lcm_lora_is_fused_and_unloaded(tmp_path):
     adapter_output = unet_output(with_adapter)
     save_lora(with_adapter, tmp_path)
 
-    sd_folder = str(models._tiny_sd_pipeline_folder())
+    sd_folder = str(tiny_presets.tiny_sd_pipeline_folder())
     fused = load_pipeline(sd_folder, lcm_lora=str(tmp_path)).unet
     fused_output = unet_output(fused)
     assert (fused_output - base_output).abs().max() > 1e-2
@@ -337,7 +339,7 @@ def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypat
         load_pipeline(str(tmp_path / "pipeline"))
     message = str(refused.value)
     assert "\n" not in message and "it holds pickled weights, which are never loaded" in message
-    sd_folder = str(models._tiny_sd_pipeline_folder())
+    sd_folder = str(tiny_presets.tiny_sd_pipeline_folder())
     for lcm_lora in (tmp_path / "lora", tmp_path / "lora" / "pytorch_lora_weights.bin"):
         with pytest.raises(ModelLoadError, match="lcm_lora .* it holds pickled weights, which are never loaded"):
             load_pipeline(sd_folder, lcm_lora=str(lcm_lora))
@@ -358,11 +360,11 @@ def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
 
 
 def test_preset_weights_id_names_the_tiny_presets_cached_weights_only():
-    assert models.preset_weights_id("tiny") == models._tiny_pipeline_folder().name
-    assert models.preset_weights_id("tiny-sd", "ddpo") == models._tiny_sd_pipeline_folder().name
-    assert models.preset_weights_id("tiny") != models.preset_weights_id("tiny-sd", "ddpo")
+    assert tiny_presets.preset_weights_id("tiny") == tiny_presets.tiny_pipeline_folder().name
+    assert tiny_presets.preset_weights_id("tiny-sd", "ddpo") == tiny_presets.tiny_sd_pipeline_folder().name
+    assert tiny_presets.preset_weights_id("tiny") != tiny_presets.preset_weights_id("tiny-sd", "ddpo")
     for model, method in (("sd15-lcm", "rlcm"), ("sd15", "ddpo"), ("tiny", "ddpo"), ("/data/my-lcm", "rlcm")):
-        assert models.preset_weights_id(model, method) is None
+        assert tiny_presets.preset_weights_id(model, method) is None
 
 
 class FakePresetPipeline:
@@ -383,10 +385,10 @@ def test_the_preset_cache_folder_is_named_by_the_presets_contents_and_readable_b
     monkeypatch.setenv("RLCM_FAST_CACHE", str(tmp_path))
     old_umask = os.umask(0o022)
     try:
-        id_a, id_b = (models._preset_id("tiny", [{"width": 8}, digest]) for digest in ("digest-a", "digest-b"))
-        a = models._preset_folder("tiny", id_a, lambda: FakePresetPipeline("a"))
-        b = models._preset_folder("tiny", id_b, lambda: FakePresetPipeline("b"))
-        again = models._preset_folder("tiny", models._preset_id("tiny", [{"width": 8}, "digest-a"]),
+        id_a, id_b = (tiny_presets._preset_id("tiny", [{"width": 8}, digest]) for digest in ("digest-a", "digest-b"))
+        a = tiny_presets._preset_folder("tiny", id_a, lambda: FakePresetPipeline("a"))
+        b = tiny_presets._preset_folder("tiny", id_b, lambda: FakePresetPipeline("b"))
+        again = tiny_presets._preset_folder("tiny", tiny_presets._preset_id("tiny", [{"width": 8}, "digest-a"]),
                                       lambda: FakePresetPipeline("c"))
     finally:
         os.umask(old_umask)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast import models
+from rlcm_fast import architectures, models, tiny_presets
 from rlcm_fast.checkpoint import saved_config
 from rlcm_fast.cli import main
 from rlcm_fast.config import TrainConfig, config_from_saved, resolve_config
@@ -88,7 +88,7 @@ def lcm_lora_run(tmp_path_factory) -> Path:
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
     save_lora(pipe.unet, root / "lcm_lora")
-    sd_folder = models._tiny_sd_pipeline_folder()
+    sd_folder = tiny_presets.tiny_sd_pipeline_folder()
     with contextlib.redirect_stderr(io.StringIO()) as err:
         checkpoint = train(root / "run", "--model", str(sd_folder), "--set", f"lcm_lora={root / 'lcm_lora'}",
                            "--set", "resolution=32", "--set", "horizon=4", "--set", "gradient_accumulation_steps=1",
@@ -146,8 +146,8 @@ def test_sample_of_an_lcm_lora_run_uses_its_sampler(lcm_lora_run, tmp_path, caps
 
 def _lcm_folder(path: Path, **unet) -> Path:
     """A tiny LCM of another architecture, saved as a diffusers folder for --model."""
-    spec = dataclasses.replace(models.TINY, unet={**models.TINY.unet, **unet})
-    models._build_random_pipeline(spec, torch.device("cpu"), torch.float32).save_pretrained(path)
+    spec = dataclasses.replace(architectures.TINY, unet={**architectures.TINY.unet, **unet})
+    architectures.build_random_pipeline(spec, torch.device("cpu"), torch.float32).save_pretrained(path)
     return path
 
 
@@ -174,7 +174,7 @@ def test_sample_lora_that_does_not_fit_the_model_is_one_line(lcm_run, tmp_path, 
 def test_sample_lora_on_another_copy_of_its_model_warns_and_samples(lcm_run, tmp_path, capsys):
     """--model may name the run's model another way (a local copy of a hub model): it samples the same images, and
     says that the model is not the run's."""
-    copy = models._tiny_pipeline_folder()
+    copy = tiny_presets.tiny_pipeline_folder()
     assert sample(tmp_path / "copy", "--lora", str(lcm_run), "--model", str(copy), "--prompt", "cat") == 0
     assert capsys.readouterr().err.count(f"rlcm-fast: warning: sampling the LoRA on --model {str(copy)!r}, not its "
                                          "run's 'tiny'") == 1

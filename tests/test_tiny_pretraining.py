@@ -7,12 +7,13 @@ import torch
 from diffusers import LCMScheduler
 from safetensors import safe_open
 
-from rlcm_fast import models
+from rlcm_fast import architectures, tiny_presets
+from rlcm_fast.architectures import RANDOM_COMPONENTS
 from rlcm_fast.ddpo import DDPOSampler
-from rlcm_fast.models import (RANDOM_COMPONENTS, build_tiny_pipeline, build_tiny_sd_pipeline,
-                              build_untrained_tiny_pipeline, guidance_embedding)
+from rlcm_fast.models import guidance_embedding
 from rlcm_fast.rewards import make_reward
 from rlcm_fast.sampler import LCMSampler
+from rlcm_fast.tiny_presets import build_tiny_pipeline, build_tiny_sd_pipeline, build_untrained_tiny_pipeline
 from rlcm_fast.tiny_pretraining import (PRESETS, RANDOM_COMPONENT_FILES, RECIPE, TEXTURE_STRENGTH, checkerboard,
                                         main, pretrain_denoiser, texture_latents)
 
@@ -88,7 +89,7 @@ def component_weights(pipe) -> dict:
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_each_tiny_preset_carries_its_shipped_random_vae_and_text_encoder(preset):
     metadata, shipped = shipped_random_components(preset)
-    assert metadata["seed"] == str(models._INIT_SEED) and {"torch", "diffusers", "transformers"} <= metadata.keys()
+    assert metadata["seed"] == str(architectures.INIT_SEED) and {"torch", "diffusers", "transformers"} <= metadata.keys()
     for pipe in (TRAINED[preset](), PRESETS[preset][0]()):  # the pretraining starts from them too
         state = component_weights(pipe)
         assert state.keys() == shipped.keys()
@@ -101,7 +102,7 @@ def test_the_tiny_presets_weights_do_not_follow_the_libraries_initialisation(mon
     expected = {preset: {**component_weights(TRAINED[preset]()), **TRAINED[preset]().unet.state_dict()}
                 for preset in TRAINED}
     untrained_unet = build_untrained_tiny_pipeline().unet.state_dict()
-    monkeypatch.setattr(models, "_INIT_SEED", 1)
+    monkeypatch.setattr(architectures, "INIT_SEED", 1)
     assert not torch.equal(build_untrained_tiny_pipeline().unet.state_dict()["conv_in.weight"],
                            untrained_unet["conv_in.weight"])
     for preset, build in TRAINED.items():
@@ -112,11 +113,11 @@ def test_the_tiny_presets_weights_do_not_follow_the_libraries_initialisation(mon
 
 def test_the_preset_cache_key_names_the_shipped_random_components(monkeypatch):
     keys = {}
-    monkeypatch.setattr(models, "_preset_id", lambda name, key: keys.setdefault(name, key))
-    models.preset_weights_id("tiny"), models.preset_weights_id("tiny-sd", "ddpo")
-    assert models._digest(models.TINY_RANDOM_COMPONENTS) in keys["tiny"]
-    assert models._digest(models.TINY_SD_RANDOM_COMPONENTS) in keys["tiny-sd"]
-    assert models._digest(models.TINY_RANDOM_COMPONENTS) != models._digest(models.TINY_SD_RANDOM_COMPONENTS)
+    monkeypatch.setattr(tiny_presets, "_preset_id", lambda name, key: keys.setdefault(name, key))
+    tiny_presets.preset_weights_id("tiny"), tiny_presets.preset_weights_id("tiny-sd", "ddpo")
+    assert tiny_presets._digest(tiny_presets.TINY_RANDOM_COMPONENTS) in keys["tiny"]
+    assert tiny_presets._digest(tiny_presets.TINY_SD_RANDOM_COMPONENTS) in keys["tiny-sd"]
+    assert tiny_presets._digest(tiny_presets.TINY_RANDOM_COMPONENTS) != tiny_presets._digest(tiny_presets.TINY_SD_RANDOM_COMPONENTS)
 
 
 def test_write_random_components_writes_what_the_seed_initialises(tmp_path, capsys):
@@ -125,7 +126,7 @@ def test_write_random_components_writes_what_the_seed_initialises(tmp_path, caps
     assert "wrote tiny-sd's random VAE and text encoder" in capsys.readouterr().out
     with safe_open(out, "pt") as weights:
         metadata, written = weights.metadata(), {name: weights.get_tensor(name) for name in weights.keys()}
-    fresh = component_weights(models._build_random_pipeline(models.TINY_SD, torch.device("cpu"), torch.float32))
+    fresh = component_weights(architectures.build_random_pipeline(architectures.TINY_SD, torch.device("cpu"), torch.float32))
     assert written.keys() == fresh.keys() == shipped_random_components("tiny-sd")[1].keys()
     assert all(torch.equal(written[name], fresh[name]) for name in fresh)
     assert metadata["seed"] == "0" and metadata["transformers"] == __import__("transformers").__version__
