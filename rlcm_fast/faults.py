@@ -1,4 +1,6 @@
-"""Faults a long run survives or reports cleanly: stop signals, non-finite steps, running out of memory.
+"""How errors reach the user: one-line messages of errors (`one_line`, `shown`), a model that cannot be
+loaded (`ModelLoadError`, bad input: exit 2), and the faults a long run survives or reports cleanly (exit 1):
+stop signals, non-finite steps, running out of memory.
 
 The trainer asks these helpers at each optimizer step; under several processes every decision that
 changes control flow (stop, skip a step) is agreed through one small all-reduce, so no process leaves

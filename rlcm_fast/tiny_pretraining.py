@@ -22,7 +22,7 @@ rlcm_fast/data/tiny_unet.safetensors and tiny_sd_unet.safetensors (float16, with
 metadata); `python -m rlcm_fast.tiny_pretraining --preset tiny|tiny-sd` rewrites one. Two runs on one
 machine gave the same weights, but float results may differ between CPUs, so a rerun elsewhere may not
 be bit-identical. Each UNet is trained against its preset's random VAE and text encoder, which ship too
-(models.TINY_RANDOM_COMPONENTS); after a change to the tiny architecture, `--write-random-components`
+(tiny_presets.TINY_RANDOM_COMPONENTS); after a change to the tiny architecture, `--write-random-components`
 writes new ones as the installed libraries initialise them, and the UNet is then trained again.
 """
 

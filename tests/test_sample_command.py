@@ -77,7 +77,7 @@ def lcm_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lcm_lora_run(tmp_path_factory) -> Path:
     """An RLCM run on a Stable Diffusion folder (tiny-sd's) made an LCM by an LCM-LoRA adapter (`lcm_lora`), as the
-    README's `--model runwayml/stable-diffusion-v1-5 --set lcm_lora=...` example: its UNet has no guidance
+    README's `--model stable-diffusion-v1-5/stable-diffusion-v1-5 --set lcm_lora=...` example: its UNet has no guidance
     embedding."""
     root = tmp_path_factory.mktemp("lcm_lora")
     pipe = models.load_pipeline("tiny-sd", method="ddpo")
