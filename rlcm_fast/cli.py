@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -64,8 +65,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .faults import ModelLoadError
     from .rewards import RewardError
+    from .run_lock import RunFolderInUse
 
-    return ConfigError, RewardError, ModelLoadError, CheckpointError, UsageError
+    return ConfigError, RewardError, ModelLoadError, CheckpointError, UsageError, RunFolderInUse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +251,36 @@ def _check_run_dir(run_dir: Path) -> None:
                          f"{str(existing)!r} failed: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def _run_folder_held(run_dir: Path):
+    """The run folder locked against other trains for this block (run_lock.py): here, unless this process is
+    one that --num-processes started (its launcher holds it) or not rank 0 under another launcher."""
+    from .launch import LAUNCHED_HERE
+    from .run_lock import hold_run_folder
+
+    if os.environ.get(LAUNCHED_HERE) or not _is_main_process():
+        yield
+        return
+    planned = _folder_state(run_dir)  # as _plan_run found it a moment ago
+    with hold_run_folder(run_dir):
+        # Another train may have written the folder after those checks and before this lock (started in the same
+        # second under the default name, or one that ended meanwhile): the checks no longer hold.
+        if _folder_state(run_dir) != planned:
+            raise UsageError(f"output dir {str(run_dir)!r} changed while this run was starting (another rlcm-fast "
+                             "train wrote it): run the command again")
+        yield
+
+
+def _folder_state(run_dir: Path) -> dict[str, int]:
+    from .run_lock import LOCK_FILE
+
+    try:
+        return {entry.name: entry.stat(follow_symlinks=False).st_mtime_ns for entry in os.scandir(run_dir)
+                if entry.name != LOCK_FILE}
+    except FileNotFoundError:
+        return {}
+
+
 def _holds_checkpoints(run_dir: Path) -> bool:
     from .checkpoint import list_checkpoints
 
@@ -283,7 +315,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if not args.output_dir:  # every process must write the same run folder (a default one is named by the time)
         child += ["--output-dir", str(run_dir)]
-    return launch_local(args.num_processes, child)
+    with _run_folder_held(run_dir):
+        return launch_local(args.num_processes, child)
 
 
 def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]:
@@ -354,15 +387,20 @@ def _nothing_to_train(cfg: TrainConfig, resume_from: Path | None) -> bool:
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from .run_logging import summarize
-    from .trainer import Trainer
-
     if args.num_processes != 1:
         return _launch(args, argv)
     cfg, run_dir, resume_from = _plan_run(args)
     if _nothing_to_train(cfg, resume_from):
         return 0
     args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
+    with _run_folder_held(run_dir):
+        return _train(cfg, run_dir, resume_from)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
+    from .run_logging import summarize
+    from .trainer import Trainer
+
     trainer = Trainer(cfg, run_dir, resume_from)
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""

@@ -60,7 +60,7 @@ def test_the_reward_plot_is_redrawn_at_most_every_reward_plot_seconds_and_at_the
 def test_run_directory_contents_and_diffusers_can_load_the_lora(tmp_path):
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=2", "--set", "checkpoint_every=1")
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint-1", "checkpoint-2", "config.yaml", "latest", "metrics.jsonl", "reward.png", "samples",
+        ".lock", "checkpoint-1", "checkpoint-2", "config.yaml", "latest", "metrics.jsonl", "reward.png", "samples",
         "tensorboard"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
     assert any((run_dir / "tensorboard").iterdir())
@@ -162,7 +162,7 @@ def write_reward_module(tmp_path, body):
     (["--set", "horizon=1"], "horizon=1 is invalid"),
     (["--set", "learning_rate=0"], "learning_rate=0.0 is invalid"),
     (["--set", "learning_rate=-1"], "learning_rate=-1.0 is invalid"),
-    (["--resume", "/no/such/run"], "resume path '/no/such/run' is neither"),
+    (["--resume", "/no/such/run"], "resume path '/no/such/run' does not exist"),
     (["--set", "mixed_precision=fp16"], "mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no"),
     (["--set", "adam_weight_decay=.nan"], "adam_weight_decay=nan is invalid: it must be a finite number >= 0"),
     (["--seed", str(2**64)], f"seed={2**64} is invalid: it must be in 0..2**63-1"),

@@ -1,0 +1,71 @@
+"""One `rlcm-fast train` per run folder: an exclusive lock on RUN/.lock, held for the whole run.
+
+Two trains in one folder (a second start by mistake, or two runs started in the same second under the
+default name) mixed their checkpoints, metrics and config.yaml without a word, and each one's sweep of a
+dead writer's leftovers deleted the other's half-written checkpoint. flock is released by the kernel when
+its holder exits, killed or not, so the lock of a crashed run never blocks its resume. No library offers a
+folder lock that is released on SIGKILL and reports its holder, hence these few lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class RunFolderInUse(Exception):
+    """Another process holds the run folder (a usage error: the CLI exits 2)."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path):
+    """Create `run_dir` if needed and hold its lock until the block ends; RunFolderInUse if another process
+    holds it. A folder this made and nothing was written into is removed again at the end, so a run refused
+    after loading leaves no folder behind (as before the lock)."""
+    run_dir = Path(run_dir)
+    fd, created = _lock(run_dir)
+    try:
+        yield
+    finally:
+        try:
+            if fd is not None and os.listdir(run_dir) == [LOCK_FILE]:
+                os.unlink(run_dir / LOCK_FILE)  # a waiting opener of this file sees it unlinked and retries
+                for folder in reversed(created):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def _lock(run_dir: Path) -> tuple[int | None, list[Path]]:
+    path = run_dir / LOCK_FILE
+    while True:
+        created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()][::-1]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            by = f" (process {holder})" if holder.isdigit() else ""
+            raise RunFolderInUse(f"output dir {str(run_dir)!r} is in use by another rlcm-fast train{by}: wait for it "
+                                 "to end, or give another --output-dir") from None
+        except OSError as exc:  # a file system without locks: run as before, unguarded
+            os.close(fd)
+            print(f"rlcm-fast: warning: could not lock {str(path)!r} ({exc.strerror or exc}); nothing stops another "
+                  "train from writing this run folder at the same time", file=sys.stderr)
+            return None, []
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file that its last holder removed
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for the message of a train refused while this one runs
+    return fd, created

@@ -1,0 +1,139 @@
+"""One train per run folder (run_lock.py): a second train is refused in one line before any model loads, a
+killed holder blocks nothing, and a folder written between a run's checks and its lock is refused."""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlcm_fast import cli, run_lock
+from rlcm_fast.cli import main
+from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, hold_run_folder
+from rlcm_fast.trainer import Trainer
+
+ARGS = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4", "--set", "train_batch_size=4",
+        "--set", "epochs=1"]
+
+HOLDER = """
+import sys, time
+from rlcm_fast.run_lock import hold_run_folder
+with hold_run_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("rlcm-fast: error")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def test_a_second_train_is_refused_while_the_first_holds_the_folder_and_runs_once_it_is_killed(
+        tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
+            assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
+            assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' is in use by another rlcm-fast "
+                                          f"train (process {holder.pid}): wait for it to end, or give another "
+                                          "--output-dir")
+            assert main(["train", *ARGS, "--output-dir", str(run_dir), "--resume", "auto"]) == 2
+            assert "is in use by another rlcm-fast train" in error_line(capsys)
+        assert os.listdir(run_dir) == [LOCK_FILE]
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
+        holder.wait()
+    assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 0
+    assert (run_dir / "checkpoint-1").is_dir() and (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_folder_written_between_the_checks_and_the_lock_is_refused(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_hold = run_lock.hold_run_folder
+
+    def another_train_writes_before_the_lock(folder):
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("")
+        return real_hold(folder)
+
+    monkeypatch.setattr(run_lock, "hold_run_folder", another_train_writes_before_the_lock)
+    monkeypatch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
+    assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
+    assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' changed while this run was starting "
+                                  "(another rlcm-fast train wrote it): run the command again")
+    assert sorted(os.listdir(run_dir)) == [LOCK_FILE, "metrics.jsonl"]
+
+
+def test_a_folder_made_for_the_lock_and_left_empty_is_removed_with_its_new_parents(tmp_path):
+    run_dir = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(ValueError, match="refused after loading"), hold_run_folder(run_dir):
+        assert (run_dir / LOCK_FILE).is_file()
+        raise ValueError("refused after loading")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, and so does what a run wrote
+    with hold_run_folder(tmp_path / "kept"):
+        pass
+    with hold_run_folder(tmp_path / "written"):
+        (tmp_path / "written" / "config.yaml").write_text("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "written"]
+    assert list((tmp_path / "kept").iterdir()) == []
+    assert sorted(os.listdir(tmp_path / "written")) == [LOCK_FILE, "config.yaml"]
+
+
+def test_the_same_folder_is_refused_to_a_second_holder_in_one_process(tmp_path):
+    with hold_run_folder(tmp_path / "run"):
+        with pytest.raises(RunFolderInUse, match=f"process {os.getpid()}"), hold_run_folder(tmp_path / "run"):
+            pass
+    with hold_run_folder(tmp_path / "run"):  # released
+        pass
+
+
+def test_a_lock_file_its_last_holder_removed_is_not_taken(tmp_path, monkeypatch):
+    """The file was opened while its holder still had it, then unlinked by that holder (which left nothing): a lock
+    on it would guard nothing, so a new file is made and locked."""
+    run_dir = tmp_path / "run"
+    real_flock, opened = fcntl.flock, []
+
+    def flock_as_the_holder_leaves(fd, operation):
+        if not opened:
+            opened.append(os.fstat(fd).st_ino)
+            os.unlink(run_dir / LOCK_FILE)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", flock_as_the_holder_leaves)
+    with hold_run_folder(run_dir):
+        assert len(opened) == 1 and (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunFolderInUse), hold_run_folder(run_dir):  # the file on disk is the one held
+            pass
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, capsys, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    with hold_run_folder(tmp_path / "run"):
+        (tmp_path / "run" / "config.yaml").write_text("")
+    assert "could not lock" in capsys.readouterr().err and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_only_the_launcher_or_rank_0_holds_the_folder(tmp_path, monkeypatch):
+    for env in ({"RLCM_FAST_LAUNCHED": "1"}, {"RANK": "1"}):
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            with cli._run_folder_held(tmp_path / "run"):
+                assert not (tmp_path / "run").exists()
+    with cli._run_folder_held(tmp_path / "run"):
+        assert (tmp_path / "run" / LOCK_FILE).is_file()
+    assert not Path(tmp_path / "run").exists()
