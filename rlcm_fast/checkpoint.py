@@ -350,6 +350,11 @@ def resolve_checkpoint(path: str | Path, what: str = "resume path", warn: Callab
     names the path in the error (e.g. "--lora"); `warn`, if given, is told why each newer checkpoint of a
     run folder was passed over."""
     path = Path(path)
+    if not path.exists():
+        # e.g. a checkpoint `latest` named a moment ago, which the run's train then pruned
+        pruned = (" (a train running in its run folder keeps only the newest keep_checkpoints, and may have removed "
+                  "it: name the run folder to take its newest)") if CHECKPOINT_PATTERN.match(path.name) else ""
+        raise CheckpointError(f"{what} {str(path)!r} does not exist{pruned}")
     if path.is_dir() and CHECKPOINT_PATTERN.match(path.name):
         verify_checkpoint(path)
         return path

@@ -64,9 +64,9 @@ def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import CheckpointError, resolve_checkpoint, saved_config
-    from .lora import load_policy_lora
+    from .checkpoint import LORA_FILE, CheckpointError, resolve_checkpoint, saved_config
     from .faults import ModelLoadError
+    from .lora import load_policy_lora
     from .models import ignored_guidance, load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
@@ -108,6 +108,9 @@ def run_sample(args: argparse.Namespace) -> int:
         name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
         raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
     if checkpoint:
+        if not (checkpoint / LORA_FILE).is_file():  # diffusers would take the lost path for a hub id
+            raise CheckpointError(f"--lora {str(checkpoint)!r} was removed while the model loaded (a train running in "
+                                  "its run folder keeps only the newest keep_checkpoints): run the command again")
         try:
             load_policy_lora(pipe, checkpoint)
         except ValueError as exc:

@@ -126,15 +126,20 @@ def test_sample_unknown_device_is_one_line(tmp_path, capsys):
 def test_sample_missing_lora_names_the_lora_option(tmp_path, capsys):
     missing = tmp_path / "nonexistent"
     assert main([*SAMPLE, "--lora", str(missing), "--output-dir", str(tmp_path / "out")]) == 2
-    assert one_line_error(capsys) == (f"--lora {str(missing)!r} is neither a checkpoint-N folder nor a run folder "
+    assert one_line_error(capsys) == f"--lora {str(missing)!r} does not exist"
+    assert main([*SAMPLE, "--lora", str(tmp_path / "checkpoint-3"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert one_line_error(capsys) == (f"--lora {str(tmp_path / 'checkpoint-3')!r} does not exist (a train running in "
+                                      "its run folder keeps only the newest keep_checkpoints, and may have removed it: "
+                                      "name the run folder to take its newest)")
+    assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert one_line_error(capsys) == (f"--lora {str(tmp_path)!r} is neither a checkpoint-N folder nor a run folder "
                                       "holding one")
 
 
 def test_train_missing_resume_path_keeps_its_wording(tmp_path, capsys):
     missing = tmp_path / "nonexistent"
     assert main(["train", "--device", "cpu", "--resume", str(missing)]) == 2
-    assert one_line_error(capsys) == (f"resume path {str(missing)!r} is neither a checkpoint-N folder nor a run "
-                                      "folder holding one")
+    assert one_line_error(capsys) == f"resume path {str(missing)!r} does not exist"
 
 
 @pytest.mark.parametrize("args, message", [

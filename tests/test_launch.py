@@ -76,7 +76,7 @@ def test_a_broken_collective_on_a_surviving_process_is_one_line(monkeypatch, cap
     (["--num-processes", "3"], "--num-processes 3 is invalid: this run may use {cores} CPU core(s); at "
                                "most one process per core on the CPU"),
     (["--num-processes", "2", "--resume", "/nonexistent/run"],
-     "resume path '/nonexistent/run' is neither a checkpoint-N folder nor a run folder holding one"),
+     "resume path '/nonexistent/run' does not exist"),
     (["--num-processes", "2", "--set", "horizon=1"], "horizon=1 is invalid: multi-step sampling needs horizon >= 2"),
 ])
 def test_what_every_process_would_refuse_is_refused_once_before_any_starts(monkeypatch, capsys, args, message):

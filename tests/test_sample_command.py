@@ -248,6 +248,25 @@ def test_sample_run_folder_says_which_damaged_checkpoints_it_passed_over(lcm_run
     assert pixels(tmp_path / "out")["00-cat-00.png"].tolist() == pixels(tmp_path / "first")["00-cat-00.png"].tolist()
 
 
+def test_a_checkpoint_pruned_while_the_model_loads_is_one_line_not_a_hub_lookup(lcm_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A train running in the run folder may prune the checkpoint `sample` resolved; diffusers took the lost folder
+    for a hub id ("Repo id must be in the form ...")."""
+    run = tmp_path / "run"
+    shutil.copytree(lcm_run, run / "checkpoint-1")
+    real_load = models.load_pipeline
+
+    def load_as_a_train_prunes(*args, **kwargs):
+        shutil.rmtree(run / "checkpoint-1")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_pipeline", load_as_a_train_prunes)
+    assert sample(tmp_path / "out", "--lora", str(run), "--prompt", "cat") == 2
+    assert one_line_error(capsys) == (f"--lora {str(run / 'checkpoint-1')!r} was removed while the model loaded (a "
+                                      "train running in its run folder keeps only the newest keep_checkpoints): run "
+                                      "the command again")
+
+
 def stub_pipeline_call(monkeypatch, draw: list | None = None) -> list[dict]:
     """The LCM pipeline's __call__ replaced: the arguments it was given are recorded (and, with `draw`, four
     numbers it drew from the generator); blank images come back."""
