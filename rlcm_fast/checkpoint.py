@@ -187,7 +187,7 @@ def remove_leftovers(run_dir: Path) -> None:
     """Delete what a writer killed midway left in the run folder: a checkpoint being written, replaced or
     deleted (.checkpoint-*), and `latest` or config.yaml being replaced. Whatever the PID in their names: a
     container's restarted process often has the PID of the one that was killed. Only the main process
-    writes, and never while this runs."""
+    of the one train that holds the folder's lock (run_lock.py) writes, and never while this runs."""
     for leftover in run_dir.glob(".checkpoint-*"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
