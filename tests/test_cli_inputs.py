@@ -60,9 +60,10 @@ def test_sample_horizon_above_the_models_original_steps_is_one_line(tmp_path, ca
 def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_path, capsys, monkeypatch):
     """A run trained with original_inference_steps=20 samples from 20, not the scheduler's 50."""
     from diffusers import LatentConsistencyModelPipeline
+    from safetensors.torch import save_file
 
     (tmp_path / "checkpoint-1").mkdir()
-    (tmp_path / "checkpoint-1" / "pytorch_lora_weights.safetensors").touch()  # its loading is stubbed below
+    save_file({}, tmp_path / "checkpoint-1" / "pytorch_lora_weights.safetensors")  # its loading is stubbed below
     monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what, warn: tmp_path / "checkpoint-1")
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"original_inference_steps": 20})
     monkeypatch.setattr(LatentConsistencyModelPipeline, "load_lora_weights", lambda self, path, **kwargs: None)
