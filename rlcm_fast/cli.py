@@ -186,6 +186,7 @@ def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None
     """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
     command line, for `--resume auto`), refused where it changes what the checkpoint depends on."""
     from .checkpoint import read_training_state
+    from .rewards import user_reward_names
 
     state = read_training_state(checkpoint)
     before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
@@ -202,6 +203,12 @@ def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None
             raise ConfigError(
                 f"{key}={values.get(key)!r} differs from the checkpoint's {old!r}; {where} cannot change it"
             )
+    # A checkpoint names its reward, and a user reward is a module that building it imports and runs: from a run
+    # folder made elsewhere that is any code, so it runs only when this command line names it too.
+    reward = values.get("reward", defaults.reward)
+    if fresh is None and "reward" not in overrides and (modules := user_reward_names(reward)):
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(modules)}), which "
+                          f"resuming imports and runs: add --reward {reward!r} to run it")
     return validate(TrainConfig(**values))
 
 

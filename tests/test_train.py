@@ -122,9 +122,29 @@ def test_resume_restores_the_global_random_stream_a_user_reward_draws_from(tmp_p
     straight = train(tmp_path, "straight", *noisy, "--set", "epochs=2")
     interrupted = train(tmp_path, "interrupted", *noisy, "--set", "epochs=1")
     torch.rand(1000)  # the resumed process's global stream is elsewhere
-    assert main(["train", "--resume", str(interrupted), "--set", "epochs=2"]) == 0
+    assert main(["train", "--resume", str(interrupted), "--set", "epochs=2", "--reward", "my_rewards:noisy"]) == 0
     means = [[r["reward_mean"] for r in records(run, "epoch")] for run in (straight, interrupted)]
     assert means[0] == means[1] and len(means[0]) == 2
+
+
+def test_a_checkpoint_scored_by_user_code_resumes_only_when_the_command_line_names_it(tmp_path, capsys, monkeypatch):
+    """A run folder from elsewhere can name any module as its reward: resuming it must not import that module
+    unless asked to (a security audit ran a payload shipped in the run folder this way)."""
+    write_reward_module(tmp_path, "def bright(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
+    run = train(tmp_path, "run", *FAST, "--reward", "jpeg_compressibility:0.5,my_rewards:bright", "--set", "epochs=1")
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr("rlcm_fast.rewards.import_user_reward", lambda spec: pytest.fail(f"{spec} was imported"))
+        for resume in (["--resume", str(run)], ["--resume", "auto", "--output-dir", str(run)]):
+            assert main(["train", *resume, "--set", "epochs=2"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1] == (f"rlcm-fast: error: checkpoint '{run / 'checkpoint-1'}' is scored by user code "
+                               "(my_rewards:bright), which resuming imports and runs: add --reward "
+                               "'jpeg_compressibility:0.5,my_rewards:bright' to run it")
+    assert main(["train", "--resume", str(run), "--set", "epochs=2",
+                 "--reward", "jpeg_compressibility:0.5,my_rewards:bright"]) == 0
+    assert (run / "checkpoint-2").is_dir()
+
 
 # bf16: the GPU's default precision, here through the same accelerate autocast wrapper on the CPU's bf16.
 @pytest.mark.parametrize("precision", ["no", "bf16"])

@@ -43,6 +43,11 @@ BUILTIN_REWARDS: dict[str, Callable[[dict], RewardFn]] = {
 }
 
 
+def user_reward_names(name: str) -> list[str]:
+    """The `module:function` terms of a reward name: code that building the reward imports and runs."""
+    return [term.name for term in parse_reward_spec(name, tuple(BUILTIN_REWARDS)) if term.name not in BUILTIN_REWARDS]
+
+
 def check_reward_name(name: str) -> None:
     """Fail early, before any run state exists, on a reward name outside the grammar (nothing is loaded)."""
     parse_reward_spec(name, tuple(BUILTIN_REWARDS))
