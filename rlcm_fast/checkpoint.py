@@ -129,7 +129,8 @@ def verify_checkpoint(checkpoint: Path) -> None:
         except CheckpointError:
             pass
         raise CheckpointError(f"{where} is incomplete: it has no {MANIFEST_FILE}") from None
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
+    # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON; RecursionError: JSON nested thousands deep
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{where} is damaged: {MANIFEST_FILE} is unreadable ({exc})") from None
     problem = _manifest_problem(manifest)
     if problem:
@@ -382,7 +383,7 @@ def read_training_state(checkpoint: Path) -> dict:
     checkpoint is damaged: a CheckpointError "checkpoint '...' is damaged: training_state.json ...")."""
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON
+    except (OSError, ValueError, RecursionError) as exc:  # as the manifest's
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is unreadable ({STATE_FILE}: {exc})") from None
     if problem := compatibility_problem(state):
         raise IncompatibleCheckpointError(f"checkpoint {str(checkpoint)!r} {problem}")

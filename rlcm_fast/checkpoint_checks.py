@@ -4,10 +4,9 @@ weights of the tiny preset its LoRA was trained on). Every function returns what
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
-from .faults import shown
+from .faults import is_finite_number, shown
 from .tiny_presets import preset_weights_id
 from .stat_tracker import PerPromptStatTracker
 
@@ -21,10 +20,6 @@ STATE_FORMAT = 1
 def is_count(value) -> bool:
     """An integer >= 0 (JSON's true and false are not counts)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compatibility_problem(state) -> str | None:
@@ -75,7 +70,7 @@ def state_problem(state) -> str | None:
         return bad("nonfinite", nonfinite, "{total, in_a_row: integers >= 0}")
     scaler = state.get("grad_scaler")
     if scaler not in (None, {}) and not (  # {}: a disabled loss scaler's
-            isinstance(scaler, dict) and all(is_number(scaler.get(k)) for k in ("scale", "growth_factor", "backoff_factor"))
+            isinstance(scaler, dict) and all(is_finite_number(scaler.get(k)) for k in ("scale", "growth_factor", "backoff_factor"))
             and all(is_count(scaler.get(k)) for k in ("growth_interval", "_growth_tracker"))):
         return bad("grad_scaler", scaler, "a loss scaler's state")
     optimizer = state["optimizer"]
@@ -84,7 +79,7 @@ def state_problem(state) -> str | None:
         return bad("optimizer", optimizer, "{param_groups: [{params, lr, betas, eps, weight_decay}, ...]}")
     scheduler = state["lr_scheduler"]
     if not (isinstance(scheduler, dict) and is_count(scheduler.get("last_epoch"))
-            and all(_is_list(scheduler.get(k), len(groups), is_number) for k in ("base_lrs", "_last_lr"))
+            and all(_is_list(scheduler.get(k), len(groups), is_finite_number) for k in ("base_lrs", "_last_lr"))
             and _is_list(scheduler.get("lr_lambdas"), len(groups), lambda f: f is None or isinstance(f, dict))):
         return bad("lr_scheduler", scheduler, f"an LR schedule's state for {len(groups)} parameter group(s)")
     try:
@@ -105,8 +100,8 @@ def _is_list(value, length: int, item_ok: Callable[[object], bool]) -> bool:
 
 def _is_param_group(group) -> bool:
     return (isinstance(group, dict) and isinstance(group.get("params"), list) and all(map(is_count, group["params"]))
-            and all(is_number(group.get(k)) for k in ("lr", "eps", "weight_decay"))
-            and _is_list(group.get("betas"), 2, is_number))
+            and all(is_finite_number(group.get(k)) for k in ("lr", "eps", "weight_decay"))
+            and _is_list(group.get("betas"), 2, is_finite_number))
 
 
 def stopped_epoch_problem(stopped, update: int) -> str | None:
@@ -124,6 +119,6 @@ def stopped_epoch_problem(stopped, update: int) -> str | None:
                 f"its {processes} process(es)")
     needed = ("reward_mean", "reward_std", "sample_seconds")
     if not (isinstance(stats, dict) and all(k in stats for k in needed)
-            and all(isinstance(k, str) and is_number(v) for k, v in stats.items())):
+            and all(isinstance(k, str) and is_finite_number(v) for k, v in stats.items())):
         return f"has stopped_epoch.stats={shown(stats)}, expected numbers including {', '.join(needed)}"
     return None

@@ -9,6 +9,7 @@ a collective that the others still wait in.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -34,6 +35,17 @@ def shown(value, limit: int = 60) -> str:
     """A value for a message: its repr, cut short at `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) that is finite as a float: a JSON integer of 400 digits made math.isfinite
+    raise OverflowError (a tampered checkpoint's traceback)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 class ModelLoadError(ValueError):

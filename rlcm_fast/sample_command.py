@@ -63,6 +63,7 @@ def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
 
 def run_sample(args: argparse.Namespace) -> int:
     import torch
+    from safetensors import SafetensorError
 
     from .checkpoint import LORA_FILE, CheckpointError, resolve_checkpoint, saved_config
     from .faults import ModelLoadError
@@ -113,7 +114,7 @@ def run_sample(args: argparse.Namespace) -> int:
                                   "its run folder keeps only the newest keep_checkpoints): run the command again")
         try:
             load_policy_lora(pipe, checkpoint)
-        except ValueError as exc:
+        except (ValueError, SafetensorError) as exc:  # SafetensorError: a LoRA file whose header is not one
             raise CheckpointError(f"--lora {str(checkpoint)!r} cannot be loaded into model {model!r}{other_model}: "
                                   f"{exc}") from None
         if other_model:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import numpy as np
 
-from .faults import shown
+from .faults import is_finite_number, shown
 
 
 class PerPromptStatTracker:
@@ -61,8 +60,7 @@ class PerPromptStatTracker:
         if not isinstance(history, dict):
             raise ValueError(f"history is {shown(history)}, expected an object of prompt: rewards")
         for prompt, values in history.items():
-            if not (isinstance(values, list) and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            if not (isinstance(values, list) and all(is_finite_number(v) for v in values)):
                 raise ValueError(f"history[{prompt!r}] is {shown(values)}, expected a list of finite numbers")
 
     def load_state_dict(self, state: dict) -> None:

@@ -166,6 +166,13 @@ STATE_EDITS = {
         put("lr_scheduler", {"base_lrs": [0.003], "last_epoch": 3, "_last_lr": [0.003]}),
         "has lr_scheduler={'base_lrs': [0.003], 'last_epoch': 3, '_last_lr': [0.003]}, "
         "expected an LR schedule's state for 1 parameter group(s)"),
+    # A 400-digit JSON integer made math.isfinite raise OverflowError: a traceback (security audit).
+    "lr a 400-digit integer": (lambda state: state["optimizer"]["param_groups"][0].update(lr=10 ** 400),
+                               "has optimizer={'param_groups': [{'lr': 1" + "0" * 31 + "..., expected "
+                               "{param_groups: [{params, lr, betas, eps, weight_decay}, ...]}"),
+    "stat_tracker reward a 400-digit integer": (
+        put("stat_tracker", {"history": {"cat": [10 ** 400]}}),
+        "has a stat_tracker that history['cat'] is [1" + "0" * 55 + "..., expected a list of finite numbers"),
     "stopped_epoch without prompts": (
         lambda state: state.update(update=1, stopped_epoch={"updates_done": 1, "processes": 1, "stats": {}}),
         "has stopped_epoch.prompts=None, expected a list of prompts, as many for each of its 1 process(es)"),
@@ -185,6 +192,31 @@ def test_a_malformed_training_state_is_damage(run, capsys, case):
     with pytest.raises(CheckpointError) as error:
         ckpt_module.saved_config(run / "checkpoint-3")  # what `sample --lora` reads first
     assert str(error.value) == reason
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "training_state.json"])
+def test_json_nested_too_deep_to_parse_is_damage_not_a_recursion_traceback(run, capsys, name):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    if name == "manifest.json":
+        (run / "checkpoint-3" / name).write_bytes(nested)
+        problem = "is damaged: manifest.json is unreadable (maximum recursion depth exceeded"
+    else:
+        rewrite(run / "checkpoint-3", name, nested)
+        problem = "is unreadable (training_state.json: maximum recursion depth exceeded"
+    found, skipped = find_resumable(run)
+    assert found == run / "checkpoint-2" and skipped[0].startswith(f"checkpoint {str(run / 'checkpoint-3')!r} {problem}")
+    assert main(["sample", "--device", "cpu", "--lora", str(run / "checkpoint-3"), "--prompt", "cat",
+                 "--output-dir", str(run / "out")]) == 2
+    assert stderr_lines(capsys, "rlcm-fast: error")[0].startswith(f"rlcm-fast: error: checkpoint "
+                                                                  f"{str(run / 'checkpoint-3')!r} {problem}")
+
+
+def test_sample_of_a_lora_file_with_a_garbled_header_is_one_line(run, capsys):
+    rewrite(run / "checkpoint-3", "pytorch_lora_weights.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    assert main(["sample", "--device", "cpu", "--lora", str(run / "checkpoint-3"), "--prompt", "cat",
+                 "--output-dir", str(run / "out")]) == 2
+    assert stderr_lines(capsys, "rlcm-fast: error")[0].startswith(
+        f"rlcm-fast: error: --lora {str(run / 'checkpoint-3')!r} cannot be loaded into model 'tiny': ")
 
 
 @pytest.mark.parametrize("case", ["negative epoch", "update without its epoch"])
