@@ -7,6 +7,9 @@ from importlib import resources
 from pathlib import Path
 
 PROMPT_SETS = ("imagenet_animals", "simple_animals", "alignment")
+# Far past the 77 tokens a CLIP text encoder reads; a 20 MB line made each epoch's sampling 100x slower, and a
+# stopped epoch's checkpoint holds its prompts.
+MAX_PROMPT_CHARS = 10_000
 
 
 def _read_lines(filename: str) -> tuple[str, ...]:
@@ -34,10 +37,14 @@ def load_prompt_set(name: str) -> tuple[str, ...]:
     if not path.is_file():
         raise ValueError(f"prompts {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}, or a text file of one "
                          "prompt per line")
-    try:
-        prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:  # utf-8-sig: a byte-order mark that an editor wrote is not part of the first prompt
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"prompts file {name!r} is unreadable: {exc}") from None
+    prompts = tuple(line for line in lines if line)
     if not prompts:
         raise ValueError(f"prompts file {name!r} holds no prompt; it needs one prompt per line")
+    if (longest := max(prompts, key=len)) and len(longest) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompts file {name!r} line {lines.index(longest) + 1} has {len(longest)} characters; at "
+                         f"most {MAX_PROMPT_CHARS} (the text encoder reads the first 77 tokens)")
     return prompts

@@ -40,3 +40,18 @@ def test_a_prompt_file_is_stripped_of_blank_lines_and_spaces_and_an_empty_one_is
     empty.write_text("\n \n", encoding="utf-8")
     with pytest.raises(ValueError, match="holds no prompt"):
         load_prompt_set(str(empty))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt_and_a_huge_line_is_refused(tmp_path):
+    import pytest
+
+    from rlcm_fast.prompts import MAX_PROMPT_CHARS
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffa cat\na dog\n".encode("utf-8"))
+    assert load_prompt_set(str(path)) == ("a cat", "a dog")
+    huge = tmp_path / "huge.txt"
+    huge.write_text(f"a cat\n\n{'x' * MAX_PROMPT_CHARS}\n{'y' * (MAX_PROMPT_CHARS + 1)}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"^prompts file '{huge}' line 4 has {MAX_PROMPT_CHARS + 1} characters; at most "
+                                         f"{MAX_PROMPT_CHARS} \\(the text encoder reads the first 77 tokens\\)$"):
+        load_prompt_set(str(huge))
