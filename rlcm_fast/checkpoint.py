@@ -81,6 +81,16 @@ def _optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _optimizer_shape_problem(optimizer) -> str | None:
+    """Why the loaded per-parameter state (AdamW's moments) does not fit the parameters' shapes, or None."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param in enumerate(params):
+        for name, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                return f"its {name} of parameter {index} is {list(value.shape)}, the parameter {list(param.shape)}"
+    return None
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -412,6 +422,8 @@ def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracke
         optimizer.load_state_dict(_optimizer_state_from(optimizer_tensors, state["optimizer"]))
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match this optimizer: {exc}") from None
+    if problem := _optimizer_shape_problem(optimizer):  # torch takes any shape here and fails at the first step
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match this optimizer: {problem}")
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     stat_tracker.load_state_dict(state["stat_tracker"])
     try:

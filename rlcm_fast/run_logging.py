@@ -73,12 +73,15 @@ class RunLogger:
         def record_before_checkpoint(line: str) -> dict | None:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # the half-written last line of a killed run
+                before = record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
+            # The half-written last line of a killed run, or a line that is not a record of ours (an edited or
+            # damaged file: a list, a record without its step, bytes that are not UTF-8) is dropped.
+            except (ValueError, TypeError, KeyError, RecursionError):
                 return None
-            before = record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
             return record if before else None
 
-        kept = [(line, record) for line in self.metrics_path.read_text().splitlines()
+        text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
+        kept = [(line, record) for line in text.splitlines()
                 if line and (record := record_before_checkpoint(line)) is not None]
         self._epochs = [record for _, record in kept if record["kind"] == "epoch"]
         tmp = self.metrics_path.with_suffix(".tmp")

@@ -7,6 +7,7 @@ for the newest intact one, or, named exactly, is a one-line error; a write failu
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 
 import rlcm_fast
 from rlcm_fast import checkpoint as ckpt_module
@@ -23,6 +24,7 @@ from rlcm_fast.checkpoint import (CheckpointError, IncompatibleCheckpointError, 
 from rlcm_fast.checkpoint_checks import STATE_FORMAT
 from rlcm_fast.cli import main
 from rlcm_fast.tiny_presets import preset_weights_id
+from rlcm_fast.trainer import Trainer
 
 # 3 epochs of one update each (2 samples), a checkpoint after each, all kept.
 ARGS = ["--device", "cpu", "--set", "epochs=3", "--set", "checkpoint_every=1", "--set", "keep_checkpoints=0",
@@ -209,6 +211,45 @@ def test_json_nested_too_deep_to_parse_is_damage_not_a_recursion_traceback(run, 
                  "--output-dir", str(run / "out")]) == 2
     assert stderr_lines(capsys, "rlcm-fast: error")[0].startswith(f"rlcm-fast: error: checkpoint "
                                                                   f"{str(run / 'checkpoint-3')!r} {problem}")
+
+
+def test_optimizer_moments_of_another_shape_are_one_line_before_training(run, capsys, monkeypatch):
+    """torch's load_state_dict takes moments of any shape; the first step then failed with a traceback."""
+    tensors = load_file(run / "checkpoint-3" / "optimizer.safetensors")
+    name = sorted(key for key in tensors if key.endswith("exp_avg"))[0]
+    tensors[name] = torch.zeros(3)
+    rewrite(run / "checkpoint-3", "optimizer.safetensors", save(tensors))
+    monkeypatch.setattr(Trainer, "train", lambda self: pytest.fail("training started"))
+    assert main(["train", "--resume", str(run / "checkpoint-3"), "--set", "epochs=4"]) == 2
+    assert re.fullmatch(rf"rlcm-fast: error: checkpoint {re.escape(repr(str(run / 'checkpoint-3')))} does not match "
+                        r"this optimizer: its exp_avg of parameter \d+ is \[3\], the parameter \[\d+(, \d+)*\]",
+                        stderr_lines(capsys, "rlcm-fast: error")[0])
+
+
+def test_metrics_lines_that_are_not_records_are_dropped_on_resume(run):
+    metrics = run / "metrics.jsonl"
+    kept = metrics.read_bytes()
+    metrics.write_bytes(kept + b'[1, 2]\n{"kind": "step"}\n\xff\xfe not text\n' + b"[" * 100_000 + b"\n")
+    assert main(["train", "--resume", str(run), "--set", "epochs=3"]) == 0  # nothing to train: the file is kept
+    assert main(["train", "--resume", str(run), "--set", "epochs=4"]) == 0
+    lines = metrics.read_text().splitlines()
+    assert metrics.read_bytes().startswith(kept) and all(json.loads(line)["kind"] in ("step", "epoch") for line in lines)
+    assert [json.loads(line)["epoch"] for line in lines if json.loads(line)["kind"] == "epoch"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("name", ["reward.png", "samples", "checkpoint-1"])
+def test_a_run_folder_holding_a_symbolic_link_is_refused_before_anything_is_written(run, tmp_path, capsys, name):
+    """A run folder from elsewhere whose reward.png linked to a user's file had the resumed run write a PNG over it
+    (security audit); a linked checkpoint made pruning fail with a traceback."""
+    victim = tmp_path / "victim"
+    victim.mkdir() if name != "reward.png" else victim.write_text("important")
+    shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    (run / name).symlink_to(victim)
+    assert main(["train", "--resume", "auto", "--output-dir", str(run), "--set", "epochs=4"]) == 2
+    assert stderr_lines(capsys, "rlcm-fast: error") == [
+        f"rlcm-fast: error: output dir {str(run)!r} holds a symbolic link, {name} -> {str(victim)!r}; a run writes "
+        "its files in place and would write through it: put the file or folder itself there"]
+    assert (victim.read_text() == "important") if name == "reward.png" else list(victim.iterdir()) == []
 
 
 def test_sample_of_a_lora_file_with_a_garbled_header_is_one_line(run, capsys):
