@@ -244,12 +244,6 @@ def _check_run_dir(run_dir: Path) -> None:
     loading). Nothing is created here: a run refused later leaves no folder behind."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created: it is a file")
-    # A run folder from elsewhere whose reward.png or samples/ links out would have the run write over the target.
-    for entry in os.scandir(run_dir) if run_dir.is_dir() else ():
-        if entry.is_symlink():
-            raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name} -> "
-                             f"{os.readlink(entry.path)!r}; a run writes its files in place and would write through "
-                             "it: put the file or folder itself there")
     existing = run_dir
     while not existing.exists():
         existing = existing.parent
@@ -262,6 +256,12 @@ def _check_run_dir(run_dir: Path) -> None:
     except OSError as exc:
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: making a folder in "
                          f"{str(existing)!r} failed: {exc.strerror or exc}") from None
+    # A run folder from elsewhere whose reward.png or samples/ links out would have the run write over the target.
+    for entry in os.scandir(run_dir) if existing == run_dir else ():
+        if entry.is_symlink():
+            raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name} -> "
+                             f"{os.readlink(entry.path)!r}; a run writes its files in place and would write through "
+                             "it: put the file or folder itself there")
 
 
 @contextlib.contextmanager
