@@ -4,6 +4,7 @@ allowed. Every config passes here however it was built (presets, a YAML file, --
 from __future__ import annotations
 
 import math
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -60,17 +61,30 @@ def _check_reward_options(cfg: TrainConfig) -> None:
     for name in ("aesthetic_model", "clipscore_model", "pickscore_model", "pickscore_processor"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is invalid: it must be a hub id or a local folder")
-    if problem := _url_problem(cfg.reward_server):
-        raise ConfigError(f"reward_server {cfg.reward_server!r} is invalid ({problem}): expected http://host:port")
+    if problem := url_problem(cfg.reward_server):
+        shown = without_credentials(cfg.reward_server)
+        removed = " (user info removed)" if shown != cfg.reward_server else ""
+        raise ConfigError(f"reward_server {shown!r}{removed} is invalid ({problem}): expected http://host:port")
     _positive_float("reward_timeout", cfg.reward_timeout)
     if cfg.reward_timeout > MAX_REWARD_TIMEOUT:  # 1e300 was an OverflowError from the socket, after sampling
         raise ConfigError(f"reward_timeout={cfg.reward_timeout} is invalid: it must be at most "
                           f"{MAX_REWARD_TIMEOUT:g} seconds (a day)")
 
 
-def _url_problem(url: str) -> str | None:
+# "user:password@" before the host, with or without "scheme://": whatever precedes the authority's last '@'.
+USER_INFO = re.compile(r"^((?:[^:/?#]*:)?//)?[^/?#]*@")
+
+
+def without_credentials(url: str) -> str:
+    """`url` without its user info, for messages: a password must not reach the terminal or a log."""
+    return USER_INFO.sub(r"\1", url)
+
+
+def url_problem(url: str) -> str | None:
     """What makes `url` unusable as the reward server's address, or None. Checked here: "http://" retried for a
     minute before failing, and "http://[::1" failed as the reward's own ValueError, both after sampling."""
+    if USER_INFO.match(url):  # the client never sent it as auth; it named the host "user:password@host"
+        return "a user:password@ is never sent, and would be written into config.yaml and checkpoints"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # raises ValueError for a port out of range or not a number

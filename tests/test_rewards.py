@@ -233,6 +233,27 @@ def test_bad_reward_config_values(overrides, message):
         resolve_config(overrides=overrides)
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("http://alice:S3cret@127.0.0.1:8060", "http://127.0.0.1:8060"),
+    ("https://alice:S3c@ret@reward.example/prefix", "https://reward.example/prefix"),  # an unescaped '@' too
+    ("alice:S3cret@127.0.0.1:8060", "127.0.0.1:8060"),  # no scheme
+    ("http://token@127.0.0.1:8060", "http://127.0.0.1:8060"),
+])
+def test_a_reward_server_url_with_credentials_is_refused_without_echoing_them(url, shown):
+    # They were never sent as auth (the client looked up "alice:S3cret@127.0.0.1" as the host) and were written
+    # into config.yaml, every checkpoint and the error line.
+    with pytest.raises(ConfigError) as error:
+        resolve_config(overrides={"reward_server": url})
+    assert str(error.value) == (f"reward_server {shown!r} (user info removed) is invalid (a user:password@ is "
+                                "never sent, and would be written into config.yaml and checkpoints): "
+                                "expected http://host:port")
+    assert resolve_config(overrides={"reward_server": "http://127.0.0.1:8060/a@b"}).reward_server.endswith("/a@b")
+    with pytest.raises(RewardError) as error:  # a client built in code, without a config
+        make_reward("alignment", reward_server=url)
+    assert str(error.value) == (f"reward_server {shown!r} is invalid (a user:password@ is never sent, and would be "
+                                "written into config.yaml and checkpoints): expected http://host:port")
+
+
 def test_training_runs_on_a_weighted_sum_with_a_user_reward(tmp_path, user_rewards):
     from rlcm_fast.cli import main
     from tiny_reward_models import save_tiny_clip

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config_checks import url_problem, without_credentials
 from .base import RewardError
 from .jpeg import to_uint8_images
 
@@ -30,8 +31,9 @@ DEFAULT_SERVER = "http://127.0.0.1:8060"
 class AlignmentClient:
     def __init__(self, url: str = DEFAULT_SERVER, timeout: float = 120.0, retries: int = 6, backoff: float = 1.0,
                  max_backoff: float = 30.0, batch_size: int = 16, jpeg_quality: int = 95):
-        if not url.startswith(("http://", "https://")):
-            raise RewardError(f"reward_server {url!r} is invalid: expected http://host:port")
+        if problem := url_problem(url):  # credentials are never echoed: the message shows the URL without them
+            raise RewardError(f"reward_server {without_credentials(url)!r} is invalid ({problem}): "
+                              "expected http://host:port")
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.batch_size, self.jpeg_quality = batch_size, jpeg_quality
