@@ -12,7 +12,6 @@ import base64
 import http.client
 import io
 import json
-import time
 import urllib.error
 import urllib.request
 from typing import Sequence
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..config_checks import url_problem, without_credentials
-from .base import RewardError
+from .base import RewardError, reward_cancelled
 from .jpeg import to_uint8_images
 
 DEFAULT_SERVER = "http://127.0.0.1:8060"
@@ -46,8 +45,9 @@ class AlignmentClient:
     def _post(self, payload: bytes, count: int) -> list[float]:
         last = ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+            # The wait wakes at once when the run stops (AsyncReward.close): no one would read these rewards.
+            if attempt and reward_cancelled(wait=min(self.backoff * 2 ** (attempt - 1), self.max_backoff)):
+                raise RewardError(f"reward server {self.url}: retries abandoned ({last}): the run is stopping")
             request = urllib.request.Request(f"{self.url}/score", data=payload, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:

@@ -20,6 +20,9 @@ import inspect
 import math
 import os
 import re
+import threading
+import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -165,12 +168,73 @@ class WeightedSum:
 
 
 class AsyncReward:
-    """Scores batches on a background thread so that rewards overlap with the next sampling round."""
+    """Scores batches on a background thread so that rewards overlap with the next sampling round.
+
+    A failed batch ends the run (collect_rewards raises it), so it cancels the batches queued behind it, as
+    close() and the program's exit do. Python waits for the worker thread at exit, and it used to score every
+    queued batch first: with the reward server down, one retried minute each, ten minutes after the error line."""
 
     def __init__(self, name: str, fn: RewardFn):
         self.name = name
         self.fn = fn
+        self.cancelled = threading.Event()
         self.worker = ThreadPoolExecutor(max_workers=1)
+        _OPEN_REWARDS.add(self)
 
     def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> Future:
-        return self.worker.submit(lambda: checked_rewards(self.name, self.fn(images, list(prompts)), len(prompts)))
+        if not self.cancelled.is_set():
+            try:
+                return self.worker.submit(self._score, images, list(prompts))
+            except RuntimeError:  # closed meanwhile: the executor takes no more work
+                pass
+        future = Future()
+        future.set_exception(self._not_scored())
+        return future
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
+        if self.cancelled.is_set():
+            raise self._not_scored()
+        _worker_state.cancelled = self.cancelled  # what reward_cancelled() reads on this thread
+        try:
+            return checked_rewards(self.name, self.fn(images, prompts), len(prompts))
+        except BaseException:
+            self.cancelled.set()  # before this future is done: no batch behind it starts
+            raise
+        finally:
+            _worker_state.cancelled = None
+
+    def _not_scored(self) -> RewardError:
+        return RewardError(f"reward {self.name!r}: batch not scored, as an earlier batch failed or the run stopped")
+
+    def close(self) -> None:
+        """Cancel the queued batches and wake a reward waiting in reward_cancelled(); the one running finishes
+        its current attempt. Later submits fail at once."""
+        self.cancelled.set()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+_worker_state = threading.local()
+_OPEN_REWARDS: "weakref.WeakSet[AsyncReward]" = weakref.WeakSet()
+
+
+def reward_cancelled(wait: float = 0.0) -> bool:
+    """Whether the AsyncReward running this call was closed or had a batch fail, after waiting up to `wait`
+    seconds (returning as soon as that happens): a reward's retry loop stops there instead of retrying a batch
+    no one will read. Outside an AsyncReward's worker it sleeps `wait` and returns False."""
+    cancelled = getattr(_worker_state, "cancelled", None)
+    if cancelled is None:
+        time.sleep(wait)
+        return False
+    return cancelled.wait(wait)
+
+
+def _close_open_rewards() -> None:
+    for reward in list(_OPEN_REWARDS):
+        reward.close()
+
+
+# At exit Python joins the executor's thread (concurrent.futures registers that hook when ThreadPoolExecutor is
+# imported, above) after it has run every queued batch. Hooks run last registered first, so this one cancels
+# them before; atexit.register would run only after the join. CPython's own hook, hence the guard.
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_close_open_rewards)
