@@ -1,17 +1,20 @@
-"""The async runner's cancelling of queued batches, with the alignment client against a port where nothing
-listens: no models, each test well under a few seconds."""
+"""The alignment client against broken or hostile servers (stubs on 127.0.0.1), and the async runner's cancelling:
+no models, each test well under a few seconds."""
 
+import json
+import re
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlcm_fast.rewards import AlignmentClient, AsyncReward, RewardError
+from rlcm_fast.rewards import AlignmentClient, AsyncReward, RewardError, alignment
 from rlcm_fast.rewards.base import reward_cancelled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,9 +24,124 @@ def images(n=1, seed=0):
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
+@contextmanager
+def stub(answer):
+    """A server on a thread whose POST handler is answer(handler); yields (url, the paths requested)."""
+    requests = []
+
+    class Stub(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            requests.append(("POST", self.path))
+            try:
+                answer(self)
+            except OSError:  # the client hung up
+                pass
+            self.close_connection = True
+
+        def do_GET(self):  # noqa: N802  (where a followed redirect would land)
+            requests.append(("GET", self.path))
+            send(self, 200, json.dumps({"rewards": [99.0]}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # quick shutdown
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def send(handler, status, body, headers=(("Content-Length", None),)):
+    handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, str(len(body)) if value is None else value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def free_port_url():
     with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as probe:
         return f"http://127.0.0.1:{probe.server_port}"  # free a moment ago; nothing listens there now
+
+
+# -- the reply's size and time --------------------------------------------------------------------------
+
+BIG_BUT_VALID = b" " * 5000 + b'{"rewards": [0.5]}'  # JSON, so read whole it used to pass as rewards
+
+
+@pytest.mark.parametrize("status, headers, message", [
+    (200, [("Content-Length", None)], r"over 1000 bytes \(HTTP 200, Content-Length 5018\)"),
+    (200, [("Connection", "close")], r"over 1000 bytes \(HTTP 200, without Content-Length\)"),
+    (400, [("Connection", "close")], r"over 1000 bytes \(HTTP 400, without Content-Length\)"),
+    (503, [("Content-Length", None)], r"over 1000 bytes \(HTTP 503, Content-Length 5018\)"),
+])
+def test_a_reply_over_the_cap_fails_at_once_without_retries(monkeypatch, status, headers, message):
+    # An endless body grew memory by 600 MiB/s; a smaller cap here stands for MAX_REPLY_BYTES.
+    monkeypatch.setattr(alignment, "MAX_REPLY_BYTES", 1000)
+    with stub(lambda handler: send(handler, status, BIG_BUT_VALID, headers)) as (url, requests):
+        with pytest.raises(RewardError, match=rf"^reward server {url} sent a reply {message}; expected a JSON"):
+            AlignmentClient(url, retries=3, backoff=0.01)(images(), ["a"])
+        assert len(requests) == 1
+
+
+def test_a_reply_at_the_cap_is_read(monkeypatch):
+    monkeypatch.setattr(alignment, "MAX_REPLY_BYTES", len(BIG_BUT_VALID))
+    with stub(lambda handler: send(handler, 200, BIG_BUT_VALID, [("Connection", "close")])) as (url, _):
+        assert AlignmentClient(url, retries=0)(images(), ["a"]).tolist() == [0.5]
+
+
+def drip(data, seconds_per_byte=0.05):
+    def answer(handler):
+        for byte in data:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(seconds_per_byte)
+    return answer
+
+
+REPLY = b'{"rewards": [0.5]}'
+
+
+@pytest.mark.parametrize("answer", [
+    drip(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY)),  # the headers too
+    lambda handler: (handler.send_response(200), handler.send_header("Content-Length", str(len(REPLY))),
+                     handler.end_headers(), drip(REPLY)(handler)),
+])
+def test_a_reply_that_drips_times_out_at_reward_timeout(answer):
+    # Each byte came well within the socket timeout, so a reply at one byte a second never timed out.
+    with stub(answer) as (url, requests):
+        start = time.monotonic()
+        with pytest.raises(RewardError, match=rf"{url} is unreachable after 2 attempts \(timed out: no complete "
+                                              r"reply within reward_timeout=0.4 s\)"):
+            AlignmentClient(url, timeout=0.4, retries=1, backoff=0.01)(images(), ["a"])
+        assert time.monotonic() - start < 1.5  # 2 x 0.4 s, not the 2 x 2.6 s the drips take
+        assert len(requests) == 2  # retried, like any timeout
+
+
+def test_a_slow_but_steady_reply_within_the_timeout_is_read():
+    with stub(lambda handler: (time.sleep(0.2), send(handler, 200, REPLY))) as (url, _):
+        assert AlignmentClient(url, timeout=2, retries=0)(images(), ["a"]).tolist() == [0.5]
+
+
+# -- redirects ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_one_line_failure_and_is_not_followed(status):
+    with stub(lambda handler: None) as (elsewhere, landed):
+        target = f"{elsewhere}/elsewhere?stolen=1"
+        answer = lambda handler: send(handler, status, b"", [("Location", target), ("Content-Length", None)])
+        with stub(answer) as (url, requests):
+            with pytest.raises(RewardError, match=rf"^reward server {url} answered {status} redirecting to "
+                                                  rf"{re.escape(repr(target))}; redirects are not followed"):
+                AlignmentClient(url, retries=3, backoff=0.01)(images(), ["a"])
+            assert requests == [("POST", "/score")]
+        assert landed == []
 
 
 # -- cancelling queued batches --------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Images go as base64 JPEG (quality 95, Pillow) in JSON batches to POST {url}/score (protocol in
 alignment_server.py). Connection errors, timeouts, replies cut short and 5xx replies are retried with
 exponential backoff; a 4xx reply is a bug in the request and fails at once; when the server stays down the
-RewardError names the URL.
+RewardError names the URL. The timeout bounds each attempt whole, from connecting to the reply's last byte.
+A redirect fails at once (never followed: the rewards would come from wherever it points), and so does a
+reply over MAX_REPLY_BYTES. The request goes straight to the server (http.client: no proxy, no redirect).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import base64
 import http.client
 import io
 import json
-import urllib.error
-import urllib.request
+import socket
+import threading
+import urllib.parse
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +28,16 @@ from .base import RewardError, reward_cancelled
 from .jpeg import to_uint8_images
 
 DEFAULT_SERVER = "http://127.0.0.1:8060"
+
+# The most bytes of a reply read, body or error. A batch's reply is 16 rewards and 16 answers of at most
+# --max-new-tokens tokens (48 by default): a few KB, and still well under 1 MiB at 4096 tokens of escaped
+# non-ASCII text; an error body is one message. Beyond it a server sending an endless body grew memory by
+# 600 MiB/s; 8 MiB is far above any real reply and harmless to hold.
+MAX_REPLY_BYTES = 8 * 2**20
+
+
+class ReplyTooLarge(Exception):
+    """A reply over MAX_REPLY_BYTES: a broken or hostile server, not worth retrying."""
 
 
 class AlignmentClient:
@@ -48,21 +61,31 @@ class AlignmentClient:
             # The wait wakes at once when the run stops (AsyncReward.close): no one would read these rewards.
             if attempt and reward_cancelled(wait=min(self.backoff * 2 ** (attempt - 1), self.max_backoff)):
                 raise RewardError(f"reward server {self.url}: retries abandoned ({last}): the run is stopping")
-            request = urllib.request.Request(f"{self.url}/score", data=payload, method="POST",
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    body = json.loads(reply.read())
-            except urllib.error.HTTPError as exc:
-                message = _error_message(exc)
-                if exc.code < 500:
-                    raise RewardError(f"reward server {self.url} refused the request ({exc.code}): {message}") from None
-                last = f"HTTP {exc.code}: {message}"
+                reply, data = self._exchange(payload)
+            except TimeoutError:
+                last = f"timed out: no complete reply within reward_timeout={self.timeout:g} s"
                 continue
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                # refused, reset, timed out, or the server died halfway through its reply (IncompleteRead)
-                last = str(getattr(exc, "reason", exc)) or type(exc).__name__
+            except ReplyTooLarge as exc:
+                raise RewardError(f"reward server {self.url} sent a reply over {MAX_REPLY_BYTES} bytes ({exc}); "
+                                  "expected a JSON object of rewards") from None
+            except (OSError, http.client.HTTPException) as exc:
+                # refused, reset, or the server died halfway through its reply (IncompleteRead)
+                last = str(exc) or type(exc).__name__
                 continue
+            status = reply.status
+            if 300 <= status < 400:
+                raise RewardError(f"reward server {self.url} answered {status} redirecting to "
+                                  f"{reply.getheader('Location')!r:.200}; redirects are not followed: set "
+                                  "reward_server to the server's own address")
+            if status >= 500:
+                last = f"HTTP {status}: {_error_message(reply, data)}"
+                continue
+            if not 200 <= status < 300:
+                raise RewardError(f"reward server {self.url} refused the request ({status}): "
+                                  f"{_error_message(reply, data)}")
+            try:
+                body = json.loads(data)
             except json.JSONDecodeError:
                 raise RewardError(f"reward server {self.url} sent a reply that is not JSON") from None
             rewards = body.get("rewards") if isinstance(body, dict) else None
@@ -75,6 +98,45 @@ class AlignmentClient:
             f"start it with `rlcm-fast serve-reward --reward alignment` or set reward_server"
         )
 
+    def _exchange(self, payload: bytes) -> tuple[http.client.HTTPResponse, bytes]:
+        """One POST /score: the reply and its body (at most MAX_REPLY_BYTES); TimeoutError when it is not
+        over within self.timeout. The socket timeout bounds each read only, so a server sending a byte a second
+        never timed out: at the deadline a timer shuts the connection, which ends whatever read is waiting."""
+        parts = urllib.parse.urlsplit(self.url)
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_type(parts.hostname, parts.port, timeout=self.timeout)
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            if connection.sock is not None:
+                try:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+
+        deadline = threading.Timer(self.timeout, expire)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            connection.connect()
+            if expired.is_set():  # expired while connecting, before the socket could be shut
+                raise TimeoutError
+            connection.request("POST", f"{parts.path}/score", body=payload,
+                               headers={"Content-Type": "application/json"})
+            reply = connection.getresponse()
+            data = _read_capped(reply)
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():  # what the shut connection raised
+                raise TimeoutError from None
+            raise
+        finally:
+            deadline.cancel()
+            connection.close()
+        if expired.is_set():  # a reply without Content-Length reads as ended where the connection was shut
+            raise TimeoutError
+        return reply, data
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
         pixels = to_uint8_images(images)
         rewards: list[float] = []
@@ -86,8 +148,20 @@ class AlignmentClient:
         return np.asarray(rewards, dtype=np.float64)
 
 
-def _error_message(error: urllib.error.HTTPError) -> str:
+def _read_capped(reply: http.client.HTTPResponse) -> bytes:
+    """The reply's body, or ReplyTooLarge past MAX_REPLY_BYTES (read no further); IncompleteRead when cut short."""
+    if reply.length is not None:  # Content-Length: known before reading
+        if reply.length > MAX_REPLY_BYTES:
+            raise ReplyTooLarge(f"HTTP {reply.status}, Content-Length {reply.length}")
+        return reply.read()
+    data = reply.read(MAX_REPLY_BYTES + 1)  # chunked or until the server closes
+    if len(data) > MAX_REPLY_BYTES:
+        raise ReplyTooLarge(f"HTTP {reply.status}, without Content-Length")
+    return data
+
+
+def _error_message(reply: http.client.HTTPResponse, data: bytes) -> str:
     try:
-        return str(json.loads(error.read()).get("error", ""))[:300]
-    except (ValueError, AttributeError, OSError, http.client.HTTPException):
-        return error.reason or ""
+        return str(json.loads(data).get("error", ""))[:300]
+    except (ValueError, AttributeError, RecursionError):  # not the server's {"error": ...}: e.g. a proxy's page
+        return reply.reason or ""
