@@ -250,7 +250,8 @@ def test_a_failing_reward_is_named_after_saving_the_state_before_the_epoch(refer
     else:  # resumed from checkpoint-1 (the module stays imported): nothing new to save, it stays as it was
         assert train(run_dir, "--set", f"reward={module}:reward", "--set", "epochs=1") == 0
         capsys.readouterr()
-        assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "epochs=2"]) == 2
+        assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "epochs=2",
+                     "--reward", f"{module}:reward"]) == 2
     line = one_error_line(capsys)
     assert f"reward '{module}:reward' {message}" in line and "checkpoint-1 holds the state before epoch 2" in line
     verify_checkpoint(run_dir / "checkpoint-1")
