@@ -227,3 +227,18 @@ def test_the_program_exits_without_scoring_the_queued_batches():
     done = subprocess.run([sys.executable, "-c", EXITING], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stdout.split() == ["scored"]  # the running one only
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'\xff\xfe{"rewards": [0.5]}', "sent a reply that is not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "sent a reply that is not JSON"),
+    (b'{"rewards": [1' + b"0" * 400 + b"]}", "sent a reward beyond float64's range"),
+], ids=["not UTF-8", "nested too deep", "a 401-digit integer"])
+def test_a_reply_of_garbage_is_a_reward_error_that_says_so(body, message):
+    with stub(lambda handler: send(handler, 200, body)) as (url, _):
+        reward = AsyncReward("alignment", AlignmentClient(url, timeout=5.0, retries=0))
+        try:
+            with pytest.raises(RewardError, match=re.escape(message)):
+                reward.submit(images(), ["a cat"]).result(timeout=10)
+        finally:
+            reward.close()

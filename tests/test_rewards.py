@@ -77,6 +77,8 @@ def test_checked_rewards_rejects_wrong_length_and_non_finite_values():
         checked_rewards("r", [1, 2, 3], 2)
     with pytest.raises(RewardError, match="non-finite values \\(nan at index 1\\)"):
         checked_rewards("r", torch.tensor([0.0, float("nan")]), 2)
+    with pytest.raises(RewardError, match="^reward 'r' returned an integer beyond float64's range, expected 2 floats$"):
+        checked_rewards("r", [1, 10 ** 400], 2)  # OverflowError traceback before
 
 
 USER_REWARDS = """

@@ -86,13 +86,17 @@ class AlignmentClient:
                                   f"{_error_message(reply, data)}")
             try:
                 body = json.loads(data)
-            except json.JSONDecodeError:
+            # ValueError: not JSON, or not UTF-8 (UnicodeDecodeError); RecursionError: nested too deep to parse
+            except (ValueError, RecursionError):
                 raise RewardError(f"reward server {self.url} sent a reply that is not JSON") from None
             rewards = body.get("rewards") if isinstance(body, dict) else None
             if not isinstance(rewards, list) or len(rewards) != count \
                     or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
                 raise RewardError(f"reward server {self.url} sent {body!r:.200}, expected {count} numbers as rewards")
-            return rewards
+            try:
+                return [float(r) for r in rewards]
+            except OverflowError:  # JSON integers have no size limit
+                raise RewardError(f"reward server {self.url} sent a reward beyond float64's range") from None
         raise RewardError(
             f"reward server {self.url} is unreachable after {self.retries + 1} attempts ({last}); "
             f"start it with `rlcm-fast serve-reward --reward alignment` or set reward_server"

@@ -53,6 +53,9 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
         if isinstance(values, (list, tuple)):  # e.g. a list of 0-d tensors, some requiring grad
             values = [v.detach().float().cpu() if torch.is_tensor(v) else v for v in values]
         array = np.asarray(values.detach().float().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+    except OverflowError:  # an integer a float cannot hold (a reward server's JSON can carry any)
+        raise RewardError(f"reward {name!r} returned an integer beyond float64's range, expected {count} floats") \
+            from None
     except (TypeError, ValueError, RuntimeError):
         raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected {count} floats") from None
     if array.shape != (count,):
