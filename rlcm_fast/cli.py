@@ -186,7 +186,6 @@ def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None
     """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
     command line, for `--resume auto`), refused where it changes what the checkpoint depends on."""
     from .checkpoint import read_training_state
-    from .rewards import user_reward_names
 
     state = read_training_state(checkpoint)
     before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
@@ -203,13 +202,38 @@ def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None
             raise ConfigError(
                 f"{key}={values.get(key)!r} differs from the checkpoint's {old!r}; {where} cannot change it"
             )
-    # A checkpoint names its reward, and a user reward is a module that building it imports and runs: from a run
-    # folder made elsewhere that is any code, so it runs only when this command line names it too.
+    if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
+        _check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
+    return validate(TrainConfig(**values))
+
+
+def _check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overrides: dict) -> None:
+    """A run folder made elsewhere may name any module as its reward, and any host as its reward server: a
+    resume runs that code, or sends the images and prompts off this machine, only when this command line names
+    them too."""
+    from .rewards import BUILTIN_REWARDS, parse_reward_spec, user_reward_names
+
+    defaults = TrainConfig()
     reward = values.get("reward", defaults.reward)
-    if fresh is None and "reward" not in overrides and (modules := user_reward_names(reward)):
+    if "reward" not in overrides and (modules := user_reward_names(reward)):
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(modules)}), which "
                           f"resuming imports and runs: add --reward {reward!r} to run it")
-    return validate(TrainConfig(**values))
+    server = values.get("reward_server", defaults.reward_server)
+    uses_server = any(term.name == "alignment" for term in parse_reward_spec(reward, tuple(BUILTIN_REWARDS)))
+    if uses_server and "reward_server" not in overrides and not _on_this_machine(server):
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
+                          f"add --set reward_server={server} to send them there")
+
+
+def _on_this_machine(url: str) -> bool:
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(str(url)).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from rlcm_fast.cli import main
+from rlcm_fast.config import ConfigError
 from rlcm_fast.rewards.base import looks_like_path
 from rlcm_fast.rewards import RewardError, checked_rewards
 
@@ -222,3 +223,28 @@ def test_version_is_the_installed_distributions(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"rlcm-fast {importlib.metadata.version('rlcm-fast')}\n"
     assert rlcm_fast.__version__ == importlib.metadata.version("rlcm-fast")  # pyproject.toml's, written twice
+
+
+@pytest.mark.parametrize("reward, server, overrides, refused", [
+    ("alignment", "http://198.51.100.7:8060", {}, True),
+    ("jpeg_compressibility:1,alignment:0.5", "https://scores.example.org:443", {}, True),
+    ("alignment", "http://198.51.100.7:8060", {"reward_server": "http://198.51.100.7:8060"}, False),
+    ("alignment", "http://127.0.0.1:8060", {}, False),
+    ("alignment", "http://localhost:8060", {}, False),
+    ("alignment", "http://[::1]:8060", {}, False),
+    ("jpeg_compressibility", "http://198.51.100.7:8060", {}, False),
+])
+def test_a_resumed_checkpoint_sends_images_off_this_machine_only_to_a_server_the_command_line_names(
+        tmp_path, reward, server, overrides, refused):
+    """A run folder from elsewhere could name any host as its reward server; its prompts and images would go there."""
+    from rlcm_fast.cli import _check_what_the_checkpoint_alone_starts
+
+    check = lambda: _check_what_the_checkpoint_alone_starts(  # noqa: E731
+        tmp_path / "checkpoint-1", {"reward": reward, "reward_server": server}, overrides)
+    if not refused:
+        check()
+        return
+    with pytest.raises(ConfigError) as error:
+        check()
+    assert str(error.value) == (f"checkpoint '{tmp_path / 'checkpoint-1'}' sends its images and prompts to reward "
+                                f"server '{server}': add --set reward_server={server} to send them there")
