@@ -112,7 +112,12 @@ REPLY = b'{"rewards": [0.5]}'
     drip(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY)),  # the headers too
     lambda handler: (handler.send_response(200), handler.send_header("Content-Length", str(len(REPLY))),
                      handler.end_headers(), drip(REPLY)(handler)),
-])
+    # http.client lets go of the connection's socket at once when the reply closes it: the deadline missed these
+    lambda handler: (handler.send_response(200), handler.send_header("Content-Length", str(len(REPLY))),
+                     handler.send_header("Connection", "close"), handler.end_headers(), drip(REPLY)(handler)),
+    lambda handler: (handler.send_response(200), handler.send_header("Connection", "close"), handler.end_headers(),
+                     drip(REPLY)(handler)),
+], ids=["headers", "body", "body, connection close", "body, no length"])
 def test_a_reply_that_drips_times_out_at_reward_timeout(answer):
     # Each byte came well within the socket timeout, so a reply at one byte a second never timed out.
     with stub(answer) as (url, requests):

@@ -110,12 +110,14 @@ class AlignmentClient:
         connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         connection = connection_type(parts.hostname, parts.port, timeout=self.timeout)
         expired = threading.Event()
+        connected: list[socket.socket] = []  # the socket itself: a reply that closes the connection (Connection:
+        # close, or no length) leaves connection.sock None while its body is still read from this socket
 
         def expire():
             expired.set()
-            if connection.sock is not None:
+            for sock in connected:
                 try:
-                    connection.sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:  # already closed
                     pass
 
@@ -124,6 +126,7 @@ class AlignmentClient:
         deadline.start()
         try:
             connection.connect()
+            connected.append(connection.sock)
             if expired.is_set():  # expired while connecting, before the socket could be shut
                 raise TimeoutError
             connection.request("POST", f"{parts.path}/score", body=payload,
