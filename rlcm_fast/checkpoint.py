@@ -202,8 +202,9 @@ def remove_leftovers(run_dir: Path) -> None:
     for leftover in run_dir.glob(".checkpoint-*"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
-    # `latest`'s (_write_latest) and config.yaml's (run_logging.write_run_config) replacements
-    for leftover in (*run_dir.glob(f".{LATEST_FILE}.tmp-*"), *run_dir.glob(".config.yaml.tmp-*")):
+    # `latest`'s (_write_latest), config.yaml's (run_logging.write_run_config) and the pictures' replacements
+    for leftover in (*run_dir.glob(f".{LATEST_FILE}.tmp-*"), *run_dir.glob(".config.yaml.tmp-*"),
+                     *run_dir.glob(".*.png.tmp-*"), *run_dir.glob("samples/.*.png.tmp-*")):
         leftover.unlink(missing_ok=True)
 
 

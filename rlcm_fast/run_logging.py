@@ -21,6 +21,7 @@ GRID_IMAGES = 16  # the most images an epoch's sample grid shows
 GRID_TILE_PIXELS = 256  # the largest side of an image in the grid
 
 METRICS_FILE = "metrics.jsonl"
+PICTURE_TMP = ".tmp-"  # in a picture's name while it is written (".reward.png.tmp-<pid>.png"); leftovers are swept
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:
@@ -134,18 +135,22 @@ def save_sample_grid(
         grid.paste(tile, (x, y))
         draw.text((x + 2, y + size + 1), f"{rewards[i]:.3f}", fill="black")
         draw.text((x + 2, y + size + 12), prompts[i][: size // 6], fill="gray")
-    _write_or_warn(path, "sample grid", lambda: grid.save(path))
+    _write_or_warn(path, "sample grid", grid.save)
 
 
 def _write_or_warn(path: Path, what: str, write) -> None:
-    """Write a picture for people to look at; an OSError (a full disk) is a one-line warning and the run goes
-    on: a checkpoint written next reports a full disk itself. A partly written file is removed."""
+    """Write a picture for people to look at, through `write(file)`; an OSError (a full disk) is a one-line warning
+    and the run goes on: a checkpoint written next reports a full disk itself. The picture is written beside
+    `path` and renamed over it: a symbolic link at `path` (a run folder from elsewhere) is replaced, not written
+    through, and a partly written file never takes the name."""
+    partial = path.with_name(f".{path.name}{PICTURE_TMP}{os.getpid()}{path.suffix}")  # suffix: the format
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write()
+        write(partial)
+        partial.replace(path)
     except OSError as exc:
         try:
-            path.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
         except OSError:
             pass
         print(f"rlcm-fast: warning: could not write the {what} {str(path)!r}: {exc.strerror or exc}; "
@@ -170,7 +175,7 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) ->
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        _write_or_warn(path, "reward plot", lambda: fig.savefig(path))
+        _write_or_warn(path, "reward plot", fig.savefig)
     finally:
         plt.close(fig)
 

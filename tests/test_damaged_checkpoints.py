@@ -252,6 +252,17 @@ def test_a_run_folder_holding_a_symbolic_link_is_refused_before_anything_is_writ
     assert (victim.read_text() == "important") if name == "reward.png" else list(victim.iterdir()) == []
 
 
+def test_a_linked_sample_grid_is_replaced_not_written_through(run, tmp_path):
+    """Below the run folder's top level the pictures are written beside their name and renamed over it."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important")
+    (run / "samples" / "epoch-0004.png").symlink_to(victim)
+    assert main(["train", "--resume", str(run), "--set", "epochs=4"]) == 0
+    assert victim.read_text() == "important"
+    grid = run / "samples" / "epoch-0004.png"
+    assert not grid.is_symlink() and Image.open(grid).format == "PNG"
+
+
 def test_sample_of_a_lora_file_with_a_garbled_header_is_one_line(run, capsys):
     rewrite(run / "checkpoint-3", "pytorch_lora_weights.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     assert main(["sample", "--device", "cpu", "--lora", str(run / "checkpoint-3"), "--prompt", "cat",

@@ -81,13 +81,16 @@ def test_keep_checkpoints_prunes_older_ones_and_leftovers_of_killed_writers(tmp_
     for name in ("checkpoint-1", "checkpoint-2", "checkpoint-2-1", "checkpoint-3", "checkpoint-5",
                  ".checkpoint-4.tmp-1", ".checkpoint-2.trash-1", f".checkpoint-6.tmp-{os.getpid()}"):
         (tmp_path / name).mkdir()
-    for name in (f".latest.tmp-{os.getpid()}", ".config.yaml.tmp-7"):
+    (tmp_path / "samples").mkdir()
+    for name in (f".latest.tmp-{os.getpid()}", ".config.yaml.tmp-7", ".reward.png.tmp-7.png",
+                 "samples/.epoch-0002.png.tmp-7.png"):
         (tmp_path / name).write_text("half")
     ckpt_module.prune_checkpoints(tmp_path, keep=2, current=tmp_path / "checkpoint-3")
     # The 2 newest up to the one just written stay; checkpoint-5 (after it: an older history) is left alone.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2-1", "checkpoint-3", "checkpoint-5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2-1", "checkpoint-3", "checkpoint-5", "samples"]
+    assert list((tmp_path / "samples").iterdir()) == []
     ckpt_module.prune_checkpoints(tmp_path, keep=0, current=tmp_path / "checkpoint-3")
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(list(tmp_path.iterdir())) == 4
 
 
 def test_a_run_started_again_removes_the_leftovers_of_the_killed_one(reference, tmp_path):
