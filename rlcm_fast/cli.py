@@ -28,6 +28,7 @@ FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lo
 FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batch_size", "train_batch_size",
                    "gradient_accumulation_steps", "num_inner_epochs", "algorithm", "step_fraction", "guidance_scale",
                    "eta")
+PROBE_PREFIX = ".rlcm-fast-probe-"  # _check_run_dir's folder, made and removed to see that a folder can be made
 
 
 class UsageError(ValueError):
@@ -65,9 +66,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .faults import ModelLoadError
     from .rewards import RewardError
-    from .run_lock import RunFolderInUse
+    from .run_lock import RunFolderUnusable
 
-    return ConfigError, RewardError, ModelLoadError, CheckpointError, UsageError, RunFolderInUse
+    return ConfigError, RewardError, ModelLoadError, CheckpointError, UsageError, RunFolderUnusable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,18 +212,39 @@ def _check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, over
     """A run folder made elsewhere may name any module as its reward, and any host as its reward server: a
     resume runs that code, or sends the images and prompts off this machine, only when this command line names
     them too."""
-    from .rewards import BUILTIN_REWARDS, parse_reward_spec, user_reward_names
+    from .rewards import user_reward_names
 
     defaults = TrainConfig()
     reward = values.get("reward", defaults.reward)
-    if "reward" not in overrides and (modules := user_reward_names(reward)):
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(modules)}), which "
-                          f"resuming imports and runs: add --reward {reward!r} to run it")
     server = values.get("reward_server", defaults.reward_server)
-    uses_server = any(term.name == "alignment" for term in parse_reward_spec(reward, tuple(BUILTIN_REWARDS)))
-    if uses_server and "reward_server" not in overrides and not _on_this_machine(server):
+    needed = _named_again_on_resume(reward, server)
+    if "reward" in needed and "reward" not in overrides:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
+                          f"), which resuming imports and runs: add --reward {reward!r} to run it")
+    if "reward_server" in needed and "reward_server" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
                           f"add --set reward_server={server} to send them there")
+
+
+def _named_again_on_resume(reward: str, server: str) -> dict[str, str]:
+    """The settings that a resume of a run with this reward takes only from its command line: a user reward (code
+    to run) and a reward server off this machine (where images and prompts go)."""
+    from .rewards import BUILTIN_REWARDS, parse_reward_spec, user_reward_names
+
+    needed = {"reward": reward} if user_reward_names(reward) else {}
+    if any(term.name == "alignment" for term in parse_reward_spec(reward, tuple(BUILTIN_REWARDS))) \
+            and not _on_this_machine(server):
+        needed["reward_server"] = server
+    return needed
+
+
+def _resume_options(cfg: TrainConfig) -> str:
+    """What the resume command that a stopped run prints must repeat (_named_again_on_resume)."""
+    import shlex
+
+    needed = _named_again_on_resume(cfg.reward, cfg.reward_server)
+    return "".join(f" --reward {shlex.quote(value)}" if key == "reward" else f" --set {key}={shlex.quote(value)}"
+                   for key, value in needed.items())
 
 
 def _on_this_machine(url: str) -> bool:
@@ -276,14 +298,14 @@ def _check_run_dir(run_dir: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: {str(existing)!r} is not writable")
     try:  # os.access says yes to root on a read-only file system or in /proc: make and remove a folder there
-        os.rmdir(tempfile.mkdtemp(prefix=".rlcm-fast-probe-", dir=existing))
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=existing))
     except OSError as exc:
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: making a folder in "
                          f"{str(existing)!r} failed: {exc.strerror or exc}") from None
     # A run folder from elsewhere whose reward.png or samples/ links out would have the run write over the target.
     for entry in os.scandir(run_dir) if existing == run_dir else ():
         if entry.is_symlink():
-            raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name} -> "
+            raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name!r} -> "
                              f"{os.readlink(entry.path)!r}; a run writes its files in place and would write through "
                              "it: put the file or folder itself there")
 
@@ -298,7 +320,7 @@ def _run_folder_held(run_dir: Path):
     if os.environ.get(LAUNCHED_HERE) or not _is_main_process():
         yield
         return
-    planned = _folder_state(run_dir)  # as _plan_run found it a moment ago
+    planned = _folder_state(run_dir)  # a moment after _plan_run's checks of it
     with hold_run_folder(run_dir):
         # Another train may have written the folder after those checks and before this lock (started in the same
         # second under the default name, or one that ended meanwhile): the checks no longer hold.
@@ -312,8 +334,9 @@ def _folder_state(run_dir: Path) -> dict[str, int]:
     from .run_lock import LOCK_FILE
 
     try:
+        # _check_run_dir's probe folders are another process's (a rank of the same run), there for an instant
         return {entry.name: entry.stat(follow_symlinks=False).st_mtime_ns for entry in os.scandir(run_dir)
-                if entry.name != LOCK_FILE}
+                if entry.name != LOCK_FILE and not entry.name.startswith(PROBE_PREFIX)}
     except FileNotFoundError:
         return {}
 
@@ -430,6 +453,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     if _nothing_to_train(cfg, resume_from):
         return 0
     args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
+    args.resume_options = _resume_options(cfg)
     with _run_folder_held(run_dir):
         return _train(cfg, run_dir, resume_from)
 
@@ -446,8 +470,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     if trainer.stopped_at is not None:
         processes = trainer.accelerator.num_processes
         launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
+        again = _resume_options(cfg)
         say(f"stopped by {trainer.stop.received} after step {trainer.global_step}; wrote {trainer.stopped_at}. "
-            f"Resume with: rlcm-fast train --resume {run_dir}{launch} (or --resume auto --output-dir {run_dir})")
+            f"Resume with: rlcm-fast train --resume {run_dir}{again}{launch} (or --resume auto --output-dir "
+            f"{run_dir}{again})")
         return 0
     say(f"done, {summarize(records)}; checkpoints in {run_dir}")
     return 0
@@ -502,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = getattr(args, "run_dir", None)
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
-        where = f"rlcm-fast train --resume auto --output-dir {run_dir}{launch}" if run_dir else "the same command"
+        again = getattr(args, "resume_options", "")
+        where = f"rlcm-fast train --resume auto --output-dir {run_dir}{again}{launch}" if run_dir else "the same command"
         if _is_main_process():
             print(f"rlcm-fast: interrupted; continue from the last checkpoint, if any, with: {where}", file=sys.stderr)
         return 130

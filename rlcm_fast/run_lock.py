@@ -18,8 +18,12 @@ from pathlib import Path
 LOCK_FILE = ".lock"
 
 
-class RunFolderInUse(Exception):
-    """Another process holds the run folder (a usage error: the CLI exits 2)."""
+class RunFolderUnusable(Exception):
+    """The run folder or its lock file cannot be made (a usage error: the CLI exits 2)."""
+
+
+class RunFolderInUse(RunFolderUnusable):
+    """Another process holds the run folder."""
 
 
 @contextlib.contextmanager
@@ -47,8 +51,13 @@ def _lock(run_dir: Path) -> tuple[int | None, list[Path]]:
     path = run_dir / LOCK_FILE
     while True:
         created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()][::-1]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # e.g. a dangling symbolic link as the run folder, or a folder named .lock in it
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            where = path if run_dir.is_dir() else run_dir
+            raise RunFolderUnusable(f"output dir {str(run_dir)!r} cannot be used: {str(where)!r}: "
+                                    f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,12 +15,13 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from .faults import TrainingFault
+from .faults import TrainingFault, is_finite_number
 
 GRID_IMAGES = 16  # the most images an epoch's sample grid shows
 GRID_TILE_PIXELS = 256  # the largest side of an image in the grid
 
 METRICS_FILE = "metrics.jsonl"
+REWARD_KEYS = ("reward_mean", "reward_std")  # an epoch record's, which the reward plot draws
 PICTURE_TMP = ".tmp-"  # in a picture's name while it is written (".reward.png.tmp-<pid>.png"); leftovers are swept
 
 
@@ -75,11 +76,12 @@ class RunLogger:
             try:
                 record = json.loads(line)
                 before = record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
+                plotted = record["kind"] != "epoch" or all(is_finite_number(record[k]) for k in REWARD_KEYS)
             # The half-written last line of a killed run, or a line that is not a record of ours (an edited or
             # damaged file: a list, a record without its step, bytes that are not UTF-8) is dropped.
             except (ValueError, TypeError, KeyError, RecursionError):
                 return None
-            return record if before else None
+            return record if before and plotted else None
 
         text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
         kept = [(line, record) for line in text.splitlines()

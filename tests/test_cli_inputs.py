@@ -248,3 +248,13 @@ def test_a_resumed_checkpoint_sends_images_off_this_machine_only_to_a_server_the
         check()
     assert str(error.value) == (f"checkpoint '{tmp_path / 'checkpoint-1'}' sends its images and prompts to reward "
                                 f"server '{server}': add --set reward_server={server} to send them there")
+
+
+def test_the_printed_resume_command_repeats_what_a_resume_takes_only_from_its_command_line():
+    from rlcm_fast.cli import _resume_options
+    from rlcm_fast.config import TrainConfig
+
+    cfg = TrainConfig(reward="my_rewards:bright,alignment:0.5", reward_server="http://198.51.100.7:8060")
+    assert _resume_options(cfg) == (" --reward my_rewards:bright,alignment:0.5 "
+                                     "--set reward_server=http://198.51.100.7:8060")
+    assert _resume_options(TrainConfig(reward="alignment")) == ""  # the server on this machine

@@ -229,7 +229,8 @@ def test_optimizer_moments_of_another_shape_are_one_line_before_training(run, ca
 def test_metrics_lines_that_are_not_records_are_dropped_on_resume(run):
     metrics = run / "metrics.jsonl"
     kept = metrics.read_bytes()
-    metrics.write_bytes(kept + b'[1, 2]\n{"kind": "step"}\n\xff\xfe not text\n' + b"[" * 100_000 + b"\n")
+    metrics.write_bytes(kept + b'[1, 2]\n{"kind": "step"}\n\xff\xfe not text\n' + b"[" * 100_000 + b"\n"
+                        + b'{"kind": "epoch", "epoch": 1, "step": 0}\n')  # without the rewards the plot draws
     assert main(["train", "--resume", str(run), "--set", "epochs=3"]) == 0  # nothing to train: the file is kept
     assert main(["train", "--resume", str(run), "--set", "epochs=4"]) == 0
     lines = metrics.read_text().splitlines()
@@ -247,7 +248,7 @@ def test_a_run_folder_holding_a_symbolic_link_is_refused_before_anything_is_writ
     (run / name).symlink_to(victim)
     assert main(["train", "--resume", "auto", "--output-dir", str(run), "--set", "epochs=4"]) == 2
     assert stderr_lines(capsys, "rlcm-fast: error") == [
-        f"rlcm-fast: error: output dir {str(run)!r} holds a symbolic link, {name} -> {str(victim)!r}; a run writes "
+        f"rlcm-fast: error: output dir {str(run)!r} holds a symbolic link, {name!r} -> {str(victim)!r}; a run writes "
         "its files in place and would write through it: put the file or folder itself there"]
     assert (victim.read_text() == "important") if name == "reward.png" else list(victim.iterdir()) == []
 

@@ -137,3 +137,13 @@ def test_only_the_launcher_or_rank_0_holds_the_folder(tmp_path, monkeypatch):
     with cli._run_folder_held(tmp_path / "run"):
         assert (tmp_path / "run" / LOCK_FILE).is_file()
     assert not Path(tmp_path / "run").exists()
+
+
+def test_a_run_folder_the_lock_cannot_be_made_in_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "run" / LOCK_FILE).mkdir(parents=True)
+    for name, where, why in (("dangling", "dangling", "File exists"), ("run", f"run/{LOCK_FILE}", "Is a directory")):
+        assert main(["train", *ARGS, "--output-dir", str(tmp_path / name)]) == 2
+        assert error_line(capsys) == (f"rlcm-fast: error: output dir '{tmp_path / name}' cannot be used: "
+                                      f"'{tmp_path / where}': {why}")

@@ -15,7 +15,7 @@ def log_epochs(logger: RunLogger, epochs: range, steps_per_epoch: int = 2) -> No
     for epoch in epochs:
         for step in range((epoch - 1) * steps_per_epoch + 1, epoch * steps_per_epoch + 1):
             logger.log("step", epoch, step, {"loss": float(step)})
-        logger.log("epoch", epoch, epoch * steps_per_epoch, {"reward_mean": float(epoch)})
+        logger.log("epoch", epoch, epoch * steps_per_epoch, {"reward_mean": float(epoch), "reward_std": 0.5})
 
 
 def test_a_resumed_logger_keeps_the_epochs_before_its_checkpoint_and_adds_its_own(tmp_path):
