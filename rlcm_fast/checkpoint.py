@@ -28,6 +28,7 @@ from . import __version__
 from .checkpoint_checks import STATE_FORMAT, compatibility_problem, is_count, state_problem
 from .faults import shown
 from .lora import load_lora_into, save_lora
+from .run_logging import PICTURE_TMP
 from .tiny_presets import preset_weights_id
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
@@ -204,7 +205,7 @@ def remove_leftovers(run_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     # `latest`'s (_write_latest), config.yaml's (run_logging.write_run_config) and the pictures' replacements
     for leftover in (*run_dir.glob(f".{LATEST_FILE}.tmp-*"), *run_dir.glob(".config.yaml.tmp-*"),
-                     *run_dir.glob(".*.png.tmp-*"), *run_dir.glob("samples/.*.png.tmp-*")):
+                     *run_dir.glob(f".*.png{PICTURE_TMP}*"), *run_dir.glob(f"samples/.*.png{PICTURE_TMP}*")):
         leftover.unlink(missing_ok=True)
 
 

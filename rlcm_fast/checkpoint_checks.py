@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .faults import is_finite_number, shown
-from .tiny_presets import preset_weights_id
 from .stat_tracker import PerPromptStatTracker
+from .tiny_presets import preset_weights_id
 
 # What a checkpoint's state means beyond its files' shapes. Bump it with any change that would make this
 # version continue an older checkpoint otherwise than the version that wrote it (e.g. another minibatch plan
@@ -70,7 +70,8 @@ def state_problem(state) -> str | None:
         return bad("nonfinite", nonfinite, "{total, in_a_row: integers >= 0}")
     scaler = state.get("grad_scaler")
     if scaler not in (None, {}) and not (  # {}: a disabled loss scaler's
-            isinstance(scaler, dict) and all(is_finite_number(scaler.get(k)) for k in ("scale", "growth_factor", "backoff_factor"))
+            isinstance(scaler, dict)
+            and all(is_finite_number(scaler.get(k)) for k in ("scale", "growth_factor", "backoff_factor"))
             and all(is_count(scaler.get(k)) for k in ("growth_interval", "_growth_tracker"))):
         return bad("grad_scaler", scaler, "a loss scaler's state")
     optimizer = state["optimizer"]

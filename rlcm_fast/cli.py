@@ -440,7 +440,7 @@ def _nothing_to_train(cfg: TrainConfig, resume_from: Path | None) -> bool:
 
     if resume_from is None or (done := read_training_state(resume_from)["epoch"]) < cfg.epochs:
         return False
-    if os.environ.get("RANK", "0") == "0":  # under a launcher, one process speaks
+    if _is_main_process():  # under a launcher, one process speaks
         print(f"rlcm-fast: {resume_from.name} has trained {done} epoch(s), and epochs={cfg.epochs}: nothing to "
               f"train; --set epochs=N with N > {done} trains on", file=sys.stderr)
     return True
