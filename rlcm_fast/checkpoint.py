@@ -37,6 +37,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+PROMPTS_FILE = "prompts.txt"  # a run's prompts file, copied: a resume reads the copy, not the path it was given
 LATEST_FILE = "latest"
 REQUIRED_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE, LORA_FILE)  # in every checkpoint's manifest
 
@@ -233,10 +234,12 @@ def save_checkpoint(
     update: int = 0,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep: int = 0,
+    prompts: tuple[str, ...] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoint-<epoch>[-<update>]` atomically, point `latest` at it, prune; return its path.
 
-    `extra_tensors` maps file names to tensors to store alongside (a stopped epoch's samples).
+    `extra_tensors` maps file names to tensors to store alongside (a stopped epoch's samples); `prompts`, the
+    prompts of a run that read them from a file, are stored one per line (prompts.load_prompt_set reads them back).
     """
     name = checkpoint_name(epoch, update)
     final = run_dir / name
@@ -250,6 +253,8 @@ def save_checkpoint(
         save_file(_rng_tensors(), str(tmp / RNG_FILE))
         for file_name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / file_name))
+        if prompts is not None:
+            (tmp / PROMPTS_FILE).write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8")
         state = dict(training_state)
         config = state.get("config") or {}
         state.update(

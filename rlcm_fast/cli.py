@@ -186,7 +186,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
 def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None = None) -> TrainConfig:
     """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
     command line, for `--resume auto`), refused where it changes what the checkpoint depends on."""
-    from .checkpoint import read_training_state
+    from .checkpoint import PROMPTS_FILE, read_training_state
 
     state = read_training_state(checkpoint)
     before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
@@ -205,6 +205,10 @@ def _resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None
             )
     if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
         _check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
+        if "prompts" not in overrides and (checkpoint / PROMPTS_FILE).is_file():
+            # The prompts the run drew from, as they were, from any working directory and with the file since
+            # edited, moved, or left on the machine the run folder came from.
+            values["prompts"] = str(checkpoint.absolute() / PROMPTS_FILE)
     return validate(TrainConfig(**values))
 
 

@@ -22,17 +22,22 @@ def _with_article(noun: str) -> str:
 
 
 @lru_cache(maxsize=None)
+def _named_set(name: str) -> tuple[str, ...]:
+    if name == "alignment":
+        animals, activities = _read_lines("simple_animals.txt"), _read_lines("activities.txt")
+        return tuple(f"{_with_article(a)} {act}" for a in animals for act in activities)
+    return _read_lines(f"{name}.txt")
+
+
 def load_prompt_set(name: str) -> tuple[str, ...]:
     """All prompts of a named set, in file order.
 
     `alignment` is every "{a|an} {animal} {activity}" over simple_animals x activities, as in RLCM.
-    Any other name is read as a UTF-8 text file of one prompt per line (blank lines skipped).
+    Any other name is read as a UTF-8 text file of one prompt per line (blank lines skipped), each time: a file
+    edited between two runs of one process gives the second run its new prompts.
     """
-    if name in ("imagenet_animals", "simple_animals"):
-        return _read_lines(f"{name}.txt")
-    if name == "alignment":
-        animals, activities = _read_lines("simple_animals.txt"), _read_lines("activities.txt")
-        return tuple(f"{_with_article(a)} {act}" for a in animals for act in activities)
+    if name in PROMPT_SETS:
+        return _named_set(name)
     path = Path(name)
     if not path.is_file():
         raise ValueError(f"prompts {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}, or a text file of one "

@@ -40,7 +40,7 @@ from .minibatches import minibatch_plan
 from .models import ignored_guidance
 from .policy_model import build_policy_model
 from .policy_step import fused_step_missing
-from .prompts import load_prompt_set
+from .prompts import PROMPT_SETS, load_prompt_set
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
@@ -460,7 +460,8 @@ class Trainer:
         if self.is_main:
             try:
                 save_checkpoint(self.run_dir, epoch, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker,
-                                state, update=update, extra_tensors=extra, keep=self.cfg.keep_checkpoints)
+                                state, update=update, extra_tensors=extra, keep=self.cfg.keep_checkpoints,
+                                prompts=None if self.cfg.prompts in PROMPT_SETS else self.prompt_set)
             except CheckpointWriteError as exc:
                 error = exc
         if agree(self.accelerator, error is not None)[0]:  # also the barrier after the write

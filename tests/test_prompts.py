@@ -55,3 +55,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt_and_a_huge_line_is_re
     with pytest.raises(ValueError, match=f"^prompts file '{huge}' line 4 has {MAX_PROMPT_CHARS + 1} characters; at most "
                                          f"{MAX_PROMPT_CHARS} \\(the text encoder reads the first 77 tokens\\)$"):
         load_prompt_set(str(huge))
+
+
+def test_a_prompt_file_is_read_again_at_each_call(tmp_path):
+    """Two runs in one process (a notebook): the second gets the file as it is then, not as the first read it."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n")
+    assert load_prompt_set(str(path)) == ("a cat",)
+    path.write_text("a dog\n")
+    assert load_prompt_set(str(path)) == ("a dog",)

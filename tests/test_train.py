@@ -104,6 +104,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, sizes):
         sizes = [*sizes, "--prompts", str(tmp_path / "two_prompts.txt"), "--set", "stat_min_count=2"]
     straight = train(tmp_path, "straight", *sizes, "--set", "epochs=3")
     interrupted = train(tmp_path, "interrupted", *sizes, "--set", "epochs=1")
+    if sizes:  # the resume draws from the checkpoint's copy of the prompts file, not from the file as it is now
+        (tmp_path / "two_prompts.txt").write_text("a red boat\na green tree\n")
+        assert (interrupted / "checkpoint-1" / "prompts.txt").read_text() == "a cat\na dog\n"
     assert main(["train", "--resume", str(interrupted), "--set", "epochs=3"]) == 0
     for kind in ("step", "epoch"):
         a, b = records(straight, kind), records(interrupted, kind)
@@ -245,6 +248,28 @@ def test_reward_and_prompts_options_pick_a_user_reward_and_a_prompt_file(tmp_pat
     config = (run_dir / "config.yaml").read_text()
     # The file is kept by its absolute path: a resumed run finds it from any folder.
     assert "reward: my_rewards:remember_prompts" in config and f"prompts: {prompt_file.resolve()}" in config
+
+
+def test_a_resume_draws_from_the_checkpoints_copy_of_the_prompts_file_unless_given_another(tmp_path):
+    """A run folder moved to another machine, or resumed after its prompts file was edited or removed, draws the
+    prompts it drew before; --prompts on the resume's command line replaces them."""
+    seen = tmp_path / "seen_prompts.txt"
+    write_reward_module(tmp_path, "def remember_prompts(images, prompts):\n"
+                                  f"    open({str(seen)!r}, 'a').write(''.join(p + '\\n' for p in prompts))\n"
+                                  "    return images.mean(dim=(1, 2, 3))\n")
+    reward = ["--reward", "my_rewards:remember_prompts"]
+    (tmp_path / "first.txt").write_text("a red fox\na snowy owl\n")
+    (tmp_path / "second.txt").write_text("a green frog\n")
+    run_dir = train(tmp_path, "run", *FAST, *reward, "--prompts", str(tmp_path / "first.txt"), "--set", "epochs=1")
+    (tmp_path / "first.txt").unlink()
+    seen.unlink()
+    assert main(["train", "--resume", str(run_dir), *reward, "--set", "epochs=2"]) == 0
+    assert set(seen.read_text().splitlines()) == {"a red fox", "a snowy owl"}
+    assert (run_dir / "checkpoint-2" / "prompts.txt").read_text() == "a red fox\na snowy owl\n"
+    seen.unlink()
+    assert main(["train", "--resume", str(run_dir), *reward, "--set", "epochs=3",
+                 "--prompts", str(tmp_path / "second.txt")]) == 0
+    assert set(seen.read_text().splitlines()) == {"a green frog"}
 
 
 @pytest.mark.parametrize("content, message", [
