@@ -237,9 +237,9 @@ def test_version_is_the_installed_distributions(capsys):
 def test_a_resumed_checkpoint_sends_images_off_this_machine_only_to_a_server_the_command_line_names(
         tmp_path, reward, server, overrides, refused):
     """A run folder from elsewhere could name any host as its reward server; its prompts and images would go there."""
-    from rlcm_fast.cli import _check_what_the_checkpoint_alone_starts
+    from rlcm_fast.resume import check_what_the_checkpoint_alone_starts
 
-    check = lambda: _check_what_the_checkpoint_alone_starts(  # noqa: E731
+    check = lambda: check_what_the_checkpoint_alone_starts(  # noqa: E731
         tmp_path / "checkpoint-1", {"reward": reward, "reward_server": server}, overrides)
     if not refused:
         check()
@@ -251,10 +251,10 @@ def test_a_resumed_checkpoint_sends_images_off_this_machine_only_to_a_server_the
 
 
 def test_the_printed_resume_command_repeats_what_a_resume_takes_only_from_its_command_line():
-    from rlcm_fast.cli import _resume_options
+    from rlcm_fast.resume import resume_options
     from rlcm_fast.config import TrainConfig
 
     cfg = TrainConfig(reward="my_rewards:bright,alignment:0.5", reward_server="http://198.51.100.7:8060")
-    assert _resume_options(cfg) == (" --reward my_rewards:bright,alignment:0.5 "
+    assert resume_options(cfg) == (" --reward my_rewards:bright,alignment:0.5 "
                                      "--set reward_server=http://198.51.100.7:8060")
-    assert _resume_options(TrainConfig(reward="alignment")) == ""  # the server on this machine
+    assert resume_options(TrainConfig(reward="alignment")) == ""  # the server on this machine

@@ -496,12 +496,12 @@ def test_resume_auto_in_an_empty_folder_reads_the_config_file(tmp_path):
 
 def test_an_end_of_epoch_checkpoint_resumes_with_other_sampling_settings(monkeypatch, tmp_path):
     """Only a checkpoint stopped mid-epoch holds samples drawn with the old seed and guidance."""
-    from rlcm_fast.cli import _resumed_config
+    from rlcm_fast.resume import resumed_config
     from rlcm_fast.config import resolve_config
 
     saved = resolve_config().to_dict()
     monkeypatch.setattr(ckpt_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 0})
-    cfg = _resumed_config(tmp_path / "checkpoint-1", {"seed": 5, "guidance_scale": 4.0})
+    cfg = resumed_config(tmp_path / "checkpoint-1", {"seed": 5, "guidance_scale": 4.0})
     assert (cfg.seed, cfg.guidance_scale) == (5, 4.0)
 
 

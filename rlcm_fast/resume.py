@@ -1,0 +1,121 @@
+"""What a resumed run takes from its checkpoint, and what only its command line may give it.
+
+A resume continues the checkpoint's own config with the command line's --set overrides, but may not change
+what the checkpoint's weights, trajectories or reward histories depend on (FIXED_ON_RESUME, and mid-epoch
+FIXED_MID_EPOCH). A run folder may come from elsewhere: the code it names as a reward, and a reward server off
+this machine, are used only when the command line names them again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
+from .config_checks import validate
+
+# Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
+# scales the saved LoRA's A and B: another value would resume another policy), or its stat tracker's per-prompt
+# reward histories do (reward, jpeg_quality: the new reward's advantages were normalised by the old one's values).
+FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lora_targets", "horizon",
+                   "train_final_step", "original_inference_steps", "resolution", "reward", "jpeg_quality")
+# ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates
+# (algorithm: REBEL trains pairs; step_fraction: which steps), or that the policy whose log-probs the
+# checkpoint stores sampled with (guidance_scale, DDPO's eta).
+FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batch_size", "train_batch_size",
+                   "gradient_accumulation_steps", "num_inner_epochs", "algorithm", "step_fraction", "guidance_scale",
+                   "eta")
+
+
+def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None = None) -> TrainConfig:
+    """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
+    command line, for `--resume auto`), refused where it changes what the checkpoint depends on."""
+    from .checkpoint import PROMPTS_FILE, read_training_state
+
+    state = read_training_state(checkpoint)
+    before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
+    values = dict(before)
+    if fresh is not None:
+        values = fresh.to_dict()
+    apply_overrides(values, overrides, "--set")
+    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH if state.get("update") else ())
+    defaults = TrainConfig()
+    for key in fixed:
+        old = before.get(key, getattr(defaults, key))
+        if values.get(key, getattr(defaults, key)) != old:
+            where = "a checkpoint stopped mid-epoch" if key in FIXED_MID_EPOCH else "a resumed run"
+            raise ConfigError(
+                f"{key}={values.get(key)!r} differs from the checkpoint's {old!r}; {where} cannot change it"
+            )
+    if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
+        check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
+        if "prompts" not in overrides and (checkpoint / PROMPTS_FILE).is_file():
+            # The prompts the run drew from, as they were, from any working directory and with the file since
+            # edited, moved, or left on the machine the run folder came from.
+            values["prompts"] = str(checkpoint.absolute() / PROMPTS_FILE)
+    return validate(TrainConfig(**values))
+
+
+def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overrides: dict) -> None:
+    """A run folder made elsewhere may name any module as its reward, and any host as its reward server: a
+    resume runs that code, or sends the images and prompts off this machine, only when this command line names
+    them too."""
+    from .rewards import user_reward_names
+
+    defaults = TrainConfig()
+    reward = values.get("reward", defaults.reward)
+    server = values.get("reward_server", defaults.reward_server)
+    needed = _named_again_on_resume(reward, server)
+    if "reward" in needed and "reward" not in overrides:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
+                          f"), which resuming imports and runs: add --reward {reward!r} to run it")
+    if "reward_server" in needed and "reward_server" not in overrides:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
+                          f"add --set reward_server={server} to send them there")
+
+
+def _named_again_on_resume(reward: str, server: str) -> dict[str, str]:
+    """The settings that a resume of a run with this reward takes only from its command line: a user reward (code
+    to run) and a reward server off this machine (where images and prompts go)."""
+    from .rewards import BUILTIN_REWARDS, parse_reward_spec, user_reward_names
+
+    needed = {"reward": reward} if user_reward_names(reward) else {}
+    if any(term.name == "alignment" for term in parse_reward_spec(reward, tuple(BUILTIN_REWARDS))) \
+            and not _on_this_machine(server):
+        needed["reward_server"] = server
+    return needed
+
+
+def resume_options(cfg: TrainConfig) -> str:
+    """What the resume command that a stopped run prints must repeat (_named_again_on_resume)."""
+    import shlex
+
+    needed = _named_again_on_resume(cfg.reward, cfg.reward_server)
+    return "".join(f" --reward {shlex.quote(value)}" if key == "reward" else f" --set {key}={shlex.quote(value)}"
+                   for key, value in needed.items())
+
+
+def _on_this_machine(url: str) -> bool:
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(str(url)).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def newer_intact_checkpoint(checkpoint: Path) -> Path | None:
+    """The newest intact checkpoint of `checkpoint`'s run that is newer than it, if any (damaged ones are
+    passed over, as --resume passes over them)."""
+    from .checkpoint import CheckpointError, checkpoint_key, list_checkpoints, verify_checkpoint
+
+    for candidate in reversed(list_checkpoints(checkpoint.parent)):
+        if checkpoint_key(candidate) <= checkpoint_key(checkpoint):
+            return None
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        return candidate
+    return None
