@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,23 @@ def _unknown_key(key: str, source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans, only true and false: under YAML 1.1's, a config's
+    `mixed_precision: no` (a documented value) was False, and yes/on/off were booleans too."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader: builds plain values only
+
+
 def _is_scalar(value: Any) -> bool:
     """A YAML value that reads as a name: a string or a number (a list, a mapping, null or a bool does not)."""
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
@@ -212,7 +230,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise TypeError
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} in {source} is invalid: expected {kind}") from None
+        expected = "bool (true or false)" if kind == "bool" else kind
+        raise ConfigError(f"{key}={value!r} in {source} is invalid: expected {expected}") from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
@@ -242,7 +261,7 @@ def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r} is invalid: expected key=value")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key.strip()] = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = raw
         except RecursionError:
@@ -253,7 +272,7 @@ def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:

@@ -195,7 +195,7 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
     for name, allowed in SWITCHES.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} is invalid; allowed: {', '.join(allowed)}")
-    if cfg.compile_unet:
+    if cfg.compile_unet or cfg.compile_backend != TrainConfig.compile_backend:  # a name set is checked, used or not
         _check_compile_backend(cfg.compile_backend)
     if cfg.attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend {cfg.attention_backend!r} is invalid; allowed: "
@@ -224,9 +224,10 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
 def _check_compile_backend(backend: str) -> None:
     import torch._dynamo  # only when compiling: importing it costs every process about 2 s
 
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # the debug backends too
-        raise ConfigError(f"compile_backend {backend!r} is unknown; allowed: "
-                          f"{', '.join(torch._dynamo.list_backends())} (see torch._dynamo.list_backends)")
+    allowed = torch._dynamo.list_backends(exclude_tags=())  # the debug ones too: aot_eager is the CPU's
+    if backend not in allowed:
+        raise ConfigError(f"compile_backend {backend!r} is unknown; allowed: {', '.join(allowed)} "
+                          "(see torch._dynamo.list_backends)")
 
 
 def _check_algorithm(cfg: TrainConfig) -> None:

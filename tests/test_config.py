@@ -113,6 +113,25 @@ def test_unknown_task_and_bad_files(tmp_path):
         parse_set_pairs(["epochs"])
 
 
+def test_no_yes_on_and_off_are_words_not_booleans(tmp_path):
+    """YAML 1.1 read the documented `mixed_precision: no` as False, which the str field then refused."""
+    assert resolve_config(overrides=parse_set_pairs(["mixed_precision=no"])).mixed_precision == "no"
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("mixed_precision: no\ngradient_checkpointing: true\n")
+    cfg = resolve_config(config_file=config_file)
+    assert cfg.mixed_precision == "no" and cfg.gradient_checkpointing is True
+    with pytest.raises(ConfigError) as error:
+        resolve_config(overrides=parse_set_pairs(["reward_overlap=off"]))
+    assert str(error.value) == "reward_overlap='off' in --set is invalid: expected bool (true or false)"
+
+
+def test_a_compile_backend_is_checked_even_while_compile_unet_is_off():
+    """The list names every backend the check accepts, aot_eager (the CPU's) among them."""
+    with pytest.raises(ConfigError, match=r"compile_backend 'nope' is unknown; allowed: .*\baot_eager\b"):
+        resolve_config(overrides={"compile_backend": "nope"})
+    assert resolve_config(overrides={"compile_backend": "aot_eager"}).compile_backend == "aot_eager"
+
+
 def test_defaults_round_trip_through_a_dict():
     cfg = resolve_config()
     assert TrainConfig(**cfg.to_dict()) == cfg
