@@ -39,6 +39,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 PROMPTS_FILE = "prompts.txt"  # a run's prompts file, copied: a resume reads the copy, not the path it was given
 LATEST_FILE = "latest"
+# An optimizer's settings that its config gives (learning_rate, adam_*; initial_lr is the LR schedule's base),
+# not its checkpoint.
+CONFIGURED_SETTINGS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 REQUIRED_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE, LORA_FILE)  # in every checkpoint's manifest
 
 
@@ -425,13 +428,20 @@ def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracke
         load_lora_into(unet, checkpoint)
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} has unusable LoRA weights: {exc}") from None
+    configured = [{key: group[key] for key in CONFIGURED_SETTINGS} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(_optimizer_state_from(optimizer_tensors, state["optimizer"]))
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match this optimizer: {exc}") from None
     if problem := _optimizer_shape_problem(optimizer):  # torch takes any shape here and fails at the first step
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match this optimizer: {problem}")
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    # The moments and step counts come from the checkpoint, the settings from this run's config: a resume may
+    # change learning_rate and adam_* (the optimizer's state dict holds the old ones, and would keep them).
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
+    # The schedule is constant (policy_model.py): its rates are the configured ones.
+    lr_scheduler.load_state_dict({**state["lr_scheduler"], "base_lrs": [s["initial_lr"] for s in configured],
+                                  "_last_lr": [s["lr"] for s in configured]})
     stat_tracker.load_state_dict(state["stat_tracker"])
     try:
         restore_rng_states(rng)

@@ -116,6 +116,22 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, sizes):
 
 
 
+def test_a_resume_trains_with_the_optimizer_settings_its_command_line_sets(tmp_path):
+    """The checkpoint's optimizer state held the old learning rate and Adam settings, and loading it kept them:
+    `--set learning_rate=...` on a resume was written to config.yaml and not used (a combination audit)."""
+    run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=1")
+    changed = {"learning_rate": 1e-5, "adam_beta1": 0.5, "adam_beta2": 0.9, "adam_epsilon": 1e-3,
+               "adam_weight_decay": 0.5}
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2",
+                 *[f"--set={key}={value}" for key, value in changed.items()]]) == 0
+    assert [r["learning_rate"] for r in records(run_dir, "step")] == [3e-3, 1e-5]  # the tiny preset's, then ours
+    state = json.loads((run_dir / "checkpoint-2" / "training_state.json").read_text())
+    (group,) = state["optimizer"]["param_groups"]
+    assert (group["lr"], group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == \
+           (1e-5, 1e-5, [0.5, 0.9], 1e-3, 0.5)
+    assert state["lr_scheduler"]["base_lrs"] == [1e-5]
+
+
 def test_resume_restores_the_global_random_stream_a_user_reward_draws_from(tmp_path):
     """The trainer draws from its own generators only; a user's reward (or a LoRA dropout) may draw from torch's
     global one, which the checkpoint saves and the resume restores. reward_overlap=false: one thread draws."""
