@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image size in pixels (default: the run's, else the model's own)")
     sample.add_argument("--seed", type=int, default=0, help="random seed, 0..2**63-1 (default: 0)")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, CUDA when available)")
-    sample.add_argument("--output-dir", default="samples")
+    sample.add_argument("--output-dir", default="samples", help="folder for the PNGs (default: samples)")
 
     serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)")
     serve.add_argument("--reward", default="alignment", choices=["alignment"],
@@ -365,11 +365,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     records = trainer.train()
     if trainer.stopped_at is not None:
         processes = trainer.accelerator.num_processes
-        launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
-        again = resume_options(cfg)
+        options = resume_options(cfg) + (f" --num-processes {processes}" if processes > 1 else "")
+        launcher = "; either under the same launcher instead" if processes > 1 else ""
         say(f"stopped by {trainer.stop.received} after step {trainer.global_step}; wrote {trainer.stopped_at}. "
-            f"Resume with: rlcm-fast train --resume {run_dir}{again}{launch} (or --resume auto --output-dir "
-            f"{run_dir}{again})")
+            f"Resume with: rlcm-fast train --resume {run_dir}{options} (or --resume auto --output-dir "
+            f"{run_dir}{options}{launcher})")
         return 0
     say(f"done, {summarize(records)}; checkpoints in {run_dir}")
     return 0
