@@ -42,11 +42,14 @@ def _warns() -> bool:
     return _is_main_process() and not os.environ.get(LAUNCHED_HERE)
 
 
+def warn(message: str) -> None:
+    print(f"rlcm-fast: warning: {message}", file=sys.stderr)
+
+
 def warn_skipped(reason: str) -> None:
     """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ..."),
     or why the run's `latest` pointer was ignored (it says so itself)."""
-    taking = "; taking an older checkpoint" if reason.startswith("checkpoint ") else ""
-    print(f"rlcm-fast: warning: {reason}{taking}", file=sys.stderr)
+    warn(reason + ("; taking an older checkpoint" if reason.startswith("checkpoint ") else ""))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -298,7 +301,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         if args.task or args.model or args.config:
             from_args = resolve_config(args.task, args.model, args.config, overrides)
         if resume_from is not None:
-            cfg = resumed_config(resume_from, {} if from_args else overrides, from_args)
+            cfg = resumed_config(resume_from, {} if from_args else overrides, from_args, warn if _warns() else None)
         else:
             cfg = from_args or resolve_config(None, None, None, overrides)
     elif args.resume:
@@ -306,7 +309,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         resume_from = resolve_checkpoint(args.resume, warn=warn_skipped if _warns() else None)
         if args.task or args.model or args.config:
             raise UsageError("--resume takes the run's own config; change keys with --set, not --task/--model/--config")
-        cfg = resumed_config(resume_from, overrides)
+        cfg = resumed_config(resume_from, overrides, warn=warn if _warns() else None)
         run_dir = Path(output_dir) if output_dir else resume_from.parent
         # Into another run's folder, its checkpoints, latest pointer and metrics would be overwritten.
         if run_dir.resolve() != resume_from.parent.resolve() and _holds_checkpoints(run_dir):

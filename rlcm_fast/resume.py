@@ -9,14 +9,17 @@ this machine, are used only when the command line names them again.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
 from .config_checks import validate
+from .prompts import PROMPT_SETS
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
 # scales the saved LoRA's A and B: another value would resume another policy), or its stat tracker's per-prompt
 # reward histories do (reward, jpeg_quality: the new reward's advantages were normalised by the old one's values).
-FIXED_ON_RESUME = ("method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lora_targets", "horizon",
+# task: it chose the other settings, which a resume takes from the checkpoint (a new one would be recorded only).
+FIXED_ON_RESUME = ("task", "method", "model", "lcm_lora", "lora_rank", "lora_alpha", "lora_targets", "horizon",
                    "train_final_step", "original_inference_steps", "resolution", "reward", "jpeg_quality")
 # ... and, from a checkpoint stopped mid-epoch, the settings that lay out that epoch's samples and updates
 # (algorithm: REBEL trains pairs; step_fraction: which steps), or that the policy whose log-probs the
@@ -25,11 +28,21 @@ FIXED_MID_EPOCH = ("seed", "batches_per_epoch", "num_sample_iters", "sample_batc
                    "gradient_accumulation_steps", "num_inner_epochs", "algorithm", "step_fraction", "guidance_scale",
                    "eta")
 
+# Settings that choose how a built-in reward scores (its model, its JPEG encoder): another value puts other values
+# beside the per-prompt reward histories the checkpoint restores. Warned of, not refused: a local copy of the same
+# model is the same scorer under another name.
+_JPEG = ("jpeg_compressibility", "jpeg_incompressibility")
+REWARD_SCORER_SETTINGS = {"aesthetic_model": ("aesthetic",), "clipscore_model": ("clipscore",),
+                          "pickscore_model": ("pickscore",), "pickscore_processor": ("pickscore",),
+                          "jpeg_backend": _JPEG, "nvjpeg_colour": _JPEG}
 
-def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None = None) -> TrainConfig:
+
+def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None = None,
+                   warn: Callable[[str], None] | None = None) -> TrainConfig:
     """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
-    command line, for `--resume auto`), refused where it changes what the checkpoint depends on."""
-    from .checkpoint import PROMPTS_FILE, read_training_state
+    command line, for `--resume auto`), refused where it changes what the checkpoint depends on; `warn`, if given,
+    is told of a changed reward scorer."""
+    from .checkpoint import read_training_state
 
     state = read_training_state(checkpoint)
     before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
@@ -48,11 +61,43 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
             )
     if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
         check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
-        if "prompts" not in overrides and (checkpoint / PROMPTS_FILE).is_file():
-            # The prompts the run drew from, as they were, from any working directory and with the file since
-            # edited, moved, or left on the machine the run folder came from.
-            values["prompts"] = str(checkpoint.absolute() / PROMPTS_FILE)
-    return validate(TrainConfig(**values))
+    for problem in _changed_scorers(before, values) if warn is not None else ():
+        warn(problem)
+    prompts = values.get("prompts", defaults.prompts)
+    source = prompt_source(prompts, checkpoint)
+    cfg = validate(TrainConfig(**{**values, "prompts": source}))
+    if source != prompts:  # read from the checkpoint's copy; config.yaml still names the run's own prompts file
+        cfg.prompts = before["prompts"]
+    return cfg
+
+
+def _changed_scorers(before: dict, values: dict) -> list[str]:
+    from .rewards import BUILTIN_REWARDS, parse_reward_spec
+
+    defaults = TrainConfig()
+    terms = {term.name for term in parse_reward_spec(values.get("reward", defaults.reward), tuple(BUILTIN_REWARDS))}
+    changed = []
+    for key, rewards in REWARD_SCORER_SETTINGS.items():
+        old, new = before.get(key, getattr(defaults, key)), values.get(key, getattr(defaults, key))
+        if new != old and terms.intersection(rewards):
+            changed.append(f"{key}={new!r} differs from the checkpoint's {old!r}: its rewards go beside reward "
+                           f"histories scored with {old!r} (fine for a copy of the same model)")
+    return changed
+
+
+def prompt_source(prompts: str, checkpoint: Path | None) -> str:
+    """Where a run reads its prompts: a resume that keeps its prompts file (the same path) reads the checkpoint's
+    copy of it, as the run drew from it, wherever the resume runs and whatever became of the file since (edited,
+    moved, or left on the machine the run folder came from); else the set or file `prompts` names."""
+    from .checkpoint import PROMPTS_FILE, saved_config
+
+    copy = checkpoint / PROMPTS_FILE if checkpoint is not None else None
+    if copy is None or prompts in PROMPT_SETS or not copy.is_file():
+        return prompts
+    saved = saved_config(checkpoint).get("prompts")
+    if not isinstance(saved, str) or Path(saved).resolve() != Path(prompts).resolve():
+        return prompts
+    return str(copy.absolute())
 
 
 def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overrides: dict) -> None:

@@ -41,6 +41,7 @@ from .models import ignored_guidance
 from .policy_model import build_policy_model
 from .policy_step import fused_step_missing
 from .prompts import PROMPT_SETS, load_prompt_set
+from .resume import prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
@@ -82,7 +83,7 @@ class Trainer:
                 missing := fused_step_missing(self.device)):
             print(f"rlcm-fast: warning: the policy step runs in plain PyTorch (slower, same results): {missing}",
                   file=sys.stderr)
-        self.prompt_set = load_prompt_set(cfg.prompts)
+        self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
         self.start_epoch, self.global_step = 0, 0

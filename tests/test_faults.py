@@ -505,6 +505,41 @@ def test_an_end_of_epoch_checkpoint_resumes_with_other_sampling_settings(monkeyp
     assert (cfg.seed, cfg.guidance_scale) == (5, 4.0)
 
 
+@pytest.mark.parametrize("saved, overrides, warned", [
+    ({"reward": "clipscore", "clipscore_model": "openai/clip"}, {"clipscore_model": "/models/clip"},
+     ["clipscore_model='/models/clip' differs from the checkpoint's 'openai/clip': its rewards go beside reward "
+      "histories scored with 'openai/clip' (fine for a copy of the same model)"]),
+    ({"reward": "jpeg_compressibility:1,aesthetic:0.5"}, {"jpeg_backend": "pillow", "clipscore_model": "/m"},
+     ["jpeg_backend='pillow' differs from the checkpoint's 'auto': its rewards go beside reward histories scored "
+      "with 'auto' (fine for a copy of the same model)"]),
+    ({"reward": "jpeg_compressibility"}, {"aesthetic_model": "/models/vit-l"}, []),  # a scorer the reward never uses
+])
+def test_a_resume_warns_of_another_scorer_for_its_reward(monkeypatch, tmp_path, saved, overrides, warned):
+    """A changed scorer mixes its values into the restored per-prompt histories; a local copy of the model is the
+    same scorer, so it is a warning."""
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.resume import resumed_config
+
+    saved = resolve_config(overrides=saved).to_dict()
+    monkeypatch.setattr(ckpt_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 0})
+    warnings = []
+    resumed_config(tmp_path / "checkpoint-1", overrides, warn=warnings.append)
+    assert warnings == warned
+
+
+def test_a_resume_cannot_change_the_task(monkeypatch, tmp_path):
+    """The task chose the settings a resume takes from its checkpoint: a new one was written to config.yaml only."""
+    from rlcm_fast.config import ConfigError, resolve_config
+    from rlcm_fast.resume import resumed_config
+
+    saved = resolve_config().to_dict()
+    monkeypatch.setattr(ckpt_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 0})
+    with pytest.raises(ConfigError) as error:
+        resumed_config(tmp_path / "checkpoint-1", {"task": "aesthetic"})
+    assert str(error.value) == ("task='aesthetic' differs from the checkpoint's 'compressibility'; a resumed run "
+                                "cannot change it")
+
+
 def test_a_finite_step_ends_a_run_of_faults_and_the_counts_survive_a_checkpoint():
     from rlcm_fast.faults import NonFiniteSteps
 

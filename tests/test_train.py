@@ -268,7 +268,7 @@ def test_reward_and_prompts_options_pick_a_user_reward_and_a_prompt_file(tmp_pat
 
 def test_a_resume_draws_from_the_checkpoints_copy_of_the_prompts_file_unless_given_another(tmp_path):
     """A run folder moved to another machine, or resumed after its prompts file was edited or removed, draws the
-    prompts it drew before; --prompts on the resume's command line replaces them."""
+    prompts it drew before, also where the resume names the same file; another file replaces them."""
     seen = tmp_path / "seen_prompts.txt"
     write_reward_module(tmp_path, "def remember_prompts(images, prompts):\n"
                                   f"    open({str(seen)!r}, 'a').write(''.join(p + '\\n' for p in prompts))\n"
@@ -282,10 +282,20 @@ def test_a_resume_draws_from_the_checkpoints_copy_of_the_prompts_file_unless_giv
     assert main(["train", "--resume", str(run_dir), *reward, "--set", "epochs=2"]) == 0
     assert set(seen.read_text().splitlines()) == {"a red fox", "a snowy owl"}
     assert (run_dir / "checkpoint-2" / "prompts.txt").read_text() == "a red fox\na snowy owl\n"
+    # The config still names the run's own file (not the copy in a checkpoint that pruning will remove).
+    assert f"prompts: {tmp_path / 'first.txt'}\n" in (run_dir / "config.yaml").read_text()
+    (tmp_path / "first.txt").write_text("a blue whale\n")  # edited: a config naming it again draws the copy too
+    (tmp_path / "run.yaml").write_text(f"prompts: {tmp_path / 'first.txt'}\nbatches_per_epoch: 1\n"
+                                       "sample_batch_size: 8\ntrain_batch_size: 8\nepochs: 3\n")
     seen.unlink()
-    assert main(["train", "--resume", str(run_dir), *reward, "--set", "epochs=3",
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--config", str(tmp_path / "run.yaml"),
+                 "--device", "cpu", *reward]) == 0
+    assert set(seen.read_text().splitlines()) == {"a red fox", "a snowy owl"}
+    seen.unlink()
+    assert main(["train", "--resume", str(run_dir), *reward, "--set", "epochs=4",
                  "--prompts", str(tmp_path / "second.txt")]) == 0
     assert set(seen.read_text().splitlines()) == {"a green frog"}
+    assert f"prompts: {tmp_path / 'second.txt'}\n" in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("content, message", [
