@@ -152,6 +152,8 @@ def verify_checkpoint(checkpoint: Path) -> None:
         raise CheckpointError(f"{where} is damaged: {MANIFEST_FILE} is malformed ({problem})")
     for name, expected in manifest["files"].items():
         path = checkpoint / name
+        if path.is_symlink():  # its sha256 would be its target's: a folder from elsewhere could point anywhere
+            raise CheckpointError(f"{where} is damaged: {name} is a symbolic link")
         if not path.is_file():
             raise CheckpointError(f"{where} is damaged: {name} is missing")
         size = path.stat().st_size
@@ -160,6 +162,15 @@ def verify_checkpoint(checkpoint: Path) -> None:
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{where} is damaged: {name} does not match its sha256 in the manifest")
     read_training_state(checkpoint)  # its shape: a state the trainer cannot use is damage too
+
+
+def prompts_copy(checkpoint: Path) -> Path | None:
+    """The checkpoint's copy of its run's prompts file, if its manifest lists one (verify_checkpoint checked it)."""
+    try:
+        listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    return checkpoint / PROMPTS_FILE if isinstance(listed, dict) and PROMPTS_FILE in listed else None
 
 
 def _manifest_problem(manifest) -> str | None:
@@ -256,8 +267,8 @@ def save_checkpoint(
         save_file(_rng_tensors(), str(tmp / RNG_FILE))
         for file_name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / file_name))
-        if prompts is not None:
-            (tmp / PROMPTS_FILE).write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8")
+        if prompts is not None:  # utf-8-sig: reading drops this BOM only, not one that starts the first prompt
+            (tmp / PROMPTS_FILE).write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8-sig")
         state = dict(training_state)
         config = state.get("config") or {}
         state.update(
@@ -436,12 +447,14 @@ def load_checkpoint(checkpoint: Path, unet, optimizer, lr_scheduler, stat_tracke
     if problem := _optimizer_shape_problem(optimizer):  # torch takes any shape here and fails at the first step
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match this optimizer: {problem}")
     # The moments and step counts come from the checkpoint, the settings from this run's config: a resume may
-    # change learning_rate and adam_* (the optimizer's state dict holds the old ones, and would keep them).
-    for group, settings in zip(optimizer.param_groups, configured):
-        group.update(settings)
-    # The schedule is constant (policy_model.py): its rates are the configured ones.
-    lr_scheduler.load_state_dict({**state["lr_scheduler"], "base_lrs": [s["initial_lr"] for s in configured],
-                                  "_last_lr": [s["lr"] for s in configured]})
+    # change learning_rate and adam_* (the optimizer's state dict holds the old ones, and would keep them). The
+    # schedule (a LambdaLR: policy_model.py) continues at its step from the configured base rates.
+    schedule = state["lr_scheduler"]
+    base_lrs = [settings["initial_lr"] for settings in configured]
+    rates = [base * factor(schedule["last_epoch"]) for base, factor in zip(base_lrs, lr_scheduler.lr_lambdas)]
+    for group, settings, rate in zip(optimizer.param_groups, configured, rates):
+        group.update(settings, lr=rate)
+    lr_scheduler.load_state_dict({**schedule, "base_lrs": base_lrs, "_last_lr": rates})
     stat_tracker.load_state_dict(state["stat_tracker"])
     try:
         restore_rng_states(rng)

@@ -298,8 +298,8 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         for reason in skipped if _warns() else ():
             warn_skipped(reason)
         from_args = None
-        if args.task or args.model or args.config:
-            from_args = resolve_config(args.task, args.model, args.config, overrides)
+        if args.task or args.model or args.config:  # checked by resumed_config if resuming (prompt_source)
+            from_args = resolve_config(args.task, args.model, args.config, overrides, checked=resume_from is None)
         if resume_from is not None:
             cfg = resumed_config(resume_from, {} if from_args else overrides, from_args, warn if _warns() else None)
         else:
@@ -369,7 +369,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     if trainer.stopped_at is not None:
         processes = trainer.accelerator.num_processes
         options = resume_options(cfg) + (f" --num-processes {processes}" if processes > 1 else "")
-        launcher = "; either under the same launcher instead" if processes > 1 else ""
+        launcher = "; under accelerate launch or torchrun, the same without --num-processes" if processes > 1 else ""
         say(f"stopped by {trainer.stop.received} after step {trainer.global_step}; wrote {trainer.stopped_at}. "
             f"Resume with: rlcm-fast train --resume {run_dir}{options} (or --resume auto --output-dir "
             f"{run_dir}{options}{launcher})")

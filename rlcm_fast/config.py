@@ -179,8 +179,8 @@ def _unknown_key(key: str, source: str) -> ConfigError:
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans, only true and false: under YAML 1.1's, a config's
-    `mixed_precision: no` (a documented value) was False, and yes/on/off were booleans too."""
+    """PyYAML's safe loader (YAML 1.1) with YAML 1.2's booleans, only true and false: under 1.1's, a config's
+    `mixed_precision: no` (a documented value) was False, and yes/on/off were booleans too. Numbers are still 1.1's."""
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -297,11 +297,13 @@ def resolve_config(
     model: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    checked: bool = True,
 ) -> TrainConfig:
     """Build the config from the task preset, the model preset, a YAML file and explicit overrides.
 
     The task, the method and the model pick the presets, so they are found first: argument > --set > file >
-    default. With method ddpo and no model given, the model is "tiny-sd".
+    default. With method ddpo and no model given, the model is "tiny-sd". `checked=False` leaves
+    config_checks.validate to the caller (a resume may read its prompts from the checkpoint's copy).
     """
     file_values = load_yaml(config_file) if config_file else {}
     overrides = dict(overrides or {})
@@ -330,6 +332,8 @@ def resolve_config(
         apply_overrides(values, tiny_preset, f"the {chosen['model']} preset")
     apply_overrides(values, file_values, file_source)
     apply_overrides(values, overrides, "--set")
+    if not checked:
+        return TrainConfig(**values)
     from .config_checks import validate  # it imports this module
 
     return validate(TrainConfig(**values))

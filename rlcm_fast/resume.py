@@ -80,8 +80,9 @@ def _changed_scorers(before: dict, values: dict) -> list[str]:
     for key, rewards in REWARD_SCORER_SETTINGS.items():
         old, new = before.get(key, getattr(defaults, key)), values.get(key, getattr(defaults, key))
         if new != old and terms.intersection(rewards):
+            copy = " (fine for a local copy of the same model)" if key.endswith(("_model", "_processor")) else ""
             changed.append(f"{key}={new!r} differs from the checkpoint's {old!r}: its rewards go beside reward "
-                           f"histories scored with {old!r} (fine for a copy of the same model)")
+                           f"histories scored with {old!r}{copy}")
     return changed
 
 
@@ -89,21 +90,26 @@ def prompt_source(prompts: str, checkpoint: Path | None) -> str:
     """Where a run reads its prompts: a resume that keeps its prompts file (the same path) reads the checkpoint's
     copy of it, as the run drew from it, wherever the resume runs and whatever became of the file since (edited,
     moved, or left on the machine the run folder came from); else the set or file `prompts` names."""
-    from .checkpoint import PROMPTS_FILE, saved_config
+    from .checkpoint import prompts_copy, saved_config
 
-    copy = checkpoint / PROMPTS_FILE if checkpoint is not None else None
-    if copy is None or prompts in PROMPT_SETS or not copy.is_file():
-        return prompts
-    saved = saved_config(checkpoint).get("prompts")
-    if not isinstance(saved, str) or Path(saved).resolve() != Path(prompts).resolve():
+    copy = prompts_copy(checkpoint) if checkpoint is not None and prompts not in PROMPT_SETS else None
+    if copy is None or not _same_file_name(saved_config(checkpoint).get("prompts"), prompts):
         return prompts
     return str(copy.absolute())
 
 
+def _same_file_name(a, b) -> bool:
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):  # a NUL in a name (a crafted state), a loop of links
+        return False
+
+
 def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overrides: dict) -> None:
-    """A run folder made elsewhere may name any module as its reward, and any host as its reward server: a
-    resume runs that code, or sends the images and prompts off this machine, only when this command line names
-    them too."""
+    """A run folder made elsewhere may name any module as its reward, any host as its reward server and any file
+    as its prompts: a resume runs that code, sends the images and prompts off this machine, or reads a file outside
+    the checkpoint, only when this command line names them too."""
+    from .checkpoint import prompts_copy
     from .rewards import user_reward_names
 
     defaults = TrainConfig()
@@ -113,6 +119,10 @@ def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overr
     if "reward" in needed and "reward" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
                           f"), which resuming imports and runs: add --reward {reward!r} to run it")
+    prompts = values.get("prompts", defaults.prompts)
+    if prompts not in PROMPT_SETS and "prompts" not in overrides and prompts_copy(checkpoint) is None:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its prompts file {prompts!r} (written "
+                          f"before checkpoints kept one), which a resume reads only when named: add --prompts {prompts!r}")
     if "reward_server" in needed and "reward_server" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
                           f"add --set reward_server={server} to send them there")

@@ -253,6 +253,17 @@ def test_a_run_folder_holding_a_symbolic_link_is_refused_before_anything_is_writ
     assert (victim.read_text() == "important") if name == "reward.png" else list(victim.iterdir()) == []
 
 
+def test_a_checkpoint_file_that_is_a_symbolic_link_is_damage(run, tmp_path):
+    """Its sha256 is its target's: a checkpoint from elsewhere could have a resume read any file as, say, its
+    prompts.txt, with a manifest made to match."""
+    checkpoint = run / "checkpoint-3"
+    shutil.move(checkpoint / "rng_state.safetensors", tmp_path / "rng_state.safetensors")
+    (checkpoint / "rng_state.safetensors").symlink_to(tmp_path / "rng_state.safetensors")
+    with pytest.raises(ckpt_module.CheckpointError) as error:
+        ckpt_module.verify_checkpoint(checkpoint)
+    assert str(error.value) == f"checkpoint '{checkpoint}' is damaged: rng_state.safetensors is a symbolic link"
+
+
 def test_a_linked_sample_grid_is_replaced_not_written_through(run, tmp_path):
     """Below the run folder's top level the pictures are written beside their name and renamed over it."""
     victim = tmp_path / "victim.txt"

@@ -128,7 +128,8 @@ def test_sigterm_to_num_processes_2_checkpoints_mid_epoch_and_resumes_exactly(tw
     assert child.returncode == 0, err[-3000:]
     assert err.count("SIGTERM received") == 1  # printed by the main process only
     assert err.count(f"Resume with: rlcm-fast train --resume {run_dir} --num-processes 2 (or --resume auto "
-                     f"--output-dir {run_dir} --num-processes 2; either under the same launcher instead)") == 1
+                     f"--output-dir {run_dir} --num-processes 2; under accelerate launch or torchrun, the same "
+                     "without --num-processes)") == 1
     stopped = (run_dir / "latest").read_text().strip()
     assert stopped.startswith("checkpoint-0-"), stopped  # mid-epoch 1
     # Mid-epoch checkpoints hold each process's samples: another process count is refused, clearly.

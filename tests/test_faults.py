@@ -508,10 +508,10 @@ def test_an_end_of_epoch_checkpoint_resumes_with_other_sampling_settings(monkeyp
 @pytest.mark.parametrize("saved, overrides, warned", [
     ({"reward": "clipscore", "clipscore_model": "openai/clip"}, {"clipscore_model": "/models/clip"},
      ["clipscore_model='/models/clip' differs from the checkpoint's 'openai/clip': its rewards go beside reward "
-      "histories scored with 'openai/clip' (fine for a copy of the same model)"]),
+      "histories scored with 'openai/clip' (fine for a local copy of the same model)"]),
     ({"reward": "jpeg_compressibility:1,aesthetic:0.5"}, {"jpeg_backend": "pillow", "clipscore_model": "/m"},
      ["jpeg_backend='pillow' differs from the checkpoint's 'auto': its rewards go beside reward histories scored "
-      "with 'auto' (fine for a copy of the same model)"]),
+      "with 'auto'"]),
     ({"reward": "jpeg_compressibility"}, {"aesthetic_model": "/models/vit-l"}, []),  # a scorer the reward never uses
 ])
 def test_a_resume_warns_of_another_scorer_for_its_reward(monkeypatch, tmp_path, saved, overrides, warned):

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
 from rlcm_fast.models import load_pipeline
+from rlcm_fast.resume import resumed_config
 from rlcm_fast.trainer import Trainer
 
 # Small enough for CI: ~1 s per epoch on 2 cores.
@@ -106,7 +107,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, sizes):
     interrupted = train(tmp_path, "interrupted", *sizes, "--set", "epochs=1")
     if sizes:  # the resume draws from the checkpoint's copy of the prompts file, not from the file as it is now
         (tmp_path / "two_prompts.txt").write_text("a red boat\na green tree\n")
-        assert (interrupted / "checkpoint-1" / "prompts.txt").read_text() == "a cat\na dog\n"
+        assert (interrupted / "checkpoint-1" / "prompts.txt").read_text(encoding="utf-8-sig") == "a cat\na dog\n"
     assert main(["train", "--resume", str(interrupted), "--set", "epochs=3"]) == 0
     for kind in ("step", "epoch"):
         a, b = records(straight, kind), records(interrupted, kind)
@@ -122,6 +123,9 @@ def test_a_resume_trains_with_the_optimizer_settings_its_command_line_sets(tmp_p
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=1")
     changed = {"learning_rate": 1e-5, "adam_beta1": 0.5, "adam_beta2": 0.9, "adam_epsilon": 1e-3,
                "adam_weight_decay": 0.5}
+    checkpoint = run_dir / "checkpoint-1"
+    loaded = Trainer(resumed_config(checkpoint, changed), tmp_path / "branch", checkpoint).optimizer.param_groups[0]
+    assert (loaded["lr"], loaded["betas"], loaded["eps"], loaded["weight_decay"]) == (1e-5, (0.5, 0.9), 1e-3, 0.5)
     assert main(["train", "--resume", str(run_dir), "--set", "epochs=2",
                  *[f"--set={key}={value}" for key, value in changed.items()]]) == 0
     assert [r["learning_rate"] for r in records(run_dir, "step")] == [3e-3, 1e-5]  # the tiny preset's, then ours
@@ -281,10 +285,10 @@ def test_a_resume_draws_from_the_checkpoints_copy_of_the_prompts_file_unless_giv
     seen.unlink()
     assert main(["train", "--resume", str(run_dir), *reward, "--set", "epochs=2"]) == 0
     assert set(seen.read_text().splitlines()) == {"a red fox", "a snowy owl"}
-    assert (run_dir / "checkpoint-2" / "prompts.txt").read_text() == "a red fox\na snowy owl\n"
+    assert (run_dir / "checkpoint-2" / "prompts.txt").read_text(encoding="utf-8-sig") == "a red fox\na snowy owl\n"
     # The config still names the run's own file (not the copy in a checkpoint that pruning will remove).
     assert f"prompts: {tmp_path / 'first.txt'}\n" in (run_dir / "config.yaml").read_text()
-    (tmp_path / "first.txt").write_text("a blue whale\n")  # edited: a config naming it again draws the copy too
+    # The file is still gone: --resume auto's config names it, and the run draws the copy.
     (tmp_path / "run.yaml").write_text(f"prompts: {tmp_path / 'first.txt'}\nbatches_per_epoch: 1\n"
                                        "sample_batch_size: 8\ntrain_batch_size: 8\nepochs: 3\n")
     seen.unlink()
@@ -296,6 +300,26 @@ def test_a_resume_draws_from_the_checkpoints_copy_of_the_prompts_file_unless_giv
                  "--prompts", str(tmp_path / "second.txt")]) == 0
     assert set(seen.read_text().splitlines()) == {"a green frog"}
     assert f"prompts: {tmp_path / 'second.txt'}\n" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_checkpoint_without_a_copy_of_its_prompts_file_reads_the_file_only_when_named(tmp_path, capsys):
+    """One written before checkpoints kept the copy, or one from elsewhere without it: its config may name any
+    file on this machine, whose lines would become prompts, go into checkpoints, and to a reward server."""
+    (tmp_path / "mine.txt").write_text("a red fox\n")
+    run_dir = train(tmp_path, "run", *FAST, "--prompts", str(tmp_path / "mine.txt"), "--set", "epochs=1")
+    checkpoint = run_dir / "checkpoint-1"
+    (checkpoint / "prompts.txt").unlink()
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    del manifest["files"]["prompts.txt"]
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast: error: checkpoint '{checkpoint}' holds no copy of its prompts file '{tmp_path / 'mine.txt'}' "
+        f"(written before checkpoints kept one), which a resume reads only when named: add --prompts "
+        f"'{tmp_path / 'mine.txt'}'")
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2", "--prompts", str(tmp_path / "mine.txt")]) == 0
+    assert (run_dir / "checkpoint-2" / "prompts.txt").read_text(encoding="utf-8-sig") == "a red fox\n"
 
 
 @pytest.mark.parametrize("content, message", [
