@@ -2,8 +2,9 @@
 
 A resume continues the checkpoint's own config with the command line's --set overrides, but may not change
 what the checkpoint's weights, trajectories or reward histories depend on (FIXED_ON_RESUME, and mid-epoch
-FIXED_MID_EPOCH). A run folder may come from elsewhere: the code it names as a reward, and a reward server off
-this machine, are used only when the command line names them again.
+FIXED_MID_EPOCH). A run's prompts file is read from the checkpoint's copy of it (prompt_source). A run folder may
+come from elsewhere: the code it names as a reward, a reward server off this machine, and a prompts file that its
+checkpoint holds no copy of are used only when the command line names them again.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overr
     prompts = values.get("prompts", defaults.prompts)
     if prompts not in PROMPT_SETS and "prompts" not in overrides and prompts_copy(checkpoint) is None:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its prompts file {prompts!r} (written "
-                          f"before checkpoints kept one), which a resume reads only when named: add --prompts {prompts!r}")
+                          "before checkpoints kept one), which a resume reads only when named: add --prompts "
+                          f"{prompts!r}")
     if "reward_server" in needed and "reward_server" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
                           f"add --set reward_server={server} to send them there")
