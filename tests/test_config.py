@@ -120,6 +120,8 @@ def test_no_yes_on_and_off_are_words_not_booleans(tmp_path):
     config_file.write_text("mixed_precision: no\ngradient_checkpointing: true\n")
     cfg = resolve_config(config_file=config_file)
     assert cfg.mixed_precision == "no" and cfg.gradient_checkpointing is True
+    upper = resolve_config(overrides=parse_set_pairs(["gradient_checkpointing=TRUE", "reward_overlap=FALSE"]))
+    assert upper.gradient_checkpointing is True and upper.reward_overlap is False  # YAML 1.2's other spellings
     with pytest.raises(ConfigError) as error:
         resolve_config(overrides=parse_set_pairs(["reward_overlap=off"]))
     assert str(error.value) == "reward_overlap='off' in --set is invalid: expected bool (true or false)"

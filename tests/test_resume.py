@@ -1,0 +1,100 @@
+"""What a resume takes from its checkpoint (rlcm_fast/resume.py): the prompts' copy, the configured learning rate
+under a schedule that is not constant, the warning for another reward scorer. End-to-end resumes: test_train.py."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from rlcm_fast.checkpoint import prompts_copy
+from rlcm_fast.cli import main
+from rlcm_fast.prompts import load_prompt_set
+from rlcm_fast.resume import prompt_source, resumed_config
+from rlcm_fast.trainer import Trainer
+
+FAST = ["--set", "batches_per_epoch=1", "--set", "sample_batch_size=8", "--set", "train_batch_size=8"]
+
+
+def train(run_dir, *extra) -> None:
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir), "--set", "epochs=1", *FAST, *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def file_prompts_run(tmp_path_factory):
+    """One epoch drawn from a prompts file whose first prompt starts with a byte-order mark of its own: the file's
+    BOM is not part of the prompt, the second is (reading removes one), and the copy keeps it."""
+    folder = tmp_path_factory.mktemp("file_prompts")
+    prompts = folder / "data" / "prompts.txt"
+    prompts.parent.mkdir()
+    prompts.write_bytes("\ufeff\ufeffa cat\na dog\n".encode())
+    train(folder / "run", "--prompts", str(prompts))
+    return prompts, folder / "run" / "checkpoint-1"
+
+
+def test_the_copy_gives_the_prompts_the_run_drew_even_one_starting_with_a_byte_order_mark(file_prompts_run):
+    prompts, checkpoint = file_prompts_run
+    assert load_prompt_set(str(prompts)) == ("\ufeffa cat", "a dog")
+    source = prompt_source(str(prompts), checkpoint)
+    assert source == str(checkpoint / "prompts.txt")
+    assert load_prompt_set(source) == ("\ufeffa cat", "a dog")
+
+
+def test_the_same_file_by_another_spelling_reads_the_copy_and_another_file_does_not(file_prompts_run, tmp_path,
+                                                                                        monkeypatch):
+    prompts, checkpoint = file_prompts_run
+    copy = str(checkpoint / "prompts.txt")
+    monkeypatch.chdir(prompts.parent.parent)
+    assert prompt_source(os.path.join("data", "prompts.txt"), checkpoint) == copy
+    (tmp_path / "linked").symlink_to(prompts.parent, target_is_directory=True)
+    assert prompt_source(str(tmp_path / "linked" / "prompts.txt"), checkpoint) == copy
+    other = tmp_path / "prompts.txt"
+    other.write_text("a fox\n")
+    assert prompt_source(str(other), checkpoint) == str(other)
+    assert prompt_source("simple_animals", checkpoint) == "simple_animals"
+
+
+def test_a_copy_the_manifest_does_not_list_is_not_read(file_prompts_run, tmp_path):
+    """The manifest is what verify_checkpoint checked: a prompts.txt put beside it afterwards is not the run's."""
+    prompts, checkpoint = file_prompts_run
+    unlisted = tmp_path / "checkpoint"
+    unlisted.mkdir()
+    for entry in checkpoint.iterdir():
+        (unlisted / entry.name).write_bytes(entry.read_bytes())
+    manifest = json.loads((unlisted / "manifest.json").read_text())
+    del manifest["files"]["prompts.txt"]
+    (unlisted / "manifest.json").write_text(json.dumps(manifest))
+    assert prompts_copy(checkpoint) == checkpoint / "prompts.txt"
+    assert prompts_copy(unlisted) is None
+    assert prompt_source(str(prompts), unlisted) == str(prompts)
+
+
+def test_a_named_prompt_set_is_not_copied(tmp_path):
+    train(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert not (checkpoint / "prompts.txt").exists()
+    assert "prompts.txt" not in json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert prompts_copy(checkpoint) is None
+
+
+def test_a_resumed_schedule_applies_its_factor_to_the_configured_learning_rate(tmp_path, monkeypatch):
+    """The paper's schedule is constant (factor 1 at every step), which hides a factor dropped on resume: one that
+    halves at each step must give half the configured rate after the checkpoint's one step."""
+    halving = torch.optim.lr_scheduler.LambdaLR
+    monkeypatch.setattr(torch.optim.lr_scheduler, "LambdaLR",
+                        lambda optimizer, _factor: halving(optimizer, lambda step: 0.5 ** step))
+    train(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    trainer = Trainer(resumed_config(checkpoint, {"learning_rate": 1e-5}), tmp_path / "branch", checkpoint)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-5, rel=1e-12)
+    assert trainer.lr_scheduler.get_last_lr() == pytest.approx([0.5e-5], rel=1e-12)
+    assert trainer.lr_scheduler.base_lrs == [1e-5]
+
+
+def test_another_jpeg_encoder_on_resume_is_a_warning_and_the_run_goes_on(tmp_path, capsys):
+    train(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "epochs=2", "--set", "jpeg_backend=pillow"]) == 0
+    assert ("rlcm-fast: warning: jpeg_backend='pillow' differs from the checkpoint's 'auto': its rewards go beside "
+            "reward histories scored with 'auto'\n") in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
