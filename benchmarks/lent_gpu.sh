@@ -14,7 +14,9 @@
 #   pip download --no-deps -d .whl diffusers==0.42.1 nvidia-nvjpeg==13.0.4.44
 # (the nvJPEG that ran on the H200, driver 580 = CUDA 13.0; a newer 13.x may want a newer driver), and
 # pass carry [".whl"] to the device call. Writes $OUT/console.log (this script's output: versions,
-# install, stage progress), $OUT/install.log (pip's; a failed install stops the script) and $OUT/results/ (the benchmarks' JSON, check_claims.log, claims.md/json).
+# install, stage progress), $OUT/install.log (pip's; a failed install stops the script) and
+# $OUT/results.tar.gz: results/, the benchmarks' JSON, check_claims.log and claims.md/json, packed on exit
+# because the device tool returns at most 8 files (a run killed before its exit trap leaves results/ as it is).
 set -uo pipefail
 if [ $# -ne 3 ]; then
     echo "usage: bash benchmarks/lent_gpu.sh BUDGET_S STAGES COMMIT" >&2
@@ -27,9 +29,15 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 exec > >(tee "$out/console.log") 2>&1
 tee_pid=$!
-# On exit, close tee's input and wait for it: bash does not wait for a process substitution, and the
-# machine may take $OUT back before tee has written the last lines.
-trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT
+pack_results() {
+    if [ -d "$out/results" ] && tar -czf "$out/results.tar.gz" -C "$out" results; then
+        rm -rf "$out/results"
+        echo "results packed into $out/results.tar.gz"
+    fi
+}
+# On exit, pack the results, then close tee's input and wait for it: bash does not wait for a process
+# substitution, and the machine may take $OUT back before tee has written the last lines.
+trap 'pack_results; exec >&- 2>&-; wait "$tee_pid"' EXIT
 
 date
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
