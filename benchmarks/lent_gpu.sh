@@ -5,7 +5,9 @@
 #   bash benchmarks/lent_gpu.sh BUDGET_S STAGES COMMIT
 #   e.g. bash benchmarks/lent_gpu.sh 520 tests,rewards,train 1a2b3c4
 # (the GPU tests first: the opt-in switches' tests have never run on a GPU, and a crash there says which
-# train rows to trust; then nvJPEG's libjpeg colour, then the RL-epoch and DDPO claims)
+# train rows to trust; then nvJPEG's libjpeg colour, then the RL-epoch and DDPO claims). A session has 15
+# minutes of device time, the machine's start (a minute or two) included: 520 fits one such call with
+# timeout_s 600 and leaves no time for a second.
 #
 # BUDGET_S is check_claims' --budget-s (the install's ~20 s and the transfers come on top), STAGES its
 # --stages, COMMIT the commit the figures are of (the copy of the tree on that machine cannot tell it).
