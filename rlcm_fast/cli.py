@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -40,6 +41,13 @@ def _warns() -> bool:
     from .launch import LAUNCHED_HERE
 
     return _is_main_process() and not os.environ.get(LAUNCHED_HERE)
+
+
+def shell_path(path) -> str:
+    """A path as a printed command must spell it to be pasted back: quoted for the shell, and not read as an
+    option where it starts with a dash."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
 
 
 def warn(message: str) -> None:
@@ -371,8 +379,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
         options = resume_options(cfg) + (f" --num-processes {processes}" if processes > 1 else "")
         launcher = "; under accelerate launch or torchrun, the same without --num-processes" if processes > 1 else ""
         say(f"stopped by {trainer.stop.received} after step {trainer.global_step}; wrote {trainer.stopped_at}. "
-            f"Resume with: rlcm-fast train --resume {run_dir}{options} (or --resume auto --output-dir "
-            f"{run_dir}{options}{launcher})")
+            f"Resume with: rlcm-fast train --resume {shell_path(run_dir)}{options} (or --resume auto --output-dir "
+            f"{shell_path(run_dir)}{options}{launcher})")
         return 0
     say(f"done, {summarize(records)}; checkpoints in {run_dir}")
     return 0
@@ -428,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
         again = getattr(args, "resume_options", "")
-        where = f"rlcm-fast train --resume auto --output-dir {run_dir}{again}{launch}" if run_dir else "the same command"
+        where = (f"rlcm-fast train --resume auto --output-dir {shell_path(run_dir)}{again}{launch}" if run_dir
+                 else "the same command")
         if _is_main_process():
             print(f"rlcm-fast: interrupted; continue from the last checkpoint, if any, with: {where}", file=sys.stderr)
         return 130

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -450,6 +451,11 @@ def test_an_interrupt_that_ends_the_run_says_how_to_continue_it(tmp_path, monkey
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "rlcm-fast: interrupted; continue from the last checkpoint, if any, with: rlcm-fast train --resume auto "
         f"--output-dir {run_dir}")
+    # A name with a space, a quote and a leading dash: the printed command pastes back to the same folder.
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--device", "cpu", "--output-dir=-my run's é"]) == 130
+    command = capsys.readouterr().err.strip().splitlines()[-1].split("with: ")[1]
+    assert shlex.split(command) == ["rlcm-fast", "train", "--resume", "auto", "--output-dir", "./-my run's é"]
 
 
 def test_lora_targets_matching_no_module_are_one_line_exit_2(tmp_path, capsys):
