@@ -1,6 +1,5 @@
-"""Tests drafted by a mutation audit (session helper): each one passes on HEAD and fails under the mutant named in
-its docstring. Fast, seeded, no model loaded. Meant to be split into tests/test_run_lock.py, test_run_logging.py,
-test_stat_tracker.py, test_config.py and test_rewards.py."""
+"""Edges of run_lock, run_logging, the stat tracker, config checks and reward specs that a mutation audit found no
+test of: each test fails under the mutant its docstring names. Fast, seeded, no model loaded."""
 
 import fcntl
 import json
