@@ -431,17 +431,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(f"out of memory ({first_line(exc)[:200]}): lower resolution, the batch sizes, lora_rank or --num-images")
         return 1
-    except KeyboardInterrupt:  # a second interrupt: the first one's checkpoint was not waited for
-        run_dir = getattr(args, "run_dir", None)
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
-        again = getattr(args, "resume_options", "")
-        where = (f"rlcm-fast train --resume auto --output-dir {shell_path(run_dir)}{again}{launch}" if run_dir
-                 else "the same command")
+    except KeyboardInterrupt:  # a second interrupt, or one before the trainer listens: no checkpoint waited for
         if _is_main_process():
-            print(f"rlcm-fast: interrupted; continue from the last checkpoint, if any, with: {where}", file=sys.stderr)
+            print(f"rlcm-fast: interrupted; {_how_to_continue(args, argv)}", file=sys.stderr)
         return 130
 
+
+def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
+    """The command an interrupted run's message gives: resume where the run folder holds an intact checkpoint,
+    else this same command again (`--resume auto` finding no checkpoint starts from the defaults, not from this
+    command's task and settings)."""
+    from .checkpoint import find_resumable
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
+    run_dir = getattr(args, "run_dir", None)
+    try:
+        checkpoint = find_resumable(run_dir)[0] if run_dir is not None else None
+    except OSError:  # the folder went away or cannot be read: the command itself is still right
+        checkpoint = None
+    if checkpoint is not None:
+        again = getattr(args, "resume_options", "")
+        return (f"continue from {checkpoint.name} with: rlcm-fast train --resume auto --output-dir "
+                f"{shell_path(run_dir)}{again}{launch}")
+    return f"no checkpoint was written; start again with: {shlex.join(['rlcm-fast', *argv])}{launch}"
 
 if __name__ == "__main__":
     sys.exit(main())

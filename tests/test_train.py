@@ -3,6 +3,7 @@
 import json
 import logging
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -440,22 +441,29 @@ def test_one_process_builds_trainers_of_other_precisions_in_turn(tmp_path, monke
 
 
 def test_an_interrupt_that_ends_the_run_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
-    """A second Ctrl-C does not wait for the checkpoint the first one asked for: the message names the
-    command that continues from whatever checkpoint exists (or starts again), not a placeholder."""
+    """A second Ctrl-C does not wait for the checkpoint the first one asked for. With no checkpoint yet the
+    message gives this same command (`--resume auto` would start from the defaults, not from its settings);
+    with one, the resume command. Both paste back into a shell, whatever the folder's name."""
+    first = train(tmp_path, "first", *FAST, "--set", "epochs=1", "--set", "lora_rank=2")
+
     def interrupted(self):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "train", interrupted)
-    run_dir = tmp_path / "run"
-    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir)]) == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "rlcm-fast: interrupted; continue from the last checkpoint, if any, with: rlcm-fast train --resume auto "
-        f"--output-dir {run_dir}")
-    # A name with a space, a quote and a leading dash: the printed command pastes back to the same folder.
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--device", "cpu", "--output-dir=-my run's é"]) == 130
-    command = capsys.readouterr().err.strip().splitlines()[-1].split("with: ")[1]
-    assert shlex.split(command) == ["rlcm-fast", "train", "--resume", "auto", "--output-dir", "./-my run's é"]
+    capsys.readouterr()
+    command = ["train", "--device", "cpu", "--set", "lora_rank=2", "--output-dir=-my run's é"]
+    assert main(command) == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("rlcm-fast: interrupted; no checkpoint was written; start again with: ")
+    assert shlex.split(message.split("with: ")[1]) == ["rlcm-fast", *command]
+
+    shutil.copytree(first, tmp_path / "-my run's é", dirs_exist_ok=True)  # now it holds checkpoint-1
+    assert main(["train", "--resume", "auto", "--output-dir=-my run's é", "--set", "epochs=2"]) == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("rlcm-fast: interrupted; continue from checkpoint-1 with: ")
+    assert shlex.split(message.split("with: ")[1]) == [
+        "rlcm-fast", "train", "--resume", "auto", "--output-dir", "./-my run's é"]
 
 
 def test_lora_targets_matching_no_module_are_one_line_exit_2(tmp_path, capsys):
