@@ -70,11 +70,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlcm-fast", description=__doc__)
+    # No abbreviated options: `--num-proc 2` reached the launched processes, which strip only the full
+    # `--num-processes` from their command line, so each of them tried to launch again.
+    parser = argparse.ArgumentParser(prog="rlcm-fast", description=__doc__, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"rlcm-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune an LCM's LoRA with RLCM on a reward")
+    train = commands.add_parser("train", help="fine-tune an LCM's LoRA with RLCM on a reward", allow_abbrev=False)
     train.add_argument("--task", default=None,
                        help=f"the paper's task presets: {', '.join(TASK_PRESETS)} (default: compressibility)")
     train.add_argument("--model", default=None,
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="auto | cpu | cuda")
 
     sample = commands.add_parser("sample", help="write images from an LCM (with --algo ddpo: a Stable Diffusion "
-                                                "model), optionally with a trained LoRA")
+                                                "model), optionally with a trained LoRA", allow_abbrev=False)
     sample.add_argument("--model", default=None,
                         help="as for train (default: the LoRA's run model, else tiny, or tiny-sd with --algo ddpo)")
     sample.add_argument("--lora", metavar="RUN/checkpoint-N",
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, CUDA when available)")
     sample.add_argument("--output-dir", default="samples", help="folder for the PNGs (default: samples)")
 
-    serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)")
+    serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)",
+                                 allow_abbrev=False)
     serve.add_argument("--reward", default="alignment", choices=["alignment"],
                        help="the reward to serve: alignment (a VLM's answer, BERTScore recall against the prompt)")
     serve.add_argument("--host", default="127.0.0.1")

@@ -109,6 +109,16 @@ def test_the_launched_processes_do_not_get_num_processes_in_either_form():
     assert launch.without_option(["train", "--num-processes-x=1"], "--num-processes") == ["train", "--num-processes-x=1"]
 
 
+@pytest.mark.parametrize("abbreviated", [["--num-proc", "2"], ["--num-processes", "2", "--out", "run"]])
+def test_an_abbreviated_option_is_refused_not_passed_on(abbreviated, capsys):
+    """argparse took `--num-proc 2` for --num-processes, and the launched processes, which strip only the full
+    spelling, each tried to launch again; no option is abbreviated now."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--device", "cpu", *abbreviated])
+    assert stopped.value.code == 2
+    assert f"unrecognized arguments: {' '.join(abbreviated[-2:])}" in capsys.readouterr().err
+
+
 THREADS = "import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == sys.argv[1] else 3)"
 
 
