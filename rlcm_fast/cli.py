@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ from . import __version__
 from .config import TASK_PRESETS, ConfigError, TrainConfig, parse_set_pairs, resolve_config
 from .resume import newer_intact_checkpoint, resume_options, resumed_config
 
+NAME_MAX = 255  # bytes per file or folder name on Linux's file systems (ext4, xfs, btrfs, tmpfs)
 PROBE_PREFIX = ".rlcm-fast-probe-"  # _check_run_dir's folder, made and removed to see that a folder can be made
 
 
@@ -195,9 +197,19 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_name_lengths(path: Path, what: str) -> None:
+    """A folder to be made whose path has a name over NAME_MAX bytes: one line now, before any of the folders
+    above it are made and left behind by a failed mkdir(parents=True)."""
+    for name in Path(path).parts:
+        if (size := len(os.fsencode(name))) > NAME_MAX:
+            raise UsageError(f"{what} {str(path)!r} cannot be created: its name {name[:60]!r}... is {size} bytes, "
+                             f"and a file system takes at most {NAME_MAX} per file or folder name")
+
+
 def _check_run_dir(run_dir: Path) -> None:
     """Before any model loads, a run folder that cannot be made is one line (it was an OSError traceback after
     loading). Nothing is created here: a run refused later leaves no folder behind."""
+    check_name_lengths(run_dir, "output dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created: it is a file")
     existing = run_dir
@@ -434,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(f"out of memory ({first_line(exc)[:200]}): lower resolution, the batch sizes, lora_rank or --num-images")
         return 1
+    except OSError as exc:  # from whichever check first touches a path given on the command line
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        _error(f"{exc.filename!r} is too long a path: Linux file systems take at most 255 bytes per file or folder "
+               "name (and 4096 for the whole path)")
+        return 2
     except KeyboardInterrupt:  # a second interrupt, or one before the trainer listens: no checkpoint waited for
         if _is_main_process():
             print(f"rlcm-fast: interrupted; {_how_to_continue(args, argv)}", file=sys.stderr)

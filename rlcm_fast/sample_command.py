@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import UsageError, warn_skipped  # cli.main dispatches here; the shared error type and warning
+from .cli import UsageError, check_name_lengths, warn_skipped  # cli.main dispatches here; the shared error type and warning
 from .config import resolve_config
 from .config_checks import MAX_GUIDANCE_SCALE
 from .presets import METHODS
@@ -42,6 +42,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     out = Path(args.output_dir)
+    check_name_lengths(out, "--output-dir")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {args.output_dir!r} is invalid: it is an existing file, not a folder")
     # The names are fixed by prompt and index, so an earlier call's images would be replaced without a word.
@@ -126,6 +127,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if unused := ignored_guidance(pipe, method, guidance):
         print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
     out = Path(args.output_dir)
+    check_name_lengths(out, "--output-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

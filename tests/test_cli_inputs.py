@@ -258,3 +258,24 @@ def test_the_printed_resume_command_repeats_what_a_resume_takes_only_from_its_co
     assert resume_options(cfg) == (" --reward my_rewards:bright,alignment:0.5 "
                                      "--set reward_server=http://198.51.100.7:8060")
     assert resume_options(TrainConfig(reward="alignment")) == ""  # the server on this machine
+
+
+LONG = "é" * 128  # 256 bytes in UTF-8: one over a file system's limit per name, in 128 characters
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--device", "cpu", "--output-dir", f"new/{LONG}/run"],
+    ["train", "--device", "cpu", "--output-dir", LONG],
+    ["train", "--device", "cpu", "--resume", "auto", "--output-dir", f"new/{LONG}"],
+    ["train", "--device", "cpu", "--resume", LONG],
+    ["train", "--device", "cpu", "--prompts", LONG],
+    [*SAMPLE, "--lora", LONG],
+    [*SAMPLE, "--output-dir", f"new/{LONG}/images"],
+])
+def test_a_name_over_the_file_systems_limit_is_one_line_and_makes_no_folder(args, tmp_path, monkeypatch, capsys):
+    """Each was an OSError traceback (ENAMETOOLONG), and a run folder's mkdir(parents=True) left `new/` behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(args) == 2
+    assert LONG[:60] in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
