@@ -100,8 +100,12 @@ def prompt_source(prompts: str, checkpoint: Path | None) -> str:
 
 
 def _same_file_name(a, b) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    if a == b:  # without resolving: a name this locale cannot encode (UTF-8 read as ASCII) is still the same name
+        return True
     try:
-        return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
+        return Path(a).resolve() == Path(b).resolve()
     except (OSError, ValueError):  # a NUL in a name (a crafted state), a loop of links
         return False
 

@@ -98,3 +98,12 @@ def test_another_jpeg_encoder_on_resume_is_a_warning_and_the_run_goes_on(tmp_pat
     assert ("rlcm-fast: warning: jpeg_backend='pillow' differs from the checkpoint's 'auto': its rewards go beside "
             "reward histories scored with 'auto'\n") in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_the_same_prompts_file_name_is_the_same_file_even_where_it_cannot_be_encoded():
+    """A run started under a UTF-8 locale and resumed under LC_ALL=C: its prompts file's name cannot be encoded
+    for resolving, and the resume read the file itself, not the checkpoint's copy."""
+    from rlcm_fast.resume import _same_file_name
+
+    assert _same_file_name("/data/p\ud800.txt", "/data/p\ud800.txt")
+    assert not _same_file_name("/data/p\ud800.txt", "/data/q\ud800.txt")
