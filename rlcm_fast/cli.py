@@ -197,6 +197,26 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_utf8_name(path, what: str, why: str) -> None:
+    """Refuse `path` where it is not text in UTF-8: Python's file system encoding could only escape its bytes
+    (a name that is not UTF-8, or any non-ASCII name under a locale that is not UTF-8); `why` says what needs it."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return
+    raw = os.fsencode(text)
+    try:
+        shown = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise UsageError(f"{what} '{shown}' is not a UTF-8 name, and {why}: pick another name") from None
+    raise UsageError(f"{what} {shown!r} is UTF-8, but this locale reads file names as {sys.getfilesystemencoding()}, "
+                     f"and {why}: run under a UTF-8 locale (or with PYTHONUTF8=1)")
+
+
 def check_name_lengths(path: Path, what: str) -> None:
     """A folder to be made whose path has a name over NAME_MAX bytes: one line now, before any of the folders
     above it are made and left behind by a failed mkdir(parents=True)."""
@@ -210,6 +230,7 @@ def _check_run_dir(run_dir: Path) -> None:
     """Before any model loads, a run folder that cannot be made is one line (it was an OSError traceback after
     loading). Nothing is created here: a run refused later leaves no folder behind."""
     check_name_lengths(run_dir, "output dir")
+    check_utf8_name(run_dir, "output dir", "TensorBoard's writer takes only UTF-8")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"output dir {str(run_dir)!r} cannot be created: it is a file")
     existing = run_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     """`sample`'s own options, checked before anything is loaded; the model's limits are checked after."""
     import torch
 
+    args.prompt = [_prompt_text(prompt) for prompt in args.prompt]
     if args.algo is not None and args.algo not in METHODS:
         raise UsageError(f"--algo {args.algo!r} is invalid; allowed: {', '.join(METHODS)}")
     if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
@@ -51,6 +53,17 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
         raise UsageError(f"--output-dir {args.output_dir!r} already holds {taken[0].name}{more}, which this call "
                          "would overwrite; pick another --output-dir or remove them")
+
+
+def _prompt_text(prompt: str) -> str:
+    """A prompt from the command line as text: its bytes are read as UTF-8 whatever the locale (one that is not
+    UTF-8 escaped them), and bytes that are not UTF-8 are refused (the tokenizer's TypeError was a traceback)."""
+    raw = os.fsencode(prompt)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise UsageError(f"--prompt '{shown}' is not UTF-8 text: give the prompt in UTF-8") from None
 
 
 def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:

@@ -1,6 +1,7 @@
 """Bad command-line input to `sample`, `serve-reward` and `--reward` is one line on stderr and exit 2, refused
 before any model is loaded where it can be (tiny model, CPU, a second or two each)."""
 
+import os
 import subprocess
 import sys
 
@@ -279,3 +280,34 @@ def test_a_name_over_the_file_systems_limit_is_one_line_and_makes_no_folder(args
     assert main(args) == 2
     assert LONG[:60] in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_name_that_is_not_utf8_is_refused_before_it_is_made(tmp_path, capsys):
+    """TensorBoard's writer raised UnicodeEncodeError (a traceback) after config.yaml and .lock were written."""
+    run_dir = tmp_path / os.fsdecode(b"run\xff")
+    assert main(["train", "--device", "cpu", "--output-dir", str(run_dir)]) == 2
+    assert one_line_error(capsys) == (f"output dir '{tmp_path}/run\\xff' is not a UTF-8 name, and TensorBoard's "
+                                      "writer takes only UTF-8: pick another name")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_under_a_locale_that_is_not_utf8_a_non_ascii_run_folder_says_which_locale_to_use(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode, Python escapes the UTF-8 bytes of `runé`: the folder's name is right,
+    the locale is not."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "rlcm_fast", "train", "--device", "cpu", "--output-dir", "runé"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "rlcm-fast: error: output dir 'runé' is UTF-8, but this locale reads file names as ascii, and TensorBoard's "
+        "writer takes only UTF-8: run under a UTF-8 locale (or with PYTHONUTF8=1)"), done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sample_prompt_is_read_as_utf8_whatever_the_locale(capsys):
+    from rlcm_fast.sample_command import _prompt_text
+
+    assert _prompt_text(os.fsdecode("a é cat".encode())) == "a é cat"
+    assert _prompt_text("a \udcc3\udca9 cat") == "a é cat"  # how a locale that is not UTF-8 gives `a é cat`
+    # Bytes that are not UTF-8 were a TypeError traceback from the tokenizer.
+    assert main([*SAMPLE[:1], "--prompt", os.fsdecode(b"a \xff cat"), *SAMPLE[3:]]) == 2
+    assert one_line_error(capsys) == "--prompt 'a \\xff cat' is not UTF-8 text: give the prompt in UTF-8"
