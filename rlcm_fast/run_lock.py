@@ -37,7 +37,7 @@ def hold_run_folder(run_dir: Path):
         yield
     finally:
         try:
-            if fd is not None and os.listdir(run_dir) == [LOCK_FILE]:
+            if fd is not None and _only_the_lock_in(run_dir):
                 os.unlink(run_dir / LOCK_FILE)  # a waiting opener of this file sees it unlinked and retries
                 for folder in reversed(created):
                     with contextlib.suppress(OSError):
@@ -45,6 +45,13 @@ def hold_run_folder(run_dir: Path):
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+def _only_the_lock_in(run_dir: Path) -> bool:
+    try:
+        return os.listdir(run_dir) == [LOCK_FILE]
+    except OSError:  # removed (or made unreadable) during the run: nothing to tidy, and the run's own error stands
+        return False
 
 
 def _lock(run_dir: Path) -> tuple[int | None, list[Path]]:

@@ -3,6 +3,7 @@ killed holder blocks nothing, and a folder written between a run's checks and it
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,17 @@ def test_a_folder_made_for_the_lock_and_left_empty_is_removed_with_its_new_paren
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "written"]
     assert list((tmp_path / "kept").iterdir()) == []
     assert sorted(os.listdir(tmp_path / "written")) == [LOCK_FILE, "config.yaml"]
+
+
+def test_a_run_folder_removed_during_the_run_leaves_the_runs_own_error_standing(tmp_path):
+    """The tidy-up's listdir raised FileNotFoundError, which hid the error the run ended with."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="the run's own error"), hold_run_folder(run_dir):
+        shutil.rmtree(run_dir)
+        raise ValueError("the run's own error")
+    with hold_run_folder(run_dir):  # and an ordinary end: nothing raised
+        shutil.rmtree(run_dir)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_same_folder_is_refused_to_a_second_holder_in_one_process(tmp_path):
