@@ -83,6 +83,8 @@ def without_credentials(url: str) -> str:
 def url_problem(url: str) -> str | None:
     """What makes `url` unusable as the reward server's address, or None. Checked here: "http://" retried for a
     minute before failing, and "http://[::1" failed as the reward's own ValueError, both after sampling."""
+    if any(c.isspace() or not c.isprintable() for c in url):  # urlsplit drops tabs and newlines without a word
+        return "it holds a space or a control character"
     if USER_INFO.match(url):  # the client never sent it as auth; it named the host "user:password@host"
         return "a user:password@ is never sent, and would be written into config.yaml and checkpoints"
     try:

@@ -277,6 +277,11 @@ def test_guidance_scale_is_at_most_1000():
     ("ftp://host:8060", "the scheme must be http or https"),
     ("http://host:99999", "Port out of range 0-65535"),
     ("localhost:8060", "the scheme must be http or https"),
+    # urlsplit dropped the newline and tab without a word; the space and NUL went into the request.
+    ("http://host:8060/\nscore", "it holds a space or a control character"),
+    ("http://ho\tst:8060", "it holds a space or a control character"),
+    ("http://host:8060/my scorer", "it holds a space or a control character"),
+    ("http://host\x00:8060", "it holds a space or a control character"),
 ])
 def test_a_reward_server_url_is_checked_before_anything_runs(url, problem):
     assert _message(overrides={"reward_server": url}) == (
