@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  allow_abbrev=False)
     serve.add_argument("--reward", default="alignment", choices=["alignment"],
                        help="the reward to serve: alignment (a VLM's answer, BERTScore recall against the prompt)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on, IPv4 or IPv6 (default: "
+                                                          "127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8060, help="0: any free port (printed at start)")
     serve.add_argument("--vlm", default=None, help="image-text-to-text model, hub id or folder "
                                                    "(default: llava-hf/llava-1.5-7b-hf)")
@@ -156,6 +157,9 @@ def run_serve_reward(args: argparse.Namespace) -> int:
         raise UsageError(f"--device {args.device!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu or auto")
+    if not args.host.strip():  # the socket's empty host is every interface, which must be asked for by name
+        raise UsageError(f"--host {args.host!r} is invalid: give an address (127.0.0.1 for this machine, 0.0.0.0 "
+                         "or :: for every interface)")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is invalid: it must be in 0..65535")
     if args.max_new_tokens < 1:

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -484,3 +485,61 @@ def test_serve_reward_interrupted_says_it_stopped_and_frees_the_port(monkeypatch
     assert ports == [port]
     with ThreadingHTTPServer(("127.0.0.1", port), BaseHTTPRequestHandler):
         pass
+
+
+def serving(host: str):
+    """`bind` and the real handler on a thread, with a stand-in scorer (only GET /health is asked)."""
+    scorer = SimpleNamespace(vlm_id="vlm", scorer_id="bert", bertscore=SimpleNamespace(layer=2))
+    server = alignment_server.bind(host, 0)
+    server.RequestHandlerClass = make_handler(scorer)
+    server.server_activate()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_serve_reward_listens_on_an_ipv6_address():
+    """`--host ::1` was refused as an IPv4 address ("Address family for hostname not supported")."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:  # a machine without IPv6
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    server = serving("::1")
+    try:
+        assert http(f"http://[::1]:{server.server_port}/health") == (
+            200, {"status": "ok", "vlm": "vlm", "scorer": "bert", "layer": 2})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_empty_host_is_refused_not_bound_to_every_interface(capsys):
+    from rlcm_fast.cli import main
+
+    assert main(["serve-reward", "--host", "", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rlcm-fast: error: --host '' is invalid: give an address (127.0.0.1 for this machine, 0.0.0.0 or :: for "
+        "every interface)")
+
+
+def test_a_request_line_with_control_characters_is_logged_escaped(capsys):
+    """An escape sequence in a client's request line reached the operator's terminal as is."""
+    server = serving("127.0.0.1")
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as conn:
+            conn.sendall(b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(100).split(b"\r\n")[0].endswith(b" 404 Not Found")
+        err = ""
+
+        def logged():
+            nonlocal err
+            err += capsys.readouterr().err
+            return "red" in err
+
+        assert wait_for(logged)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "\x1b" not in err and "\x07" not in err
+    assert 'serve-reward: 127.0.0.1 "GET /\\x1b[31mred\\x07 HTTP/1.1" 404 no such path' in err
+    assert alignment_server.printable("a\x1b[31m\x07\té") == "a\\x1b[31m\\x07\\té"

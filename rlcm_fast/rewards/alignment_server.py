@@ -298,15 +298,27 @@ def make_handler(scorer: AlignmentScorer) -> type[BaseHTTPRequestHandler]:
             self.note = ""  # the next request on a kept-alive connection has its own
 
         def log_message(self, format, *args):  # on stderr, without reverse DNS
-            sys.stderr.write(f"serve-reward: {self.address_string()} {format % args}\n")
+            # A client's request line may hold control characters (an escape sequence for the operator's terminal).
+            sys.stderr.write(f"serve-reward: {self.address_string()} {printable(format % args)}\n")
 
     return Handler
 
 
+def printable(text: str) -> str:
+    """`text` with each character a terminal would act on (ESC, CR, ...) written as a Python escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def bind(host: str, port: int) -> ThreadingHTTPServer:
-    """A server bound to host:port that does not listen yet: a port in use fails here, before minutes of
-    model loading, and until `serve` listens a client's connection is refused (and retried), not left hanging."""
-    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler, bind_and_activate=False)
+    """A server bound to host:port (an IPv6 address such as ::1 too) that does not listen yet: a port in use fails
+    here, before minutes of model loading, and until `serve` listens a client's connection is refused (and
+    retried), not left hanging."""
+    kind = _IPv6Server if ":" in host else ThreadingHTTPServer
+    server = kind((host, port), BaseHTTPRequestHandler, bind_and_activate=False)
     try:
         server.server_bind()
     except BaseException:
@@ -323,6 +335,7 @@ def serve(scorer: AlignmentScorer, host: str = "127.0.0.1", port: int = 0,
         server.RequestHandlerClass = make_handler(scorer)
         server.server_activate()
         host, port = server.server_address[:2]
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL spells it
         print(f"serve-reward: alignment ({scorer.vlm_id} + BERTScore {scorer.scorer_id} layer "
               f"{scorer.bertscore.layer}) on http://{host}:{port}", file=sys.stderr, flush=True)
         server.serve_forever()
