@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -43,10 +44,13 @@ def load_prompt_set(name: str) -> tuple[str, ...]:
         raise ValueError(f"prompts {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}, or a text file of one "
                          "prompt per line")
     try:  # utf-8-sig: a byte-order mark that an editor wrote is not part of the first prompt
-        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        text = path.read_text(encoding="utf-8-sig")  # \r\n and \r read as \n
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"prompts file {name!r} is unreadable: {exc}") from None
-    prompts = tuple(line for line in lines if line)
+    # Lines as an editor numbers them: str.splitlines also splits at a form feed, a vertical tab or U+2028 inside
+    # a prompt. A line of only spaces and invisible format characters (a zero-width space) is blank.
+    lines = [line.strip() for line in text.split("\n")]
+    prompts = tuple(line for line in lines if any(unicodedata.category(c) != "Cf" for c in line))
     if not prompts:
         raise ValueError(f"prompts file {name!r} holds no prompt; it needs one prompt per line")
     if (longest := max(prompts, key=len)) and len(longest) > MAX_PROMPT_CHARS:

@@ -57,6 +57,22 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt_and_a_huge_line_is_re
         load_prompt_set(str(huge))
 
 
+def test_prompt_lines_are_the_editors_lines_and_an_invisible_line_is_blank(tmp_path):
+    """str.splitlines split a prompt at a form feed, a vertical tab or U+2028 (and shifted the line numbers that
+    errors give); a line of zero-width spaces was kept as a prompt of nothing."""
+    import pytest
+
+    from rlcm_fast.prompts import MAX_PROMPT_CHARS
+
+    path = tmp_path / "odd.txt"
+    path.write_text("a cat\x0cin a hat\n\u200b\u200d\n\ufeff \nan owl\u2028at night\ra fox\x0b\n", encoding="utf-8")
+    assert load_prompt_set(str(path)) == ("a cat\x0cin a hat", "an owl\u2028at night", "a fox")
+    long = tmp_path / "long.txt"
+    long.write_text(f"a\x0cb\u2028c\n{'y' * (MAX_PROMPT_CHARS + 1)}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"line 2 has {MAX_PROMPT_CHARS + 1} characters"):
+        load_prompt_set(str(long))
+
+
 def test_a_prompt_file_is_read_again_at_each_call(tmp_path):
     """Two runs in one process (a notebook): the second gets the file as it is then, not as the first read it."""
     path = tmp_path / "prompts.txt"
