@@ -182,6 +182,8 @@ def test_serve_reward_device_cuda_without_cuda_is_one_line(capsys):
 @pytest.mark.parametrize("value, is_path", [
     ("llava-hf/llava-1.5-7b-hf", False), ("roberta-large", False), ("/models/llava", True), ("./llava", True),
     ("../models/llava", True), ("models/llava/v1", True),
+    # Never a hub id (its characters): the hub's repo-id rules were the error for a folder that is not there.
+    ("models/nope é", True), ("my vlm", True), ("models/", True), ("Salesforce/blip2-opt-2.7b", False),
 ])
 def test_only_path_like_model_values_are_checked_as_folders(value, is_path):
     assert looks_like_path(value) == is_path

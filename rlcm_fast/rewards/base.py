@@ -37,8 +37,10 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], object]
 
 
 def looks_like_path(value: str) -> bool:
-    """A local path, not a hub id: a hub id (owner/name) has at most one '/' and starts with neither '.' nor '/'."""
-    return value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+    """A local path, not a hub id: a hub id (owner/name) has at most one '/', starts with neither '.' nor '/', and
+    is ASCII letters, digits, '-', '_' and '.' (so "models/my vlm" is a folder, not a malformed id)."""
+    return (value.startswith((".", "/", os.sep)) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+            or not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?", value))
 
 
 class RewardError(ValueError):
