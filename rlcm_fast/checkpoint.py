@@ -387,10 +387,12 @@ def resolve_checkpoint(path: str | Path, what: str = "resume path", warn: Callab
         pruned = (" (a train running in its run folder keeps only the newest keep_checkpoints, and may have removed "
                   "it: name the run folder to take its newest)") if CHECKPOINT_PATTERN.match(path.name) else ""
         raise CheckpointError(f"{what} {str(path)!r} does not exist{pruned}")
-    if path.is_dir() and CHECKPOINT_PATTERN.match(path.name):
+    # A run folder may be named like a checkpoint (--output-dir checkpoint-7); no checkpoint holds checkpoints.
+    held = list_checkpoints(path)
+    if path.is_dir() and CHECKPOINT_PATTERN.match(path.name) and not held:
         verify_checkpoint(path)
         return path
-    if not list_checkpoints(path):
+    if not held:
         raise CheckpointError(
             f"{what} {str(path)!r} is neither a checkpoint-N folder nor a run folder holding one"
         )

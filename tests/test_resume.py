@@ -3,6 +3,7 @@ under a schedule that is not constant, the warning for another reward scorer. En
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -107,3 +108,13 @@ def test_the_same_prompts_file_name_is_the_same_file_even_where_it_cannot_be_enc
 
     assert _same_file_name("/data/p\ud800.txt", "/data/p\ud800.txt")
     assert not _same_file_name("/data/p\ud800.txt", "/data/q\ud800.txt")
+
+
+def test_a_run_folder_named_like_a_checkpoint_resumes_as_a_run_folder(file_prompts_run, tmp_path):
+    """`--output-dir checkpoint-7` trained, and then `--resume checkpoint-7` called it an incomplete checkpoint."""
+    from rlcm_fast.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "checkpoint-7"
+    shutil.copytree(file_prompts_run[1].parent, run)
+    assert resolve_checkpoint(run) == run / "checkpoint-1"
+    assert resolve_checkpoint(run / "checkpoint-1") == run / "checkpoint-1"
