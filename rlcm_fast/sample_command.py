@@ -147,6 +147,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--output-dir {args.output_dir!r} cannot be created: {exc.strerror or exc}") from None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     paths = iter(_sample_paths(out, args.prompt, args.num_images))
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())  # into a log file each redraw is another line
     for prompt in args.prompt:
         images = _sample_images(pipe, method, [prompt] * args.num_images, horizon, guidance, resolution, generator,
                                 extra)

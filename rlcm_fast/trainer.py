@@ -62,6 +62,8 @@ class Trainer:
         self.accelerator, precision = start_accelerator(cfg)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        # Progress bars only on a terminal: into a log file each redraw is another line (the epoch lines stay).
+        self.hide_progress = not (self.is_main and sys.stderr.isatty())
 
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
@@ -131,7 +133,7 @@ class Trainer:
         trajectories: list[Trajectory] = []
         pending = []
         self.unet.eval()
-        for _ in tqdm(range(rounds // joined), desc=f"epoch {epoch + 1} sampling", disable=not self.is_main,
+        for _ in tqdm(range(rounds // joined), desc=f"epoch {epoch + 1} sampling", disable=self.hide_progress,
                       leave=False):
             if agree(self.accelerator, self.stop.received)[0]:
                 raise StopTraining(0)  # nothing of this epoch is kept: it is redrawn identically on resume
@@ -240,7 +242,7 @@ class Trainer:
         units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
         updates = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
         bar = tqdm(total=cfg.num_inner_epochs * updates, initial=start_update, desc=f"epoch {epoch + 1} training",
-                   disable=not self.is_main, leave=False)
+                   disable=self.hide_progress, leave=False)
         for inner in range(cfg.num_inner_epochs):
             for update, minibatches in enumerate(
                 plan(trained, shuffle_gen, cfg.train_batch_size, cfg.gradient_accumulation_steps)

@@ -500,3 +500,13 @@ def test_the_optimizer_and_the_unet_get_the_configs_settings(tmp_path):
     assert trainer.unet.is_gradient_checkpointing
     plain = Trainer(resolve_config(overrides={**overrides, "gradient_checkpointing": False}), tmp_path / "plain")
     assert not plain.unet.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_go_to_a_terminal_and_not_into_a_log(terminal, tmp_path, monkeypatch, capsys):
+    """Piped into a log file, each bar redraw was another line; the epoch lines are the log's record."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    train(tmp_path, "run", *FAST, "--set", "epochs=1", "--set", "lora_rank=2")
+    out, err = capsys.readouterr()
+    assert "epoch 1/1  reward " in out
+    assert ("epoch 1 sampling" in err and "epoch 1 training" in err) == terminal
