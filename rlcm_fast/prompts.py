@@ -50,7 +50,7 @@ def load_prompt_set(name: str) -> tuple[str, ...]:
     # Lines as an editor numbers them: str.splitlines also splits at a form feed, a vertical tab or U+2028 inside
     # a prompt. A line of only spaces and invisible format characters (a zero-width space) is blank.
     lines = [line.strip() for line in text.split("\n")]
-    prompts = tuple(line for line in lines if any(unicodedata.category(c) != "Cf" for c in line))
+    prompts = tuple(line for line in lines if not all(c.isspace() or unicodedata.category(c) == "Cf" for c in line))
     if not prompts:
         raise ValueError(f"prompts file {name!r} holds no prompt; it needs one prompt per line")
     if (longest := max(prompts, key=len)) and len(longest) > MAX_PROMPT_CHARS:

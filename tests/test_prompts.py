@@ -65,7 +65,8 @@ def test_prompt_lines_are_the_editors_lines_and_an_invisible_line_is_blank(tmp_p
     from rlcm_fast.prompts import MAX_PROMPT_CHARS
 
     path = tmp_path / "odd.txt"
-    path.write_text("a cat\x0cin a hat\n\u200b\u200d\n\ufeff \nan owl\u2028at night\ra fox\x0b\n", encoding="utf-8")
+    path.write_text("a cat\x0cin a hat\n\u200b\u200d\n\ufeff \n\u200b \u200b\nan owl\u2028at night\ra fox\x0b\n",
+                    encoding="utf-8")
     assert load_prompt_set(str(path)) == ("a cat\x0cin a hat", "an owl\u2028at night", "a fox")
     long = tmp_path / "long.txt"
     long.write_text(f"a\x0cb\u2028c\n{'y' * (MAX_PROMPT_CHARS + 1)}\n", encoding="utf-8")
