@@ -504,13 +504,14 @@ def test_serve_reward_listens_on_an_ipv6_address():
             probe.bind(("::1", 0))
     except OSError as exc:  # a machine without IPv6
         pytest.skip(f"no IPv6 loopback here: {exc}")
-    server = serving("::1")
-    try:
-        assert http(f"http://[::1]:{server.server_port}/health") == (
-            200, {"status": "ok", "vlm": "vlm", "scorer": "bert", "layer": 2})
-    finally:
-        server.shutdown()
-        server.server_close()
+    for host in ("::1", "[::1]"):  # the second as a URL spells it
+        server = serving(host)
+        try:
+            assert http(f"http://[::1]:{server.server_port}/health") == (
+                200, {"status": "ok", "vlm": "vlm", "scorer": "bert", "layer": 2})
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 def test_an_empty_host_is_refused_not_bound_to_every_interface(capsys):

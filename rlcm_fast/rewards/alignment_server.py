@@ -314,9 +314,11 @@ class _IPv6Server(ThreadingHTTPServer):
 
 
 def bind(host: str, port: int) -> ThreadingHTTPServer:
-    """A server bound to host:port (an IPv6 address such as ::1 too) that does not listen yet: a port in use fails
-    here, before minutes of model loading, and until `serve` listens a client's connection is refused (and
-    retried), not left hanging."""
+    """A server bound to host:port (an IPv6 address such as ::1 or [::1] too) that does not listen yet: a port in
+    use fails here, before minutes of model loading, and until `serve` listens a client's connection is refused
+    (and retried), not left hanging."""
+    if host.startswith("[") and host.endswith("]"):  # as a URL spells an IPv6 address
+        host = host[1:-1]
     kind = _IPv6Server if ":" in host else ThreadingHTTPServer
     server = kind((host, port), BaseHTTPRequestHandler, bind_and_activate=False)
     try:
