@@ -202,22 +202,22 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def check_utf8_name(path, what: str, why: str) -> None:
-    """Refuse `path` where it is not text in UTF-8: Python's file system encoding could only escape its bytes
-    (a name that is not UTF-8, or any non-ASCII name under a locale that is not UTF-8); `why` says what needs it."""
+    """Refuse `path` where its name on disk is not the UTF-8 of its text, which `why` needs: a name that is not
+    UTF-8, or a non-ASCII one under a locale that is not UTF-8 (LC_ALL=C escapes its bytes; Latin-1 reads them
+    as other letters)."""
     text = str(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        pass
-    else:
-        return
     raw = os.fsencode(text)
+    try:
+        if text.encode("utf-8") == raw:
+            return
+    except UnicodeEncodeError:  # bytes the locale could only escape
+        pass
     try:
         shown = raw.decode("utf-8")
     except UnicodeDecodeError:
         shown = raw.decode("utf-8", "backslashreplace")
         raise UsageError(f"{what} '{shown}' is not a UTF-8 name, and {why}: pick another name") from None
-    raise UsageError(f"{what} {shown!r} is UTF-8, but this locale reads file names as {sys.getfilesystemencoding()}, "
+    raise UsageError(f"{what} '{shown}' is UTF-8, but this locale reads file names as {sys.getfilesystemencoding()}, "
                      f"and {why}: run under a UTF-8 locale (or with PYTHONUTF8=1)")
 
 
@@ -399,7 +399,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg, run_dir, resume_from = _plan_run(args)
     if _nothing_to_train(cfg, resume_from):
         return 0
-    args.run_dir = run_dir  # for main()'s message if an interrupt ends the run before it checkpoints
+    args.run_dir, args.resume_from = run_dir, resume_from  # for main()'s message if an interrupt ends the run
     args.resume_options = resume_options(cfg)
     with _run_folder_held(run_dir):
         return _train(cfg, run_dir, resume_from)
@@ -409,7 +409,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     from .run_logging import summarize
     from .trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, resume_from)
+    # Progress bars only on a terminal: in a log file each redraw is another line (the epoch lines stay).
+    trainer = Trainer(cfg, run_dir, resume_from, progress_bars=sys.stderr.isatty())
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""
     say(f"training {cfg.model} on {cfg.reward}{start} -> {run_dir}")
@@ -474,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # from whichever check first touches a path given on the command line
         if exc.errno != errno.ENAMETOOLONG:
             raise
-        _error(f"{exc.filename!r} is too long a path: Linux file systems take at most 255 bytes per file or folder "
-               "name (and 4096 for the whole path)")
+        from .faults import shown
+
+        _error(f"{shown(exc.filename, 120) if exc.filename else 'a path'} is too long: a file system takes at most "
+               f"{NAME_MAX} bytes per file or folder name (and Linux 4096 for a whole path)")
         return 2
     except KeyboardInterrupt:  # a second interrupt, or one before the trainer listens: no checkpoint waited for
         if _is_main_process():
@@ -484,23 +487,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
-    """The command an interrupted run's message gives: resume where the run folder holds an intact checkpoint,
-    else this same command again (`--resume auto` finding no checkpoint starts from the defaults, not from this
-    command's task and settings)."""
-    from .checkpoint import find_resumable
+    """What an interrupted command's message says to run next. For train: `--resume auto` where this run wrote a
+    checkpoint, else this same command again (`--resume auto` finding no checkpoint starts from the defaults,
+    and resuming the checkpoint this command started from would drop its --set changes)."""
+    from .checkpoint import list_checkpoints
 
+    if args.command == "sample":  # its fixed file names: the same call again would be refused
+        return f"the images written so far are in {shell_path(args.output_dir)}; another call needs another --output-dir"
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
-    run_dir = getattr(args, "run_dir", None)
-    try:
-        checkpoint = find_resumable(run_dir)[0] if run_dir is not None else None
-    except OSError:  # the folder went away or cannot be read: the command itself is still right
-        checkpoint = None
-    if checkpoint is not None:
-        again = getattr(args, "resume_options", "")
-        return (f"continue from {checkpoint.name} with: rlcm-fast train --resume auto --output-dir "
-                f"{shell_path(run_dir)}{again}{launch}")
-    return f"no checkpoint was written; start again with: {shlex.join(['rlcm-fast', *argv])}{launch}"
+    same = f"{shlex.join(['rlcm-fast', *argv])}{launch}"
+    run_dir, started = getattr(args, "run_dir", None), getattr(args, "resume_from", None)
+    if run_dir is None:  # interrupted while the command line was being checked
+        return f"run the same command again: {same}"
+    try:  # a listing, not find_resumable's hashing of a checkpoint: another Ctrl-C may come meanwhile
+        written = list_checkpoints(run_dir)
+    except Exception:  # noqa: BLE001 (the message must not become a traceback; the command is still right)
+        written = []
+    if not written:
+        return f"no checkpoint was written; start again with: {same}"
+    if started is not None and written[-1].resolve() == started.resolve():
+        return f"no checkpoint was written after {started.name}; run the same command again: {same}"
+    return (f"continue from the newest checkpoint with: rlcm-fast train --resume auto --output-dir "
+            f"{shell_path(run_dir)}{getattr(args, 'resume_options', '')}{launch}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -56,9 +56,14 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 
 def _prompt_text(prompt: str) -> str:
-    """A prompt from the command line as text: its bytes are read as UTF-8 whatever the locale (one that is not
-    UTF-8 escaped them), and bytes that are not UTF-8 are refused (the tokenizer's TypeError was a traceback)."""
-    raw = os.fsencode(prompt)
+    """A prompt from the command line as text: bytes the locale could not decode (LC_ALL=C) are read as UTF-8,
+    and bytes that are not UTF-8 either are refused (the tokenizer's TypeError was a traceback)."""
+    try:
+        prompt.encode("utf-8")
+        return prompt  # decoded by the locale already (a Latin-1 terminal's é is 0xE9, not UTF-8)
+    except UnicodeEncodeError:
+        pass
+    raw = os.fsencode(prompt)  # the bytes the locale could only escape
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -140,14 +145,13 @@ def run_sample(args: argparse.Namespace) -> int:
     if unused := ignored_guidance(pipe, method, guidance):
         print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
     out = Path(args.output_dir)
-    check_name_lengths(out, "--output-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--output-dir {args.output_dir!r} cannot be created: {exc.strerror or exc}") from None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     paths = iter(_sample_paths(out, args.prompt, args.num_images))
-    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())  # into a log file each redraw is another line
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())  # in a log file each redraw is another line
     for prompt in args.prompt:
         images = _sample_images(pipe, method, [prompt] * args.num_images, horizon, guidance, resolution, generator,
                                 extra)

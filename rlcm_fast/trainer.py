@@ -55,15 +55,14 @@ REWARD_PLOT_SECONDS = 30.0
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
         self.cfg = cfg
         self.run_dir = run_dir
         # The device settings are checked first, before any model loads.
         self.accelerator, precision = start_accelerator(cfg)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        # Progress bars only on a terminal: into a log file each redraw is another line (the epoch lines stay).
-        self.hide_progress = not (self.is_main and sys.stderr.isatty())
+        self.hide_progress = not (self.is_main and progress_bars)
 
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,

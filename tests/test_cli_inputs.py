@@ -305,11 +305,26 @@ def test_under_a_locale_that_is_not_utf8_a_non_ascii_run_folder_says_which_local
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_sample_prompt_is_read_as_utf8_whatever_the_locale(capsys):
+def test_under_a_latin1_locale_a_utf8_run_folder_name_is_refused_not_made_under_other_bytes(monkeypatch):
+    """Latin-1 reads the bytes of `runé` as `runÃ©` (no escapes), which TensorBoard would write as other bytes."""
+    from rlcm_fast.cli import UsageError, check_utf8_name
+
+    monkeypatch.setattr("rlcm_fast.cli.os.fsencode", lambda text: text.encode("latin-1"))
+    monkeypatch.setattr("rlcm_fast.cli.sys.getfilesystemencoding", lambda: "iso8859-1")
+    check_utf8_name("run", "output dir", "why")  # ASCII: the same bytes either way
+    with pytest.raises(UsageError, match="^output dir 'runé' is UTF-8, but this locale reads file names as "
+                                         "iso8859-1, and why: run under a UTF-8 locale"):
+        check_utf8_name("runé".encode().decode("latin-1"), "output dir", "why")
+
+
+def test_a_sample_prompt_is_read_as_utf8_whatever_the_locale(capsys, monkeypatch):
     from rlcm_fast.sample_command import _prompt_text
 
     assert _prompt_text(os.fsdecode("a é cat".encode())) == "a é cat"
-    assert _prompt_text("a \udcc3\udca9 cat") == "a é cat"  # how a locale that is not UTF-8 gives `a é cat`
+    assert _prompt_text("a \udcc3\udca9 cat") == "a é cat"  # how LC_ALL=C gives the UTF-8 of `a é cat`
+    with monkeypatch.context() as latin1:  # a Latin-1 terminal's é is the byte 0xE9, which its locale decoded
+        latin1.setattr("rlcm_fast.sample_command.os.fsencode", lambda text: text.encode("latin-1"))
+        assert _prompt_text("a \xe9 cat") == "a é cat"
     # Bytes that are not UTF-8 were a TypeError traceback from the tokenizer.
     assert main([*SAMPLE[:1], "--prompt", os.fsdecode(b"a \xff cat"), *SAMPLE[3:]]) == 2
     assert one_line_error(capsys) == "--prompt 'a \\xff cat' is not UTF-8 text: give the prompt in UTF-8"

@@ -312,3 +312,24 @@ def test_each_prompt_draws_on_from_the_one_seeded_stream(tmp_path, monkeypatch):
                  "--horizon", "1", "--seed", "5"]) == 0
     stream = torch.randn(8, generator=torch.Generator().manual_seed(5))
     assert torch.equal(drawn[0], stream[:4]) and torch.equal(drawn[1], stream[4:])
+
+
+def test_an_interrupted_sample_says_where_its_images_are_not_to_run_it_again(tmp_path, monkeypatch, capsys):
+    """It said "no checkpoint was written; start again with" the same command, which the images it had written
+    made refuse."""
+    from rlcm_fast import sample_command
+
+    drawn = sample_command._sample_images
+
+    def second_prompt_interrupted(pipe, method, prompts, *args):
+        if prompts[0] == "dog":
+            raise KeyboardInterrupt
+        return drawn(pipe, method, prompts, *args)
+
+    monkeypatch.setattr(sample_command, "_sample_images", second_prompt_interrupted)
+    out = tmp_path / "my images"
+    assert main(["sample", "--device", "cpu", "--prompt", "cat", "--prompt", "dog", "--num-images", "1",
+                 "--output-dir", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast: interrupted; the images written so far are in '{out}'; another call needs another --output-dir")
+    assert [p.name for p in out.iterdir()] == ["00-cat-00.png"]

@@ -441,29 +441,36 @@ def test_one_process_builds_trainers_of_other_precisions_in_turn(tmp_path, monke
 
 
 def test_an_interrupt_that_ends_the_run_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
-    """A second Ctrl-C does not wait for the checkpoint the first one asked for. With no checkpoint yet the
-    message gives this same command (`--resume auto` would start from the defaults, not from its settings);
-    with one, the resume command. Both paste back into a shell, whatever the folder's name."""
+    """A second Ctrl-C does not wait for the checkpoint the first one asked for. The message gives `--resume auto`
+    only where this run wrote a checkpoint; else this same command (`--resume auto` would start from the defaults,
+    or resume without this command's --set). Both paste back into a shell, whatever the folder's name."""
     first = train(tmp_path, "first", *FAST, "--set", "epochs=1", "--set", "lora_rank=2")
+    writes_a_checkpoint = False
 
     def interrupted(self):
+        if writes_a_checkpoint:
+            shutil.copytree(self.run_dir / "checkpoint-1", self.run_dir / "checkpoint-2")
         raise KeyboardInterrupt
+
+    def message(command):
+        assert main(command) == 130
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        return line.split(" with: ")[0].split(" again: ")[0], shlex.split(line.split(": ", 2)[-1])
 
     monkeypatch.setattr(Trainer, "train", interrupted)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     command = ["train", "--device", "cpu", "--set", "lora_rank=2", "--output-dir=-my run's é"]
-    assert main(command) == 130
-    message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("rlcm-fast: interrupted; no checkpoint was written; start again with: ")
-    assert shlex.split(message.split("with: ")[1]) == ["rlcm-fast", *command]
+    assert message(command) == ("rlcm-fast: interrupted; no checkpoint was written; start again",
+                                ["rlcm-fast", *command])
 
     shutil.copytree(first, tmp_path / "-my run's é", dirs_exist_ok=True)  # now it holds checkpoint-1
-    assert main(["train", "--resume", "auto", "--output-dir=-my run's é", "--set", "epochs=2"]) == 130
-    message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("rlcm-fast: interrupted; continue from checkpoint-1 with: ")
-    assert shlex.split(message.split("with: ")[1]) == [
-        "rlcm-fast", "train", "--resume", "auto", "--output-dir", "./-my run's é"]
+    command = ["train", "--resume", "auto", "--output-dir=-my run's é", "--set", "epochs=2"]
+    assert message(command) == ("rlcm-fast: interrupted; no checkpoint was written after checkpoint-1; run the "
+                                "same command", ["rlcm-fast", *command])
+    writes_a_checkpoint = True
+    assert message(command) == ("rlcm-fast: interrupted; continue from the newest checkpoint", [
+        "rlcm-fast", "train", "--resume", "auto", "--output-dir", "./-my run's é"])
 
 
 def test_lora_targets_matching_no_module_are_one_line_exit_2(tmp_path, capsys):
