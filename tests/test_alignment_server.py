@@ -497,13 +497,17 @@ def serving(host: str):
     return server
 
 
-def test_serve_reward_listens_on_an_ipv6_address():
-    """`--host ::1` was refused as an IPv4 address ("Address family for hostname not supported")."""
+def ipv6_loopback_or_skip():
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError as exc:  # a machine without IPv6
         pytest.skip(f"no IPv6 loopback here: {exc}")
+
+
+def test_serve_reward_listens_on_an_ipv6_address():
+    """`--host ::1` was refused as an IPv4 address ("Address family for hostname not supported")."""
+    ipv6_loopback_or_skip()
     for host in ("::1", "[::1]"):  # the second as a URL spells it
         server = serving(host)
         try:
@@ -544,3 +548,30 @@ def test_a_request_line_with_control_characters_is_logged_escaped(capsys):
     assert "\x1b" not in err and "\x07" not in err
     assert 'serve-reward: 127.0.0.1 "GET /\\x1b[31mred\\x07 HTTP/1.1" 404 no such path' in err
     assert alignment_server.printable("a\x1b[31m\x07\té") == "a\\x1b[31m\\x07\\té"
+
+
+def test_a_full_form_ipv6_address_binds_as_ipv6():
+    """Any spelling of an IPv6 address binds an IPv6 socket, the full form too."""
+    ipv6_loopback_or_skip()
+    server = alignment_server.bind("0:0:0:0:0:0:0:1", 0)
+    try:
+        assert server.socket.family == socket.AF_INET6 and server.server_address[0] == "::1"
+    finally:
+        server.server_close()
+
+
+def test_the_printed_url_of_an_ipv6_server_brackets_its_address(monkeypatch, capsys):
+    """`http://::1:8060` is no URL; the start line must say `http://[::1]:8060`."""
+    ipv6_loopback_or_skip()
+    scorer = SimpleNamespace(vlm_id="vlm", scorer_id="bert", bertscore=SimpleNamespace(layer=2))
+    server = alignment_server.bind("[::1]", 0)
+    port = server.server_address[1]
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "serve_forever", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        alignment_server.serve(scorer, server=server)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"serve-reward: alignment (vlm + BERTScore bert layer 2) on http://[::1]:{port}")

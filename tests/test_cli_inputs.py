@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast.cli import main
+from rlcm_fast.cli import NAME_MAX, UsageError, check_name_lengths, main
 from rlcm_fast.config import ConfigError
 from rlcm_fast.rewards.base import looks_like_path
 from rlcm_fast.rewards import RewardError, checked_rewards
@@ -328,3 +330,59 @@ def test_a_sample_prompt_is_read_as_utf8_whatever_the_locale(capsys, monkeypatch
     # Bytes that are not UTF-8 were a TypeError traceback from the tokenizer.
     assert main([*SAMPLE[:1], "--prompt", os.fsdecode(b"a \xff cat"), *SAMPLE[3:]]) == 2
     assert one_line_error(capsys) == "--prompt 'a \\xff cat' is not UTF-8 text: give the prompt in UTF-8"
+
+
+def test_a_name_of_exactly_name_max_bytes_is_allowed():
+    """255 bytes is the limit that ext4, xfs, btrfs and tmpfs take, not over it."""
+    assert NAME_MAX == 255
+    check_name_lengths(Path("new") / ("é" * 127 + "x"), "output dir")  # 255 bytes: no error
+    with pytest.raises(UsageError):
+        check_name_lengths(Path("new") / ("é" * 127 + "xy"), "output dir")  # 256 bytes
+
+
+def test_a_name_over_the_limit_is_shown_cut_at_60_characters(tmp_path, monkeypatch, capsys):
+    """The whole line: the path, the name cut at 60 characters, its size and the limit."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--device", "cpu", "--output-dir", f"new/{LONG}/run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast: error: output dir 'new/{LONG}/run' cannot be created: its name '{'é' * 60}'... is 256 bytes, "
+        "and a file system takes at most 255 per file or folder name")
+
+
+def test_a_too_long_path_from_a_later_check_is_its_repr_cut_at_120_characters(tmp_path, monkeypatch, capsys):
+    """An ENAMETOOLONG from a path's first use names the path quoted and cut at 120 characters."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--device", "cpu", "--resume", LONG]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast: error: '{'é' * 116}... is too long: a file system takes at most 255 bytes per file or folder "
+        "name (and Linux 4096 for a whole path)")
+
+
+@pytest.mark.parametrize("command, abbreviated", [
+    (["sample", "--prompt", "cat", "--device", "cpu"], ["--out", "x"]),
+    (["serve-reward", "--device", "cpu", "--port", "0"], ["--ho", "127.0.0.1"]),
+])
+def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abbreviated, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Each subparser refuses abbreviations: `--out` is not --output-dir, nor `--ho` --host."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer",
+                        lambda *a, **k: pytest.fail("the models were loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, *abbreviated])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast: error: unrecognized arguments: {' '.join(abbreviated)}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_blank_host_is_refused_like_an_empty_one(monkeypatch, capsys):
+    """`--host ' '` is no address either; it went on to the socket."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer",
+                        lambda *a, **k: pytest.fail("the models were loaded"))
+    assert main(["serve-reward", "--host", " ", "--port", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rlcm-fast: error: --host ' ' is invalid: give an address (127.0.0.1 for this machine, 0.0.0.0 or :: for "
+        "every interface)")

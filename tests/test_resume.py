@@ -118,3 +118,11 @@ def test_a_run_folder_named_like_a_checkpoint_resumes_as_a_run_folder(file_promp
     shutil.copytree(file_prompts_run[1].parent, run)
     assert resolve_checkpoint(run) == run / "checkpoint-1"
     assert resolve_checkpoint(run / "checkpoint-1") == run / "checkpoint-1"
+
+
+@pytest.mark.parametrize("a, b", [(None, "/data/p.txt"), ("/data/p.txt", None), (7, "/data/p.txt"), (None, None)])
+def test_a_prompts_name_that_is_not_a_string_is_not_the_same_file(a, b):
+    """A crafted checkpoint's `prompts` that is not a string is another name, not a TypeError from Path(None)."""
+    from rlcm_fast.resume import _same_file_name
+
+    assert _same_file_name(a, b) is False

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +334,12 @@ def test_an_interrupted_sample_says_where_its_images_are_not_to_run_it_again(tmp
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"rlcm-fast: interrupted; the images written so far are in '{out}'; another call needs another --output-dir")
     assert [p.name for p in out.iterdir()] == ["00-cat-00.png"]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_samples_bar_follows_the_terminal(terminal, tmp_path, monkeypatch, capsys):
+    """Sample's denoising bar is drawn on a terminal only, not into a log file."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["sample", "--device", "cpu", "--prompt", "cat", "--num-images", "1", "--horizon", "2",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert (" 2/2 [" in capsys.readouterr().err) == terminal

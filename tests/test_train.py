@@ -6,13 +6,14 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from rlcm_fast.cli import main
+from rlcm_fast.cli import _how_to_continue, main
 from rlcm_fast.config import resolve_config
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.resume import resumed_config
@@ -509,11 +510,48 @@ def test_the_optimizer_and_the_unet_get_the_configs_settings(tmp_path):
     assert not plain.unet.is_gradient_checkpointing
 
 
+def test_the_resume_command_after_an_interrupt_repeats_the_command_lines_reward_and_server(tmp_path, monkeypatch):
+    """The resume command repeats what a resume takes only from its command line (a user reward, a remote reward
+    server), and the launch of several processes."""
+    run_dir = tmp_path / "my run"
+    (run_dir / "checkpoint-3").mkdir(parents=True)
+    options = " --reward my_rewards:bright,alignment:0.5 --set reward_server=http://198.51.100.7:8060"
+    args = SimpleNamespace(command="train", run_dir=run_dir, resume_from=None, resume_options=options)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _how_to_continue(args, ["train", "--output-dir", str(run_dir)]) == (
+        f"continue from the newest checkpoint with: rlcm-fast train --resume auto --output-dir '{run_dir}'"
+        f"{options} --num-processes 2 (or the same launcher)")
+
+
+def test_an_interrupt_while_the_command_line_is_checked_says_to_run_the_same_command(tmp_path, monkeypatch, capsys):
+    """Before the run folder is known there is no checkpoint to speak of: the message repeats the command."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlcm_fast.cli._plan_run", interrupted)
+    command = ["train", "--device", "cpu", "--output-dir", str(tmp_path / "my run")]
+    assert main(command) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"rlcm-fast: interrupted; run the same command again: {shlex.join(['rlcm-fast', *command])}"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("terminal", [False, True])
-def test_progress_bars_go_to_a_terminal_and_not_into_a_log(terminal, tmp_path, monkeypatch, capsys):
-    """Piped into a log file, each bar redraw was another line; the epoch lines are the log's record."""
+def test_each_of_trains_bars_follows_the_terminal(terminal, tmp_path, monkeypatch, capsys):
+    """Piped into a log file, each redraw of a bar was another line: each of the two bars follows the terminal,
+    and the epoch lines stay."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
-    train(tmp_path, "run", *FAST, "--set", "epochs=1", "--set", "lora_rank=2")
+    assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), *FAST, "--set", "epochs=1",
+                 "--set", "lora_rank=2"]) == 0
     out, err = capsys.readouterr()
     assert "epoch 1/1  reward " in out
-    assert ("epoch 1 sampling" in err and "epoch 1 training" in err) == terminal
+    assert ("epoch 1 sampling" in err, "epoch 1 training" in err) == (terminal, terminal)
+
+
+def test_a_trainer_made_without_progress_bars_given_shows_its_bars(tmp_path, capsys):
+    """A notebook's Trainer(cfg, run_dir) lost its bars where progress_bars defaulted to False."""
+    overrides = {"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 8,
+                 "lora_rank": 2}
+    Trainer(resolve_config(overrides=overrides), tmp_path / "run").train()
+    err = capsys.readouterr().err
+    assert "epoch 1 sampling" in err and "epoch 1 training" in err
