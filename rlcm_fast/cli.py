@@ -410,6 +410,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     from .trainer import Trainer
 
     # Progress bars only on a terminal: in a log file each redraw is another line (the epoch lines stay).
+    show_library_bars(sys.stderr.isatty())
     trainer = Trainer(cfg, run_dir, resume_from, progress_bars=sys.stderr.isatty())
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""
@@ -425,6 +426,15 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
         return 0
     say(f"done, {summarize(records)}; checkpoints in {run_dir}")
     return 0
+
+
+def show_library_bars(on: bool) -> None:
+    """diffusers' and transformers' own bars (loading a model's parts and weights) on or off, as the command's."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        (library.enable_progress_bar if on else library.disable_progress_bar)()
 
 
 def _error(exc: Exception | str) -> None:

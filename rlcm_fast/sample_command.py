@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import UsageError, check_name_lengths, warn_skipped  # cli.main dispatches here; the shared error type and warning
+from .cli import UsageError, check_name_lengths, show_library_bars, warn_skipped  # cli.main dispatches here; the shared error type and warning
 from .config import resolve_config
 from .config_checks import MAX_GUIDANCE_SCALE
 from .presets import METHODS
@@ -90,6 +90,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from .models import ignored_guidance, load_pipeline
 
     _check_sample_args(args)  # before any model is loaded
+    show_library_bars(sys.stderr.isatty())  # in a log file each redraw of a bar is another line
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
     # than sample an older policy without a word.
     checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=warn_skipped) if args.lora else None

@@ -338,8 +338,9 @@ def test_an_interrupted_sample_says_where_its_images_are_not_to_run_it_again(tmp
 
 @pytest.mark.parametrize("terminal", [False, True])
 def test_samples_bar_follows_the_terminal(terminal, tmp_path, monkeypatch, capsys):
-    """Sample's denoising bar is drawn on a terminal only, not into a log file."""
+    """Sample's denoising bar, and diffusers' loading bar, are drawn on a terminal only, not into a log file."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     assert main(["sample", "--device", "cpu", "--prompt", "cat", "--num-images", "1", "--horizon", "2",
                  "--output-dir", str(tmp_path / "out")]) == 0
-    assert (" 2/2 [" in capsys.readouterr().err) == terminal
+    err = capsys.readouterr().err
+    assert (" 2/2 [" in err, "Loading pipeline components" in err) == (terminal, terminal)
