@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +377,21 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
+        try:
+            self._train_epochs()
+        except BaseException:  # a fault or a second interrupt: the plot and the logs still get every epoch logged
+            with suppress(Exception):  # but the run's own error is the one reported
+                self._close_logs()
+            raise
+        self._close_logs()
+        return self.logger.epoch_records() if self.logger else []
+
+    def _close_logs(self) -> None:
+        if self.logger:
+            self.plot_rewards()
+            self.logger.close()
+
+    def _train_epochs(self) -> None:
         with self.stop:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 try:
@@ -395,11 +410,6 @@ class Trainer:
                     raise left_to_the_main_process(
                         RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}"),
                         quiet=reported_by_main_process(exc)) from None
-        if self.logger:
-            self.plot_rewards()
-            self.logger.close()
-            return self.logger.epoch_records()
-        return []
 
     def plot_rewards(self) -> None:
         """reward.png, unless it already shows every epoch logged (main process)."""
