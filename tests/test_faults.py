@@ -85,12 +85,17 @@ def test_keep_checkpoints_prunes_older_ones_and_leftovers_of_killed_writers(tmp_
     for name in (f".latest.tmp-{os.getpid()}", ".config.yaml.tmp-7", ".reward.png.tmp-7.png",
                  "samples/.epoch-0002.png.tmp-7.png"):
         (tmp_path / name).write_text("half")
+    ckpt_module.prune_checkpoints(tmp_path, keep=0, current=tmp_path / "checkpoint-3")  # 0: every checkpoint stays
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")]) == 5
     ckpt_module.prune_checkpoints(tmp_path, keep=2, current=tmp_path / "checkpoint-3")
-    # The 2 newest up to the one just written stay; checkpoint-5 (after it: an older history) is left alone.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2-1", "checkpoint-3", "checkpoint-5", "samples"]
+    # The 2 newest up to the one just written stay, not counting checkpoint-2-1, which the run went on past;
+    # checkpoint-5 (after it: an older history) is left alone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-5", "samples"]
     assert list((tmp_path / "samples").iterdir()) == []
-    ckpt_module.prune_checkpoints(tmp_path, keep=0, current=tmp_path / "checkpoint-3")
-    assert len(list(tmp_path.iterdir())) == 4
+    (tmp_path / "checkpoint-3-2").mkdir()  # a stop in epoch 4: the epoch checkpoints before it stay
+    ckpt_module.prune_checkpoints(tmp_path, keep=3, current=tmp_path / "checkpoint-3-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-2", "checkpoint-3", "checkpoint-3-2", "checkpoint-5", "samples"]
 
 
 def test_a_run_started_again_removes_the_leftovers_of_the_killed_one(reference, tmp_path):
@@ -260,6 +265,25 @@ def test_a_failing_reward_is_named_after_saving_the_state_before_the_epoch(refer
     verify_checkpoint(run_dir / "checkpoint-1")
     assert json.loads((run_dir / "checkpoint-1" / "training_state.json").read_text())["global_step"] == 2
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
+
+
+def test_a_run_ended_by_a_fault_plots_and_closes_every_epoch_it_logged(tmp_path, capsys, monkeypatch):
+    """The plot is redrawn at most every 30 s during a run: one ended by a fault kept a plot missing its last
+    epochs, and its TensorBoard writer was not closed."""
+    module = "reward_failing_in_epoch_3"
+    (tmp_path / f"{module}.py").write_text(
+        "import numpy as np\nCALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
+        "    if len(CALLS) <= 2:\n        return -images.mean(dim=(1, 2, 3)).numpy()\n"
+        "    raise ValueError('the scorer crashed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plotted, closed = [], []
+    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, records, reward: plotted.append(
+        [r["epoch"] for r in records]))
+    close = trainer_module.RunLogger.close
+    monkeypatch.setattr(trainer_module.RunLogger, "close", lambda self: (closed.append(True), close(self)))
+    assert train(tmp_path / "run", "--set", f"reward={module}:reward", "--set", "epochs=3") == 2
+    assert "raised ValueError: the scorer crashed" in one_error_line(capsys)
+    assert plotted[-1] == [1, 2] and closed == [True]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "no manifest"])
