@@ -227,12 +227,19 @@ def remove_leftovers(run_dir: Path) -> None:
 def prune_checkpoints(run_dir: Path, keep: int, current: Path) -> None:
     """Keep the `keep` newest checkpoints up to `current` (0: all), and drop leftovers of killed writers.
 
-    Checkpoints after `current` (from before a resume from an earlier one) are left alone.
+    Checkpoints after `current` (from before a resume from an earlier one) are left alone. A stopped epoch's
+    checkpoint (checkpoint-N-U) older than an epoch's `current` goes first: the run went on past it (it was
+    kept while a finished run's epoch checkpoints were pruned).
     """
     remove_leftovers(run_dir)
     if keep <= 0:
         return
     older = [p for p in list_checkpoints(run_dir) if checkpoint_key(p) < checkpoint_key(current)]
+    if checkpoint_key(current)[1] == 0:
+        passed = [p for p in older if checkpoint_key(p)[1] > 0]
+        for path in passed:
+            _discard(path)
+        older = [p for p in older if p not in passed]
     for path in older[: max(0, len(older) - (keep - 1))]:
         _discard(path)
 
