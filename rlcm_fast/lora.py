@@ -99,8 +99,17 @@ def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
         # safetensors stores contiguous tensors only; channels-last convolution weights are not (channels_last).
         unet_lora_layers={key: tensor.contiguous() for key, tensor in lora_state_dict(unet).items()},
         safe_serialization=True,
-        unet_lora_adapter_metadata=_policy_lora_config(unet).to_dict(),
+        unet_lora_adapter_metadata=_lora_metadata(unet),
     )
+
+
+def _lora_metadata(unet: UNet2DConditionModel) -> dict:
+    """The policy's LoRA config for the file's metadata, its target modules sorted: peft keeps them as a set,
+    whose order changes from process to process, and so did the file's bytes and the checkpoint's sha256."""
+    config = _policy_lora_config(unet).to_dict()
+    if isinstance(config.get("target_modules"), (set, list, tuple)):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
 
 
 class _NoTextEncoderLoraNotice(logging.Filter):

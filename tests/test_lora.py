@@ -1,8 +1,11 @@
 """The policy LoRA: what trains, what is saved, and what a user's diffusers pipeline loads (CPU only)."""
 
+import json
+
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from torch.utils._python_dispatch import TorchDispatchMode
 from unet_probes import perturb_lora, unet_inputs, unet_output
 
@@ -89,6 +92,10 @@ def test_saved_lora_loads_into_a_fresh_pipeline_and_resumes_bitwise(tmp_path):
     assert (trained_output - base_output).abs().max() > 1e-2
     save_lora(trained, tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    # Sorted: peft's set of target modules came out in another order in each process, and so did the bytes.
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as saved:
+        config = json.loads(saved.metadata()["lora_adapter_metadata"])
+    assert config["unet.target_modules"] == sorted(TINY_LORA_TARGETS)
 
     user_pipe = load_pipeline("tiny")
     user_pipe.load_lora_weights(tmp_path)  # what a user of the trained policy does
