@@ -165,6 +165,7 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = np.array([r["epoch"] for r in epoch_records])
     mean = np.array([r["reward_mean"] for r in epoch_records])
@@ -173,6 +174,7 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) ->
     ax.plot(epochs, mean, marker="o", markersize=3)
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no epoch 1.25
     ax.set_ylabel(f"{reward_name} (mean +- std)")
     ax.grid(alpha=0.3)
     fig.tight_layout()

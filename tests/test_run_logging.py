@@ -81,3 +81,15 @@ def test_the_summary_names_the_first_and_last_epochs_as_logged():
     records = [{"epoch": 1, "reward_mean": 0.25}, {"epoch": 2, "reward_mean": 0.5}, {"epoch": 3, "reward_mean": 1.0}]
     assert summarize(records) == "reward mean +0.2500 (epoch 1) -> +1.0000 (epoch 3)"
     assert summarize([]) == "no epochs were run"
+
+
+def test_the_reward_plot_marks_whole_epochs_only(tmp_path, monkeypatch):
+    """Two epochs were ticked 1.00, 1.25, ... 2.00."""
+    from rlcm_fast import run_logging
+
+    ticks = []
+    monkeypatch.setattr(run_logging, "_write_or_warn", lambda path, what, write: ticks.append(
+        [t for t in write.__self__.axes[0].get_xticks() if 1 <= t <= 2]))
+    records = [{"epoch": 1, "reward_mean": -1.3, "reward_std": 0.1}, {"epoch": 2, "reward_mean": -1.2, "reward_std": 0.1}]
+    run_logging.save_reward_plot(tmp_path / "reward.png", records, "jpeg_compressibility")
+    assert ticks == [[1.0, 2.0]]
