@@ -503,7 +503,8 @@ def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
     from .checkpoint import list_checkpoints
 
     if args.command == "sample":  # its fixed file names: the same call again would be refused
-        return f"the images written so far are in {shell_path(args.output_dir)}; another call needs another --output-dir"
+        return (f"the images written so far are in {shell_path(args.output_dir)}; another call needs another "
+                "--output-dir")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
     same = f"{shlex.join(['rlcm-fast', *argv])}{launch}"

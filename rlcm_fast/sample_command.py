@@ -10,7 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import UsageError, check_name_lengths, show_library_bars, warn_skipped  # cli.main dispatches here; the shared error type and warning
+# cli.main dispatches here; the shared error type, checks and warning
+from .cli import UsageError, check_name_lengths, show_library_bars, warn_skipped
 from .config import resolve_config
 from .config_checks import MAX_GUIDANCE_SCALE
 from .presets import METHODS
