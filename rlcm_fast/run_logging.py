@@ -140,9 +140,10 @@ def save_sample_grid(
     _write_or_warn(path, "sample grid", grid.save)
 
 
-def _write_or_warn(path: Path, what: str, write) -> None:
+def _write_or_warn(path: Path, what: str, write, quiet: bool = False) -> None:
     """Write a picture for people to look at, through `write(file)`; an OSError (a full disk) is a one-line warning
-    and the run goes on: a checkpoint written next reports a full disk itself. The picture is written beside
+    (none if `quiet`: a run ending on an error reports that one) and the run goes on: a checkpoint written next
+    reports a full disk itself. The picture is written beside
     `path` and renamed over it: a symbolic link at `path` (a run folder from elsewhere) is replaced, not written
     through, and a partly written file never takes the name."""
     partial = path.with_name(f".{path.name}{PICTURE_TMP}{os.getpid()}{path.suffix}")  # suffix: the format
@@ -155,12 +156,13 @@ def _write_or_warn(path: Path, what: str, write) -> None:
             partial.unlink(missing_ok=True)
         except OSError:
             pass
-        print(f"rlcm-fast: warning: could not write the {what} {str(path)!r}: {exc.strerror or exc}; "
-              "training goes on", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"rlcm-fast: warning: could not write the {what} {str(path)!r}: {exc.strerror or exc}; "
+                  "training goes on", file=sys.stderr, flush=True)
 
 
-def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) -> None:
-    """Mean reward (with +- one std band) against epoch."""
+def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, quiet: bool = False) -> None:
+    """Mean reward (with +- one std band) against epoch; `quiet`: no warning if it cannot be written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +181,7 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str) ->
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        _write_or_warn(path, "reward plot", fig.savefig)
+        _write_or_warn(path, "reward plot", fig.savefig, quiet)
     finally:
         plt.close(fig)
 

@@ -380,16 +380,18 @@ class Trainer:
         try:
             self._train_epochs()
         except BaseException:  # a fault or a second interrupt: the plot and the logs still get every epoch logged
-            with suppress(Exception):  # but the run's own error is the one reported
-                self._close_logs()
+            with suppress(Exception):  # but the run's own error is the one reported (a full disk's among them)
+                self._close_logs(quiet=True)
             raise
         self._close_logs()
         return self.logger.epoch_records() if self.logger else []
 
-    def _close_logs(self) -> None:
+    def _close_logs(self, quiet: bool = False) -> None:
         if self.logger:
-            self.plot_rewards()
-            self.logger.close()
+            try:
+                self.plot_rewards(quiet)
+            finally:
+                self.logger.close()
 
     def _train_epochs(self) -> None:
         with self.stop:
@@ -411,11 +413,12 @@ class Trainer:
                         RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}"),
                         quiet=reported_by_main_process(exc)) from None
 
-    def plot_rewards(self) -> None:
-        """reward.png, unless it already shows every epoch logged (main process)."""
+    def plot_rewards(self, quiet: bool = False) -> None:
+        """reward.png, unless it already shows every epoch logged (main process); `quiet`: no warning if it
+        cannot be written."""
         records = self.logger.epoch_records()
         if records and self.plotted[0] != records[-1]["epoch"]:
-            save_reward_plot(self.run_dir / "reward.png", records, self.cfg.reward)
+            save_reward_plot(self.run_dir / "reward.png", records, self.cfg.reward, quiet=quiet)
             self.plotted = (records[-1]["epoch"], time.monotonic())
 
     def run_epoch(self, epoch: int) -> None:

@@ -277,7 +277,7 @@ def test_a_run_ended_by_a_fault_plots_and_closes_every_epoch_it_logged(tmp_path,
         "    raise ValueError('the scorer crashed')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     plotted, closed = [], []
-    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, records, reward: plotted.append(
+    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, records, reward, **options: plotted.append(
         [r["epoch"] for r in records]))
     close = trainer_module.RunLogger.close
     monkeypatch.setattr(trainer_module.RunLogger, "close", lambda self: (closed.append(True), close(self)))
@@ -337,6 +337,37 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(reference
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
     assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
     assert find_resumable(run_dir)[0].name == "checkpoint-1"  # what `--resume auto` continues from
+
+
+def test_a_full_disk_is_one_line_when_the_last_plot_cannot_be_written_either(tmp_path, monkeypatch, capsys):
+    """The plot redrawn after the failed checkpoint found the disk full too, and its warning ("training goes on")
+    came before the error that ended the run."""
+    import matplotlib.figure
+
+    monkeypatch.setattr(trainer_module, "REWARD_PLOT_SECONDS", 3600.0)  # epoch 2 is plotted only at the end
+    full, plots_refused = [], []
+    original_save_file, original_savefig = ckpt_module.save_file, matplotlib.figure.Figure.savefig
+
+    def save_file(tensors, path, *args, **kwargs):
+        if ".checkpoint-2." in path:
+            full.append(True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original_save_file(tensors, path, *args, **kwargs)
+
+    def savefig(self, *args, **kwargs):
+        if full:
+            plots_refused.append(True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module, "save_file", save_file)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    assert train(tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert plots_refused and "warning" not in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("rlcm-fast:")][1:] == [
+        f"rlcm-fast: error: could not write checkpoint-2 in '{tmp_path / 'run'}': No space left on device; "
+        "checkpoint-1 and earlier checkpoints are intact"]
 
 
 @pytest.mark.parametrize("phase, memory", [("sampling", "GPU"), ("training", "GPU"), ("sampling", "CPU")])

@@ -54,8 +54,8 @@ def test_the_reward_plot_is_redrawn_at_most_every_reward_plot_seconds_and_at_the
 
     plotted = []  # the epochs each drawn plot shows
     real = trainer_module.save_reward_plot
-    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, epoch_records, reward: (
-        plotted.append([r["epoch"] for r in epoch_records]), real(path, epoch_records, reward)))
+    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, epoch_records, reward, **options: (
+        plotted.append([r["epoch"] for r in epoch_records]), real(path, epoch_records, reward, **options)))
     monkeypatch.setattr(trainer_module, "REWARD_PLOT_SECONDS", 3600.0)
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=3", "--set", "grid_every=0")
     assert plotted == [[1], [1, 2, 3]] and (run_dir / "reward.png").exists()
