@@ -11,6 +11,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -175,8 +176,9 @@ def run_serve_reward(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     try:
         try:
-            scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer,
-                                     device, args.max_new_tokens)
+            with library_bars_hidden_off_terminal():
+                scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer,
+                                         device, args.max_new_tokens)
         except (OSError, ValueError) as exc:
             raise RewardError(f"the alignment models cannot be loaded: {first_line(exc)}") from None
         serve(scorer, server=server)
@@ -401,7 +403,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     args.run_dir, args.resume_from = run_dir, resume_from  # for main()'s message if an interrupt ends the run
     args.resume_options = resume_options(cfg)
-    with _run_folder_held(run_dir):
+    with _run_folder_held(run_dir), library_bars_hidden_off_terminal():
         return _train(cfg, run_dir, resume_from)
 
 
@@ -410,7 +412,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     from .trainer import Trainer
 
     # Progress bars only on a terminal: in a log file each redraw is another line (the epoch lines stay).
-    show_library_bars(sys.stderr.isatty())
     trainer = Trainer(cfg, run_dir, resume_from, progress_bars=sys.stderr.isatty())
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""
@@ -428,13 +429,28 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     return 0
 
 
-def show_library_bars(on: bool) -> None:
-    """diffusers' and transformers' own bars (loading a model's parts and weights) on or off, as the command's."""
+@contextlib.contextmanager
+def library_bars_hidden_off_terminal():
+    """diffusers' and transformers' own bars (a model's parts and weights loading, downloads) off for the block
+    where standard error is no terminal (a log file: each redraw is another line) or this is not the main process;
+    then as they were. Never switched on: HF_HUB_DISABLE_PROGRESS_BARS=1 and the like are left to hold. Entered
+    where the models load, not before a command's checks: importing the two libraries takes seconds."""
+    if sys.stderr.isatty() and _is_main_process():
+        yield
+        return
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for library in (diffusers_logging, transformers_logging):
-        (library.enable_progress_bar if on else library.disable_progress_bar)()
+    switched = [library for library in (diffusers_logging, transformers_logging) if library.is_progress_bar_enabled()]
+    for library in switched:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # huggingface_hub's, where an environment variable keeps its bars off
+            warnings.simplefilter("ignore")
+            for library in switched:
+                library.enable_progress_bar()
 
 
 def _error(exc: Exception | str) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # cli.main dispatches here; the shared error type, checks and warning
-from .cli import UsageError, check_name_lengths, show_library_bars, warn_skipped
+from .cli import UsageError, check_name_lengths, library_bars_hidden_off_terminal, warn_skipped
 from .config import resolve_config
 from .config_checks import MAX_GUIDANCE_SCALE
 from .presets import METHODS
@@ -82,6 +82,12 @@ def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    _check_sample_args(args)  # before any model is loaded
+    with library_bars_hidden_off_terminal():
+        return _load_and_sample(args)
+
+
+def _load_and_sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors import SafetensorError
 
@@ -90,8 +96,6 @@ def run_sample(args: argparse.Namespace) -> int:
     from .lora import load_policy_lora
     from .models import ignored_guidance, load_pipeline
 
-    _check_sample_args(args)  # before any model is loaded
-    show_library_bars(sys.stderr.isatty())  # in a log file each redraw of a bar is another line
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
     # than sample an older policy without a word.
     checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=warn_skipped) if args.lora else None

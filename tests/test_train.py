@@ -556,3 +556,27 @@ def test_a_trainer_made_without_progress_bars_given_shows_its_bars(tmp_path, cap
     Trainer(resolve_config(overrides=overrides), tmp_path / "run").train()
     err = capsys.readouterr().err
     assert "epoch 1 sampling" in err and "epoch 1 training" in err
+
+
+def test_library_bars_are_hidden_off_a_terminal_then_restored_and_never_switched_on(monkeypatch):
+    """`rlcm-fast` called from Python (a notebook: no terminal) left diffusers' and transformers' bars off for the
+    session, and on a terminal switched them on over HF_HUB_DISABLE_PROGRESS_BARS=1."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from rlcm_fast.cli import library_bars_hidden_off_terminal
+
+    try:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        with library_bars_hidden_off_terminal():
+            assert not diffusers_logging.is_progress_bar_enabled()
+        assert diffusers_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        diffusers_logging.disable_progress_bar()
+        with library_bars_hidden_off_terminal():
+            assert not diffusers_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
