@@ -88,7 +88,7 @@ def test_the_reward_plot_marks_whole_epochs_only(tmp_path, monkeypatch):
     from rlcm_fast import run_logging
 
     ticks = []
-    monkeypatch.setattr(run_logging, "_write_or_warn", lambda path, what, write: ticks.append(
+    monkeypatch.setattr(run_logging, "_write_or_warn", lambda path, what, write, *quiet: ticks.append(
         [t for t in write.__self__.axes[0].get_xticks() if 1 <= t <= 2]))
     records = [{"epoch": 1, "reward_mean": -1.3, "reward_std": 0.1}, {"epoch": 2, "reward_mean": -1.2, "reward_std": 0.1}]
     run_logging.save_reward_plot(tmp_path / "reward.png", records, "jpeg_compressibility")
