@@ -367,8 +367,11 @@ class Trainer:
         averaged = self.accelerator.reduce(torch.tensor([sums[k] for k in names], dtype=torch.float64,
                                                         device=self.device), "mean")
         values = dict(zip(names, averaged.tolist()))
-        variance = values.pop("reward_mean_square") - values["reward_mean"] ** 2
-        values["reward_std"] = math.sqrt(max(variance, 0.0))  # rounding can leave a tiny negative
+        mean_square = values.pop("reward_mean_square")
+        variance = mean_square - values["reward_mean"] ** 2
+        # Within float64 rounding of the mean square it is zero: equal rewards logged a std of ~1e-8, not 0 (and
+        # rounding can leave a tiny negative).
+        values["reward_std"] = math.sqrt(variance) if variance > 64 * sys.float_info.epsilon * mean_square else 0.0
         values.update(grad_norm=grad_norm, learning_rate=self.lr_scheduler.get_last_lr()[0],
                       skipped_steps=self.nonfinite.total)
         if self.logger:

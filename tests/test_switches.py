@@ -207,6 +207,21 @@ def test_each_step_logs_the_rewards_of_the_samples_it_trained_on(tmp_path):
     assert logged[0]["reward_mean"] != logged[1]["reward_mean"]
 
 
+def test_a_step_whose_rewards_are_all_equal_logs_a_std_of_zero(tmp_path):
+    """The std came from the mean square minus the squared mean: float64 rounding logged ~1e-8 for equal rewards."""
+    trainer = Trainer(resolve_config(overrides=ONE_UPDATE), tmp_path / "run")
+    logged = []
+    trainer.logger = type("Logger", (), {"log": lambda self, kind, epoch, step, values: logged.append(values)})()
+    # A sample trained at n steps is n equal rewards; these gave a std of 1.5e-8, 1.9e-9 and 5.4e-6.
+    for reward, n in ((-1.3675, 3), (0.1, 6), (-412.7, 6)):
+        rewards = torch.full((n,), reward, dtype=torch.float64)
+        sums = {"reward_mean": float(rewards.mean()), "reward_mean_square": float(rewards.square().mean())}
+        trainer.log_step(0, sums, grad_norm=0.0)
+        assert logged[-1]["reward_std"] == 0.0, reward
+    trainer.log_step(0, {"reward_mean": 1.0, "reward_mean_square": 1.0 + 1e-6}, grad_norm=0.0)  # a std of 1e-3
+    assert logged[-1]["reward_std"] == pytest.approx(1e-3, rel=1e-6)
+
+
 def test_rows_per_call_cut_the_same_rows_into_fewer_calls():
     trained = torch.arange(3).expand(8, 3)
     plain = list(flattened_rows(trained, torch.Generator().manual_seed(1), rows=2, accumulation=2))
