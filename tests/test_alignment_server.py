@@ -548,6 +548,7 @@ def test_a_request_line_with_control_characters_is_logged_escaped(capsys):
     assert "\x1b" not in err and "\x07" not in err
     assert 'serve-reward: 127.0.0.1 "GET /\\x1b[31mred\\x07 HTTP/1.1" 404 no such path' in err
     assert alignment_server.printable("a\x1b[31m\x07\té") == "a\\x1b[31m\\x07\\té"
+    assert alignment_server.printable("a\\x1b") == "a\\\\x1b"  # the text, not an escaped ESC
 
 
 def test_a_full_form_ipv6_address_binds_as_ipv6():

@@ -305,8 +305,9 @@ def make_handler(scorer: AlignmentScorer) -> type[BaseHTTPRequestHandler]:
 
 
 def printable(text: str) -> str:
-    """`text` with each character a terminal would act on (ESC, CR, ...) written as a Python escape."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    """`text` with each character a terminal would act on (ESC, CR, ...) written as a Python escape, and a
+    backslash doubled: a client's own `\\x1b` text is not read as an escaped ESC."""
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class _IPv6Server(ThreadingHTTPServer):
