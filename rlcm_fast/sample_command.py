@@ -24,7 +24,6 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     """`sample`'s own options, checked before anything is loaded; the model's limits are checked after."""
     import torch
 
-    args.prompt = [_prompt_text(prompt) for prompt in args.prompt]
     if args.algo is not None and args.algo not in METHODS:
         raise UsageError(f"--algo {args.algo!r} is invalid; allowed: {', '.join(METHODS)}")
     if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
@@ -82,6 +81,7 @@ def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    args.prompt = [_prompt_text(prompt) for prompt in args.prompt]
     _check_sample_args(args)  # before any model is loaded
     with library_bars_hidden_off_terminal():
         return _load_and_sample(args)
