@@ -1,30 +1,45 @@
 """Do the LoRA gradients of the UNet under torch.compile equal eager ones? (the trainer's `compile_unet`)
 
 One forward and backward of a squared-error loss through the LoRA-wrapped UNet, eager and compiled, on
-the same random inputs (float32; every LoRA factor non-zero so each has a gradient). Reports the
-forward's largest difference and, per LoRA tensor, the largest gradient difference relative to the
-tensor's largest eager entry; prints the worst tensors.
+the same random inputs (float32; every LoRA factor non-zero so each has a gradient). For each compile
+scope (the trainer's `compile_scope`: `unet`, the whole UNet; `blocks`, only its transformer blocks)
+reports how long the first compiled call took (compiling forward and backward), the forward's largest
+difference and, per LoRA tensor, the largest gradient difference relative to the tensor's largest eager
+entry; prints the worst tensors. The first call compiles cold: inductor's on-disk cache is a fresh temporary
+folder unless TORCHINDUCTOR_CACHE_DIR names one. With both scopes, the blocks reuse kernels that the whole
+UNet's compile cached: for each one's cold time, run it alone (--scopes blocks).
 
 Writes benchmarks/results/compiled_gradients-<device>.json (DIR/compiled_gradients.json with --out-dir).
-Usage: python benchmarks/compiled_gradients.py [--backend inductor] [--model tiny] [--device cpu] [--rows 12]
-       [--out-dir DIR]
+Usage: python benchmarks/compiled_gradients.py [--backend inductor] [--scopes unet,blocks] [--model tiny]
+       [--resolution PX] [--device cpu] [--rows 12] [--out-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import description, output_folder, positive_int  # noqa: E402
+from common import description, name_list, output_folder, positive_int  # noqa: E402
+
+SCOPES = ("unet", "blocks")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--backend", default="inductor", help="a torch.compile backend (default inductor)")
+    parser.add_argument("--scopes", type=name_list(SCOPES, "scopes"), default=list(SCOPES),
+                        help="what to compile: unet (the whole UNet), blocks (its transformer blocks); "
+                             "default both")
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--resolution", type=positive_int, default=None,
+                        help="image side in px (default: the model preset's resolution)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rows", type=positive_int, default=12, help="UNet batch")
     parser.add_argument("--out-dir", type=output_folder, default=None,
@@ -32,8 +47,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     return parser, parser.parse_args(argv)
 
 
+FRESH_INDUCTOR_CACHE = None  # run as a script: a temporary folder for inductor's on-disk cache, removed at exit
+
 if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load torch (seconds)
     parse_args()
+    # A cold compile, as a new machine's first run has: a cache from earlier runs would hide most of it. Set
+    # before torch is imported, which fixes the folder it caches in.
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        FRESH_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
+        atexit.register(shutil.rmtree, FRESH_INDUCTOR_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
 
@@ -79,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=device)
 
-    shape = latent_shape(pipe, args.rows, cfg.resolution)
+    try:
+        shape = latent_shape(pipe, args.rows, args.resolution or cfg.resolution)
+    except ValueError as error:  # not a multiple of the VAE's scale factor
+        parser.error(f"--resolution {args.resolution}: {error}")
     inputs = {"sample": randn(*shape), "timestep": torch.randint(0, 1000, (args.rows,), generator=generator,
                                                                     device=device),
               "encoder_hidden_states": randn(args.rows, 77, unet.config.cross_attention_dim)}
@@ -88,33 +113,44 @@ def main(argv: list[str] | None = None) -> int:
     target = randn(*shape)
 
     eager_out, eager_grads = forward_backward(unet, inputs, target, params)
-    started = time.perf_counter()
-    compiled_out, compiled_grads = forward_backward(torch.compile(unet, backend=args.backend), inputs, target, params)
-    compile_seconds = time.perf_counter() - started
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    checks = []
+    for scope in [scope for scope in SCOPES if scope in args.scopes]:  # unet first: blocks compiles in place
+        torch._dynamo.reset()
+        if scope == "blocks":  # as the trainer does; the whole UNet's check, if any, compiled a wrapper of it
+            unet.compile_repeated_blocks(backend=args.backend, dynamic=False)
+            compiled = unet
+        else:
+            compiled = torch.compile(unet, backend=args.backend)
+        started = time.perf_counter()
+        compiled_out, compiled_grads = forward_backward(compiled, inputs, target, params)
+        checks.append(compare(scope, time.perf_counter() - started, compiled_out, compiled_grads, eager_out,
+                              eager_grads, names, args.backend, device))
+    path = write_result("compiled_gradients", {
+        "benchmark": "compiled_gradients", **environment(),
+        "config": {"backend": args.backend, "model": cfg.model, "device": str(device), "rows": args.rows,
+                   "latents": list(shape[1:]), "inductor_cache": "fresh" if FRESH_INDUCTOR_CACHE else "reused"},
+        "scopes": checks,
+    }, args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def compare(scope, seconds, compiled_out, compiled_grads, eager_out, eager_grads, names, backend, device) -> dict:
     per_tensor = {name: ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30)).item()
                   for name, ours, theirs in zip(names, compiled_grads, eager_grads)}
     errors = sorted(per_tensor.values())
     zeroed = [name for name, ours, theirs in zip(names, compiled_grads, eager_grads)
               if ours.abs().max() == 0 and theirs.abs().max() > 0]
     forward_difference = (compiled_out - eager_out).abs().max().item()
-    print(f"{args.backend} on {device}: forward max |difference| {forward_difference:.3g}; LoRA gradients: "
-          f"median relative error {errors[len(errors) // 2]:.3g}, worst {errors[-1]:.3g}, "
-          f"{len(zeroed)} of {len(names)} tensors all zero where eager's are not")
+    print(f"{backend} on {device}, scope {scope}: first call {seconds:.1f} s; forward max |difference| "
+          f"{forward_difference:.3g}; LoRA gradients: median relative error {errors[len(errors) // 2]:.3g}, "
+          f"worst {errors[-1]:.3g}, {len(zeroed)} of {len(names)} tensors all zero where eager's are not")
     for name in sorted(per_tensor, key=per_tensor.get)[-5:]:
         print(f"  {per_tensor[name]:.3g}  {name}")
-    path = write_result("compiled_gradients", {
-        "benchmark": "compiled_gradients", **environment(),
-        "config": {"backend": args.backend, "model": cfg.model, "device": str(device), "rows": args.rows},
-        "forward_max_abs_difference": forward_difference,
-        "gradient_relative_error_median": errors[len(errors) // 2],
-        "gradient_relative_error_max": errors[-1],
-        "tensors": len(names),
-        "tensors_zeroed": zeroed,
-        "first_call_seconds": compile_seconds,
-    }, args.out_dir)
-    print(f"wrote {path}")
-    return 0
+    return {"scope": scope, "first_call_seconds": seconds, "forward_max_abs_difference": forward_difference,
+            "gradient_relative_error_median": errors[len(errors) // 2], "gradient_relative_error_max": errors[-1],
+            "tensors": len(names), "tensors_zeroed": zeroed}
 
 
 if __name__ == "__main__":

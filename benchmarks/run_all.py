@@ -41,8 +41,9 @@ def plan(quick: bool, cuda: bool) -> tuple[list[tuple[str, list[str]]], list[dic
         for name in ("bench_sampler", "bench_attention", "bench_unet"):
             skipped.append({"benchmark": name, "reason": "needs CUDA (its CPU mode is a smoke test of the script: "
                             f"python benchmarks/{name}.py --device cpu)"})
-    # Does the compiled UNet (the trainer's compile_unet) give eager's LoRA gradients? Inductor on the GPU's
-    # own model size there; on a CPU (full runs) the tiny model, where torch 2.13's inductor gets them wrong.
+    # Does the compiled UNet (the trainer's compile_unet, whole and only its blocks) give eager's LoRA gradients?
+    # Inductor on the GPU's own model size there; on a CPU (full runs) the tiny model, where torch 2.13's
+    # inductor gets the whole UNet's wrong.
     if cuda:
         runs.append(("compiled_gradients", ["--device", "cuda", "--model", "sd15-lcm", "--rows", "2"]))
     elif quick:
@@ -184,11 +185,12 @@ def ablation_section(ablation: dict) -> list[str]:
 def gradients_section(check: dict) -> list[str]:
     config = check["config"]
     lines = ["## Compiled UNet gradients (compiled_gradients.py)", ""]
-    body = [[config["backend"], config["model"], config["device"], check["forward_max_abs_difference"],
-             check["gradient_relative_error_median"], check["gradient_relative_error_max"],
-             f"{len(check['tensors_zeroed'])} of {check['tensors']}"]]
-    return lines + table(["backend", "model", "device", "forward max diff", "grad rel. error median",
-                          "grad rel. error max", "LoRA grads zeroed"], body) + [""]
+    body = [[config["backend"], scope["scope"], config["model"], config["device"], scope["first_call_seconds"],
+             scope["forward_max_abs_difference"], scope["gradient_relative_error_median"],
+             scope["gradient_relative_error_max"], f"{len(scope['tensors_zeroed'])} of {scope['tensors']}"]
+            for scope in check["scopes"]]
+    return lines + table(["backend", "scope", "model", "device", "first call s", "forward max diff",
+                          "grad rel. error median", "grad rel. error max", "LoRA grads zeroed"], body) + [""]
 
 
 def fresh_results(out_dir: Path, statuses: list[dict], since: float) -> dict[str, dict]:

@@ -53,6 +53,10 @@ class TrainConfig:
     # torch.compile of the trainer's UNet: opt-in until its gradients are checked on a GPU (README, Status).
     compile_unet: bool = False  # sampling and the LoRA training forward/backward
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
+    # What compile_unet compiles: unet (the whole UNet, one graph per batch size) | blocks (only its transformer
+    # blocks, diffusers' regional compilation: one small graph per block shape, shared by the blocks of that
+    # shape, so a fraction of the compile time; the ResNet blocks run eager). See rlcm_fast/policy_model.py.
+    compile_scope: str = "unet"
     # Attention kernels of the UNet and the VAE: sdpa (PyTorch's scaled_dot_product_attention, diffusers'
     # default) | cudnn (the same, cuDNN's fused attention first; CUDA only) | xformers (its memory-efficient
     # attention; CUDA only, and only where xformers is installed). See rlcm_fast/attention.py.

@@ -180,7 +180,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 METHOD_ONLY_KEYS = {"rlcm": ("train_final_step", "original_inference_steps", "policy_step_backend", "sample_cuda_graph"),
                     "ddpo": ("eta",)}
 SWITCHES = {"policy_step_backend": ("auto", "reference"), "train_rows": ("flattened", "per_timestep"),
-            "reward_device": ("auto", "cpu")}
+            "reward_device": ("auto", "cpu"), "compile_scope": ("unet", "blocks")}
 
 
 def _check_method_and_switches(cfg: TrainConfig) -> None:

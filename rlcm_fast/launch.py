@@ -62,8 +62,9 @@ def start_accelerator(cfg):
     if precision == "fp16" and use_cpu:  # the CPU's autocast fails in the UNet with fp16
         raise ConfigError("mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
     if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu:  # before any model is loaded
-        # Measured with torch 2.13.0: inductor's CPU code gives the tiny UNet's LoRA wrong gradients
-        # (some all zero) while its forward is right; aot_eager's are exact (tests/test_switches.py).
+        # Measured with torch 2.13.0 (benchmarks/compiled_gradients.py): inductor's CPU code gives wrong LoRA
+        # gradients while its forward is right: of the whole tiny UNet (some all zero), and of sd15-lcm's
+        # transformer blocks (compile_scope=blocks), though right for the other two. aot_eager's are exact.
         raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
                           "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
                           "or compile_unet=false")

@@ -27,6 +27,21 @@ class PolicyModel:
     grads_stay_allocated: bool
 
 
+# Graphs one compiled function may hold before dynamo gives up compiling it and runs it eager (its default: 8).
+# With compile_scope=blocks all transformer blocks share one forward, so a run needs a graph for each block
+# shape (4 in SD1.5's UNet) at each batch size the UNet is called with (sampling's without grad, training's
+# with it, a shorter last training call's, the sample grids'): 8 already at the paper's sizes.
+GRAPHS_PER_COMPILED_FUNCTION = 64
+
+
+def allow_a_graph_per_shape() -> None:
+    """Raise dynamo's recompile limit (process-wide; never lowered) so that every shape a run calls is compiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_COMPILED_FUNCTION)
+
+
 def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyModel:
     base_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # Frozen base in base_dtype, trainable LoRA in float32 (identical init on every process).
@@ -70,8 +85,13 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
         # and at a second batch size dynamo's default compiles a graph with a symbolic batch dimension.
         # Static shapes are what inductor specializes its kernels to and CUDA graphs need; a run has a few
         # batch sizes, each compiled once (tests/test_switches.py).
-        sample_unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False)
-        train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
+        allow_a_graph_per_shape()
+        if cfg.compile_scope == "blocks":
+            # In place, so sampling and training both call them; DDP and the LoRA are outside what is compiled.
+            unet.compile_repeated_blocks(backend=cfg.compile_backend, dynamic=False)
+        else:
+            sample_unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False)
+            train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)
     return PolicyModel(pipe, params, optimizer, lr_scheduler, ddp_unet, sample_unet, train_unet,

@@ -245,6 +245,28 @@ def test_compiled_gradients_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
     assert "--device cuda: no CUDA device here" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_compiled_gradients_checks_both_scopes_and_renders_them(tmp_path):
+    """aot_eager traces as inductor does without generating code: the gradients are eager's exactly, whole UNet
+    and transformer blocks alike; run_all's table has a row for each."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compiled_gradients
+    import run_all
+
+    try:
+        assert compiled_gradients.main(["--backend", "aot_eager", "--rows", "1", "--scopes", "blocks,unet",
+                                        "--out-dir", str(tmp_path)]) == 0
+    finally:
+        torch._dynamo.reset()
+    result = json.loads((tmp_path / "compiled_gradients.json").read_text())
+    assert [check["scope"] for check in result["scopes"]] == ["unet", "blocks"]  # the whole UNet's first
+    for check in result["scopes"]:
+        assert check["tensors"] == 114 and check["tensors_zeroed"] == []
+        assert check["forward_max_abs_difference"] == check["gradient_relative_error_max"] == 0
+        assert check["first_call_seconds"] > 0
+    rows = [line for line in run_all.gradients_section(result) if line.startswith("| aot_eager |")]
+    assert [row.split(" | ")[1] for row in rows] == ["unet", "blocks"]
+
+
 def test_ablation_quick_keeps_the_epochs_asked_for(tmp_path, monkeypatch):
     """--quick set 1 epoch over an explicit --epochs."""
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -66,6 +66,9 @@ def default_path(tmp_path_factory):
     # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused). With
     # the sampling batches joined, sampling (4 rows) and training (2) compile the UNet at two batch sizes.
     {"compile_unet": True, "compile_backend": "rlcm_test_aot_eager", "sample_batches_per_call": 2},
+    # Only the transformer blocks compiled (regional compilation).
+    {"compile_unet": True, "compile_scope": "blocks", "compile_backend": "rlcm_test_aot_eager",
+     "sample_batches_per_call": 2},
     # The UNet and the VAE in channels-last memory format (the LoRA's convolutions too: tiny puts LoRA on them).
     {"channels_last": True},
     # Ignored on a CPU (cuDNN is CUDA's).
@@ -74,10 +77,20 @@ def default_path(tmp_path_factory):
 def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     base_samples, base, _ = default_path
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them
     SYMBOLIC_GRAPHS.clear()
-    samples, switched, devices = one_update(tmp_path, "switched", **switch)
-    if "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
+    trainers = []
+    samples, switched, devices = one_update(tmp_path, "switched", prepare=trainers.append, **switch)
+    trainer = trainers[0]
+    if switch.get("compile_scope") == "blocks":  # each block shape compiled for sampling and for training
+        compiled = {type(m).__name__ for m in trainer.unet.modules() if m._compiled_call_impl is not None}
+        assert compiled == {"BasicTransformerBlock"} and trainer.sample_unet is trainer.unet
+        # tiny's blocks come in two widths, each at one latent size: a graph per width, without and with grad
+        widths = {b.norm1.normalized_shape for b in trainer.unet.modules() if type(b).__name__ == "BasicTransformerBlock"}
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * len(widths) == 4
+    elif "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    if switch.get("compile_backend") == "rlcm_test_aot_eager":
         # ... each for its own batch size: dynamo's default made the second one's batch dimension symbolic.
         assert len(SYMBOLIC_GRAPHS) >= 2 and SYMBOLIC_GRAPHS == [[]] * len(SYMBOLIC_GRAPHS)
     assert samples.prompts == base_samples.prompts
@@ -118,9 +131,27 @@ def test_channels_last_converts_every_convolution_and_survives_a_checkpoint(tmp_
         assert torch.equal(resumed.optimizer.state[ours]["exp_avg"], trainer.optimizer.state[theirs]["exp_avg"])
 
 
-def test_inductor_on_the_cpu_is_refused(tmp_path):
+def test_compiled_blocks_get_a_graph_for_every_batch_size(tmp_path, monkeypatch):
+    # All transformer blocks share one compiled forward, and dynamo's default of 8 graphs per function would
+    # leave the 10 here (2 block widths x 5 batch sizes) partly eager, with a warning.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    overrides = {**ONE_UPDATE, "compile_unet": True, "compile_scope": "blocks", "compile_backend": "aot_eager"}
+    unet = Trainer(resolve_config(overrides=overrides), tmp_path / "run").unet
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    latent = unet.config.sample_size
+    with torch.no_grad():
+        for rows in range(1, 6):
+            unet(torch.randn(rows, 4, latent, latent), 999, torch.randn(rows, 77, unet.config.cross_attention_dim),
+                 timestep_cond=torch.randn(rows, unet.config.time_cond_proj_dim))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10
+
+
+@pytest.mark.parametrize("scope", ["unet", "blocks"])
+def test_inductor_on_the_cpu_is_refused(tmp_path, scope):
     with pytest.raises(ConfigError, match="compile_backend='inductor' on the CPU is refused: it gives wrong LoRA"):
-        Trainer(resolve_config(overrides={**ONE_UPDATE, "compile_unet": True}), tmp_path / "run")
+        Trainer(resolve_config(overrides={**ONE_UPDATE, "compile_unet": True, "compile_scope": scope}),
+                tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
