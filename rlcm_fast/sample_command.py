@@ -10,10 +10,11 @@ import re
 import sys
 from pathlib import Path
 
-# cli.main dispatches here; the shared error type, checks and warning
-from .cli import UsageError, check_name_lengths, library_bars_hidden_off_terminal, warn_skipped
+# cli.main dispatches here; the shared library-bar switch and warning
+from .cli import library_bars_hidden_off_terminal, warn_skipped
 from .config import resolve_config
 from .config_checks import MAX_GUIDANCE_SCALE
+from .path_checks import UsageError, check_name_lengths
 from .presets import METHODS
 
 # `sample` writes a PNG per image: 1e8 images per prompt ran out of memory listing their paths.

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast.cli import NAME_MAX, UsageError, check_name_lengths, main
+from rlcm_fast.cli import main
+from rlcm_fast.path_checks import NAME_MAX, UsageError, check_name_lengths
 from rlcm_fast.config import ConfigError
 from rlcm_fast.rewards.base import looks_like_path
 from rlcm_fast.rewards import RewardError, checked_rewards
@@ -309,10 +310,10 @@ def test_under_a_locale_that_is_not_utf8_a_non_ascii_run_folder_says_which_local
 
 def test_under_a_latin1_locale_a_utf8_run_folder_name_is_refused_not_made_under_other_bytes(monkeypatch):
     """Latin-1 reads the bytes of `runé` as `runÃ©` (no escapes), which TensorBoard would write as other bytes."""
-    from rlcm_fast.cli import UsageError, check_utf8_name
+    from rlcm_fast.path_checks import UsageError, check_utf8_name
 
-    monkeypatch.setattr("rlcm_fast.cli.os.fsencode", lambda text: text.encode("latin-1"))
-    monkeypatch.setattr("rlcm_fast.cli.sys.getfilesystemencoding", lambda: "iso8859-1")
+    monkeypatch.setattr("rlcm_fast.path_checks.os.fsencode", lambda text: text.encode("latin-1"))
+    monkeypatch.setattr("rlcm_fast.path_checks.sys.getfilesystemencoding", lambda: "iso8859-1")
     check_utf8_name("run", "output dir", "why")  # ASCII: the same bytes either way
     with pytest.raises(UsageError, match="^output dir 'runé' is UTF-8, but this locale reads file names as "
                                          "iso8859-1, and why: run under a UTF-8 locale"):

@@ -521,12 +521,12 @@ def test_output_dir_from_set_is_the_run_folder_and_a_file_is_refused_before_load
     assert (f"output dir '{tmp_path / 'afile' / 'run'}' cannot be created: '{tmp_path / 'afile'}' is a file"
             in one_error_line(capsys))
     # A folder this user may not write into (as root every folder is writable, so os.access stands in).
-    monkeypatch.setattr("rlcm_fast.cli.os.access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr("rlcm_fast.path_checks.os.access", lambda path, mode: Path(path) != tmp_path)
     assert main(["train", *ARGS, "--output-dir", str(tmp_path / "run")]) == 2
     assert (f"output dir '{tmp_path / 'run'}' cannot be created or written: '{tmp_path}' is not writable"
             in one_error_line(capsys))
     # Where os.access says yes and making a folder fails all the same (root in /proc, a read-only mount).
-    monkeypatch.setattr("rlcm_fast.cli.os.access", lambda path, mode: True)
+    monkeypatch.setattr("rlcm_fast.path_checks.os.access", lambda path, mode: True)
     assert main(["train", *ARGS, "--output-dir", "/proc/rlcm-fast-run"]) == 2
     assert one_error_line(capsys).startswith("rlcm-fast: error: output dir '/proc/rlcm-fast-run' cannot be created or "
                                              "written: making a folder in '/proc' failed: ")

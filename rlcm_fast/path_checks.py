@@ -1,0 +1,72 @@
+"""Checks of the paths a command will create, before anything is made or loaded: name lengths, names that are
+not UTF-8, and a run folder that cannot be made or written (each one line, exit 2)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+NAME_MAX = 255  # bytes per file or folder name on Linux's file systems (ext4, xfs, btrfs, tmpfs)
+PROBE_PREFIX = ".rlcm-fast-probe-"  # check_run_dir's folder, made and removed to see that a folder can be made
+
+
+class UsageError(ValueError):
+    """Bad command-line input that is not a config value."""
+
+
+def check_utf8_name(path, what: str, why: str) -> None:
+    """Refuse `path` where its name on disk is not the UTF-8 of its text, which `why` needs: a name that is not
+    UTF-8, or a non-ASCII one under a locale that is not UTF-8 (LC_ALL=C escapes its bytes; Latin-1 reads them
+    as other letters)."""
+    text = str(path)
+    raw = os.fsencode(text)
+    try:
+        if text.encode("utf-8") == raw:
+            return
+    except UnicodeEncodeError:  # bytes the locale could only escape
+        pass
+    try:
+        shown = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise UsageError(f"{what} '{shown}' is not a UTF-8 name, and {why}: pick another name") from None
+    raise UsageError(f"{what} '{shown}' is UTF-8, but this locale reads file names as {sys.getfilesystemencoding()}, "
+                     f"and {why}: run under a UTF-8 locale (or with PYTHONUTF8=1)")
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """A folder to be made whose path has a name over NAME_MAX bytes: one line now, before any of the folders
+    above it are made and left behind by a failed mkdir(parents=True)."""
+    for name in Path(path).parts:
+        if (size := len(os.fsencode(name))) > NAME_MAX:
+            raise UsageError(f"{what} {str(path)!r} cannot be created: its name {name[:60]!r}... is {size} bytes, "
+                             f"and a file system takes at most {NAME_MAX} per file or folder name")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Before any model loads, a run folder that cannot be made is one line (it was an OSError traceback after
+    loading). Nothing is created here: a run refused later leaves no folder behind."""
+    check_name_lengths(run_dir, "output dir")
+    check_utf8_name(run_dir, "output dir", "TensorBoard's writer takes only UTF-8")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: it is a file")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if existing != run_dir and not existing.is_dir():
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: {str(existing)!r} is not writable")
+    try:  # os.access says yes to root on a read-only file system or in /proc: make and remove a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=existing))
+    except OSError as exc:
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: making a folder in "
+                         f"{str(existing)!r} failed: {exc.strerror or exc}") from None
+    # A run folder from elsewhere whose reward.png or samples/ links out would have the run write over the target.
+    for entry in os.scandir(run_dir) if existing == run_dir else ():
+        if entry.is_symlink():
+            raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name!r} -> "
+                             f"{os.readlink(entry.path)!r}; a run writes its files in place and would write through "
+                             "it: put the file or folder itself there")
