@@ -576,3 +576,38 @@ def test_the_printed_url_of_an_ipv6_server_brackets_its_address(monkeypatch, cap
         alignment_server.serve(scorer, server=server)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"serve-reward: alignment (vlm + BERTScore bert layer 2) on http://[::1]:{port}")
+
+
+def test_a_name_that_resolves_only_to_ipv6_binds_ipv6(monkeypatch):
+    """A name was bound as IPv4 whatever it resolved to: one with only an IPv6 address could not be served on."""
+    ipv6_loopback_or_skip()
+    real = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):
+        if host == "v6only.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(alignment_server.socket, "getaddrinfo", resolve)
+    server = alignment_server.bind("v6only.test", 0)
+    try:
+        assert server.socket.family == socket.AF_INET6 and server.server_address[0] == "::1"
+    finally:
+        server.server_close()
+    server = alignment_server.bind("127.0.0.1", 0)  # an IPv4 address through the same resolver: IPv4
+    try:
+        assert server.socket.family == socket.AF_INET and server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch, capsys):
+    from rlcm_fast.cli import main
+
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(alignment_server.socket, "getaddrinfo", unknown)
+    assert main(["serve-reward", "--host", "nosuch.test", "--port", "8060", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rlcm-fast: error: cannot serve on nosuch.test:8060: Name or service not known")

@@ -315,11 +315,15 @@ class _IPv6Server(ThreadingHTTPServer):
 
 
 def bind(host: str, port: int) -> ThreadingHTTPServer:
-    """A server bound to host:port (an IPv6 address such as ::1 or [::1] too) that does not listen yet: a port in
-    use fails here, before minutes of model loading, and until `serve` listens a client's connection is refused
-    (and retried), not left hanging."""
+    """A server bound to host:port (an IPv6 address such as ::1 or [::1] too, or a name that resolves to either
+    family) that does not listen yet: a port in use fails here, before minutes of model loading, and until
+    `serve` listens a client's connection is refused (and retried), not left hanging."""
     if host.startswith("[") and host.endswith("]"):  # as a URL spells an IPv6 address
         host = host[1:-1]
+    if ":" not in host:  # a name or an IPv4 address: bound as the resolver's first answer for it, IPv4 or IPv6
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        host = address[0] if family in (socket.AF_INET, socket.AF_INET6) else host
     kind = _IPv6Server if ":" in host else ThreadingHTTPServer
     server = kind((host, port), BaseHTTPRequestHandler, bind_and_activate=False)
     try:
