@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         compiled_out, compiled_grads = forward_backward(compiled, inputs, target, params)
         checks.append(compare(scope, time.perf_counter() - started, compiled_out, compiled_grads, eager_out,
                               eager_grads, names, args.backend, device))
+        # the scopes compiled before this one in this run, whose kernels its compile may have found cached
+        checks[-1]["compiled_after"] = [check["scope"] for check in checks[:-1]]
     path = write_result("compiled_gradients", {
         "benchmark": "compiled_gradients", **environment(),
         "config": {"backend": args.backend, "model": cfg.model, "device": str(device), "rows": args.rows,

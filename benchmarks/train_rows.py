@@ -18,7 +18,7 @@ GPU_ONLY_ROWS = {
     "compiled_and_graphed": {"compile_unet": True, "sample_cuda_graph": True},
     # Only the UNet's transformer blocks compiled (compile_scope: blocks), a graph per block shape instead of
     # one of the whole UNet: on the H200 (714cdca) the whole UNet's warm-up did not end in 386 s, and on a CPU
-    # the blocks compiled in about a third of the whole UNet's time (benchmarks/README.md, compile_unet).
+    # the blocks compiled in about a third of the whole UNet's time (benchmarks/README.md, compile_scope).
     "compiled_blocks_graphed_calls_of_7": {"compile_unet": True, "compile_scope": "blocks", "sample_cuda_graph": True,
                                            "train_rows_per_call": 7},
     # No compile warm-up: the eager sampling loop replayed as a graph, and training in calls of 7 rows (below).

@@ -10,6 +10,7 @@ import torch
 from .attention import set_attention_backend
 from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
+from .faults import first_line
 from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
 from .models import load_pipeline, set_channels_last
 
@@ -87,8 +88,13 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
         # batch sizes, each compiled once (tests/test_switches.py).
         allow_a_graph_per_shape()
         if cfg.compile_scope == "blocks":
-            # In place, so sampling and training both call them; DDP and the LoRA are outside what is compiled.
-            unet.compile_repeated_blocks(backend=cfg.compile_backend, dynamic=False)
+            # In place, so sampling and training both call them, with the attention LoRA inside; the ResNet
+            # blocks (and their LoRA, if any), proj_in/proj_out and DDP's hooks stay eager.
+            try:
+                unet.compile_repeated_blocks(backend=cfg.compile_backend, dynamic=False)
+            except ValueError as exc:  # a UNet without the repeated blocks diffusers names for its class
+                raise ConfigError(f"compile_scope=blocks: model {cfg.model!r} has no repeated transformer blocks "
+                                  f"to compile ({first_line(exc)}); use compile_scope=unet") from None
         else:
             sample_unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False)
             train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)

@@ -30,9 +30,16 @@ def test_compiled_training_on_a_gpu_equals_eager(tmp_path, monkeypatch, eager, s
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch._dynamo.reset()
-    samples, logged, _ = one_update(tmp_path, "switched", device="cuda", mixed_precision="no", **switches)
+    torch._dynamo.utils.counters.clear()  # reset() keeps them
+    trainers = []
+    samples, logged, _ = one_update(tmp_path, "switched", prepare=trainers.append, device="cuda",
+                                    mixed_precision="no", **switches)
     base_samples, base, _ = eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # sampling and training were compiled
+    if switches.get("compile_scope") == "blocks":
+        unet = trainers[0].unet
+        assert {type(m).__name__ for m in unet.modules() if m._compiled_call_impl is not None} == {
+            "BasicTransformerBlock"}
     torch.testing.assert_close(samples.states, base_samples.states, atol=1e-4, rtol=0)
     torch.testing.assert_close(samples.log_probs, base_samples.log_probs, atol=1e-4, rtol=0)
     assert logged["loss"] == pytest.approx(base["loss"], abs=1e-5)

@@ -259,6 +259,7 @@ def test_compiled_gradients_checks_both_scopes_and_renders_them(tmp_path):
         torch._dynamo.reset()
     result = json.loads((tmp_path / "compiled_gradients.json").read_text())
     assert [check["scope"] for check in result["scopes"]] == ["unet", "blocks"]  # the whole UNet's first
+    assert [check["compiled_after"] for check in result["scopes"]] == [[], ["unet"]]
     for check in result["scopes"]:
         assert check["tensors"] == 114 and check["tensors_zeroed"] == []
         assert check["forward_max_abs_difference"] == check["gradient_relative_error_max"] == 0

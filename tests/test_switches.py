@@ -131,20 +131,34 @@ def test_channels_last_converts_every_convolution_and_survives_a_checkpoint(tmp_
         assert torch.equal(resumed.optimizer.state[ours]["exp_avg"], trainer.optimizer.state[theirs]["exp_avg"])
 
 
-def test_compiled_blocks_get_a_graph_for_every_batch_size(tmp_path, monkeypatch):
+def test_compiled_blocks_get_a_graph_for_every_batch_size(tmp_path):
     # All transformer blocks share one compiled forward, and dynamo's default of 8 graphs per function would
-    # leave the 10 here (2 block widths x 5 batch sizes) partly eager, with a warning.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    overrides = {**ONE_UPDATE, "compile_unet": True, "compile_scope": "blocks", "compile_backend": "aot_eager"}
-    unet = Trainer(resolve_config(overrides=overrides), tmp_path / "run").unet
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    latent = unet.config.sample_size
-    with torch.no_grad():
-        for rows in range(1, 6):
-            unet(torch.randn(rows, 4, latent, latent), 999, torch.randn(rows, 77, unet.config.cross_attention_dim),
-                 timestep_cond=torch.randn(rows, unet.config.time_cond_proj_dim))
+    # leave the 10 here (2 block widths x 5 batch sizes) partly eager, with a warning. (config.patch, not
+    # monkeypatch: monkeypatch's undo deletes the setting from dynamo's config, which breaks later compiles.)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        overrides = {**ONE_UPDATE, "compile_unet": True, "compile_scope": "blocks", "compile_backend": "aot_eager"}
+        unet = Trainer(resolve_config(overrides=overrides), tmp_path / "run").unet
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        latent = unet.config.sample_size
+        with torch.no_grad():
+            for rows in range(1, 6):
+                unet(torch.randn(rows, 4, latent, latent), 999,
+                     torch.randn(rows, 77, unet.config.cross_attention_dim),
+                     timestep_cond=torch.randn(rows, unet.config.time_cond_proj_dim))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10
+    assert torch._dynamo.config.recompile_limit >= 8  # put back as it was, still readable
+
+
+def test_compiled_blocks_of_a_unet_without_them_is_one_line(tmp_path, monkeypatch):
+    """diffusers' ValueError (a UNet whose class names blocks it does not have) was a traceback."""
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setattr(UNet2DConditionModel, "_repeated_blocks", ["NoSuchBlock"])
+    overrides = {**ONE_UPDATE, "compile_unet": True, "compile_scope": "blocks", "compile_backend": "aot_eager"}
+    with pytest.raises(ConfigError, match=r"^compile_scope=blocks: model 'tiny' has no repeated transformer blocks "
+                                          r"to compile \(.*NoSuchBlock.*\); use compile_scope=unet$"):
+        Trainer(resolve_config(overrides=overrides), tmp_path / "run")
 
 
 @pytest.mark.parametrize("scope", ["unet", "blocks"])
