@@ -19,7 +19,6 @@ from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir
 from .resume import newer_intact_checkpoint, resume_options, resumed_config
 
 
-
 def _faults() -> tuple[type[Exception], ...]:
     """Runs that stopped on a fault (exit 1): the checkpoints written before are intact."""
     from .checkpoint import CheckpointWriteError
