@@ -611,3 +611,19 @@ def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch, capsys):
     assert main(["serve-reward", "--host", "nosuch.test", "--port", "8060", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "rlcm-fast: error: cannot serve on nosuch.test:8060: Name or service not known")
+
+
+def test_a_name_is_bound_as_the_resolvers_first_answer_of_either_family(monkeypatch):
+    ipv6_loopback_or_skip()
+
+    def resolve(host, port, family=0, type=0, proto=0, flags=0):  # IPv6 first; a family asked for is honoured
+        answers = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                   (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return [answer for answer in answers if family in (0, answer[0])]
+
+    monkeypatch.setattr(alignment_server.socket, "getaddrinfo", resolve)
+    server = alignment_server.bind("dual.test", 0)
+    try:
+        assert server.socket.family == socket.AF_INET6 and server.server_address[0] == "::1"
+    finally:
+        server.server_close()

@@ -108,6 +108,8 @@ def test_an_out_dir_that_is_a_file_or_has_no_parent_is_refused_at_once(script, t
     # was rlcm_fast's ConfigError traceback after the first variant's whole training run
     ("ablation_algorithms", ["--quick", "--kl-beta", "-1"], "kl_beta=-1.0 is invalid: it must be a finite number >= 0"),
     ("compiled_gradients", ["--model", "no-such-model"], "model 'no-such-model' could not be loaded"),  # a traceback
+    ("compiled_gradients", ["--resolution", "31"],
+     "--resolution 31: resolution 31 is not a multiple of the VAE's scale factor 2"),  # tiny's VAE
 ])
 def test_bad_values_found_by_the_config_are_one_line(script, argv, message, tmp_path):
     refused(run(script, *argv, "--out-dir", str(tmp_path / "out")), message)

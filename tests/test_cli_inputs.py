@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from rlcm_fast.cli import main
-from rlcm_fast.path_checks import NAME_MAX, UsageError, check_name_lengths
 from rlcm_fast.config import ConfigError
+from rlcm_fast.path_checks import NAME_MAX, UsageError, check_name_lengths
 from rlcm_fast.rewards.base import looks_like_path
 from rlcm_fast.rewards import RewardError, checked_rewards
 
@@ -387,3 +387,13 @@ def test_a_blank_host_is_refused_like_an_empty_one(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "rlcm-fast: error: --host ' ' is invalid: give an address (127.0.0.1 for this machine, 0.0.0.0 or :: for "
         "every interface)")
+
+
+def test_a_parent_folder_that_cannot_be_entered_is_refused(tmp_path, monkeypatch):
+    """Writable but not searchable (no x bit): no folder can be made in it."""
+    from rlcm_fast.path_checks import check_run_dir
+
+    monkeypatch.setattr("rlcm_fast.path_checks.os.access",
+                        lambda path, mode: not (Path(path) == tmp_path and mode & os.X_OK))
+    with pytest.raises(UsageError, match="is not writable"):
+        check_run_dir(tmp_path / "run")

@@ -127,6 +127,10 @@ def test_no_yes_on_and_off_are_words_not_booleans(tmp_path):
     assert str(error.value) == "reward_overlap='off' in --set is invalid: expected bool (true or false)"
 
 
+def test_the_default_compile_scope_is_the_whole_unet():
+    assert TrainConfig().compile_scope == resolve_config().compile_scope == "unet"
+
+
 def test_a_compile_backend_is_checked_even_while_compile_unet_is_off():
     """The list names every backend the check accepts, aot_eager (the CPU's) among them."""
     with pytest.raises(ConfigError, match=r"compile_backend 'nope' is unknown; allowed: .*\baot_eager\b"):

@@ -268,6 +268,56 @@ def test_compiled_gradients_checks_both_scopes_and_renders_them(tmp_path):
     assert [row.split(" | ")[1] for row in rows] == ["unet", "blocks"]
 
 
+def test_compiled_gradients_blocks_are_diffusers_regional_compile_at_the_asked_resolution(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compiled_gradients
+    from diffusers import UNet2DConditionModel
+
+    calls, real = [], UNet2DConditionModel.compile_repeated_blocks
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "compile_repeated_blocks", spy)
+    try:
+        assert compiled_gradients.main(["--backend", "aot_eager", "--rows", "1", "--scopes", "blocks",
+                                        "--resolution", "16", "--out-dir", str(tmp_path)]) == 0
+    finally:
+        torch._dynamo.reset()
+    result = json.loads((tmp_path / "compiled_gradients.json").read_text())
+    assert calls == [{"backend": "aot_eager", "dynamic": False}]
+    assert result["config"]["latents"] == [4, 8, 8]  # 16 px over the tiny VAE's factor 2
+    assert result["config"]["inductor_cache"] == "reused"  # called in-process: no fresh folder of its own
+    assert [check["scope"] for check in result["scopes"]] == ["blocks"]
+
+
+def test_compiled_gradients_as_a_script_compiles_with_a_fresh_inductor_cache(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compiled_gradients.py"), "--backend",
+                           "aot_eager", "--rows", "1", "--resolution", "16", "--scopes", "blocks", "--out-dir",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "compiled_gradients.json").read_text())["config"]["inductor_cache"] == "fresh"
+
+
+def test_gradients_section_puts_each_value_under_its_header():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_all
+
+    check = {"config": {"backend": "inductor", "model": "tiny", "device": "cpu"},
+             "scopes": [{"scope": "blocks", "first_call_seconds": 12.5, "forward_max_abs_difference": 0.25,
+                         "gradient_relative_error_median": 0.5, "gradient_relative_error_max": 0.75,
+                         "tensors": 114, "tensors_zeroed": ["a", "b"]}]}
+    lines = run_all.gradients_section(check)
+    header = next(line for line in lines if line.startswith("| backend"))
+    row = next(line for line in lines if line.startswith("| inductor"))
+    assert dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | "))) == {
+        "backend": "inductor", "scope": "blocks", "model": "tiny", "device": "cpu", "first call s": "12.5",
+        "forward max diff": "0.25", "grad rel. error median": "0.5", "grad rel. error max": "0.75",
+        "LoRA grads zeroed": "2 of 114"}
+
+
 def test_ablation_quick_keeps_the_epochs_asked_for(tmp_path, monkeypatch):
     """--quick set 1 epoch over an explicit --epochs."""
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -150,6 +150,38 @@ def test_compiled_blocks_get_a_graph_for_every_batch_size(tmp_path):
     assert torch._dynamo.config.recompile_limit >= 8  # put back as it was, still readable
 
 
+def test_the_recompile_limit_is_raised_for_either_scope_and_never_lowered(tmp_path):
+    from rlcm_fast.policy_model import GRAPHS_PER_COMPILED_FUNCTION, allow_a_graph_per_shape
+
+    with torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_COMPILED_FUNCTION * 4):
+        allow_a_graph_per_shape()
+        assert torch._dynamo.config.recompile_limit == GRAPHS_PER_COMPILED_FUNCTION * 4
+    with torch._dynamo.config.patch(recompile_limit=8):  # the whole UNet has a graph per batch size too
+        overrides = {**ONE_UPDATE, "compile_unet": True, "compile_scope": "unet", "compile_backend": "aot_eager"}
+        Trainer(resolve_config(overrides=overrides), tmp_path / "run")
+        assert torch._dynamo.config.recompile_limit == GRAPHS_PER_COMPILED_FUNCTION
+
+
+def test_inductor_is_not_refused_on_cuda(monkeypatch):
+    """The refusal is the CPU's: on CUDA inductor's gradients matched eager's (test_compiled_training.py)."""
+    from rlcm_fast import launch
+
+    class PastTheChecks(Exception):
+        pass
+
+    def past_the_checks(*args, **kwargs):
+        raise PastTheChecks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "forget_other_accelerator_state", past_the_checks)
+    for scope in ("unet", "blocks"):
+        cfg = resolve_config(overrides={**ONE_UPDATE, "device": "cuda", "mixed_precision": "no",
+                                        "compile_unet": True, "compile_scope": scope})
+        assert cfg.compile_backend == "inductor"
+        with pytest.raises(PastTheChecks):
+            launch.start_accelerator(cfg)
+
+
 def test_compiled_blocks_of_a_unet_without_them_is_one_line(tmp_path, monkeypatch):
     """diffusers' ValueError (a UNet whose class names blocks it does not have) was a traceback."""
     from diffusers import UNet2DConditionModel
@@ -157,8 +189,9 @@ def test_compiled_blocks_of_a_unet_without_them_is_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(UNet2DConditionModel, "_repeated_blocks", ["NoSuchBlock"])
     overrides = {**ONE_UPDATE, "compile_unet": True, "compile_scope": "blocks", "compile_backend": "aot_eager"}
     with pytest.raises(ConfigError, match=r"^compile_scope=blocks: model 'tiny' has no repeated transformer blocks "
-                                          r"to compile \(.*NoSuchBlock.*\); use compile_scope=unet$"):
+                                          r"to compile \(.*NoSuchBlock.*\); use compile_scope=unet$") as error:
         Trainer(resolve_config(overrides=overrides), tmp_path / "run")
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no chained traceback to print
 
 
 @pytest.mark.parametrize("scope", ["unet", "blocks"])
