@@ -200,7 +200,7 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     assert [r["variant"] for r in train["rows"]] == ["straightforward", "ddpo", "training_calls_of_7", "fast"]
     assert [s.get("row") for s in train["skipped"] if "row" in s] == [
         "calls_of_20_and_7", "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7",
-        "all_graphed_calls_of_7", "graphed_calls_of_7_cudnn"]
+        "all_graphed_calls_of_7", "graphed_calls_of_7_cudnn", "compiled_blocks_graphed_calls_of_7"]
     assert "curves" not in train
     sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}
