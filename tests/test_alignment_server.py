@@ -578,27 +578,26 @@ def test_the_printed_url_of_an_ipv6_server_brackets_its_address(monkeypatch, cap
         f"serve-reward: alignment (vlm + BERTScore bert layer 2) on http://[::1]:{port}")
 
 
-def test_a_name_that_resolves_only_to_ipv6_binds_ipv6(monkeypatch):
+def test_a_name_is_bound_as_the_resolvers_first_answer_of_either_family(monkeypatch):
     """A name was bound as IPv4 whatever it resolved to: one with only an IPv6 address could not be served on."""
     ipv6_loopback_or_skip()
     real = socket.getaddrinfo
 
-    def resolve(host, port, *args, **kwargs):
-        if host == "v6only.test":
-            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
-        return real(host, port, *args, **kwargs)
+    def resolve(host, port, family=0, type=0, proto=0, flags=0):  # a family asked for is honoured
+        v6, v4 = (socket.AF_INET6, type, 6, "", ("::1", port, 0, 0)), (socket.AF_INET, type, 6, "", ("127.0.0.1", port))
+        answers = {"v6only.test": [v6], "dual.test": [v6, v4]}.get(host)
+        if answers is None:
+            return real(host, port, family, type, proto, flags)
+        return [answer for answer in answers if family in (0, answer[0])]
 
     monkeypatch.setattr(alignment_server.socket, "getaddrinfo", resolve)
-    server = alignment_server.bind("v6only.test", 0)
-    try:
-        assert server.socket.family == socket.AF_INET6 and server.server_address[0] == "::1"
-    finally:
-        server.server_close()
-    server = alignment_server.bind("127.0.0.1", 0)  # an IPv4 address through the same resolver: IPv4
-    try:
-        assert server.socket.family == socket.AF_INET and server.server_address[0] == "127.0.0.1"
-    finally:
-        server.server_close()
+    for host, family, address in (("v6only.test", socket.AF_INET6, "::1"), ("dual.test", socket.AF_INET6, "::1"),
+                                  ("127.0.0.1", socket.AF_INET, "127.0.0.1")):  # the last through the real resolver
+        server = alignment_server.bind(host, 0)
+        try:
+            assert (server.socket.family, server.server_address[0]) == (family, address), host
+        finally:
+            server.server_close()
 
 
 def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch, capsys):
@@ -611,19 +610,3 @@ def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch, capsys):
     assert main(["serve-reward", "--host", "nosuch.test", "--port", "8060", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "rlcm-fast: error: cannot serve on nosuch.test:8060: Name or service not known")
-
-
-def test_a_name_is_bound_as_the_resolvers_first_answer_of_either_family(monkeypatch):
-    ipv6_loopback_or_skip()
-
-    def resolve(host, port, family=0, type=0, proto=0, flags=0):  # IPv6 first; a family asked for is honoured
-        answers = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
-                   (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
-        return [answer for answer in answers if family in (0, answer[0])]
-
-    monkeypatch.setattr(alignment_server.socket, "getaddrinfo", resolve)
-    server = alignment_server.bind("dual.test", 0)
-    try:
-        assert server.socket.family == socket.AF_INET6 and server.server_address[0] == "::1"
-    finally:
-        server.server_close()

@@ -86,7 +86,8 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
         compiled = {type(m).__name__ for m in trainer.unet.modules() if m._compiled_call_impl is not None}
         assert compiled == {"BasicTransformerBlock"} and trainer.sample_unet is trainer.unet
         # tiny's blocks come in two widths, each at one latent size: a graph per width, without and with grad
-        widths = {b.norm1.normalized_shape for b in trainer.unet.modules() if type(b).__name__ == "BasicTransformerBlock"}
+        widths = {block.norm1.normalized_shape for block in trainer.unet.modules()
+                  if type(block).__name__ == "BasicTransformerBlock"}
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * len(widths) == 4
     elif "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
