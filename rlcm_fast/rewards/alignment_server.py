@@ -321,9 +321,7 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
     if host.startswith("[") and host.endswith("]"):  # as a URL spells an IPv6 address
         host = host[1:-1]
     if ":" not in host:  # a name or an IPv4 address: bound as the resolver's first answer for it, IPv4 or IPv6
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
-        host = address[0] if family in (socket.AF_INET, socket.AF_INET6) else host
+        host = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]  # (family, ..., (address, port...))
     kind = _IPv6Server if ":" in host else ThreadingHTTPServer
     server = kind((host, port), BaseHTTPRequestHandler, bind_and_activate=False)
     try:
