@@ -39,11 +39,31 @@ def _warns() -> bool:
     return _is_main_process() and not os.environ.get(LAUNCHED_HERE)
 
 
+def shell_quote(word: str) -> str:
+    """`word` as a printed command must spell it to be pasted back into bash: shlex.quote's spelling, unless the
+    word holds bytes that are not UTF-8, which Python reads from the command line as lone surrogates (U+DC80 to
+    U+DCFF) and which a printed line cannot carry. Such a word is spelled $'...' (bash, zsh, ksh; POSIX since
+    2024) with those bytes, and control characters, as \\xHH."""
+    if not any("\udc80" <= char <= "\udcff" for char in word):
+        return shlex.quote(word)
+    spelled = []
+    for char in word:
+        if "\udc80" <= char <= "\udcff":
+            spelled.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif char in "\\'":
+            spelled.append("\\" + char)
+        elif char.isprintable():
+            spelled.append(char)
+        else:
+            spelled.append("".join(f"\\x{byte:02x}" for byte in char.encode()))
+    return "$'" + "".join(spelled) + "'"
+
+
 def shell_path(path) -> str:
     """A path as a printed command must spell it to be pasted back: quoted for the shell, and not read as an
     option where it starts with a dash."""
     text = str(path)
-    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+    return shell_quote(f"./{text}" if text.startswith("-") else text)
 
 
 def warn(message: str) -> None:
@@ -460,7 +480,7 @@ def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
                 "--output-dir")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     launch = f" --num-processes {processes} (or the same launcher)" if processes > 1 else ""
-    same = f"{shlex.join(['rlcm-fast', *argv])}{launch}"
+    same = f"{' '.join(shell_quote(word) for word in ['rlcm-fast', *argv])}{launch}"
     run_dir, started = getattr(args, "run_dir", None), getattr(args, "resume_from", None)
     if run_dir is None:  # interrupted while the command line was being checked
         return f"run the same command again: {same}"

@@ -2,8 +2,10 @@
 
 import json
 import logging
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -534,6 +536,24 @@ def test_an_interrupt_while_the_command_line_is_checked_says_to_run_the_same_com
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == f"rlcm-fast: interrupted; run the same command again: {shlex.join(['rlcm-fast', *command])}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_printed_command_spells_bytes_that_are_not_utf8_so_that_bash_reads_them_back(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Bytes of the command line that are not UTF-8 reach Python as lone surrogates, which a printed line shows as
+    `\\udce9`: pasted back, that is another name. They are printed as $'...\\xe9' (bash reads the same bytes)."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlcm_fast.cli._plan_run", interrupted)
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9 it's \\ \x01")
+    command = ["train", "--device", "cpu", "--output-dir", folder, "--set", "lora_rank=2"]
+    assert main(command) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    printed = line.removeprefix("rlcm-fast: interrupted; run the same command again: ")
+    assert "\\udc" not in printed and "$'" in printed
+    words = subprocess.run(["bash", "-c", f"printf '%s\\0' {printed}"], capture_output=True, check=True).stdout
+    assert words.split(b"\0")[:-1] == [os.fsencode(word) for word in ["rlcm-fast", *command]]
 
 
 @pytest.mark.parametrize("terminal", [False, True])
