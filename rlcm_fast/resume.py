@@ -55,7 +55,7 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
     defaults = TrainConfig()
     for key in fixed:
         old = before.get(key, getattr(defaults, key))
-        if values.get(key, getattr(defaults, key)) != old:
+        if not _same_setting(key, values.get(key, getattr(defaults, key)), old):
             where = "a checkpoint stopped mid-epoch" if key in FIXED_MID_EPOCH else "a resumed run"
             raise ConfigError(
                 f"{key}={values.get(key)!r} differs from the checkpoint's {old!r}; {where} cannot change it"
@@ -70,6 +70,21 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
     if source != prompts:  # read from the checkpoint's copy; config.yaml still names the run's own prompts file
         cfg.prompts = before["prompts"]
     return cfg
+
+
+def _same_setting(key: str, new, old) -> bool:
+    """Whether a setting fixed on resume is unchanged: a reward by its terms (`jpeg_compressibility` is
+    `jpeg_compressibility:1.0`), LoRA targets in any order (peft matches each on its own); else by value."""
+    from .rewards import BUILTIN_REWARDS, RewardError, parse_reward_spec
+
+    if key == "reward" and isinstance(new, str) and isinstance(old, str):
+        try:
+            return parse_reward_spec(new, tuple(BUILTIN_REWARDS)) == parse_reward_spec(old, tuple(BUILTIN_REWARDS))
+        except RewardError:  # not a reward name: validate() says why, unless the checkpoint's is the same string
+            return new == old
+    if key == "lora_targets" and all(isinstance(t, list) and all(isinstance(n, str) for n in t) for t in (new, old)):
+        return set(new) == set(old)
+    return new == old
 
 
 def _changed_scorers(before: dict, values: dict) -> list[str]:

@@ -22,6 +22,7 @@ from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.epoch_samples import SAMPLES_FILE
+from rlcm_fast.presets import TINY_LORA_TARGETS
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
 
@@ -417,6 +418,16 @@ def test_a_resumed_run_with_invalid_or_incompatible_settings_refuses(reference, 
     assert main(["train", "--resume", str(run_dir), *sets]) == 2
     assert message in one_error_line(capsys)
     assert records(run_dir) == records(reference) and find_resumable(run_dir)[0].name == "checkpoint-2"
+
+
+def test_a_resume_that_spells_the_reward_or_the_lora_targets_otherwise_continues_the_run(reference, tmp_path):
+    """`jpeg_compressibility` is `jpeg_compressibility:1.0`, and peft matches LoRA targets in any order: a resume
+    spelling them so was refused as a change of reward or adapter."""
+    run_dir = copy_at_checkpoint_1(reference, tmp_path / "run")
+    targets = ",".join(reversed(TINY_LORA_TARGETS))
+    assert main(["train", "--resume", str(run_dir), "--reward", "jpeg_compressibility:1.0",
+                 "--set", f"lora_targets=[{targets}]"]) == 0
+    assert records(run_dir) == records(reference)
 
 
 @pytest.mark.parametrize("edit, message", [
