@@ -155,6 +155,12 @@ class GraphedTrainingUNet:
             self._graphed[key] = self._capture(inputs) or _UNetPrediction(self.unet)
         return (self._graphed[key](*inputs),)
 
+    def signatures(self) -> dict[str, int]:
+        """How many input signatures replay CUDA graphs ("graphed"), and how many run the UNet itself because
+        their capture failed ("not_graphed"): a benchmark records it, a test asserts it."""
+        not_graphed = sum(isinstance(call, _UNetPrediction) for call in self._graphed.values())
+        return {"graphed": len(self._graphed) - not_graphed, "not_graphed": not_graphed}
+
     def _capture(self, inputs) -> Callable | None:
         callers_streams = [torch.cuda.current_stream(self.device), torch.cuda.current_stream()]
         # make_graphed_callables refuses autocast's cast cache (stale casts of the weights would be captured).

@@ -64,7 +64,8 @@ def eager(tmp_path_factory):
 
 def test_graphed_training_calls_give_eager_gradients_with_gradients_kept_allocated(tmp_path, monkeypatch, eager):
     graphed, trainer = graphed_update(tmp_path, monkeypatch, keep_gradients_allocated=True)
-    assert len(trainer.train_unet._graphed) == 1  # one signature: every call has train_batch_size rows
+    # One signature, every call having train_batch_size rows; its graphs replayed.
+    assert trainer.train_unet.signatures() == {"graphed": 1, "not_graphed": 0}
     assert graphed["loss"] == pytest.approx(eager["loss"], abs=1e-6)
     largest = max(g.abs().max().item() for g in eager["grads"])
     assert largest > 0
@@ -114,6 +115,7 @@ def test_a_call_that_cannot_be_captured_warns_and_runs_eagerly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda *a, **k: pytest.fail("tried again"))
     (again,) = graphed(x, torch.zeros(2), encoder_hidden_states=torch.zeros(2, 1))
     torch.testing.assert_close(again, unet(x))
+    assert graphed.signatures() == {"graphed": 0, "not_graphed": 1}  # what bench_train records
 
 
 def test_graphed_training_unet_needs_cuda():
@@ -152,14 +154,12 @@ def test_graphed_training_on_a_gpu_gives_eager_results(tmp_path, monkeypatch, pr
         trainer.compute_advantages(samples)
         trainer.train_epoch(1, samples)  # its loss and gradients replace the first update's in `captured`
         assert trainer.global_step == 2
-        return captured
+        return captured, trainer
 
-    base = two_updates("eager")
-    captures = []
-    make_graphed = torch.cuda.make_graphed_callables
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda *a, **k: captures.append(1) or make_graphed(*a, **k))
-    graphed = two_updates("graphed", train_cuda_graph=True)
-    assert captures == [1]  # one signature, captured (a failed capture warns and runs eagerly)
+    base, _ = two_updates("eager")
+    graphed, trainer = two_updates("graphed", train_cuda_graph=True)
+    # One signature, captured: a failed capture warns and runs eagerly, which would match eager too.
+    assert trainer.train_unet.signatures() == {"graphed": 1, "not_graphed": 0}
     # The second update's mean ratio is 1 when its forward reads the weights that sampled (on-policy). With
     # the weights from before the first update put back for it (what stale casts give), 0.9993 on the CPU (bf16).
     assert graphed["ratio"] == pytest.approx(base["ratio"], abs=tolerance * 0.01)
