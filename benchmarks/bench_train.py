@@ -51,6 +51,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,6 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.minibatches import minibatch_plan  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
@@ -276,7 +278,16 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         # Allocated: what the tensors needed; reserved: what PyTorch's caching allocator held from the GPU.
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
+        # What ran: a CUDA-graph capture that fails warns and runs eagerly, under the row's name all the same.
+        "sampling_cuda_graph": trainer.sampler.cuda_graph,
+        "training_cuda_graph_signatures": graphed() if (graphed := getattr(trainer.train_unet, "signatures", None))
+        else None,
     }
+    if cfg.sample_cuda_graph and device.type == "cuda" and not trainer.sampler.cuda_graph:
+        print(f"bench_train: row {name} sampled without its CUDA graph (the capture failed)", file=sys.stderr)
+    if (result["training_cuda_graph_signatures"] or {}).get("not_graphed"):
+        print(f"bench_train: row {name} trained some calls without CUDA graphs: "
+              f"{result['training_cuda_graph_signatures']}", file=sys.stderr)
     print(f"{name:24s} epoch {mean['epoch_s']:8.2f} s (sampling {mean['sampling_s']:.2f}, reward wait "
           f"{mean['reward_wait_s']:.2f}, training {mean['training_s']:.2f})  {mean['images_per_s']:7.2f} img/s  "
           f"MFU {100 * mean['mfu']:.2f}%", flush=True)
@@ -336,10 +347,15 @@ def main(argv: list[str] | None = None) -> int:
                                   "reason": "CUDA is not available: the rows ran on the tiny presets (32 px)"})
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in table.items():
-            result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"], Path(tmp) / name,
-                                          args.warmup_epochs))
+            try:
+                result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"],
+                                              Path(tmp) / name, args.warmup_epochs))
+            except Exception as exc:  # noqa: BLE001 (one row's failure must not cost the rows after it)
+                traceback.print_exc()
+                result["skipped"].append({"row": name, "reason": f"failed: {one_line(exc)}"})
+                print(f"bench_train: row {name} failed: {one_line(exc)}", file=sys.stderr, flush=True)
             write_result("bench_train", result, args.out_dir, complete=False)  # a run cut short keeps its rows
-            release_memory(device)
+            release_memory(device)  # after the except block, which frees the failed row's frames
         if args.no_curves:
             result["skipped"].append({"part": "curves", "reason": "--no-curves"})
         else:

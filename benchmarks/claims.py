@@ -12,14 +12,14 @@ from typing import Callable
 
 import common  # noqa: F401  (first: it puts the source tree on sys.path where rlcm_fast is not installed)
 from rlcm_fast.config import TrainConfig
+from train_rows import GPU_ONLY_ROWS
 
 DEFAULT_NVJPEG_COLOUR = TrainConfig.nvjpeg_colour
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound over H steps
 # bench_train rows that are the fast path: the defaults, and its opt-in switches (compiled UNet, graphed
-# sampling, wider training calls).
-FAST_PATH_ROWS = ("fast", "compiled_unet", "sample_cuda_graph", "compiled_and_graphed", "training_calls_of_7",
-                  "graphed_calls_of_7", "graphed_calls_of_7_cudnn", "all_graphed", "all_graphed_calls_of_7",
-                  "calls_of_20_and_7", "all_graphed_calls_of_20_and_7")
+# sampling, wider training calls): every row but the straightforward path, its optimisations off one at a time,
+# and DDPO.
+FAST_PATH_ROWS = ("fast", "training_calls_of_7", *GPU_ONLY_ROWS)
 
 
 @dataclass
@@ -153,6 +153,18 @@ def fast_path_rows(train: dict) -> list[dict]:
     return [row for name, row in gpu_train_rows(train).items() if name in FAST_PATH_ROWS]
 
 
+def train_row_label(row: dict) -> str:
+    """`row NAME`, and what ran without CUDA graphs where the row asked for them (a failed capture warns and runs
+    eagerly, under the row's name all the same)."""
+    without = []
+    if row.get("overrides", {}).get("sample_cuda_graph") and row.get("sampling_cuda_graph") is False:
+        without.append("sampling")
+    if (row.get("training_cuda_graph_signatures") or {}).get("not_graphed"):
+        without.append("some training calls")
+    return f"row {row['variant']}" + (f" ({' and '.join(without)} without CUDA graphs: captures failed)"
+                                       if without else "")
+
+
 def fastest_fast_path(train: dict) -> dict | None:
     """The quickest measured fast-path row: the defaults, or an opt-in switch of the fast path."""
     rows = fast_path_rows(train)
@@ -164,7 +176,7 @@ def train_ratio(slow: str, field: str, what: str):
         fast, other = fastest_fast_path(train), gpu_train_rows(train).get(slow)
         if not (fast and other):
             return None
-        return other[field] / fast[field], f"{what}; fast path: row {fast['variant']}"
+        return other[field] / fast[field], f"{what}; fast path: {train_row_label(fast)}"
     return measure
 
 
@@ -177,7 +189,7 @@ def fast_path_peak_memory(train: dict):
     if not fast or fast.get("peak_memory_gib") is None:
         return None
     field = "peak_reserved_gib" if fast.get("peak_reserved_gib") is not None else "peak_memory_gib"
-    how = (f"GiB {'reserved' if field == 'peak_reserved_gib' else 'allocated'}, row {fast['variant']} (the "
+    how = (f"GiB {'reserved' if field == 'peak_reserved_gib' else 'allocated'}, {train_row_label(fast)} (the "
            f"fastest), sample batch {fast['sample_batch_size']}, train batch {fast['train_batch_size']}, "
            f"{fast['resolution']} px")
     joined, rows_per_call = fast.get("sample_batches_per_call", 1), fast.get("train_rows_per_call", 0)

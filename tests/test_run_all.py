@@ -207,6 +207,29 @@ def test_bench_train_quick_warms_each_row_up_before_timing_it(tmp_path):
     assert bench_train.main(["--quick", "--rows", "fast", "--no-curves", "--out-dir", str(tmp_path)]) == 0
     row = json.loads((tmp_path / "bench_train.json").read_text())["rows"][0]
     assert row["warmup"] == {"count": 1, "kind": "sampling call and update"} and row["epochs_measured"] == 1
+    assert row["sampling_cuda_graph"] is False and row["training_cuda_graph_signatures"] is None  # CPU: eager
+
+
+def test_bench_train_records_a_failed_row_and_goes_on_to_the_next(tmp_path, monkeypatch, capsys):
+    """A row that raises (say, a switch never run on a GPU) used to end the benchmark and lose every row after it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+
+    time_row = bench_train.time_row
+
+    def failing(name, *args, **kwargs):
+        if name == "straightforward":
+            raise RuntimeError("CUDA graph capture went wrong\nsecond line")
+        return time_row(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "time_row", failing)
+    assert bench_train.main(["--quick", "--rows", "straightforward,fast", "--no-curves", "--out-dir",
+                             str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_train.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["fast"] and result["complete"]
+    assert {"row": "straightforward", "reason": "failed: RuntimeError: CUDA graph capture went wrong second line"} in (
+        result["skipped"])
+    assert "bench_train: row straightforward failed: RuntimeError: CUDA graph" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, argv, message", [
