@@ -7,7 +7,8 @@
 # (the GPU tests first: the opt-in switches' tests have never run on a GPU, and a crash there says which
 # train rows to trust; then nvJPEG's libjpeg colour, then the RL-epoch and DDPO claims). A session has 15
 # minutes of device time, the machine's start (a minute or two) included: 520 fits one such call with
-# timeout_s 600 and leaves no time for a second.
+# timeout_s 600 and leaves no time for a second. The install, start-up and judging take some 30-45 s beyond
+# BUDGET_S: give BUDGET_S at most timeout_s - 70, or the call is killed before claims.md is written.
 #
 # BUDGET_S is check_claims' --budget-s (the install's ~20 s and the transfers come on top), STAGES its
 # --stages, COMMIT the commit the figures are of (the copy of the tree on that machine cannot tell it).
@@ -46,8 +47,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.is_available())"
 if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
     echo "no wheels in $wheels/: diffusers must already be installed (see the header of this script)"
-else
-    python3 -m pip install --quiet --no-deps --no-index "$wheels"/*.whl
+elif ! python3 -m pip install --quiet --no-deps --no-index "$wheels"/*.whl; then
+    echo "installing the wheels in $wheels/ failed"
+    exit 1
+fi
+# Every stage imports diffusers: without it the call would spend its budget on import errors.
+if ! python3 -c "import diffusers; print('diffusers', diffusers.__version__)"; then
+    echo "diffusers does not import: carry its wheel (see the header of this script)"
+    exit 1
 fi
 # --no-build-isolation: the build needs nothing the image lacks, and the machine has no package index.
 python3 -m pip install --no-deps --no-build-isolation . > "$out/install.log" 2>&1

@@ -166,21 +166,36 @@ def test_evaluate_only_refuses_a_broken_json_in_one_line(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bench_step.json"]
 
 
-def test_lent_gpu_packs_its_results_into_one_file_for_the_device_tool(tmp_path):
-    """The device tool returns at most 8 files, and a run of every stage writes more: the script packs them. Here
-    `python3` is a stand-in (this machine has no GPU machine's image) whose check_claims writes 10 files."""
+def lent_gpu(tmp_path, diffusers_imports: bool = True) -> subprocess.CompletedProcess:
+    """lent_gpu.sh with `python3` a stand-in (this machine has no GPU machine's image) whose check_claims writes 10
+    files."""
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/bash\ncase "$1" in -c) echo "3.12 stand-in"; exit 0;; -m) echo "Successfully installed '
-                    'rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; shift; done\n'
-                    'for i in $(seq 10); do echo "{}" > "$out/bench_$i.json"; done\n')
+    fake.write_text('#!/bin/bash\ncase "$1" in -c) case "$2" in *"import diffusers"*) exit %d;; esac; echo "3.12 '
+                    'stand-in"; exit 0;; -m) echo "Successfully installed rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; '
+                    'do [ "$1" = --out-dir ] && out=$2; shift; done\nfor i in $(seq 10); do echo "{}" > '
+                    '"$out/bench_$i.json"; done\n' % (0 if diffusers_imports else 1))
     fake.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OUT": str(out), "WHEELS": str(tmp_path / "no-wheels"),
            "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(BENCHMARKS / "lent_gpu.sh"), "60", "tests", "abc1234"], env=env,
+    return subprocess.run(["bash", str(BENCHMARKS / "lent_gpu.sh"), "60", "tests", "abc1234"], env=env,
                           capture_output=True, text=True, timeout=60)
+
+
+def test_lent_gpu_stops_before_the_stages_where_diffusers_does_not_import(tmp_path):
+    done = lent_gpu(tmp_path, diffusers_imports=False)
+    assert done.returncode == 1
+    log = (tmp_path / "out" / "console.log").read_text()
+    assert "diffusers does not import: carry its wheel" in log and "check_claims" not in log
+    assert not (tmp_path / "out" / "results.tar.gz").exists()
+
+
+def test_lent_gpu_packs_its_results_into_one_file_for_the_device_tool(tmp_path):
+    """The device tool returns at most 8 files, and a run of every stage writes more: the script packs them."""
+    done = lent_gpu(tmp_path)
+    out = tmp_path / "out"
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["console.log", "install.log", "results.tar.gz"]
     listed = subprocess.run(["tar", "-tzf", str(out / "results.tar.gz")], capture_output=True, text=True, check=True)

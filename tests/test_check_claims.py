@@ -102,6 +102,23 @@ def test_claims_are_judged_from_gpu_results(tmp_path):
     assert not any("partial" in c["detail"] for c in claims.values())
 
 
+def test_a_fast_path_row_whose_cuda_graphs_fell_back_says_so(tmp_path):
+    """A failed capture warns and runs eagerly, under the row's name all the same: the claims say what ran."""
+    write_gpu_results(tmp_path)
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    graphed = {"variant": "all_graphed", "epoch_s": 5.0, "per_sample_rl_step_s": 0.125, "peak_memory_gib": 15.0,
+               "peak_reserved_gib": 16.0, "sample_batch_size": 4, "train_batch_size": 2, "resolution": 768,
+               "overrides": {"sample_cuda_graph": True, "train_cuda_graph": True}, "sampling_cuda_graph": False,
+               "training_cuda_graph_signatures": {"graphed": 1, "not_graphed": 1}}
+    (tmp_path / "bench_train.json").write_text(json.dumps({**train, "rows": [*train["rows"], graphed]}))
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = {c["claim"]: c for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
+    said = "row all_graphed (sampling and some training calls without CUDA graphs: captures failed)"
+    assert said in claims["rlcm-fast epoch at least 3x faster than the straightforward path"]["detail"]
+    assert said + " (the fastest)" in claims["fast path's peak GPU memory below 24 GiB at the paper's batch sizes"][
+        "detail"]
+
+
 def test_claims_on_a_benchmark_cut_short_say_partial(tmp_path):
     write_gpu_results(tmp_path)
     step = json.loads((tmp_path / "bench_step.json").read_text())
@@ -133,9 +150,39 @@ def test_a_stage_streams_its_output_runs_where_it_should_and_is_stopped_at_its_t
     assert "measured row 1" in log.read_text()  # what the stage printed before it was stopped is kept
 
 
+def test_a_stage_at_its_timeout_is_interrupted_first_then_killed(tmp_path, monkeypatch):
+    """Interrupted, pytest prints its summary of failures (killed, a -q run leaves only dots); a stage that
+    does not end on the interrupt is killed after STOP_GRACE_S."""
+    log = tmp_path / "check_claims.log"
+    summary = ("import time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
+               "except KeyboardInterrupt:\n    print('1 failed, 2 passed', flush=True)")
+    stopped = check_claims.run_stage("tests", [sys.executable, "-c", summary], 5, log)
+    assert stopped["timed_out"] and stopped["seconds"] < 30
+    assert log.read_text().splitlines()[-2:] == ["1 failed, 2 passed", ""]
+    monkeypatch.setattr(check_claims, "STOP_GRACE_S", 1)
+    deaf = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('deaf', flush=True)\n"
+            "time.sleep(60)")
+    stopped = check_claims.run_stage("step", [sys.executable, "-c", deaf], 2, log)
+    assert stopped["timed_out"] and stopped["returncode"] is None and stopped["seconds"] < 30
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_each_gpu_test_has_a_timeout_where_pytest_timeout_is_installed(monkeypatch, installed):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: (
+        (object() if installed else None) if name == "pytest_timeout" else find_spec(name, *rest)))
+    command = check_claims.stage_commands(Path("unused"))["tests"]
+    assert ("--timeout" in command) == installed
+    if installed:
+        assert command[command.index("--timeout") + 1] == str(check_claims.GPU_TEST_TIMEOUT_S)
+
+
 def test_the_tests_stage_collects_the_installed_package_from_its_working_directory():
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
-    command = [*check_claims.stage_commands(Path("unused"))["tests"], "--collect-only", "-q"]
+    command = [word for word in check_claims.stage_commands(Path("unused"))["tests"] if word != "-v"]
+    command += ["--collect-only", "-qq"]  # a line per file: "tests/test_x.py: N"
 
     def tests_per_file(command) -> dict[str, int]:
         result = subprocess.run(command, cwd=check_claims.TESTS, env=env, capture_output=True, text=True, timeout=600)
