@@ -34,9 +34,12 @@ class CudnnFirstAttnProcessor(AttnProcessor2_0):
     set inside the processor, not around the model call, so that torch.compile traces it into the graph
     (dynamo supports `sdpa_kernel`) and the previous order is restored on the way out."""
 
-    def __call__(self, *args, **kwargs):
+    # The parent's parameters by name: diffusers' Attention passes a processor only the keyword arguments its
+    # signature names, and warned at every VAE decode that `temb` was dropped (with *args, **kwargs alone).
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
         with sdpa_kernel(CUDNN_FIRST, set_priority=True):
-            return super().__call__(*args, **kwargs)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 def check_attention_backend(backend: str, device: torch.device) -> None:
@@ -57,8 +60,12 @@ def check_attention_backend(backend: str, device: torch.device) -> None:
 
 
 def set_attention_backend(pipe, backend: str) -> None:
-    """Put every attention layer of the pipeline's UNet and VAE on `backend` (see the module doc)."""
+    """Put every attention layer of the pipeline's UNet and VAE on `backend` (see the module doc). On a CPU,
+    `cudnn` computes as `sdpa` does (SDPA has no cuDNN kernel there)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; allowed: {', '.join(ATTENTION_BACKENDS)}")
     if backend == "xformers":
+        check_attention_backend(backend, torch.device("cuda"))  # one line where xformers is not installed
         pipe.enable_xformers_memory_efficient_attention()
         return
     processor = CudnnFirstAttnProcessor() if backend == "cudnn" else AttnProcessor2_0()

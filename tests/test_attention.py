@@ -2,6 +2,8 @@
 under torch.compile; each backend is refused in one line where it cannot run. On a GPU: cuDNN's kernel
 really runs, and its outputs, gradients and sampled images agree with the default's within bf16 tolerance."""
 
+import logging
+
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -58,6 +60,29 @@ def test_set_attention_backend_puts_every_unet_and_vae_layer_on_it():
     assert processors() == {CudnnFirstAttnProcessor}
     set_attention_backend(pipe, "sdpa")
     assert processors() == {AttnProcessor2_0}
+
+
+def test_the_cudnn_processor_takes_what_diffusers_passes_by_name():
+    """With *args, **kwargs as its only parameters, diffusers dropped the VAE's `temb` and warned at each decode."""
+    pipe = load_pipeline("tiny")
+    set_attention_backend(pipe, "cudnn")
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        with torch.no_grad():
+            pipe.vae.decode(torch.randn(1, 4, 4, 4))
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [message for message in said if "not expected by" in message]
+
+
+def test_set_attention_backend_refuses_an_unknown_name_in_one_line():
+    """It put every layer on SDPA for any name (a typo of cudnn ran the default without a word)."""
+    pipe = load_pipeline("tiny")
+    with pytest.raises(ValueError, match="attention backend 'cuDNN' is unknown; allowed: sdpa, cudnn, xformers"):
+        set_attention_backend(pipe, "cuDNN")
 
 
 @pytest.mark.parametrize("backend, device, message", [
