@@ -9,6 +9,7 @@ checkpoint holds no copy of are used only when the command line names them again
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -51,25 +52,57 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
     if fresh is not None:
         values = fresh.to_dict()
     apply_overrides(values, overrides, "--set")
-    fixed = FIXED_ON_RESUME + (FIXED_MID_EPOCH if state.get("update") else ())
+    refuse_changed_settings(before, values, mid_epoch=bool(state.get("update")))
+    if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
+        check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
+    for problem in _changed_scorers(before, values) if warn is not None else ():
+        warn(problem)
+    prompts = values.get("prompts", TrainConfig().prompts)
+    source = prompt_source(prompts, checkpoint)
+    cfg = validate(TrainConfig(**{**values, "prompts": source}))
+    if source != prompts:  # read from the checkpoint's copy; config.yaml still names the run's own prompts file
+        cfg.prompts = before["prompts"]
+    return cfg
+
+
+def refuse_changed_settings(before: dict, values: dict, mid_epoch: bool) -> None:
+    """ConfigError naming the first setting a resume may not change (FIXED_ON_RESUME, and from a checkpoint
+    stopped mid-epoch FIXED_MID_EPOCH) whose value in `values` differs from the checkpoint's config `before`."""
     defaults = TrainConfig()
-    for key in fixed:
+    for key in FIXED_ON_RESUME + (FIXED_MID_EPOCH if mid_epoch else ()):
         old = before.get(key, getattr(defaults, key))
         if not _same_setting(key, values.get(key, getattr(defaults, key)), old):
             where = "a checkpoint stopped mid-epoch" if key in FIXED_MID_EPOCH else "a resumed run"
             raise ConfigError(
                 f"{key}={values.get(key)!r} differs from the checkpoint's {old!r}; {where} cannot change it"
             )
-    if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
-        check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
-    for problem in _changed_scorers(before, values) if warn is not None else ():
-        warn(problem)
-    prompts = values.get("prompts", defaults.prompts)
-    source = prompt_source(prompts, checkpoint)
-    cfg = validate(TrainConfig(**{**values, "prompts": source}))
-    if source != prompts:  # read from the checkpoint's copy; config.yaml still names the run's own prompts file
-        cfg.prompts = before["prompts"]
-    return cfg
+
+
+def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, Path, Path | None]:
+    """What a Trainer made in code starts from, checked as the command line checks it (cli._plan_run): the
+    config validated (a dataclass changed after resolve_config, or built directly), a new run refused in a
+    folder that holds one (it would overwrite its checkpoints and metrics), and a resume's settings against its
+    checkpoint. `resume_from` may name a run folder (its newest intact checkpoint is taken); paths may be str."""
+    from .checkpoint import list_checkpoints, read_training_state, resolve_checkpoint
+
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg is a {type(cfg).__name__}; a Trainer takes a TrainConfig (rlcm_fast.config."
+                        "resolve_config builds one from a task, a model and overrides)")
+    cfg, run_dir = dataclasses.replace(cfg, output_dir=str(run_dir)), Path(run_dir)  # the caller's is left as it is
+    if resume_from is None:
+        if list_checkpoints(run_dir):
+            raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it (resume_from={str(run_dir)!r}) "
+                              "or start the run in another folder")
+        return validate(cfg), run_dir, None
+    resume_from = Path(resume_from)
+    if list_checkpoints(resume_from):  # a run folder (a checkpoint holds no checkpoints)
+        resume_from = resolve_checkpoint(resume_from)
+    # Its prompts are read from the checkpoint's copy where it keeps the file's name (prompt_source).
+    validate(dataclasses.replace(cfg, prompts=prompt_source(cfg.prompts, resume_from)))
+    state = read_training_state(resume_from)
+    before = config_from_saved(state.get("config"), f"checkpoint {str(resume_from)!r}")
+    refuse_changed_settings(before, cfg.to_dict(), mid_epoch=bool(state.get("update")))
+    return cfg, run_dir, resume_from
 
 
 def _same_setting(key: str, new, old) -> bool:
@@ -139,7 +172,7 @@ def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overr
     if "reward" in needed and "reward" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
                           f"), which resuming imports and runs: add --reward {reward!r} to run it")
-    prompts = values.get("prompts", defaults.prompts)
+    prompts = values.get("prompts", TrainConfig().prompts)
     if prompts not in PROMPT_SETS and "prompts" not in overrides and prompts_copy(checkpoint) is None:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its prompts file {prompts!r} (written "
                           "before checkpoints kept one), which a resume reads only when named: add --prompts "

@@ -41,7 +41,7 @@ from .models import ignored_guidance
 from .policy_model import build_policy_model
 from .policy_step import fused_step_missing
 from .prompts import PROMPT_SETS, load_prompt_set
-from .resume import prompt_source
+from .resume import checked_start, prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
@@ -56,8 +56,9 @@ REWARD_PLOT_SECONDS = 30.0
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
-        self.cfg = cfg
-        self.run_dir = run_dir
+        # Made in code, not by the CLI: the same checks of the config, the run folder and the resume.
+        self.cfg, self.run_dir, resume_from = checked_start(cfg, run_dir, resume_from)
+        cfg = self.cfg
         # The device settings are checked first, before any model loads.
         self.accelerator, precision = start_accelerator(cfg)
         self.device = self.accelerator.device
@@ -87,7 +88,7 @@ class Trainer:
         self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
-        self.start_epoch, self.global_step = 0, 0
+        self.start_epoch, self.global_step, self.started = 0, 0, False
         self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
         self.stop = StopSignals(announce=self.is_main)
         self.stopped_at: Path | None = None  # the checkpoint written when a signal stopped the run
@@ -380,8 +381,14 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Trainer.train() under torch.inference_mode(): training needs autograd")
+        if self.started:  # its logs are closed, and its epochs would start over from start_epoch
+            raise RuntimeError("Trainer.train() runs once: make another Trainer, resuming this run's checkpoint")
+        self.started = True
         try:
-            self._train_epochs()
+            with torch.enable_grad():  # a notebook's torch.no_grad() around it: the update needs its gradients
+                self._train_epochs()
         except BaseException:  # a fault or a second interrupt: the plot and the logs still get every epoch logged
             with suppress(Exception):  # but the run's own error is the one reported (a full disk's among them)
                 self._close_logs(quiet=True)

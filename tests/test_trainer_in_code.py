@@ -1,0 +1,70 @@
+"""A Trainer made in code (a notebook, a script) gets the checks the command line makes: its config validated,
+no new run over a folder holding one, a resume's settings against its checkpoint, and train() once."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlcm_fast.config import ConfigError, resolve_config
+from rlcm_fast.trainer import Trainer
+
+SMALL = {"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 2, "train_batch_size": 2,
+         "lora_rank": 2, "checkpoint_every": 1}
+
+
+def metrics(run_dir: Path) -> list[str]:
+    return (run_dir / "metrics.jsonl").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    Trainer(resolve_config(overrides=SMALL), str(run_dir)).train()  # a str folder, as a notebook gives it
+    return run_dir
+
+
+def test_a_new_trainer_in_a_folder_holding_a_run_is_refused_and_the_run_kept(finished):
+    """It overwrote the finished run's metrics, config and checkpoint-1 without a word."""
+    before = metrics(finished)
+    with pytest.raises(ConfigError, match=f"run folder '{finished}' already holds a run: resume it"):
+        Trainer(resolve_config(overrides={**SMALL, "seed": 5}), finished)
+    assert metrics(finished) == before
+
+
+def test_a_config_changed_after_resolve_config_is_validated(tmp_path):
+    cfg = resolve_config(overrides=SMALL)
+    cfg.clip_range = -1.0
+    with pytest.raises(ConfigError, match="clip_range=-1.0 is invalid"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_trainer_records_its_own_folder_and_leaves_the_callers_config_as_it_was(finished):
+    assert yaml.safe_load((finished / "config.yaml").read_text())["output_dir"] == str(finished)
+    cfg = resolve_config(overrides=SMALL)
+    Trainer(cfg, finished.parent / "another")
+    assert cfg.output_dir == resolve_config(overrides=SMALL).output_dir
+
+
+def test_a_resume_in_code_takes_a_run_folder_and_refuses_a_changed_setting(finished, tmp_path):
+    with pytest.raises(ConfigError, match="horizon=2 differs from the checkpoint's 4; a resumed run cannot change it"):
+        Trainer(resolve_config(overrides={**SMALL, "horizon": 2, "epochs": 2}), tmp_path / "branch",
+                resume_from=finished)
+    trainer = Trainer(resolve_config(overrides={**SMALL, "epochs": 2}), tmp_path / "branch", resume_from=str(finished))
+    assert (trainer.start_epoch, trainer.global_step) == (1, 1)  # the run folder's newest checkpoint
+
+
+def test_train_runs_once_with_gradients_whatever_the_callers_grad_mode(tmp_path):
+    trainer = Trainer(resolve_config(overrides=SMALL), tmp_path / "run")
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="under torch.inference_mode"):
+        trainer.train()
+    with torch.no_grad():  # a notebook's: the update still gets its gradients
+        records = trainer.train()
+    assert [r["epoch"] for r in records] == [1]
+    assert json.loads(metrics(tmp_path / "run")[0])["grad_norm"] > 0
+    with pytest.raises(RuntimeError, match=r"Trainer.train\(\) runs once: make another Trainer"):
+        trainer.train()
+    assert len(metrics(tmp_path / "run")) == 2  # one step, one epoch: the second call changed nothing
