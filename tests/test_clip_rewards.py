@@ -249,3 +249,22 @@ def test_a_prompt_longer_than_the_text_towers_positions_is_truncated_to_them(tmp
     scores = torch.as_tensor(reward(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
                                     ["a cat " * 30, "a dog"])).float()
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "aesthetic", "clipscore", "jpeg_compressibility,aesthetic"])
+@pytest.mark.parametrize("images, prompts, message", [
+    # uint8 pixels were scored as floats (JPEG -1.05 kB for what is -1.83 kB as floats; aesthetic 5.11 for 4.58)
+    (lambda: (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), ["a", "b"],
+     r"images of dtype torch.uint8 given; rewards take floats in \[0, 1\] \(uint8 pixels: divide by 255\)"),
+    (lambda: torch.rand(2, 3, 32, 32).numpy(), ["a", "b"], "images of type ndarray given; rewards take a torch.Tensor"),
+    (lambda: torch.rand(2, 32, 32, 3), ["a", "b"], r"images of shape \(2, 32, 32, 3\) given; rewards take N x 3 x H x W"),
+    (lambda: torch.rand(0, 3, 32, 32), [], r"images of shape \(0, 3, 32, 32\) given; rewards take N x 3 x H x W, N >= 1"),
+    # CLIP broadcast one prompt to both images; a sum blamed its first term ("returned shape (2,), expected (1,)")
+    (lambda: torch.rand(2, 3, 32, 32), ["a"], "2 images and 1 prompts given: a reward takes one prompt per image"),
+    (lambda: torch.rand(2, 3, 32, 32), "ab", "prompts of type str given; rewards take a sequence of str"),
+], ids=["uint8", "numpy", "channels_last", "empty", "one_prompt_for_two", "str_prompts"])
+def test_each_reward_refuses_inputs_it_cannot_score_in_one_line(tiny_clip, name, images, prompts, message):
+    reward = make_reward(name, aesthetic_model=str(tiny_clip), clipscore_model=str(tiny_clip))
+    with pytest.raises(RewardError, match=message) as info:
+        reward(images(), prompts)
+    assert "\n" not in str(info.value)

@@ -194,6 +194,13 @@ def test_jpeg_backends_share_one_interface():
         JpegSizeReward(1.0, backend="gpu")
     with pytest.raises(RewardError, match="nvjpeg_colour 'rgb' is invalid; allowed: nvjpeg, libjpeg"):
         JpegSizeReward(1.0, backend="auto", nvjpeg_colour="rgb")
+    # Made in code, these failed only at the first call (Pillow's "Invalid quality setting", the thread pool).
+    for quality in (0, 101, "95", 95.0):
+        with pytest.raises(RewardError, match=f"jpeg quality {quality!r} is invalid: it must be an int in 1..100"):
+            make_reward("jpeg_compressibility", jpeg_quality=quality)
+    with pytest.raises(RewardError, match="reward threads -1 is invalid: it must be an int >= 0"):
+        make_reward("jpeg_compressibility", threads=-1)
+    assert make_reward("jpeg_compressibility", jpeg_quality=np.int64(1))(images, ["", ""]).shape == (2,)
 
 
 def test_torchvision_backend_without_torchvision_is_a_clear_error(monkeypatch):

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..config_checks import url_problem, without_credentials
-from .base import RewardError, reward_cancelled
+from .base import RewardError, check_reward_inputs, reward_cancelled
 from .jpeg import to_uint8_images
 
 DEFAULT_SERVER = "http://127.0.0.1:8060"
@@ -145,6 +145,7 @@ class AlignmentClient:
         return reply, data
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
+        check_reward_inputs(images, prompts)
         pixels = to_uint8_images(images)
         rewards: list[float] = []
         for start in range(0, len(prompts), self.batch_size):

@@ -47,6 +47,26 @@ class RewardError(ValueError):
     """A reward that cannot be built or returned unusable values; one line naming it."""
 
 
+def check_reward_inputs(images, prompts) -> None:
+    """RewardError, one line, for inputs no reward can score. Every reward takes a float tensor N x 3 x H x W
+    (N >= 1) with values in [0, 1], and one prompt per image. The range is not checked (that would wait for the
+    GPU): uint8 pixels, 0..255, would be scored as floats, so an integer dtype is refused."""
+    if not isinstance(images, torch.Tensor):
+        raise RewardError(f"images of type {type(images).__name__} given; rewards take a torch.Tensor N x 3 x H x W "
+                          "of floats in [0, 1]")
+    if not images.is_floating_point():
+        raise RewardError(f"images of dtype {images.dtype} given; rewards take floats in [0, 1] (uint8 pixels: "
+                          "divide by 255)")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise RewardError(f"images of shape {tuple(images.shape)} given; rewards take N x 3 x H x W, N >= 1")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise RewardError(f"prompts of type {type(prompts).__name__} given; rewards take a sequence of str, one "
+                          "per image")
+    if len(prompts) != len(images):
+        raise RewardError(f"{len(images)} images and {len(prompts)} prompts given: a reward takes one prompt per "
+                          "image")
+
+
 def checked_rewards(name: str, values, count: int) -> np.ndarray:
     """The reward's output as float64, or a RewardError naming the reward and what is wrong."""
     if values is None:  # np.asarray(None, float) is a shape-() nan, which would be reported as a shape
@@ -160,6 +180,7 @@ class WeightedSum:
         self.parts = parts
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
+        check_reward_inputs(images, prompts)  # before any term: a term would be blamed for the caller's inputs
         total = np.zeros(len(prompts))
         for term, fn in self.parts:
             try:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..faults import first_line, one_line
-from .base import RewardError, looks_like_path
+from .base import RewardError, check_reward_inputs, looks_like_path
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
 DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"  # Hessel et al.'s CLIPScore uses ViT-B/32
@@ -256,6 +256,7 @@ class AestheticReward(_OnDevice):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_reward_inputs(images, prompts)
         chunks = [self.head(self.image_embeddings(part)).squeeze(-1) for part in images.split(self.batch_size)]
         return torch.cat(chunks).cpu()
 
@@ -298,6 +299,7 @@ class ClipSimilarityReward(_OnDevice):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_reward_inputs(images, prompts)
         prompts = [CLIPSCORE_PREFIX + p for p in prompts] if self.mode == "clipscore" else list(prompts)
         cos = torch.cat([self.similarities(images[i : i + self.batch_size], prompts[i : i + self.batch_size])
                          for i in range(0, len(prompts), self.batch_size)])

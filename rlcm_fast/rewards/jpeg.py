@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import io
+import numbers
 import os
 import threading
 import warnings
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import RewardError
+from .base import RewardError, check_reward_inputs
 from .jpeg_colour import libjpeg_ycbcr420
 
 JPEG_BACKENDS = ("auto", "nvjpeg", "torchvision", "pillow")
@@ -211,15 +212,20 @@ class JpegSizeReward:
                  nvjpeg_colour: str = "nvjpeg"):
         if backend not in JPEG_BACKENDS:
             raise RewardError(f"jpeg_backend {backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
+        # As config_checks checks them: a reward made in code failed only at its first call (Pillow, the pool).
+        if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) or not 1 <= quality <= 100:
+            raise RewardError(f"jpeg quality {quality!r} is invalid: it must be an int in 1..100")
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0:
+            raise RewardError(f"reward threads {threads!r} is invalid: it must be an int >= 0 (0: one per core)")
         check_nvjpeg_colour(nvjpeg_colour)
-        self.sign, self.quality, self.threads, self.backend = sign, quality, threads, backend
+        self.sign, self.quality, self.threads, self.backend = sign, int(quality), int(threads), backend
         self.nvjpeg_colour = nvjpeg_colour
         self._pillow = None
         self._gpu = None
         if backend == "nvjpeg":
-            self._gpu = NvJpeg(quality, nvjpeg_colour)
+            self._gpu = NvJpeg(self.quality, nvjpeg_colour)
         elif backend == "torchvision":
-            self._gpu = TorchvisionJpeg(quality)
+            self._gpu = TorchvisionJpeg(self.quality)
 
     def pillow(self) -> PillowJpeg:
         if self._pillow is None:
@@ -251,6 +257,7 @@ class JpegSizeReward:
         return self.pillow()
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
+        check_reward_inputs(images, prompts)
         rewards = self.sign * self.encoder_for(images).sizes_kb(images)
         # A NaN pixel would become 0 in uint8 and score as black: the image's reward is NaN instead, which the
         # trainer reports as the reward's non-finite value (as the CLIP rewards' NaN is).
