@@ -17,11 +17,18 @@ class _NoTorchvisionFallbackNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
 
 
+# The public sampler API, imported on first use so that `import rlcm_fast` (and the CLI's startup) does not
+# pay for importing diffusers; listed for `from rlcm_fast import *`, dir() and tab completion.
+__all__ = ["FastLCMSampler", "FastSamplerOutput"]
+
+
 def __getattr__(name: str):
-    # The public sampler API, imported on first use so that `import rlcm_fast` (and the CLI's startup)
-    # does not pay for importing diffusers.
-    if name in ("FastLCMSampler", "FastSamplerOutput"):
+    if name in __all__:
         from . import fast_sampler
 
         return getattr(fast_sampler, name)
     raise AttributeError(f"module 'rlcm_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

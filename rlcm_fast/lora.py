@@ -59,7 +59,14 @@ def add_policy_lora(
                             "a larger rank adds parameters, not capacity")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
-    unet.add_adapter(config, adapter_name=POLICY_ADAPTER)
+    # peft makes the adapter in torch's default dtype, and its gaussian draws depend on that dtype: a caller's
+    # set_default_dtype(torch.float64) gave another initial policy for the same seed.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        unet.add_adapter(config, adapter_name=POLICY_ADAPTER)
+    finally:
+        torch.set_default_dtype(default_dtype)
     cast_training_params(unet, dtype=torch.float32)
     return [parameter for parameter in unet.parameters() if parameter.requires_grad]
 

@@ -219,6 +219,16 @@ def test_help_imports_no_heavy_library():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_sampler_api_is_listed_yet_loaded_only_on_use():
+    """dir() and `from rlcm_fast import *` missed FastLCMSampler, which is imported on first use."""
+    probe = ("import sys, rlcm_fast\nloaded = 'diffusers' in sys.modules\nlisted = 'FastLCMSampler' in dir(rlcm_fast)\n"
+             "names = {}\nexec('from rlcm_fast import *', names)\n"
+             "print(loaded, listed, sorted(k for k in names if not k.startswith('__')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False True ['FastLCMSampler', 'FastSamplerOutput']"
+
+
 def test_version_is_the_installed_distributions(capsys):
     import importlib.metadata
 

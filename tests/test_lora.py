@@ -34,6 +34,25 @@ def test_policy_lora_trains_only_float32_lora_weights_on_a_bf16_base():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in parameters)
 
 
+def test_the_initial_lora_is_the_seeds_whatever_the_default_dtype():
+    """peft draws the gaussian init in torch's default dtype: under float64 the same seed gave weights up to 2.5
+    apart (another initial policy)."""
+    def initial_lora(default_dtype):
+        unet = load_pipeline("tiny").unet
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default_dtype)
+        try:
+            torch.manual_seed(0)
+            parameters = add_policy_lora(unet, rank=2, alpha=2.0, target_modules=["to_q"])
+            assert torch.get_default_dtype() == default_dtype  # the caller's, put back
+        finally:
+            torch.set_default_dtype(previous)
+        return [p.detach() for p in parameters]
+
+    for ours, theirs in zip(initial_lora(torch.float64), initial_lora(torch.float32), strict=True):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+
+
 class CastCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
