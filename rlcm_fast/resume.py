@@ -79,7 +79,7 @@ def refuse_changed_settings(before: dict, values: dict, mid_epoch: bool) -> None
 
 
 def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, Path, Path | None]:
-    """What a Trainer made in code starts from, checked as the command line checks it (cli._plan_run): the
+    """What a Trainer starts from, with the command line's main checks (cli._plan_run) for one made in code: the
     config validated (a dataclass changed after resolve_config, or built directly), a new run refused in a
     folder that holds one (it would overwrite its checkpoints and metrics), and a resume's settings against its
     checkpoint. `resume_from` may name a run folder (its newest intact checkpoint is taken); paths may be str."""
@@ -172,7 +172,7 @@ def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overr
     if "reward" in needed and "reward" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
                           f"), which resuming imports and runs: add --reward {reward!r} to run it")
-    prompts = values.get("prompts", TrainConfig().prompts)
+    prompts = values.get("prompts", defaults.prompts)
     if prompts not in PROMPT_SETS and "prompts" not in overrides and prompts_copy(checkpoint) is None:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its prompts file {prompts!r} (written "
                           "before checkpoints kept one), which a resume reads only when named: add --prompts "

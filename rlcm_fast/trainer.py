@@ -56,7 +56,7 @@ REWARD_PLOT_SECONDS = 30.0
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
-        # Made in code, not by the CLI: the same checks of the config, the run folder and the resume.
+        # The command line's checks of the config, the run folder and the resume, for a Trainer made in code too.
         self.cfg, self.run_dir, resume_from = checked_start(cfg, run_dir, resume_from)
         cfg = self.cfg
         # The device settings are checked first, before any model loads.

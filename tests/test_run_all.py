@@ -124,9 +124,10 @@ def test_bench_train_warms_up_with_one_sampling_call_and_one_update(tmp_path):
     sample = trainer.sampler.sample
     trainer.sampler.sample = lambda unet, prompts, **kw: (calls.append(len(prompts)), sample(unet, prompts, **kw))[1]
     trainer.optimizer.register_step_post_hook(lambda *_: updates.append(1))
+    own = trainer.cfg
     warm_up(trainer, 0)
     assert calls == [4, 4] and len(updates) == 1
-    assert trainer.cfg is cfg  # the row's own config again for the measured epochs
+    assert trainer.cfg is own  # the row's own config again for the measured epochs
 
 
 def test_every_gpu_row_of_bench_train_is_a_valid_config():
