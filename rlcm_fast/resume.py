@@ -83,20 +83,29 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     config validated (a dataclass changed after resolve_config, or built directly), a new run refused in a
     folder that holds one (it would overwrite its checkpoints and metrics), and a resume's settings against its
     checkpoint. `resume_from` may name a run folder (its newest intact checkpoint is taken); paths may be str."""
-    from .checkpoint import list_checkpoints, read_training_state, resolve_checkpoint
+    from .checkpoint import find_resumable, list_checkpoints, read_training_state, resolve_checkpoint
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg is a {type(cfg).__name__}; a Trainer takes a TrainConfig (rlcm_fast.config."
                         "resolve_config builds one from a task, a model and overrides)")
     cfg, run_dir = dataclasses.replace(cfg, output_dir=str(run_dir)), Path(run_dir)  # the caller's is left as it is
     if resume_from is None:
-        if list_checkpoints(run_dir):
+        # Damaged checkpoints alone do not count: `--resume auto` starts the run over them.
+        if find_resumable(run_dir)[0] is not None:
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it (resume_from={str(run_dir)!r}) "
                               "or start the run in another folder")
         return validate(cfg), run_dir, None
     resume_from = Path(resume_from)
     if list_checkpoints(resume_from):  # a run folder (a checkpoint holds no checkpoints)
         resume_from = resolve_checkpoint(resume_from)
+    # Either would overwrite checkpoints and metrics; the command line says it in its own words first.
+    own_folder = run_dir.resolve() == resume_from.parent.resolve()
+    if not own_folder and list_checkpoints(run_dir):
+        raise ConfigError(f"run folder {str(run_dir)!r} holds another run: resume {str(resume_from)!r} into an empty "
+                          f"folder, or into its own ({str(resume_from.parent)!r})")
+    if own_folder and (newer := newer_intact_checkpoint(resume_from)):
+        raise ConfigError(f"{resume_from.name} is older than its run's intact {newer.name}: resuming it in its own "
+                          "folder would overwrite the later checkpoints and metrics; resume it into an empty folder")
     # Its prompts are read from the checkpoint's copy where it keeps the file's name (prompt_source).
     validate(dataclasses.replace(cfg, prompts=prompt_source(cfg.prompts, resume_from)))
     state = read_training_state(resume_from)

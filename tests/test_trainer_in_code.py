@@ -2,12 +2,14 @@
 no new run over a folder holding one, a resume's settings against its checkpoint, and train() once."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.trainer import Trainer
 
@@ -21,8 +23,9 @@ def metrics(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
+    """A run of 2 epochs, a checkpoint after each."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    Trainer(resolve_config(overrides=SMALL), str(run_dir)).train()  # a str folder, as a notebook gives it
+    Trainer(resolve_config(overrides={**SMALL, "epochs": 2}), str(run_dir)).train()  # a str folder, as in a notebook
     return run_dir
 
 
@@ -51,10 +54,37 @@ def test_a_trainer_records_its_own_folder_and_leaves_the_callers_config_as_it_wa
 
 def test_a_resume_in_code_takes_a_run_folder_and_refuses_a_changed_setting(finished, tmp_path):
     with pytest.raises(ConfigError, match="horizon=2 differs from the checkpoint's 4; a resumed run cannot change it"):
-        Trainer(resolve_config(overrides={**SMALL, "horizon": 2, "epochs": 2}), tmp_path / "branch",
+        Trainer(resolve_config(overrides={**SMALL, "horizon": 2, "epochs": 3}), tmp_path / "branch",
                 resume_from=finished)
-    trainer = Trainer(resolve_config(overrides={**SMALL, "epochs": 2}), tmp_path / "branch", resume_from=str(finished))
-    assert (trainer.start_epoch, trainer.global_step) == (1, 1)  # the run folder's newest checkpoint
+    trainer = Trainer(resolve_config(overrides={**SMALL, "epochs": 3}), tmp_path / "branch", resume_from=str(finished))
+    assert (trainer.start_epoch, trainer.global_step) == (2, 2)  # the run folder's newest checkpoint
+
+
+def test_a_resume_in_code_may_not_overwrite_another_runs_or_its_own_later_checkpoints(finished, tmp_path):
+    """As the command line refuses them: the resumed run's metrics went into another run's metrics.jsonl, and
+    its checkpoint beside the other run's."""
+    before = metrics(finished)
+    cfg = resolve_config(overrides={**SMALL, "epochs": 3})
+    other = tmp_path / "other"
+    Trainer(resolve_config(overrides=SMALL), other).train()
+    with pytest.raises(ConfigError, match=f"run folder '{other}' holds another run: resume '{finished}/checkpoint-2'"):
+        Trainer(cfg, other, resume_from=finished)
+    with pytest.raises(ConfigError, match="checkpoint-1 is older than its run's intact checkpoint-2: resuming it in "
+                                          "its own folder would overwrite the later checkpoints and metrics"):
+        Trainer(cfg, finished, resume_from=finished / "checkpoint-1")
+    assert metrics(finished) == before
+    Trainer(cfg, tmp_path / "branch", resume_from=finished / "checkpoint-1")  # a branch, into an empty folder
+
+
+def test_resume_auto_starts_a_run_over_damaged_checkpoints_alone(finished, tmp_path):
+    """`--resume auto` starts the run where no checkpoint is intact; the Trainer refused it as a run held."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        (run_dir / checkpoint / "manifest.json").unlink()
+    args = [f"--set={key}={value}" for key, value in SMALL.items() if key != "device"]
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--device", "cpu", *args]) == 0
+    assert [json.loads(line)["epoch"] for line in metrics(run_dir) if '"kind": "epoch"' in line] == [1]
 
 
 def test_train_runs_once_with_gradients_whatever_the_callers_grad_mode(tmp_path):
