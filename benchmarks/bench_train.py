@@ -87,6 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.cuda_graphs import GraphedTrainingUNet  # noqa: E402
 from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.minibatches import minibatch_plan  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
@@ -279,11 +280,12 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         # What ran: a CUDA-graph capture that fails warns and runs eagerly, under the row's name all the same.
-        "sampling_cuda_graph": trainer.sampler.cuda_graph,
-        "training_cuda_graph_signatures": graphed() if (graphed := getattr(trainer.train_unet, "signatures", None))
-        else None,
+        "sampling_cuda_graph": getattr(trainer.sampler, "cuda_graph", False),  # DDPO's sampler has no graph
+        "training_cuda_graph_signatures": None,
     }
-    if cfg.sample_cuda_graph and device.type == "cuda" and not trainer.sampler.cuda_graph:
+    if isinstance(trainer.train_unet, GraphedTrainingUNet):
+        result["training_cuda_graph_signatures"] = trainer.train_unet.signatures()
+    if cfg.sample_cuda_graph and device.type == "cuda" and not result["sampling_cuda_graph"]:
         print(f"bench_train: row {name} sampled without its CUDA graph (the capture failed)", file=sys.stderr)
     if (result["training_cuda_graph_signatures"] or {}).get("not_graphed"):
         print(f"bench_train: row {name} trained some calls without CUDA graphs: "

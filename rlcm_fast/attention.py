@@ -63,7 +63,7 @@ def set_attention_backend(pipe, backend: str) -> None:
     """Put every attention layer of the pipeline's UNet and VAE on `backend` (see the module doc). On a CPU,
     `cudnn` computes as `sdpa` does (SDPA has no cuDNN kernel there)."""
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is unknown; allowed: {', '.join(ATTENTION_BACKENDS)}")
+        raise ValueError(f"attention_backend {backend!r} is invalid; allowed: {', '.join(ATTENTION_BACKENDS)}")
     if backend == "xformers":
         check_attention_backend(backend, torch.device("cuda"))  # one line where xformers is not installed
         pipe.enable_xformers_memory_efficient_attention()

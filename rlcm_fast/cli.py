@@ -42,8 +42,8 @@ def _warns() -> bool:
 def shell_quote(word: str) -> str:
     """`word` as a printed command must spell it to be pasted back into bash: shlex.quote's spelling, unless the
     word holds bytes that are not UTF-8, which Python reads from the command line as lone surrogates (U+DC80 to
-    U+DCFF) and which a printed line cannot carry. Such a word is spelled $'...' (bash, zsh, ksh; POSIX since
-    2024) with those bytes, and control characters, as \\xHH."""
+    U+DCFF) and which a printed line cannot carry. Such a word is spelled $'...' (bash, zsh and ksh read it) with
+    those bytes, and control characters, as \\xHH."""
     if not any("\udc80" <= char <= "\udcff" for char in word):
         return shlex.quote(word)
     spelled = []

@@ -81,7 +81,7 @@ def test_the_cudnn_processor_takes_what_diffusers_passes_by_name():
 def test_set_attention_backend_refuses_an_unknown_name_in_one_line():
     """It put every layer on SDPA for any name (a typo of cudnn ran the default without a word)."""
     pipe = load_pipeline("tiny")
-    with pytest.raises(ValueError, match="attention backend 'cuDNN' is unknown; allowed: sdpa, cudnn, xformers"):
+    with pytest.raises(ValueError, match="attention_backend 'cuDNN' is invalid; allowed: sdpa, cudnn, xformers"):
         set_attention_backend(pipe, "cuDNN")
 
 
