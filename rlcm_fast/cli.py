@@ -303,7 +303,10 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         run_dir = Path(output_dir)
         resume_from, skipped = find_resumable(run_dir)
         for reason in skipped if _warns() else ():
-            warn_skipped(reason)
+            if resume_from is None:  # every checkpoint is damaged: there is no older one to take
+                warn(f"{reason}; no intact checkpoint is left, so the run starts over")
+            else:
+                warn_skipped(reason)
         from_args = None
         if args.task or args.model or args.config:  # checked by resumed_config if resuming (prompt_source)
             from_args = resolve_config(args.task, args.model, args.config, overrides, checked=resume_from is None)

@@ -76,14 +76,18 @@ def test_a_resume_in_code_may_not_overwrite_another_runs_or_its_own_later_checkp
     Trainer(cfg, tmp_path / "branch", resume_from=finished / "checkpoint-1")  # a branch, into an empty folder
 
 
-def test_resume_auto_starts_a_run_over_damaged_checkpoints_alone(finished, tmp_path):
-    """`--resume auto` starts the run where no checkpoint is intact; the Trainer refused it as a run held."""
+def test_resume_auto_starts_a_run_over_damaged_checkpoints_alone(finished, tmp_path, capsys):
+    """`--resume auto` starts the run where no checkpoint is intact; the Trainer refused it as a run held, and the
+    warnings said "taking an older checkpoint" where there was none."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
         (run_dir / checkpoint / "manifest.json").unlink()
     args = [f"--set={key}={value}" for key, value in SMALL.items() if key != "device"]
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--device", "cpu", *args]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlcm-fast: warning")]
+    assert len(warnings) == 2 and all(line.endswith("no intact checkpoint is left, so the run starts over")
+                                      for line in warnings)
     assert [json.loads(line)["epoch"] for line in metrics(run_dir) if '"kind": "epoch"' in line] == [1]
 
 
