@@ -7,7 +7,6 @@ import contextlib
 import errno
 import os
 import re
-import shlex
 import sys
 import time
 import warnings
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import TASK_PRESETS, ConfigError, TrainConfig, parse_set_pairs, resolve_config
-from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir
+from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir, shell_path, shell_quote
 from .resume import newer_intact_checkpoint, resume_options, resumed_config
 
 
@@ -37,33 +36,6 @@ def _warns() -> bool:
     from .launch import LAUNCHED_HERE
 
     return _is_main_process() and not os.environ.get(LAUNCHED_HERE)
-
-
-def shell_quote(word: str) -> str:
-    """`word` as a printed command must spell it to be pasted back into bash: shlex.quote's spelling, unless the
-    word holds bytes that are not UTF-8, which Python reads from the command line as lone surrogates (U+DC80 to
-    U+DCFF) and which a printed line cannot carry. Such a word is spelled $'...' (bash, zsh and ksh read it) with
-    those bytes, and control characters, as \\xHH."""
-    if not any("\udc80" <= char <= "\udcff" for char in word):
-        return shlex.quote(word)
-    spelled = []
-    for char in word:
-        if "\udc80" <= char <= "\udcff":
-            spelled.append(f"\\x{ord(char) - 0xDC00:02x}")
-        elif char in "\\'":
-            spelled.append("\\" + char)
-        elif char.isprintable():
-            spelled.append(char)
-        else:
-            spelled.append("".join(f"\\x{byte:02x}" for byte in char.encode()))
-    return "$'" + "".join(spelled) + "'"
-
-
-def shell_path(path) -> str:
-    """A path as a printed command must spell it to be pasted back: quoted for the shell, and not read as an
-    option where it starts with a dash."""
-    text = str(path)
-    return shell_quote(f"./{text}" if text.startswith("-") else text)
 
 
 def warn(message: str) -> None:

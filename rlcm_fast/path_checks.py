@@ -1,9 +1,11 @@
 """Checks of the paths a command will create, before anything is made or loaded: name lengths, names that are
-not UTF-8, and a run folder that cannot be made or written (each one line, exit 2)."""
+not UTF-8, and a run folder that cannot be made or written (each one line, exit 2). Also how a command printed
+for the user to paste back spells a path or any word (shell_path, shell_quote)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -70,3 +72,30 @@ def check_run_dir(run_dir: Path) -> None:
             raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name!r} -> "
                              f"{os.readlink(entry.path)!r}; a run writes its files in place and would write through "
                              "it: put the file or folder itself there")
+
+
+def shell_quote(word: str) -> str:
+    """`word` as a printed command must spell it to be pasted back into bash: shlex.quote's spelling, unless the
+    word holds bytes that are not UTF-8, which Python reads from the command line as lone surrogates (U+DC80 to
+    U+DCFF) and which a printed line cannot carry. Such a word is spelled $'...' (bash, zsh and ksh read it) with
+    those bytes, and control characters, as \\xHH."""
+    if not any("\udc80" <= char <= "\udcff" for char in word):
+        return shlex.quote(word)
+    spelled = []
+    for char in word:
+        if "\udc80" <= char <= "\udcff":
+            spelled.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif char in "\\'":
+            spelled.append("\\" + char)
+        elif char.isprintable():
+            spelled.append(char)
+        else:
+            spelled.append("".join(f"\\x{byte:02x}" for byte in char.encode()))
+    return "$'" + "".join(spelled) + "'"
+
+
+def shell_path(path) -> str:
+    """A path as a printed command must spell it to be pasted back: quoted for the shell, and not read as an
+    option where it starts with a dash."""
+    text = str(path)
+    return shell_quote(f"./{text}" if text.startswith("-") else text)
