@@ -247,3 +247,11 @@ def test_a_reply_of_garbage_is_a_reward_error_that_says_so(body, message):
                 reward.submit(images(), ["a cat"]).result(timeout=10)
         finally:
             reward.close()
+
+
+def test_the_alignment_client_refuses_uint8_pixels_before_any_request():
+    """uint8 pixels went to the server, scored as floats (found by mutation testing)."""
+    with stub(lambda handler: send(handler, 200, b'{"rewards": [0.5]}')) as (url, requests):
+        with pytest.raises(RewardError, match=r"images of dtype torch.uint8 given; rewards take floats in \[0, 1\]"):
+            AlignmentClient(url, retries=0)((torch.rand(1, 3, 16, 16) * 255).to(torch.uint8), ["a"])
+        assert requests == []

@@ -155,3 +155,10 @@ def test_fast_sampler_with_cudnn_attention_on_a_gpu_gives_the_defaults_images():
         fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=4, compile=False, cuda_graph=True)
         images[backend] = fast(prompts, generator=torch.Generator("cuda").manual_seed(0)).images.float()
     assert (images["cudnn"] - images["sdpa"]).abs().max().item() < 0.05  # check_claims' BF16_PIXEL_TOLERANCE
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_set_attention_backend_xformers_without_xformers_is_one_line():
+    with pytest.raises(ValueError, match=r"^attention_backend=xformers needs the xformers package, which is not "
+                                         r"installed \(pip install xformers, or use attention_backend=sdpa\)$"):
+        set_attention_backend(load_pipeline("tiny"), "xformers")

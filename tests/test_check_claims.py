@@ -320,3 +320,17 @@ def test_bench_step_without_cuda_says_so_in_one_line_and_fails(tmp_path, capsys)
     assert captured.out == "" and captured.err.strip() == (
         "bench_step: no CUDA device here; it times the CUDA kernels only: nothing measured, no results written")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_row_from_before_the_graph_fields_is_labelled_by_its_name_alone():
+    """A bench_train.json written before the fields existed (no "sampling_cuda_graph") sampled as it was asked to,
+    as far as anyone knows: no fallback is claimed."""
+    import claims
+
+    old = {"variant": "all_graphed", "overrides": {"sample_cuda_graph": True, "train_cuda_graph": True}}
+    assert claims.train_row_label(old) == "row all_graphed"
+    assert claims.train_row_label({**old, "sampling_cuda_graph": True,
+                                   "training_cuda_graph_signatures": {"graphed": 1, "not_graphed": 0}}) == "row all_graphed"
+    assert claims.train_row_label({**old, "sampling_cuda_graph": False}) == (
+        "row all_graphed (sampling without CUDA graphs: captures failed)")
+    assert claims.train_row_label({"variant": "fast", "overrides": {}, "sampling_cuda_graph": False}) == "row fast"

@@ -397,3 +397,35 @@ def test_half_precision_images_round_to_the_uint8_levels_of_their_float32_values
 
     images = torch.linspace(0, 1, 3 * 20001).reshape(1, 3, 1, 20001).half()
     assert torch.equal(to_uint8(images), to_uint8(images.float()))
+
+
+def test_jpeg_quality_and_threads_take_their_bounds_and_refuse_bools():
+    """True is an Integral equal to 1, and 100 is Pillow's best quality (found by mutation testing)."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for quality in (1, 100):
+        assert make_reward("jpeg_compressibility", jpeg_quality=quality)(images, ["a", "b"]).shape == (2,)
+    with pytest.raises(RewardError, match="jpeg quality True is invalid: it must be an int in 1..100"):
+        JpegSizeReward(1.0, quality=True)
+    with pytest.raises(RewardError, match=r"reward threads True is invalid: it must be an int >= 0 \(0: one per core\)"):
+        JpegSizeReward(1.0, threads=True)
+    assert JpegSizeReward(1.0, threads=0).threads == 0  # 0: one per core, accepted
+
+
+@pytest.mark.parametrize("images, prompts, message", [
+    (lambda: torch.rand(2, 3, 1, 16, 16), ["a", "b"], r"images of shape \(2, 3, 1, 16, 16\) given; rewards take N x 3"),
+    (lambda: torch.rand(3, 16, 16), ["a", "b", "c"], r"images of shape \(3, 16, 16\) given"),
+    # bytes are a Sequence of ints, as long as the batch here
+    (lambda: torch.rand(2, 3, 16, 16), b"ab", "prompts of type bytes given; rewards take a sequence of str"),
+], ids=["five_dims", "one_unbatched_image", "bytes_prompts"])
+def test_jpeg_reward_refuses_other_shapes_and_bytes_prompts(images, prompts, message):
+    with pytest.raises(RewardError, match=message):
+        make_reward("jpeg_compressibility")(images(), prompts)
+
+
+def test_a_weighted_sum_checks_the_inputs_before_a_user_term_sees_them():
+    """Built-in terms check for themselves, but a user's term that takes anything would score uint8 pixels."""
+    from rlcm_fast.rewards.base import WeightedSum
+
+    lenient = WeightedSum([(RewardTerm("mine:score", 1.0), lambda images, prompts: np.zeros(len(prompts)))])
+    with pytest.raises(RewardError, match=r"^images of dtype torch.uint8 given"):
+        lenient((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), ["a", "b"])

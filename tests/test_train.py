@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from rlcm_fast.cli import _how_to_continue, main
 from rlcm_fast.config import resolve_config
 from rlcm_fast.models import load_pipeline
+from rlcm_fast.path_checks import shell_quote
 from rlcm_fast.resume import resumed_config
 from rlcm_fast.trainer import Trainer
 
@@ -554,6 +555,16 @@ def test_a_printed_command_spells_bytes_that_are_not_utf8_so_that_bash_reads_the
     assert "\\udc" not in printed and "$'" in printed
     words = subprocess.run(["bash", "-c", f"printf '%s\\0' {printed}"], capture_output=True, check=True).stdout
     assert words.split(b"\0")[:-1] == [os.fsencode(word) for word in ["rlcm-fast", *command]]
+
+
+@pytest.mark.parametrize("raw", [b"caf\xe9\nnext", b"\xff", b"\x80", b"a\xe9\xc2\x85b", b"\xe9'\\ x", b"plain"])
+def test_shell_quote_spells_any_bytes_as_printable_text_that_bash_reads_back(raw):
+    """Byte 0xff (the last surrogate), a newline (which would split the printed command) and U+0085 (spelled as its
+    UTF-8 bytes, c2 85) among them (found by mutation testing)."""
+    quoted = shell_quote(os.fsdecode(raw))
+    assert quoted.isprintable() and not any("\udc80" <= c <= "\udcff" for c in quoted)
+    done = subprocess.run(["bash", "-c", f"printf '%s' {quoted}"], capture_output=True, check=True)
+    assert done.stdout == raw
 
 
 @pytest.mark.parametrize("terminal", [False, True])

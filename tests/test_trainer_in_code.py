@@ -2,7 +2,9 @@
 no new run over a folder holding one, a resume's settings against its checkpoint, and train() once."""
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,39 @@ def test_train_runs_once_with_gradients_whatever_the_callers_grad_mode(tmp_path)
     with pytest.raises(RuntimeError, match=r"Trainer.train\(\) runs once: make another Trainer"):
         trainer.train()
     assert len(metrics(tmp_path / "run")) == 2  # one step, one epoch: the second call changed nothing
+
+
+def test_a_trainer_refuses_what_is_not_a_train_config_in_one_line(tmp_path):
+    """A dict failed deep inside dataclasses.replace (found by mutation testing)."""
+    with pytest.raises(TypeError, match="cfg is a dict; a Trainer takes a TrainConfig"):
+        Trainer(dict(SMALL), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_in_code_validates_the_config(finished, tmp_path):
+    cfg = resolve_config(overrides={**SMALL, "epochs": 3})
+    cfg.clip_range = -1.0
+    with pytest.raises(ConfigError, match="clip_range=-1.0 is invalid"):
+        Trainer(cfg, tmp_path / "branch", resume_from=finished)
+
+
+def test_a_resume_in_code_from_a_mid_epoch_checkpoint_refuses_a_changed_seed(tmp_path, monkeypatch):
+    """Only the command line's resumed_config refused a setting fixed mid-epoch: a Trainer made in code took another
+    seed for the stopped epoch's samples (found by mutation testing)."""
+    original = Trainer.finish_update
+
+    def signal_during_step_1(self, *args):
+        if self.global_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "finish_update", signal_during_step_1)
+    two_updates = {**SMALL, "train_batch_size": 1}  # two updates per epoch: the stop lands mid-epoch
+    Trainer(resolve_config(overrides=two_updates), tmp_path / "run").train()
+    monkeypatch.setattr(Trainer, "finish_update", original)
+    assert (tmp_path / "run" / "checkpoint-0-1").is_dir()
+    seed = resolve_config(overrides=two_updates).seed
+    with pytest.raises(ConfigError, match=f"seed={seed + 1} differs from the checkpoint's {seed}; a checkpoint "
+                                          "stopped mid-epoch cannot change it"):
+        Trainer(resolve_config(overrides={**two_updates, "seed": seed + 1}), tmp_path / "branch",
+                resume_from=tmp_path / "run")
