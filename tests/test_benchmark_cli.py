@@ -166,29 +166,37 @@ def test_evaluate_only_refuses_a_broken_json_in_one_line(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bench_step.json"]
 
 
-def lent_gpu(tmp_path, diffusers_imports: bool = True) -> subprocess.CompletedProcess:
+def lent_gpu(tmp_path, diffusers_imports: bool = True, wheels_install: bool | None = None) -> subprocess.CompletedProcess:
     """lent_gpu.sh with `python3` a stand-in (this machine has no GPU machine's image) whose check_claims writes 10
-    files."""
+    files; `wheels_install`: whether installing the carried wheels succeeds (None: no wheels carried)."""
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\ncase "$1" in -c) case "$2" in *"import diffusers"*) exit %d;; esac; echo "3.12 '
-                    'stand-in"; exit 0;; -m) echo "Successfully installed rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; '
-                    'do [ "$1" = --out-dir ] && out=$2; shift; done\nfor i in $(seq 10); do echo "{}" > '
-                    '"$out/bench_$i.json"; done\n' % (0 if diffusers_imports else 1))
+                    'stand-in"; exit 0;; -m) case "$*" in *--no-index*) exit %d;; esac; echo "Successfully installed '
+                    'rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; shift; done\n'
+                    'for i in $(seq 10); do echo "{}" > "$out/bench_$i.json"; done\n'
+                    % (0 if diffusers_imports else 1, 0 if wheels_install else 1))
     fake.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    if wheels_install is not None:
+        wheels.mkdir()
+        (wheels / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "WHEELS": str(tmp_path / "no-wheels"),
-           "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "OUT": str(out), "WHEELS": str(wheels), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
     return subprocess.run(["bash", str(BENCHMARKS / "lent_gpu.sh"), "60", "tests", "abc1234"], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
-def test_lent_gpu_stops_before_the_stages_where_diffusers_does_not_import(tmp_path):
-    done = lent_gpu(tmp_path, diffusers_imports=False)
+@pytest.mark.parametrize("diffusers_imports, wheels_install, said", [
+    (False, None, "diffusers does not import: carry its wheel"),
+    (True, False, "installing the wheels in"),
+])
+def test_lent_gpu_stops_before_the_stages_where_diffusers_is_missing(tmp_path, diffusers_imports, wheels_install, said):
+    done = lent_gpu(tmp_path, diffusers_imports, wheels_install)
     assert done.returncode == 1
     log = (tmp_path / "out" / "console.log").read_text()
-    assert "diffusers does not import: carry its wheel" in log and "check_claims" not in log
+    assert said in log and "check_claims" not in log
     assert not (tmp_path / "out" / "results.tar.gz").exists()
 
 
