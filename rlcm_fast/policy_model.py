@@ -12,7 +12,8 @@ from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
 from .faults import first_line
 from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
-from .models import load_pipeline, set_channels_last
+from .models import ignored_guidance, load_pipeline, set_channels_last
+from .policy_step import fused_step_missing
 
 
 @dataclass
@@ -26,6 +27,7 @@ class PolicyModel:
     train_unet: torch.nn.Module  # what training's forward and backward call
     # The graphed backward needs the gradients allocated before it runs and zeroed in place, never set to None.
     grads_stay_allocated: bool
+    warnings: list[str]  # what the run should be told once: a setting the model ignores, a slower policy step
 
 
 # Graphs one compiled function may hold before dynamo gives up compiling it and runs it eager (its default: 8).
@@ -100,5 +102,8 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
             train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)
+    warnings = [unused] if (unused := ignored_guidance(pipe, cfg.method, cfg.guidance_scale)) else []
+    if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (missing := fused_step_missing(accelerator.device)):
+        warnings.append(f"the policy step runs in plain PyTorch (slower, same results): {missing}")
     return PolicyModel(pipe, params, optimizer, lr_scheduler, ddp_unet, sample_unet, train_unet,
-                       grads_stay_allocated=getattr(train_unet, "keeps_gradients_allocated", False))
+                       grads_stay_allocated=getattr(train_unet, "keeps_gradients_allocated", False), warnings=warnings)

@@ -37,9 +37,7 @@ from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, a
                      left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
 from .launch import start_accelerator
 from .minibatches import minibatch_plan
-from .models import ignored_guidance
 from .policy_model import build_policy_model
-from .policy_step import fused_step_missing
 from .prompts import PROMPT_SETS, load_prompt_set
 from .resume import checked_start, prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
@@ -79,12 +77,8 @@ class Trainer:
             self.sampler = policy_sampler(self.pipe, cfg)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if (unused := ignored_guidance(self.pipe, cfg.method, cfg.guidance_scale)) and self.is_main:
-            print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
-        if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and self.is_main and (
-                missing := fused_step_missing(self.device)):
-            print(f"rlcm-fast: warning: the policy step runs in plain PyTorch (slower, same results): {missing}",
-                  file=sys.stderr)
+        for warning in policy.warnings if self.is_main else ():
+            print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
