@@ -156,7 +156,7 @@ def test_a_stage_at_its_timeout_is_interrupted_first_then_killed(tmp_path, monke
     log = tmp_path / "check_claims.log"
     summary = ("import time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
                "except KeyboardInterrupt:\n    print('1 failed, 2 passed', flush=True)")
-    stopped = check_claims.run_stage("tests", [sys.executable, "-c", summary], 5, log)
+    stopped = check_claims.run_stage("tests", [sys.executable, "-c", summary], 8, log)  # start-up under load
     assert stopped["timed_out"] and stopped["seconds"] < 30
     assert log.read_text().splitlines()[-2:] == ["1 failed, 2 passed", ""]
     monkeypatch.setattr(check_claims, "STOP_GRACE_S", 1)
@@ -334,3 +334,49 @@ def test_a_row_from_before_the_graph_fields_is_labelled_by_its_name_alone():
     assert claims.train_row_label({**old, "sampling_cuda_graph": False}) == (
         "row all_graphed (sampling without CUDA graphs: captures failed)")
     assert claims.train_row_label({"variant": "fast", "overrides": {}, "sampling_cuda_graph": False}) == "row fast"
+
+
+def test_the_training_calls_of_7_row_is_a_fast_path_row(tmp_path):
+    """The one fast-path row that also runs on a CPU (not in GPU_ONLY_ROWS) is judged as one when fastest."""
+    write_gpu_results(tmp_path)
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    row = {"variant": "training_calls_of_7", "epoch_s": 7.0, "per_sample_rl_step_s": 0.175, "peak_memory_gib": 16.0,
+           "peak_reserved_gib": 17.0, "sample_batch_size": 4, "train_batch_size": 2, "resolution": 768,
+           "train_rows_per_call": 7}
+    (tmp_path / "bench_train.json").write_text(json.dumps({**train, "rows": [*train["rows"], row]}))
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = {c["claim"]: c for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
+    epoch = claims["rlcm-fast epoch at least 3x faster than the straightforward path"]
+    assert epoch["measured"] == pytest.approx(35.0 / 7.0) and "fast path: row training_calls_of_7" in epoch["detail"]
+
+
+def test_the_tests_stage_runs_every_file_that_has_gpu_tests():
+    """A file marked gpu but left out of GPU_TEST_FILES would never run on a lent GPU."""
+    import re
+
+    marker = re.compile(r"^(@pytest\.mark\.gpu\b|pytestmark = .*\bpytest\.mark\.gpu\b)", re.M)
+    marked = {path.name for path in check_claims.TESTS.glob("test_*.py") if marker.search(path.read_text())}
+    assert marked == set(check_claims.GPU_TEST_FILES)
+
+
+def test_the_tests_stage_logs_each_test_and_why_one_was_skipped(tmp_path):
+    """-v puts each test's outcome in check_claims.log as it ends (a stage cut short keeps them), -rfEs the reasons
+    of skips and failures; a -q run left dots."""
+    tiny = tmp_path / "test_tiny.py"
+    tiny.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_runs():\n    pass\n\n\n"
+                    "@pytest.mark.gpu\ndef test_skips():\n    pytest.skip('no GPU here')\n")
+    command = [word for word in check_claims.stage_commands(tmp_path)["tests"] if word not in check_claims.GPU_TEST_FILES]
+    log = tmp_path / "check_claims.log"
+    status = check_claims.run_stage("tests", [*command, str(tiny)], 120, log)
+    text = log.read_text()
+    assert status["returncode"] == 0, text
+    assert "test_tiny.py::test_runs PASSED" in text and "SKIPPED [1]" in text and "no GPU here" in text
+
+
+def test_the_train_stage_runs_the_rows_of_the_ratio_claims_first():
+    """The straightforward baseline, a fast-path row and DDPO first: a stage cut at its cap still judges the 3x
+    epoch and the 10x DDPO claims."""
+    import claims
+
+    first = check_claims.DEFAULT_TRAIN_ROWS.split(",")[:3]
+    assert first[0] == "straightforward" and first[1] in claims.FAST_PATH_ROWS and first[2] == "ddpo"

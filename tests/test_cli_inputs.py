@@ -229,6 +229,12 @@ def test_the_sampler_api_is_listed_yet_loaded_only_on_use():
     assert done.stdout.strip().splitlines()[-1] == "False True ['FastLCMSampler', 'FastSamplerOutput']"
 
 
+def test_dir_of_the_package_lists_its_own_names_beside_the_lazy_sampler_api():
+    import rlcm_fast
+
+    assert {"__version__", "FastLCMSampler", "FastSamplerOutput"} <= set(dir(rlcm_fast))
+
+
 def test_version_is_the_installed_distributions(capsys):
     import importlib.metadata
 

@@ -11,7 +11,8 @@ import torch
 from rlcm_fast.checkpoint import prompts_copy
 from rlcm_fast.cli import main
 from rlcm_fast.prompts import load_prompt_set
-from rlcm_fast.resume import prompt_source, resumed_config
+from rlcm_fast.config import ConfigError, TrainConfig, resolve_config
+from rlcm_fast.resume import prompt_source, refuse_changed_settings, resumed_config
 from rlcm_fast.trainer import Trainer
 
 FAST = ["--set", "batches_per_epoch=1", "--set", "sample_batch_size=8", "--set", "train_batch_size=8"]
@@ -126,3 +127,37 @@ def test_a_prompts_name_that_is_not_a_string_is_not_the_same_file(a, b):
     from rlcm_fast.resume import _same_file_name
 
     assert _same_file_name(a, b) is False
+
+
+def test_a_reward_that_is_not_a_reward_name_is_compared_as_written():
+    """A reward that does not parse is the same only as the same string (validate() then says why)."""
+    refuse_changed_settings({"reward": "no such reward"}, {"reward": "no such reward"}, mid_epoch=False)
+    with pytest.raises(ConfigError, match="^reward='no such reward' differs from the checkpoint's "
+                                          "'jpeg_compressibility'; a resumed run cannot change it"):
+        refuse_changed_settings({"reward": "jpeg_compressibility"}, {"reward": "no such reward"}, mid_epoch=False)
+    with pytest.raises(ConfigError, match="^reward='jpeg_compressibility' differs from the checkpoint's"):
+        refuse_changed_settings({"reward": "jpeg_compressibility:"}, {"reward": "jpeg_compressibility"},
+                                mid_epoch=False)
+
+
+def test_a_resume_may_not_drop_or_add_a_lora_target():
+    """LoRA targets in another order are the same adapter; fewer or more are another."""
+    refuse_changed_settings({"lora_targets": ["to_q", "to_v"]}, {"lora_targets": ["to_v", "to_q"]}, mid_epoch=False)
+    for fewer_or_more in (["to_q"], ["to_q", "to_v", "to_k"]):
+        with pytest.raises(ConfigError, match=r"^lora_targets=\[.*\] differs from the checkpoint's \['to_q', 'to_v'\]"):
+            refuse_changed_settings({"lora_targets": ["to_q", "to_v"]}, {"lora_targets": fewer_or_more},
+                                    mid_epoch=False)
+
+
+def test_a_checkpoint_without_a_later_setting_resumes_with_its_default(monkeypatch, tmp_path):
+    """A checkpoint written before a setting existed (its config lacks the key) resumes with the default."""
+    import rlcm_fast.checkpoint as ckpt_module
+
+    saved = resolve_config().to_dict()
+    for key in ("lora_targets", "jpeg_quality", "eta"):  # fixed on resume, and mid-epoch
+        saved.pop(key)
+    monkeypatch.setattr(ckpt_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 1})
+    cfg = resumed_config(tmp_path / "checkpoint-1", {})
+    defaults = TrainConfig()
+    assert (cfg.lora_targets, cfg.jpeg_quality, cfg.eta) == (defaults.lora_targets, defaults.jpeg_quality,
+                                                               defaults.eta)

@@ -429,3 +429,12 @@ def test_a_weighted_sum_checks_the_inputs_before_a_user_term_sees_them():
     lenient = WeightedSum([(RewardTerm("mine:score", 1.0), lambda images, prompts: np.zeros(len(prompts)))])
     with pytest.raises(RewardError, match=r"^images of dtype torch.uint8 given"):
         lenient((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), ["a", "b"])
+
+
+@pytest.mark.parametrize("prompts, kind", [({"a cat"}, "set"), ((p for p in ["a cat"]), "generator")])
+def test_prompts_that_are_not_a_sequence_are_refused_in_one_line(prompts, kind):
+    """A set (which prompt is whose image?) or a generator (len() raised TypeError)."""
+    from rlcm_fast.rewards.base import check_reward_inputs
+
+    with pytest.raises(RewardError, match=f"^prompts of type {kind} given; rewards take a sequence of str"):
+        check_reward_inputs(torch.rand(1, 3, 8, 8), prompts)

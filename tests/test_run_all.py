@@ -360,3 +360,18 @@ def test_ablation_quick_keeps_the_epochs_asked_for(tmp_path, monkeypatch):
     asked.clear()
     assert ablation_algorithms.main(["--quick", "--out-dir", str(tmp_path)]) == 0
     assert asked == [1, 1]
+
+
+def test_bench_train_records_and_warns_of_training_calls_that_ran_without_cuda_graphs(tmp_path, monkeypatch, capsys):
+    """A graphed training UNet's signatures go into the row, and a fallback is warned of (on the CPU the eager UNet
+    stands in for a GraphedTrainingUNet whose capture failed for one of two signatures)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+
+    monkeypatch.setattr(bench_train, "GraphedTrainingUNet", torch.nn.Module)
+    monkeypatch.setattr(torch.nn.Module, "signatures", lambda self: {"graphed": 1, "not_graphed": 1}, raising=False)
+    assert bench_train.main(["--quick", "--rows", "fast", "--no-curves", "--out-dir", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "bench_train.json").read_text())["rows"][0]
+    assert row["training_cuda_graph_signatures"] == {"graphed": 1, "not_graphed": 1}
+    assert ("bench_train: row fast trained some calls without CUDA graphs: {'graphed': 1, 'not_graphed': 1}"
+            in capsys.readouterr().err)

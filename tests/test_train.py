@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from rlcm_fast.cli import _how_to_continue, main
 from rlcm_fast.config import resolve_config
 from rlcm_fast.models import load_pipeline
-from rlcm_fast.path_checks import shell_quote
+from rlcm_fast.path_checks import shell_path, shell_quote
 from rlcm_fast.resume import resumed_config
 from rlcm_fast.trainer import Trainer
 
@@ -565,6 +565,22 @@ def test_shell_quote_spells_any_bytes_as_printable_text_that_bash_reads_back(raw
     assert quoted.isprintable() and not any("\udc80" <= c <= "\udcff" for c in quoted)
     done = subprocess.run(["bash", "-c", f"printf '%s' {quoted}"], capture_output=True, check=True)
     assert done.stdout == raw
+
+
+def test_shell_quote_escapes_backslashes_inside_its_dollar_quotes():
+    """In $'...' a backslash starts an escape (\\n, \\x41): one in the name must be spelled \\\\."""
+    raw = b"caf\xe9 \\n\\x41\\\\ \\'"
+    done = subprocess.run(["bash", "-c", f"printf '%s' {shell_quote(os.fsdecode(raw))}"], capture_output=True,
+                          check=True)
+    assert done.stdout == raw
+
+
+def test_shell_path_spells_a_dash_led_name_that_is_not_utf8_as_printable_text():
+    """./NAME, with shell_quote's spelling of the bytes that are not UTF-8 (shlex.quote left a lone surrogate)."""
+    printed = shell_path(os.fsdecode(b"-caf\xe9"))
+    assert printed.isprintable()
+    done = subprocess.run(["bash", "-c", f"printf '%s' {printed}"], capture_output=True, check=True)
+    assert done.stdout == b"./-caf\xe9"
 
 
 @pytest.mark.parametrize("terminal", [False, True])

@@ -1,6 +1,7 @@
 """A Trainer made in code (a notebook, a script) gets the checks the command line makes: its config validated,
 no new run over a folder holding one, a resume's settings against its checkpoint, and train() once."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -140,3 +141,34 @@ def test_a_resume_in_code_from_a_mid_epoch_checkpoint_refuses_a_changed_seed(tmp
                                           "stopped mid-epoch cannot change it"):
         Trainer(resolve_config(overrides={**two_updates, "seed": seed + 1}), tmp_path / "branch",
                 resume_from=tmp_path / "run")
+
+
+def test_a_resume_in_code_reads_the_checkpoints_copy_of_a_prompts_file_gone_since(tmp_path):
+    """The prompts file is read from the checkpoint's copy, as the command line does: validating the config's own
+    path would refuse the resume of a run whose file was moved or deleted."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    cfg = resolve_config(overrides={**SMALL, "prompts": str(prompts)})
+    Trainer(cfg, tmp_path / "run").train()
+    prompts.unlink()
+    trainer = Trainer(dataclasses.replace(cfg, epochs=2), tmp_path / "run", resume_from=tmp_path / "run")
+    assert (trainer.start_epoch, trainer.global_step) == (1, 1)
+
+
+def test_a_resume_in_code_into_its_own_folder_spelled_otherwise_is_its_own(finished, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(resolve_config(overrides={**SMALL, "epochs": 3}), "run", resume_from=run_dir)
+    assert (trainer.start_epoch, trainer.global_step) == (2, 2)
+
+
+def test_a_damaged_newest_checkpoint_does_not_hide_an_intact_newer_one(finished, tmp_path):
+    """Resuming checkpoint-1 in its own folder would overwrite checkpoint-2, also with a damaged checkpoint-3
+    beyond it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    shutil.copytree(run_dir / "checkpoint-2", run_dir / "checkpoint-3")
+    (run_dir / "checkpoint-3" / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="checkpoint-1 is older than its run's intact checkpoint-2"):
+        Trainer(resolve_config(overrides={**SMALL, "epochs": 3}), run_dir, resume_from=run_dir / "checkpoint-1")
