@@ -14,6 +14,7 @@ from rlcm_fast.algorithms import (
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.trainer import Trainer
+from stops import sigterm_during_update
 
 SMALL = {"device": "cpu", "batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 8, "grid_every": 0}
 
@@ -281,9 +282,6 @@ def test_kl_regularisation_keeps_the_policy_closer_to_the_base_model(tmp_path):
 def test_a_run_stopped_mid_epoch_resumes_exactly_with_each_option(tmp_path, monkeypatch, options):
     """SIGTERM after the first of an epoch's two updates, then --resume: the metrics equal an uninterrupted
     run's (the resumed epoch redraws the same step subsets and shuffles)."""
-    import os
-    import signal
-
     args = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4",
             "--set", "train_batch_size=2", "--set", "epochs=1", "--set", "grid_every=0",
             *[arg for option in options for arg in ("--set", option)]]
@@ -293,14 +291,7 @@ def test_a_run_stopped_mid_epoch_resumes_exactly_with_each_option(tmp_path, monk
         return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
 
     assert main(["train", "--output-dir", str(tmp_path / "whole"), *args]) == 0
-    original = Trainer.finish_update
-
-    def stop_during_the_first_update(self, *update_args):
-        if self.global_step == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *update_args)
-
-    monkeypatch.setattr(Trainer, "finish_update", stop_during_the_first_update)
+    original = sigterm_during_update(monkeypatch, 0)
     assert main(["train", "--output-dir", str(tmp_path / "stopped"), *args]) == 0
     assert (tmp_path / "stopped" / "checkpoint-0-1").is_dir()
     monkeypatch.setattr(Trainer, "finish_update", original)

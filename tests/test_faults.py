@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from rlcm_fast.epoch_samples import SAMPLES_FILE
 from rlcm_fast.presets import TINY_LORA_TARGETS
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
+from stops import sigterm_during_update
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_ROOT = Path(rlcm_fast.__file__).resolve().parents[1]  # the rlcm_fast this process imported (installed in CI)
@@ -123,14 +123,7 @@ def test_resuming_a_run_that_has_its_epochs_says_there_is_nothing_to_train(refer
 
 
 def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_matches(reference, tmp_path, monkeypatch, capsys):
-    original = Trainer.finish_update
-
-    def signal_during_step_3(self, *args):
-        if self.global_step == 2:  # the first update of epoch 2 has run its backward passes
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "finish_update", signal_during_step_3)
+    original = sigterm_during_update(monkeypatch, 2)  # in the first update of epoch 2
     run_dir = copy_at_checkpoint_1(reference, tmp_path / "run")
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 0
     err = capsys.readouterr().err
@@ -455,14 +448,7 @@ def test_a_checkpoint_config_is_validated_like_any_other(reference, tmp_path, ca
 
 
 def test_a_mid_epoch_checkpoint_refuses_a_different_batch_layout(reference, tmp_path, monkeypatch, capsys):
-    original = Trainer.finish_update
-
-    def signal_during_step_1(self, *args):
-        if self.global_step == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "finish_update", signal_during_step_1)
+    sigterm_during_update(monkeypatch, 0)
     run_dir = tmp_path / "run"
     assert train(run_dir) == 0
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "train_batch_size=4"]) == 2

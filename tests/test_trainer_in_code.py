@@ -3,9 +3,7 @@ no new run over a folder holding one, a resume's settings against its checkpoint
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import yaml
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.trainer import Trainer
+from stops import sigterm_during_update
 
 SMALL = {"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 2, "train_batch_size": 2,
          "lora_rank": 2, "checkpoint_every": 1}
@@ -124,14 +123,7 @@ def test_a_resume_in_code_validates_the_config(finished, tmp_path):
 def test_a_resume_in_code_from_a_mid_epoch_checkpoint_refuses_a_changed_seed(tmp_path, monkeypatch):
     """Only the command line's resumed_config refused a setting fixed mid-epoch: a Trainer made in code took another
     seed for the stopped epoch's samples (found by mutation testing)."""
-    original = Trainer.finish_update
-
-    def signal_during_step_1(self, *args):
-        if self.global_step == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "finish_update", signal_during_step_1)
+    original = sigterm_during_update(monkeypatch, 0)
     two_updates = {**SMALL, "train_batch_size": 1}  # two updates per epoch: the stop lands mid-epoch
     Trainer(resolve_config(overrides=two_updates), tmp_path / "run").train()
     monkeypatch.setattr(Trainer, "finish_update", original)
