@@ -84,9 +84,10 @@ DEFAULT_STAGES = "step,rewards,attention,unet,sampler,train,tests"
 # after 386 s; with the sampling graphs in inductor's cache, the first training minibatch still took 199 s.
 # The baseline of the 3x claim first, then the likeliest fastest fast-path row (wide UNet batches, eager), DDPO
 # (its per-sample claim), and the same wide batches with every call a CUDA graph (never run on a GPU: a row that
-# fails is recorded and the next one runs), so that a stage cut short still has ratios; the compiled blocks (warm-up not yet timed on a GPU) and the defaults ("fast", which ran on the H200
-# already, 6675037) last. bench_train warms each row up with one sampling call and one update, not a whole
-# epoch, so that the rows fit in the stage's cap.
+# fails is recorded and the next one runs), so that a stage cut short still has ratios; the compiled blocks
+# (warm-up not yet timed on a GPU) and the defaults ("fast", which ran on the H200 already, 6675037) last.
+# bench_train warms each row up with one sampling call and one update, not a whole epoch, so that the rows fit
+# in the stage's cap.
 DEFAULT_TRAIN_ROWS = ("straightforward,calls_of_20_and_7,ddpo,all_graphed_calls_of_20_and_7,all_graphed,"
                       "graphed_calls_of_7,all_graphed_calls_of_7,graphed_calls_of_7_cudnn,training_calls_of_7,"
                       "compiled_blocks_graphed_calls_of_7,fast")

@@ -103,7 +103,8 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)
     warnings = [unused] if (unused := ignored_guidance(pipe, cfg.method, cfg.guidance_scale)) else []
-    if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (missing := fused_step_missing(accelerator.device)):
+    if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (
+            missing := fused_step_missing(accelerator.device)):
         warnings.append(f"the policy step runs in plain PyTorch (slower, same results): {missing}")
     return PolicyModel(pipe, params, optimizer, lr_scheduler, ddp_unet, sample_unet, train_unet,
                        grads_stay_allocated=getattr(train_unet, "keeps_gradients_allocated", False), warnings=warnings)

@@ -93,8 +93,8 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     if resume_from is None:
         # Damaged checkpoints alone do not count: `--resume auto` starts the run over them.
         if find_resumable(run_dir)[0] is not None:
-            raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it (resume_from={str(run_dir)!r}) "
-                              "or start the run in another folder")
+            raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it "
+                              f"(resume_from={str(run_dir)!r}) or start the run in another folder")
         return validate(cfg), run_dir, None
     resume_from = Path(resume_from)
     if list_checkpoints(resume_from):  # a run folder (a checkpoint holds no checkpoints)
