@@ -33,13 +33,17 @@ this device (bf16 on a GPU, fp32 on a CPU). `unet_aten_ops` counts the ATen ops 
 same two units, and `training_us_per_unet_aten_op` divides the training time by the ops its UNet
 forward+backward calls ran: a few microseconds per op says the host's launches set the pace.
 
+`--profile ROWS`: after a row's measured epochs (its timing untouched), one sampling call and one training
+call of that row under torch.profiler: the JSON row's `profile` holds the ops and kernels that took the most
+time and how busy the GPU was (unet_profile.py says how to read it).
+
 --quick is a smoke run: 2 samples per epoch, one measured epoch, DDPO with 4 steps, curves of 2 epochs.
 
 Also (`curves`, always on the tiny presets): RLCM vs DDPO mean reward against wall-clock, the same
 reward queries per epoch, for run_all.py's plot.
 
 Usage: python benchmarks/bench_train.py [--quick] [--epochs N] [--curve-epochs N] [--rows A,B]
-       [--ddpo-batches N] [--warmup-epochs] [--no-curves] [--out-dir DIR]
+       [--ddpo-batches N] [--warmup-epochs] [--no-curves] [--profile A,B] [--out-dir DIR]
 Writes benchmarks/results/bench_train-<device>.json (or DIR/bench_train.json).
 """
 
@@ -74,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-epochs", action="store_true",
                         help="warm each row up with a whole epoch (default: one sampling call and one update)")
     parser.add_argument("--no-curves", action="store_true", help="skip the tiny RLCM/DDPO reward curves")
+    parser.add_argument("--profile", type=name_list(rows(gpu=True, quick=False), "rows"), default=[],
+                        help="comma-separated rows to profile after their measured epochs: one sampling call and "
+                        "one training call under torch.profiler (unet_profile.py; default: none)")
     parser.add_argument("--out-dir", type=output_folder, default=None,
                         help="write DIR/bench_train.json instead of benchmarks/results/")
     return parser.parse_args(argv)
@@ -92,6 +99,7 @@ from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.minibatches import minibatch_plan  # noqa: E402
 from rlcm_fast.policy_step import select_backend  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
+from unet_profile import format_profile, profile_row  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -217,7 +225,7 @@ def warm_up(trainer: Trainer, epoch: int) -> None:
 
 
 def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path,
-             warmup_epochs: bool = False) -> dict:
+             warmup_epochs: bool = False, profiled: bool = False) -> dict:
     cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
     trainer = Trainer(cfg, run_dir)
     device = trainer.device
@@ -293,6 +301,13 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
     print(f"{name:24s} epoch {mean['epoch_s']:8.2f} s (sampling {mean['sampling_s']:.2f}, reward wait "
           f"{mean['reward_wait_s']:.2f}, training {mean['training_s']:.2f})  {mean['images_per_s']:7.2f} img/s  "
           f"MFU {100 * mean['mfu']:.2f}%", flush=True)
+    if profiled:
+        try:  # after the row's figures are in: a profiler that fails costs the profile alone
+            result["profile"] = profile_row(trainer)
+            print(format_profile(name, result["profile"]), flush=True)
+        except Exception as exc:  # noqa: BLE001
+            result["profile"] = {"failed": one_line(exc)}
+            print(f"bench_train: row {name} not profiled: {one_line(exc)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -337,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         table = {name: table[name] for name in wanted if name in table}
         for row in skipped:  # in the JSON too; said here, or a run of GPU rows on a CPU looks like it measured
             print(f"bench_train: row {row['row']} skipped: {row['reason']}", file=sys.stderr, flush=True)
+    for name in args.profile:
+        if name not in table and name not in [row["row"] for row in skipped]:
+            print(f"bench_train: --profile row {name} is not among the rows that run; not profiled",
+                  file=sys.stderr, flush=True)
     rate = matmul_rate(device)
     result = {
         "benchmark": "bench_train", **environment(), "cuda": torch.version.cuda,
@@ -351,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in table.items():
             try:
                 result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"],
-                                              Path(tmp) / name, args.warmup_epochs))
+                                              Path(tmp) / name, args.warmup_epochs, name in args.profile))
             except Exception as exc:  # noqa: BLE001 (one row's failure must not cost the rows after it)
                 traceback.print_exc()
                 result["skipped"].append({"row": name, "reason": f"failed: {one_line(exc)}"})

@@ -31,7 +31,8 @@ Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16)
            names the fastest variant per call)
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
-           epoch (its per-sample step time, not the paper's epoch)
+           epoch (its per-sample step time, not the paper's epoch); the eager straightforward and
+           calls_of_20_and_7 rows then profiled (claims.md lists each call's costliest ops)
   tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), compiled training,
            nvJPEG, the JPEG and CLIP rewards
 """
@@ -92,9 +93,14 @@ DEFAULT_TRAIN_ROWS = ("straightforward,calls_of_20_and_7,ddpo,all_graphed_calls_
                       "graphed_calls_of_7,all_graphed_calls_of_7,graphed_calls_of_7_cudnn,training_calls_of_7,"
                       "compiled_blocks_graphed_calls_of_7,fast")
 
+# Profiled after their measured epoch (bench_train --profile): the two eager RLCM rows that run first, the
+# baseline and the wide calls, whose time the profile can pin on ops (a CUDA graph's replay hides them).
+PROFILED_TRAIN_ROWS = ("straightforward", "calls_of_20_and_7")
+
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:
     py, out = sys.executable, ["--out-dir", str(out_dir)]
+    profiled = [row for row in PROFILED_TRAIN_ROWS if row in train_rows.split(",")]
     return {
         "step": [py, str(HERE / "bench_step.py"), *out],
         # The claims' rows (768 px, batch 32) first, in case the stage is cut short.
@@ -104,8 +110,9 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
         # 5 variants x 5 calls x eager/graph: the median of 3 calls each (estimated 2 minutes with set-up).
         "unet": [py, str(HERE / "bench_unet.py"), "--repeats", "3", *out],
         "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
+        # The eager baseline and the eager wide-call row profiled: where their time goes (some seconds each).
         "train": [py, str(HERE / "bench_train.py"), "--rows", train_rows, "--epochs", "1", "--ddpo-batches", "1",
-                  "--no-curves", *out],
+                  "--no-curves", *(["--profile", ",".join(profiled)] if profiled else []), *out],
         # Run from tests/: `python -m pytest` puts its working directory first on sys.path, and from the
         # repository root that would be the source tree's rlcm_fast, without the compiled extensions.
         # -v: each test's name and outcome in the log as it ends, whatever happens to the stage after it.
@@ -225,6 +232,30 @@ def unet_summary(out_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def profile_summary(out_dir: Path) -> list[str]:
+    """claims.md's lines on the profiled bench_train rows (--profile): per call, how busy the GPU was and the
+    ops whose kernels took the most time."""
+    path = out_dir / "bench_train.json"
+    if not path.is_file():
+        return []
+    rows = [row for row in json.loads(path.read_text())["rows"] if "profile" in row]
+    lines = ["Where a train row's time goes, one call of each under torch.profiler (bench_train.json, rows' "
+             "`profile`; ms):", ""] if rows else []
+    for row in rows:
+        if "failed" in row["profile"]:
+            lines.append(f"- {row['variant']}: not profiled ({row['profile']['failed']})")
+            continue
+        for call, summary in row["profile"].items():
+            said = f"- {row['variant']} {call.replace('_', ' ')}: {summary['wall_ms']:.4g} wall"
+            key = "device_ms" if summary.get("device_busy_fraction") is not None else "host_ms"
+            if key == "device_ms":
+                said += (f", kernels {summary['kernel_ms']:.4g} ({100 * summary['device_busy_fraction']:.0f}% busy, "
+                         f"{summary['kernel_launches']} launches)")
+            ops = ", ".join(f"{op['name']} {op[key]:.3g}" for op in summary["ops"][:5])
+            lines.append(f"{said}; by {key.replace('_ms', '')} time: {ops}")
+    return lines + [""] if lines else []
+
+
 def earlier_run_record(out_dir: Path) -> dict:
     """What the run that wrote DIR's JSON recorded about itself: its claims.json without the claims, or,
     without one, the device and commit named in a benchmark's JSON. Never this machine's: the JSON was
@@ -268,7 +299,7 @@ def markdown(report: dict) -> str:
     for c in report["claims"]:
         value = "-" if c["measured"] is None else f"{c['measured']:.4g}"
         lines.append(f"| {c['issue']} | {c['claim']} | {c['threshold']} | {value} | {c['status']} | {c['detail']} |")
-    for summary in ("attention", "unet"):  # each ends with a blank line
+    for summary in ("attention", "unet", "profile"):  # each ends with a blank line
         if report.get(summary):
             lines += ([] if lines[-1] == "" else [""]) + report[summary]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -326,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     report["claims"] = evaluate(out_dir)
     report["attention"] = attention_summary(out_dir)
     report["unet"] = unet_summary(out_dir)
+    report["profile"] = profile_summary(out_dir)
     (out_dir / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "claims.md").write_text(markdown(report))
     print(markdown(report))

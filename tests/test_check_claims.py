@@ -262,12 +262,18 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     default = attention["groups"][0]["ms_per_call"]["default"]
     assert lines[0].startswith(f"- unet batch 1 forward + backward: default {default:.3g}, cudnn first ")
     unet = json.loads((tmp_path / "bench_unet.json").read_text())["rows"]
-    summary = (tmp_path / "claims.md").read_text().split("UNet and decode calls, ms (bench_unet.json, ")[1]
+    summary, profiled = (tmp_path / "claims.md").read_text().split("UNet and decode calls, ms (bench_unet.json, ")[1]\
+        .split("Where a train row's time goes")
     lines = [line for line in summary.splitlines() if line.startswith("- ")]
     assert summary.startswith("tiny at 32 px, float32):") and len(lines) == 2
     fastest = min(unet[:2], key=lambda r: r["ms"])
     assert lines[0] == (f"- training 1 eager: default {unet[0]['ms']:.4g}, fastest {fastest['variant']} "
                         f"{fastest['ms']:.4g} ({unet[0]['ms'] / fastest['ms']:.3f}x the default)")
+    # The profiled rows that ran on the CPU (calls_of_20_and_7 is GPU-only): each call, its costliest ops.
+    lines = [line for line in profiled.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- straightforward sampling call",
+                                                      "- straightforward training call"]
+    assert "; by host time: aten::" in lines[1] and "busy" not in lines[1]
 
 
 def test_bench_step_refuses_bad_batch_sizes_in_one_line():
@@ -380,3 +386,29 @@ def test_the_train_stage_runs_the_rows_of_the_ratio_claims_first():
 
     first = check_claims.DEFAULT_TRAIN_ROWS.split(",")[:3]
     assert first[0] == "straightforward" and first[1] in claims.FAST_PATH_ROWS and first[2] == "ddpo"
+
+
+def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
+    write_gpu_results(tmp_path)
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    call = {"wall_ms": 130.0, "host_ms": 40.0, "kernel_ms": 117.0, "device_busy_fraction": 0.9, "kernel_launches": 3400,
+            "ops": [{"name": f"aten::op{i}", "count": 1, "host_ms": 1.0, "device_ms": 30.0 - i} for i in range(6)]}
+    train["rows"][-2]["profile"] = {"sampling_call": {"prompts": 4, "unet_calls": 8, **call},
+                                    "training_call": {"rows": 2, **call}}
+    train["rows"][-1]["profile"] = {"failed": "RuntimeError: CUPTI could not be loaded"}
+    (tmp_path / "bench_train.json").write_text(json.dumps(train))
+    assert check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)]) == 0
+    profiled = (tmp_path / "claims.md").read_text().split("Where a train row's time goes")[1].splitlines()
+    ops = "aten::op0 30, aten::op1 29, aten::op2 28, aten::op3 27, aten::op4 26"  # the first five
+    assert [line for line in profiled if line.startswith("- ")] == [
+        f"- straightforward sampling call: 130 wall, kernels 117 (90% busy, 3400 launches); by device time: {ops}",
+        f"- straightforward training call: 130 wall, kernels 117 (90% busy, 3400 launches); by device time: {ops}",
+        "- ddpo: not profiled (RuntimeError: CUPTI could not be loaded)"]
+
+
+def test_the_train_stage_profiles_only_the_rows_it_runs():
+    command = check_claims.stage_commands(Path("unused"))["train"]
+    assert command[command.index("--profile") + 1] == "straightforward,calls_of_20_and_7"
+    command = check_claims.stage_commands(Path("unused"), "fast,calls_of_20_and_7")["train"]
+    assert command[command.index("--profile") + 1] == "calls_of_20_and_7"
+    assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,ddpo")["train"]
