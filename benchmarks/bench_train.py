@@ -33,6 +33,9 @@ this device (bf16 on a GPU, fp32 on a CPU). `unet_aten_ops` counts the ATen ops 
 same two units, and `training_us_per_unet_aten_op` divides the training time by the ops its UNet
 forward+backward calls ran: a few microseconds per op says the host's launches set the pace.
 
+`first_update_statistics`: per measured epoch, its first update's approx_kl, clipfrac and mean ratio, which
+the numerics of sampling against training alone set (that update's weights sampled the epoch).
+
 `--profile ROWS`: after a row's measured epochs (its timing untouched), one sampling call and one training
 call of that row under torch.profiler: the JSON row's `profile` holds the ops and kernels that took the most
 time and how busy the GPU was (unet_profile.py says how to read it).
@@ -224,6 +227,20 @@ def warm_up(trainer: Trainer, epoch: int) -> None:
         trainer.cfg = cfg
 
 
+def record_first_updates(trainer: Trainer, warmup: int) -> list[dict]:
+    """A list that gets, for each epoch from `warmup` on, the loss statistics of its first optimizer update
+    (approx_kl, clipfrac, mean ratio: Trainer.objective's) as the trainer hands them to finish_update."""
+    first_updates, finish_update = [], trainer.finish_update
+
+    def recording(epoch, sums, grad_norm, done, total):
+        if done == 1 and epoch >= warmup:
+            first_updates.append({k: sums[k] for k in ("approx_kl", "clipfrac", "ratio") if k in sums})
+        return finish_update(epoch, sums, grad_norm, done, total)
+
+    trainer.finish_update = recording
+    return first_updates
+
+
 def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path,
              warmup_epochs: bool = False, profiled: bool = False) -> dict:
     cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
@@ -236,6 +253,7 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
     trained_rows = samples_per_epoch * trainer.sampler.trained_steps * cfg.num_inner_epochs
     epoch_flops = samples_per_epoch * flops["sampling_per_trajectory"] + trained_rows * flops["training_per_row"]
     measured, rewards = [], []
+    first_updates = record_first_updates(trainer, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(epochs + warmup):
@@ -280,6 +298,11 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
         "training_us_per_unet_aten_op": 1e6 * mean["training_s"] / (calls * aten_ops["training_per_row"])
         if (calls := training_calls(cfg, trainer.sampler.trained_steps)) else None,
         "epochs_measured": len(measured),
+        # Per measured epoch, its first update's statistics: that update evaluates the very weights that sampled
+        # the epoch, so its ratios differ from 1 only by the numerics of the sampling and training calls (batch
+        # composition, bf16, a compiled or graphed call against an eager one). clipfrac: the share of rows that
+        # those numerics alone push past clip_range (the paper's 1e-4); sqrt(2 approx_kl): their RMS log-prob gap.
+        "first_update_statistics": first_updates, "clip_range": cfg.clip_range,
         # Before the measured epochs: whole epochs, or (the default) one sampling call and one update each.
         "warmup": {"count": warmup, "kind": "epoch" if warmup_epochs else "sampling call and update"}, **mean,
         "per_sample_rl_step_s": mean["epoch_s"] / samples_per_epoch, "epochs": measured,

@@ -256,6 +256,25 @@ def profile_summary(out_dir: Path) -> list[str]:
     return lines + [""] if lines else []
 
 
+def first_update_summary(out_dir: Path) -> list[str]:
+    """claims.md's lines on each train row's first update per measured epoch: the share of rows whose ratio the
+    numerics of sampling against training alone push past clip_range, and their RMS log-prob gap."""
+    path = out_dir / "bench_train.json"
+    if not path.is_file():
+        return []
+    lines = []
+    for row in json.loads(path.read_text())["rows"]:
+        firsts = [f for f in row.get("first_update_statistics", []) if "clipfrac" in f]
+        if firsts:
+            clipfrac = ", ".join(f"{f['clipfrac']:.3g}" for f in firsts)
+            gap = ", ".join(f"{math.sqrt(2 * f['approx_kl']):.2g}" for f in firsts)
+            lines.append(f"- {row['variant']}: clipfrac {clipfrac} at clip range {row['clip_range']:g}; "
+                         f"RMS log-prob gap {gap}")
+    return ["An epoch's first update, whose weights sampled the epoch: its ratios differ from 1 by the numerics "
+            "of sampling against training alone (bench_train.json, `first_update_statistics`):", "", *lines,
+            ""] if lines else []
+
+
 def earlier_run_record(out_dir: Path) -> dict:
     """What the run that wrote DIR's JSON recorded about itself: its claims.json without the claims, or,
     without one, the device and commit named in a benchmark's JSON. Never this machine's: the JSON was
@@ -299,7 +318,7 @@ def markdown(report: dict) -> str:
     for c in report["claims"]:
         value = "-" if c["measured"] is None else f"{c['measured']:.4g}"
         lines.append(f"| {c['issue']} | {c['claim']} | {c['threshold']} | {value} | {c['status']} | {c['detail']} |")
-    for summary in ("attention", "unet", "profile"):  # each ends with a blank line
+    for summary in ("attention", "unet", "profile", "first_update"):  # each ends with a blank line
         if report.get(summary):
             lines += ([] if lines[-1] == "" else [""]) + report[summary]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -358,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     report["attention"] = attention_summary(out_dir)
     report["unet"] = unet_summary(out_dir)
     report["profile"] = profile_summary(out_dir)
+    report["first_update"] = first_update_summary(out_dir)
     (out_dir / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "claims.md").write_text(markdown(report))
     print(markdown(report))

@@ -412,3 +412,18 @@ def test_the_train_stage_profiles_only_the_rows_it_runs():
     command = check_claims.stage_commands(Path("unused"), "fast,calls_of_20_and_7")["train"]
     assert command[command.index("--profile") + 1] == "calls_of_20_and_7"
     assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,ddpo")["train"]
+
+
+def test_claims_md_gives_each_train_rows_first_update_clipfrac(tmp_path):
+    """The numerics of sampling against training alone, against the paper's clip range."""
+    write_gpu_results(tmp_path)
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    first = lambda approx_kl, clipfrac: {"approx_kl": approx_kl, "clipfrac": clipfrac, "ratio": 1.0}  # noqa: E731
+    train["rows"][0].update(clip_range=1e-4, first_update_statistics=[first(2e-8, 0.25)])
+    train["rows"][1].update(clip_range=1e-4, first_update_statistics=[first(0.5e-8, 0.0), first(0.0, 0.0)])
+    (tmp_path / "bench_train.json").write_text(json.dumps(train))
+    assert check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)]) == 0
+    said = (tmp_path / "claims.md").read_text().split("An epoch's first update")[1].splitlines()
+    assert [line for line in said if line.startswith("- ")] == [
+        "- fast: clipfrac 0.25 at clip range 0.0001; RMS log-prob gap 0.0002",
+        "- compiled_unet: clipfrac 0, 0 at clip range 0.0001; RMS log-prob gap 0.0001, 0"]

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -375,3 +376,32 @@ def test_bench_train_records_and_warns_of_training_calls_that_ran_without_cuda_g
     assert row["training_cuda_graph_signatures"] == {"graphed": 1, "not_graphed": 1}
     assert ("bench_train: row fast trained some calls without CUDA graphs: {'graphed': 1, 'not_graphed': 1}"
             in capsys.readouterr().err)
+
+
+def test_each_measured_epochs_first_update_is_recorded_and_on_a_cpu_its_ratios_are_exactly_one(tmp_path):
+    """The first update evaluates the weights that sampled the epoch: in float32 on a CPU the training calls
+    give the sampling's log-probs bit for bit, whatever the minibatch's mix of timesteps."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+
+    row = bench_train.time_row("fast", {"device": "cpu", "model": "tiny", "batches_per_epoch": 2,
+                                        "sample_batch_size": 2, "train_batch_size": 2, "horizon": 3},
+                               epochs=2, warmup=1, rate=1.0, run_dir=tmp_path / "run")
+    assert row["first_update_statistics"] == [{"approx_kl": 0.0, "clipfrac": 0.0, "ratio": 1.0}] * 2
+    assert row["clip_range"] == 1e-2  # the tiny preset's
+
+
+def test_only_the_first_update_of_each_epoch_after_the_warm_up_is_recorded():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+
+    handed = []
+    trainer = SimpleNamespace(finish_update=lambda *args: handed.append(args))
+    firsts = bench_train.record_first_updates(trainer, warmup=1)
+    for epoch in range(3):
+        for done in (1, 2):
+            sums = {"approx_kl": epoch + done / 10, "clipfrac": 0.5, "ratio": 1.0, "loss": 3.0}
+            trainer.finish_update(epoch, sums, 1.0, done, 2)
+    assert firsts == [{"approx_kl": 1.1, "clipfrac": 0.5, "ratio": 1.0},
+                      {"approx_kl": 2.1, "clipfrac": 0.5, "ratio": 1.0}]
+    assert len(handed) == 6  # every update still reaches the trainer's own finish_update

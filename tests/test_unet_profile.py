@@ -109,7 +109,9 @@ def test_a_profiled_row_that_does_not_run_is_said_so(tmp_path, capsys):
     assert "profile" not in json.loads((tmp_path / "bench_train.json").read_text())["rows"][0]
 
 
-def test_an_unknown_profile_row_is_refused_in_one_line(tmp_path):
+def test_an_unknown_profile_row_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench_train.parse_args(["--profile", "fastest"])
+        bench_train.parse_args(["--profile", "fast,fastest"])
     assert exit_info.value.code == 2
+    assert "argument --profile: 'fast,fastest': unknown rows: fastest; allowed: fast," in capsys.readouterr().err
+
