@@ -270,10 +270,14 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     assert lines[0] == (f"- training 1 eager: default {unet[0]['ms']:.4g}, fastest {fastest['variant']} "
                         f"{fastest['ms']:.4g} ({unet[0]['ms'] / fastest['ms']:.3f}x the default)")
     # The profiled rows that ran on the CPU (calls_of_20_and_7 is GPU-only): each call, its costliest ops.
+    profiled, first_updates = profiled.split("An epoch's first update")
     lines = [line for line in profiled.splitlines() if line.startswith("- ")]
     assert [line.split(":")[0] for line in lines] == ["- straightforward sampling call",
                                                       "- straightforward training call"]
     assert "; by host time: aten::" in lines[1] and "busy" not in lines[1]
+    lines = [line for line in first_updates.splitlines() if line.startswith("- ")]  # float32: ratios exactly 1
+    assert lines == [f"- {row}: clipfrac 0 at clip range 0.01; RMS log-prob gap 0"
+                     for row in ("straightforward", "ddpo", "training_calls_of_7", "fast")]
 
 
 def test_bench_step_refuses_bad_batch_sizes_in_one_line():
