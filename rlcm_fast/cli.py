@@ -192,10 +192,9 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 def _run_folder_held(run_dir: Path):
     """The run folder locked against other trains for this block (run_lock.py): here, unless this process is
     one that --num-processes started (its launcher holds it) or not rank 0 under another launcher."""
-    from .launch import LAUNCHED_HERE
-    from .run_lock import hold_run_folder
+    from .run_lock import hold_run_folder, holds_run_folders_here
 
-    if os.environ.get(LAUNCHED_HERE) or not _is_main_process():
+    if not holds_run_folders_here():
         yield
         return
     planned = _folder_state(run_dir)  # a moment after _plan_run's checks of it

@@ -9,6 +9,7 @@ checkpoint holds no copy of are used only when the command line names them again
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,23 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     before = config_from_saved(state.get("config"), f"checkpoint {str(resume_from)!r}")
     refuse_changed_settings(before, cfg.to_dict(), mid_epoch=bool(state.get("update")))
     return cfg, run_dir, resume_from
+
+
+def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitStack, TrainConfig, Path, Path | None]:
+    """checked_start, then the run folder's lock (RUN/.lock: run_lock.py) held until the returned stack is closed,
+    and the checks again under it: another train may have started there in between. In a process that does
+    not take run folders' locks (run_lock.holds_run_folders_here) the stack holds nothing."""
+    from .run_lock import hold_run_folder, holds_run_folders_here
+
+    checked, hold = checked_start(cfg, run_dir, resume_from), contextlib.ExitStack()
+    if holds_run_folders_here():
+        hold.enter_context(hold_run_folder(checked[1], holder="Trainer", joins="rlcm-fast train"))
+        try:
+            checked = checked_start(cfg, run_dir, resume_from)
+        except BaseException:
+            hold.close()
+            raise
+    return (hold, *checked)
 
 
 def _same_setting(key: str, new, old) -> bool:

@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 LOCK_FILE = ".lock"
+# The run folders this process holds (their real paths) and by whom: "rlcm-fast train" (the command line), then
+# perhaps "Trainer" (the one the command line makes, which joins its hold: a second flock of the file from this
+# process would be refused like another process's).
+_HELD: dict[str, set[str]] = {}
 
 
 class RunFolderUnusable(Exception):
@@ -26,16 +30,40 @@ class RunFolderInUse(RunFolderUnusable):
     """Another process holds the run folder."""
 
 
+def holds_run_folders_here() -> bool:
+    """Whether this process takes its run folder's lock: yes, unless `--num-processes` started it (its
+    launcher holds the lock) or it is not rank 0 under another launcher (rank 0 holds it for the run)."""
+    from .launch import LAUNCHED_HERE
+
+    return not os.environ.get(LAUNCHED_HERE) and os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
-def hold_run_folder(run_dir: Path):
+def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str | None = None):
     """Create `run_dir` if needed and hold its lock until the block ends; RunFolderInUse if another process
-    holds it. A folder this made and nothing was written into is removed again at the end, so a run refused
-    after loading leaves no folder behind (as before the lock)."""
+    holds it, or another holder in this process, unless that is `joins` alone (then this shares its hold). A
+    folder this made and nothing was written into is removed again at the end, so a run refused after
+    loading leaves no folder behind (as before the lock)."""
     run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    holders = _HELD.get(key)
+    if holders is not None:
+        if holders != {joins}:
+            raise RunFolderInUse(f"output dir {str(run_dir)!r} is in use by another {' and '.join(sorted(holders))} "
+                                 f"in this process (process {os.getpid()}): let it end first, or give another "
+                                 "output dir")
+        holders.add(holder)
+        try:
+            yield
+        finally:
+            holders.discard(holder)
+        return
     fd, created = _lock(run_dir)
+    _HELD[key] = {holder}
     try:
         yield
     finally:
+        _HELD.pop(key, None)
         try:
             if fd is not None and _only_the_lock_in(run_dir):
                 os.unlink(run_dir / LOCK_FILE)  # a waiting opener of this file sees it unlinked and retries

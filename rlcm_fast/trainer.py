@@ -13,7 +13,6 @@ from a checkpoint draws exactly the prompts, noises and shuffles an uninterrupte
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -39,13 +38,11 @@ from .launch import start_accelerator
 from .minibatches import minibatch_plan
 from .policy_model import build_policy_model
 from .prompts import PROMPT_SETS, load_prompt_set
-from .resume import checked_start, prompt_source
+from .resume import held_start, prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
-
-logger = logging.getLogger(__name__)
 
 # reward.png is redrawn after an epoch at most this often, and at the run's end: matplotlib takes 0.13-0.27 s
 # a plot, 4% of the default 30-epoch CPU run when drawn every epoch (measured on an Intel Xeon, 2 cores).
@@ -54,8 +51,14 @@ REWARD_PLOT_SECONDS = 30.0
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
-        # The command line's checks of the config, the run folder and the resume, for a Trainer made in code too.
-        self.cfg, self.run_dir, resume_from = checked_start(cfg, run_dir, resume_from)
+        # The command line's checks of the config, the run folder and the resume, for a Trainer made in code too,
+        # and the run folder's lock, held until train() ends: nothing else may write the folder meanwhile.
+        hold, self.cfg, self.run_dir, resume_from = held_start(cfg, run_dir, resume_from)
+        with hold:  # released at once if the Trainer cannot be built
+            self._build(resume_from, progress_bars)
+            self.run_folder_hold = hold.pop_all()
+
+    def _build(self, resume_from: Path | None, progress_bars: bool) -> None:
         cfg = self.cfg
         # The device settings are checked first, before any model loads.
         self.accelerator, precision = start_accelerator(cfg)
@@ -380,15 +383,16 @@ class Trainer:
         if self.started:  # its logs are closed, and its epochs would start over from start_epoch
             raise RuntimeError("Trainer.train() runs once: make another Trainer, resuming this run's checkpoint")
         self.started = True
-        try:
-            with torch.enable_grad():  # a notebook's torch.no_grad() around it: the update needs its gradients
-                self._train_epochs()
-        except BaseException:  # a fault or a second interrupt: the plot and the logs still get every epoch logged
-            with suppress(Exception):  # but the run's own error is the one reported (a full disk's among them)
-                self._close_logs(quiet=True)
-            raise
-        self._close_logs()
-        return self.logger.epoch_records() if self.logger else []
+        with self.run_folder_hold:  # released as train() ends, however it ends
+            try:
+                with torch.enable_grad():  # a notebook's torch.no_grad() around it: the update needs its gradients
+                    self._train_epochs()
+            except BaseException:  # a fault or a second interrupt: the plot and logs still get every epoch logged
+                with suppress(Exception):  # but the run's own error is the one reported (a full disk's among them)
+                    self._close_logs(quiet=True)
+                raise
+            self._close_logs()
+            return self.logger.epoch_records() if self.logger else []
 
     def _close_logs(self, quiet: bool = False) -> None:
         if self.logger:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast import run_logging
+from rlcm_fast import run_lock, run_logging
 from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, hold_run_folder
 from rlcm_fast.run_logging import RunLogger, save_sample_grid
 
@@ -33,7 +33,7 @@ def test_a_held_lock_file_that_holds_no_process_id_names_no_process(tmp_path):
                                 "end, or give another --output-dir")
 
 
-def test_the_lock_file_holds_only_this_process_id_after_a_longer_one(tmp_path):
+def test_the_lock_file_holds_only_this_process_id_after_a_longer_one(tmp_path, monkeypatch):
     """Mutant R7 (no os.ftruncate): a shorter id written over a dead holder's longer one left its tail digits, and a
     later refused train named a process that never existed."""
     run_dir = tmp_path / "run"
@@ -41,6 +41,7 @@ def test_the_lock_file_holds_only_this_process_id_after_a_longer_one(tmp_path):
     (run_dir / LOCK_FILE).write_text("1234567890123\n")  # a dead holder's (longer than any pid)
     with hold_run_folder(run_dir):
         assert (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        monkeypatch.setattr(run_lock, "_HELD", {})  # this process's holds forgotten: refused as another process is
         with pytest.raises(RunFolderInUse, match=rf"\(process {os.getpid()}\): wait"), hold_run_folder(run_dir):
             pass
 

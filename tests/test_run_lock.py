@@ -159,3 +159,30 @@ def test_a_run_folder_the_lock_cannot_be_made_in_is_one_line(tmp_path, capsys, m
         assert main(["train", *ARGS, "--output-dir", str(tmp_path / name)]) == 2
         assert error_line(capsys) == (f"rlcm-fast: error: output dir '{tmp_path / name}' cannot be used: "
                                       f"'{tmp_path / where}': {why}")
+
+
+def test_a_hold_in_this_process_is_shared_only_by_the_holder_that_joins_it(tmp_path):
+    """The command line's Trainer joins the command line's hold; a second Trainer, or a Trainer's hold joined by
+    anything, is refused. The joiner's end leaves the folder held, the outer one's releases it."""
+    run_dir = tmp_path / "run"
+
+    def flock_free() -> bool:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with hold_run_folder(run_dir):
+        with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
+            with pytest.raises(RunFolderInUse, match="in use by another Trainer and rlcm-fast train in this process"):
+                with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
+                    pass
+        assert not flock_free()
+    assert not run_dir.exists()  # released by the outer hold, which removes the folder it made and left empty
+    with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
+        with pytest.raises(RunFolderInUse, match="in use by another Trainer in this process"), hold_run_folder(run_dir):
+            pass

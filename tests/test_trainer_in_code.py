@@ -1,8 +1,11 @@
 """A Trainer made in code (a notebook, a script) gets the checks the command line makes: its config validated,
-no new run over a folder holding one, a resume's settings against its checkpoint, and train() once."""
+no new run over a folder holding one, a resume's settings against its checkpoint, and train() once; and it
+holds the run folder's lock from its making until train() ends."""
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,8 +13,10 @@ import pytest
 import torch
 import yaml
 
+from rlcm_fast import run_lock
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
+from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse
 from rlcm_fast.trainer import Trainer
 from stops import sigterm_during_update
 
@@ -164,3 +169,56 @@ def test_a_damaged_newest_checkpoint_does_not_hide_an_intact_newer_one(finished,
     (run_dir / "checkpoint-3" / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="checkpoint-1 is older than its run's intact checkpoint-2"):
         Trainer(resolve_config(overrides={**SMALL, "epochs": 3}), run_dir, resume_from=run_dir / "checkpoint-1")
+
+
+def lock_is_free(run_dir: Path) -> bool:
+    """Whether a flock of RUN/.lock succeeds now (from a new open file: as another train would try it)."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_trainer_holds_its_run_folder_from_its_making_until_train_ends(tmp_path, capsys):
+    """Without the lock a command-line train (or another Trainer) could run in the folder meanwhile, and each
+    one's sweep of leftovers could delete the other's half-written checkpoint."""
+    run_dir = tmp_path / "run"
+    trainer = Trainer(resolve_config(overrides=SMALL), run_dir)
+    assert not lock_is_free(run_dir) and (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(RunFolderInUse, match=f"in use by another Trainer in this process \\(process {os.getpid()}\\)"):
+        Trainer(resolve_config(overrides=SMALL), run_dir)
+    assert main(["train", "--device", "cpu", "--set", "epochs=1", "--output-dir", str(run_dir)]) == 2
+    assert f"output dir '{run_dir}' is in use by another Trainer in this process" in capsys.readouterr().err
+    trainer.train()
+    assert lock_is_free(run_dir)
+    with pytest.raises(RuntimeError, match="runs once"):  # and a second train() does not take it again
+        trainer.train()
+    assert lock_is_free(run_dir)
+
+
+def test_a_trainer_that_cannot_be_built_releases_the_folder_it_made(tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    with pytest.raises(Exception, match="no_such_module_here"):
+        Trainer(resolve_config(overrides={**SMALL, "reward": "no_such_module_here:score"}), run_dir)
+    assert list(tmp_path.iterdir()) == []  # the lock's folders, made for it and left empty, are gone again
+    Trainer(resolve_config(overrides=SMALL), run_dir).train()  # and the folder is free
+    assert (run_dir / "checkpoint-1").is_dir()
+
+
+def test_a_run_another_train_finished_between_the_checks_and_the_lock_is_not_overwritten(
+        finished, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_hold = run_lock.hold_run_folder
+
+    def another_train_finishes_first(folder, **kwargs):
+        shutil.copytree(finished, folder)
+        return real_hold(folder, **kwargs)
+
+    monkeypatch.setattr(run_lock, "hold_run_folder", another_train_finishes_first)
+    with pytest.raises(ConfigError, match=f"run folder '{run_dir}' already holds a run"):
+        Trainer(resolve_config(overrides=SMALL), run_dir)
+    assert metrics(run_dir) == metrics(finished) and lock_is_free(run_dir)
