@@ -242,7 +242,9 @@ def record_first_updates(trainer: Trainer, warmup: int) -> list[dict]:
 
 
 def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, run_dir: Path,
-             warmup_epochs: bool = False, profiled: bool = False) -> dict:
+             warmup_epochs: bool = False, profiled: bool = False, timed=lambda result: None) -> dict:
+    """The row's measured epochs, then with `profiled` its profile (unet_profile.py); `timed(result)` is called
+    with the row's figures before the profile runs (main writes them)."""
     cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
     trainer = Trainer(cfg, run_dir)
     device = trainer.device
@@ -325,10 +327,11 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
           f"{mean['reward_wait_s']:.2f}, training {mean['training_s']:.2f})  {mean['images_per_s']:7.2f} img/s  "
           f"MFU {100 * mean['mfu']:.2f}%", flush=True)
     if profiled:
-        try:  # after the row's figures are in: a profiler that fails costs the profile alone
+        timed(result)  # the row's figures kept before the profile, whatever happens to it
+        try:
             result["profile"] = profile_row(trainer)
             print(format_profile(name, result["profile"]), flush=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 (a profiler that fails costs the profile alone)
             result["profile"] = {"failed": one_line(exc)}
             print(f"bench_train: row {name} not profiled: {one_line(exc)}", file=sys.stderr, flush=True)
     return result
@@ -390,10 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         result["skipped"].append({"part": "sd15-lcm / sd15 rows at 768 px, peak GPU memory",
                                   "reason": "CUDA is not available: the rows ran on the tiny presets (32 px)"})
     with tempfile.TemporaryDirectory() as tmp:
+        def write_row(row: dict) -> None:
+            write_result("bench_train", {**result, "rows": [*result["rows"], row]}, args.out_dir, complete=False)
+
         for name, overrides in table.items():
             try:
                 result["rows"].append(time_row(name, overrides, epochs, warmup, rate["flops_per_s"],
-                                              Path(tmp) / name, args.warmup_epochs, name in args.profile))
+                                              Path(tmp) / name, args.warmup_epochs, name in args.profile, write_row))
             except Exception as exc:  # noqa: BLE001 (one row's failure must not cost the rows after it)
                 traceback.print_exc()
                 result["skipped"].append({"row": name, "reason": f"failed: {one_line(exc)}"})

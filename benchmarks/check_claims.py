@@ -64,8 +64,8 @@ TESTS = REPO_ROOT / "tests"
 # them; then those that passed on the H200 (6675037, 714cdca), the compiled training's last: it took 107 s there
 # (714cdca), more than the others together, and its new blocks case decides only a train row that runs late.
 GPU_TEST_FILES = ["test_nvjpeg.py", "test_training_graphs.py", "test_attention.py", "test_cuda_graphs.py",
-                  "test_clip_rewards.py", "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py",
-                  "test_compiled_training.py"]
+                  "test_unet_profile.py", "test_clip_rewards.py", "test_rewards.py", "test_fast_sampler.py",
+                  "test_triton_step.py", "test_compiled_training.py"]
 # One GPU test that hangs or compiles for too long must not take the whole stage (pytest-timeout, where
 # installed: the GPU image has it); the compiled-training tests' cold inductor compiles took about 50 s there.
 GPU_TEST_TIMEOUT_S = 120
@@ -246,13 +246,15 @@ def profile_summary(out_dir: Path) -> list[str]:
             lines.append(f"- {row['variant']}: not profiled ({row['profile']['failed']})")
             continue
         for call, summary in row["profile"].items():
-            said = f"- {row['variant']} {call.replace('_', ' ')}: {summary['wall_ms']:.4g} wall"
+            said = (f"- {row['variant']} {call.replace('_', ' ')}: {summary['wall_ms']:.4g} wall "
+                    f"({summary['profiled_wall_ms']:.4g} profiled)")
             key = "device_ms" if summary.get("device_busy_fraction") is not None else "host_ms"
             if key == "device_ms":
                 said += (f", kernels {summary['kernel_ms']:.4g} ({100 * summary['device_busy_fraction']:.0f}% busy, "
                          f"{summary['kernel_launches']} launches)")
             ops = ", ".join(f"{op['name']} {op[key]:.3g}" for op in summary["ops"][:5])
-            lines.append(f"{said}; by {key.replace('_ms', '')} time: {ops}")
+            note = f" ({summary['note']})" if "note" in summary else ""
+            lines.append(f"{said}; by {key.replace('_ms', '')} time: {ops}{note}")
     return lines + [""] if lines else []
 
 

@@ -395,7 +395,8 @@ def test_the_train_stage_runs_the_rows_of_the_ratio_claims_first():
 def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
     write_gpu_results(tmp_path)
     train = json.loads((tmp_path / "bench_train.json").read_text())
-    call = {"wall_ms": 130.0, "host_ms": 40.0, "kernel_ms": 117.0, "device_busy_fraction": 0.9, "kernel_launches": 3400,
+    call = {"wall_ms": 130.0, "profiled_wall_ms": 150.0, "host_ms": 40.0, "kernel_ms": 117.0,
+            "device_busy_fraction": 0.9, "kernel_launches": 3400,
             "ops": [{"name": f"aten::op{i}", "count": 1, "host_ms": 1.0, "device_ms": 30.0 - i} for i in range(6)]}
     train["rows"][-2]["profile"] = {"sampling_call": {"prompts": 4, "unet_calls": 8, **call},
                                     "training_call": {"rows": 2, **call}}
@@ -405,8 +406,10 @@ def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
     profiled = (tmp_path / "claims.md").read_text().split("Where a train row's time goes")[1].splitlines()
     ops = "aten::op0 30, aten::op1 29, aten::op2 28, aten::op3 27, aten::op4 26"  # the first five
     assert [line for line in profiled if line.startswith("- ")] == [
-        f"- straightforward sampling call: 130 wall, kernels 117 (90% busy, 3400 launches); by device time: {ops}",
-        f"- straightforward training call: 130 wall, kernels 117 (90% busy, 3400 launches); by device time: {ops}",
+        f"- straightforward sampling call: 130 wall (150 profiled), kernels 117 (90% busy, 3400 launches); by device "
+        f"time: {ops}",
+        f"- straightforward training call: 130 wall (150 profiled), kernels 117 (90% busy, 3400 launches); by device "
+        f"time: {ops}",
         "- ddpo: not profiled (RuntimeError: CUPTI could not be loaded)"]
 
 

@@ -189,7 +189,8 @@ def test_a_trainer_holds_its_run_folder_from_its_making_until_train_ends(tmp_pat
     run_dir = tmp_path / "run"
     trainer = Trainer(resolve_config(overrides=SMALL), run_dir)
     assert not lock_is_free(run_dir) and (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
-    with pytest.raises(RunFolderInUse, match=f"in use by another Trainer in this process \\(process {os.getpid()}\\)"):
+    with pytest.raises(RunFolderInUse, match=f"in use by another Trainer in this process \\(process {os.getpid()}\\): "
+                                              "let its train\\(\\) end or del it, or give another output dir"):
         Trainer(resolve_config(overrides=SMALL), run_dir)
     assert main(["train", "--device", "cpu", "--set", "epochs=1", "--output-dir", str(run_dir)]) == 2
     assert f"output dir '{run_dir}' is in use by another Trainer in this process" in capsys.readouterr().err
