@@ -44,14 +44,16 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
     holds it, or another holder in this process, unless that is `joins` alone (then this shares its hold). A
     folder this made and nothing was written into is removed again at the end, so a run refused after
     loading leaves no folder behind (as before the lock)."""
-    run_dir = Path(run_dir)
+    run_dir, held = Path(run_dir), _HELD  # the registry as it is now: the end of the hold updates that one
     key = os.path.realpath(run_dir)
-    holders = _HELD.get(key)
+    holders = held.get(key)
     if holders is not None:
         if holders != {joins}:
+            # A Trainer holds its folder until its train() ends, or until it is deleted (a notebook's last one
+            # is still referenced by its variable).
+            advice = "let its train() end or del it" if "Trainer" in holders else "let it end"
             raise RunFolderInUse(f"output dir {str(run_dir)!r} is in use by another {' and '.join(sorted(holders))} "
-                                 f"in this process (process {os.getpid()}): let it end first, or give another "
-                                 "output dir")
+                                 f"in this process (process {os.getpid()}): {advice}, or give another output dir")
         holders.add(holder)
         try:
             yield
@@ -59,11 +61,11 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
             holders.discard(holder)
         return
     fd, created = _lock(run_dir)
-    _HELD[key] = {holder}
+    held[key] = {holder}
     try:
         yield
     finally:
-        _HELD.pop(key, None)
+        held.pop(key, None)
         try:
             if fd is not None and _only_the_lock_in(run_dir):
                 os.unlink(run_dir / LOCK_FILE)  # a waiting opener of this file sees it unlinked and retries
