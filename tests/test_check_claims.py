@@ -419,6 +419,8 @@ def test_the_train_stage_profiles_only_the_rows_it_runs():
     command = check_claims.stage_commands(Path("unused"), "fast,calls_of_20_and_7")["train"]
     assert command[command.index("--profile") + 1] == "calls_of_20_and_7"
     assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,ddpo")["train"]
+    # a row's name inside another's is not that row
+    assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,all_graphed_calls_of_20_and_7")["train"]
 
 
 def test_claims_md_gives_each_train_rows_first_update_clipfrac(tmp_path):

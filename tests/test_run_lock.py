@@ -186,3 +186,11 @@ def test_a_hold_in_this_process_is_shared_only_by_the_holder_that_joins_it(tmp_p
     with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
         with pytest.raises(RunFolderInUse, match="in use by another Trainer in this process"), hold_run_folder(run_dir):
             pass
+
+
+def test_a_joiner_may_join_again_after_it_ends_and_through_another_spelling_of_the_folder(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "run", target_is_directory=True)
+    with hold_run_folder(tmp_path / "run"):
+        for folder in (tmp_path / "link", tmp_path / "run" / ".." / "run"):  # the same folder: the same hold
+            with hold_run_folder(folder, holder="Trainer", joins="rlcm-fast train"):
+                pass

@@ -203,9 +203,12 @@ def test_a_trainer_holds_its_run_folder_from_its_making_until_train_ends(tmp_pat
 
 def test_a_trainer_that_cannot_be_built_releases_the_folder_it_made(tmp_path):
     run_dir = tmp_path / "new" / "run"
-    with pytest.raises(Exception, match="no_such_module_here"):
+    with pytest.raises(Exception, match="no_such_module_here") as error:
         Trainer(resolve_config(overrides={**SMALL, "reward": "no_such_module_here:score"}), run_dir)
+    # Released at once, not when the error's frames are collected: a notebook keeps them (sys.last_traceback).
     assert list(tmp_path.iterdir()) == []  # the lock's folders, made for it and left empty, are gone again
+    assert os.path.realpath(run_dir) not in run_lock._HELD
+    del error
     Trainer(resolve_config(overrides=SMALL), run_dir).train()  # and the folder is free
     assert (run_dir / "checkpoint-1").is_dir()
 
@@ -220,6 +223,9 @@ def test_a_run_another_train_finished_between_the_checks_and_the_lock_is_not_ove
         return real_hold(folder, **kwargs)
 
     monkeypatch.setattr(run_lock, "hold_run_folder", another_train_finishes_first)
-    with pytest.raises(ConfigError, match=f"run folder '{run_dir}' already holds a run"):
+    with pytest.raises(ConfigError, match=f"run folder '{run_dir}' already holds a run") as error:
         Trainer(resolve_config(overrides=SMALL), run_dir)
+    # Released at once, while the error (and its frames) is still referenced
     assert metrics(run_dir) == metrics(finished) and lock_is_free(run_dir)
+    assert os.path.realpath(run_dir) not in run_lock._HELD
+    del error

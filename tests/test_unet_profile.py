@@ -44,6 +44,27 @@ def test_a_profiled_row_has_its_sampling_and_training_calls_ranked_by_host_time_
     assert "training_calls_of_7 training_call: " in out and "most host_ms: aten::" in out
 
 
+def test_the_profiled_calls_are_the_rows_own(tmp_path):
+    """A UNet batch of every joined sampling batch, the decode of one sampling batch, and the plan's first call."""
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.trainer import Trainer
+
+    cfg = resolve_config(overrides={"device": "cpu", "horizon": 4, "sample_batch_size": 2, "train_batch_size": 2,
+                                    "batches_per_epoch": 2, "sample_batches_per_call": 2, "grid_every": 0})
+    trainer = Trainer(cfg, tmp_path / "run")
+    sampled, decoded, trained = [], [], []
+    sample, decode, log_probs = trainer.sampler.sample, trainer.sampler.decode, trainer.sampler.action_log_probs
+    trainer.sampler.sample = lambda unet, prompts, **kw: (sampled.append(len(prompts)), sample(unet, prompts, **kw))[1]
+    trainer.sampler.decode = lambda x: (decoded.append(len(x)), decode(x))[1]
+    trainer.sampler.action_log_probs = lambda unet, states, i, k, e: (
+        trained.append((i.tolist(), k.tolist())), log_probs(unet, states, i, k, e))[1]
+    profiled = unet_profile.profile_row(trainer)
+    assert sampled == [4, 4] and decoded == [2, 2]  # timed once, then profiled
+    sample_idx, step_idx = unet_profile.first_training_call(trainer)
+    assert trained == [((sample_idx % 4).tolist(), step_idx.tolist())] * 2
+    assert (profiled["sampling_call"]["prompts"], profiled["training_call"]["rows"]) == (4, len(step_idx))
+
+
 def test_the_training_call_leaves_no_gradient_behind(tmp_path):
     from rlcm_fast.config import resolve_config
     from rlcm_fast.trainer import Trainer
@@ -146,6 +167,10 @@ def test_a_profiled_row_that_does_not_run_is_said_so(tmp_path, capsys):
     err = capsys.readouterr().err
     for row in ("straightforward", "compiled_unet"):
         assert f"--profile row {row} is not among the rows that run; not profiled" in err
+    assert bench_train.main(["--quick", "--rows", "fast,compiled_unet", "--profile", "compiled_unet", "--no-curves",
+                             "--out-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # a GPU-only row asked for on a CPU is said skipped, once
+    assert "row compiled_unet skipped" in err and "--profile row compiled_unet" not in err
     assert "profile" not in json.loads((tmp_path / "bench_train.json").read_text())["rows"][0]
 
 
