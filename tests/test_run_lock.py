@@ -28,6 +28,18 @@ with hold_run_folder(sys.argv[1]):
 """
 
 
+def lock_is_free(run_dir: Path) -> bool:
+    """Whether a flock of RUN/.lock succeeds now (from a new open file: as another train would try it)."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -165,23 +177,12 @@ def test_a_hold_in_this_process_is_shared_only_by_the_holder_that_joins_it(tmp_p
     """The command line's Trainer joins the command line's hold; a second Trainer, or a Trainer's hold joined by
     anything, is refused. The joiner's end leaves the folder held, the outer one's releases it."""
     run_dir = tmp_path / "run"
-
-    def flock_free() -> bool:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
-
     with hold_run_folder(run_dir):
         with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
             with pytest.raises(RunFolderInUse, match="in use by another Trainer and rlcm-fast train in this process"):
                 with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
                     pass
-        assert not flock_free()
+        assert not lock_is_free(run_dir)
     assert not run_dir.exists()  # released by the outer hold, which removes the folder it made and left empty
     with hold_run_folder(run_dir, holder="Trainer", joins="rlcm-fast train"):
         with pytest.raises(RunFolderInUse, match="in use by another Trainer in this process"), hold_run_folder(run_dir):

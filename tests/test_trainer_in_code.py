@@ -3,7 +3,6 @@ no new run over a folder holding one, a resume's settings against its checkpoint
 holds the run folder's lock from its making until train() ends."""
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse
 from rlcm_fast.trainer import Trainer
 from stops import sigterm_during_update
+from test_run_lock import lock_is_free
 
 SMALL = {"device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 2, "train_batch_size": 2,
          "lora_rank": 2, "checkpoint_every": 1}
@@ -169,18 +169,6 @@ def test_a_damaged_newest_checkpoint_does_not_hide_an_intact_newer_one(finished,
     (run_dir / "checkpoint-3" / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="checkpoint-1 is older than its run's intact checkpoint-2"):
         Trainer(resolve_config(overrides={**SMALL, "epochs": 3}), run_dir, resume_from=run_dir / "checkpoint-1")
-
-
-def lock_is_free(run_dir: Path) -> bool:
-    """Whether a flock of RUN/.lock succeeds now (from a new open file: as another train would try it)."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def test_a_trainer_holds_its_run_folder_from_its_making_until_train_ends(tmp_path, capsys):
