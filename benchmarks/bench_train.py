@@ -36,9 +36,10 @@ forward+backward calls ran: a few microseconds per op says the host's launches s
 `first_update_statistics`: per measured epoch, its first update's approx_kl, clipfrac and mean ratio, which
 the numerics of sampling against training alone set (that update's weights sampled the epoch).
 
-`--profile ROWS`: after a row's measured epochs (its timing untouched), one sampling call and one training
-call of that row under torch.profiler: the JSON row's `profile` holds the ops and kernels that took the most
-time and how busy the GPU was (unet_profile.py says how to read it).
+`--profile ROWS`: after a row's measured epochs (its timing untouched, its figures written first), one
+sampling call and the first training call of its minibatch plan under torch.profiler: the JSON row's
+`profile` holds the ops and kernels that took the most time and how busy the GPU was (unet_profile.py says
+how to read it).
 
 --quick is a smoke run: 2 samples per epoch, one measured epoch, DDPO with 4 steps, curves of 2 epochs.
 

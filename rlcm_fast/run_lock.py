@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 LOCK_FILE = ".lock"
-# The run folders this process holds (their real paths) and by whom: "rlcm-fast train" (the command line), then
-# perhaps "Trainer" (the one the command line makes, which joins its hold: a second flock of the file from this
-# process would be refused like another process's).
+# The run folders this process holds (their real paths) and by whom: "rlcm-fast train" (the command line) or
+# "Trainer" (one made in code). The command line's own Trainer joins the command line's hold: a second flock of
+# the file from this process would be refused like another process's.
 _HELD: dict[str, set[str]] = {}
 
 
