@@ -61,7 +61,8 @@ if __name__ == "__main__":  # --help and a bad flag answer here, before the impo
 
 import torch  # noqa: E402
 
-from common import environment, matmul_rate, refuse_missing_cuda, release_memory, write_result  # noqa: E402
+from common import (environment, matmul_rate, refuse_missing_cuda, release_memory, synchronize,  # noqa: E402
+                    write_result)
 from rlcm_fast import FastLCMSampler  # noqa: E402
 from rlcm_fast.attention import check_attention_backend, set_attention_backend  # noqa: E402
 from rlcm_fast.models import load_pipeline  # noqa: E402
@@ -71,10 +72,6 @@ GUIDANCE = 8.0
 EAGER, FAST, COMPILED_DIFFUSERS, FAST_WITHOUT_GRAPH = (
     "diffusers eager", "rlcm-fast", "diffusers + torch.compile", "rlcm-fast, no CUDA graph")
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds_per_call(fn, device, warmup: int, repeats: int) -> float:

@@ -96,7 +96,7 @@ if __name__ == "__main__":  # --help and a bad flag answer here, before the impo
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from common import environment, matmul_rate, release_memory, write_result  # noqa: E402
+from common import environment, matmul_rate, release_memory, synchronize, write_result  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.cuda_graphs import GraphedTrainingUNet  # noqa: E402
 from rlcm_fast.faults import one_line  # noqa: E402
@@ -105,10 +105,6 @@ from rlcm_fast.policy_step import select_backend  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 from unet_profile import format_profile, profile_row  # noqa: E402
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TimedReward:

@@ -86,7 +86,7 @@ if __name__ == "__main__":  # --help and a bad flag answer here, before the impo
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from common import environment, refuse_missing_cuda, release_memory, write_result  # noqa: E402
+from common import environment, refuse_missing_cuda, release_memory, synchronize, write_result  # noqa: E402
 from rlcm_fast.attention import set_attention_backend  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.cuda_graphs import CapturedCall, GraphedTrainingUNet  # noqa: E402
@@ -103,10 +103,6 @@ def apply_variant(trainer: Trainer, switches: dict) -> None:
     torch.backends.cudnn.benchmark = bool(switches.get("cudnn_benchmark"))
     set_attention_backend(trainer.pipe, switches.get("attention_backend", "sdpa"))
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_ms(call, repeats: int, device: torch.device) -> float:

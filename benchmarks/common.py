@@ -32,6 +32,14 @@ except ImportError:  # a source checkout works without installing (the C++ step 
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def synchronize(device: "torch.device") -> None:
+    """Wait for the device's queued work (a CUDA GPU's; a CPU has none): a timer read after it times the work."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def description(doc: str) -> str:
     """A script's --help description: its docstring's first paragraph as one line (its first line alone
     stops mid-sentence where the paragraph wraps)."""

@@ -24,6 +24,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from common import synchronize
 from rlcm_fast.minibatches import minibatch_plan
 
 TOP = 12  # ops and kernels listed per call; the rest are summed in "others"
@@ -89,11 +90,6 @@ def timed_profile(fn, device: torch.device) -> dict:
         synchronize(device)
         profiled_s = time.perf_counter() - started
     return summarise(prof.key_averages(), wall_s, profiled_s, on_device=device.type == "cuda")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def summarise(averages, wall_s: float, profiled_s: float, on_device: bool) -> dict:
