@@ -118,15 +118,18 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
 
 def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitStack, TrainConfig, Path, Path | None]:
     """checked_start, then the run folder's lock (RUN/.lock: run_lock.py) held until the returned stack is closed,
-    and the checks again under it: another train may have started there in between. In a process that does
-    not take run folders' locks (run_lock.holds_run_folders_here) the stack holds nothing."""
-    from .run_lock import hold_run_folder, holds_run_folders_here
+    and the checks again under it: another train may have started there in between (not when the command line
+    held the folder already: the checks ran under its hold). In a process that does not take run folders' locks
+    (run_lock.holds_run_folders_here) the stack holds nothing."""
+    from .run_lock import held_in_this_process, hold_run_folder, holds_run_folders_here
 
     checked, hold = checked_start(cfg, run_dir, resume_from), contextlib.ExitStack()
     if holds_run_folders_here():
+        checked_under_the_lock = held_in_this_process(checked[1])
         hold.enter_context(hold_run_folder(checked[1], holder="Trainer", joins="rlcm-fast train"))
         try:
-            checked = checked_start(cfg, run_dir, resume_from)
+            if not checked_under_the_lock:
+                checked = checked_start(cfg, run_dir, resume_from)
         except BaseException:
             hold.close()
             raise

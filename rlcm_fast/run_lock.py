@@ -38,6 +38,10 @@ def holds_run_folders_here() -> bool:
     return not os.environ.get(LAUNCHED_HERE) and os.environ.get("RANK", "0") == "0"
 
 
+def held_in_this_process(run_dir: Path) -> bool:
+    return os.path.realpath(run_dir) in _HELD
+
+
 @contextlib.contextmanager
 def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str | None = None):
     """Create `run_dir` if needed and hold its lock until the block ends; RunFolderInUse if another process
