@@ -47,29 +47,30 @@ def check_name_lengths(path: Path, what: str) -> None:
                              f"and a file system takes at most {NAME_MAX} per file or folder name")
 
 
-def check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path, what: str = "output dir") -> None:
     """Before any model loads, a run folder that cannot be made is one line (it was an OSError traceback after
-    loading). Nothing is created here: a run refused later leaves no folder behind."""
-    check_name_lengths(run_dir, "output dir")
-    check_utf8_name(run_dir, "output dir", "TensorBoard's writer takes only UTF-8")
+    loading). Nothing is created here: a run refused later leaves no folder behind. `what` names the folder in
+    the messages (the command line's option, or a Trainer's argument)."""
+    check_name_lengths(run_dir, what)
+    check_utf8_name(run_dir, what, "TensorBoard's writer takes only UTF-8")
     if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: it is a file")
+        raise UsageError(f"{what} {str(run_dir)!r} cannot be created: it is a file")
     existing = run_dir
     while not existing.exists():
         existing = existing.parent
     if existing != run_dir and not existing.is_dir():
-        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {str(existing)!r} is a file")
+        raise UsageError(f"{what} {str(run_dir)!r} cannot be created: {str(existing)!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: {str(existing)!r} is not writable")
+        raise UsageError(f"{what} {str(run_dir)!r} cannot be created or written: {str(existing)!r} is not writable")
     try:  # os.access says yes to root on a read-only file system or in /proc: make and remove a folder there
         os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=existing))
     except OSError as exc:
-        raise UsageError(f"output dir {str(run_dir)!r} cannot be created or written: making a folder in "
+        raise UsageError(f"{what} {str(run_dir)!r} cannot be created or written: making a folder in "
                          f"{str(existing)!r} failed: {exc.strerror or exc}") from None
     # A run folder from elsewhere whose reward.png or samples/ links out would have the run write over the target.
     for entry in os.scandir(run_dir) if existing == run_dir else ():
         if entry.is_symlink():
-            raise UsageError(f"output dir {str(run_dir)!r} holds a symbolic link, {entry.name!r} -> "
+            raise UsageError(f"{what} {str(run_dir)!r} holds a symbolic link, {entry.name!r} -> "
                              f"{os.readlink(entry.path)!r}; a run writes its files in place and would write through "
                              "it: put the file or folder itself there")
 

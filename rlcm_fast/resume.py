@@ -16,6 +16,7 @@ from typing import Callable
 
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
 from .config_checks import validate
+from .path_checks import UsageError, check_run_dir
 from .prompts import PROMPT_SETS
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
@@ -80,10 +81,11 @@ def refuse_changed_settings(before: dict, values: dict, mid_epoch: bool) -> None
 
 
 def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, Path, Path | None]:
-    """What a Trainer starts from, with the command line's main checks (cli._plan_run) for one made in code: the
-    config validated (a dataclass changed after resolve_config, or built directly), a new run refused in a
-    folder that holds one (it would overwrite its checkpoints and metrics), a resume's settings against its
-    checkpoint, and a resume refused where it would overwrite another run's checkpoints or its own later ones.
+    """What a Trainer starts from, with the command line's checks (cli._plan_run) for one made in code: the run
+    folder's name and whether it can be made (path_checks.check_run_dir), the config validated (a dataclass
+    changed after resolve_config, or built directly), a new run refused in a folder that holds one (it would
+    overwrite its checkpoints and metrics), a resume's settings against its checkpoint, and a resume refused
+    where it would overwrite another run's checkpoints or its own later ones.
     `resume_from` may name a run folder (its newest intact checkpoint is taken); paths may be str."""
     from .checkpoint import find_resumable, list_checkpoints, read_training_state, resolve_checkpoint
 
@@ -91,6 +93,10 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
         raise TypeError(f"cfg is a {type(cfg).__name__}; a Trainer takes a TrainConfig (rlcm_fast.config."
                         "resolve_config builds one from a task, a model and overrides)")
     cfg, run_dir = dataclasses.replace(cfg, output_dir=str(run_dir)), Path(run_dir)  # the caller's is left as it is
+    try:  # before the model loads: a name too long or not UTF-8 failed after it, leaving a folder behind
+        check_run_dir(run_dir, "run folder")
+    except UsageError as exc:
+        raise ConfigError(str(exc)) from None
     if resume_from is None:
         # Damaged checkpoints alone do not count: `--resume auto` starts the run over them.
         if find_resumable(run_dir)[0] is not None:

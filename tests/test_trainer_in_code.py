@@ -217,3 +217,18 @@ def test_a_run_another_train_finished_between_the_checks_and_the_lock_is_not_ove
     assert metrics(run_dir) == metrics(finished) and lock_is_free(run_dir)
     assert os.path.realpath(run_dir) not in run_lock._HELD
     del error
+
+
+@pytest.mark.parametrize("name, message", [
+    ("x" * 300, "run folder '.*' cannot be created: its name 'xxx.*is 300 bytes"),
+    ("bad\udcff", r"run folder '.*bad\\xff' is not a UTF-8 name, and TensorBoard's writer takes only UTF-8"),
+    ("a-file/run", "run folder '.*a-file/run' cannot be created: '.*a-file' is a file"),
+], ids=["too-long", "not-utf8", "under-a-file"])
+def test_a_run_folder_that_cannot_be_made_is_refused_before_the_model_loads(tmp_path, monkeypatch, name, message):
+    """A name too long was an OSError, one not UTF-8 a UnicodeEncodeError from TensorBoard's writer after the
+    model had loaded and the folder had been made."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(Trainer, "_build", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        Trainer(resolve_config(overrides=SMALL), tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
