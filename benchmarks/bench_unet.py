@@ -22,7 +22,8 @@ CPU (`--device cpu`, or no CUDA): tiny at 32 px, float32, the default and channe
 only; a smoke test of the script, not a speed claim.
 
 Per (call, variant, mode): the median of --repeats calls after two warm-up calls (the first searches
-cuDNN's algorithms or captures the graph), in ms; TFLOP/s from the call's counted FLOPs; the speedup over
+cuDNN's algorithms or captures the graph), on a thread of its own (cuDNN's plan cache is per thread: see
+on_own_thread), in ms; TFLOP/s from the call's counted FLOPs; the speedup over
 the default variant's eager time. Calls run outer, variants inner, so that a run cut short has every
 variant of the calls it reached. Writes bench_unet.json (under --out-dir, else
 benchmarks/results/bench_unet-<device>.json).
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,6 +105,16 @@ def apply_variant(trainer: Trainer, switches: dict) -> None:
     torch.backends.cudnn.benchmark = bool(switches.get("cudnn_benchmark"))
     set_attention_backend(trainer.pipe, switches.get("attention_backend", "sdpa"))
 
+
+
+def on_own_thread(measure):
+    """measure() run on a thread of its own, its result returned (its exception raised) here. PyTorch keeps
+    cuDNN's convolution plans per thread (aten/src/ATen/native/cudnn/Conv_v8.cpp), keyed by the shapes but not
+    by torch.backends.cudnn.benchmark, and a plan found by its heuristics is kept too: in a thread that had
+    run a shape before (the FLOP count, the default variant), cudnn_benchmark would time nothing and reuse the
+    heuristic plan. A fresh thread starts with an empty cache; autocast and grad mode are set by each call."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(measure).result()
 
 
 def timed_ms(call, repeats: int, device: torch.device) -> float:
@@ -212,7 +224,8 @@ def measure(args: argparse.Namespace, variants: list[str], calls: list[tuple[str
                 try:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        ms = timed_ms(builder.make(kind, batch, graphed=mode == "graph"), args.repeats, device)
+                        ms = on_own_thread(lambda: timed_ms(builder.make(kind, batch, graphed=mode == "graph"),
+                                                            args.repeats, device))
                     # A capture that fails warns and runs the call without the graph: not a graph's time.
                     if fallbacks := [str(w.message) for w in caught if "could not be captured" in str(w.message)
                                      or "without CUDA graphs" in str(w.message)]:

@@ -4,6 +4,7 @@ and a run writes one timed row per (call, variant) with its FLOPs and speedup.""
 import json
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,24 @@ def test_variants_set_and_unset_their_switches_in_place(tmp_path):
     assert all(p.is_contiguous() for p in weights)
     assert convolution_weights(trainer) == weights  # the same Parameters (the optimizer holds them)
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_each_variant_and_mode_is_timed_on_a_thread_of_its_own(tmp_path, monkeypatch):
+    """cuDNN's plans are cached per thread (thread_local in PyTorch), whatever torch.backends.cudnn.benchmark
+    says: timed on the thread that ran the default variant (or the FLOP count) first, cudnn_benchmark reused
+    their heuristic plans. Here a thread-local mark stands for that cache: each timing must find it unset."""
+    cache, timed_ms, fresh = threading.local(), bench_unet.timed_ms, []
+
+    def recording(call, repeats, device):
+        fresh.append(not getattr(cache, "used", False))
+        cache.used = True
+        return timed_ms(call, repeats, device)
+
+    cache.used = True  # the main thread's, where the FLOPs are counted
+    monkeypatch.setattr(bench_unet, "timed_ms", recording)
+    assert bench_unet.main(["--device", "cpu", "--repeats", "1", "--calls", "decode:1,sampling:1",
+                            "--out-dir", str(tmp_path)]) == 0
+    assert fresh == [True] * 4  # 2 calls x 2 variants
 
 
 def test_cpu_run_writes_a_row_per_call_and_variant(tmp_path):
