@@ -11,7 +11,7 @@ diffusers 0.42; RLCM's trainer samples at the paper's 8.0). pipe.scheduler must 
 step otherwise), read when the sampler is built. What makes it faster than the pipeline:
 
 - prompt embeddings are cached per prompt, the PROMPT_CACHE_SIZE most recently used (the text encoder runs
-  once per distinct prompt while it is kept; after changing the text encoder, build a new sampler);
+  once per distinct prompt while it is kept; after changing the text encoder, call clear_prompt_cache());
 - every random draw is made up front from the caller's generator, in the pipeline's order (initial
   latents, then one noise per step but the last), so the images stay the pipeline's while the
   H-step loop itself has no Python-side randomness and no host synchronisation. (With generator=None
@@ -170,6 +170,11 @@ class FastLCMSampler:
     @property
     def device(self) -> torch.device:
         return self.sampler.device
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the cached prompt embeddings, so that each prompt is encoded again at its next call: after
+        the text encoder's weights changed (the captured graph reads the embeddings as inputs, so it stays)."""
+        self.sampler._prompt_cache.clear()
 
     def _sample(self, *inputs):
         if self._replay is None:

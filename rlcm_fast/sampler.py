@@ -99,6 +99,10 @@ class PromptEmbeddingCache:
             self._cache.popitem(last=False)  # may hold more distinct prompts than that
         return embeds
 
+    def clear(self) -> None:
+        """Forget every embedding: each prompt is encoded again (after the text encoder changed)."""
+        self._cache.clear()
+
 
 class LCMSampler:
     """Samples trajectories of a fixed horizon with a pipeline's UNet (or a LoRA-wrapped copy of it).

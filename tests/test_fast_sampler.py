@@ -465,3 +465,23 @@ def test_the_trajectory_says_each_rows_prompt(pipe):
     assert out.trajectory.prompts == ["a cat", "a dog"]
     one = fast("a bird", generator=torch.Generator().manual_seed(0), return_trajectory=True)
     assert one.trajectory.prompts == ["a bird", "a bird"]
+
+
+def test_fast_sampler_encodes_again_after_its_prompt_cache_is_cleared(pipe):
+    """After the text encoder's weights change, the cached embeddings are stale until clear_prompt_cache()."""
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
+    fast(PROMPTS, generator=torch.Generator().manual_seed(0))
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)
+        stale = fast(PROMPTS, generator=torch.Generator().manual_seed(0)).images
+        fast.clear_prompt_cache()
+        ours = fast(PROMPTS, generator=torch.Generator().manual_seed(0)).images
+        theirs = pipeline_images(pipe, PROMPTS, 2, seed=0)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert (ours - theirs).abs().max().item() < 1e-5
+    assert (stale - theirs).abs().max().item() > 1e-3
