@@ -23,7 +23,9 @@ Timing: an epoch is timed from the first sampling call to the end of its last op
 device synchronisation at each boundary. `sampling_s` is sampling (and VAE decode) minus the time spent
 waiting for rewards; `reward_wait_s` is that wait (the reward time the loop could not hide);
 `reward_busy_s` is the time the reward function ran (on its worker thread, partly hidden behind sampling
-when `reward_overlap` is on); `training_s` is advantages plus all updates. Before its measured epochs
+when `reward_overlap` is on; a reward on the GPU, such as nvJPEG, queues on the stream the next sampling
+batch's kernels went to first, so its busy time includes waiting for them: not comparable with a CPU
+reward's); `training_s` is advantages plus all updates. Before its measured epochs
 each row is warmed up, not timed: one sampling call and one optimizer update with every shape its epochs
 use (`--warmup-epochs`: one whole epoch). Peak GPU memory is recorded as allocated and as reserved by
 PyTorch's caching allocator (`peak_reserved_gib`, what the GPU must hold). MFU = UNet FLOPs of the epoch (counted

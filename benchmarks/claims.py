@@ -176,7 +176,14 @@ def train_ratio(slow: str, field: str, what: str):
         fast, other = fastest_fast_path(train), gpu_train_rows(train).get(slow)
         if not (fast and other):
             return None
-        return other[field] / fast[field], f"{what}; fast path: {train_row_label(fast)}"
+        detail = f"{what}; fast path: {train_row_label(fast)}"
+        # check_claims gives DDPO fewer sampling batches than RLCM (--ddpo-batches) to fit its budget: said here.
+        if (theirs := other.get("samples_per_epoch")) != (ours := fast.get("samples_per_epoch")):
+            detail += f"; samples per epoch: {slow} {theirs}, fast path {ours}"
+        epochs = {row.get("epochs_measured") for row in (fast, other)}
+        if len(epochs) == 1 and None not in epochs:
+            detail += f"; {epochs.pop()} measured epoch(s) per row"
+        return other[field] / fast[field], detail
     return measure
 
 

@@ -360,6 +360,22 @@ def test_the_training_calls_of_7_row_is_a_fast_path_row(tmp_path):
     assert epoch["measured"] == pytest.approx(35.0 / 7.0) and "fast path: row training_calls_of_7" in epoch["detail"]
 
 
+def test_a_ratio_claim_says_when_its_rows_sampled_different_numbers_per_epoch(tmp_path):
+    """check_claims gives DDPO one sampling batch of 4 against RLCM's ten (--ddpo-batches 1): claims.md said
+    nothing of it."""
+    write_gpu_results(tmp_path)
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    for row in train["rows"]:
+        row.update(samples_per_epoch=4 if row["variant"] == "ddpo" else 40, epochs_measured=1)
+    (tmp_path / "bench_train.json").write_text(json.dumps(train))
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = {c["claim"]: c["detail"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
+    ddpo = claims["DDPO's per-sample RL step at least 10x rlcm-fast's"]
+    assert ddpo.endswith("; samples per epoch: ddpo 4, fast path 40; 1 measured epoch(s) per row")
+    epoch = claims["rlcm-fast epoch at least 3x faster than the straightforward path"]
+    assert "samples per epoch" not in epoch and epoch.endswith("; 1 measured epoch(s) per row")
+
+
 def test_the_tests_stage_runs_every_file_that_has_gpu_tests():
     """A file marked gpu but left out of GPU_TEST_FILES would never run on a lent GPU."""
     import re
