@@ -36,9 +36,9 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -112,9 +112,22 @@ def on_own_thread(measure):
     cuDNN's convolution plans per thread (aten/src/ATen/native/cudnn/Conv_v8.cpp), keyed by the shapes but not
     by torch.backends.cudnn.benchmark, and a plan found by its heuristics is kept too: in a thread that had
     run a shape before (the FLOP count, the default variant), cudnn_benchmark would time nothing and reuse the
-    heuristic plan. A fresh thread starts with an empty cache; autocast and grad mode are set by each call."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(measure).result()
+    heuristic plan. A fresh thread starts with an empty cache; autocast and grad mode are set by each call.
+    A daemon thread, joined: Ctrl-C (check_claims' stop) ends the wait at once, not after the measurement."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = measure()
+        except BaseException as error:  # raised again on the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="bench_unet-measurement", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def timed_ms(call, repeats: int, device: torch.device) -> float:
