@@ -49,6 +49,8 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
     folder this made and nothing was written into is removed again at the end, so a run refused after
     loading leaves no folder behind (as before the lock)."""
     run_dir, held = Path(run_dir), _HELD  # the registry as it is now: the end of the hold updates that one
+    # The messages name the folder as the holder's caller named it: an option, or a Trainer's argument.
+    what, other = ("run folder", "another run folder") if holder == "Trainer" else ("output dir", "another --output-dir")
     key = os.path.realpath(run_dir)
     holders = held.get(key)
     if holders is not None:
@@ -56,15 +58,15 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
             # A Trainer holds its folder until its train() ends, or until it is deleted (a notebook's last one
             # is still referenced by its variable).
             advice = "let its train() end or del it" if "Trainer" in holders else "let it end"
-            raise RunFolderInUse(f"output dir {str(run_dir)!r} is in use by another {' and '.join(sorted(holders))} "
-                                 f"in this process (process {os.getpid()}): {advice}, or give another output dir")
+            raise RunFolderInUse(f"{what} {str(run_dir)!r} is in use by another {' and '.join(sorted(holders))} "
+                                 f"in this process (process {os.getpid()}): {advice}, or give {other}")
         holders.add(holder)
         try:
             yield
         finally:
             holders.discard(holder)
         return
-    fd, created = _lock(run_dir)
+    fd, created = _lock(run_dir, what, other)
     held[key] = {holder}
     try:
         yield
@@ -88,7 +90,7 @@ def _only_the_lock_in(run_dir: Path) -> bool:
         return False
 
 
-def _lock(run_dir: Path) -> tuple[int | None, list[Path]]:
+def _lock(run_dir: Path, what: str, other: str) -> tuple[int | None, list[Path]]:
     path = run_dir / LOCK_FILE
     while True:
         created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()][::-1]
@@ -97,7 +99,7 @@ def _lock(run_dir: Path) -> tuple[int | None, list[Path]]:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             where = path if run_dir.is_dir() else run_dir
-            raise RunFolderUnusable(f"output dir {str(run_dir)!r} cannot be used: {str(where)!r}: "
+            raise RunFolderUnusable(f"{what} {str(run_dir)!r} cannot be used: {str(where)!r}: "
                                     f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,8 +107,8 @@ def _lock(run_dir: Path) -> tuple[int | None, list[Path]]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             by = f" (process {holder})" if holder.isdigit() else ""
-            raise RunFolderInUse(f"output dir {str(run_dir)!r} is in use by another rlcm-fast train{by}: wait for it "
-                                 "to end, or give another --output-dir") from None
+            raise RunFolderInUse(f"{what} {str(run_dir)!r} is in use by another rlcm-fast train{by}: wait for it "
+                                 f"to end, or give {other}") from None
         except OSError as exc:  # a file system without locks: run as before, unguarded
             os.close(fd)
             print(f"rlcm-fast: warning: could not lock {str(path)!r} ({exc.strerror or exc}); nothing stops another "
