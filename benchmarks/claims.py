@@ -183,6 +183,8 @@ def train_ratio(slow: str, field: str, what: str):
         epochs = {row.get("epochs_measured") for row in (fast, other)}
         if len(epochs) == 1 and None not in epochs:
             detail += f"; {epochs.pop()} measured epoch(s) per row"
+        elif epochs != {None}:
+            detail += f"; measured epochs: {slow} {other.get('epochs_measured')}, fast path {fast.get('epochs_measured')}"
         return other[field] / fast[field], detail
     return measure
 

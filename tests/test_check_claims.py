@@ -374,6 +374,12 @@ def test_a_ratio_claim_says_when_its_rows_sampled_different_numbers_per_epoch(tm
     assert ddpo.endswith("; samples per epoch: ddpo 4, fast path 40; 1 measured epoch(s) per row")
     epoch = claims["rlcm-fast epoch at least 3x faster than the straightforward path"]
     assert "samples per epoch" not in epoch and epoch.endswith("; 1 measured epoch(s) per row")
+    train["rows"][-2]["epochs_measured"] = 2  # straightforward
+    (tmp_path / "bench_train.json").write_text(json.dumps(train))
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = {c["claim"]: c["detail"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
+    assert claims["rlcm-fast epoch at least 3x faster than the straightforward path"].endswith(
+        "; measured epochs: straightforward 2, fast path 1")
 
 
 def test_the_tests_stage_runs_every_file_that_has_gpu_tests():
