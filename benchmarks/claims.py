@@ -115,13 +115,21 @@ def sampler_rows(sampler: dict, variant: str) -> list[dict]:
     return _rows(sampler, variant=variant) if sampler.get("model") == "sd15-lcm" else []
 
 
+def cached_prompt_note(sampler: dict) -> str:
+    """Said of a run from before bench_sampler cleared rlcm-fast's prompt cache at each call."""
+    if sampler.get("prompt_encoded_every_call"):
+        return ""
+    return "; rlcm-fast's calls reused a cached prompt embedding, diffusers' encoded the prompt at each call"
+
+
 def sampler_speedup(batch: int):
     def measure(sampler: dict):
         rows = [r for r in sampler_rows(sampler, "rlcm-fast") if r["batch"] == batch]
         if not rows:
             return None
         worst = min(rows, key=lambda r: r["speedup_vs_diffusers_eager"])
-        return worst["speedup_vs_diffusers_eager"], f"smallest over H in {sorted(r['horizon'] for r in rows)}"
+        return (worst["speedup_vs_diffusers_eager"],
+                f"smallest over H in {sorted(r['horizon'] for r in rows)}{cached_prompt_note(sampler)}")
     return measure
 
 
@@ -135,7 +143,7 @@ def sampler_vs_compiled_diffusers(sampler: dict):
     if not ratios:
         return None
     worst = min(ratios)
-    return worst[0], f"smallest over (H, batch): H={worst[1]} batch {worst[2]}"
+    return worst[0], f"smallest over (H, batch): H={worst[1]} batch {worst[2]}{cached_prompt_note(sampler)}"
 
 
 def sampler_pixel_difference(sampler: dict):

@@ -139,6 +139,19 @@ def test_sampler_claims_name_a_non_default_attention_backend(tmp_path):
     assert named == {c["claim"] for c in claims if c["source"] == "bench_sampler"} and len(named) == 4
 
 
+def test_sampler_speed_claims_say_when_rlcm_fast_reused_a_cached_prompt_embedding(tmp_path):
+    """The H200 run's rlcm-fast calls skipped the text encoder that diffusers' ran: judged again, claims.md says so."""
+    note = "rlcm-fast's calls reused a cached prompt embedding, diffusers' encoded the prompt at each call"
+    write_gpu_results(tmp_path)
+    for encoded, speed_claims in ((None, 3), (True, 0)):
+        sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
+        (tmp_path / "bench_sampler.json").write_text(json.dumps({**sampler, "prompt_encoded_every_call": encoded}))
+        check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+        claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+        noted = {c["claim"] for c in claims if note in c["detail"]}
+        assert len(noted) == speed_claims and not any("images equal" in claim for claim in noted)
+
+
 def test_a_stage_streams_its_output_runs_where_it_should_and_is_stopped_at_its_timeout(tmp_path):
     log = tmp_path / "check_claims.log"
     where = check_claims.run_stage("tests", [sys.executable, "-c", "import os; print(os.getcwd())"], 60, log)
