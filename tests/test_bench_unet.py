@@ -52,6 +52,12 @@ def test_each_variant_and_mode_is_timed_on_a_thread_of_its_own(tmp_path, monkeyp
     assert fresh == [True] * 4  # 2 calls x 2 variants
 
 
+def test_a_measurement_on_its_own_thread_returns_its_value_or_raises_its_error_here():
+    assert bench_unet.on_own_thread(lambda: 5) == 5
+    with pytest.raises(RuntimeError, match="out of memory"):  # a row's failure, which measure() records
+        bench_unet.on_own_thread(lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+
+
 def test_cpu_run_writes_a_row_per_call_and_variant(tmp_path):
     assert bench_unet.main(["--device", "cpu", "--repeats", "1", "--calls", "training:2,sampling:3,decode:1",
                             "--out-dir", str(tmp_path)]) == 0

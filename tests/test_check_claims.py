@@ -387,6 +387,14 @@ def test_a_ratio_claim_says_when_its_rows_sampled_different_numbers_per_epoch(tm
     assert ddpo.endswith("; samples per epoch: ddpo 4, fast path 40; 1 measured epoch(s) per row")
     epoch = claims["rlcm-fast epoch at least 3x faster than the straightforward path"]
     assert "samples per epoch" not in epoch and epoch.endswith("; 1 measured epoch(s) per row")
+    for row in train["rows"]:  # result files from before epochs_measured was recorded say nothing of it
+        row.pop("epochs_measured")
+    (tmp_path / "bench_train.json").write_text(json.dumps(train))
+    check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert not any("measured epoch" in c["detail"] for c in claims)
+    for row in train["rows"]:
+        row["epochs_measured"] = 1
     train["rows"][-2]["epochs_measured"] = 2  # straightforward
     (tmp_path / "bench_train.json").write_text(json.dumps(train))
     check_claims.main(["--evaluate-only", "--out-dir", str(tmp_path)])

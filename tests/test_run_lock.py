@@ -13,7 +13,7 @@ import pytest
 
 from rlcm_fast import cli, run_lock
 from rlcm_fast.cli import main
-from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, hold_run_folder
+from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, RunFolderUnusable, hold_run_folder
 from rlcm_fast.trainer import Trainer
 
 ARGS = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4", "--set", "train_batch_size=4",
@@ -171,6 +171,26 @@ def test_a_run_folder_the_lock_cannot_be_made_in_is_one_line(tmp_path, capsys, m
         assert main(["train", *ARGS, "--output-dir", str(tmp_path / name)]) == 2
         assert error_line(capsys) == (f"rlcm-fast: error: output dir '{tmp_path / name}' cannot be used: "
                                       f"'{tmp_path / where}': {why}")
+
+
+def test_a_trainers_refusals_name_its_run_folder_not_the_command_lines_option(tmp_path):
+    """A Trainer has no --output-dir: its messages say "run folder", as its argument does."""
+    (tmp_path / "unusable" / LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(RunFolderUnusable) as error, hold_run_folder(tmp_path / "unusable", holder="Trainer"):
+        pass
+    assert str(error.value) == (f"run folder '{tmp_path / 'unusable'}' cannot be used: "
+                                f"'{tmp_path / 'unusable' / LOCK_FILE}': Is a directory")
+    run_dir = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderInUse) as error, hold_run_folder(run_dir, holder="Trainer"):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert str(error.value) == (f"run folder '{run_dir}' is in use by another rlcm-fast train (process {holder.pid}): "
+                                "wait for it to end, or give another run folder")
 
 
 def test_a_hold_in_this_process_is_shared_only_by_the_holder_that_joins_it(tmp_path):

@@ -222,15 +222,21 @@ def test_a_run_another_train_finished_between_the_checks_and_the_lock_is_not_ove
 
 
 @pytest.mark.parametrize("name, message", [
-    ("x" * 300, "run folder '.*' cannot be created: its name 'xxx.*is 300 bytes"),
-    ("bad\udcff", r"run folder '.*bad\\xff' is not a UTF-8 name, and TensorBoard's writer takes only UTF-8"),
-    ("a-file/run", "run folder '.*a-file/run' cannot be created: '.*a-file' is a file"),
-], ids=["too-long", "not-utf8", "under-a-file"])
+    ("x" * 300, "^run folder '.*' cannot be created: its name 'xxx.*is 300 bytes"),
+    ("bad\udcff", r"^run folder '.*bad\\xff' is not a UTF-8 name, and TensorBoard's writer takes only UTF-8"),
+    ("a-file/run", "^run folder '.*a-file/run' cannot be created: '.*a-file' is a file"),
+    ("a-file", "^run folder '.*a-file' cannot be created: it is a file$"),
+    ("linked", "^run folder '.*linked' holds a symbolic link, 'samples' -> '/tmp'"),
+    ("/proc/rlcm-fast-run", "^run folder '/proc/rlcm-fast-run' cannot be created or written: making a folder in "
+                            "'/proc' failed"),
+], ids=["too-long", "not-utf8", "under-a-file", "a-file", "holds-a-link", "unwritable-parent"])
 def test_a_run_folder_that_cannot_be_made_is_refused_before_the_model_loads(tmp_path, monkeypatch, name, message):
     """A name too long was an OSError, one not UTF-8 a UnicodeEncodeError from TensorBoard's writer after the
     model had loaded and the folder had been made."""
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "samples").symlink_to("/tmp")
     monkeypatch.setattr(Trainer, "_build", lambda *args: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=message):
         Trainer(resolve_config(overrides=SMALL), tmp_path / name)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "linked"]
