@@ -12,14 +12,13 @@ runs on the GPU while the host launches the call, so that it hides up to the flu
 an H200) of a host-bound call; `back_to_back_us`, per call of BACK_TO_BACK_CALLS launched in a row from
 Python between two synchronisations (the host's pace where the host is the slower side, as in eager
 training; L2 warm); and `graph_time_us` from replays of a CUDA graph (no launch overhead, but L2 warm: at
-B <= 16 the operands stay in L2, so graph GB/s can exceed the HBM copy rate). check_claims judges the step on
-GPU time (graph replays; at B = 512 no replay finds its operands in L2): on an H200 the Python side of
-one fused call (two Triton launches, autograd) took 46-430 us by do_bench (so at least that) against
-3-150 us of GPU work, and in the
-sampler the step runs inside a CUDA graph. Bandwidth counts the bytes the step must move (every input
-read once, every output written once), as a fraction of this device's measured device-to-device copy
-bandwidth. Eager and Triton are measured at every size first, then
-torch.compile (one compile per size, dtype and pass; no claim reads it). The JSON is rewritten after
+B <= 16 the operands stay in L2, so graph GB/s can exceed the HBM copy rate). check_claims judges the
+step on GPU time (graph replays; at B = 512 no replay finds its operands in L2): on an H200 the Python
+side of one fused call (two Triton launches, autograd) took 46-430 us by do_bench (so at least that)
+against 3-150 us of GPU work, and in the sampler the step runs inside a CUDA graph. Bandwidth counts the
+bytes the step must move (every input read once, every output written once), as a fraction of this
+device's measured device-to-device copy bandwidth. Eager and Triton are measured at every size first,
+then torch.compile (one compile per size, dtype and pass; no claim reads it). The JSON is rewritten after
 every measured (dtype, B) group, so a run cut short keeps what it measured ("complete": false).
 
 Usage: python benchmarks/bench_step.py [--batches 512,16,8,2] [--out-dir DIR]

@@ -192,7 +192,8 @@ def train_ratio(slow: str, field: str, what: str):
         if len(epochs) == 1 and None not in epochs:
             detail += f"; {epochs.pop()} measured epoch(s) per row"
         elif epochs != {None}:
-            detail += f"; measured epochs: {slow} {other.get('epochs_measured')}, fast path {fast.get('epochs_measured')}"
+            detail += (f"; measured epochs: {slow} {other.get('epochs_measured')}, "
+                       f"fast path {fast.get('epochs_measured')}")
         return other[field] / fast[field], detail
     return measure
 

@@ -50,7 +50,8 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
     loading leaves no folder behind (as before the lock)."""
     run_dir, held = Path(run_dir), _HELD  # the registry as it is now: the end of the hold updates that one
     # The messages name the folder as the holder's caller named it: an option, or a Trainer's argument.
-    what, other = ("run folder", "another run folder") if holder == "Trainer" else ("output dir", "another --output-dir")
+    what, other = (("run folder", "another run folder") if holder == "Trainer"
+                   else ("output dir", "another --output-dir"))
     key = os.path.realpath(run_dir)
     holders = held.get(key)
     if holders is not None:
