@@ -36,7 +36,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import description, int_list, output_folder  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Measured in this order (bf16 first, then fp32), so a run cut short has the claim-relevant rows.
 BATCH_SIZES = (512, 16, 8, 2)
 BACK_TO_BACK_CALLS = 200
@@ -62,17 +61,6 @@ LATENT_SHAPE = (4, 96, 96)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PASSES = ("forward_sampling", "forward_training", "forward_backward")
 PREDICTION_TYPE = "epsilon"
-
-
-def import_implementations():
-    try:
-        from rlcm_fast.kernels import fused_policy_step
-        from rlcm_fast.policy_step import policy_step_reference
-    except ImportError:  # a source checkout that is not installed
-        sys.path.insert(0, str(REPO_ROOT))
-        from kernels import fused_policy_step
-        from rlcm_fast.policy_step import policy_step_reference
-    return policy_step_reference, fused_policy_step
 
 
 def copy_bandwidth_gbps(do_bench) -> float:
@@ -150,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from triton.testing import do_bench, do_bench_cudagraph
 
-    policy_step_reference, fused_policy_step = import_implementations()
+    from rlcm_fast.kernels.policy_step import fused_policy_step
+    from rlcm_fast.policy_step import policy_step_reference
+
     torch._dynamo.config.recompile_limit = 64  # one specialisation per (batch, dtype, pass)
     variants = {
         "eager": policy_step_reference,

@@ -133,7 +133,9 @@ def installed_package() -> dict:
 
     import rlcm_fast
 
-    found = {name: importlib.util.find_spec(f"rlcm_fast.{name}") is not None for name in ("_C", "_nvjpeg", "kernels")}
+    # kernels/ is a namespace package (no __init__.py, README "Layout"): its module says whether it shipped.
+    modules = {"_C": "_C", "_nvjpeg": "_nvjpeg", "kernels": "kernels.policy_step"}
+    found = {name: importlib.util.find_spec(f"rlcm_fast.{module}") is not None for name, module in modules.items()}
     return {"path": str(Path(rlcm_fast.__file__).parent), **found}
 
 

@@ -30,6 +30,10 @@ try:  # the installed package, with its compiled rlcm_fast._C, when there is one
     import rlcm_fast  # noqa: F401
 except ImportError:  # a source checkout works without installing (the C++ step only if built in place)
     sys.path.insert(0, str(REPO_ROOT))
+    import rlcm_fast
+
+    # kernels/ as rlcm_fast.kernels, where the wheel puts it (pyproject.toml's wheel.packages).
+    rlcm_fast.__path__.append(str(REPO_ROOT))
 
 
 def synchronize(device: "torch.device") -> None:

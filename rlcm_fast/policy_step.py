@@ -17,6 +17,8 @@ timesteps (see `ROW_SCALARS`). `policy_step_reference` is the plain-PyTorch defi
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 
 import torch
@@ -184,13 +186,25 @@ class _NativePolicyStep(torch.autograd.Function):
         return grad_model_output, grad_x, None, None, None, None
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (kernels then run on CUDA tensors, or on CPU under TRITON_INTERPRET=1)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
 def _triton_missing() -> str | None:
     """Why the Triton kernels cannot run, or None when they can."""
+    if not triton_available():
+        return "triton is not installed"
     try:
-        from rlcm_fast.kernels import triton_available
+        importlib.import_module("rlcm_fast.kernels.policy_step")
     except ImportError as exc:
         return f"rlcm_fast.kernels did not import ({exc})"
-    return None if triton_available() else "triton is not installed"
+    return None
 
 
 def _triton_ready(tensor: torch.Tensor) -> bool:

@@ -1,6 +1,9 @@
 """The policy step's dispatch and its C++ path through autograd, against the float64 reference."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,14 +215,30 @@ def test_triton_runs_a_batch_beyond_the_grid_limit_in_slices(monkeypatch, mode):
         assert sampled is given
 
 
+def test_the_checkouts_kernels_folder_never_hides_an_installed_kernels_package():
+    """kernels/ is rlcm_fast.kernels and never the top-level `kernels`: transformers >= 5.25 requires and imports
+    Hugging Face's package of that name, and with the checkout's root first on sys.path (`python -m pytest` or a
+    notebook there) a kernels/__init__.py was found first: diffusers' LCM pipeline failed to import."""
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "kernels" / "__init__.py").exists()
+    code = ("import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec and spec.origin); "
+            "from diffusers import LatentConsistencyModelPipeline; import rlcm_fast.kernels.policy_step")
+    # python -c puts its working directory, the checkout's root, first on sys.path.
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    origin = result.stdout.strip()  # None, or the installed package's __init__.py
+    assert origin == "None" or not Path(origin).is_relative_to(root / "kernels"), origin
+
+
 def test_a_training_run_without_a_fused_step_says_so_once(monkeypatch, tmp_path, capsys):
-    from rlcm_fast import _native, kernels
+    from rlcm_fast import _native
+    from rlcm_fast import policy_step as dispatch
     from rlcm_fast.config import resolve_config
     from rlcm_fast.policy_step import fused_step_missing
     from rlcm_fast.trainer import Trainer
 
     assert (fused_step_missing(torch.device("cpu")) is None) == _native.native_available()
-    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     assert fused_step_missing(torch.device("cuda")) == "triton is not installed"
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("no _C here"))

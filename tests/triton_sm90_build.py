@@ -15,18 +15,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-try:  # the installed kernels, as the tests import them
-    from rlcm_fast.kernels import policy_step as kernels
-except ImportError:  # a source checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import policy_step as kernels
+from rlcm_fast.kernels import policy_step as kernels  # the installed kernels, as the tests import them
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TRITON_TYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
