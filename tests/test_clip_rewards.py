@@ -85,8 +85,7 @@ def test_aesthetic_reward_equals_processor_model_mlp_reference(tiny_clip):
 
     def model_and_head(pixel_values):
         with torch.no_grad():
-            features = model.get_image_features(pixel_values=pixel_values)
-            features = getattr(features, "pooler_output", features)
+            features = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
             x = features / features.norm(dim=-1, keepdim=True)
             for i in (0, 2, 4, 6, 7):
                 x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
@@ -123,10 +122,10 @@ def reference_cosines(folder, images, prompts):
 
     model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval()
     tokens = AutoTokenizer.from_pretrained(folder)(prompts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        image = model.get_image_features(pixel_values=processor_pixels(images))
-        text = model.get_text_features(**tokens)
-    image, text = getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
+    with torch.no_grad():  # CLIPModel's documented outputs: each tower's projected embedding
+        output = model(**tokens, pixel_values=processor_pixels(images))
+    image, text = output.image_embeds, output.text_embeds
+    assert image.shape[-1] == text.shape[-1] == model.config.projection_dim
     cos = (image / image.norm(dim=-1, keepdim=True) * (text / text.norm(dim=-1, keepdim=True))).sum(-1)
     return model, cos
 

@@ -290,11 +290,12 @@ class ClipSimilarityReward(_OnDevice):
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(images.device)
         pixels = clip_preprocess(images, self.settings).to(self.tower_dtype)
-        image_embeds = self.model.get_image_features(pixel_values=pixels)
-        text_embeds = self.model.get_text_features(**tokens)
-        # transformers 5 may return a model-output object; its pooled projection is the embedding.
-        image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-        text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+        # Each tower's pooled output through its projection, spelled out: what get_image_features and
+        # get_text_features compute, whose return type transformers has changed between releases (a tensor,
+        # then a model output whose pooler_output holds the projection).
+        model = self.model
+        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text_embeds = model.text_projection(model.text_model(**tokens).pooler_output)
         return (F.normalize(image_embeds.float(), dim=-1) * F.normalize(text_embeds.float(), dim=-1)).sum(-1)
 
     @torch.no_grad()
