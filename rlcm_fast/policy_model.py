@@ -78,7 +78,9 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
     # already, and inside a CUDA-graph capture (warmed up and captured with the cache off) that wrapper
     # would cache the LoRA weights' casts: the graph would keep reading the warm-up's copies, stale after
     # an update and freed when the caller's autocast ends. So the wrapper comes off (accelerate's own
-    # unwrap; DDP stays): tests/test_cuda_graphs.py shows the stale casts with it.
+    # unwrap; DDP stays): tests/test_cuda_graphs.py shows the stale casts with it. (With mixed precision,
+    # accelerate 1.16's unwrap also strips diffusers' apply_lora_scale decorator off the forward: no call
+    # here passes the cross_attention_kwargs={"scale": ...} it reads, so nothing changes.)
     accelerator.unwrap_model(ddp_unet, keep_fp32_wrapper=False)
     # Compiled with `compile_unet` (README, "Speed"). The two wrappers share the weights; each keeps its own
     # graphs (eval without grad, train with grad).
