@@ -32,9 +32,9 @@ def forget_other_accelerator_state(cpu: bool, mixed_precision: str) -> None:
     silently stays on the CPU. When the earlier state differs, forget it (through accelerate's private
     reset, the one its own tests use). Only in a single process: under several, the state belongs to
     the process group, and every Trainer there is built the same way."""
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, is_initialized
 
-    if not AcceleratorState._shared_state or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     earlier = AcceleratorState()
     if (earlier.device.type == "cpu") != cpu or earlier.mixed_precision != mixed_precision:
@@ -75,6 +75,12 @@ def start_accelerator(cfg):
     forget_other_accelerator_state(use_cpu, precision)
     prepare_preset_cache(cfg.model, cfg.method)  # before the process group: only rank 0 could write it after
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    # The reset above is accelerate's private one: should a release stop honouring it, fail here rather than
+    # train on another device or precision than asked.
+    if (accelerator.device.type == "cpu") != use_cpu or accelerator.mixed_precision != precision:
+        raise RuntimeError(f"accelerate gave an Accelerator on {accelerator.device} with mixed_precision="
+                           f"{accelerator.mixed_precision!r}; asked for {'cpu' if use_cpu else 'cuda'} with "
+                           f"{precision!r} (an earlier Trainer of this process set accelerate's shared state)")
     if cfg.train_cuda_graph and not use_cpu and accelerator.num_processes > 1:
         raise ConfigError(f"train_cuda_graph=true runs in one process, not {accelerator.num_processes}: "
                           "DDP's gradient hooks are not captured; set it to false")

@@ -142,3 +142,22 @@ def test_a_users_signal_forwarded_to_the_processes_is_not_reported_as_a_kill(cap
         timer.cancel()
     assert code == 128 + signal.SIGTERM
     assert "was killed by" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, precision", [("cuda", "no"), ("cpu", "bf16")])
+def test_an_accelerator_on_another_device_or_precision_than_asked_is_an_error(monkeypatch, device, precision):
+    """accelerate keeps one device and precision per process; forget_other_accelerator_state resets it through
+    accelerate's private reset. Should that stop working, the Trainer must not go on elsewhere than asked."""
+    import accelerate
+    import torch
+
+    from rlcm_fast.config import resolve_config
+
+    class StaleState:  # what a shared state left by an earlier Trainer would give
+        def __init__(self, cpu, mixed_precision):
+            self.device, self.mixed_precision = torch.device(device), precision
+
+    monkeypatch.setattr(accelerate, "Accelerator", StaleState)
+    with pytest.raises(RuntimeError, match=rf"^accelerate gave an Accelerator on {device} with mixed_precision="
+                                           rf"'{precision}'; asked for cpu with 'no' \(an earlier Trainer"):
+        launch.start_accelerator(resolve_config(overrides={"device": "cpu", "mixed_precision": "no"}))
