@@ -21,6 +21,7 @@ from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.epoch_samples import SAMPLES_FILE
+from rlcm_fast.faults import is_out_of_memory
 from rlcm_fast.presets import TINY_LORA_TARGETS
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
@@ -362,6 +363,14 @@ def test_a_full_disk_is_one_line_when_the_last_plot_cannot_be_written_either(tmp
     assert [line for line in err.splitlines() if line.startswith("rlcm-fast:")][1:] == [
         f"rlcm-fast: error: could not write checkpoint-2 in '{tmp_path / 'run'}': No space left on device; "
         "checkpoint-1 and earlier checkpoints are intact"]
+
+
+def test_torch_s_own_cpu_allocation_failure_is_recognised_as_out_of_memory():
+    """The test below raises the CPU allocator's message as written by hand; this pins it to what torch says:
+    128 PiB, more than any machine's address space, so that no overcommit setting lets it through."""
+    with pytest.raises(RuntimeError) as raised:
+        torch.empty(1 << 57, dtype=torch.uint8)
+    assert is_out_of_memory(raised.value), str(raised.value)
 
 
 @pytest.mark.parametrize("phase, memory", [("sampling", "GPU"), ("training", "GPU"), ("sampling", "CPU")])
