@@ -359,6 +359,21 @@ def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
     assert passes("`CLIPImageProcessor` could not be loaded")
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None,
+                    reason="transformers gives the notice only without torchvision")
+def test_the_real_torchvision_fallback_notice_is_dropped_once_rlcm_fast_is_imported(tmp_path):
+    """The test above builds its own log record; this one imports diffusers' LCM pipeline (which loads CLIP's
+    image processors) in a fresh process, so that a notice moved to another logger or worded anew shows.
+    (Without `import rlcm_fast` first, transformers 5.25 printed two such notices, for CLIP and SigLIP.)"""
+    import subprocess
+    import sys
+
+    code = "import rlcm_fast; from diffusers import LatentConsistencyModelPipeline"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "requires torchvision" not in result.stderr, result.stderr
+
+
 def test_preset_weights_id_names_the_tiny_presets_cached_weights_only():
     assert tiny_presets.preset_weights_id("tiny") == tiny_presets.tiny_pipeline_folder().name
     assert tiny_presets.preset_weights_id("tiny-sd", "ddpo") == tiny_presets.tiny_sd_pipeline_folder().name
