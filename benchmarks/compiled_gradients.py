@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     refuse_missing_cuda(parser, args.device)
     # Checked before the model loads: dynamo would only say so at the first compiled call.
-    if args.backend not in torch._dynamo.list_backends(exclude_tags=()):
-        parser.error(f"--backend {args.backend} unknown; allowed: {', '.join(torch._dynamo.list_backends())} "
+    if args.backend not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(f"--backend {args.backend} unknown; allowed: {', '.join(torch.compiler.list_backends())} "
                      "or a debug backend (eager, aot_eager)")
 
     device = torch.device(args.device)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
     checks = []
     for scope in [scope for scope in SCOPES if scope in args.scopes]:  # unet first: blocks compiles in place
-        torch._dynamo.reset()
+        torch.compiler.reset()
         if scope == "blocks":  # as the trainer does; the whole UNet's check, if any, compiled a wrapper of it
             unet.compile_repeated_blocks(backend=args.backend, dynamic=False)
             compiled = unet

@@ -224,12 +224,12 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
 
 
 def _check_compile_backend(backend: str) -> None:
-    import torch._dynamo  # only when compiling: importing it costs every process about 2 s
+    import torch  # called only when compiling: listing the backends imports dynamo, about 2 s a process
 
-    allowed = torch._dynamo.list_backends(exclude_tags=())  # the debug ones too: aot_eager is the CPU's
+    allowed = torch.compiler.list_backends(exclude_tags=())  # the debug ones too: aot_eager is the CPU's
     if backend not in allowed:
         raise ConfigError(f"compile_backend {backend!r} is unknown; allowed: {', '.join(allowed)} "
-                          "(see torch._dynamo.list_backends)")
+                          "(see torch.compiler.list_backends)")
 
 
 def _check_algorithm(cfg: TrainConfig) -> None:
