@@ -133,9 +133,15 @@ def installed_package() -> dict:
 
     import rlcm_fast
 
+    def ships(module: str) -> bool:
+        try:  # a submodule's find_spec imports its parent, and raises when that is missing
+            return importlib.util.find_spec(f"rlcm_fast.{module}") is not None
+        except ModuleNotFoundError:
+            return False
+
     # kernels/ is a namespace package (no __init__.py, README "Layout"): its module says whether it shipped.
     modules = {"_C": "_C", "_nvjpeg": "_nvjpeg", "kernels": "kernels.policy_step"}
-    found = {name: importlib.util.find_spec(f"rlcm_fast.{module}") is not None for name, module in modules.items()}
+    found = {name: ships(module) for name, module in modules.items()}
     return {"path": str(Path(rlcm_fast.__file__).parent), **found}
 
 

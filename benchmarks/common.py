@@ -30,10 +30,15 @@ try:  # the installed package, with its compiled rlcm_fast._C, when there is one
     import rlcm_fast  # noqa: F401
 except ImportError:  # a source checkout works without installing (the C++ step only if built in place)
     sys.path.insert(0, str(REPO_ROOT))
+    import types
+
     import rlcm_fast
 
-    # kernels/ as rlcm_fast.kernels, where the wheel puts it (pyproject.toml's wheel.packages).
-    rlcm_fast.__path__.append(str(REPO_ROOT))
+    # kernels/ as rlcm_fast.kernels, where the wheel puts it (pyproject.toml's wheel.packages): a namespace
+    # package of that one folder.
+    kernels = types.ModuleType("rlcm_fast.kernels")
+    kernels.__path__ = [str(REPO_ROOT / "kernels")]
+    sys.modules["rlcm_fast.kernels"] = rlcm_fast.kernels = kernels
 
 
 def synchronize(device: "torch.device") -> None:

@@ -6,9 +6,10 @@ __version__ = "0.1.0"
 
 
 class _NoTorchvisionFallbackNotice(logging.Filter):
-    """Drops one notice: transformers 5 warns at import time that `CLIPImageProcessor` (and in 5.25
-    `SiglipImageProcessor` too) falls back to its PIL version when torchvision is missing. diffusers' pipelines import that class, so every run printed
-    it, yet nothing here uses it (the pipelines' feature_extractor is None; rewards preprocess as tensors)."""
+    """Drops one kind of notice: transformers 5 warns at import time that an image processor falls back to
+    its PIL version when torchvision is missing (`CLIPImageProcessor`, and in 5.25 `SiglipImageProcessor`
+    too). diffusers' pipelines import them, so every run printed the notices, yet nothing here uses them
+    (the pipelines' feature_extractor is None; rewards preprocess as tensors)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "requires torchvision (not installed)" not in record.getMessage()

@@ -196,15 +196,19 @@ def triton_available() -> bool:
     return True
 
 
-def _triton_missing() -> str | None:
-    """Why the Triton kernels cannot run, or None when they can."""
-    if not triton_available():
-        return "triton is not installed"
+@functools.cache
+def _kernels_import_error() -> str | None:
+    """Why rlcm_fast.kernels.policy_step does not import, or None (asked once: a failed import is not cached)."""
     try:
         importlib.import_module("rlcm_fast.kernels.policy_step")
     except ImportError as exc:
         return f"rlcm_fast.kernels did not import ({exc})"
     return None
+
+
+def _triton_missing() -> str | None:
+    """Why the Triton kernels cannot run, or None when they can."""
+    return "triton is not installed" if not triton_available() else _kernels_import_error()
 
 
 def _triton_ready(tensor: torch.Tensor) -> bool:

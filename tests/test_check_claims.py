@@ -479,3 +479,21 @@ def test_claims_md_gives_each_train_rows_first_update_clipfrac(tmp_path):
     assert [line for line in said if line.startswith("- ")] == [
         "- fast: clipfrac 0.25 at clip range 0.0001; RMS log-prob gap 0.0002",
         "- compiled_unet: clipfrac 0, 0 at clip range 0.0001; RMS log-prob gap 0.0001, 0"]
+
+
+def test_installed_package_names_the_compiled_parts_and_kernels_it_has_and_lacks(monkeypatch):
+    """Read after every stage has run: a package without kernels/ must be reported, not end the run before
+    claims.md is written (a submodule's find_spec raises when its parent package is missing)."""
+    import importlib.util
+
+    package = check_claims.installed_package()
+    assert package["path"] == str(Path(rlcm_fast.__file__).parent) and package["kernels"] is True
+    find_spec = importlib.util.find_spec
+
+    def without_kernels(name, *args):
+        if name.startswith("rlcm_fast.kernels"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None if name == "rlcm_fast._nvjpeg" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_kernels)
+    assert check_claims.installed_package() == {**package, "_nvjpeg": False, "kernels": False}

@@ -85,7 +85,8 @@ def test_aesthetic_reward_equals_processor_model_mlp_reference(tiny_clip):
 
     def model_and_head(pixel_values):
         with torch.no_grad():
-            features = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+            vision = model.vision_model(pixel_values=pixel_values, return_dict=True)
+            features = model.visual_projection(vision.pooler_output)
             x = features / features.norm(dim=-1, keepdim=True)
             for i in (0, 2, 4, 6, 7):
                 x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]

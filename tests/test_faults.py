@@ -365,7 +365,7 @@ def test_a_full_disk_is_one_line_when_the_last_plot_cannot_be_written_either(tmp
         "checkpoint-1 and earlier checkpoints are intact"]
 
 
-def test_torch_s_own_cpu_allocation_failure_is_recognised_as_out_of_memory():
+def test_torchs_cpu_allocation_failure_is_out_of_memory():
     """The test below raises the CPU allocator's message as written by hand; this pins it to what torch says:
     128 PiB, more than any machine's address space, so that no overcommit setting lets it through."""
     with pytest.raises(RuntimeError) as raised:

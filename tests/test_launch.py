@@ -151,6 +151,7 @@ def test_an_accelerator_on_another_device_or_precision_than_asked_is_an_error(mo
     import accelerate
     import torch
 
+    from rlcm_fast import tiny_presets
     from rlcm_fast.config import resolve_config
 
     class StaleState:  # what a shared state left by an earlier Trainer would give
@@ -158,6 +159,8 @@ def test_an_accelerator_on_another_device_or_precision_than_asked_is_an_error(mo
             self.device, self.mixed_precision = torch.device(device), precision
 
     monkeypatch.setattr(accelerate, "Accelerator", StaleState)
+    monkeypatch.setattr(launch, "forget_other_accelerator_state", lambda cpu, mixed_precision: None)
+    monkeypatch.setattr(tiny_presets, "prepare_preset_cache", lambda model, method: None)  # no model is built
     with pytest.raises(RuntimeError, match=rf"^accelerate gave an Accelerator on {device} with mixed_precision="
                                            rf"'{precision}'; asked for cpu with 'no' \(an earlier Trainer"):
         launch.start_accelerator(resolve_config(overrides={"device": "cpu", "mixed_precision": "no"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import types
@@ -359,7 +360,7 @@ def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
     assert passes("`CLIPImageProcessor` could not be loaded")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None,
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                     reason="transformers gives the notice only without torchvision")
 def test_the_real_torchvision_fallback_notice_is_dropped_once_rlcm_fast_is_imported(tmp_path):
     """The test above builds its own log record; this one imports diffusers' LCM pipeline (which loads CLIP's

@@ -233,13 +233,13 @@ def test_the_checkouts_kernels_folder_never_hides_an_installed_kernels_package()
 
 def test_a_training_run_without_a_fused_step_says_so_once(monkeypatch, tmp_path, capsys):
     from rlcm_fast import _native
-    from rlcm_fast import policy_step as dispatch
+    from rlcm_fast import policy_step as policy_step_module
     from rlcm_fast.config import resolve_config
     from rlcm_fast.policy_step import fused_step_missing
     from rlcm_fast.trainer import Trainer
 
     assert (fused_step_missing(torch.device("cpu")) is None) == _native.native_available()
-    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(policy_step_module, "triton_available", lambda: False)
     assert fused_step_missing(torch.device("cuda")) == "triton is not installed"
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("no _C here"))

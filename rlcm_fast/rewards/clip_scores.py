@@ -294,8 +294,8 @@ class ClipSimilarityReward(_OnDevice):
         # get_text_features compute, whose return type transformers has changed between releases (a tensor,
         # then a model output whose pooler_output holds the projection).
         model = self.model
-        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
-        text_embeds = model.text_projection(model.text_model(**tokens).pooler_output)
+        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixels, return_dict=True).pooler_output)
+        text_embeds = model.text_projection(model.text_model(**tokens, return_dict=True).pooler_output)
         return (F.normalize(image_embeds.float(), dim=-1) * F.normalize(text_embeds.float(), dim=-1)).sum(-1)
 
     @torch.no_grad()
