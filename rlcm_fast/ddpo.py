@@ -102,7 +102,7 @@ class DDPOSampler:
         if not (self.action_scalars[:, DDIM_SCALARS.index("std")] > 0).all():
             raise ValueError(f"eta={eta} with this scheduler gives an action of zero variance (eta must be > 0, and "
                              "set_alpha_to_one=True makes the last step deterministic): it has no log-density")
-        self._prompt_cache = PromptEmbeddingCache(pipe)
+        self.prompt_cache = PromptEmbeddingCache(pipe)
         self._device_scalars = self.action_scalars.to(self.device)  # indexed per training minibatch
         self._device_timesteps = self.timesteps.to(self.device)
 
@@ -115,7 +115,7 @@ class DDPOSampler:
         return weights_device(self.pipe.unet)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self._prompt_cache(prompts)
+        return self.prompt_cache(prompts)
 
     def guided_output(self, unet, x, timesteps, embeds) -> torch.Tensor:
         """The UNet's prediction with classifier-free guidance: one doubled batch [uncond; cond], then

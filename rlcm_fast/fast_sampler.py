@@ -174,7 +174,7 @@ class FastLCMSampler:
     def clear_prompt_cache(self) -> None:
         """Forget the cached prompt embeddings, so that each prompt is encoded again at its next call: after
         the text encoder's weights changed (the captured graph reads the embeddings as inputs, so it stays)."""
-        self.sampler._prompt_cache.clear()
+        self.sampler.prompt_cache.clear()
 
     def _sample(self, *inputs):
         if self._replay is None:

@@ -143,7 +143,7 @@ class LCMSampler:
         # as its next timestep: LCMScheduler.step's rule past the end (step itself adds no noise there).
         next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
         self.action_scalars = row_scalars_for_schedule(scheduler, self.timesteps, next_timesteps)  # (H, 6)
-        self._prompt_cache = PromptEmbeddingCache(pipe, max_cached_prompts)
+        self.prompt_cache = PromptEmbeddingCache(pipe, max_cached_prompts)
         # On the device once: the loop reads them every step (and a host tensor would stop CUDA-graph capture).
         self._device_scalars = self.action_scalars.to(self.device)
         self._device_timesteps = self.timesteps.to(self.device)
@@ -161,7 +161,7 @@ class LCMSampler:
         return weights_device(self.pipe.unet)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self._prompt_cache(prompts)
+        return self.prompt_cache(prompts)
 
     def guidance(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The guidance embedding for `batch` rows, made once per (batch, dtype): it is built on the host,

@@ -94,7 +94,7 @@ def test_the_trainers_samplers_keep_a_bounded_number_of_prompt_embeddings():
     for model, method in (("tiny", "rlcm"), ("tiny-sd", "ddpo")):
         cfg = resolve_config(model=model, overrides={"method": method})
         sampler = policy_sampler(load_pipeline(model, method=method), cfg)
-        assert sampler._prompt_cache.max_prompts == MAX_CACHED_PROMPTS == 1024
+        assert sampler.prompt_cache.max_prompts == MAX_CACHED_PROMPTS == 1024
 
 
 def test_a_prompts_embedding_does_not_depend_on_the_batch_it_was_first_seen_in(pipe):
