@@ -24,6 +24,21 @@ FAILURE_GRACE_SECONDS = 60.0
 LAUNCHED_HERE = "RLCM_FAST_LAUNCHED"
 
 
+# Measured with benchmarks/compiled_gradients.py (benchmarks/README.md): with torch 2.13.0 inductor's CPU code
+# gives wrong LoRA gradients while its forward is right: of the whole tiny UNet (some all zero), and of
+# sd15-lcm's transformer blocks (compile_scope=blocks). With 2.14.1 and 2.15.0 both models' gradients are
+# right in both scopes. Releases before 2.13, and 2.14.0, were not measured, so they are refused too.
+FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS = "2.14.1"
+
+
+def cpu_inductor_gradients_are_wrong(version: str | None = None) -> bool:
+    """Whether this torch (or `version`) is one whose inductor CPU code got the UNet's LoRA gradients wrong."""
+    import torch
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(version or torch.__version__) < FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS
+
+
 def forget_other_accelerator_state(cpu: bool, mixed_precision: str) -> None:
     """Let one process build Trainers of different devices or precisions in turn (benchmarks, tests).
 
@@ -61,13 +76,11 @@ def start_accelerator(cfg):
         precision = "no" if use_cpu else "bf16"
     if precision == "fp16" and use_cpu:  # the CPU's autocast fails in the UNet with fp16
         raise ConfigError("mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
-    if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu:  # before any model is loaded
-        # Measured with torch 2.13.0 (benchmarks/compiled_gradients.py): inductor's CPU code gives wrong LoRA
-        # gradients while its forward is right: of the whole tiny UNet (some all zero), and of sd15-lcm's
-        # transformer blocks (compile_scope=blocks), though right for the other two. aot_eager's are exact.
-        raise ConfigError("compile_unet=true with compile_backend='inductor' on the CPU is refused: it "
-                          "gives wrong LoRA gradients (torch 2.13, measured); use compile_backend=aot_eager "
-                          "or compile_unet=false")
+    if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu and cpu_inductor_gradients_are_wrong():
+        raise ConfigError(f"compile_unet=true with compile_backend='inductor' on the CPU is refused with torch "
+                          f"{torch.__version__}: it gives wrong LoRA gradients before torch "
+                          f"{FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS} (measured); upgrade torch, or use "
+                          "compile_backend=aot_eager or compile_unet=false")
     try:
         check_attention_backend(cfg.attention_backend, torch.device("cpu" if use_cpu else "cuda"))
     except ValueError as exc:

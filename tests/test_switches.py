@@ -6,6 +6,7 @@ import torch
 
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.epoch_samples import epoch_generator
+from rlcm_fast.launch import FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS, cpu_inductor_gradients_are_wrong
 from rlcm_fast.minibatches import flattened_rows, minibatch_plan, per_timestep_rows
 from rlcm_fast.trainer import Trainer
 
@@ -63,9 +64,14 @@ def default_path(tmp_path_factory):
     # The epoch's two sampling batches in one UNet batch of 4: the same draws, decoded and scored batch by batch.
     {"sample_batches_per_call": 2},
     # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
-    # (inductor on the CPU is refused: it gives wrong gradients, test_inductor_on_the_cpu_is_refused). With
-    # the sampling batches joined, sampling (4 rows) and training (2) compile the UNet at two batch sizes.
+    # (inductor on the CPU is refused before torch 2.14.1: it gave wrong gradients, test_inductor_on_the_cpu_is_
+    # refused). With the sampling batches joined, sampling (4 rows) and training (2) compile the UNet at two
+    # batch sizes.
     {"compile_unet": True, "compile_backend": "rlcm_test_aot_eager", "sample_batches_per_call": 2},
+    # inductor itself, where it is allowed on the CPU (its first compile takes minutes on 2 cores).
+    pytest.param({"compile_unet": True, "compile_backend": "inductor", "sample_batches_per_call": 2},
+                 marks=pytest.mark.skipif(cpu_inductor_gradients_are_wrong(), reason=(
+                     f"inductor on the CPU is refused before torch {FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS}"))),
     # Only the transformer blocks compiled (regional compilation).
     {"compile_unet": True, "compile_scope": "blocks", "compile_backend": "rlcm_test_aot_eager",
      "sample_batches_per_call": 2},
@@ -163,24 +169,32 @@ def test_the_recompile_limit_is_raised_for_either_scope_and_never_lowered(tmp_pa
         assert torch._dynamo.config.recompile_limit == GRAPHS_PER_COMPILED_FUNCTION
 
 
-def test_inductor_is_not_refused_on_cuda(monkeypatch):
-    """The refusal is the CPU's: on CUDA inductor's gradients matched eager's (test_compiled_training.py)."""
-    from rlcm_fast import launch
+class PastTheChecks(Exception):
+    """Raised where start_accelerator is done refusing settings and starts building the Accelerator."""
 
-    class PastTheChecks(Exception):
-        pass
+
+@pytest.fixture
+def start_checks_only(monkeypatch):
+    """launch.start_accelerator, stopped with PastTheChecks once its checks have passed."""
+    from rlcm_fast import launch
 
     def past_the_checks(*args, **kwargs):
         raise PastTheChecks
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(launch, "forget_other_accelerator_state", past_the_checks)
+    return launch.start_accelerator
+
+
+def test_inductor_is_not_refused_on_cuda(monkeypatch, start_checks_only):
+    """The refusal is the CPU's: on CUDA inductor's gradients matched eager's (test_compiled_training.py)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cu130")
     for scope in ("unet", "blocks"):
         cfg = resolve_config(overrides={**ONE_UPDATE, "device": "cuda", "mixed_precision": "no",
                                         "compile_unet": True, "compile_scope": scope})
         assert cfg.compile_backend == "inductor"
         with pytest.raises(PastTheChecks):
-            launch.start_accelerator(cfg)
+            start_checks_only(cfg)
 
 
 def test_compiled_blocks_of_a_unet_without_them_is_one_line(tmp_path, monkeypatch):
@@ -196,11 +210,33 @@ def test_compiled_blocks_of_a_unet_without_them_is_one_line(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("scope", ["unet", "blocks"])
-def test_inductor_on_the_cpu_is_refused(tmp_path, scope):
-    with pytest.raises(ConfigError, match="compile_backend='inductor' on the CPU is refused: it gives wrong LoRA"):
+def test_inductor_on_the_cpu_is_refused_with_a_torch_that_got_its_gradients_wrong(tmp_path, monkeypatch, scope):
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    with pytest.raises(ConfigError, match=r"^compile_unet=true with compile_backend='inductor' on the CPU is refused "
+                                          r"with torch 2\.13\.0\+cpu: it gives wrong LoRA gradients before torch "
+                                          r"2\.14\.1 \(measured\); upgrade torch, or use compile_backend=aot_eager"):
         Trainer(resolve_config(overrides={**ONE_UPDATE, "compile_unet": True, "compile_scope": scope}),
                 tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("version, wrong", [
+    ("2.8.0", True), ("2.13.0+cpu", True), ("2.13.0+cu130", True), ("2.14.0", True), ("2.14.1.dev20260101", True),
+    ("2.14.1", False), ("2.14.1+cu130", False), ("2.15.0", False), ("2.16.0a0+git0123abc", False)])
+def test_which_torch_releases_get_cpu_inductor_gradients_wrong(version, wrong):
+    """2.13.0 measured wrong, 2.14.1 and 2.15.0 right (benchmarks/compiled_gradients.py); unmeasured older ones,
+    2.14.0 and 2.14.1's pre-releases count as wrong."""
+    assert cpu_inductor_gradients_are_wrong(version) is wrong
+
+
+def test_inductor_is_not_refused_on_the_cpu_with_a_torch_that_gets_its_gradients_right(monkeypatch,
+                                                                                         start_checks_only):
+    monkeypatch.setattr(torch, "__version__", "2.15.0+cpu")
+    for scope in ("unet", "blocks"):
+        cfg = resolve_config(overrides={**ONE_UPDATE, "compile_unet": True, "compile_scope": scope})
+        assert cfg.compile_backend == "inductor"
+        with pytest.raises(PastTheChecks):
+            start_checks_only(cfg)
 
 
 def test_sdpa_attention_is_diffusers_default_processor(tmp_path):
