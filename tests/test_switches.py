@@ -64,9 +64,9 @@ def default_path(tmp_path_factory):
     # The epoch's two sampling batches in one UNet batch of 4: the same draws, decoded and scored batch by batch.
     {"sample_batches_per_call": 2},
     # The compiled UNet. aot_eager traces forward and backward as inductor does, without its code generation
-    # (inductor on the CPU is refused before torch 2.14.1: it gave wrong gradients, test_inductor_on_the_cpu_is_
-    # refused). With the sampling batches joined, sampling (4 rows) and training (2) compile the UNet at two
-    # batch sizes.
+    # (inductor on the CPU is refused with torch older than 2.14.1, whose gradients were wrong: test_inductor_on_
+    # the_cpu_is_refused_with_a_torch_that_got_its_gradients_wrong). With the sampling batches joined, sampling
+    # (4 rows) and training (2) compile the UNet at two batch sizes.
     {"compile_unet": True, "compile_backend": "rlcm_test_aot_eager", "sample_batches_per_call": 2},
     # inductor itself, where it is allowed on the CPU (its first compile takes minutes on 2 cores).
     pytest.param({"compile_unet": True, "compile_backend": "inductor", "sample_batches_per_call": 2},
