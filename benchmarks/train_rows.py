@@ -11,7 +11,8 @@ OPTIMISATIONS_OFF = {
     "reward_on_cpu": {"reward_device": "cpu"},
     "no_reward_overlap": {"reward_overlap": False},
 }
-# The fast path's GPU-only switches (inductor is refused on a CPU; CUDA graphs need CUDA), alone and together.
+# The fast path's GPU-only switches (inductor is refused on a CPU with torch < 2.14.1, and too slow to compile there;
+# CUDA graphs need CUDA), alone and together.
 GPU_ONLY_ROWS = {
     "compiled_unet": {"compile_unet": True},
     "sample_cuda_graph": {"sample_cuda_graph": True},

@@ -1,7 +1,8 @@
 """The compiled UNet (inductor) and the CUDA-graph sampling loop on a GPU change no result: one seeded update
 on the tiny model gives the eager path's trajectories, loss and LoRA gradients, in float32 without TF32.
-(On the CPU inductor is refused, test_switches.py; these are the checks that decide whether the two may
-be the GPU's defaults.) Also xformers' attention (attention_backend=xformers), where it is installed."""
+(On the CPU inductor is refused with torch older than 2.14.1, test_switches.py; these are the checks that decide
+whether the two may be the GPU's defaults.) Also xformers' attention (attention_backend=xformers), where it is
+installed."""
 
 import pytest
 import torch
