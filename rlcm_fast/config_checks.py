@@ -226,7 +226,8 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
 def _check_compile_backend(backend: str) -> None:
     import torch  # called only when compiling: listing the backends imports dynamo, about 2 s a process
 
-    allowed = torch.compiler.list_backends(exclude_tags=())  # the debug ones too: aot_eager is the CPU's
+    # The debug backends too: aot_eager is the CPU's (with torch < 2.14.1, launch.py refuses inductor there).
+    allowed = torch.compiler.list_backends(exclude_tags=())
     if backend not in allowed:
         raise ConfigError(f"compile_backend {backend!r} is unknown; allowed: {', '.join(allowed)} "
                           "(see torch.compiler.list_backends)")

@@ -32,11 +32,16 @@ FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS = "2.14.1"
 
 
 def cpu_inductor_gradients_are_wrong(version: str | None = None) -> bool:
-    """Whether this torch (or `version`) is one whose inductor CPU code got the UNet's LoRA gradients wrong."""
+    """Whether this torch (or `version`) may get the UNet's LoRA gradients wrong under inductor on the CPU: any
+    release older than FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS, or a version that cannot be read."""
     import torch
-    from torch.torch_version import TorchVersion
+    from packaging.version import InvalidVersion, Version
 
-    return TorchVersion(version or torch.__version__) < FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS
+    try:
+        return Version(str(torch.__version__ if version is None else version)) < Version(
+            FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS)
+    except InvalidVersion:
+        return True
 
 
 def forget_other_accelerator_state(cpu: bool, mixed_precision: str) -> None:
@@ -78,9 +83,10 @@ def start_accelerator(cfg):
         raise ConfigError("mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
     if cfg.compile_unet and cfg.compile_backend == "inductor" and use_cpu and cpu_inductor_gradients_are_wrong():
         raise ConfigError(f"compile_unet=true with compile_backend='inductor' on the CPU is refused with torch "
-                          f"{torch.__version__}: it gives wrong LoRA gradients before torch "
-                          f"{FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS} (measured); upgrade torch, or use "
-                          "compile_backend=aot_eager or compile_unet=false")
+                          f"{torch.__version__}: inductor's CPU LoRA gradients were measured wrong with torch 2.13 "
+                          f"and right from {FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS} (older releases are "
+                          f"untested); upgrade torch to {FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS} or newer, "
+                          "or use compile_backend=aot_eager or compile_unet=false")
     try:
         check_attention_backend(cfg.attention_backend, torch.device("cpu" if use_cpu else "cuda"))
     except ValueError as exc:

@@ -132,7 +132,7 @@ def test_the_default_compile_scope_is_the_whole_unet():
 
 
 def test_a_compile_backend_is_checked_even_while_compile_unet_is_off():
-    """The list names every backend the check accepts, aot_eager (the CPU's) among them."""
+    """The list names every backend the check accepts, aot_eager (the CPU's with torch < 2.14.1) among them."""
     with pytest.raises(ConfigError, match=r"compile_backend 'nope' is unknown; allowed: .*\baot_eager\b"):
         resolve_config(overrides={"compile_backend": "nope"})
     assert resolve_config(overrides={"compile_backend": "aot_eager"}).compile_backend == "aot_eager"
