@@ -7,7 +7,7 @@ tracker, rewards) except the policy, which lives here behind the same interface 
     for k = 0 .. S-1   (S = num_steps, diffusers' DDIMScheduler timesteps t_k and previous timesteps p_k):
         eps, pred_x0  = the UNet's prediction with classifier-free guidance (batch doubled, uncond = "")
         mean_k        = sqrt(a_{p_k}) pred_x0 + sqrt(1 - a_{p_k} - std_k^2) eps
-        std_k         = eta * sqrt(DDIMScheduler._get_variance(t_k, p_k))
+        std_k         = eta * sqrt((1 - a_{p_k}) / (1 - a_{t_k}) * (1 - a_{t_k} / a_{p_k}))   (DDIM's eq. 16)
         x_{k+1}       = mean_k + std_k z_k                     (action k, every one of the S is trained)
     image = VAE.decode(x_S / scaling_factor)
 
@@ -34,14 +34,16 @@ DDIM_SCALARS = ("alpha_t", "sigma_t", "alpha_prev", "direction", "std")
 
 def ddim_row_scalars(scheduler: DDIMScheduler, eta: float) -> torch.Tensor:
     """(S, 5) float64 constants of each DDIM action of a scheduler whose timesteps are set, from the
-    scheduler's own alphas_cumprod, final_alpha_cumprod, previous-timestep rule and variance."""
+    scheduler's own alphas_cumprod, final_alpha_cumprod and previous-timestep rule. The variance is DDIM's
+    (Song et al., eq. 16), the one DDIMScheduler.step uses, written out here rather than read from the
+    scheduler's private `_get_variance`."""
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # as DDIMScheduler.step
     rows = []
     for t in scheduler.timesteps.tolist():
         prev = t - step
         a_t = float(scheduler.alphas_cumprod[t])
         a_prev = float(scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod)
-        std = eta * math.sqrt(float(scheduler._get_variance(t, prev)))
+        std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         rows.append([math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_prev), math.sqrt(max(1 - a_prev - std**2, 0.0)),
                      std])
     return torch.tensor(rows, dtype=torch.float64)
