@@ -16,6 +16,7 @@ from . import __version__
 from .config import TASK_PRESETS, ConfigError, TrainConfig, parse_set_pairs, resolve_config
 from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir, shell_path, shell_quote
 from .resume import newer_intact_checkpoint, resume_options, resumed_config
+from .run_lock import refuse_if_held_elsewhere
 
 
 def _faults() -> tuple[type[Exception], ...]:
@@ -306,6 +307,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         cfg = resolve_config(args.task, args.model, args.config, overrides)
         # A config file's output_dir counts too (a run's config.yaml names its own folder: refused below).
         run_dir = Path(output_dir or cfg.output_dir or _default_run_dir(cfg))
+        refuse_if_held_elsewhere(run_dir)  # a run still going: not "resume it", which would be refused too
         if _holds_checkpoints(run_dir):
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
     check_run_dir(run_dir)

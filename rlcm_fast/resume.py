@@ -18,6 +18,7 @@ from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
 from .config_checks import validate
 from .path_checks import UsageError, check_run_dir
 from .prompts import PROMPT_SETS
+from .run_lock import refuse_if_held_elsewhere
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
 # scales the saved LoRA's A and B: another value would resume another policy), or its stat tracker's per-prompt
@@ -98,6 +99,7 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     except UsageError as exc:
         raise ConfigError(str(exc)) from None
     if resume_from is None:
+        refuse_if_held_elsewhere(run_dir, "Trainer")  # a run still going: not "resume it"
         # Damaged checkpoints alone do not count: `--resume auto` starts the run over them.
         if find_resumable(run_dir)[0] is not None:
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it "

@@ -49,9 +49,7 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
     folder this made and nothing was written into is removed again at the end, so a run refused after
     loading leaves no folder behind (as before the lock)."""
     run_dir, held = Path(run_dir), _HELD  # the registry as it is now: the end of the hold updates that one
-    # The messages name the folder as the holder's caller named it: an option, or a Trainer's argument.
-    what, other = (("run folder", "another run folder") if holder == "Trainer"
-                   else ("output dir", "another --output-dir"))
+    what, other = _folder_words(holder)
     key = os.path.realpath(run_dir)
     holders = held.get(key)
     if holders is not None:
@@ -84,6 +82,40 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
                 os.close(fd)
 
 
+def refuse_if_held_elsewhere(run_dir: Path, holder: str = "rlcm-fast train") -> None:
+    """RunFolderInUse if another process holds `run_dir` now, taking nothing: for a refusal that would otherwise
+    come first and mislead (a new run into a folder that holds one is told to resume it, and that resume is then
+    refused because the run is still going). A shared flock, tried and dropped at once. Nothing is checked where
+    this process holds the folder already, or where its launcher holds it for it."""
+    if held_in_this_process(run_dir) or not holds_run_folders_here():
+        return
+    what, other = _folder_words(holder)
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file (never held), or unreadable: the hold itself says what is wrong
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunFolderInUse(_in_use_elsewhere(run_dir, fd, what, other)) from None
+    except OSError:  # a file system without locks
+        pass
+    finally:
+        os.close(fd)  # and with it the shared lock
+
+
+def _folder_words(holder: str) -> tuple[str, str]:
+    """How messages name the folder and its alternative: as the holder's caller named it, an option or a Trainer's
+    argument."""
+    return ("run folder", "another run folder") if holder == "Trainer" else ("output dir", "another --output-dir")
+
+
+def _in_use_elsewhere(run_dir: Path, fd: int, what: str, other: str) -> str:
+    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()  # what the holder wrote into the lock file
+    by = f" (process {pid})" if pid.isdigit() else ""
+    return f"{what} {str(run_dir)!r} is in use by another rlcm-fast train{by}: wait for it to end, or give {other}"
+
+
 def _only_the_lock_in(run_dir: Path) -> bool:
     try:
         return os.listdir(run_dir) == [LOCK_FILE]
@@ -105,11 +137,9 @@ def _lock(run_dir: Path, what: str, other: str) -> tuple[int | None, list[Path]]
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            message = _in_use_elsewhere(run_dir, fd, what, other)
             os.close(fd)
-            by = f" (process {holder})" if holder.isdigit() else ""
-            raise RunFolderInUse(f"{what} {str(run_dir)!r} is in use by another rlcm-fast train{by}: wait for it "
-                                 f"to end, or give {other}") from None
+            raise RunFolderInUse(message) from None
         except OSError as exc:  # a file system without locks: run as before, unguarded
             os.close(fd)
             print(f"rlcm-fast: warning: could not lock {str(path)!r} ({exc.strerror or exc}); nothing stops another "

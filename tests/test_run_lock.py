@@ -13,6 +13,7 @@ import pytest
 
 from rlcm_fast import cli, run_lock
 from rlcm_fast.cli import main
+from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, RunFolderUnusable, hold_run_folder
 from rlcm_fast.trainer import Trainer
 
@@ -68,6 +69,35 @@ def test_a_second_train_is_refused_while_the_first_holds_the_folder_and_runs_onc
         holder.wait()
     assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 0
     assert (run_dir / "checkpoint-1").is_dir() and (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_run_still_going_is_reported_as_in_use_not_as_a_run_to_resume(tmp_path, capsys, monkeypatch):
+    """A new run into a folder whose run is still going was told to resume it, and that resume was then refused."""
+    run_dir = tmp_path / "run"
+    assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "_build", lambda *args: pytest.fail("the model was loaded"))
+            assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
+            assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' is in use by another rlcm-fast "
+                                          f"train (process {holder.pid}): wait for it to end, or give another "
+                                          "--output-dir")
+            cfg = resolve_config(None, None, None, {"epochs": 1})
+            with pytest.raises(RunFolderInUse, match=f"^run folder '{run_dir}' is in use by another rlcm-fast train "
+                                                     rf"\(process {holder.pid}\): wait for it to end, or give another "
+                                                     "run folder$"):
+                Trainer(cfg, run_dir)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Once it has ended, the folder's run is the one to resume again.
+    assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
+    assert "already holds a run; resume it with --resume" in error_line(capsys)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(resolve_config(None, None, None, {"epochs": 1}), run_dir)
 
 
 def test_a_folder_written_between_the_checks_and_the_lock_is_refused(tmp_path, capsys, monkeypatch):
