@@ -42,6 +42,8 @@ def test_rebel_loss_equals_the_formula(eta, adv_clip_max):
     loss, stats = rebel_loss(log_probs, old, advantages, eta, adv_clip_max)
     assert loss.item() == pytest.approx(rebel_by_hand(log_probs, old, advantages, eta, adv_clip_max), rel=1e-12)
     assert stats["approx_kl"].item() == pytest.approx(0.5 * ((log_probs - old) ** 2).mean().item())
+    # The logged ratio is per trained step, as approx_kl: the mean over all (2P, K) entries.
+    assert stats["ratio"].item() == pytest.approx(torch.exp(log_probs - old).mean().item(), rel=1e-12)
 
 
 def test_rebel_gradient_vanishes_when_the_log_ratio_difference_matches_the_advantages():
@@ -73,6 +75,8 @@ def test_clipped_policy_loss_clips_the_ratio():
     # max(-A r, -A clip(r)): row 0 -> -1.01, row 1 -> +0.99 (clipped: 0.99 > 0.5), row 2 -> -1.001
     assert loss.item() == pytest.approx((-1.01 + 0.99 - 1.001) / 3, rel=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.001) / 3, rel=1e-6)  # the mean, as logged
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (log_probs**2).mean().item(), rel=1e-6)
 
 
 def test_group_advantages_are_zero_mean_unit_std_per_group():
@@ -207,7 +211,12 @@ def test_group_advantages_inside_the_trainer(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run")
     samples = trainer.sample_epoch(0)
     assert samples.prompts[:4] == [samples.prompts[0]] * 4 and samples.prompts[4:] == [samples.prompts[4]] * 4
-    trainer.compute_advantages(samples)
+    epoch_stats = trainer.compute_advantages(samples)
+    # The epoch's reward statistics as logged: over all its samples, the population std (as each step's).
+    rewards = np.asarray(samples.rewards, dtype=np.float64)
+    assert epoch_stats == {"reward_mean": pytest.approx(rewards.mean(), rel=1e-12),
+                           "reward_std": pytest.approx(rewards.std(ddof=0), rel=1e-12), "samples": 8}
+    assert rewards.std() > 0
     np.testing.assert_allclose(samples.advantages.view(2, 4).mean(dim=1).numpy(), 0.0, atol=1e-6)
     np.testing.assert_allclose(samples.advantages.view(2, 4).std(dim=1, unbiased=False).numpy(), 1.0, atol=1e-4)
 
@@ -304,20 +313,26 @@ def test_a_run_stopped_mid_epoch_resumes_exactly_with_each_option(tmp_path, monk
 def test_the_kl_term_enters_the_gradient_scaled_by_kl_beta(tmp_path):
     """g(beta) = g_ppo + beta g_kl, so g(0.2) - g(0) = 2 (g(0.1) - g(0)). Taken at the epoch's second update:
     the first starts at the base model, where the KL and its gradient are 0, so both see the same weights."""
-    grads = {}
+    grads, logged = {}, {}
     for beta in (0.0, 0.1, 0.2):
         cfg = resolve_config(overrides={"device": "cpu", "batches_per_epoch": 1, "sample_batch_size": 4,
                                         "train_batch_size": 2, "gradient_accumulation_steps": 1, "grid_every": 0,
                                         "seed": 3, "kl_beta": beta, "max_grad_norm": 1e9})  # no clipping
         trainer = Trainer(cfg, tmp_path / f"beta-{beta}")
-        captured = []
+        captured, sums = [], []
         trainer.optimizer.register_step_pre_hook(
             lambda *_: captured.append([p.grad.detach().clone() for p in trainer.params]))
+        finish_update = trainer.finish_update
+        trainer.finish_update = lambda epoch, update_sums, *rest: (sums.append(update_sums),
+                                                                   finish_update(epoch, update_sums, *rest))
         samples = trainer.sample_epoch(0)
         trainer.compute_advantages(samples)
         trainer.train_epoch(0, samples)
         assert len(captured) == 2
-        grads[beta] = captured[1]
+        grads[beta], logged[beta] = captured[1], sums[1]
+    # The logged loss holds the term too: beta times the logged KL, a mean over the rows as the loss's other part.
+    assert logged[0.1]["kl"] > 0
+    assert logged[0.1]["loss"] - logged[0.0]["loss"] == pytest.approx(0.1 * logged[0.1]["kl"], rel=1e-5)
     kl_part = [g1 - g0 for g0, g1 in zip(grads[0.0], grads[0.1])]
     largest = max(d.abs().max().item() for d in kl_part)
     assert largest > 0

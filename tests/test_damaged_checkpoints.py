@@ -295,13 +295,14 @@ def test_resume_of_the_run_folder_skips_a_malformed_training_state(run, capsys, 
 @pytest.mark.parametrize("rows, problem", [
     (2, "has no 'rewards'"),
     (3, "holds states of shape (3, 5, 4, 4, 4) for 2 prompts"),
-], ids=["a tensor missing", "a row too many"])
+    (1, "holds states of shape (1, 5, 4, 4, 4) for 2 prompts"),
+], ids=["a tensor missing", "a row too many", "a row too few"])
 def test_a_mid_epoch_checkpoint_whose_samples_do_not_fit_its_state_is_one_line(run, capsys, rows, problem):
     checkpoint = run / "checkpoint-3"
     prompts = ["cat", "dog"]
     tensors = {"states": torch.zeros(rows, 5, 4, 4, 4), "log_probs": torch.zeros(2, 4), "advantages": torch.zeros(2),
                "grid_images": torch.zeros(2, 3, 32, 32)}
-    if rows == 3:
+    if rows != 2:
         tensors["rewards"] = torch.zeros(2)
     save_file(tensors, str(checkpoint / "epoch_samples.safetensors"))
     rewrite(checkpoint, "epoch_samples.safetensors", (checkpoint / "epoch_samples.safetensors").read_bytes())

@@ -31,6 +31,14 @@ def independent_logp(x_next, mean, std):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def test_a_negative_next_timestep_takes_the_scheduler_s_final_alpha_as_lcm_scheduler_step_does():
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # final alpha 1
+    table = row_scalars_for_schedule(scheduler, torch.tensor([19, 19]), torch.tensor([0, -1]))
+    a_next = torch.tensor([float(scheduler.alphas_cumprod[0]), 1.0], dtype=torch.float64)
+    torch.testing.assert_close(table[:, 4], a_next.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(table[:, 5], (1 - a_next).sqrt(), rtol=1e-12, atol=0)
+
+
 def test_cpu_float_tensors_dispatch_to_the_native_op():
     assert select_backend(torch.zeros(2, 3)) == "native"
     assert select_backend(torch.zeros(2, 3, dtype=torch.bfloat16)) == "reference"
@@ -80,6 +88,19 @@ def test_sampling_log_prob_is_reproduced_exactly_in_training_mode():
     assert torch.equal(logp_sample, logp_train)
     _, _, logp_ref = policy_step_reference(mo, x, scalars, "epsilon", next_state=x_next)
     torch.testing.assert_close(logp_sample, logp_ref, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_reference_s_sampling_log_prob_is_of_the_next_state_as_stored_in_half_precision(dtype):
+    """A half-precision state is rounded when stored; the sampling log-prob must be of that rounded state, or
+    training's recomputation from it would differ (a ratio != 1 with unchanged weights)."""
+    g = torch.Generator().manual_seed(6)
+    mo, x, z = (torch.randn(3, 4, 8, 8, generator=g).to(dtype) for _ in range(3))
+    scalars = mixed_rows(3, seed=7)
+    _, x_next, logp_sample = policy_step_reference(mo, x, scalars, "epsilon", noise=z)
+    assert x_next.dtype == dtype
+    _, _, logp_train = policy_step_reference(mo, x, scalars, "epsilon", next_state=x_next)
+    assert torch.equal(logp_sample, logp_train)
 
 
 def test_bad_arguments_are_clear_errors():
