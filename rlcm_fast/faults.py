@@ -20,8 +20,9 @@ import torch
 
 def one_line(error: BaseException, limit: int = 400) -> str:
     """An exception as one line for a message: its type, then its text with whitespace collapsed and cut
-    at `limit` characters (library errors often span many lines)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+    at `limit` characters, with "..." where it was cut (library errors often span many lines)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
 
 
 def first_line(error: BaseException, empty: str | None = None) -> str:

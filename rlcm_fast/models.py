@@ -12,6 +12,7 @@ adapter is an LCM).
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -144,6 +145,14 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
     choices = MODEL_CHOICES if pipeline_class is LatentConsistencyModelPipeline else SD_MODEL_CHOICES
     if _missing_local_path(location):
         raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {choices}")
+    if "/" not in location and not os.path.exists(location):
+        # A pipeline's hub id is org/name: a bare name that is no folder here is a mistyped preset or folder, and
+        # the hub client's error for it (offline: several sentences) said neither.
+        presets = LCM_PRESETS if pipeline_class is LatentConsistencyModelPipeline else SD_PRESETS
+        close = difflib.get_close_matches(model, presets, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ModelLoadError(f"model {model!r} is no preset, no folder here and no hub id (those are org/name): "
+                             f"{choices}{hint}")
     try:
         # use_safetensors=True: diffusers would otherwise fall back to unpickling .bin weights.
         return pipeline_class.from_pretrained(

@@ -107,7 +107,7 @@ def test_an_out_dir_that_is_a_file_or_has_no_parent_is_refused_at_once(script, t
 @pytest.mark.parametrize("script, argv, message", [
     # was rlcm_fast's ConfigError traceback after the first variant's whole training run
     ("ablation_algorithms", ["--quick", "--kl-beta", "-1"], "kl_beta=-1.0 is invalid: it must be a finite number >= 0"),
-    ("compiled_gradients", ["--model", "no-such-model"], "model 'no-such-model' could not be loaded"),  # a traceback
+    ("compiled_gradients", ["--model", "no-such-model"], "model 'no-such-model' is no preset"),  # a traceback
     ("compiled_gradients", ["--resolution", "31"],
      "--resolution 31: resolution 31 is not a multiple of the VAE's scale factor 2"),  # tiny's VAE
 ])

@@ -21,7 +21,7 @@ from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.epoch_samples import SAMPLES_FILE
-from rlcm_fast.faults import is_out_of_memory
+from rlcm_fast.faults import is_out_of_memory, one_line
 from rlcm_fast.presets import TINY_LORA_TARGETS
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
@@ -651,3 +651,9 @@ def test_a_stopped_epochs_record_holds_the_epoch_as_it_was_and_passes_the_checkp
     assert torch.equal(tensors["advantages"], samples.advantages)
     assert tensors["rewards"].dtype == torch.float64 and np.array_equal(tensors["rewards"].numpy(), samples.rewards)
     assert torch.equal(tensors["grid_images"], samples.images[:GRID_IMAGES])
+
+
+def test_one_line_collapses_whitespace_and_marks_where_it_cut():
+    assert one_line(OSError("cannot\n  load\tit")) == "OSError: cannot load it"
+    assert one_line(ValueError("x" * 12), limit=12) == "ValueError: " + "x" * 12
+    assert one_line(ValueError("x" * 13), limit=12) == "ValueError: " + "x" * 12 + "..."

@@ -11,7 +11,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from diffusers import LCMScheduler, PNDMScheduler
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler, StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTokenizer
 
@@ -241,6 +241,25 @@ def test_bad_model_values_raise_one_clear_line(kind, tmp_path, monkeypatch):
     assert "\n" not in message
     assert repr(model) in message
     assert "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id" in message
+
+
+@pytest.mark.parametrize("model, method, message", [
+    ("tinyy", "rlcm", "model 'tinyy' is no preset, no folder here and no hub id (those are org/name): expected 'tiny', "
+                      "'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id; did you mean 'tiny'?"),
+    ("tiny_sd", "ddpo", "model 'tiny_sd' is no preset, no folder here and no hub id (those are org/name): expected "
+                        "'tiny-sd', 'sd15', a local Stable Diffusion pipeline folder, or a reachable hub id; did you mean "
+                        "'tiny-sd'?"),
+    ("dreamshaper", "rlcm", "model 'dreamshaper' is no preset, no folder here and no hub id (those are org/name): "
+                            "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"),
+])
+def test_a_bare_name_that_is_no_preset_or_folder_is_refused_without_asking_the_hub(model, method, message, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for pipeline in (LatentConsistencyModelPipeline, StableDiffusionPipeline):
+        monkeypatch.setattr(pipeline, "from_pretrained", lambda *args, **kwargs: pytest.fail("the hub was asked"))
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipeline(model, method=method)
+    assert str(raised.value) == message
 
 
 def test_sd15_lcm_has_the_dreamshaper_architecture_on_the_meta_device():
