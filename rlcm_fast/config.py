@@ -178,7 +178,7 @@ def _unknown_key(key: str, source: str) -> ConfigError:
         return ConfigError(f"unknown config key {key!r} in {source}; ddpo-pytorch's {key} is {DDPO_PYTORCH_NAMES[key]!r} "
                            "here")
     close = difflib.get_close_matches(key, field_types(), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {close[0]!r}?" if close else "; the keys are TrainConfig's fields (rlcm_fast/config.py)"
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 

@@ -40,9 +40,14 @@ def load_prompt_set(name: str) -> tuple[str, ...]:
     if name in PROMPT_SETS:
         return _named_set(name)
     path = Path(name)
+    allowed = f"allowed: {', '.join(PROMPT_SETS)}, or a text file of one prompt per line"
+    if path.is_dir():
+        raise ValueError(f"prompts {name!r} is a folder; {allowed}")
     if not path.is_file():
-        raise ValueError(f"prompts {name!r} is unknown; allowed: {', '.join(PROMPT_SETS)}, or a text file of one "
-                         "prompt per line")
+        # A name with a folder or a suffix was meant as a file: say that it is missing, not that the set is unknown.
+        if path.suffix or len(path.parts) > 1:
+            raise ValueError(f"prompts file {name!r} does not exist; {allowed}")
+        raise ValueError(f"prompts {name!r} is unknown; {allowed}")
     try:  # utf-8-sig: a byte-order mark that an editor wrote is not part of the first prompt
         text = path.read_text(encoding="utf-8-sig")  # \r\n and \r read as \n
     except (OSError, UnicodeDecodeError) as exc:

@@ -51,6 +51,8 @@ def test_set_values_are_typed():
     ({"device": "tpu"}, "device 'tpu' is invalid; allowed: auto, cpu, cuda"),
     ({"epochs": "many"}, "epochs='many' in --set is invalid: expected int"),
     ({"learning_rat": 1e-3}, "unknown config key 'learning_rat' in --set; did you mean 'learning_rate'"),
+    ({"unknown_key": 1}, "unknown config key 'unknown_key' in --set; the keys are TrainConfig's fields "
+                         "(rlcm_fast/config.py)"),
     ({"horizon": 60}, "horizon=60 is invalid: it must be <= original_inference_steps=50"),
     ({"train_final_step": "yes"}, "train_final_step='yes' in --set is invalid: expected bool"),
     ({"attention_backend": "flash"}, "attention_backend 'flash' is invalid; allowed: sdpa, cudnn, xformers"),

@@ -23,6 +23,21 @@ def test_unknown_prompt_set_names_the_allowed_ones():
         load_prompt_set("birds")
 
 
+def test_a_missing_prompts_file_is_named_as_a_file_and_a_folder_as_a_folder(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    allowed = "allowed: imagenet_animals, simple_animals, alignment, or a text file of one prompt per line"
+    for name in ("missing_prompts.txt", "prompts/animals"):
+        with pytest.raises(ValueError) as error:
+            load_prompt_set(name)
+        assert str(error.value) == f"prompts file {name!r} does not exist; {allowed}"
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(ValueError) as error:
+        load_prompt_set("prompts")
+    assert str(error.value) == f"prompts 'prompts' is a folder; {allowed}"
+
+
 def test_the_alignment_set_is_animal_major_with_each_animal_s_activities():
     prompts = load_prompt_set("alignment")
     assert len(prompts) == 45 * 3

@@ -1,6 +1,7 @@
 import io
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +70,24 @@ def test_custom_reward_by_module_and_function():
 def test_bad_reward_names(name, message):
     with pytest.raises(RewardError, match=re.escape(message)):
         make_reward(name)
+
+
+def test_a_reward_module_in_the_working_folder_but_not_on_the_path_says_how_to_import_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", ".", str(tmp_path))])
+    (tmp_path / "myrew_not_on_path.py").write_text("def bright(images, prompts):\n    return images.mean((1, 2, 3))\n")
+    (tmp_path / "rewpkg_not_on_path").mkdir()
+    (tmp_path / "rewpkg_not_on_path" / "__init__.py").write_text("")
+    for spec, top in (("myrew_not_on_path:bright", "myrew_not_on_path"),
+                      ("rewpkg_not_on_path.sub:f", "rewpkg_not_on_path")):
+        with pytest.raises(RewardError) as error:
+            make_reward(spec)
+        assert str(error.value) == (f"reward {spec!r} cannot be imported: No module named {top!r}; {top!r} is in the "
+                                    "current folder, which is not searched: run with PYTHONPATH=. (or install it)")
+    with pytest.raises(RewardError) as error:  # nothing of that name here: no hint
+        make_reward("absent_reward_module:f")
+    assert str(error.value) == ("reward 'absent_reward_module:f' cannot be imported: No module named "
+                                "'absent_reward_module'")
 
 
 def test_checked_rewards_rejects_wrong_length_and_non_finite_values():

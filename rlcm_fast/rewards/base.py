@@ -25,6 +25,7 @@ import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -92,6 +93,16 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
     return array
 
 
+def _module_here_hint(module_name: str, exc: Exception) -> str:
+    """Where the module is a file or package in the working folder that Python did not look in (the console script
+    does not put it on sys.path, as `python script.py` would its own folder), how to let it."""
+    top = module_name.split(".")[0]
+    missing = isinstance(exc, ModuleNotFoundError) and exc.name == top
+    if missing and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file()):
+        return f"; {top!r} is in the current folder, which is not searched: run with PYTHONPATH=. (or install it)"
+    return ""
+
+
 def import_user_reward(spec: str) -> RewardFn:
     """`module.path:function`, checked up front to be callable as fn(images, prompts)."""
     module_name, _, attr = spec.partition(":")
@@ -100,7 +111,7 @@ def import_user_reward(spec: str) -> RewardFn:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise RewardError(f"reward {spec!r} cannot be imported: {exc}") from None
+        raise RewardError(f"reward {spec!r} cannot be imported: {exc}{_module_here_hint(module_name, exc)}") from None
     except (Exception, SystemExit) as exc:  # the user's module failed while it ran (a SyntaxError, sys.exit())
         raise RewardError(f"reward {spec!r} cannot be imported: its module raised {one_line(exc, limit=300)}") from None
     if not callable(fn):
