@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, default=1, metavar="N",
                        help="processes on this machine (one per GPU; gloo on CPUs); default 1")
     train.add_argument("--seed", type=int, help="random seed, 0..2**63-1 (config key `seed`; default 0)")
-    train.add_argument("--device", help="auto | cpu | cuda")
+    train.add_argument("--device", help="auto | cpu | cuda (config key `device`; default auto: CUDA when available)")
 
     sample = commands.add_parser("sample", help="write images from an LCM (with --algo ddpo: a Stable Diffusion "
                                                 "model), optionally with a trained LoRA", allow_abbrev=False)
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the policy to sample without --lora: rlcm (default; an LCM) or ddpo (a Stable "
                              "Diffusion model with DDIM, as DDPO samples it); with --lora: the run's")
     sample.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    sample.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     sample.add_argument("--horizon", type=int,
                         help="sampling steps (default: the run's, else train's for the model and --algo)")
     sample.add_argument("--guidance-scale", type=float, default=None,
@@ -120,14 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the reward to serve: alignment (a VLM's answer, BERTScore recall against the prompt)")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on, IPv4 or IPv6 (default: "
                                                           "127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8060, help="0: any free port (printed at start)")
+    serve.add_argument("--port", type=int, default=8060, help="0: any free port, printed at start (default: 8060)")
     serve.add_argument("--vlm", default=None, help="image-text-to-text model, hub id or folder "
                                                    "(default: llava-hf/llava-1.5-7b-hf)")
     serve.add_argument("--scorer", default=None, help="BERT-family model for BERTScore (default: roberta-large)")
     serve.add_argument("--scorer-layer", type=int, default=None,
                        help="hidden layer for BERTScore (default: bert_score's for known models, else the last)")
-    serve.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the VLM's answers")
-    serve.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    serve.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the VLM's answers (default: 48)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto, CUDA when available)")
     return parser
 
 

@@ -185,7 +185,7 @@ SWITCHES = {"policy_step_backend": ("auto", "reference"), "train_rows": ("flatte
 
 def _check_method_and_switches(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
-        raise ConfigError(f"method {cfg.method!r} is unknown; allowed: {', '.join(METHODS)}")
+        raise ConfigError(f"method {cfg.method!r} (--algo) is unknown; allowed: {', '.join(METHODS)}")
     if cfg.method == "ddpo" and not (math.isfinite(cfg.eta) and 0 < cfg.eta <= 1):
         raise ConfigError(f"eta={cfg.eta} is invalid: DDPO's DDIM eta must be in (0, 1] (0 has no log-density)")
     defaults = TrainConfig()

@@ -411,3 +411,21 @@ def test_a_parent_folder_that_cannot_be_entered_is_refused(tmp_path, monkeypatch
                         lambda path, mode: not (Path(path) == tmp_path and mode & os.X_OK))
     with pytest.raises(UsageError, match="is not writable"):
         check_run_dir(tmp_path / "run")
+
+
+def test_every_option_with_a_default_names_it_in_its_help():
+    """`--help` is where a user looks for defaults (serve-reward's --port and --max-new-tokens, sample's
+    --num-images and train's --device did not say theirs)."""
+    import argparse
+
+    from rlcm_fast.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    # Without a default of their own: the task's reward and prompts, files and paths the user names, --set's list.
+    no_default = {("train", "--reward"), ("train", "--prompts"), ("train", "--config"), ("train", "--set"),
+                  ("train", "--resume"), ("sample", "--lora"), ("serve-reward", "--reward")}
+    silent = [(name, action.option_strings[-1]) for name, command in commands.choices.items()
+              for action in command._actions
+              if action.option_strings and action.nargs != 0 and not action.required
+              and "default" not in (action.help or "") and (name, action.option_strings[-1]) not in no_default]
+    assert silent == []

@@ -143,7 +143,7 @@ def test_ddpo_presets():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--algo", "ddpm"], "method 'ddpm' is unknown; allowed: rlcm, ddpo"),
+    (["--algo", "ddpm"], "method 'ddpm' (--algo) is unknown; allowed: rlcm, ddpo"),
     (["--algo", "ddpo", "--model", "tiny"], "model 'tiny' is an LCM preset"),
     (["--algo", "ddpo", "--set", "eta=0"], "eta=0.0 is invalid"),
     (["--set", "train_rows=sideways"], "train_rows 'sideways' is invalid; allowed: flattened, per_timestep"),
