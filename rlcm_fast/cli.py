@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hidden layer for BERTScore (default: bert_score's for known models, else the last)")
     serve.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the VLM's answers (default: 48)")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto, CUDA when available)")
+    parser.commands = {"train": train, "sample": sample, "serve-reward": serve}  # each command's own parser
     return parser
 
 
@@ -405,7 +406,10 @@ def _error(exc: Exception | str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # told with the command's usage: parse_args tells it with the top level's
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "train":
             return run_train(args, argv)

@@ -387,8 +387,11 @@ def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abb
     with pytest.raises(SystemExit) as stopped:
         main([*command, *abbreviated])
     assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"rlcm-fast: error: unrecognized arguments: {' '.join(abbreviated)}")
+    err = capsys.readouterr().err
+    # Told with the command's own usage and name, as argparse tells a bad value of one of its options.
+    assert err.startswith(f"usage: rlcm-fast {command[0]} [-h]")
+    assert err.strip().splitlines()[-1] == (f"rlcm-fast {command[0]}: error: unrecognized arguments: "
+                                            f"{' '.join(abbreviated)}")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -116,7 +116,7 @@ def test_an_abbreviated_option_is_refused_not_passed_on(abbreviated, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["train", "--device", "cpu", *abbreviated])
     assert stopped.value.code == 2
-    assert f"unrecognized arguments: {' '.join(abbreviated[-2:])}" in capsys.readouterr().err
+    assert f"rlcm-fast train: error: unrecognized arguments: {' '.join(abbreviated[-2:])}" in capsys.readouterr().err
 
 
 THREADS = "import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == sys.argv[1] else 3)"
