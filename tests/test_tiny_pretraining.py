@@ -155,3 +155,18 @@ def test_tiny_samples_differ_in_jpeg_size(preset):
         sizes[name] = make_reward("jpeg_incompressibility", threads=1)(sample(pipe, preset).images, [""] * 32)
     # Measured: std 0.091 kB trained, 0.013 kB untrained (both presets, 4 steps).
     assert sizes["trained"].std() > 0.05 > 0.02 > sizes["untrained"].std(), sizes
+
+
+def test_the_command_says_what_it_trains_and_where_it_writes_before_the_minutes_of_training(tmp_path, capsys,
+                                                                                             monkeypatch):
+    import rlcm_fast.tiny_pretraining as module
+
+    def quick(pipe, **recipe):
+        assert capsys.readouterr().out == (f"training tiny's UNet: {RECIPE['steps']} AdamW steps (about 3 minutes "
+                                           f"on 2 CPU cores), then writing {tmp_path / 'unet.safetensors'}\n")
+        return [1.0] * 20
+
+    monkeypatch.setattr(module, "pretrain_denoiser", quick)
+    main(["--out", str(tmp_path / "unet.safetensors")])
+    assert capsys.readouterr().out.startswith(f"trained tiny's UNet for {RECIPE['steps']} steps in ")
+    assert (tmp_path / "unet.safetensors").is_file()
