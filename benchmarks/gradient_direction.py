@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         try:  # what only the trainer checks (--set device=cuda without CUDA, a model that does not load)
-            trainer = Trainer(cfg, Path(run_dir))
+            # Its sampling bars say "epoch 2" at every evaluation: on a terminal only, not through a log file.
+            trainer = Trainer(cfg, Path(run_dir), progress_bars=sys.stderr.isatty())
         except (ConfigError, ModelLoadError) as error:
             parser.error(str(error))
         estimate = policy_gradient_estimate(trainer, trainer.sample_epoch(0))
