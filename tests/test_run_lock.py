@@ -1,6 +1,7 @@
 """One train per run folder (run_lock.py): a second train is refused in one line before any model loads, a
 killed holder blocks nothing, and a folder written between a run's checks and its lock is refused."""
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -29,6 +30,19 @@ with hold_run_folder(sys.argv[1]):
 """
 
 
+@contextlib.contextmanager
+def held_by_another_process(run_dir: Path):
+    """run_dir's lock held by another process for the block (its pid yielded), then that process killed: no cleanup
+    runs, the kernel drops the lock."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def lock_is_free(run_dir: Path) -> bool:
     """Whether a flock of RUN/.lock succeeds now (from a new open file: as another train would try it)."""
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
@@ -52,21 +66,14 @@ def error_line(capsys) -> str:
 def test_a_second_train_is_refused_while_the_first_holds_the_folder_and_runs_once_it_is_killed(
         tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with monkeypatch.context() as patch:
-            patch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
-            assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
-            assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' is in use by another rlcm-fast "
-                                          f"train (process {holder.pid}): wait for it to end, or give another "
-                                          "--output-dir")
-            assert main(["train", *ARGS, "--output-dir", str(run_dir), "--resume", "auto"]) == 2
-            assert "is in use by another rlcm-fast train" in error_line(capsys)
+    with held_by_another_process(run_dir) as pid, monkeypatch.context() as patch:
+        patch.setattr(Trainer, "__init__", lambda *args: pytest.fail("the model was loaded"))
+        assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
+        assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' is in use by another rlcm-fast "
+                                      f"train (process {pid}): wait for it to end, or give another --output-dir")
+        assert main(["train", *ARGS, "--output-dir", str(run_dir), "--resume", "auto"]) == 2
+        assert "is in use by another rlcm-fast train" in error_line(capsys)
         assert os.listdir(run_dir) == [LOCK_FILE]
-    finally:
-        holder.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
-        holder.wait()
     assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 0
     assert (run_dir / "checkpoint-1").is_dir() and (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
@@ -76,23 +83,15 @@ def test_a_run_still_going_is_reported_as_in_use_not_as_a_run_to_resume(tmp_path
     run_dir = tmp_path / "run"
     assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 0
     capsys.readouterr()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with monkeypatch.context() as patch:
-            patch.setattr(Trainer, "_build", lambda *args: pytest.fail("the model was loaded"))
-            assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
-            assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' is in use by another rlcm-fast "
-                                          f"train (process {holder.pid}): wait for it to end, or give another "
-                                          "--output-dir")
-            cfg = resolve_config(None, None, None, {"epochs": 1})
-            with pytest.raises(RunFolderInUse, match=f"^run folder '{run_dir}' is in use by another rlcm-fast train "
-                                                     rf"\(process {holder.pid}\): wait for it to end, or give another "
-                                                     "run folder$"):
-                Trainer(cfg, run_dir)
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    with held_by_another_process(run_dir) as pid, monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_build", lambda *args: pytest.fail("the model was loaded"))
+        assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
+        assert error_line(capsys) == (f"rlcm-fast: error: output dir '{run_dir}' is in use by another rlcm-fast "
+                                      f"train (process {pid}): wait for it to end, or give another --output-dir")
+        with pytest.raises(RunFolderInUse) as error:
+            Trainer(resolve_config(None, None, None, {"epochs": 1}), run_dir)
+        assert str(error.value) == (f"run folder '{run_dir}' is in use by another rlcm-fast train (process {pid}): "
+                                    "wait for it to end, or give another run folder")
     # Once it has ended, the folder's run is the one to resume again.
     assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 2
     assert "already holds a run; resume it with --resume" in error_line(capsys)
@@ -211,15 +210,10 @@ def test_a_trainers_refusals_name_its_run_folder_not_the_command_lines_option(tm
     assert str(error.value) == (f"run folder '{tmp_path / 'unusable'}' cannot be used: "
                                 f"'{tmp_path / 'unusable' / LOCK_FILE}': Is a directory")
     run_dir = tmp_path / "held"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(run_dir) as pid:
         with pytest.raises(RunFolderInUse) as error, hold_run_folder(run_dir, holder="Trainer"):
             pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    assert str(error.value) == (f"run folder '{run_dir}' is in use by another rlcm-fast train (process {holder.pid}): "
+    assert str(error.value) == (f"run folder '{run_dir}' is in use by another rlcm-fast train (process {pid}): "
                                 "wait for it to end, or give another run folder")
 
 
