@@ -16,7 +16,7 @@ from . import __version__
 from .config import TASK_PRESETS, ConfigError, TrainConfig, parse_set_pairs, resolve_config
 from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir, shell_path, shell_quote
 from .resume import newer_intact_checkpoint, resume_options, resumed_config
-from .run_lock import refuse_if_held_elsewhere
+from .run_lock import refuse_if_in_use
 
 
 def _faults() -> tuple[type[Exception], ...]:
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)",
                                  allow_abbrev=False)
     serve.add_argument("--reward", default="alignment", choices=["alignment"],
-                       help="the reward to serve: alignment (a VLM's answer, BERTScore recall against the prompt)")
+                       help="the reward to serve: alignment (a VLM's answer, BERTScore recall against the prompt; "
+                            "the default and only choice)")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on, IPv4 or IPv6 (default: "
                                                           "127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8060, help="0: any free port, printed at start (default: 8060)")
@@ -308,7 +309,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         cfg = resolve_config(args.task, args.model, args.config, overrides)
         # A config file's output_dir counts too (a run's config.yaml names its own folder: refused below).
         run_dir = Path(output_dir or cfg.output_dir or _default_run_dir(cfg))
-        refuse_if_held_elsewhere(run_dir)  # a run still going: not "resume it", which would be refused too
+        refuse_if_in_use(run_dir)  # a run still going: not "resume it", which would be refused too
         if _holds_checkpoints(run_dir):
             raise UsageError(f"output dir {str(run_dir)!r} already holds a run; resume it with --resume or pick another")
     check_run_dir(run_dir)

@@ -148,9 +148,12 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
     if "/" not in location and not os.path.exists(location):
         # A pipeline's hub id is org/name: a bare name that is no folder here is a mistyped preset or folder, and
         # the hub client's error for it (offline: several sentences) said neither.
-        presets = LCM_PRESETS if pipeline_class is LatentConsistencyModelPipeline else SD_PRESETS
-        close = difflib.get_close_matches(model, presets, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = ""
+        if close := difflib.get_close_matches(model, LCM_PRESETS + SD_PRESETS, n=1):
+            # The nearest may be the other method's preset ('tiny_sd' is 'tiny-sd', a DDPO model).
+            algo = "ddpo" if close[0] in SD_PRESETS else "rlcm"
+            wanted = "rlcm" if pipeline_class is LatentConsistencyModelPipeline else "ddpo"
+            hint = f"; did you mean {close[0]!r}{'' if algo == wanted else f' (with --algo {algo})'}?"
         raise ModelLoadError(f"model {model!r} is no preset, no folder here and no hub id (those are org/name): "
                              f"{choices}{hint}")
     try:

@@ -45,7 +45,7 @@ def load_prompt_set(name: str) -> tuple[str, ...]:
         raise ValueError(f"prompts {name!r} is a folder; {allowed}")
     if not path.is_file():
         # A name with a folder or a suffix was meant as a file: say that it is missing, not that the set is unknown.
-        if path.suffix or len(path.parts) > 1:
+        if path.suffix or "/" in name:
             raise ValueError(f"prompts file {name!r} does not exist; {allowed}")
         raise ValueError(f"prompts {name!r} is unknown; {allowed}")
     try:  # utf-8-sig: a byte-order mark that an editor wrote is not part of the first prompt

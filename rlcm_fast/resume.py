@@ -18,7 +18,6 @@ from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
 from .config_checks import validate
 from .path_checks import UsageError, check_run_dir
 from .prompts import PROMPT_SETS
-from .run_lock import refuse_if_held_elsewhere
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
 # scales the saved LoRA's A and B: another value would resume another policy), or its stat tracker's per-prompt
@@ -99,7 +98,6 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     except UsageError as exc:
         raise ConfigError(str(exc)) from None
     if resume_from is None:
-        refuse_if_held_elsewhere(run_dir, "Trainer")  # a run still going: not "resume it"
         # Damaged checkpoints alone do not count: `--resume auto` starts the run over them.
         if find_resumable(run_dir)[0] is not None:
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it "
@@ -129,8 +127,10 @@ def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitS
     and the checks again under it: another train may have started there in between (not when the command line
     held the folder already: the checks ran under its hold). In a process that does not take run folders' locks
     (run_lock.holds_run_folders_here) the stack holds nothing."""
-    from .run_lock import held_in_this_process, hold_run_folder, holds_run_folders_here
+    from .run_lock import held_in_this_process, hold_run_folder, holds_run_folders_here, refuse_if_in_use
 
+    # A folder another train or Trainer is using: said first, not "it holds a run: resume it" (refused in turn).
+    refuse_if_in_use(Path(run_dir), holder="Trainer", joins="rlcm-fast train")
     checked, hold = checked_start(cfg, run_dir, resume_from), contextlib.ExitStack()
     if holds_run_folders_here():
         checked_under_the_lock = held_in_this_process(checked[1])

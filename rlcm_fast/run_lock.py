@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import sys
+import time
 from pathlib import Path
 
 LOCK_FILE = ".lock"
@@ -54,11 +55,7 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
     holders = held.get(key)
     if holders is not None:
         if holders != {joins}:
-            # A Trainer holds its folder until its train() ends, or until it is deleted (a notebook's last one
-            # is still referenced by its variable).
-            advice = "let its train() end or del it" if "Trainer" in holders else "let it end"
-            raise RunFolderInUse(f"{what} {str(run_dir)!r} is in use by another {' and '.join(sorted(holders))} "
-                                 f"in this process (process {os.getpid()}): {advice}, or give {other}")
+            raise RunFolderInUse(_in_use_here(run_dir, holders, what, other))
         holders.add(holder)
         try:
             yield
@@ -82,22 +79,30 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
                 os.close(fd)
 
 
-def refuse_if_held_elsewhere(run_dir: Path, holder: str = "rlcm-fast train") -> None:
-    """RunFolderInUse if another process holds `run_dir` now, taking nothing: for a refusal that would otherwise
-    come first and mislead (a new run into a folder that holds one is told to resume it, and that resume is then
-    refused because the run is still going). A shared flock, tried and dropped at once. Nothing is checked where
-    this process holds the folder already, or where its launcher holds it for it."""
-    if held_in_this_process(run_dir) or not holds_run_folders_here():
-        return
-    what, other = _folder_words(holder)
+def refuse_if_in_use(run_dir: Path, holder: str = "rlcm-fast train", joins: str | None = None) -> None:
+    """RunFolderInUse where `hold_run_folder(run_dir, holder, joins)` would refuse now, taking nothing: for a
+    refusal that would otherwise come first and mislead (a new run into a folder that holds one is told to resume
+    it, and that resume is then refused because the run is still going). Another process's hold is seen with a
+    shared flock, tried and dropped at once; none is tried where the launcher holds the folder for this process.
+    A name no path can have (a NUL, a lone surrogate) passes: the run folder's own checks say what is wrong."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:  # no lock file (never held), or unreadable: the hold itself says what is wrong
+        holders = _HELD.get(os.path.realpath(run_dir))
+    except ValueError:
+        return
+    if holders is not None:
+        if holders != {joins}:
+            raise RunFolderInUse(_in_use_here(run_dir, holders, *_folder_words(holder)))
+        return
+    if not holds_run_folders_here():
+        return
+    try:  # O_NONBLOCK: a FIFO named .lock would wait for a writer
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):  # no lock file (never held), or unreadable: the hold itself says what is wrong
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise RunFolderInUse(_in_use_elsewhere(run_dir, fd, what, other)) from None
+        raise RunFolderInUse(_in_use_elsewhere(run_dir, fd, *_folder_words(holder))) from None
     except OSError:  # a file system without locks
         pass
     finally:
@@ -110,10 +115,31 @@ def _folder_words(holder: str) -> tuple[str, str]:
     return ("run folder", "another run folder") if holder == "Trainer" else ("output dir", "another --output-dir")
 
 
+def _in_use_here(run_dir: Path, holders: set[str], what: str, other: str) -> str:
+    # A Trainer holds its folder until its train() ends, or until it is deleted (a notebook's last one is still
+    # referenced by its variable).
+    advice = "let its train() end or del it" if "Trainer" in holders else "let it end"
+    return (f"{what} {str(run_dir)!r} is in use by another {' and '.join(sorted(holders))} in this process "
+            f"(process {os.getpid()}): {advice}, or give {other}")
+
+
 def _in_use_elsewhere(run_dir: Path, fd: int, what: str, other: str) -> str:
     pid = os.pread(fd, 32, 0).decode(errors="replace").strip()  # what the holder wrote into the lock file
     by = f" (process {pid})" if pid.isdigit() else ""
     return f"{what} {str(run_dir)!r} is in use by another rlcm-fast train{by}: wait for it to end, or give {other}"
+
+
+def _exclusive_flock(fd: int, tries: int = 5, wait_s: float = 0.02) -> None:
+    """flock(LOCK_EX), not waiting for a run that holds it, but retried a few times: refuse_if_in_use's shared
+    flock is held for an instant (a network round trip on NFS), and a start at that instant is no conflict."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(wait_s)
 
 
 def _only_the_lock_in(run_dir: Path) -> bool:
@@ -135,7 +161,7 @@ def _lock(run_dir: Path, what: str, other: str) -> tuple[int | None, list[Path]]
             raise RunFolderUnusable(f"{what} {str(run_dir)!r} cannot be used: {str(where)!r}: "
                                     f"{exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _exclusive_flock(fd)
         except BlockingIOError:
             message = _in_use_elsewhere(run_dir, fd, what, other)
             os.close(fd)

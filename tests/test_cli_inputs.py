@@ -426,7 +426,7 @@ def test_every_option_with_a_default_names_it_in_its_help():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     # Without a default of their own: the task's reward and prompts, files and paths the user names, --set's list.
     no_default = {("train", "--reward"), ("train", "--prompts"), ("train", "--config"), ("train", "--set"),
-                  ("train", "--resume"), ("sample", "--lora"), ("serve-reward", "--reward")}
+                  ("train", "--resume"), ("sample", "--lora")}
     silent = [(name, action.option_strings[-1]) for name, command in commands.choices.items()
               for action in command._actions
               if action.option_strings and action.nargs != 0 and not action.required

@@ -247,8 +247,11 @@ def test_bad_model_values_raise_one_clear_line(kind, tmp_path, monkeypatch):
     ("tinyy", "rlcm", "model 'tinyy' is no preset, no folder here and no hub id (those are org/name): expected 'tiny', "
                       "'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id; did you mean 'tiny'?"),
     ("tiny_sd", "ddpo", "model 'tiny_sd' is no preset, no folder here and no hub id (those are org/name): expected "
-                        "'tiny-sd', 'sd15', a local Stable Diffusion pipeline folder, or a reachable hub id; did you mean "
-                        "'tiny-sd'?"),
+                        "'tiny-sd', 'sd15', a local Stable Diffusion pipeline folder, or a reachable hub id; did you "
+                        "mean 'tiny-sd'?"),
+    ("tiny_sd", "rlcm", "model 'tiny_sd' is no preset, no folder here and no hub id (those are org/name): expected "
+                        "'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id; did you mean "
+                        "'tiny-sd' (with --algo ddpo)?"),
     ("dreamshaper", "rlcm", "model 'dreamshaper' is no preset, no folder here and no hub id (those are org/name): "
                             "expected 'tiny', 'sd15-lcm', a local diffusers pipeline folder, or a reachable hub id"),
 ])

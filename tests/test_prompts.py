@@ -28,7 +28,7 @@ def test_a_missing_prompts_file_is_named_as_a_file_and_a_folder_as_a_folder(tmp_
 
     monkeypatch.chdir(tmp_path)
     allowed = "allowed: imagenet_animals, simple_animals, alignment, or a text file of one prompt per line"
-    for name in ("missing_prompts.txt", "prompts/animals"):
+    for name in ("missing_prompts.txt", "prompts/animals", "./animals"):
         with pytest.raises(ValueError) as error:
             load_prompt_set(name)
         assert str(error.value) == f"prompts file {name!r} does not exist; {allowed}"

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,34 @@ def test_a_run_still_going_is_reported_as_in_use_not_as_a_run_to_resume(tmp_path
     assert "already holds a run; resume it with --resume" in error_line(capsys)
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(resolve_config(None, None, None, {"epochs": 1}), run_dir)
+
+
+def test_a_second_trainer_on_a_folder_this_process_holds_is_told_it_is_in_use_not_to_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *ARGS, "--output-dir", str(run_dir)]) == 0
+    cfg = resolve_config(None, None, None, {"epochs": 2})
+    first = Trainer(cfg, run_dir, resume_from=run_dir)  # not trained: it holds the folder until deleted
+    with pytest.raises(RunFolderInUse) as error:
+        Trainer(cfg, run_dir)
+    assert str(error.value) == (f"run folder '{run_dir}' is in use by another Trainer in this process (process "
+                                f"{os.getpid()}): let its train() end or del it, or give another run folder")
+    del first
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(cfg, run_dir)
+
+
+def test_a_start_in_the_instant_of_another_s_probe_is_no_conflict(tmp_path):
+    """refuse_if_in_use's shared flock, held for an instant, must not refuse a start that locks at that instant."""
+    run_dir = tmp_path / "run"
+    with hold_run_folder(run_dir):
+        pass
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / LOCK_FILE).write_text("")
+    probe = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.03, os.close, (probe,)).start()  # released after 30 ms, as a slow probe's would be
+    with hold_run_folder(run_dir):
+        assert not lock_is_free(run_dir)
 
 
 def test_a_folder_written_between_the_checks_and_the_lock_is_refused(tmp_path, capsys, monkeypatch):
