@@ -117,9 +117,7 @@ def test_a_second_trainer_on_a_folder_this_process_holds_is_told_it_is_in_use_no
 def test_a_start_in_the_instant_of_another_s_probe_is_no_conflict(tmp_path):
     """refuse_if_in_use's shared flock, held for an instant, must not refuse a start that locks at that instant."""
     run_dir = tmp_path / "run"
-    with hold_run_folder(run_dir):
-        pass
-    run_dir.mkdir(exist_ok=True)
+    run_dir.mkdir()
     (run_dir / LOCK_FILE).write_text("")
     probe = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
     fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
