@@ -217,9 +217,7 @@ def _rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.contiguous().view(batch, -1)
 
 
-# enable_fp_fusion=False: no FMA contraction, so a sampling pass and a training-mode recompute round
-# `mean` identically on every backend (logp bit for bit at the same BLOCK: module docstring). The op is
-# memory-bound: FMAs would buy no time.
+# No FMA contraction: the module docstring says why.
 _LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
@@ -334,8 +332,8 @@ class FusedPolicyStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        # Not @once_differentiable: it runs this under no_grad, and its double-backward error never fires when
-        # the incoming gradients are constants, so a second derivative came out as silent zeros.
+        # Not @once_differentiable: with constant incoming gradients its double-backward error never fires and a
+        # second derivative would be silent zeros; refuse_second_derivative raises instead.
         refuse_second_derivative()
         if ctx.sampling:
             grad_denoised, grad_next, grad_logp = grad_outputs

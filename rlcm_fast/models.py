@@ -118,10 +118,6 @@ def set_channels_last(pipe, enabled: bool = True) -> None:
         model.to(memory_format=memory_format)
 
 
-
-
-
-
 def _missing_local_path(location: str) -> bool:
     # Only a relative name like "org/model" can be a hub id; say so plainly for a missing path.
     return (os.path.isabs(location) or location.startswith((".", "~"))) and not os.path.exists(location)

@@ -73,14 +73,10 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     ddp_unet = accelerator.prepare(unet)
-    # With mixed precision, prepare() also wraps the UNet's forward in an autocast it made once, whose cast
-    # cache is on whatever the caller's autocast says. Every UNet call runs under the trainer's autocast()
-    # already, and inside a CUDA-graph capture (warmed up and captured with the cache off) that wrapper
-    # would cache the LoRA weights' casts: the graph would keep reading the warm-up's copies, stale after
-    # an update and freed when the caller's autocast ends. So the wrapper comes off (accelerate's own
-    # unwrap; DDP stays): tests/test_cuda_graphs.py shows the stale casts with it. (With mixed precision,
-    # accelerate 1.16's unwrap also strips diffusers' apply_lora_scale decorator off the forward: no call
-    # here passes the cross_attention_kwargs={"scale": ...} it reads, so nothing changes.)
+    # With mixed precision prepare() wraps the forward in an autocast with the cast cache on; inside a
+    # CUDA-graph capture that cache would freeze the LoRA weights' casts (stale after an update:
+    # tests/test_cuda_graphs.py). Every UNet call runs under Trainer.autocast() already, so the wrapper
+    # comes off (accelerate's own unwrap; DDP stays).
     accelerator.unwrap_model(ddp_unet, keep_fp32_wrapper=False)
     # Compiled with `compile_unet` (README, "Speed"). The two wrappers share the weights; each keeps its own
     # graphs (eval without grad, train with grad).
@@ -103,7 +99,7 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
             sample_unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False)
             train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
-        train_unet = GraphedTrainingUNet(unet, accelerator.device)
+        train_unet = GraphedTrainingUNet(unet, accelerator.device)  # the bare UNet: launch.py refuses DDP here
     warnings = [unused] if (unused := ignored_guidance(pipe, cfg.method, cfg.guidance_scale)) else []
     if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (
             missing := fused_step_missing(accelerator.device)):

@@ -177,8 +177,6 @@ class _NativePolicyStep(torch.autograd.Function):
             (x, scalars, model_output, next_state), grad_next = ctx.saved_tensors, None
         if grad_denoised is None and grad_next is None and grad_logp is None:
             return None, None, None, None, None, None
-        if grad_logp is not None:
-            grad_logp = grad_logp.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         grad_model_output, grad_x = policy_step_backward_cpu(
             model_output, x, next_state, scalars, ctx.prediction_type, grad_logp,
             grad_denoised=grad_denoised, grad_next=grad_next, need_model_output=need_model_output, need_x=need_x,

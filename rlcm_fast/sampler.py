@@ -208,7 +208,7 @@ class LCMSampler:
     def rollout(self, unet, x, noises, embeds, w_embedding):
         """The H UNet calls from x_0 with the given noise of each action (T = trained_steps of them):
         states (B, T+1, ...), log-probs (B, T) and D_{H-1}. No random draw and no host synchronisation
-        inside, so FastLCMSampler can compile and capture it whole."""
+        inside, so that the whole loop can be captured as one CUDA graph (`_rollout_replayed`, FastLCMSampler)."""
         x = x.float()
         states, log_probs = [x], []
         for k in range(self.horizon):
