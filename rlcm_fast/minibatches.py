@@ -12,6 +12,15 @@ from __future__ import annotations
 import torch
 
 
+def updates_per_pass(algorithm: str, samples: int, rows: int, accumulation: int) -> int:
+    """Optimizer updates in one pass over an epoch's `samples` trajectories: each update takes
+    accumulation x rows units (REBEL's unit is a pair of trajectories, PPO's a trajectory); a remainder
+    too small for an update is left out. Every plan below yields this many, and the trainer counts its
+    progress (and a resume's position) by it."""
+    units = samples // 2 if algorithm == "rebel" else samples
+    return units // (rows * accumulation)
+
+
 def flattened_rows(trained: torch.Tensor, generator: torch.Generator, rows: int, accumulation: int):
     """PPO (the fast path): each update takes accumulation x rows shuffled samples, as the reference loop
     does (`per_timestep_rows`, the same samples for the same generator), and shuffles all their (sample,
@@ -21,7 +30,7 @@ def flattened_rows(trained: torch.Tensor, generator: torch.Generator, rows: int,
     per_update = rows * accumulation
     order = torch.randperm(n, generator=generator).to(trained.device)
     mixes = [torch.randperm(per_update * count, generator=generator).to(trained.device)  # every draw up front
-             for _ in range(n // per_update)]
+             for _ in range(updates_per_pass("ppo", n, rows, accumulation))]
     for update, mix in enumerate(mixes):
         sample_idx = order[update * per_update : (update + 1) * per_update][mix // count]
         step_idx = trained[sample_idx, mix % count]
@@ -37,7 +46,7 @@ def per_timestep_rows(trained: torch.Tensor, generator: torch.Generator, rows: i
     steps, step after step. Same pairs and weights per update as `flattened_rows`, other batching."""
     n, count = trained.shape
     order = torch.randperm(n, generator=generator).to(trained.device)
-    for update in range(n // (rows * accumulation)):
+    for update in range(updates_per_pass("ppo", n, rows, accumulation)):
         minibatches = []
         for m in range(accumulation):
             chosen = order[(update * accumulation + m) * rows :][:rows]
@@ -50,7 +59,7 @@ def trajectory_pairs(trained: torch.Tensor, generator: torch.Generator, rows: in
     samples 2p and 2p+1 of a round), each trajectory with all its trained steps."""
     pairs = trained.shape[0] // 2
     order = torch.randperm(pairs, generator=generator).to(trained.device)
-    for update in range(pairs // (rows * accumulation)):
+    for update in range(updates_per_pass("rebel", trained.shape[0], rows, accumulation)):
         minibatches = []
         for m in range(accumulation):
             chosen = order[(update * accumulation + m) * rows :][:rows]

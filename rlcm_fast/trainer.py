@@ -35,7 +35,7 @@ from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch,
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
                      left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
 from .launch import start_accelerator
-from .minibatches import minibatch_plan
+from .minibatches import minibatch_plan, updates_per_pass
 from .policy_model import build_policy_model
 from .prompts import PROMPT_SETS, load_prompt_set
 from .resume import held_start, prompt_source
@@ -236,8 +236,7 @@ class Trainer:
         trained = choose_trained_steps(n, total_steps, cfg.step_fraction, shuffle_gen).to(self.device)  # (n, K)
         self.unet.train()
         plan = minibatch_plan(cfg.algorithm, cfg.train_rows, cfg.train_rows_per_call)
-        units = n // 2 if cfg.algorithm == "rebel" else n  # REBEL batches pairs of trajectories
-        updates = units // (cfg.train_batch_size * cfg.gradient_accumulation_steps)
+        updates = updates_per_pass(cfg.algorithm, n, cfg.train_batch_size, cfg.gradient_accumulation_steps)
         bar = tqdm(total=cfg.num_inner_epochs * updates, initial=start_update, desc=f"epoch {epoch + 1} training",
                    disable=self.hide_progress, leave=False)
         for inner in range(cfg.num_inner_epochs):

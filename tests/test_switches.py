@@ -9,7 +9,7 @@ import torch
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.epoch_samples import epoch_generator
 from rlcm_fast.launch import FIRST_TORCH_WITH_RIGHT_CPU_INDUCTOR_GRADIENTS, cpu_inductor_gradients_are_wrong
-from rlcm_fast.minibatches import flattened_rows, minibatch_plan, per_timestep_rows
+from rlcm_fast.minibatches import flattened_rows, minibatch_plan, per_timestep_rows, updates_per_pass
 from rlcm_fast.trainer import Trainer
 
 SYMBOLIC_GRAPHS = []  # for each graph compiled by the backend below: its inputs of symbolic size or value
@@ -355,6 +355,19 @@ def test_rows_per_call_cut_the_same_rows_into_fewer_calls():
         assert [len(s) for s, _ in calls] == [5, 5, 2]  # 2 samples x 2 accumulation x 3 steps = 12 rows
         for column in (0, 1):
             assert torch.equal(torch.cat([m[column] for m in minibatches]), torch.cat([c[column] for c in calls]))
+
+
+@pytest.mark.parametrize("algorithm, train_rows, rows_per_call", [
+    ("ppo", "flattened", 0), ("ppo", "flattened", 5), ("ppo", "per_timestep", 0), ("rebel", "flattened", 0)])
+@pytest.mark.parametrize("samples", [12, 13, 16])
+def test_every_plan_yields_the_update_count_the_trainer_counts_by(algorithm, train_rows, rows_per_call, samples):
+    """The trainer's progress and a resume's position count updates by updates_per_pass; each plan must yield
+    that many (a remainder too small for an update left out)."""
+    trained = torch.arange(3).expand(samples, 3)
+    plan = minibatch_plan(algorithm, train_rows, rows_per_call)(trained, torch.Generator().manual_seed(0), 2, 2)
+    expected = {"ppo": samples // 4, "rebel": samples // 2 // 4}[algorithm]
+    assert updates_per_pass(algorithm, samples, rows=2, accumulation=2) == expected
+    assert len(list(plan)) == expected
 
 
 def test_trainer_calls_the_unet_with_rows_per_call(tmp_path):
