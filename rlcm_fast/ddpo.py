@@ -105,7 +105,7 @@ class DDPOSampler:
             raise ValueError(f"eta={eta} with this scheduler gives an action of zero variance (eta must be > 0, and "
                              "set_alpha_to_one=True makes the last step deterministic): it has no log-density")
         self.prompt_cache = PromptEmbeddingCache(pipe)
-        self._device_scalars = self.action_scalars.to(self.device)  # indexed per training minibatch
+        self._device_scalars = self.action_scalars.to(self.device)  # no host-to-device copy per step or minibatch
         self._device_timesteps = self.timesteps.to(self.device)
 
     @property
@@ -174,8 +174,8 @@ class DDPOSampler:
         x = latents.to(self.device, torch.float32)
         states, log_probs = [x], []
         for k in range(self.horizon):
-            model_output = self.guided_output(unet, x, self.timesteps[k].to(self.device), embeds).float()
-            _, x, logp = ddim_step(model_output, x, self.action_scalars[k].expand(batch, -1), self.prediction_type,
+            model_output = self.guided_output(unet, x, self._device_timesteps[k], embeds).float()
+            _, x, logp = ddim_step(model_output, x, self._device_scalars[k].expand(batch, -1), self.prediction_type,
                                    noise=noises[k].to(self.device, torch.float32))
             states.append(x)
             log_probs.append(logp.float())
