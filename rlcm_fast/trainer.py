@@ -292,11 +292,11 @@ class Trainer:
         return clipped_policy_loss(log_probs, old_log_probs, advantages, cfg.clip_range, cfg.adv_clip_max)
 
     def finish_update(self, epoch: int, sums: dict[str, float], grad_norm: float, done: int, total: int) -> None:
-        """The optimizer step, unless the loss or gradients are non-finite (then the step is skipped and
-        counted); then the stop decisions, agreed across processes."""
-        loss_finite = all(math.isfinite(v) for v in sums.values())
+        """The optimizer step, unless a logged value (loss, ratio, ...) or the gradient is non-finite (then the
+        step is skipped and counted); then the stop decisions, agreed across processes."""
+        nonfinite = [name for name, value in sorted(sums.items()) if not math.isfinite(value)]
         stop, skip, loss_nonfinite = agree(self.accelerator, self.stop.received,
-                                           not (loss_finite and math.isfinite(grad_norm)), not loss_finite)
+                                           bool(nonfinite) or not math.isfinite(grad_norm), bool(nonfinite))
         scaler = self.accelerator.scaler
         # fp16: a finite loss whose scaled gradient overflowed is the loss scaler's routine probe, not a
         # fault: it halves its scale and the next step goes on. Only at a scale of 1 or less is an
@@ -308,7 +308,8 @@ class Trainer:
                            f"{self.global_step + 1}; optimizer step skipped, the scale is halved", file=sys.stderr)
         elif skip:
             if self.is_main:
-                tqdm.write(f"rlcm-fast: warning: non-finite loss or gradient at step {self.global_step + 1} "
+                what = nonfinite + ([] if math.isfinite(grad_norm) else ["grad norm"]) or ["values on another process"]
+                tqdm.write(f"rlcm-fast: warning: non-finite {', '.join(what)} at step {self.global_step + 1} "
                            f"(loss {sums.get('loss')}, grad norm {grad_norm}); optimizer step skipped", file=sys.stderr)
         else:  # with fp16 the gradients are unscaled already (train_epoch), and an overflow was skipped above
             self.optimizer.step()

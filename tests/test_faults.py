@@ -200,10 +200,38 @@ def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(tmp_path, m
     monkeypatch.setattr(Trainer, "__init__", init)
     run_dir = tmp_path / "run"
     assert train(run_dir, "--set", "epochs=1") == 0
-    assert "non-finite loss or gradient at step 1" in capsys.readouterr().err
+    assert "non-finite loss, grad norm at step 1 (loss nan, grad norm nan)" in capsys.readouterr().err
     steps = [r for r in records(run_dir) if r["kind"] == "step"]
     assert [r["skipped"] for r in steps] == [1, 0] and [r["skipped_steps"] for r in steps] == [1, 1]
     assert snapshots == {1: True, 2: False}  # the skipped step left the weights as they were, the next one trained
+
+
+def test_a_step_with_a_finite_loss_but_an_infinite_ratio_is_skipped_and_says_which_value(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """PPO's clip keeps the loss finite where a row's ratio overflowed (A > 0): the step is still skipped, and
+    the warning names the ratio, not the finite loss or gradient."""
+    original = trainer_module.clipped_policy_loss
+
+    def infinite_ratio_at_step_1(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        if infinite_ratio_at_step_1.trainer.global_step == 0:
+            stats = {**stats, "ratio": stats["ratio"] * float("inf")}
+        return loss, stats
+
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", infinite_ratio_at_step_1)
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        infinite_ratio_at_step_1.trainer = self
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--set", "epochs=1") == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "non-finite" in line)
+    assert "non-finite ratio at step 1 (loss " in warning and "nan" not in warning and "inf" not in warning.split("(")[1]
+    steps = [r for r in records(run_dir) if r["kind"] == "step"]
+    assert [r["skipped"] for r in steps] == [1, 0]
 
 
 def test_too_many_non_finite_steps_stop_with_a_checkpoint_of_the_last_good_state(tmp_path, monkeypatch, capsys):
