@@ -69,6 +69,7 @@ from PIL import Image, JpegImagePlugin  # noqa: E402
 
 from common import environment, write_result  # noqa: E402
 from rlcm_fast.faults import one_line  # noqa: E402
+from rlcm_fast.launch import usable_cpu_cores  # noqa: E402
 from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
 from rlcm_fast.rewards.jpeg import NVJPEG_COLOURS, nvjpeg_unavailable_reason  # noqa: E402
 
@@ -114,7 +115,7 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
     """Appends one row per (size, batch, backend) to `rows` and calls `on_row` after each; a backend that
     fails (to start, to encode) is recorded in `skipped` and the other rows still run."""
     rows = [] if rows is None else rows
-    threads_all = os.cpu_count() or 1
+    threads_all = usable_cpu_cores()  # the cores this process may use (a container's limit), as reward_threads 0
     backends = [("pillow", 1), ("pillow", threads_all)]
     try:
         import torchvision.io  # noqa: F401

@@ -128,7 +128,7 @@ class TrainConfig:
 
     # Rewards. Model ids are hub ids or local folders (README "Rewards"; rlcm_fast/rewards/).
     jpeg_quality: int = 95
-    reward_threads: int = 0  # 0: one per CPU core
+    reward_threads: int = 0  # 0: one per CPU core this process may use (its affinity)
     jpeg_backend: str = "auto"  # auto | nvjpeg | torchvision | pillow
     # nvjpeg: nvJPEG converts the RGB | libjpeg: YCbCr 4:2:0 planes made on the GPU as libjpeg makes them
     # (meant to bring nvJPEG's sizes to Pillow's; not yet run on a GPU)

@@ -430,6 +430,17 @@ def test_jpeg_quality_and_threads_take_their_bounds_and_refuse_bools():
     assert JpegSizeReward(1.0, threads=0).threads == 0  # 0: one per core, accepted
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_pillow_threads_0_are_one_per_core_this_process_may_use(monkeypatch):
+    """A container limited to one core (its affinity) got a pool of one thread per core of the machine."""
+    from rlcm_fast.rewards.jpeg import PillowJpeg
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert PillowJpeg(quality=95, threads=0).pool._max_workers == 1
+    assert PillowJpeg(quality=95, threads=3).pool._max_workers == 3
+
+
 @pytest.mark.parametrize("images, prompts, message", [
     (lambda: torch.rand(2, 3, 1, 16, 16), ["a", "b"], r"images of shape \(2, 3, 1, 16, 16\) given; rewards take N x 3"),
     (lambda: torch.rand(3, 16, 16), ["a", "b", "c"], r"images of shape \(3, 16, 16\) given"),

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..launch import usable_cpu_cores
 from .base import RewardError, check_reward_inputs
 from .jpeg_colour import libjpeg_ycbcr420
 
@@ -75,7 +76,7 @@ class PillowJpeg:
 
     def __init__(self, quality: int, threads: int = 0):
         self.quality = quality
-        self.pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=threads or usable_cpu_cores())  # 0: one per core it may use
 
     def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
         pixels = to_uint8_images(images)
