@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .checkpoint_checks import STATE_FORMAT, compatibility_problem, is_count, state_problem
 from .faults import shown
-from .lora import load_lora_into, save_lora
+from .lora import LORA_FILE, load_lora_into, save_lora
 from .run_logging import PICTURE_TMP
 from .tiny_presets import preset_weights_id
 
@@ -35,7 +35,6 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?$")
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 PROMPTS_FILE = "prompts.txt"  # a run's prompts file, copied: a resume reads the copy, not the path it was given
 LATEST_FILE = "latest"

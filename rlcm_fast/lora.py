@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -98,11 +97,18 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet, adapter_name=POLICY_ADAPTER)
 
 
+# A checkpoint's LoRA file: a name of its own, so that the checkpoint format does not follow a library's
+# default. It is diffusers' default (LORA_WEIGHT_NAME_SAFE), so `pipe.load_lora_weights(folder)` finds it
+# without a weight_name (tests/test_lora.py loads it so).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
 def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
-    """Write the policy adapter as `pytorch_lora_weights.safetensors` in `directory`, with its LoRA
-    config (alpha, rank) as metadata, so `pipe.load_lora_weights(directory)` reproduces the policy."""
+    """Write the policy adapter as LORA_FILE in `directory`, with its LoRA config (alpha, rank) as
+    metadata, so `pipe.load_lora_weights(directory)` reproduces the policy."""
     LatentConsistencyModelPipeline.save_lora_weights(
         directory,
+        weight_name=LORA_FILE,
         # safetensors stores contiguous tensors only; channels-last convolution weights are not (channels_last).
         unet_lora_layers={key: tensor.contiguous() for key, tensor in lora_state_dict(unet).items()},
         safe_serialization=True,
@@ -145,7 +151,7 @@ def load_policy_lora(pipe: LatentConsistencyModelPipeline, directory: str | os.P
 
     ValueError (one line) where the file does not fit the UNet: a tensor of another shape, or one whose
     module the UNet lacks (diffusers drops those without a word, leaving part of the policy unapplied)."""
-    path = Path(directory) / LORA_WEIGHT_NAME_SAFE
+    path = Path(directory) / LORA_FILE
     unet_prefix = LatentConsistencyModelPipeline.unet_name + "."
     saved = None  # the file's UNet keys; unchecked where diffusers finds a file of another name in the folder
     if path.is_file():
@@ -180,7 +186,7 @@ def load_policy_lora(pipe: LatentConsistencyModelPipeline, directory: str | os.P
 
 def load_lora_into(unet: UNet2DConditionModel, directory: str | os.PathLike) -> None:
     """Load a `save_lora` file into the UNet's existing policy adapter, bitwise (to resume training)."""
-    path = Path(directory) / LORA_WEIGHT_NAME_SAFE
+    path = Path(directory) / LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA weights file at {path}")
     unet_prefix = LatentConsistencyModelPipeline.unet_name + "."
