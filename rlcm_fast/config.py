@@ -150,11 +150,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass: less memory, more compute
 
     @property
-    def trained_steps(self) -> int:
-        """Actions trained per trajectory: H-1 by default, H with `train_final_step`; DDPO: all its steps."""
-        return self.horizon if self.train_final_step or self.method == "ddpo" else self.horizon - 1
-
-    @property
     def samples_per_epoch(self) -> int:
         """Trajectories one process samples per epoch."""
         return self.batches_per_epoch * self.num_sample_iters * self.sample_batch_size

@@ -135,7 +135,7 @@ def test_ddpo_presets():
     paper = resolve_config(task="compressibility", model="sd15", overrides={"method": "ddpo"})
     assert (paper.learning_rate, paper.clip_range, paper.adv_clip_max, paper.max_grad_norm) == (3e-4, 1e-4, 5.0, 1.0)
     assert (paper.guidance_scale, paper.horizon, paper.eta, paper.step_fraction) == (5.0, 50, 1.0, 1.0)
-    assert paper.trained_steps == 50 and paper.algorithm == "ppo"
+    assert paper.algorithm == "ppo"
     tiny = resolve_config(overrides={"method": "ddpo"})
     assert (tiny.model, tiny.horizon, tiny.resolution, tiny.guidance_scale) == ("tiny-sd", 10, 32, 5.0)
     # tiny's 32 samples per epoch, taken as one update instead of two (README, "The DDPO baseline")
