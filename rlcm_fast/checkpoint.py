@@ -227,8 +227,8 @@ def prune_checkpoints(run_dir: Path, keep: int, current: Path) -> None:
     """Keep the `keep` newest checkpoints up to `current` (0: all), and drop leftovers of killed writers.
 
     Checkpoints after `current` (from before a resume from an earlier one) are left alone. A stopped epoch's
-    checkpoint (checkpoint-N-U) older than an epoch's `current` goes first: the run went on past it (it was
-    kept while a finished run's epoch checkpoints were pruned).
+    checkpoint (checkpoint-N-U) older than an epoch's `current` goes first: the run went on past it, so it
+    must not outlive the epoch checkpoints pruned after it.
     """
     remove_leftovers(run_dir)
     if keep <= 0:

@@ -265,7 +265,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
     from .checkpoint import find_resumable, resolve_checkpoint
 
     overrides = _train_overrides(args)
-    # --set output_dir=DIR is --output-dir DIR (it was ignored: the run went to runs/<task>-<time>).
+    # --set output_dir=DIR is --output-dir DIR, not a key the run folder's choice would pass over.
     set_dir = overrides.get("output_dir")
     if args.output_dir and set_dir and Path(str(set_dir)) != Path(args.output_dir):
         raise UsageError(f"--output-dir {args.output_dir!r} and --set output_dir={set_dir!r} differ: give one of them")
@@ -299,8 +299,8 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
         if run_dir.resolve() != resume_from.parent.resolve() and _holds_checkpoints(run_dir):
             raise UsageError(f"--output-dir {str(run_dir)!r} already holds another run; resume {str(resume_from)!r} "
                              f"into an empty folder, or into its own ({str(resume_from.parent)!r})")
-        # An older checkpoint in its own folder: the later epochs' metrics were dropped at once, while their
-        # checkpoints and `latest` stayed, so a stop before the next checkpoint resumed the other branch.
+        # An older checkpoint in its own folder would drop the later epochs' metrics while their checkpoints and
+        # `latest` stay: a stop before the next checkpoint would then resume the other branch.
         if run_dir.resolve() == resume_from.parent.resolve() and (newer := newer_intact_checkpoint(resume_from)):
             raise UsageError(f"{resume_from.name} is older than this run's intact {newer.name}: resuming it here would "
                              "overwrite the later checkpoints and metrics; resume it into a new --output-dir (a branch "
@@ -318,8 +318,8 @@ def _plan_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]
 
 
 def _nothing_to_train(cfg: TrainConfig, resume_from: Path | None) -> bool:
-    """Whether the checkpoint to resume has `epochs` epochs already; says so once (it was a silent no-op that
-    ended with "done")."""
+    """Whether the checkpoint to resume has `epochs` epochs already; says so once, and what trains on, rather
+    than end at once with "done"."""
     from .checkpoint import read_training_state
 
     if resume_from is None or (done := read_training_state(resume_from)["epoch"]) < cfg.epochs:

@@ -48,8 +48,8 @@ def check_name_lengths(path: Path, what: str) -> None:
 
 
 def check_run_dir(run_dir: Path, what: str = "output dir") -> None:
-    """Before any model loads, a run folder that cannot be made is one line (it was an OSError traceback after
-    loading). Nothing is created here: a run refused later leaves no folder behind. `what` names the folder in
+    """Before any model loads, a run folder that cannot be made is one line, not an OSError traceback after
+    minutes of loading. Nothing is created here: a run refused later leaves no folder behind. `what` names the folder in
     the messages (the command line's option, or a Trainer's argument)."""
     check_name_lengths(run_dir, what)
     check_utf8_name(run_dir, what, "TensorBoard's writer takes only UTF-8")

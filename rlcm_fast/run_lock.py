@@ -48,7 +48,7 @@ def hold_run_folder(run_dir: Path, holder: str = "rlcm-fast train", joins: str |
     """Create `run_dir` if needed and hold its lock until the block ends; RunFolderInUse if another process
     holds it, or another holder in this process, unless that is `joins` alone (then this shares its hold). A
     folder this made and nothing was written into is removed again at the end, so a run refused after
-    loading leaves no folder behind (as before the lock)."""
+    loading leaves no folder behind."""
     run_dir, held = Path(run_dir), _HELD  # the registry as it is now: the end of the hold updates that one
     what, other = _folder_words(holder)
     key = os.path.realpath(run_dir)

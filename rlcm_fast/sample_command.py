@@ -58,7 +58,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 def _prompt_text(prompt: str) -> str:
     """A prompt from the command line as text: bytes the locale could not decode (LC_ALL=C) are read as UTF-8,
-    and bytes that are not UTF-8 either are refused (the tokenizer's TypeError was a traceback)."""
+    and bytes that are not UTF-8 either are refused in one line (the tokenizer would raise a TypeError)."""
     try:
         prompt.encode("utf-8")
         return prompt  # decoded by the locale already (a Latin-1 terminal's é is 0xE9, not UTF-8)

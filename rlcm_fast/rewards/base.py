@@ -208,8 +208,8 @@ class AsyncReward:
     """Scores batches on a background thread so that rewards overlap with the next sampling round.
 
     A failed batch ends the run (collect_rewards raises it), so it cancels the batches queued behind it, as
-    close() and the program's exit do. Python waits for the worker thread at exit, and it used to score every
-    queued batch first: with the reward server down, one retried minute each, ten minutes after the error line."""
+    close() and the program's exit do: Python joins the worker thread at exit, which would otherwise first score
+    every queued batch (with the reward server down, a retried minute each, long after the error line)."""
 
     def __init__(self, name: str, fn: RewardFn):
         self.name = name
