@@ -246,42 +246,50 @@ class Trainer:
                 done = inner * updates + update  # updates of this epoch finished before this one
                 if done < start_update:
                     continue
-                sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per update, not per minibatch
-                for param in self.params if self.grads_stay_allocated else ():  # also after anyone's set_to_none
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                rows = sum(len(sample_idx) for sample_idx, _ in minibatches)
-                for micro, (sample_idx, step_idx) in enumerate(minibatches):
-                    # Each minibatch's mean weighted by its share of the update's rows (exactly
-                    # 1 / len(minibatches) when they are equal, as without train_rows_per_call).
-                    parts = rows / len(sample_idx)
-                    sync = micro == len(minibatches) - 1
-                    context = nullcontext() if sync else self.accelerator.no_sync(self.ddp_unet)
-                    with context, self.autocast():
-                        log_probs, kl = self.policy_log_probs(states, sample_idx.flatten(), step_idx.flatten(),
-                                                              embeds[sample_idx.flatten()])
-                        loss, stats = self.objective(log_probs.view(step_idx.shape),
-                                                     old_log_probs[sample_idx, step_idx], advantages[sample_idx])
-                        if kl is not None:
-                            stats["kl"] = kl.detach().mean()
-                            loss = loss + cfg.kl_beta * kl.mean()
-                        self.accelerator.backward(loss / parts)
-                    for name, value in {"loss": loss.detach(), **stats}.items():
-                        sums[name] = sums.get(name, 0.0) + value.double() / parts
-                # The rewards of the update's samples (each appears once per trained step: the same mean and std).
-                # Their mean square, not their std: averaged over the processes (each trains as many samples),
-                # it gives the std of all the update's samples (log_step).
-                update_rewards = torch.cat([rewards[sample_idx.flatten()] for sample_idx, _ in minibatches])
-                sums.update(reward_mean=update_rewards.mean(), reward_mean_square=update_rewards.square().mean())
-                if self.accelerator.scaler is not None:
-                    # fp16 on a GPU: accelerate's backward scaled the loss; clip and log the true gradient.
-                    self.accelerator.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                names = sorted(sums)
-                *means, grad_norm = torch.stack([*(sums[k] for k in names), grad_norm.double()]).tolist()
+                means, grad_norm = self.accumulate_update(minibatches, states, old_log_probs, advantages, rewards,
+                                                          embeds)
                 bar.update()
-                self.finish_update(epoch, dict(zip(names, means)), grad_norm, done + 1, cfg.num_inner_epochs * updates)
+                self.finish_update(epoch, means, grad_norm, done + 1, cfg.num_inner_epochs * updates)
         bar.close()
+
+    def accumulate_update(self, minibatches, states, old_log_probs, advantages, rewards, embeds):
+        """One update's gradient, accumulated over its minibatches and clipped; returns the update's logged
+        means (loss, the objective's stats, KL, rewards) and the gradient norm, with one host sync."""
+        cfg = self.cfg
+        sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per update, not per minibatch
+        for param in self.params if self.grads_stay_allocated else ():  # also after anyone's set_to_none
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        rows = sum(len(sample_idx) for sample_idx, _ in minibatches)
+        for micro, (sample_idx, step_idx) in enumerate(minibatches):
+            # Each minibatch's mean weighted by its share of the update's rows (exactly
+            # 1 / len(minibatches) when they are equal, as without train_rows_per_call).
+            parts = rows / len(sample_idx)
+            sync = micro == len(minibatches) - 1
+            context = nullcontext() if sync else self.accelerator.no_sync(self.ddp_unet)
+            with context, self.autocast():
+                log_probs, kl = self.policy_log_probs(states, sample_idx.flatten(), step_idx.flatten(),
+                                                      embeds[sample_idx.flatten()])
+                loss, stats = self.objective(log_probs.view(step_idx.shape),
+                                             old_log_probs[sample_idx, step_idx], advantages[sample_idx])
+                if kl is not None:
+                    stats["kl"] = kl.detach().mean()
+                    loss = loss + cfg.kl_beta * kl.mean()
+                self.accelerator.backward(loss / parts)
+            for name, value in {"loss": loss.detach(), **stats}.items():
+                sums[name] = sums.get(name, 0.0) + value.double() / parts
+        # The rewards of the update's samples (each appears once per trained step: the same mean and std).
+        # Their mean square, not their std: averaged over the processes (each trains as many samples),
+        # it gives the std of all the update's samples (log_step).
+        update_rewards = torch.cat([rewards[sample_idx.flatten()] for sample_idx, _ in minibatches])
+        sums.update(reward_mean=update_rewards.mean(), reward_mean_square=update_rewards.square().mean())
+        if self.accelerator.scaler is not None:
+            # fp16 on a GPU: accelerate's backward scaled the loss; clip and log the true gradient.
+            self.accelerator.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        names = sorted(sums)
+        *means, grad_norm = torch.stack([*(sums[k] for k in names), grad_norm.double()]).tolist()
+        return dict(zip(names, means)), grad_norm
 
     def objective(self, log_probs, old_log_probs, advantages):
         """The configured loss on (B, K) log-probs: PPO, B (sample, step) rows and K = 1; REBEL, B trajectories
