@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from rlcm_fast.policy_step import (
-    LOG_SQRT_2PI, check_prediction_type, policy_step_reference, refuse_second_derivative,
+    LOG_SQRT_2PI, TRITON_DTYPES, check_prediction_type, policy_step_reference, refuse_second_derivative,
 )
 
 # Chunk sizes: powers of two (tl.arange needs them). A chunk of 512+ elements gives each thread at
@@ -383,6 +383,11 @@ def fused_policy_step(
         )
     if scalars.shape != (x.shape[0], 6):
         raise ValueError(f"scalars must have shape ({x.shape[0]}, 6), got {tuple(scalars.shape)}")
+    # The kernels compute in float32: a float64 input would silently lose its precision, an integer one its type.
+    for name, tensor in (("model_output", model_output), ("x", x), ("noise/next_state", given)):
+        if tensor.dtype not in TRITON_DTYPES:
+            raise ValueError(f"{name} is {tensor.dtype}; the Triton policy step takes "
+                             f"{', '.join(str(d) for d in TRITON_DTYPES)} (float64: policy_step_reference)")
     if torch.is_grad_enabled() and (given.requires_grad or scalars.requires_grad):
         raise NotImplementedError("gradients w.r.t. the noise, next_state or scalars are not implemented")
     if x.device.type != "cuda" and not _interpreting():

@@ -100,6 +100,12 @@ def test_the_triton_entry_point_itself_refuses_bad_shapes_and_scalars_with_grad(
         kernels.fused_policy_step(x, x, scalars, "epsilon", next_state=x[:, :, :2].contiguous())
     with pytest.raises(NotImplementedError, match="not implemented"):
         kernels.fused_policy_step(x, x, scalars.clone().requires_grad_(True), "epsilon", noise=x)
+    for name, dtype in (("x", torch.float64), ("noise/next_state", torch.int64), ("model_output", torch.float64)):
+        args = {"model_output": x, "x": x, "noise/next_state": x, name: x.to(dtype)}
+        with pytest.raises(ValueError, match=f"{name} is {dtype}; the Triton policy step takes torch.float32, "
+                                             "torch.bfloat16, torch.float16"):
+            kernels.fused_policy_step(args["model_output"], args["x"], scalars, "epsilon",
+                                      noise=args["noise/next_state"])
 
 
 @pytest.mark.parametrize("backend", _backends())
