@@ -139,7 +139,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     from .faults import first_line
     from .rewards import RewardError
     from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve
-    from .rewards.base import looks_like_path
+    from .rewards.base import missing_model_folder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -154,9 +154,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} is invalid: it must be >= 1")
     for option, value in (("--vlm", args.vlm), ("--scorer", args.scorer)):
-        # A missing local path would get the hub's repo-id rules as its error.
-        if value and looks_like_path(value) and not Path(value).is_dir():
-            problem = "not a folder" if Path(value).exists() else "no such folder"
+        if value and (problem := missing_model_folder(value)):
             raise UsageError(f"{option} {value!r} is invalid: {problem} (a hub id or a local model folder)")
     try:
         server = bind(args.host, args.port)  # a port in use is found before the models load, not after

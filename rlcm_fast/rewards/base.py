@@ -44,6 +44,14 @@ def looks_like_path(value: str) -> bool:
             or not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?", value))
 
 
+def missing_model_folder(value: str) -> str | None:
+    """Why a model option that names a local path cannot be loaded from it ("no such folder", "not a folder"),
+    or None (a hub id, or a folder): said before loading, since the hub's repo-id rules would be the error."""
+    if not looks_like_path(value) or Path(value).is_dir():
+        return None
+    return "not a folder" if Path(value).exists() else "no such folder"
+
+
 class RewardError(ValueError):
     """A reward that cannot be built or returned unusable values; one line naming it."""
 

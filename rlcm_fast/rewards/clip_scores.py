@@ -13,14 +13,13 @@ import threading
 import warnings
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..faults import first_line, one_line
-from .base import RewardError, check_reward_inputs, looks_like_path
+from .base import RewardError, check_reward_inputs, missing_model_folder
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
 DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"  # Hessel et al.'s CLIPScore uses ViT-B/32
@@ -145,8 +144,7 @@ def load_aesthetic_head(path=None) -> torch.nn.Sequential:
 
 
 def _check_local_folder(model_id: str, what: str) -> None:
-    if looks_like_path(model_id) and not Path(model_id).is_dir():  # else the hub's repo-id rules were its error
-        problem = "not a folder" if Path(model_id).exists() else "no such folder"
+    if problem := missing_model_folder(model_id):
         raise RewardError(f"{what} {model_id!r} cannot be loaded: {problem} (a hub id or a local folder with "
                           "safetensors)")
 
