@@ -133,16 +133,17 @@ class DDPOSampler:
         output_uncond, output_cond = both.float().chunk(2)  # the guidance arithmetic in float32
         return output_uncond + self.guidance_scale * (output_cond - output_uncond)
 
-    def _rows(self, unet, states, sample_idx, step_idx, embeds):
+    def _stored_rows(self, unet, states, sample_idx, step_idx, embeds):
+        """(model_output, x, DDIM scalars) of rows (i, k) of stored trajectories, as LCMSampler's."""
         x = states[sample_idx, step_idx]
         model_output = self.guided_output(unet, x, self._device_timesteps[step_idx], embeds)
-        return x, model_output.float(), self._device_scalars[step_idx]
+        return model_output.float(), x, self._device_scalars[step_idx]
 
     def action_log_probs(self, unet, states, sample_idx, step_idx, embeds, with_mean: bool = False):
         """log pi of the stored actions states[i, k] -> states[i, k+1] for rows (i, k), any mix of k,
         differentiable with respect to the UNet's (LoRA) weights; with `with_mean` also the Gaussian mean
         (B, C, h, w) and per-row std (B,), else None, None."""
-        x, model_output, scalars = self._rows(unet, states, sample_idx, step_idx, embeds)
+        model_output, x, scalars = self._stored_rows(unet, states, sample_idx, step_idx, embeds)
         mean, _, log_probs = ddim_step(model_output, x, scalars, self.prediction_type,
                                        next_state=states[sample_idx, step_idx + 1])
         if not with_mean:
@@ -152,7 +153,7 @@ class DDPOSampler:
     @torch.no_grad()
     def action_means(self, unet, states, sample_idx, step_idx, embeds):
         """The policy's Gaussian mean (B, C, h, w) and per-row std (B,) at states[i, k], no gradient."""
-        x, model_output, scalars = self._rows(unet, states, sample_idx, step_idx, embeds)
+        model_output, x, scalars = self._stored_rows(unet, states, sample_idx, step_idx, embeds)
         mean, std = ddim_mean(model_output, x, scalars, self.prediction_type)
         return mean.float(), std.to(torch.float32)
 
