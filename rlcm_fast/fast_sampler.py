@@ -90,53 +90,10 @@ class FastLCMSampler:
         if type(pipe.scheduler) is not LCMScheduler:
             raise ValueError(f"pipe.scheduler is {type(pipe.scheduler).__name__}; FastLCMSampler samples as "
                              "LCMScheduler does: set pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)")
-        scheduler_config = pipe.scheduler.config
-        if original_inference_steps is None:
-            original_inference_steps = scheduler_config.original_inference_steps
-            if num_inference_steps > original_inference_steps:  # the user never named original_inference_steps
-                raise ValueError(f"num_inference_steps={num_inference_steps} is invalid: it must be at most the "
-                                 f"scheduler's original_inference_steps={original_inference_steps} (or pass a larger "
-                                 "original_inference_steps)")
-            if original_inference_steps > scheduler_config.num_train_timesteps:
-                raise ValueError(f"the scheduler's config has original_inference_steps={original_inference_steps}, "
-                                 f"more than its num_train_timesteps={scheduler_config.num_train_timesteps} (diffusers' "
-                                 "pipeline refuses it too); pass original_inference_steps")
-        elif (not _is_int(original_inference_steps)
-              or not num_inference_steps <= original_inference_steps <= scheduler_config.num_train_timesteps):
-            raise ValueError(f"original_inference_steps={original_inference_steps!r} is invalid: it must be an int in "
-                             f"num_inference_steps..num_train_timesteps = {num_inference_steps}.."
-                             f"{scheduler_config.num_train_timesteps}")
-        if guidance_scale is None:
-            guidance_scale = _default_guidance_scale(pipe)
-        try:
-            finite = not isinstance(guidance_scale, (str, bytes, bool)) and math.isfinite(float(guidance_scale))
-        except (TypeError, ValueError, RuntimeError):
-            finite = False
-        if not finite or (isinstance(guidance_scale, torch.Tensor) and guidance_scale.ndim):
-            raise ValueError(f"guidance_scale={guidance_scale!r} is invalid: it must be a finite number")
-        guidance_scale = float(guidance_scale)  # a 0-d tensor or NumPy scalar, as a number
-        # Without a guidance embedding (SD1.5 + LCM-LoRA) the sampler does no guidance at all, while diffusers'
-        # Stable Diffusion pipeline does classifier-free guidance above 1: refused rather than ignored.
-        if pipe.unet.config.time_cond_proj_dim is None and float(guidance_scale) > 1:
-            raise ValueError(f"guidance_scale={guidance_scale!r} is invalid for this UNet: it has no guidance "
-                             "embedding (time_cond_proj_dim is None, e.g. SD1.5 + LCM-LoRA) and this sampler does no "
-                             "classifier-free guidance; pass guidance_scale=1.0")
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        multiple = max(8, pipe.vae_scale_factor)  # diffusers' pipeline refuses sizes not divisible by 8
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and not _is_int(value):
-                raise ValueError(f"{name}={value!r} is invalid: it must be an int")
-            if value is not None and (value < multiple or value % multiple):
-                raise ValueError(f"{name}={value} is invalid: it must be a multiple of {multiple}, at least {multiple}")
-        if height != width and None not in (height, width):
-            raise ValueError(f"height={height} and width={width}: only square images are supported")
-        if height != width:  # one side given: the other is the native size, as in the pipeline
-            given, side = ("height", height) if width is None else ("width", width)
-            if side != native:
-                raise ValueError(f"{given}={side} alone would make a {native}-by-{side} image (the other side is "
-                                 f"the UNet's native {native} px, as in the pipeline); only square images are "
-                                 f"supported: give height={side} and width={side}")
-        height = width = native if height is None and width is None else (height or width)
+        original_inference_steps = _checked_original_inference_steps(pipe.scheduler.config, num_inference_steps,
+                                                                     original_inference_steps)
+        guidance_scale = _checked_guidance_scale(pipe, guidance_scale)
+        height = _square_side(pipe, height, width)
         device = pipe.unet.device
         if cuda_graph and "_original_forward" in vars(pipe.unet):  # the mark accelerate's prepare() leaves
             raise ValueError("cuda_graph=True with a UNet prepared by accelerate for mixed precision: its forward "
@@ -287,3 +244,66 @@ def _default_guidance_scale(pipe) -> float:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_original_inference_steps(scheduler_config, num_inference_steps: int, original_inference_steps):
+    """The schedule's original_inference_steps: the one given, or the scheduler's, each checked as the
+    pipeline would (a one-line ValueError)."""
+    if original_inference_steps is None:
+        original_inference_steps = scheduler_config.original_inference_steps
+        if num_inference_steps > original_inference_steps:  # the user never named original_inference_steps
+            raise ValueError(f"num_inference_steps={num_inference_steps} is invalid: it must be at most the "
+                             f"scheduler's original_inference_steps={original_inference_steps} (or pass a larger "
+                             "original_inference_steps)")
+        if original_inference_steps > scheduler_config.num_train_timesteps:
+            raise ValueError(f"the scheduler's config has original_inference_steps={original_inference_steps}, "
+                             f"more than its num_train_timesteps={scheduler_config.num_train_timesteps} (diffusers' "
+                             "pipeline refuses it too); pass original_inference_steps")
+    elif (not _is_int(original_inference_steps)
+          or not num_inference_steps <= original_inference_steps <= scheduler_config.num_train_timesteps):
+        raise ValueError(f"original_inference_steps={original_inference_steps!r} is invalid: it must be an int in "
+                         f"num_inference_steps..num_train_timesteps = {num_inference_steps}.."
+                         f"{scheduler_config.num_train_timesteps}")
+    return original_inference_steps
+
+
+def _checked_guidance_scale(pipe, guidance_scale) -> float:
+    """guidance_scale as a float (the pipeline's default for None), refused where it is no finite number or
+    this UNet cannot apply it."""
+    if guidance_scale is None:
+        guidance_scale = _default_guidance_scale(pipe)
+    try:
+        finite = not isinstance(guidance_scale, (str, bytes, bool)) and math.isfinite(float(guidance_scale))
+    except (TypeError, ValueError, RuntimeError):
+        finite = False
+    if not finite or (isinstance(guidance_scale, torch.Tensor) and guidance_scale.ndim):
+        raise ValueError(f"guidance_scale={guidance_scale!r} is invalid: it must be a finite number")
+    guidance_scale = float(guidance_scale)  # a 0-d tensor or NumPy scalar, as a number
+    # Without a guidance embedding (SD1.5 + LCM-LoRA) the sampler does no guidance at all, while diffusers'
+    # Stable Diffusion pipeline does classifier-free guidance above 1: refused rather than ignored.
+    if pipe.unet.config.time_cond_proj_dim is None and float(guidance_scale) > 1:
+        raise ValueError(f"guidance_scale={guidance_scale!r} is invalid for this UNet: it has no guidance "
+                         "embedding (time_cond_proj_dim is None, e.g. SD1.5 + LCM-LoRA) and this sampler does no "
+                         "classifier-free guidance; pass guidance_scale=1.0")
+    return guidance_scale
+
+
+def _square_side(pipe, height, width) -> int:
+    """The square image's side from the pipeline's height and width arguments (None: the UNet's native size);
+    refused where they are no multiple of the VAE's factor or do not make a square."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    multiple = max(8, pipe.vae_scale_factor)  # diffusers' pipeline refuses sizes not divisible by 8
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and not _is_int(value):
+            raise ValueError(f"{name}={value!r} is invalid: it must be an int")
+        if value is not None and (value < multiple or value % multiple):
+            raise ValueError(f"{name}={value} is invalid: it must be a multiple of {multiple}, at least {multiple}")
+    if height != width and None not in (height, width):
+        raise ValueError(f"height={height} and width={width}: only square images are supported")
+    if height != width:  # one side given: the other is the native size, as in the pipeline
+        given, side = ("height", height) if width is None else ("width", width)
+        if side != native:
+            raise ValueError(f"{given}={side} alone would make a {native}-by-{side} image (the other side is "
+                             f"the UNet's native {native} px, as in the pipeline); only square images are "
+                             f"supported: give height={side} and width={side}")
+    return native if height is None and width is None else (height or width)
