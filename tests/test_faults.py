@@ -179,9 +179,21 @@ def nan_loss_from(step: int, until: int = 10**9):
     return patched
 
 
+def use_loss(monkeypatch, patched) -> None:
+    """The trainer's PPO loss replaced by `patched`, which reads the Trainer being built as `patched.trainer`."""
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", patched)
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        patched.trainer = self
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+
+
 def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(tmp_path, monkeypatch, capsys):
     patched = nan_loss_from(1, until=1)
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", patched)
+    use_loss(monkeypatch, patched)
     original, snapshots = Trainer.finish_update, {}
 
     def finish_update(self, *args):
@@ -191,13 +203,6 @@ def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(tmp_path, m
         snapshots[self.global_step] = all(torch.equal(a, p) for a, p in zip(before, self.params))
 
     monkeypatch.setattr(Trainer, "finish_update", finish_update)
-    original_init = Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        patched.trainer = self
-
-    monkeypatch.setattr(Trainer, "__init__", init)
     run_dir = tmp_path / "run"
     assert train(run_dir, "--set", "epochs=1") == 0
     assert "non-finite loss, grad norm at step 1 (loss nan, grad norm nan)" in capsys.readouterr().err
@@ -218,14 +223,7 @@ def test_a_step_with_a_finite_loss_but_an_infinite_ratio_is_skipped_and_says_whi
             stats = {**stats, "ratio": stats["ratio"] * float("inf")}
         return loss, stats
 
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", infinite_ratio_at_step_1)
-    original_init = Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        infinite_ratio_at_step_1.trainer = self
-
-    monkeypatch.setattr(Trainer, "__init__", init)
+    use_loss(monkeypatch, infinite_ratio_at_step_1)
     run_dir = tmp_path / "run"
     assert train(run_dir, "--set", "epochs=1") == 0
     warning = next(line for line in capsys.readouterr().err.splitlines() if "non-finite" in line)
@@ -235,15 +233,7 @@ def test_a_step_with_a_finite_loss_but_an_infinite_ratio_is_skipped_and_says_whi
 
 
 def test_too_many_non_finite_steps_stop_with_a_checkpoint_of_the_last_good_state(tmp_path, monkeypatch, capsys):
-    patched = nan_loss_from(3)
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", patched)
-    original_init = Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        patched.trainer = self
-
-    monkeypatch.setattr(Trainer, "__init__", init)
+    use_loss(monkeypatch, nan_loss_from(3))
     run_dir = tmp_path / "run"
     assert train(run_dir, "--set", "max_nonfinite_steps=1") == 1
     line = one_error_line(capsys)
