@@ -4,7 +4,7 @@ JPEG rows: images of 512 and 768 px, batches of 8 and 32, natural-looking (smoot
 texture of increasing strength). Each row times one full reward call, from float images on the
 training device to one float per image: for CUDA images the Pillow rows include the rounding on the
 GPU and the device-to-host copy, the nvJPEG row copies nothing but byte counts. Backends: nvjpeg,
-torchvision (if importable), pillow with 1 thread and with one thread per core.
+torchvision (if importable), pillow with 1 thread and with one thread per core this process may run on.
 
 Aesthetic rows: the aesthetic reward (preprocessing, CLIP ViT-L/14 image tower, LAION head) on 768 px
 images. Real weights cannot be downloaded on these machines, so the tower is ViT-L/14's exact
@@ -115,7 +115,7 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
     """Appends one row per (size, batch, backend) to `rows` and calls `on_row` after each; a backend that
     fails (to start, to encode) is recorded in `skipped` and the other rows still run."""
     rows = [] if rows is None else rows
-    threads_all = usable_cpu_cores()  # the cores this process may use (a container's limit), as reward_threads 0
+    threads_all = usable_cpu_cores()  # the cores this process may run on (its affinity), as reward_threads 0
     backends = [("pillow", 1), ("pillow", threads_all)]
     try:
         import torchvision.io  # noqa: F401

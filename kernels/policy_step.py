@@ -364,7 +364,8 @@ def fused_policy_step(
     noise: torch.Tensor | None = None,
     next_state: torch.Tensor | None = None,
 ):
-    """The policy step in Triton, same contract as `policy_step_reference` with compute dtype float32.
+    """The policy step in Triton, same contract as `policy_step_reference` with compute dtype float32, for
+    float32, bfloat16 and float16 tensors (float64 is refused: `policy_step` sends it to the reference).
 
     Give `noise` (sampling) or `next_state` (training), not both; `scalars` is the (B, 6) ROW_SCALARS
     table (moved to x's device as float64 if it is not already). Returns (denoised D in x's dtype, next

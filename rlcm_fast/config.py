@@ -146,7 +146,7 @@ class TrainConfig:
 
     # Reliability.
     keep_checkpoints: int = 3  # newest checkpoints kept in the run folder (0: keep all)
-    max_nonfinite_steps: int = 5  # optimizer steps skipped in a row for non-finite loss/gradients before the run stops
+    max_nonfinite_steps: int = 5  # steps skipped in a row (non-finite loss, gradient or value) before the run stops
     gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass: less memory, more compute
 
     @property

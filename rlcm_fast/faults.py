@@ -128,7 +128,7 @@ class StopSignals:
 
 
 class NonFiniteSteps:
-    """Counts optimizer steps skipped for a non-finite loss or gradient: in total and in a row.
+    """Counts optimizer steps skipped for a non-finite loss, gradient or logged value: in total and in a row.
 
     A skip that `is_fault=False` marks (an fp16 loss-scale overflow, which the loss scaler answers by
     halving its scale) is counted in the total but neither adds to nor resets the run of faults in a row.

@@ -1,7 +1,8 @@
 """The presets a config is built from (config.py, in order): the paper's task presets, the DDPO
 baseline's defaults, and the tiny models' CPU-scale settings, with the names of the methods, algorithms and
-advantage estimators a config may choose (config_checks.py lists the other options' values and checks
-every value). Data only, importing nothing heavy, so that `rlcm-fast --help` starts in well under a second."""
+advantage estimators a config may choose (config_checks.py checks every value; it and rewards/jpeg.py
+list the other options' values). Data only, importing nothing heavy, so that `rlcm-fast --help` starts in
+well under a second."""
 
 from __future__ import annotations
 

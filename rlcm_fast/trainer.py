@@ -330,7 +330,7 @@ class Trainer:
         self.log_step(epoch, {**sums, "skipped": float(skip)}, grad_norm)
         if self.nonfinite.exceeded:
             raise StopTraining(done, fault=(
-                f"{self.nonfinite.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"{self.nonfinite.in_a_row} optimizer steps in a row had a non-finite loss, gradient or logged value "
                 f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower learning_rate or max_grad_norm, "
                 "or check the reward"))
         if stop and done < total:  # a stop after the epoch's last update lets the epoch end first

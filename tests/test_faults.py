@@ -227,7 +227,8 @@ def test_a_step_with_a_finite_loss_but_an_infinite_ratio_is_skipped_and_says_whi
     run_dir = tmp_path / "run"
     assert train(run_dir, "--set", "epochs=1") == 0
     warning = next(line for line in capsys.readouterr().err.splitlines() if "non-finite" in line)
-    assert "non-finite ratio at step 1 (loss " in warning and "nan" not in warning and "inf" not in warning.split("(")[1]
+    values = warning.split("(")[1]  # the loss and the gradient norm, both finite
+    assert "non-finite ratio at step 1 (loss " in warning and "nan" not in values and "inf" not in values
     steps = [r for r in records(run_dir) if r["kind"] == "step"]
     assert [r["skipped"] for r in steps] == [1, 0]
 
@@ -237,7 +238,7 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint_of_the_last_good_state
     run_dir = tmp_path / "run"
     assert train(run_dir, "--set", "max_nonfinite_steps=1") == 1
     line = one_error_line(capsys)
-    assert "2 optimizer steps in a row had a non-finite loss or gradient (max_nonfinite_steps=1)" in line
+    assert "2 optimizer steps in a row had a non-finite loss, gradient or logged value (max_nonfinite_steps=1)" in line
     assert "checkpoint-1-2 holds the last good state" in line
     verify_checkpoint(run_dir / "checkpoint-1")  # the earlier checkpoint is intact
     state = json.loads((run_dir / "checkpoint-1-2" / "training_state.json").read_text())

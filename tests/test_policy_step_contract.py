@@ -48,7 +48,6 @@ def test_the_row_table_and_reference_step_equal_lcm_scheduler_step(prediction_ty
     model_output, x = (torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64) for _ in range(2))
     for k in range(len(scheduler.timesteps) - 1):
         t, t_next = scheduler.timesteps[k], scheduler.timesteps[k + 1]
-        scheduler._step_index = k
         out = scheduler.step(model_output, t, x, generator=torch.Generator().manual_seed(k), return_dict=True)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         table = row_scalars_for_schedule(scheduler, t.reshape(1), t_next.reshape(1))
