@@ -1,6 +1,8 @@
 """The alignment client against broken or hostile servers (stubs on 127.0.0.1), and the async runner's cancelling:
 no models, each test well under a few seconds."""
 
+import base64
+import io
 import json
 import re
 import subprocess
@@ -11,8 +13,10 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rlcm_fast.rewards import AlignmentClient, AsyncReward, RewardError, alignment
 from rlcm_fast.rewards.base import reward_cancelled
@@ -255,3 +259,69 @@ def test_the_alignment_client_refuses_uint8_pixels_before_any_request():
         with pytest.raises(RewardError, match=r"images of dtype torch.uint8 given; rewards take floats in \[0, 1\]"):
             AlignmentClient(url, retries=0)((torch.rand(1, 3, 16, 16) * 255).to(torch.uint8), ["a"])
         assert requests == []
+
+
+# The tests below pin what a mutation round on the client found unchecked.
+
+def test_the_waits_between_attempts_double_from_backoff_up_to_max_backoff(monkeypatch):
+    waits = []
+    monkeypatch.setattr(alignment, "reward_cancelled", lambda wait: waits.append(wait) or False)
+    with pytest.raises(RewardError, match="unreachable after 5 attempts"):
+        AlignmentClient(free_port_url(), retries=4, backoff=1.0, max_backoff=3.0, timeout=1)(images(), ["a"])
+    assert waits == [1.0, 2.0, 3.0, 3.0]
+
+
+def test_a_500_is_retried():  # what the server answers for e.g. a CUDA out-of-memory error
+    calls = []
+
+    def answer(handler):
+        calls.append(handler)
+        if len(calls) == 1:
+            send(handler, 500, b'{"error": "CUDA out of memory"}')
+        else:
+            send(handler, 200, b'{"rewards": [0.25]}')
+
+    with stub(answer) as (url, _):
+        assert AlignmentClient(url, retries=2, backoff=0.01)(images(), ["a"]).tolist() == [0.25]
+    assert len(calls) == 2
+
+
+def test_a_300_is_reported_as_a_redirect():
+    with stub(lambda handler: send(handler, 300, b"", [("Content-Length", None), ("Location", "http://x/")])) as (url, _):
+        with pytest.raises(RewardError, match=r"answered 300 redirecting to 'http://x/'"):
+            AlignmentClient(url, retries=0)(images(), ["a"])
+
+
+@pytest.mark.parametrize("body", [b'{"rewards": [0.5]}', b'{"rewards": [true, false]}'], ids=["too few", "booleans"])
+def test_a_reply_of_the_wrong_count_or_of_booleans_is_refused_without_a_retry(body):
+    with stub(lambda handler: send(handler, 200, body)) as (url, requests):
+        with pytest.raises(RewardError, match="expected 2 numbers as rewards"):
+            AlignmentClient(url, retries=3, backoff=0.01)(images(2), ["a", "b"])
+        assert len(requests) == 1
+
+
+def test_each_batch_sends_its_own_images():
+    class MeanPixel(BaseHTTPRequestHandler):  # each image's reward is its mean pixel, decoded from the JPEG
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            means = [float(np.asarray(Image.open(io.BytesIO(base64.b64decode(image)))).mean()) / 255
+                     for image in body["images"]]
+            send(self, 200, json.dumps({"rewards": means}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    pixels = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16), torch.full((3, 16, 16), 0.5)])
+    with ThreadingHTTPServer(("127.0.0.1", 0), MeanPixel) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            got = AlignmentClient(f"http://127.0.0.1:{server.server_port}", batch_size=2)(pixels, ["a", "b", "c"])
+        finally:
+            server.shutdown()
+    np.testing.assert_allclose(got, [0.0, 1.0, 0.5], atol=0.01)
+
+
+def test_a_reply_of_exactly_the_cap_with_a_content_length_is_read(monkeypatch):
+    monkeypatch.setattr(alignment, "MAX_REPLY_BYTES", len(BIG_BUT_VALID))
+    with stub(lambda handler: send(handler, 200, BIG_BUT_VALID)) as (url, _):
+        assert AlignmentClient(url, retries=0)(images(), ["a"]).tolist() == [0.5]

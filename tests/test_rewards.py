@@ -468,3 +468,9 @@ def test_prompts_that_are_not_a_sequence_are_refused_in_one_line(prompts, kind):
 
     with pytest.raises(RewardError, match=f"^prompts of type {kind} given; rewards take a sequence of str"):
         check_reward_inputs(torch.rand(1, 3, 8, 8), prompts)
+
+
+def test_to_uint8_refuses_an_image_of_four_channels():  # the exported helper checks on its own, not only via rewards
+    from rlcm_fast.rewards.jpeg import to_uint8
+    with pytest.raises(RewardError, match="N x 3 x H x W"):
+        to_uint8(torch.rand(1, 4, 8, 8))
