@@ -51,6 +51,8 @@ REWARD_PLOT_SECONDS = 30.0
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
+        if not isinstance(progress_bars, bool):  # "no" would draw them
+            raise TypeError(f"progress_bars={progress_bars!r} is invalid: it must be True or False")
         # The command line's checks of the config, the run folder and the resume, for a Trainer made in code too,
         # and the run folder's lock, held until train() ends: nothing else may write the folder meanwhile.
         hold, self.cfg, self.run_dir, resume_from = held_start(cfg, run_dir, resume_from)

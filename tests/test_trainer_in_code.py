@@ -5,6 +5,7 @@ holds the run folder's lock from its making until train() ends."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -115,6 +116,20 @@ def test_a_trainer_refuses_what_is_not_a_train_config_in_one_line(tmp_path):
     """A dict failed deep inside dataclasses.replace (found by mutation testing)."""
     with pytest.raises(TypeError, match="cfg is a dict; a Trainer takes a TrainConfig"):
         Trainer(dict(SMALL), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"run_dir": 5}, "run_dir=5 is not a folder's path: a Trainer takes a str or pathlib.Path"),
+    ({"run_dir": None}, "run_dir=None is not a folder's path: a Trainer takes a str or pathlib.Path"),
+    ({"resume_from": 5}, "resume_from=5 is not a folder's path: a Trainer takes a str or pathlib.Path, or None"),
+    ({"progress_bars": "no"}, "progress_bars='no' is invalid: it must be True or False"),
+], ids=["run_dir int", "run_dir None", "resume_from int", "progress_bars str"])
+def test_a_trainer_names_an_argument_of_the_wrong_type_in_one_line(tmp_path, arguments, message):
+    """pathlib's 'expected str, bytes or os.PathLike object, not int' named no argument (newcomer walk)."""
+    arguments = {"run_dir": tmp_path / "run", **arguments}
+    with pytest.raises(TypeError, match=re.escape(message)):
+        Trainer(resolve_config(overrides=SMALL), **arguments)
     assert not (tmp_path / "run").exists()
 
 
