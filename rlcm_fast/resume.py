@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -130,10 +129,6 @@ def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitS
     (run_lock.holds_run_folders_here) the stack holds nothing."""
     from .run_lock import held_in_this_process, hold_run_folder, holds_run_folders_here, refuse_if_in_use
 
-    for name, path in (("run_dir", run_dir), ("resume_from", resume_from)):  # else pathlib's TypeError, unnamed
-        if not isinstance(path, (str, os.PathLike)) and not (name == "resume_from" and path is None):
-            raise TypeError(f"{name}={path!r} is not a folder's path: a Trainer takes a str or pathlib.Path"
-                            + (", or None" if name == "resume_from" else ""))
     # A folder another train or Trainer is using: said first, not "it holds a run: resume it" (refused in turn).
     refuse_if_in_use(Path(run_dir), holder="Trainer", joins="rlcm-fast train")
     checked, hold = checked_start(cfg, run_dir, resume_from), contextlib.ExitStack()

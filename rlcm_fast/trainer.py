@@ -14,6 +14,7 @@ from a checkpoint draws exactly the prompts, noises and shuffles an uninterrupte
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext, suppress
@@ -51,7 +52,13 @@ REWARD_PLOT_SECONDS = 30.0
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
-        if not isinstance(progress_bars, bool):  # "no" would draw them
+        # The arguments' types, in one line each: pathlib's TypeError named no argument, and "no" drew the bars.
+        for name, path, allowed in (("run_dir", run_dir, (str, os.PathLike)),
+                                    ("resume_from", resume_from, (str, os.PathLike, type(None)))):
+            if not isinstance(path, allowed):
+                raise TypeError(f"{name}={path!r} is not a folder's path: a Trainer takes a str or pathlib.Path"
+                                + (", or None" if name == "resume_from" else ""))
+        if not isinstance(progress_bars, bool):
             raise TypeError(f"progress_bars={progress_bars!r} is invalid: it must be True or False")
         # The command line's checks of the config, the run folder and the resume, for a Trainer made in code too,
         # and the run folder's lock, held until train() ends: nothing else may write the folder meanwhile.
