@@ -100,6 +100,31 @@ def test_checked_rewards_rejects_wrong_length_and_non_finite_values():
         checked_rewards("r", [1, 10 ** 400], 2)  # OverflowError traceback before
 
 
+@pytest.mark.parametrize("values, message", [
+    # Each would cast to float (and was scored so): a reward returning them has a bug the cast hides.
+    (["0.5", "1"], "returned strings, expected 2 floats"),
+    ("0.5", "returned a str, expected 2 floats"),  # a shape-() array once
+    ([True, False], "returned booleans, expected 2 floats"),
+    (torch.tensor([True, False]), "returned booleans, expected 2 floats"),
+    ([1 + 2j, 3], "returned complex numbers, expected 2 floats"),
+    ([0.5, None], "returned None at index 1, expected 2 floats"),  # numpy's nan, "non-finite", before
+    ([{"a": 1}, 2], "returned list, expected 2 floats"),
+    # A finite float64 beyond float32: its range, not the inf a float32 cast made of it ("non-finite" before).
+    (torch.tensor([0.0, 1e300], dtype=torch.float64),
+     r"returned values beyond float32's range \(1e\+300 at index 1; \|x\| <= 3.403e\+38\)"),
+])
+def test_checked_rewards_refuses_what_is_no_number(values, message):
+    with pytest.raises(RewardError, match="^reward 'r' " + message):
+        checked_rewards("r", values, 2)
+
+
+def test_checked_rewards_takes_numbers_of_any_dtype_as_float64():
+    for values in ([1, 2], (1, 2.5), np.array([1, 2], dtype=np.uint8), torch.tensor([1.0, 2.5], dtype=torch.bfloat16),
+                   [torch.tensor(1.0, requires_grad=True), torch.tensor(2)]):
+        checked = checked_rewards("r", values, 2)
+        assert checked.dtype == np.float64 and checked[0] == 1.0
+
+
 USER_REWARDS = """
 import numpy as np
 import torch
@@ -191,7 +216,7 @@ def test_wrong_arity_is_refused_before_any_call(user_rewards, function, message)
     ("too_few", r"returned shape \(2,\), expected \(3,\)"),
     ("infinite", r"returned non-finite values \(inf at index 0\)"),
     ("huge", r"returned values beyond float32's range \(1e\+200 at index 0; \|x\| <= 3.403e\+38\)"),
-    ("strings", "returned list, expected 3 floats"),
+    ("strings", "returned strings, expected 3 floats"),
 ])
 def test_bad_outputs_name_the_reward(user_rewards, function, message):
     name = f"{user_rewards}:{function}"

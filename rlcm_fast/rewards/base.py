@@ -76,19 +76,43 @@ def check_reward_inputs(images, prompts) -> None:
                           "image")
 
 
+# numpy's kinds of values that are no reward although they would cast to float: True, 1+2j (its imaginary part
+# dropped), "0.5" and b"0.5"; a reward returning them has a bug the cast would hide.
+NOT_REWARD_KINDS = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "V": "structured values"}
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A reward tensor on the CPU without grad, floats widened to float64 (numpy has no bfloat16, and a float32
+    cast would turn a float64 1e300 into inf, to be misreported as non-finite)."""
+    tensor = tensor.detach().cpu()
+    return tensor.to(torch.float64) if tensor.is_floating_point() else tensor
+
+
 def checked_rewards(name: str, values, count: int) -> np.ndarray:
     """The reward's output as float64, or a RewardError naming the reward and what is wrong."""
     if values is None:  # np.asarray(None, float) is a shape-() nan, which would be reported as a shape
         raise RewardError(f"reward {name!r} returned None, expected {count} floats")
+    if isinstance(values, (str, bytes)):  # one str is a shape-() array
+        raise RewardError(f"reward {name!r} returned a {type(values).__name__}, expected {count} floats")
+    returned = f"reward {name!r} returned {type(values).__name__}, expected {count} floats"
     try:
         if isinstance(values, (list, tuple)):  # e.g. a list of 0-d tensors, some requiring grad
-            values = [v.detach().float().cpu() if torch.is_tensor(v) else v for v in values]
-        array = np.asarray(values.detach().float().cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+            values = [_on_host(v) if torch.is_tensor(v) else v for v in values]
+        array = np.asarray(_on_host(values) if torch.is_tensor(values) else values)
+    except (TypeError, ValueError, RuntimeError):  # ragged lists, objects numpy cannot read
+        raise RewardError(returned) from None
+    if array.dtype.kind in NOT_REWARD_KINDS:
+        raise RewardError(f"reward {name!r} returned {NOT_REWARD_KINDS[array.dtype.kind]}, expected {count} floats")
+    if array.dtype == object and any(value is None for value in array.flat):  # numpy would cast it to nan
+        index = next(i for i, value in enumerate(array.flat) if value is None)
+        raise RewardError(f"reward {name!r} returned None at index {index}, expected {count} floats")
+    try:
+        array = array.astype(np.float64)
     except OverflowError:  # an integer a float cannot hold (a reward server's JSON can carry any)
         raise RewardError(f"reward {name!r} returned an integer beyond float64's range, expected {count} floats") \
             from None
-    except (TypeError, ValueError, RuntimeError):
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected {count} floats") from None
+    except (TypeError, ValueError):  # an object array holding None or a dict, say
+        raise RewardError(returned) from None
     if array.shape != (count,):
         raise RewardError(f"reward {name!r} returned shape {array.shape}, expected ({count},)")
     bad = np.flatnonzero(~np.isfinite(array))
