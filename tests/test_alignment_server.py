@@ -452,6 +452,23 @@ def test_serve_reward_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, me
     assert err[-1].startswith("rlcm-fast: error: ") and message in err[-1]
 
 
+@pytest.mark.parametrize("swap, message", [
+    ("--vlm", "has a BertTokenizer, not a processor of images and text: it takes an image-text-to-text model"),
+    ("--scorer", "is a LlavaModel, not a text encoder with hidden layers: BERTScore takes a BERT-family model"),
+])
+def test_serve_reward_given_the_wrong_kind_of_model_is_one_line(models, monkeypatch, capsys, swap, message):
+    from rlcm_fast.cli import main
+
+    llava, bert = map(str, models)
+    vlm, scorer = (bert, bert) if swap == "--vlm" else (llava, llava)  # an AttributeError traceback before
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+                 "--vlm", vlm, "--scorer", scorer]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rlcm-fast: error: the alignment models cannot be loaded: ")
+    assert message in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_serve_reward_port_in_use_fails_before_the_models_load(monkeypatch, capsys):
     from rlcm_fast.cli import main
 

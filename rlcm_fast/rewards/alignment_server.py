@@ -74,7 +74,10 @@ class BertScoreRecall:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_id)
         self.model = AutoModel.from_pretrained(model_id, use_safetensors=True).eval().to(device)
-        layers = self.model.config.num_hidden_layers
+        layers = getattr(self.model.config, "num_hidden_layers", None)
+        if layers is None:  # a vision-language model's config keeps its layers in a text_config
+            raise ValueError(f"scorer {model_id!r} is a {type(self.model).__name__}, not a text encoder with hidden "
+                             "layers: BERTScore takes a BERT-family model such as roberta-large")
         self.layer = layer if layer is not None else BERTSCORE_LAYERS.get(model_id, layers)
         if not 0 <= self.layer <= layers:
             raise ValueError(f"scorer layer {self.layer} is invalid for {model_id!r}: allowed 0..{layers}")
@@ -114,6 +117,10 @@ class VlmAnswerer:
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_id)
+        if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
+            # A text model's folder gives a bare tokenizer here, before the minutes a model of any size takes to load.
+            raise ValueError(f"vlm {model_id!r} has a {type(self.processor).__name__}, not a processor of images and "
+                             "text: it takes an image-text-to-text model such as llava-hf/llava-1.5-7b-hf")
         self.processor.tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
         self.model = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
         self.model.eval().to(device)
