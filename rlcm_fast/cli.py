@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .config import TASK_PRESETS, ConfigError, TrainConfig, parse_set_pairs, resolve_config
 from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir, shell_path, shell_quote
-from .resume import newer_intact_checkpoint, resume_options, resumed_config
+from .resume import newer_intact_checkpoint, nothing_left_to_train, resume_options, resumed_config
 from .run_lock import refuse_if_in_use
 
 
@@ -323,8 +323,7 @@ def _nothing_to_train(cfg: TrainConfig, resume_from: Path | None) -> bool:
     if resume_from is None or (done := read_training_state(resume_from)["epoch"]) < cfg.epochs:
         return False
     if _is_main_process():  # under a launcher, one process speaks
-        print(f"rlcm-fast: {resume_from.name} has trained {done} epoch(s), and epochs={cfg.epochs}: nothing to "
-              f"train; --set epochs=N with N > {done} trains on", file=sys.stderr)
+        print(f"rlcm-fast: {nothing_left_to_train(resume_from, done, cfg.epochs, '--set epochs=N')}", file=sys.stderr)
     return True
 
 

@@ -233,6 +233,12 @@ def _named_again_on_resume(reward: str, server: str) -> dict[str, str]:
     return needed
 
 
+def nothing_left_to_train(checkpoint: Path, epochs_done: int, epochs: int, how: str) -> str:
+    """What a resume of a checkpoint that has all its `epochs` says, ending with `how` epochs are raised."""
+    return (f"{checkpoint.name} has trained {epochs_done} epoch(s), and epochs={epochs}: nothing to train; "
+            f"{how} with N > {epochs_done} trains on")
+
+
 def resume_options(cfg: TrainConfig) -> str:
     """What the resume command that a stopped run prints must repeat (_named_again_on_resume)."""
     import shlex

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext, suppress
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from .launch import start_accelerator
 from .minibatches import minibatch_plan, updates_per_pass
 from .policy_model import build_policy_model
 from .prompts import PROMPT_SETS, load_prompt_set
-from .resume import held_start, prompt_source
+from .resume import held_start, nothing_left_to_train, prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
@@ -95,6 +96,7 @@ class Trainer:
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
         self.start_epoch, self.global_step, self.started = 0, 0, False
+        self.resumed_from = resume_from  # the checkpoint (held_start found the newest intact one in a run folder)
         self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
         self.stop = StopSignals(announce=self.is_main)
         self.stopped_at: Path | None = None  # the checkpoint written when a signal stopped the run
@@ -400,6 +402,9 @@ class Trainer:
         if self.started:  # its logs are closed, and its epochs would start over from start_epoch
             raise RuntimeError("Trainer.train() runs once: make another Trainer, resuming this run's checkpoint")
         self.started = True
+        if self.resumed_from is not None and self.start_epoch >= self.cfg.epochs and self.is_main:
+            warnings.warn(nothing_left_to_train(self.resumed_from, self.start_epoch, self.cfg.epochs,
+                                                'a config with epochs=N'), stacklevel=2)
         with self.run_folder_hold:  # released as train() ends, however it ends
             try:
                 with torch.enable_grad():  # a notebook's torch.no_grad() around it: the update needs its gradients
