@@ -160,11 +160,17 @@ def run_serve_reward(args: argparse.Namespace) -> int:
         server = bind(args.host, args.port)  # a port in use is found before the models load, not after
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    vlm, scorer_model = args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER
+    from_hub = [model for model in (vlm, scorer_model) if not Path(model).is_dir()]
+    # With no network the hub client retries each file for about 20 s before the error: minutes in all.
+    offline_hint = ("; with no network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes"
+                    if from_hub and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE") else "")
+    print(f"serve-reward: loading the VLM {vlm} and the scorer {scorer_model}{offline_hint}", file=sys.stderr,
+          flush=True)
     try:
         try:
             with library_bars_hidden_off_terminal():
-                scorer = AlignmentScorer(args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER, args.scorer_layer,
-                                         device, args.max_new_tokens)
+                scorer = AlignmentScorer(vlm, scorer_model, args.scorer_layer, device, args.max_new_tokens)
         except (OSError, ValueError) as exc:
             raise RewardError(f"the alignment models cannot be loaded: {first_line(exc)}") from None
         serve(scorer, server=server)

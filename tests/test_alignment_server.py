@@ -467,6 +467,27 @@ def test_serve_reward_given_the_wrong_kind_of_model_is_one_line(models, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("rlcm-fast: error: the alignment models cannot be loaded: ")
     assert message in err[-1] and "Traceback" not in "".join(err)
+    assert f"serve-reward: loading the VLM {vlm} and the scorer {scorer}" in err  # folders: no word of the hub
+
+
+def test_serve_reward_loading_from_the_hub_names_the_offline_switch(monkeypatch, capsys):
+    from rlcm_fast.cli import main
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["serve-reward: loading the VLM llava-hf/llava-1.5-7b-hf and the scorer roberta-large; with no "
+                   "network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes",
+                   "rlcm-fast: error: the alignment models cannot be loaded: We couldn't connect to "
+                   "'https://huggingface.co' to load the files"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set: the first line leaves the hint out
+    assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == ("serve-reward: loading the VLM llava-hf/llava-1.5-7b-hf and "
+                                                       "the scorer roberta-large")
 
 
 def test_serve_reward_port_in_use_fails_before_the_models_load(monkeypatch, capsys):
@@ -498,7 +519,7 @@ def test_serve_reward_interrupted_says_it_stopped_and_frees_the_port(monkeypatch
         port = probe.server_port  # free a moment ago
     assert main(["serve-reward", "--port", str(port), "--device", "cpu"]) == 130
     # main's own message for an interrupt is about resuming training from a checkpoint
-    assert capsys.readouterr().err.strip().splitlines() == ["rlcm-fast: serve-reward stopped (interrupted)"]
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == ["rlcm-fast: serve-reward stopped (interrupted)"]
     assert ports == [port]
     with ThreadingHTTPServer(("127.0.0.1", port), BaseHTTPRequestHandler):
         pass
