@@ -202,6 +202,11 @@ def _is_scalar(value: Any) -> bool:
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Convert a YAML or --set value to the field's type, or fail naming the key and the value."""
     kind = field_types()[key]
+    if callable(value) and key == "reward":  # str() of it would be reported as an unknown reward's name
+        name = getattr(value, "__name__", "my_reward")
+        name = name if name.isidentifier() else "my_reward"  # a lambda's is <lambda>
+        raise ConfigError(f"reward={value!r} in {source} is invalid: a reward is named, as 'module:function' (one "
+                          f"defined in a notebook or script: '__main__:{name}')")
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -222,10 +227,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                 raise TypeError
             return [str(v) for v in value]
         if kind == "str | None":
-            if isinstance(value, (dict, list)):
+            if isinstance(value, (dict, list)) or callable(value):
                 raise TypeError
             return None if value is None else str(value)
-        if value is None or isinstance(value, (bool, dict, list)):  # `model=null` is no model named "None"
+        if value is None or isinstance(value, (bool, dict, list)) or callable(value):  # `model=null` is no model "None"
             raise TypeError
         return str(value)
     except (TypeError, ValueError):

@@ -360,3 +360,19 @@ def test_set_task_picks_the_preset_over_the_config_files_task(tmp_path):
 def test_a_ddpo_pytorch_key_names_ours():
     with pytest.raises(ConfigError, match="ddpo-pytorch's num_steps is 'horizon' here"):
         resolve_config(overrides={"num_steps": 8})
+
+
+def my_brightness(images, prompts):
+    return images.mean((1, 2, 3))
+
+
+def test_a_reward_function_given_as_the_reward_says_how_to_name_it():
+    """str() of it was reported as an unknown reward's name."""
+    with pytest.raises(ConfigError, match=r"^reward=<function my_brightness at .*> in .* is invalid: a reward is "
+                                          r"named, as 'module:function' \(one defined in a notebook or script: "
+                                          r"'__main__:my_brightness'\)$"):
+        resolve_config(overrides={"reward": my_brightness})
+    with pytest.raises(ConfigError, match=r"'__main__:my_reward'\)$"):  # a lambda's name is no identifier
+        resolve_config(overrides={"reward": lambda images, prompts: images.mean((1, 2, 3))})
+    with pytest.raises(ConfigError, match=r"^model=<function my_brightness .*> in .* is invalid: expected str$"):
+        resolve_config(overrides={"model": my_brightness})

@@ -51,7 +51,10 @@ def test_custom_reward_by_module_and_function():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("aesthetics", "reward 'aesthetics' is unknown; allowed: jpeg_compressibility"),
+    ("aesthetics", "reward 'aesthetics' is unknown (did you mean 'aesthetic'?); allowed: jpeg_compressibility"),
+    ("jpeg-compressibility", "reward 'jpeg-compressibility' is unknown (did you mean 'jpeg_compressibility'?)"),
+    ("myrew.bright", "reward 'myrew.bright' is unknown (did you mean 'myrew:bright'?); allowed:"),
+    ("pick", "reward 'pick' is unknown; allowed:"),  # no name is that close
     ("aesthetic:", "reward 'aesthetic:' has weight ''; a weight must be a finite number"),
     ("jpeg_compressibility:x", "reward 'jpeg_compressibility:x' has weight 'x'"),
     ("jpeg_compressibility:inf", "reward 'jpeg_compressibility:inf' has weight 'inf'"),
@@ -84,10 +87,14 @@ def test_a_reward_module_in_the_working_folder_but_not_on_the_path_says_how_to_i
             make_reward(spec)
         assert str(error.value) == (f"reward {spec!r} cannot be imported: No module named {top!r}; {top!r} is in the "
                                     "current folder, which is not searched: run with PYTHONPATH=. (or install it)")
-    with pytest.raises(RewardError) as error:  # nothing of that name here: no hint
+    with pytest.raises(RewardError) as error:  # nothing of that name here: where Python looks
         make_reward("absent_reward_module:f")
     assert str(error.value) == ("reward 'absent_reward_module:f' cannot be imported: No module named "
-                                "'absent_reward_module'")
+                                "'absent_reward_module'; a module of yours is found when installed or when its folder "
+                                "is on PYTHONPATH")
+    with pytest.raises(RewardError) as error:  # the module found, its function not: no hint
+        make_reward("rlcm_fast.rewards.base:absent_function")
+    assert str(error.value).endswith("has no attribute 'absent_function'")
 
 
 def test_checked_rewards_rejects_wrong_length_and_non_finite_values():

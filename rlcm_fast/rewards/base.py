@@ -15,6 +15,7 @@ Several terms make a weighted sum.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import math
@@ -126,12 +127,15 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
 
 
 def _module_here_hint(module_name: str, exc: Exception) -> str:
-    """Where the module is a file or package in the working folder that Python did not look in (the console script
-    does not put it on sys.path, as `python script.py` would its own folder), how to let it."""
+    """How Python finds a module that it did not: where it is a file or package in the working folder (the console
+    script does not put that on sys.path, as `python script.py` would its own folder), PYTHONPATH=.; where the
+    module is nowhere here, the two ways for a module in another folder."""
     top = module_name.split(".")[0]
     missing = isinstance(exc, ModuleNotFoundError) and exc.name == top
     if missing and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file()):
         return f"; {top!r} is in the current folder, which is not searched: run with PYTHONPATH=. (or install it)"
+    if missing:
+        return "; a module of yours is found when installed or when its folder is on PYTHONPATH"
     return ""
 
 
@@ -189,6 +193,17 @@ def _is_weight(text: str) -> bool:
         return False
 
 
+def _did_you_mean(name: str, builtin_names: Sequence[str]) -> str:
+    """A likely intended name: a builtin a typo away ('aesthetics'), or module:function written with a dot."""
+    close = difflib.get_close_matches(name.replace("-", "_"), builtin_names, n=1, cutoff=0.8)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    module, dot, function = name.rpartition(".")
+    if dot and USER_REWARD.fullmatch(f"{module}:{function}"):
+        return f" (did you mean '{module}:{function}'?)"
+    return ""
+
+
 def parse_reward_spec(spec: str, builtin_names: Sequence[str]) -> list[RewardTerm]:
     """The terms of a reward name (grammar in the module docstring); RewardError on anything else."""
     if not isinstance(spec, str) or not spec.strip():
@@ -209,8 +224,8 @@ def parse_reward_spec(spec: str, builtin_names: Sequence[str]) -> list[RewardTer
             name, weight = term, 1.0
         if name not in builtin_names and not USER_REWARD.fullmatch(name):
             raise RewardError(
-                f"reward {name!r} is unknown; allowed: {', '.join(builtin_names)}, or module:function, "
-                "optionally weighted as name:weight and summed with commas"
+                f"reward {name!r} is unknown{_did_you_mean(name, builtin_names)}; allowed: {', '.join(builtin_names)}, "
+                "or module:function, optionally weighted as name:weight and summed with commas"
             )
         terms.append(RewardTerm(name, weight))
     return terms
