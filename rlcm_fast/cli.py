@@ -161,10 +161,11 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     vlm, scorer_model = args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER
-    from_hub = [model for model in (vlm, scorer_model) if not Path(model).is_dir()]
+    from_hub = any(not Path(model).is_dir() for model in (vlm, scorer_model))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     # With no network the hub client retries each file for about 20 s before the error: minutes in all.
     offline_hint = ("; with no network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes"
-                    if from_hub and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE") else "")
+                    if from_hub and not offline else "")
     print(f"serve-reward: loading the VLM {vlm} and the scorer {scorer_model}{offline_hint}", file=sys.stderr,
           flush=True)
     try:

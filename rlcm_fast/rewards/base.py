@@ -104,15 +104,15 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
         raise RewardError(returned) from None
     if array.dtype.kind in NOT_REWARD_KINDS:
         raise RewardError(f"reward {name!r} returned {NOT_REWARD_KINDS[array.dtype.kind]}, expected {count} floats")
-    if array.dtype == object and any(value is None for value in array.flat):  # numpy would cast it to nan
-        index = next(i for i, value in enumerate(array.flat) if value is None)
-        raise RewardError(f"reward {name!r} returned None at index {index}, expected {count} floats")
+    nones = [index for index, value in enumerate(array.flat) if value is None] if array.dtype == object else []
+    if nones:  # numpy would cast None to nan, reported as a non-finite value
+        raise RewardError(f"reward {name!r} returned None at index {nones[0]}, expected {count} floats")
     try:
         array = array.astype(np.float64)
     except OverflowError:  # an integer a float cannot hold (a reward server's JSON can carry any)
         raise RewardError(f"reward {name!r} returned an integer beyond float64's range, expected {count} floats") \
             from None
-    except (TypeError, ValueError):  # an object array holding None or a dict, say
+    except (TypeError, ValueError):  # an object array holding a dict, say
         raise RewardError(returned) from None
     if array.shape != (count,):
         raise RewardError(f"reward {name!r} returned shape {array.shape}, expected ({count},)")
