@@ -454,7 +454,8 @@ def test_serve_reward_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, me
 
 @pytest.mark.parametrize("swap, message", [
     ("--vlm", "has a BertTokenizer, not a processor of images and text: it takes an image-text-to-text model"),
-    ("--scorer", "is a LlavaModel, not a text encoder with hidden layers: BERTScore takes a BERT-family model"),
+    # From its config, before its weights load (which printed transformers' table of the weights left unused).
+    ("--scorer", "is a 'llava' model, not a text encoder with hidden layers: BERTScore takes a BERT-family model"),
 ])
 def test_serve_reward_given_the_wrong_kind_of_model_is_one_line(models, monkeypatch, capsys, swap, message):
     from rlcm_fast.cli import main

@@ -70,14 +70,15 @@ class BertScoreRecall:
     tokens ([CLS]/[SEP], <s>/</s>) are left out, as bert_score does."""
 
     def __init__(self, model_id: str = DEFAULT_SCORER, layer: int | None = None, device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        self.model = AutoModel.from_pretrained(model_id, use_safetensors=True).eval().to(device)
-        layers = getattr(self.model.config, "num_hidden_layers", None)
-        if layers is None:  # a vision-language model's config keeps its layers in a text_config
-            raise ValueError(f"scorer {model_id!r} is a {type(self.model).__name__}, not a text encoder with hidden "
+        config = AutoConfig.from_pretrained(model_id)
+        layers = getattr(config, "num_hidden_layers", None)
+        if layers is None:  # a vision-language model's config keeps its layers in a text_config; found before loading
+            raise ValueError(f"scorer {model_id!r} is a {config.model_type!r} model, not a text encoder with hidden "
                              "layers: BERTScore takes a BERT-family model such as roberta-large")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.model = AutoModel.from_pretrained(model_id, config=config, use_safetensors=True).eval().to(device)
         self.layer = layer if layer is not None else BERTSCORE_LAYERS.get(model_id, layers)
         if not 0 <= self.layer <= layers:
             raise ValueError(f"scorer layer {self.layer} is invalid for {model_id!r}: allowed 0..{layers}")
