@@ -138,7 +138,7 @@ def run_serve_reward(args: argparse.Namespace) -> int:
 
     from .faults import first_line
     from .rewards import RewardError
-    from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve
+    from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve, server_url
     from .rewards.base import missing_model_folder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -166,8 +166,9 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     # With no network the hub client retries each file for about 20 s before the error: minutes in all.
     offline_hint = ("; with no network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes"
                     if from_hub and not offline else "")
-    print(f"serve-reward: loading the VLM {vlm} and the scorer {scorer_model}{offline_hint}", file=sys.stderr,
-          flush=True)
+    # The port now, not after the minutes the models take: --port 0's choice, for the trainers to be started.
+    print(f"serve-reward: {server_url(server)} bound; loading the VLM {vlm} and the scorer {scorer_model}"
+          f"{offline_hint}", file=sys.stderr, flush=True)
     try:
         try:
             with library_bars_hidden_off_terminal():

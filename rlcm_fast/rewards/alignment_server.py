@@ -340,6 +340,12 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
+def server_url(server: ThreadingHTTPServer) -> str:
+    """The URL a client reaches the bound `server` at (an IPv6 address in brackets, as a URL spells it)."""
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(scorer: AlignmentScorer, host: str = "127.0.0.1", port: int = 0,
           server: ThreadingHTTPServer | None = None) -> None:
     """Serve `scorer` on `server` (from `bind`), else on host:port, until interrupted."""
@@ -347,10 +353,8 @@ def serve(scorer: AlignmentScorer, host: str = "127.0.0.1", port: int = 0,
     try:
         server.RequestHandlerClass = make_handler(scorer)
         server.server_activate()
-        host, port = server.server_address[:2]
-        host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL spells it
         print(f"serve-reward: alignment ({scorer.vlm_id} + BERTScore {scorer.scorer_id} layer "
-              f"{scorer.bertscore.layer}) on http://{host}:{port}", file=sys.stderr, flush=True)
+              f"{scorer.bertscore.layer}) on {server_url(server)}", file=sys.stderr, flush=True)
         server.serve_forever()
     finally:
         server.server_close()
