@@ -259,6 +259,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     cfg, run_dir, resume_from = _plan_run(args)
     if _nothing_to_train(cfg, resume_from):
         return 0
+    _check_process_count(resume_from, args.num_processes)  # once here, not in each process after its model loads
     if not args.output_dir:  # every process must write the same run folder (a default one is named by the time)
         child += ["--output-dir", str(run_dir)]
     with _run_folder_held(run_dir):
@@ -335,12 +336,23 @@ def _nothing_to_train(cfg: TrainConfig, resume_from: Path | None) -> bool:
     return True
 
 
+def _check_process_count(resume_from: Path | None, processes: int) -> None:
+    """A mid-epoch checkpoint's refusal of another process count, before any model loads."""
+    from .checkpoint import read_training_state
+    from .epoch_samples import check_process_count
+
+    if resume_from is not None:
+        check_process_count(resume_from, read_training_state(resume_from), processes)
+
+
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.num_processes != 1:
         return _launch(args, argv)
     cfg, run_dir, resume_from = _plan_run(args)
     if _nothing_to_train(cfg, resume_from):
         return 0
+    if not os.environ.get("WORLD_SIZE"):  # under a launcher the trainer checks it, and the main process says it
+        _check_process_count(resume_from, 1)
     args.run_dir, args.resume_from = run_dir, resume_from  # for main()'s message if an interrupt ends the run
     args.resume_options = resume_options(cfg)
     with _run_folder_held(run_dir), library_bars_hidden_off_terminal():

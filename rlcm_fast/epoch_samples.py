@@ -54,14 +54,21 @@ def stopped_epoch_record(samples: EpochSamples, stats: dict, updates_done: int, 
     return {SAMPLES_FILE: tensors}, stopped
 
 
-def restore_stopped_epoch(checkpoint: Path, state: dict, accelerator) -> tuple[EpochSamples, dict, int]:
-    """This process's share of the samples a mid-epoch checkpoint holds, the epoch's stats and the updates done."""
-    stopped, processes = state["stopped_epoch"], accelerator.num_processes
-    if stopped["processes"] != processes:
+def check_process_count(checkpoint: Path, state: dict, processes: int) -> None:
+    """CheckpointError where `checkpoint` stopped mid-epoch with its samples split among another number of
+    processes than `processes` (each process resumes its own share)."""
+    stopped = state.get("stopped_epoch")
+    if stopped and stopped["processes"] != processes:
         raise CheckpointError(
             f"checkpoint {str(checkpoint)!r} stopped mid-epoch with {stopped['processes']} process(es); resume it "
             f"with --num-processes {stopped['processes']}, or resume an epoch checkpoint (checkpoint-N) with any"
         )
+
+
+def restore_stopped_epoch(checkpoint: Path, state: dict, accelerator) -> tuple[EpochSamples, dict, int]:
+    """This process's share of the samples a mid-epoch checkpoint holds, the epoch's stats and the updates done."""
+    stopped, processes = state["stopped_epoch"], accelerator.num_processes
+    check_process_count(checkpoint, state, processes)
     tensors = load_tensors(checkpoint, SAMPLES_FILE)
     rows = len(stopped["prompts"])  # the state's shape is checked (checkpoint.read_training_state)
     dims = {"states": 5, "log_probs": 2, "advantages": 1, "rewards": 1, "grid_images": 4}  # (rows, ...)

@@ -486,6 +486,14 @@ def test_a_mid_epoch_checkpoint_refuses_a_different_batch_layout(reference, tmp_
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--set", "guidance_scale=4"]) == 2
     assert ("guidance_scale=4.0 differs from the checkpoint's 8.0; a checkpoint stopped mid-epoch cannot change it"
             in one_error_line(capsys))
+    # Its samples are split among 1 process: refused before any process starts (each of them said so, once its
+    # model had loaded).
+    monkeypatch.setattr("rlcm_fast.launch.usable_cpu_cores", lambda: 2)
+    monkeypatch.setattr("rlcm_fast.launch.launch_local", lambda *args: pytest.fail("processes were started"))
+    assert main(["train", "--resume", "auto", "--output-dir", str(run_dir), "--num-processes", "2"]) == 2
+    assert one_error_line(capsys) == (f"rlcm-fast: error: checkpoint {str(run_dir / 'checkpoint-0-1')!r} stopped "
+                                      "mid-epoch with 1 process(es); resume it with --num-processes 1, or resume an "
+                                      "epoch checkpoint (checkpoint-N) with any")
     verify_checkpoint(run_dir / "checkpoint-0-1")
 
 
