@@ -41,7 +41,7 @@ from .minibatches import minibatch_plan, updates_per_pass
 from .policy_model import build_policy_model
 from .prompts import PROMPT_SETS, load_prompt_set
 from .resume import held_start, nothing_left_to_train, prompt_source
-from .rewards import AsyncReward, RewardError, make_reward, reward_options
+from .rewards import AsyncReward, RewardError, make_reward, reward_options, silent_reward_server
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
@@ -79,6 +79,8 @@ class Trainer:
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
                                                               **reward_options(cfg)))
+        if self.is_main and (warning := silent_reward_server(cfg.reward, cfg.reward_server)):
+            print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         policy = build_policy_model(cfg, self.accelerator, precision)
         self.pipe, self.unet, self.params = policy.pipe, policy.pipe.unet, policy.params
         self.optimizer, self.lr_scheduler = policy.optimizer, policy.lr_scheduler

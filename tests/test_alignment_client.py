@@ -325,3 +325,23 @@ def test_a_reply_of_exactly_the_cap_with_a_content_length_is_read(monkeypatch):
     monkeypatch.setattr(alignment, "MAX_REPLY_BYTES", len(BIG_BUT_VALID))
     with stub(lambda handler: send(handler, 200, BIG_BUT_VALID)) as (url, _):
         assert AlignmentClient(url, retries=0)(images(), ["a"]).tolist() == [0.5]
+
+
+def test_a_reward_server_that_does_not_answer_is_a_warning_as_the_run_starts(tmp_path, capsys):
+    """The first batch's scoring found it out, after sampling, and retried it for a minute before the error."""
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.rewards import silent_reward_server
+    from rlcm_fast.trainer import Trainer
+
+    down = free_port_url()
+    warning = silent_reward_server("jpeg_compressibility:0.1,alignment", down)
+    assert re.fullmatch(rf"reward server {down} does not answer \(.*Connection refused\); unless it is still "
+                        r"loading its models, start it with `rlcm-fast serve-reward --reward alignment`: each "
+                        r"batch's scoring retries it for about a minute", warning)
+    assert silent_reward_server("jpeg_compressibility", down) is None  # no server in it: not even asked
+    with stub(lambda handler: None) as (url, requests):
+        assert silent_reward_server("alignment", url) is None
+        assert requests == [("GET", "/health")]
+    cfg = resolve_config(task="alignment", overrides={"device": "cpu", "reward_server": down})
+    Trainer(cfg, tmp_path / "run", progress_bars=False)
+    assert f"rlcm-fast: warning: {warning}\n" in capsys.readouterr().err

@@ -58,6 +58,18 @@ def reward_options(cfg) -> dict[str, Any]:
     return {key: getattr(cfg, key, default) for key, default in DEFAULT_OPTIONS.items()}
 
 
+def silent_reward_server(name: str, server: str) -> str | None:
+    """A warning, or None: `name` scores with the reward server at `server`, which does not answer now. Said as a
+    run starts: the first batch's scoring would otherwise find it out after sampling, and retry for a minute."""
+    if "alignment" not in {term.name for term in parse_reward_spec(name, tuple(BUILTIN_REWARDS))}:
+        return None
+    client = AlignmentClient(server)
+    if (problem := client.health_problem()) is None:
+        return None
+    return (f"reward server {client.url} does not answer ({problem}); unless it is still loading its models, start "
+            "it with `rlcm-fast serve-reward --reward alignment`: each batch's scoring retries it for about a minute")
+
+
 def make_reward(name: str, jpeg_quality: int = 95, threads: int = 0, **options) -> RewardFn:
     """Build the reward `name` (a builtin, module:function, or a weighted sum of them).
 
@@ -83,6 +95,7 @@ __all__ = [
     "AestheticReward", "AlignmentClient", "AsyncReward", "BUILTIN_REWARDS", "DEFAULT_OPTIONS", "JPEG_BACKENDS",
     "NVJPEG_COLOURS",
     "JpegSizeReward", "RewardError", "WeightedSum", "check_reward_name", "checked_rewards", "clip_score",
-    "jpeg_size_kb", "make_reward", "parse_reward_spec", "pick_score", "reward_options", "to_uint8",
+    "jpeg_size_kb", "make_reward", "parse_reward_spec", "pick_score", "reward_options", "silent_reward_server",
+    "to_uint8",
     "to_uint8_images",
 ]

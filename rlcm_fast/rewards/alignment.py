@@ -50,6 +50,21 @@ class AlignmentClient:
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.batch_size, self.jpeg_quality = batch_size, jpeg_quality
 
+    def health_problem(self, timeout: float = 3.0) -> str | None:
+        """Why GET /health gets no 200 within `timeout` s (e.g. "[Errno 111] Connection refused"), or None. For a
+        warning only: a server still loading its models refuses connections, and scoring retries it."""
+        parts = urllib.parse.urlsplit(self.url)
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_type(parts.hostname, parts.port, timeout=timeout)
+        try:
+            connection.request("GET", f"{parts.path}/health")
+            reply = connection.getresponse()
+            return None if reply.status == 200 else f"GET /health answered {reply.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            return str(exc) or type(exc).__name__
+        finally:
+            connection.close()
+
     def _encode(self, pixels: np.ndarray) -> str:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=self.jpeg_quality)
