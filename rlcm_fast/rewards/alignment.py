@@ -53,17 +53,21 @@ class AlignmentClient:
     def health_problem(self, timeout: float = 3.0) -> str | None:
         """Why GET /health gets no 200 within `timeout` s (e.g. "[Errno 111] Connection refused"), or None. For a
         warning only: a server still loading its models refuses connections, and scoring retries it."""
-        parts = urllib.parse.urlsplit(self.url)
-        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_type(parts.hostname, parts.port, timeout=timeout)
+        connection, path = self._connection(timeout)
         try:
-            connection.request("GET", f"{parts.path}/health")
+            connection.request("GET", f"{path}/health")
             reply = connection.getresponse()
             return None if reply.status == 200 else f"GET /health answered {reply.status}"
         except (OSError, http.client.HTTPException) as exc:
             return str(exc) or type(exc).__name__
         finally:
             connection.close()
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+        """An unopened connection to the server (no proxy), and the URL's path that its endpoints follow."""
+        parts = urllib.parse.urlsplit(self.url)
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return connection_type(parts.hostname, parts.port, timeout=timeout), parts.path
 
     def _encode(self, pixels: np.ndarray) -> str:
         buffer = io.BytesIO()
@@ -121,9 +125,7 @@ class AlignmentClient:
         """One POST /score: the reply and its body (at most MAX_REPLY_BYTES); TimeoutError when it is not
         over within self.timeout. The socket timeout bounds each read only, so a server sending a byte a second
         never timed out: at the deadline a timer shuts the connection, which ends whatever read is waiting."""
-        parts = urllib.parse.urlsplit(self.url)
-        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_type(parts.hostname, parts.port, timeout=self.timeout)
+        connection, path = self._connection(self.timeout)
         expired = threading.Event()
         connected: list[socket.socket] = []  # the socket itself: a reply that closes the connection (Connection:
         # close, or no length) leaves connection.sock None while its body is still read from this socket
@@ -144,7 +146,7 @@ class AlignmentClient:
             connected.append(connection.sock)
             if expired.is_set():  # expired while connecting, before the socket could be shut
                 raise TimeoutError
-            connection.request("POST", f"{parts.path}/score", body=payload,
+            connection.request("POST", f"{path}/score", body=payload,
                                headers={"Content-Type": "application/json"})
             reply = connection.getresponse()
             data = _read_capped(reply)
