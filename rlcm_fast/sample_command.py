@@ -53,7 +53,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     if taken:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
         raise UsageError(f"--output-dir {args.output_dir!r} already holds {taken[0].name}{more}, which this call "
-                         "would overwrite; pick another --output-dir or remove them")
+                         f"would overwrite; pick another --output-dir or remove {'them' if more else 'it'}")
 
 
 def _prompt_text(prompt: str) -> str:

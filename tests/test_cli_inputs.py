@@ -432,3 +432,35 @@ def test_every_option_with_a_default_names_it_in_its_help():
               if action.option_strings and action.nargs != 0 and not action.required
               and "default" not in (action.help or "") and (name, action.option_strings[-1]) not in no_default]
     assert silent == []
+
+
+def test_sample_num_images_of_exactly_the_limit_is_allowed(tmp_path):
+    """1..10000 images per prompt: the limit itself passes sample's checks, one more is refused."""
+    from rlcm_fast.cli import build_parser
+    from rlcm_fast.sample_command import MAX_IMAGES_PER_PROMPT, _check_sample_args
+
+    assert MAX_IMAGES_PER_PROMPT == 10_000
+    def parse(count: str):
+        return build_parser().parse_args(["sample", "--prompt", "cat", "--device", "cpu", "--output-dir",
+                                          str(tmp_path / "out"), "--num-images", count])
+
+    _check_sample_args(parse("10000"))
+    with pytest.raises(UsageError, match=r"^--num-images 10001 is invalid: it must be in 1\.\.10000 \(images per "
+                                         r"prompt\)$"):
+        _check_sample_args(parse("10001"))
+
+
+def test_sample_refusing_to_overwrite_one_image_names_it_alone(tmp_path):
+    """One file in the way is named alone, not as '... and 0 more'."""
+    from rlcm_fast.cli import build_parser
+    from rlcm_fast.sample_command import _check_sample_args
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00-cat-00.png").write_bytes(b"earlier")
+    args = build_parser().parse_args(["sample", "--prompt", "cat", "--device", "cpu", "--output-dir", str(out),
+                                      "--num-images", "2"])
+    with pytest.raises(UsageError) as error:
+        _check_sample_args(args)
+    assert str(error.value) == (f"--output-dir {str(out)!r} already holds 00-cat-00.png, which this call would "
+                                "overwrite; pick another --output-dir or remove it")

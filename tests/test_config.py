@@ -376,3 +376,43 @@ def test_a_reward_function_given_as_the_reward_says_how_to_name_it():
         resolve_config(overrides={"reward": lambda images, prompts: images.mean((1, 2, 3))})
     with pytest.raises(ConfigError, match=r"^model=<function my_brightness .*> in .* is invalid: expected str$"):
         resolve_config(overrides={"model": my_brightness})
+
+
+def test_an_empty_config_file_is_the_presets(tmp_path):
+    """A config file holding nothing (or only comments) changes nothing: it is not 'not a mapping'."""
+    for text in ("", "# nothing set yet\n"):
+        config_file = tmp_path / "empty.yaml"
+        config_file.write_text(text)
+        assert resolve_config(config_file=config_file) == resolve_config()
+
+
+@pytest.mark.parametrize("theirs, ours", [("num_epochs", "epochs"), ("num_steps", "horizon"),
+                                          ("timestep_fraction", "step_fraction"),
+                                          ("num_batches_per_epoch", "batches_per_epoch")])
+def test_each_ddpo_pytorch_key_names_ours(theirs, ours):
+    with pytest.raises(ConfigError) as error:
+        resolve_config(overrides={theirs: 1})
+    assert str(error.value) == f"unknown config key {theirs!r} in --set; ddpo-pytorch's {theirs} is {ours!r} here"
+
+
+def test_a_config_files_model_with_ddpo_gets_its_own_preset_not_tiny_sds(tmp_path):
+    """As test_a_model_given_with_ddpo_gets_its_own_preset_not_tiny_sds, with both named in a config file."""
+    config_file = tmp_path / "ddpo.yaml"
+    config_file.write_text("method: ddpo\nmodel: sd15\n")
+    cfg = resolve_config(config_file=config_file)
+    assert (cfg.model, cfg.resolution, cfg.horizon, cfg.sample_batch_size) == ("sd15", 512, 50, 1)
+
+
+@pytest.mark.parametrize("pair", ["learning_rate=true", "guidance_scale=false"])
+def test_a_boolean_for_a_float_key_in_set_is_refused(pair):
+    """YAML reads `true` as a bool, and float(True) is 1.0: `--set learning_rate=true` trained at lr 1."""
+    key, value = pair.split("=")
+    with pytest.raises(ConfigError) as error:
+        resolve_config(overrides=parse_set_pairs([pair]))
+    assert str(error.value) == f"{key}={value.capitalize()} in --set is invalid: expected float"
+
+
+def test_the_reliability_defaults_are_the_readmes():
+    """README, "Reliability": keep_checkpoints (default 3) and max_nonfinite_steps (default 5)."""
+    for cfg in (TrainConfig(), resolve_config(), resolve_config(overrides={"method": "ddpo"})):
+        assert (cfg.keep_checkpoints, cfg.max_nonfinite_steps) == (3, 5)

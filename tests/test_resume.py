@@ -8,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+import rlcm_fast.checkpoint as checkpoint_module
+
 from rlcm_fast.checkpoint import prompts_copy
 from rlcm_fast.cli import main
 from rlcm_fast.prompts import load_prompt_set
@@ -161,3 +163,53 @@ def test_a_checkpoint_without_a_later_setting_resumes_with_its_default(monkeypat
     defaults = TrainConfig()
     assert (cfg.lora_targets, cfg.jpeg_quality, cfg.eta) == (defaults.lora_targets, defaults.jpeg_quality,
                                                                defaults.eta)
+
+
+# Literal lists, not resume.FIXED_*: a key dropped from those tuples must fail here.
+MID_EPOCH_CHANGES = [("seed", 1), ("batches_per_epoch", 3), ("num_sample_iters", 2), ("sample_batch_size", 8),
+                     ("train_batch_size", 4), ("gradient_accumulation_steps", 2), ("num_inner_epochs", 2),
+                     ("algorithm", "rebel"), ("step_fraction", 0.5), ("guidance_scale", 4.0), ("eta", 0.5)]
+
+
+@pytest.mark.parametrize("key, new", MID_EPOCH_CHANGES, ids=[k for k, _ in MID_EPOCH_CHANGES])
+def test_each_epoch_layout_setting_is_refused_mid_epoch_and_allowed_between_epochs(key, new):
+    """A checkpoint stopped mid-epoch stores that epoch's samples and log-probs: every setting that laid them out
+    or sampled them (DDPO's eta too) is fixed, and only then."""
+    before = resolve_config(overrides={"method": "ddpo"}).to_dict()
+    values = {**before, key: new}
+    refuse_changed_settings(before, values, mid_epoch=False)
+    with pytest.raises(ConfigError) as error:
+        refuse_changed_settings(before, values, mid_epoch=True)
+    assert str(error.value) == (f"{key}={new!r} differs from the checkpoint's {before[key]!r}; a checkpoint stopped "
+                                "mid-epoch cannot change it")
+
+
+def test_a_resumed_ddpo_checkpoint_stopped_mid_epoch_refuses_another_eta(monkeypatch, tmp_path):
+    """Its stored log-probs are the DDIM policy's at the run's eta: another eta would start the epoch's ratios off 1."""
+    saved = resolve_config(overrides={"method": "ddpo"}).to_dict()
+    monkeypatch.setattr(checkpoint_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 1})
+    with pytest.raises(ConfigError) as error:
+        resumed_config(tmp_path / "checkpoint-1", {"eta": 0.5})
+    assert str(error.value) == ("eta=0.5 differs from the checkpoint's 1.0; a checkpoint stopped mid-epoch cannot "
+                                "change it")
+    monkeypatch.setattr(checkpoint_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 0})
+    assert resumed_config(tmp_path / "checkpoint-1", {"eta": 0.5}).eta == 0.5
+
+
+def test_a_mid_epoch_checkpoint_names_a_changed_run_setting_as_a_resumed_runs():
+    """From a checkpoint stopped mid-epoch, a setting no resume may change is still named as a resumed run's."""
+    before = resolve_config().to_dict()
+    with pytest.raises(ConfigError) as error:
+        refuse_changed_settings(before, {**before, "lora_rank": 4}, mid_epoch=True)
+    assert str(error.value) == "lora_rank=4 differs from the checkpoint's 8; a resumed run cannot change it"
+
+
+def test_a_resume_warns_that_another_pickscore_processor_is_fine_for_a_local_copy(monkeypatch, tmp_path):
+    """The processor is named like a model (a hub id or a folder): its warning says a local copy is the same."""
+    saved = resolve_config(overrides={"reward": "pickscore"}).to_dict()
+    monkeypatch.setattr(checkpoint_module, "read_training_state", lambda checkpoint: {"config": saved, "update": 0})
+    warnings = []
+    resumed_config(tmp_path / "checkpoint-1", {"pickscore_processor": "/models/clip-h"}, warn=warnings.append)
+    assert warnings == ["pickscore_processor='/models/clip-h' differs from the checkpoint's "
+                        "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K': its rewards go beside reward histories scored with "
+                        "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' (fine for a local copy of the same model)"]

@@ -352,3 +352,13 @@ def test_samples_bar_follows_the_terminal(terminal, tmp_path, monkeypatch, capsy
                  "--output-dir", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert (" 2/2 [" in err, "Loading pipeline components" in err) == (terminal, terminal)
+
+
+def test_sample_given_guidance_scale_is_used(tmp_path, monkeypatch):
+    """--guidance-scale replaces the default (or the run's) guidance, as --horizon replaces its steps."""
+    seen = stub_pipeline_call(monkeypatch)
+    assert main(["sample", "--device", "cpu", "--resolution", "16", "--prompt", "cat", "--horizon", "1",
+                 "--output-dir", str(tmp_path / "a"), "--guidance-scale", "3"]) == 0
+    assert main(["sample", "--device", "cpu", "--resolution", "16", "--prompt", "cat", "--horizon", "1",
+                 "--output-dir", str(tmp_path / "b")]) == 0
+    assert [kw["guidance_scale"] for kw in seen] == [3.0, 8.0]
