@@ -162,7 +162,8 @@ def run_serve_reward(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     vlm, scorer_model = args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER
     from_hub = any(not Path(model).is_dir() for model in (vlm, scorer_model))
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     # With no network the hub client retries each file for about 20 s before the error: minutes in all.
     offline_hint = ("; with no network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes"
                     if from_hub and not offline else "")

@@ -335,13 +335,30 @@ def test_a_reward_server_that_does_not_answer_is_a_warning_as_the_run_starts(tmp
 
     down = free_port_url()
     warning = silent_reward_server("jpeg_compressibility:0.1,alignment", down)
+    port = down.rsplit(":", 1)[1]  # the command it suggests serves that port, not the default 8060
     assert re.fullmatch(rf"reward server {down} does not answer \(.*Connection refused\); unless it is still "
-                        r"loading its models, start it with `rlcm-fast serve-reward --reward alignment`: each "
-                        r"batch's scoring retries it for about a minute", warning)
+                        rf"loading its models, start it with `rlcm-fast serve-reward --reward alignment --port {port}`: "
+                        r"each batch's scoring retries it for about a minute", warning)
     assert silent_reward_server("jpeg_compressibility", down) is None  # no server in it: not even asked
     with stub(lambda handler: None) as (url, requests):
         assert silent_reward_server("alignment", url) is None
         assert requests == [("GET", "/health")]
+    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as other:  # answers GET with 501
+        threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+        url = f"http://127.0.0.1:{other.server_port}"
+        assert silent_reward_server("alignment", url) == (f"reward server {url} answers GET /health with 501, not "
+                                                          "200: is it the reward server?")
+        other.shutdown()
     cfg = resolve_config(task="alignment", overrides={"device": "cpu", "reward_server": down})
     Trainer(cfg, tmp_path / "run", progress_bars=False)
     assert f"rlcm-fast: warning: {warning}\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, command", [
+    ("http://127.0.0.1:8060", "rlcm-fast serve-reward --reward alignment"),
+    ("http://127.0.0.1:8060/", "rlcm-fast serve-reward --reward alignment"),
+    ("http://[::1]:9000", "rlcm-fast serve-reward --reward alignment --host ::1 --port 9000"),
+    ("http://localhost", "rlcm-fast serve-reward --reward alignment --host localhost --port 80"),
+])
+def test_the_serve_command_a_client_suggests_serves_its_own_url(url, command):
+    assert AlignmentClient(url).serve_command() == command

@@ -453,7 +453,8 @@ def test_serve_reward_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, me
 
 
 @pytest.mark.parametrize("swap, message", [
-    ("--vlm", "has a BertTokenizer, not a processor of images and text: it takes an image-text-to-text model"),
+    ("--vlm", "has a BertTokenizer, not a processor of images and text (a text model, or a folder without "
+              "preprocessor_config.json): it takes an image-text-to-text model"),
     # From its config, before its weights load (which printed transformers' table of the weights left unused).
     ("--scorer", "is a 'llava' model, not a text encoder with hidden layers: BERTScore takes a BERT-family model"),
 ])
@@ -479,6 +480,7 @@ def test_serve_reward_loading_from_the_hub_names_the_offline_switch(monkeypatch,
 
     monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer", unreachable)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # The port --port 0 bound is printed before the models load (minutes for LLaVA), not only once they have.
@@ -523,7 +525,9 @@ def test_serve_reward_interrupted_says_it_stopped_and_frees_the_port(monkeypatch
         port = probe.server_port  # free a moment ago
     assert main(["serve-reward", "--port", str(port), "--device", "cpu"]) == 130
     # main's own message for an interrupt is about resuming training from a checkpoint
-    assert capsys.readouterr().err.strip().splitlines()[-1:] == ["rlcm-fast: serve-reward stopped (interrupted)"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"serve-reward: http://127.0.0.1:{port} bound; loading the VLM ")
+    assert err[1] == "rlcm-fast: serve-reward stopped (interrupted)"
     assert ports == [port]
     with ThreadingHTTPServer(("127.0.0.1", port), BaseHTTPRequestHandler):
         pass

@@ -64,10 +64,8 @@ def silent_reward_server(name: str, server: str) -> str | None:
     if "alignment" not in {term.name for term in parse_reward_spec(name, tuple(BUILTIN_REWARDS))}:
         return None
     client = AlignmentClient(server)
-    if (problem := client.health_problem()) is None:
-        return None
-    return (f"reward server {client.url} does not answer ({problem}); unless it is still loading its models, start "
-            "it with `rlcm-fast serve-reward --reward alignment`: each batch's scoring retries it for about a minute")
+    problem = client.health_problem()
+    return None if problem is None else f"reward server {client.url} {problem}"
 
 
 def make_reward(name: str, jpeg_quality: int = 95, threads: int = 0, **options) -> RewardFn:

@@ -51,17 +51,26 @@ class AlignmentClient:
         self.batch_size, self.jpeg_quality = batch_size, jpeg_quality
 
     def health_problem(self, timeout: float = 3.0) -> str | None:
-        """Why GET /health gets no 200 within `timeout` s (e.g. "[Errno 111] Connection refused"), or None. For a
-        warning only: a server still loading its models refuses connections, and scoring retries it."""
+        """What is wrong with the server as GET /health finds it within `timeout` s, as words to follow its URL, or
+        None. For a warning only: a server still loading its models refuses connections, and scoring retries it."""
         connection, path = self._connection(timeout)
         try:
             connection.request("GET", f"{path}/health")
-            reply = connection.getresponse()
-            return None if reply.status == 200 else f"GET /health answered {reply.status}"
+            status = connection.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            return str(exc) or type(exc).__name__
+            return (f"does not answer ({str(exc) or type(exc).__name__}); unless it is still loading its models, "
+                    f"start it with `{self.serve_command()}`: each batch's scoring retries it for about a minute")
         finally:
             connection.close()
+        return None if status == 200 else f"answers GET /health with {status}, not 200: is it the reward server?"
+
+    def serve_command(self) -> str:
+        """The `rlcm-fast serve-reward` command that serves this client's URL on this machine."""
+        parts = urllib.parse.urlsplit(self.url)
+        default = urllib.parse.urlsplit(DEFAULT_SERVER)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return ("rlcm-fast serve-reward --reward alignment" + (f" --host {parts.hostname}"
+                if parts.hostname != default.hostname else "") + (f" --port {port}" if port != default.port else ""))
 
     def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, str]:
         """An unopened connection to the server (no proxy), and the URL's path that its endpoints follow."""
@@ -118,7 +127,7 @@ class AlignmentClient:
                 raise RewardError(f"reward server {self.url} sent a reward beyond float64's range") from None
         raise RewardError(
             f"reward server {self.url} is unreachable after {self.retries + 1} attempts ({last}); "
-            f"start it with `rlcm-fast serve-reward --reward alignment` or set reward_server"
+            f"start it with `{self.serve_command()}` or set reward_server"
         )
 
     def _exchange(self, payload: bytes) -> tuple[http.client.HTTPResponse, bytes]:

@@ -121,7 +121,8 @@ class VlmAnswerer:
         if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
             # A text model's folder gives a bare tokenizer here, before the minutes a model of any size takes to load.
             raise ValueError(f"vlm {model_id!r} has a {type(self.processor).__name__}, not a processor of images and "
-                             "text: it takes an image-text-to-text model such as llava-hf/llava-1.5-7b-hf")
+                             "text (a text model, or a folder without preprocessor_config.json): it takes an "
+                             "image-text-to-text model such as llava-hf/llava-1.5-7b-hf")
         self.processor.tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
         self.model = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
         self.model.eval().to(device)
