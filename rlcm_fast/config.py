@@ -199,14 +199,19 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
+def reward_function_given(fn: Any) -> ConfigError:
+    """The error for a function given as the reward (in code): a config names its reward, as module:function."""
+    name = getattr(fn, "__name__", "")
+    module = getattr(fn, "__module__", None) or "__main__"
+    spec = f"'{module}:{name}'" if name.isidentifier() else "'module:function' (a lambda has no name to give)"
+    return ConfigError(f"reward={fn!r} is invalid: a config names its reward, here {spec}, not the function itself")
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Convert a YAML or --set value to the field's type, or fail naming the key and the value."""
     kind = field_types()[key]
-    if callable(value) and key == "reward":  # str() of it would be reported as an unknown reward's name
-        name = getattr(value, "__name__", "my_reward")
-        name = name if name.isidentifier() else "my_reward"  # a lambda's is <lambda>
-        raise ConfigError(f"reward={value!r} in {source} is invalid: a reward is named, as 'module:function' (one "
-                          f"defined in a notebook or script: '__main__:{name}')")
+    if key == "reward" and callable(value):  # str() of it would be reported as an unknown reward's name
+        raise reward_function_given(value)
     try:
         if kind == "bool":
             if isinstance(value, bool):

@@ -8,7 +8,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_types
+from .config import ConfigError, TrainConfig, field_types, reward_function_given
 from .presets import ADVANTAGE_ESTIMATORS, ALGORITHMS, METHODS, TASK_PRESETS
 from .prompts import PROMPT_SETS, load_prompt_set
 
@@ -111,6 +111,8 @@ def _check_types(cfg: TrainConfig) -> None:
     }
     for name, kind in field_types().items():
         value = getattr(cfg, name)
+        if name == "reward" and callable(value):  # TrainConfig(reward=my_fn), dataclasses.replace(cfg, reward=...)
+            raise reward_function_given(value)
         if not checks[kind](value):  # a field of a new kind needs its check here (KeyError in every test)
             raise ConfigError(f"{name}={value!r} is invalid: expected {kind}")
 

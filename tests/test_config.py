@@ -367,13 +367,16 @@ def my_brightness(images, prompts):
 
 
 def test_a_reward_function_given_as_the_reward_says_how_to_name_it():
-    """str() of it was reported as an unknown reward's name."""
-    with pytest.raises(ConfigError, match=r"^reward=<function my_brightness at .*> in .* is invalid: a reward is "
-                                          r"named, as 'module:function' \(one defined in a notebook or script: "
-                                          r"'__main__:my_brightness'\)$"):
+    """str() of it was reported as an unknown reward's name; TrainConfig(reward=fn) said only "expected str"."""
+    from rlcm_fast.rewards.base import checked_rewards  # a function of another module: named by its own
+
+    named = r"^reward=<function {} at .*> is invalid: a config names its reward, here '{}', not the function itself$"
+    with pytest.raises(ConfigError, match=named.format("my_brightness", "test_config:my_brightness")):
         resolve_config(overrides={"reward": my_brightness})
-    with pytest.raises(ConfigError, match=r"'__main__:my_reward'\)$"):  # a lambda's name is no identifier
-        resolve_config(overrides={"reward": lambda images, prompts: images.mean((1, 2, 3))})
+    with pytest.raises(ConfigError, match=named.format("checked_rewards", r"rlcm_fast\.rewards\.base:checked_rewards")):
+        validate(TrainConfig(reward=checked_rewards))
+    with pytest.raises(ConfigError, match=r"here 'module:function' \(a lambda has no name to give\), not the function"):
+        validate(dataclasses.replace(resolve_config(), reward=lambda images, prompts: images.mean((1, 2, 3))))
     with pytest.raises(ConfigError, match=r"^model=<function my_brightness .*> in .* is invalid: expected str$"):
         resolve_config(overrides={"model": my_brightness})
 

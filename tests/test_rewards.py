@@ -112,6 +112,9 @@ def test_checked_rewards_rejects_wrong_length_and_non_finite_values():
     (["0.5", "1"], "returned strings, expected 2 floats"),
     ("0.5", "returned a str, expected 2 floats"),  # a shape-() array once
     ([True, False], "returned booleans, expected 2 floats"),
+    ([0.5, True], "returned booleans, expected 2 floats"),  # numpy reads these two as floats
+    ((torch.tensor(0.5), torch.tensor(True)), "returned booleans, expected 2 floats"),
+    (np.array([1, 2], dtype="M8[s]"), "returned dates, expected 2 floats"),
     (torch.tensor([True, False]), "returned booleans, expected 2 floats"),
     ([1 + 2j, 3], "returned complex numbers, expected 2 floats"),
     ([0.5, None], "returned None at index 1, expected 2 floats"),  # numpy's nan, "non-finite", before

@@ -79,7 +79,13 @@ def check_reward_inputs(images, prompts) -> None:
 
 # numpy's kinds of values that are no reward although they would cast to float: True, 1+2j (its imaginary part
 # dropped), "0.5" and b"0.5"; a reward returning them has a bug the cast would hide.
-NOT_REWARD_KINDS = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "V": "structured values"}
+NOT_REWARD_KINDS = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes", "V": "structured values",
+                    "M": "dates", "m": "time spans"}
+
+
+def _is_bool(value) -> bool:
+    """True/False of Python, numpy or a one-element torch bool: numpy reads [0.5, True] as two floats."""
+    return isinstance(value, (bool, np.bool_)) or (torch.is_tensor(value) and value.dtype == torch.bool)
 
 
 def _on_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,6 +102,8 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
     if isinstance(values, (str, bytes)):  # one str is a shape-() array
         raise RewardError(f"reward {name!r} returned a {type(values).__name__}, expected {count} floats")
     returned = f"reward {name!r} returned {type(values).__name__}, expected {count} floats"
+    if isinstance(values, (list, tuple)) and any(_is_bool(value) for value in values):
+        raise RewardError(f"reward {name!r} returned booleans, expected {count} floats")
     try:
         if isinstance(values, (list, tuple)):  # e.g. a list of 0-d tensors, some requiring grad
             values = [_on_host(v) if torch.is_tensor(v) else v for v in values]
