@@ -234,7 +234,8 @@ def _named_again_on_resume(reward: str, server: str) -> dict[str, str]:
 
 
 def nothing_left_to_train(checkpoint: Path, epochs_done: int, epochs: int, how: str) -> str:
-    """What a resume of a checkpoint that has all its `epochs` says, ending with `how` epochs are raised."""
+    """What a resume of a checkpoint that has all its `epochs` says, ending with `how` to raise them ("--set
+    epochs=N" on the command line)."""
     return (f"{checkpoint.name} has trained {epochs_done} epoch(s), and epochs={epochs}: nothing to train; "
             f"{how} with N > {epochs_done} trains on")
 

@@ -405,8 +405,8 @@ class Trainer:
             raise RuntimeError("Trainer.train() runs once: make another Trainer, resuming this run's checkpoint")
         self.started = True
         if self.resumed_from is not None and self.start_epoch >= self.cfg.epochs and self.is_main:
-            warnings.warn(nothing_left_to_train(self.resumed_from, self.start_epoch, self.cfg.epochs,
-                                                'a config with epochs=N'), stacklevel=2)
+            warnings.warn(nothing_left_to_train(self.resumed_from, self.start_epoch, self.cfg.epochs, "epochs=N"),
+                          stacklevel=2)
         with self.run_folder_hold:  # released as train() ends, however it ends
             try:
                 with torch.enable_grad():  # a notebook's torch.no_grad() around it: the update needs its gradients

@@ -261,6 +261,6 @@ def test_train_resumed_from_a_run_with_all_its_epochs_warns_that_nothing_trains(
     """It returned at once in silence, where the command line says so (test_faults)."""
     trainer = Trainer(resolve_config(overrides={**SMALL, "epochs": 2}), tmp_path / "again", resume_from=finished)
     with pytest.warns(UserWarning, match=r"^checkpoint-2 has trained 2 epoch\(s\), and epochs=2: nothing to train; "
-                                         r"a config with epochs=N with N > 2 trains on$"):
+                                         r"epochs=N with N > 2 trains on$"):
         records = trainer.train()
     assert trainer.global_step == 2 and records == []  # no epoch logged in this run folder
