@@ -69,8 +69,12 @@ class AlignmentClient:
         parts = urllib.parse.urlsplit(self.url)
         default = urllib.parse.urlsplit(DEFAULT_SERVER)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return ("rlcm-fast serve-reward --reward alignment" + (f" --host {parts.hostname}"
-                if parts.hostname != default.hostname else "") + (f" --port {port}" if port != default.port else ""))
+        command = "rlcm-fast serve-reward --reward alignment"
+        if parts.hostname != default.hostname:
+            command += f" --host {parts.hostname}"
+        if port != default.port:
+            command += f" --port {port}"
+        return command
 
     def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, str]:
         """An unopened connection to the server (no proxy), and the URL's path that its endpoints follow."""
