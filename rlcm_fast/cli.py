@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import os
 import re
@@ -13,7 +14,9 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import TASK_PRESETS, ConfigError, TrainConfig, parse_set_pairs, resolve_config
+from .config import (
+    DDPO_PYTORCH_NAMES, TASK_PRESETS, ConfigError, TrainConfig, field_types, parse_set_pairs, resolve_config,
+)
 from .path_checks import NAME_MAX, PROBE_PREFIX, UsageError, check_run_dir, shell_path, shell_quote
 from .resume import newer_intact_checkpoint, nothing_left_to_train, resume_options, resumed_config
 from .run_lock import refuse_if_in_use
@@ -423,12 +426,33 @@ def _error(exc: Exception | str) -> None:
     sys.stderr.flush()
 
 
+def unknown_option_hint(commands: dict[str, argparse.ArgumentParser], command: str, unknown: list[str]) -> str:
+    """For the first unknown option: the command it belongs to (`train --prompt` is sample's) and the option
+    of this command it most likely meant (`--num-proc`: --num-processes; no option is abbreviated)."""
+    option = next((word.split("=", 1)[0] for word in unknown if word.startswith("--")), None)
+    if option is None:
+        return ""
+    own = [name for action in commands[command]._actions for name in action.option_strings
+           if name.startswith("--") and name != "--help"]
+    hints = [f"{option} is an option of `rlcm-fast {other}`" for other, other_parser in commands.items()
+             if other != command and option in other_parser._option_string_actions]
+    key = option[2:].replace("-", "_")
+    key = DDPO_PYTORCH_NAMES.get(key, key)
+    if command == "train" and key in field_types():  # `--learning-rate 1e-4`, `--num-steps 8`
+        hints.append(f"a config key is set with --set {key}=VALUE")
+    elif len(meant := [name for name in own if name.startswith(option)]
+             or difflib.get_close_matches(option, own, n=1, cutoff=0.75)) == 1:
+        hints.append(f"did you mean {meant[0]}?")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # told with the command's usage: parse_args tells it with the top level's
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}"
+                                            f"{unknown_option_hint(parser.commands, args.command, unknown)}")
     try:
         if args.command == "train":
             return run_train(args, argv)

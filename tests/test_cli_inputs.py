@@ -373,12 +373,12 @@ def test_a_too_long_path_from_a_later_check_is_its_repr_cut_at_120_characters(tm
         "name (and Linux 4096 for a whole path)")
 
 
-@pytest.mark.parametrize("command, abbreviated", [
-    (["sample", "--prompt", "cat", "--device", "cpu"], ["--out", "x"]),
-    (["serve-reward", "--device", "cpu", "--port", "0"], ["--ho", "127.0.0.1"]),
+@pytest.mark.parametrize("command, abbreviated, meant", [
+    (["sample", "--prompt", "cat", "--device", "cpu"], ["--out", "x"], "--output-dir"),
+    (["serve-reward", "--device", "cpu", "--port", "0"], ["--ho", "127.0.0.1"], "--host"),
 ])
-def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abbreviated, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abbreviated, meant, tmp_path,
+                                                                     monkeypatch, capsys):
     """Each subparser refuses abbreviations: `--out` is not --output-dir, nor `--ho` --host."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("rlcm_fast.models.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -391,8 +391,29 @@ def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abb
     # Told with the command's own usage and name, as argparse tells a bad value of one of its options.
     assert err.startswith(f"usage: rlcm-fast {command[0]} [-h]")
     assert err.strip().splitlines()[-1] == (f"rlcm-fast {command[0]}: error: unrecognized arguments: "
-                                            f"{' '.join(abbreviated)}")
+                                            f"{' '.join(abbreviated)} (did you mean {meant}?)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, unknown, hint", [
+    (["train"], ["--prompt", "a cat"], " (--prompt is an option of `rlcm-fast sample`; did you mean --prompts?)"),
+    (["train"], ["--learning-rate", "1e-4"], " (a config key is set with --set learning_rate=VALUE)"),
+    (["train"], ["--num_epochs=3"], " (a config key is set with --set epochs=VALUE)"),  # ddpo-pytorch's name
+    (["train"], ["--sed", "3"], " (did you mean --seed?)"),
+    (["sample", "--prompt", "a"], ["--num-image", "2"], " (did you mean --num-images?)"),
+    (["sample", "--prompt", "a"], ["--epochs", "2"], ""),  # a config key of train's, and no option of sample
+    (["train"], ["--lr", "3"], ""),  # nothing close: no guess (difflib's best at its default 0.6 was --algo)
+    (["train"], ["--help-me"], ""),  # --help is never the guess
+    (["sample", "--prompt", "a"], ["--resume", "run"], " (--resume is an option of `rlcm-fast train`)"),
+])
+def test_an_unknown_option_says_what_was_meant(command, unknown, hint, capsys):
+    """`train --prompt` said only "unrecognized arguments"; the option may be another command's, a config key, or
+    a typo of one of this command's."""
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, *unknown])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast {command[0]}: error: unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def test_a_blank_host_is_refused_like_an_empty_one(monkeypatch, capsys):
