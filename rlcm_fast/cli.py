@@ -371,7 +371,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     trainer = Trainer(cfg, run_dir, resume_from, progress_bars=sys.stderr.isatty())
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""
-    say(f"training {cfg.model} on {cfg.reward}{start} -> {run_dir}")
+    say(f"training {cfg.model} on {cfg.reward} ({cfg.resolution} px, {cfg.horizon} steps){start} -> {run_dir}")
     records = trainer.train()
     if trainer.stopped_at is not None:
         processes = trainer.accelerator.num_processes

@@ -12,7 +12,7 @@ from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
 from .faults import first_line
 from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
-from .models import ignored_guidance, load_pipeline, set_channels_last
+from .models import ignored_guidance, load_pipeline, oversized_resolution, set_channels_last
 from .policy_step import fused_step_missing
 
 
@@ -100,7 +100,8 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
             train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)  # the bare UNet: launch.py refuses DDP here
-    warnings = [unused] if (unused := ignored_guidance(pipe, cfg.method, cfg.guidance_scale)) else []
+    warnings = [warning for warning in (ignored_guidance(pipe, cfg.method, cfg.guidance_scale),
+                                        oversized_resolution(pipe, cfg.resolution)) if warning]
     if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (
             missing := fused_step_missing(accelerator.device)):
         warnings.append(f"the policy step runs in plain PyTorch (slower, same results): {missing}")

@@ -234,6 +234,22 @@ def test_a_step_count_the_models_scheduler_refuses_is_one_line_after_loading(tmp
     assert "Traceback" not in err and not run_dir.exists()
 
 
+def test_a_resolution_twice_the_models_own_is_warned_once_and_the_start_line_names_it(tmp_path, capsys):
+    """A model folder trains at the config's 768 px default whatever its UNet was made for: a tiny folder (32 px)
+    ran for minutes an epoch, and the start line named neither the size nor the steps."""
+    from rlcm_fast.models import oversized_resolution
+
+    pipe = load_pipeline("tiny")
+    assert oversized_resolution(pipe, 32) is None and oversized_resolution(pipe, 56) is None
+    assert oversized_resolution(pipe, 768) == (
+        "resolution=768 is 24x the side of the model's own 32 px images (its UNet's sample_size x the VAE's scale "
+        "factor): a UNet call costs 576x as many pixels or more; --set resolution=32 trains at the model's size")
+    run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=1", "--set", "resolution=64", "--set", "grid_every=0")
+    err = capsys.readouterr().err
+    assert err.count("rlcm-fast: warning: resolution=64 is 2x the side of the model's own 32 px images") == 1
+    assert f"rlcm-fast: training tiny on jpeg_compressibility (64 px, 4 steps) -> {run_dir}\n" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_refused_not_run_on_the_cpu(tmp_path, capsys):
     assert main(["train", "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 2
