@@ -449,10 +449,13 @@ def unknown_option_hint(commands: dict[str, argparse.ArgumentParser], command: s
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # told with the command's usage: parse_args tells it with the top level's
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}"
-                                            f"{unknown_option_hint(parser.commands, args.command, unknown)}")
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # told with the command's usage: parse_args tells it with the top level's
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}"
+                                                f"{unknown_option_hint(parser.commands, args.command, unknown)}")
+    except SystemExit as exc:  # argparse's exit: a usage error (2), --help or --version (0); returned as any other
+        return exc.code
     try:
         if args.command == "train":
             return run_train(args, argv)

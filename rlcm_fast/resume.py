@@ -103,9 +103,13 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run: resume it "
                               f"(resume_from={str(run_dir)!r}) or start the run in another folder")
         return validate(cfg), run_dir, None
+    if str(resume_from) == "auto" and not Path(resume_from).exists():
+        raise ConfigError("resume_from='auto' is the command line's `--resume auto`; a Trainer takes the run folder "
+                          "(its newest intact checkpoint is taken), a checkpoint folder, or None for a new run")
     resume_from = Path(resume_from)
-    if list_checkpoints(resume_from):  # a run folder (a checkpoint holds no checkpoints)
-        resume_from = resolve_checkpoint(resume_from)
+    # A run folder (a checkpoint holds no checkpoints); a path that is neither is said so, not "unreadable".
+    if list_checkpoints(resume_from) or not (resume_from / "training_state.json").is_file():
+        resume_from = resolve_checkpoint(resume_from, what="resume_from")
     # Either would overwrite checkpoints and metrics; the command line says it in its own words first.
     own_folder = run_dir.resolve() == resume_from.parent.resolve()
     if not own_folder and list_checkpoints(run_dir):

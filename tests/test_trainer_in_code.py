@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from rlcm_fast import run_lock
+from rlcm_fast.checkpoint import CheckpointError
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse
@@ -264,3 +265,23 @@ def test_train_resumed_from_a_run_with_all_its_epochs_warns_that_nothing_trains(
                                          r"epochs=N with N > 2 trains on$"):
         records = trainer.train()
     assert trainer.global_step == 2 and records == []  # no epoch logged in this run folder
+
+
+@pytest.mark.parametrize("resume_from, error, message", [
+    ("auto", ConfigError, "^resume_from='auto' is the command line's `--resume auto`; a Trainer takes the run folder"),
+    ("missing", CheckpointError, "^resume_from '.*missing' does not exist$"),
+    ("no-checkpoint-yet", CheckpointError,
+     "^resume_from '.*no-checkpoint-yet' is neither a checkpoint-N folder nor a run folder holding one$"),
+])
+def test_a_resume_in_code_from_no_checkpoint_says_so_before_the_model_loads(tmp_path, monkeypatch, resume_from,
+                                                                          error, message):
+    """Each was "checkpoint '...' is unreadable (training_state.json: [Errno 2] ...)"; `auto` is the command
+    line's word, read here as a folder of that name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-checkpoint-yet").mkdir()
+    (tmp_path / "no-checkpoint-yet" / "config.yaml").write_text("epochs: 1\n")  # a run stopped before its first
+    monkeypatch.setattr(Trainer, "_build", lambda *args: pytest.fail("the model was loaded"))
+    resume = resume_from if resume_from == "auto" else tmp_path / resume_from
+    with pytest.raises(error, match=message):
+        Trainer(resolve_config(overrides=SMALL), tmp_path / "run", resume_from=resume)
+    assert not (tmp_path / "run").exists()
