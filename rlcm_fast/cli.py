@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve_reward(args: argparse.Namespace) -> int:
     import torch
 
-    from .faults import first_line
+    from .faults import first_line, hub_offline, hub_unreachable_reason
     from .rewards import RewardError
     from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve, server_url
     from .rewards.base import missing_model_folder
@@ -165,11 +165,9 @@ def run_serve_reward(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     vlm, scorer_model = args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER
     from_hub = any(not Path(model).is_dir() for model in (vlm, scorer_model))
-    offline = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
-                  for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     # With no network the hub client retries each file for about 20 s before the error: minutes in all.
     offline_hint = ("; with no network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes"
-                    if from_hub and not offline else "")
+                    if from_hub and not hub_offline() else "")
     # The port now, not after the minutes the models take: --port 0's choice, for the trainers to be started.
     print(f"serve-reward: {server_url(server)} bound; loading the VLM {vlm} and the scorer {scorer_model}"
           f"{offline_hint}", file=sys.stderr, flush=True)
@@ -178,7 +176,8 @@ def run_serve_reward(args: argparse.Namespace) -> int:
             with library_bars_hidden_off_terminal():
                 scorer = AlignmentScorer(vlm, scorer_model, args.scorer_layer, device, args.max_new_tokens)
         except (OSError, ValueError) as exc:
-            raise RewardError(f"the alignment models cannot be loaded: {first_line(exc)}") from None
+            raise RewardError(f"the alignment models cannot be loaded: {hub_unreachable_reason(exc) or first_line(exc)}"
+                              ) from None
         serve(scorer, server=server)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -23,6 +24,42 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     at `limit` characters, with "..." where it was cut (library errors often span many lines)."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE keeps the hub client from asking the hub."""
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether a from_pretrained failed only because its hub id is not cached here and the hub was not asked or
+    did not answer: somewhere in the exception's chain, the hub client's "not cached" or a connection failure."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, socket.gaierror)) or \
+                type(error).__name__ in ("ConnectError", "ConnectTimeout"):  # httpx's, whose module name varies
+            return True
+        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+    return False
+
+
+def hub_unreachable_reason(error: BaseException) -> str | None:
+    """For a hub id that is not cached here while the hub cannot be asked, that in a few words (the libraries
+    say it in several sentences and a URL); None for any other failure."""
+    if not _hub_unreachable(error):
+        return None
+    why = "HF_HUB_OFFLINE keeps the hub from being asked" if hub_offline() else "the hub cannot be reached"
+    return f"not in this machine's hub cache, and {why}: download the model once where there is a network, or " \
+           "give a local folder"
+
+
+def load_failure(error: BaseException, limit: int = 400) -> str:
+    """Why a model, tokenizer or config could not be loaded, as one line (`one_line` but for the hub's case)."""
+    return hub_unreachable_reason(error) or one_line(error, limit)
 
 
 def first_line(error: BaseException, empty: str | None = None) -> str:

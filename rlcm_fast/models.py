@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedule
 from safetensors import SafetensorError
 
 from rlcm_fast.architectures import SD15, SD15_LCM, build_random_pipeline
-from rlcm_fast.faults import ModelLoadError, one_line
+from rlcm_fast.faults import ModelLoadError, load_failure
 from rlcm_fast.presets import METHODS
 from rlcm_fast.tiny_presets import tiny_pipeline_folder, tiny_sd_pipeline_folder
 
@@ -160,7 +160,7 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
         )
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
-            f"model {model!r} could not be loaded ({one_line(error)}){_pickle_hint(location)}: {choices}"
+            f"model {model!r} could not be loaded ({load_failure(error)}){_pickle_hint(location)}: {choices}"
         ) from error
 
 
@@ -174,7 +174,7 @@ def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
     # differs between huggingface_hub releases), and a LoRA of other shapes is a RuntimeError.
     except Exception as error:
         raise ModelLoadError(
-            f"lcm_lora {lcm_lora!r} could not be loaded ({one_line(error)}){_pickle_hint(lcm_lora)}: "
+            f"lcm_lora {lcm_lora!r} could not be loaded ({load_failure(error)}){_pickle_hint(lcm_lora)}: "
             "expected a local LoRA folder or safetensors file, or a reachable hub id"
         ) from error
     pipe.fuse_lora()

@@ -496,6 +496,26 @@ def test_serve_reward_loading_from_the_hub_names_the_offline_switch(monkeypatch,
                                                             "the scorer roberta-large")
 
 
+def test_serve_reward_with_models_neither_cached_nor_reachable_says_so_in_a_few_words(monkeypatch, capsys):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from rlcm_fast.cli import main
+
+    def not_cached(*args, **kwargs):
+        try:
+            raise OfflineModeIsEnabled("offline")
+        except OfflineModeIsEnabled as cause:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                          "in the cached files. Check your internet connection or see ...") from cause
+
+    monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer", not_cached)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rlcm-fast: error: the alignment models cannot be loaded: not in this machine's hub cache, and HF_HUB_OFFLINE "
+        "keeps the hub from being asked: download the model once where there is a network, or give a local folder")
+
+
 def test_serve_reward_port_in_use_fails_before_the_models_load(monkeypatch, capsys):
     from rlcm_fast.cli import main
 

@@ -21,7 +21,7 @@ from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
 from rlcm_fast.cli import main
 from rlcm_fast.epoch_samples import SAMPLES_FILE
-from rlcm_fast.faults import is_out_of_memory, one_line
+from rlcm_fast.faults import is_out_of_memory, load_failure, one_line
 from rlcm_fast.presets import TINY_LORA_TARGETS
 from rlcm_fast.sampler import LCMSampler
 from rlcm_fast.trainer import Trainer
@@ -684,3 +684,40 @@ def test_one_line_collapses_whitespace_and_marks_where_it_cut():
     assert one_line(OSError("cannot\n  load\tit")) == "OSError: cannot load it"
     assert one_line(ValueError("x" * 12), limit=12) == "ValueError: " + "x" * 12
     assert one_line(ValueError("x" * 13), limit=12) == "ValueError: " + "x" * 12 + "..."
+
+
+def raised_from(cause: BaseException, message: str = "Cannot load model org/name: several sentences and a URL") -> OSError:
+    """What from_pretrained raises: its own OSError over the hub client's error."""
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise OSError(message) from inner
+    except OSError as outer:
+        return outer
+
+
+def test_a_hub_id_neither_cached_nor_reachable_is_said_in_a_few_words(monkeypatch):
+    """The libraries said it in several sentences and a URL, cut at 400 characters ("Please check out the roo...")."""
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    unreachable = ("not in this machine's hub cache, and the hub cannot be reached: download the model once where "
+                   "there is a network, or give a local folder")
+    assert load_failure(raised_from(LocalEntryNotFoundError("not cached"))) == unreachable
+    assert load_failure(raised_from(socket.gaierror(-3, "Temporary failure in name resolution"))) == unreachable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_failure(raised_from(OfflineModeIsEnabled("offline"))) == unreachable.replace(
+        "the hub cannot be reached", "HF_HUB_OFFLINE keeps the hub from being asked")
+    # Anything else is the error itself, one line; a cause the raiser suppressed is not looked into.
+    assert load_failure(raised_from(ValueError("bad config"), "no\nweights"), limit=20) == "OSError: no weights"
+    try:
+        try:
+            raise socket.gaierror(-3, "name resolution")
+        except OSError:
+            raise OSError("a folder without model_index.json") from None
+    except OSError as suppressed:
+        assert load_failure(suppressed) == "OSError: a folder without model_index.json"

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..faults import first_line, one_line
+from ..faults import load_failure, one_line
 from .base import RewardError, check_reward_inputs, missing_model_folder
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
@@ -156,7 +156,7 @@ def _load_config(kind, model_id: str, what: str):
         return kind.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
         raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
-                          f"{one_line(exc, 200)}") from None
+                          f"{load_failure(exc, 200)}") from None
 
 
 def _load(kind, model_id: str, what: str, **kwargs):
@@ -166,7 +166,7 @@ def _load(kind, model_id: str, what: str, **kwargs):
         loaded = kind.from_pretrained(model_id, use_safetensors=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
-                          f"{first_line(exc)}") from None
+                          f"{load_failure(exc)}") from None
     model, info = loaded
     # transformers fills weights the checkpoint lacks (a vision-only one's projection) with random values.
     if info.get("missing_keys"):
@@ -273,7 +273,7 @@ class ClipSimilarityReward(_OnDevice):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
-            raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {one_line(exc, 200)}") from None
+            raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {load_failure(exc, 200)}") from None
         self.settings = ClipImageSettings.from_pretrained(source, what if processor_id is None else f"{what}'s processor")
         self.settings.check_fits(self.model.config.vision_config.image_size, model_id, what)
         self.mode = mode
