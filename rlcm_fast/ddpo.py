@@ -77,6 +77,21 @@ def ddim_step(model_output, x, scalars, prediction_type: str, noise=None, next_s
     return mean, next_state, mean_gaussian_log_prob(next_state, mean, std)
 
 
+def ddim_step_limit(scheduler_config) -> tuple[int, str]:
+    """The most DDIM steps a scheduler takes, and why, for a message: num_train_timesteps, less one where
+    steps_offset (1 for SD1.5) would move the first of them past alphas_cumprod's end (timestep 1000 of 0..999)."""
+    total = scheduler_config.num_train_timesteps
+    probe = DDIMScheduler.from_config(scheduler_config)
+    limit = total
+    while limit > 0:
+        probe.set_timesteps(limit)
+        if int(probe.timesteps.max()) < total:
+            break
+        limit -= 1
+    return limit, (f"DDIM steps whose timesteps fit the scheduler's num_train_timesteps={total} with its "
+                   f"steps_offset={scheduler_config.steps_offset}")
+
+
 class DDPOSampler:
     """Samples S-step DDIM trajectories with classifier-free guidance; the same interface as LCMSampler."""
 
@@ -87,9 +102,9 @@ class DDPOSampler:
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
             raise ValueError("DDIMScheduler with clip_sample or thresholding is not supported by the DDPO policy")
-        if not 1 <= num_steps <= scheduler.config.num_train_timesteps:  # diffusers' own message named no key
-            raise ValueError(f"horizon={num_steps} is invalid: it must be in 1..{scheduler.config.num_train_timesteps} "
-                             "(the scheduler's num_train_timesteps)")
+        limit, why = ddim_step_limit(scheduler.config)
+        if not 1 <= num_steps <= limit:  # diffusers' message named no key, or an IndexError came mid-sampling
+            raise ValueError(f"horizon={num_steps} is invalid: it must be in 1..{limit} ({why})")
         scheduler.set_timesteps(num_steps)
         self.pipe = pipe
         self.horizon = num_steps

@@ -130,6 +130,10 @@ def _load_and_sample(args: argparse.Namespace) -> int:
         extra["original_inference_steps"] = run.get("original_inference_steps",
                                                     pipe.scheduler.config.original_inference_steps)
         limit, why = min(limit, extra["original_inference_steps"]), "original_inference_steps"
+    else:  # SD1.5's steps_offset=1 puts the first of 1000 DDIM steps on timestep 1000, past the schedule's end
+        from .ddpo import ddim_step_limit
+
+        limit, why = ddim_step_limit(pipe.scheduler.config)
     if horizon > limit:
         source = "the run's" if checkpoint else "the default"
         name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"

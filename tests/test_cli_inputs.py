@@ -84,13 +84,14 @@ def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_pat
 
 
 def test_sample_horizon_above_ddims_train_timesteps_is_one_line(tmp_path, capsys, monkeypatch):
-    """A DDPO run's LoRA samples with DDIM: its limit is num_train_timesteps (checked before the LoRA loads)."""
+    """A DDPO run's LoRA samples with DDIM: its limit is num_train_timesteps, less one for SD's steps_offset=1
+    (checked before the LoRA loads; 1000 was an IndexError from the pipeline)."""
     monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what, warn: tmp_path / "checkpoint-1")
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"method": "ddpo", "model": "tiny-sd"})
     out = tmp_path / "out"
-    assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(out), "--horizon", "1001"]) == 2
-    assert one_line_error(capsys) == ("--horizon 1001 is invalid: it must be in 1..1000 (the scheduler's "
-                                      "num_train_timesteps)")
+    assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(out), "--horizon", "1000"]) == 2
+    assert one_line_error(capsys) == ("--horizon 1000 is invalid: it must be in 1..999 (DDIM steps whose timesteps "
+                                      "fit the scheduler's num_train_timesteps=1000 with its steps_offset=1)")
     assert not out.exists()
 
 

@@ -155,12 +155,16 @@ def test_bad_method_input_is_one_line_exit_2(tmp_path, capsys, args, message):
 
 
 def test_a_horizon_beyond_the_ddim_schedulers_timesteps_names_the_key(tmp_path, capsys):
-    """Known once the model's scheduler is loaded; it was diffusers' message, which named no key."""
-    assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--algo", "ddpo",
-                 "--set", "horizon=1001"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("rlcm-fast")] == [
-        "rlcm-fast: error: horizon=1001 is invalid: it must be in 1..1000 (the scheduler's num_train_timesteps)"]
+    """Known once the model's scheduler is loaded; it was diffusers' message, which named no key, and at 1000 (which
+    the message allowed) an IndexError traceback: steps_offset=1 puts the first step on timestep 1000."""
+    for horizon in (1000, 1001):
+        assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--algo", "ddpo",
+                     "--set", f"horizon={horizon}"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("rlcm-fast")] == [
+            f"rlcm-fast: error: horizon={horizon} is invalid: it must be in 1..999 (DDIM steps whose timesteps fit "
+            "the scheduler's num_train_timesteps=1000 with its steps_offset=1)"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_ddpo_learns_jpeg_compressibility_on_tiny_sd(tmp_path):
