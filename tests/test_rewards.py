@@ -95,6 +95,12 @@ def test_a_reward_module_in_the_working_folder_but_not_on_the_path_says_how_to_i
     with pytest.raises(RewardError) as error:  # the module found, its function not: no hint
         make_reward("rlcm_fast.rewards.base:absent_function")
     assert str(error.value).endswith("has no attribute 'absent_function'")
+    with pytest.raises(RewardError) as error:  # `rlcm-fast train --reward __main__:fn`: the console script's __main__
+        make_reward("__main__:absent_function")
+    assert str(error.value) == (
+        "reward '__main__:absent_function' cannot be imported: module '__main__' has no attribute 'absent_function'; "
+        "'__main__:' names a function of the running script or notebook, for a Trainer made there: on the command "
+        "line, put the function in a module of yours and name it 'module:function'")
 
 
 def test_checked_rewards_rejects_wrong_length_and_non_finite_values():

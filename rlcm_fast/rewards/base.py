@@ -144,6 +144,9 @@ def _module_here_hint(module_name: str, exc: Exception) -> str:
         return f"; {top!r} is in the current folder, which is not searched: run with PYTHONPATH=. (or install it)"
     if missing:
         return "; a module of yours is found when installed or when its folder is on PYTHONPATH"
+    if module_name == "__main__" and isinstance(exc, AttributeError):  # `rlcm-fast train --reward __main__:fn`
+        return ("; '__main__:' names a function of the running script or notebook, for a Trainer made there: on the "
+                "command line, put the function in a module of yours and name it 'module:function'")
     return ""
 
 
