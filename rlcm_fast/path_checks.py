@@ -51,6 +51,8 @@ def check_run_dir(run_dir: Path, what: str = "output dir") -> None:
     """Before any model loads, a run folder that cannot be made is one line, not an OSError traceback after
     minutes of loading. Nothing is created here: a run refused later leaves no folder behind. `what` names the folder in
     the messages (the command line's option, or a Trainer's argument)."""
+    if "\x00" in str(run_dir):  # a Trainer's str (argv cannot hold one): os calls raise "embedded null byte"
+        raise UsageError(f"{what} {str(run_dir)!r} is invalid: a path cannot hold a NUL character")
     check_name_lengths(run_dir, what)
     check_utf8_name(run_dir, what, "TensorBoard's writer takes only UTF-8")
     if run_dir.exists() and not run_dir.is_dir():

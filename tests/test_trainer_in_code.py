@@ -245,7 +245,8 @@ def test_a_run_another_train_finished_between_the_checks_and_the_lock_is_not_ove
     ("linked", "^run folder '.*linked' holds a symbolic link, 'samples' -> '/tmp'"),
     ("/proc/rlcm-fast-run", "^run folder '/proc/rlcm-fast-run' cannot be created or written: making a folder in "
                             "'/proc' failed"),
-], ids=["too-long", "not-utf8", "under-a-file", "a-file", "holds-a-link", "unwritable-parent"])
+    ("run\x00x", r"^run folder '.*run\\x00x' is invalid: a path cannot hold a NUL character$"),
+], ids=["too-long", "not-utf8", "under-a-file", "a-file", "holds-a-link", "unwritable-parent", "nul"])
 def test_a_run_folder_that_cannot_be_made_is_refused_before_the_model_loads(tmp_path, monkeypatch, name, message):
     """A name too long was an OSError, one not UTF-8 a UnicodeEncodeError from TensorBoard's writer after the
     model had loaded and the folder had been made."""
