@@ -686,7 +686,7 @@ def test_one_line_collapses_whitespace_and_marks_where_it_cut():
     assert one_line(ValueError("x" * 13), limit=12) == "ValueError: " + "x" * 12 + "..."
 
 
-def raised_from(cause: BaseException, message: str = "Cannot load model org/name: several sentences and a URL") -> OSError:
+def raised_from(cause: BaseException, message: str = "Cannot load org/name: several sentences and a URL") -> OSError:
     """What from_pretrained raises: its own OSError over the hub client's error."""
     try:
         try:

@@ -273,7 +273,8 @@ class ClipSimilarityReward(_OnDevice):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
-            raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {load_failure(exc, 200)}") from None
+            raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {load_failure(exc, 200)}"
+                              ) from None
         self.settings = ClipImageSettings.from_pretrained(source, what if processor_id is None else f"{what}'s processor")
         self.settings.check_fits(self.model.config.vision_config.image_size, model_id, what)
         self.mode = mode
