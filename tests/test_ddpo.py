@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from rlcm_fast.cli import main
 from rlcm_fast.config import resolve_config
-from rlcm_fast.ddpo import DDPOSampler
+from rlcm_fast.ddpo import DDIM_SCALARS, DDPOSampler, ddim_step
 from rlcm_fast.faults import ModelLoadError
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.tiny_presets import build_tiny_sd_pipeline
@@ -27,7 +27,7 @@ def pipe():
     return load_pipeline("tiny-sd", method="ddpo")
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
 def test_images_equal_the_stable_diffusion_pipeline_with_ddim_eta_1_and_cfg(pipe, prediction_type):
     original = pipe.scheduler
     try:
@@ -44,6 +44,58 @@ def test_images_equal_the_stable_diffusion_pipeline_with_ddim_eta_1_and_cfg(pipe
     # float64 step constants here, float32 in diffusers: sample prediction divides by sigma_t near t = 1.
     assert (ours.images - theirs).abs().max().item() < 1e-4
     assert torch.equal(sampler.timesteps, their_timesteps)
+
+
+@pytest.mark.parametrize("scheduler_change, message", [
+    ({"clip_sample": True}, "clip_sample or thresholding is not supported"),
+    ({"clip_sample": False, "thresholding": True}, "clip_sample or thresholding is not supported"),
+    ({"set_alpha_to_one": True}, "gives an action of zero variance"),
+    ({"prediction_type": "flow"}, "prediction_type 'flow' is not supported"),
+], ids=["clip_sample", "thresholding", "set_alpha_to_one", "unknown_prediction_type"])
+def test_schedulers_the_ddim_policy_cannot_follow_are_refused(pipe, scheduler_change, message):
+    """Clipping or thresholding changes the mean the log-prob is taken of; set_alpha_to_one=True makes the last action
+    deterministic (std 0: no log-density); an unknown prediction type failed only mid-sampling."""
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDIMScheduler.from_config(original.config, **scheduler_change)
+        with pytest.raises(ValueError, match=message):
+            DDPOSampler(pipe, num_steps=2, eta=1.0)
+    finally:
+        pipe.scheduler = original
+
+
+def test_an_lcm_unet_is_refused():
+    with pytest.raises(ValueError, match="needs a Stable Diffusion UNet; this one has an LCM guidance embedding"):
+        DDPOSampler(load_pipeline("tiny"), num_steps=2)
+
+
+def test_the_sampler_leaves_the_pipelines_scheduler_as_it_was(pipe):
+    """DDPOSampler sets the timesteps of its own copy: the pipeline's scheduler is shared with its other users."""
+    pipe.scheduler.set_timesteps(5)
+    before = pipe.scheduler.timesteps.clone()
+    sampler = DDPOSampler(pipe, num_steps=3)
+    assert len(sampler.timesteps) == 3
+    assert pipe.scheduler.num_inference_steps == 5 and torch.equal(pipe.scheduler.timesteps, before)
+
+
+def test_guidance_scale_1_makes_one_unguided_unet_batch_per_step(pipe):
+    """No classifier-free guidance at g = 1 (uncond + 1 (cond - uncond) = cond): a doubled batch would cost twice."""
+    sampler = DDPOSampler(pipe, num_steps=2, guidance_scale=1.0, resolution=32)
+    batches = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    try:
+        sampler.sample(pipe.unet, PROMPTS, generator=torch.Generator().manual_seed(0), decode=False)
+    finally:
+        handle.remove()
+    assert batches == [2, 2]
+
+
+def test_the_ddim_step_takes_noise_or_a_next_state_not_both():
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    scalars = torch.tensor([[0.5, 0.75**0.5, 0.75, 0.5, 0.25]], dtype=torch.float64).expand(2, len(DDIM_SCALARS))
+    for given in ({}, {"noise": torch.zeros_like(x), "next_state": x}):
+        with pytest.raises(ValueError, match="give exactly one of noise"):
+            ddim_step(torch.zeros_like(x), x, scalars, "epsilon", **given)
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])  # at 1, eta * sqrt(var) and sqrt(eta * var) agree

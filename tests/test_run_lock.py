@@ -16,7 +16,8 @@ import pytest
 from rlcm_fast import cli, run_lock
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
-from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, RunFolderUnusable, hold_run_folder
+from rlcm_fast.launch import LAUNCHED_HERE
+from rlcm_fast.run_lock import LOCK_FILE, RunFolderInUse, RunFolderUnusable, hold_run_folder, refuse_if_in_use
 from rlcm_fast.trainer import Trainer
 
 ARGS = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4", "--set", "train_batch_size=4",
@@ -205,6 +206,8 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, cap
     with hold_run_folder(tmp_path / "run"):
         (tmp_path / "run" / "config.yaml").write_text("")
     assert "could not lock" in capsys.readouterr().err and (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / LOCK_FILE).is_file()
+    refuse_if_in_use(tmp_path / "run")  # the next start's probe of the lock file left behind: no OSError either
 
 
 def test_only_the_launcher_or_rank_0_holds_the_folder(tmp_path, monkeypatch):
@@ -266,3 +269,70 @@ def test_a_joiner_may_join_again_after_it_ends_and_through_another_spelling_of_t
         for folder in (tmp_path / "link", tmp_path / "run" / ".." / "run"):  # the same folder: the same hold
             with hold_run_folder(folder, holder="Trainer", joins="rlcm-fast train"):
                 pass
+
+
+@contextlib.contextmanager
+def locked_here(run_dir: Path, operation: int):
+    """flock(`operation`) of RUN/.lock from an open file of this process's own, as another process's would be."""
+    run_dir.mkdir(exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_launched_process_does_not_probe_the_lock_its_launcher_holds(tmp_path, monkeypatch):
+    """--num-processes holds the folder in the launcher; its workers, probing it, refused their own run."""
+    run_dir = tmp_path / "run"
+    with locked_here(run_dir, fcntl.LOCK_EX):
+        with pytest.raises(RunFolderInUse):
+            refuse_if_in_use(run_dir)
+        monkeypatch.setenv(LAUNCHED_HERE, "1")
+        refuse_if_in_use(run_dir)
+
+
+def test_another_starts_probe_holding_a_shared_lock_is_no_refusal(tmp_path):
+    """Two starts probing at once each see the other's shared flock: neither holds the folder."""
+    with locked_here(tmp_path / "run", fcntl.LOCK_SH):
+        refuse_if_in_use(tmp_path / "run")
+
+
+def test_a_fifo_named_lock_does_not_hang_the_start(tmp_path):
+    """Opening a FIFO for reading waits for a writer: the probe opens with O_NONBLOCK."""
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / LOCK_FILE)
+
+    def start():
+        with contextlib.suppress(RunFolderUnusable):  # whatever it says of such a file, it must say it at once
+            refuse_if_in_use(tmp_path / "run")
+
+    probe = threading.Thread(target=start, daemon=True)
+    probe.start()
+    probe.join(5)
+    try:
+        assert not probe.is_alive()
+    finally:
+        if probe.is_alive():  # a writer lets the waiting open return
+            with contextlib.suppress(OSError):
+                os.close(os.open(tmp_path / "run" / LOCK_FILE, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_the_in_process_refusal_of_the_command_lines_hold_says_let_it_end(tmp_path):
+    """"let its train() end or del it" is a Trainer's advice; the command line's run is only let end."""
+    run_dir = tmp_path / "run"
+    with hold_run_folder(run_dir), pytest.raises(RunFolderInUse) as error:
+        refuse_if_in_use(run_dir)
+    assert str(error.value) == (f"output dir '{run_dir}' is in use by another rlcm-fast train in this process "
+                                f"(process {os.getpid()}): let it end, or give another --output-dir")
+
+
+def test_a_refused_hold_leaks_no_file_descriptor(tmp_path):
+    run_dir = tmp_path / "run"
+    with locked_here(run_dir, fcntl.LOCK_EX):
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(RunFolderInUse), hold_run_folder(run_dir):
+                pass
+        assert len(os.listdir("/proc/self/fd")) == before

@@ -2,13 +2,15 @@
 the sample grid, the closing summary."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rlcm_fast.run_logging import GRID_TILE_PIXELS, RunLogger, save_sample_grid, summarize
+from rlcm_fast.checkpoint import remove_leftovers
+from rlcm_fast.run_logging import GRID_TILE_PIXELS, RunLogger, save_reward_plot, save_sample_grid, summarize
 
 
 def log_epochs(logger: RunLogger, epochs: range, steps_per_epoch: int = 2) -> None:
@@ -93,3 +95,65 @@ def test_the_reward_plot_marks_whole_epochs_only(tmp_path, monkeypatch):
     records = [{"epoch": 1, "reward_mean": -1.3, "reward_std": 0.1}, {"epoch": 2, "reward_mean": -1.2, "reward_std": 0.1}]
     run_logging.save_reward_plot(tmp_path / "reward.png", records, "jpeg_compressibility")
     assert ticks == [[1.0, 2.0]]
+
+
+def test_closing_a_logger_stops_its_tensorboard_writer(tmp_path):
+    """Each SummaryWriter runs a thread until closed: a process making Trainers one after another gathered them."""
+    before = threading.active_count()
+    for run in range(3):
+        logger = RunLogger(tmp_path / f"run-{run}")
+        log_epochs(logger, range(1, 2))
+        logger.close()
+    assert threading.active_count() <= before  # (another test's thread may end meanwhile)
+
+
+def test_the_reward_plot_closes_its_figure(tmp_path):
+    """pyplot keeps every open figure: a plot per epoch, never closed, grew the run's memory."""
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    records = [{"epoch": 1, "reward_mean": 0.5, "reward_std": 0.1}, {"epoch": 2, "reward_mean": 0.7, "reward_std": 0.1}]
+    save_reward_plot(tmp_path / "reward.png", records, "aesthetic")
+    assert (tmp_path / "reward.png").is_file() and plt.get_fignums() == before
+
+
+def test_the_reward_plot_draws_the_mean_at_the_records_epochs_in_a_band_of_one_std(tmp_path, monkeypatch):
+    """A resumed run's records need not start at epoch 1."""
+    from rlcm_fast import run_logging
+
+    axes = []
+    monkeypatch.setattr(run_logging, "_write_or_warn", lambda path, what, write, *quiet: axes.append(
+        write.__self__.axes[0]))
+    records = [{"epoch": 3, "reward_mean": 1.0, "reward_std": 0.5},
+               {"epoch": 4, "reward_mean": 2.0, "reward_std": 0.25}]
+    save_reward_plot(tmp_path / "reward.png", records, "aesthetic")
+    [line], [band] = axes[0].get_lines(), axes[0].collections
+    assert list(line.get_xdata()) == [3, 4] and list(line.get_ydata()) == [1.0, 2.0]
+    corners = {tuple(vertex) for path in band.get_paths() for vertex in path.vertices}
+    assert corners == {(3.0, 0.5), (3.0, 1.5), (4.0, 1.75), (4.0, 2.25)}
+
+
+class Killed(BaseException):
+    """The process killed mid-write: no `except Exception` (nor OSError) tidies up after it."""
+
+
+def test_a_picture_whose_writer_was_killed_leaves_only_what_the_leftover_sweep_removes(tmp_path, monkeypatch):
+    """The partial file takes no picture's name, and the next start's sweep of the run folder finds it."""
+    from matplotlib.figure import Figure
+
+    def killed_midway(self, file, *args, **kwargs):
+        with open(file, "wb") as partial:
+            partial.write(b"\x89PNG\r\n")
+        raise Killed
+
+    monkeypatch.setattr(Image.Image, "save", killed_midway)
+    monkeypatch.setattr(Figure, "savefig", killed_midway)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Killed):
+        save_sample_grid(tmp_path / "samples" / "epoch-0001.png", images, ["a cat"] * 2, [0.5] * 2)
+    with pytest.raises(Killed):
+        save_reward_plot(tmp_path / "reward.png", [{"epoch": 1, "reward_mean": 0.5, "reward_std": 0.1}], "aesthetic")
+    assert not (tmp_path / "samples" / "epoch-0001.png").exists() and not (tmp_path / "reward.png").exists()
+    assert len(list(tmp_path.rglob("*.png"))) == 2  # the partial files
+    remove_leftovers(tmp_path)
+    assert list((tmp_path / "samples").iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["samples"]
