@@ -272,6 +272,16 @@ def test_fast_sampler_refuses_a_scheduler_that_is_not_an_lcm_scheduler(pipe, sch
     # a string from a config file was true: a minutes-long CPU compile
     ({"compile": "false"}, "compile='false' is invalid: it must be True, False or None (the device's default)"),
     ({"cuda_graph": 0}, "cuda_graph=0 is invalid: it must be True, False or None (the device's default)"),
+    # bool is an int to Python: True was a batch of 1, a guidance of 1.0
+    ({"batch_size": True}, "batch_size=True is invalid: it must be an int >= 1"),
+    ({"guidance_scale": True}, "guidance_scale=True is invalid: it must be a finite number"),
+    ({"original_inference_steps": 50.0},
+     "original_inference_steps=50.0 is invalid: it must be an int in num_inference_steps..num_train_timesteps = "
+     "2..1000"),
+    ({"height": 64, "width": 32}, "height=64 and width=32: only square images are supported"),
+    ({"height": 64},
+     "height=64 alone would make a 32-by-64 image (the other side is the UNet's native 32 px, as in the pipeline); "
+     "only square images are supported: give height=64 and width=64"),
 ])
 def test_fast_sampler_names_the_bad_argument_in_one_line(pipe, kwargs, message):
     """Each of these failed deep inside torch or Python with a message naming no argument, or was accepted."""
@@ -292,6 +302,9 @@ def test_fast_sampler_takes_the_pipelines_generators_and_refuses_what_the_pipeli
         fast(PROMPTS, generator=[torch.Generator()])
     assert str(caught.value) == ("generator is a list of 1; this sampler was built for batch_size=2: give one "
                                  "torch.Generator or a list of 2")
+    # A tuple is taken as the list it is in the pipeline.
+    as_tuple = fast(PROMPTS, generator=tuple(torch.Generator().manual_seed(s) for s in (4, 5))).images
+    torch.testing.assert_close(as_tuple, ours, atol=0, rtol=0)
     with pytest.raises(ValueError) as caught:  # was AttributeError: 'int' object has no attribute 'device'
         fast(PROMPTS, generator=3)
     assert str(caught.value) == "generator=3 is invalid: it must be a torch.Generator, a list of 2 of them, or None"
@@ -485,3 +498,42 @@ def test_fast_sampler_encodes_again_after_its_prompt_cache_is_cleared(pipe):
             weight.copy_(original)
     assert (ours - theirs).abs().max().item() < 1e-5
     assert (stale - theirs).abs().max().item() > 1e-3
+
+
+def test_a_bf16_pipelines_initial_latents_are_drawn_in_bf16_as_the_pipelines(pipe):
+    """The pipeline draws x_0 in its prompt embeddings' dtype: drawn in float32, x_0 keeps bits the pipeline's
+    bf16 draw has not (and on a CPU a bf16 stream is not always float32's rounded)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    bf16 = load_pipeline("tiny", "cpu", torch.bfloat16)
+    fast = FastLCMSampler(bf16, batch_size=2, num_inference_steps=2, compile=False, cuda_graph=False)
+    out = fast(PROMPTS, generator=torch.Generator().manual_seed(4), return_trajectory=True)
+    expected = randn_tensor(fast.shape, generator=torch.Generator().manual_seed(4), dtype=torch.bfloat16).float()
+    torch.testing.assert_close(out.trajectory.states[:, 0], expected, atol=0, rtol=0)
+
+
+def test_a_horizon_of_1_has_no_actions(pipe):
+    """One UNet call and no noise: the trajectory is x_0 alone, with an empty (B, 0) row of log-probs."""
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1, compile=False, cuda_graph=False)
+    out = fast(PROMPTS, generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    assert out.trajectory.states.shape == (2, 1, 4, 16, 16)
+    assert out.trajectory.log_probs.shape == (2, 0) and out.trajectory.log_probs.dtype == torch.float32
+
+
+def test_float32_prompt_embeds_are_cast_for_a_bf16_pipeline_as_the_pipeline_does():
+    """The pipeline's encode_prompt casts given embeddings to the text encoder's dtype and device."""
+    bf16 = load_pipeline("tiny", "cpu", torch.bfloat16)
+    fast = FastLCMSampler(bf16, batch_size=2, num_inference_steps=2, compile=False, cuda_graph=False)
+    embeds = bf16.encode_prompt(PROMPTS, "cpu", 1, False)[0].float() * 1.5
+    ours = fast(prompt_embeds=embeds, generator=torch.Generator().manual_seed(6)).images
+    theirs = bf16(prompt_embeds=embeds, num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(6)).images
+    assert (ours - theirs.float()).abs().max().item() < BF16_PIXEL_TOLERANCE
+
+
+def test_prompt_embeds_of_another_width_are_refused_in_one_line(pipe):
+    fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=1, compile=False, cuda_graph=False)
+    with pytest.raises(ValueError) as caught:
+        fast(prompt_embeds=torch.zeros(2, 77, 16))
+    assert str(caught.value) == ("prompt_embeds of shape (2, 77, 16) given; this sampler takes (batch_size, tokens, "
+                                 "cross_attention_dim) = (2, tokens, 32)")

@@ -117,3 +117,84 @@ def test_guidance_embedding_is_made_once_per_batch_size(pipe):
     torch.testing.assert_close(first, guidance_embedding(pipe, 6.0, 3, "cpu", torch.float32), atol=0, rtol=0)
     assert sampler.guidance(3, torch.float32) is first  # no new host-to-device copy per minibatch
     assert sampler.guidance(5, torch.float32).shape[0] == 5
+
+
+def test_policy_sampler_takes_the_final_step_flag_and_step_backend_from_the_config(pipe):
+    from rlcm_fast.config import resolve_config
+    from rlcm_fast.sampler import policy_sampler
+
+    cfg = resolve_config(model="tiny", overrides={"policy_step_backend": "reference", "train_final_step": True})
+    sampler = policy_sampler(pipe, cfg)
+    assert sampler.step_backend == "reference"
+    assert sampler.train_final_step and sampler.trained_steps == cfg.horizon
+
+
+def test_sample_without_decode_returns_no_images(pipe):
+    """The trainer decodes later, in its own batches: decode=False must skip the VAE."""
+    sampler = LCMSampler(pipe, horizon=2, resolution=32)
+    trajectory = sampler.sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(0), decode=False)
+    assert trajectory.images is None and trajectory.denoised.shape == (2, 4, 16, 16)
+
+
+def test_resolution_defaults_to_the_unets_native_size(pipe):
+    """The tiny model's VAE factor is 2, not 8: its native size is 16 latent pixels * 2 = 32."""
+    sampler = LCMSampler(pipe, horizon=2)
+    assert sampler.resolution == pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    trajectory = sampler.sample(pipe.unet, PROMPTS, torch.Generator().manual_seed(0), decode=False)
+    assert trajectory.states.shape == (2, 2, 4, 16, 16)
+
+
+@pytest.mark.parametrize("setting", ["clip_sample", "thresholding"])
+def test_a_clipping_or_thresholding_scheduler_is_refused(pipe, setting):
+    """The Gaussian policy's mean is the unclipped one: its log-probs would not be the sampled actions'."""
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = LCMScheduler.from_config(original.config, **{setting: True})
+        with pytest.raises(ValueError) as caught:
+            LCMSampler(pipe, horizon=2, resolution=32)
+    finally:
+        pipe.scheduler = original
+    assert str(caught.value) == ("LCMScheduler with clip_sample or thresholding is not supported by the policy step "
+                                 "(its Gaussian policy has no clipped mean): set clip_sample=False and "
+                                 "thresholding=False in the scheduler's config")
+
+
+def recorded_encodings(pipe, monkeypatch):
+    """The prompts pipe.encode_prompt is called with, one list per call."""
+    calls = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda prompts, *a, **k: calls.append(list(prompts)) or
+                        encode(prompts, *a, **k))
+    return calls
+
+
+def test_prompt_cache_keeps_the_most_recently_used_prompts(pipe, monkeypatch):
+    """Least recently used, not first in: "a", used again before "c" came, stays; "b" is the one dropped."""
+    from rlcm_fast.sampler import PromptEmbeddingCache
+
+    calls = recorded_encodings(pipe, monkeypatch)
+    cache = PromptEmbeddingCache(pipe, max_prompts=2)
+    for prompts in (["a"], ["b"], ["a"], ["c"], ["a"]):
+        cache(prompts)
+    assert calls == [["a"], ["b"], ["c"]]
+
+
+def test_prompt_cache_returns_a_batch_of_more_distinct_prompts_than_it_keeps(pipe, monkeypatch):
+    """The bound is applied after the batch is stacked: every row comes back, and then only the bound is kept."""
+    from rlcm_fast.sampler import PromptEmbeddingCache
+
+    calls = recorded_encodings(pipe, monkeypatch)
+    cache = PromptEmbeddingCache(pipe, max_prompts=1)
+    embeds = cache(["a", "b", "c"])
+    assert embeds.shape == (3, 77, pipe.unet.config.cross_attention_dim) and calls == [["a"], ["b"], ["c"]]
+    assert not torch.equal(embeds[0], embeds[2])
+    torch.testing.assert_close(cache(["c"])[0], embeds[2], atol=0, rtol=0)  # the one kept: not encoded again
+    cache(["a"])
+    assert calls == [["a"], ["b"], ["c"], ["a"]]
+
+
+def test_guidance_embedding_is_made_per_dtype(pipe):
+    """A bf16 call after a float32 one of the same batch size gets a bf16 embedding, not the cached float32 one."""
+    sampler = LCMSampler(pipe, horizon=2, guidance_scale=6.0, resolution=32)
+    assert sampler.guidance(3, torch.float32).dtype == torch.float32
+    assert sampler.guidance(3, torch.bfloat16).dtype == torch.bfloat16
