@@ -16,6 +16,7 @@ from rlcm_fast.faults import ModelLoadError
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.tiny_presets import build_tiny_sd_pipeline
 from rlcm_fast.trainer import Trainer
+from scheduler_swap import scheduler_swapped
 
 PROMPTS = ["a cat", "great white shark, white shark, man-eater"]
 SMALL = {"method": "ddpo", "device": "cpu", "epochs": 1, "batches_per_epoch": 1, "sample_batch_size": 4,
@@ -29,16 +30,12 @@ def pipe():
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
 def test_images_equal_the_stable_diffusion_pipeline_with_ddim_eta_1_and_cfg(pipe, prediction_type):
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = DDIMScheduler.from_config(original.config, prediction_type=prediction_type)
+    with scheduler_swapped(pipe, DDIMScheduler, prediction_type=prediction_type):
         sampler = DDPOSampler(pipe, num_steps=3, guidance_scale=5.0, eta=1.0, resolution=32)
         ours = sampler.sample(pipe.unet, PROMPTS, generator=torch.Generator().manual_seed(0))
         theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=5.0, eta=1.0, height=32, width=32,
                       generator=torch.Generator().manual_seed(0), output_type="pt").images
         their_timesteps = pipe.scheduler.timesteps.clone()
-    finally:
-        pipe.scheduler = original
     assert ours.images.shape == theirs.shape == (2, 3, 32, 32)
     assert ours.states.shape == (2, 4, 4, 16, 16) and ours.log_probs.shape == (2, 3)
     # float64 step constants here, float32 in diffusers: sample prediction divides by sigma_t near t = 1.
@@ -55,13 +52,8 @@ def test_images_equal_the_stable_diffusion_pipeline_with_ddim_eta_1_and_cfg(pipe
 def test_schedulers_the_ddim_policy_cannot_follow_are_refused(pipe, scheduler_change, message):
     """Clipping or thresholding changes the mean the log-prob is taken of; set_alpha_to_one=True makes the last action
     deterministic (std 0: no log-density); an unknown prediction type failed only mid-sampling."""
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = DDIMScheduler.from_config(original.config, **scheduler_change)
-        with pytest.raises(ValueError, match=message):
-            DDPOSampler(pipe, num_steps=2, eta=1.0)
-    finally:
-        pipe.scheduler = original
+    with scheduler_swapped(pipe, DDIMScheduler, **scheduler_change), pytest.raises(ValueError, match=message):
+        DDPOSampler(pipe, num_steps=2, eta=1.0)
 
 
 def test_an_lcm_unet_is_refused():

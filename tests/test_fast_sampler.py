@@ -10,6 +10,7 @@ from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 from rlcm_fast import FastLCMSampler
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.sampler import LCMSampler
+from scheduler_swap import scheduler_swapped
 
 PROMPTS = ["a cat", "great white shark, white shark, man-eater"]
 BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range, as benchmarks/check_claims.py judges the sd15 sampler
@@ -30,14 +31,10 @@ def pipeline_images(pipe, prompts, steps, seed, guidance=None):
 @pytest.mark.parametrize("steps", [1, 2, 4])
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
 def test_fast_sampler_equals_the_pipeline(pipe, steps, prediction_type):
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = LCMScheduler.from_config(original.config, prediction_type=prediction_type)
+    with scheduler_swapped(pipe, LCMScheduler, prediction_type=prediction_type):
         fast = FastLCMSampler(pipe, batch_size=2, num_inference_steps=steps, guidance_scale=6.0)
         ours = fast(PROMPTS, generator=torch.Generator().manual_seed(3)).images
         theirs = pipeline_images(pipe, PROMPTS, steps, seed=3, guidance=6.0)
-    finally:
-        pipe.scheduler = original
     assert ours.shape == theirs.shape == (2, 3, 32, 32)
     assert (ours - theirs).abs().max().item() < 1e-5
 
@@ -239,13 +236,8 @@ class ClampingLCMScheduler(LCMScheduler):
 def test_fast_sampler_refuses_a_scheduler_that_is_not_an_lcm_scheduler(pipe, scheduler_class):
     """The sampler steps as LCMScheduler does: with another scheduler it drew other images (TCD, a subclass of
     LCMScheduler: 0.43 apart) or failed deep inside (Euler has no original_inference_steps)."""
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = scheduler_class.from_config(original.config)
-        with pytest.raises(ValueError) as caught:
-            FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
-    finally:
-        pipe.scheduler = original
+    with scheduler_swapped(pipe, scheduler_class), pytest.raises(ValueError) as caught:
+        FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     assert str(caught.value) == (f"pipe.scheduler is {scheduler_class.__name__}; FastLCMSampler samples as "
                                  "LCMScheduler does: set pipe.scheduler = LCMScheduler.from_config("
                                  "pipe.scheduler.config)")
@@ -425,13 +417,8 @@ def test_fast_sampler_keeps_a_bounded_number_of_prompt_embeddings(pipe, monkeypa
 
 def test_fast_sampler_names_the_scheduler_config_when_its_original_inference_steps_is_bad(pipe):
     """The message named an argument the user never passed (original_inference_steps=2000)."""
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = LCMScheduler.from_config(original.config, original_inference_steps=2000)
-        with pytest.raises(ValueError) as caught:
-            FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
-    finally:
-        pipe.scheduler = original
+    with scheduler_swapped(pipe, LCMScheduler, original_inference_steps=2000), pytest.raises(ValueError) as caught:
+        FastLCMSampler(pipe, batch_size=2, num_inference_steps=2)
     assert str(caught.value) == ("the scheduler's config has original_inference_steps=2000, more than its "
                                  "num_train_timesteps=1000 (diffusers' pipeline refuses it too); pass "
                                  "original_inference_steps")

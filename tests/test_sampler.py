@@ -8,6 +8,7 @@ from diffusers import LCMScheduler
 
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.sampler import LCMSampler
+from scheduler_swap import scheduler_swapped
 
 PROMPTS = ["a cat", "great white shark, white shark, man-eater"]
 
@@ -17,23 +18,14 @@ def pipe():
     return load_pipeline("tiny")
 
 
-def with_prediction_type(pipe, prediction_type):
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    return pipe
-
-
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
 @pytest.mark.parametrize("horizon", [2, 4])
 def test_images_equal_the_diffusers_pipeline(pipe, prediction_type, horizon):
-    original = pipe.scheduler
-    try:
-        with_prediction_type(pipe, prediction_type)
+    with scheduler_swapped(pipe, LCMScheduler, prediction_type=prediction_type):
         sampler = LCMSampler(pipe, horizon=horizon, guidance_scale=8.0, resolution=32)
         ours = sampler.sample(pipe.unet, PROMPTS, generator=torch.Generator().manual_seed(0)).images
         theirs = pipe(PROMPTS, num_inference_steps=horizon, guidance_scale=8.0, height=32, width=32,
                       generator=torch.Generator().manual_seed(0), output_type="pt").images
-    finally:
-        pipe.scheduler = original
     assert ours.shape == theirs.shape == (2, 3, 32, 32)
     assert (ours - theirs).abs().max().item() < 1e-5
 
@@ -147,13 +139,8 @@ def test_resolution_defaults_to_the_unets_native_size(pipe):
 @pytest.mark.parametrize("setting", ["clip_sample", "thresholding"])
 def test_a_clipping_or_thresholding_scheduler_is_refused(pipe, setting):
     """The Gaussian policy's mean is the unclipped one: its log-probs would not be the sampled actions'."""
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = LCMScheduler.from_config(original.config, **{setting: True})
-        with pytest.raises(ValueError) as caught:
-            LCMSampler(pipe, horizon=2, resolution=32)
-    finally:
-        pipe.scheduler = original
+    with scheduler_swapped(pipe, LCMScheduler, **{setting: True}), pytest.raises(ValueError) as caught:
+        LCMSampler(pipe, horizon=2, resolution=32)
     assert str(caught.value) == ("LCMScheduler with clip_sample or thresholding is not supported by the policy step "
                                  "(its Gaussian policy has no clipped mean): set clip_sample=False and "
                                  "thresholding=False in the scheduler's config")
