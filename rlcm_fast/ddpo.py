@@ -77,19 +77,25 @@ def ddim_step(model_output, x, scalars, prediction_type: str, noise=None, next_s
     return mean, next_state, mean_gaussian_log_prob(next_state, mean, std)
 
 
-def ddim_step_limit(scheduler_config) -> tuple[int, str]:
-    """The most DDIM steps a scheduler takes, and why, for a message: num_train_timesteps, less one where
-    steps_offset (1 for SD1.5) would move the first of them past alphas_cumprod's end (timestep 1000 of 0..999)."""
-    total = scheduler_config.num_train_timesteps
+def _first_timestep(scheduler_config, num_steps: int) -> int:
+    """The first (largest) of `num_steps` DDIM timesteps, set on a copy of the scheduler."""
     probe = DDIMScheduler.from_config(scheduler_config)
-    limit = total
-    while limit > 0:
-        probe.set_timesteps(limit)
-        if int(probe.timesteps.max()) < total:
-            break
-        limit -= 1
-    return limit, (f"DDIM steps whose timesteps fit the scheduler's num_train_timesteps={total} with its "
-                   f"steps_offset={scheduler_config.steps_offset}")
+    probe.set_timesteps(num_steps)
+    return int(probe.timesteps.max())
+
+
+def ddim_horizon_problem(scheduler_config, num_steps: int) -> str | None:
+    """Why a scheduler cannot take `num_steps` DDIM steps, for a message, or None. Beyond num_train_timesteps
+    diffusers' own message names no key; within, steps_offset (1 for SD1.5) can put the first step past
+    alphas_cumprod's end (1000 steps: timestep 1000 of 0..999), an IndexError mid-sampling."""
+    total = scheduler_config.num_train_timesteps
+    if not 1 <= num_steps <= total:
+        return f"it must be in 1..{total} (the scheduler's num_train_timesteps)"
+    if (first := _first_timestep(scheduler_config, num_steps)) < total:
+        return None
+    fits = next((n for n in range(num_steps - 1, 0, -1) if _first_timestep(scheduler_config, n) < total), 1)
+    return (f"its first DDIM timestep would be {first}, past the scheduler's 0..{total - 1} (steps_offset="
+            f"{scheduler_config.steps_offset}); {fits} steps fit")
 
 
 class DDPOSampler:
@@ -102,9 +108,8 @@ class DDPOSampler:
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
         if scheduler.config.clip_sample or scheduler.config.thresholding:
             raise ValueError("DDIMScheduler with clip_sample or thresholding is not supported by the DDPO policy")
-        limit, why = ddim_step_limit(scheduler.config)
-        if not 1 <= num_steps <= limit:  # diffusers' message named no key, or an IndexError came mid-sampling
-            raise ValueError(f"horizon={num_steps} is invalid: it must be in 1..{limit} ({why})")
+        if problem := ddim_horizon_problem(scheduler.config, num_steps):
+            raise ValueError(f"horizon={num_steps} is invalid: {problem}")
         scheduler.set_timesteps(num_steps)
         self.pipe = pipe
         self.horizon = num_steps

@@ -125,19 +125,19 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     horizon = args.horizon if args.horizon is not None else run["horizon"]
     # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
     # pipeline passes strength 1), DDIM's from num_train_timesteps.
-    limit, why = pipe.scheduler.config.num_train_timesteps, "the scheduler's num_train_timesteps"
     if method == "rlcm":  # the timesteps the run trained on: its original_inference_steps, not the scheduler's
         extra["original_inference_steps"] = run.get("original_inference_steps",
                                                     pipe.scheduler.config.original_inference_steps)
-        limit, why = min(limit, extra["original_inference_steps"]), "original_inference_steps"
-    else:  # SD1.5's steps_offset=1 puts the first of 1000 DDIM steps on timestep 1000, past the schedule's end
-        from .ddpo import ddim_step_limit
+        limit = min(pipe.scheduler.config.num_train_timesteps, extra["original_inference_steps"])
+        problem = f"it must be in 1..{limit} (original_inference_steps)" if horizon > limit else None
+    else:
+        from .ddpo import ddim_horizon_problem
 
-        limit, why = ddim_step_limit(pipe.scheduler.config)
-    if horizon > limit:
+        problem = ddim_horizon_problem(pipe.scheduler.config, horizon)
+    if problem:
         source = "the run's" if checkpoint else "the default"
         name = f"--horizon {horizon}" if args.horizon is not None else f"horizon={horizon} ({source}; set --horizon)"
-        raise UsageError(f"{name} is invalid: it must be in 1..{limit} ({why})")
+        raise UsageError(f"{name} is invalid: {problem}")
     if checkpoint:
         if not (checkpoint / LORA_FILE).is_file():  # diffusers would take the lost path for a hub id
             raise CheckpointError(f"--lora {str(checkpoint)!r} was removed while the model loaded (a train running in "

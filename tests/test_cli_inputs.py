@@ -90,8 +90,8 @@ def test_sample_horizon_above_ddims_train_timesteps_is_one_line(tmp_path, capsys
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"method": "ddpo", "model": "tiny-sd"})
     out = tmp_path / "out"
     assert main([*SAMPLE, "--lora", str(tmp_path), "--output-dir", str(out), "--horizon", "1000"]) == 2
-    assert one_line_error(capsys) == ("--horizon 1000 is invalid: it must be in 1..999 (DDIM steps whose timesteps "
-                                      "fit the scheduler's num_train_timesteps=1000 with its steps_offset=1)")
+    assert one_line_error(capsys) == ("--horizon 1000 is invalid: its first DDIM timestep would be 1000, past the "
+                                      "scheduler's 0..999 (steps_offset=1); 999 steps fit")
     assert not out.exists()
 
 

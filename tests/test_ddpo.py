@@ -201,13 +201,14 @@ def test_bad_method_input_is_one_line_exit_2(tmp_path, capsys, args, message):
 def test_a_horizon_beyond_the_ddim_schedulers_timesteps_names_the_key(tmp_path, capsys):
     """Known once the model's scheduler is loaded; it was diffusers' message, which named no key, and at 1000 (which
     the message allowed) an IndexError traceback: steps_offset=1 puts the first step on timestep 1000."""
-    for horizon in (1000, 1001):
+    for horizon, problem in ((1000, "its first DDIM timestep would be 1000, past the scheduler's 0..999 "
+                                    "(steps_offset=1); 999 steps fit"),
+                             (1001, "it must be in 1..1000 (the scheduler's num_train_timesteps)")):
         assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--algo", "ddpo",
                      "--set", f"horizon={horizon}"]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("rlcm-fast")] == [
-            f"rlcm-fast: error: horizon={horizon} is invalid: it must be in 1..999 (DDIM steps whose timesteps fit "
-            "the scheduler's num_train_timesteps=1000 with its steps_offset=1)"]
+            f"rlcm-fast: error: horizon={horizon} is invalid: {problem}"]
     assert not (tmp_path / "run").exists()
 
 
@@ -251,3 +252,13 @@ def test_an_sd_folder_with_another_scheduler_gets_ddim_for_ddpo(tmp_path):
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(tmp_path / "sd")
     assert isinstance(load_pipeline(str(tmp_path / "sd"), method="ddpo").scheduler, DDIMScheduler)
+
+
+@pytest.mark.parametrize("spacing, offset, steps", [("leading", 2, 500), ("leading", 5, 200), ("leading", 1, 1000)])
+def test_a_step_count_whose_first_timestep_is_past_the_schedule_is_refused_whatever_the_offset(pipe, spacing, offset,
+                                                                                               steps):
+    """With steps_offset 2, 500 steps reach timestep 1000 while 998 do not: no single range 1..N is the rule."""
+    with scheduler_swapped(pipe, DDIMScheduler, timestep_spacing=spacing, steps_offset=offset):
+        with pytest.raises(ValueError, match=rf"^horizon={steps} is invalid: its first DDIM timestep would be 10\d\d"):
+            DDPOSampler(pipe, num_steps=steps)
+        DDPOSampler(pipe, num_steps=steps - 1)  # one step fewer fits in each case
