@@ -52,7 +52,10 @@ def hub_unreachable_reason(error: BaseException) -> str | None:
     say it in several sentences and a URL); None for any other failure."""
     if not _hub_unreachable(error):
         return None
-    why = "HF_HUB_OFFLINE keeps the hub from being asked" if hub_offline() else "the hub cannot be reached"
+    from huggingface_hub import constants  # what the hub client itself read from the environment at import
+
+    why = ("offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE) keeps the hub from being asked"
+           if constants.HF_HUB_OFFLINE else "the hub cannot be reached")
     return f"not in this machine's hub cache, and {why}: download the model once where there is a network, or " \
            "give a local folder"
 

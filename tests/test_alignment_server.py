@@ -510,10 +510,12 @@ def test_serve_reward_with_models_neither_cached_nor_reachable_says_so_in_a_few_
 
     monkeypatch.setattr("rlcm_fast.rewards.alignment_server.AlignmentScorer", not_cached)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the hub client reads it at import
     assert main(["serve-reward", "--reward", "alignment", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "rlcm-fast: error: the alignment models cannot be loaded: not in this machine's hub cache, and HF_HUB_OFFLINE "
-        "keeps the hub from being asked: download the model once where there is a network, or give a local folder")
+        "rlcm-fast: error: the alignment models cannot be loaded: not in this machine's hub cache, and offline mode "
+        "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE) keeps the hub from being asked: download the model once where "
+        "there is a network, or give a local folder")
 
 
 def test_serve_reward_port_in_use_fails_before_the_models_load(monkeypatch, capsys):

@@ -703,15 +703,17 @@ def test_a_hub_id_neither_cached_nor_reachable_is_said_in_a_few_words(monkeypatc
 
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as the hub client read the environment at import
     unreachable = ("not in this machine's hub cache, and the hub cannot be reached: download the model once where "
                    "there is a network, or give a local folder")
     assert load_failure(raised_from(LocalEntryNotFoundError("not cached"))) == unreachable
     assert load_failure(raised_from(socket.gaierror(-3, "Temporary failure in name resolution"))) == unreachable
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert load_failure(raised_from(OfflineModeIsEnabled("offline"))) == unreachable.replace(
-        "the hub cannot be reached", "HF_HUB_OFFLINE keeps the hub from being asked")
+        "the hub cannot be reached", "offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE) keeps the hub from being "
+        "asked")
     # Anything else is the error itself, one line; a cause the raiser suppressed is not looked into.
     assert load_failure(raised_from(ValueError("bad config"), "no\nweights"), limit=20) == "OSError: no weights"
     try:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..faults import load_failure, one_line
+from ..faults import first_line, hub_unreachable_reason, load_failure, one_line
 from .base import RewardError, check_reward_inputs, missing_model_folder
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
@@ -166,7 +166,7 @@ def _load(kind, model_id: str, what: str, **kwargs):
         loaded = kind.from_pretrained(model_id, use_safetensors=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
-                          f"{load_failure(exc)}") from None
+                          f"{hub_unreachable_reason(exc) or first_line(exc)}") from None
     model, info = loaded
     # transformers fills weights the checkpoint lacks (a vision-only one's projection) with random values.
     if info.get("missing_keys"):
