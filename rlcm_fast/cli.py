@@ -433,15 +433,21 @@ def unknown_option_hint(commands: dict[str, argparse.ArgumentParser], command: s
         return ""
     own = [name for action in commands[command]._actions for name in action.option_strings
            if name.startswith("--") and name != "--help"]
-    hints = [f"{option} is an option of `rlcm-fast {other}`" for other, other_parser in commands.items()
-             if other != command and option in other_parser._option_string_actions]
+    hints = []
+    if others := [f"`rlcm-fast {other}`" for other, other_parser in commands.items()
+                  if other != command and option in other_parser._option_string_actions]:
+        hints.append(f"{option} is an option of {' and '.join(others)}")
+    # This command's option, spelt longer or shorter (`--algorithm`: --algo; `--num-proc`: --num-processes) or
+    # nearly; else, for train, a config key (`--learning-rate 1e-4`, ddpo-pytorch's `--num-steps 8`, `--epoch`).
+    meant = ([name for name in own if name.startswith(option) or option.startswith(name)]
+             or difflib.get_close_matches(option, own, n=1, cutoff=0.75))
     key = option[2:].replace("-", "_")
     key = DDPO_PYTORCH_NAMES.get(key, key)
-    if command == "train" and key in field_types():  # `--learning-rate 1e-4`, `--num-steps 8`
-        hints.append(f"a config key is set with --set {key}=VALUE")
-    elif len(meant := [name for name in own if name.startswith(option)]
-             or difflib.get_close_matches(option, own, n=1, cutoff=0.75)) == 1:
+    keys = [key] if key in field_types() else difflib.get_close_matches(key, field_types(), n=1, cutoff=0.8)
+    if len(meant) == 1:
         hints.append(f"did you mean {meant[0]}?")
+    elif command == "train" and keys:
+        hints.append(f"a config key is set with --set {keys[0]}=VALUE")
     return f" ({'; '.join(hints)})" if hints else ""
 
 

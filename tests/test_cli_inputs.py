@@ -397,6 +397,9 @@ def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abb
     (["train"], ["--learning-rate", "1e-4"], " (a config key is set with --set learning_rate=VALUE)"),
     (["train"], ["--num_epochs=3"], " (a config key is set with --set epochs=VALUE)"),  # ddpo-pytorch's name
     (["train"], ["--sed", "3"], " (did you mean --seed?)"),
+    (["train"], ["--algorithm", "ddpo"], " (did you mean --algo?)"),  # not `--set algorithm=`, which is ppo|rebel
+    (["train"], ["--epoch", "3"], " (a config key is set with --set epochs=VALUE)"),  # a config key's near spelling
+    (["serve-reward"], ["--model", "x"], " (--model is an option of `rlcm-fast train` and `rlcm-fast sample`)"),
     (["sample", "--prompt", "a"], ["--num-image", "2"], " (did you mean --num-images?)"),
     (["sample", "--prompt", "a"], ["--epochs", "2"], ""),  # a config key of train's, and no option of sample
     (["train"], ["--lr", "3"], ""),  # nothing close: no guess (difflib's best at its default 0.6 was --algo)
