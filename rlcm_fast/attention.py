@@ -65,8 +65,8 @@ def set_attention_backend(pipe, backend: str) -> None:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend {backend!r} is invalid; allowed: {', '.join(ATTENTION_BACKENDS)}")
     if not all(hasattr(pipe, name) for name in ("unet", "vae")):
-        raise ValueError(f"pipe is a {type(pipe).__name__}; set_attention_backend takes a diffusers pipeline (its unet "
-                         "and vae)")
+        raise TypeError(f"pipe is a {type(pipe).__name__}; set_attention_backend takes a diffusers pipeline (its unet "
+                        "and vae)")
     if backend == "xformers":
         check_attention_backend(backend, torch.device("cuda"))  # one line where xformers is not installed
         pipe.enable_xformers_memory_efficient_attention()

@@ -201,12 +201,15 @@ def ignored_guidance(pipe, method: str, guidance_scale: float) -> str | None:
 def oversized_resolution(pipe, resolution: int) -> str | None:
     """Why `resolution` may make a run far slower than the user expects, or None: twice the model's own side or
     more (a local folder trains at the config's 768 px default whatever size its UNet was made for)."""
-    own = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.unet.config.sample_size
+    if not isinstance(side, int) or isinstance(side, bool):  # None, or (height, width): no one own size to compare
+        return None
+    own = side * pipe.vae_scale_factor
     if resolution < 2 * own:
         return None
     return (f"resolution={resolution} is {resolution / own:g}x the side of the model's own {own} px images (its "
             f"UNet's sample_size x the VAE's scale factor): a UNet call costs {(resolution / own) ** 2:g}x as many "
-            f"pixels or more; --set resolution={own} trains at the model's size")
+            f"pixels or more; resolution={own} (--set resolution={own}) trains at the model's size")
 
 
 def guidance_embedding(

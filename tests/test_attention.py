@@ -83,7 +83,7 @@ def test_set_attention_backend_refuses_an_unknown_name_in_one_line():
     pipe = load_pipeline("tiny")
     with pytest.raises(ValueError, match="attention_backend 'cuDNN' is invalid; allowed: sdpa, cudnn, xformers"):
         set_attention_backend(pipe, "cuDNN")
-    with pytest.raises(ValueError, match=r"^pipe is a str; set_attention_backend takes a diffusers pipeline \(its unet "
+    with pytest.raises(TypeError, match=r"^pipe is a str; set_attention_backend takes a diffusers pipeline \(its unet "
                                          r"and vae\)$"):
         set_attention_backend("pipe", "sdpa")  # an AttributeError from inside
 

@@ -99,12 +99,16 @@ def test_the_reward_plot_marks_whole_epochs_only(tmp_path, monkeypatch):
 
 def test_closing_a_logger_stops_its_tensorboard_writer(tmp_path):
     """Each SummaryWriter runs a thread until closed: a process making Trainers one after another gathered them."""
-    before = threading.active_count()
+    def writer_threads() -> set:  # TensorBoard's event-file writers only: other threads may come and go meanwhile
+        return {thread for thread in threading.enumerate() if type(thread).__name__ == "_AsyncWriterThread"}
+
+    before = writer_threads()
     for run in range(3):
         logger = RunLogger(tmp_path / f"run-{run}")
         log_epochs(logger, range(1, 2))
+        assert len(writer_threads() - before) == 1  # the probe sees a writer's thread while it is open
         logger.close()
-    assert threading.active_count() <= before  # (another test's thread may end meanwhile)
+    assert writer_threads() <= before
 
 
 def test_the_reward_plot_closes_its_figure(tmp_path):

@@ -243,7 +243,11 @@ def test_a_resolution_twice_the_models_own_is_warned_once_and_the_start_line_nam
     assert oversized_resolution(pipe, 32) is None and oversized_resolution(pipe, 56) is None
     assert oversized_resolution(pipe, 768) == (
         "resolution=768 is 24x the side of the model's own 32 px images (its UNet's sample_size x the VAE's scale "
-        "factor): a UNet call costs 576x as many pixels or more; --set resolution=32 trains at the model's size")
+        "factor): a UNet call costs 576x as many pixels or more; resolution=32 (--set resolution=32) trains at the "
+        "model's size")
+    for unknown_size in (None, [16, 16]):  # a UNet config without one int sample_size: nothing to compare with
+        pipe.unet.register_to_config(sample_size=unknown_size)
+        assert oversized_resolution(pipe, 768) is None
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=1", "--set", "resolution=64", "--set", "grid_every=0")
     err = capsys.readouterr().err
     assert err.count("rlcm-fast: warning: resolution=64 is 2x the side of the model's own 32 px images") == 1
