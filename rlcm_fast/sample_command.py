@@ -124,7 +124,7 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     extra = {"eta": run.get("eta", 1.0)} if method == "ddpo" else {}  # DDPO's policy samples DDIM with its eta
     horizon = args.horizon if args.horizon is not None else run["horizon"]
     # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
-    # pipeline passes strength 1), DDIM's from num_train_timesteps.
+    # pipeline passes strength 1), DDIM's from num_train_timesteps, shifted by its steps_offset.
     if method == "rlcm":  # the timesteps the run trained on: its original_inference_steps, not the scheduler's
         extra["original_inference_steps"] = run.get("original_inference_steps",
                                                     pipe.scheduler.config.original_inference_steps)
