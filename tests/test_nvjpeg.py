@@ -99,8 +99,17 @@ def test_nvjpeg_file_is_a_4_2_0_jpeg_of_the_image_and_as_long_as_its_size():
     decoded = Image.open(io.BytesIO(file))
     assert decoded.format == "JPEG" and decoded.size == (256, 256)
     assert JpegImagePlugin.get_sampling(decoded) == 2  # 4:2:0, Pillow's default
-    original = to_uint8_images(images[1:].cpu())[0].astype(np.float64)
-    assert np.abs(np.asarray(decoded.convert("RGB"), dtype=np.float64) - original).mean() < 2.0  # quality 95
+    original = to_uint8_images(images[1:].cpu())[0]
+    pillows = io.BytesIO()
+    Image.fromarray(original).save(pillows, format="JPEG", quality=95)
+
+    def mean_error(jpeg: bytes) -> float:
+        return np.abs(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float64) - original).mean()
+
+    error, pillows_error = mean_error(file), mean_error(pillows.getvalue())
+    # The busy image's pixel-level colour noise is lost to 4:2:0 at any quality: Pillow's own file is 11.5 levels
+    # off on average. nvJPEG's file must be as faithful (on the H200, 2026-12-04: 11.54 against 11.53).
+    assert error < 1.05 * pillows_error
 
 
 @pytest.mark.gpu

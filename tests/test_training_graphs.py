@@ -15,8 +15,10 @@ from test_switches import ONE_UPDATE, one_update
 
 def static_buffer_graphs(module, sample_args, num_warmup_iters):
     """make_graphed_callables' contract, run eagerly: the call's output and the parameters' gradients come
-    back as detached views of buffers that belong to the "graph" and are overwritten by its next call."""
+    back as detached views of buffers that belong to the "graph" and are overwritten by its next call; given
+    a module, it hands back that module, its forward replaced (as torch does)."""
     params = tuple(p for p in module.parameters() if p.requires_grad)
+    eager_forward = module.forward
     static_grads = [torch.zeros_like(p) for p in params]
     static_output = []
 
@@ -24,7 +26,7 @@ def static_buffer_graphs(module, sample_args, num_warmup_iters):
         @staticmethod
         def forward(ctx, *inputs):
             ctx.args = inputs[:len(sample_args)]
-            output = module(*ctx.args)
+            output = eager_forward(*ctx.args)
             if not static_output:
                 static_output.append(torch.empty_like(output))
             static_output[0].copy_(output)
@@ -33,12 +35,13 @@ def static_buffer_graphs(module, sample_args, num_warmup_iters):
         @staticmethod
         def backward(ctx, grad_output):
             with torch.enable_grad():
-                grads = torch.autograd.grad(module(*ctx.args), params, grad_output)
+                grads = torch.autograd.grad(eager_forward(*ctx.args), params, grad_output)
             for static, grad in zip(static_grads, grads):
                 static.copy_(grad)
             return (None,) * len(ctx.args) + tuple(g.detach() for g in static_grads)
 
-    return lambda *args: Replayed.apply(*args, *params)
+    module.forward = lambda *args: Replayed.apply(*args, *params)
+    return module
 
 
 def graphed_update(tmp_path, monkeypatch, keep_gradients_allocated: bool):
