@@ -131,7 +131,7 @@ class TrainConfig:
     reward_threads: int = 0  # 0: one per CPU core this process may use (its affinity)
     jpeg_backend: str = "auto"  # auto | nvjpeg | torchvision | pillow
     # nvjpeg: nvJPEG converts the RGB | libjpeg: YCbCr 4:2:0 planes made on the GPU as libjpeg makes them
-    # (meant to bring nvJPEG's sizes to Pillow's; not yet run on a GPU)
+    # (meant to bring nvJPEG's sizes to Pillow's; on the H200 it did not: 4.3% largest gap against 4.4%)
     nvjpeg_colour: str = "nvjpeg"
     aesthetic_model: str = "openai/clip-vit-large-patch14"
     clipscore_model: str = "openai/clip-vit-base-patch32"

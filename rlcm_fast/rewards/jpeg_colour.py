@@ -4,7 +4,8 @@ Why by hand: nvJPEG, given RGB, converts and downsamples the colour its own way,
 come out up to 4.4% smaller than Pillow's (libjpeg-turbo's) at the same quality, tables and sampling,
 with larger chroma errors (benchmarks/results/nvidia-h200/714cdca/README.md). nvJPEG also takes ready
 YCbCr 4:2:0 planes (nvjpegEncodeYUV); these are the planes libjpeg itself would compute, so that only
-the DCT, quantisation and entropy coding are left to nvJPEG.
+the DCT, quantisation and entropy coding are left to nvJPEG. On the H200 (d986b71) the gap stayed (4.3%
+largest, against 4.4% from RGB): it is in those, not in the colour.
 
 The arithmetic is libjpeg's (jccolor.c, jcsample.c; libjpeg-turbo's SIMD code is bit-exact with it):
 16-bit fixed-point coefficients, Y rounded half up, Cb/Cr rounded with 0.5 - 2^-16 so that 255 cannot
