@@ -4,7 +4,8 @@ JPEG rows: images of 512 and 768 px, batches of 8 and 32, natural-looking (smoot
 texture of increasing strength). Each row times one full reward call, from float images on the
 training device to one float per image: for CUDA images the Pillow rows include the rounding on the
 GPU and the device-to-host copy, the nvJPEG row copies nothing but byte counts. Backends: nvjpeg,
-torchvision (if importable), pillow with 1 thread and with one thread per core this process may run on.
+torchvision (if importable), pillow with 1 thread and with one thread per core this process may run on,
+and on a GPU exact (Pillow's byte counts computed there: its mean size equals pillow's).
 
 Aesthetic rows: the aesthetic reward (preprocessing, CLIP ViT-L/14 image tower, LAION head) on 768 px
 images. Real weights cannot be downloaded on these machines, so the tower is ViT-L/14's exact
@@ -128,6 +129,8 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
         backends.append(("nvjpeg", 0))
     else:
         skipped.append({"row": "jpeg nvjpeg", "reason": reason})
+    if device.type == "cuda":  # Pillow's sizes computed on the GPU; on a CPU some 100x slower than Pillow itself
+        backends.append(("exact", 0))
     # One reward per backend for all rows: the encoders (nvJPEG states, thread pools) are meant to be reused.
     rewards = {}
     for backend, threads in backends:

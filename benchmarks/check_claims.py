@@ -59,13 +59,13 @@ from claims import evaluate  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TESTS = REPO_ROOT / "tests"
 # The files with GPU tests (marked `gpu`: the stage runs only those, not the files' CPU tests), those with
-# tests that have not passed on a GPU yet first, so that a stage cut short has run them: nvJPEG's encode_file
-# bound (f2ee2a4), then the compiled training (its blocks case; the stage's cap stopped the file at d986b71,
-# and it took 107 s at 714cdca); then those that passed on the H200 (d986b71; the training graphs and cuDNN
-# attention as mended in f2ee2a4).
-GPU_TEST_FILES = ["test_nvjpeg.py", "test_compiled_training.py", "test_training_graphs.py", "test_attention.py",
-                  "test_cuda_graphs.py", "test_unet_profile.py", "test_clip_rewards.py", "test_rewards.py",
-                  "test_fast_sampler.py", "test_triton_step.py"]
+# tests that have not passed on a GPU yet first, so that a stage cut short has run them: jpeg_backend exact's
+# sizes on CUDA, nvJPEG's encode_file bound (f2ee2a4), then the compiled training (its blocks case; the
+# stage's cap stopped the file at d986b71, and it took 107 s at 714cdca); then those that passed on the H200
+# (d986b71; the training graphs and cuDNN attention as mended in f2ee2a4).
+GPU_TEST_FILES = ["test_jpeg_exact.py", "test_nvjpeg.py", "test_compiled_training.py", "test_training_graphs.py",
+                  "test_attention.py", "test_cuda_graphs.py", "test_unet_profile.py", "test_clip_rewards.py",
+                  "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py"]
 # One GPU test that hangs or compiles for too long must not take the whole stage (pytest-timeout, where
 # installed: the GPU image has it); the compiled-training tests' cold inductor compiles took about 50 s there.
 GPU_TEST_TIMEOUT_S = 120

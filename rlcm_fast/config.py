@@ -129,7 +129,7 @@ class TrainConfig:
     # Rewards. Model ids are hub ids or local folders (README "Rewards"; rlcm_fast/rewards/).
     jpeg_quality: int = 95
     reward_threads: int = 0  # 0: one per CPU core this process may use (its affinity)
-    jpeg_backend: str = "auto"  # auto | nvjpeg | torchvision | pillow
+    jpeg_backend: str = "auto"  # auto | nvjpeg | torchvision | pillow | exact (Pillow's sizes, on the device)
     # nvjpeg: nvJPEG converts the RGB | libjpeg: YCbCr 4:2:0 planes made on the GPU as libjpeg makes them
     # (meant to bring nvJPEG's sizes to Pillow's; on the H200 it did not: 4.3% largest gap against 4.4%)
     nvjpeg_colour: str = "nvjpeg"

@@ -1,4 +1,4 @@
-"""JPEG file size as a reward (README, "Rewards"), through one of four backends.
+"""JPEG file size as a reward (README, "Rewards"), through one of five backends.
 
 All backends take the same N x 3 x H x W float tensor in [0, 1], round it to uint8 as
 (x * 255).round().clamp(0, 255) on the tensor's own device, and return the size in kB (bytes / 1000)
@@ -16,6 +16,9 @@ at quality `quality`:
   which is 4:2:0 for RGB input), like Pillow. CUDA images: torchvision's own nvJPEG encoder, which always
   encodes 4:4:4 (full-resolution chroma), so its sizes are larger than, and not comparable with, the
   pillow and nvjpeg backends' on the same images.
+- exact: the byte count of Pillow's file, computed with tensor ops on the images' own device without
+  writing the file (jpeg_exact.py): equal to pillow's sizes, for CUDA images without the copy to the host.
+  On a CPU some 100x slower than Pillow; its speed on a GPU is not measured yet.
 - auto: nvjpeg for CUDA images when it is available (else pillow), pillow for CPU images.
 
 Different encoders give slightly different byte counts for the same pixels; compare runs only within
@@ -41,8 +44,9 @@ from PIL import Image
 from ..launch import usable_cpu_cores
 from .base import RewardError, check_reward_inputs
 from .jpeg_colour import libjpeg_ycbcr420
+from .jpeg_exact import jpeg_sizes, pillow_tables
 
-JPEG_BACKENDS = ("auto", "nvjpeg", "torchvision", "pillow")
+JPEG_BACKENDS = ("auto", "nvjpeg", "torchvision", "pillow", "exact")
 # Who converts RGB to YCbCr 4:2:0 for nvJPEG: nvJPEG itself, or jpeg_colour.py the way libjpeg does.
 NVJPEG_COLOURS = ("nvjpeg", "libjpeg")
 
@@ -106,6 +110,19 @@ class TorchvisionJpeg:
             torch.cuda.current_stream(pixels.device).synchronize()
         encoded = self.encode_jpeg(list(pixels), quality=self.quality)
         return np.array([data.numel() / 1000.0 for data in encoded], dtype=np.float64)
+
+
+class ExactJpeg:
+    """Pillow's byte counts, computed on the images' device (jpeg_exact.py)."""
+
+    name = "exact"
+
+    def __init__(self, quality: int):
+        self.quality = quality
+        pillow_tables(quality)  # the tables from Pillow's file: once, at construction
+
+    def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
+        return jpeg_sizes(to_uint8(images), self.quality).cpu().numpy() / 1000.0
 
 
 def libnvjpeg_major(path: str) -> int | None:
@@ -227,6 +244,8 @@ class JpegSizeReward:
             self._gpu = NvJpeg(self.quality, nvjpeg_colour)
         elif backend == "torchvision":
             self._gpu = TorchvisionJpeg(self.quality)
+        elif backend == "exact":
+            self._gpu = ExactJpeg(self.quality)
 
     def pillow(self) -> PillowJpeg:
         if self._pillow is None:
@@ -234,7 +253,7 @@ class JpegSizeReward:
         return self._pillow
 
     def encoder_for(self, images: torch.Tensor):
-        if self.backend in ("nvjpeg", "torchvision"):
+        if self.backend in ("nvjpeg", "torchvision", "exact"):
             return self._gpu
         if self.backend == "auto" and images.device.type == "cuda":
             if self._gpu is None:

@@ -1,0 +1,88 @@
+"""jpeg_backend "exact" (rlcm_fast/rewards/jpeg_exact.py): Pillow's JPEG byte counts computed with tensor ops,
+checked byte for byte against the files the installed Pillow writes; on a GPU, against the CPU's counts."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlcm_fast.rewards.jpeg import JpegSizeReward, to_uint8
+from rlcm_fast.rewards.jpeg_exact import entropy_bytes, fdct_islow, jpeg_sizes, zigzag_order
+from test_nvjpeg import varied_images
+
+
+def pillow_bytes(pixels: torch.Tensor, quality: int) -> list[int]:
+    sizes = []
+    for image in pixels.permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell())
+    return sizes
+
+
+def sample_images(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Smooth to busy natural-looking images, uniform noise (long codes, few zero runs), black and white."""
+    natural = to_uint8(varied_images(3, max(height, width, 16), seed=seed)[:, :, :height, :width])
+    noise = torch.randint(0, 256, (1, 3, height, width), generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.uint8)
+    flat = torch.stack([torch.zeros(3, height, width, dtype=torch.uint8), torch.full((3, height, width), 255,
+                                                                                    dtype=torch.uint8)])
+    return torch.cat([natural, noise, flat])
+
+
+# Multiples of 16, and sizes that leave libjpeg's dummy luma blocks (an odd count of 8-px blocks across or
+# down) and padded chroma (a size not a multiple of 16, odd sizes, a single pixel).
+@pytest.mark.parametrize("height, width", [(16, 16), (64, 48), (1, 1), (7, 5), (17, 23), (31, 9), (33, 50)])
+@pytest.mark.parametrize("quality", [95, 75, 100, 1])
+def test_sizes_equal_the_bytes_of_pillows_files(height, width, quality):
+    pixels = sample_images(height, width, seed=height * width)
+    assert jpeg_sizes(pixels, quality).tolist() == pillow_bytes(pixels, quality)
+
+
+def test_sizes_equal_pillows_on_a_512_px_batch_and_the_reward_on_float_images():
+    images = varied_images(4, 512, seed=3)
+    images[2, 1, 5, 7] = float("nan")  # the reward's NaN, as every JPEG backend has it
+    exact = JpegSizeReward(-1.0, 95, backend="exact")(images, [""] * 4)
+    pillow = JpegSizeReward(-1.0, 95, backend="pillow")(images, [""] * 4)
+    np.testing.assert_array_equal(exact, pillow)
+    assert np.isnan(exact[2]) and np.isfinite(exact[[0, 1, 3]]).all()
+
+
+def test_fdct_islow_is_eight_times_the_orthonormal_dct_up_to_its_rounding():
+    """The integer DCT against the float formula (libjpeg scales its output by 8): within its fixed-point error."""
+    samples = torch.randint(-128, 128, (50, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+    k = torch.arange(8, dtype=torch.float64)
+    scale = torch.where(k == 0, math.sqrt(1 / 8), 0.5)[:, None]
+    basis = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * scale
+    reference = 8 * basis @ samples.double() @ basis.T
+    assert (fdct_islow(samples).double() - reference).abs().max() < 2.0  # 1.17 seen
+    assert fdct_islow(torch.full((1, 8, 8), 100, dtype=torch.int64))[0, 0, 0] == 8 * 8 * 100  # DC of a flat block
+
+
+def test_entropy_bytes_fill_the_last_byte_with_ones_and_stuff_a_zero_after_each_0xff():
+    """Per image (each stream starting at a byte of its own): "1" + seven fill ones is 0xFF, stuffed; "0" + ones
+    is 0x7F; 0xFF, 0x00 written as codes; a 12-bit code then a 4-bit one."""
+    values = torch.tensor([[1, 0], [0, 0], [0xFF, 0], [0xABC, 0xF]])
+    lengths = torch.tensor([[1, 0], [1, 0], [8, 8], [12, 4]])
+    assert entropy_bytes(values, lengths).tolist() == [2, 1, 3, 2]
+
+
+def test_zigzag_order_starts_and_ends_as_the_standards():
+    order = zigzag_order()
+    assert order[:10] == [0, 1, 8, 16, 9, 2, 3, 10, 17, 24] and order[-3:] == [55, 62, 63]
+    assert sorted(order) == list(range(64))
+
+
+def test_bad_input_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"jpeg_sizes takes N x 3 x H x W uint8, got \(2, 3, 8, 8\) torch.float32"):
+        jpeg_sizes(torch.zeros(2, 3, 8, 8), 95)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_sizes_equal_pillows():
+    pixels = torch.cat([sample_images(768, 768, seed=7), sample_images(768, 768, seed=8)])
+    assert jpeg_sizes(pixels.cuda(), 95).tolist() == pillow_bytes(pixels, 95)
