@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rlcm_fast.rewards import jpeg_exact
 from rlcm_fast.rewards.jpeg import JpegSizeReward, to_uint8
 from rlcm_fast.rewards.jpeg_exact import entropy_bytes, fdct_islow, jpeg_sizes, zigzag_order
 from test_nvjpeg import varied_images
@@ -40,6 +41,12 @@ def sample_images(height: int, width: int, seed: int = 0) -> torch.Tensor:
 def test_sizes_equal_the_bytes_of_pillows_files(height, width, quality):
     pixels = sample_images(height, width, seed=height * width)
     assert jpeg_sizes(pixels, quality).tolist() == pillow_bytes(pixels, quality)
+
+
+def test_a_batch_split_into_chunks_gives_the_same_sizes(monkeypatch):
+    pixels = sample_images(17, 23, seed=4)
+    monkeypatch.setattr(jpeg_exact, "_PIXELS_PER_CHUNK", 2 * 17 * 23)  # two images a chunk, the last alone
+    assert jpeg_sizes(pixels, 95).tolist() == pillow_bytes(pixels, 95)
 
 
 def test_sizes_equal_pillows_on_a_512_px_batch_and_the_reward_on_float_images():
