@@ -45,7 +45,7 @@ def test_sizes_equal_the_bytes_of_pillows_files(height, width, quality):
 
 def test_a_batch_split_into_chunks_gives_the_same_sizes(monkeypatch):
     pixels = sample_images(17, 23, seed=4)
-    monkeypatch.setattr(jpeg_exact, "_PIXELS_PER_CHUNK", 2 * 17 * 23)  # two images a chunk, the last alone
+    monkeypatch.setattr(jpeg_exact, "_PIXELS_PER_CHUNK", 4 * 17 * 23)  # 6 images: chunks of 4 and 2
     assert jpeg_sizes(pixels, 95).tolist() == pillow_bytes(pixels, 95)
 
 
