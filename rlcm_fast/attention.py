@@ -6,7 +6,7 @@
   priority order for the call; a shape cuDNN does not take falls through to flash, memory-efficient, then
   math, as by default. Why an option: at 768 px most of the UNet's attention FLOPs are in the 9216-token
   layers with 40-wide heads, which flash attention runs in its 64-wide kernel; where SDPA already
-  chooses cuDNN, it changes nothing. CUDA only.
+  chooses cuDNN, it should change nothing. CUDA only.
 - `xformers`: xformers' memory-efficient attention, through diffusers. CUDA only, where installed.
 
 Each is refused in one line, before any model is loaded, where it cannot run (`check_attention_backend`).

@@ -2,6 +2,7 @@
 checked byte for byte against the files the installed Pillow writes; on a GPU, against the CPU's counts."""
 
 import io
+import itertools
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from rlcm_fast.rewards import jpeg_exact
+from rlcm_fast.rewards.base import RewardError
 from rlcm_fast.rewards.jpeg import JpegSizeReward, to_uint8
 from rlcm_fast.rewards.jpeg_exact import entropy_bytes, fdct_islow, jpeg_sizes, zigzag_order
 from test_nvjpeg import varied_images
@@ -52,7 +54,8 @@ def test_a_batch_split_into_chunks_gives_the_same_sizes(monkeypatch):
 def test_sizes_equal_pillows_on_a_512_px_batch_and_the_reward_on_float_images():
     images = varied_images(4, 512, seed=3)
     images[2, 1, 5, 7] = float("nan")  # the reward's NaN, as every JPEG backend has it
-    exact = JpegSizeReward(-1.0, 95, backend="exact")(images, [""] * 4)
+    with pytest.warns(UserWarning, match="'exact' on CPU images gives Pillow's sizes about 90x slower"):
+        exact = JpegSizeReward(-1.0, 95, backend="exact")(images, [""] * 4)
     pillow = JpegSizeReward(-1.0, 95, backend="pillow")(images, [""] * 4)
     np.testing.assert_array_equal(exact, pillow)
     assert np.isnan(exact[2]) and np.isfinite(exact[[0, 1, 3]]).all()
@@ -83,13 +86,38 @@ def test_zigzag_order_starts_and_ends_as_the_standards():
     assert sorted(order) == list(range(64))
 
 
-def test_bad_input_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"jpeg_sizes takes N x 3 x H x W uint8, got \(2, 3, 8, 8\) torch.float32"):
-        jpeg_sizes(torch.zeros(2, 3, 8, 8), 95)
+@pytest.mark.parametrize("shape, dtype", [((2, 3, 8, 8), torch.float32), ((0, 3, 8, 8), torch.uint8),
+                                          ((1, 3, 0, 8), torch.uint8), ((1, 4, 8, 8), torch.uint8)])
+def test_bad_pixels_are_refused_in_one_line(shape, dtype):
+    message = rf"jpeg_sizes takes N x 3 x H x W uint8 with N, H, W >= 1, got \({', '.join(map(str, shape))}\) {dtype}"
+    with pytest.raises(ValueError, match=message):
+        jpeg_sizes(torch.zeros(shape, dtype=dtype), 95)
+
+
+@pytest.mark.parametrize("quality", [0, 101, 95.0, True])
+def test_a_bad_quality_is_refused_in_one_line(quality):
+    with pytest.raises(ValueError, match=rf"jpeg quality {quality!r} is invalid: it must be an int in 1..100"):
+        jpeg_sizes(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), quality)
+
+
+def test_exact_refuses_a_pillow_without_libjpeg_turbo(monkeypatch):
+    from PIL import features
+
+    monkeypatch.setattr(features, "check_feature", lambda name: False)
+    with pytest.raises(RewardError, match="jpeg_backend 'exact' computes libjpeg-turbo's sizes, and this Pillow is"):
+        JpegSizeReward(1.0, 95, backend="exact")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_the_sizes_equal_pillows():
+    """The sizes of the CPU tests (dummy blocks, padded chroma), a 768 px batch, and the reward on CUDA images."""
+    for (height, width), quality in itertools.product([(1, 1), (17, 23), (33, 50)], (95, 1)):
+        pixels = sample_images(height, width, seed=height * width)
+        assert jpeg_sizes(pixels.cuda(), quality).tolist() == pillow_bytes(pixels, quality)
     pixels = torch.cat([sample_images(768, 768, seed=7), sample_images(768, 768, seed=8)])
     assert jpeg_sizes(pixels.cuda(), 95).tolist() == pillow_bytes(pixels, 95)
+    images = varied_images(4, 512, seed=3)
+    images[2, 1, 5, 7] = float("nan")
+    exact = JpegSizeReward(-1.0, 95, backend="exact")(images.cuda(), [""] * 4)
+    np.testing.assert_array_equal(exact, JpegSizeReward(-1.0, 95, backend="pillow")(images, [""] * 4))

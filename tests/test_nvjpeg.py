@@ -103,13 +103,14 @@ def test_nvjpeg_file_is_a_4_2_0_jpeg_of_the_image_and_as_long_as_its_size():
     pillows = io.BytesIO()
     Image.fromarray(original).save(pillows, format="JPEG", quality=95)
 
-    def mean_error(jpeg: bytes) -> float:
-        return np.abs(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float64) - original).mean()
+    def luma_error(image: Image.Image) -> float:
+        luma = np.asarray(image.convert("YCbCr"), dtype=np.float64)[..., 0]
+        return np.abs(luma - np.asarray(Image.fromarray(original).convert("YCbCr"), dtype=np.float64)[..., 0]).mean()
 
-    error, pillows_error = mean_error(file), mean_error(pillows.getvalue())
-    # The busy image's pixel-level colour noise is lost to 4:2:0 at any quality: Pillow's own file is 11.5 levels
-    # off on average. nvJPEG's file must be as faithful (on the H200, 2026-12-04: 11.54 against 11.53).
-    assert error < 1.05 * pillows_error
+    # In luma: the busy image's pixel-level colour noise is lost to 4:2:0 at any quality (Pillow's own file is
+    # 11.5 levels off in RGB; nvJPEG's was 11.54 on the H200), while its luma error grows with the quantisation:
+    # Pillow's 1.63 at quality 95, 2.21 at 93. nvJPEG's file must be as faithful as Pillow's at 95.
+    assert luma_error(decoded) < 1.05 * luma_error(Image.open(io.BytesIO(pillows.getvalue())))
 
 
 @pytest.mark.gpu

@@ -10,15 +10,15 @@ at quality `quality`:
 - nvjpeg: the package's native extension rlcm_fast._nvjpeg (csrc/nvjpeg_size.cu), pixels stay on the
   GPU and only byte counts come back. libnvjpeg is loaded at run time from the `nvidia-nvjpeg` wheel.
   Set to Pillow's settings (4:2:0, standard Huffman tables), so its sizes track the pillow backend's.
-  nvJPEG's own colour conversion makes files up to 4.4% smaller than Pillow's; `nvjpeg_colour="libjpeg"`
-  hands it YCbCr 4:2:0 planes computed as libjpeg computes them instead (jpeg_colour.py).
+  Its files come out up to 4.4% smaller than Pillow's; `nvjpeg_colour="libjpeg"` hands it YCbCr 4:2:0
+  planes computed as libjpeg computes them (jpeg_colour.py), which on the H200 left the gap (4.3%).
 - torchvision: torchvision.io.encode_jpeg. CPU images: libjpeg with its defaults (jpeg_set_defaults,
   which is 4:2:0 for RGB input), like Pillow. CUDA images: torchvision's own nvJPEG encoder, which always
   encodes 4:4:4 (full-resolution chroma), so its sizes are larger than, and not comparable with, the
   pillow and nvjpeg backends' on the same images.
 - exact: the byte count of Pillow's file, computed with tensor ops on the images' own device without
   writing the file (jpeg_exact.py): equal to pillow's sizes, for CUDA images without the copy to the host.
-  On a CPU some 100x slower than Pillow; its speed on a GPU is not measured yet.
+  On a CPU about 90x slower than Pillow (it warns); its speed on a GPU is not measured yet.
 - auto: nvjpeg for CUDA images when it is available (else pillow), pillow for CPU images.
 
 Different encoders give slightly different byte counts for the same pixels; compare runs only within
@@ -118,10 +118,22 @@ class ExactJpeg:
     name = "exact"
 
     def __init__(self, quality: int):
+        from PIL import features
+
+        # The tables come from Pillow's file, but the DCT and quantisation are libjpeg-turbo's: with another
+        # libjpeg under Pillow (IJG's 9, mozjpeg) the sizes would differ from Pillow's without a word.
+        if not features.check_feature("libjpeg_turbo"):
+            raise RewardError("jpeg_backend 'exact' computes libjpeg-turbo's sizes, and this Pillow is not built "
+                              "with libjpeg-turbo; use jpeg_backend pillow")
         self.quality = quality
+        self.warned_cpu = False
         pillow_tables(quality)  # the tables from Pillow's file: once, at construction
 
     def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
+        if images.device.type == "cpu" and not self.warned_cpu:
+            self.warned_cpu = True
+            warnings.warn("jpeg_backend 'exact' on CPU images gives Pillow's sizes about 90x slower than Pillow; "
+                          "jpeg_backend pillow (or auto) gives the same sizes for CPU images")
         return jpeg_sizes(to_uint8(images), self.quality).cpu().numpy() / 1000.0
 
 

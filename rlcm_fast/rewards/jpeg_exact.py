@@ -255,8 +255,11 @@ def entropy_bytes(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def jpeg_sizes(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     """N x 3 x H x W uint8 RGB (any device) -> the byte counts of Pillow's JPEG files at `quality`, N int64."""
-    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"jpeg_sizes takes N x 3 x H x W uint8, got {tuple(pixels.shape)} {pixels.dtype}")
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3 or 0 in pixels.shape:
+        raise ValueError(f"jpeg_sizes takes N x 3 x H x W uint8 with N, H, W >= 1, got {tuple(pixels.shape)} "
+                         f"{pixels.dtype}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"jpeg quality {quality!r} is invalid: it must be an int in 1..100")
     quant, huffman, header_bytes = pillow_tables(quality)
     per_chunk = max(1, _PIXELS_PER_CHUNK // (pixels.shape[2] * pixels.shape[3]))
     sizes = [entropy_bytes(*entropy_code(scan_blocks(chunk, quant), huffman))
