@@ -723,3 +723,191 @@ def test_a_hub_id_neither_cached_nor_reachable_is_said_in_a_few_words(monkeypatc
             raise OSError("a folder without model_index.json") from None
     except OSError as suppressed:
         assert load_failure(suppressed) == "OSError: a folder without model_index.json"
+
+
+def test_hub_offline_reads_either_variable_in_any_spelling(monkeypatch):
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as 1/ON/YES/TRUE in any case, is offline; serve-reward then leaves
+    out its "HF_HUB_OFFLINE=1 reads the cache" hint."""
+    from rlcm_fast.faults import hub_offline
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not hub_offline()
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        for value, offline in (("1", True), ("true", True), ("On", True), ("YES", True), ("0", False), ("", False)):
+            monkeypatch.setenv(name, value)
+            assert hub_offline() is offline, (name, value)
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("hf_hub, transformers, offline", [("0", "1", False), (" 1", None, False), ("", "1", True),
+                                                         (None, "yes", True), ("no", "TRUE", False)])
+def test_hub_offline_reads_the_variables_as_the_hub_client_does(monkeypatch, hf_hub, transformers, offline):
+    """The first variable set decides, unstripped (huggingface_hub.constants): another reading would leave out
+    serve-reward's hint while the client still retries, or give it where the client is offline."""
+    from rlcm_fast.faults import hub_offline
+
+    for name, value in (("HF_HUB_OFFLINE", hf_hub), ("TRANSFORMERS_OFFLINE", transformers)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert hub_offline() is offline
+
+
+def test_a_refused_connection_under_the_hubs_error_is_said_in_a_few_words(monkeypatch):
+    """Besides the hub client's own errors and DNS: a refused or reset connection, and httpx's ConnectError and
+    ConnectTimeout (matched by name: their module differs between httpx releases)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    unreachable = ("not in this machine's hub cache, and the hub cannot be reached: download the model once where "
+                   "there is a network, or give a local folder")
+    ConnectError = type("ConnectError", (Exception,), {})
+    ConnectTimeout = type("ConnectTimeout", (Exception,), {})
+    for cause in (ConnectionRefusedError(111, "Connection refused"), ConnectionResetError(104, "reset"),
+                  ConnectError("[Errno 111] Connection refused"), ConnectTimeout("timed out")):
+        assert load_failure(raised_from(cause)) == unreachable, cause
+    assert load_failure(raised_from(PermissionError(13, "Permission denied"))) == (
+        "OSError: Cannot load org/name: several sentences and a URL")
+
+
+def test_first_line_is_the_messages_first_line_or_the_given_text_when_it_has_none():
+    from rlcm_fast.faults import first_line
+
+    assert first_line(ValueError("  bad value\nsecond line\nthird")) == "bad value"
+    assert first_line(ValueError(" \n ")) == "ValueError"
+    assert first_line(KeyError(), empty="the key is missing") == "the key is missing"
+    assert first_line(ValueError("shown"), empty="not shown") == "shown"
+
+
+def test_shown_values_are_their_repr_and_never_longer_than_the_limit():
+    from rlcm_fast.faults import shown
+
+    assert shown("abc") == "'abc'"
+    assert shown("x" * 8, limit=10) == "'" + "x" * 8 + "'"  # exactly the limit: whole
+    assert shown("x" * 9, limit=10) == "'xxxxxx..."
+    assert len(shown(list(range(100)))) == 60 and shown(list(range(100))).endswith("...")
+
+
+@pytest.mark.parametrize("value, finite", [
+    (1, True), (-2.5, True), (0, True), (10**300, True), (10**400, False), (float("nan"), False),
+    (float("inf"), False), (True, False), (False, False), ("1", False), (None, False), ([1], False)])
+def test_a_finite_number_is_an_int_or_float_not_a_bool_and_overflow_is_not_finite(value, finite):
+    """Checkpoint and stat-tracker checks read JSON with this: a bool is not a count, and a 400-digit integer
+    (a tampered file) is refused instead of raising OverflowError."""
+    from rlcm_fast.faults import is_finite_number
+
+    assert is_finite_number(value) is finite
+
+
+def test_a_stop_says_stop_requested_unless_a_fault_stopped_it():
+    from rlcm_fast.faults import StopTraining
+
+    requested, fault = StopTraining(3), StopTraining(5, "loss was nan 3 times in a row")
+    assert (str(requested), requested.updates_done, requested.fault) == ("stop requested", 3, None)
+    assert (str(fault), fault.updates_done, fault.fault) == ("loss was nan 3 times in a row", 5, fault.fault)
+
+
+def test_agreeing_is_an_or_over_the_processes_and_costs_nothing_in_one():
+    """A stop or skip any process asks for is every process's: otherwise one leaves a collective the others wait in."""
+    from types import SimpleNamespace
+
+    from rlcm_fast.faults import agree, processes_where
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective with one process")
+
+    one = SimpleNamespace(num_processes=1, reduce=no_collective, gather=no_collective)
+    assert agree(one, True, False, 0, "SIGTERM", None) == [True, False, False, True, False]
+    assert processes_where(one, True) == [0] and processes_where(one, False) == []
+    others = torch.tensor([1, 0, 0])  # what the other process of two asks: stop only
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                          reduce=lambda values, reduction: values + others if reduction == "sum" else None,
+                          gather=lambda flag: torch.cat([torch.tensor([0]), flag]))
+    assert agree(two, False, True, False) == [True, True, False]
+    assert processes_where(two, True) == [1] and processes_where(two, False) == []
+
+
+def test_only_a_quiet_error_is_left_to_the_main_process_to_report():
+    from rlcm_fast.faults import TrainingFault, left_to_the_main_process, reported_by_main_process
+
+    assert reported_by_main_process(left_to_the_main_process(TrainingFault("disk full")))
+    assert not reported_by_main_process(left_to_the_main_process(TrainingFault("disk full"), quiet=False))
+    assert not reported_by_main_process(TrainingFault("disk full"))
+    assert not reported_by_main_process("a message")
+
+
+def test_stop_signals_ask_once_a_second_ctrl_c_interrupts_and_the_handlers_are_put_back(capsys):
+    import signal
+
+    from rlcm_fast.faults import StopSignals
+
+    before = {s: signal.getsignal(s) for s in StopSignals.SIGNALS}
+    with StopSignals() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.received == "SIGTERM"
+        try:
+            signal.raise_signal(signal.SIGTERM)  # a scheduler's second SIGTERM only asks again
+        except KeyboardInterrupt:
+            pytest.fail("a second SIGTERM interrupted the run")
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in StopSignals.SIGNALS} == before
+    assert capsys.readouterr().err.splitlines() == 2 * [
+        "rlcm-fast: SIGTERM received; stopping after the current optimizer step to write a checkpoint (SIGINT again "
+        "stops at once)"]
+    with StopSignals(announce=False) as quiet:  # the processes other than the main one
+        signal.raise_signal(signal.SIGINT)
+    assert quiet.received == "SIGINT" and capsys.readouterr().err == ""
+
+
+def test_a_loss_scale_overflow_is_counted_but_neither_adds_to_nor_ends_a_run_of_faults():
+    from rlcm_fast.faults import NonFiniteSteps
+
+    steps = NonFiniteSteps(limit=2)
+    steps.record(False)
+    steps.record(False, is_fault=False)
+    assert (steps.total, steps.in_a_row, steps.exceeded) == (2, 1, False)
+    steps.record(False)
+    assert (steps.total, steps.in_a_row, steps.exceeded) == (3, 2, False)  # the limit itself is allowed
+    steps.record(False)
+    assert (steps.in_a_row, steps.exceeded) == (3, True)
+    restored = NonFiniteSteps(limit=2)
+    restored.load_state_dict({})  # a checkpoint from before the counts were saved
+    assert (restored.total, restored.in_a_row) == (0, 0)
+
+
+def test_out_of_memory_is_the_gpus_the_cpu_allocators_or_pythons_and_nothing_else():
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert not is_out_of_memory(RuntimeError("expected scalar type Float but found Half"))
+    assert not is_out_of_memory(ValueError("DefaultCPUAllocator: can't allocate memory"))
+
+
+def test_each_way_gloo_or_nccl_says_a_peer_is_gone_is_a_lost_peer(monkeypatch):
+    from rlcm_fast.faults import PEER_GONE, is_lost_peer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for text in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker"):
+        assert text in PEER_GONE and is_lost_peer(RuntimeError(f"[gloo] {text} [127.0.0.1]:2753"))
+    assert is_lost_peer(torch.distributed.DistError("Timed out waiting 1800000ms for recv operation"))
+    assert not is_lost_peer(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not is_lost_peer(torch.distributed.DistError("Timed out"))
+
+
+def test_the_out_of_memory_message_names_every_size_and_remedy():
+    from types import SimpleNamespace
+
+    from rlcm_fast.faults import out_of_memory_message
+
+    cfg = SimpleNamespace(sample_batch_size=8, train_batch_size=4, resolution=512, horizon=8,
+                          gradient_checkpointing=False)
+    assert out_of_memory_message(cfg, "training", 2, memory="CPU") == (
+        "out of CPU memory while training (per process: sample_batch_size=8, train_batch_size=4, resolution=512, "
+        "horizon=8, gradient_checkpointing=false; 2 process(es)). To use less memory: lower sample_batch_size "
+        "(sampling), lower train_batch_size and raise gradient_accumulation_steps to keep the samples per update "
+        "(training), --set gradient_checkpointing=true (training), or lower resolution; the last checkpoint is "
+        "intact, resume it with --resume RUN_DIR (batch-size changes need an epoch checkpoint, checkpoint-N)")

@@ -162,3 +162,107 @@ def test_an_accelerator_on_another_device_or_precision_than_asked_is_an_error(mo
     with pytest.raises(RuntimeError, match=rf"^accelerate gave an Accelerator on {device} with mixed_precision="
                                            rf"'{precision}'; asked for cpu with 'no' \(an earlier Trainer"):
         launch.start_accelerator(resolve_config(overrides={"device": "cpu", "mixed_precision": "no"}))
+
+
+# Each launched process checks the environment it was given: exit 0 when it is torchrun's, else 3.
+TORCHRUN_ENV = """
+import os, sys
+env = os.environ
+rank = env["RANK"]
+sys.exit(0 if (rank == env["LOCAL_RANK"] and rank in ("0", "1") and env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == "2"
+               and env["GROUP_RANK"] == "0" and env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"].isdigit()
+               and env["RLCM_FAST_LAUNCHED"] == "1" and os.getsid(0) == os.getpid()) else 3)
+"""
+
+
+def test_launched_processes_get_torchruns_environment_and_their_own_session(monkeypatch):
+    """accelerate reads RANK, WORLD_SIZE and MASTER_*; RLCM_FAST_LAUNCHED keeps the processes from warning again; a
+    session of their own keeps a terminal's Ctrl-C from reaching them besides the one the launcher forwards."""
+    monkeypatch.setattr(launch, "FAILURE_GRACE_SECONDS", 1.0)
+    assert launch.launch_local(2, [], command=[sys.executable, "-c", TORCHRUN_ENV]) == 0
+
+
+def test_the_launchers_signal_handlers_are_put_back_when_it_returns():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert launch.launch_local(1, [], command=[sys.executable, "-c", "pass"]) == 0
+    assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
+
+
+def test_the_others_may_finish_within_the_grace_after_one_fails(monkeypatch, tmp_path):
+    """After a failure the others may be writing a checkpoint: they are killed only once the grace is over."""
+    finish = ("import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(1)\n"
+              f"open({str(tmp_path / 'finished')!r}, 'w').close()")
+    monkeypatch.setattr(launch, "FAILURE_GRACE_SECONDS", 30.0)
+    started = time.monotonic()
+    assert launch.launch_local(2, [], command=[sys.executable, "-c", finish]) == 3
+    assert (tmp_path / "finished").exists() and time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (40, "signal 40")])
+def test_a_process_killed_by_another_signal_is_named_without_the_oom_hint(capsys, signum, name):
+    """Only SIGKILL gets the out-of-memory hint; a real-time signal has no name in Python's signal.Signals."""
+    command = [sys.executable, "-c", f"import os; os.kill(os.getpid(), {signum})"]
+    assert launch.launch_local(1, [], command=command) == 128 + signum
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"rlcm-fast: error: process 0 of 1 was killed by {name}; the others were stopped, and the checkpoints "
+        "written before are intact"]
+
+
+def test_usable_cpu_cores_are_this_processs_affinity_not_the_machines_count(monkeypatch):
+    """A container limited to 3 of 64 cores: --num-processes and OMP_NUM_THREADS count 3."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert launch.usable_cpu_cores() == 3
+
+
+def test_an_earlier_accelerator_state_of_another_device_or_precision_is_forgotten(monkeypatch):
+    """Only in one process, and only when it differs: a Trainer of the same device and precision keeps it."""
+    from accelerate import Accelerator
+    from accelerate.state import GradientState, is_initialized
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for cpu, precision in ((True, "no"), (True, "bf16"), (False, "no")):
+        Accelerator(cpu=True, mixed_precision="no")
+        launch.forget_other_accelerator_state(cpu, precision)
+        kept = (cpu, precision) == (True, "no")
+        assert is_initialized() is kept and bool(GradientState._shared_state) is kept, (cpu, precision)
+    Accelerator(cpu=True, mixed_precision="no")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under several processes the state is the process group's
+    launch.forget_other_accelerator_state(True, "bf16")
+    assert is_initialized()
+
+
+def test_device_auto_on_a_machine_without_cuda_is_the_cpu_in_full_precision(monkeypatch):
+    import torch
+
+    from rlcm_fast import tiny_presets
+    from rlcm_fast.config import resolve_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tiny_presets, "prepare_preset_cache", lambda model, method: None)  # no model is built
+    accelerator, precision = launch.start_accelerator(resolve_config(overrides={"device": "auto"}))
+    assert (accelerator.device.type, accelerator.mixed_precision, precision) == ("cpu", "no", "no")
+
+
+def test_a_cuda_graph_of_training_is_refused_under_several_processes(monkeypatch):
+    """DDP's gradient hooks are not captured in the graph: refused, not trained with ungathered gradients."""
+    import accelerate
+    import torch
+
+    from rlcm_fast import attention, tiny_presets
+    from rlcm_fast.config import ConfigError, resolve_config
+
+    class TwoProcesses:
+        def __init__(self, cpu, mixed_precision):
+            self.device, self.mixed_precision, self.num_processes = torch.device("cuda"), mixed_precision, 2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accelerate, "Accelerator", TwoProcesses)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda backend, device: None)
+    monkeypatch.setattr(launch, "forget_other_accelerator_state", lambda cpu, mixed_precision: None)
+    monkeypatch.setattr(tiny_presets, "prepare_preset_cache", lambda model, method: None)
+    cfg = resolve_config(overrides={"device": "cuda", "train_cuda_graph": True, "gradient_checkpointing": False})
+    with pytest.raises(ConfigError, match=r"^train_cuda_graph=true runs in one process, not 2: DDP's gradient hooks "
+                                          r"are not captured; set it to false$"):
+        launch.start_accelerator(cfg)
