@@ -27,9 +27,11 @@ def one_line(error: BaseException, limit: int = 400) -> str:
 
 
 def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE keeps the hub client from asking the hub."""
-    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE keeps the hub client from asking the hub, read as the
+    client reads them (huggingface_hub.constants): the first one set decides, so HF_HUB_OFFLINE=0 wins over
+    TRANSFORMERS_OFFLINE=1, and " 1" is not "1"."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _hub_unreachable(error: BaseException) -> bool:
