@@ -141,7 +141,7 @@ def reported_by_main_process(error: BaseException | str) -> bool:
 
 class StopSignals:
     """While installed, SIGTERM and SIGINT only ask the run to stop at its next safe point (after the
-    current optimizer step); a second SIGINT interrupts at once (KeyboardInterrupt)."""
+    current optimizer step); a SIGINT after either of them interrupts at once (KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -213,7 +213,8 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 def is_lost_peer(exc: BaseException) -> bool:
     """Under several processes: a collective failed because another process of the run ended (it failed
     and said why itself, or was killed) or stopped answering."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(exc, RuntimeError):
+    world_size = os.environ.get("WORLD_SIZE", "1").strip()  # an unset or garbled one: one process
+    if not world_size.isdigit() or int(world_size) <= 1 or not isinstance(exc, RuntimeError):
         return False
     dist_error = getattr(torch.distributed, "DistError", None)  # torch >= 2.1: timeouts, lost connections
     return (dist_error is not None and isinstance(exc, dist_error)) or any(text in str(exc) for text in PEER_GONE)

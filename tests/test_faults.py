@@ -911,3 +911,14 @@ def test_the_out_of_memory_message_names_every_size_and_remedy():
         "(sampling), lower train_batch_size and raise gradient_accumulation_steps to keep the samples per update "
         "(training), --set gradient_checkpointing=true (training), or lower resolution; the last checkpoint is "
         "intact, resume it with --resume RUN_DIR (batch-size changes need an epoch checkpoint, checkpoint-N)")
+
+
+@pytest.mark.parametrize("world_size", ["", "two", " 2x"])
+def test_a_garbled_world_size_is_one_process_not_a_traceback(monkeypatch, world_size):
+    """is_lost_peer runs inside cli.main's exception handler: a WORLD_SIZE it cannot read must not raise there."""
+    from rlcm_fast.faults import is_lost_peer
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert is_lost_peer(RuntimeError("Connection reset by peer")) is False
+    monkeypatch.setenv("WORLD_SIZE", " 2 ")
+    assert is_lost_peer(RuntimeError("Connection reset by peer")) is True
