@@ -171,6 +171,8 @@ def _changed_scorers(before: dict, values: dict) -> list[str]:
     changed = []
     for key, rewards in REWARD_SCORER_SETTINGS.items():
         old, new = before.get(key, getattr(defaults, key)), values.get(key, getattr(defaults, key))
+        if key == "jpeg_backend" and {old, new} == {"pillow", "exact"}:
+            continue  # the same byte counts by construction (rewards/jpeg_exact.py)
         if new != old and terms.intersection(rewards):
             copy = " (fine for a local copy of the same model)" if key.endswith(("_model", "_processor")) else ""
             changed.append(f"{key}={new!r} differs from the checkpoint's {old!r}: its rewards go beside reward "

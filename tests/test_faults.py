@@ -601,6 +601,10 @@ def test_an_end_of_epoch_checkpoint_resumes_with_other_sampling_settings(monkeyp
      ["jpeg_backend='pillow' differs from the checkpoint's 'auto': its rewards go beside reward histories scored "
       "with 'auto'"]),
     ({"reward": "jpeg_compressibility"}, {"aesthetic_model": "/models/vit-l"}, []),  # a scorer the reward never uses
+    ({"reward": "jpeg_compressibility", "jpeg_backend": "pillow"}, {"jpeg_backend": "exact"}, []),  # the same sizes
+    ({"reward": "jpeg_compressibility", "jpeg_backend": "exact"}, {"jpeg_backend": "nvjpeg"},
+     ["jpeg_backend='nvjpeg' differs from the checkpoint's 'exact': its rewards go beside reward histories scored "
+      "with 'exact'"]),
 ])
 def test_a_resume_warns_of_another_scorer_for_its_reward(monkeypatch, tmp_path, saved, overrides, warned):
     """A changed scorer mixes its values into the restored per-prompt histories; a local copy of the model is the
