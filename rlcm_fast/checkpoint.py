@@ -316,12 +316,19 @@ def save_checkpoint(
 def _write_error(run_dir: Path, name: str, exc: Exception) -> CheckpointWriteError:
     """One line: which checkpoint could not be written, why (a full disk: "No space left on device", from an
     OSError or from safetensors' "Error while serializing: I/O error: No space left on device (os error 28)"),
-    and the newest checkpoint still there."""
+    and the newest intact checkpoint (verified: the folder of the one being rewritten may be a damaged one that a
+    resume passed over)."""
     reason = getattr(exc, "strerror", None) or str(exc)
     match = re.search(r"I/O error: (.*?) \(os error \d+\)", reason)
     reason = match.group(1) if match else reason
-    intact = [p.name for p in list_checkpoints(run_dir)]
-    kept = f"; {intact[-1]} and earlier checkpoints are intact" if intact else ""
+    kept = ""
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError:
+            continue
+        kept = f"; the newest intact checkpoint is {checkpoint.name}"
+        break
     return CheckpointWriteError(f"could not write {name} in {str(run_dir)!r}: {reason}{kept}")
 
 

@@ -402,11 +402,23 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_the_previous_che
     run = at_checkpoint_2(run)
     assert main(["train", "--resume", "auto", "--output-dir", str(run)]) == 1
     assert stderr_lines(capsys, "rlcm-fast: error") == [
-        f"rlcm-fast: error: could not write checkpoint-3 in {str(run)!r}: {DISK_FULL}; checkpoint-2 and earlier "
-        "checkpoints are intact"]
+        f"rlcm-fast: error: could not write checkpoint-3 in {str(run)!r}: {DISK_FULL}; the newest intact "
+        "checkpoint is checkpoint-2"]
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name or "latest" in p.name) == [
         "checkpoint-1", "checkpoint-2", "latest"]  # no temporary folder or pointer left
     assert (run / "latest").read_text() == "checkpoint-2\n" and find_resumable(run) == (run / "checkpoint-2", [])
+
+
+def test_a_full_disk_rewriting_a_damaged_checkpoint_names_the_older_intact_one(run, monkeypatch, capsys):
+    """A resume passes over a damaged checkpoint-3 and writes it anew; when that fails, the damaged folder is still
+    there, and the message must not call it intact."""
+    optimizer = run / "checkpoint-3" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    safetensors_disk_full(monkeypatch)
+    assert main(["train", "--resume", "auto", "--output-dir", str(run)]) == 1
+    assert stderr_lines(capsys, "rlcm-fast: error") == [
+        f"rlcm-fast: error: could not write checkpoint-3 in {str(run)!r}: {DISK_FULL}; the newest intact "
+        "checkpoint is checkpoint-2"]
 
 
 @pytest.mark.parametrize("checkpoint_too", [False, True])
@@ -438,7 +450,7 @@ def test_a_full_disk_while_writing_the_sample_grid_and_reward_plot_is_a_warning(
     errors = [line for line in err.splitlines() if line.startswith("rlcm-fast: error")]
     if checkpoint_too:  # the checkpoint after them reports the full disk, as a full disk while checkpointing
         assert errors == [f"rlcm-fast: error: could not write checkpoint-3 in {str(run)!r}: {DISK_FULL}; "
-                          "checkpoint-2 and earlier checkpoints are intact"]
+                          "the newest intact checkpoint is checkpoint-2"]
         assert find_resumable(run) == (run / "checkpoint-2", [])
     else:
         assert errors == [] and find_resumable(run) == (run / "checkpoint-3", [])
@@ -501,3 +513,66 @@ def test_resume_auto_takes_the_checkpoint_latest_names_over_a_newer_intact_one(r
     """`latest` names the history the run continues; a newer intact folder (say, of an abandoned branch) is not."""
     (run / "latest").write_text("checkpoint-2\n")
     assert find_resumable(run) == (run / "checkpoint-2", [])
+
+
+# -- found by mutation testing ----------------------------------------------------------------------------------
+
+def test_checkpoint_10_is_newer_than_checkpoint_9_for_resume_and_pruning(run):
+    """Checkpoints order by number: sorted as strings, checkpoint-10 came before checkpoint-9 (resume, prune)."""
+    shutil.copytree(run / "checkpoint-3", run / "checkpoint-10")
+    (run / "latest").unlink()
+    assert find_resumable(run) == (run / "checkpoint-10", [])
+    for epoch in (8, 9, 11):
+        shutil.copytree(run / "checkpoint-3", run / f"checkpoint-{epoch}")
+    ckpt_module.prune_checkpoints(run, keep=2, current=run / "checkpoint-11")
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-11"]
+
+
+def test_a_checkpoint_is_synced_file_by_file_before_latest_names_it(run, monkeypatch):
+    """After a power cut `latest` must not name a checkpoint whose files, manifest or folder entry were not on disk."""
+    synced = []
+    original = ckpt_module._fsync
+    monkeypatch.setattr(ckpt_module, "_fsync", lambda path: synced.append(path) or original(path))
+    run = at_checkpoint_2(run)
+    assert main(["train", "--resume", "auto", "--output-dir", str(run)]) == 0
+    tmp = run / f".checkpoint-3.tmp-{os.getpid()}"
+    files = sorted(p.name for p in (run / "checkpoint-3").iterdir() if p.name != "manifest.json")
+    assert synced == [*(tmp / name for name in files), tmp / "manifest.json", tmp, run,
+                      run / f".latest.tmp-{os.getpid()}", run]
+    assert (run / "latest").read_text() == "checkpoint-3\n"
+
+
+def stopped_at_update_1(processes: int, prompts: list, updates_done=1):
+    stats = {"reward_mean": 0.0, "reward_std": 1.0, "sample_seconds": 1.0}
+    return put("stopped_epoch", {"updates_done": updates_done, "processes": processes, "prompts": prompts,
+                                 "stats": stats})
+
+
+def stopped_and(edit):
+    return lambda state: state.update(update=1) or edit(state)
+
+
+SUBTLER_STATE_EDITS = {
+    "epoch true": (put("epoch", True), "has epoch=True, expected an integer >= 0"),
+    "negative update": (put("update", -1), "has update=-1, expected an integer >= 0"),
+    "updates_done true": (stopped_and(stopped_at_update_1(1, ["cat"], updates_done=True)),
+                          "has stopped_epoch.updates_done=True, expected 1 (its update)"),
+    "prompts not a multiple of processes": (
+        stopped_and(stopped_at_update_1(2, ["cat", "dog", "owl"])),
+        "has stopped_epoch.prompts=['cat', 'dog', 'owl'], expected a list of prompts, as many for each of its 2 "
+        "process(es)"),
+    "base_lrs for two groups": (
+        lambda state: state["lr_scheduler"].update(base_lrs=[0.003, 0.003]),
+        "expected an LR schedule's state for 1 parameter group(s)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBTLER_STATE_EDITS))
+def test_a_training_state_subtly_of_the_wrong_shape_is_skipped_as_damage(run, case):
+    """JSON's true is no count, stopped prompts split evenly over processes, a rate per group: else resumes go wrong."""
+    edit, problem = SUBTLER_STATE_EDITS[case]
+    edit_state(run / "checkpoint-3", edit)
+    found, skipped = find_resumable(run)
+    assert found == run / "checkpoint-2" and len(skipped) == 1, skipped
+    assert skipped[0].startswith(f"checkpoint {str(run / 'checkpoint-3')!r} is damaged: training_state.json has ")
+    assert skipped[0].endswith(problem)

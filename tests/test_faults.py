@@ -346,7 +346,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(reference
     run_dir = copy_at_checkpoint_1(reference, tmp_path / "run")
     assert main(["train", "--resume", "auto", "--output-dir", str(run_dir)]) == 1
     line = one_error_line(capsys)
-    assert f"could not write checkpoint-2 in '{run_dir}': No space left on device; checkpoint-1" in line
+    assert (f"could not write checkpoint-2 in '{run_dir}': No space left on device; the newest intact checkpoint is "
+            "checkpoint-1") in line
     verify_checkpoint(run_dir / "checkpoint-1")
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
     assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
@@ -381,7 +382,7 @@ def test_a_full_disk_is_one_line_when_the_last_plot_cannot_be_written_either(tmp
     assert plots_refused and "warning" not in err and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("rlcm-fast:")][1:] == [
         f"rlcm-fast: error: could not write checkpoint-2 in '{tmp_path / 'run'}': No space left on device; "
-        "checkpoint-1 and earlier checkpoints are intact"]
+        "the newest intact checkpoint is checkpoint-1"]
 
 
 def test_torchs_cpu_allocation_failure_is_out_of_memory():

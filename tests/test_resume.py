@@ -213,3 +213,14 @@ def test_a_resume_warns_that_another_pickscore_processor_is_fine_for_a_local_cop
     assert warnings == ["pickscore_processor='/models/clip-h' differs from the checkpoint's "
                         "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K': its rewards go beside reward histories scored with "
                         "'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' (fine for a local copy of the same model)"]
+
+
+def test_a_resume_applies_the_configured_adam_settings_not_the_checkpoints(tmp_path):
+    """A resume may change adam_*: loading the optimizer's state dict would keep the checkpoint's without a word."""
+    train(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    changes = {"adam_beta1": 0.5, "adam_beta2": 0.75, "adam_epsilon": 1e-6, "adam_weight_decay": 0.25}
+    trainer = Trainer(resumed_config(checkpoint, changes), tmp_path / "branch", checkpoint)
+    (group,) = trainer.optimizer.param_groups
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.5, 0.75), 1e-6, 0.25)
+    assert trainer.optimizer.state  # the moments still come from the checkpoint
