@@ -544,21 +544,17 @@ def test_a_checkpoint_is_synced_file_by_file_before_latest_names_it(run, monkeyp
 
 def stopped_at_update_1(processes: int, prompts: list, updates_done=1):
     stats = {"reward_mean": 0.0, "reward_std": 1.0, "sample_seconds": 1.0}
-    return put("stopped_epoch", {"updates_done": updates_done, "processes": processes, "prompts": prompts,
-                                 "stats": stats})
-
-
-def stopped_and(edit):
-    return lambda state: state.update(update=1) or edit(state)
+    return lambda state: state.update(update=1, stopped_epoch={"updates_done": updates_done, "processes": processes,
+                                                               "prompts": prompts, "stats": stats})
 
 
 SUBTLER_STATE_EDITS = {
     "epoch true": (put("epoch", True), "has epoch=True, expected an integer >= 0"),
     "negative update": (put("update", -1), "has update=-1, expected an integer >= 0"),
-    "updates_done true": (stopped_and(stopped_at_update_1(1, ["cat"], updates_done=True)),
+    "updates_done true": (stopped_at_update_1(1, ["cat"], updates_done=True),
                           "has stopped_epoch.updates_done=True, expected 1 (its update)"),
     "prompts not a multiple of processes": (
-        stopped_and(stopped_at_update_1(2, ["cat", "dog", "owl"])),
+        stopped_at_update_1(2, ["cat", "dog", "owl"]),
         "has stopped_epoch.prompts=['cat', 'dog', 'owl'], expected a list of prompts, as many for each of its 2 "
         "process(es)"),
     "base_lrs for two groups": (

@@ -1,29 +1,22 @@
 """jpeg_backend "exact" (rlcm_fast/rewards/jpeg_exact.py): Pillow's JPEG byte counts computed with tensor ops,
 checked byte for byte against the files the installed Pillow writes; on a GPU, against the CPU's counts."""
 
-import io
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rlcm_fast.rewards import jpeg_exact
 from rlcm_fast.rewards.base import RewardError
-from rlcm_fast.rewards.jpeg import JpegSizeReward, to_uint8
+from rlcm_fast.rewards.jpeg import JpegSizeReward, jpeg_size_kb, to_uint8
 from rlcm_fast.rewards.jpeg_exact import entropy_bytes, fdct_islow, jpeg_sizes, zigzag_order
 from test_nvjpeg import varied_images
 
 
 def pillow_bytes(pixels: torch.Tensor, quality: int) -> list[int]:
-    sizes = []
-    for image in pixels.permute(0, 2, 3, 1).numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-        sizes.append(buffer.tell())
-    return sizes
+    return [round(jpeg_size_kb(image, quality) * 1000) for image in pixels.permute(0, 2, 3, 1).numpy()]
 
 
 def sample_images(height: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -47,13 +47,16 @@ def rgb_to_ycbcr(pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(planes, dim=1).to(torch.uint8)
 
 
+def pad_edges(plane: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """N x h x w -> N x height x width, repeating the last row and column (libjpeg's expand_*_edge)."""
+    plane = torch.cat([plane, plane[:, -1:].expand(-1, height - plane.shape[1], -1)], dim=1)
+    return torch.cat([plane, plane[:, :, -1:].expand(-1, -1, width - plane.shape[2])], dim=2)
+
+
 def _even(plane: torch.Tensor) -> torch.Tensor:
-    """Pad N x H x W to even H and W by repeating the last row / column, as libjpeg pads its edges."""
-    if plane.shape[-2] % 2:
-        plane = torch.cat([plane, plane[..., -1:, :]], dim=-2)
-    if plane.shape[-1] % 2:
-        plane = torch.cat([plane, plane[..., -1:]], dim=-1)
-    return plane
+    """Pad N x H x W to even H and W as libjpeg pads its edges."""
+    height, width = plane.shape[-2:]
+    return pad_edges(plane, height + height % 2, width + width % 2)
 
 
 def downsample_2x2(plane: torch.Tensor) -> torch.Tensor:

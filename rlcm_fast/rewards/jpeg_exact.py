@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .jpeg_colour import downsample_2x2, rgb_to_ycbcr
+from .jpeg_colour import downsample_2x2, pad_edges, rgb_to_ycbcr
 
 _CONST_BITS, _PASS1_BITS = 13, 2  # jfdctint.c's fixed-point scaling
 # Pixels per chunk of images: at its peak a chunk takes some 270 bytes per pixel (int64 intermediates; measured
@@ -133,12 +133,6 @@ def quantize(coefficients: torch.Tensor, table_zigzag: list[int]) -> torch.Tenso
     return quantised[..., torch.tensor(zigzag_order(), device=coefficients.device)]
 
 
-def _pad_edges(plane: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """N x h x w -> N x height x width, repeating the last row and column (libjpeg's expand_*_edge)."""
-    plane = torch.cat([plane, plane[:, -1:].expand(-1, height - plane.shape[1], -1)], dim=1)
-    return torch.cat([plane, plane[:, :, -1:].expand(-1, -1, width - plane.shape[2])], dim=2)
-
-
 def _blocks(plane: torch.Tensor) -> torch.Tensor:
     """N x 8a x 8b uint8 -> N x a x b x 8 x 8 int64 samples minus 128."""
     n, h, w = plane.shape
@@ -152,7 +146,7 @@ def scan_blocks(pixels: torch.Tensor, quant: dict) -> torch.Tensor:
     ycbcr = rgb_to_ycbcr(pixels)
     # Luma: padded to whole blocks; blocks past them in the MCU grid are dummies (below).
     luma_rows, luma_cols = -(-height // 8), -(-width // 8)
-    luma = quantize(fdct_islow(_blocks(_pad_edges(ycbcr[:, 0], 16 * mcu_rows, 16 * mcu_cols))), quant[0])
+    luma = quantize(fdct_islow(_blocks(pad_edges(ycbcr[:, 0], 16 * mcu_rows, 16 * mcu_cols))), quant[0])
     if luma_cols % 2:  # a dummy column: zero AC, the DC of the block on its left
         luma[:, :luma_rows, -1] = 0
         luma[:, :luma_rows, -1, 0] = luma[:, :luma_rows, -2, 0]
@@ -163,8 +157,8 @@ def scan_blocks(pixels: torch.Tensor, quant: dict) -> torch.Tensor:
     chroma = []
     for plane in (ycbcr[:, 1], ycbcr[:, 2]):
         # Full width padded to the MCUs', height to even; downsampled; then rows repeated to the MCUs' height.
-        plane = downsample_2x2(_pad_edges(plane, height + height % 2, 16 * mcu_cols))
-        plane = _pad_edges(plane, 8 * mcu_rows, 8 * mcu_cols)
+        plane = downsample_2x2(pad_edges(plane, height + height % 2, 16 * mcu_cols))
+        plane = pad_edges(plane, 8 * mcu_rows, 8 * mcu_cols)
         chroma.append(quantize(fdct_islow(_blocks(plane)), quant[1]).reshape(n, -1, 1, 64))
     return torch.cat([luma, *chroma], dim=2)
 
