@@ -13,9 +13,11 @@ Besides the defaults, rows with the fast path's opt-in switches: `training_calls
 rows), `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn), `all_graphed` /
 `all_graphed_calls_of_7` (the training calls replayed from CUDA graphs too, train_cuda_graph), and
 `calls_of_20_and_7` / `all_graphed_calls_of_20_and_7` (sampling in UNet batches of 20, eager and
-graphed), and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled, compile_scope
-blocks, with the graphed sampling loop and training calls of 7); asked for on a CPU, these ten are listed
-under "skipped".
+graphed), `compiled_sampling_calls_of_20_and_7` / `compiled_sampling_graphed_training_calls_of_20_and_7`
+(the same wide calls with sampling's UNet compiled, compile_scope sampling; training eager, and replayed
+from CUDA graphs), and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled,
+compile_scope blocks, with the graphed sampling loop and training calls of 7); asked for on a CPU, these
+twelve are listed under "skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 

@@ -51,11 +51,13 @@ class TrainConfig:
     eta: float = 1.0  # DDPO: DDIM eta, the action's std = eta * sigma_t (1.0: DDPO's)
 
     # torch.compile of the trainer's UNet: opt-in until its gradients are checked on a GPU (README, Status).
-    compile_unet: bool = False  # sampling and the LoRA training forward/backward
+    compile_unet: bool = False  # sampling and the LoRA training forward/backward (but see compile_scope)
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
     # What compile_unet compiles: unet (the whole UNet, one graph per batch size) | blocks (only its transformer
     # blocks, diffusers' regional compilation: one small graph per block shape, shared by the blocks of that
-    # shape, so a fraction of the compile time; the ResNet blocks run eager). See rlcm_fast/policy_model.py.
+    # shape, so a fraction of the compile time; the ResNet blocks run eager) | sampling (the whole UNet as
+    # sampling calls it, without grad; training's forward and backward stay eager, or train_cuda_graph's: no
+    # backward to compile, the slow part of the whole UNet's warm-up). See rlcm_fast/policy_model.py.
     compile_scope: str = "unet"
     # Attention kernels of the UNet and the VAE: sdpa (PyTorch's scaled_dot_product_attention, diffusers'
     # default) | cudnn (the same, cuDNN's fused attention first; CUDA only) | xformers (its memory-efficient
@@ -65,8 +67,8 @@ class TrainConfig:
     # until checked on a GPU; a loop that cannot be captured warns and samples without the graph.
     sample_cuda_graph: bool = False
     # Each training call's UNet forward and backward replayed from CUDA graphs (cuda_graphs.GraphedTrainingUNet;
-    # CUDA only, ignored on a CPU; one process; not with compile_unet or gradient_checkpointing). Opt-in until
-    # checked on a GPU.
+    # CUDA only, ignored on a CPU; one process; not with gradient_checkpointing, nor with compile_unet unless
+    # compile_scope is sampling). Opt-in until checked on a GPU.
     train_cuda_graph: bool = False
     # Convolution switches that change no result beyond floating-point order; opt-in until timed on a GPU
     # (benchmarks/bench_unet.py). channels_last: the UNet's and the VAE's weights, and so their activations,

@@ -182,7 +182,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 METHOD_ONLY_KEYS = {"rlcm": ("train_final_step", "original_inference_steps", "policy_step_backend", "sample_cuda_graph"),
                     "ddpo": ("eta",)}
 SWITCHES = {"policy_step_backend": ("auto", "reference"), "train_rows": ("flattened", "per_timestep"),
-            "reward_device": ("auto", "cpu"), "compile_scope": ("unet", "blocks")}
+            "reward_device": ("auto", "cpu"), "compile_scope": ("unet", "blocks", "sampling")}
 
 
 def _check_method_and_switches(cfg: TrainConfig) -> None:
@@ -204,8 +204,9 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
     if cfg.attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend {cfg.attention_backend!r} is invalid; allowed: "
                           f"{', '.join(ATTENTION_BACKENDS)}")
-    if cfg.train_cuda_graph and (cfg.compile_unet or cfg.gradient_checkpointing):
-        other = "compile_unet" if cfg.compile_unet else "gradient_checkpointing"
+    compiled_training = cfg.compile_unet and cfg.compile_scope != "sampling"
+    if cfg.train_cuda_graph and (compiled_training or cfg.gradient_checkpointing):
+        other = "compile_unet" if compiled_training else "gradient_checkpointing"
         raise ConfigError(f"train_cuda_graph=true with {other}=true is refused (the two were never tested "
                           f"together); set one of them to false")
     if not isinstance(cfg.train_rows_per_call, int) or cfg.train_rows_per_call < 0:

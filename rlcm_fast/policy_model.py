@@ -97,7 +97,8 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
                                   f"to compile ({first_line(exc)}); use compile_scope=unet") from None
         else:
             sample_unet = torch.compile(unet, backend=cfg.compile_backend, dynamic=False)
-            train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
+            if cfg.compile_scope == "unet":  # scope sampling: training calls the eager (DDP-wrapped) UNet
+                train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)  # the bare UNet: launch.py refuses DDP here
     warnings = [warning for warning in (ignored_guidance(pipe, cfg.method, cfg.guidance_scale),

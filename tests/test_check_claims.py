@@ -257,10 +257,11 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     train = json.loads((tmp_path / "bench_train.json").read_text())
     # The graphed rows and the joined-sampling rows (the CPU rows sample one batch per epoch) are GPU-only:
     # skipped on the CPU, and said so.
-    assert [r["variant"] for r in train["rows"]] == ["straightforward", "ddpo", "fast", "training_calls_of_7"]
+    assert [r["variant"] for r in train["rows"]] == ["straightforward", "fast", "ddpo", "training_calls_of_7"]
     assert [s.get("row") for s in train["skipped"] if "row" in s] == [
-        "calls_of_20_and_7", "all_graphed_calls_of_7", "compiled_blocks_graphed_calls_of_7",
-        "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7"]
+        "compiled_sampling_calls_of_20_and_7", "calls_of_20_and_7",
+        "compiled_sampling_graphed_training_calls_of_20_and_7", "all_graphed_calls_of_7",
+        "compiled_blocks_graphed_calls_of_7", "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7"]
     assert "curves" not in train
     sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}
@@ -290,7 +291,7 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     assert "; by host time: aten::" in lines[1] and "busy" not in lines[1]
     lines = [line for line in first_updates.splitlines() if line.startswith("- ")]  # float32: ratios exactly 1
     assert lines == [f"- {row}: clipfrac 0 at clip range 0.01; RMS log-prob gap 0"
-                     for row in ("straightforward", "ddpo", "fast", "training_calls_of_7")]
+                     for row in ("straightforward", "fast", "ddpo", "training_calls_of_7")]
 
 
 def test_bench_step_refuses_bad_batch_sizes_in_one_line():
@@ -427,12 +428,14 @@ def test_the_tests_stage_logs_each_test_and_why_one_was_skipped(tmp_path):
 
 
 def test_the_train_stage_runs_the_rows_of_the_ratio_claims_first():
-    """The straightforward baseline, a fast-path row and DDPO first: a stage cut at its cap still judges the 3x
-    epoch and the 10x DDPO claims."""
+    """The straightforward baseline, then fast-path rows, then DDPO before the rows that ran at d986b71: a stage
+    cut at its cap still judges the 3x epoch claim, and (a little later) the 10x DDPO claim."""
     import claims
 
-    first = check_claims.DEFAULT_TRAIN_ROWS.split(",")[:3]
-    assert first[0] == "straightforward" and first[1] in claims.FAST_PATH_ROWS and first[2] == "ddpo"
+    rows = check_claims.DEFAULT_TRAIN_ROWS.split(",")
+    ddpo = rows.index("ddpo")
+    assert rows[0] == "straightforward" and 2 <= ddpo <= 5 and set(rows[1:ddpo]) <= set(claims.FAST_PATH_ROWS)
+    assert rows.index("all_graphed_calls_of_20_and_7") > ddpo and len(rows) == len(set(rows))
 
 
 def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
@@ -458,7 +461,8 @@ def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
 
 def test_the_train_stage_profiles_only_the_rows_it_runs():
     command = check_claims.stage_commands(Path("unused"))["train"]
-    assert command[command.index("--profile") + 1] == "straightforward,calls_of_20_and_7"
+    assert command[command.index("--profile") + 1] == (
+        "straightforward,compiled_sampling_calls_of_20_and_7,calls_of_20_and_7")
     command = check_claims.stage_commands(Path("unused"), "fast,calls_of_20_and_7")["train"]
     assert command[command.index("--profile") + 1] == "calls_of_20_and_7"
     assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,ddpo")["train"]

@@ -161,7 +161,7 @@ def test_reliability_keys_are_typed_and_range_checked(overrides, message):
     ({"train_rows": "rows"}, "train_rows 'rows' is invalid; allowed: flattened, per_timestep"),
     ({"compile_unet": "yes"}, "compile_unet='yes' in --set is invalid: expected bool"),
     ({"compile_unet": True, "compile_backend": "nvfuser"}, "compile_backend 'nvfuser' is unknown; allowed: .*inductor"),
-    ({"compile_scope": "model"}, "compile_scope 'model' is invalid; allowed: unet, blocks"),
+    ({"compile_scope": "model"}, "compile_scope 'model' is invalid; allowed: unet, blocks, sampling"),
 ])
 def test_bad_switch_values(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -81,6 +81,9 @@ def default_path(tmp_path_factory):
     # Only the transformer blocks compiled (regional compilation).
     {"compile_unet": True, "compile_scope": "blocks", "compile_backend": "rlcm_test_aot_eager",
      "sample_batches_per_call": 2},
+    # Only sampling's UNet compiled; training's forward and backward eager.
+    {"compile_unet": True, "compile_scope": "sampling", "compile_backend": "rlcm_test_aot_eager",
+     "sample_batches_per_call": 2},
     # The UNet and the VAE in channels-last memory format (the LoRA's convolutions too: tiny puts LoRA on them).
     {"channels_last": True},
     # Ignored on a CPU (cuDNN is CUDA's).
@@ -101,11 +104,15 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
         widths = {block.norm1.normalized_shape for block in trainer.unet.modules()
                   if type(block).__name__ == "BasicTransformerBlock"}
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * len(widths) == 4
+    elif switch.get("compile_scope") == "sampling":  # one graph, sampling's 4 rows without grad; training eager
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 == len(SYMBOLIC_GRAPHS)
+        assert trainer.train_unet is trainer.ddp_unet and trainer.sample_unet is not trainer.unet
     elif "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
-    if switch.get("compile_backend") == "rlcm_test_aot_eager":
-        # ... each for its own batch size: dynamo's default made the second one's batch dimension symbolic.
-        assert len(SYMBOLIC_GRAPHS) >= 2 and SYMBOLIC_GRAPHS == [[]] * len(SYMBOLIC_GRAPHS)
+        if switch["compile_backend"] == "rlcm_test_aot_eager":
+            # ... each for its own batch size: dynamo's default would make the second one's batch size symbolic.
+            assert len(SYMBOLIC_GRAPHS) >= 2
+    assert SYMBOLIC_GRAPHS == [[]] * len(SYMBOLIC_GRAPHS)
     assert samples.prompts == base_samples.prompts
     torch.testing.assert_close(samples.states, base_samples.states, atol=1e-5, rtol=0)
     torch.testing.assert_close(samples.log_probs, base_samples.log_probs, atol=1e-5, rtol=0)
@@ -246,6 +253,14 @@ def test_inductor_is_not_refused_on_the_cpu_with_a_torch_that_gets_its_gradients
         assert cfg.compile_backend == "inductor"
         with pytest.raises(PastTheChecks):
             start_checks_only(cfg)
+
+
+def test_inductor_on_the_cpu_compiling_only_sampling_is_not_refused(monkeypatch, start_checks_only):
+    """The refusal is of inductor's CPU gradients; compile_scope=sampling compiles none (its forward matched)."""
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    cfg = resolve_config(overrides={**ONE_UPDATE, "compile_unet": True, "compile_scope": "sampling"})
+    with pytest.raises(PastTheChecks):
+        start_checks_only(cfg)
 
 
 def test_sdpa_attention_is_diffusers_default_processor(tmp_path):

@@ -138,6 +138,15 @@ def test_train_cuda_graph_with_compile_or_checkpointing_is_refused_in_one_line(o
     assert "\n" not in str(info.value)
 
 
+def test_train_cuda_graph_goes_with_compiled_sampling_but_not_with_compiled_training():
+    """compile_scope=sampling leaves training's forward and backward eager: the graphs may replay them."""
+    cfg = resolve_config(overrides={"train_cuda_graph": True, "compile_unet": True, "compile_scope": "sampling"})
+    assert cfg.train_cuda_graph and cfg.compile_scope == "sampling"
+    for scope in ("unet", "blocks"):
+        with pytest.raises(ConfigError, match="train_cuda_graph=true with compile_unet=true is refused"):
+            resolve_config(overrides={"train_cuda_graph": True, "compile_unet": True, "compile_scope": scope})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("precision, tolerance", [("no", 1e-4), ("bf16", 2e-2)])
