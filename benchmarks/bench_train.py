@@ -7,17 +7,17 @@ batches of 4 samples, train batch 2, gradient accumulation 2, H = 8, LoRA rank 1
 bf16. DDPO runs on `sd15` (the same UNet without the guidance embedding) at its defaults (50 DDIM steps,
 CFG 5, all 50 actions trained, train batch 1) with the same number of reward queries per epoch (the
 same 10 batches of 4) and the same 768 px.
-Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7`
-(train_rows_per_call 7), and on a GPU only `compiled_unet`, `sample_cuda_graph`, both together
-(`compiled_and_graphed`), `graphed_calls_of_7` (the graphed sampling loop with training calls of 7
-rows), `graphed_calls_of_7_cudnn` (the same with attention_backend cudnn), `all_graphed` /
-`all_graphed_calls_of_7` (the training calls replayed from CUDA graphs too, train_cuda_graph), and
-`calls_of_20_and_7` / `all_graphed_calls_of_20_and_7` (sampling in UNet batches of 20, eager and
-graphed), `compiled_sampling_calls_of_20_and_7` / `compiled_sampling_graphed_training_calls_of_20_and_7`
-(the same wide calls with sampling's UNet compiled, compile_scope sampling; training eager, and replayed
-from CUDA graphs), and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled,
-compile_scope blocks, with the graphed sampling loop and training calls of 7); asked for on a CPU, these
-twelve are listed under "skipped".
+Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7` (train_rows_per_call
+7), and on a GPU only `compiled_unet`, `sample_cuda_graph`, both together (`compiled_and_graphed`),
+`graphed_calls_of_7` (the graphed sampling loop with training calls of 7 rows), `graphed_calls_of_7_cudnn`
+(the same with attention_backend cudnn), `all_graphed` / `all_graphed_calls_of_7` (the training calls
+replayed from CUDA graphs too, train_cuda_graph), and `calls_of_20_and_7` / `all_graphed_calls_of_20_and_7`
+(sampling in UNet batches of 20, eager and graphed), `compiled_sampling_calls_of_20_and_7` /
+`compiled_sampling_graphed_training_calls_of_20_and_7` (the same wide calls with sampling's UNet and VAE
+decode compiled, compile_scope sampling and compile_decode; training eager, and replayed from CUDA graphs),
+and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled, compile_scope blocks, with
+the graphed sampling loop and training calls of 7); asked for on a CPU, these twelve are listed under
+"skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 

@@ -39,16 +39,16 @@ GPU_ONLY_ROWS = {
     # UNet step is some 43 TFLOP, well above the host's launch time, and training_memory.py traces the loop's
     # peak at 768 px at 5.8 GiB for 40 trajectories (2.9 at 20), which a CUDA graph's pool keeps for the run.
     "calls_of_20_and_7": {"sample_batches_per_call": 5, "train_rows_per_call": 7},
-    # The same, with sampling's UNet compiled (compile_scope: sampling; training eager, or replayed from CUDA
-    # graphs). On the H200 (d986b71) a sampling call of 20 trajectories spent 286 ms of its 1689 ms of kernels
-    # in copies and 138 in group norms, which inductor fuses: its 344 TFLOP of UNet work in 2.03 s is 24% of
-    # the measured bf16 matmul rate, where FastLCMSampler's compiled UNet ran at 46% (batch 8, H 8, 768 px,
-    # 6675037). No backward is compiled, the part that kept the whole UNet's warm-up past 386 s.
-    "compiled_sampling_calls_of_20_and_7": {"compile_unet": True, "compile_scope": "sampling",
+    # The same, with sampling's UNet and VAE decode compiled (compile_scope: sampling, compile_decode; training
+    # eager, or replayed from CUDA graphs). On the H200 (d986b71) a sampling call of 20 trajectories spent 286 ms of
+    # its 1689 ms of kernels in copies and 138 in group norms, which inductor fuses: its 344 TFLOP of UNet work in
+    # 2.03 s is 24% of the measured bf16 matmul rate, where FastLCMSampler's compiled UNet ran at 46% (batch 8, H 8,
+    # 768 px, 6675037). No backward is compiled, the part that kept the whole UNet's warm-up past 386 s.
+    "compiled_sampling_calls_of_20_and_7": {"compile_unet": True, "compile_scope": "sampling", "compile_decode": True,
                                             "sample_batches_per_call": 5, "train_rows_per_call": 7},
     "compiled_sampling_graphed_training_calls_of_20_and_7": {
-        "compile_unet": True, "compile_scope": "sampling", "train_cuda_graph": True, "sample_batches_per_call": 5,
-        "train_rows_per_call": 7},
+        "compile_unet": True, "compile_scope": "sampling", "compile_decode": True, "train_cuda_graph": True,
+        "sample_batches_per_call": 5, "train_rows_per_call": 7},
     "all_graphed_calls_of_20_and_7": {"sample_batches_per_call": 5, "sample_cuda_graph": True,
                                       "train_cuda_graph": True, "train_rows_per_call": 7},
 }

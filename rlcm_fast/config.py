@@ -59,6 +59,9 @@ class TrainConfig:
     # sampling calls it, without grad; training's forward and backward stay eager, or train_cuda_graph's: no
     # backward to compile, the slow part of the whole UNet's warm-up). See rlcm_fast/policy_model.py.
     compile_scope: str = "unet"
+    # The VAE decode of sampling under torch.compile (compile_backend; no gradient, so inductor is not refused on
+    # a CPU). Opt-in until timed on a GPU.
+    compile_decode: bool = False
     # Attention kernels of the UNet and the VAE: sdpa (PyTorch's scaled_dot_product_attention, diffusers'
     # default) | cudnn (the same, cuDNN's fused attention first; CUDA only) | xformers (its memory-efficient
     # attention; CUDA only, and only where xformers is installed). See rlcm_fast/attention.py.

@@ -60,9 +60,14 @@ def policy_sampler(pipe, cfg):
     if cfg.method == "ddpo":
         from .ddpo import DDPOSampler  # ddpo.py builds on this module
 
-        return DDPOSampler(pipe, cfg.horizon, cfg.guidance_scale, cfg.eta, resolution=cfg.resolution)
-    return LCMSampler(pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
-                      resolution=cfg.resolution, step_backend=cfg.policy_step_backend, cuda_graph=cfg.sample_cuda_graph)
+        sampler = DDPOSampler(pipe, cfg.horizon, cfg.guidance_scale, cfg.eta, resolution=cfg.resolution)
+    else:
+        sampler = LCMSampler(pipe, cfg.horizon, cfg.guidance_scale, cfg.original_inference_steps, cfg.train_final_step,
+                             resolution=cfg.resolution, step_backend=cfg.policy_step_backend,
+                             cuda_graph=cfg.sample_cuda_graph)
+    if cfg.compile_decode:  # one graph per batch size decoded: sample_batch_size, and a sample grid's
+        sampler.decode = torch.compile(sampler.decode, backend=cfg.compile_backend, dynamic=False)
+    return sampler
 
 
 # The most prompt embeddings a sampler keeps, the most recently used: a user's prompt file need not be small

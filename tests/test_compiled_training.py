@@ -22,8 +22,9 @@ def eager(tmp_path_factory):
 
 
 @pytest.mark.parametrize("switches", [
-    # Only sampling's UNet compiled (no backward to compile: the quickest warm-up), training from CUDA graphs.
-    {"compile_unet": True, "compile_scope": "sampling", "train_cuda_graph": True},
+    # Only sampling's UNet and decode compiled (no backward to compile: the quickest warm-up), training from
+    # CUDA graphs.
+    {"compile_unet": True, "compile_scope": "sampling", "compile_decode": True, "train_cuda_graph": True},
     {"compile_unet": True},
     {"compile_unet": True, "sample_cuda_graph": True},
     # Only the transformer blocks: on the CPU inductor got sd15-lcm's LoRA gradients wrong this way (not tiny's).
@@ -39,8 +40,8 @@ def test_compiled_training_on_a_gpu_equals_eager(tmp_path, monkeypatch, eager, s
                                     mixed_precision="no", **switches)
     base_samples, base, _ = eager
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    if switches.get("compile_scope") == "sampling":  # sampling's one batch size; training eager or graphed
-        assert graphs == 1 and trainers[0].train_unet.signatures() == {"graphed": 1, "not_graphed": 0}
+    if switches.get("compile_scope") == "sampling":  # the UNet and the decode at sampling's one batch size
+        assert graphs == 2 and trainers[0].train_unet.signatures() == {"graphed": 1, "not_graphed": 0}
     else:
         assert graphs >= 2  # sampling and training were compiled
     # A failed capture warns and samples without the graph, which would match eager too.

@@ -84,6 +84,8 @@ def default_path(tmp_path_factory):
     # Only sampling's UNet compiled; training's forward and backward eager.
     {"compile_unet": True, "compile_scope": "sampling", "compile_backend": "rlcm_test_aot_eager",
      "sample_batches_per_call": 2},
+    # The VAE decode compiled (the UNet eager).
+    {"compile_decode": True, "compile_backend": "rlcm_test_aot_eager"},
     # The UNet and the VAE in channels-last memory format (the LoRA's convolutions too: tiny puts LoRA on them).
     {"channels_last": True},
     # Ignored on a CPU (cuDNN is CUDA's).
@@ -107,6 +109,9 @@ def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     elif switch.get("compile_scope") == "sampling":  # one graph, sampling's 4 rows without grad; training eager
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 == len(SYMBOLIC_GRAPHS)
         assert trainer.train_unet is trainer.ddp_unet and trainer.sample_unet is not trainer.unet
+    elif "compile_decode" in switch:  # one graph, the decode of a sampling batch of 2; the UNet eager
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 == len(SYMBOLIC_GRAPHS)
+        assert trainer.sample_unet is trainer.unet and trainer.train_unet is trainer.ddp_unet
     elif "compile_unet" in switch:  # both the sampling (no grad) and the training (grad) forward were compiled
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
         if switch["compile_backend"] == "rlcm_test_aot_eager":
