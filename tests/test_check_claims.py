@@ -259,7 +259,7 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     # skipped on the CPU, and said so.
     assert [r["variant"] for r in train["rows"]] == ["straightforward", "fast", "ddpo", "training_calls_of_7"]
     assert [s.get("row") for s in train["skipped"] if "row" in s] == [
-        "compiled_sampling_calls_of_20_and_7", "calls_of_20_and_7",
+        "calls_of_20_and_7", "compiled_sampling_calls_of_20_and_7",
         "compiled_sampling_graphed_training_calls_of_20_and_7", "all_graphed_calls_of_7",
         "compiled_blocks_graphed_calls_of_7", "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7"]
     assert "curves" not in train
@@ -462,7 +462,7 @@ def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
 def test_the_train_stage_profiles_only_the_rows_it_runs():
     command = check_claims.stage_commands(Path("unused"))["train"]
     assert command[command.index("--profile") + 1] == (
-        "straightforward,compiled_sampling_calls_of_20_and_7,calls_of_20_and_7")
+        "straightforward,calls_of_20_and_7,compiled_sampling_calls_of_20_and_7")
     command = check_claims.stage_commands(Path("unused"), "fast,calls_of_20_and_7")["train"]
     assert command[command.index("--profile") + 1] == "calls_of_20_and_7"
     assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,ddpo")["train"]
