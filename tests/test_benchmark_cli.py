@@ -5,6 +5,7 @@ writes over another machine's results."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,15 +167,18 @@ def test_evaluate_only_refuses_a_broken_json_in_one_line(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bench_step.json"]
 
 
-def lent_gpu(tmp_path, diffusers_imports: bool = True, wheels_install: bool | None = None) -> subprocess.CompletedProcess:
+def lent_gpu(tmp_path, diffusers_imports: bool = True, wheels_install: bool | None = None,
+             budget: str = "60") -> subprocess.CompletedProcess:
     """lent_gpu.sh with `python3` a stand-in (this machine has no GPU machine's image) whose check_claims writes 10
-    files; `wheels_install`: whether installing the carried wheels succeeds (None: no wheels carried)."""
+    files and says its --budget-s; `wheels_install`: whether installing the carried wheels succeeds (None: no
+    wheels carried)."""
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\ncase "$1" in -c) case "$2" in *"import diffusers"*) exit %d;; esac; echo "3.12 '
                     'stand-in"; exit 0;; -m) case "$*" in *--no-index*) exit %d;; esac; echo "Successfully installed '
-                    'rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; shift; done\n'
-                    'for i in $(seq 10); do echo "{}" > "$out/bench_$i.json"; done\n'
+                    'rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; [ "$1" = --budget-s ] && '
+                    'echo "stand-in budget $2"; shift; done\nfor i in $(seq 10); do echo "{}" > "$out/bench_$i.json"; '
+                    'done\n'
                     % (0 if diffusers_imports else 1, 0 if wheels_install else 1))
     fake.chmod(0o755)
     wheels = tmp_path / "wheels"
@@ -184,7 +188,7 @@ def lent_gpu(tmp_path, diffusers_imports: bool = True, wheels_install: bool | No
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OUT": str(out), "WHEELS": str(wheels), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(BENCHMARKS / "lent_gpu.sh"), "60", "tests", "abc1234"], env=env,
+    return subprocess.run(["bash", str(BENCHMARKS / "lent_gpu.sh"), budget, "tests", "abc1234"], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -209,3 +213,22 @@ def test_lent_gpu_packs_its_results_into_one_file_for_the_device_tool(tmp_path):
     listed = subprocess.run(["tar", "-tzf", str(out / "results.tar.gz")], capture_output=True, text=True, check=True)
     assert sorted(listed.stdout.split()) == sorted(["results/", *(f"results/bench_{i}.json" for i in range(1, 11))])
     assert "results packed into" in (out / "console.log").read_text()
+
+
+def test_lent_gpu_gives_check_claims_what_the_install_left_of_its_budget(tmp_path):
+    """BUDGET_S is the whole script's: at 397294b a check_claims budget given whole after an 80 s install ran the
+    call into the device tool's timeout before claims.md was written."""
+    done = lent_gpu(tmp_path, budget="90")
+    assert done.returncode == 0, done.stdout + done.stderr
+    budgets = re.findall(r"^stand-in budget (\d+)$", (tmp_path / "out" / "console.log").read_text(), re.M)
+    assert len(budgets) == 1 and 60 <= int(budgets[0]) <= 65  # 90 less the 25 s reserve and the stand-in install
+
+
+@pytest.mark.parametrize("budget, said, code", [
+    ("40", r"only 1[45] s of the 40 s budget left after the install: no stage runs", 1),
+    ("9.5", r"BUDGET_S '9\.5' is invalid: it must be a whole number of seconds", 2),
+])
+def test_lent_gpu_refuses_a_budget_that_leaves_no_stage_time(tmp_path, budget, said, code):
+    done = lent_gpu(tmp_path, budget=budget)
+    assert done.returncode == code
+    assert re.search(said, done.stdout + done.stderr) and "stand-in budget" not in done.stdout
