@@ -433,6 +433,8 @@ def unknown_option_hint(commands: dict[str, argparse.ArgumentParser], command: s
         return ""
     own = [name for action in commands[command]._actions for name in action.option_strings
            if name.startswith("--") and name != "--help"]
+    if option in own:  # this command's own option, given before the command (`rlcm-fast --seed 1 train`)
+        return f" ({option} is an option of `rlcm-fast {command}`: give it after the command)"
     hints = []
     if others := [f"`rlcm-fast {other}`" for other, other_parser in commands.items()
                   if other != command and option in other_parser._option_string_actions]:

@@ -414,6 +414,17 @@ def test_an_unknown_option_says_what_was_meant(command, unknown, hint, capsys):
         f"rlcm-fast {command[0]}: error: unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["--seed=1", "train"], " (--seed is an option of `rlcm-fast train`: give it after the command)"),
+    (["--port=8061", "serve-reward"], " (--port is an option of `rlcm-fast serve-reward`: give it after the command)"),
+])
+def test_a_commands_option_before_the_command_is_told_to_go_after_it(argv, hint, capsys):
+    """It was hinted at as another command's option (sample's --seed), and as a typo of itself."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlcm-fast {argv[-1]}: error: unrecognized arguments: {' '.join(argv[:-1])}{hint}")
+
+
 def test_a_blank_host_is_refused_like_an_empty_one(monkeypatch, capsys):
     """`--host ' '` is no address either; it went on to the socket."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
