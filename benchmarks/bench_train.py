@@ -246,8 +246,8 @@ def time_row(name: str, overrides: dict, epochs: int, warmup: int, rate: float, 
              warmup_epochs: bool = False, profiled: bool = False, timed=lambda result: None) -> dict:
     """The row's measured epochs, then with `profiled` its profile (unet_profile.py); `timed(result)` is called
     with the row's figures before the profile runs (main writes them)."""
-    cfg = resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup})
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(resolve_config(overrides={**COMMON, **overrides, "epochs": epochs + warmup}), run_dir)
+    cfg = trainer.cfg  # its UNet batch sizes chosen where the row says auto
     device = trainer.device
     timed_reward = TimedReward(trainer.reward)
     trainer.reward = timed_reward

@@ -83,23 +83,22 @@ STOP_GRACE_S = 15
 DEFAULT_STAGES = "step,rewards,attention,unet,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished after 386 s;
 # with the sampling graphs in inductor's cache, the first training minibatch still took 199 s. The baseline of the
-# 3x claim first; then the wide calls eager (measured at d986b71: this run's figure to compare with) and with
-# sampling's UNet and decode compiled (no backward to compile; new at this commit), the defaults ("fast") and DDPO
-# (its per-sample claim), so that a stage cut short still has ratios; then the rows the H200 run of d986b71 did not
-# reach (its cap stopped it after six rows): the training graphs at 7 rows, the compiled blocks (warm-up not yet
-# timed on a GPU); the rows that run measured, last (a row that fails is recorded and the next one runs).
-# graphed_calls_of_7_cudnn is left out: torch 2.11 on the H200 already chose cuDNN's attention (its GPU test, the
-# rows' profiles). bench_train warms each row up with one sampling call and one update, not a whole epoch, so that
-# the rows fit in the stage's cap.
-DEFAULT_TRAIN_ROWS = ("straightforward,calls_of_20_and_7,compiled_sampling_calls_of_20_and_7,"
-                      "compiled_sampling_graphed_training_calls_of_20_and_7,fast,ddpo,all_graphed_calls_of_7,"
-                      "training_calls_of_7,compiled_blocks_graphed_calls_of_7,all_graphed_calls_of_20_and_7,"
-                      "all_graphed,graphed_calls_of_7")
+# 3x claim first; then the defaults ("fast": on a GPU auto's wide calls, at 768 px those of calls_of_20_and_7), the
+# same with sampling's UNet and decode compiled (no backward to compile; 99 s of warm-up at 397294b), and DDPO (its
+# per-sample claim), so that a stage cut short still has ratios; then the paper's call sizes alone, and the rows the
+# H200 runs did not reach (the training graphs at 7 rows, the compiled blocks); the rows they measured, last (a row
+# that fails is recorded and the next one runs). graphed_calls_of_7_cudnn is left out: torch 2.11 on the H200
+# already chose cuDNN's attention (its GPU test, the rows' profiles). bench_train warms each row up with one
+# sampling call and one update, not a whole epoch, so that the rows fit in the stage's cap.
+DEFAULT_TRAIN_ROWS = ("straightforward,fast,compiled_sampling_calls_of_20_and_7,"
+                      "compiled_sampling_graphed_training_calls_of_20_and_7,ddpo,paper_calls,all_graphed_calls_of_7,"
+                      "training_calls_of_7,compiled_blocks_graphed_calls_of_7,calls_of_20_and_7,"
+                      "all_graphed_calls_of_20_and_7,all_graphed,graphed_calls_of_7")
 
 # Profiled after their measured epoch (bench_train --profile): the eager RLCM rows that run first, the
-# baseline and the wide calls, whose time the profile can pin on ops (a CUDA graph's replay hides them), and
+# baseline and the defaults, whose time the profile can pin on ops (a CUDA graph's replay hides them), and
 # the wide calls with sampling compiled (inductor's kernels against the eager ops they replace).
-PROFILED_TRAIN_ROWS = ("straightforward", "calls_of_20_and_7", "compiled_sampling_calls_of_20_and_7")
+PROFILED_TRAIN_ROWS = ("straightforward", "fast", "compiled_sampling_calls_of_20_and_7")
 
 
 def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[str, list[str]]:

@@ -88,16 +88,18 @@ class TrainConfig:
     reward_device: str = "auto"  # auto: images stay on the training device | cpu: copied to the host first
     reward_overlap: bool = True  # score on a worker thread while the next batch samples | false: wait for it
 
-    # Opt-in batching: off by default (the paper's loop), each turns an optimisation on.
-    # Flattened PPO: the UNet's batch in training. An update's rows are cut into calls of this many rows,
-    # whatever train_batch_size: the same gradient (each call's loss weighted by its rows), fewer and
-    # larger UNet calls, more activation memory. 0: train_batch_size rows per call.
-    train_rows_per_call: int = 0
+    # The UNet's batch sizes (the same trajectories and gradients, fewer and larger UNet calls, more activation
+    # memory). auto: on CUDA, calls about as wide as 7 training rows and 20 sampling trajectories at 768 px,
+    # which kept an H200 busy where the paper's sizes left it waiting on the host; on a CPU, the paper's loop
+    # (rlcm_fast/call_sizes.py). A run's config.yaml records what auto chose.
+    # Flattened PPO: an update's rows are cut into calls of this many rows, whatever train_batch_size (each
+    # call's loss weighted by its rows). 0: train_batch_size rows per call.
+    train_rows_per_call: int | str = "auto"
     # Sampling: this many sampling batches (sample_batch_size prompts each) joined into one UNet batch: the
-    # same prompts, noise and trajectories as batch by batch (each batch's draws in the same order), fewer and
-    # larger UNet calls; the VAE decodes and the rewards still go batch by batch. Must divide
-    # batches_per_epoch x num_sample_iters. 1: batch by batch, as the paper's loop.
-    sample_batches_per_call: int = 1
+    # same prompts, noise and trajectories as batch by batch (each batch's draws in the same order); the VAE
+    # decodes and the rewards still go batch by batch. Must divide batches_per_epoch x num_sample_iters.
+    # 1: batch by batch, as the paper's loop.
+    sample_batches_per_call: int | str = "auto"
 
     # LoRA on the UNet.
     lora_rank: int = 16
@@ -222,7 +224,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 return value
             raise TypeError
-        if kind == "int":
+        if kind == "int | str" and value == "auto":  # an int, or "auto"
+            return value
+        if kind in ("int", "int | str"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
@@ -244,7 +248,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise TypeError
         return str(value)
     except (TypeError, ValueError):
-        expected = "bool (true or false)" if kind == "bool" else kind
+        expected = {"bool": "bool (true or false)", "int | str": "int or 'auto'"}.get(kind, kind)
         raise ConfigError(f"{key}={value!r} in {source} is invalid: expected {expected}") from None
 
 

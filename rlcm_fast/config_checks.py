@@ -35,7 +35,7 @@ MAX_REWARD_TIMEOUT = 86400.0
 def _bounded_numbers(cfg: TrainConfig) -> None:
     for name, kind in field_types().items():
         value = getattr(cfg, name)
-        if kind == "int" and name not in OWN_INT_RANGES and value > MAX_INT:
+        if kind in ("int", "int | str") and value != "auto" and name not in OWN_INT_RANGES and value > MAX_INT:
             raise ConfigError(f"{name}={value} is invalid: it must be <= 2**31-1 ({MAX_INT})")
         if kind == "float" and math.isfinite(value) and abs(value) > FLOAT32_MAX:
             raise ConfigError(f"{name}={value} is invalid: it must be within float32's range (|x| <= {FLOAT32_MAX:.4g})")
@@ -107,6 +107,7 @@ def _check_types(cfg: TrainConfig) -> None:
         "bool": lambda v: isinstance(v, bool),
         "str": lambda v: isinstance(v, str),
         "str | None": lambda v: v is None or isinstance(v, str),
+        "int | str": lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)),  # an int or "auto"
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     }
     for name, kind in field_types().items():
@@ -114,7 +115,7 @@ def _check_types(cfg: TrainConfig) -> None:
         if name == "reward" and callable(value):  # TrainConfig(reward=my_fn), dataclasses.replace(cfg, reward=...)
             raise reward_function_given(value)
         if not checks[kind](value):  # a field of a new kind needs its check here (KeyError in every test)
-            raise ConfigError(f"{name}={value!r} is invalid: expected {kind}")
+            raise ConfigError(f"{name}={value!r} is invalid: expected {'int or auto' if kind == 'int | str' else kind}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -209,18 +210,20 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
         other = "compile_unet" if compiled_training else "gradient_checkpointing"
         raise ConfigError(f"train_cuda_graph=true with {other}=true is refused (the two were never tested "
                           f"together); set one of them to false")
-    if not isinstance(cfg.train_rows_per_call, int) or cfg.train_rows_per_call < 0:
-        raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call!r} is invalid: it must be an integer >= 0 "
-                          "(0: train_batch_size)")
-    if cfg.train_rows_per_call and (cfg.train_rows != "flattened" or cfg.algorithm == "rebel"):
-        raise ConfigError(f"train_rows_per_call={cfg.train_rows_per_call} applies to train_rows=flattened with "
+    rows_per_call = cfg.train_rows_per_call  # "auto" chooses a valid size (call_sizes.py): an int is checked
+    if rows_per_call != "auto" and (not isinstance(rows_per_call, int) or isinstance(rows_per_call, bool)
+                                    or rows_per_call < 0):
+        raise ConfigError(f"train_rows_per_call={rows_per_call!r} is invalid: it must be an integer >= 0 "
+                          "(0: train_batch_size) or 'auto'")
+    if rows_per_call not in (0, "auto") and (cfg.train_rows != "flattened" or cfg.algorithm == "rebel"):
+        raise ConfigError(f"train_rows_per_call={rows_per_call} applies to train_rows=flattened with "
                           f"algorithm ppo (here train_rows={cfg.train_rows}, algorithm={cfg.algorithm}); "
-                          "set it to 0")
+                          "set it to 0 or auto")
     rounds = cfg.batches_per_epoch * cfg.num_sample_iters
     joined = cfg.sample_batches_per_call
-    if not isinstance(joined, int) or isinstance(joined, bool) or joined < 1 or rounds % joined:
+    if joined != "auto" and (not isinstance(joined, int) or isinstance(joined, bool) or joined < 1 or rounds % joined):
         raise ConfigError(f"sample_batches_per_call={joined!r} is invalid: it must be a positive integer dividing "
-                          f"batches_per_epoch x num_sample_iters = {rounds} (e.g. 1 or {rounds})")
+                          f"batches_per_epoch x num_sample_iters = {rounds} (e.g. 1 or {rounds}), or 'auto'")
     if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
         raise ConfigError("train_rows='per_timestep' applies to algorithm 'ppo': REBEL's loss needs each "
                           "trajectory's steps together (use train_rows=flattened)")

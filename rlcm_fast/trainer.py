@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
+from .call_sizes import resolve_call_sizes
 from .checkpoint import (
     CheckpointWriteError, checkpoint_name, load_checkpoint, remove_leftovers, save_checkpoint,
 )
@@ -92,6 +93,10 @@ class Trainer:
             self.sampler = policy_sampler(self.pipe, cfg)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        # The UNet's batch sizes where the config says auto, for this device and latent size (config.yaml
+        # records what was chosen).
+        latent_side = self.sampler.resolution // self.pipe.vae_scale_factor
+        self.cfg = cfg = resolve_call_sizes(cfg, self.device.type, latent_side)
         for warning in policy.warnings if self.is_main else ():
             print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))

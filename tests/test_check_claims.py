@@ -259,9 +259,9 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     # skipped on the CPU, and said so.
     assert [r["variant"] for r in train["rows"]] == ["straightforward", "fast", "ddpo", "training_calls_of_7"]
     assert [s.get("row") for s in train["skipped"] if "row" in s] == [
-        "calls_of_20_and_7", "compiled_sampling_calls_of_20_and_7",
-        "compiled_sampling_graphed_training_calls_of_20_and_7", "all_graphed_calls_of_7",
-        "compiled_blocks_graphed_calls_of_7", "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7"]
+        "compiled_sampling_calls_of_20_and_7", "compiled_sampling_graphed_training_calls_of_20_and_7", "paper_calls",
+        "all_graphed_calls_of_7", "compiled_blocks_graphed_calls_of_7", "calls_of_20_and_7",
+        "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7"]
     assert "curves" not in train
     sampler = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert {(r["horizon"], r["batch"]) for r in sampler["rows"]} == {(2, 1)}
@@ -283,11 +283,13 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     fastest = min(unet[:2], key=lambda r: r["ms"])
     assert lines[0] == (f"- training 1 eager: default {unet[0]['ms']:.4g}, fastest {fastest['variant']} "
                         f"{fastest['ms']:.4g} ({unet[0]['ms'] / fastest['ms']:.3f}x the default)")
-    # The profiled rows that ran on the CPU (calls_of_20_and_7 is GPU-only): each call, its costliest ops.
+    # The profiled rows that ran on the CPU (compiled_sampling_calls_of_20_and_7 is GPU-only): each call, its
+    # costliest ops.
     profiled, first_updates = profiled.split("An epoch's first update")
     lines = [line for line in profiled.splitlines() if line.startswith("- ")]
     assert [line.split(":")[0] for line in lines] == ["- straightforward sampling call",
-                                                      "- straightforward training call"]
+                                                      "- straightforward training call", "- fast sampling call",
+                                                      "- fast training call"]
     assert "; by host time: aten::" in lines[1] and "busy" not in lines[1]
     lines = [line for line in first_updates.splitlines() if line.startswith("- ")]  # float32: ratios exactly 1
     assert lines == [f"- {row}: clipfrac 0 at clip range 0.01; RMS log-prob gap 0"
@@ -462,12 +464,13 @@ def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
 def test_the_train_stage_profiles_only_the_rows_it_runs():
     command = check_claims.stage_commands(Path("unused"))["train"]
     assert command[command.index("--profile") + 1] == (
-        "straightforward,calls_of_20_and_7,compiled_sampling_calls_of_20_and_7")
-    command = check_claims.stage_commands(Path("unused"), "fast,calls_of_20_and_7")["train"]
-    assert command[command.index("--profile") + 1] == "calls_of_20_and_7"
-    assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,ddpo")["train"]
+        "straightforward,fast,compiled_sampling_calls_of_20_and_7")
+    command = check_claims.stage_commands(Path("unused"), "ddpo,fast,calls_of_20_and_7")["train"]
+    assert command[command.index("--profile") + 1] == "fast"
+    assert "--profile" not in check_claims.stage_commands(Path("unused"), "ddpo,calls_of_20_and_7")["train"]
     # a row's name inside another's is not that row
-    assert "--profile" not in check_claims.stage_commands(Path("unused"), "fast,all_graphed_calls_of_20_and_7")["train"]
+    command = check_claims.stage_commands(Path("unused"), "ddpo,compiled_sampling_graphed_training_calls_of_20_and_7")
+    assert "--profile" not in command["train"]
 
 
 def test_claims_md_gives_each_train_rows_first_update_clipfrac(tmp_path):

@@ -252,7 +252,8 @@ def test_config_nested_too_deeply_is_one_line(tmp_path):
     assert str(info.value) == "--set epochs=... is invalid: its value is nested too deeply"
 
 
-INT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "int" and f.name not in ("seed", "jpeg_quality")]
+INT_KEYS = [f.name for f in dataclasses.fields(TrainConfig)  # "int | str": an int or "auto"
+            if f.type in ("int", "int | str") and f.name not in ("seed", "jpeg_quality")]
 
 
 @pytest.mark.parametrize("name", INT_KEYS)

@@ -130,12 +130,13 @@ def test_a_gpu_profile_without_kernel_events_says_so_and_claims_no_busy_fraction
 
 def test_the_training_call_is_the_first_call_of_the_trainers_own_plan():
     """Its width and its mix of timesteps: one timestep per call in the straightforward path's per_timestep rows."""
+    from rlcm_fast.call_sizes import resolve_call_sizes
     from rlcm_fast.config import resolve_config
 
     def first(**overrides):
         cfg = resolve_config(overrides={"device": "cpu", "horizon": 5, "batches_per_epoch": 2, "sample_batch_size": 4,
                                         "train_batch_size": 2, "gradient_accumulation_steps": 2, **overrides})
-        trainer = SimpleNamespace(cfg=cfg, sampler=SimpleNamespace(trained_steps=4))
+        trainer = SimpleNamespace(cfg=resolve_call_sizes(cfg, "cpu", 4), sampler=SimpleNamespace(trained_steps=4))
         return unet_profile.first_training_call(trainer)
 
     sample_idx, step_idx = first()

@@ -1,0 +1,57 @@
+"""The UNet's batch sizes where the config says `auto`: train_rows_per_call and sample_batches_per_call.
+
+Either size changes no trajectory and no gradient (tests/test_switches.py), only how many rows one UNet call
+takes. At the paper's sizes (training calls of train_batch_size = 2 rows, sampling calls of 4 prompts) an
+H200 waits on the host's kernel launches: a training call of 2 rows at 768 px kept it busy 27-38% of the
+call, one of 7 rows 75-89%; a sampling call of 4 prompts 61-67%, one of 20 83-85% (profiles of the bench_train
+rows straightforward and calls_of_20_and_7, benchmarks/results/nvidia-h200/d986b71 and 397294b). So on CUDA
+`auto` makes calls of about as many latent pixels as those wide ones, which keep the activation memory about
+the same at any resolution (sd15-lcm: some 12 GiB for 7 training rows at 768 px, training_memory.py); on a
+CPU, busy at any width, it keeps the paper's loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import TrainConfig
+
+# Latent pixels per UNet call: 7 training rows and 20 sampling trajectories at 768 px (96 x 96 latents).
+TRAIN_LATENT_PIXELS_PER_CALL = 7 * 96 * 96
+SAMPLE_LATENT_PIXELS_PER_CALL = 20 * 96 * 96
+
+
+def unet_rows_per_sample(cfg: TrainConfig) -> int:
+    """UNet rows per trajectory row: DDPO's classifier-free guidance doubles the batch (ddpo.DDPOSampler)."""
+    return 2 if cfg.method == "ddpo" and cfg.guidance_scale > 1.0 else 1
+
+
+def auto_train_rows_per_call(cfg: TrainConfig, device_type: str, latent_pixels: int) -> int:
+    """train_rows_per_call for `auto`: 0 (train_batch_size rows a call) where wider calls do not apply or
+    would not be wider."""
+    if device_type != "cuda" or cfg.train_rows != "flattened" or cfg.algorithm == "rebel":
+        return 0
+    rows = TRAIN_LATENT_PIXELS_PER_CALL // (latent_pixels * unet_rows_per_sample(cfg))
+    return rows if rows > cfg.train_batch_size else 0
+
+
+def auto_sample_batches_per_call(cfg: TrainConfig, device_type: str, latent_pixels: int) -> int:
+    """sample_batches_per_call for `auto`: the most sampling batches, dividing the epoch's, whose UNet batch
+    stays within SAMPLE_LATENT_PIXELS_PER_CALL (1 when even two would not)."""
+    if device_type != "cuda":
+        return 1
+    rounds = cfg.batches_per_epoch * cfg.num_sample_iters
+    pixels_per_batch = cfg.sample_batch_size * latent_pixels * unet_rows_per_sample(cfg)
+    return max(joined for joined in range(1, rounds + 1)
+               if rounds % joined == 0 and (joined == 1 or joined * pixels_per_batch <= SAMPLE_LATENT_PIXELS_PER_CALL))
+
+
+def resolve_call_sizes(cfg: TrainConfig, device_type: str, latent_side: int) -> TrainConfig:
+    """The config with its `auto` call sizes chosen for this device and latent size (others kept as set)."""
+    pixels = latent_side * latent_side
+    chosen = {}
+    if cfg.train_rows_per_call == "auto":
+        chosen["train_rows_per_call"] = auto_train_rows_per_call(cfg, device_type, pixels)
+    if cfg.sample_batches_per_call == "auto":
+        chosen["sample_batches_per_call"] = auto_sample_batches_per_call(cfg, device_type, pixels)
+    return dataclasses.replace(cfg, **chosen)
