@@ -115,7 +115,8 @@ def _check_types(cfg: TrainConfig) -> None:
         if name == "reward" and callable(value):  # TrainConfig(reward=my_fn), dataclasses.replace(cfg, reward=...)
             raise reward_function_given(value)
         if not checks[kind](value):  # a field of a new kind needs its check here (KeyError in every test)
-            raise ConfigError(f"{name}={value!r} is invalid: expected {'int or auto' if kind == 'int | str' else kind}")
+            expected = "int or 'auto'" if kind == "int | str" else kind
+            raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -176,9 +176,9 @@ def lent_gpu(tmp_path, diffusers_imports: bool = True, wheels_install: bool | No
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\ncase "$1" in -c) case "$2" in *"import diffusers"*) exit %d;; esac; echo "3.12 '
                     'stand-in"; exit 0;; -m) case "$*" in *--no-index*) exit %d;; esac; echo "Successfully installed '
-                    'rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; [ "$1" = --budget-s ] && '
-                    'echo "stand-in budget $2"; shift; done\nfor i in $(seq 10); do echo "{}" > "$out/bench_$i.json"; '
-                    'done\n'
+                    'rlcm-fast"; exit 0;; esac\nwhile [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; '
+                    '[ "$1" = --budget-s ] && echo "stand-in budget $2"; shift; done\n'
+                    'for i in $(seq 10); do echo "{}" > "$out/bench_$i.json"; done\n'
                     % (0 if diffusers_imports else 1, 0 if wheels_install else 1))
     fake.chmod(0o755)
     wheels = tmp_path / "wheels"

@@ -84,5 +84,5 @@ def test_auto_and_numbers_are_read_from_set_values_and_yaml():
     assert (cfg.train_rows_per_call, cfg.sample_batches_per_call) == ("auto", 5)
     cfg = resolve_config(overrides={**PAPER, "train_rows_per_call": "auto", "train_rows": "per_timestep"})
     assert cfg.train_rows_per_call == "auto"  # auto asks for no width where none applies: not refused
-    with pytest.raises(ConfigError, match=r"^train_rows_per_call='AUTO' is invalid: expected int or auto$"):
+    with pytest.raises(ConfigError, match=r"^train_rows_per_call='AUTO' is invalid: expected int or 'auto'$"):
         validate(TrainConfig(train_rows_per_call="AUTO"))  # a config built in code is checked too
