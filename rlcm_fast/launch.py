@@ -127,8 +127,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: a child gets SIGKILL when this launcher dies, so a killed launcher leaves no orphans."""
+# The signals the launcher passes on to its processes (a user's Ctrl-C or kill).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _child_setup() -> None:
+    """In a child before it runs: it gets SIGKILL when this launcher dies (Linux), so a killed launcher leaves no
+    orphans; and it takes the forwarded signals, which the launcher blocks while it starts a child."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
         import ctypes
 
@@ -150,11 +156,7 @@ def launch_local(num_processes: int, argv: list[str], command: list[str] | None 
            LAUNCHED_HERE: "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpu_cores() // num_processes)))
     command = command or [sys.executable, "-m", "rlcm_fast"]
-    children = [
-        subprocess.Popen([*command, *argv], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                         start_new_session=True, preexec_fn=_die_with_parent)
-        for rank in range(num_processes)
-    ]
+    children: list[subprocess.Popen] = []
     forwarded = []
 
     def forward(signum, frame):
@@ -163,9 +165,21 @@ def launch_local(num_processes: int, argv: list[str], command: list[str] | None 
             if child.poll() is None:
                 child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    # The handlers before the first child starts, and each child started with the signals blocked until it is in
+    # `children`: a signal while they start reaches every child started, and no more are started after it.
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     first_failure = None  # (rank, exit code) of the first process seen to fail
     try:
+        for rank in range(num_processes):
+            if forwarded:
+                break
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+            try:
+                children.append(subprocess.Popen([*command, *argv], env={**env, "RANK": str(rank),
+                                                                         "LOCAL_RANK": str(rank)},
+                                                 start_new_session=True, preexec_fn=_child_setup))
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # a pending one is handled here
         deadline = None
         while True:
             codes = [child.poll() for child in children]  # every child each time: any() would stop at a live one
@@ -183,8 +197,8 @@ def launch_local(num_processes: int, argv: list[str], command: list[str] | None 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if first_failure is None:
-        return 0
+    if first_failure is None:  # every process started ended well, or a signal came before the rest started
+        return 128 + forwarded[0] if len(children) < num_processes else 0
     rank, code = first_failure
     if code > 0:  # the process said why itself
         return code

@@ -142,6 +142,28 @@ def test_a_users_signal_forwarded_to_the_processes_is_not_reported_as_a_kill(cap
     assert "was killed by" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_a_signal_while_the_processes_start_reaches_every_one_started_and_no_more_start(monkeypatch, capsys,
+                                                                                        signalled_rank):
+    """The launcher used to install its forwarding after starting them all: a signal in between ended the launcher
+    and left the processes to die with it."""
+    started, popen = [], launch.subprocess.Popen
+
+    def start(args, env, **kwargs):
+        rank = int(env["RANK"])
+        if rank == signalled_rank:  # while this one starts: blocked until it is among the launcher's processes
+            os.kill(os.getpid(), signal.SIGTERM)
+        started.append(rank)
+        return popen(args, env=env, **kwargs)
+
+    monkeypatch.setattr(launch.subprocess, "Popen", start)
+    begun = time.monotonic()
+    code = launch.launch_local(3, [], command=[sys.executable, "-c", "import time; time.sleep(30)"])
+    assert code == 128 + signal.SIGTERM and time.monotonic() - begun < 20  # not the 30 s sleep: they got it
+    assert started == list(range(signalled_rank + 1))
+    assert "was killed by" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("device, precision", [("cuda", "no"), ("cpu", "bf16")])
 def test_an_accelerator_on_another_device_or_precision_than_asked_is_an_error(monkeypatch, device, precision):
     """accelerate keeps one device and precision per process; forget_other_accelerator_state resets it through
