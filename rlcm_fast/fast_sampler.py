@@ -79,6 +79,10 @@ class FastLCMSampler:
         if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
             raise ValueError(f"pipe is a {type(pipe).__name__}; FastLCMSampler takes a diffusers "
                              "LatentConsistencyModelPipeline (its unet, vae and scheduler)")
+        if "image" in inspect.signature(pipe.__call__).parameters:  # img2img, inpainting: would sample from noise
+            raise ValueError(f"pipe is a {type(pipe).__name__}, which starts from an image; FastLCMSampler samples "
+                             "text-to-image, as LatentConsistencyModelPipeline does: build one from the same "
+                             "components (LatentConsistencyModelPipeline(**pipe.components))")
         for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an int >= 1")

@@ -383,6 +383,21 @@ def test_fast_sampler_refuses_a_call_after_the_unet_was_replaced(pipe):
                                  "LatentConsistencyModelPipeline (its unet, vae and scheduler)")
 
 
+def test_fast_sampler_refuses_an_image_to_image_pipeline(pipe):
+    """It has a UNet, a VAE and an LCMScheduler too, but starts from the caller's image: the sampler would have
+    given text-to-image results for it."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
+
+    components = dict(pipe.components)
+    with pytest.raises(ValueError) as caught:
+        FastLCMSampler(LatentConsistencyModelImg2ImgPipeline(**components), batch_size=2, num_inference_steps=2)
+    assert str(caught.value) == (
+        "pipe is a LatentConsistencyModelImg2ImgPipeline, which starts from an image; FastLCMSampler samples "
+        "text-to-image, as LatentConsistencyModelPipeline does: build one from the same components "
+        "(LatentConsistencyModelPipeline(**pipe.components))")
+    assert FastLCMSampler(LatentConsistencyModelPipeline(**components), batch_size=2, num_inference_steps=2)
+
+
 def test_fast_sampler_calls_do_not_walk_the_unets_modules(pipe, monkeypatch):
     """diffusers' unet.device and unet.dtype walk every module (2.8 and 3.3 ms on the sd15 UNet, on a 2-core
     CPU); a call asked for the device once per random draw, H times, on the host before the graph launched."""
