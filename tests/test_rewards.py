@@ -482,6 +482,35 @@ def test_pillow_threads_0_are_one_per_core_this_process_may_use(monkeypatch):
     assert PillowJpeg(quality=95, threads=3).pool._max_workers == 3
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "memfd_create"), reason="no memfd on this platform")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pillow_sizes_from_a_reused_file_are_those_of_a_fresh_buffer(threads):
+    """Several threads encode into a memory-backed file each (Pillow holds the GIL writing into io.BytesIO), rewound
+    for every image: a small image after a large one must not count the large one's leftover bytes."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from rlcm_fast.rewards.jpeg import PillowJpeg, jpeg_size_kb
+
+    generator = torch.Generator().manual_seed(0)
+    noisy, flat = torch.rand(1, 3, 96, 96, generator=generator), torch.full((1, 3, 96, 96), 0.5)
+    images = torch.cat([noisy, flat] * 4)  # large files, then small ones, in each thread's turn
+
+    def fresh(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        return buffer.tell() / 1000
+
+    pixels = to_uint8_images(images)
+    expected = [fresh(p) for p in pixels]
+    assert expected[0] > 5 * expected[1]
+    with os.fdopen(os.memfd_create("test"), "w+b", buffering=0) as file:
+        assert [jpeg_size_kb(p, 95, file) for p in pixels] == expected
+    assert PillowJpeg(quality=95, threads=threads).sizes_kb(images).tolist() == expected
+
+
 @pytest.mark.parametrize("images, prompts, message", [
     (lambda: torch.rand(2, 3, 1, 16, 16), ["a", "b"], r"images of shape \(2, 3, 1, 16, 16\) given; rewards take N x 3"),
     (lambda: torch.rand(3, 16, 16), ["a", "b", "c"], r"images of shape \(3, 16, 16\) given"),
