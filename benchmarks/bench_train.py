@@ -4,20 +4,23 @@ memory and MFU, for the fast path, each optimisation off on its own, the straigh
 GPU mode (CUDA available): the compression task at the paper's hyperparameters (Table 1, per GPU: 10
 batches of 4 samples, train batch 2, gradient accumulation 2, H = 8, LoRA rank 16) on `sd15-lcm`
 (LCM_Dreamshaper_v7's architecture, random weights: the rewards mean nothing, the times do) at 768 px,
-bf16. DDPO runs on `sd15` (the same UNet without the guidance embedding) at its defaults (50 DDIM steps,
-CFG 5, all 50 actions trained, train batch 1) with the same number of reward queries per epoch (the
-same 10 batches of 4) and the same 768 px.
-Besides the defaults, rows with the fast path's opt-in switches: `training_calls_of_7` (train_rows_per_call
-7), and on a GPU only `compiled_unet`, `sample_cuda_graph`, both together (`compiled_and_graphed`),
-`graphed_calls_of_7` (the graphed sampling loop with training calls of 7 rows), `graphed_calls_of_7_cudnn`
-(the same with attention_backend cudnn), `all_graphed` / `all_graphed_calls_of_7` (the training calls
-replayed from CUDA graphs too, train_cuda_graph), and `calls_of_20_and_7` / `all_graphed_calls_of_20_and_7`
-(sampling in UNet batches of 20, eager and graphed), `compiled_sampling_calls_of_20_and_7` /
+bf16. The defaults (`fast`) make UNet calls as `auto` chooses (rlcm_fast/call_sizes.py: on the H200 at 768
+px, 7 training rows and 20 sampling trajectories); each row named after call sizes sets its own, and
+`paper_calls` (GPU only) the paper's (train_batch_size rows, one sampling batch a call), as does the
+straightforward path. DDPO runs on `sd15` (the same UNet without the guidance embedding) at its defaults (50
+DDIM steps, CFG 5, all 50 actions trained, train batch 1) in ddpo-pytorch's call sizes (the paper's), with
+the same number of reward queries per epoch (the same 10 batches of 4) and the same 768 px. Besides, rows
+with the fast path's opt-in switches: `training_calls_of_7` (train_rows_per_call 7), and on a GPU only
+`compiled_unet`, `sample_cuda_graph`, both together (`compiled_and_graphed`), `graphed_calls_of_7` (the
+graphed sampling loop with training calls of 7 rows), `graphed_calls_of_7_cudnn` (the same with
+attention_backend cudnn), `all_graphed` / `all_graphed_calls_of_7` (the training calls replayed from CUDA
+graphs too, train_cuda_graph), and `calls_of_20_and_7` / `all_graphed_calls_of_20_and_7` (sampling in UNet
+batches of 20, eager and graphed), `compiled_sampling_calls_of_20_and_7` /
 `compiled_sampling_graphed_training_calls_of_20_and_7` (the same wide calls with sampling's UNet and VAE
 decode compiled, compile_scope sampling and compile_decode; training eager, and replayed from CUDA graphs),
 and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled, compile_scope blocks, with
-the graphed sampling loop and training calls of 7); asked for on a CPU, these twelve are listed under
-"skipped".
+the graphed sampling loop and training calls of 7); asked for on a CPU, these and `paper_calls` (13 rows)
+are listed under "skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.
 
@@ -374,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = []
     if args.rows is not None:
         wanted = args.rows
-        skipped = [{"row": name, "reason": "CUDA is not available: the row's switches run only on a GPU"}
+        skipped = [{"row": name, "reason": "CUDA is not available: a GPU-only row (its switches run only on a GPU; "
+                                          "paper_calls: a CPU's auto already chooses its call sizes)"}
                    for name in wanted if name not in table]
         table = {name: table[name] for name in wanted if name in table}
         for row in skipped:  # in the JSON too; said here, or a run of GPU rows on a CPU looks like it measured

@@ -31,8 +31,8 @@ Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16)
            names the fastest variant per call)
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
-           epoch (its per-sample step time, not the paper's epoch); the eager straightforward and
-           calls_of_20_and_7 rows then profiled (claims.md lists each call's costliest ops)
+           epoch (its per-sample step time, not the paper's epoch); the straightforward, fast and
+           compiled_sampling_calls_of_20_and_7 rows then profiled (claims.md lists each call's costliest ops)
   tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), compiled training,
            nvJPEG, the JPEG and CLIP rewards
 """
@@ -83,15 +83,15 @@ STOP_GRACE_S = 15
 DEFAULT_STAGES = "step,rewards,attention,unet,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished after 386 s;
 # with the sampling graphs in inductor's cache, the first training minibatch still took 199 s. The baseline of the
-# 3x claim first; then the defaults ("fast": on a GPU auto's wide calls, at 768 px those of calls_of_20_and_7), the
-# same with sampling's UNet and decode compiled (no backward to compile; 99 s of warm-up at 397294b), and DDPO (its
-# per-sample claim), so that a stage cut short still has ratios; then the paper's call sizes alone, and the rows the
-# H200 runs did not reach (the training graphs at 7 rows, the compiled blocks); the rows they measured, last (a row
-# that fails is recorded and the next one runs). graphed_calls_of_7_cudnn is left out: torch 2.11 on the H200
-# already chose cuDNN's attention (its GPU test, the rows' profiles). bench_train warms each row up with one
-# sampling call and one update, not a whole epoch, so that the rows fit in the stage's cap.
-DEFAULT_TRAIN_ROWS = ("straightforward,fast,compiled_sampling_calls_of_20_and_7,"
-                      "compiled_sampling_graphed_training_calls_of_20_and_7,ddpo,paper_calls,all_graphed_calls_of_7,"
+# 3x claim first; then the defaults ("fast": on a GPU auto's wide calls, at 768 px those of calls_of_20_and_7) and
+# DDPO (its per-sample claim; at 397294b the cap cut it after the compiled rows' 99 s compile), so that a stage cut
+# short still has ratios; then the defaults with sampling's UNet and decode compiled, the paper's call sizes alone,
+# and the rows the H200 runs did not reach (the training graphs at 7 rows, the compiled blocks); the rows they
+# measured, last (a row that fails is recorded and the next one runs). graphed_calls_of_7_cudnn is left out: torch
+# 2.11 on the H200 already chose cuDNN's attention (its GPU test, the rows' profiles). bench_train warms each row up
+# with one sampling call and one update, not a whole epoch, so that the rows fit in the stage's cap.
+DEFAULT_TRAIN_ROWS = ("straightforward,fast,ddpo,compiled_sampling_calls_of_20_and_7,"
+                      "compiled_sampling_graphed_training_calls_of_20_and_7,paper_calls,all_graphed_calls_of_7,"
                       "training_calls_of_7,compiled_blocks_graphed_calls_of_7,calls_of_20_and_7,"
                       "all_graphed_calls_of_20_and_7,all_graphed,graphed_calls_of_7")
 

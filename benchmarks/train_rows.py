@@ -41,8 +41,8 @@ GPU_ONLY_ROWS = {
     "calls_of_20_and_7": {"sample_batches_per_call": 5, "train_rows_per_call": 7},
     # The same, with sampling's UNet and VAE decode compiled (compile_scope: sampling, compile_decode; training
     # eager, or replayed from CUDA graphs). On the H200 (d986b71) a sampling call of 20 trajectories spent 286 ms of
-    # its 1689 ms of kernels in copies and 138 in group norms, which inductor fuses: its 344 TFLOP of UNet work in
-    # 2.03 s is 24% of the measured bf16 matmul rate, where FastLCMSampler's compiled UNet ran at 46% (batch 8, H 8,
+    # its 1689 ms of kernels in copies and 138 in group norms, which inductor fuses: its 345 TFLOP of UNet work in
+    # 2.03 s is 24% of the measured bf16 matmul rate, where FastLCMSampler's compiled UNet ran at 47% (batch 8, H 8,
     # 768 px, 6675037). No backward is compiled, the part that kept the whole UNet's warm-up past 386 s.
     "compiled_sampling_calls_of_20_and_7": {"compile_unet": True, "compile_scope": "sampling", "compile_decode": True,
                                             "sample_batches_per_call": 5, "train_rows_per_call": 7},
@@ -88,5 +88,7 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
     # 1.99 GiB of frozen weights: 14 rows keep 23.5 GiB and cannot fit in 24 GiB; 7 rows keep 11.8.
     table["training_calls_of_7"] = {**rlcm, **PAPER_CALLS, "train_rows_per_call": 7}
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
-    table["ddpo"] = ddpo
+    # DDPO as ddpo-pytorch runs it: a UNet call per train_batch_size rows, one sampling batch a call (what its
+    # per-sample claim was measured with at d986b71), not auto's wider calls.
+    table["ddpo"] = {**ddpo, **(PAPER_CALLS if gpu else {})}
     return table

@@ -371,6 +371,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
     say = (lambda message: print(f"rlcm-fast: {message}", file=sys.stderr)) if trainer.is_main else (lambda _: None)
     start = f" from {resume_from.name}" if resume_from is not None else ""
     say(f"training {cfg.model} on {cfg.reward} ({cfg.resolution} px, {cfg.horizon} steps){start} -> {run_dir}")
+    chosen = trainer.cfg  # its UNet call sizes as `auto` chose them on this machine, when wider than the paper's
+    if chosen.train_rows_per_call or chosen.sample_batches_per_call != 1:
+        say(f"UNet calls of {chosen.train_rows_per_call or chosen.train_batch_size} training rows and "
+            f"{chosen.sample_batches_per_call * chosen.sample_batch_size} sampling trajectories "
+            "(train_rows_per_call, sample_batches_per_call)")
     records = trainer.train()
     if trainer.stopped_at is not None:
         processes = trainer.accelerator.num_processes

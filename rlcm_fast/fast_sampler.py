@@ -79,7 +79,8 @@ class FastLCMSampler:
         if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
             raise ValueError(f"pipe is a {type(pipe).__name__}; FastLCMSampler takes a diffusers "
                              "LatentConsistencyModelPipeline (its unet, vae and scheduler)")
-        if "image" in inspect.signature(pipe.__call__).parameters:  # img2img, inpainting: would sample from noise
+        call = getattr(type(pipe), "__call__", None)
+        if call is not None and "image" in inspect.signature(call).parameters:  # img2img, inpainting: from noise
             raise ValueError(f"pipe is a {type(pipe).__name__}, which starts from an image; FastLCMSampler samples "
                              "text-to-image, as LatentConsistencyModelPipeline does: build one from the same "
                              "components (LatentConsistencyModelPipeline(**pipe.components))")

@@ -224,10 +224,12 @@ def out_of_memory_message(cfg, phase: str, processes: int, memory: str = "GPU") 
     """One line: what was running, the sizes in use, and every setting that lowers memory."""
     return (
         f"out of {memory} memory while {phase} (per process: sample_batch_size={cfg.sample_batch_size}, "
-        f"train_batch_size={cfg.train_batch_size}, resolution={cfg.resolution}, horizon={cfg.horizon}, "
+        f"train_batch_size={cfg.train_batch_size}, sample_batches_per_call={cfg.sample_batches_per_call}, "
+        f"train_rows_per_call={cfg.train_rows_per_call}, resolution={cfg.resolution}, horizon={cfg.horizon}, "
         f"gradient_checkpointing={str(cfg.gradient_checkpointing).lower()}; {processes} process(es)). "
-        "To use less memory: lower sample_batch_size (sampling), lower train_batch_size and raise "
-        "gradient_accumulation_steps to keep the samples per update (training), "
+        "To use less memory: narrower UNet calls, --set sample_batches_per_call=1 (sampling) and "
+        "train_rows_per_call=0 (training), the same results; lower sample_batch_size (sampling), lower "
+        "train_batch_size and raise gradient_accumulation_steps to keep the samples per update (training), "
         "--set gradient_checkpointing=true (training), or lower resolution; the last checkpoint is intact, "
         "resume it with --resume RUN_DIR (batch-size changes need an epoch checkpoint, checkpoint-N)"
     )

@@ -131,10 +131,8 @@ def _free_port() -> int:
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _child_setup() -> None:
-    """In a child before it runs: it gets SIGKILL when this launcher dies (Linux), so a killed launcher leaves no
-    orphans; and it takes the forwarded signals, which the launcher blocks while it starts a child."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGKILL when this launcher dies, so a killed launcher leaves no orphans."""
     try:
         import ctypes
 
@@ -157,29 +155,32 @@ def launch_local(num_processes: int, argv: list[str], command: list[str] | None 
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpu_cores() // num_processes)))
     command = command or [sys.executable, "-m", "rlcm_fast"]
     children: list[subprocess.Popen] = []
-    forwarded = []
+    forwarded = []  # the signals received, in order
+    delivered = set()  # (index in forwarded, child pid): each signal reaches each child once
+
+    def deliver():
+        for index, signum in enumerate(list(forwarded)):
+            for child in list(children):
+                if (index, child.pid) not in delivered:
+                    delivered.add((index, child.pid))  # before sending: a handler run in between skips it
+                    if child.poll() is None:
+                        child.send_signal(signum)
 
     def forward(signum, frame):
         forwarded.append(signum)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        deliver()
 
-    # The handlers before the first child starts, and each child started with the signals blocked until it is in
-    # `children`: a signal while they start reaches every child started, and no more are started after it.
+    # The handlers before the first child starts; each child, once in `children`, gets the signals that came
+    # before (one may come while Popen runs, before the child is in the list), and none start after one.
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     first_failure = None  # (rank, exit code) of the first process seen to fail
     try:
         for rank in range(num_processes):
             if forwarded:
                 break
-            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
-            try:
-                children.append(subprocess.Popen([*command, *argv], env={**env, "RANK": str(rank),
-                                                                         "LOCAL_RANK": str(rank)},
-                                                 start_new_session=True, preexec_fn=_child_setup))
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # a pending one is handled here
+            children.append(subprocess.Popen([*command, *argv], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                             start_new_session=True, preexec_fn=_die_with_parent))
+            deliver()
         deadline = None
         while True:
             codes = [child.poll() for child in children]  # every child each time: any() would stop at a live one

@@ -79,7 +79,7 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
     # comes off (accelerate's own unwrap; DDP stays).
     accelerator.unwrap_model(ddp_unet, keep_fp32_wrapper=False)
     # Compiled with `compile_unet` (README, "Speed"). The two wrappers share the weights; each keeps its own
-    # graphs (eval without grad, train with grad).
+    # graphs (eval without grad, train with grad); with compile_scope sampling only sampling's is compiled.
     sample_unet, train_unet = unet, ddp_unet
     if cfg.compile_unet:
         # dynamic=False: sampling calls the UNet with sample_batch_size rows, training with train_batch_size,

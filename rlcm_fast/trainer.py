@@ -93,10 +93,14 @@ class Trainer:
             self.sampler = policy_sampler(self.pipe, cfg)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        # The UNet's batch sizes where the config says auto, for this device and latent size (config.yaml
-        # records what was chosen).
+        # The UNet's batch sizes where the config says auto, for this device, its memory and the latent size.
+        # Saved as auto (config.yaml, checkpoints): a resume on another machine chooses again.
+        self.auto_keys = [key for key in ("train_rows_per_call", "sample_batches_per_call")
+                          if getattr(cfg, key) == "auto"]
+        memory = (torch.cuda.get_device_properties(self.device).total_memory / 2**30
+                  if self.device.type == "cuda" else None)
         latent_side = self.sampler.resolution // self.pipe.vae_scale_factor
-        self.cfg = cfg = resolve_call_sizes(cfg, self.device.type, latent_side)
+        self.cfg = cfg = resolve_call_sizes(cfg, self.device.type, latent_side, memory)
         for warning in policy.warnings if self.is_main else ():
             print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))
@@ -129,7 +133,7 @@ class Trainer:
     def _start_run_folder(self) -> RunLogger:
         """config.yaml and the run's logger (main process only)."""
         remove_leftovers(self.run_dir)  # a new run's folder may not exist yet: then there is nothing to find
-        write_run_config(self.run_dir, self.cfg.to_dict())
+        write_run_config(self.run_dir, self.config_to_save())
         return RunLogger(self.run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
 
     # -- sampling and rewards ---------------------------------------------------------------------------
@@ -502,8 +506,13 @@ class Trainer:
 
     # -- checkpoints (every process calls these; the main process writes) -------------------------------
 
+    def config_to_save(self) -> dict:
+        """The run's config, with `auto` where the config said it (not what it chose on this machine)."""
+        return {**self.cfg.to_dict(), **{key: "auto" for key in self.auto_keys}}
+
     def save_checkpoint(self, epoch: int, update: int = 0, extra: dict | None = None, stopped: dict | None = None) -> Path:
-        state = {"global_step": self.global_step, "config": self.cfg.to_dict(), "nonfinite": self.nonfinite.state_dict()}
+        state = {"global_step": self.global_step, "config": self.config_to_save(),
+                 "nonfinite": self.nonfinite.state_dict()}
         if self.accelerator.scaler is not None:
             state["grad_scaler"] = self.accelerator.scaler.state_dict()  # numbers only: the loss scale and its counter
         if stopped:

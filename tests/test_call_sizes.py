@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from rlcm_fast.call_sizes import resolve_call_sizes
+from rlcm_fast.checkpoint import saved_config
 from rlcm_fast.config import ConfigError, TrainConfig, resolve_config
 from rlcm_fast.config_checks import validate
 from rlcm_fast.trainer import Trainer
@@ -28,7 +29,7 @@ def test_both_default_to_auto():
     # measured on the H200.
     (768, {}, (7, 5)),
     (512, {}, (15, 10)),  # 64 x 64 latents: 15 rows; all 10 batches (40 trajectories) in one call
-    (1024, {}, (3, 2)),  # 128 x 128: 3 rows (one more than train_batch_size); 5 batches would be 80 of 96 x 96
+    (1024, {}, (3, 2)),  # 128 x 128: 3 rows (one more than train_batch_size); 5 batches: 36 trajectories' worth
     (2048, {}, (0, 1)),  # not even one 256 x 256 row fits 7 x 96 x 96: the paper's calls
     (1024, {"train_batch_size": 4}, (0, 2)),  # 3 rows would be no wider than train_batch_size
     (768, {"batches_per_epoch": 7}, (7, 1)),  # 7 is prime, and 7 batches of 4 are more than 20
@@ -52,14 +53,58 @@ def test_auto_on_a_cpu_keeps_the_papers_loop():
     assert chosen("cpu", 96, train_rows_per_call=7) == (7, 1)
 
 
-def test_a_trainer_resolves_auto_and_its_config_yaml_records_the_choice(tmp_path):
+def test_a_trainer_resolves_auto_and_saves_it_as_auto(tmp_path):
+    """config.yaml and the checkpoint say auto, not this machine's choice: a resume elsewhere chooses again."""
     overrides = {"device": "cpu", "batches_per_epoch": 2, "sample_batch_size": 2, "train_batch_size": 2,
                  "gradient_accumulation_steps": 1, "grid_every": 0, "epochs": 1}
     trainer = Trainer(resolve_config(overrides=overrides), tmp_path / "run")
     assert (trainer.cfg.train_rows_per_call, trainer.cfg.sample_batches_per_call) == (0, 1)
     trainer.train()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert (saved["train_rows_per_call"], saved["sample_batches_per_call"]) == (0, 1)
+    assert (saved["train_rows_per_call"], saved["sample_batches_per_call"]) == ("auto", "auto")
+    in_checkpoint = saved_config(tmp_path / "run" / "checkpoint-1")
+    assert (in_checkpoint["train_rows_per_call"], in_checkpoint["sample_batches_per_call"]) == ("auto", "auto")
+    explicit = Trainer(resolve_config(overrides={**overrides, "train_rows_per_call": 3}), tmp_path / "explicit")
+    assert explicit.config_to_save()["train_rows_per_call"] == 3 and explicit.config_to_save()[
+        "sample_batches_per_call"] == "auto"
+
+
+def test_a_trainer_chooses_for_its_device_its_memory_and_its_latent_side(tmp_path, monkeypatch):
+    """The latent side is the sampler's resolution over the VAE's scale factor (the tiny VAE's is 2, not 8)."""
+    import rlcm_fast.trainer as trainer_module
+
+    asked = []
+
+    def record(cfg, device_type, latent_side, device_memory_gib=None):
+        asked.append((device_type, latent_side, device_memory_gib))
+        return resolve_call_sizes(cfg, "cuda", latent_side, 12.0)  # as on a 12 GiB GPU
+
+    monkeypatch.setattr(trainer_module, "resolve_call_sizes", record)
+    cfg = resolve_config(overrides={"device": "cpu", "resolution": 64, "grid_every": 0})
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert asked == [("cpu", 64 // trainer.pipe.vae_scale_factor, None)] and trainer.pipe.vae_scale_factor == 2
+    # 32 x 32 latents, half the pixel budgets: 32256 // 1024 = 31 rows; both 16-prompt batches, 32768 of 92160
+    assert (trainer.cfg.train_rows_per_call, trainer.cfg.sample_batches_per_call) == (31, 2)
+
+
+@pytest.mark.parametrize("memory_gib, sizes", [(80.0, (7, 5)), (24.0, (7, 5)), (16.0, (4, 2)), (12.0, (3, 2)),
+                                               (6.0, (0, 1))])
+def test_auto_on_a_smaller_gpu_makes_narrower_calls(memory_gib, sizes):
+    """Below 24 GiB the budgets shrink in proportion (the wide calls reserved 19.4 GiB on the H200)."""
+    cfg = resolve_call_sizes(resolve_config(overrides=PAPER), "cuda", 96, memory_gib)
+    assert (cfg.train_rows_per_call, cfg.sample_batches_per_call) == sizes
+
+
+def test_the_start_line_names_wide_calls_and_not_the_papers(tmp_path, capsys):
+    from rlcm_fast.cli import main
+
+    base = ["train", "--set", "epochs=1", "--set", "grid_every=0", "--set", "batches_per_epoch=2"]
+    assert main([*base, "--output-dir", str(tmp_path / "papers")]) == 0
+    assert "UNet calls of" not in capsys.readouterr().err  # on a CPU auto keeps the paper's calls
+    assert main([*base, "--output-dir", str(tmp_path / "wide"), "--set", "train_rows_per_call=4",
+                 "--set", "sample_batches_per_call=2"]) == 0
+    assert ("rlcm-fast: UNet calls of 4 training rows and 32 sampling trajectories (train_rows_per_call, "
+            "sample_batches_per_call)\n") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -908,11 +908,13 @@ def test_the_out_of_memory_message_names_every_size_and_remedy():
 
     from rlcm_fast.faults import out_of_memory_message
 
-    cfg = SimpleNamespace(sample_batch_size=8, train_batch_size=4, resolution=512, horizon=8,
-                          gradient_checkpointing=False)
+    cfg = SimpleNamespace(sample_batch_size=8, train_batch_size=4, sample_batches_per_call=5, train_rows_per_call=7,
+                          resolution=512, horizon=8, gradient_checkpointing=False)
     assert out_of_memory_message(cfg, "training", 2, memory="CPU") == (
-        "out of CPU memory while training (per process: sample_batch_size=8, train_batch_size=4, resolution=512, "
-        "horizon=8, gradient_checkpointing=false; 2 process(es)). To use less memory: lower sample_batch_size "
+        "out of CPU memory while training (per process: sample_batch_size=8, train_batch_size=4, "
+        "sample_batches_per_call=5, train_rows_per_call=7, resolution=512, horizon=8, gradient_checkpointing=false; "
+        "2 process(es)). To use less memory: narrower UNet calls, --set sample_batches_per_call=1 (sampling) and "
+        "train_rows_per_call=0 (training), the same results; lower sample_batch_size "
         "(sampling), lower train_batch_size and raise gradient_accumulation_steps to keep the samples per update "
         "(training), --set gradient_checkpointing=true (training), or lower resolution; the last checkpoint is "
         "intact, resume it with --resume RUN_DIR (batch-size changes need an epoch checkpoint, checkpoint-N)")

@@ -151,7 +151,7 @@ def test_a_signal_while_the_processes_start_reaches_every_one_started_and_no_mor
 
     def start(args, env, **kwargs):
         rank = int(env["RANK"])
-        if rank == signalled_rank:  # while this one starts: blocked until it is among the launcher's processes
+        if rank == signalled_rank:  # while this one starts, before it is among the launcher's processes
             os.kill(os.getpid(), signal.SIGTERM)
         started.append(rank)
         return popen(args, env=env, **kwargs)

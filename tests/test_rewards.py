@@ -484,7 +484,7 @@ def test_pillow_threads_0_are_one_per_core_this_process_may_use(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "memfd_create"), reason="no memfd on this platform")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pillow_sizes_from_a_reused_file_are_those_of_a_fresh_buffer(threads):
+def test_pillow_sizes_from_a_reused_file_are_those_of_a_fresh_buffer(threads, monkeypatch):
     """Several threads encode into a memory-backed file each (Pillow holds the GIL writing into io.BytesIO), rewound
     for every image: a small image after a large one must not count the large one's leftover bytes."""
     import io
@@ -508,7 +508,26 @@ def test_pillow_sizes_from_a_reused_file_are_those_of_a_fresh_buffer(threads):
     assert expected[0] > 5 * expected[1]
     with os.fdopen(os.memfd_create("test"), "w+b", buffering=0) as file:
         assert [jpeg_size_kb(p, 95, file) for p in pixels] == expected
+    made = []
+    memfd_create = os.memfd_create
+    monkeypatch.setattr(os, "memfd_create", lambda name: made.append(name) or memfd_create(name))
     assert PillowJpeg(quality=95, threads=threads).sizes_kb(images).tolist() == expected
+    assert 1 <= len(made) <= 2 if threads == 2 else made == []  # a file per pool thread; one thread: BytesIO
+
+
+def test_a_refused_memfd_leaves_pillow_on_in_memory_buffers(monkeypatch):
+    """memfd_create may exist and fail (ENOSYS or EPERM in a sandbox); the reward goes on with BytesIO."""
+    import os
+
+    from rlcm_fast.rewards.jpeg import PillowJpeg
+
+    def refuse(name):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refuse, raising=False)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sizes = PillowJpeg(quality=95, threads=2).sizes_kb(images)
+    assert sizes.tolist() == PillowJpeg(quality=95, threads=1).sizes_kb(images).tolist() and (sizes > 0).all()
 
 
 @pytest.mark.parametrize("images, prompts, message", [

@@ -90,17 +90,20 @@ class PillowJpeg:
         workers = threads or usable_cpu_cores()  # 0: one per core it may use
         self.pool = ThreadPoolExecutor(max_workers=workers)
         # With several threads each writes into a memory-backed file of its own (Linux's memfd): Pillow then
-        # encodes without holding the GIL, which into io.BytesIO it holds, so that a pool of 16 ran no faster than
-        # one thread (on the H200's host, 397294b). Alone, BytesIO is quicker (2-core AMD EPYC, 32 images of 768
-        # px: 62 ms against 71; with 2 threads the files took 46 ms, BytesIO 69-76).
+        # encodes without holding the GIL, which into io.BytesIO it holds, so that a pool of 16 ran at most 1.2x
+        # one thread in the H200 runs. On a 2-core AMD EPYC, 32 images of 768 px: 2 threads into files 31-32 ms,
+        # into BytesIO 56-60 ms, one thread 56-60 ms; alone BytesIO was the quicker (62 ms against 71).
         self._files = threading.local() if workers > 1 and hasattr(os, "memfd_create") else None
 
     def _size_kb(self, pixels: np.ndarray) -> float:
-        file = None
-        if self._files is not None:
-            file = getattr(self._files, "file", None)
+        file, files = None, self._files  # read once: another pool thread may set it to None
+        if files is not None:
+            file = getattr(files, "file", None)
             if file is None:  # one per pool thread, kept while it lives
-                file = self._files.file = os.fdopen(os.memfd_create("rlcm-fast-jpeg"), "w+b", buffering=0)
+                try:
+                    file = files.file = os.fdopen(os.memfd_create("rlcm-fast-jpeg"), "w+b", buffering=0)
+                except OSError:  # memfd refused (a sandbox's seccomp, say): BytesIO from now on, the same sizes
+                    self._files = None
         return jpeg_size_kb(pixels, self.quality, file)
 
     def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
