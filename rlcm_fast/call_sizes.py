@@ -22,6 +22,7 @@ from .config import TrainConfig
 TRAIN_LATENT_PIXELS_PER_CALL = 7 * 96 * 96
 SAMPLE_LATENT_PIXELS_PER_CALL = 20 * 96 * 96
 FULL_BUDGET_GIB = 24.0
+AUTO_KEYS = ("train_rows_per_call", "sample_batches_per_call")  # the config keys this module chooses
 
 
 def unet_rows_per_sample(cfg: TrainConfig) -> int:

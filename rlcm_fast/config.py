@@ -169,6 +169,11 @@ def field_types() -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
+def kind_in_words(kind: str) -> str:
+    """A field's annotation as an error names it: "int | str" is an int or "auto" (the call sizes)."""
+    return "int or 'auto'" if kind == "int | str" else kind
+
+
 # ddpo-pytorch's names for keys that are named otherwise here (users bring its configs); difflib alone
 # would answer num_epochs with num_inner_epochs.
 DDPO_PYTORCH_NAMES = {"num_epochs": "epochs", "num_steps": "horizon", "timestep_fraction": "step_fraction",
@@ -248,7 +253,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise TypeError
         return str(value)
     except (TypeError, ValueError):
-        expected = {"bool": "bool (true or false)", "int | str": "int or 'auto'"}.get(kind, kind)
+        expected = "bool (true or false)" if kind == "bool" else kind_in_words(kind)
         raise ConfigError(f"{key}={value!r} in {source} is invalid: expected {expected}") from None
 
 

@@ -8,7 +8,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_types, reward_function_given
+from .config import ConfigError, TrainConfig, field_types, kind_in_words, reward_function_given
 from .presets import ADVANTAGE_ESTIMATORS, ALGORITHMS, METHODS, TASK_PRESETS
 from .prompts import PROMPT_SETS, load_prompt_set
 
@@ -115,8 +115,7 @@ def _check_types(cfg: TrainConfig) -> None:
         if name == "reward" and callable(value):  # TrainConfig(reward=my_fn), dataclasses.replace(cfg, reward=...)
             raise reward_function_given(value)
         if not checks[kind](value):  # a field of a new kind needs its check here (KeyError in every test)
-            expected = "int or 'auto'" if kind == "int | str" else kind
-            raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+            raise ConfigError(f"{name}={value!r} is invalid: expected {kind_in_words(kind)}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
-from .call_sizes import resolve_call_sizes
+from .call_sizes import AUTO_KEYS, resolve_call_sizes
 from .checkpoint import (
     CheckpointWriteError, checkpoint_name, load_checkpoint, remove_leftovers, save_checkpoint,
 )
@@ -95,8 +95,7 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         # The UNet's batch sizes where the config says auto, for this device, its memory and the latent size.
         # Saved as auto (config.yaml, checkpoints): a resume on another machine chooses again.
-        self.auto_keys = [key for key in ("train_rows_per_call", "sample_batches_per_call")
-                          if getattr(cfg, key) == "auto"]
+        self.auto_keys = [key for key in AUTO_KEYS if getattr(cfg, key) == "auto"]
         memory = (torch.cuda.get_device_properties(self.device).total_memory / 2**30
                   if self.device.type == "cuda" else None)
         latent_side = self.sampler.resolution // self.pipe.vae_scale_factor
