@@ -19,7 +19,7 @@ BF16_PIXEL_TOLERANCE = 0.05  # of the [0, 1] range: bf16 UNet calls compound ove
 # bench_train rows that are the fast path: the defaults, and its opt-in switches (compiled UNet, graphed
 # sampling, wider training calls): every row but the straightforward path, its optimisations off one at a time,
 # and DDPO.
-FAST_PATH_ROWS = ("fast", "training_calls_of_7", *GPU_ONLY_ROWS)
+FAST_PATH_ROWS = ("fast", "half_norms", "training_calls_of_7", *GPU_ONLY_ROWS)
 
 
 @dataclass

@@ -51,6 +51,16 @@ GPU_ONLY_ROWS = {
         "sample_batches_per_call": 5, "train_rows_per_call": 7},
     "all_graphed_calls_of_20_and_7": {"sample_batches_per_call": 5, "sample_cuda_graph": True,
                                       "train_cuda_graph": True, "train_rows_per_call": 7},
+    # The two compiled-sampling rows with the group and layer norms in bf16 (half_precision_norms): on the H200
+    # (397294b) the training calls, eager, were 7.3-7.7 s of those rows' 10.8-11.0 s epochs, and 26.6 of a call's
+    # 177 ms of kernels were copies, autocast's casts into and out of its float32 norms among them (on a CPU,
+    # tiny, with CUDA's autocast rule: 3145 casts in an update's training, 1435 with the switch).
+    "compiled_sampling_half_norms_calls_of_20_and_7": {
+        "compile_unet": True, "compile_scope": "sampling", "compile_decode": True, "half_precision_norms": True,
+        "sample_batches_per_call": 5, "train_rows_per_call": 7},
+    "compiled_sampling_half_norms_graphed_training_calls_of_20_and_7": {
+        "compile_unet": True, "compile_scope": "sampling", "compile_decode": True, "half_precision_norms": True,
+        "train_cuda_graph": True, "sample_batches_per_call": 5, "train_rows_per_call": 7},
 }
 # The paper's UNet batches (train_batch_size rows, one sampling batch a call), where the defaults say auto (on a
 # GPU: wider calls, rlcm_fast/call_sizes.py). A GPU row; on a CPU auto chooses these, so it would be "fast" again.
@@ -79,6 +89,7 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
     table.update({name: {**rlcm, **off} for name, off in OPTIMISATIONS_OFF.items()})
     if gpu:
         table["paper_calls"] = {**rlcm, **PAPER_CALLS}
+        table["half_norms"] = {**rlcm, "half_precision_norms": True}  # the defaults (auto's call sizes) and the switch
         # Opt-in until checked on a GPU (README, Status): the compiled UNet, the CUDA-graph loops. Each row's call
         # sizes are the ones its name says (the paper's unless named), not what auto chooses.
         table.update({name: {**rlcm, **PAPER_CALLS, **switches} for name, switches in GPU_ONLY_ROWS.items()})

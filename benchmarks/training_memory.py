@@ -10,13 +10,17 @@ The kernels' choices of what to save are the CPU's (flash attention saves its ou
 CUDA's does); the backward's own transient buffers and the caching allocator's slack are not included, so
 this is a lower bound on a training call's peak, for choosing `train_rows_per_call` before a GPU run.
 
+The CPU's autocast keeps group and layer norms in bf16, CUDA's runs them in float32 (and autograd then keeps
+their float32 inputs): the traces follow CUDA's rule (rlcm_fast/norm_precision.py, `cuda_autocast_norms_on_cpu`),
+so that they count what a GPU keeps; `--half-precision-norms` traces with the trainer's switch of that name on.
+
 Sampling (`--sampling-batches`, for `sample_batches_per_call`): the H-step loop for B trajectories without
 gradient (bf16 autocast, the plain-PyTorch step) and the VAE decode of one sampling batch, traced the same
 way; the largest sum of the storages alive at once, activations only (the frozen weights are apart). Kernels'
 workspaces, the allocator's slack and a CUDA graph's pool layout are not included: a lower bound again.
 
 Usage: python benchmarks/training_memory.py [--model sd15-lcm] [--resolution 768] [--rows 1,7,14]
-       [--sampling-batches 4,20,40] [--out-dir DIR]
+       [--sampling-batches 4,20,40] [--half-precision-norms] [--out-dir DIR]
 Writes benchmarks/results/training_memory-<device>.json (or DIR/training_memory.json).
 """
 
@@ -39,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="comma-separated rows per training call (default 1,7,14)")
     parser.add_argument("--sampling-batches", type=int_list(1, "trajectories per call"), default=(4, 20, 40),
                         help="comma-separated trajectories per sampling call (default 4,20,40; the decode: the smallest)")
+    parser.add_argument("--half-precision-norms", action="store_true",
+                        help="the trainer's half_precision_norms: group and layer norms in bf16 under autocast")
     parser.add_argument("--out-dir", type=output_folder, default=None,
                         help="write DIR/training_memory.json instead of benchmarks/results/")
     return parser, parser.parse_args(argv)
@@ -56,6 +62,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from common import environment, write_result  # noqa: E402
 from rlcm_fast.config import ConfigError, resolve_config  # noqa: E402
 from rlcm_fast.models import ModelLoadError, latent_shape  # noqa: E402
+from rlcm_fast.norm_precision import cuda_autocast_norms_on_cpu  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 GIB = 2**30
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(overrides={
             "device": "cpu", "model": args.model, "resolution": args.resolution, "mixed_precision": "bf16",
             "policy_step_backend": "reference", "grid_every": 0, "sample_batch_size": 1, "train_batch_size": 1,
-            "gradient_accumulation_steps": 1, "batches_per_epoch": 1})
+            "gradient_accumulation_steps": 1, "batches_per_epoch": 1, "half_precision_norms": args.half_precision_norms})
     except ConfigError as error:
         parser.error(str(error))
     with tempfile.TemporaryDirectory() as run_dir:
@@ -146,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                       for t in [*module.parameters(), *module.buffers()] if not t.requires_grad)
         # The LoRA weights in float32, their gradients, and AdamW's two moments.
         lora = sum(p.numel() for p in trainer.params) * 4 * 4
-        measured = [{"rows": n, "saved_for_backward_gib": saved_for_backward_bytes(trainer, n) / GIB} for n in rows]
-        decode_batch = min(sampling_batches)  # the decode goes one sampling batch at a time, whatever the call
-        decode_gib = decode_peak_bytes(trainer, decode_batch) / GIB
-        sampling = [{"trajectories": batch, "loop_peak_gib": sampling_peak_bytes(trainer, batch) / GIB,
-                     "decode_batch": decode_batch, "decode_peak_gib": decode_gib} for batch in sampling_batches]
+        with cuda_autocast_norms_on_cpu():
+            measured = [{"rows": n, "saved_for_backward_gib": saved_for_backward_bytes(trainer, n) / GIB} for n in rows]
+            decode_batch = min(sampling_batches)  # the decode goes one sampling batch at a time, whatever the call
+            decode_gib = decode_peak_bytes(trainer, decode_batch) / GIB
+            sampling = [{"trajectories": batch, "loop_peak_gib": sampling_peak_bytes(trainer, batch) / GIB,
+                         "decode_batch": decode_batch, "decode_peak_gib": decode_gib} for batch in sampling_batches]
     for row in measured:
         print(f"{cfg.model} {cfg.resolution} px, {row['rows']:3d} rows per call: "
               f"{row['saved_for_backward_gib']:.4g} GiB saved for backward", flush=True)
@@ -160,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     result = {
         "benchmark": "training_memory", **environment(), "model": cfg.model, "resolution": cfg.resolution,
-        "precision": "bf16 autocast, bf16 weights, float32 LoRA", "lora_rank": cfg.lora_rank,
+        "precision": "bf16 autocast, bf16 weights, float32 LoRA",
+        "norms": "bf16 (half_precision_norms)" if cfg.half_precision_norms else "float32 (CUDA's autocast rule)",
+        "lora_rank": cfg.lora_rank,
         "lora_targets": list(cfg.lora_targets), "weights_gib": weights / GIB, "lora_and_adam_gib": lora / GIB,
         "rows": measured, "sampling": sampling,
     }

@@ -81,6 +81,10 @@ class TrainConfig:
     # cuDNN times its convolution algorithms at each new shape and keeps the fastest (torch.backends.cudnn.
     # benchmark, process-wide; CUDA only, ignored on a CPU). A run's shapes are fixed: one search per shape.
     cudnn_benchmark: bool = False
+    # Under mixed precision, the UNet's and the VAE's group and layer norms in bf16/fp16 (float32 statistics
+    # inside the kernel) instead of autocast's float32, whose casts in and out were 15% of an H200's training
+    # kernel time (rlcm_fast/norm_precision.py). Changes nothing without mixed precision. Opt-in until timed on a GPU.
+    half_precision_norms: bool = False
 
     # Ablation switches: the fast path by default; each turns one optimisation off (benchmarks/bench_train.py).
     policy_step_backend: str = "auto"  # auto: fused C++ (CPU) / Triton (GPU) LCM step | reference: plain PyTorch

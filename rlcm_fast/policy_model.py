@@ -13,6 +13,7 @@ from .cuda_graphs import GraphedTrainingUNet
 from .faults import first_line
 from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
 from .models import ignored_guidance, load_pipeline, oversized_resolution, set_channels_last
+from .norm_precision import use_half_precision_norms
 from .policy_step import fused_step_missing
 
 
@@ -61,6 +62,8 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
         raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
     if cfg.channels_last:  # after the LoRA layers exist, so that theirs are converted too
         set_channels_last(pipe)
+    if cfg.half_precision_norms:
+        use_half_precision_norms(pipe.unet, pipe.vae)
     if cfg.cudnn_benchmark and accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if precision != "no":  # every UNet call of the trainer runs under its autocast()

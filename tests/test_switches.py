@@ -90,6 +90,8 @@ def default_path(tmp_path_factory):
     {"channels_last": True},
     # Ignored on a CPU (cuDNN is CUDA's).
     {"cudnn_benchmark": True},
+    # Without mixed precision the half-precision norms are the plain ones (with it: test_norm_precision.py).
+    {"half_precision_norms": True},
 ])
 def test_switch_changes_only_what_it_names(tmp_path, default_path, switch):
     base_samples, base, _ = default_path

@@ -20,10 +20,10 @@ def test_saved_memory_grows_with_the_rows_and_excludes_the_frozen_weights(tmp_pa
     assert [row["rows"] for row in result["rows"]] == [1, 2, 4]
     assert 0 < saved[0] < saved[1] < saved[2]
     # Activations grow with the rows; a frozen weight (or a view of one) counted as saved would add a
-    # constant that does not, and the tiny UNet's weights are larger than one row's activations.
+    # constant that does not, and the tiny UNet's weights are as large as one row's activations (0.75 of it).
     assert saved[2] - saved[0] == pytest.approx(3 * (saved[1] - saved[0]), rel=0.05)
     assert saved[0] == pytest.approx(result["saved_gib_per_row"], rel=0.25)
-    assert result["weights_gib"] > saved[0] and result["lora_and_adam_gib"] > 0
+    assert result["weights_gib"] > 0.5 * saved[0] and result["lora_and_adam_gib"] > 0
     assert result["model"] == "tiny" and result["resolution"] == 32 and result["git_commit"]
     # Sampling without gradient: the loop's peak grows with the trajectories; one decode of the smallest batch.
     sampling = result["sampling"]
@@ -32,6 +32,23 @@ def test_saved_memory_grows_with_the_rows_and_excludes_the_frozen_weights(tmp_pa
     assert 0 < loop[0] < loop[1] < loop[2] < saved[0] * 40  # no autograd state kept
     assert loop[2] == pytest.approx(2 * loop[1], rel=0.1)
     assert {row["decode_batch"] for row in sampling} == {4} and len({row["decode_peak_gib"] for row in sampling}) == 1
+    assert result["norms"] == "float32 (CUDA's autocast rule)"
+
+
+def test_half_precision_norms_keep_less_for_the_backward(tmp_path):
+    """CUDA's autocast keeps the norms' float32 inputs (and the SiLU's after them) for the backward; bf16 norms
+    keep half-size ones. Measured on tiny at 32 px: 3.54 MiB a row against 2.39, the decode 2.46 against 1.48."""
+    results = []
+    for flags in ([], ["--half-precision-norms"]):
+        out = tmp_path / (flags[0] if flags else "float32")
+        assert training_memory.main(["--model", "tiny", "--resolution", "32", "--rows", "1,4", "--sampling-batches",
+                                     "4", *flags, "--out-dir", str(out)]) == 0
+        results.append(json.loads((out / "training_memory.json").read_text()))
+    float32, half = results
+    assert half["norms"] == "bf16 (half_precision_norms)"
+    assert half["saved_gib_per_row"] < 0.8 * float32["saved_gib_per_row"]
+    assert half["sampling"][0]["decode_peak_gib"] < 0.8 * float32["sampling"][0]["decode_peak_gib"]
+    assert half["weights_gib"] == float32["weights_gib"]
 
 
 def test_peak_live_storage_counts_what_is_alive_at_once_and_a_view_once():

@@ -1,0 +1,111 @@
+"""Group and layer norms in autocast's half precision (the `half_precision_norms` switch).
+
+CUDA's autocast runs `group_norm` and `layer_norm` in float32: each bf16/fp16 activation entering a norm is
+copied to float32, the norm writes float32, the SiLU after a ResNet block's norm runs on float32, and the next
+convolution or linear layer copies it back to half precision; the backward pass copies the gradients the same
+way, and what autograd keeps for it (the norm's float32 input, the SiLU's float32 input) is twice the size. On
+an H200 a 7-row training call of sd15-lcm at 768 px spent 26.6 of its 177 ms of kernels in `aten::copy_`
+(benchmarks/results/nvidia-h200/397294b/claims.md). PyTorch's norm kernels take half-precision tensors and
+accumulate their statistics in float32 themselves (as diffusers' pipelines run them, in bf16/fp16 without
+autocast), so the norm's output differs only in being rounded to half precision where the next layer would
+round it anyway (a ResNet block's SiLU in between: one rounding more).
+
+`use_half_precision_norms` changes the class of every `nn.GroupNorm` and `nn.LayerNorm` of a model in place to
+one whose forward, under autocast, runs the norm in autocast's dtype; outside autocast it is the plain norm.
+Parameters and state-dict keys stay as they were. timm's `fast_norm` and MosaicML's `LPLayerNorm` do the same.
+
+`cuda_autocast_norms_on_cpu` makes the CPU's autocast run the two norms in float32 as CUDA's does (the CPU's
+keeps them in bf16), so that tests and benchmarks/training_memory.py can see on a CPU what the switch removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _autocast_half_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype where autocast is on for x's device and casts to a half precision; else None."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in HALF else None
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class HalfPrecisionGroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _autocast_half_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.to(dtype), self.num_groups, _as(self.weight, dtype), _as(self.bias, dtype), self.eps)
+
+
+class HalfPrecisionLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _autocast_half_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, _as(self.weight, dtype), _as(self.bias, dtype),
+                                self.eps)
+
+
+# Exact types only: a subclass of nn.GroupNorm/nn.LayerNorm may compute something else in its forward.
+HALF_PRECISION_CLASS = {nn.GroupNorm: HalfPrecisionGroupNorm, nn.LayerNorm: HalfPrecisionLayerNorm}
+
+
+def use_half_precision_norms(*models: nn.Module) -> int:
+    """Give every nn.GroupNorm and nn.LayerNorm in `models` the half-precision forward, in place; return how many.
+
+    The class is swapped on the instance (no new modules): the parameters stay the same objects, so an
+    optimizer, a DDP wrapper or a LoRA adapter built before keeps them, and a checkpoint's keys do not change."""
+    changed = 0
+    for model in models:
+        for module in model.modules():
+            half = HALF_PRECISION_CLASS.get(type(module))
+            if half is not None:
+                module.__class__ = half
+                changed += 1
+    return changed
+
+
+@contextlib.contextmanager
+def cuda_autocast_norms_on_cpu():
+    """For measuring on a CPU only: within the block, the CPU's autocast runs group_norm and layer_norm in
+    float32, as CUDA's autocast does (its other float32 ops, none of which sd15-lcm's UNet spends much in, are
+    left as the CPU's). Process-wide while the block runs; the CPU's own rule is back after it."""
+    from torch._C import DispatchKey, DispatchKeySet, _ExcludeDispatchKeyGuard
+
+    below_autocast = DispatchKeySet(DispatchKey.AutocastCPU)
+
+    def as_float32(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+        with _ExcludeDispatchKeyGuard(below_autocast):
+            return torch.ops.aten.group_norm(as_float32(x), num_groups, as_float32(weight), as_float32(bias), eps,
+                                             cudnn_enabled)
+
+    def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+        with _ExcludeDispatchKeyGuard(below_autocast):
+            return torch.ops.aten.layer_norm(as_float32(x), normalized_shape, as_float32(weight),
+                                             as_float32(bias), eps, cudnn_enable)
+
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        library.impl("group_norm", group_norm, "AutocastCPU")
+        library.impl("layer_norm", layer_norm, "AutocastCPU")
+        yield
+    finally:
+        library._destroy()
