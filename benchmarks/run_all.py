@@ -169,7 +169,7 @@ def unet_section(unet: dict) -> list[str]:
 
 def memory_section(memory: dict) -> list[str]:
     lines = [f"## Training memory, traced (training_memory.py, {memory['model']} at {memory['resolution']} px, "
-             f"{memory['precision']}): GiB", "",
+             f"{memory['precision']}, norms {memory.get('norms', 'as the CPU ran them (bf16)')}): GiB", "",
              f"Weights {memory['weights_gib']:.2f}, LoRA + Adam {memory['lora_and_adam_gib']:.3f}; saved for the "
              f"backward per training row {memory['saved_gib_per_row']:.2f}.", ""]
     body = [[r["rows"], r["saved_for_backward_gib"]] for r in memory["rows"]]

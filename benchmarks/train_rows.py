@@ -37,7 +37,7 @@ GPU_ONLY_ROWS = {
     # (6675037, row fast) a sampling batch of 4 took 0.68 s, its decode included, for 69 TFLOP of UNet work:
     # 101 TFLOP/s, 15% of the measured 691 TFLOP/s bf16 matmul rate; a wider batch gives each launch more work. 20, not 40: at 20 a
     # UNet step is some 43 TFLOP, well above the host's launch time, and training_memory.py traces the loop's
-    # peak at 768 px at 5.8 GiB for 40 trajectories (2.9 at 20), which a CUDA graph's pool keeps for the run.
+    # peak at 768 px at 6.0 GiB for 40 trajectories (3.0 at 20), which a CUDA graph's pool keeps for the run.
     "calls_of_20_and_7": {"sample_batches_per_call": 5, "train_rows_per_call": 7},
     # The same, with sampling's UNet and VAE decode compiled (compile_scope: sampling, compile_decode; training
     # eager, or replayed from CUDA graphs). On the H200 (d986b71) a sampling call of 20 trajectories spent 286 ms of
@@ -95,8 +95,9 @@ def rows(gpu: bool, quick: bool, ddpo_batches: int = 10) -> dict[str, dict]:
         table.update({name: {**rlcm, **PAPER_CALLS, **switches} for name, switches in GPU_ONLY_ROWS.items()})
     # The UNet's training batch widened (the same gradients): on a GPU an update's 28 rows (2 samples x 2
     # accumulation x 7 steps) in 4 UNet calls instead of 14. Not 2 calls of 14: training_memory.py traces
-    # sd15-lcm's training call at 768 px (bf16, LoRA) keeping 1.68 GiB per row for the backward, besides
-    # 1.99 GiB of frozen weights: 14 rows keep 23.5 GiB and cannot fit in 24 GiB; 7 rows keep 11.8.
+    # sd15-lcm's training call at 768 px (bf16 autocast, LoRA) keeping 2.29 GiB per row for the backward (1.68
+    # with half_precision_norms), besides 1.99 GiB of frozen weights: 14 rows keep 32.0 GiB (23.5) and cannot
+    # fit in 24 GiB; 7 rows keep 16.0 (11.8).
     table["training_calls_of_7"] = {**rlcm, **PAPER_CALLS, "train_rows_per_call": 7}
     table["straightforward"] = {**rlcm, **STRAIGHTFORWARD}
     # DDPO as ddpo-pytorch runs it: a UNet call per train_batch_size rows, one sampling batch a call (what its

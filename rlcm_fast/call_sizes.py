@@ -6,8 +6,9 @@ H200 waits on the host's kernel launches: a training call of 2 rows at 768 px ke
 call, one of 7 rows 75-89%; a sampling call of 4 prompts 61-82%, one of 20 83-85% (profiles of the bench_train
 rows straightforward and calls_of_20_and_7, benchmarks/results/nvidia-h200/d986b71 and 397294b). So on CUDA
 `auto` makes calls of about as many latent pixels as those wide ones, which keep the activation memory about
-the same at any resolution (sd15-lcm: some 12 GiB for 7 training rows at 768 px, training_memory.py; the
-whole run reserved 19.4 GiB), in proportion less on a GPU of less than 24 GiB; on a CPU, busy at any width,
+the same at any resolution (sd15-lcm: 16 GiB kept for the backward of 7 training rows at 768 px, 12 with
+half_precision_norms, training_memory.py; the whole run reserved 19.4 GiB), in proportion less on a GPU of
+less than 24 GiB; on a CPU, busy at any width,
 it keeps the paper's loop.
 """
 
