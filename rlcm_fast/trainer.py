@@ -30,19 +30,18 @@ from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
 from .call_sizes import AUTO_KEYS, resolve_call_sizes
-from .checkpoint import (
-    CheckpointWriteError, checkpoint_name, load_checkpoint, remove_leftovers, save_checkpoint,
-)
+from .checkpoint import remove_leftovers
 from .config import ConfigError, TrainConfig
-from .epoch_samples import EpochSamples, epoch_generator, restore_stopped_epoch, stopped_epoch_record
+from .epoch_samples import EpochSamples, epoch_generator
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
                      left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
 from .launch import start_accelerator
 from .minibatches import minibatch_plan, updates_per_pass
 from .policy_model import build_policy_model
-from .prompts import PROMPT_SETS, load_prompt_set
+from .prompts import load_prompt_set
 from .resume import held_start, nothing_left_to_train, prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options, silent_reward_server
+from .run_checkpoints import CheckpointedRun
 from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
 from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
@@ -52,7 +51,7 @@ from .stat_tracker import PerPromptStatTracker
 REWARD_PLOT_SECONDS = 30.0
 
 
-class Trainer:
+class Trainer(CheckpointedRun):
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
         # The arguments' types, in one line each: pathlib's TypeError named no argument, and "no" drew the bars.
         for name, path, allowed in (("run_dir", run_dir, (str, os.PathLike)),
@@ -117,17 +116,6 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._start_run_folder() if self.is_main else None
-
-    def _resume(self, resume_from: Path) -> None:
-        """The checkpoint's weights, optimizer, schedule, stat tracker and counters; a mid-epoch one's samples."""
-        state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
-        self.start_epoch, self.global_step = state["epoch"], state["global_step"]
-        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        if self.accelerator.scaler is not None and "grad_scaler" in state:
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        self.last_saved = (state["epoch"], state.get("update", 0))
-        if state.get("update"):
-            self.resumed_epoch = restore_stopped_epoch(resume_from, state, self.accelerator)
 
     def _start_run_folder(self) -> RunLogger:
         """config.yaml and the run's logger (main process only)."""
@@ -502,38 +490,3 @@ class Trainer:
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
             self.save_checkpoint(done)
         self.accelerator.wait_for_everyone()
-
-    # -- checkpoints (every process calls these; the main process writes) -------------------------------
-
-    def config_to_save(self) -> dict:
-        """The run's config, with `auto` where the config said it (not what it chose on this machine)."""
-        return {**self.cfg.to_dict(), **{key: "auto" for key in self.auto_keys}}
-
-    def save_checkpoint(self, epoch: int, update: int = 0, extra: dict | None = None, stopped: dict | None = None) -> Path:
-        state = {"global_step": self.global_step, "config": self.config_to_save(),
-                 "nonfinite": self.nonfinite.state_dict()}
-        if self.accelerator.scaler is not None:
-            state["grad_scaler"] = self.accelerator.scaler.state_dict()  # numbers only: the loss scale and its counter
-        if stopped:
-            state["stopped_epoch"] = stopped
-        error, self.last_saved = None, (epoch, update)
-        if self.is_main:
-            try:
-                save_checkpoint(self.run_dir, epoch, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker,
-                                state, update=update, extra_tensors=extra, keep=self.cfg.keep_checkpoints,
-                                prompts=None if self.cfg.prompts in PROMPT_SETS else self.prompt_set)
-            except CheckpointWriteError as exc:
-                error = exc
-        if agree(self.accelerator, error is not None)[0]:  # also the barrier after the write
-            raise error or left_to_the_main_process(CheckpointWriteError("the main process could not write a checkpoint"))
-        return self.run_dir / checkpoint_name(epoch, update)
-
-    def save_position(self, epoch: int, updates_done: int) -> Path:
-        """Checkpoint `epoch` epochs plus `updates_done` updates of the next; mid-epoch, with that epoch's
-        samples and advantages (all processes', gathered) so the resume continues at the next update."""
-        if self.last_saved == (epoch, updates_done):  # e.g. stopped right after a scheduled checkpoint
-            return self.run_dir / checkpoint_name(epoch, updates_done)
-        if not updates_done:
-            return self.save_checkpoint(epoch)
-        extra, stopped = stopped_epoch_record(*self.epoch_in_progress, updates_done, self.accelerator)
-        return self.save_checkpoint(epoch, updates_done, extra, stopped)
