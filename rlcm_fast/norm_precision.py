@@ -38,27 +38,27 @@ def _autocast_half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in HALF else None
 
 
-def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+class _NormInAutocastsDtype:
+    """The forward both norms share: under a half-precision autocast, `_normalize` with autocast off, on x, the
+    weight and the bias in autocast's dtype; otherwise the plain norm's forward."""
 
-
-class HalfPrecisionGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _autocast_half_dtype(x)
         if dtype is None:
             return super().forward(x)
+        weight, bias = (None if t is None else t.to(dtype) for t in (self.weight, self.bias))
         with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x.to(dtype), self.num_groups, _as(self.weight, dtype), _as(self.bias, dtype), self.eps)
+            return self._normalize(x.to(dtype), weight, bias)
 
 
-class HalfPrecisionLayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _autocast_half_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, _as(self.weight, dtype), _as(self.bias, dtype),
-                                self.eps)
+class HalfPrecisionGroupNorm(_NormInAutocastsDtype, nn.GroupNorm):
+    def _normalize(self, x, weight, bias):
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+class HalfPrecisionLayerNorm(_NormInAutocastsDtype, nn.LayerNorm):
+    def _normalize(self, x, weight, bias):
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 # Exact types only: a subclass of nn.GroupNorm/nn.LayerNorm may compute something else in its forward.
