@@ -9,6 +9,9 @@ Variants: config switches, applied in place to one Trainer's models (the values 
     cudnn_benchmark  cuDNN times its convolution algorithms once per shape and keeps the fastest
     cudnn_attention  attention_backend: cudnn (SDPA tries cuDNN's fused attention first)
     all              the three together
+    half_precision_norms  the group and layer norms in bf16 under autocast, not its float32 (this one changes
+                     the result by a rounding: rlcm_fast/norm_precision.py); GPU only, a CPU's autocast has no
+                     float32 norms to remove
 Calls, each timed eager and (on a GPU) replayed from CUDA graphs, as the trainer's switches capture them:
     training R   one training call: the UNet forward of R (sample, step) rows, the policy step's log-prob and
                  the backward to the LoRA weights (graph: GraphedTrainingUNet); R = 2, the paper's train
@@ -50,6 +53,7 @@ VARIANTS = {
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "cudnn_attention": {"attention_backend": "cudnn"},
     "all": {"channels_last": True, "cudnn_benchmark": True, "attention_backend": "cudnn"},
+    "half_precision_norms": {"half_precision_norms": True},
 }
 CPU_VARIANTS = ("default", "channels_last")  # cuDNN is CUDA's
 CALLS = ("training:2", "training:7", "sampling:20", "sampling:4", "decode:4")
@@ -94,6 +98,7 @@ from rlcm_fast.config import resolve_config  # noqa: E402
 from rlcm_fast.cuda_graphs import CapturedCall, GraphedTrainingUNet  # noqa: E402
 from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.models import set_channels_last  # noqa: E402
+from rlcm_fast.norm_precision import use_half_precision_norms  # noqa: E402
 from rlcm_fast.sampler import LCMSampler  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
@@ -104,6 +109,7 @@ def apply_variant(trainer: Trainer, switches: dict) -> None:
     set_channels_last(trainer.pipe, bool(switches.get("channels_last")))
     torch.backends.cudnn.benchmark = bool(switches.get("cudnn_benchmark"))
     set_attention_backend(trainer.pipe, switches.get("attention_backend", "sdpa"))
+    use_half_precision_norms(trainer.pipe.unet, trainer.pipe.vae, enabled=bool(switches.get("half_precision_norms")))
 
 
 

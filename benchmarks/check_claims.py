@@ -63,7 +63,8 @@ TESTS = REPO_ROOT / "tests"
 # sizes on CUDA, nvJPEG's encode_file bound (f2ee2a4), then the compiled training (its blocks case; the
 # stage's cap stopped the file at d986b71, and it took 107 s at 714cdca); then those that passed on the H200
 # (d986b71; the training graphs and cuDNN attention as mended in f2ee2a4).
-GPU_TEST_FILES = ["test_norm_precision.py", "test_jpeg_exact.py", "test_nvjpeg.py", "test_compiled_training.py", "test_training_graphs.py",
+GPU_TEST_FILES = ["test_norm_precision.py",  # new since the last GPU run, and quick: first
+                  "test_jpeg_exact.py", "test_nvjpeg.py", "test_compiled_training.py", "test_training_graphs.py",
                   "test_attention.py", "test_cuda_graphs.py", "test_unet_profile.py", "test_clip_rewards.py",
                   "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py"]
 # One GPU test that hangs or compiles for too long must not take the whole stage (pytest-timeout, where
@@ -84,16 +85,18 @@ DEFAULT_STAGES = "step,rewards,attention,unet,sampler,train,tests"
 # compiled_and_graphed is not in the default: on the H200 (714cdca) its cold warm-up had not finished after 386 s;
 # with the sampling graphs in inductor's cache, the first training minibatch still took 199 s. The baseline of the
 # 3x claim first; then the defaults ("fast": on a GPU auto's wide calls, at 768 px those of calls_of_20_and_7) and
-# DDPO (its per-sample claim; at 397294b the cap cut it after the compiled rows' 99 s compile), so that a stage cut
-# short still has ratios; then the compiled-sampling rows with the norms in bf16 (half_precision_norms, new since
-# the last GPU run: their compile is not in inductor's cache from an earlier row, about 99 s), the defaults with
-# it; then the defaults with sampling's UNet and decode compiled, the paper's call sizes alone,
-# and the rows the H200 runs did not reach (the training graphs at 7 rows, the compiled blocks); the rows they
-# measured, last (a row that fails is recorded and the next one runs). graphed_calls_of_7_cudnn is left out: torch
-# 2.11 on the H200 already chose cuDNN's attention (its GPU test, the rows' profiles). bench_train warms each row up
-# with one sampling call and one update, not a whole epoch, so that the rows fit in the stage's cap.
-DEFAULT_TRAIN_ROWS = ("straightforward,fast,ddpo,compiled_sampling_half_norms_graphed_training_calls_of_20_and_7,"
-                      "compiled_sampling_half_norms_calls_of_20_and_7,half_norms,compiled_sampling_calls_of_20_and_7,"
+# the same with half_precision_norms (new since the last GPU run; eager, so the pair is a cheap like-for-like test
+# of the switch), and DDPO (its per-sample claim; at 397294b the cap cut it after the compiled rows' 99 s compile),
+# so that a stage cut short still has ratios; then the fastest candidates, the compiled-sampling rows with the bf16
+# norms (one cold compile, about 99 s, shared by the two); then the same without them (another cold compile: their
+# 397294b figures stand if the cap cuts them), the paper's call sizes alone, and the rows the H200 runs did not
+# reach (the training graphs at 7 rows, the compiled blocks); the rows they measured, last (a row that fails is
+# recorded and the next one runs). graphed_calls_of_7_cudnn is left out: torch 2.11 on the H200 already chose
+# cuDNN's attention (its GPU test, the rows' profiles). bench_train warms each row up with one sampling call and
+# one update, not a whole epoch, so that the rows fit in the stage's cap.
+DEFAULT_TRAIN_ROWS = ("straightforward,fast,half_norms,ddpo,"
+                      "compiled_sampling_half_norms_graphed_training_calls_of_20_and_7,"
+                      "compiled_sampling_half_norms_calls_of_20_and_7,compiled_sampling_calls_of_20_and_7,"
                       "compiled_sampling_graphed_training_calls_of_20_and_7,paper_calls,all_graphed_calls_of_7,"
                       "training_calls_of_7,compiled_blocks_graphed_calls_of_7,calls_of_20_and_7,"
                       "all_graphed_calls_of_20_and_7,all_graphed,graphed_calls_of_7")
@@ -101,7 +104,7 @@ DEFAULT_TRAIN_ROWS = ("straightforward,fast,ddpo,compiled_sampling_half_norms_gr
 # Profiled after their measured epoch (bench_train --profile): the eager RLCM rows that run first, the
 # baseline and the defaults, whose time the profile can pin on ops (a CUDA graph's replay hides them), and
 # the wide calls with sampling compiled (inductor's kernels against the eager ops they replace).
-PROFILED_TRAIN_ROWS = ("straightforward", "fast", "compiled_sampling_half_norms_calls_of_20_and_7",
+PROFILED_TRAIN_ROWS = ("straightforward", "fast", "half_norms", "compiled_sampling_half_norms_calls_of_20_and_7",
                        "compiled_sampling_calls_of_20_and_7")
 
 
@@ -114,7 +117,7 @@ def stage_commands(out_dir: Path, train_rows: str = DEFAULT_TRAIN_ROWS) -> dict[
         "rewards": [py, str(HERE / "bench_rewards.py"), "--no-aesthetic", "--sizes", "768,512", "--batches", "32,8",
                     *out],
         "attention": [py, str(HERE / "bench_attention.py"), *out],
-        # 5 variants x 5 calls x eager/graph: the median of 3 calls each (estimated 2 minutes with set-up).
+        # 6 variants x 5 calls x eager/graph: the median of 3 calls each (estimated 2-3 minutes with set-up).
         "unet": [py, str(HERE / "bench_unet.py"), "--repeats", "3", *out],
         "sampler": [py, str(HERE / "bench_sampler.py"), "--repeats", "5", *out],
         # The eager baseline and the eager wide-call row profiled: where their time goes (some seconds each).

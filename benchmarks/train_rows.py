@@ -52,9 +52,9 @@ GPU_ONLY_ROWS = {
     "all_graphed_calls_of_20_and_7": {"sample_batches_per_call": 5, "sample_cuda_graph": True,
                                       "train_cuda_graph": True, "train_rows_per_call": 7},
     # The two compiled-sampling rows with the group and layer norms in bf16 (half_precision_norms): on the H200
-    # (397294b) the training calls, eager, were 7.3-7.7 s of those rows' 10.8-11.0 s epochs, and 26.6 of a call's
-    # 177 ms of kernels were copies, autocast's casts into and out of its float32 norms among them (on a CPU,
-    # tiny, with CUDA's autocast rule: 3145 casts in an update's training, 1435 with the switch).
+    # (397294b) training took 7.7 s (eager) and 7.3 s (from CUDA graphs) of those rows' 11.0 and 10.8 s epochs,
+    # and 26.6 of an eager call's 177 ms of kernels were copies, nearly all of them autocast's casts into and out
+    # of its float32 norms (rlcm_fast/norm_precision.py).
     "compiled_sampling_half_norms_calls_of_20_and_7": {
         "compile_unet": True, "compile_scope": "sampling", "compile_decode": True, "half_precision_norms": True,
         "sample_batches_per_call": 5, "train_rows_per_call": 7},

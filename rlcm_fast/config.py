@@ -81,9 +81,10 @@ class TrainConfig:
     # cuDNN times its convolution algorithms at each new shape and keeps the fastest (torch.backends.cudnn.
     # benchmark, process-wide; CUDA only, ignored on a CPU). A run's shapes are fixed: one search per shape.
     cudnn_benchmark: bool = False
-    # Under mixed precision, the UNet's and the VAE's group and layer norms in bf16/fp16 (float32 statistics
-    # inside the kernel) instead of autocast's float32, whose casts in and out were 15% of an H200's training
-    # kernel time (rlcm_fast/norm_precision.py). Changes nothing without mixed precision. Opt-in until timed on a GPU.
+    # Under mixed precision on CUDA, the UNet's and the VAE's group and layer norms in bf16/fp16 (float32
+    # statistics inside the kernel) instead of autocast's float32, cast in and out of each: copies were 15% of a
+    # training call's kernel time on an H200, and a CPU trace of CUDA's rule puts nearly all their bytes in these
+    # casts (rlcm_fast/norm_precision.py). No effect without mixed precision or on a CPU. Opt-in until timed on a GPU.
     half_precision_norms: bool = False
 
     # Ablation switches: the fast path by default; each turns one optimisation off (benchmarks/bench_train.py).

@@ -5,7 +5,8 @@ copied to float32, the norm writes float32, the SiLU after a ResNet block's norm
 convolution or linear layer copies it back to half precision; the backward pass copies the gradients the same
 way, and what autograd keeps for it (the norm's float32 input, the SiLU's float32 input) is twice the size. On
 an H200 a 7-row training call of sd15-lcm at 768 px spent 26.6 of its 177 ms of kernels in `aten::copy_`
-(benchmarks/results/nvidia-h200/397294b/claims.md). PyTorch's norm kernels take half-precision tensors and
+(benchmarks/results/nvidia-h200/397294b/claims.md); the same call traced on a CPU with CUDA's rule emulated
+(fake tensors) copies 19.3 GiB in 1363 casts, and 0.02 GiB in 530 with this switch. PyTorch's norm kernels take half-precision tensors and
 accumulate their statistics in float32 themselves (as diffusers' pipelines run them, in bf16/fp16 without
 autocast), so the norm's output differs only in being rounded to half precision where the next layer would
 round it anyway (a ResNet block's SiLU in between: one rounding more).
@@ -61,51 +62,70 @@ class HalfPrecisionLayerNorm(_NormInAutocastsDtype, nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
-# Exact types only: a subclass of nn.GroupNorm/nn.LayerNorm may compute something else in its forward.
+# Exact types only: a subclass of nn.GroupNorm/nn.LayerNorm may compute something else in its forward (diffusers'
+# AdaGroupNorm and RMSNorm are not subclasses: they keep autocast's rule).
 HALF_PRECISION_CLASS = {nn.GroupNorm: HalfPrecisionGroupNorm, nn.LayerNorm: HalfPrecisionLayerNorm}
+PLAIN_CLASS = {half: plain for plain, half in HALF_PRECISION_CLASS.items()}
 
 
-def use_half_precision_norms(*models: nn.Module) -> int:
-    """Give every nn.GroupNorm and nn.LayerNorm in `models` the half-precision forward, in place; return how many.
+def use_half_precision_norms(*models: nn.Module, enabled: bool = True) -> int:
+    """Give every nn.GroupNorm and nn.LayerNorm in `models` the half-precision forward, in place (with
+    enabled=False, the plain one back); return how many norms were changed.
 
     The class is swapped on the instance (no new modules): the parameters stay the same objects, so an
     optimizer, a DDP wrapper or a LoRA adapter built before keeps them, and a checkpoint's keys do not change."""
+    swap = HALF_PRECISION_CLASS if enabled else PLAIN_CLASS
     changed = 0
     for model in models:
         for module in model.modules():
-            half = HALF_PRECISION_CLASS.get(type(module))
-            if half is not None:
-                module.__class__ = half
+            other = swap.get(type(module))
+            if other is not None:
+                module.__class__ = other
                 changed += 1
     return changed
 
 
+def ineffective_half_precision_norms(precision: str, device_type: str) -> str | None:
+    """Why half_precision_norms=true changes nothing in this run, or None."""
+    if precision == "no":
+        return "half_precision_norms=true has no effect without mixed precision (mixed_precision: bf16 or fp16)"
+    if device_type == "cpu":
+        return "half_precision_norms=true has no effect on a CPU: its autocast does not cast the norms to float32"
+    return None
+
+
+_emulating = False
+
+
 @contextlib.contextmanager
 def cuda_autocast_norms_on_cpu():
-    """For measuring on a CPU only: within the block, the CPU's autocast runs group_norm and layer_norm in
-    float32, as CUDA's autocast does (its other float32 ops, none of which sd15-lcm's UNet spends much in, are
-    left as the CPU's). Process-wide while the block runs; the CPU's own rule is back after it."""
+    """For measuring on a CPU only: within the block, the CPU's autocast runs group_norm and layer_norm (and
+    native_layer_norm) in float32, as CUDA's autocast does: bf16/fp16 inputs cast up, float64 left alone. Its
+    other float32 ops, none of which sd15-lcm's UNet spends much in, are left as the CPU's. Process-wide while
+    the block runs (not nestable); the CPU's own rule is back after it. Built on torch.library's kernel
+    registration at the AutocastCPU dispatch key, which torch has no public switch for."""
+    global _emulating
     from torch._C import DispatchKey, DispatchKeySet, _ExcludeDispatchKeyGuard
 
-    below_autocast = DispatchKeySet(DispatchKey.AutocastCPU)
+    if _emulating:
+        raise RuntimeError("cuda_autocast_norms_on_cpu() is already active: it does not nest")
+    autocast_cpu = DispatchKeySet(DispatchKey.AutocastCPU)  # excluded while the float32 op runs
 
     def as_float32(t):
-        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF else t
 
-    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
-        with _ExcludeDispatchKeyGuard(below_autocast):
-            return torch.ops.aten.group_norm(as_float32(x), num_groups, as_float32(weight), as_float32(bias), eps,
-                                             cudnn_enabled)
-
-    def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-        with _ExcludeDispatchKeyGuard(below_autocast):
-            return torch.ops.aten.layer_norm(as_float32(x), normalized_shape, as_float32(weight),
-                                             as_float32(bias), eps, cudnn_enable)
+    def float32_op(op):
+        def run(*args, **kwargs):
+            with _ExcludeDispatchKeyGuard(autocast_cpu):
+                return op(*(as_float32(arg) for arg in args), **{k: as_float32(v) for k, v in kwargs.items()})
+        return run
 
     library = torch.library.Library("aten", "IMPL")
+    _emulating = True
     try:
-        library.impl("group_norm", group_norm, "AutocastCPU")
-        library.impl("layer_norm", layer_norm, "AutocastCPU")
+        for name in ("group_norm", "layer_norm", "native_layer_norm"):
+            library.impl(name, float32_op(getattr(torch.ops.aten, name).default), "AutocastCPU")
         yield
     finally:
         library._destroy()
+        _emulating = False

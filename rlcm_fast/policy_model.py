@@ -13,7 +13,7 @@ from .cuda_graphs import GraphedTrainingUNet
 from .faults import first_line
 from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
 from .models import ignored_guidance, load_pipeline, oversized_resolution, set_channels_last
-from .norm_precision import use_half_precision_norms
+from .norm_precision import ineffective_half_precision_norms, use_half_precision_norms
 from .policy_step import fused_step_missing
 
 
@@ -62,7 +62,7 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
         raise ConfigError(f"lora_targets={cfg.lora_targets}: {exc}") from None
     if cfg.channels_last:  # after the LoRA layers exist, so that theirs are converted too
         set_channels_last(pipe)
-    if cfg.half_precision_norms:
+    if cfg.half_precision_norms:  # a no-op without mixed precision, and on a CPU (warned of below)
         use_half_precision_norms(pipe.unet, pipe.vae)
     if cfg.cudnn_benchmark and accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -104,8 +104,9 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
                 train_unet = torch.compile(ddp_unet, backend=cfg.compile_backend, dynamic=False)
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)  # the bare UNet: launch.py refuses DDP here
-    warnings = [warning for warning in (ignored_guidance(pipe, cfg.method, cfg.guidance_scale),
-                                        oversized_resolution(pipe, cfg.resolution)) if warning]
+    warnings = [warning for warning in (
+        ignored_guidance(pipe, cfg.method, cfg.guidance_scale), oversized_resolution(pipe, cfg.resolution),
+        cfg.half_precision_norms and ineffective_half_precision_norms(precision, accelerator.device.type)) if warning]
     if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (
             missing := fused_step_missing(accelerator.device)):
         warnings.append(f"the policy step runs in plain PyTorch (slower, same results): {missing}")

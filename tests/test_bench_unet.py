@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_unet  # noqa: E402
 
 from rlcm_fast.config import resolve_config  # noqa: E402
+from rlcm_fast.norm_precision import HalfPrecisionGroupNorm, HalfPrecisionLayerNorm  # noqa: E402
 from rlcm_fast.trainer import Trainer  # noqa: E402
 
 
@@ -32,6 +33,12 @@ def test_variants_set_and_unset_their_switches_in_place(tmp_path):
     assert all(p.is_contiguous() for p in weights)
     assert convolution_weights(trainer) == weights  # the same Parameters (the optimizer holds them)
     assert torch.backends.cudnn.benchmark is False
+    norms = [m for model in (trainer.unet, trainer.pipe.vae) for m in model.modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    bench_unet.apply_variant(trainer, bench_unet.VARIANTS["half_precision_norms"])
+    assert norms and all(type(m) in (HalfPrecisionGroupNorm, HalfPrecisionLayerNorm) for m in norms)
+    bench_unet.apply_variant(trainer, bench_unet.VARIANTS["default"])
+    assert all(type(m) in (torch.nn.GroupNorm, torch.nn.LayerNorm) for m in norms)
 
 
 def test_each_variant_and_mode_is_timed_on_a_thread_of_its_own(tmp_path, monkeypatch):

@@ -259,8 +259,8 @@ def test_each_benchmark_stage_command_runs(tmp_path):
     # skipped on the CPU, and said so.
     assert [r["variant"] for r in train["rows"]] == ["straightforward", "fast", "ddpo", "training_calls_of_7"]
     assert [s.get("row") for s in train["skipped"] if "row" in s] == [
-        "compiled_sampling_half_norms_graphed_training_calls_of_20_and_7",
-        "compiled_sampling_half_norms_calls_of_20_and_7", "half_norms", "compiled_sampling_calls_of_20_and_7",
+        "half_norms", "compiled_sampling_half_norms_graphed_training_calls_of_20_and_7",
+        "compiled_sampling_half_norms_calls_of_20_and_7", "compiled_sampling_calls_of_20_and_7",
         "compiled_sampling_graphed_training_calls_of_20_and_7", "paper_calls",
         "all_graphed_calls_of_7", "compiled_blocks_graphed_calls_of_7", "calls_of_20_and_7",
         "all_graphed_calls_of_20_and_7", "all_graphed", "graphed_calls_of_7"]
@@ -437,11 +437,11 @@ def test_the_train_stage_runs_the_rows_of_the_ratio_claims_first():
     import claims
 
     rows = check_claims.DEFAULT_TRAIN_ROWS.split(",")
-    assert rows[:3] == ["straightforward", "fast", "ddpo"] and "fast" in claims.FAST_PATH_ROWS
-    # Then the rows new since the last GPU run, the compiled-sampling rows with bf16 norms first (the fastest
-    # candidates); the rows measured before after them.
-    assert rows[3:6] == ["compiled_sampling_half_norms_graphed_training_calls_of_20_and_7",
-                         "compiled_sampling_half_norms_calls_of_20_and_7", "half_norms"]
+    # The defaults with bf16 norms beside the defaults (the switch's eager like-for-like pair), then DDPO; then the
+    # compiled-sampling rows with bf16 norms (the fastest candidates), before the same rows without them.
+    assert rows[:4] == ["straightforward", "fast", "half_norms", "ddpo"] and "fast" in claims.FAST_PATH_ROWS
+    assert rows[4:6] == ["compiled_sampling_half_norms_graphed_training_calls_of_20_and_7",
+                         "compiled_sampling_half_norms_calls_of_20_and_7"]
     assert rows.index("compiled_sampling_calls_of_20_and_7") == 6 and len(rows) == len(set(rows))
 
 
@@ -469,7 +469,8 @@ def test_claims_md_sums_up_a_gpu_rows_profile(tmp_path):
 def test_the_train_stage_profiles_only_the_rows_it_runs():
     command = check_claims.stage_commands(Path("unused"))["train"]
     assert command[command.index("--profile") + 1] == (
-        "straightforward,fast,compiled_sampling_half_norms_calls_of_20_and_7,compiled_sampling_calls_of_20_and_7")
+        "straightforward,fast,half_norms,compiled_sampling_half_norms_calls_of_20_and_7,"
+        "compiled_sampling_calls_of_20_and_7")
     command = check_claims.stage_commands(Path("unused"), "ddpo,fast,calls_of_20_and_7")["train"]
     assert command[command.index("--profile") + 1] == "fast"
     assert "--profile" not in check_claims.stage_commands(Path("unused"), "ddpo,calls_of_20_and_7")["train"]
