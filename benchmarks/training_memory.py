@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(overrides={
             "device": "cpu", "model": args.model, "resolution": args.resolution, "mixed_precision": "bf16",
             "policy_step_backend": "reference", "grid_every": 0, "sample_batch_size": 1, "train_batch_size": 1,
-            "gradient_accumulation_steps": 1, "batches_per_epoch": 1, "half_precision_norms": args.half_precision_norms})
+            "gradient_accumulation_steps": 1, "batches_per_epoch": 1,
+            "half_precision_norms": args.half_precision_norms})
     except ConfigError as error:
         parser.error(str(error))
     with tempfile.TemporaryDirectory() as run_dir:

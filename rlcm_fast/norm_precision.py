@@ -6,10 +6,10 @@ convolution or linear layer copies it back to half precision; the backward pass 
 way, and what autograd keeps for it (the norm's float32 input, the SiLU's float32 input) is twice the size. On
 an H200 a 7-row training call of sd15-lcm at 768 px spent 26.6 of its 177 ms of kernels in `aten::copy_`
 (benchmarks/results/nvidia-h200/397294b/claims.md); the same call traced on a CPU with CUDA's rule emulated
-(fake tensors) copies 19.3 GiB in 1363 casts, and 0.02 GiB in 530 with this switch. PyTorch's norm kernels take half-precision tensors and
-accumulate their statistics in float32 themselves (as diffusers' pipelines run them, in bf16/fp16 without
-autocast), so the norm's output differs only in being rounded to half precision where the next layer would
-round it anyway (a ResNet block's SiLU in between: one rounding more).
+(fake tensors) copies 19.3 GiB in 1363 casts, and 0.02 GiB in 530 with this switch. PyTorch's norm kernels
+take half-precision tensors and accumulate their statistics in float32 themselves (as diffusers' pipelines run
+them, in bf16/fp16 without autocast), so the norm's output differs only in being rounded to half precision where
+the next layer would round it anyway (a ResNet block's SiLU in between: one rounding more).
 
 `use_half_precision_norms` changes the class of every `nn.GroupNorm` and `nn.LayerNorm` of a model in place to
 one whose forward, under autocast, runs the norm in autocast's dtype; outside autocast it is the plain norm.
