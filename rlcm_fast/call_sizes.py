@@ -8,8 +8,7 @@ rows straightforward and calls_of_20_and_7, benchmarks/results/nvidia-h200/d986b
 `auto` makes calls of about as many latent pixels as those wide ones, which keep the activation memory about
 the same at any resolution (sd15-lcm: 16 GiB kept for the backward of 7 training rows at 768 px, 12 with
 half_precision_norms, training_memory.py; the whole run reserved 19.4 GiB), in proportion less on a GPU of
-less than 24 GiB; on a CPU, busy at any width,
-it keeps the paper's loop.
+less than 24 GiB; on a CPU, busy at any width, it keeps the paper's loop.
 """
 
 from __future__ import annotations
