@@ -179,11 +179,17 @@ def cosine(grads, exact):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast needs a GPU")
-def test_on_a_gpu_half_precision_norms_remove_casts_and_keep_the_gradients(tmp_path):
+def test_on_a_gpu_half_precision_norms_remove_casts_and_keep_the_gradients(tmp_path, monkeypatch):
+    """CUDA's real autocast: the casts the CPU's emulation counts go, and the gradients stay as close to float32's
+    (without TF32, which would make the float32 reference itself coarser)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _, exact, _ = training_copies_and_gradients(tmp_path, "float32", device="cuda", mixed_precision="no")
     autocast_copies, autocast_grads, _ = training_copies_and_gradients(tmp_path, "bf16", device="cuda",
                                                                        mixed_precision="bf16")
     half_copies, half_grads, _ = training_copies_and_gradients(tmp_path, "half", device="cuda",
                                                                mixed_precision="bf16", half_precision_norms=True)
     assert half_copies < 0.6 * autocast_copies
-    assert distance(half_grads, exact) < 1.5 * distance(autocast_grads, exact)
+    assert cosine(half_grads, exact) > 0.98
+    # bf16's rounding differs by kernel; 0.01 of the largest entry of slack where autocast's own error is small
+    assert distance(half_grads, exact) < 1.5 * distance(autocast_grads, exact) + 0.01
