@@ -189,7 +189,8 @@ def test_on_a_gpu_half_precision_norms_remove_casts_and_keep_the_gradients(tmp_p
                                                                        mixed_precision="bf16")
     half_copies, half_grads, _ = training_copies_and_gradients(tmp_path, "half", device="cuda",
                                                                mixed_precision="bf16", half_precision_norms=True)
-    assert half_copies < 0.6 * autocast_copies
+    # CUDA's autocast casts some ops the CPU's does not (its float32 list is longer), in both runs alike
+    assert half_copies < 0.7 * autocast_copies
     assert cosine(half_grads, exact) > 0.98
     # bf16's rounding differs by kernel; 0.01 of the largest entry of slack where autocast's own error is small
     assert distance(half_grads, exact) < 1.5 * distance(autocast_grads, exact) + 0.01
