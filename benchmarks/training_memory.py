@@ -13,6 +13,7 @@ this is a lower bound on a training call's peak, for choosing `train_rows_per_ca
 The CPU's autocast keeps group and layer norms in bf16, CUDA's runs them in float32 (and autograd then keeps
 their float32 inputs): the traces follow CUDA's rule (rlcm_fast/norm_precision.py, `cuda_autocast_norms_on_cpu`),
 so that they count what a GPU keeps; `--half-precision-norms` traces with the trainer's switch of that name on.
+Each trace also sums the bytes that its casts (aten._to_copy) write: the traffic that switch removes.
 
 Sampling (`--sampling-batches`, for `sample_batches_per_call`): the H-step loop for B trajectories without
 gradient (bf16 autocast, the plain-PyTorch step) and the VAE decode of one sampling batch, traced the same
@@ -68,8 +69,9 @@ from rlcm_fast.trainer import Trainer  # noqa: E402
 GIB = 2**30
 
 
-def saved_for_backward_bytes(trainer: Trainer, rows: int) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward of `rows` rows (fake tensors)."""
+def saved_for_backward_bytes(trainer: Trainer, rows: int) -> tuple[int, int]:
+    """Bytes of the distinct storages autograd saves in one training forward of `rows` rows, and bytes its casts
+    write (fake tensors)."""
     sampler = trainer.sampler
     embeds = sampler.prompt_embeddings([trainer.prompt_set[0]])  # real: the text encoder runs once, outside
     saved: dict[int, int] = {}
@@ -86,23 +88,28 @@ def saved_for_backward_bytes(trainer: Trainer, rows: int) -> int:
         sample_idx = torch.arange(rows, device=trainer.device)
         step_idx = torch.zeros(rows, dtype=torch.long, device=trainer.device)
         with trainer.autocast(), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-            sampler.action_log_probs(trainer.train_unet, states, sample_idx, step_idx,
-                                     embeds.expand(rows, -1, -1))
-    return sum(saved.values())
+            with PeakLiveStorage() as forward:
+                sampler.action_log_probs(trainer.train_unet, states, sample_idx, step_idx,
+                                         embeds.expand(rows, -1, -1))
+    return sum(saved.values()), forward.cast_bytes
 
 
 class PeakLiveStorage(TorchDispatchMode):
     """Under a FakeTensorMode: the largest total of the distinct storages alive at once, counted after each
     op while its inputs are still held (tensors made before the mode was entered are not counted). Fake
-    tensors live and die as real ones would in eager PyTorch, so this is eager execution's peak."""
+    tensors live and die as real ones would in eager PyTorch, so this is eager execution's peak. Also the bytes
+    that casts (aten._to_copy: autocast's among them) write, the traffic half_precision_norms takes away."""
 
     def __init__(self):
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.peak = 0
+        self.cast_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default:
+            self.cast_bytes += out.untyped_storage().nbytes()
         for tensor in pytree.tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 ref = StorageWeakRef(tensor.untyped_storage())
@@ -112,24 +119,25 @@ class PeakLiveStorage(TorchDispatchMode):
         return out
 
 
-def sampling_peak_bytes(trainer: Trainer, batch: int) -> int:
-    """Peak live bytes of the H-step sampling loop for `batch` trajectories (fake tensors; the trainer samples
-    without gradient under autocast)."""
+def sampling_peak_bytes(trainer: Trainer, batch: int) -> tuple[int, int]:
+    """Peak live bytes of the H-step sampling loop for `batch` trajectories, and bytes its casts write (fake
+    tensors; the trainer samples without gradient under autocast)."""
     prompts = [trainer.prompt_set[0]] * batch
     trainer.sampler.prompt_embeddings(prompts)  # real: the text encoder runs once, outside
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), trainer.autocast():
         with PeakLiveStorage() as loop:
             trainer.sampler.sample(trainer.unet, prompts, decode=False)
-    return loop.peak
+    return loop.peak, loop.cast_bytes
 
 
-def decode_peak_bytes(trainer: Trainer, batch: int) -> int:
-    """Peak live bytes of the VAE decode of `batch` latents (fake tensors, under the trainer's autocast)."""
+def decode_peak_bytes(trainer: Trainer, batch: int) -> tuple[int, int]:
+    """Peak live bytes of the VAE decode of `batch` latents, and bytes its casts write (fake tensors, under the
+    trainer's autocast)."""
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), trainer.autocast():
         latents = torch.randn(latent_shape(trainer.pipe, batch, trainer.sampler.resolution), device=trainer.device)
         with PeakLiveStorage() as decode:
             trainer.sampler.decode(latents)
-    return decode.peak
+    return decode.peak, decode.cast_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,17 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         # The LoRA weights in float32, their gradients, and AdamW's two moments.
         lora = sum(p.numel() for p in trainer.params) * 4 * 4
         with cuda_autocast_norms_on_cpu():
-            measured = [{"rows": n, "saved_for_backward_gib": saved_for_backward_bytes(trainer, n) / GIB} for n in rows]
+            measured = [dict(zip(("rows", "saved_for_backward_gib", "forward_casts_gib"),
+                                 (n, *(b / GIB for b in saved_for_backward_bytes(trainer, n))))) for n in rows]
             decode_batch = min(sampling_batches)  # the decode goes one sampling batch at a time, whatever the call
-            decode_gib = decode_peak_bytes(trainer, decode_batch) / GIB
-            sampling = [{"trajectories": batch, "loop_peak_gib": sampling_peak_bytes(trainer, batch) / GIB,
-                         "decode_batch": decode_batch, "decode_peak_gib": decode_gib} for batch in sampling_batches]
+            decode_gib, decode_casts_gib = (b / GIB for b in decode_peak_bytes(trainer, decode_batch))
+            sampling = [dict(zip(("trajectories", "loop_peak_gib", "loop_casts_gib"),
+                                 (batch, *(b / GIB for b in sampling_peak_bytes(trainer, batch)))),
+                             decode_batch=decode_batch, decode_peak_gib=decode_gib, decode_casts_gib=decode_casts_gib)
+                        for batch in sampling_batches]
     for row in measured:
         print(f"{cfg.model} {cfg.resolution} px, {row['rows']:3d} rows per call: "
-              f"{row['saved_for_backward_gib']:.4g} GiB saved for backward", flush=True)
+              f"{row['saved_for_backward_gib']:.4g} GiB saved for backward, its forward's casts write "
+              f"{row['forward_casts_gib']:.4g} GiB", flush=True)
     for row in sampling:
         print(f"{cfg.model} {cfg.resolution} px, sampling {row['trajectories']:3d} trajectories: loop peak "
-              f"{row['loop_peak_gib']:.4g} GiB, decode of {row['decode_batch']} {row['decode_peak_gib']:.4g} GiB",
+              f"{row['loop_peak_gib']:.4g} GiB (casts write {row['loop_casts_gib']:.4g} GiB), decode of "
+              f"{row['decode_batch']} {row['decode_peak_gib']:.4g} GiB (casts {row['decode_casts_gib']:.4g} GiB)",
               flush=True)
     result = {
         "benchmark": "training_memory", **environment(), "model": cfg.model, "resolution": cfg.resolution,
