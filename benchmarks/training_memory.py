@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             "half_precision_norms": args.half_precision_norms})
     except ConfigError as error:
         parser.error(str(error))
-    with tempfile.TemporaryDirectory() as run_dir:
+    # The Trainer is built under the emulated rule too: it warns that half_precision_norms does nothing on a CPU,
+    # which is not so here.
+    with tempfile.TemporaryDirectory() as run_dir, cuda_autocast_norms_on_cpu():
         try:
             trainer = Trainer(cfg, Path(run_dir))
         except (ConfigError, ModelLoadError) as error:
@@ -162,15 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                       for t in [*module.parameters(), *module.buffers()] if not t.requires_grad)
         # The LoRA weights in float32, their gradients, and AdamW's two moments.
         lora = sum(p.numel() for p in trainer.params) * 4 * 4
-        with cuda_autocast_norms_on_cpu():
-            measured = [dict(zip(("rows", "saved_for_backward_gib", "forward_casts_gib"),
-                                 (n, *(b / GIB for b in saved_for_backward_bytes(trainer, n))))) for n in rows]
-            decode_batch = min(sampling_batches)  # the decode goes one sampling batch at a time, whatever the call
-            decode_gib, decode_casts_gib = (b / GIB for b in decode_peak_bytes(trainer, decode_batch))
-            sampling = [dict(zip(("trajectories", "loop_peak_gib", "loop_casts_gib"),
-                                 (batch, *(b / GIB for b in sampling_peak_bytes(trainer, batch)))),
-                             decode_batch=decode_batch, decode_peak_gib=decode_gib, decode_casts_gib=decode_casts_gib)
-                        for batch in sampling_batches]
+        measured = [dict(zip(("rows", "saved_for_backward_gib", "forward_casts_gib"),
+                             (n, *(b / GIB for b in saved_for_backward_bytes(trainer, n))))) for n in rows]
+        decode_batch = min(sampling_batches)  # the decode goes one sampling batch at a time, whatever the call
+        decode_gib, decode_casts_gib = (b / GIB for b in decode_peak_bytes(trainer, decode_batch))
+        sampling = [dict(zip(("trajectories", "loop_peak_gib", "loop_casts_gib"),
+                             (batch, *(b / GIB for b in sampling_peak_bytes(trainer, batch)))),
+                         decode_batch=decode_batch, decode_peak_gib=decode_gib, decode_casts_gib=decode_casts_gib)
+                    for batch in sampling_batches]
     for row in measured:
         print(f"{cfg.model} {cfg.resolution} px, {row['rows']:3d} rows per call: "
               f"{row['saved_for_backward_gib']:.4g} GiB saved for backward, its forward's casts write "

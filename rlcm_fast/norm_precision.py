@@ -85,16 +85,17 @@ def use_half_precision_norms(*models: nn.Module, enabled: bool = True) -> int:
     return changed
 
 
+_emulating = False  # cuda_autocast_norms_on_cpu() is active
+
+
 def ineffective_half_precision_norms(precision: str, device_type: str) -> str | None:
     """Why half_precision_norms=true changes nothing in this run, or None."""
     if precision == "no":
         return "half_precision_norms=true has no effect without mixed precision (mixed_precision: bf16 or fp16)"
-    if device_type == "cpu":
+    if device_type == "cpu" and not _emulating:  # within cuda_autocast_norms_on_cpu it has
         return "half_precision_norms=true has no effect on a CPU: its autocast does not cast the norms to float32"
     return None
 
-
-_emulating = False
 
 
 @contextlib.contextmanager

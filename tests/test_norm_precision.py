@@ -135,6 +135,13 @@ def test_a_run_where_the_switch_changes_nothing_is_told(tmp_path, capsys, precis
     assert f"rlcm-fast: warning: half_precision_norms=true has no effect {why}" in capsys.readouterr().err
 
 
+def test_under_the_emulated_rule_the_switch_is_not_called_ineffective(tmp_path, capsys):
+    with cuda_autocast_norms_on_cpu():
+        Trainer(resolve_config(overrides={"device": "cpu", "mixed_precision": "bf16", "half_precision_norms": True}),
+                tmp_path / "run", progress_bars=False)
+    assert "half_precision_norms" not in capsys.readouterr().err
+
+
 def training_copies_and_gradients(tmp_path, name, **overrides):
     """One seeded update of the tiny model (test_switches.one_update) under CUDA's autocast rule for the norms
     (on a CPU, emulated): the training pass's casts, the LoRA gradients, and the trainer."""
