@@ -172,10 +172,13 @@ def memory_section(memory: dict) -> list[str]:
              f"{memory['precision']}, norms {memory.get('norms', 'as the CPU ran them (bf16)')}): GiB", "",
              f"Weights {memory['weights_gib']:.2f}, LoRA + Adam {memory['lora_and_adam_gib']:.3f}; saved for the "
              f"backward per training row {memory['saved_gib_per_row']:.2f}.", ""]
-    body = [[r["rows"], r["saved_for_backward_gib"]] for r in memory["rows"]]
-    lines += table(["rows per training call", "saved for backward"], body) + [""]
-    body = [[r["trajectories"], r["loop_peak_gib"], r["decode_batch"], r["decode_peak_gib"]] for r in memory["sampling"]]
-    return lines + table(["trajectories per sampling call", "loop peak", "decode batch", "decode peak"], body) + [""]
+    # The casts' bytes: since d5552d6 (an older JSON shows "-").
+    body = [[r["rows"], r["saved_for_backward_gib"], r.get("forward_casts_gib")] for r in memory["rows"]]
+    lines += table(["rows per training call", "saved for backward", "forward's casts write"], body) + [""]
+    body = [[r["trajectories"], r["loop_peak_gib"], r.get("loop_casts_gib"), r["decode_batch"], r["decode_peak_gib"],
+             r.get("decode_casts_gib")] for r in memory["sampling"]]
+    return lines + table(["trajectories per sampling call", "loop peak", "loop's casts write", "decode batch",
+                          "decode peak", "decode's casts write"], body) + [""]
 
 
 def ablation_section(ablation: dict) -> list[str]:
