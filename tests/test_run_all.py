@@ -66,7 +66,8 @@ def test_results_readme_tables_for_training_memory_and_bench_unet(tmp_path):
     memory = json.loads((REPO / "benchmarks" / "results" / "amd-epyc" / "training_memory.json").read_text())
     lines = memory_section(memory)
     assert lines[0].startswith("## Training memory, traced (training_memory.py, sd15-lcm at 768 px")
-    assert f"| 7 | {memory['rows'][1]['saved_for_backward_gib']:.3g} | {memory['rows'][1]['forward_casts_gib']:.3g} |" in lines
+    seven = memory["rows"][1]
+    assert f"| 7 | {seven['saved_for_backward_gib']:.3g} | {seven['forward_casts_gib']:.3g} |" in lines
     loop = memory["sampling"][1]
     assert any(line.startswith(f"| 20 | {loop['loop_peak_gib']:.3g} | {loop['loop_casts_gib']:.3g} | 4 |")
                for line in lines)
