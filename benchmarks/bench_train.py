@@ -18,8 +18,9 @@ graphs too, train_cuda_graph), and `calls_of_20_and_7` / `all_graphed_calls_of_2
 batches of 20, eager and graphed), `compiled_sampling_calls_of_20_and_7` /
 `compiled_sampling_graphed_training_calls_of_20_and_7` (the same wide calls with sampling's UNet and VAE
 decode compiled, compile_scope sampling and compile_decode; training eager, and replayed from CUDA graphs),
-and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled, compile_scope blocks, with
-the graphed sampling loop and training calls of 7); asked for on a CPU, these and `paper_calls` (13 rows)
+the same two with half_precision_norms (`compiled_sampling_half_norms_...`), `half_norms` (the defaults with
+it), and `compiled_blocks_graphed_calls_of_7` (only the transformer blocks compiled, compile_scope blocks,
+with the graphed sampling loop and training calls of 7); asked for on a CPU, these and `paper_calls` (16 rows)
 are listed under "skipped".
 CPU mode (no CUDA): the same rows on the `tiny` / `tiny-sd` presets (32 px; DDPO with the tiny-sd
 preset's 10 DDIM steps) with small batches, 1-2 epochs; the JSON says `"mode": "cpu-tiny"`.

@@ -96,7 +96,7 @@ class TrainConfig:
     # The UNet's batch sizes (the same trajectories and gradients, fewer and larger UNet calls, more activation
     # memory). auto: on CUDA, calls about as wide as 7 training rows and 20 sampling trajectories at 768 px,
     # which kept an H200 busy where the paper's sizes left it waiting on the host; on a CPU, the paper's loop
-    # (rlcm_fast/call_sizes.py). A run's config.yaml records what auto chose.
+    # (rlcm_fast/call_sizes.py). config.yaml and checkpoints keep `auto`: a resume on another machine chooses again.
     # Flattened PPO: an update's rows are cut into calls of this many rows, whatever train_batch_size (each
     # call's loss weighted by its rows). 0: train_batch_size rows per call.
     train_rows_per_call: int | str = "auto"

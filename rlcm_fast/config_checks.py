@@ -210,9 +210,9 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
         other = "compile_unet" if compiled_training else "gradient_checkpointing"
         raise ConfigError(f"train_cuda_graph=true with {other}=true is refused (the two were never tested "
                           f"together); set one of them to false")
-    rows_per_call = cfg.train_rows_per_call  # "auto" chooses a valid size (call_sizes.py): an int is checked
-    if rows_per_call != "auto" and (not isinstance(rows_per_call, int) or isinstance(rows_per_call, bool)
-                                    or rows_per_call < 0):
+    # Both call sizes are an int or "auto" by now (_check_types); auto chooses a valid size (call_sizes.py).
+    rows_per_call = cfg.train_rows_per_call
+    if rows_per_call != "auto" and rows_per_call < 0:
         raise ConfigError(f"train_rows_per_call={rows_per_call!r} is invalid: it must be an integer >= 0 "
                           "(0: train_batch_size) or 'auto'")
     if rows_per_call not in (0, "auto") and (cfg.train_rows != "flattened" or cfg.algorithm == "rebel"):
@@ -221,7 +221,7 @@ def _check_method_and_switches(cfg: TrainConfig) -> None:
                           "set it to 0 or auto")
     rounds = cfg.batches_per_epoch * cfg.num_sample_iters
     joined = cfg.sample_batches_per_call
-    if joined != "auto" and (not isinstance(joined, int) or isinstance(joined, bool) or joined < 1 or rounds % joined):
+    if joined != "auto" and (joined < 1 or rounds % joined):
         raise ConfigError(f"sample_batches_per_call={joined!r} is invalid: it must be a positive integer dividing "
                           f"batches_per_epoch x num_sample_iters = {rounds} (e.g. 1 or {rounds}), or 'auto'")
     if cfg.train_rows == "per_timestep" and cfg.algorithm == "rebel":
