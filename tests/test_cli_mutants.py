@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from rlcm_fast.cli import _train_overrides, build_parser, library_bars_hidden_off_terminal, main
+from rlcm_fast.cli import build_parser, library_bars_hidden_off_terminal, main
+from rlcm_fast.train_command import _train_overrides
 from rlcm_fast.config import ConfigError
 from rlcm_fast.path_checks import UsageError
 
@@ -123,14 +124,14 @@ def raising(exc: BaseException):
 ])
 def test_main_turns_errors_past_the_checks_into_one_line_and_an_exit_code(exc, code, message, capsys,
                                                                            monkeypatch):
-    monkeypatch.setattr("rlcm_fast.cli.run_train", raising(exc))
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", raising(exc))
     assert main(["train"]) == code
     assert one_line_error(capsys) == message
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("index out of range"), OSError(errno.ENOENT, "No such file")])
 def test_other_errors_past_the_checks_stay_tracebacks(exc, monkeypatch):
-    monkeypatch.setattr("rlcm_fast.cli.run_train", raising(exc))
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", raising(exc))
     with pytest.raises(type(exc)):
         main(["train"])
 
@@ -138,7 +139,7 @@ def test_other_errors_past_the_checks_stay_tracebacks(exc, monkeypatch):
 def test_a_lost_peer_under_a_launcher_is_exit_1_naming_this_process(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr("rlcm_fast.cli.run_train", raising(RuntimeError("Connection closed by peer")))
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", raising(RuntimeError("Connection closed by peer")))
     assert main(["train"]) == 1
     assert one_line_error(capsys).startswith("process 1 stopped: another process of the run ended first")
 
@@ -146,7 +147,7 @@ def test_a_lost_peer_under_a_launcher_is_exit_1_naming_this_process(capsys, monk
 def test_an_error_the_main_process_reports_is_not_repeated(capsys, monkeypatch):
     error = UsageError("said once by rank 0")
     error.reported_by_main_process = True
-    monkeypatch.setattr("rlcm_fast.cli.run_train", raising(error))
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", raising(error))
     assert main(["train"]) == 2
     assert "said once" not in capsys.readouterr().err
 
@@ -154,7 +155,7 @@ def test_an_error_the_main_process_reports_is_not_repeated(capsys, monkeypatch):
 def test_an_interrupt_while_the_command_line_is_checked_says_to_run_it_again(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr("rlcm_fast.cli.run_train", raising(KeyboardInterrupt()))
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", raising(KeyboardInterrupt()))
     assert main(["train", "--set", "epochs=2"]) == 130
     assert capsys.readouterr().err == ("rlcm-fast: interrupted; run the same command again: "
                                        "rlcm-fast train --set epochs=2\n")
@@ -162,7 +163,7 @@ def test_an_interrupt_while_the_command_line_is_checked_says_to_run_it_again(cap
 
 def test_an_interrupt_in_a_later_rank_prints_nothing(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr("rlcm_fast.cli.run_train", raising(KeyboardInterrupt()))
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", raising(KeyboardInterrupt()))
     assert main(["train"]) == 130
     assert capsys.readouterr().err == ""
 
@@ -170,7 +171,7 @@ def test_an_interrupt_in_a_later_rank_prints_nothing(capsys, monkeypatch):
 def test_output_dir_and_set_output_dir_naming_one_folder_are_not_refused(tmp_path, capsys, monkeypatch):
     """`--output-dir run/` and `--set output_dir=run` are the same folder, spelt differently."""
     trained = []
-    monkeypatch.setattr("rlcm_fast.cli._train", lambda cfg, run_dir, resume_from: trained.append(run_dir) or 0)
+    monkeypatch.setattr("rlcm_fast.train_command._train", lambda cfg, run_dir, resume_from: trained.append(run_dir) or 0)
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--output-dir", f"{run}/", "--set", f"output_dir={run}"]) == 0
     assert trained == [run]

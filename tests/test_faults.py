@@ -574,7 +574,8 @@ def test_resume_auto_in_an_empty_folder_starts_the_run(tmp_path):
 
 
 def test_resume_auto_in_an_empty_folder_reads_the_config_file(tmp_path):
-    from rlcm_fast.cli import _plan_run, build_parser
+    from rlcm_fast.cli import build_parser
+    from rlcm_fast.train_command import _plan_run
 
     (tmp_path / "c.yaml").write_text("epochs: 7\n")
     args = build_parser().parse_args(["train", "--resume", "auto", "--output-dir", str(tmp_path / "run"),

@@ -63,7 +63,7 @@ def test_a_broken_collective_on_a_surviving_process_is_one_line(monkeypatch, cap
         raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:2753. This is "
                            "typically caused by a remote worker crashing.\nGLHF!")
 
-    monkeypatch.setattr("rlcm_fast.cli.run_train", broken)
+    monkeypatch.setattr("rlcm_fast.train_command.run_train", broken)
     assert main(["train"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "rlcm-fast: error: process 1 stopped: another process of the run ended first (its message, or the "

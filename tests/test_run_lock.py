@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlcm_fast import cli, run_lock
+from rlcm_fast import run_lock, train_command
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.launch import LAUNCHED_HERE
@@ -215,9 +215,9 @@ def test_only_the_launcher_or_rank_0_holds_the_folder(tmp_path, monkeypatch):
         with monkeypatch.context() as patch:
             for key, value in env.items():
                 patch.setenv(key, value)
-            with cli._run_folder_held(tmp_path / "run"):
+            with train_command._run_folder_held(tmp_path / "run"):
                 assert not (tmp_path / "run").exists()
-    with cli._run_folder_held(tmp_path / "run"):
+    with train_command._run_folder_held(tmp_path / "run"):
         assert (tmp_path / "run" / LOCK_FILE).is_file()
     assert not Path(tmp_path / "run").exists()
 

@@ -551,7 +551,7 @@ def test_an_interrupt_while_the_command_line_is_checked_says_to_run_the_same_com
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlcm_fast.cli._plan_run", interrupted)
+    monkeypatch.setattr("rlcm_fast.train_command._plan_run", interrupted)
     command = ["train", "--device", "cpu", "--output-dir", str(tmp_path / "my run")]
     assert main(command) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -566,7 +566,7 @@ def test_a_printed_command_spells_bytes_that_are_not_utf8_so_that_bash_reads_the
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlcm_fast.cli._plan_run", interrupted)
+    monkeypatch.setattr("rlcm_fast.train_command._plan_run", interrupted)
     folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9 it's \\ \x01")
     command = ["train", "--device", "cpu", "--output-dir", folder, "--set", "lora_rank=2"]
     assert main(command) == 130
