@@ -136,6 +136,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(str(exc)) from None
     if cfg.prompts not in PROMPT_SETS:  # a prompt file: absolute, so that --resume finds it from anywhere
         cfg.prompts = str(Path(cfg.prompts).resolve())
+    if cfg.eval_prompts:
+        try:
+            load_prompt_set(cfg.eval_prompts)
+        except ValueError as exc:  # its messages name `prompts`
+            message = str(exc)
+            raise ConfigError(f"eval_{message}" if message.startswith("prompts") else f"eval_prompts: {message}"
+                              ) from None
+        if cfg.eval_prompts not in PROMPT_SETS:
+            cfg.eval_prompts = str(Path(cfg.eval_prompts).resolve())
     if cfg.device not in DEVICES:
         raise ConfigError(f"device {cfg.device!r} is invalid; allowed: {', '.join(DEVICES)}")
     if cfg.mixed_precision not in MIXED_PRECISION:
@@ -148,7 +157,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"seed={cfg.seed} is invalid: it must be in 0..2**63-1")
     for name in ("original_inference_steps", "lora_rank", "epochs", "batches_per_epoch", "num_sample_iters",
                  "sample_batch_size", "train_batch_size", "gradient_accumulation_steps", "num_inner_epochs",
-                 "stat_buffer_size", "checkpoint_every"):
+                 "stat_buffer_size", "checkpoint_every", "eval_images"):
         _positive_int(name, getattr(cfg, name))
     for name in ("lora_alpha", "learning_rate", "clip_range", "adv_clip_max", "max_grad_norm", "adam_epsilon"):
         _positive_float(name, getattr(cfg, name))
@@ -169,7 +178,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 1 <= cfg.jpeg_quality <= 100:
         raise ConfigError(f"jpeg_quality={cfg.jpeg_quality} is invalid: it must be in 1..100")
     _check_reward_options(cfg)
-    for name in ("reward_threads", "grid_every", "keep_checkpoints", "max_nonfinite_steps"):
+    for name in ("reward_threads", "grid_every", "eval_every", "keep_checkpoints", "max_nonfinite_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} is invalid: it must be >= 0")
     _check_algorithm(cfg)

@@ -40,15 +40,17 @@ def write_run_config(run_dir: Path, config: dict) -> None:
 
 
 class RunLogger:
-    """Main-process logging. Records are JSON lines with "kind": "step" (one per optimizer step) or
-    "epoch" (one per epoch); the same scalars go to TensorBoard under run_dir/tensorboard."""
+    """Main-process logging. Records are JSON lines with "kind": "step" (one per optimizer step), "epoch" (one
+    per epoch) or "eval" (config eval_every: "epoch" counts the epochs trained before it, 0 for the policy the run
+    started from); the same scalars go to TensorBoard under run_dir/tensorboard."""
 
     def __init__(self, run_dir: Path, resume_epoch: int = 0, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
-        self._epochs: list[dict] = []  # the epoch records, kept here: the file grows by a step record per update
+        # The epoch and eval records, kept here: the file grows by a step record per update.
+        self._kept: dict[str, list[dict]] = {"epoch": [], "eval": []}
         self._drop_records_after(resume_epoch, resume_step)
         # purge_step hides events a killed run logged past the checkpoint this run starts from (also none: a
         # run killed before its first checkpoint and started again would show its first steps twice).
@@ -75,8 +77,10 @@ class RunLogger:
         def record_before_checkpoint(line: str) -> dict | None:
             try:
                 record = json.loads(line)
-                before = record["step"] <= step and (record["kind"] != "epoch" or record["epoch"] <= epoch)
-                plotted = record["kind"] != "epoch" or all(is_finite_number(record[k]) for k in REWARD_KEYS)
+                before = record["step"] <= step and (record["kind"] == "step" or record["epoch"] <= epoch)
+                # The evaluation of the starting policy, at step 0, runs again unless the run resumes past it.
+                before = before and not (record["kind"] == "eval" and step == 0)
+                plotted = record["kind"] == "step" or all(is_finite_number(record[k]) for k in REWARD_KEYS)
             # The half-written last line of a killed run, or a line that is not a record of ours (an edited or
             # damaged file: a list, a record without its step, bytes that are not UTF-8) is dropped.
             except (ValueError, TypeError, KeyError, RecursionError):
@@ -86,7 +90,8 @@ class RunLogger:
         text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
         kept = [(line, record) for line in text.splitlines()
                 if line and (record := record_before_checkpoint(line)) is not None]
-        self._epochs = [record for _, record in kept if record["kind"] == "epoch"]
+        for kind, records in self._kept.items():
+            records.extend(record for _, record in kept if record["kind"] == kind)
         tmp = self.metrics_path.with_suffix(".tmp")
         try:
             with self._writing():
@@ -103,14 +108,18 @@ class RunLogger:
         with self._writing():
             self.metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
             self.metrics_file.flush()
-        if kind == "epoch":
-            self._epochs.append(record)
+        if kind in self._kept:
+            self._kept[kind].append(record)
         for name, value in values.items():
             self.writer.add_scalar(f"{kind}/{name}", value, step)
 
     def epoch_records(self) -> list[dict]:
         """Every epoch record of the run, resumed ones included, as metrics.jsonl holds them."""
-        return list(self._epochs)
+        return list(self._kept["epoch"])
+
+    def eval_records(self) -> list[dict]:
+        """Every eval record of the run, resumed ones included."""
+        return list(self._kept["eval"])
 
     def close(self) -> None:
         self.metrics_file.close()
@@ -161,8 +170,10 @@ def _write_or_warn(path: Path, what: str, write, quiet: bool = False) -> None:
                   "training goes on", file=sys.stderr, flush=True)
 
 
-def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, quiet: bool = False) -> None:
-    """Mean reward (with +- one std band) against epoch; `quiet`: no warning if it cannot be written."""
+def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, quiet: bool = False,
+                     eval_records: Sequence[dict] = ()) -> None:
+    """Mean reward (with +- one std band) against epoch, and the evaluations' mean reward against the epochs
+    trained before them; `quiet`: no warning if it cannot be written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,8 +184,12 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, qu
     mean = np.array([r["reward_mean"] for r in epoch_records])
     std = np.array([r["reward_std"] for r in epoch_records])
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(epochs, mean, marker="o", markersize=3)
+    ax.plot(epochs, mean, marker="o", markersize=3, label="epoch's samples")
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    if eval_records:
+        ax.plot([r["epoch"] for r in eval_records], [r["reward_mean"] for r in eval_records], marker="s",
+                markersize=3, label="evaluation (fixed prompts and noise)")
+        ax.legend(fontsize=8)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no epoch 1.25
     ax.set_ylabel(f"{reward_name} (mean +- std)")

@@ -33,6 +33,7 @@ from .call_sizes import AUTO_KEYS, resolve_call_sizes
 from .checkpoint import remove_leftovers
 from .config import ConfigError, TrainConfig
 from .epoch_samples import EpochSamples, epoch_generator
+from .evaluation import evaluate_policy
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
                      left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
 from .launch import start_accelerator
@@ -102,6 +103,7 @@ class Trainer(CheckpointedRun):
         for warning in policy.warnings if self.is_main else ():
             print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))
+        self.eval_prompt_set = load_prompt_set(cfg.eval_prompts) if cfg.eval_prompts else self.prompt_set
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
         self.start_epoch, self.global_step, self.started = 0, 0, False
@@ -112,7 +114,8 @@ class Trainer(CheckpointedRun):
         self.resumed_epoch: tuple[EpochSamples, dict, int] | None = None  # samples, stats, updates done
         self.epoch_in_progress: tuple[EpochSamples, dict] | None = None
         self.last_saved: tuple[int, int] | None = None  # (epoch, update) of the newest checkpoint of this state
-        self.plotted: tuple[int, float] = (-1, -math.inf)  # (epochs done, time.monotonic()) of the last reward.png
+        # (epoch and eval records, time.monotonic()) of the last reward.png
+        self.plotted: tuple[tuple[int, int], float] = ((0, 0), -math.inf)
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._start_run_folder() if self.is_main else None
@@ -145,27 +148,9 @@ class Trainer(CheckpointedRun):
                 raise StopTraining(0)  # nothing of this epoch is kept: it is redrawn identically on resume
             batches = [self.draw_sampling_batch(prompt_gen, noise_gen, noise_dtype) for _ in range(joined)]
             prompts = [p for batch_prompts, _, _ in batches for p in batch_prompts]
-            with self.autocast():
-                trajectory = self.sampler.sample(
-                    self.sample_unet, prompts, latents=torch.cat([latents for _, latents, _ in batches]),
-                    noises=[torch.cat(step) for step in zip(*(noises for _, _, noises in batches))], decode=False)
-            images = []
-            for start in range(0, len(prompts), cfg.sample_batch_size):  # decoded and scored batch by batch
-                batch = slice(start, start + cfg.sample_batch_size)
-                with self.autocast():
-                    batch_images = self.sampler.decode(trajectory.denoised[batch])
-                # Scored on a worker thread while the next batch decodes or samples, on the training device (GPU
-                # rewards read them there; CPU rewards copy what they need); the sample grid reads the CPU copy.
-                if cfg.reward_device == "cpu":
-                    batch_images = batch_images.cpu()
-                pending.append(self.reward.submit(batch_images, prompts[batch]))
-                if not cfg.reward_overlap:
-                    try:  # straightforward path: the score before the next batch samples
-                        pending[-1].result()
-                    except BaseException:  # what the reward raised: collect_rewards reports it, naming the reward
-                        pass
-                images.append(batch_images.cpu())  # no copy when already there
-            trajectory.images = torch.cat(images)
+            trajectory = self.sample_call(prompts, torch.cat([latents for _, latents, _ in batches]),
+                                          [torch.cat(step) for step in zip(*(noises for _, _, noises in batches))],
+                                          pending)
             trajectories.append(trajectory)
         rewards = self.collect_rewards(pending)
         prompts = [p for t in trajectories for p in t.prompts]
@@ -177,6 +162,33 @@ class Trainer(CheckpointedRun):
             advantages=torch.empty(0),
             images=torch.cat([t.images for t in trajectories]),
         )
+
+    def sample_call(self, prompts: list[str], latents: torch.Tensor, noises: list[torch.Tensor], pending: list,
+                    keep_images: bool = True) -> Trajectory:
+        """One UNet sampling call; its images decoded and scored batch by batch (sample_batch_size), each batch's
+        reward future appended to `pending`. The trajectory's images are their CPU copies (the sample grid's)."""
+        cfg = self.cfg
+        with self.autocast():
+            trajectory = self.sampler.sample(self.sample_unet, prompts, latents=latents, noises=noises, decode=False)
+        images = []
+        for start in range(0, len(prompts), cfg.sample_batch_size):
+            batch = slice(start, start + cfg.sample_batch_size)
+            with self.autocast():
+                batch_images = self.sampler.decode(trajectory.denoised[batch])
+            # Scored on a worker thread while the next batch decodes or samples, on the training device (GPU
+            # rewards read them there; CPU rewards copy what they need).
+            if cfg.reward_device == "cpu":
+                batch_images = batch_images.cpu()
+            pending.append(self.reward.submit(batch_images, prompts[batch]))
+            if not cfg.reward_overlap:
+                try:  # straightforward path: the score before the next batch samples
+                    pending[-1].result()
+                except BaseException:  # what the reward raised: collect_rewards reports it, naming the reward
+                    pass
+            if keep_images:
+                images.append(batch_images.cpu())  # no copy when already there
+        trajectory.images = torch.cat(images) if keep_images else None
+        return trajectory
 
     def draw_sampling_batch(self, prompt_gen, noise_gen, noise_dtype) -> tuple[list[str], torch.Tensor, list]:
         """One sampling batch's prompts, x_0 and step noises, drawn as sampling it alone would draw them."""
@@ -209,6 +221,15 @@ class Trainer(CheckpointedRun):
             speaks = self.is_main or (0 not in failed and self.accelerator.process_index == failed[0])
             raise left_to_the_main_process(error, quiet=not speaks)
         return rewards
+
+    def evaluate(self, epochs_trained: int) -> None:
+        """The evaluation after `epochs_trained` epochs (evaluation.py), logged as an "eval" record."""
+        stats = evaluate_policy(self)
+        if self.is_main:
+            self.logger.log("eval", epochs_trained, self.global_step, stats)
+            tqdm.write(f"eval after {epochs_trained} epoch{'s' * (epochs_trained != 1)}  reward "
+                       f"{stats['reward_mean']:+.4f} +- {stats['reward_std']:.4f}  ({stats['images']} images, "
+                       f"{stats['eval_seconds']:.1f}s)")
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
         """Gather every process's rewards and prompts, normalise (per prompt, or per group of one prompt's
@@ -422,7 +443,10 @@ class Trainer(CheckpointedRun):
                 self.logger.close()
 
     def _train_epochs(self) -> None:
+        self.epochs_trained = self.start_epoch  # the epochs whose updates the weights hold
         with self.stop:
+            if self.cfg.eval_every and self.start_epoch == 0 and self.resumed_epoch is None:
+                self.evaluate(0)  # the starting policy's
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 try:
                     self.run_epoch(epoch)
@@ -433,21 +457,21 @@ class Trainer(CheckpointedRun):
                             f"{stop.fault}; {checkpoint.name} holds the last good state"), quiet=not self.is_main) from None
                     self.stopped_at = checkpoint
                     break
-                except RewardError as exc:
-                    if epoch == 0:  # nothing to keep: the initial state is the config's
+                except RewardError as exc:  # sampling epoch + 1's, or the evaluation after it
+                    if self.epochs_trained == 0:  # nothing to keep: the initial state is the config's
                         raise
-                    checkpoint = self.save_position(epoch, 0)
+                    checkpoint = self.save_position(self.epochs_trained, 0)
                     raise left_to_the_main_process(
-                        RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {epoch + 1}"),
+                        RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {self.epochs_trained + 1}"),
                         quiet=reported_by_main_process(exc)) from None
 
     def plot_rewards(self, quiet: bool = False) -> None:
         """reward.png, unless it already shows every epoch logged (main process); `quiet`: no warning if it
         cannot be written."""
-        records = self.logger.epoch_records()
-        if records and self.plotted[0] != records[-1]["epoch"]:
-            save_reward_plot(self.run_dir / "reward.png", records, self.cfg.reward, quiet=quiet)
-            self.plotted = (records[-1]["epoch"], time.monotonic())
+        records, evals = self.logger.epoch_records(), self.logger.eval_records()
+        if records and self.plotted[0] != (len(records), len(evals)):
+            save_reward_plot(self.run_dir / "reward.png", records, self.cfg.reward, quiet=quiet, eval_records=evals)
+            self.plotted = ((len(records), len(evals)), time.monotonic())
 
     def run_epoch(self, epoch: int) -> None:
         phase = "sampling"
@@ -465,6 +489,7 @@ class Trainer(CheckpointedRun):
             phase = "training"
             trained = time.perf_counter()
             self.train_epoch(epoch, samples, start_update)
+            self.epochs_trained = epoch + 1
             epoch_stats.update(train_seconds=time.perf_counter() - trained)
             self.epoch_in_progress = None  # a stop from here on is at an epoch boundary; free the samples
         except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
@@ -487,6 +512,8 @@ class Trainer(CheckpointedRun):
                                  samples.prompts, samples.rewards.tolist())
             if time.monotonic() - self.plotted[1] >= REWARD_PLOT_SECONDS:
                 self.plot_rewards()
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
+            self.evaluate(done)  # before the checkpoint: a run that stops in it evaluates again on resume
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
             self.save_checkpoint(done)
         self.accelerator.wait_for_everyone()

@@ -27,7 +27,10 @@ PACKAGE_ROOT = Path(rlcm_fast.__file__).resolve().parents[1]  # the rlcm_fast th
 # Per process: 8 samples, 4 updates of 2 samples each per epoch (so a stop can land mid-epoch).
 SETS = {"batches_per_epoch": 1, "sample_batch_size": 8, "train_batch_size": 2, "epochs": 2, "checkpoint_every": 1}
 ARGS = ["--device", "cpu", *[x for k, v in SETS.items() for x in ("--set", f"{k}={v}")]]
-TIMINGS = ("sample_seconds", "train_seconds")
+TIMINGS = ("sample_seconds", "train_seconds", "eval_seconds")
+# Evaluations before the first epoch and after the second: 5 images, 3 on process 0 and 2 on process 1.
+EVAL_SETS = {"eval_every": 2, "eval_images": 5}
+EVAL_ARGS = [x for k, v in EVAL_SETS.items() for x in ("--set", f"{k}={v}")]
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -45,7 +48,8 @@ def two_process_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     # --standalone: a free port (a fixed one is taken when another pytest-xdist worker runs this fixture too).
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(TESTS / "ddp_probe.py"), str(root / "probe"), "train", "--output-dir", str(root / "run"), *ARGS]
+               str(TESTS / "ddp_probe.py"), str(root / "probe"), "train", "--output-dir", str(root / "run"), *ARGS,
+               *EVAL_ARGS]
     result = subprocess.run(command, env=env(), cwd=root, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -107,6 +111,25 @@ def test_each_step_logs_the_reward_std_of_both_processes_samples(two_process_run
             assert logged["reward_std"] == pytest.approx(rewards.std(), abs=1e-6)
 
 
+def test_two_processes_evaluate_the_images_one_process_evaluates(two_process_run, tmp_path):
+    """Each process samples its share of the evaluation images, each image from its own stream: the starting
+    policy's evaluation is the one-process one (the images are in other batches, hence the tolerance)."""
+    from rlcm_fast.evaluation import evaluate_policy
+
+    evals = [r for r in records(two_process_run / "run") if r["kind"] == "eval"]
+    assert [(r["epoch"], r["step"], r["images"]) for r in evals] == [(0, 0, 5), (2, 8, 5)]
+    single = Trainer(resolve_config(overrides={"device": "cpu", **SETS, **EVAL_SETS}), tmp_path / "single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes' (env())
+    try:
+        own = evaluate_policy(single)
+    finally:
+        torch.set_num_threads(threads)
+    assert own["images"] == 5
+    assert own["reward_mean"] == pytest.approx(evals[0]["reward_mean"], abs=2e-3)
+    assert own["reward_std"] == pytest.approx(evals[0]["reward_std"], abs=2e-3)
+
+
 def test_a_two_process_checkpoint_resumes_with_one_process(two_process_run, tmp_path):
     run_dir = tmp_path / "one"
     assert main(["train", "--resume", str(two_process_run / "run" / "checkpoint-1"), "--output-dir", str(run_dir)]) == 0
@@ -117,7 +140,9 @@ def test_a_two_process_checkpoint_resumes_with_one_process(two_process_run, tmp_
 
 def test_sigterm_to_num_processes_2_checkpoints_mid_epoch_and_resumes_exactly(two_process_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "rlcm_fast", "train", "--num-processes", "2", "--output-dir", str(run_dir), *ARGS]
+    # With the evaluations: the one of the starting policy, before the stop, is logged once and not run again.
+    command = [sys.executable, "-m", "rlcm_fast", "train", "--num-processes", "2", "--output-dir", str(run_dir), *ARGS,
+               *EVAL_ARGS]
     child = subprocess.Popen(command, env=env(), cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 1):

@@ -1,0 +1,62 @@
+"""The run's evaluation (config keys eval_every, eval_images, eval_prompts): the same images of the same prompts,
+sampled from the same initial latents and noises at every evaluation, so that their mean reward follows the
+policy alone, not the epochs' draws of prompts and noise. Here: which images a process samples, in which calls,
+and the random stream of each image; the sampling and scoring are the trainer's (Trainer.evaluate)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+
+# Mixed into each image's seed: no epoch's stream (epoch_samples.epoch_generator) draws the same numbers.
+_EVAL_STREAM = 0x65_76_61_6C  # "eval"
+
+
+def eval_image_generator(seed: int, image: int, device="cpu") -> torch.Generator:
+    """The random stream of evaluation image `image`: its x_0 and noises, whatever the process count or call
+    size that samples it."""
+    generator = torch.Generator(device=device)
+    entropy = np.random.SeedSequence([seed, _EVAL_STREAM, image]).generate_state(1, np.uint64)[0]
+    generator.manual_seed(int(entropy) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def process_share(images: int, processes: int, process: int) -> range:
+    """The evaluation images one process samples: a contiguous share, the last ones shorter (or empty)."""
+    per_process = -(-images // processes)
+    return range(min(images, process * per_process), min(images, (process + 1) * per_process))
+
+
+def padded_calls(share: range, call_size: int) -> list[list[int]]:
+    """`share`'s images in sampling calls of exactly `call_size` rows, as the epochs' calls (a captured or compiled
+    sampling loop is not traced again for another batch): the last call is filled up with repeats of the share's
+    last image (of image 0 for an empty share, which still samples once), whose rewards are dropped."""
+    indices = list(share) or [0]
+    calls = -(-len(indices) // call_size)
+    indices += [indices[-1]] * (calls * call_size - len(indices))
+    return [indices[k * call_size:(k + 1) * call_size] for k in range(calls)]
+
+
+def evaluate_policy(trainer) -> dict[str, float]:
+    """The trainer's policy samples the config's eval_images images, each process its share in calls of the
+    epochs' size, decoded and scored as the epochs' are; the rewards' mean and std over every process. Draws
+    nothing from the epochs' random streams and changes nothing the run trains on."""
+    cfg, accelerator, sampler, started = trainer.cfg, trainer.accelerator, trainer.sampler, time.perf_counter()
+    share = process_share(cfg.eval_images, accelerator.num_processes, accelerator.process_index)
+    prompt_set, noise_dtype = trainer.eval_prompt_set, trainer.pipe.text_encoder.dtype
+    pending = []
+    trainer.unet.eval()
+    for images in padded_calls(share, cfg.sample_batch_size * cfg.sample_batches_per_call):
+        generators = [eval_image_generator(cfg.seed, i, trainer.device) for i in images]
+        latents = torch.cat([sampler.draw_latents(1, g, noise_dtype) for g in generators])
+        noises = [torch.cat(step) for step in zip(*(sampler.draw_noises(1, g, noise_dtype) for g in generators))]
+        trainer.sample_call([prompt_set[i % len(prompt_set)] for i in images], latents, noises, pending,
+                            keep_images=False)
+    rewards = trainer.collect_rewards(pending)[:len(share)]
+    if accelerator.num_processes > 1:
+        rewards = np.concatenate(gather_object([rewards]))
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "images": len(rewards),
+            "eval_seconds": time.perf_counter() - started}

@@ -1,0 +1,141 @@
+"""The run's evaluation (eval_every, eval_images, eval_prompts; rlcm_fast/evaluation.py): the same images from the
+same draws at every evaluation, logged as "eval" records, without changing what the run trains on; each evaluation
+logged once across stops and resumes; a reward failing in it saves the state the weights hold."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlcm_fast.cli import main
+from rlcm_fast.config import ConfigError, resolve_config
+from rlcm_fast.evaluation import eval_image_generator, padded_calls, process_share
+from rlcm_fast.run_logging import RunLogger
+
+# Two optimizer updates per epoch (4 samples, minibatches of 2): the tiny model's epoch in about a second.
+ARGS = ["--device", "cpu", "--set", "batches_per_epoch=1", "--set", "sample_batch_size=4",
+        "--set", "train_batch_size=2", "--set", "epochs=2", "--set", "checkpoint_every=1", "--set", "grid_every=0"]
+EVAL = ["--set", "eval_every=1", "--set", "eval_images=6"]
+TIMINGS = ("sample_seconds", "train_seconds", "eval_seconds")
+
+
+def train(run_dir: Path, *extra) -> int:
+    return main(["train", "--output-dir", str(run_dir), *ARGS, *extra])
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in record.items() if k not in TIMINGS}
+            for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+@pytest.mark.parametrize("images, processes", [(6, 1), (6, 4), (7, 3), (2, 3), (32, 2)])
+def test_the_processes_share_every_image_once_in_calls_of_the_epochs_size(images, processes):
+    shares = [process_share(images, processes, p) for p in range(processes)]
+    assert [i for share in shares for i in share] == list(range(images))
+    for share in shares:
+        calls = padded_calls(share, 4)
+        assert calls and all(len(call) == 4 for call in calls)
+        flat = [i for call in calls for i in call]
+        assert flat[:len(share)] == list(share)  # the rewards kept are the share's own, in order
+        assert len(flat) - len(share) < 4 or not share  # less than one call of padding (an empty share: one)
+        assert set(flat[len(share):]) <= {share[-1] if share else 0}
+
+
+def test_each_image_has_its_own_stream_whatever_samples_it():
+    first = [eval_image_generator(0, i).initial_seed() for i in range(4)]
+    assert len(set(first)) == 4 and first == [eval_image_generator(0, i).initial_seed() for i in range(4)]
+    assert eval_image_generator(1, 0).initial_seed() != first[0]  # the run's seed counts
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eval_every", -1, "eval_every=-1 is invalid: it must be >= 0"),
+    ("eval_images", 0, "eval_images=0 is invalid: it must be a positive integer"),
+    ("eval_prompts", "no_such_set", "eval_prompts 'no_such_set' is unknown; allowed: imagenet_animals"),
+    ("eval_prompts", "missing/prompts.txt", "eval_prompts file 'missing/prompts.txt' does not exist"),
+])
+def test_bad_evaluation_settings_are_refused_in_one_line(key, value, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")):
+        resolve_config(overrides={key: value})
+
+
+def test_an_evaluation_prompts_file_is_kept_by_its_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "held_out.txt").write_text("a zebra\na quokka\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config(overrides={"eval_prompts": "held_out.txt"}).eval_prompts == str(tmp_path / "held_out.txt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same seeded run without and with evaluations (after 0, 1 and 2 epochs)."""
+    root = tmp_path_factory.mktemp("evaluation")
+    assert train(root / "plain") == 0
+    assert train(root / "evaluated", *EVAL) == 0
+    return {"plain": root / "plain", "evaluated": root / "evaluated"}
+
+
+def test_evaluations_change_nothing_the_run_trains_on(runs):
+    for kind in ("step", "epoch"):
+        assert records(runs["evaluated"], kind) == records(runs["plain"], kind)
+    from safetensors.torch import load_file
+
+    weights = [load_file(runs[name] / "checkpoint-2" / "pytorch_lora_weights.safetensors") for name in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+
+
+def test_an_evaluation_is_logged_before_training_and_after_each_epoch(runs):
+    evals = records(runs["evaluated"], "eval")
+    assert [(r["epoch"], r["step"], r["images"]) for r in evals] == [(0, 0, 6), (1, 2, 6), (2, 4, 6)]
+    assert len({r["reward_mean"] for r in evals}) == 3  # the policy changed between them
+    assert all(r["reward_std"] > 0 for r in evals)
+    assert records(runs["plain"], "eval") == []
+
+
+def test_a_resumed_run_logs_each_evaluation_once_and_draws_the_same_images(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, *EVAL, "--set", "epochs=1") == 0
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2"]) == 0
+    # The same evaluations as the uninterrupted run's: the same policy, the same images of the same draws.
+    assert records(run_dir, "eval") == records(runs["evaluated"], "eval")
+
+
+def test_the_starting_policy_s_evaluation_is_dropped_by_a_run_started_again(tmp_path):
+    """A run killed before its first checkpoint starts again from nothing and evaluates its start again; a resume
+    past it keeps it, and drops the evaluations logged after its checkpoint (they run again)."""
+    def logged(run_dir, kind, epoch, step):
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"kind": kind, "epoch": epoch, "step": step, "reward_mean": -1.0, "reward_std": 0.1})
+                    + "\n")
+
+    for epoch, step in ((0, 0), (1, 2), (2, 4)):
+        logged(tmp_path, "eval", epoch, step)
+    for step in (1, 2, 3, 4):
+        logged(tmp_path, "step", 1 + (step > 2), step)
+    logged(tmp_path, "epoch", 1, 2)
+    logged(tmp_path, "epoch", 2, 4)
+    RunLogger(tmp_path, resume_epoch=1, resume_step=2).close()
+    assert [(r["epoch"], r["step"]) for r in records(tmp_path, "eval")] == [(0, 0), (1, 2)]
+    RunLogger(tmp_path, resume_epoch=1, resume_step=3).close()  # mid-epoch 2: epoch 1's evaluation stays
+    assert [(r["epoch"], r["step"]) for r in records(tmp_path, "eval")] == [(0, 0), (1, 2)]
+    logger = RunLogger(tmp_path)  # started again
+    assert records(tmp_path, "eval") == [] and logger.eval_records() == []
+    logger.close()
+
+
+def test_a_reward_failing_in_an_evaluation_saves_the_epochs_trained_before_it(tmp_path, monkeypatch, capsys):
+    """The evaluation after epoch 1 is the reward's third call (one per evaluation of 4 images, one per epoch),
+    which fails: checkpoint-1 (not due, checkpoint_every=5) holds epoch 1's weights; the starting state is no
+    checkpoint to write."""
+    (tmp_path / "fails_third.py").write_text(
+        "CALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
+        "    if len(CALLS) == 3:\n        raise ValueError('the scorer crashed')\n"
+        "    return -images.mean(dim=(1, 2, 3)).numpy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert train(tmp_path / "run", "--set", "reward=fails_third:reward", "--set", "checkpoint_every=5",
+                 "--set", "eval_every=1", "--set", "eval_images=4") == 2
+    err = capsys.readouterr().err
+    assert "raised ValueError: the scorer crashed; checkpoint-1 holds the state before epoch 2" in err
+    state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["epoch"] == 1 and state["global_step"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
