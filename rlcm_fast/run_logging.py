@@ -201,9 +201,14 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, qu
         plt.close(fig)
 
 
-def summarize(records: list[dict]) -> str:
-    """One line on a finished run: its first and last epochs' mean reward."""
+def summarize(records: list[dict], eval_records: Sequence[dict] = ()) -> str:
+    """One line on a finished run: its first and last epochs' mean reward, and its first and last evaluations'."""
     if not records:
         return "no epochs were run"
     first, last = records[0]["reward_mean"], records[-1]["reward_mean"]
-    return f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"
+    line = f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"
+    if len(eval_records) > 1:
+        first, last = eval_records[0], eval_records[-1]
+        line += (f"; evaluation {first['reward_mean']:+.4f} (after {first['epoch']} epochs) -> "
+                 f"{last['reward_mean']:+.4f} (after {last['epoch']})")
+    return line

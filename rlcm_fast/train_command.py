@@ -222,5 +222,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> int:
             f"Resume with: rlcm-fast train --resume {shell_path(run_dir)}{options} (or --resume auto --output-dir "
             f"{shell_path(run_dir)}{options}{launcher})")
         return 0
-    say(f"done, {summarize(records)}; checkpoints in {run_dir}")
+    evals = trainer.logger.eval_records() if trainer.logger else []
+    say(f"done, {summarize(records, evals)}; checkpoints in {run_dir}")
     return 0
