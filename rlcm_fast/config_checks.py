@@ -138,11 +138,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.prompts = str(Path(cfg.prompts).resolve())
     if cfg.eval_prompts:
         try:
-            load_prompt_set(cfg.eval_prompts)
-        except ValueError as exc:  # its messages name `prompts`
-            message = str(exc)
-            raise ConfigError(f"eval_{message}" if message.startswith("prompts") else f"eval_prompts: {message}"
-                              ) from None
+            load_prompt_set(cfg.eval_prompts, key="eval_prompts")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if cfg.eval_prompts not in PROMPT_SETS:
             cfg.eval_prompts = str(Path(cfg.eval_prompts).resolve())
     if cfg.device not in DEVICES:

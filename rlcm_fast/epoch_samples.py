@@ -31,9 +31,13 @@ class EpochSamples:
 
 def epoch_generator(seed: int, epoch: int, process: int, stream: int, device="cpu") -> torch.Generator:
     """An independent, reproducible random stream for one purpose of one epoch on one process."""
+    return seeded_generator([seed, epoch, process, stream], device)
+
+
+def seeded_generator(entropy: list[int], device="cpu") -> torch.Generator:
+    """A torch generator seeded from `entropy` through NumPy's SeedSequence: other lists, independent streams."""
     generator = torch.Generator(device=device)
-    entropy = np.random.SeedSequence([seed, epoch, process, stream]).generate_state(1, np.uint64)[0]
-    generator.manual_seed(int(entropy) & 0x7FFF_FFFF_FFFF_FFFF)
+    generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF)
     return generator
 
 

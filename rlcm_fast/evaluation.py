@@ -11,17 +11,16 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-# Mixed into each image's seed: no epoch's stream (epoch_samples.epoch_generator) draws the same numbers.
+from .epoch_samples import seeded_generator
+
+# In each image's seed: no epoch's stream (epoch_samples.epoch_generator: 4 numbers) draws the same numbers.
 _EVAL_STREAM = 0x65_76_61_6C  # "eval"
 
 
 def eval_image_generator(seed: int, image: int, device="cpu") -> torch.Generator:
     """The random stream of evaluation image `image`: its x_0 and noises, whatever the process count or call
     size that samples it."""
-    generator = torch.Generator(device=device)
-    entropy = np.random.SeedSequence([seed, _EVAL_STREAM, image]).generate_state(1, np.uint64)[0]
-    generator.manual_seed(int(entropy) & 0x7FFF_FFFF_FFFF_FFFF)
-    return generator
+    return seeded_generator([seed, _EVAL_STREAM, image], device)
 
 
 def process_share(images: int, processes: int, process: int) -> range:
@@ -30,14 +29,16 @@ def process_share(images: int, processes: int, process: int) -> range:
     return range(min(images, process * per_process), min(images, (process + 1) * per_process))
 
 
-def padded_calls(share: range, call_size: int) -> list[list[int]]:
+def padded_calls(share: range, call_size: int) -> list[tuple[list[int], int]]:
     """`share`'s images in sampling calls of exactly `call_size` rows, as the epochs' calls (a captured or compiled
-    sampling loop is not traced again for another batch): the last call is filled up with repeats of the share's
-    last image (of image 0 for an empty share, which still samples once), whose rewards are dropped."""
-    indices = list(share) or [0]
-    calls = -(-len(indices) // call_size)
-    indices += [indices[-1]] * (calls * call_size - len(indices))
-    return [indices[k * call_size:(k + 1) * call_size] for k in range(calls)]
+    sampling loop is not traced again for another batch), each with its count of real images: the last call is
+    filled up with repeats of the share's last image, which are sampled but not scored. An empty share: no call."""
+    indices = list(share)
+    calls = []
+    for start in range(0, len(indices), call_size):
+        real = indices[start:start + call_size]
+        calls.append((real + [real[-1]] * (call_size - len(real)), len(real)))
+    return calls
 
 
 def evaluate_policy(trainer) -> dict[str, float]:
@@ -48,14 +49,14 @@ def evaluate_policy(trainer) -> dict[str, float]:
     share = process_share(cfg.eval_images, accelerator.num_processes, accelerator.process_index)
     prompt_set, noise_dtype = trainer.eval_prompt_set, trainer.pipe.text_encoder.dtype
     pending = []
-    trainer.unet.eval()
-    for images in padded_calls(share, cfg.sample_batch_size * cfg.sample_batches_per_call):
+    trainer.unet.eval()  # as sample_epoch's sampling (train_epoch switches back)
+    for images, real in padded_calls(share, cfg.sample_batch_size * cfg.sample_batches_per_call):
         generators = [eval_image_generator(cfg.seed, i, trainer.device) for i in images]
         latents = torch.cat([sampler.draw_latents(1, g, noise_dtype) for g in generators])
         noises = [torch.cat(step) for step in zip(*(sampler.draw_noises(1, g, noise_dtype) for g in generators))]
         trainer.sample_call([prompt_set[i % len(prompt_set)] for i in images], latents, noises, pending,
-                            keep_images=False)
-    rewards = trainer.collect_rewards(pending)[:len(share)]
+                            scored=real)
+    rewards = trainer.collect_rewards(pending)  # every process, with images or none (it agrees on failures)
     if accelerator.num_processes > 1:
         rewards = np.concatenate(gather_object([rewards]))
     return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "images": len(rewards),

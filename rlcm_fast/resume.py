@@ -57,7 +57,7 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
     refuse_changed_settings(before, values, mid_epoch=bool(state.get("update")))
     if fresh is None:  # with --resume auto's --task/--model/--config, this command line chose the settings
         check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
-    for problem in _changed_scorers(before, values) if warn is not None else ():
+    for problem in _changed_scorers(before, values) + _changed_evaluation(before, values) if warn is not None else ():
         warn(problem)
     prompts = values.get("prompts", TrainConfig().prompts)
     source = prompt_source(prompts, checkpoint)
@@ -178,6 +178,25 @@ def _changed_scorers(before: dict, values: dict) -> list[str]:
             changed.append(f"{key}={new!r} differs from the checkpoint's {old!r}: its rewards go beside reward "
                            f"histories scored with {old!r}{copy}")
     return changed
+
+
+def _changed_evaluation(before: dict, values: dict) -> list[str]:
+    """The settings that choose the evaluation's images (evaluation.py), changed while the run evaluates: the
+    evaluations from here on are not comparable with the ones logged before."""
+    defaults = TrainConfig()
+
+    def setting(config: dict, key: str):
+        value = config.get(key, getattr(defaults, key))
+        # a prompts file by its absolute path, as validate() keeps it
+        return str(Path(value).resolve()) if key == "eval_prompts" and value and value not in PROMPT_SETS else value
+
+    if not (setting(before, "eval_every") and setting(values, "eval_every")):
+        return []
+    changed = [f"{key}={values.get(key)!r}" for key in ("seed", "eval_images", "eval_prompts")
+               if setting(values, key) != setting(before, key)]
+    verb = "differs" if len(changed) == 1 else "differ"
+    return [f"{', '.join(changed)} {verb} from the checkpoint's: the evaluations from here on sample other images "
+            "than the ones logged before (reward.png and the closing line compare them all)"] if changed else []
 
 
 def prompt_source(prompts: str, checkpoint: Path | None) -> str:

@@ -20,6 +20,7 @@ class CheckpointedRun:
         """The checkpoint's weights, optimizer, schedule, stat tracker and counters; a mid-epoch one's samples."""
         state = load_checkpoint(resume_from, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker)
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.epochs_trained = self.start_epoch
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])

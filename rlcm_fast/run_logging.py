@@ -53,8 +53,9 @@ class RunLogger:
         self._kept: dict[str, list[dict]] = {"epoch": [], "eval": []}
         self._drop_records_after(resume_epoch, resume_step)
         # purge_step hides events a killed run logged past the checkpoint this run starts from (also none: a
-        # run killed before its first checkpoint and started again would show its first steps twice).
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        # run killed before its first checkpoint and started again would show its first steps twice, and its
+        # starting policy's evaluation, at step 0).
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
         with self._writing():
             self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
 

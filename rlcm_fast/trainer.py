@@ -107,6 +107,7 @@ class Trainer(CheckpointedRun):
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
         self.start_epoch, self.global_step, self.started = 0, 0, False
+        self.epochs_trained = 0  # the epochs whose updates the weights hold (set again by a resume)
         self.resumed_from = resume_from  # the checkpoint (held_start found the newest intact one in a run folder)
         self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
         self.stop = StopSignals(announce=self.is_main)
@@ -164,17 +165,21 @@ class Trainer(CheckpointedRun):
         )
 
     def sample_call(self, prompts: list[str], latents: torch.Tensor, noises: list[torch.Tensor], pending: list,
-                    keep_images: bool = True) -> Trajectory:
+                    scored: int | None = None) -> Trajectory:
         """One UNet sampling call; its images decoded and scored batch by batch (sample_batch_size), each batch's
-        reward future appended to `pending`. The trajectory's images are their CPU copies (the sample grid's)."""
+        reward future appended to `pending`, and kept on the CPU (the sample grid's). `scored`: only the first
+        `scored` images are decoded (in whole batches) and scored, none kept (the evaluation's padded calls)."""
         cfg = self.cfg
         with self.autocast():
             trajectory = self.sampler.sample(self.sample_unet, prompts, latents=latents, noises=noises, decode=False)
-        images = []
-        for start in range(0, len(prompts), cfg.sample_batch_size):
+        images, keep = [], scored is None
+        for start in range(0, len(prompts) if keep else scored, cfg.sample_batch_size):
             batch = slice(start, start + cfg.sample_batch_size)
             with self.autocast():
                 batch_images = self.sampler.decode(trajectory.denoised[batch])
+            if not keep:
+                batch = slice(start, min(start + cfg.sample_batch_size, scored))
+                batch_images = batch_images[:batch.stop - start]
             # Scored on a worker thread while the next batch decodes or samples, on the training device (GPU
             # rewards read them there; CPU rewards copy what they need).
             if cfg.reward_device == "cpu":
@@ -185,9 +190,9 @@ class Trainer(CheckpointedRun):
                     pending[-1].result()
                 except BaseException:  # what the reward raised: collect_rewards reports it, naming the reward
                     pass
-            if keep_images:
+            if keep:
                 images.append(batch_images.cpu())  # no copy when already there
-        trajectory.images = torch.cat(images) if keep_images else None
+        trajectory.images = torch.cat(images) if keep else None
         return trajectory
 
     def draw_sampling_batch(self, prompt_gen, noise_gen, noise_dtype) -> tuple[list[str], torch.Tensor, list]:
@@ -207,7 +212,7 @@ class Trainer(CheckpointedRun):
         one then names it)."""
         error = None
         try:
-            rewards = np.concatenate([future.result() for future in pending])
+            rewards = np.concatenate([future.result() for future in pending] or [np.zeros(0)])
         except RewardError as exc:
             error = exc
         # The user's reward code: anything it raised is its failure, sys.exit() too (a future re-raises what the
@@ -224,7 +229,14 @@ class Trainer(CheckpointedRun):
 
     def evaluate(self, epochs_trained: int) -> None:
         """The evaluation after `epochs_trained` epochs (evaluation.py), logged as an "eval" record."""
-        stats = evaluate_policy(self)
+        try:
+            stats = evaluate_policy(self)
+        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
+            raise TrainingFault(out_of_memory_message(self.cfg, "evaluating (lower eval_images or turn eval_every "
+                                                      "off)", self.accelerator.num_processes, memory)) from None
         if self.is_main:
             self.logger.log("eval", epochs_trained, self.global_step, stats)
             tqdm.write(f"eval after {epochs_trained} epoch{'s' * (epochs_trained != 1)}  reward "
@@ -443,10 +455,13 @@ class Trainer(CheckpointedRun):
                 self.logger.close()
 
     def _train_epochs(self) -> None:
-        self.epochs_trained = self.start_epoch  # the epochs whose updates the weights hold
         with self.stop:
-            if self.cfg.eval_every and self.start_epoch == 0 and self.resumed_epoch is None:
-                self.evaluate(0)  # the starting policy's
+            if self.cfg.eval_every and self.resumed_epoch is None:
+                # The policy the run starts from, unless its evaluation is logged already: a resume evaluates the
+                # checkpoint whose evaluation failed, or that was written before evaluations were switched on.
+                logged = self.logger and any(r["epoch"] == self.start_epoch for r in self.logger.eval_records())
+                if agree(self.accelerator, self.is_main and not logged)[0]:
+                    self.evaluate(self.start_epoch)
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 try:
                     self.run_epoch(epoch)
@@ -457,13 +472,21 @@ class Trainer(CheckpointedRun):
                             f"{stop.fault}; {checkpoint.name} holds the last good state"), quiet=not self.is_main) from None
                     self.stopped_at = checkpoint
                     break
-                except RewardError as exc:  # sampling epoch + 1's, or the evaluation after it
+                except RewardError as exc:  # scoring the samples of epoch + 1, or the evaluation after epoch
                     if self.epochs_trained == 0:  # nothing to keep: the initial state is the config's
                         raise
-                    checkpoint = self.save_position(self.epochs_trained, 0)
-                    raise left_to_the_main_process(
-                        RewardError(f"{exc}; {checkpoint.name} holds the state before epoch {self.epochs_trained + 1}"),
-                        quiet=reported_by_main_process(exc)) from None
+                    trained = self.epochs_trained
+                    checkpoint = self.save_position(trained, 0)
+                    if trained > epoch:  # the evaluation after the epoch (the reward's own error says which reward)
+                        where = (f" (in the evaluation after epoch {trained}); {checkpoint.name} holds the state it "
+                                 "evaluated, which a resume evaluates first")
+                        if trained == self.cfg.epochs:
+                            where = (f" (in the evaluation after the last epoch); {checkpoint.name} holds the "
+                                     "trained run")
+                    else:
+                        where = f"; {checkpoint.name} holds the state before epoch {trained + 1}"
+                    raise left_to_the_main_process(RewardError(f"{exc}{where}"),
+                                                   quiet=reported_by_main_process(exc)) from None
 
     def plot_rewards(self, quiet: bool = False) -> None:
         """reward.png, unless it already shows every epoch logged (main process); `quiet`: no warning if it

@@ -35,11 +35,10 @@ def test_the_processes_share_every_image_once_in_calls_of_the_epochs_size(images
     assert [i for share in shares for i in share] == list(range(images))
     for share in shares:
         calls = padded_calls(share, 4)
-        assert calls and all(len(call) == 4 for call in calls)
-        flat = [i for call in calls for i in call]
-        assert flat[:len(share)] == list(share)  # the rewards kept are the share's own, in order
-        assert len(flat) - len(share) < 4 or not share  # less than one call of padding (an empty share: one)
-        assert set(flat[len(share):]) <= {share[-1] if share else 0}
+        assert all(len(call) == 4 for call, _ in calls)
+        assert [i for call, real in calls for i in call[:real]] == list(share)  # scored: the share, in order
+        assert sum(4 - real for _, real in calls) < 4  # less than one call of padding, none for an empty share
+        assert {i for call, real in calls for i in call[real:]} <= {share[-1] if share else None}
 
 
 def test_each_image_has_its_own_stream_whatever_samples_it():
@@ -135,7 +134,61 @@ def test_a_reward_failing_in_an_evaluation_saves_the_epochs_trained_before_it(tm
     assert train(tmp_path / "run", "--set", "reward=fails_third:reward", "--set", "checkpoint_every=5",
                  "--set", "eval_every=1", "--set", "eval_images=4") == 2
     err = capsys.readouterr().err
-    assert "raised ValueError: the scorer crashed; checkpoint-1 holds the state before epoch 2" in err
+    assert ("raised ValueError: the scorer crashed (in the evaluation after epoch 1); checkpoint-1 holds the state it "
+            "evaluated, which a resume evaluates first") in err
     state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
     assert state["epoch"] == 1 and state["global_step"] == 2
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
+    # The resume evaluates that checkpoint first: each evaluation once, none lost.
+    assert main(["train", "--resume", str(tmp_path / "run"), "--reward", "fails_third:reward"]) == 0
+    assert [(r["epoch"], r["step"]) for r in records(tmp_path / "run", "eval")] == [(0, 0), (1, 2), (2, 4)]
+
+
+def test_a_reward_failing_in_the_last_evaluation_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fails_fifth.py").write_text(
+        "CALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
+        "    if len(CALLS) == 5:\n        raise ValueError('the scorer crashed')\n"
+        "    return -images.mean(dim=(1, 2, 3)).numpy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert train(tmp_path / "run", "--set", "reward=fails_fifth:reward", "--set", "eval_every=1",
+                 "--set", "eval_images=4") == 2
+    assert ("raised ValueError: the scorer crashed (in the evaluation after the last epoch); checkpoint-2 holds the "
+            "trained run") in capsys.readouterr().err
+
+
+def test_padded_images_are_sampled_but_not_scored(tmp_path, monkeypatch):
+    """5 images in calls of 4: the second call holds one image and three repeats of it, which no reward sees."""
+    (tmp_path / "counted.py").write_text(
+        "SIZES = []\ndef reward(images, prompts):\n    SIZES.append((len(images), len(prompts)))\n"
+        "    return -images.mean(dim=(1, 2, 3)).numpy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert train(tmp_path / "run", "--set", "reward=counted:reward", "--set", "epochs=1", "--set", "eval_every=1",
+                 "--set", "eval_images=5") == 0
+    import counted
+
+    assert counted.SIZES == [(4, 4), (1, 1), (4, 4), (4, 4), (1, 1)]  # evaluation, epoch 1, evaluation
+
+
+def test_out_of_memory_in_an_evaluation_names_it(tmp_path, monkeypatch, capsys):
+    import rlcm_fast.trainer as trainer_module
+
+    def out_of_memory(trainer):
+        raise MemoryError()
+
+    monkeypatch.setattr(trainer_module, "evaluate_policy", out_of_memory)
+    assert train(tmp_path / "run", "--set", "eval_every=1") == 1
+    assert "out of CPU memory while evaluating (lower eval_images or turn eval_every off)" in capsys.readouterr().err
+
+
+def test_a_resume_evaluates_its_start_once_and_warns_of_other_images(tmp_path, capsys):
+    """A run that did not evaluate, resumed with evaluations, evaluates the checkpoint it starts from; a resume
+    that changes the seed draws other evaluation images, and is told so."""
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "--set", "epochs=1") == 0
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2", *EVAL]) == 0
+    assert [(r["epoch"], r["step"]) for r in records(run_dir, "eval")] == [(1, 2), (2, 4)]
+    assert "sample other images" not in capsys.readouterr().err  # no evaluation before: nothing to compare
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=3", "--set", "seed=7"]) == 0
+    assert ("rlcm-fast: warning: seed=7 differs from the checkpoint's: the evaluations from here on sample other "
+            "images than the ones logged before") in capsys.readouterr().err
+    assert [r["epoch"] for r in records(run_dir, "eval")] == [1, 2, 3]  # checkpoint-2's evaluation is logged

@@ -59,6 +59,21 @@ def test_a_run_started_again_before_its_first_checkpoint_shows_each_step_once_in
     assert [event.step for event in events.Scalars("step/loss")] == [1, 2]
 
 
+def test_a_run_started_again_shows_its_starting_evaluation_once_in_tensorboard(tmp_path):
+    """The evaluation of the starting policy is logged at step 0, which a purge from step 1 kept."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    logger = RunLogger(tmp_path)
+    logger.log("eval", 0, 0, {"reward_mean": -1.0, "reward_std": 0.1})
+    logger.writer.flush()  # killed before its first checkpoint
+    again = RunLogger(tmp_path)
+    again.log("eval", 0, 0, {"reward_mean": -1.0, "reward_std": 0.1})
+    again.close()
+    logger.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval/reward_mean")] == [0]
+
+
 @pytest.mark.parametrize("pixels, tile", [(16, 128), (200, 200), (768, GRID_TILE_PIXELS)])
 def test_grid_tiles_are_shown_at_128_to_256_pixels(tmp_path, pixels, tile):
     """Small images are enlarged to be seen; large ones shrunk, as a grid is written every epoch and kept."""
