@@ -30,7 +30,6 @@ from .algorithms import (
     choose_trained_steps, clipped_policy_loss, gaussian_kl, group_advantages, rebel_loss,
 )
 from .call_sizes import AUTO_KEYS, resolve_call_sizes
-from .checkpoint import remove_leftovers
 from .config import ConfigError, TrainConfig
 from .epoch_samples import EpochSamples, epoch_generator
 from .evaluation import evaluate_policy
@@ -43,16 +42,11 @@ from .prompts import load_prompt_set
 from .resume import held_start, nothing_left_to_train, prompt_source
 from .rewards import AsyncReward, RewardError, make_reward, reward_options, silent_reward_server
 from .run_checkpoints import CheckpointedRun
-from .run_logging import RunLogger, save_reward_plot, save_sample_grid, write_run_config
+from .run_logging import REWARD_PLOT_SECONDS, LoggedRun, save_sample_grid
 from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
 
-# reward.png is redrawn after an epoch at most this often, and at the run's end: matplotlib takes 0.13-0.27 s
-# a plot, 4% of the default 30-epoch CPU run when drawn every epoch (measured on an Intel Xeon, 2 cores).
-REWARD_PLOT_SECONDS = 30.0
-
-
-class Trainer(CheckpointedRun):
+class Trainer(CheckpointedRun, LoggedRun):
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
         # The arguments' types, in one line each: pathlib's TypeError named no argument, and "no" drew the bars.
         for name, path, allowed in (("run_dir", run_dir, (str, os.PathLike)),
@@ -120,12 +114,6 @@ class Trainer(CheckpointedRun):
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._start_run_folder() if self.is_main else None
-
-    def _start_run_folder(self) -> RunLogger:
-        """config.yaml and the run's logger (main process only)."""
-        remove_leftovers(self.run_dir)  # a new run's folder may not exist yet: then there is nothing to find
-        write_run_config(self.run_dir, self.config_to_save())
-        return RunLogger(self.run_dir, resume_epoch=self.start_epoch, resume_step=self.global_step)
 
     # -- sampling and rewards ---------------------------------------------------------------------------
 
@@ -237,11 +225,7 @@ class Trainer(CheckpointedRun):
             memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
             raise TrainingFault(out_of_memory_message(self.cfg, "evaluating (lower eval_images or turn eval_every "
                                                       "off)", self.accelerator.num_processes, memory)) from None
-        if self.is_main:
-            self.logger.log("eval", epochs_trained, self.global_step, stats)
-            tqdm.write(f"eval after {epochs_trained} epoch{'s' * (epochs_trained != 1)}  reward "
-                       f"{stats['reward_mean']:+.4f} +- {stats['reward_std']:.4f}  ({stats['images']} images, "
-                       f"{stats['eval_seconds']:.1f}s)")
+        self.log_evaluation(epochs_trained, stats)
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
         """Gather every process's rewards and prompts, normalise (per prompt, or per group of one prompt's
@@ -409,22 +393,6 @@ class Trainer(CheckpointedRun):
             mean, std = self.sampler.action_means(self.unet, states, sample_idx, step_idx, embeds)
         return float(gaussian_kl(mean, base_mean, std).mean())
 
-    def log_step(self, epoch: int, sums: dict[str, float], grad_norm: float) -> None:
-        names = sorted(sums)
-        # float64: float32 would round the mean square (1.6e5 for rewards near -400 kB) by more than the variance.
-        averaged = self.accelerator.reduce(torch.tensor([sums[k] for k in names], dtype=torch.float64,
-                                                        device=self.device), "mean")
-        values = dict(zip(names, averaged.tolist()))
-        mean_square = values.pop("reward_mean_square")
-        variance = mean_square - values["reward_mean"] ** 2
-        # Within float64 rounding of the mean square it is zero: equal rewards logged a std of ~1e-8, not 0 (and
-        # rounding can leave a tiny negative).
-        values["reward_std"] = math.sqrt(variance) if variance > 64 * sys.float_info.epsilon * mean_square else 0.0
-        values.update(grad_norm=grad_norm, learning_rate=self.lr_scheduler.get_last_lr()[0],
-                      skipped_steps=self.nonfinite.total)
-        if self.logger:
-            self.logger.log("step", epoch + 1, self.global_step, values)
-
     # -- the loop ----------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
@@ -446,13 +414,6 @@ class Trainer(CheckpointedRun):
                 raise
             self._close_logs()
             return self.logger.epoch_records() if self.logger else []
-
-    def _close_logs(self, quiet: bool = False) -> None:
-        if self.logger:
-            try:
-                self.plot_rewards(quiet)
-            finally:
-                self.logger.close()
 
     def _train_epochs(self) -> None:
         with self.stop:
@@ -487,14 +448,6 @@ class Trainer(CheckpointedRun):
                         where = f"; {checkpoint.name} holds the state before epoch {trained + 1}"
                     raise left_to_the_main_process(RewardError(f"{exc}{where}"),
                                                    quiet=reported_by_main_process(exc)) from None
-
-    def plot_rewards(self, quiet: bool = False) -> None:
-        """reward.png, unless it already shows every epoch logged (main process); `quiet`: no warning if it
-        cannot be written."""
-        records, evals = self.logger.epoch_records(), self.logger.eval_records()
-        if records and self.plotted[0] != (len(records), len(evals)):
-            save_reward_plot(self.run_dir / "reward.png", records, self.cfg.reward, quiet=quiet, eval_records=evals)
-            self.plotted = ((len(records), len(evals)), time.monotonic())
 
     def run_epoch(self, epoch: int) -> None:
         phase = "sampling"
@@ -533,8 +486,7 @@ class Trainer(CheckpointedRun):
             if cfg.grid_every and done % cfg.grid_every == 0:
                 save_sample_grid(self.run_dir / "samples" / f"epoch-{done:04d}.png", samples.images,
                                  samples.prompts, samples.rewards.tolist())
-            if time.monotonic() - self.plotted[1] >= REWARD_PLOT_SECONDS:
-                self.plot_rewards()
+            self.plot_rewards(at_most_every=REWARD_PLOT_SECONDS)
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
             self.evaluate(done)  # before the checkpoint: a run that stops in it evaluates again on resume
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs:

@@ -17,6 +17,7 @@ import torch
 
 import rlcm_fast
 from rlcm_fast import checkpoint as ckpt_module
+from rlcm_fast import run_logging
 from rlcm_fast import trainer as trainer_module
 from rlcm_fast.checkpoint import find_resumable, verify_checkpoint
 from rlcm_fast.cli import main
@@ -291,10 +292,10 @@ def test_a_run_ended_by_a_fault_plots_and_closes_every_epoch_it_logged(tmp_path,
         "    raise ValueError('the scorer crashed')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     plotted, closed = [], []
-    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, records, reward, **options: plotted.append(
+    monkeypatch.setattr(run_logging, "save_reward_plot", lambda path, records, reward, **options: plotted.append(
         [r["epoch"] for r in records]))
-    close = trainer_module.RunLogger.close
-    monkeypatch.setattr(trainer_module.RunLogger, "close", lambda self: (closed.append(True), close(self)))
+    close = run_logging.RunLogger.close
+    monkeypatch.setattr(run_logging.RunLogger, "close", lambda self: (closed.append(True), close(self)))
     assert train(tmp_path / "run", "--set", f"reward={module}:reward", "--set", "epochs=3") == 2
     assert "raised ValueError: the scorer crashed" in one_error_line(capsys)
     assert plotted[-1] == [1, 2] and closed == [True]

@@ -53,11 +53,12 @@ def test_tiny_model_learns_each_jpeg_objective(tmp_path, task, min_gain):
 
 
 def test_the_reward_plot_is_redrawn_at_most_every_reward_plot_seconds_and_at_the_end(tmp_path, monkeypatch):
+    from rlcm_fast import run_logging
     from rlcm_fast import trainer as trainer_module
 
     plotted = []  # the epochs each drawn plot shows
-    real = trainer_module.save_reward_plot
-    monkeypatch.setattr(trainer_module, "save_reward_plot", lambda path, epoch_records, reward, **options: (
+    real = run_logging.save_reward_plot
+    monkeypatch.setattr(run_logging, "save_reward_plot", lambda path, epoch_records, reward, **options: (
         plotted.append([r["epoch"] for r in epoch_records]), real(path, epoch_records, reward, **options)))
     monkeypatch.setattr(trainer_module, "REWARD_PLOT_SECONDS", 3600.0)
     run_dir = train(tmp_path, "run", *FAST, "--set", "epochs=3", "--set", "grid_every=0")
