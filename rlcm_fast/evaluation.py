@@ -1,7 +1,8 @@
 """The run's evaluation (config keys eval_every, eval_images, eval_prompts): the same images of the same prompts,
 sampled from the same initial latents and noises at every evaluation, so that their mean reward follows the
 policy alone, not the epochs' draws of prompts and noise. Here: which images a process samples, in which calls,
-and the random stream of each image; the sampling and scoring are the trainer's (Trainer.evaluate)."""
+from which random stream, and the evaluation itself, through the trainer's sampling call and reward
+(Trainer.sample_call, Trainer.collect_rewards); Trainer.evaluate logs it."""
 
 from __future__ import annotations
 

@@ -83,8 +83,8 @@ def refuse_changed_settings(before: dict, values: dict, mid_epoch: bool) -> None
 def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, Path, Path | None]:
     """What a Trainer starts from, with the command line's checks (train_command._plan_run) for one made in
     code: the run folder's name and whether it can be made (path_checks.check_run_dir), the config validated (a
-    dataclass changed after resolve_config, or built directly), a new run refused in a folder that holds one (it would
-    overwrite its checkpoints and metrics), a resume's settings against its checkpoint, and a resume refused
+    dataclass changed after resolve_config, or built directly), a new run refused in a folder that holds one (it
+    would overwrite its checkpoints and metrics), a resume's settings against its checkpoint, and a resume refused
     where it would overwrite another run's checkpoints or its own later ones.
     `resume_from` may name a run folder (its newest intact checkpoint is taken); paths may be str."""
     from .checkpoint import find_resumable, list_checkpoints, read_training_state, resolve_checkpoint

@@ -223,8 +223,9 @@ class Trainer(CheckpointedRun, LoggedRun):
             if not is_out_of_memory(exc):
                 raise
             memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
-            raise TrainingFault(out_of_memory_message(self.cfg, "evaluating (lower eval_images or turn eval_every "
-                                                      "off)", self.accelerator.num_processes, memory)) from None
+            # Its sampling calls are the epochs' (the same advice); only their number grows with eval_images.
+            raise TrainingFault(out_of_memory_message(self.cfg, "evaluating", self.accelerator.num_processes,
+                                                      memory)) from None
         self.log_evaluation(epochs_trained, stats)
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:

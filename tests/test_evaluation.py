@@ -177,7 +177,7 @@ def test_out_of_memory_in_an_evaluation_names_it(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(trainer_module, "evaluate_policy", out_of_memory)
     assert train(tmp_path / "run", "--set", "eval_every=1") == 1
-    assert "out of CPU memory while evaluating (lower eval_images or turn eval_every off)" in capsys.readouterr().err
+    assert "rlcm-fast: error: out of CPU memory while evaluating (per process: sample_batch_size=4" in capsys.readouterr().err
 
 
 def test_a_resume_evaluates_its_start_once_and_warns_of_other_images(tmp_path, capsys):
