@@ -55,8 +55,12 @@ def check_run_dir(run_dir: Path, what: str = "output dir") -> None:
         raise UsageError(f"{what} {str(run_dir)!r} is invalid: a path cannot hold a NUL character")
     check_name_lengths(run_dir, what)
     check_utf8_name(run_dir, what, "TensorBoard's writer takes only UTF-8")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{what} {str(run_dir)!r} cannot be created: it is a file")
+    if run_dir.exists() and not run_dir.is_dir():  # a file, or a named pipe, socket or device
+        kind = "a file" if run_dir.is_file() else "not a folder"
+        raise UsageError(f"{what} {str(run_dir)!r} cannot be created: it is {kind}")
+    if run_dir.is_symlink() and not run_dir.exists():  # mkdir would say "File exists"
+        raise UsageError(f"{what} {str(run_dir)!r} cannot be created: it is a symbolic link to "
+                         f"{os.readlink(run_dir)!r}, which does not exist")
     existing = run_dir
     while not existing.exists():
         existing = existing.parent

@@ -62,8 +62,19 @@ def test_a_run_folder_that_is_a_named_pipe_is_refused_as_not_a_folder(tmp_path):
     user may not write into."""
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    with pytest.raises(UsageError, match=f"^output dir {re.escape(repr(str(fifo)))} cannot be created: it is a file$"):
+    with pytest.raises(UsageError, match=f"^output dir {re.escape(repr(str(fifo)))} cannot be created: it is not a "
+                                          "folder$"):
         check_run_dir(fifo)
+
+
+def test_a_run_folder_that_is_a_dangling_symbolic_link_is_refused_naming_its_target(tmp_path):
+    """mkdir through it said only 'File exists'."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(UsageError, match=f"^output dir {re.escape(repr(str(link)))} cannot be created: it is a "
+                                          f"symbolic link to {re.escape(repr(str(tmp_path / 'gone')))}, which does "
+                                          "not exist$"):
+        check_run_dir(link)
 
 
 def test_a_probe_folder_that_cannot_be_made_names_the_reason_as_the_system_says_it(tmp_path, monkeypatch):
