@@ -155,10 +155,11 @@ class TrainConfig:
     # Logging, checkpoints.
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch always gets one)
     grid_every: int = 1  # epochs between PNG sample grids (0: never)
-    # Evaluation (README, "The run directory"): before the first epoch, every eval_every epochs and after the last,
-    # the policy samples eval_images images of eval_prompts (in order, cycled; "": the run's prompts) from the same
-    # initial latents and noises each time, and their reward's mean is logged: a learning curve without the
-    # epochs' sampling noise. Nothing the run trains on changes. 0: never.
+    # Evaluation (README, "The run directory"; rlcm_fast/evaluation.py): before the first epoch (a resume: unless
+    # its checkpoint's evaluation is logged), every eval_every epochs and after the last, the policy samples
+    # eval_images images of eval_prompts (in order, cycled; "": the run's prompts) from the same initial latents and
+    # noises each time, and their reward's mean is logged: a learning curve without the epochs' sampling noise.
+    # Nothing the run trains on changes. 0: never.
     eval_every: int = 0
     eval_images: int = 32
     eval_prompts: str = ""
