@@ -122,15 +122,20 @@ def test_the_starting_policy_s_evaluation_is_dropped_by_a_run_started_again(tmp_
     logger.close()
 
 
+def reward_failing_at_call(call: int, module: str, tmp_path, monkeypatch) -> None:
+    """A user reward `module:reward` (one call per batch scored) that raises at its `call`-th call."""
+    (tmp_path / f"{module}.py").write_text(
+        "CALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
+        f"    if len(CALLS) == {call}:\n        raise ValueError('the scorer crashed')\n"
+        "    return -images.mean(dim=(1, 2, 3)).numpy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 def test_a_reward_failing_in_an_evaluation_saves_the_epochs_trained_before_it(tmp_path, monkeypatch, capsys):
     """The evaluation after epoch 1 is the reward's third call (one per evaluation of 4 images, one per epoch),
     which fails: checkpoint-1 (not due, checkpoint_every=5) holds epoch 1's weights; the starting state is no
     checkpoint to write."""
-    (tmp_path / "fails_third.py").write_text(
-        "CALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
-        "    if len(CALLS) == 3:\n        raise ValueError('the scorer crashed')\n"
-        "    return -images.mean(dim=(1, 2, 3)).numpy()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    reward_failing_at_call(3, "fails_third", tmp_path, monkeypatch)
     assert train(tmp_path / "run", "--set", "reward=fails_third:reward", "--set", "checkpoint_every=5",
                  "--set", "eval_every=1", "--set", "eval_images=4") == 2
     err = capsys.readouterr().err
@@ -145,11 +150,7 @@ def test_a_reward_failing_in_an_evaluation_saves_the_epochs_trained_before_it(tm
 
 
 def test_a_reward_failing_in_the_last_evaluation_says_so(tmp_path, monkeypatch, capsys):
-    (tmp_path / "fails_fifth.py").write_text(
-        "CALLS = []\ndef reward(images, prompts):\n    CALLS.append(1)\n"
-        "    if len(CALLS) == 5:\n        raise ValueError('the scorer crashed')\n"
-        "    return -images.mean(dim=(1, 2, 3)).numpy()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    reward_failing_at_call(5, "fails_fifth", tmp_path, monkeypatch)
     assert train(tmp_path / "run", "--set", "reward=fails_fifth:reward", "--set", "eval_every=1",
                  "--set", "eval_images=4") == 2
     assert ("raised ValueError: the scorer crashed (in the evaluation after the last epoch); checkpoint-2 holds the "
