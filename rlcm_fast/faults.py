@@ -233,3 +233,11 @@ def out_of_memory_message(cfg, phase: str, processes: int, memory: str = "GPU") 
         "--set gradient_checkpointing=true (training), or lower resolution; the last checkpoint is intact, "
         "resume it with --resume RUN_DIR (batch-size changes need an epoch checkpoint, checkpoint-N)"
     )
+
+
+def out_of_memory_fault(exc: BaseException, cfg, phase: str, processes: int) -> TrainingFault | None:
+    """The one-line fault for `exc` raised while `phase` ran, if it is an out-of-memory error; else None."""
+    if not is_out_of_memory(exc):
+        return None
+    memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
+    return TrainingFault(out_of_memory_message(cfg, phase, processes, memory))

@@ -97,7 +97,6 @@ def ineffective_half_precision_norms(precision: str, device_type: str) -> str | 
     return None
 
 
-
 @contextlib.contextmanager
 def cuda_autocast_norms_on_cpu():
     """For measuring on a CPU only: within the block, the CPU's autocast runs group_norm and layer_norm (and

@@ -33,8 +33,8 @@ from .call_sizes import AUTO_KEYS, resolve_call_sizes
 from .config import ConfigError, TrainConfig
 from .epoch_samples import EpochSamples, epoch_generator
 from .evaluation import evaluate_policy
-from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line, is_out_of_memory,
-                     left_to_the_main_process, out_of_memory_message, processes_where, reported_by_main_process)
+from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line,
+                     left_to_the_main_process, out_of_memory_fault, processes_where, reported_by_main_process)
 from .launch import start_accelerator
 from .minibatches import minibatch_plan, updates_per_pass
 from .policy_model import build_policy_model
@@ -220,12 +220,10 @@ class Trainer(CheckpointedRun, LoggedRun):
         try:
             stats = evaluate_policy(self)
         except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(exc):
-                raise
-            memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
             # Its sampling calls are the epochs' (the same advice); only their number grows with eval_images.
-            raise TrainingFault(out_of_memory_message(self.cfg, "evaluating", self.accelerator.num_processes,
-                                                      memory)) from None
+            if (fault := out_of_memory_fault(exc, self.cfg, "evaluating", self.accelerator.num_processes)) is None:
+                raise
+            raise fault from None
         self.log_evaluation(epochs_trained, stats)
 
     def compute_advantages(self, samples: EpochSamples) -> dict[str, float]:
@@ -470,10 +468,9 @@ class Trainer(CheckpointedRun, LoggedRun):
             epoch_stats.update(train_seconds=time.perf_counter() - trained)
             self.epoch_in_progress = None  # a stop from here on is at an epoch boundary; free the samples
         except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(exc):
+            if (fault := out_of_memory_fault(exc, self.cfg, phase, self.accelerator.num_processes)) is None:
                 raise
-            memory = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
-            raise TrainingFault(out_of_memory_message(self.cfg, phase, self.accelerator.num_processes, memory)) from None
+            raise fault from None
         self.end_epoch(epoch, samples, epoch_stats)
 
     def end_epoch(self, epoch: int, samples: EpochSamples, stats: dict[str, float]) -> None:
