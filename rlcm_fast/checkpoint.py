@@ -36,7 +36,8 @@ STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 MANIFEST_FILE = "manifest.json"
-PROMPTS_FILE = "prompts.txt"  # a run's prompts file, copied: a resume reads the copy, not the path it was given
+# A run's prompts files (config key -> its copy in a checkpoint): a resume reads the copy, not the path it was given.
+PROMPT_COPIES = {"prompts": "prompts.txt", "eval_prompts": "eval_prompts.txt"}
 LATEST_FILE = "latest"
 # An optimizer's settings that its config gives (learning_rate, adam_*; initial_lr is the LR schedule's base),
 # not its checkpoint.
@@ -163,13 +164,15 @@ def verify_checkpoint(checkpoint: Path) -> None:
     read_training_state(checkpoint)  # its shape: a state the trainer cannot use is damage too
 
 
-def prompts_copy(checkpoint: Path) -> Path | None:
-    """The checkpoint's copy of its run's prompts file, if its manifest lists one (verify_checkpoint checked it)."""
+def prompts_copy(checkpoint: Path, key: str = "prompts") -> Path | None:
+    """The checkpoint's copy of the prompts file its run's config `key` names (PROMPT_COPIES), if its manifest lists
+    one (verify_checkpoint checked it)."""
     try:
         listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
-    return checkpoint / PROMPTS_FILE if isinstance(listed, dict) and PROMPTS_FILE in listed else None
+    name = PROMPT_COPIES[key]
+    return checkpoint / name if isinstance(listed, dict) and name in listed else None
 
 
 def _manifest_problem(manifest) -> str | None:
@@ -254,12 +257,13 @@ def save_checkpoint(
     update: int = 0,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep: int = 0,
-    prompts: tuple[str, ...] | None = None,
+    prompt_files: dict[str, tuple[str, ...]] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoint-<epoch>[-<update>]` atomically, point `latest` at it, prune; return its path.
 
-    `extra_tensors` maps file names to tensors to store alongside (a stopped epoch's samples); `prompts`, the
-    prompts of a run that read them from a file, are stored one per line (prompts.load_prompt_set reads them back).
+    `extra_tensors` maps file names to tensors to store alongside (a stopped epoch's samples); `prompt_files` maps
+    config keys of PROMPT_COPIES to the prompts the run read from that file, stored one per line (as
+    prompts.load_prompt_set reads them back).
     """
     name = checkpoint_name(epoch, update)
     final = run_dir / name
@@ -273,8 +277,8 @@ def save_checkpoint(
         save_file(_rng_tensors(), str(tmp / RNG_FILE))
         for file_name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / file_name))
-        if prompts is not None:  # utf-8-sig: reading drops this BOM only, not one that starts the first prompt
-            (tmp / PROMPTS_FILE).write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8-sig")
+        for key, prompts in (prompt_files or {}).items():  # utf-8-sig: reading drops this BOM, not the first prompt's
+            (tmp / PROMPT_COPIES[key]).write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8-sig")
         state = dict(training_state)
         config = state.get("config") or {}
         state.update(

@@ -46,7 +46,7 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
     """The config to continue `checkpoint` with: its own plus --set overrides (or `fresh`, resolved from the
     command line, for `--resume auto`), refused where it changes what the checkpoint depends on; `warn`, if given,
     is told of a changed reward scorer."""
-    from .checkpoint import read_training_state
+    from .checkpoint import PROMPT_COPIES, read_training_state
 
     state = read_training_state(checkpoint)
     before = config_from_saved(state.get("config"), f"checkpoint {str(checkpoint)!r}")
@@ -59,11 +59,12 @@ def resumed_config(checkpoint: Path, overrides: dict, fresh: TrainConfig | None 
         check_what_the_checkpoint_alone_starts(checkpoint, values, overrides)
     for problem in _changed_scorers(before, values) + _changed_evaluation(before, values) if warn is not None else ():
         warn(problem)
-    prompts = values.get("prompts", TrainConfig().prompts)
-    source = prompt_source(prompts, checkpoint)
-    cfg = validate(TrainConfig(**{**values, "prompts": source}))
-    if source != prompts:  # read from the checkpoint's copy; config.yaml still names the run's own prompts file
-        cfg.prompts = before["prompts"]
+    named = {key: values.get(key, getattr(TrainConfig(), key)) for key in PROMPT_COPIES}
+    sources = {key: prompt_source(name, checkpoint, key) for key, name in named.items()}
+    cfg = validate(TrainConfig(**{**values, **sources}))
+    for key in PROMPT_COPIES:
+        if sources[key] != named[key]:  # read from the checkpoint's copy; config.yaml still names the run's own file
+            setattr(cfg, key, before[key])
     return cfg
 
 
@@ -87,7 +88,7 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     would overwrite its checkpoints and metrics), a resume's settings against its checkpoint, and a resume refused
     where it would overwrite another run's checkpoints or its own later ones.
     `resume_from` may name a run folder (its newest intact checkpoint is taken); paths may be str."""
-    from .checkpoint import find_resumable, list_checkpoints, read_training_state, resolve_checkpoint
+    from .checkpoint import PROMPT_COPIES, find_resumable, list_checkpoints, read_training_state, resolve_checkpoint
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg is a {type(cfg).__name__}; a Trainer takes a TrainConfig (rlcm_fast.config."
@@ -118,8 +119,9 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     if own_folder and (newer := newer_intact_checkpoint(resume_from)):
         raise ConfigError(f"{resume_from.name} is older than its run's intact {newer.name}: resuming it in its own "
                           "folder would overwrite the later checkpoints and metrics; resume it into an empty folder")
-    # Its prompts are read from the checkpoint's copy where it keeps the file's name (prompt_source).
-    validate(dataclasses.replace(cfg, prompts=prompt_source(cfg.prompts, resume_from)))
+    # Its prompts are read from the checkpoint's copies where it keeps the files' names (prompt_source).
+    validate(dataclasses.replace(cfg, **{key: prompt_source(getattr(cfg, key), resume_from, key)
+                                         for key in PROMPT_COPIES}))
     state = read_training_state(resume_from)
     before = config_from_saved(state.get("config"), f"checkpoint {str(resume_from)!r}")
     refuse_changed_settings(before, cfg.to_dict(), mid_epoch=bool(state.get("update")))
@@ -199,14 +201,15 @@ def _changed_evaluation(before: dict, values: dict) -> list[str]:
             "than the ones logged before (reward.png and the closing line compare them all)"] if changed else []
 
 
-def prompt_source(prompts: str, checkpoint: Path | None) -> str:
-    """Where a run reads its prompts: a resume that keeps its prompts file (the same path) reads the checkpoint's
-    copy of it, as the run drew from it, wherever the resume runs and whatever became of the file since (edited,
-    moved, or left on the machine the run folder came from); else the set or file `prompts` names."""
+def prompt_source(prompts: str, checkpoint: Path | None, key: str = "prompts") -> str:
+    """Where a run reads the prompts its config `key` names ("prompts" or "eval_prompts"): a resume that keeps its
+    prompts file (the same path) reads the checkpoint's copy of it, as the run read it, wherever the resume runs and
+    whatever became of the file since (edited, moved, or left on the machine the run folder came from); else the
+    set or file `prompts` names ("" included: eval_prompts' "the run's prompts")."""
     from .checkpoint import prompts_copy, saved_config
 
-    copy = prompts_copy(checkpoint) if checkpoint is not None and prompts not in PROMPT_SETS else None
-    if copy is None or not _same_file_name(saved_config(checkpoint).get("prompts"), prompts):
+    copy = prompts_copy(checkpoint, key) if checkpoint is not None and prompts and prompts not in PROMPT_SETS else None
+    if copy is None or not _same_file_name(saved_config(checkpoint).get(key), prompts):
         return prompts
     return str(copy.absolute())
 
@@ -236,11 +239,12 @@ def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overr
     if "reward" in needed and "reward" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
                           f"), which resuming imports and runs: add --reward {reward!r} to run it")
-    prompts = values.get("prompts", defaults.prompts)
-    if prompts not in PROMPT_SETS and "prompts" not in overrides and prompts_copy(checkpoint) is None:
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its prompts file {prompts!r} (written "
-                          "before checkpoints kept one), which a resume reads only when named: add --prompts "
-                          f"{prompts!r}")
+    for key, option in (("prompts", "--prompts "), ("eval_prompts", "--set eval_prompts=")):
+        prompts = values.get(key, getattr(defaults, key))
+        if prompts and prompts not in PROMPT_SETS and key not in overrides and prompts_copy(checkpoint, key) is None:
+            raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its {key} file {prompts!r} (written "
+                              f"before checkpoints kept one), which a resume reads only when named: add {option}"
+                              f"{prompts!r}")
     if "reward_server" in needed and "reward_server" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
                           f"add --set reward_server={server} to send them there")

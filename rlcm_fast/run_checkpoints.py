@@ -32,6 +32,12 @@ class CheckpointedRun:
         """The run's config, with `auto` where the config said it (not what it chose on this machine)."""
         return {**self.cfg.to_dict(), **{key: "auto" for key in self.auto_keys}}
 
+    def prompt_files(self) -> dict[str, tuple[str, ...]]:
+        """The prompts the run read from files (config key -> prompts), which its checkpoints keep a copy of."""
+        read = {"prompts": (self.cfg.prompts, self.prompt_set),
+                "eval_prompts": (self.cfg.eval_prompts, self.eval_prompt_set)}
+        return {key: prompts for key, (name, prompts) in read.items() if name and name not in PROMPT_SETS}
+
     def save_checkpoint(self, epoch: int, update: int = 0, extra: dict | None = None, stopped: dict | None = None) -> Path:
         state = {"global_step": self.global_step, "config": self.config_to_save(),
                  "nonfinite": self.nonfinite.state_dict()}
@@ -44,7 +50,7 @@ class CheckpointedRun:
             try:
                 save_checkpoint(self.run_dir, epoch, self.unet, self.optimizer, self.lr_scheduler, self.stat_tracker,
                                 state, update=update, extra_tensors=extra, keep=self.cfg.keep_checkpoints,
-                                prompts=None if self.cfg.prompts in PROMPT_SETS else self.prompt_set)
+                                prompt_files=self.prompt_files())
             except CheckpointWriteError as exc:
                 error = exc
         if agree(self.accelerator, error is not None)[0]:  # also the barrier after the write

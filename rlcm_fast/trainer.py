@@ -97,7 +97,8 @@ class Trainer(CheckpointedRun, LoggedRun):
         for warning in policy.warnings if self.is_main else ():
             print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         self.prompt_set = load_prompt_set(prompt_source(cfg.prompts, resume_from))
-        self.eval_prompt_set = load_prompt_set(cfg.eval_prompts) if cfg.eval_prompts else self.prompt_set
+        self.eval_prompt_set = (load_prompt_set(prompt_source(cfg.eval_prompts, resume_from, "eval_prompts"))
+                                if cfg.eval_prompts else self.prompt_set)
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
         self.start_epoch, self.global_step, self.started = 0, 0, False

@@ -3,6 +3,7 @@ same draws at every evaluation, logged as "eval" records, without changing what 
 logged once across stops and resumes; a reward failing in it saves the state the weights hold."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
 from rlcm_fast.evaluation import eval_image_generator, padded_calls, process_share
+from rlcm_fast.prompts import load_prompt_set
 from rlcm_fast.run_logging import RunLogger
 
 # Two optimizer updates per epoch (4 samples, minibatches of 2): the tiny model's epoch in about a second.
@@ -193,3 +195,39 @@ def test_a_resume_evaluates_its_start_once_and_warns_of_other_images(tmp_path, c
     assert ("rlcm-fast: warning: seed=7 differs from the checkpoint's: the evaluations from here on sample other "
             "images than the ones logged before") in capsys.readouterr().err
     assert [r["epoch"] for r in records(run_dir, "eval")] == [1, 2, 3]  # checkpoint-2's evaluation is logged
+
+
+def test_an_evaluation_prompts_file_is_read_from_the_checkpoint_s_copy(tmp_path, capsys):
+    """A resume evaluates the prompts the run evaluated, not the file as edited since (as the run's own prompts file);
+    a checkpoint without the copy reads the file only when the command line names it again."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a zebra\na quokka\na heron\n")
+    uninterrupted, run_dir = tmp_path / "uninterrupted", tmp_path / "run"
+    assert train(uninterrupted, *EVAL, "--set", f"eval_prompts={held_out}") == 0
+    assert train(run_dir, *EVAL, "--set", f"eval_prompts={held_out}", "--set", "epochs=1") == 0
+    checkpoint = run_dir / "checkpoint-1"
+    assert load_prompt_set(str(checkpoint / "eval_prompts.txt")) == ("a zebra", "a quokka", "a heron")
+    shutil.copytree(run_dir, tmp_path / "older")
+    held_out.write_text("a wolf\n")
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=2"]) == 0
+    assert records(run_dir, "eval") == records(uninterrupted, "eval")
+    assert f"eval_prompts: {held_out}\n" in (run_dir / "config.yaml").read_text()
+
+    older = tmp_path / "older" / "checkpoint-1"  # as a checkpoint written before they kept the copy
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["files"]["eval_prompts.txt"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    (older / "eval_prompts.txt").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(older), "--set", "epochs=2"]) == 2
+    assert capsys.readouterr().err == (
+        f"rlcm-fast: error: checkpoint {str(older)!r} holds no copy of its eval_prompts file {str(held_out)!r} (written "
+        f"before checkpoints kept one), which a resume reads only when named: add --set eval_prompts={str(held_out)!r}\n")
+    assert main(["train", "--resume", str(older), "--set", "epochs=2", "--set", f"eval_prompts={held_out}"]) == 0
+    assert records(older.parent, "eval")[-1]["images"] == 6
+
+
+def test_an_evaluation_prompt_set_is_not_copied(runs):
+    checkpoint = runs["evaluated"] / "checkpoint-1"
+    assert not (checkpoint / "eval_prompts.txt").exists()
+    assert "eval_prompts.txt" not in json.loads((checkpoint / "manifest.json").read_text())["files"]

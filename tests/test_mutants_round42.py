@@ -267,12 +267,13 @@ def stand_in_run(tmp_path, monkeypatch, scaler=None, saved_state: dict | None = 
     would write, load_checkpoint returns `saved_state`, and a stopped epoch's record is a marker."""
     run = CheckpointedRun()
     run.cfg = SimpleNamespace(to_dict=lambda: {"prompts": "simple_animals"}, keep_checkpoints=2,
-                              prompts="simple_animals")
+                              prompts="simple_animals", eval_prompts="")
     run.auto_keys, run.global_step, run.is_main, run.run_dir, run.last_saved = [], 7, True, tmp_path, None
     run.accelerator = SimpleNamespace(scaler=scaler, num_processes=1)
     run.nonfinite = NonFiniteSteps(limit=3)
     run.unet = run.optimizer = run.lr_scheduler = run.stat_tracker = None
-    run.prompt_set, run.epoch_in_progress = ("a cat",), ("samples", "stats")
+    run.prompt_set = run.eval_prompt_set = ("a cat",)
+    run.epoch_in_progress = ("samples", "stats")
     run.written = []
 
     def save(run_dir, epoch, *models, update=0, **kwargs):
@@ -339,7 +340,7 @@ def test_a_checkpoint_write_prunes_to_keep_checkpoints_of_the_config(tmp_path, m
     is not copied into the checkpoint."""
     run = stand_in_run(tmp_path, monkeypatch)
     run.save_checkpoint(5)
-    assert (run.save_options["keep"], run.save_options["prompts"]) == (2, None)
+    assert (run.save_options["keep"], run.save_options["prompt_files"]) == (2, {})
 
 
 # -- stat_tracker ----------------------------------------------------------------------------------------------
