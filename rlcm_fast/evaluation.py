@@ -12,10 +12,22 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
+from .config import TrainConfig
 from .epoch_samples import seeded_generator
 
 # In each image's seed: no epoch's stream (epoch_samples.epoch_generator: 4 numbers) draws the same numbers.
 _EVAL_STREAM = 0x65_76_61_6C  # "eval"
+
+
+def unused_evaluation_settings(cfg: TrainConfig) -> str | None:
+    """What a run that does not evaluate (eval_every=0, the default) was told of its evaluations anyway: an
+    eval_every left out, say."""
+    if cfg.eval_every:
+        return None
+    given = [f"{key}={getattr(cfg, key)!r}" for key in ("eval_images", "eval_prompts")
+             if getattr(cfg, key) != getattr(TrainConfig, key)]
+    verb = "has" if len(given) == 1 else "have"
+    return f"{' and '.join(given)} {verb} no effect with eval_every=0: set eval_every=N to evaluate" if given else None
 
 
 def eval_image_generator(seed: int, image: int, device="cpu") -> torch.Generator:

@@ -32,7 +32,7 @@ from .algorithms import (
 from .call_sizes import AUTO_KEYS, resolve_call_sizes
 from .config import ConfigError, TrainConfig
 from .epoch_samples import EpochSamples, epoch_generator
-from .evaluation import evaluate_policy
+from .evaluation import evaluate_policy, unused_evaluation_settings
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line,
                      left_to_the_main_process, out_of_memory_fault, processes_where, reported_by_main_process)
 from .launch import start_accelerator
@@ -74,8 +74,10 @@ class Trainer(CheckpointedRun, LoggedRun):
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
                                                               **reward_options(cfg)))
-        if self.is_main and (warning := silent_reward_server(cfg.reward, cfg.reward_server)):
-            print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
+        for warning in ((silent_reward_server(cfg.reward, cfg.reward_server), unused_evaluation_settings(cfg))
+                        if self.is_main else ()):
+            if warning:
+                print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         policy = build_policy_model(cfg, self.accelerator, precision)
         self.pipe, self.unet, self.params = policy.pipe, policy.pipe.unet, policy.params
         self.optimizer, self.lr_scheduler = policy.optimizer, policy.lr_scheduler

@@ -10,7 +10,7 @@ import pytest
 
 from rlcm_fast.cli import main
 from rlcm_fast.config import ConfigError, resolve_config
-from rlcm_fast.evaluation import eval_image_generator, padded_calls, process_share
+from rlcm_fast.evaluation import eval_image_generator, padded_calls, process_share, unused_evaluation_settings
 from rlcm_fast.prompts import load_prompt_set
 from rlcm_fast.run_logging import RunLogger
 
@@ -231,3 +231,15 @@ def test_an_evaluation_prompt_set_is_not_copied(runs):
     checkpoint = runs["evaluated"] / "checkpoint-1"
     assert not (checkpoint / "eval_prompts.txt").exists()
     assert "eval_prompts.txt" not in json.loads((checkpoint / "manifest.json").read_text())["files"]
+
+
+def test_evaluation_settings_without_evaluations_are_warned_of(tmp_path, capsys):
+    assert unused_evaluation_settings(resolve_config()) is None
+    assert unused_evaluation_settings(resolve_config(overrides={"eval_every": 2, "eval_images": 8})) is None
+    assert unused_evaluation_settings(resolve_config(overrides={"eval_images": 8})) == (
+        "eval_images=8 has no effect with eval_every=0: set eval_every=N to evaluate")
+    assert train(tmp_path / "run", "--set", "epochs=1", "--set", "eval_images=8", "--set",
+                 "eval_prompts=simple_animals") == 0
+    assert ("rlcm-fast: warning: eval_images=8 and eval_prompts='simple_animals' have no effect with eval_every=0: "
+            "set eval_every=N to evaluate\n") in capsys.readouterr().err
+    assert records(tmp_path / "run", "eval") == []
