@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed, 0..2**63-1 (default: 0)")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, CUDA when available)")
     sample.add_argument("--output-dir", default="samples", help="folder for the PNGs (default: samples)")
+    sample.add_argument("--reward", metavar="SPEC",
+                        help="also score each image with this reward (as train's --reward; with --lora, the run's "
+                             "reward settings): prints 'PATH<tab>REWARD' lines, then the mean on stderr")
 
     serve = commands.add_parser("serve-reward", help="serve a reward over HTTP for trainers to share (alignment)",
                                  allow_abbrev=False)

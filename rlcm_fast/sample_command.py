@@ -38,6 +38,13 @@ def _check_sample_args(args: argparse.Namespace) -> None:
             math.isfinite(args.guidance_scale) and 1.0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE):
         raise UsageError(f"--guidance-scale {args.guidance_scale} is invalid: it must be in [1, {MAX_GUIDANCE_SCALE:g}] "
                          "(w = guidance_scale - 1)")
+    if args.reward is not None:  # its grammar before anything is loaded (the reward itself is built before the model)
+        from .rewards import RewardError, check_reward_name
+
+        try:
+            check_reward_name(args.reward)
+        except RewardError as exc:
+            raise UsageError(f"--reward: {exc}") from None
     if not 0 <= args.seed < 2**63:  # torch's seed range, as train's
         raise UsageError(f"--seed {args.seed} is invalid: it must be in 0..2**63-1")
     if args.device not in ("auto", "cpu", "cuda"):
@@ -89,6 +96,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def _load_and_sample(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
     from safetensors import SafetensorError
 
@@ -108,6 +116,8 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     # The steps and guidance `train` starts from for this model and method (the tiny presets', DDPO's 50 DDIM
     # steps at CFG 5, ...), which a run's own replace.
     untrained = resolve_config(model=saved.get("model", args.model), overrides={"method": method})
+    # Before the model: a user reward that cannot be imported, or a scorer that cannot load, fails first.
+    reward = _sample_reward(args.reward, {**untrained.to_dict(), **saved}) if args.reward else None
     run = {"horizon": untrained.horizon, "guidance_scale": untrained.guidance_scale, **saved}
     run_model = saved.get("model", untrained.model)
     model = args.model or run_model
@@ -163,26 +173,53 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     paths = iter(_sample_paths(out, args.prompt, args.num_images))
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())  # in a log file each redraw is another line
+    scores = []
     for prompt in args.prompt:
-        images = _sample_images(pipe, method, [prompt] * args.num_images, horizon, guidance, resolution, generator,
-                                extra)
-        for image in images:
+        prompts = [prompt] * args.num_images
+        images = _sample_images(pipe, method, prompts, horizon, guidance, resolution, generator, extra)
+        values = _scored(reward, args.reward, images, prompts) if reward else None
+        for index, image in enumerate(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))):
             path = next(paths)
             image.save(path)
-            print(path)
+            print(path if values is None else f"{path}\t{values[index]:.6g}", flush=values is not None)
+        scores += [] if values is None else list(values)
+    if scores:
+        print(f"rlcm-fast: {args.reward}: mean {np.mean(scores):.6g}, std {np.std(scores):.6g} over {len(scores)} "
+              "images", file=sys.stderr)
     return 0
+
+
+def _sample_reward(spec: str, run: dict):
+    """The reward `spec`, built with the reward settings of `run` (a run's config: its scorers' models, JPEG
+    encoder and quality, reward server), as its trainer builds it."""
+    from types import SimpleNamespace
+
+    from .rewards import make_reward, reward_options, silent_reward_server
+
+    settings = SimpleNamespace(**run)
+    if warning := silent_reward_server(spec, settings.reward_server):
+        print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
+    return make_reward(spec, settings.jpeg_quality, settings.reward_threads, **reward_options(settings))
+
+
+def _scored(reward, spec: str, images, prompts: list[str]):
+    """One reward per image (images in [0, 1], on the sampling device, as the trainer scores them), checked as the
+    trainer checks them: a RewardError names the reward and what it returned."""
+    from .rewards import checked_rewards
+
+    return checked_rewards(spec, reward(images, prompts), len(prompts))
 
 
 def _sample_images(pipe, method: str, prompts: list[str], horizon: int, guidance: float, resolution: int, generator,
                    extra: dict) -> list:
-    """PIL images from the pipeline's own __call__, or, for an LCM without a guidance embedding (Stable Diffusion
-    with a fused LCM-LoRA, which diffusers' LCM pipeline cannot run), from the sampler its run trained with;
-    both draw the generator in the pipeline's order."""
+    """Images (N, 3, H, W) in [0, 1] from the pipeline's own __call__, or, for an LCM without a guidance embedding
+    (Stable Diffusion with a fused LCM-LoRA, which diffusers' LCM pipeline cannot run), from the sampler its run
+    trained with; both draw the generator in the pipeline's order."""
     if method == "rlcm" and pipe.unet.config.time_cond_proj_dim is None:
         from .sampler import LCMSampler
 
         sampler = LCMSampler(pipe, horizon, guidance, extra["original_inference_steps"], resolution=resolution)
-        images = sampler.sample(pipe.unet, prompts, generator=generator).images
-        return pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))
+        return sampler.sample(pipe.unet, prompts, generator=generator).images
+    # "pt": the pipeline's "pil" is these, through the same pt_to_numpy and numpy_to_pil
     return pipe(prompt=prompts, num_inference_steps=horizon, guidance_scale=guidance, height=resolution,
-                width=resolution, generator=generator, output_type="pil", **extra).images
+                width=resolution, generator=generator, output_type="pt", **extra).images

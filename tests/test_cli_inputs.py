@@ -454,9 +454,10 @@ def test_every_option_with_a_default_names_it_in_its_help():
     from rlcm_fast.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    # Without a default of their own: the task's reward and prompts, files and paths the user names, --set's list.
+    # Without a default of their own: the task's reward and prompts, files and paths the user names, --set's list,
+    # sample's scoring (none unless asked for).
     no_default = {("train", "--reward"), ("train", "--prompts"), ("train", "--config"), ("train", "--set"),
-                  ("train", "--resume"), ("sample", "--lora")}
+                  ("train", "--resume"), ("sample", "--lora"), ("sample", "--reward")}
     silent = [(name, action.option_strings[-1]) for name, command in commands.choices.items()
               for action in command._actions
               if action.option_strings and action.nargs != 0 and not action.required

@@ -5,6 +5,7 @@ CPU; each trained run is made once per module)."""
 import contextlib
 import dataclasses
 import io
+import json
 import re
 import shutil
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rlcm_fast.checkpoint as checkpoint_module
 from rlcm_fast import architectures, models, tiny_presets
 from rlcm_fast.checkpoint import saved_config
 from rlcm_fast.cli import main
@@ -289,7 +291,7 @@ def stub_pipeline_call(monkeypatch, draw: list | None = None) -> list[dict]:
         seen.append(kwargs)
         if draw is not None:
             draw.append(torch.randn(4, generator=kwargs["generator"]))
-        return SimpleNamespace(images=[Image.new("RGB", (16, 16)) for _ in kwargs["prompt"]])
+        return SimpleNamespace(images=torch.zeros(len(kwargs["prompt"]), 3, 16, 16))
 
     monkeypatch.setattr(LatentConsistencyModelPipeline, "__call__", call)
     return seen
@@ -362,3 +364,59 @@ def test_sample_given_guidance_scale_is_used(tmp_path, monkeypatch):
     assert main(["sample", "--device", "cpu", "--resolution", "16", "--prompt", "cat", "--horizon", "1",
                  "--output-dir", str(tmp_path / "b")]) == 0
     assert [kw["guidance_scale"] for kw in seen] == [3.0, 8.0]
+
+
+def jpeg_kb(png: Path, quality: int = 95) -> float:
+    buffer = io.BytesIO()
+    Image.open(png).save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / 1000
+
+
+def test_sample_scores_each_image_with_the_reward_it_names(lcm_run, tmp_path, capsys):
+    """Each line is an image's path and the reward train would give it: minus its JPEG size in kB at quality 95,
+    of the pixels its PNG holds; the mean and std of them all go to stderr."""
+    capsys.readouterr()
+    assert sample(tmp_path / "out", "--lora", str(lcm_run), "--prompt", "a cat", "--prompt", "a dog",
+                  "--num-images", "2", "--reward", "jpeg_compressibility") == 0
+    out, err = capsys.readouterr()
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [Path(path).name for path, _ in lines] == ["00-a-cat-00.png", "00-a-cat-01.png", "01-a-dog-00.png",
+                                                      "01-a-dog-01.png"]
+    exact = [-jpeg_kb(Path(path)) for path, _ in lines]
+    assert [float(value) for _, value in lines] == pytest.approx(exact, rel=1e-6)
+    assert len(set(exact)) > 1  # the images differ: the values are each image's own
+    assert err.splitlines()[-1] == (f"rlcm-fast: jpeg_compressibility: mean {np.mean(exact):.6g}, std "
+                                    f"{np.std(exact):.6g} over 4 images")
+
+
+def test_sample_scores_with_the_runs_reward_settings(lcm_run, tmp_path, capsys):
+    """With --lora, the reward is built as the run built it: a run at jpeg_quality 50 is scored at quality 50."""
+    run = tmp_path / "run"
+    shutil.copytree(lcm_run.parent, run)
+    state = run / "checkpoint-1" / "training_state.json"
+    saved = json.loads(state.read_text())
+    saved["config"]["jpeg_quality"] = 50
+    state.write_text(json.dumps(saved))
+    (run / "checkpoint-1" / "manifest.json").unlink()  # written again for the edited state
+    checkpoint_module._write_manifest(run / "checkpoint-1")
+    capsys.readouterr()
+    assert sample(tmp_path / "out", "--lora", str(run), "--prompt", "a cat", "--reward", "jpeg_incompressibility") == 0
+    path, value = capsys.readouterr().out.split()
+    assert float(value) == pytest.approx(jpeg_kb(Path(path), quality=50), rel=1e-6)
+    assert float(value) != pytest.approx(jpeg_kb(Path(path)), rel=1e-3)
+
+
+def test_sample_reward_that_is_not_a_reward_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    seen = stub_pipeline_call(monkeypatch)
+    assert main([*STUBBED, "--prompt", "cat", "--output-dir", str(tmp_path / "out"), "--reward", "aesthetics"]) == 2
+    assert one_line_error(capsys).startswith("--reward: reward 'aesthetics' is unknown")
+    assert seen == [] and not (tmp_path / "out").exists()
+
+
+def test_sample_reward_returning_too_few_values_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "short_reward.py").write_text("def first_only(images, prompts):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stub_pipeline_call(monkeypatch)
+    assert main([*STUBBED, "--prompt", "cat", "--num-images", "2", "--output-dir", str(tmp_path / "out"),
+                 "--reward", "short_reward:first_only"]) == 2
+    assert one_line_error(capsys) == "reward 'short_reward:first_only' returned shape (1,), expected (2,)"
