@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--algo", default=None, metavar="rlcm|ddpo",
                         help="the policy to sample without --lora: rlcm (default; an LCM) or ddpo (a Stable "
                              "Diffusion model with DDIM, as DDPO samples it); with --lora: the run's")
-    sample.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    sample.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    sample.add_argument("--prompts", metavar="SET",
+                        help="a prompt set as for train (imagenet_animals, simple_animals, alignment, or a text file "
+                             "of one prompt per line), sampled after any --prompt")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     sample.add_argument("--horizon", type=int,
                         help="sampling steps (default: the run's, else train's for the model and --algo)")

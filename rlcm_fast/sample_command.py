@@ -19,6 +19,7 @@ from .presets import METHODS
 
 # `sample` writes a PNG per image: 1e8 images per prompt ran out of memory listing their paths.
 MAX_IMAGES_PER_PROMPT = 10_000
+MAX_IMAGES_PER_CALL = 100_000  # over all prompts (a --prompts set of 398 at 10000 each: 4 million paths)
 
 
 def _check_sample_args(args: argparse.Namespace) -> None:
@@ -30,6 +31,11 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
         raise UsageError(f"--num-images {args.num_images} is invalid: it must be in 1..{MAX_IMAGES_PER_PROMPT} "
                          "(images per prompt)")
+    if not args.prompt:
+        raise UsageError("no prompt: give --prompt TEXT (repeated for several) or --prompts SET")
+    if len(args.prompt) * args.num_images > MAX_IMAGES_PER_CALL:
+        raise UsageError(f"--num-images {args.num_images} for {len(args.prompt)} prompts is "
+                         f"{len(args.prompt) * args.num_images} images; a call writes at most {MAX_IMAGES_PER_CALL}")
     if args.horizon is not None and args.horizon < 1:
         raise UsageError(f"--horizon {args.horizon} is invalid: it must be >= 1")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -80,16 +86,24 @@ def _prompt_text(prompt: str) -> str:
 
 
 def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
-    """Where `sample` writes its images: PP-<prompt slug>-II.png, prompt by prompt."""
-    paths = []
+    """Where `sample` writes its images: PP-<prompt slug>-II.png, prompt by prompt (numbers of at least two digits,
+    as many as the largest needs, so that the names sort in order)."""
+    paths, width, image_width = [], max(2, len(str(len(prompts) - 1))), max(2, len(str(num_images - 1)))
     for p, prompt in enumerate(prompts):
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-        paths += [out / f"{p:02d}-{slug}-{i:02d}.png" for i in range(num_images)]
+        paths += [out / f"{p:0{width}d}-{slug}-{i:0{image_width}d}.png" for i in range(num_images)]
     return paths
 
 
 def run_sample(args: argparse.Namespace) -> int:
     args.prompt = [_prompt_text(prompt) for prompt in args.prompt]
+    if args.prompts is not None:
+        from .prompts import load_prompt_set
+
+        try:
+            args.prompt += load_prompt_set(args.prompts, key="--prompts")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     _check_sample_args(args)  # before any model is loaded
     with library_bars_hidden_off_terminal():
         return _load_and_sample(args)

@@ -455,9 +455,10 @@ def test_every_option_with_a_default_names_it_in_its_help():
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     # Without a default of their own: the task's reward and prompts, files and paths the user names, --set's list,
-    # sample's scoring (none unless asked for).
+    # sample's prompts (one of the two is needed) and scoring (none unless asked for).
     no_default = {("train", "--reward"), ("train", "--prompts"), ("train", "--config"), ("train", "--set"),
-                  ("train", "--resume"), ("sample", "--lora"), ("sample", "--reward")}
+                  ("train", "--resume"), ("sample", "--lora"), ("sample", "--reward"), ("sample", "--prompt"),
+                  ("sample", "--prompts")}
     silent = [(name, action.option_strings[-1]) for name, command in commands.choices.items()
               for action in command._actions
               if action.option_strings and action.nargs != 0 and not action.required

@@ -420,3 +420,44 @@ def test_sample_reward_returning_too_few_values_is_one_line(tmp_path, capsys, mo
     assert main([*STUBBED, "--prompt", "cat", "--num-images", "2", "--output-dir", str(tmp_path / "out"),
                  "--reward", "short_reward:first_only"]) == 2
     assert one_line_error(capsys) == "reward 'short_reward:first_only' returned shape (1,), expected (2,)"
+
+
+def test_sample_prompts_set_is_sampled_after_the_prompt_options(tmp_path, monkeypatch):
+    from rlcm_fast.prompts import load_prompt_set
+
+    seen = stub_pipeline_call(monkeypatch)
+    out = tmp_path / "out"
+    assert main([*STUBBED, "--prompt", "a cat", "--prompts", "simple_animals", "--output-dir", str(out),
+                 "--horizon", "1"]) == 0
+    animals = load_prompt_set("simple_animals")
+    assert [kwargs["prompt"] for kwargs in seen] == [["a cat"], *[[animal] for animal in animals]]
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 1 + len(animals) and names[:2] == ["00-a-cat-00.png", "01-cat-00.png"]
+
+
+def test_sample_numbers_sort_in_order_past_a_hundred(tmp_path, monkeypatch):
+    stub_pipeline_call(monkeypatch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"p{i}\n" for i in range(101)))
+    out = tmp_path / "out"
+    assert main([*STUBBED, "--prompts", str(prompts), "--output-dir", str(out), "--horizon", "1"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names[:2] == ["000-p0-00.png", "001-p1-00.png"] and names[-1] == "100-p100-00.png"
+    assert main([*STUBBED, "--prompt", "a cat", "--num-images", "101", "--output-dir", str(tmp_path / "many"),
+                 "--horizon", "1"]) == 0
+    names = sorted(p.name for p in (tmp_path / "many").iterdir())
+    assert names[:2] == ["00-a-cat-000.png", "00-a-cat-001.png"] and names[-1] == "00-a-cat-100.png"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no prompt: give --prompt TEXT (repeated for several) or --prompts SET"),
+    (["--prompts", "no_such_set"], "--prompts 'no_such_set' is unknown; allowed: imagenet_animals, simple_animals, "
+                                   "alignment, or a text file of one prompt per line"),
+    (["--prompts", "imagenet_animals", "--num-images", "300"],
+     "--num-images 300 for 398 prompts is 119400 images; a call writes at most 100000"),
+])
+def test_sample_without_usable_prompts_is_one_line_before_loading(args, message, tmp_path, monkeypatch, capsys):
+    seen = stub_pipeline_call(monkeypatch)
+    assert main([*STUBBED, "--output-dir", str(tmp_path / "out"), *args]) == 2
+    assert one_line_error(capsys) == message
+    assert seen == [] and not (tmp_path / "out").exists()
