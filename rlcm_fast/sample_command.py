@@ -191,11 +191,11 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         prompts = [prompt] * args.num_images
         images = _sample_images(pipe, method, prompts, horizon, guidance, resolution, generator, extra)
-        values = _scored(reward, args.reward, images, prompts) if reward else None
+        values = _scored(reward, args.reward, images.float(), prompts) if reward else None  # bf16 on CUDA
         for index, image in enumerate(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))):
             path = next(paths)
             image.save(path)
-            print(path if values is None else f"{path}\t{values[index]:.6g}", flush=values is not None)
+            print(path if values is None else f"{path}\t{values[index]:.6g}", flush=True)
         scores += [] if values is None else list(values)
     if scores:
         print(f"rlcm-fast: {args.reward}: mean {np.mean(scores):.6g}, std {np.std(scores):.6g} over {len(scores)} "
