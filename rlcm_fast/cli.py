@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a prompt set as for train (imagenet_animals, simple_animals, alignment, or a text file "
                              "of one prompt per line), sampled after any --prompt")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    sample.add_argument("--batch-size", type=int, default=8,
+                        help="images per pipeline call, at most (default: 8; the same seed and batch size give the "
+                             "same images)")
     sample.add_argument("--horizon", type=int,
                         help="sampling steps (default: the run's, else train's for the model and --algo)")
     sample.add_argument("--guidance-scale", type=float, default=None,

@@ -31,6 +31,9 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
         raise UsageError(f"--num-images {args.num_images} is invalid: it must be in 1..{MAX_IMAGES_PER_PROMPT} "
                          "(images per prompt)")
+    if not 1 <= args.batch_size <= MAX_IMAGES_PER_PROMPT:
+        raise UsageError(f"--batch-size {args.batch_size} is invalid: it must be in 1..{MAX_IMAGES_PER_PROMPT} "
+                         "(images per pipeline call)")
     if not args.prompt:
         raise UsageError("no prompt: give --prompt TEXT (repeated for several) or --prompts SET")
     if len(args.prompt) * args.num_images > MAX_IMAGES_PER_CALL:
@@ -188,8 +191,12 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     paths = iter(_sample_paths(out, args.prompt, args.num_images))
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())  # in a log file each redraw is another line
     scores = []
-    for prompt in args.prompt:
-        prompts = [prompt] * args.num_images
+    # Each prompt's images in calls of at most --batch-size (a VAE decode of dozens of 768 px images does not fit
+    # a GPU), all drawing on from the one seeded generator.
+    calls = [(prompt, min(args.batch_size, args.num_images - start))
+             for prompt in args.prompt for start in range(0, args.num_images, args.batch_size)]
+    for prompt, size in calls:
+        prompts = [prompt] * size
         images = _sample_images(pipe, method, prompts, horizon, guidance, resolution, generator, extra)
         values = _scored(reward, args.reward, images.float(), prompts) if reward else None  # bf16 on CUDA
         for index, image in enumerate(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))):

@@ -461,3 +461,20 @@ def test_sample_without_usable_prompts_is_one_line_before_loading(args, message,
     assert main([*STUBBED, "--output-dir", str(tmp_path / "out"), *args]) == 2
     assert one_line_error(capsys) == message
     assert seen == [] and not (tmp_path / "out").exists()
+
+
+def test_sample_batches_a_prompts_images_drawing_on_from_one_stream(tmp_path, monkeypatch, capsys):
+    """--num-images 5 in calls of at most --batch-size 2: 2, 2 and 1 images, written in order, each call drawing on
+    from the one seeded generator (not seeded again, which would repeat the first call's images)."""
+    drawn = []
+    seen = stub_pipeline_call(monkeypatch, drawn)
+    assert main([*STUBBED, "--prompt", "a cat", "--prompt", "a dog", "--num-images", "5", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "out"), "--horizon", "1", "--seed", "5"]) == 0
+    assert [kwargs["prompt"] for kwargs in seen] == [["a cat"] * 2, ["a cat"] * 2, ["a cat"], ["a dog"] * 2,
+                                                     ["a dog"] * 2, ["a dog"]]
+    stream = torch.Generator().manual_seed(5)
+    assert all(torch.equal(numbers, torch.randn(4, generator=stream)) for numbers in drawn)
+    assert [Path(line).name for line in capsys.readouterr().out.splitlines()] == [
+        f"{p:02d}-{name}-{i:02d}.png" for p, name in enumerate(("a-cat", "a-dog")) for i in range(5)]
+    assert main([*STUBBED, "--prompt", "a cat", "--batch-size", "0", "--output-dir", str(tmp_path / "b")]) == 2
+    assert one_line_error(capsys) == "--batch-size 0 is invalid: it must be in 1..10000 (images per pipeline call)"
