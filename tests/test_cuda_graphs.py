@@ -251,6 +251,32 @@ def test_trainer_sampling_through_cuda_graphs_equals_the_plain_loop(tmp_path, mo
         assert not torch.equal(first.states[:4], first.states[4:])  # two rounds, two trajectories
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_an_evaluation_replays_the_epochs_sampling_graph(tmp_path, monkeypatch):
+    """The evaluation's calls have the epochs' shape (evaluation.padded_calls): under sample_cuda_graph they replay
+    the graph the epoch captured, no second one, and score what the plain loop scores. Written without a GPU (session
+    43): not run yet."""
+    from rlcm_fast.evaluation import evaluate_policy
+
+    def run(name, graph):
+        cfg = resolve_config(overrides={"device": "cuda", "sample_cuda_graph": graph, "grid_every": 0, "seed": 5,
+                                        "batches_per_epoch": 1, "sample_batch_size": 4, "train_batch_size": 4,
+                                        "mixed_precision": "no", "eval_every": 1, "eval_images": 6})
+        trainer = Trainer(cfg, tmp_path / name)
+        trainer.sample_epoch(0)
+        return trainer, evaluate_policy(trainer)
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _, want = run("plain", False)
+    graphed, got = run("graphed", True)
+    assert graphed.sampler.cuda_graph and len(graphed.sampler._captured_rollouts) == 1
+    assert got["images"] == want["images"] == 6
+    # JPEG sizes of the same images in float32: a pixel rounded the other way moves a size by a few bytes at most.
+    assert got["reward_mean"] == pytest.approx(want["reward_mean"], abs=0.01)
+
+
 CAPTURE_FAILURE_SCRIPT = """
 import torch
 from rlcm_fast.cuda_graphs import CaptureError, CapturedCall
