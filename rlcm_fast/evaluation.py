@@ -30,6 +30,12 @@ def unused_evaluation_settings(cfg: TrainConfig) -> str | None:
     return f"{' and '.join(given)} {verb} no effect with eval_every=0: set eval_every=N to evaluate" if given else None
 
 
+def evaluation_settings(cfg: TrainConfig) -> str:
+    """What chooses the evaluation's images, in words (each eval record's "settings"): evaluations with other
+    settings sample other images, and are not compared with these (run_logging.same_settings_runs)."""
+    return f"{cfg.eval_images} images of {cfg.eval_prompts or cfg.prompts}, seed {cfg.seed}"
+
+
 def eval_image_generator(seed: int, image: int, device="cpu") -> torch.Generator:
     """The random stream of evaluation image `image`: its x_0 and noises, whatever the process count or call
     size that samples it."""

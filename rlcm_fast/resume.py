@@ -198,7 +198,7 @@ def _changed_evaluation(before: dict, values: dict) -> list[str]:
                if setting(values, key) != setting(before, key)]
     verb = "differs" if len(changed) == 1 else "differ"
     return [f"{', '.join(changed)} {verb} from the checkpoint's: the evaluations from here on sample other images "
-            "than the ones logged before (reward.png and the closing line compare them all)"] if changed else []
+            "than the ones logged before (reward.png draws them as another line)"] if changed else []
 
 
 def prompt_source(prompts: str, checkpoint: Path | None, key: str = "prompts") -> str:

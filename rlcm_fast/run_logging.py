@@ -118,7 +118,8 @@ class RunLogger:
         if kind in self._kept:
             self._kept[kind].append(record)
         for name, value in values.items():
-            self.writer.add_scalar(f"{kind}/{name}", value, step)
+            if not isinstance(value, str):  # an evaluation's settings are said in words
+                self.writer.add_scalar(f"{kind}/{name}", value, step)
 
     def epoch_records(self) -> list[dict]:
         """Every epoch record of the run, resumed ones included, as metrics.jsonl holds them."""
@@ -193,9 +194,11 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, qu
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(epochs, mean, marker="o", markersize=3, label="epoch's samples")
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    for index, evaluations in enumerate(same_settings_runs(eval_records)):
+        since = f", other images from epoch {evaluations[0]['epoch']}" if index else ""
+        ax.plot([r["epoch"] for r in evaluations], [r["reward_mean"] for r in evaluations], marker="s",
+                markersize=3, label=f"evaluation (fixed prompts and noise{since})")
     if eval_records:
-        ax.plot([r["epoch"] for r in eval_records], [r["reward_mean"] for r in eval_records], marker="s",
-                markersize=3, label="evaluation (fixed prompts and noise)")
         ax.legend(fontsize=8)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no epoch 1.25
@@ -208,15 +211,30 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, qu
         plt.close(fig)
 
 
+def same_settings_runs(eval_records: Sequence[dict]) -> list[list[dict]]:
+    """The evaluations in runs of consecutive records with the same settings (their images: evaluation.py's
+    evaluation_settings): a resume that changed them starts another run, not comparable with the one before."""
+    runs: list[list[dict]] = []
+    for record in eval_records:
+        if runs and runs[-1][-1].get("settings") == record.get("settings"):
+            runs[-1].append(record)
+        else:
+            runs.append([record])
+    return runs
+
+
 def summarize(records: list[dict], eval_records: Sequence[dict] = ()) -> str:
-    """One line on a finished run: its first and last epochs' mean reward, and its first and last evaluations'."""
+    """One line on a finished run: its first and last epochs' mean reward, and the first and last evaluations'
+    of the last settings it evaluated with."""
     if not records:
         return "no epochs were run"
     first, last = records[0]["reward_mean"], records[-1]["reward_mean"]
     line = f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"
-    if len(eval_records) > 1:
-        first, last = eval_records[0], eval_records[-1]
-        line += (f"; evaluation {first['reward_mean']:+.4f} (after {first['epoch']} epochs) -> "
+    runs = same_settings_runs(eval_records)
+    if runs and len(runs[-1]) > 1:
+        first, last = runs[-1][0], runs[-1][-1]
+        changed = " with the settings of its last resume" if len(runs) > 1 else ""
+        line += (f"; evaluation{changed} {first['reward_mean']:+.4f} (after {first['epoch']} epochs) -> "
                  f"{last['reward_mean']:+.4f} (after {last['epoch']})")
     return line
 
@@ -251,8 +269,11 @@ class LoggedRun:
             self.logger.log("step", epoch + 1, self.global_step, values)
 
     def log_evaluation(self, epochs_trained: int, stats: dict[str, float]) -> None:
+        from .evaluation import evaluation_settings  # here: evaluation imports epoch_samples, which imports this
+
         if self.logger:
-            self.logger.log("eval", epochs_trained, self.global_step, stats)
+            settings = evaluation_settings(self.cfg)
+            self.logger.log("eval", epochs_trained, self.global_step, {**stats, "settings": settings})
             tqdm.write(f"eval after {epochs_trained} epoch{'s' * (epochs_trained != 1)}  reward "
                        f"{stats['reward_mean']:+.4f} +- {stats['reward_std']:.4f}  ({stats['images']} images, "
                        f"{stats['eval_seconds']:.1f}s)")

@@ -192,9 +192,14 @@ def test_a_resume_evaluates_its_start_once_and_warns_of_other_images(tmp_path, c
     assert [(r["epoch"], r["step"]) for r in records(run_dir, "eval")] == [(1, 2), (2, 4)]
     assert "sample other images" not in capsys.readouterr().err  # no evaluation before: nothing to compare
     assert main(["train", "--resume", str(run_dir), "--set", "epochs=3", "--set", "seed=7"]) == 0
+    out, err = capsys.readouterr()
     assert ("rlcm-fast: warning: seed=7 differs from the checkpoint's: the evaluations from here on sample other "
-            "images than the ones logged before") in capsys.readouterr().err
-    assert [r["epoch"] for r in records(run_dir, "eval")] == [1, 2, 3]  # checkpoint-2's evaluation is logged
+            "images than the ones logged before") in err
+    evals = records(run_dir, "eval")
+    assert [r["epoch"] for r in evals] == [1, 2, 3]  # checkpoint-2's evaluation is logged
+    assert [r["settings"] for r in evals] == ["6 images of simple_animals, seed 0"] * 2 + [
+        "6 images of simple_animals, seed 7"]
+    assert "evaluation" not in out.splitlines()[-1]  # the seed-7 evaluations: one, nothing to compare
 
 
 def test_an_evaluation_prompts_file_is_read_from_the_checkpoint_s_copy(tmp_path, capsys):

@@ -104,6 +104,39 @@ def test_the_summary_names_the_first_and_last_epochs_as_logged():
     assert summarize(records, evals[:1]) == summarize(records)  # one evaluation: no change to tell
 
 
+def test_evaluations_of_other_settings_are_not_compared():
+    """A resume that changed the evaluation's settings (other images) starts another run of evaluations: the plot
+    draws it as another line, and the summary compares the last run's first and last evaluations only."""
+    from rlcm_fast.run_logging import same_settings_runs
+
+    records = [{"epoch": 1, "reward_mean": 0.25}, {"epoch": 4, "reward_mean": 1.0}]
+    evals = [{"epoch": epoch, "reward_mean": mean, "settings": settings} for epoch, mean, settings in (
+        (0, -1.5, "a"), (1, -1.0, "a"), (2, 0.5, "b"), (3, 0.75, "b"), (4, 1.25, "b"))]
+    assert [[r["epoch"] for r in run] for run in same_settings_runs(evals)] == [[0, 1], [2, 3, 4]]
+    assert summarize(records, evals) == ("reward mean +0.2500 (epoch 1) -> +1.0000 (epoch 4); evaluation with the "
+                                         "settings of its last resume +0.5000 (after 2 epochs) -> +1.2500 (after 4)")
+    assert summarize(records, evals[:3]) == summarize(records)  # the last settings evaluated once: nothing to compare
+    # Records written before evaluations named their settings are one run, as they were drawn.
+    assert same_settings_runs([{"epoch": 0}, {"epoch": 1}]) == [[{"epoch": 0}, {"epoch": 1}]]
+
+
+def test_the_reward_plot_draws_a_line_per_evaluation_settings(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from rlcm_fast import run_logging
+
+    lines = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: lines.append((list(x), kw["label"]))
+                        or real_plot(self, x, y, **kw))
+    records = [{"epoch": e, "reward_mean": 0.1 * e, "reward_std": 0.1} for e in (1, 2, 3)]
+    evals = [{"epoch": e, "reward_mean": 0.1 * e, "settings": "a" if e < 2 else "b"} for e in (0, 1, 2, 3)]
+    run_logging.save_reward_plot(tmp_path / "reward.png", records, "aesthetic", eval_records=evals)
+    assert lines == [([1, 2, 3], "epoch's samples"), ([0, 1], "evaluation (fixed prompts and noise)"),
+                     ([2, 3], "evaluation (fixed prompts and noise, other images from epoch 2)")]
+    assert (tmp_path / "reward.png").is_file()
+
+
 def test_the_reward_plot_marks_whole_epochs_only(tmp_path, monkeypatch):
     """Two epochs were ticked 1.00, 1.25, ... 2.00."""
     from rlcm_fast import run_logging
