@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig, field_types, kind_in_words, reward_function_given
 from .presets import ADVANTAGE_ESTIMATORS, ALGORITHMS, METHODS, TASK_PRESETS
-from .prompts import PROMPT_SETS, load_prompt_set
+from .prompts import is_prompts_file, load_prompt_set
 
 
 DEVICES = ("auto", "cpu", "cuda")  # several GPUs: one process each, through accelerate
@@ -134,14 +134,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         load_prompt_set(cfg.prompts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.prompts not in PROMPT_SETS:  # a prompt file: absolute, so that --resume finds it from anywhere
+    if is_prompts_file(cfg.prompts):  # absolute, so that --resume finds it from anywhere
         cfg.prompts = str(Path(cfg.prompts).resolve())
     if cfg.eval_prompts:
         try:
             load_prompt_set(cfg.eval_prompts, key="eval_prompts")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if cfg.eval_prompts not in PROMPT_SETS:
+        if is_prompts_file(cfg.eval_prompts):
             cfg.eval_prompts = str(Path(cfg.eval_prompts).resolve())
     if cfg.device not in DEVICES:
         raise ConfigError(f"device {cfg.device!r} is invalid; allowed: {', '.join(DEVICES)}")

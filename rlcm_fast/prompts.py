@@ -13,6 +13,11 @@ PROMPT_SETS = ("imagenet_animals", "simple_animals", "alignment")
 MAX_PROMPT_CHARS = 10_000
 
 
+def is_prompts_file(name: str) -> bool:
+    """Whether a prompts setting (prompts, eval_prompts) names a file: not a set, nor eval_prompts' "" (the run's)."""
+    return bool(name) and name not in PROMPT_SETS
+
+
 def _read_lines(filename: str) -> tuple[str, ...]:
     text = resources.files("rlcm_fast").joinpath("data", filename).read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())

@@ -17,7 +17,7 @@ from typing import Callable
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
 from .config_checks import validate
 from .path_checks import UsageError, check_run_dir
-from .prompts import PROMPT_SETS
+from .prompts import is_prompts_file
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
 # scales the saved LoRA's A and B: another value would resume another policy), or its stat tracker's per-prompt
@@ -183,19 +183,23 @@ def _changed_scorers(before: dict, values: dict) -> list[str]:
 
 
 def _changed_evaluation(before: dict, values: dict) -> list[str]:
-    """The settings that choose the evaluation's images (evaluation.py), changed while the run evaluates: the
-    evaluations from here on are not comparable with the ones logged before."""
+    """The settings that choose the evaluation's images (evaluation.evaluation_settings: seed, eval_images and
+    eval_prompts, or the run's prompts where eval_prompts is ""), changed while the run evaluates: the evaluations
+    from here on are not comparable with the ones logged before."""
     defaults = TrainConfig()
 
-    def setting(config: dict, key: str):
-        value = config.get(key, getattr(defaults, key))
-        # a prompts file by its absolute path, as validate() keeps it
-        return str(Path(value).resolve()) if key == "eval_prompts" and value and value not in PROMPT_SETS else value
+    def chosen(config: dict) -> list[tuple[str, object]]:
+        def get(key: str):
+            return config.get(key, getattr(defaults, key))
 
-    if not (setting(before, "eval_every") and setting(values, "eval_every")):
+        name = "eval_prompts" if get("eval_prompts") else "prompts"
+        prompts = get(name)  # a file by its absolute path, as validate() keeps it
+        return [("seed", get("seed")), ("eval_images", get("eval_images")),
+                (name, str(Path(prompts).resolve()) if is_prompts_file(prompts) else prompts)]
+
+    if not (before.get("eval_every", defaults.eval_every) and values.get("eval_every", defaults.eval_every)):
         return []
-    changed = [f"{key}={values.get(key)!r}" for key in ("seed", "eval_images", "eval_prompts")
-               if setting(values, key) != setting(before, key)]
+    changed = [f"{name}={value!r}" for (name, value), (_, old) in zip(chosen(values), chosen(before)) if value != old]
     verb = "differs" if len(changed) == 1 else "differ"
     return [f"{', '.join(changed)} {verb} from the checkpoint's: the evaluations from here on sample other images "
             "than the ones logged before (reward.png draws them as another line)"] if changed else []
@@ -208,7 +212,7 @@ def prompt_source(prompts: str, checkpoint: Path | None, key: str = "prompts") -
     set or file `prompts` names ("" included: eval_prompts' "the run's prompts")."""
     from .checkpoint import prompts_copy, saved_config
 
-    copy = prompts_copy(checkpoint, key) if checkpoint is not None and prompts and prompts not in PROMPT_SETS else None
+    copy = prompts_copy(checkpoint, key) if checkpoint is not None and is_prompts_file(prompts) else None
     if copy is None or not _same_file_name(saved_config(checkpoint).get(key), prompts):
         return prompts
     return str(copy.absolute())
@@ -239,12 +243,14 @@ def check_what_the_checkpoint_alone_starts(checkpoint: Path, values: dict, overr
     if "reward" in needed and "reward" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is scored by user code ({', '.join(user_reward_names(reward))}"
                           f"), which resuming imports and runs: add --reward {reward!r} to run it")
-    for key, option in (("prompts", "--prompts "), ("eval_prompts", "--set eval_prompts=")):
+    for key, option, other in (("prompts", "--prompts ", ""),
+                               ("eval_prompts", "--set eval_prompts=", " (or --set eval_prompts= to evaluate the "
+                                                                       "run's prompts)")):
         prompts = values.get(key, getattr(defaults, key))
-        if prompts and prompts not in PROMPT_SETS and key not in overrides and prompts_copy(checkpoint, key) is None:
+        if is_prompts_file(prompts) and key not in overrides and prompts_copy(checkpoint, key) is None:
             raise ConfigError(f"checkpoint {str(checkpoint)!r} holds no copy of its {key} file {prompts!r} (written "
                               f"before checkpoints kept one), which a resume reads only when named: add {option}"
-                              f"{prompts!r}")
+                              f"{prompts!r}{other}")
     if "reward_server" in needed and "reward_server" not in overrides:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} sends its images and prompts to reward server {server!r}: "
                           f"add --set reward_server={server} to send them there")

@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint import CheckpointWriteError, checkpoint_name, load_checkpoint, save_checkpoint
 from .epoch_samples import restore_stopped_epoch, stopped_epoch_record
 from .faults import agree, left_to_the_main_process
-from .prompts import PROMPT_SETS
+from .prompts import is_prompts_file
 
 
 class CheckpointedRun:
@@ -36,7 +36,7 @@ class CheckpointedRun:
         """The prompts the run read from files (config key -> prompts), which its checkpoints keep a copy of."""
         read = {"prompts": (self.cfg.prompts, self.prompt_set),
                 "eval_prompts": (self.cfg.eval_prompts, self.eval_prompt_set)}
-        return {key: prompts for key, (name, prompts) in read.items() if name and name not in PROMPT_SETS}
+        return {key: prompts for key, (name, prompts) in read.items() if is_prompts_file(name)}
 
     def save_checkpoint(self, epoch: int, update: int = 0, extra: dict | None = None, stopped: dict | None = None) -> Path:
         state = {"global_step": self.global_step, "config": self.config_to_save(),

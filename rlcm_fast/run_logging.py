@@ -213,10 +213,12 @@ def save_reward_plot(path: Path, epoch_records: list[dict], reward_name: str, qu
 
 def same_settings_runs(eval_records: Sequence[dict]) -> list[list[dict]]:
     """The evaluations in runs of consecutive records with the same settings (their images: evaluation.py's
-    evaluation_settings): a resume that changed them starts another run, not comparable with the one before."""
+    evaluation_settings): a resume that changed them starts another run, not comparable with the one before.
+    Records written before evaluations named their settings belong to the run after them."""
     runs: list[list[dict]] = []
     for record in eval_records:
-        if runs and runs[-1][-1].get("settings") == record.get("settings"):
+        settings = {r.get("settings") for r in runs[-1]} - {None} if runs else set()
+        if runs and (record.get("settings") is None or not settings or record["settings"] in settings):
             runs[-1].append(record)
         else:
             runs.append([record])

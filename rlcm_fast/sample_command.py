@@ -198,7 +198,7 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     for prompt, size in calls:
         prompts = [prompt] * size
         images = _sample_images(pipe, method, prompts, horizon, guidance, resolution, generator, extra)
-        values = _scored(reward, args.reward, images.float(), prompts) if reward else None  # bf16 on CUDA
+        values = _scored(reward, args.reward, images, prompts) if reward else None
         for index, image in enumerate(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))):
             path = next(paths)
             image.save(path)
@@ -233,14 +233,16 @@ def _scored(reward, spec: str, images, prompts: list[str]):
 
 def _sample_images(pipe, method: str, prompts: list[str], horizon: int, guidance: float, resolution: int, generator,
                    extra: dict) -> list:
-    """Images (N, 3, H, W) in [0, 1] from the pipeline's own __call__, or, for an LCM without a guidance embedding
-    (Stable Diffusion with a fused LCM-LoRA, which diffusers' LCM pipeline cannot run), from the sampler its run
-    trained with; both draw the generator in the pipeline's order."""
-    if method == "rlcm" and pipe.unet.config.time_cond_proj_dim is None:
-        from .sampler import LCMSampler
+    """Images (N, 3, H, W) float32 in [0, 1], decoded as the trainer decodes what it scores (sampler.decode_latents:
+    the VAE's bf16 output made float32 before it is scaled, where the pipeline scales it in bf16), from the
+    pipeline's own denoising loop, or, for an LCM without a guidance embedding (Stable Diffusion with a fused
+    LCM-LoRA, which diffusers' LCM pipeline cannot run), from the sampler its run trained with; both draw the
+    generator in the pipeline's order."""
+    from .sampler import LCMSampler, decode_latents
 
+    if method == "rlcm" and pipe.unet.config.time_cond_proj_dim is None:
         sampler = LCMSampler(pipe, horizon, guidance, extra["original_inference_steps"], resolution=resolution)
         return sampler.sample(pipe.unet, prompts, generator=generator).images
-    # "pt": the pipeline's "pil" is these, through the same pt_to_numpy and numpy_to_pil
-    return pipe(prompt=prompts, num_inference_steps=horizon, guidance_scale=guidance, height=resolution,
-                width=resolution, generator=generator, output_type="pt", **extra).images
+    latents = pipe(prompt=prompts, num_inference_steps=horizon, guidance_scale=guidance, height=resolution,
+                   width=resolution, generator=generator, output_type="latent", **extra).images
+    return decode_latents(pipe, latents)

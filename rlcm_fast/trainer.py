@@ -32,7 +32,7 @@ from .algorithms import (
 from .call_sizes import AUTO_KEYS, resolve_call_sizes
 from .config import ConfigError, TrainConfig
 from .epoch_samples import EpochSamples, epoch_generator
-from .evaluation import evaluate_policy, unused_evaluation_settings
+from .evaluation import evaluate_policy, evaluation_settings, unused_evaluation_settings
 from .faults import (NonFiniteSteps, StopSignals, StopTraining, TrainingFault, agree, first_line,
                      left_to_the_main_process, out_of_memory_fault, processes_where, reported_by_main_process)
 from .launch import start_accelerator
@@ -74,8 +74,9 @@ class Trainer(CheckpointedRun, LoggedRun):
         # The reward before the model: a user reward that cannot be imported fails before minutes of loading.
         self.reward = AsyncReward(cfg.reward, make_reward(cfg.reward, cfg.jpeg_quality, cfg.reward_threads,
                                                               **reward_options(cfg)))
-        for warning in ((silent_reward_server(cfg.reward, cfg.reward_server), unused_evaluation_settings(cfg))
-                        if self.is_main else ()):
+        # A resume may switch its evaluations off: their settings come from its checkpoint, not from the user.
+        for warning in ((silent_reward_server(cfg.reward, cfg.reward_server),
+                         None if resume_from else unused_evaluation_settings(cfg)) if self.is_main else ()):
             if warning:
                 print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
         policy = build_policy_model(cfg, self.accelerator, precision)
@@ -420,9 +421,12 @@ class Trainer(CheckpointedRun, LoggedRun):
     def _train_epochs(self) -> None:
         with self.stop:
             if self.cfg.eval_every and self.resumed_epoch is None:
-                # The policy the run starts from, unless its evaluation is logged already: a resume evaluates the
-                # checkpoint whose evaluation failed, or that was written before evaluations were switched on.
-                logged = self.logger and any(r["epoch"] == self.start_epoch for r in self.logger.eval_records())
+                # The policy the run starts from, unless its evaluation with these settings is logged already: a
+                # resume evaluates the checkpoint whose evaluation failed, that was written before evaluations were
+                # switched on, or whose evaluation sampled other images (a record without settings is older).
+                settings = evaluation_settings(self.cfg)
+                logged = self.logger and any(r["epoch"] == self.start_epoch and r.get("settings", settings) == settings
+                                             for r in self.logger.eval_records())
                 if agree(self.accelerator, self.is_main and not logged)[0]:
                     self.evaluate(self.start_epoch)
             for epoch in range(self.start_epoch, self.cfg.epochs):

@@ -192,14 +192,20 @@ def test_a_resume_evaluates_its_start_once_and_warns_of_other_images(tmp_path, c
     assert [(r["epoch"], r["step"]) for r in records(run_dir, "eval")] == [(1, 2), (2, 4)]
     assert "sample other images" not in capsys.readouterr().err  # no evaluation before: nothing to compare
     assert main(["train", "--resume", str(run_dir), "--set", "epochs=3", "--set", "seed=7"]) == 0
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert ("rlcm-fast: warning: seed=7 differs from the checkpoint's: the evaluations from here on sample other "
             "images than the ones logged before") in err
+    # checkpoint-2 is evaluated again, on the seed-7 images: the new settings' line starts where the resume does.
     evals = records(run_dir, "eval")
-    assert [r["epoch"] for r in evals] == [1, 2, 3]  # checkpoint-2's evaluation is logged
-    assert [r["settings"] for r in evals] == ["6 images of simple_animals, seed 0"] * 2 + [
-        "6 images of simple_animals, seed 7"]
-    assert "evaluation" not in out.splitlines()[-1]  # the seed-7 evaluations: one, nothing to compare
+    assert [(r["epoch"], r["settings"]) for r in evals] == [
+        (1, "6 images of simple_animals, seed 0"), (2, "6 images of simple_animals, seed 0"),
+        (2, "6 images of simple_animals, seed 7"), (3, "6 images of simple_animals, seed 7")]
+    assert err.splitlines()[-1].endswith(
+        f"evaluation with the settings of its last resume {evals[2]['reward_mean']:+.4f} (after 2 epochs) -> "
+        f"{evals[3]['reward_mean']:+.4f} (after 3); checkpoints in {run_dir}")
+    # Resumed again with those settings: checkpoint-3's evaluation is logged, not run again.
+    assert main(["train", "--resume", str(run_dir), "--set", "epochs=4"]) == 0
+    assert [r["epoch"] for r in records(run_dir, "eval")] == [1, 2, 2, 3, 4]
 
 
 def test_an_evaluation_prompts_file_is_read_from_the_checkpoint_s_copy(tmp_path, capsys):
@@ -227,7 +233,8 @@ def test_an_evaluation_prompts_file_is_read_from_the_checkpoint_s_copy(tmp_path,
     assert main(["train", "--resume", str(older), "--set", "epochs=2"]) == 2
     assert capsys.readouterr().err == (
         f"rlcm-fast: error: checkpoint {str(older)!r} holds no copy of its eval_prompts file {str(held_out)!r} (written "
-        f"before checkpoints kept one), which a resume reads only when named: add --set eval_prompts={str(held_out)!r}\n")
+        f"before checkpoints kept one), which a resume reads only when named: add --set eval_prompts={str(held_out)!r} "
+        "(or --set eval_prompts= to evaluate the run's prompts)\n")
     assert main(["train", "--resume", str(older), "--set", "epochs=2", "--set", f"eval_prompts={held_out}"]) == 0
     assert records(older.parent, "eval")[-1]["images"] == 6
 
@@ -248,3 +255,17 @@ def test_evaluation_settings_without_evaluations_are_warned_of(tmp_path, capsys)
     assert ("rlcm-fast: warning: eval_images=8 and eval_prompts='simple_animals' have no effect with eval_every=0: "
             "set eval_every=N to evaluate\n") in capsys.readouterr().err
     assert records(tmp_path / "run", "eval") == []
+    # A resume's settings are its checkpoint's, not the user's: switching evaluations off there is not warned of.
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "epochs=2"]) == 0
+    assert "no effect with eval_every=0" not in capsys.readouterr().err
+
+
+def test_a_resume_that_changes_the_run_s_prompts_is_warned_when_they_are_the_evaluation_s():
+    from rlcm_fast.resume import _changed_evaluation
+
+    before = {"eval_every": 1, "prompts": "simple_animals"}
+    assert _changed_evaluation(before, {**before, "prompts": "imagenet_animals"}) == [
+        "prompts='imagenet_animals' differs from the checkpoint's: the evaluations from here on sample other images "
+        "than the ones logged before (reward.png draws them as another line)"]
+    held_out = {"eval_prompts": "alignment"}
+    assert _changed_evaluation({**before, **held_out}, {**before, **held_out, "prompts": "imagenet_animals"}) == []

@@ -116,8 +116,12 @@ def test_evaluations_of_other_settings_are_not_compared():
     assert summarize(records, evals) == ("reward mean +0.2500 (epoch 1) -> +1.0000 (epoch 4); evaluation with the "
                                          "settings of its last resume +0.5000 (after 2 epochs) -> +1.2500 (after 4)")
     assert summarize(records, evals[:3]) == summarize(records)  # the last settings evaluated once: nothing to compare
-    # Records written before evaluations named their settings are one run, as they were drawn.
+    # Records written before evaluations named their settings are one run, as they were drawn, and belong to the run
+    # of the same images logged after them (a resume of an older run changed nothing).
     assert same_settings_runs([{"epoch": 0}, {"epoch": 1}]) == [[{"epoch": 0}, {"epoch": 1}]]
+    older = [{"epoch": 0}, {"epoch": 5}] + [{"epoch": e, "settings": "a"} for e in (10, 15)]
+    assert same_settings_runs(older) == [older]
+    assert [len(run) for run in same_settings_runs(older + [{"epoch": 20, "settings": "b"}])] == [4, 1]
 
 
 def test_the_reward_plot_draws_a_line_per_evaluation_settings(tmp_path, monkeypatch):

@@ -280,7 +280,7 @@ def test_a_checkpoint_pruned_while_the_model_loads_is_one_line_not_a_hub_lookup(
 
 def stub_pipeline_call(monkeypatch, draw: list | None = None) -> list[dict]:
     """The LCM pipeline's __call__ replaced: the arguments it was given are recorded (and, with `draw`, four
-    numbers it drew from the generator); blank images come back."""
+    numbers it drew from the generator); zero latents come back (sample asks for latents)."""
     from types import SimpleNamespace
 
     from diffusers import LatentConsistencyModelPipeline
@@ -291,7 +291,7 @@ def stub_pipeline_call(monkeypatch, draw: list | None = None) -> list[dict]:
         seen.append(kwargs)
         if draw is not None:
             draw.append(torch.randn(4, generator=kwargs["generator"]))
-        return SimpleNamespace(images=torch.zeros(len(kwargs["prompt"]), 3, 16, 16))
+        return SimpleNamespace(images=torch.zeros(len(kwargs["prompt"]), 4, 8, 8))  # latents of 16 px images
 
     monkeypatch.setattr(LatentConsistencyModelPipeline, "__call__", call)
     return seen
@@ -478,3 +478,19 @@ def test_sample_batches_a_prompts_images_drawing_on_from_one_stream(tmp_path, mo
         f"{p:02d}-{name}-{i:02d}.png" for p, name in enumerate(("a-cat", "a-dog")) for i in range(5)]
     assert main([*STUBBED, "--prompt", "a cat", "--batch-size", "0", "--output-dir", str(tmp_path / "b")]) == 2
     assert one_line_error(capsys) == "--batch-size 0 is invalid: it must be in 1..10000 (images per pipeline call)"
+
+
+def test_sample_decodes_as_the_trainer_decodes_what_it_scores():
+    """In bf16 (CUDA's dtype) the pipeline's own post-processing scales the VAE output in bf16, the trainer's
+    (sampler.decode_latents) in float32: about a fifth of the pixels came out one level apart, so `sample --reward`
+    scored other pixels than train would. Its images are the trainer's decode of the pipeline's latents."""
+    from rlcm_fast.sample_command import _sample_images
+    from rlcm_fast.sampler import decode_latents
+
+    pipe = models.load_pipeline("tiny", "cpu", torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    images = _sample_images(pipe, "rlcm", ["a cat"] * 2, 2, 8.0, 16, torch.Generator().manual_seed(1), {})
+    latents = pipe(prompt=["a cat"] * 2, num_inference_steps=2, guidance_scale=8.0, height=16, width=16,
+                   generator=torch.Generator().manual_seed(1), output_type="latent").images
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 16, 16)
+    assert torch.equal(images, decode_latents(pipe, latents))
