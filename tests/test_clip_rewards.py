@@ -259,7 +259,7 @@ def test_a_prompt_longer_than_the_text_towers_positions_is_truncated_to_them(tmp
      r"images of dtype torch.uint8 given; rewards take floats in \[0, 1\] \(uint8 pixels: divide by 255\)"),
     (lambda: torch.rand(2, 3, 32, 32).numpy(), ["a", "b"], "images of type ndarray given; rewards take a torch.Tensor"),
     (lambda: torch.rand(2, 32, 32, 3), ["a", "b"], r"images of shape \(2, 32, 32, 3\) given; rewards take N x 3 x H x W"),
-    (lambda: torch.rand(0, 3, 32, 32), [], r"images of shape \(0, 3, 32, 32\) given; rewards take N x 3 x H x W, N >= 1"),
+    (lambda: torch.rand(0, 3, 32, 32), [], r"images of shape \(0, 3, 32, 32\) given; rewards take N x 3 x H x W, N, H, W >= 1"),
     # CLIP broadcast one prompt to both images; a sum blamed its first term ("returned shape (2,), expected (1,)")
     (lambda: torch.rand(2, 3, 32, 32), ["a"], "2 images and 1 prompts given: a reward takes one prompt per image"),
     (lambda: torch.rand(2, 3, 32, 32), "ab", "prompts of type str given; rewards take a sequence of str"),

@@ -59,7 +59,7 @@ class RewardError(ValueError):
 
 def check_reward_inputs(images, prompts) -> None:
     """RewardError, one line, for inputs no reward can score. Every reward takes a float tensor N x 3 x H x W
-    (N >= 1) with values in [0, 1], and one prompt per image. The range is not checked (that would wait for the
+    (N, H, W >= 1) with values in [0, 1], and one prompt per image. The range is not checked (that would wait for the
     GPU): uint8 pixels, 0..255, would be scored as floats, so an integer dtype is refused."""
     if not isinstance(images, torch.Tensor):
         raise RewardError(f"images of type {type(images).__name__} given; rewards take a torch.Tensor N x 3 x H x W "
@@ -67,8 +67,8 @@ def check_reward_inputs(images, prompts) -> None:
     if not images.is_floating_point():
         raise RewardError(f"images of dtype {images.dtype} given; rewards take floats in [0, 1] (uint8 pixels: "
                           "divide by 255)")
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
-        raise RewardError(f"images of shape {tuple(images.shape)} given; rewards take N x 3 x H x W, N >= 1")
+    if images.dim() != 4 or images.shape[1] != 3 or 0 in (images.shape[0], *images.shape[2:]):
+        raise RewardError(f"images of shape {tuple(images.shape)} given; rewards take N x 3 x H x W, N, H, W >= 1")
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise RewardError(f"prompts of type {type(prompts).__name__} given; rewards take a sequence of str, one "
                           "per image")
@@ -84,8 +84,10 @@ NOT_REWARD_KINDS = {"b": "booleans", "c": "complex numbers", "U": "strings", "S"
 
 
 def _is_bool(value) -> bool:
-    """True/False of Python, numpy or a one-element torch bool: numpy reads [0.5, True] as two floats."""
-    return isinstance(value, (bool, np.bool_)) or (torch.is_tensor(value) and value.dtype == torch.bool)
+    """True/False of Python, numpy (np.True_, or np.asarray(score > t)'s 0-d array) or a one-element torch bool:
+    numpy reads [0.5, True] as two floats."""
+    return (isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.dtype == np.bool_)
+            or (torch.is_tensor(value) and value.dtype == torch.bool))
 
 
 def _on_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -102,8 +104,10 @@ def checked_rewards(name: str, values, count: int) -> np.ndarray:
     if isinstance(values, (str, bytes)):  # one str is a shape-() array
         raise RewardError(f"reward {name!r} returned a {type(values).__name__}, expected {count} floats")
     returned = f"reward {name!r} returned {type(values).__name__}, expected {count} floats"
-    if isinstance(values, (list, tuple)) and any(_is_bool(value) for value in values):
-        raise RewardError(f"reward {name!r} returned booleans, expected {count} floats")
+    # A list, or numpy's object array (which a cast to float would take too), holding a boolean.
+    if isinstance(values, (list, tuple)) or (isinstance(values, np.ndarray) and values.dtype == object):
+        if any(_is_bool(value) for value in (values.flat if isinstance(values, np.ndarray) else values)):
+            raise RewardError(f"reward {name!r} returned booleans, expected {count} floats")
     try:
         if isinstance(values, (list, tuple)):  # e.g. a list of 0-d tensors, some requiring grad
             values = [_on_host(v) if torch.is_tensor(v) else v for v in values]
