@@ -3,6 +3,7 @@ rewards/jpeg_exact): hand-written mutants of those modules were run against thei
 that survived (named in its docstring). All are CPU-only, seeded and fast: no model is loaded, and the JPEG backends
 that need CUDA are not built."""
 
+import re
 import threading
 import warnings
 
@@ -206,3 +207,14 @@ def test_the_exact_backend_warns_once_about_cpu_images_not_at_every_batch():
         for _ in range(3):
             reward(images, ["a"])
     assert [str(w.message)[:40] for w in caught] == ["jpeg_backend 'exact' on CPU images gives"]
+
+
+@pytest.mark.parametrize("name", ["pkg..mod:fn", "pkg.mod.:fn", ".pkg:fn"])
+def test_a_module_path_with_an_empty_part_is_not_a_reward_name(name):
+    """Found beside this round: the grammar took `pkg..mod:fn` and `pkg.mod.:fn`, which only failed later, at
+    import. A module path is dot-separated names, each non-empty."""
+    from rlcm_fast.rewards import check_reward_name
+
+    with pytest.raises(RewardError, match=f"^reward '{re.escape(name)}' is unknown"):
+        check_reward_name(name)
+    check_reward_name("pkg.mod:fn")

@@ -198,7 +198,7 @@ class RewardTerm:
     weight: float
 
 
-USER_REWARD = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module.path:function
+USER_REWARD = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # module.path:function
 
 
 def _is_weight(text: str) -> bool:
