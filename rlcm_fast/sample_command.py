@@ -121,6 +121,7 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     from .faults import ModelLoadError
     from .lora import load_policy_lora
     from .models import ignored_guidance, load_pipeline
+    from .rewards import checked_rewards
 
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
     # than sample an older policy without a word.
@@ -198,7 +199,8 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     for prompt, size in calls:
         prompts = [prompt] * size
         images = _sample_images(pipe, method, prompts, horizon, guidance, resolution, generator, extra)
-        values = _scored(reward, args.reward, images, prompts) if reward else None
+        # As the trainer scores and checks them: a RewardError names the reward and what it returned.
+        values = checked_rewards(args.reward, reward(images, prompts), len(prompts)) if reward else None
         for index, image in enumerate(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))):
             path = next(paths)
             image.save(path)
@@ -221,14 +223,6 @@ def _sample_reward(spec: str, run: dict):
     if warning := silent_reward_server(spec, settings.reward_server):
         print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
     return make_reward(spec, settings.jpeg_quality, settings.reward_threads, **reward_options(settings))
-
-
-def _scored(reward, spec: str, images, prompts: list[str]):
-    """One reward per image (images in [0, 1], on the sampling device, as the trainer scores them), checked as the
-    trainer checks them: a RewardError names the reward and what it returned."""
-    from .rewards import checked_rewards
-
-    return checked_rewards(spec, reward(images, prompts), len(prompts))
 
 
 def _sample_images(pipe, method: str, prompts: list[str], horizon: int, guidance: float, resolution: int, generator,
