@@ -258,8 +258,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if not isinstance(value, list) or not all(_is_scalar(v) for v in value):  # not [[a]], [{a: 1}], [~]
                 raise TypeError
             return [str(v) for v in value]
-        if kind == "str | None":
-            if isinstance(value, (dict, list)) or callable(value):
+        if kind == "str | None":  # `lcm_lora=true` is no adapter named "True" (`model=true` is refused too)
+            if isinstance(value, (bool, dict, list)) or callable(value):
                 raise TypeError
             return None if value is None else str(value)
         if value is None or isinstance(value, (bool, dict, list)) or callable(value):  # `model=null` is no model "None"
