@@ -204,7 +204,8 @@ def _unknown_key(key: str, source: str) -> ConfigError:
 
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader (YAML 1.1) with YAML 1.2's booleans, only true and false: under 1.1's, a config's
-    `mixed_precision: no` (a documented value) was False, and yes/on/off were booleans too. Numbers are still 1.1's."""
+    `mixed_precision: no` (a documented value) was False, and yes/on/off were booleans too. Numbers are still 1.1's
+    (010 is 8), but `--set` keeps a name key's value as typed (parse_set_pairs)."""
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -217,6 +218,9 @@ _Yaml12Loader.add_implicit_resolver(
 
 def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader: builds plain values only
+
+
+NAME_KINDS = ("str", "str | None")  # the annotations of keys whose values are names
 
 
 def _is_scalar(value: Any) -> bool:
@@ -296,12 +300,17 @@ def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r} is invalid: expected key=value")
+        key = key.strip()
         try:
-            out[key.strip()] = read_yaml(raw) if raw.strip() else ""
+            value = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
         except RecursionError:
-            raise ConfigError(f"--set {key.strip()}=... is invalid: its value is nested too deeply") from None
+            raise ConfigError(f"--set {key}=... is invalid: its value is nested too deeply") from None
+        # A name (a model, a prompts file) as typed: YAML 1.1's numbers would make `prompts=010` the file "8".
+        if _is_scalar(value) and not isinstance(value, str) and field_types().get(key) in NAME_KINDS:
+            value = raw.strip()
+        out[key] = value
     return out
 
 

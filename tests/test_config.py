@@ -115,6 +115,15 @@ def test_unknown_task_and_bad_files(tmp_path):
         parse_set_pairs(["epochs"])
 
 
+def test_a_name_given_with_set_is_kept_as_typed_even_where_yaml_reads_a_number(tmp_path):
+    """YAML 1.1 reads 010 as 8 and 1_000 as 1000: `--set prompts=010` named the prompts file "8"."""
+    (tmp_path / "010").write_text("a cat\n")
+    pairs = parse_set_pairs([f"prompts={tmp_path / '010'}", "model=1_000", "lcm_lora=010", "epochs=12"])
+    assert pairs == {"prompts": str(tmp_path / "010"), "model": "1_000", "lcm_lora": "010", "epochs": 12}
+    assert parse_set_pairs(["prompts=010"]) == {"prompts": "010"}
+    assert parse_set_pairs(["reward= 0x10 "]) == {"reward": "0x10"}  # a name: its spaces go, as a string's do
+
+
 def test_no_yes_on_and_off_are_words_not_booleans(tmp_path):
     """YAML 1.1 read the documented `mixed_precision: no` as False, which the str field then refused."""
     assert resolve_config(overrides=parse_set_pairs(["mixed_precision=no"])).mixed_precision == "no"
