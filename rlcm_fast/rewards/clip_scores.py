@@ -9,6 +9,7 @@ in fp32. Models load with from_pretrained (hub id or local folder) and only from
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -49,11 +50,13 @@ class ClipImageSettings:
         processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
         try:
             processor = processor_class.from_pretrained(model_id)
-        except OSError:
-            warnings.warn(f"{what} {model_id!r} has no preprocessor_config.json: its images are preprocessed as "
-                          "OpenAI CLIP's (224 px, OpenAI's mean and std)")
-            return cls()
-        except ValueError as exc:
+        # transformers raises OSError for a missing file and for one that is not JSON, AttributeError for JSON
+        # that is not an object: only a missing file falls back to OpenAI's settings.
+        except (OSError, ValueError, AttributeError) as exc:
+            if isinstance(exc, OSError) and not os.path.isfile(os.path.join(model_id, "preprocessor_config.json")):
+                warnings.warn(f"{what} {model_id!r} has no preprocessor_config.json: its images are preprocessed "
+                              "as OpenAI CLIP's (224 px, OpenAI's mean and std)")
+                return cls()
             raise RewardError(f"{what} {model_id!r} has an unreadable preprocessor_config.json: "
                               f"{one_line(exc, 200)}") from None
         unsupported = {
