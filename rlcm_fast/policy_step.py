@@ -254,6 +254,8 @@ def _check_inputs(model_output, x, scalars, given) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor of shape (B, ...), got {x.dtype} of shape {tuple(x.shape)}")
+    if 0 in x.shape[1:]:  # a row's mean log-prob would be 0/0 (the reference's NaN, the Triton launch's ZeroDivision)
+        raise ValueError(f"x must have shape (B, ...) with at least one element per row, got {tuple(x.shape)}")
     for name, tensor in (("model_output", model_output), ("noise/next_state", given)):
         if tensor.shape != x.shape or not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor of x's shape {tuple(x.shape)}, got {tensor.dtype} "
