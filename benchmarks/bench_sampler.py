@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = result["matmul_rate"]["flops_per_s"] / 1e12
     else:
         peak = None
-        result["skipped"].append({"rows": "diffusers+compile, rlcm-fast compiled",
+        result["skipped"].append({"row": "diffusers+compile, rlcm-fast compiled",
                                   "reason": "CPU run: inductor compiles take minutes; a smoke test of the script"})
     eager_unet = pipe.unet
     compiled_unet = torch.compile(eager_unet, mode="reduce-overhead", fullgraph=True) if gpu else None

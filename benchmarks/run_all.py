@@ -85,7 +85,7 @@ def table(header: list[str], body: list[list]) -> list[str]:
             return "-"
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-        return str(value)
+        return str(value).replace("|", "\\|")  # free text (an error line): a bare '|' would end the cell
 
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(cell(v) for v in row) + " |" for row in body]
