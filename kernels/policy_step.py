@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from rlcm_fast.policy_step import (
-    LOG_SQRT_2PI, TRITON_DTYPES, check_prediction_type, policy_step_reference, refuse_second_derivative,
+    LOG_SQRT_2PI, TRITON_DTYPES, check_prediction_type, check_rows_have_elements, policy_step_reference,
+    refuse_second_derivative,
 )
 
 # Chunk sizes: powers of two (tl.arange needs them). A chunk of 512+ elements gives each thread at
@@ -384,8 +385,7 @@ def fused_policy_step(
         )
     if scalars.shape != (x.shape[0], 6):
         raise ValueError(f"scalars must have shape ({x.shape[0]}, 6), got {tuple(scalars.shape)}")
-    if any(size == 0 for size in x.shape[1:]):  # as rlcm_fast._native refuses them
-        raise ValueError(f"x must have shape (B, ...) with at least one element per row, got {tuple(x.shape)}")
+    check_rows_have_elements(x)
     # The kernels compute in float32: a float64 input would silently lose its precision, an integer one its type.
     for name, tensor in (("model_output", model_output), ("x", x), ("noise/next_state", given)):
         if tensor.dtype not in TRITON_DTYPES:

@@ -247,6 +247,13 @@ def select_backend(model_output: torch.Tensor, x: torch.Tensor | None = None,
     return "reference"
 
 
+def check_rows_have_elements(x: torch.Tensor) -> None:
+    """A row of no elements has no mean log-prob (0/0: the reference's NaN, the Triton launch's ZeroDivisionError):
+    refused in one line, with the C++ op's wrapper's words (rlcm_fast._native)."""
+    if 0 in x.shape[1:]:
+        raise ValueError(f"x must have shape (B, ...) with at least one element per row, got {tuple(x.shape)}")
+
+
 def _check_inputs(model_output, x, scalars, given) -> None:
     """One-line errors for inputs the backends would fail on deep inside (or, the reference, broadcast)."""
     for name, tensor in (("model_output", model_output), ("x", x), ("scalars", scalars), ("noise/next_state", given)):
@@ -254,8 +261,7 @@ def _check_inputs(model_output, x, scalars, given) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor of shape (B, ...), got {x.dtype} of shape {tuple(x.shape)}")
-    if 0 in x.shape[1:]:  # a row's mean log-prob would be 0/0 (the reference's NaN, the Triton launch's ZeroDivision)
-        raise ValueError(f"x must have shape (B, ...) with at least one element per row, got {tuple(x.shape)}")
+    check_rows_have_elements(x)
     for name, tensor in (("model_output", model_output), ("noise/next_state", given)):
         if tensor.shape != x.shape or not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor of x's shape {tuple(x.shape)}, got {tensor.dtype} "
