@@ -72,7 +72,7 @@ from common import environment, write_result  # noqa: E402
 from rlcm_fast.faults import one_line  # noqa: E402
 from rlcm_fast.launch import usable_cpu_cores  # noqa: E402
 from rlcm_fast.rewards import JpegSizeReward, RewardError, to_uint8_images  # noqa: E402
-from rlcm_fast.rewards.jpeg import NVJPEG_COLOURS, nvjpeg_unavailable_reason  # noqa: E402
+from rlcm_fast.rewards.jpeg import EXACT_ENGINES, NVJPEG_COLOURS, nvjpeg_unavailable_reason  # noqa: E402
 
 
 def natural_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -117,38 +117,42 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
     fails (to start, to encode) is recorded in `skipped` and the other rows still run."""
     rows = [] if rows is None else rows
     threads_all = usable_cpu_cores()  # the cores this process may run on (its affinity), as reward_threads 0
-    backends = [("pillow", 1), ("pillow", threads_all)]
+    backends = [("pillow", 1, None), ("pillow", threads_all, None)]
     try:
         import torchvision.io  # noqa: F401
 
-        backends.append(("torchvision", 0))
+        backends.append(("torchvision", 0, None))
     except ImportError as exc:
         skipped.append({"row": "jpeg torchvision", "reason": f"torchvision cannot be imported ({exc})"})
     reason = nvjpeg_unavailable_reason()
     if reason is None:
-        backends.append(("nvjpeg", 0))
+        backends.append(("nvjpeg", 0, None))
     else:
         skipped.append({"row": "jpeg nvjpeg", "reason": reason})
-    if device.type == "cuda":  # Pillow's sizes computed on the GPU; on a CPU about 90x slower than Pillow
-        backends.append(("exact", 0))
+    if device.type == "cuda":  # Pillow's sizes computed on the GPU (on a CPU about 90x slower than Pillow), by
+        # tensor ops and by the Triton kernels
+        backends += [("exact", 0, engine) for engine in EXACT_ENGINES]
     # One reward per backend for all rows: the encoders (nvJPEG states, thread pools) are meant to be reused.
     rewards = {}
-    for backend, threads in backends:
+    for backend, threads, engine in backends:
+        name = backend if engine is None else f"{backend}/{engine}"
         try:
-            rewards[backend, threads] = JpegSizeReward(1.0, 95, threads, backend)
+            engine_arg = {} if engine is None else {"exact_engine": engine}
+            rewards[backend, threads, engine] = JpegSizeReward(1.0, 95, threads, backend, **engine_arg)
         except RewardError as exc:
-            skipped.append({"row": f"jpeg {backend}", "reason": one_line(exc, limit=300)})
+            skipped.append({"row": f"jpeg {name}", "reason": one_line(exc, limit=300)})
     for size in sizes:
         for batch in batches:
             images = natural_images(batch, size).to(device)
-            for (backend, threads), reward in rewards.items():
+            for (backend, threads, engine), reward in rewards.items():
                 chroma = chroma_subsampling(backend, device)
-                label = f"jpeg {backend:11s} threads={threads or '-':>2} {size}px batch {batch:2d}"
+                name = backend if engine is None else f"{backend}/{engine}"
+                label = f"jpeg {name:16s} threads={threads or '-':>2} {size}px batch {batch:2d}"
                 try:
                     kb = reward(images, [""] * batch)
                     times = time_call(lambda: reward(images, [""] * batch), device, repeats)
                 except Exception as exc:  # one backend's failure must not cost the other rows
-                    skipped.append({"row": f"jpeg {backend} threads={threads or '-'} {size}px batch {batch}",
+                    skipped.append({"row": f"jpeg {name} threads={threads or '-'} {size}px batch {batch}",
                                     "reason": one_line(exc, limit=300)})
                     print(f"{label}: failed ({one_line(exc, limit=300)})", flush=True)
                     continue
@@ -157,7 +161,7 @@ def jpeg_rows(device: torch.device, repeats: int, skipped: list, sizes=SIZES, ba
                     "backend": backend, "threads": threads or None, "resolution": size, "batch": batch,
                     "images_on": str(device), "chroma_subsampling": chroma, "median_s": median,
                     "min_s": min(times), "repeats": repeats, "images_per_s": batch / median,
-                    "mean_size_kb": float(kb.mean()),
+                    "mean_size_kb": float(kb.mean()), **({} if engine is None else {"engine": engine}),
                 })
                 note = "  (4:4:4: sizes not comparable with pillow/nvjpeg)" if chroma == "4:4:4" else ""
                 print(f"{label}: {median * 1e3:8.1f} ms  {batch / median:8.1f} img/s  mean {kb.mean():.1f} kB{note}",

@@ -63,7 +63,7 @@ TESTS = REPO_ROOT / "tests"
 # sizes on CUDA, nvJPEG's encode_file bound (f2ee2a4), then the compiled training (its blocks case; the
 # stage's cap stopped the file at d986b71, and it took 107 s at 714cdca); then those that passed on the H200
 # (d986b71; the training graphs and cuDNN attention as mended in f2ee2a4).
-GPU_TEST_FILES = ["test_norm_precision.py",  # new since the last GPU run, and quick: first
+GPU_TEST_FILES = ["test_norm_precision.py", "test_jpeg_triton.py",  # new since the last GPU run, quick: first
                   "test_jpeg_exact.py", "test_nvjpeg.py", "test_compiled_training.py", "test_training_graphs.py",
                   "test_attention.py", "test_cuda_graphs.py", "test_unet_profile.py", "test_clip_rewards.py",
                   "test_rewards.py", "test_fast_sampler.py", "test_triton_step.py"]

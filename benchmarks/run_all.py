@@ -119,8 +119,8 @@ def train_section(train: dict) -> list[str]:
 
 def rewards_section(rewards: dict) -> list[str]:
     lines = ["## Rewards (bench_rewards.py)", ""]
-    body = [[r["backend"], r["threads"], r["resolution"], r["batch"], r["images_on"], r["median_s"] * 1e3,
-             r["images_per_s"]] for r in rewards.get("jpeg", [])]
+    body = [[r["backend"] + (f"/{r['engine']}" if r.get("engine") else ""), r["threads"], r["resolution"], r["batch"],
+             r["images_on"], r["median_s"] * 1e3, r["images_per_s"]] for r in rewards.get("jpeg", [])]
     lines += table(["JPEG backend", "threads", "px", "batch", "images on", "median ms", "images/s"], body) + [""]
     body = [[r["batch"], r["images_on"], r["tower_dtype"], r["median_s"], r["images_per_s"]]
             for r in rewards.get("aesthetic", [])]

@@ -20,7 +20,9 @@ at quality `quality`:
   pillow and nvjpeg backends' on the same images.
 - exact: the byte count of Pillow's file, computed with tensor ops on the images' own device without
   writing the file (jpeg_exact.py): equal to pillow's sizes, for CUDA images without the copy to the host.
-  On a CPU about 90x slower than Pillow (it warns); its speed on a GPU is not measured yet.
+  On a CPU about 90x slower than Pillow (it warns); on the H200 2.2x Pillow's single thread at 768 px.
+  `exact_engine="triton"` computes the same with Triton kernels (kernels/jpeg_size.py), which no GPU has
+  run yet: checked only in Triton's interpreter on the CPU.
 - auto: nvjpeg for CUDA images when it is available (else pillow), pillow for CPU images.
 
 Different encoders give slightly different byte counts for the same pixels; compare runs only within
@@ -44,6 +46,7 @@ import torch
 from PIL import Image
 
 from ..launch import usable_cpu_cores
+from ..policy_step import triton_available
 from .base import RewardError, check_reward_inputs
 from .jpeg_colour import libjpeg_ycbcr420
 from .jpeg_exact import jpeg_sizes, pillow_tables
@@ -135,12 +138,22 @@ class TorchvisionJpeg:
         return np.array([data.numel() / 1000.0 for data in encoded], dtype=np.float64)
 
 
+# How ExactJpeg computes: tensor ops (jpeg_exact.py, any device), or Triton kernels (kernels/jpeg_size.py, CUDA
+# images). The backend uses tensor ops until a GPU run has checked the kernels and timed them against these.
+EXACT_ENGINES = ("tensor_ops", "triton")
+
+
 class ExactJpeg:
     """Pillow's byte counts, computed on the images' device (jpeg_exact.py)."""
 
     name = "exact"
 
-    def __init__(self, quality: int):
+    def __init__(self, quality: int, engine: str = "tensor_ops"):
+        if engine not in EXACT_ENGINES:
+            raise RewardError(f"exact JPEG engine {engine!r} is invalid; allowed: {', '.join(EXACT_ENGINES)}")
+        if engine == "triton" and not triton_available():
+            raise RewardError("the exact JPEG engine 'triton' needs triton, which is not installed")
+        self.engine = engine
         from PIL import features
 
         # The tables come from Pillow's file, but the DCT and quantisation are libjpeg-turbo's: with another
@@ -153,11 +166,19 @@ class ExactJpeg:
         pillow_tables(quality)  # the tables from Pillow's file: once, at construction
 
     def sizes_kb(self, images: torch.Tensor) -> np.ndarray:
-        if images.device.type == "cpu" and not self.warned_cpu:
+        if images.device.type == "cpu" and self.engine == "tensor_ops" and not self.warned_cpu:
             self.warned_cpu = True
             warnings.warn("jpeg_backend 'exact' on CPU images gives Pillow's sizes about 90x slower than Pillow; "
                           "jpeg_backend pillow (or auto) gives the same sizes for CPU images")
-        return jpeg_sizes(to_uint8(images), self.quality).cpu().numpy() / 1000.0
+        pixels = to_uint8(images)
+        if self.engine == "triton":
+            from ..kernels.jpeg_size import triton_jpeg_sizes
+
+            try:
+                return triton_jpeg_sizes(pixels, self.quality).cpu().numpy() / 1000.0
+            except ValueError as exc:  # CPU images outside Triton's interpreter
+                raise RewardError(str(exc)) from None
+        return jpeg_sizes(pixels, self.quality).cpu().numpy() / 1000.0
 
 
 def libnvjpeg_major(path: str) -> int | None:
@@ -262,7 +283,7 @@ class JpegSizeReward:
     """sign * JPEG size in kB: +1 incompressibility, -1 compressibility."""
 
     def __init__(self, sign: float, quality: int = 95, threads: int = 0, backend: str = "auto",
-                 nvjpeg_colour: str = "nvjpeg"):
+                 nvjpeg_colour: str = "nvjpeg", exact_engine: str = "tensor_ops"):
         if backend not in JPEG_BACKENDS:
             raise RewardError(f"jpeg_backend {backend!r} is invalid; allowed: {', '.join(JPEG_BACKENDS)}")
         # As config_checks checks them: a reward made in code failed only at its first call (Pillow, the pool).
@@ -280,7 +301,7 @@ class JpegSizeReward:
         elif backend == "torchvision":
             self._gpu = TorchvisionJpeg(self.quality)
         elif backend == "exact":
-            self._gpu = ExactJpeg(self.quality)
+            self._gpu = ExactJpeg(self.quality, exact_engine)
 
     def pillow(self) -> PillowJpeg:
         if self._pillow is None:

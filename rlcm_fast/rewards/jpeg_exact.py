@@ -139,28 +139,44 @@ def _blocks(plane: torch.Tensor) -> torch.Tensor:
     return plane.view(n, h // 8, 8, w // 8, 8).transpose(2, 3).to(torch.int64) - 128
 
 
-def scan_blocks(pixels: torch.Tensor, quant: dict) -> torch.Tensor:
-    """N x 3 x H x W uint8 RGB -> the quantised blocks in scan order, N x MCUs x 6 x 64 (Y0..Y3, Cb, Cr)."""
-    n, _, height, width = pixels.shape
+def mcu_planes(pixels: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """N x 3 x H x W uint8 RGB -> the planes libjpeg cuts into blocks, uint8: Y (N x 16R x 16C) and Cb, Cr
+    (N x 8R x 8C) for R x C MCUs, edges padded as libjpeg pads them; and the count of real 8-px luma block
+    rows and columns (the rest of the MCU grid's luma blocks are dummies: `zero_dummy_blocks`)."""
+    _, _, height, width = pixels.shape
     mcu_rows, mcu_cols = -(-height // 16), -(-width // 16)
     ycbcr = rgb_to_ycbcr(pixels)
-    # Luma: padded to whole blocks; blocks past them in the MCU grid are dummies (below).
-    luma_rows, luma_cols = -(-height // 8), -(-width // 8)
-    luma = quantize(fdct_islow(_blocks(pad_edges(ycbcr[:, 0], 16 * mcu_rows, 16 * mcu_cols))), quant[0])
-    if luma_cols % 2:  # a dummy column: zero AC, the DC of the block on its left
-        luma[:, :luma_rows, -1] = 0
-        luma[:, :luma_rows, -1, 0] = luma[:, :luma_rows, -2, 0]
-    if luma_rows % 2:  # a dummy row: zero AC, the DC of its MCU's last block in the row above
-        luma[:, -1] = 0
-        luma[:, -1, :, 0] = luma[:, -2, 1::2, 0].repeat_interleave(2, dim=1)
-    luma = luma.view(n, mcu_rows, 2, mcu_cols, 2, 64).permute(0, 1, 3, 2, 4, 5).reshape(n, -1, 4, 64)
-    chroma = []
+    planes = [pad_edges(ycbcr[:, 0], 16 * mcu_rows, 16 * mcu_cols)]
     for plane in (ycbcr[:, 1], ycbcr[:, 2]):
         # Full width padded to the MCUs', height to even; downsampled; then rows repeated to the MCUs' height.
         plane = downsample_2x2(pad_edges(plane, height + height % 2, 16 * mcu_cols))
-        plane = pad_edges(plane, 8 * mcu_rows, 8 * mcu_cols)
-        chroma.append(quantize(fdct_islow(_blocks(plane)), quant[1]).reshape(n, -1, 1, 64))
-    return torch.cat([luma, *chroma], dim=2)
+        planes.append(pad_edges(plane, 8 * mcu_rows, 8 * mcu_cols))
+    return planes, (-(-height // 8), -(-width // 8))
+
+
+def zero_dummy_blocks(blocks: torch.Tensor, luma_rows: int, luma_cols: int) -> None:
+    """In place on quantised blocks N x R x C x 6 x 64 (zigzag order): libjpeg's dummy luma blocks past the
+    image's last 8-px block row or column get zero AC and the DC of the block before them (jccoefct.c)."""
+    if luma_cols % 2:  # the right blocks of the last MCU column: the DC of the block on their left
+        for left, right in ((0, 1), (2, 3)):
+            blocks[:, :, -1, right, 1:] = 0
+            blocks[:, :, -1, right, 0] = blocks[:, :, -1, left, 0]
+    if luma_rows % 2:  # the bottom blocks of the last MCU row: the DC of their MCU's last block above them
+        blocks[:, -1, :, 2:4, 1:] = 0
+        blocks[:, -1, :, 2:4, 0] = blocks[:, -1, :, 1:2, 0]
+
+
+def scan_blocks(pixels: torch.Tensor, quant: dict) -> torch.Tensor:
+    """N x 3 x H x W uint8 RGB -> the quantised blocks in scan order, N x MCUs x 6 x 64 (Y0..Y3, Cb, Cr)."""
+    n = pixels.shape[0]
+    (luma, *chroma), luma_blocks = mcu_planes(pixels)
+    mcu_rows, mcu_cols = luma.shape[1] // 16, luma.shape[2] // 16
+    luma = quantize(fdct_islow(_blocks(luma)), quant[0])
+    luma = luma.view(n, mcu_rows, 2, mcu_cols, 2, 64).permute(0, 1, 3, 2, 4, 5).reshape(n, mcu_rows, mcu_cols, 4, 64)
+    chroma = [quantize(fdct_islow(_blocks(plane)), quant[1]).view(n, mcu_rows, mcu_cols, 1, 64) for plane in chroma]
+    blocks = torch.cat([luma, *chroma], dim=3)
+    zero_dummy_blocks(blocks, *luma_blocks)
+    return blocks.view(n, mcu_rows * mcu_cols, 6, 64)
 
 
 def _bit_length(values: torch.Tensor) -> torch.Tensor:
@@ -225,7 +241,6 @@ def entropy_code(blocks: torch.Tensor, huffman: dict) -> tuple[torch.Tensor, tor
 def entropy_bytes(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Bytes of each image's entropy-coded segment, N: its bits packed MSB first, the last byte filled
     with ones, and a zero stuffed after every 0xFF byte (so they are packed, and the 0xFF bytes counted)."""
-    n, device = values.shape[0], values.device
     bits = lengths.sum(1)
     data_bytes = (bits + 7) // 8
     start = torch.cumsum(data_bytes, 0) - data_bytes  # each image's stream starts at a byte of its own
@@ -235,10 +250,19 @@ def entropy_bytes(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     # A string is at most 33 bits (three ZRL codes; a coefficient's code and bits are at most 27): at its
     # offset within a byte (0..7) in a 48-bit window it stays inside the window's 6 bytes, clear of the sign.
     window = values << (48 - offset % 8 - lengths)
-    stream = torch.zeros(int(data_bytes.sum()) + 6, dtype=torch.int64, device=device)
+    stream = torch.zeros(int(data_bytes.sum()) + 6, dtype=torch.int64, device=values.device)
     for j in range(6):  # the codes' bits do not overlap, so adding them is or-ing them
         stream.index_add_(0, offset // 8 + j, (window >> (40 - 8 * j)) & 0xFF)
-    fill = 8 * data_bytes - bits  # libjpeg pads the last byte with ones
+    return stuffed_sizes(stream, start, data_bytes, bits)
+
+
+def stuffed_sizes(stream: torch.Tensor, start: torch.Tensor, data_bytes: torch.Tensor,
+                  bits: torch.Tensor) -> torch.Tensor:
+    """The images' entropy-coded bytes, N, from their packed streams (int64 bytes, image i's `data_bytes[i]`
+    from `start[i]`, of which `bits[i]` are written): the last byte filled with ones as libjpeg fills it
+    (in place), then one more byte per 0xFF byte, the zero stuffed after it."""
+    n, device = bits.shape[0], bits.device
+    fill = 8 * data_bytes - bits
     last = start + data_bytes - 1
     stream[last] |= torch.where(fill > 0, (1 << fill) - 1, 0)
     owner = torch.repeat_interleave(torch.arange(n, device=device), data_bytes)
@@ -247,13 +271,17 @@ def entropy_bytes(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return data_bytes + stuffed
 
 
-def jpeg_sizes(pixels: torch.Tensor, quality: int) -> torch.Tensor:
-    """N x 3 x H x W uint8 RGB (any device) -> the byte counts of Pillow's JPEG files at `quality`, N int64."""
+def check_jpeg_inputs(pixels: torch.Tensor, quality: int) -> None:
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3 or 0 in pixels.shape:
         raise ValueError(f"jpeg_sizes takes N x 3 x H x W uint8 with N, H, W >= 1, got {tuple(pixels.shape)} "
                          f"{pixels.dtype}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise ValueError(f"jpeg quality {quality!r} is invalid: it must be an int in 1..100")
+
+
+def jpeg_sizes(pixels: torch.Tensor, quality: int) -> torch.Tensor:
+    """N x 3 x H x W uint8 RGB (any device) -> the byte counts of Pillow's JPEG files at `quality`, N int64."""
+    check_jpeg_inputs(pixels, quality)
     quant, huffman, header_bytes = pillow_tables(quality)
     per_chunk = max(1, _PIXELS_PER_CHUNK // (pixels.shape[2] * pixels.shape[3]))
     sizes = [entropy_bytes(*entropy_code(scan_blocks(chunk, quant), huffman))
