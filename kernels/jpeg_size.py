@@ -34,7 +34,9 @@ from rlcm_fast.rewards.jpeg_exact import (
     _fdct_pass, check_jpeg_inputs, mcu_planes, pillow_tables, stuffed_sizes, zero_dummy_blocks, zigzag_order,
 )
 
-_SHIFT_PASS1, _SHIFT_PASS2 = 11, 15  # jfdctint.c's descale in pass 1 (CONST_BITS - PASS1_BITS) and pass 2
+# jfdctint.c's descale in pass 1 (CONST_BITS - PASS1_BITS) and pass 2 (+). Passed to the kernel as constexpr
+# arguments: the compiler refuses a kernel that reads a plain module-level int (the interpreter does not).
+_SHIFT_PASS1, _SHIFT_PASS2 = 11, 15
 # Blocks per program: on a GPU a 16 x 64 tile (16 x 512 products per DCT pass; not tuned: no GPU has run these
 # kernels yet). Triton's interpreter runs programs one after another, so fewer, larger ones are quicker there.
 _BLOCKS_CUDA, _BLOCKS_INTERPRETER = 16, 256
@@ -62,7 +64,8 @@ def _descale(x, shift: tl.constexpr):
 
 @triton.jit
 def _dct_quantise_kernel(plane_ptr, coef_ptr, matrix_ptr, divisor_ptr, zigzag_ptr, n_blocks, block_rows,
-                         block_cols, mcu_cols, mcus, slot_base, LUMA: tl.constexpr, BLOCKS: tl.constexpr):
+                         block_cols, mcu_cols, mcus, slot_base, LUMA: tl.constexpr, BLOCKS: tl.constexpr,
+                         SHIFT_PASS1: tl.constexpr, SHIFT_PASS2: tl.constexpr):
     """Blocks of an N x (8 block_rows) x (8 block_cols) uint8 plane -> coef[image, mcu, slot, zigzag] int32."""
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
     valid = blk < n_blocks
@@ -78,8 +81,8 @@ def _dct_quantise_kernel(plane_ptr, coef_ptr, matrix_ptr, divisor_ptr, zigzag_pt
     matrix = tl.load(matrix_ptr + i8[:, None] * 8 + i8[None, :])
     x = tl.reshape(samples, (BLOCKS, 8, 8))  # [block, row, column]
     # Pass 1 along each row: y[b, r, u] = sum_c M[u, c] x[b, r, c]; pass 2 along each column.
-    y = _descale(tl.sum(x[:, :, None, :] * matrix[None, None, :, :], axis=3), _SHIFT_PASS1)
-    z = _descale(tl.sum(y[:, None, :, :] * matrix[None, :, :, None], axis=2), _SHIFT_PASS2)  # [b, v, u]
+    y = _descale(tl.sum(x[:, :, None, :] * matrix[None, None, :, :], axis=3), SHIFT_PASS1)
+    z = _descale(tl.sum(y[:, None, :, :] * matrix[None, :, :, None], axis=2), SHIFT_PASS2)  # [b, v, u]
     dct = tl.reshape(z, (BLOCKS, 64))
     divisor = tl.load(divisor_ptr + e)
     magnitude = (tl.abs(dct) + (divisor >> 1)) // divisor[None, :]
@@ -223,7 +226,8 @@ def triton_jpeg_sizes(pixels: torch.Tensor, quality: int) -> torch.Tensor:
         n_blocks = n * block_rows * block_cols
         _dct_quantise_kernel[(triton.cdiv(n_blocks, blocks),)](
             plane.contiguous(), coef, matrix, divisor, position, n_blocks, block_rows, block_cols, mcu_cols, mcus,
-            slot + 3, LUMA=slot == 0, BLOCKS=blocks)
+            slot + 3, LUMA=slot == 0, BLOCKS=blocks, SHIFT_PASS1=_SHIFT_PASS1,
+            SHIFT_PASS2=_SHIFT_PASS2)
     zero_dummy_blocks(coef.view(n, mcu_rows, mcu_cols, 6, 64), *luma_blocks)
     n_blocks = coef.shape[0] * mcus * 6
     grid = (triton.cdiv(n_blocks, blocks),)

@@ -1,4 +1,5 @@
 """The Triton kernels build for the H100/H200 (sm_90) with no GPU present, and their machine code streams.
+The JPEG-size kernels (kernels/jpeg_size.py) are built too, for the first check only.
 
 The interpreter tests (test_triton_step.py) check the kernels' values; this checks what only the
 compiler sees: every variant the package launches lowers to a cubin, each streamed operand moves in
@@ -22,13 +23,18 @@ THREADS = 8 * 32  # num_warps 8 at BLOCK 2048: 8 elements per thread
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> list[dict]:
+def build(tmp_path_factory, *args: str) -> list[dict]:
     # A process of its own: this one runs Triton's interpreter, under which nothing compiles.
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton-cache"))}
-    result = subprocess.run([sys.executable, str(BUILD_SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(BUILD_SCRIPT), *args], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> list[dict]:
+    return build(tmp_path_factory)
 
 
 def vector_accesses_per_operand(variant: dict) -> int:
@@ -65,3 +71,13 @@ def test_no_fused_multiply_add_in_the_streaming_kernels(built):
     for variant in built:
         if variant["kernel"] != "_row_log_prob_kernel":  # its log() is libdevice's, written with fmaf
             assert variant["fma"] == 0, variant
+
+
+def test_the_jpeg_size_kernels_build_a_cubin(tmp_path_factory):
+    """The interpreter accepts what the compiler refuses (a kernel reading a plain module-level int did pass there):
+    every JPEG-size kernel, both DCT variants, lowers to a cubin for sm_90."""
+    built = build(tmp_path_factory, "jpeg")
+    assert [(v["kernel"], v["constexprs"].get("LUMA")) for v in built] == [
+        ("_dct_quantise_kernel", True), ("_dct_quantise_kernel", False), ("_block_bits_kernel", None),
+        ("_pack_bits_kernel", None)]
+    assert all(v["cubin_bytes"] > 1000 for v in built)

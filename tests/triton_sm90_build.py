@@ -1,6 +1,7 @@
 """Compile the fused policy-step kernels ahead of time for sm_90 (H100/H200) and describe the machine code.
 
-    python tests/triton_sm90_build.py      (prints one JSON line per kernel variant)
+    python tests/triton_sm90_build.py        (prints one JSON line per kernel variant)
+    python tests/triton_sm90_build.py jpeg   (the same for the JPEG-size kernels, kernels/jpeg_size.py)
 
 Needs no GPU: Triton lowers to PTX and its bundled ptxas assembles the cubin. The CPU test suite runs the
 kernels in Triton's interpreter, which accepts some programs that the compiler rejects; this builds them
@@ -15,19 +16,22 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rlcm_fast.kernels import policy_step as kernels  # the installed kernels, as the tests import them
+from rlcm_fast.kernels import jpeg_size  # the installed kernels, as the tests import them
+from rlcm_fast.kernels import policy_step as kernels
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TRITON_TYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 STREAMED_BLOCK = 2048  # _launch_config's choice for a batch of 8 such rows on a 132-SM device
 
 
-def build(kernel, dtype: str, args: dict[str, str], constexprs: dict, aligned: list[str], num_warps: int) -> dict:
+def build(kernel, dtype: str, args: dict[str, str], constexprs: dict, aligned: list[str], num_warps: int,
+          options: dict = kernels._LAUNCH_OPTIONS) -> dict:
     """Compile `kernel` with arguments {name: Triton type}; the `aligned` ones get tt.divisibility=16."""
     signature = {**args, **{name: "constexpr" for name in constexprs}}
     names = kernel.arg_names
@@ -37,7 +41,7 @@ def build(kernel, dtype: str, args: dict[str, str], constexprs: dict, aligned: l
     signature = {name: signature[name] for name in names}
     hints = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, hints), target=HOPPER,
-                              options={**kernels._LAUNCH_OPTIONS, "num_warps": num_warps})
+                              options={**options, "num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     return {
         "kernel": kernel.__name__,
@@ -87,6 +91,24 @@ def variants(n: int = 36864, batch: int = 8):
                         aligned=[*streamed, "scalars_ptr", "grad_logp_ptr", "n"], num_warps=8)
 
 
+def jpeg_variants():
+    """The JPEG-size kernels as triton_jpeg_sizes launches them on CUDA (Triton's default options, 4 warps)."""
+    blocks = {"BLOCKS": jpeg_size._BLOCKS_CUDA}
+    tables = {"codes_ptr": "*i32", "lengths_ptr": "*i32", "n_blocks": "i32", "mcus": "i32"}
+    for luma in (True, False):
+        yield build(jpeg_size._dct_quantise_kernel, "uint8",
+                    {"plane_ptr": "*u8", "coef_ptr": "*i32", "matrix_ptr": "*i32", "divisor_ptr": "*i32",
+                     "zigzag_ptr": "*i32", "n_blocks": "i32", "block_rows": "i32", "block_cols": "i32",
+                     "mcu_cols": "i32", "mcus": "i32", "slot_base": "i32"},
+                    {"LUMA": luma, **blocks, "SHIFT_PASS1": jpeg_size._SHIFT_PASS1,
+                     "SHIFT_PASS2": jpeg_size._SHIFT_PASS2}, aligned=[], num_warps=4, options={})
+    yield build(jpeg_size._block_bits_kernel, "int32", {"coef_ptr": "*i32", **tables, "bits_ptr": "*i64"},
+                blocks, aligned=[], num_warps=4, options={})
+    yield build(jpeg_size._pack_bits_kernel, "int32",
+                {"coef_ptr": "*i32", **tables, "first_bit_ptr": "*i64", "words_ptr": "*i64"},
+                blocks, aligned=[], num_warps=4, options={})
+
+
 if __name__ == "__main__":
-    for described in variants():
+    for described in (jpeg_variants() if sys.argv[1:] == ["jpeg"] else variants()):
         print(json.dumps(described), flush=True)
