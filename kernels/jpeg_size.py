@@ -31,7 +31,7 @@ import triton.language as tl
 
 from rlcm_fast.kernels.policy_step import _interpreting
 from rlcm_fast.rewards.jpeg_exact import (
-    _fdct_pass, check_jpeg_inputs, mcu_planes, pillow_tables, stuffed_sizes, zero_dummy_blocks, zigzag_order,
+    check_jpeg_inputs, fdct_islow_pass, mcu_planes, pillow_tables, stuffed_sizes, zero_dummy_blocks, zigzag_order,
 )
 
 # jfdctint.c's descale in pass 1 (CONST_BITS - PASS1_BITS) and pass 2 (+). Passed to the kernel as constexpr
@@ -50,7 +50,7 @@ def islow_matrix() -> torch.Tensor:
     for j in range(8):  # a unit sample of 2^20: the pass descales by 2^11, which leaves M's column times 2^9
         unit = torch.zeros(1, 8, dtype=torch.int64)
         unit[0, j] = 1 << 20
-        columns.append(_fdct_pass(unit, dim=-1, first=True)[0] >> 9)
+        columns.append(fdct_islow_pass(unit, dim=-1, first=True)[0] >> 9)
     matrix = torch.stack(columns, dim=1)
     pass2_input = (int(matrix.abs().sum(1).max()) * 128 >> _SHIFT_PASS1) + 1
     assert int(matrix.abs().sum(1).max()) * pass2_input < 2**31, "the DCT's products would overflow int32"

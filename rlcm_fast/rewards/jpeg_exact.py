@@ -85,10 +85,12 @@ def pillow_tables(quality: int) -> tuple[dict, dict, int]:
 def fdct_islow(samples: torch.Tensor) -> torch.Tensor:
     """libjpeg's jpeg_fdct_islow on int64 blocks (..., 8, 8) of samples minus 128: rows, then columns.
     The output is scaled up by 8, as libjpeg's is."""
-    return _fdct_pass(_fdct_pass(samples, dim=-1, first=True), dim=-2, first=False)
+    return fdct_islow_pass(fdct_islow_pass(samples, dim=-1, first=True), dim=-2, first=False)
 
 
-def _fdct_pass(data: torch.Tensor, dim: int, first: bool) -> torch.Tensor:
+def fdct_islow_pass(data: torch.Tensor, dim: int, first: bool) -> torch.Tensor:
+    """One of jfdctint.c's two passes, along `dim`: pass 1 (`first`) keeps PASS1_BITS of extra precision."""
+
     def fix(x: float) -> int:
         return int(x * (1 << _CONST_BITS) + 0.5)
 
