@@ -5,7 +5,8 @@ texture of increasing strength). Each row times one full reward call, from float
 training device to one float per image: for CUDA images the Pillow rows include the rounding on the
 GPU and the device-to-host copy, the nvJPEG row copies nothing but byte counts. Backends: nvjpeg,
 torchvision (if importable), pillow with 1 thread and with one thread per core this process may run on,
-and on a GPU exact (Pillow's byte counts computed there: its mean size equals pillow's).
+and on a GPU exact (Pillow's byte counts computed there: its mean size equals pillow's), once with tensor ops and
+once with the Triton kernels (rows with "engine": tensor_ops or triton).
 
 Aesthetic rows: the aesthetic reward (preprocessing, CLIP ViT-L/14 image tower, LAION head) on 768 px
 images. Real weights cannot be downloaded on these machines, so the tower is ViT-L/14's exact
