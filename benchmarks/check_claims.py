@@ -31,8 +31,8 @@ Stages, sized to fit one session of a lent GPU (sd15-lcm / sd15 at 768 px, bf16)
            names the fastest variant per call)
   sampler  bench_sampler.py: images/s vs diffusers eager and diffusers + torch.compile, pixel agreement
   train    bench_train.py, --train-rows, one measured epoch each, DDPO with one sampling batch of 4 per
-           epoch (its per-sample step time, not the paper's epoch); the straightforward, fast and
-           compiled_sampling_calls_of_20_and_7 rows then profiled (claims.md lists each call's costliest ops)
+           epoch (its per-sample step time, not the paper's epoch); the rows of PROFILED_TRAIN_ROWS then
+           profiled (claims.md lists each call's costliest ops)
   tests    the GPU tests: Triton kernels, CUDA-graph sampling (fast sampler, trainer), compiled training,
            nvJPEG, the JPEG and CLIP rewards
 """
