@@ -1,4 +1,4 @@
-"""Pillow's JPEG byte counts in Triton: jpeg_backend "exact" on CUDA images.
+"""Pillow's JPEG byte counts in Triton, for CUDA images: jpeg_backend "exact" with exact_engine="triton".
 
 The reference is `rlcm_fast.rewards.jpeg_exact.jpeg_sizes` (tensor ops, any device), which runs libjpeg's
 steps up to the entropy-coded bits and counts them; these kernels compute the same counts in three passes
