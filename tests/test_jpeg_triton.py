@@ -104,8 +104,9 @@ def test_the_reward_with_the_triton_engine_gives_pillows_sizes_and_nan_for_broke
 
 
 def test_a_bad_or_unavailable_engine_is_refused_in_one_line(monkeypatch):
-    with pytest.raises(RewardError, match="exact JPEG engine 'cuda' is invalid; allowed: tensor_ops, triton"):
-        JpegSizeReward(1.0, 95, backend="exact", exact_engine="cuda")
+    for backend in ("exact", "pillow"):  # refused with any backend, not ignored where it does not apply
+        with pytest.raises(RewardError, match="exact JPEG engine 'cuda' is invalid; allowed: tensor_ops, triton"):
+            JpegSizeReward(1.0, 95, backend=backend, exact_engine="cuda")
     assert ExactJpeg(95).engine == "tensor_ops"  # the kernels are opt-in until a GPU run has checked them
     monkeypatch.setattr(jpeg_rewards, "triton_available", lambda: False)
     with pytest.raises(RewardError, match="the exact JPEG engine 'triton' needs triton, which is not installed"):

@@ -143,14 +143,18 @@ class TorchvisionJpeg:
 EXACT_ENGINES = ("tensor_ops", "triton")
 
 
+def check_exact_engine(engine: str) -> None:
+    if engine not in EXACT_ENGINES:
+        raise RewardError(f"exact JPEG engine {engine!r} is invalid; allowed: {', '.join(EXACT_ENGINES)}")
+
+
 class ExactJpeg:
     """Pillow's byte counts, computed on the images' device (jpeg_exact.py)."""
 
     name = "exact"
 
     def __init__(self, quality: int, engine: str = "tensor_ops"):
-        if engine not in EXACT_ENGINES:
-            raise RewardError(f"exact JPEG engine {engine!r} is invalid; allowed: {', '.join(EXACT_ENGINES)}")
+        check_exact_engine(engine)
         if engine == "triton" and not triton_available():
             raise RewardError("the exact JPEG engine 'triton' needs triton, which is not installed")
         self.engine = engine
@@ -292,6 +296,7 @@ class JpegSizeReward:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0:
             raise RewardError(f"reward threads {threads!r} is invalid: it must be an int >= 0 (0: one per core)")
         check_nvjpeg_colour(nvjpeg_colour)
+        check_exact_engine(exact_engine)
         self.sign, self.quality, self.threads, self.backend = sign, int(quality), int(threads), backend
         self.nvjpeg_colour = nvjpeg_colour
         self._pillow = None
