@@ -68,6 +68,8 @@ def test_help_answers_without_importing_torch(script):
     ("bench_unet", ["--variants", "turbo"], "argument --variants: 'turbo': unknown variants: turbo; allowed: default, "
                                             "channels_last,"),
     ("bench_unet", ["--calls", "sampling:x"], "--calls 'sampling:x' is invalid"),
+    ("bench_unet", ["--calls", "training:2,decode:1,training:02"], "--calls 'training:2,decode:1,training:02' "
+                                                                   "repeats training:2: name each once"),
     ("bench_rewards", ["--batches", "1,x"], "argument --batches: '1,x' is not a comma-separated list of integers >= 1"),
     ("training_memory", ["--resolution", "-8"], "argument --resolution: '-8' is not an integer >= 1"),
     ("gradient_direction", ["--eps", "0.001", "0"], "--eps 0 invalid: each sign-step size must be > 0"),
