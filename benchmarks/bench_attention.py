@@ -158,7 +158,8 @@ def call_totals(rows: list[dict], counts: list[int]) -> dict:
         return None if None in times else sum(n * t for n, t in zip(counts, times))
 
     totals = {"default": total(lambda r: r["default_choice"]), "cudnn_first": total(lambda r: r["cudnn_first_choice"]),
-              "fastest": total(lambda r: min(r["ms"], key=r["ms"].get))}
+              # A shape no backend ran (each out of memory, say) leaves the totals that need it None, not a traceback
+              "fastest": total(lambda r: min(r["ms"], key=r["ms"].get) if r["ms"] else None)}
     for name in BACKENDS:
         totals[name] = total(lambda r, name=name: name)
     return totals

@@ -353,3 +353,13 @@ def test_a_run_cut_short_keeps_the_groups_it_measured_marked_partial(tmp_path, m
     result = json.loads((tmp_path / "bench_attention.json").read_text())
     assert result["complete"] is False
     assert [(g["model_part"], g["batch"], g["pass"]) for g in result["groups"]] == [("unet", 3, "forward_backward")]
+
+
+def test_call_totals_of_a_shape_no_backend_ran_are_none_not_a_traceback():
+    """Not a mutant: a shape whose every backend failed (out of memory, say) has no times, and min() over them was a
+    ValueError traceback after the whole measurement; the totals that need that shape are None instead."""
+    rows = [{"default_choice": "flash", "cudnn_first_choice": "cudnn", "ms": {"flash": 1.0, "cudnn": 2.0}},
+            {"default_choice": "flash", "cudnn_first_choice": "cudnn", "ms": {}}]
+    totals = bench_attention.call_totals(rows, [1, 3])
+    assert totals["fastest"] is None and totals["default"] is None and totals["cudnn_first"] is None
+    assert bench_attention.call_totals(rows[:1], [2])["fastest"] == 2.0
