@@ -100,7 +100,9 @@ def _thread_count(num_threads) -> int:
     """0: torch's own thread count (torch.set_num_threads; it follows the machine's CPU limits)."""
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
         raise ValueError(f"num_threads must be an int >= 0 (0 = torch.get_num_threads()), got {num_threads!r}")
-    return num_threads or torch.get_num_threads()
+    # The C++ op takes a C int and never starts more threads than it has work items: cap, rather than let a
+    # count past 2**31 - 1 fail in pybind11's argument conversion.
+    return min(num_threads or torch.get_num_threads(), 2**31 - 1)
 
 
 def policy_step_forward_cpu(
