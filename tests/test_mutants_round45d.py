@@ -14,19 +14,11 @@ import torch
 
 from rlcm_fast import _native
 from rlcm_fast.policy_step import policy_step_reference
+from test_mutants_round44e import random_rows
 
 pytestmark = pytest.mark.skipif(not _native.native_available(), reason="rlcm_fast._C is not built")
 
 SUFFIX = {torch.float32: "float32", torch.float64: "float64"}
-
-
-def random_rows(rows: int, seed: int) -> torch.Tensor:
-    """A valid (rows, 6) float64 ROW_SCALARS table, each row its own action."""
-    g = torch.Generator().manual_seed(seed)
-    alphas = torch.rand(2, rows, generator=g, dtype=torch.float64) * 0.8 + 0.1
-    c_skip, c_out = torch.rand(2, rows, generator=g, dtype=torch.float64) * 0.8 + 0.2
-    alpha_t, alpha_next = alphas[0].sqrt(), alphas[1].sqrt()
-    return torch.stack([alpha_t, (1 - alpha_t**2).sqrt(), c_skip, c_out, alpha_next, (1 - alpha_next**2).sqrt()], 1)
 
 
 def raw_buffers(rows: int, row_size: int, dtype=torch.float32, seed: int = 0) -> dict:
