@@ -31,7 +31,7 @@ import triton.language as tl
 
 from rlcm_fast.kernels.policy_step import _interpreting
 from rlcm_fast.rewards.jpeg_exact import (
-    check_jpeg_inputs, fdct_islow_pass, mcu_planes, pillow_tables, stuffed_sizes, zero_dummy_blocks, zigzag_order,
+    check_jpeg_inputs, fdct_islow_pass, mcu_planes, natural_order, pillow_tables, stuffed_sizes, zero_dummy_blocks,
 )
 
 # jfdctint.c's descale in pass 1 (CONST_BITS - PASS1_BITS) and pass 2 (+). Passed to the kernel as constexpr
@@ -189,16 +189,8 @@ def _tables(quality: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """On `device`: the DCT matrix; the divisors (8 x the quantisation table, natural order) of luma and
     chroma; each natural index's zigzag position; the Huffman codes and lengths, [4, 256] int32."""
     quant, huffman, _ = pillow_tables(quality)
-    zigzag = zigzag_order()
-    divisors = []
-    for table in (quant[0], quant[1]):
-        natural = [0] * 64
-        for k, index in enumerate(zigzag):
-            natural[index] = table[k] << 3
-        divisors.append(torch.tensor(natural, dtype=torch.int32))
-    position = [0] * 64
-    for k, index in enumerate(zigzag):
-        position[index] = k
+    divisors = [torch.tensor(natural_order(table), dtype=torch.int32) << 3 for table in (quant[0], quant[1])]
+    position = natural_order(range(64))  # natural index -> zigzag position
     keys = [(0, 0), (0, 1), (1, 0), (1, 1)]
     codes = torch.tensor([huffman[key][0] for key in keys], dtype=torch.int32)
     lengths = torch.tensor([huffman[key][1] for key in keys], dtype=torch.int32)

@@ -122,11 +122,17 @@ def fdct_islow_pass(data: torch.Tensor, dim: int, first: bool) -> torch.Tensor:
     return torch.stack(out, dim=dim)
 
 
-def quantize(coefficients: torch.Tensor, table_zigzag: list[int]) -> torch.Tensor:
-    """(..., 8, 8) DCT output -> quantised coefficients in zigzag order (..., 64)."""
+def natural_order(values_zigzag) -> list:
+    """64 values given in zigzag order (a DQT table, say) -> the same values in natural (row-major) order."""
     natural = [0] * 64
     for k, index in enumerate(zigzag_order()):
-        natural[index] = table_zigzag[k]
+        natural[index] = values_zigzag[k]
+    return natural
+
+
+def quantize(coefficients: torch.Tensor, table_zigzag: list[int]) -> torch.Tensor:
+    """(..., 8, 8) DCT output -> quantised coefficients in zigzag order (..., 64)."""
+    natural = natural_order(table_zigzag)
     # libjpeg divides by 8 x the table's value (the DCT's scale), rounding half away from zero. (libjpeg-turbo
     # multiplies by reciprocals instead, which gives the same quotient for every input below 2^15: checked.)
     divisor = torch.tensor(natural, dtype=torch.int64, device=coefficients.device).view(8, 8) << 3
