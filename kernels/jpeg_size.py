@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlcm_fast.kernels.policy_step import _interpreting
+from rlcm_fast.kernels.policy_step import _interpreting, on_tensors_device
 from rlcm_fast.rewards.jpeg_exact import (
     check_jpeg_inputs, fdct_islow_pass, mcu_planes, natural_order, pillow_tables, stuffed_sizes, zero_dummy_blocks,
 )
@@ -205,6 +205,11 @@ def triton_jpeg_sizes(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     if pixels.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton JPEG sizes run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), "
                          f"got device {pixels.device}")
+    with on_tensors_device(pixels):
+        return _sizes(pixels, quality)
+
+
+def _sizes(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     blocks = _BLOCKS_CUDA if pixels.device.type == "cuda" else _BLOCKS_INTERPRETER
     _, _, header_bytes = pillow_tables(quality)
     matrix, luma_divisor, chroma_divisor, position, codes, lengths = _tables(quality, pixels.device)

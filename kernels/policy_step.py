@@ -27,6 +27,7 @@ sampling's 4) may differ in logp's last bits, as the UNet's own kernels may betw
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -35,8 +36,8 @@ import triton
 import triton.language as tl
 
 from rlcm_fast.policy_step import (
-    LOG_SQRT_2PI, TRITON_DTYPES, check_prediction_type, check_rows_have_elements, policy_step_reference,
-    refuse_second_derivative,
+    LOG_SQRT_2PI, TRITON_DTYPES, check_one_device, check_prediction_type, check_rows_have_elements,
+    policy_step_reference, refuse_second_derivative,
 )
 
 # Chunk sizes: powers of two (tl.arange needs them). A chunk of 512+ elements gives each thread at
@@ -318,7 +319,8 @@ class FusedPolicyStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, model_output, x, scalars, noise, next_state, prediction_type):
-        denoised, x_next, logp = _forward(model_output, x, scalars, noise, next_state, prediction_type)
+        with on_tensors_device(x):
+            denoised, x_next, logp = _forward(model_output, x, scalars, noise, next_state, prediction_type)
         ctx.set_materialize_grads(False)
         ctx.sampling = noise is not None
         ctx.prediction_type = prediction_type
@@ -340,13 +342,21 @@ class FusedPolicyStep(torch.autograd.Function):
             grad_denoised, grad_next, grad_logp = grad_outputs
         else:
             (grad_denoised, grad_logp), grad_next = grad_outputs, None
-        grad_model_output, grad_x = _backward(ctx, grad_denoised, grad_next, grad_logp)
+        with on_tensors_device(ctx.saved_tensors[2]):  # scalars: saved in both modes
+            grad_model_output, grad_x = _backward(ctx, grad_denoised, grad_next, grad_logp)
         return grad_model_output, grad_x, None, None, None, None
 
 
 # The launch grids put the batch in their second dimension, at most 65535 on CUDA: a larger batch runs in
 # slices of rows.
 _MAX_GRID_ROWS = 65535
+
+
+def on_tensors_device(tensor: torch.Tensor):
+    """The context a kernel launch needs for `tensor`'s GPU: Triton launches on the thread's current CUDA device,
+    not the tensors' (and a new thread's is device 0, as on the reward's worker thread), so tensors on another
+    GPU would be run on by the wrong one. torch's own ops take this device guard themselves."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _interpreting() -> bool:
@@ -386,6 +396,7 @@ def fused_policy_step(
     if scalars.shape != (x.shape[0], 6):
         raise ValueError(f"scalars must have shape ({x.shape[0]}, 6), got {tuple(scalars.shape)}")
     check_rows_have_elements(x)
+    check_one_device(model_output, x, given)
     # The kernels compute in float32: a float64 input would silently lose its precision, an integer one its type.
     for name, tensor in (("model_output", model_output), ("x", x), ("noise/next_state", given)):
         if tensor.dtype not in TRITON_DTYPES:

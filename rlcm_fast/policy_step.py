@@ -254,6 +254,14 @@ def check_rows_have_elements(x: torch.Tensor) -> None:
         raise ValueError(f"x must have shape (B, ...) with at least one element per row, got {tuple(x.shape)}")
 
 
+def check_one_device(model_output: torch.Tensor, x: torch.Tensor, given: torch.Tensor) -> None:
+    """Refused in one line: tensors on two devices (torch's ops fail deep inside; a Triton launch reads through
+    the pointers of another GPU's memory). The scalars table may be anywhere: it is moved to the tensors'."""
+    devices = [str(t.device) for t in (model_output, x, given)]
+    if len(set(devices)) > 1:
+        raise ValueError(f"model_output, x and noise/next_state must be on one device, got {', '.join(devices)}")
+
+
 def _check_inputs(model_output, x, scalars, given) -> None:
     """One-line errors for inputs the backends would fail on deep inside (or, the reference, broadcast)."""
     for name, tensor in (("model_output", model_output), ("x", x), ("scalars", scalars), ("noise/next_state", given)):
@@ -269,6 +277,7 @@ def _check_inputs(model_output, x, scalars, given) -> None:
     if tuple(scalars.shape) != (x.shape[0], 6):
         raise ValueError(f"scalars must have shape ({x.shape[0]}, 6) (the ROW_SCALARS table of x's rows), got "
                          f"{tuple(scalars.shape)}")
+    check_one_device(model_output, x, given)
 
 
 def policy_step(

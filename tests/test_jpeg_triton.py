@@ -119,6 +119,42 @@ def test_on_a_gpu_a_768_px_batch_has_pillows_sizes():
     assert triton_jpeg_sizes(pixels.cuda(), 95).tolist() == pillow_bytes(pixels, 95)
 
 
+def test_the_kernels_launch_under_the_pixels_device_guard(monkeypatch):
+    """Triton launches on the thread's current CUDA device, and the reward may run on a worker thread (whose current
+    device is 0) with images on another GPU: every launch happens inside on_tensors_device(pixels)."""
+    events = []
+
+    class Recording:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __enter__(self):
+            events.append(("enter", self.tensor.device))
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    original = jpeg_size._sizes
+    monkeypatch.setattr(jpeg_size, "_sizes", lambda pixels, quality: (events.append("sizes"),
+                                                                       original(pixels, quality))[1])
+    monkeypatch.setattr(jpeg_size, "on_tensors_device", Recording)
+    pixels = sample_images(8, 8, seed=30)
+    moved = pixels.to(DEVICE)
+    assert triton_jpeg_sizes(moved, 95).tolist() == pillow_bytes(pixels, 95)
+    assert events == [("enter", moved.device), "sizes", "exit"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_images_on_a_second_gpu_from_a_new_thread_have_pillows_sizes():
+    """A new thread's current device is GPU 0 (the reward's worker thread): the kernels still run on GPU 1's images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pixels = sample_images(64, 48, seed=31)
+    with ThreadPoolExecutor(1) as pool:
+        sizes = pool.submit(triton_jpeg_sizes, pixels.to("cuda:1"), 95).result()
+    assert sizes.device == torch.device("cuda", 1) and sizes.tolist() == pillow_bytes(pixels, 95)
+
+
 def test_bench_rewards_times_the_exact_backend_with_both_engines_on_a_gpu(monkeypatch):
     """On CUDA images bench_rewards adds the exact backend once per engine, each row saying its engine (the GPU
     is stood in for: the rewards, the timer and the images are stubs)."""

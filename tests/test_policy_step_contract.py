@@ -181,3 +181,79 @@ def test_the_cpp_backward_gives_each_gradient_alone_as_it_gives_both(dtype, pred
     assert only_model_output[1] is None and only_x[0] is None
     assert torch.equal(only_model_output[0], both[0])
     assert torch.equal(only_x[1], both[1])
+
+
+@pytest.mark.parametrize("mode", ("noise", "next_state"))
+@pytest.mark.parametrize("name", ("model_output", "x", "given"))
+@pytest.mark.parametrize("backend", _backends())
+def test_tensors_on_two_devices_are_a_one_line_error_on_every_backend(backend, name, mode):
+    """A tensor on another device (here the meta device beside the CPU; on a GPU machine, another GPU) is refused
+    before any backend runs: torch's ops failed deep inside, and a Triton launch would read another GPU's memory."""
+    x = torch.zeros(2, 4, 3, 3)
+    args = {"model_output": x, "x": x, "given": x, name: torch.zeros(2, 4, 3, 3, device="meta")}
+    devices = ", ".join("meta" if key == name else "cpu" for key in ("model_output", "x", "given"))
+    with pytest.raises(ValueError, match=rf"^model_output, x and noise/next_state must be on one device, got "
+                                         rf"{devices}$"):
+        policy_step(args["model_output"], args["x"], _rows(2, seed=27), "epsilon", backend=backend,
+                    **{mode: args["given"]})
+
+
+def test_the_triton_entry_point_itself_refuses_tensors_on_two_devices():
+    kernels = pytest.importorskip("rlcm_fast.kernels.policy_step")
+    x = torch.zeros(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="must be on one device, got cpu, cpu, meta"):
+        kernels.fused_policy_step(x, x, _rows(2, seed=28), "epsilon", next_state=x.to("meta"))
+
+
+def test_the_launch_guard_is_the_tensors_gpu_and_nothing_on_the_cpu():
+    """Triton launches on the thread's current CUDA device, not the tensors' (a new thread's is device 0, as on
+    the reward's worker thread): on_tensors_device makes the tensors' GPU current, and is nothing on the CPU."""
+    kernels = pytest.importorskip("rlcm_fast.kernels.policy_step")
+    guard = kernels.on_tensors_device(torch.zeros(1))
+    with guard:  # nothing to switch on the CPU (the interpreter's tensors)
+        pass
+    assert not isinstance(guard, torch.cuda.device)
+
+    class OnSecondGpu:  # a CUDA tensor without CUDA: only its device is read
+        device = torch.device("cuda", 1)
+
+    guard = kernels.on_tensors_device(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@pytest.mark.parametrize("mode", ("sampling", "training"))
+def test_the_fused_step_launches_forward_and_backward_under_its_tensors_device_guard(monkeypatch, mode):
+    """Each launch (the forward's, and the backward's, which a user may also call from another thread) happens
+    inside on_tensors_device for the step's tensors: a guard that records the kernels it saw launched."""
+    kernels = pytest.importorskip("rlcm_fast.kernels.policy_step")
+    guarded, launches = [], []
+
+    class Recording:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __enter__(self):
+            guarded.append(self.tensor.device)
+            launches.append("enter")
+
+        def __exit__(self, *exc):
+            launches.append("exit")
+
+    for name in ("_forward", "_backward"):
+        original = getattr(kernels, name)
+
+        def recorded(*args, _original=original, _name=name):
+            launches.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(kernels, name, recorded)
+    monkeypatch.setattr(kernels, "on_tensors_device", Recording)
+    generator = torch.Generator().manual_seed(29)
+    model_output = torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True)
+    x = torch.randn(2, 4, 3, 3, generator=generator)
+    given = torch.randn(2, 4, 3, 3, generator=generator)
+    outputs = kernels.fused_policy_step(model_output, x, _rows(2, seed=29), "epsilon",
+                                        **({"noise": given} if mode == "sampling" else {"next_state": given}))
+    outputs[-1].sum().backward()
+    assert launches == ["enter", "_forward", "exit", "enter", "_backward", "exit"]
+    assert guarded == [x.device, x.device]

@@ -173,3 +173,22 @@ def test_rejects_bad_arguments():
         triton_step.fused_policy_step(x, x, scalars, "flow", noise=x)
     with pytest.raises(ValueError, match="scalars"):
         triton_step.fused_policy_step(x, x, scalars[:1], "epsilon", noise=x)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_step_on_a_second_gpu_from_a_new_thread_equals_the_reference(scheduler):
+    """Triton launches on the thread's current device, GPU 0 in a new thread: the step on GPU 1's tensors still
+    gives the reference's values (the launch takes the tensors' device guard)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = torch.Generator().manual_seed(32)
+    model_output, x, noise = (torch.randn(3, 4, 33, 35, generator=generator) for _ in range(3))
+    scalars = mixed_row_scalars(scheduler, 3, generator)
+    expected = policy_step_reference(model_output.double(), x.double(), scalars, "epsilon", noise=noise.double())
+    on_second = [t.to("cuda:1") for t in (model_output, x, scalars, noise)]
+    with ThreadPoolExecutor(1) as pool:
+        outputs = pool.submit(lambda: triton_step.fused_policy_step(*on_second[:3], "epsilon",
+                                                                    noise=on_second[3])).result()
+    for got, want in zip(outputs, expected):
+        assert got.device == torch.device("cuda", 1)
+        torch.testing.assert_close(got.double().cpu(), want, **VALUE_TOL[torch.float32])
