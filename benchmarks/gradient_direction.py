@@ -26,6 +26,7 @@ Usage: python benchmarks/gradient_direction.py [--task incompressibility] [--sam
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -50,9 +51,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     args = parser.parse_args(argv)
     if args.samples % BATCH:
         parser.error(f"--samples {args.samples} must be a multiple of {BATCH}")
-    # Each size steps both ways (along and against the estimate): a negative one swaps the two, 0 moves nothing.
-    if bad := [eps for eps in args.eps if not eps > 0]:
-        parser.error(f"--eps {' '.join(f'{eps:g}' for eps in bad)} invalid: each sign-step size must be > 0")
+    # Each size steps both ways (along and against the estimate): a negative one swaps the two, 0 moves nothing,
+    # inf (or nan) makes every LoRA weight inf (nan).
+    if bad := [eps for eps in args.eps if not (eps > 0 and math.isfinite(eps))]:
+        parser.error(f"--eps {' '.join(f'{eps:g}' for eps in bad)} invalid: each sign-step size must be > 0 and "
+                     "finite")
+    if repeated := sorted({eps for eps in args.eps if args.eps.count(eps) > 1}):
+        parser.error(f"--eps repeats {' '.join(f'{eps:g}' for eps in repeated)}: give each size once")
     return parser, args
 
 
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(name, {
         "benchmark": "gradient_direction", **environment(),
         "config": {"task": args.task, "method": cfg.method, "model": cfg.model, "reward": cfg.reward,
-                   "samples": args.samples, "horizon": cfg.horizon, "seed": cfg.seed, "overrides": parse_set_pairs(args.set)},
+                   "samples": args.samples, "horizon": cfg.horizon, "seed": cfg.seed,
+                   "overrides": parse_set_pairs(args.set)},
         "base_reward_mean": base_mean,
         "base_reward_std": base_std,
         "reward_change": effects,
