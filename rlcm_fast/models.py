@@ -12,7 +12,9 @@ adapter is an LCM).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 from pathlib import Path
 
@@ -135,6 +137,33 @@ def _pickle_hint(location: str) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def library_logs_held_until_loaded(libraries=("diffusers", "transformers")):
+    """The loading libraries' log records, held while a model loads: printed after it loaded, dropped if it failed.
+    Before raising, diffusers logs its own account of the failure ("An error occurred while trying to fetch ...",
+    "Couldn't connect to the Hub ..."), which printed lines above the one-line ModelLoadError that names the cause.
+    Held at the libraries' own handlers (each has one, and does not propagate)."""
+    held: list[tuple[logging.Handler, logging.LogRecord]] = []
+    handlers = [handler for name in libraries for handler in logging.getLogger(name).handlers]
+
+    def holder(handler):
+        def hold(record):
+            held.append((handler, record))
+            return False  # not emitted now
+        return hold
+
+    holds = [(handler, holder(handler)) for handler in handlers]
+    for handler, hold in holds:
+        handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        for handler, hold in holds:
+            handler.removeFilter(hold)
+    for handler, record in held:  # only after a load that did not raise
+        handler.handle(record)
+
+
 def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
                      pipeline_class=LatentConsistencyModelPipeline):
     location = str(location)
@@ -154,10 +183,11 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
                              f"{choices}{hint}")
     try:
         # use_safetensors=True: diffusers would otherwise fall back to unpickling .bin weights.
-        return pipeline_class.from_pretrained(
-            location, dtype=dtype, use_safetensors=True,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        with library_logs_held_until_loaded():
+            return pipeline_class.from_pretrained(
+                location, dtype=dtype, use_safetensors=True,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
             f"model {model!r} could not be loaded ({load_failure(error)}){_pickle_hint(location)}: {choices}"
@@ -169,7 +199,8 @@ def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
         raise ModelLoadError(f"lcm_lora {lcm_lora!r} could not be loaded (no such file or folder): "
                              "expected a local LoRA folder or safetensors file, or a reachable hub id")
     try:
-        pipe.load_lora_weights(lcm_lora, use_safetensors=True)  # never the pickled .bin fallback
+        with library_logs_held_until_loaded():
+            pipe.load_lora_weights(lcm_lora, use_safetensors=True)  # never the pickled .bin fallback
     # Exception: for a hub id diffusers lets the hub client's own errors through (httpx's, whose module
     # differs between huggingface_hub releases), and a LoRA of other shapes is a RuntimeError.
     except Exception as error:

@@ -350,7 +350,26 @@ def test_lcm_lora_is_fused_and_unloaded(tmp_path, monkeypatch):
         load_pipeline("tiny", lcm_lora=str(tmp_path))
 
 
-def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypatch):
+@pytest.fixture
+def diffusers_log():
+    """The messages diffusers' loggers print, as its own handler prints them (it does not propagate to the root)."""
+    import logging
+
+    import diffusers.utils.logging  # noqa: F401  (sets up the library's logger and its handler)
+
+    messages = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    recorder = Recorder()
+    logging.getLogger("diffusers").addHandler(recorder)
+    yield messages
+    logging.getLogger("diffusers").removeHandler(recorder)
+
+
+def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypatch, diffusers_log):
     def no_unpickling(*args, **kwargs):
         raise AssertionError(f"torch.load({args[0]!r}) was called")
 
@@ -366,10 +385,29 @@ def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, monkeypat
         load_pipeline(str(tmp_path / "pipeline"))
     message = str(refused.value)
     assert "\n" not in message and "it holds pickled weights, which are never loaded" in message
+    # The error is the only line: diffusers' own account ("An error occurred while trying to fetch ...") is dropped.
+    assert not [message for message in diffusers_log if "An error occurred" in message]
     sd_folder = str(tiny_presets.tiny_sd_pipeline_folder())
     for lcm_lora in (tmp_path / "lora", tmp_path / "lora" / "pytorch_lora_weights.bin"):
         with pytest.raises(ModelLoadError, match="lcm_lora .* it holds pickled weights, which are never loaded"):
             load_pipeline(sd_folder, lcm_lora=str(lcm_lora))
+
+
+def test_library_logs_are_held_while_a_model_loads_printed_after_it_and_dropped_if_it_failed(diffusers_log):
+    from diffusers.utils import logging as diffusers_logging
+
+    from rlcm_fast.models import library_logs_held_until_loaded
+
+    logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
+    with library_logs_held_until_loaded():
+        logger.warning("a warning of a load that succeeds")
+        assert diffusers_log == []
+    assert diffusers_log == ["a warning of a load that succeeds"]
+    with pytest.raises(OSError, match="no weights"), library_logs_held_until_loaded():
+        logger.warning("the library's account of its failure")
+        raise OSError("no weights")
+    logger.warning("a warning after the load")  # the holds are gone
+    assert diffusers_log == ["a warning of a load that succeeds", "a warning after the load"]
 
 
 def test_only_the_torchvision_fallback_notice_of_transformers_is_dropped():
