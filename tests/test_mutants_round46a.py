@@ -21,6 +21,17 @@ from test_jpeg_exact import pillow_bytes
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
+def chroma_pattern(amplitude: float, vertical: int, horizontal: int) -> torch.Tensor:
+    """1 x 3 x 32 x 32 uint8 (four MCUs): grey luma, and in blue minus red one DCT basis pattern (frequencies
+    vertical, horizontal) at chroma's 2 x 2 scale, so that each chroma block holds that one AC coefficient."""
+    k = torch.arange(8, dtype=torch.float64)
+    basis = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16)  # [frequency, sample]
+    pattern = amplitude * torch.outer(basis[vertical], basis[horizontal])
+    pattern = pattern.repeat_interleave(2, 0).repeat_interleave(2, 1)  # 16 x 16
+    pixels = torch.stack([128 - pattern / 2, torch.full((16, 16), 128.0), 128 + pattern]).round().to(torch.uint8)
+    return pixels.repeat(1, 2, 2)[None]
+
+
 # -- rewards/jpeg: the exact engine's choice -------------------------------------------------------------------
 
 def test_an_exact_jpeg_made_in_code_refuses_an_unknown_engine_in_one_line():
@@ -84,11 +95,7 @@ def test_a_run_of_61_zeros_in_a_chroma_block_takes_the_chroma_tables_zrl_code():
     bytes off Pillow's file."""
     from rlcm_fast.kernels.jpeg_size import triton_jpeg_sizes
 
-    k = torch.arange(8, dtype=torch.float64)
-    basis = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16)  # [frequency, sample]
-    pattern = (100 * torch.outer(basis[7], basis[6])).repeat_interleave(2, 0).repeat_interleave(2, 1)  # 16 x 16
-    pixels = torch.stack([128 - pattern / 2, torch.full((16, 16), 128.0), 128 + pattern]).round().to(torch.uint8)
-    pixels = pixels.repeat(1, 2, 2)[None]  # 32 x 32: four MCUs
+    pixels = chroma_pattern(100, 7, 6)
     quant, _, _ = pillow_tables(75)
     chroma_ac = scan_blocks(pixels, quant)[0, :, 4:, 1:]
     assert chroma_ac[..., 61].ne(0).all() and chroma_ac.ne(0).sum(-1).eq(1).all()  # the premise
@@ -103,11 +110,7 @@ def test_a_chroma_blocks_eob_is_the_chroma_tables_code():
     reference); the mutant's size was one byte off Pillow's file."""
     from rlcm_fast.kernels.jpeg_size import triton_jpeg_sizes
 
-    k = torch.arange(8, dtype=torch.float64)
-    basis = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16)  # [frequency, sample]
-    pattern = (40 * torch.outer(basis[4], basis[7])).repeat_interleave(2, 0).repeat_interleave(2, 1)  # 16 x 16
-    pixels = torch.stack([128 - pattern / 2, torch.full((16, 16), 128.0), 128 + pattern]).round().to(torch.uint8)
-    pixels = pixels.repeat(1, 2, 2)[None]  # 32 x 32: four MCUs
+    pixels = chroma_pattern(40, 4, 7)
     quant, _, _ = pillow_tables(90)
     chroma = scan_blocks(pixels, quant)[0, :, 4:]
     assert chroma[..., 1:].ne(0).sum(-1).eq(1).all() and chroma[..., 63].eq(0).all()  # the premise

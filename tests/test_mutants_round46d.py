@@ -17,19 +17,12 @@ from rlcm_fast.config import resolve_config
 from rlcm_fast.cuda_graphs import WARMUP_CALLS, CaptureError, CapturedCall, GraphedTrainingUNet
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.sampler import LCMSampler
+from test_cuda_graphs import FakeStream
 
 PROMPTS = ["a cat", "a dog"]
 
 
 # -- CapturedCall on faked streams and graphs --------------------------------------------------------------------
-
-class FakeStream:
-    def __init__(self, name):
-        self.name = name
-
-    def wait_stream(self, other):
-        pass
-
 
 class FakeGraph:
     """A CUDA graph: the kernels launched while it was captured, run again at each replay."""
