@@ -240,9 +240,13 @@ def test_usable_cpu_cores_are_this_processs_affinity_not_the_machines_count(monk
 def test_an_earlier_accelerator_state_of_another_device_or_precision_is_forgotten(monkeypatch):
     """Only in one process, and only when it differs: a Trainer of the same device and precision keeps it."""
     from accelerate import Accelerator
-    from accelerate.state import GradientState, is_initialized
+    from accelerate.state import AcceleratorState, GradientState, is_initialized
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # An earlier test in this process may have left a state of another precision (a bf16 Trainer on the CPU), which
+    # the first Accelerator below would refuse: start from none.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     for cpu, precision in ((True, "no"), (True, "bf16"), (False, "no")):
         Accelerator(cpu=True, mixed_precision="no")
         launch.forget_other_accelerator_state(cpu, precision)
