@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
 
 from . import __version__
 from .config import DDPO_PYTORCH_NAMES, TASK_PRESETS, ConfigError, field_types
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve_reward(args: argparse.Namespace) -> int:
     import torch
 
-    from .faults import first_line, hub_offline, hub_unreachable_reason
+    from .faults import first_line, hub_unreachable_reason
     from .rewards import RewardError
     from .rewards.alignment_server import DEFAULT_SCORER, DEFAULT_VLM, AlignmentScorer, bind, serve, server_url
     from .rewards.base import missing_model_folder
@@ -160,13 +159,9 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     vlm, scorer_model = args.vlm or DEFAULT_VLM, args.scorer or DEFAULT_SCORER
-    from_hub = any(not Path(model).is_dir() for model in (vlm, scorer_model))
-    # With no network the hub client retries each file for about 20 s before the error: minutes in all.
-    offline_hint = ("; with no network, HF_HUB_OFFLINE=1 reads the hub's cache without retrying the hub for minutes"
-                    if from_hub and not hub_offline() else "")
     # The port now, not after the minutes the models take: --port 0's choice, for the trainers to be started.
-    print(f"serve-reward: {server_url(server)} bound; loading the VLM {vlm} and the scorer {scorer_model}"
-          f"{offline_hint}", file=sys.stderr, flush=True)
+    print(f"serve-reward: {server_url(server)} bound; loading the VLM {vlm} and the scorer {scorer_model}",
+          file=sys.stderr, flush=True)
     try:
         try:
             with library_bars_hidden_off_terminal():

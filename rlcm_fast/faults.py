@@ -26,14 +26,6 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return f"{type(error).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
 
 
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE keeps the hub client from asking the hub, read as the
-    client reads them (huggingface_hub.constants): the first one set decides, so HF_HUB_OFFLINE=0 wins over
-    TRANSFORMERS_OFFLINE=1, and " 1" is not "1"."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    return value is not None and value.upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _hub_unreachable(error: BaseException) -> bool:
     """Whether a from_pretrained failed only because its hub id is not cached here and the hub was not asked or
     did not answer: somewhere in the exception's chain, the hub client's "not cached" or a connection failure."""

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
 
 from rlcm_fast.architectures import SD15, SD15_LCM, build_random_pipeline
 from rlcm_fast.faults import ModelLoadError, load_failure
+from rlcm_fast.hub import hub_load_options, reads_cache_only
 from rlcm_fast.presets import METHODS
 from rlcm_fast.tiny_presets import tiny_pipeline_folder, tiny_sd_pipeline_folder
 
@@ -187,6 +189,7 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
             return pipeline_class.from_pretrained(
                 location, dtype=dtype, use_safetensors=True,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                **hub_load_options(location),
             )
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
@@ -199,8 +202,12 @@ def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
         raise ModelLoadError(f"lcm_lora {lcm_lora!r} could not be loaded (no such file or folder): "
                              "expected a local LoRA folder or safetensors file, or a reachable hub id")
     try:
+        source = lcm_lora
+        if reads_cache_only(lcm_lora):
+            # Offline, diffusers wants the weight file's name for a hub id; the cached snapshot's folder has it.
+            source = snapshot_download(lcm_lora, local_files_only=True)
         with library_logs_held_until_loaded():
-            pipe.load_lora_weights(lcm_lora, use_safetensors=True)  # never the pickled .bin fallback
+            pipe.load_lora_weights(source, use_safetensors=True)  # never the pickled .bin fallback
     # Exception: for a hub id diffusers lets the hub client's own errors through (httpx's, whose module
     # differs between huggingface_hub releases), and a LoRA of other shapes is a RuntimeError.
     except Exception as error:

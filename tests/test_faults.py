@@ -732,36 +732,6 @@ def test_a_hub_id_neither_cached_nor_reachable_is_said_in_a_few_words(monkeypatc
         assert load_failure(suppressed) == "OSError: a folder without model_index.json"
 
 
-def test_hub_offline_reads_either_variable_in_any_spelling(monkeypatch):
-    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as 1/ON/YES/TRUE in any case, is offline; serve-reward then leaves
-    out its "HF_HUB_OFFLINE=1 reads the cache" hint."""
-    from rlcm_fast.faults import hub_offline
-
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    assert not hub_offline()
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        for value, offline in (("1", True), ("true", True), ("On", True), ("YES", True), ("0", False), ("", False)):
-            monkeypatch.setenv(name, value)
-            assert hub_offline() is offline, (name, value)
-        monkeypatch.delenv(name)
-
-
-@pytest.mark.parametrize("hf_hub, transformers, offline", [("0", "1", False), (" 1", None, False), ("", "1", True),
-                                                         (None, "yes", True), ("no", "TRUE", False)])
-def test_hub_offline_reads_the_variables_as_the_hub_client_does(monkeypatch, hf_hub, transformers, offline):
-    """The first variable set decides, unstripped (huggingface_hub.constants): another reading would leave out
-    serve-reward's hint while the client still retries, or give it where the client is offline."""
-    from rlcm_fast.faults import hub_offline
-
-    for name, value in (("HF_HUB_OFFLINE", hf_hub), ("TRANSFORMERS_OFFLINE", transformers)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    assert hub_offline() is offline
-
-
 def test_a_refused_connection_under_the_hubs_error_is_said_in_a_few_words(monkeypatch):
     """Besides the hub client's own errors and DNS: a refused or reset connection, and httpx's ConnectError and
     ConnectTimeout (matched by name: their module differs between httpx releases)."""

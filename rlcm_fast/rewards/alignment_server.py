@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..hub import hub_load_options
+
 QUESTION = "Answer concisely: what is going on in this image?"
 REFERENCE = "The image contains {prompt}"
 DEFAULT_VLM = "llava-hf/llava-1.5-7b-hf"  # LLaVA-1.5 as in the paper (which used the 13B model)
@@ -72,13 +74,15 @@ class BertScoreRecall:
     def __init__(self, model_id: str = DEFAULT_SCORER, layer: int | None = None, device: str = "cpu"):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(model_id)
+        hub = hub_load_options(model_id)
+        config = AutoConfig.from_pretrained(model_id, **hub)
         layers = getattr(config, "num_hidden_layers", None)
         if layers is None:  # a vision-language model's config keeps its layers in a text_config; found before loading
             raise ValueError(f"scorer {model_id!r} is a {config.model_type!r} model, not a text encoder with hidden "
                              "layers: BERTScore takes a BERT-family model such as roberta-large")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        self.model = AutoModel.from_pretrained(model_id, config=config, use_safetensors=True).eval().to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
+        self.model = AutoModel.from_pretrained(model_id, config=config, use_safetensors=True,
+                                            **hub_load_options(model_id, auto_model=True)).eval().to(device)
         self.layer = layer if layer is not None else BERTSCORE_LAYERS.get(model_id, layers)
         if not 0 <= self.layer <= layers:
             raise ValueError(f"scorer layer {self.layer} is invalid for {model_id!r}: allowed 0..{layers}")
@@ -117,14 +121,16 @@ class VlmAnswerer:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.processor = AutoProcessor.from_pretrained(model_id)
+        hub = hub_load_options(model_id)
+        self.processor = AutoProcessor.from_pretrained(model_id, **hub)
         if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
             # A text model's folder gives a bare tokenizer here, before the minutes a model of any size takes to load.
             raise ValueError(f"vlm {model_id!r} has a {type(self.processor).__name__}, not a processor of images and "
                              "text (a text model, or a folder without preprocessor_config.json): it takes an "
                              "image-text-to-text model such as llava-hf/llava-1.5-7b-hf")
         self.processor.tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True, dtype=dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True, dtype=dtype,
+                                                                **hub_load_options(model_id, auto_model=True))
         self.model.eval().to(device)
         self.device, self.max_new_tokens = device, max_new_tokens
         if getattr(self.processor, "chat_template", None):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..faults import first_line, hub_unreachable_reason, load_failure, one_line
+from ..hub import hub_load_options
 from .base import RewardError, check_reward_inputs, missing_model_folder
 
 DEFAULT_AESTHETIC_MODEL = "openai/clip-vit-large-patch14"  # the LAION head was trained on its embeddings
@@ -49,7 +50,7 @@ class ClipImageSettings:
 
         processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
         try:
-            processor = processor_class.from_pretrained(model_id)
+            processor = processor_class.from_pretrained(model_id, **hub_load_options(model_id))
         # transformers raises OSError for a missing file and for one that is not JSON, AttributeError for JSON
         # that is not an object: only a missing file falls back to OpenAI's settings.
         except (OSError, ValueError, AttributeError) as exc:
@@ -156,7 +157,7 @@ def _load_config(kind, model_id: str, what: str):
     """A config (no weights) from a hub id or a local folder, or a RewardError naming the option."""
     _check_local_folder(model_id, what)
     try:
-        return kind.from_pretrained(model_id)
+        return kind.from_pretrained(model_id, **hub_load_options(model_id))
     except (OSError, ValueError) as exc:
         raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
                           f"{load_failure(exc, 200)}") from None
@@ -166,7 +167,8 @@ def _load(kind, model_id: str, what: str, **kwargs):
     """A model from a hub id or a local folder, every weight from its safetensors, or a RewardError."""
     _check_local_folder(model_id, what)
     try:
-        loaded = kind.from_pretrained(model_id, use_safetensors=True, output_loading_info=True, **kwargs)
+        loaded = kind.from_pretrained(model_id, use_safetensors=True, output_loading_info=True, **kwargs,
+                                       **hub_load_options(model_id))
     except (OSError, ValueError) as exc:
         raise RewardError(f"{what} {model_id!r} cannot be loaded (hub id or local folder with safetensors): "
                           f"{hub_unreachable_reason(exc) or first_line(exc)}") from None
@@ -274,7 +276,7 @@ class ClipSimilarityReward(_OnDevice):
         self.model = _load(CLIPModel, model_id, what).eval().requires_grad_(False)
         source = processor_id or model_id
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **hub_load_options(source))
         except (OSError, ValueError) as exc:
             raise RewardError(f"{what}: the tokenizer of {source!r} cannot be loaded: {load_failure(exc, 200)}"
                               ) from None
