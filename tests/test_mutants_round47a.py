@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from test_mutants_round44e import randn, random_rows
+
 from rlcm_fast.policy_step import PREDICTION_TYPES, policy_step_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -20,20 +22,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 @pytest.fixture(scope="module")
 def kernels():
     return pytest.importorskip("rlcm_fast.kernels.policy_step")
-
-
-def random_rows(rows: int, seed: int) -> torch.Tensor:
-    """A valid (rows, 6) float64 ROW_SCALARS table, each row its own action."""
-    g = torch.Generator().manual_seed(seed)
-    alphas = torch.rand(2, rows, generator=g, dtype=torch.float64) * 0.8 + 0.1
-    c_skip, c_out = torch.rand(2, rows, generator=g, dtype=torch.float64) * 0.8 + 0.2
-    alpha_t, alpha_next = alphas[0].sqrt(), alphas[1].sqrt()
-    return torch.stack([alpha_t, (1 - alpha_t**2).sqrt(), c_skip, c_out, alpha_next, (1 - alpha_next**2).sqrt()], 1)
-
-
-def randn(count, shape, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(count)]
 
 
 def assert_close_to(grad, expected, rtol=1e-5):
