@@ -344,22 +344,31 @@ def test_each_sampled_prompts_images_are_side_by_side():
     assert len(set(prompts)) == 3
 
 
-def test_a_reward_failing_in_an_epochs_sampling_names_the_state_before_that_epoch(tmp_path):
-    """Mutant: `trained > epoch` as `>=`: a reward that failed scoring epoch 2's samples was reported as failing
-    "in the evaluation after epoch 1", sending the user to look at the evaluation, not the epoch's samples."""
+def trainer_whose_reward_fails(tmp_path, saved: list, epochs_trained: int) -> Trainer:
+    """A Trainer `epochs_trained` epochs in whose every epoch fails in its reward; the checkpoints it writes are
+    recorded in `saved` as (epoch, updates)."""
     from contextlib import nullcontext
 
     from rlcm_fast.rewards import RewardError
 
-    saved = []
     trainer = bare_trainer(cfg=SimpleNamespace(eval_every=0, epochs=3), stop=nullcontext(), resumed_epoch=None,
-                           start_epoch=1, epochs_trained=1, is_main=True)
+                           start_epoch=epochs_trained, epochs_trained=epochs_trained, is_main=True)
 
     def run_epoch(epoch):
         raise RewardError("reward 'jpeg_compressibility' returned NaN")
 
     trainer.run_epoch = run_epoch
     trainer.save_position = lambda epoch, updates: saved.append((epoch, updates)) or tmp_path / f"checkpoint-{epoch}"
+    return trainer
+
+
+def test_a_reward_failing_in_an_epochs_sampling_names_the_state_before_that_epoch(tmp_path):
+    """Mutant: `trained > epoch` as `>=`: a reward that failed scoring epoch 2's samples was reported as failing
+    "in the evaluation after epoch 1", sending the user to look at the evaluation, not the epoch's samples."""
+    from rlcm_fast.rewards import RewardError
+
+    saved = []
+    trainer = trainer_whose_reward_fails(tmp_path, saved, epochs_trained=1)
     with pytest.raises(RewardError) as error:
         trainer._train_epochs()
     assert str(error.value) == "reward 'jpeg_compressibility' returned NaN; checkpoint-1 holds the state before epoch 2"
