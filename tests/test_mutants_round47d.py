@@ -215,21 +215,6 @@ def test_lora_input_casts_are_left_to_autocast_only_under_mixed_precision(defaul
     assert lora_input_casts(built("bf16")) == {False}
 
 
-def test_allow_a_graph_per_shape_never_lowers_a_higher_recompile_limit(monkeypatch):
-    """Mutant: recompile_limit = GRAPHS_PER_COMPILED_FUNCTION rather than the max with the current one. A process
-    that raised dynamo's limit further (another library, a user) must keep it: the function only raises it."""
-    import torch._dynamo
-
-    from rlcm_fast.policy_model import GRAPHS_PER_COMPILED_FUNCTION, allow_a_graph_per_shape
-
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 500)
-    allow_a_graph_per_shape()
-    assert torch._dynamo.config.recompile_limit == 500
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    allow_a_graph_per_shape()
-    assert torch._dynamo.config.recompile_limit == GRAPHS_PER_COMPILED_FUNCTION == 64
-
-
 def test_the_policy_warns_of_a_guidance_scale_its_unet_ignores(monkeypatch):
     """Mutant: ignored_guidance dropped from the policy's warnings. An LCM without a guidance embedding (SD1.5 +
     LCM-LoRA, stood in for by the tiny SD pipeline with an LCMScheduler) samples unguided: a guidance_scale of 5 in
