@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_alignment_client import free_port_url
 
 from rlcm_fast import hub
 
@@ -98,12 +98,6 @@ def test_a_failure_other_than_no_answer_is_raised_not_taken_for_an_unreachable_h
         hub.hub_unreachable_why()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed when the block ends: connections to it are refused
-
-
 def hub_cache_with(tmp_path: Path, repos: dict[str, Path]) -> Path:
     """A hub cache in `tmp_path` holding each folder's files as the main revision of its repo, laid out as the hub
     client lays out its downloads."""
@@ -117,7 +111,7 @@ def hub_cache_with(tmp_path: Path, repos: dict[str, Path]) -> Path:
 
 
 def run_unreachable(tmp_path: Path, cache: Path, code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": free_port_url(),
            "PYTHONPATH": str(TESTS)}
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RANK"):
         env.pop(name, None)
