@@ -17,7 +17,7 @@ import torch
 
 from rlcm_fast.policy_step import policy_step_reference
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_step  # noqa: E402
 import training_memory  # noqa: E402
