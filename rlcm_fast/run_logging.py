@@ -230,8 +230,10 @@ def summarize(records: list[dict], eval_records: Sequence[dict] = ()) -> str:
     of the last settings it evaluated with."""
     if not records:
         return "no epochs were run"
-    first, last = records[0]["reward_mean"], records[-1]["reward_mean"]
-    line = f"reward mean {first:+.4f} (epoch {records[0]['epoch']}) -> {last:+.4f} (epoch {records[-1]['epoch']})"
+    first, last = records[0], records[-1]
+    line = f"reward mean {first['reward_mean']:+.4f} (epoch {first['epoch']})"
+    if last["epoch"] != first["epoch"]:  # a run of one epoch has nothing to compare
+        line += f" -> {last['reward_mean']:+.4f} (epoch {last['epoch']})"
     runs = same_settings_runs(eval_records)
     if runs and len(runs[-1]) > 1:
         first, last = runs[-1][0], runs[-1][-1]

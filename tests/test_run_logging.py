@@ -98,6 +98,7 @@ def test_the_summary_names_the_first_and_last_epochs_as_logged():
     records = [{"epoch": 1, "reward_mean": 0.25}, {"epoch": 2, "reward_mean": 0.5}, {"epoch": 3, "reward_mean": 1.0}]
     assert summarize(records) == "reward mean +0.2500 (epoch 1) -> +1.0000 (epoch 3)"
     assert summarize([]) == "no epochs were run"
+    assert summarize(records[1:2]) == "reward mean +0.5000 (epoch 2)"  # one epoch: nothing to compare
     evals = [{"epoch": 0, "reward_mean": -1.5}, {"epoch": 2, "reward_mean": 0.75}, {"epoch": 3, "reward_mean": 1.25}]
     assert summarize(records, evals) == ("reward mean +0.2500 (epoch 1) -> +1.0000 (epoch 3); evaluation -1.5000 "
                                          "(after 0 epochs) -> +1.2500 (after 3)")
