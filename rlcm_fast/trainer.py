@@ -46,6 +46,7 @@ from .run_logging import REWARD_PLOT_SECONDS, LoggedRun, save_sample_grid
 from .sampler import Trajectory, policy_sampler
 from .stat_tracker import PerPromptStatTracker
 
+
 class Trainer(CheckpointedRun, LoggedRun):
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None, progress_bars: bool = True):
         # The arguments' types, in one line each: pathlib's TypeError named no argument, and "no" drew the bars.
@@ -348,7 +349,7 @@ class Trainer(CheckpointedRun, LoggedRun):
                 what = nonfinite + ([] if math.isfinite(grad_norm) else ["grad norm"]) or ["values on another process"]
                 tqdm.write(f"rlcm-fast: warning: non-finite {', '.join(what)} at step {self.global_step + 1} "
                            f"(loss {sums.get('loss')}, grad norm {grad_norm}); optimizer step skipped", file=sys.stderr)
-        else:  # with fp16 the gradients are unscaled already (train_epoch), and an overflow was skipped above
+        else:  # with fp16 the gradients are unscaled already (accumulate_update), and an overflow was skipped above
             self.optimizer.step()
             self.lr_scheduler.step()
         if scaler is not None:
@@ -435,8 +436,8 @@ class Trainer(CheckpointedRun, LoggedRun):
                 except StopTraining as stop:
                     checkpoint = self.save_position(epoch, stop.updates_done)
                     if stop.fault:  # agreed: every process stops with it
-                        raise left_to_the_main_process(TrainingFault(
-                            f"{stop.fault}; {checkpoint.name} holds the last good state"), quiet=not self.is_main) from None
+                        fault = TrainingFault(f"{stop.fault}; {checkpoint.name} holds the last good state")
+                        raise left_to_the_main_process(fault, quiet=not self.is_main) from None
                     self.stopped_at = checkpoint
                     break
                 except RewardError as exc:  # scoring the samples of epoch + 1, or the evaluation after epoch
