@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..config_checks import url_problem, without_credentials
+from ..faults import first_line
 from .base import RewardError, check_reward_inputs, reward_cancelled
 from .jpeg import to_uint8_images
 
@@ -58,7 +59,7 @@ class AlignmentClient:
             connection.request("GET", f"{path}/health")
             status = connection.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            return (f"does not answer ({str(exc) or type(exc).__name__}); unless it is still loading its models, "
+            return (f"does not answer ({_connection_error(exc)}); unless it is still loading its models, "
                     f"start it with `{self.serve_command()}`: each batch's scoring retries it for about a minute")
         finally:
             connection.close()
@@ -103,7 +104,7 @@ class AlignmentClient:
                                   "expected a JSON object of rewards") from None
             except (OSError, http.client.HTTPException) as exc:
                 # refused, reset, or the server died halfway through its reply (IncompleteRead)
-                last = str(exc) or type(exc).__name__
+                last = _connection_error(exc)
                 continue
             status = reply.status
             if 300 <= status < 400:
@@ -196,6 +197,13 @@ def _read_capped(reply: http.client.HTTPResponse) -> bytes:
     if len(data) > MAX_REPLY_BYTES:
         raise ReplyTooLarge(f"HTTP {reply.status}, without Content-Length")
     return data
+
+
+def _connection_error(exc: BaseException, limit: int = 200) -> str:
+    """A failed exchange's error for a one-line message. Something other than an HTTP server on the port makes
+    http.client raise BadStatusLine holding the raw line it read: CR LF included, up to 64 KiB."""
+    text = first_line(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _error_message(reply: http.client.HTTPResponse, data: bytes) -> str:
