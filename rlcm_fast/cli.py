@@ -13,7 +13,10 @@ import warnings
 
 from . import __version__
 from .config import DDPO_PYTORCH_NAMES, TASK_PRESETS, ConfigError, field_types
-from .path_checks import NAME_MAX, UsageError, shell_path, shell_quote
+from .path_checks import NAME_MAX, UsageError, home_expanded, shell_path, shell_quote
+
+# The options that may name a file or folder (each command has some): a leading ~ is the home folder.
+PATH_OPTIONS = ("model", "prompts", "config", "output_dir", "resume", "lora", "vlm", "scorer")
 
 
 def _faults() -> tuple[type[Exception], ...]:
@@ -259,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{unknown_option_hint(parser.commands, args.command, unknown)}")
     except SystemExit as exc:  # argparse's exit: a usage error (2), --help or --version (0); returned as any other
         return exc.code
+    for name in PATH_OPTIONS:  # `--output-dir=~/runs` or a quoted "~/runs": no shell expanded the ~
+        if hasattr(args, name):
+            setattr(args, name, home_expanded(getattr(args, name)))
     try:
         if args.command == "train":
             from .train_command import run_train

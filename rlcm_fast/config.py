@@ -221,6 +221,10 @@ def read_yaml(text: str) -> Any:
 
 
 NAME_KINDS = ("str", "str | None")  # the annotations of keys whose values are names
+# Keys whose value may be a file or folder on this machine (else a preset's, a set's or a hub id's name): a leading
+# ~ is the home folder (config_checks.validate).
+PATH_KEYS = ("model", "lcm_lora", "prompts", "eval_prompts", "output_dir", "aesthetic_model", "clipscore_model",
+             "pickscore_model", "pickscore_processor")
 
 
 def _is_scalar(value: Any) -> bool:

@@ -8,7 +8,8 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_types, kind_in_words, reward_function_given
+from .config import PATH_KEYS, ConfigError, TrainConfig, field_types, kind_in_words, reward_function_given
+from .path_checks import home_expanded
 from .presets import ADVANTAGE_ESTIMATORS, ALGORITHMS, METHODS, TASK_PRESETS
 from .prompts import is_prompts_file, load_prompt_set
 
@@ -119,10 +120,12 @@ def _check_types(cfg: TrainConfig) -> None:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every field; raise ConfigError naming the first bad value."""
+    """Check every field; raise ConfigError naming the first bad value. Paths starting with ~ are expanded."""
     from .rewards import RewardError, check_reward_name
 
     _check_types(cfg)
+    for key in PATH_KEYS:
+        setattr(cfg, key, home_expanded(getattr(cfg, key)))
     _bounded_numbers(cfg)
     if cfg.task not in TASK_PRESETS:
         raise ConfigError(f"task {cfg.task!r} is unknown; allowed: {', '.join(TASK_PRESETS)}")

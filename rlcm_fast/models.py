@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from rlcm_fast.architectures import SD15, SD15_LCM, build_random_pipeline
 from rlcm_fast.faults import ModelLoadError, load_failure
 from rlcm_fast.hub import hub_load_options, reads_cache_only
+from rlcm_fast.path_checks import home_expanded
 from rlcm_fast.presets import METHODS
 from rlcm_fast.tiny_presets import tiny_pipeline_folder, tiny_sd_pipeline_folder
 
@@ -132,7 +133,7 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def _pickle_hint(location: str) -> str:
     """Why a local folder or file of pickled weights was refused, or "" (a hub id cannot be looked into)."""
-    path = Path(location).expanduser()
+    path = Path(location)  # its ~ expanded by the callers
     found = [path] if path.is_file() else list(path.rglob("*")) if path.is_dir() else []
     if any(f.suffix in _PICKLE_SUFFIXES for f in found):
         return "; it holds pickled weights, which are never loaded: convert them to safetensors"
@@ -168,7 +169,7 @@ def library_logs_held_until_loaded(libraries=("diffusers", "transformers")):
 
 def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
                      pipeline_class=LatentConsistencyModelPipeline):
-    location = str(location)
+    location = home_expanded(str(location))  # a load_pipeline("~/model") in code; the messages quote `model`
     choices = MODEL_CHOICES if pipeline_class is LatentConsistencyModelPipeline else SD_MODEL_CHOICES
     if _missing_local_path(location):
         raise ModelLoadError(f"model {model!r} could not be loaded (no such folder): {choices}")
@@ -198,21 +199,22 @@ def _from_pretrained(model: str, location: str | Path, dtype: torch.dtype,
 
 
 def _fuse_lcm_lora(pipe: LatentConsistencyModelPipeline, lcm_lora: str) -> None:
-    if _missing_local_path(lcm_lora):
+    location = home_expanded(lcm_lora)
+    if _missing_local_path(location):
         raise ModelLoadError(f"lcm_lora {lcm_lora!r} could not be loaded (no such file or folder): "
                              "expected a local LoRA folder or safetensors file, or a reachable hub id")
     try:
-        source = lcm_lora
-        if reads_cache_only(lcm_lora):
+        source = location
+        if reads_cache_only(location):
             # Offline, diffusers wants the weight file's name for a hub id; the cached snapshot's folder has it.
-            source = snapshot_download(lcm_lora, local_files_only=True)
+            source = snapshot_download(location, local_files_only=True)
         with library_logs_held_until_loaded():
             pipe.load_lora_weights(source, use_safetensors=True)  # never the pickled .bin fallback
     # Exception: for a hub id diffusers lets the hub client's own errors through (httpx's, whose module
     # differs between huggingface_hub releases), and a LoRA of other shapes is a RuntimeError.
     except Exception as error:
         raise ModelLoadError(
-            f"lcm_lora {lcm_lora!r} could not be loaded ({load_failure(error)}){_pickle_hint(lcm_lora)}: "
+            f"lcm_lora {lcm_lora!r} could not be loaded ({load_failure(error)}){_pickle_hint(location)}: "
             "expected a local LoRA folder or safetensors file, or a reachable hub id"
         ) from error
     pipe.fuse_lora()

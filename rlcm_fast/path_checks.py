@@ -18,6 +18,13 @@ class UsageError(ValueError):
     """Bad command-line input that is not a config value."""
 
 
+def home_expanded(path):
+    """`path` with a leading ~ (or ~user) read as that home folder, as a shell reads it; anything else as it is.
+    A path from a config file, a quoted value or `--option=~/x` arrives unexpanded, and nothing downstream expands
+    it: pathlib, os.path and diffusers take "~" as a folder's name (a run went into ./~/)."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+
 def check_utf8_name(path, what: str, why: str) -> None:
     """Refuse `path` where its name on disk is not the UTF-8 of its text, which `why` needs: a name that is not
     UTF-8, or a non-ASCII one under a locale that is not UTF-8 (LC_ALL=C escapes its bytes; Latin-1 reads them

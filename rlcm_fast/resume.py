@@ -14,9 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, TrainConfig, apply_overrides, config_from_saved
+from .config import PATH_KEYS, ConfigError, TrainConfig, apply_overrides, config_from_saved
 from .config_checks import validate
-from .path_checks import UsageError, check_run_dir
+from .path_checks import UsageError, check_run_dir, home_expanded
 from .prompts import is_prompts_file
 
 # Settings a resumed run may not change: the checkpoint's weights and trajectories depend on them (lora_alpha
@@ -93,7 +93,8 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg is a {type(cfg).__name__}; a Trainer takes a TrainConfig (rlcm_fast.config."
                         "resolve_config builds one from a task, a model and overrides)")
-    cfg, run_dir = dataclasses.replace(cfg, output_dir=str(run_dir)), Path(run_dir)  # the caller's is left as it is
+    run_dir = Path(run_dir).expanduser()  # a leading ~ (pathlib takes it as a folder's name)
+    cfg = dataclasses.replace(cfg, output_dir=str(run_dir))  # the caller's is left as it is
     try:  # before the model loads: a name too long or not UTF-8 failed after it, leaving a folder behind
         check_run_dir(run_dir, "run folder")
     except UsageError as exc:
@@ -107,7 +108,7 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     if str(resume_from) == "auto" and not Path(resume_from).exists():
         raise ConfigError("resume_from='auto' is the command line's `--resume auto`; a Trainer takes the run folder "
                           "(its newest intact checkpoint is taken), a checkpoint folder, or None for a new run")
-    resume_from = Path(resume_from)
+    resume_from = Path(resume_from).expanduser()
     # A run folder (a checkpoint holds no checkpoints); a path that is neither is said so, not "unreadable".
     if list_checkpoints(resume_from) or not (resume_from / "training_state.json").is_file():
         resume_from = resolve_checkpoint(resume_from, what="resume_from")
@@ -152,7 +153,8 @@ def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitS
 
 def _same_setting(key: str, new, old) -> bool:
     """Whether a setting fixed on resume is unchanged: a reward by its terms (`jpeg_compressibility` is
-    `jpeg_compressibility:1.0`), LoRA targets in any order (peft matches each on its own); else by value."""
+    `jpeg_compressibility:1.0`), LoRA targets in any order (peft matches each on its own), a path with its ~
+    expanded; else by value."""
     from .rewards import BUILTIN_REWARDS, RewardError, parse_reward_spec
 
     if key == "reward" and isinstance(new, str) and isinstance(old, str):
@@ -162,6 +164,8 @@ def _same_setting(key: str, new, old) -> bool:
             return new == old
     if key == "lora_targets" and all(isinstance(t, list) and all(isinstance(n, str) for n in t) for t in (new, old)):
         return set(new) == set(old)
+    if key in PATH_KEYS:  # a ~ typed again for the folder the run saved expanded
+        return home_expanded(new) == home_expanded(old)
     return new == old
 
 
