@@ -8,34 +8,10 @@ from __future__ import annotations
 import pytest
 
 from rlcm_fast import hub
+from test_hub import probe  # noqa: F401 - the faked probe session, a fixture
 
 
 # -- hub: the probe --------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def probe(monkeypatch):
-    """The probe's session, faked: `probe.error` is what its HEAD raises (None: the hub answers); `probe.asked`
-    lists (url, timeout) of each HEAD."""
-    from huggingface_hub import constants
-
-    class Session:
-        def __init__(self):
-            self.error: BaseException | None = None
-            self.asked: list[tuple[str, float]] = []
-
-        def head(self, url, timeout):
-            self.asked.append((url, timeout))
-            if self.error is not None:
-                raise self.error
-
-    session = Session()
-    monkeypatch.setattr("huggingface_hub.get_session", lambda: session)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("RANK", raising=False)
-    hub.hub_unreachable_why.cache_clear()
-    yield session
-    hub.hub_unreachable_why.cache_clear()
-
 
 def test_the_probe_asks_the_configured_endpoint_with_a_short_timeout(probe, monkeypatch, capsys):
     """Mutants: the probe's HEAD sent to "https://huggingface.co" rather than huggingface_hub's ENDPOINT (HF_ENDPOINT:
@@ -47,7 +23,7 @@ def test_the_probe_asks_the_configured_endpoint_with_a_short_timeout(probe, monk
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub-mirror.example.internal")
     probe.error = TimeoutError("timed out")
     assert hub.hub_load_options("someorg/some-model") == {"local_files_only": True}
-    assert probe.asked == [("https://hub-mirror.example.internal", hub.PROBE_TIMEOUT_S)]
+    assert probe.asked == ["https://hub-mirror.example.internal"]  # with PROBE_TIMEOUT_S: the fake asserts it
     assert 0 < hub.PROBE_TIMEOUT_S <= 5
     assert "the hub https://hub-mirror.example.internal cannot be reached (TimeoutError: timed out)" in (
         capsys.readouterr().err)

@@ -24,6 +24,7 @@ from rlcm_fast.rewards import AlignmentClient, RewardError, make_reward
 from rlcm_fast.rewards import alignment_server
 from rlcm_fast.rewards.alignment_server import BadRequest, decode_request, make_handler
 from rlcm_fast.rewards.clip_scores import ClipImageSettings, clip_preprocess
+from test_mutants_round44c import client_images, exchange, handler_server, stub  # noqa: F401 - a fixture
 from tiny_reward_models import clip_image_processor, save_tiny_clip
 
 
@@ -78,10 +79,6 @@ def test_the_processors_own_mean_and_std_normalise_the_images(tmp_path):
 
 # -- alignment: the client -------------------------------------------------------------------------------------
 
-def client_images(n=1, seed=0):
-    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
 @contextmanager
 def raw_server(answer: bytes):
     """A listener on 127.0.0.1 answering each connection's first bytes with `answer` and closing; yields its URL."""
@@ -120,32 +117,6 @@ def test_the_health_check_of_a_port_where_another_protocol_answers_is_a_warning_
     assert re.fullmatch(r"does not answer \(SSH-2\.0-OpenSSH_9\.6\s*\); unless it is still loading its models, start "
                         rf"it with `{re.escape(client.serve_command())}`: each batch's scoring retries it for about a "
                         r"minute", problem), problem
-
-
-@contextmanager
-def stub(status, body):
-    """A server on a thread answering every POST with `status` and `body` (JSON); yields (url, requests made)."""
-    requests = []
-
-    class Stub(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            requests.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("status", [201, 203])
@@ -231,27 +202,6 @@ def test_the_client_sends_at_most_16_images_per_request_by_default():
 
 
 # -- alignment_server: requests, binding, the VLM's processor, the HTTP handler --------------------------------
-
-@pytest.fixture()
-def handler_server():
-    """The real handler on a thread of this process; its scorer answers 0.5 for each image (no models)."""
-    scorer = SimpleNamespace(vlm_id="vlm", scorer_id="bert", bertscore=SimpleNamespace(layer=2),
-                             score=lambda images, prompts, client_gone: ([0.5] * len(images), ["x"] * len(images)))
-    with ThreadingHTTPServer(("127.0.0.1", 0), make_handler(scorer)) as httpd:
-        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-        yield httpd.server_port
-        httpd.shutdown()
-
-
-def exchange(port, request: bytes) -> bytes:
-    """All the server sends on one connection for `request`, until it closes the connection (10 s at most)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        connection.sendall(request)
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
-    return received
-
 
 @pytest.mark.parametrize("length", ["abc", "1e3", "-1"])
 def test_a_content_length_that_is_not_a_number_of_bytes_is_named_invalid(handler_server, length):
