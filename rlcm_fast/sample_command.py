@@ -154,10 +154,14 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     # The scheduler's step limit: an LCM's timesteps are drawn from its original_inference_steps (diffusers'
     # pipeline passes strength 1), DDIM's from num_train_timesteps, shifted by its steps_offset.
     if method == "rlcm":  # the timesteps the run trained on: its original_inference_steps, not the scheduler's
-        extra["original_inference_steps"] = run.get("original_inference_steps",
-                                                    pipe.scheduler.config.original_inference_steps)
-        limit = min(pipe.scheduler.config.num_train_timesteps, extra["original_inference_steps"])
-        problem = f"it must be in 1..{limit} (original_inference_steps)" if horizon > limit else None
+        whose = "the run's" if "original_inference_steps" in run else "the scheduler's"
+        original_steps = run.get("original_inference_steps", pipe.scheduler.config.original_inference_steps)
+        train_steps = pipe.scheduler.config.num_train_timesteps
+        if original_steps > train_steps:  # diffusers' LCMScheduler refuses it too, in a traceback
+            raise UsageError(f"model {model!r} cannot sample {whose} original_inference_steps={original_steps}: its "
+                             f"scheduler has num_train_timesteps={train_steps}")
+        extra["original_inference_steps"] = original_steps
+        problem = f"it must be in 1..{original_steps} (original_inference_steps)" if horizon > original_steps else None
     else:
         from .ddpo import ddim_horizon_problem
 

@@ -62,6 +62,28 @@ def test_sample_horizon_above_the_models_original_steps_is_one_line(tmp_path, ca
     assert not out.exists()
 
 
+def test_sample_refuses_a_scheduler_with_fewer_timesteps_than_its_original_steps(tmp_path, capsys, monkeypatch):
+    """A model whose scheduler has num_train_timesteps=10 cannot draw 50 original steps from them: diffusers'
+    LCMScheduler raised it as a traceback at the first image."""
+    from diffusers import LCMScheduler
+
+    import rlcm_fast.models
+
+    load_pipeline = rlcm_fast.models.load_pipeline
+
+    def with_ten_timesteps(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=10)
+        return pipe
+
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", with_ten_timesteps)
+    out = tmp_path / "out"
+    assert main([*SAMPLE, "--output-dir", str(out), "--horizon", "4"]) == 2
+    assert one_line_error(capsys) == ("model 'tiny' cannot sample the scheduler's original_inference_steps=50: its "
+                                      "scheduler has num_train_timesteps=10")
+    assert not out.exists()
+
+
 def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_path, capsys, monkeypatch):
     """A run trained with original_inference_steps=20 samples from 20, not the scheduler's 50."""
     from diffusers import LatentConsistencyModelPipeline
