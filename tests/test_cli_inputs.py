@@ -70,18 +70,22 @@ def test_sample_refuses_a_scheduler_with_fewer_timesteps_than_its_original_steps
     import rlcm_fast.models
 
     load_pipeline = rlcm_fast.models.load_pipeline
+    train_steps = 10
 
-    def with_ten_timesteps(*args, **kwargs):
+    def with_train_steps(*args, **kwargs):
         pipe = load_pipeline(*args, **kwargs)
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=10)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=train_steps)
         return pipe
 
-    monkeypatch.setattr("rlcm_fast.models.load_pipeline", with_ten_timesteps)
+    monkeypatch.setattr("rlcm_fast.models.load_pipeline", with_train_steps)
     out = tmp_path / "out"
     assert main([*SAMPLE, "--output-dir", str(out), "--horizon", "4"]) == 2
     assert one_line_error(capsys) == ("model 'tiny' cannot sample the scheduler's original_inference_steps=50: its "
                                       "scheduler has num_train_timesteps=10")
     assert not out.exists()
+    train_steps = 50  # as many timesteps as original steps: diffusers' pipeline samples it, and so does sample
+    assert main([*SAMPLE, "--output-dir", str(out), "--horizon", "4", "--num-images", "1"]) == 0
+    assert len(list(out.glob("*.png"))) == 1
 
 
 def test_sample_draws_the_timesteps_of_the_runs_original_inference_steps(tmp_path, capsys, monkeypatch):

@@ -141,7 +141,8 @@ def test_a_resolution_that_is_a_multiple_of_4_but_not_of_8_is_refused(tmp_path, 
 def test_a_horizon_past_the_schedulers_train_timesteps_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
     """Mutant: the horizon's limit taken from original_inference_steps alone, not also the scheduler's
     num_train_timesteps: a run whose original_inference_steps (1200) exceed the model's 1000 timesteps let
-    --horizon 1100 through to the pipeline, which cannot draw that many distinct timesteps."""
+    --horizon 1100 through to the pipeline, which cannot draw that many distinct timesteps. (Since 762eb8c
+    such a run is refused for any horizon, naming both numbers: see test_cli_inputs.)"""
     monkeypatch.setattr("rlcm_fast.checkpoint.resolve_checkpoint", lambda path, what, warn: tmp_path / "checkpoint-1")
     monkeypatch.setattr("rlcm_fast.checkpoint.saved_config", lambda checkpoint: {"original_inference_steps": 1200})
     calls = stubbed_pipeline(monkeypatch)
@@ -150,6 +151,7 @@ def test_a_horizon_past_the_schedulers_train_timesteps_is_refused_before_samplin
                  "--output-dir", str(out)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlcm-fast: error: ")]
     assert len(lines) == 1
-    assert lines[0].startswith("rlcm-fast: error: --horizon 1100 is invalid: it must be in 1..1000 ")
+    assert lines[0] == ("rlcm-fast: error: model 'tiny' cannot sample the run's original_inference_steps=1200: its "
+                        "scheduler has num_train_timesteps=1000")
     assert calls == [] and not out.exists()
 
