@@ -93,7 +93,7 @@ def _sample_paths(out: Path, prompts: list[str], num_images: int) -> list[Path]:
     as many as the largest needs, so that the names sort in order)."""
     paths, width, image_width = [], max(2, len(str(len(prompts) - 1))), max(2, len(str(num_images - 1)))
     for p, prompt in enumerate(prompts):
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "prompt"
         paths += [out / f"{p:0{width}d}-{slug}-{i:0{image_width}d}.png" for i in range(num_images)]
     return paths
 

@@ -315,6 +315,19 @@ def test_a_prompt_without_letters_or_digits_is_named_prompt_in_its_files(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["00-prompt-00.png", "01-a-cat-00.png"]
 
 
+def test_a_long_prompt_names_its_files_by_its_first_40_characters(tmp_path, monkeypatch):
+    """Lower case, each run of other characters one `-`, cut at 40 (and no `-` left at the cut's end): a file
+    name stays readable and short enough for any file system."""
+    stub_pipeline_call(monkeypatch)
+    out = tmp_path / "out"
+    prompts = ["A photograph of a Red Fox, sitting in the deep snow at dawn",
+               "A photograph of a Red Fox, sitting in it, deep in snow"]  # its 40th character is a `-`
+    assert main([*STUBBED, "--prompt", prompts[0], "--prompt", prompts[1], "--output-dir", str(out),
+                 "--horizon", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00-a-photograph-of-a-red-fox-sitting-in-the-00.png",
+                                                     "01-a-photograph-of-a-red-fox-sitting-in-it-00.png"]
+
+
 def test_each_prompt_draws_on_from_the_one_seeded_stream(tmp_path, monkeypatch):
     """Seeded again per prompt, every prompt of a call would start from the same noise."""
     drawn = []
