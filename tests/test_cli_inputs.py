@@ -431,6 +431,8 @@ def test_an_abbreviated_option_of_sample_or_serve_reward_is_refused(command, abb
     (["train"], ["--lr", "3"], ""),  # nothing close: no guess (difflib's best at its default 0.6 was --algo)
     (["train"], ["--help-me"], ""),  # --help is never the guess
     (["sample", "--prompt", "a"], ["--resume", "run"], " (--resume is an option of `rlcm-fast train`)"),
+    # Not also `--set lcm_lora=`: that key loads an LCM-LoRA into the base model (difflib's ratio 0.67 < 0.8).
+    (["train"], ["--lora", "run"], " (--lora is an option of `rlcm-fast sample`)"),
 ])
 def test_an_unknown_option_says_what_was_meant(command, unknown, hint, capsys):
     """`train --prompt` said only "unrecognized arguments"; the option may be another command's, a config key, or
