@@ -524,3 +524,20 @@ def test_sample_refusing_to_overwrite_one_image_names_it_alone(tmp_path):
         _check_sample_args(args)
     assert str(error.value) == (f"--output-dir {str(out)!r} already holds 00-cat-00.png, which this call would "
                                 "overwrite; pick another --output-dir or remove it")
+
+
+def test_an_error_line_starts_on_a_line_of_its_own_over_a_progress_bar(capsys):
+    """An exception in the middle of an epoch leaves its tqdm bar mid-line: the bar is closed (cleared) before
+    the error is written, which on a terminal would otherwise follow the bar's text on the same line."""
+    from tqdm.auto import tqdm
+
+    from rlcm_fast.cli import _error
+
+    bar = tqdm(total=10, desc="epoch 1 sampling", leave=False)  # writes to sys.stderr, as the trainer's bars do
+    bar.update(3)
+    _error(ValueError("bad value"))
+    err = capsys.readouterr().err
+    assert "epoch 1 sampling" in err  # the bar was drawn
+    # What a terminal shows of the last line: the text after its last carriage return.
+    assert err.endswith("\n") and err[:-1].split("\n")[-1].split("\r")[-1] == "rlcm-fast: error: bad value"
+    assert bar not in getattr(tqdm, "_instances", ())
