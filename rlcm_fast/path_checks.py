@@ -60,6 +60,11 @@ def check_run_dir(run_dir: Path, what: str = "output dir") -> None:
     the messages (the command line's option, or a Trainer's argument)."""
     if "\x00" in str(run_dir):  # a Trainer's str (argv cannot hold one): os calls raise "embedded null byte"
         raise UsageError(f"{what} {str(run_dir)!r} is invalid: a path cannot hold a NUL character")
+    try:  # a Trainer's str with a lone surrogate (argv's are escaped bytes, which encode): os calls cannot take it
+        os.fsencode(str(run_dir))
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} {str(run_dir)!r} is invalid: {exc.object[exc.start]!r} is a lone surrogate, which "
+                         "no file name can hold") from None
     check_name_lengths(run_dir, what)
     check_utf8_name(run_dir, what, "TensorBoard's writer takes only UTF-8")
     if run_dir.exists() and not run_dir.is_dir():  # a file, or a named pipe, socket or device
