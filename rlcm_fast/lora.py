@@ -29,6 +29,11 @@ from .faults import first_line
 POLICY_ADAPTER = "default"
 
 
+# The layers peft's LoRA adapts (its transformers Conv1D aside: no UNet has one); subclasses (diffusers' own) included.
+_LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding,
+                torch.nn.MultiheadAttention)
+
+
 class LoraRankError(ValueError):
     """A LoRA rank that cannot or need not be: below 1, or above every targeted layer's rank."""
 
@@ -39,7 +44,8 @@ def add_policy_lora(
     """Add the trainable LoRA adapter (gaussian init, B = 0: the adapted UNet starts equal to the base) and return its
     parameters, in module order. Everything else in the UNet is frozen; the LoRA weights are float32
     even on a bf16/fp16 base, so optimiser updates are not lost to rounding. LoraRankError for a rank below 1
-    or above every targeted layer's; ValueError for a target that matches no module."""
+    or above every targeted layer's; ValueError for a target that matches no module or names one LoRA
+    cannot adapt."""
     if rank < 1:
         raise LoraRankError(f"LoRA rank must be >= 1, got {rank}")
     modules = dict(unet.named_modules())
@@ -49,6 +55,13 @@ def add_policy_lora(
     unmatched = [target for target, found in targeted.items() if not found]
     if unmatched:
         raise ValueError(f"LoRA target modules {unmatched} match no module of the UNet")
+    # peft's error for a module it cannot adapt (a whole attention block, "attn1") was the module's repr, 9 lines.
+    unsupported = [target for target, found in targeted.items() if not all(isinstance(m, _LORA_LAYERS) for m in found)]
+    if unsupported:
+        kinds = sorted({type(m).__name__ for target in unsupported for m in targeted[target]
+                        if not isinstance(m, _LORA_LAYERS)})
+        raise ValueError(f"LoRA target modules {unsupported} name {', '.join(kinds)} modules, which LoRA cannot adapt; "
+                         "allowed: Linear, Conv1d, Conv2d, Conv3d, Embedding or MultiheadAttention layers")
     # A LoRA update of a layer has at most the rank of its weight, min(fan-out, fan-in); at rank 100000 on the
     # tiny UNet's 32-64 channel layers a run wrote a 15 GB checkpoint for nothing.
     ranks = [min(m.weight.shape[0], m.weight[0].numel()) for found in targeted.values() for m in found
