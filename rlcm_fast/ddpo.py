@@ -103,6 +103,8 @@ class DDPOSampler:
 
     def __init__(self, pipe, num_steps: int = 50, guidance_scale: float = 5.0, eta: float = 1.0,
                  resolution: int | None = None):
+        if not (math.isfinite(eta) and 0 < eta <= 1):  # beyond 1, eta^2 sigma_t^2 > 1 - a_prev: no DDIM direction
+            raise ValueError(f"eta={eta} is invalid: DDPO's DDIM eta must be in (0, 1] (0 has no log-density)")
         if pipe.unet.config.time_cond_proj_dim is not None:
             raise ValueError("DDPOSampler needs a Stable Diffusion UNet; this one has an LCM guidance embedding")
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # own copy: set_timesteps mutates it
