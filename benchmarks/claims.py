@@ -6,6 +6,7 @@ check_claims.py runs the benchmarks and writes claims.md from `evaluate`. Light 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,13 @@ class Claim:
     measure: Callable[[dict], tuple[float, str] | None]  # (value, how it was read) or None: not in the JSON
 
 
+def worst(pick, items, key):
+    """pick (min or max) of items by key, where an item whose figure is NaN (a broken measurement: NaN images, a
+    constant ranking) is the worst: Python's min and max pass NaN over unless it comes first, and a claim read pass."""
+    broken = [item for item in items if math.isnan(key(item))]
+    return broken[0] if broken else pick(items, key=key)
+
+
 def _rows(data: dict, **match) -> list[dict]:
     return [r for r in data.get("rows", data.get("results", [])) if all(r.get(k) == v for k, v in match.items())]
 
@@ -55,8 +63,9 @@ def step_speedup_vs_eager(step: dict):
             ratios.append((eager[0]["graph_time_us"] / fused["graph_time_us"], key))
     if not ratios:
         return None
-    worst = min(ratios, key=lambda r: r[0])
-    return worst[0], f"GPU time (CUDA-graph replays), smallest of {len(ratios)} (pass, dtype, batch) rows: {worst[1]}"
+    worst_ratio = worst(min, ratios, lambda r: r[0])
+    return worst_ratio[0], (f"GPU time (CUDA-graph replays), smallest of {len(ratios)} (pass, dtype, batch) rows: "
+                            f"{worst_ratio[1]}")
 
 
 def step_bandwidth_fraction(step: dict):
@@ -67,10 +76,10 @@ def step_bandwidth_fraction(step: dict):
         return None
     largest = max(r["batch"] for r in fused)
     copy_gbps = step["copy_bandwidth_gbps"]
-    worst = min((r for r in fused if r["batch"] == largest), key=lambda r: r["graph_gbps"])
-    return (worst["graph_gbps"] / copy_gbps,
-            f"GPU time (CUDA-graph replays), batch {largest} ({worst['bytes'] / 1e6:.0f} MB moved per call), "
-            f"smallest over passes and dtypes: {worst['step_pass']} {worst['dtype']}")
+    slowest = worst(min, [r for r in fused if r["batch"] == largest], lambda r: r["graph_gbps"])
+    return (slowest["graph_gbps"] / copy_gbps,
+            f"GPU time (CUDA-graph replays), batch {largest} ({slowest['bytes'] / 1e6:.0f} MB moved per call), "
+            f"smallest over passes and dtypes: {slowest['step_pass']} {slowest['dtype']}")
 
 
 def jpeg_rows_on_cuda(rewards: dict, **match) -> list[dict]:
@@ -101,14 +110,14 @@ def nvjpeg_size_difference(rewards: dict):
     for colour in (c for c in measured if c != DEFAULT_NVJPEG_COLOUR):  # the other settings the run compared
         if other := nvjpeg_agreement_rows(rewards, colour):
             how += f"; with nvjpeg_colour {colour}: {max(r['max_relative_difference'] for r in other):.4g}"
-    return max(r["max_relative_difference"] for r in rows), how
+    return worst(max, rows, lambda r: r["max_relative_difference"])["max_relative_difference"], how
 
 
 def nvjpeg_rank_correlation(rewards: dict):
     rows = nvjpeg_agreement_rows(rewards)
     if not rows:
         return None
-    return min(r["spearman"] for r in rows), "smallest Spearman over the image sets"
+    return worst(min, rows, lambda r: r["spearman"])["spearman"], "smallest Spearman over the image sets"
 
 
 def sampler_rows(sampler: dict, variant: str) -> list[dict]:
@@ -127,8 +136,8 @@ def sampler_speedup(batch: int):
         rows = [r for r in sampler_rows(sampler, "rlcm-fast") if r["batch"] == batch]
         if not rows:
             return None
-        worst = min(rows, key=lambda r: r["speedup_vs_diffusers_eager"])
-        return (worst["speedup_vs_diffusers_eager"],
+        slowest = worst(min, rows, lambda r: r["speedup_vs_diffusers_eager"])
+        return (slowest["speedup_vs_diffusers_eager"],
                 f"smallest over H in {sorted(r['horizon'] for r in rows)}{cached_prompt_note(sampler)}")
     return measure
 
@@ -142,15 +151,16 @@ def sampler_vs_compiled_diffusers(sampler: dict):
             ratios.append((compiled[0]["seconds_per_call"] / fast["seconds_per_call"], fast["horizon"], fast["batch"]))
     if not ratios:
         return None
-    worst = min(ratios)
-    return worst[0], f"smallest over (H, batch): H={worst[1]} batch {worst[2]}{cached_prompt_note(sampler)}"
+    slowest = worst(min, sorted(ratios), lambda r: r[0])
+    return slowest[0], f"smallest over (H, batch): H={slowest[1]} batch {slowest[2]}{cached_prompt_note(sampler)}"
 
 
 def sampler_pixel_difference(sampler: dict):
     rows = sampler_rows(sampler, "rlcm-fast")
     if not rows:
         return None
-    return max(r["max_abs_pixel_diff_vs_diffusers_eager"] for r in rows), "largest over (H, batch), images in [0, 1]"
+    largest = worst(max, rows, lambda r: r["max_abs_pixel_diff_vs_diffusers_eager"])
+    return largest["max_abs_pixel_diff_vs_diffusers_eager"], "largest over (H, batch), images in [0, 1]"
 
 
 def gpu_train_rows(train: dict) -> dict[str, dict]:
