@@ -155,6 +155,13 @@ def installed_package() -> dict:
     return {"path": str(Path(rlcm_fast.__file__).parent), **found}
 
 
+def _interrupt_by_default() -> None:
+    """In a stage's process before it starts: SIGINT back to its default. A script's background job
+    (`python3 benchmarks/check_claims.py ... &`) starts with SIGINT ignored, which its children inherit; a stage
+    would then ignore the interrupt at its timeout and be killed without pytest's summary."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_stage(name: str, command: list[str], timeout_s: float, log: Path) -> dict:
     """Run one stage, its output streamed into the log (a run killed from outside keeps what it printed)."""
     started = time.monotonic()
@@ -162,7 +169,7 @@ def run_stage(name: str, command: list[str], timeout_s: float, log: Path) -> dic
         handle.write(f"===== {name}: {' '.join(command[1:])}\n")
         handle.flush()
         process = subprocess.Popen(command, cwd=TESTS if name == "tests" else REPO_ROOT, stdout=handle,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, preexec_fn=_interrupt_by_default)
         try:
             code, timed_out = process.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:

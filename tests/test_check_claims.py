@@ -3,6 +3,7 @@ CUDA nothing runs and nothing is claimed; each stage's command line is valid (ru
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,22 @@ def test_a_stage_at_its_timeout_is_interrupted_first_then_killed(tmp_path, monke
             "time.sleep(60)")
     stopped = check_claims.run_stage("step", [sys.executable, "-c", deaf], 2, log)
     assert stopped["timed_out"] and stopped["returncode"] is None and stopped["seconds"] < 30
+
+
+def test_a_stage_is_interrupted_where_check_claims_itself_ignores_interrupts(tmp_path, monkeypatch):
+    """check_claims started as a script's background job has SIGINT ignored, and a stage inherited it: at its
+    timeout it ignored the interrupt and was killed after STOP_GRACE_S, without pytest's summary."""
+    log = tmp_path / "check_claims.log"
+    summary = ("import time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
+               "except KeyboardInterrupt:\n    print('1 failed, 2 passed', flush=True)")
+    monkeypatch.setattr(check_claims, "STOP_GRACE_S", 5)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stopped = check_claims.run_stage("tests", [sys.executable, "-c", summary], 8, log)  # start-up under load
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped["timed_out"] and stopped["seconds"] < 30
+    assert log.read_text().splitlines()[-2:] == ["1 failed, 2 passed", ""]
 
 
 @pytest.mark.parametrize("installed", [True, False])
