@@ -142,11 +142,17 @@ def test_bfloat16_initial_latents_give_a_float32_trajectory(tiny_lcm):
     embeddings' dtype (bfloat16); the trajectory must still be computed and stored in float32 (Trajectory.states
     is float32), not every action rounded to bfloat16, which would change the log-probs the trainer replays."""
     sampler = LCMSampler(tiny_lcm, horizon=3, guidance_scale=8.0, resolution=16)
-    generator = torch.Generator().manual_seed(8)
-    latents = sampler.draw_latents(2, generator, torch.bfloat16)
-    noises = sampler.draw_noises(2, generator, torch.float32)
-    low = sampler.sample(tiny_lcm.unet, PROMPTS, latents=latents, noises=noises, decode=False)
-    full = sampler.sample(tiny_lcm.unet, PROMPTS, latents=latents.float(), noises=noises, decode=False)
+    assert_bfloat16_latents_give_a_float32_trajectory(sampler, tiny_lcm.unet, PROMPTS, seed=8)
+
+
+def assert_bfloat16_latents_give_a_float32_trajectory(sampler, unet, prompts, seed):
+    """The sampler's trajectory from bfloat16 initial latents: float32, and equal to the one from the same values
+    given in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = sampler.draw_latents(len(prompts), generator, torch.bfloat16)
+    noises = sampler.draw_noises(len(prompts), generator, torch.float32)
+    low = sampler.sample(unet, prompts, latents=latents, noises=noises, decode=False)
+    full = sampler.sample(unet, prompts, latents=latents.float(), noises=noises, decode=False)
     assert low.states.dtype == low.log_probs.dtype == torch.float32
     torch.testing.assert_close(low.states, full.states, atol=0, rtol=0)
     torch.testing.assert_close(low.log_probs, full.log_probs, atol=0, rtol=0)

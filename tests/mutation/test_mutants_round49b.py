@@ -9,7 +9,6 @@ from diffusers import LCMScheduler
 
 from rlcm_fast.ddpo import DDIM_SCALARS, DDPOSampler, ddim_mean, ddim_step
 from rlcm_fast.models import load_pipeline
-
 from rlcm_fast.policy_step import (
     PREDICTION_TYPES,
     check_prediction_type,
@@ -19,6 +18,7 @@ from rlcm_fast.policy_step import (
     policy_step_reference,
     row_scalars_for_schedule,
 )
+from test_mutants_round43a import assert_bfloat16_latents_give_a_float32_trajectory
 
 
 def _rows(batch, seed):
@@ -182,14 +182,7 @@ def test_bfloat16_initial_latents_give_a_float32_ddpo_trajectory(tiny_sd):
     computed and stored in float32, as for float32 latents of the same values, not every action rounded to
     bfloat16, which would change the log-probs the trainer replays."""
     sampler = DDPOSampler(tiny_sd, num_steps=2, guidance_scale=1.0, resolution=16)
-    generator = torch.Generator().manual_seed(15)
-    latents = sampler.draw_latents(1, generator, torch.bfloat16)
-    noises = sampler.draw_noises(1, generator, torch.float32)
-    low = sampler.sample(tiny_sd.unet, PROMPTS, latents=latents, noises=noises, decode=False)
-    full = sampler.sample(tiny_sd.unet, PROMPTS, latents=latents.float(), noises=noises, decode=False)
-    assert low.states.dtype == low.log_probs.dtype == torch.float32
-    torch.testing.assert_close(low.states, full.states, atol=0, rtol=0)
-    torch.testing.assert_close(low.log_probs, full.log_probs, atol=0, rtol=0)
+    assert_bfloat16_latents_give_a_float32_trajectory(sampler, tiny_sd.unet, PROMPTS, seed=15)
 
 
 def test_the_ddpo_sampler_refuses_an_eta_beyond_1_as_the_config_does(tiny_sd):
