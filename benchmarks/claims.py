@@ -109,8 +109,12 @@ def nvjpeg_size_difference(rewards: dict):
     measured = dict.fromkeys(r.get("nvjpeg_colour", "nvjpeg") for r in rewards.get("nvjpeg_vs_pillow") or [])
     for colour in (c for c in measured if c != DEFAULT_NVJPEG_COLOUR):  # the other settings the run compared
         if other := nvjpeg_agreement_rows(rewards, colour):
-            how += f"; with nvjpeg_colour {colour}: {max(r['max_relative_difference'] for r in other):.4g}"
-    return worst(max, rows, lambda r: r["max_relative_difference"])["max_relative_difference"], how
+            how += f"; with nvjpeg_colour {colour}: {_largest_size_difference(other):.4g}"
+    return _largest_size_difference(rows), how
+
+
+def _largest_size_difference(rows: list[dict]) -> float:
+    return worst(max, rows, lambda r: r["max_relative_difference"])["max_relative_difference"]
 
 
 def nvjpeg_rank_correlation(rewards: dict):

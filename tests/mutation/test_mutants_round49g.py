@@ -178,3 +178,16 @@ def test_a_nan_spearman_for_one_image_set_fails_the_rank_correlation_claim():
                                     {"images": 32, "max_relative_difference": 0.01, "spearman": float("nan")}]}
     verdict = judged("bench_rewards", rewards)["nvJPEG and Pillow sizes rank-correlated above 0.99"]
     assert verdict["status"] == "fail"
+
+
+def test_a_nan_size_difference_fails_the_size_claim_and_is_reported_for_another_colour_setting():
+    """The size claim's worst figure and the other colour setting's one beside it are read through claims.worst:
+    a NaN row (a set whose sizes could not be compared) is not passed over for the other rows' small figures."""
+    rewards = {"nvjpeg_vs_pillow": [
+        {"images": 32, "max_relative_difference": 0.01, "spearman": 0.999},
+        {"images": 32, "max_relative_difference": float("nan"), "spearman": 0.999},
+        {"nvjpeg_colour": "libjpeg", "images": 32, "max_relative_difference": 0.02, "spearman": 0.999},
+        {"nvjpeg_colour": "libjpeg", "images": 32, "max_relative_difference": float("nan"), "spearman": 0.999}]}
+    size = judged("bench_rewards", rewards)["nvJPEG sizes within 3% of Pillow's"]
+    assert size["status"] == "fail"
+    assert size["detail"].endswith("; with nvjpeg_colour libjpeg: nan")
