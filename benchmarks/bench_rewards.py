@@ -205,6 +205,11 @@ def nvjpeg_agreement(device: torch.device, sizes, batches, skipped: list, rows: 
     recorded in `skipped`."""
     rows = [] if rows is None else rows
     batch = max(batches)
+    if batch < 2:  # one image per set: no rank correlation (numpy's would be NaN)
+        skipped.append({"row": "nvjpeg_vs_pillow",
+                        "reason": f"a rank correlation needs at least 2 images per set; the largest of --batches is "
+                                  f"{batch}"})
+        return rows
     try:
         pillow = JpegSizeReward(1.0, 95, 0, "pillow")
         for colour, size in itertools.product(NVJPEG_COLOURS, sizes):
