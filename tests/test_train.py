@@ -475,6 +475,9 @@ def test_an_interrupt_that_ends_the_run_says_how_to_continue_it(tmp_path, monkey
     def interrupted(self):
         if writes_a_checkpoint:
             shutil.copytree(self.run_dir / "checkpoint-1", self.run_dir / "checkpoint-2")
+        # As train() does on any exception: else TensorBoard's writer thread flushes later, after the chdir is
+        # undone, to a relative path that is not there (a thread exception seen in a random-order run).
+        self._close_logs(quiet=True)
         raise KeyboardInterrupt
 
     def message(command):
