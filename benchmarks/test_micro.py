@@ -20,6 +20,7 @@ import common  # noqa: E402,F401  (puts the source checkout on sys.path)
 
 from rlcm_fast.policy_step import policy_step, policy_step_reference, select_backend  # noqa: E402
 from rlcm_fast.rewards import JpegSizeReward  # noqa: E402
+from rlcm_fast.rewards.jpeg import jpeg_size_kb, to_uint8_images  # noqa: E402
 
 LATENT = (4, 96, 96)  # 768 px
 BATCH = 8
@@ -85,6 +86,7 @@ def test_jpeg_reward_pillow(benchmark, size):
     smooth = torch.nn.functional.interpolate(torch.rand(BATCH, 3, size // 16, size // 16, generator=generator),
                                              size=(size, size), mode="bilinear", align_corners=False)
     reward = JpegSizeReward(-1.0, 95, 0, "pillow")
+    expected = [-jpeg_size_kb(image, 95) for image in to_uint8_images(smooth)]  # Pillow's files, one by one
     sizes = benchmark(reward, smooth, [""] * BATCH)
-    assert sizes.shape == (BATCH,) and (sizes < 0).all()
+    assert sizes.shape == (BATCH,) and sizes.tolist() == expected
     benchmark.extra_info.update(batch=BATCH, resolution=size, backend="pillow")
