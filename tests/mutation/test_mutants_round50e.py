@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_step  # noqa: E402
 import training_memory  # noqa: E402
+from test_mutants_round45b import cpu_inputs  # noqa: E402 - bench_step.make_inputs on the CPU
 
 
 # -- training_memory: what a training forward saves --------------------------------------------------------------
@@ -154,18 +155,6 @@ def test_zero_trajectories_per_sampling_call_is_refused_in_one_line(capsys):
 
 
 # -- bench_step ---------------------------------------------------------------------------------------------------
-
-def cpu_inputs(batch: int, dtype: torch.dtype):
-    """bench_step.make_inputs on the CPU: the same tensors, the same valid per-row scalars, seeded by the batch."""
-    generator = torch.Generator().manual_seed(batch)
-    shape = (batch, *bench_step.LATENT_SHAPE)
-    model_output, x, noise = (torch.randn(shape, generator=generator).to(dtype) for _ in range(3))
-    alpha_t, alpha_next, c_skip, c_out = torch.rand(4, batch, generator=generator, dtype=torch.float64)
-    alpha_t, alpha_next = 0.1 + 0.8 * alpha_t, 0.1 + 0.8 * alpha_next
-    sigma_t, sigma_next = (1 - alpha_t**2).sqrt(), (1 - alpha_next**2).sqrt()
-    scalars = torch.stack([alpha_t, sigma_t, c_skip, c_out, alpha_next, sigma_next], dim=1).contiguous()
-    next_state = policy_step_reference(model_output, x, scalars, "epsilon", noise=noise)[1]
-    return model_output, x, noise, next_state, scalars, torch.randn(batch, generator=generator)
 
 
 def test_the_backward_pass_leaves_the_shared_inputs_without_autograd():

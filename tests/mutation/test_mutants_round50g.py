@@ -22,6 +22,7 @@ import ablation_algorithms  # noqa: E402
 import compiled_gradients  # noqa: E402
 import gradient_direction  # noqa: E402
 from rlcm_fast.config import resolve_config  # noqa: E402
+from test_mutants_round46c import stub_runs  # noqa: E402 - its stubbed run_variant
 
 # -- ablation_algorithms ------------------------------------------------------------------------------------------
 
@@ -50,27 +51,6 @@ def test_run_variant_keeps_each_epochs_reward_spread_and_its_sampling_and_traini
     assert [e["reward_mean"] for e in result["epochs"]] == pytest.approx([-1.0, 0.0])
     assert [e["sample_seconds"] for e in result["epochs"]] == pytest.approx([2.0, 3.0])
     assert [e["train_seconds"] for e in result["epochs"]] == pytest.approx([3.0, 6.0])
-
-
-def stub_runs(monkeypatch, cuda: bool) -> list:
-    """run_variant recorded; a run of E epochs has rewards -2 + 0.5 e and a KL of 0.25 when measured."""
-    calls = []
-
-    def run_variant(overrides, run_dir, measure_kl):
-        calls.append((run_dir.name, overrides, measure_kl))
-        epochs = [{"epoch": e, "reward_mean": -2.0 + 0.5 * e, "reward_std": 0.1, "reward_queries": 8 * e,
-                   "sample_seconds": 1.0, "train_seconds": 1.0, "elapsed_seconds": 2.0 * e}
-                  for e in range(1, overrides["epochs"] + 1)]
-        result = {"config": dict(overrides), "wall_seconds": 3.0, "epochs": epochs}
-        if measure_kl:
-            result["final_kl_to_base"] = 0.25
-        return result
-
-    monkeypatch.setattr(ablation_algorithms, "run_variant", run_variant)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    if cuda:  # no real GPU to name
-        monkeypatch.setattr(ablation_algorithms, "environment", lambda: {"device": "Stand-in GPU"})
-    return calls
 
 
 def test_ablation_quick_run_on_a_gpu_machine_skips_the_gpu_part_and_says_why(tmp_path, monkeypatch):
