@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -129,6 +130,14 @@ def checked_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[TrainConfig, 
     return cfg, run_dir, resume_from
 
 
+def _anchored(checked: tuple[TrainConfig, Path, Path | None]) -> tuple[TrainConfig, Path, Path | None]:
+    """The run folder and checkpoint as absolute paths (the config keeps output_dir as given): a Trainer made with
+    relative ones in code, and trained after an os.chdir, still writes its checkpoints, metrics and lock where it
+    took them, not under the new working folder."""
+    cfg, run_dir, resume_from = checked
+    return cfg, Path(os.path.abspath(run_dir)), None if resume_from is None else Path(os.path.abspath(resume_from))
+
+
 def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitStack, TrainConfig, Path, Path | None]:
     """checked_start, then the run folder's lock (RUN/.lock: run_lock.py) held until the returned stack is closed,
     and the checks again under it: another train may have started there in between (not when the command line
@@ -138,13 +147,13 @@ def held_start(cfg: TrainConfig, run_dir, resume_from) -> tuple[contextlib.ExitS
 
     # A folder another train or Trainer is using: said first, not "it holds a run: resume it" (refused in turn).
     refuse_if_in_use(Path(run_dir), holder="Trainer", joins="rlcm-fast train")
-    checked, hold = checked_start(cfg, run_dir, resume_from), contextlib.ExitStack()
+    checked, hold = _anchored(checked_start(cfg, run_dir, resume_from)), contextlib.ExitStack()
     if holds_run_folders_here():
         checked_under_the_lock = held_in_this_process(checked[1])
         hold.enter_context(hold_run_folder(checked[1], holder="Trainer", joins="rlcm-fast train"))
         try:
             if not checked_under_the_lock:
-                checked = checked_start(cfg, run_dir, resume_from)
+                checked = _anchored(checked_start(cfg, run_dir, resume_from))
         except BaseException:
             hold.close()
             raise

@@ -286,3 +286,22 @@ def test_a_resume_in_code_from_no_checkpoint_says_so_before_the_model_loads(tmp_
     with pytest.raises(error, match=message):
         Trainer(resolve_config(overrides=SMALL), tmp_path / "run", resume_from=resume)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_trainer_made_with_relative_paths_writes_where_it_was_made_after_a_chdir(finished, tmp_path, monkeypatch):
+    """A notebook that changes its working folder between making a Trainer and train(): the checkpoints and
+    TensorBoard events went under the new folder while metrics.jsonl and the lock stayed in the old one (or
+    train() failed when the new one had no such folder). The config still records the folder as given."""
+    made_in, moved_to = tmp_path / "made-in", tmp_path / "moved-to"
+    made_in.mkdir(), moved_to.mkdir()
+    shutil.copytree(finished, made_in / "resumed-from")
+    monkeypatch.chdir(made_in)
+    trainer = Trainer(resolve_config(overrides={**SMALL, "epochs": 3}), "run", resume_from="resumed-from")
+    monkeypatch.chdir(moved_to)
+    trainer.train()
+    assert list(moved_to.iterdir()) == []
+    run_dir = made_in / "run"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert [json.loads(line)["kind"] for line in metrics(run_dir)] == ["step", "epoch"]  # epoch 3's alone
+    assert any((run_dir / "tensorboard").iterdir()) and lock_is_free(run_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["output_dir"] == "run"
