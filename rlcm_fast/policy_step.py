@@ -122,8 +122,10 @@ def policy_step_reference(
 
 
 def consistency_output(model_output, x, scalars, prediction_type: str):
-    """D_k alone: the last UNet call of a trajectory needs no action (its image is decoded from D)."""
-    return _consistency_output(model_output, x, scalars, prediction_type, torch.float32).to(x.dtype)
+    """D_k alone: the last UNet call of a trajectory needs no action (its image is decoded from D). Computed as
+    policy_step computes its D: in float64 for float64 latents, else in float32."""
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _consistency_output(model_output, x, scalars, prediction_type, compute_dtype).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
