@@ -93,9 +93,10 @@ def ddim_horizon_problem(scheduler_config, num_steps: int) -> str | None:
         return f"it must be in 1..{total} (the scheduler's num_train_timesteps)"
     if (first := _first_timestep(scheduler_config, num_steps)) < total:
         return None
-    fits = next((n for n in range(num_steps - 1, 0, -1) if _first_timestep(scheduler_config, n) < total), 1)
+    fits = next((n for n in range(num_steps - 1, 0, -1) if _first_timestep(scheduler_config, n) < total), None)
     return (f"its first DDIM timestep would be {first}, past the scheduler's 0..{total - 1} (steps_offset="
-            f"{scheduler_config.steps_offset}); {fits} steps fit")
+            f"{scheduler_config.steps_offset}); "
+            + (f"{fits} steps fit" if fits else f"no step count fits: steps_offset must be below {total}"))
 
 
 class DDPOSampler:

@@ -262,3 +262,12 @@ def test_a_step_count_whose_first_timestep_is_past_the_schedule_is_refused_whate
         with pytest.raises(ValueError, match=rf"^horizon={steps} is invalid: its first DDIM timestep would be 10\d\d"):
             DDPOSampler(pipe, num_steps=steps)
         DDPOSampler(pipe, num_steps=steps - 1)  # one step fewer fits in each case
+
+
+def test_a_scheduler_no_step_count_fits_says_so_not_that_one_step_fits(pipe):
+    """With steps_offset 1000 even one DDIM step lands on timestep 1000: the message said "1 steps fit"."""
+    with scheduler_swapped(pipe, DDIMScheduler, steps_offset=1000):
+        with pytest.raises(ValueError, match=r"^horizon=1 is invalid: its first DDIM timestep would be 1000, past the "
+                                             r"scheduler's 0\.\.999 \(steps_offset=1000\); no step count fits: "
+                                             r"steps_offset must be below 1000$"):
+            DDPOSampler(pipe, num_steps=1)
