@@ -266,6 +266,25 @@ def test_the_alignment_client_refuses_uint8_pixels_before_any_request():
         assert requests == []
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"batch_size": 0}, "batch_size=0 is invalid: it must be an int >= 1"),
+    ({"batch_size": 2.0}, "batch_size=2.0 is invalid: it must be an int >= 1"),
+    ({"retries": -1}, "retries=-1 is invalid: it must be an int >= 0"),
+    ({"retries": True}, "retries=True is invalid: it must be an int >= 0"),
+    ({"jpeg_quality": 101}, "jpeg_quality=101 is invalid: it must be an int in 1..100"),
+    ({"timeout": 0}, r"timeout=0 is invalid: it must be a number of seconds in \(0, 86400\]"),
+    ({"timeout": float("nan")}, r"timeout=nan is invalid: it must be a number of seconds in \(0, 86400\]"),
+    ({"backoff": -1.0}, r"backoff=-1.0 is invalid: it must be a number of seconds in \[0, 86400\]"),
+    ({"max_backoff": "30"}, r"max_backoff='30' is invalid: it must be a number of seconds in \[0, 86400\]"),
+])
+def test_a_client_made_in_code_refuses_bad_settings_in_one_line(setting, message):
+    """Unchecked in code (the trainer's config checks its own): batch_size 0 was range()'s traceback at the first
+    batch, retries -1 "unreachable after 0 attempts ()", a timeout of 0 never connected."""
+    with pytest.raises(RewardError, match=f"^AlignmentClient {message}$"):
+        AlignmentClient(free_port_url(), **setting)
+    AlignmentClient(free_port_url(), retries=0, backoff=0, max_backoff=0)  # no wait between attempts is allowed
+
+
 # The tests below pin what a mutation round on the client found unchecked.
 
 def test_the_waits_between_attempts_double_from_backoff_up_to_max_backoff(monkeypatch):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config_checks import url_problem, without_credentials
+from ..config_checks import MAX_REWARD_TIMEOUT, url_problem, without_credentials
 from ..faults import first_line
 from .base import RewardError, check_reward_inputs, reward_cancelled
 from .jpeg import to_uint8_images
@@ -41,12 +41,30 @@ class ReplyTooLarge(Exception):
     """A reply over MAX_REPLY_BYTES: a broken or hostile server, not worth retrying."""
 
 
+def _check_client_settings(**settings) -> None:
+    """A client made in code checks what the trainer's config checks for its own: batch_size 0 was range()'s
+    traceback at the first batch, retries -1 "unreachable after 0 attempts ()", a timeout of 0 never connected."""
+    for name, (least, most) in (("retries", (0, None)), ("batch_size", (1, None)), ("jpeg_quality", (1, 100))):
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least or (most and value > most):
+            allowed = f"in {least}..{most}" if most else f">= {least}"
+            raise RewardError(f"AlignmentClient {name}={value!r} is invalid: it must be an int {allowed}")
+    for name in ("timeout", "backoff", "max_backoff"):  # a wait of 0 s between attempts, not an attempt of 0 s
+        value, lower = settings[name], "(0" if name == "timeout" else "[0"
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_REWARD_TIMEOUT
+                or (value == 0 and name == "timeout")):
+            raise RewardError(f"AlignmentClient {name}={value!r} is invalid: it must be a number of seconds in "
+                              f"{lower}, {MAX_REWARD_TIMEOUT:g}]")
+
+
 class AlignmentClient:
     def __init__(self, url: str = DEFAULT_SERVER, timeout: float = 120.0, retries: int = 6, backoff: float = 1.0,
                  max_backoff: float = 30.0, batch_size: int = 16, jpeg_quality: int = 95):
         if problem := url_problem(url):  # credentials are never echoed: the message shows the URL without them
             raise RewardError(f"reward_server {without_credentials(url)!r} is invalid ({problem}): "
                               "expected http://host:port")
+        _check_client_settings(timeout=timeout, retries=retries, backoff=backoff, max_backoff=max_backoff,
+                               batch_size=batch_size, jpeg_quality=jpeg_quality)
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.batch_size, self.jpeg_quality = batch_size, jpeg_quality
@@ -207,7 +225,8 @@ def _connection_error(exc: BaseException, limit: int = 200) -> str:
 
 
 def _error_message(reply: http.client.HTTPResponse, data: bytes) -> str:
+    """The server's {"error": ...} on one line (a 500 carries the server's exception, which may span lines)."""
     try:
-        return str(json.loads(data).get("error", ""))[:300]
+        return " ".join(str(json.loads(data).get("error", "")).split())[:300]
     except (ValueError, AttributeError, RecursionError):  # not the server's {"error": ...}: e.g. a proxy's page
         return reply.reason or ""
