@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import unicodedata
 from functools import lru_cache
 from importlib import resources
@@ -52,7 +53,9 @@ def load_prompt_set(name: str, key: str = "prompts") -> tuple[str, ...]:
         # A name with a folder or a suffix was meant as a file: say that it is missing, not that the set is unknown.
         if path.suffix or "/" in name:
             raise ValueError(f"{key} file {name!r} does not exist; {allowed}")
-        raise ValueError(f"{key} {name!r} is unknown; {allowed}")
+        close = difflib.get_close_matches(name.replace("-", "_"), PROMPT_SETS, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key} {name!r} is unknown{hint}; {allowed}")
     try:  # utf-8-sig: a byte-order mark that an editor wrote is not part of the first prompt
         text = path.read_text(encoding="utf-8-sig")  # \r\n and \r read as \n
     except (OSError, UnicodeDecodeError) as exc:

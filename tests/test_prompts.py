@@ -23,6 +23,17 @@ def test_unknown_prompt_set_names_the_allowed_ones():
         load_prompt_set("birds")
 
 
+def test_a_prompt_set_name_a_typo_away_gets_a_suggestion(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    for typo, meant in (("simple_animal", "simple_animals"), ("imagenet-animals", "imagenet_animals")):
+        with pytest.raises(ValueError, match=rf"^prompts '{typo}' is unknown \(did you mean '{meant}'\?\); allowed: "):
+            load_prompt_set(typo)
+    with pytest.raises(ValueError, match=r"^prompts 'birds' is unknown; allowed: "):  # nothing close: no guess
+        load_prompt_set("birds")
+
+
 def test_a_missing_prompts_file_is_named_as_a_file_and_a_folder_as_a_folder(tmp_path, monkeypatch):
     import pytest
 
