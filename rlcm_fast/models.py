@@ -252,6 +252,21 @@ def oversized_resolution(pipe, resolution: int) -> str | None:
             f"pixels or more; resolution={own} (--set resolution={own}) trains at the model's size")
 
 
+# A UNet past this many parameters is made for a GPU: sd15-lcm's 860M took over a minute a call at 768 px on 2 CPU
+# cores (README, "Training a real model"), and the run printed nothing for as long as its first epoch took.
+CPU_SIZED_UNET_PARAMETERS = 100_000_000
+
+
+def slow_on_a_cpu(pipe, device_type: str) -> str | None:
+    """A warning, or None: a UNet of a real model's size runs on the CPU (`--device cpu`, or no GPU found)."""
+    count = sum(p.numel() for p in pipe.unet.parameters())
+    if device_type != "cpu" or count < CPU_SIZED_UNET_PARAMETERS:
+        return None
+    return (f"the model's UNet has {count / 1e6:.0f}M parameters and runs on the CPU, where each of its calls is slow "
+            "(README, \"Training a real model\", times one): it is made for a GPU; the tiny model (--model tiny, or "
+            "tiny-sd with --algo ddpo) trains and samples on a CPU in minutes")
+
+
 def guidance_embedding(
     pipe: LatentConsistencyModelPipeline,
     guidance_scale: float,

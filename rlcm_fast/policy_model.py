@@ -12,7 +12,7 @@ from .config import ConfigError, TrainConfig
 from .cuda_graphs import GraphedTrainingUNet
 from .faults import first_line
 from .lora import LoraRankError, add_policy_lora, leave_lora_input_casts_to_autocast
-from .models import ignored_guidance, load_pipeline, oversized_resolution, set_channels_last
+from .models import ignored_guidance, load_pipeline, oversized_resolution, set_channels_last, slow_on_a_cpu
 from .norm_precision import ineffective_half_precision_norms, use_half_precision_norms
 from .policy_step import fused_step_missing
 
@@ -105,6 +105,7 @@ def build_policy_model(cfg: TrainConfig, accelerator, precision: str) -> PolicyM
     if cfg.train_cuda_graph and accelerator.device.type == "cuda":  # ignored on a CPU, as sample_cuda_graph is
         train_unet = GraphedTrainingUNet(unet, accelerator.device)  # the bare UNet: launch.py refuses DDP here
     warnings = [warning for warning in (
+        slow_on_a_cpu(pipe, accelerator.device.type),
         ignored_guidance(pipe, cfg.method, cfg.guidance_scale), oversized_resolution(pipe, cfg.resolution),
         cfg.half_precision_norms and ineffective_half_precision_norms(precision, accelerator.device.type)) if warning]
     if cfg.method == "rlcm" and cfg.policy_step_backend == "auto" and (

@@ -120,7 +120,7 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     from .checkpoint import LORA_FILE, CheckpointError, resolve_checkpoint, saved_config
     from .faults import ModelLoadError
     from .lora import load_policy_lora
-    from .models import ignored_guidance, load_pipeline
+    from .models import ignored_guidance, load_pipeline, slow_on_a_cpu
     from .rewards import checked_rewards
 
     # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
@@ -185,8 +185,9 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     resolution = args.resolution if args.resolution is not None else (
         run.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     guidance = args.guidance_scale if args.guidance_scale is not None else run["guidance_scale"]
-    if unused := ignored_guidance(pipe, method, guidance):
-        print(f"rlcm-fast: warning: {unused}", file=sys.stderr)
+    for warning in (slow_on_a_cpu(pipe, device), ignored_guidance(pipe, method, guidance)):
+        if warning:
+            print(f"rlcm-fast: warning: {warning}", file=sys.stderr)
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

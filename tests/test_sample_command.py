@@ -43,6 +43,14 @@ def sample(out: Path, *args) -> int:
     return main(["sample", "--device", "cpu", "--output-dir", str(out), *args])
 
 
+def test_sampling_a_real_sized_unet_on_the_cpu_is_warned(tmp_path, capsys, monkeypatch):
+    """As train warns (test_train): a real model's UNet on the CPU printed nothing for minutes."""
+    monkeypatch.setattr(models, "CPU_SIZED_UNET_PARAMETERS", 1000)  # the tiny model as if it were a real one
+    assert sample(tmp_path / "out", "--prompt", "cat", "--num-images", "1") == 0
+    err = capsys.readouterr().err
+    assert err.count("rlcm-fast: warning: the model's UNet has 1M parameters and runs on the CPU") == 1
+
+
 def pixels(out: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted(out.glob("*.png"))}
 

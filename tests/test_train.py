@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -253,6 +254,21 @@ def test_a_resolution_twice_the_models_own_is_warned_once_and_the_start_line_nam
     err = capsys.readouterr().err
     assert err.count("rlcm-fast: warning: resolution=64 is 2x the side of the model's own 32 px images") == 1
     assert f"rlcm-fast: training tiny on jpeg_compressibility (64 px, 4 steps) -> {run_dir}\n" in err
+
+
+def test_a_real_sized_unet_on_the_cpu_is_warned_once(tmp_path, capsys, monkeypatch):
+    """`--model sd15-lcm` on a CPU printed its start line and then nothing for as long as an epoch took (found by
+    a newcomer's walk through README, who killed it): 860M parameters at 768 px, over a minute a UNet call."""
+    from rlcm_fast import models
+
+    big = types.SimpleNamespace(unet=torch.nn.Linear(10_000, 10_000, device="meta"))  # 100M parameters, no memory
+    message = models.slow_on_a_cpu(big, "cpu")
+    assert message.startswith("the model's UNet has 100M parameters and runs on the CPU, where each of its calls is "
+                              "slow") and "--model tiny" in message
+    assert models.slow_on_a_cpu(big, "cuda") is None and models.slow_on_a_cpu(load_pipeline("tiny"), "cpu") is None
+    monkeypatch.setattr(models, "CPU_SIZED_UNET_PARAMETERS", 1000)  # the tiny model as if it were a real one
+    train(tmp_path, "run", *FAST, "--set", "epochs=1", "--set", "grid_every=0")
+    assert capsys.readouterr().err.count("rlcm-fast: warning: the model's UNet has ") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
