@@ -35,6 +35,26 @@ def warn(message: str) -> None:
     print(f"rlcm-fast: warning: {message}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def package_warnings_as_lines():
+    """The package's own warnings (warnings.warn, for callers in Python: a slow JPEG backend, a missed CUDA graph)
+    in the command's `rlcm-fast: warning: ...` form for the block, not as Python's file:line with a line of its
+    source. Other libraries' warnings are shown as before."""
+    shown, package = warnings.showwarning, os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package):
+            warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def warn_skipped(reason: str) -> None:
     """Why a checkpoint newer than the one taken was passed over (`reason`: "checkpoint '...' is damaged: ..."),
     or why the run's `latest` pointer was ignored (it says so itself)."""
@@ -266,15 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, name):
             setattr(args, name, home_expanded(getattr(args, name)))
     try:
-        if args.command == "train":
-            from .train_command import run_train
+        with package_warnings_as_lines():
+            if args.command == "train":
+                from .train_command import run_train
 
-            return run_train(args, argv)
-        if args.command == "sample":
-            from .sample_command import run_sample
+                return run_train(args, argv)
+            if args.command == "sample":
+                from .sample_command import run_sample
 
-            return run_sample(args)
-        return run_serve_reward(args)
+                return run_sample(args)
+            return run_serve_reward(args)
     except _user_errors() as exc:
         _error(exc)
         return 2

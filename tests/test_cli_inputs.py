@@ -541,3 +541,24 @@ def test_an_error_line_starts_on_a_line_of_its_own_over_a_progress_bar(capsys):
     # What a terminal shows of the last line: the text after its last carriage return.
     assert err.endswith("\n") and err[:-1].split("\n")[-1].split("\r")[-1] == "rlcm-fast: error: bad value"
     assert bar not in getattr(tqdm, "_instances", ())
+
+
+def test_the_package_warnings_alone_are_said_in_the_commands_form_and_only_within_it(capsys):
+    import warnings
+
+    import rlcm_fast
+    from rlcm_fast.cli import package_warnings_as_lines
+
+    inside = os.path.join(os.path.dirname(rlcm_fast.__file__), "rewards", "jpeg.py")
+    with warnings.catch_warnings(record=True) as shown_as_before:
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        with package_warnings_as_lines():
+            warnings.warn_explicit("the package's", UserWarning, inside, 1)
+            warnings.warn_explicit("a library's", UserWarning, "/elsewhere/diffusers/models.py", 7)
+            warnings.warn_explicit("a deprecation", DeprecationWarning, inside, 2)
+        assert warnings.showwarning is before
+        warnings.warn_explicit("after the block", UserWarning, inside, 3)
+    assert capsys.readouterr().err == "rlcm-fast: warning: the package's\n"
+    assert [(str(w.message), w.filename, w.lineno) for w in shown_as_before] == [
+        ("a library's", "/elsewhere/diffusers/models.py", 7), ("a deprecation", inside, 2), ("after the block", inside, 3)]

@@ -54,6 +54,20 @@ def test_sizes_equal_pillows_on_a_512_px_batch_and_the_reward_on_float_images():
     assert np.isnan(exact[2]) and np.isfinite(exact[[0, 1, 3]]).all()
 
 
+def test_the_command_line_says_the_warning_in_its_own_one_line_form(tmp_path, capsys):
+    """It was Python's `.../rlcm_fast/rewards/jpeg.py:175: UserWarning: ...` and a line of the package's source,
+    where every other warning of the command reads `rlcm-fast: warning: ...` (found by a newcomer's walk through
+    README). Once per run, as before."""
+    from rlcm_fast.cli import main
+
+    assert main(["train", "--device", "cpu", "--output-dir", str(tmp_path / "run"), "--set", "epochs=2",
+                 "--set", "batches_per_epoch=1", "--set", "jpeg_backend=exact"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("rlcm-fast: warning: jpeg_backend 'exact' on CPU images gives Pillow's sizes about 90x slower "
+                     "than Pillow; jpeg_backend pillow (or auto) gives the same sizes for CPU images\n") == 1
+    assert "UserWarning" not in err and "warnings.warn" not in err
+
+
 def test_fdct_islow_is_eight_times_the_orthonormal_dct_up_to_its_rounding():
     """The integer DCT against the float formula (libjpeg scales its output by 8): within its fixed-point error."""
     samples = torch.randint(-128, 128, (50, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
