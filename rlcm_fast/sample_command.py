@@ -123,9 +123,13 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     from .models import ignored_guidance, load_pipeline, slow_on_a_cpu
     from .rewards import checked_rewards
 
-    # A run folder: say which newer checkpoints were passed over (damaged ones), as train --resume does, rather
-    # than sample an older policy without a word.
-    checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=warn_skipped) if args.lora else None
+    # A run folder: say which newer checkpoints were passed over (damaged ones), and which one is sampled, as
+    # train --resume does, rather than sample an older policy without a word.
+    passed_over: list[str] = []
+    checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=lambda reason: (
+        passed_over.append(reason), warn_skipped(reason))) if args.lora else None
+    if passed_over:
+        print(f"rlcm-fast: sampling {checkpoint.name} of {str(checkpoint.parent)!r}", file=sys.stderr)
     saved = saved_config(checkpoint) if checkpoint else {}
     method = saved.get("method", "rlcm") if checkpoint else (args.algo or "rlcm")
     if checkpoint and args.algo is not None and args.algo != method:
@@ -213,7 +217,7 @@ def _load_and_sample(args: argparse.Namespace) -> int:
         scores += [] if values is None else list(values)
     if scores:
         print(f"rlcm-fast: {args.reward}: mean {np.mean(scores):.6g}, std {np.std(scores):.6g} over {len(scores)} "
-              "images", file=sys.stderr)
+              f"image{'' if len(scores) == 1 else 's'}", file=sys.stderr)
     return 0
 
 

@@ -213,6 +213,19 @@ def test_json_nested_too_deep_to_parse_is_damage_not_a_recursion_traceback(run, 
                                                                   f"{str(run / 'checkpoint-3')!r} {problem}")
 
 
+def test_sample_of_a_run_folder_names_the_older_checkpoint_it_takes(run, capsys):
+    """It said "...; taking an older checkpoint" and not which one (train names it on its start line), and its
+    reward line read "over 1 images" (found by a newcomer's walk through README)."""
+    (run / "checkpoint-3" / "manifest.json").unlink()
+    assert main(["sample", "--device", "cpu", "--lora", str(run), "--prompt", "cat", "--num-images", "1",
+                 "--reward", "jpeg_compressibility", "--output-dir", str(run / "out")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlcm-fast: ")]
+    assert err[0].startswith(f"rlcm-fast: warning: checkpoint {str(run / 'checkpoint-3')!r} is ")
+    assert err[0].endswith("; taking an older checkpoint")
+    assert err[1] == f"rlcm-fast: sampling checkpoint-2 of {str(run)!r}"
+    assert err[-1].startswith("rlcm-fast: jpeg_compressibility: mean ") and err[-1].endswith(" over 1 image")
+
+
 def test_optimizer_moments_of_another_shape_are_one_line_before_training(run, capsys, monkeypatch):
     """torch's load_state_dict takes moments of any shape; the first step then failed with a traceback."""
     tensors = load_file(run / "checkpoint-3" / "optimizer.safetensors")
