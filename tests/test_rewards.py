@@ -265,13 +265,16 @@ def test_jpeg_backends_share_one_interface():
 
 def test_torchvision_backend_without_torchvision_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)
-    with pytest.raises(RewardError, match="jpeg_backend 'torchvision' needs torchvision, which cannot be imported"):
+    with pytest.raises(RewardError, match=r"^jpeg_backend 'torchvision' needs torchvision, which cannot be imported "
+                                          r"\(.*\); install it or use jpeg_backend auto, pillow or exact \(or nvjpeg, "
+                                          r"for CUDA images\)$"):
         make_reward("jpeg_compressibility", jpeg_backend="torchvision")
 
 
 @pytest.mark.skipif(nvjpeg_unavailable_reason() is None, reason="nvJPEG is available here")
 def test_nvjpeg_backend_where_it_cannot_run_is_a_clear_error():
-    with pytest.raises(RewardError, match="jpeg_backend 'nvjpeg' cannot run: "):
+    with pytest.raises(RewardError, match=r"^jpeg_backend 'nvjpeg' cannot run: .*; use jpeg_backend auto, pillow or "
+                                          r"exact \(or torchvision, where it is installed\)$"):
         make_reward("jpeg_compressibility", jpeg_backend="nvjpeg")
 
 

@@ -123,7 +123,7 @@ class TorchvisionJpeg:
         except ImportError as exc:
             raise RewardError(
                 f"jpeg_backend 'torchvision' needs torchvision, which cannot be imported ({exc}); "
-                "install it or use jpeg_backend auto, nvjpeg or pillow"
+                "install it or use jpeg_backend auto, pillow or exact (or nvjpeg, for CUDA images)"
             ) from None
         self.encode_jpeg = encode_jpeg
         self.quality = quality
@@ -236,7 +236,7 @@ class NvJpeg:
         reason = nvjpeg_unavailable_reason()
         if reason:
             raise RewardError(f"jpeg_backend 'nvjpeg' cannot run: {reason}; "
-                              "use jpeg_backend auto, torchvision or pillow")
+                              "use jpeg_backend auto, pillow or exact (or torchvision, where it is installed)")
         self.quality, self.colour = quality, colour
         self.library = find_libnvjpeg()
         self.encoders: dict[int, object] = {}
