@@ -117,9 +117,11 @@ def write_random_components(preset: str, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a tiny preset's UNet and write its safetensors file.")
+    parser = argparse.ArgumentParser(prog="python -m rlcm_fast.tiny_pretraining",
+                                     description="Train a tiny preset's UNet and write its safetensors file.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", type=Path, help="default: the file the preset ships")
+    parser.add_argument("--out", type=Path, help="default: the file the preset ships, inside the installed package "
+                                                 "(overwritten)")
     parser.add_argument("--write-random-components", action="store_true",
                         help="write the preset's random VAE and text encoder instead (only after a change to the "
                              "tiny architecture: the shipped UNet was trained against the shipped ones)")

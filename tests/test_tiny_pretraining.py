@@ -170,3 +170,13 @@ def test_the_command_says_what_it_trains_and_where_it_writes_before_the_minutes_
     main(["--out", str(tmp_path / "unet.safetensors")])
     assert capsys.readouterr().out.startswith(f"trained tiny's UNet for {RECIPE['steps']} steps in ")
     assert (tmp_path / "unet.safetensors").is_file()
+
+
+def test_the_help_names_the_command_to_type_and_that_the_default_out_overwrites_the_package(capsys):
+    """Its usage read `tiny_pretraining.py`, a file a user does not run, and --out's default hid that it is the
+    installed package's own weights (found by a newcomer's walk through README)."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and usage.startswith("usage: python -m rlcm_fast.tiny_pretraining [-h]")
+    assert "default: the file the preset ships, inside the installed package (overwritten)" in usage
