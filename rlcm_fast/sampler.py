@@ -87,6 +87,10 @@ class PromptEmbeddingCache:
     used are kept (None: all)."""
 
     def __init__(self, pipe, max_prompts: int | None = MAX_CACHED_PROMPTS):
+        if max_prompts is not None and (isinstance(max_prompts, bool) or not isinstance(max_prompts, int)
+                                        or max_prompts < 0):  # -1 failed at the first call: KeyError on popitem
+            raise ValueError(f"max_prompts={max_prompts!r} is invalid: the prompt cache's bound must be an int >= 0, "
+                             "or None to keep every prompt")
         self.pipe = pipe
         self.max_prompts = max_prompts
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
