@@ -109,7 +109,7 @@ def test_sample_warns_when_its_rewards_server_does_not_answer(tmp_path, capsys, 
     err = capsys.readouterr().err.splitlines()
     warned = [line for line in err if line.startswith("rlcm-fast: warning: reward server ")]
     assert len(warned) == 1 and warned[0].endswith(" does not answer")
-    assert err[-1] == "rlcm-fast: alignment: mean 1, std 0 over 1 images"
+    assert err[-1] == "rlcm-fast: alignment: mean 1, std 0 over 1 image"
 
 
 # -- train: the run folder and checkpoint, planned before any model loads --------------------------------------
