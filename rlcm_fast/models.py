@@ -259,8 +259,10 @@ CPU_SIZED_UNET_PARAMETERS = 100_000_000
 
 def slow_on_a_cpu(pipe, device_type: str) -> str | None:
     """A warning, or None: a UNet of a real model's size runs on the CPU (`--device cpu`, or no GPU found)."""
+    if device_type != "cpu":
+        return None
     count = sum(p.numel() for p in pipe.unet.parameters())
-    if device_type != "cpu" or count < CPU_SIZED_UNET_PARAMETERS:
+    if count < CPU_SIZED_UNET_PARAMETERS:
         return None
     return (f"the model's UNet has {count / 1e6:.0f}M parameters and runs on the CPU, where each of its calls is slow "
             "(README, \"Training a real model\", times one): it is made for a GPU; the tiny model (--model tiny, or "

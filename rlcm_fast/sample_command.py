@@ -126,8 +126,12 @@ def _load_and_sample(args: argparse.Namespace) -> int:
     # A run folder: say which newer checkpoints were passed over (damaged ones), and which one is sampled, as
     # train --resume does, rather than sample an older policy without a word.
     passed_over: list[str] = []
-    checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=lambda reason: (
-        passed_over.append(reason), warn_skipped(reason))) if args.lora else None
+
+    def warn_and_count(reason: str) -> None:
+        passed_over.append(reason)
+        warn_skipped(reason)
+
+    checkpoint = resolve_checkpoint(args.lora, what="--lora", warn=warn_and_count) if args.lora else None
     if passed_over:
         print(f"rlcm-fast: sampling {checkpoint.name} of {str(checkpoint.parent)!r}", file=sys.stderr)
     saved = saved_config(checkpoint) if checkpoint else {}
