@@ -32,15 +32,19 @@ def pipe():
 
 class ReusedBuffers:
     """Stands in for CapturedCall on the CPU: runs fn, then hands out the same output tensors every call
-    (overwritten in place), as a replayed graph does."""
+    (overwritten in place), as a replayed graph does. Records every call's inputs (`calls`, all instances), the
+    instances made (`made`) and each one's count of calls (`replays`)."""
 
     calls: list = []
+    made: list = []
 
-    def __init__(self, fn, device):
-        self.fn, self.outputs = fn, None
+    def __init__(self, fn, device=None):
+        self.fn, self.outputs, self.replays = fn, None, 0
+        ReusedBuffers.made.append(self)
 
     def __call__(self, *inputs):
         ReusedBuffers.calls.append(inputs)
+        self.replays += 1
         outputs = self.fn(*inputs)
         if self.outputs is None:
             self.outputs = outputs

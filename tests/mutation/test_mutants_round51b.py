@@ -17,6 +17,7 @@ from rlcm_fast import sampler as sampler_module
 from rlcm_fast.cuda_graphs import CaptureError
 from rlcm_fast.models import load_pipeline
 from rlcm_fast.sampler import LCMSampler, PromptEmbeddingCache
+from test_cuda_graphs import ReusedBuffers
 
 PROMPTS = ["a cat", "a dog"]
 
@@ -37,27 +38,6 @@ def pipeline_draws(shape, seed, actions, dtype):
     generator = torch.Generator().manual_seed(seed)
     latents = randn_tensor(shape, generator=generator, dtype=dtype)
     return latents, [randn_tensor(shape, generator=generator, dtype=dtype) for _ in range(actions)]
-
-
-class ReusedBuffers:
-    """Stands in for CapturedCall on the CPU (as in test_cuda_graphs): runs fn, then hands out the same output
-    tensors every call, overwritten in place, as a replayed graph does. Counts the instances made."""
-
-    made: list = []
-
-    def __init__(self, fn, device=None):
-        self.fn, self.outputs, self.calls = fn, None, 0
-        ReusedBuffers.made.append(self)
-
-    def __call__(self, *inputs):
-        self.calls += 1
-        outputs = self.fn(*inputs)
-        if self.outputs is None:
-            self.outputs = outputs
-        else:
-            for buffer, value in zip(self.outputs, outputs):
-                buffer.copy_(value)
-        return self.outputs
 
 
 # -- sampler ---------------------------------------------------------------------------------------------------
@@ -93,13 +73,13 @@ def test_the_rollout_is_captured_once_per_unet_and_replayed_after(pipe, monkeypa
     each call would then warm up and capture the whole H-step loop again (seconds, and a graph's memory, per
     sampling batch) instead of replaying it. A second UNet (the trainer's policy next to its base) gets its own."""
     monkeypatch.setattr(sampler_module, "CapturedCall", ReusedBuffers)
-    ReusedBuffers.made = []
+    ReusedBuffers.made, ReusedBuffers.calls = [], []
     sampler = LCMSampler(pipe, 2, resolution=16)
     sampler.cuda_graph = True  # as on a CUDA device
     other = copy.deepcopy(pipe.unet)
     for seed, unet in ((1, pipe.unet), (2, pipe.unet), (3, other), (4, pipe.unet)):
         sampler.sample(unet, PROMPTS, torch.Generator().manual_seed(seed), decode=False)
-    assert [call.calls for call in ReusedBuffers.made] == [3, 1]
+    assert [call.replays for call in ReusedBuffers.made] == [3, 1]
     assert set(sampler._captured_rollouts) == {pipe.unet, other}
 
 
