@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rlcm_fast.cuda_graphs import WARMUP_CALLS, CaptureError, CapturedCall, GraphedTrainingUNet
+from test_cuda_graphs import FakeCudaStreams
 
 
 # -- cuda_graphs: what is refused off CUDA -------------------------------------------------------------------------
@@ -49,32 +50,19 @@ class Graph:
             kernel()
 
 
-class RecordingCuda:
-    """torch.cuda's streams and capture, recording what runs where: `log` lists the streams' waits, the side
-    stream's device and each call of the function with the stream it ran on; `capturing` is the graph being
-    captured (None outside a capture)."""
+class RecordingCuda(FakeCudaStreams):
+    """torch.cuda's streams and capture (the current stream as test_cuda_graphs' stand-in keeps it), recording what
+    runs where: `log` lists the streams' waits, the side stream's device and each call of the function with the
+    stream it ran on; `capturing` is the graph being captured (None outside a capture). Its capture, unlike that
+    stand-in's, restores the stream in any case, and fails with a long message."""
 
     def __init__(self):
         self.log, self.capturing = [], None
         self.current = Stream("caller", self.log)
 
-    def current_stream(self, device=None):
-        return self.current
-
-    def set_stream(self, stream):
-        self.current = stream
-
     def make_stream(self, device=None):
         self.log.append(f"side stream on {device}")
         return Stream("side", self.log)
-
-    @contextlib.contextmanager
-    def stream(self, stream):
-        previous, self.current = self.current, stream
-        try:
-            yield
-        finally:
-            self.current = previous
 
     @contextlib.contextmanager
     def graph(self, cuda_graph, capture_error_mode="global"):
